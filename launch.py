@@ -1,0 +1,8 @@
+"""jaxlaunch: `python launch.py --hosts 4` trains a sharded JAX model on 4 hosts driven by Ray."""
+
+import sys
+
+from launcher.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Driver side of jaxlaunch: configuration, Ray worker groups, the control loop, run records."""

@@ -1,0 +1,232 @@
+"""Ray side of the driver: the cluster connection, and one group of host actors per attempt.
+
+The group is placed with a placement group (one bundle per host), gets a fresh coordinator port,
+and is torn down as a whole: every actor killed, the placement group removed."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from typing import Any
+
+import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from launcher.config import PROJECT_ROOT, ClusterConfig, JobConfig
+from launcher.policy import Failure, FailureKind
+from workers.host import MONITOR_GROUP, AttemptSpec, HostActor
+from workers.runtime import host_env
+
+log = logging.getLogger(__name__)
+CODE_PACKAGES = ("launcher", "workers", "models")
+ACTOR_CALL_TIMEOUT_S = 120.0
+
+
+class PlacementError(RuntimeError):
+    """The cluster cannot place the hosts asked for."""
+
+
+class RayCluster:
+    """The Ray connection: an embedded local instance this process starts and stops, or an
+    existing cluster it joins and leaves."""
+
+    def __init__(self, cfg: ClusterConfig):
+        self.cfg = cfg
+        self.embedded = cfg.address is None
+
+    def connect(self) -> None:
+        if self.embedded:
+            # address="local" never joins a cluster left behind by an earlier `ray start`.
+            ray.init(
+                address="local",
+                num_cpus=self.cfg.embedded_num_cpus,
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+                runtime_env={"env_vars": {"PYTHONPATH": str(PROJECT_ROOT)}},
+            )
+        else:
+            ray.init(
+                address=self.cfg.address,
+                log_to_driver=False,
+                configure_logging=False,
+                runtime_env={"py_modules": [str(PROJECT_ROOT / p) for p in CODE_PACKAGES]},
+            )
+
+    def shutdown(self) -> None:
+        if ray.is_initialized():
+            ray.shutdown()
+
+    def placeable_hosts(self, resources: dict[str, float], strategy: str) -> int:
+        """Hosts the alive nodes can hold, from their total resources."""
+        total = 0
+        for node in ray.nodes():
+            if not node.get("Alive"):
+                continue
+            have = node.get("Resources", {})
+            fit = min((math.floor(have.get(k, 0) / v + 1e-9) for k, v in resources.items()), default=0)
+            total += min(fit, 1) if strategy == "STRICT_SPREAD" else fit
+        return total
+
+    def describe(self) -> str:
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        res = ray.cluster_resources()
+        parts = [f"{k}={v:g}" for k, v in sorted(res.items()) if k in ("CPU", "GPU", "TPU", "memory") or k == "host"]
+        return f"{len(nodes)} node(s) with {', '.join(parts) or 'no resources'}"
+
+
+@dataclasses.dataclass
+class HostPoll:
+    rank: int
+    phase: str = "starting"
+    step: int | None = None
+    last_heard: float = 0.0
+    """Driver time of the last answer to a poll."""
+    last_progress: float = 0.0
+    """Driver time at which `step` or `phase` last changed."""
+
+
+@dataclasses.dataclass
+class GroupPoll:
+    hosts: list[HostPoll]
+    records: list[dict[str, Any]]
+    events: list[dict[str, Any]]
+    results: dict[int, dict[str, Any]]
+    failures: list[Failure]
+
+    @property
+    def finished(self) -> bool:
+        return len(self.results) == len(self.hosts)
+
+
+class RayWorkerGroup:
+    """One attempt's hosts: placement group, actors, coordinator, polls, teardown."""
+
+    def __init__(self, job: JobConfig, run_dir: str, cluster: RayCluster):
+        self.job, self.run_dir, self.cluster = job, run_dir, cluster
+        self.pg = None
+        self.actors: list[Any] = []
+        self.run_refs: dict[int, ray.ObjectRef] = {}
+        self.poll_refs: dict[int, ray.ObjectRef] = {}
+        self.hosts: list[HostPoll] = []
+        self.results: dict[int, dict[str, Any]] = {}
+        self.node_info: list[dict[str, Any]] = []
+
+    # -- start -----------------------------------------------------------------------------------
+    def start(self, num_hosts: int, attempt: int) -> dict[str, Any]:
+        cfg = self.job.cluster
+        placeable = self.cluster.placeable_hosts(cfg.resources_per_host, cfg.placement_strategy)
+        if num_hosts > placeable and self.cluster.embedded:
+            raise PlacementError(self._placement_message(num_hosts, placeable))
+        self.pg = placement_group([dict(cfg.resources_per_host)] * num_hosts, strategy=cfg.placement_strategy)
+        ready, _ = ray.wait([self.pg.ready()], timeout=cfg.placement_timeout_s)
+        if not ready:
+            raise PlacementError(self._placement_message(num_hosts, placeable, waited=True))
+        resources = dict(cfg.resources_per_host)
+        num_cpus, num_gpus = resources.pop("CPU", 0), resources.pop("GPU", 0)
+        remote_cls = ray.remote(concurrency_groups={MONITOR_GROUP: 1})(HostActor)
+        env = host_env(cfg)
+        now = time.monotonic()
+        for rank in range(num_hosts):
+            log_path = f"{self.run_dir}/hosts/attempt-{attempt}-rank-{rank}.log"
+            self.actors.append(
+                remote_cls.options(
+                    num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(
+                        self.pg, placement_group_bundle_index=rank
+                    ),
+                    runtime_env={"env_vars": env},
+                    max_restarts=0,
+                ).remote(log_path, attempt, rank)
+            )
+            self.hosts.append(HostPoll(rank, last_heard=now, last_progress=now))
+        self.node_info = ray.get([a.node_info.remote() for a in self.actors], timeout=ACTOR_CALL_TIMEOUT_S)
+        coordinator = ray.get(self.actors[0].reserve_coordinator_address.remote(), timeout=ACTOR_CALL_TIMEOUT_S)
+        for rank, actor in enumerate(self.actors):
+            spec = AttemptSpec(
+                job=self.job, run_dir=self.run_dir, attempt=attempt, rank=rank,
+                num_hosts=num_hosts, coordinator_address=coordinator,
+            )
+            self.run_refs[rank] = actor.run.remote(spec)
+        return {"coordinator": coordinator, "nodes": [n["node_id"] for n in self.node_info]}
+
+    def _placement_message(self, wanted: int, placeable: int, waited: bool = False) -> str:
+        cfg = self.job.cluster
+        waited_for = f" after waiting {cfg.placement_timeout_s:g} s" if waited else ""
+        return (
+            f"cannot place {wanted} hosts of {cfg.resources_per_host} ({cfg.placement_strategy}){waited_for}: "
+            f"the cluster has {self.cluster.describe()}, room for {placeable}; "
+            f"pass --hosts {placeable} or fewer, or add capacity"
+        )
+
+    # -- poll ------------------------------------------------------------------------------------
+    def poll(self) -> GroupPoll:
+        now = time.monotonic()
+        failures: list[Failure] = []
+        records: list[dict[str, Any]] = []
+        events: list[dict[str, Any]] = []
+        for rank, actor in enumerate(self.actors):
+            if rank not in self.poll_refs and rank not in self.results:
+                self.poll_refs[rank] = actor.poll.remote()
+        pending = list(self.run_refs.values()) + list(self.poll_refs.values())
+        ready, _ = ray.wait(pending, num_returns=len(pending), timeout=self.job.distributed.poll_interval_s)
+        ready = set(ready)
+        for rank, ref in list(self.poll_refs.items()):
+            if ref not in ready:
+                continue
+            del self.poll_refs[rank]
+            try:
+                snapshot = ray.get(ref)
+            except (RayActorError, ActorUnavailableError):
+                continue  # the run ref reports the death
+            host = self.hosts[rank]
+            host.last_heard = now
+            if (snapshot["step"], snapshot["phase"]) != (host.step, host.phase):
+                host.step, host.phase, host.last_progress = snapshot["step"], snapshot["phase"], now
+            records += snapshot["records"]
+            events += [{**e, "rank": rank} for e in snapshot["events"]]
+        for rank, ref in list(self.run_refs.items()):
+            if ref not in ready:
+                continue
+            del self.run_refs[rank]
+            try:
+                self.results[rank] = ray.get(ref)
+            except Exception as err:  # noqa: BLE001 - every way a host can end is classified
+                failures.append(self._classify(rank, err, now))
+        return GroupPoll(self.hosts, records, events, self.results, failures)
+
+    def _classify(self, rank: int, err: Exception, now: float) -> Failure:
+        step = self.hosts[rank].step
+        if isinstance(err, RayTaskError):
+            cause = err.cause if isinstance(err.cause, BaseException) else None
+            message = f"{type(cause).__name__}: {cause}" if cause else str(err).splitlines()[-1]
+            return Failure(FailureKind.EXCEPTION, rank, message, step, now, now, traceback=str(err))
+        text = str(err)
+        if isinstance(err, ActorDiedError) and getattr(err, "preempted", False):
+            return Failure(FailureKind.PREEMPTED, rank, "the node was preempted", step, now, now)
+        if "node" in text.lower() and ("died" in text.lower() or "dead" in text.lower()):
+            return Failure(FailureKind.NODE_LOST, rank, "the host's Ray node was lost", step, now, now)
+        first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
+        return Failure(FailureKind.CRASHED, rank, f"host process died: {first}", step, now, now)
+
+    # -- teardown --------------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Kills every actor of the group and frees its placement group; safe to call twice."""
+        for actor in self.actors:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception as err:  # noqa: BLE001 - teardown goes on whatever one actor does
+                log.debug("kill failed: %s", err)
+        if self.pg is not None:
+            try:
+                remove_placement_group(self.pg)
+            except Exception as err:  # noqa: BLE001
+                log.debug("placement group removal failed: %s", err)
+        self.actors, self.run_refs, self.poll_refs, self.pg = [], {}, {}, None
+
+
+__all__ = ["GetTimeoutError", "GroupPoll", "PlacementError", "RayCluster", "RayWorkerGroup"]

@@ -1,0 +1,95 @@
+"""Orbax checkpoints: coordinated asynchronous saves of the train state plus JSON run metadata,
+and restores of the newest readable committed step into the current mesh's shardings."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import pathlib
+import time
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+from launcher.config import CheckpointConfig
+
+log = logging.getLogger(__name__)
+STATE_ITEM, META_ITEM = "state", "meta"
+
+
+@dataclasses.dataclass
+class Restored:
+    step: int
+    state: Any
+    meta: dict[str, Any]
+    skipped: list[dict[str, Any]]
+    """Newer committed steps that could not be read, with the error, newest first."""
+    seconds: float
+
+
+class Checkpointer:
+    """One CheckpointManager per host process; every call is made by all processes together."""
+
+    def __init__(self, directory: str | pathlib.Path, cfg: CheckpointConfig):
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=cfg.max_to_keep,
+            enable_async_checkpointing=cfg.async_save,
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(
+            pathlib.Path(directory).absolute(), options=options, item_names=(STATE_ITEM, META_ITEM)
+        )
+
+    def committed_steps(self) -> list[int]:
+        """Committed steps, newest first, read afresh from storage (never from a cached list that may
+        still name a step whose save was interrupted)."""
+        self.manager.reload()
+        return sorted(self.manager.all_steps(), reverse=True)
+
+    def save(self, step: int, state: Any, meta: dict[str, Any]) -> float:
+        """Starts the save of `step` and returns how long training was blocked, in seconds."""
+        start = time.perf_counter()
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(**{
+                STATE_ITEM: ocp.args.StandardSave(state),
+                META_ITEM: ocp.args.JsonSave(meta),
+            }),
+            force=True,
+        )
+        return time.perf_counter() - start
+
+    def restore_latest(self, targets: Any) -> Restored | None:
+        """Restores the newest committed step that reads back; None when there is none at all.
+
+        `targets` are ShapeDtypeStructs carrying the shardings wanted now, so an array saved on any
+        number of hosts lands directly in the current layout."""
+        skipped = []
+        for step in self.committed_steps():
+            start = time.perf_counter()
+            try:
+                restored = self.manager.restore(
+                    step,
+                    args=ocp.args.Composite(**{
+                        STATE_ITEM: ocp.args.StandardRestore(targets),
+                        META_ITEM: ocp.args.JsonRestore(),
+                    }),
+                )
+            except Exception as err:  # a truncated or corrupt step: fall back to the one before
+                log.warning("checkpoint step %d cannot be restored (%s); trying an older one", step, err)
+                skipped.append({"step": step, "error": f"{type(err).__name__}: {err}"[:500]})
+                continue
+            seconds = time.perf_counter() - start
+            return Restored(step, restored[STATE_ITEM], dict(restored[META_ITEM]), skipped, seconds)
+        if skipped:
+            raise RuntimeError(
+                f"no committed checkpoint could be restored: {', '.join(str(s['step']) for s in skipped)} "
+                f"all failed; refusing to start from scratch"
+            )
+        return None
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()

@@ -1,0 +1,93 @@
+"""The Ray actor of one host: a fresh process that runs one attempt of the job.
+
+Ray starts it with the platform environment already set (see `workers.runtime.host_env`), so JAX is
+first imported inside `run`, after the process's output has been sent to its own log file.
+`poll` runs in its own concurrency group, so the driver hears from a host even while its training
+thread is blocked in a collective."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pathlib
+import socket
+import sys
+import traceback
+from typing import Any
+
+import ray
+
+from launcher.config import JobConfig
+from workers.progress import HostProgress
+
+MONITOR_GROUP = "monitor"
+
+
+@dataclasses.dataclass(frozen=True)
+class AttemptSpec:
+    """What one host needs to run one attempt."""
+
+    job: JobConfig
+    run_dir: str
+    attempt: int
+    rank: int
+    num_hosts: int
+    coordinator_address: str
+    """host:port of the jax.distributed coordinator (rank 0's node, a port fresh for this attempt)."""
+
+
+class HostActor:
+    def __init__(self, log_path: str, attempt: int, rank: int):
+        self.rank, self.attempt = rank, attempt
+        self.progress = HostProgress()
+        pathlib.Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        # Redirect the file descriptors, not only sys.stdout: XLA and gloo write from C++.
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
+        os.close(log_fd)
+        sys.stdout = open(1, "w", buffering=1, closefd=False)
+        sys.stderr = open(2, "w", buffering=1, closefd=False)
+        logging.basicConfig(
+            level=logging.INFO, stream=sys.stderr, force=True,
+            format=f"%(asctime)s attempt {attempt} rank {rank} %(levelname)s %(name)s: %(message)s",
+        )
+        logging.getLogger(__name__).info("host process pid %d on %s", os.getpid(), socket.gethostname())
+
+    def reserve_coordinator_address(self) -> str:
+        """host:port on this node for the jax.distributed coordinator, with a port free right now."""
+        ip = ray.util.get_node_ip_address()
+        with socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET) as sock:
+            sock.bind((ip, 0))
+            port = sock.getsockname()[1]
+        return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+    def node_info(self) -> dict[str, Any]:
+        return {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),
+                "pid": os.getpid()}
+
+    @ray.method(concurrency_group=MONITOR_GROUP)
+    def poll(self) -> dict[str, Any]:
+        return self.progress.drain()
+
+    def run(self, spec: AttemptSpec) -> dict[str, Any]:
+        from workers import runtime, train
+
+        log = logging.getLogger(__name__)
+        try:
+            self.progress.phase("initializing")
+            runtime.initialize(
+                coordinator_address=spec.coordinator_address,
+                num_processes=spec.num_hosts,
+                process_id=spec.rank,
+                bind_address=spec.coordinator_address,
+                platform=spec.job.cluster.platform,
+                timeouts=spec.job.distributed,
+            )
+            result = train.train(spec.job, pathlib.Path(spec.run_dir), self.progress)
+            runtime.shutdown()
+            return result
+        except BaseException:
+            log.error("host failed:\n%s", traceback.format_exc())
+            raise
