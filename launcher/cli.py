@@ -7,9 +7,17 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
-from launcher.config import DEFAULT_CLUSTER_CONFIG, ConfigError, JobConfig, load_file, override, parse_mesh, validate
+from launcher.config import (
+    DEFAULT_CLUSTER_CONFIG,
+    ConfigError,
+    Injection,
+    JobConfig,
+    load_file,
+    override,
+    parse_mesh,
+    validate,
+)
 from launcher.display import error
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -39,7 +47,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--devices-per-host", type=int, help="devices per host process")
     p.add_argument("--placement-timeout", type=float, help="seconds to wait for the cluster to place the hosts")
     p.add_argument("--hang-timeout", type=float, help="seconds without a completed step before a host counts as hung")
+    p.add_argument("--startup-timeout", type=float, help="seconds a host may take to start, restore and compile")
     p.add_argument("--max-restarts", type=int, help="restarts allowed after crashes, hangs and exceptions")
+    p.add_argument("--max-preemptions", type=int, help="restarts allowed after preemptions and lost nodes")
+    p.add_argument("--min-hosts", type=int, help="fewest hosts to continue on after a failure (default --hosts)")
+    p.add_argument("--max-hosts", type=int, help="most hosts to grow to when capacity returns (default --hosts)")
+    p.add_argument("--capacity-timeout", type=float, help="seconds a restart waits for room for --min-hosts")
+    p.add_argument("--inject", action="append", default=[], metavar="KIND@step=N,host=I",
+                   help="inject a failure: crash, kill, hang, exception or preempt (repeatable; ,times=K)")
+    p.add_argument("--chaos", type=float, metavar="MEAN_SECONDS",
+                   help="kill a random host at random times, MEAN_SECONDS apart on average")
     p.add_argument("-v", "--verbose", action="store_true", help="driver debug logging")
     return p
 
@@ -70,6 +87,12 @@ def build_job(args: argparse.Namespace) -> JobConfig:
             "train.seq_len": args.seq_len,
             "checkpoint.save_every": args.save_every,
             "distributed.hang_timeout_s": args.hang_timeout,
+            "distributed.startup_timeout_s": args.startup_timeout,
+            "fault.max_restarts": args.max_restarts,
+            "fault.max_preemptions": args.max_preemptions,
+            "fault.min_hosts": args.min_hosts,
+            "fault.max_hosts": args.max_hosts,
+            "fault.capacity_timeout_s": args.capacity_timeout,
         },
     )
     validate(job)
@@ -82,9 +105,12 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         job = build_job(args)
+        injections = tuple(Injection.parse(text) for text in args.inject)
+        if args.chaos is not None and args.chaos <= 0:
+            raise ConfigError(f"--chaos must be a positive number of seconds, got {args.chaos}")
         from launcher import runner
 
-        return runner.run_job(job, max_restarts=args.max_restarts)
+        return runner.run_job(job, injections=injections, chaos_mean_s=args.chaos)
     except ConfigError as err:
         error(str(err))
         return EXIT_USAGE

@@ -110,6 +110,57 @@ class DistributedConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class FaultConfig:
+    """Restart budgets and elastic topology."""
+
+    max_restarts: int = 3
+    """Restarts after crashes, hangs and exceptions; then the job fails."""
+    max_preemptions: int = 20
+    """Restarts after preemptions and lost nodes (a separate, larger budget)."""
+    backoff_s: float = 1.0
+    """Wait before a restart; doubles with each consecutive failure."""
+    max_backoff_s: float = 30.0
+    """Longest wait between attempts."""
+    min_hosts: int | None = None
+    """Fewest hosts to run on (None: num_hosts)."""
+    max_hosts: int | None = None
+    """Most hosts to run on (None: num_hosts)."""
+    capacity_timeout_s: float = 300.0
+    """How long a restart waits for the cluster to have room for min_hosts."""
+    grow_check_interval_s: float = 5.0
+    """How often a running job checks whether capacity came back to grow on."""
+
+
+INJECTION_KINDS = ("crash", "kill", "hang", "exception", "preempt")
+
+
+@dataclasses.dataclass(frozen=True)
+class Injection:
+    """A failure to inject: `--inject KIND@step=N,host=I[,times=K]`."""
+
+    kind: str
+    step: int
+    host: int = 0
+    times: int = 1
+    """On how many attempts it fires (an `exception` with a large count fails every attempt)."""
+
+    @classmethod
+    def parse(cls, text: str) -> Injection:
+        form = "KIND@step=N,host=I[,times=K] with KIND one of " + ", ".join(INJECTION_KINDS)
+        kind, _, rest = text.partition("@")
+        if kind not in INJECTION_KINDS or not rest:
+            raise ConfigError(f"--inject {text!r}: expected {form}")
+        try:
+            fields = {k.strip(): int(v) for k, v in (item.split("=") for item in rest.split(","))}
+            injection = cls(kind=kind, **fields)
+        except (ValueError, TypeError):
+            raise ConfigError(f"--inject {text!r}: expected {form}") from None
+        if injection.step < 1 or injection.host < 0 or injection.times < 1:
+            raise ConfigError(f"--inject {text!r}: step and times must be at least 1, host at least 0")
+        return injection
+
+
+@dataclasses.dataclass(frozen=True)
 class JobConfig:
     """Everything one launch needs."""
 
@@ -125,6 +176,15 @@ class JobConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+    fault: FaultConfig = dataclasses.field(default_factory=FaultConfig)
+
+    @property
+    def min_hosts(self) -> int:
+        return self.fault.min_hosts or self.num_hosts
+
+    @property
+    def max_hosts(self) -> int:
+        return self.fault.max_hosts or self.num_hosts
 
     @property
     def num_devices(self) -> int:
@@ -190,6 +250,12 @@ def validate(job: JobConfig) -> None:
         )
     if not cluster.resources_per_host or any(v <= 0 for v in cluster.resources_per_host.values()):
         raise ConfigError(f"cluster.resources_per_host must name positive amounts, got {cluster.resources_per_host}")
+    if not 1 <= job.min_hosts <= job.num_hosts <= job.max_hosts:
+        raise ConfigError(
+            f"need 1 <= --min-hosts ({job.min_hosts}) <= --hosts ({job.num_hosts}) <= --max-hosts ({job.max_hosts})"
+        )
+    if job.fault.max_restarts < 0 or job.fault.max_preemptions < 0:
+        raise ConfigError("--max-restarts and --max-preemptions must be at least 0")
     train = job.train
     try:
         model = train.model_config()

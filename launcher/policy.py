@@ -10,7 +10,7 @@ import enum
 from collections.abc import Callable, Sequence
 
 
-class FailureKind(str, enum.Enum):
+class FailureKind(enum.StrEnum):
     CRASHED = "crashed"          # the host process died (crash, SIGKILL, out of memory)
     NODE_LOST = "node_lost"      # the Ray node under a host went away
     HUNG = "hung"                # no step completed within the watchdog's limit
@@ -42,7 +42,30 @@ class Failure:
         return (self.kind, self.step, last_line[0])
 
 
-class Action(str, enum.Enum):
+# Text of errors that a host raises because *another* host died or went silent under it.
+SECONDARY_ERROR_MARKERS = (
+    "gloo", "nccl", "connection closed", "connection reset", "broken pipe", "deadline_exceeded",
+    "coordination service", "heartbeat", "unavailable", "barrier timed out", "timed out",
+)
+_KIND_PRIORITY = {
+    FailureKind.HUNG: 0, FailureKind.NODE_LOST: 1, FailureKind.CRASHED: 2,
+    FailureKind.PREEMPTED: 3, FailureKind.EXCEPTION: 4,
+}
+
+
+def is_secondary(failure: Failure) -> bool:
+    """An exception caused by another host's failure (a collective or the coordinator lost a peer)."""
+    text = f"{failure.message}\n{failure.traceback or ''}".lower()
+    return failure.kind == FailureKind.EXCEPTION and any(m in text for m in SECONDARY_ERROR_MARKERS)
+
+
+def primary_failure(failures: Sequence[Failure]) -> Failure:
+    """The root cause among failures seen together: a dead, lost or silent host before the
+    exceptions it caused on the others; then the earliest."""
+    return min(failures, key=lambda f: (_KIND_PRIORITY[f.kind], is_secondary(f), f.detected_at))
+
+
+class Action(enum.StrEnum):
     RESTART = "restart"
     STOP = "stop"
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import time
 
-from launcher.config import ConfigError, JobConfig, resolve_mesh
+from launcher.config import ConfigError, Injection, JobConfig, resolve_mesh
 from launcher.display import Display, error
 from launcher.driver import Driver
 from launcher.policy import RestartPolicy, ScalingPolicy
 from launcher.runs import RunDir, check_run_dir
-from launcher.worker_group import PlacementError, RayCluster, RayWorkerGroup
+from launcher.worker_group import RayCluster, RayWorkerGroup
 
 CAPACITY_POLL_S = 1.0
 
@@ -42,7 +44,30 @@ def wait_for_capacity(cluster: RayCluster, job: JobConfig) -> None:
         time.sleep(CAPACITY_POLL_S)
 
 
-def run_job(job: JobConfig, *, max_restarts: int | None = None, display: Display | None = None) -> int:
+@contextlib.contextmanager
+def stop_signals(driver: Driver):
+    """SIGINT and SIGTERM ask the driver for a clean stop (every host saves); a second one stops at
+    once (KeyboardInterrupt, and the teardown in `finally` kills every host)."""
+    def handler(signum, frame):
+        if driver.stop_signal is not None:
+            raise KeyboardInterrupt
+        driver.request_stop(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def run_job(
+    job: JobConfig,
+    *,
+    injections: tuple[Injection, ...] = (),
+    chaos_mean_s: float | None = None,
+    display: Display | None = None,
+) -> int:
     run = RunDir(job.run_dir)
     check_run_dir(job, run)
     display = display or Display()
@@ -54,25 +79,27 @@ def run_job(job: JobConfig, *, max_restarts: int | None = None, display: Display
         run.save_config(job)
         run.event("launch", num_hosts=job.num_hosts, resume=job.resume, model=job.train.model,
                   steps=job.train.steps, cluster=cluster.describe())
-        restart = RestartPolicy() if max_restarts is None else RestartPolicy(max_restarts=max_restarts)
-        scaling = ScalingPolicy(job.num_hosts, job.num_hosts, lambda n: fits(job, n))
+        fault = job.fault
+        restart = RestartPolicy(fault.max_restarts, fault.max_preemptions, fault.backoff_s, fault.max_backoff_s)
+        scaling = ScalingPolicy(job.min_hosts, job.max_hosts, lambda n: fits(job, n))
         driver = Driver(
             job, run, cluster, lambda: RayWorkerGroup(job, str(run.path), cluster),
-            restart_policy=restart, scaling_policy=scaling, display=display,
+            restart_policy=restart, scaling_policy=scaling, injections=injections,
+            chaos_mean_s=chaos_mean_s, display=display,
         )
         try:
-            code = driver.run()
-        except PlacementError as err:
-            error(str(err))
-            code = 1
+            with stop_signals(driver):
+                code = driver.run()
         finally:
             summary = driver.summary()
             run.write_summary(summary)
             run.event("job_ended", status=summary["status"])
         if driver.failures:
             display.attempts_table(summary["attempt_table"])
-        if code != 0 and driver.stop_reason:
+        if code == 1:
             error(f"the job failed: {driver.stop_reason}; checkpoints are kept in {run.checkpoints}")
+        elif code > 1:
+            display.message(f"{driver.stop_reason}; continue with: python launch.py --resume --run-dir {run.path}")
         display.summary(summary)
         return code
     finally:

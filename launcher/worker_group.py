@@ -12,11 +12,12 @@ import time
 from typing import Any
 
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from launcher.config import PROJECT_ROOT, ClusterConfig, JobConfig
+from launcher.driver import PlacementError
 from launcher.policy import Failure, FailureKind
 from workers.host import MONITOR_GROUP, AttemptSpec, HostActor
 from workers.runtime import host_env
@@ -24,10 +25,7 @@ from workers.runtime import host_env
 log = logging.getLogger(__name__)
 CODE_PACKAGES = ("launcher", "workers", "models")
 ACTOR_CALL_TIMEOUT_S = 120.0
-
-
-class PlacementError(RuntimeError):
-    """The cluster cannot place the hosts asked for."""
+NODE_DIED_MARKER = "because its node has died"  # Ray GCS: "The actor died because its node has died."
 
 
 class RayCluster:
@@ -117,10 +115,10 @@ class RayWorkerGroup:
         self.node_info: list[dict[str, Any]] = []
 
     # -- start -----------------------------------------------------------------------------------
-    def start(self, num_hosts: int, attempt: int) -> dict[str, Any]:
+    def start(self, num_hosts: int, attempt: int, injections: tuple = ()) -> dict[str, Any]:
         cfg = self.job.cluster
         placeable = self.cluster.placeable_hosts(cfg.resources_per_host, cfg.placement_strategy)
-        if num_hosts > placeable and self.cluster.embedded:
+        if num_hosts > placeable:
             raise PlacementError(self._placement_message(num_hosts, placeable))
         self.pg = placement_group([dict(cfg.resources_per_host)] * num_hosts, strategy=cfg.placement_strategy)
         ready, _ = ray.wait([self.pg.ready()], timeout=cfg.placement_timeout_s)
@@ -149,7 +147,7 @@ class RayWorkerGroup:
         for rank, actor in enumerate(self.actors):
             spec = AttemptSpec(
                 job=self.job, run_dir=self.run_dir, attempt=attempt, rank=rank,
-                num_hosts=num_hosts, coordinator_address=coordinator,
+                num_hosts=num_hosts, coordinator_address=coordinator, injections=tuple(injections),
             )
             self.run_refs[rank] = actor.run.remote(spec)
         return {"coordinator": coordinator, "nodes": [n["node_id"] for n in self.node_info]}
@@ -165,7 +163,6 @@ class RayWorkerGroup:
 
     # -- poll ------------------------------------------------------------------------------------
     def poll(self) -> GroupPoll:
-        now = time.monotonic()
         failures: list[Failure] = []
         records: list[dict[str, Any]] = []
         events: list[dict[str, Any]] = []
@@ -175,6 +172,7 @@ class RayWorkerGroup:
         pending = list(self.run_refs.values()) + list(self.poll_refs.values())
         ready, _ = ray.wait(pending, num_returns=len(pending), timeout=self.job.distributed.poll_interval_s)
         ready = set(ready)
+        now = time.monotonic()
         for rank, ref in list(self.poll_refs.items()):
             if ref not in ready:
                 continue
@@ -188,7 +186,8 @@ class RayWorkerGroup:
             if (snapshot["step"], snapshot["phase"]) != (host.step, host.phase):
                 host.step, host.phase, host.last_progress = snapshot["step"], snapshot["phase"], now
             records += snapshot["records"]
-            events += [{**e, "rank": rank} for e in snapshot["events"]]
+            if rank == 0:  # every host restores the same step: rank 0 speaks for the group
+                events += snapshot["events"]
         for rank, ref in list(self.run_refs.items()):
             if ref not in ready:
                 continue
@@ -205,13 +204,26 @@ class RayWorkerGroup:
             cause = err.cause if isinstance(err.cause, BaseException) else None
             message = f"{type(cause).__name__}: {cause}" if cause else str(err).splitlines()[-1]
             return Failure(FailureKind.EXCEPTION, rank, message, step, now, now, traceback=str(err))
+        log.debug("host %d ended: %s", rank, err)
         text = str(err)
-        if isinstance(err, ActorDiedError) and getattr(err, "preempted", False):
-            return Failure(FailureKind.PREEMPTED, rank, "the node was preempted", step, now, now)
-        if "node" in text.lower() and ("died" in text.lower() or "dead" in text.lower()):
-            return Failure(FailureKind.NODE_LOST, rank, "the host's Ray node was lost", step, now, now)
-        first = text.strip().splitlines()[0] if text.strip() else type(err).__name__
-        return Failure(FailureKind.CRASHED, rank, f"host process died: {first}", step, now, now)
+        reason = next((line.strip() for line in text.splitlines() if " because " in line), text.strip())
+        reason = reason.splitlines()[0] if reason else type(err).__name__
+        if isinstance(err, ActorDiedError) and err.preempted:
+            return Failure(FailureKind.PREEMPTED, rank, f"the node was preempted: {reason}", step, now, None)
+        if NODE_DIED_MARKER in text.lower():
+            return Failure(FailureKind.NODE_LOST, rank, f"the host's Ray node was lost: {reason}", step, now, None)
+        return Failure(FailureKind.CRASHED, rank, f"host process died: {reason}", step, now, None)
+
+    # -- interventions ---------------------------------------------------------------------------
+    def preempt(self) -> None:
+        """Asks every host to save at one common step and stop (a SIGTERM to each host process)."""
+        for rank, actor in enumerate(self.actors):
+            if rank not in self.results:
+                actor.preempt.remote()
+
+    def kill(self, rank: int) -> None:
+        """SIGKILLs one host process (chaos)."""
+        self.actors[rank].kill.remote()
 
     # -- teardown --------------------------------------------------------------------------------
     def shutdown(self) -> None:
@@ -228,5 +240,3 @@ class RayWorkerGroup:
                 log.debug("placement group removal failed: %s", err)
         self.actors, self.run_refs, self.poll_refs, self.pg = [], {}, {}, None
 
-
-__all__ = ["GetTimeoutError", "GroupPoll", "PlacementError", "RayCluster", "RayWorkerGroup"]

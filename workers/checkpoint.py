@@ -9,7 +9,9 @@ import pathlib
 import time
 from typing import Any
 
+import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from launcher.config import CheckpointConfig
 
@@ -35,6 +37,9 @@ class Checkpointer:
             max_to_keep=cfg.max_to_keep,
             enable_async_checkpointing=cfg.async_save,
             create=True,
+            # A step whose save was interrupted stays a tmp folder: remove it, so that the same
+            # step can be saved again and is never mistaken for a committed one.
+            cleanup_tmp_directories=True,
         )
         self.manager = ocp.CheckpointManager(
             pathlib.Path(directory).absolute(), options=options, item_names=(STATE_ITEM, META_ITEM)
@@ -67,6 +72,7 @@ class Checkpointer:
         skipped = []
         for step in self.committed_steps():
             start = time.perf_counter()
+            error = None
             try:
                 restored = self.manager.restore(
                     step,
@@ -75,9 +81,14 @@ class Checkpointer:
                         META_ITEM: ocp.args.JsonRestore(),
                     }),
                 )
-            except Exception as err:  # a truncated or corrupt step: fall back to the one before
-                log.warning("checkpoint step %d cannot be restored (%s); trying an older one", step, err)
-                skipped.append({"step": step, "error": f"{type(err).__name__}: {err}"[:500]})
+            except Exception as err:  # noqa: BLE001 - a truncated or corrupt step: try the one before
+                error = f"{type(err).__name__}: {err}"[:500]
+                log.warning("checkpoint step %d cannot be restored here (%s)", step, error)
+            # Each process reads only its own shards, so one may fail where the others succeed:
+            # all must agree before any of them uses the step.
+            failed = multihost_utils.process_allgather(np.array([error is not None]))
+            if np.any(failed):
+                skipped.append({"step": step, "error": error or "another host could not read it"})
                 continue
             seconds = time.perf_counter() - start
             return Restored(step, restored[STATE_ITEM], dict(restored[META_ITEM]), skipped, seconds)
@@ -87,6 +98,10 @@ class Checkpointer:
                 f"all failed; refusing to start from scratch"
             )
         return None
+
+    def reached_preemption(self, step: int) -> bool:
+        """True on every host at the same step once any host got a preemption notice (SIGTERM)."""
+        return self.manager.reached_preemption(step)
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

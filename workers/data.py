@@ -38,7 +38,7 @@ class Corpus:
     """sha256 of the bytes, so a resume can tell whether it trains on the same data."""
 
     @classmethod
-    def load(cls, path: str | None = None) -> "Corpus":
+    def load(cls, path: str | None = None) -> Corpus:
         data = b"".join(f.read_bytes() for f in corpus_files(path))
         return cls(np.frombuffer(data, dtype=np.uint8), hashlib.sha256(data).hexdigest()[:16])
 

@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import os
 import pathlib
+import signal
 import socket
 import sys
 import traceback
@@ -18,7 +19,7 @@ from typing import Any
 
 import ray
 
-from launcher.config import JobConfig
+from launcher.config import Injection, JobConfig
 from workers.progress import HostProgress
 
 MONITOR_GROUP = "monitor"
@@ -35,6 +36,8 @@ class AttemptSpec:
     num_hosts: int
     coordinator_address: str
     """host:port of the jax.distributed coordinator (rank 0's node, a port fresh for this attempt)."""
+    injections: tuple[Injection, ...] = ()
+    """Failures to inject in this attempt."""
 
 
 class HostActor:
@@ -71,6 +74,17 @@ class HostActor:
     def poll(self) -> dict[str, Any]:
         return self.progress.drain()
 
+    @ray.method(concurrency_group=MONITOR_GROUP)
+    def preempt(self) -> None:
+        """A preemption notice: SIGTERM to this process, caught by JAX's preemption service, which
+        makes every host save at one common step and stop."""
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    @ray.method(concurrency_group=MONITOR_GROUP)
+    def kill(self) -> None:
+        """SIGKILL to this process (chaos testing)."""
+        os.kill(os.getpid(), signal.SIGKILL)
+
     def run(self, spec: AttemptSpec) -> dict[str, Any]:
         from workers import runtime, train
 
@@ -85,7 +99,9 @@ class HostActor:
                 platform=spec.job.cluster.platform,
                 timeouts=spec.job.distributed,
             )
-            result = train.train(spec.job, pathlib.Path(spec.run_dir), self.progress)
+            result = train.train(
+                spec.job, pathlib.Path(spec.run_dir), self.progress, spec.injections, spec.attempt
+            )
             runtime.shutdown()
             return result
         except BaseException:

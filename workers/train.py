@@ -10,16 +10,16 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from launcher.config import JobConfig, TrainConfig, resolve_mesh
+from launcher.config import Injection, JobConfig, TrainConfig, resolve_mesh
 from models.config import ModelConfig
 from models.transformer import build
 from workers import data as data_lib
+from workers import faults
 from workers import mesh as mesh_lib
 from workers.checkpoint import Checkpointer
 from workers.progress import HostProgress
@@ -140,9 +140,16 @@ def checkpoint_meta(job: JobConfig, step: int, loss: float | None, corpus: data_
     }
 
 
-def train(job: JobConfig, run_dir: pathlib.Path, progress: HostProgress) -> dict[str, Any]:
-    """Trains from the latest committed checkpoint (or from scratch) to `job.train.steps`.
-    Assumes jax.distributed is initialised. Returns what the driver records for this host."""
+def train(
+    job: JobConfig,
+    run_dir: pathlib.Path,
+    progress: HostProgress,
+    injections: tuple[Injection, ...] = (),
+    attempt: int = 1,
+) -> dict[str, Any]:
+    """Trains from the latest committed checkpoint (or from scratch) to `job.train.steps`, or until
+    a preemption notice reaches any host: then every host saves at one and the same step and
+    returns. Assumes jax.distributed is initialised. Returns what the driver records for this host."""
     cfg = job.train
     mesh = mesh_lib.build_mesh(job.mesh)
     log.info("mesh %s over %d devices", dict(mesh.shape), mesh.size)
@@ -179,16 +186,18 @@ def train(job: JobConfig, run_dir: pathlib.Path, progress: HostProgress) -> dict
         progress.phase("training")
         progress.step_done(step, None)
         loss = None
-        first_loss = None
+        preempted = False
+        rank = jax.process_index()
         while step < cfg.steps:
             start = time.perf_counter()
             state, loss_array = trainer.step(state, inputs, targets)
             loss = float(loss_array)
             step_time = time.perf_counter() - start
             step += 1
-            first_loss = loss if first_loss is None else first_loss
+            # JAX's preemption sync point: after a SIGTERM on any host, every host agrees on one step.
+            preempted = checkpointer.reached_preemption(step)
             blocked = None
-            if step % job.checkpoint.save_every == 0 or step == cfg.steps:
+            if preempted or step % job.checkpoint.save_every == 0 or step == cfg.steps:
                 progress.phase("saving")
                 blocked = checkpointer.save(step, state, checkpoint_meta(job, step, loss, corpus))
                 progress.phase("training")
@@ -198,7 +207,14 @@ def train(job: JobConfig, run_dir: pathlib.Path, progress: HostProgress) -> dict
             }
             if blocked is not None:
                 record["checkpoint_blocking_s"] = blocked
-            progress.step_done(step, record if jax.process_index() == 0 else None)
+            progress.step_done(step, record if rank == 0 else None)
+            if preempted:
+                log.warning("preemption notice: saved step %d on every host; stopping", step)
+                break
+            for injection in injections:
+                if injection.step == step and injection.host == rank:
+                    faults.record(run_dir, injection, rank, attempt, step)
+                    faults.fire(injection, step)
             if step < cfg.steps:
                 inputs, targets = batch(step)
         progress.phase("saving")
@@ -207,6 +223,7 @@ def train(job: JobConfig, run_dir: pathlib.Path, progress: HostProgress) -> dict
         checkpointer.close()
     progress.phase("done")
     return {
+        "stopped": "preempted" if preempted else "completed",
         "final_step": step,
         "final_loss": loss,
         "restored_step": restored_step,
