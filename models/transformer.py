@@ -114,4 +114,5 @@ class Transformer(nnx.Module):
 def build(cfg: ModelConfig, seed: int) -> Transformer:
     """Builds the model with annotations only (no eager sharding): call it under `nnx.eval_shape`
     for an abstract model, or inside `jax.jit` with output shardings for a sharded one."""
-    return Transformer(cfg, rngs=nnx.Rngs(params=seed))
+    with nnx.use_eager_sharding(False):
+        return Transformer(cfg, rngs=nnx.Rngs(params=seed))

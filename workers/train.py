@@ -168,7 +168,14 @@ def train(
             state, restored_step = restored.state, restored.step
             for skipped in restored.skipped:
                 progress.event("checkpoint_fallback", **skipped)
-            progress.event("restored", step=restored.step, seconds=restored.seconds)
+            embedding = state["model"]["token_embedding"]["embedding"].get_value()
+            progress.event(
+                "restored", step=restored.step, seconds=restored.seconds,
+                saved_topology=restored.meta.get("topology"), mesh=dict(mesh.shape),
+                # Evidence that the arrays landed in the new layout, not the one they were saved in.
+                embedding_sharding=str(embedding.sharding.spec),
+                embedding_shard_shape=list(embedding.addressable_shards[0].data.shape),
+            )
             log.info("restored step %d in %.2f s", restored.step, restored.seconds)
         step = int(_scalar(state["optimizer"]["step"]))
         data_seed = [int(x) for x in _scalar(state["data_key"])]
