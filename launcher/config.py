@@ -278,19 +278,27 @@ def validate(job: JobConfig) -> None:
             f"use a global_batch_size that is a multiple of {dp}"
         )
     if train.data is not None:
-        check_data_path(train.data)
+        check_data_path(train.data, train.seq_len)
 
 
-def check_data_path(path: str) -> None:
+def check_data_path(path: str, seq_len: int) -> None:
     p = pathlib.Path(path)
     if not p.exists():
         raise ConfigError(f"--data {path}: no such file or folder")
     files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
     if not files:
         raise ConfigError(f"--data {path}: the folder holds no files")
-    unreadable = [f for f in files if not os.access(f, os.R_OK)]
-    if unreadable:
-        raise ConfigError(f"--data {path}: cannot read {unreadable[0]} (check its permissions)")
+    size = 0
+    for f in files:
+        try:
+            with f.open("rb") as handle:
+                handle.read(1)
+        except OSError as err:
+            raise ConfigError(f"--data {path}: cannot read {f} ({err.strerror}); check its permissions") from None
+        size += f.stat().st_size
+    if size <= seq_len:
+        raise ConfigError(f"--data {path}: holds {size} bytes, fewer than a sequence of {seq_len + 1}; "
+                          f"give more text or a smaller --seq-len")
 
 
 # ---- loading ------------------------------------------------------------------------------------

@@ -38,6 +38,9 @@ class RayCluster:
 
     def connect(self) -> None:
         if self.embedded:
+            # Ray turns token authentication on by default (making a token if there is none) and
+            # warns about it on the user's terminal; the choice is ours and documented.
+            logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
             # address="local" never joins a cluster left behind by an earlier `ray start`.
             ray.init(
                 address="local",
@@ -73,7 +76,7 @@ class RayCluster:
     def describe(self) -> str:
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         res = ray.cluster_resources()
-        parts = [f"{k}={v:g}" for k, v in sorted(res.items()) if k in ("CPU", "GPU", "TPU", "memory") or k == "host"]
+        parts = [f"{k}={v:g}" for k, v in sorted(res.items()) if k in ("CPU", "GPU", "TPU", "host")]
         return f"{len(nodes)} node(s) with {', '.join(parts) or 'no resources'}"
 
 
@@ -150,7 +153,11 @@ class RayWorkerGroup:
                 num_hosts=num_hosts, coordinator_address=coordinator, injections=tuple(injections),
             )
             self.run_refs[rank] = actor.run.remote(spec)
-        return {"coordinator": coordinator, "nodes": [n["node_id"] for n in self.node_info]}
+        return {
+            "coordinator": coordinator,
+            "nodes": [n["node_id"] for n in self.node_info],
+            "pids": [n["pid"] for n in self.node_info],
+        }
 
     def _placement_message(self, wanted: int, placeable: int, waited: bool = False) -> str:
         cfg = self.job.cluster
@@ -193,9 +200,18 @@ class RayWorkerGroup:
                 continue
             del self.run_refs[rank]
             try:
-                self.results[rank] = ray.get(ref)
+                result = ray.get(ref)
+                drained = [result.pop("final_poll")]
+                if rank in self.poll_refs:  # a poll in flight may hold records drained before the end
+                    drained.insert(0, ray.get(self.poll_refs.pop(rank), timeout=ACTOR_CALL_TIMEOUT_S))
+                for snapshot in drained:
+                    records += snapshot["records"]
+                    if rank == 0:
+                        events += snapshot["events"]
+                self.results[rank] = result
             except Exception as err:  # noqa: BLE001 - every way a host can end is classified
                 failures.append(self._classify(rank, err, now))
+        records.sort(key=lambda r: r["step"])
         return GroupPoll(self.hosts, records, events, self.results, failures)
 
     def _classify(self, rank: int, err: Exception, now: float) -> Failure:

@@ -9,6 +9,7 @@ import pathlib
 import time
 from typing import Any
 
+import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
@@ -17,6 +18,8 @@ from launcher.config import CheckpointConfig
 
 log = logging.getLogger(__name__)
 STATE_ITEM, META_ITEM = "state", "meta"
+UNREADABLE_DIR = "unreadable_checkpoints"
+"""Beside checkpoints/: steps that could not be restored, kept for inspection."""
 
 
 @dataclasses.dataclass
@@ -88,7 +91,8 @@ class Checkpointer:
             # all must agree before any of them uses the step.
             failed = multihost_utils.process_allgather(np.array([error is not None]))
             if np.any(failed):
-                skipped.append({"step": step, "error": error or "another host could not read it"})
+                skipped.append({"step": step, "error": error or "another host could not read it",
+                                "moved_to": str(self._set_aside(step))})
                 continue
             seconds = time.perf_counter() - start
             return Restored(step, restored[STATE_ITEM], dict(restored[META_ITEM]), skipped, seconds)
@@ -103,8 +107,33 @@ class Checkpointer:
         """True on every host at the same step once any host got a preemption notice (SIGTERM)."""
         return self.manager.reached_preemption(step)
 
+    def _set_aside(self, step: int) -> pathlib.Path:
+        """Moves an unreadable step out of the way (never deletes it), so it is not tried again
+        and training can save that step anew."""
+        directory = pathlib.Path(self.manager.directory)
+        target = directory.parent / UNREADABLE_DIR / f"{step}-{int(time.time())}"
+        if jax.process_index() == 0:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            (directory / str(step)).rename(target)
+        multihost_utils.sync_global_devices(f"set aside unreadable step {step}")
+        self.manager.reload()
+        return target
+
     def wait(self) -> None:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
         self.manager.close()
+
+
+def read_arrays(step_dir: str | pathlib.Path) -> dict[str, np.ndarray]:
+    """Every array of a saved train state as host numpy arrays keyed by path, read in one process
+    whatever topology wrote it. For inspection and tests; never used on the training path."""
+    import jax
+
+    path = pathlib.Path(step_dir) / STATE_ITEM
+    checkpointer = ocp.PyTreeCheckpointer()
+    tree = checkpointer.metadata(path).item_metadata.tree
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
+    return {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(restored)[0]}

@@ -23,10 +23,13 @@ class InjectedFailure(RuntimeError):
     """The exception raised by an `exception` injection."""
 
 
-def record(run_dir: pathlib.Path, injection: Injection, rank: int, attempt: int, step: int) -> None:
+def record(
+    run_dir: pathlib.Path, injection: Injection, rank: int, attempt: int, step: int, saving: bool
+) -> None:
     """Appends the moment of the failure to hosts/injections.jsonl, so the driver can measure how
     long it took to detect it (a killed process cannot tell the driver itself)."""
-    line = {"kind": injection.kind, "rank": rank, "attempt": attempt, "step": step, "time": time.time()}
+    line = {"kind": injection.kind, "rank": rank, "attempt": attempt, "step": step,
+            "saving_in_progress": saving, "time": time.time()}
     path = run_dir / "hosts" / "injections.jsonl"
     with path.open("a") as f:
         f.write(json.dumps(line) + "\n")

@@ -103,7 +103,8 @@ class HostActor:
                 spec.job, pathlib.Path(spec.run_dir), self.progress, spec.injections, spec.attempt
             )
             runtime.shutdown()
-            return result
+            # What no poll has drained yet travels with the result, so no record is lost.
+            return {**result, "final_poll": self.progress.drain()}
         except BaseException:
             log.error("host failed:\n%s", traceback.format_exc())
             raise

@@ -220,7 +220,8 @@ def train(
                 break
             for injection in injections:
                 if injection.step == step and injection.host == rank:
-                    faults.record(run_dir, injection, rank, attempt, step)
+                    saving = checkpointer.manager.is_saving_in_progress()
+                    faults.record(run_dir, injection, rank, attempt, step, saving)
                     faults.fire(injection, step)
             if step < cfg.steps:
                 inputs, targets = batch(step)
