@@ -16,7 +16,16 @@ from typing import Any, Protocol
 
 from launcher.config import Injection, JobConfig, resolve_mesh
 from launcher.display import Display
-from launcher.policy import Action, Failure, FailureKind, RestartPolicy, ScalingPolicy, Watchdog, primary_failure
+from launcher.policy import (
+    Action,
+    Failure,
+    FailureKind,
+    RestartPolicy,
+    ScalingPolicy,
+    Watchdog,
+    is_secondary,
+    primary_failure,
+)
 from launcher.runs import RunDir
 
 log = logging.getLogger(__name__)
@@ -24,6 +33,9 @@ COMMITTED_CHECK_INTERVAL_S = 2.0
 CAPACITY_POLL_S = 1.0
 FAILURE_GRACE_S = 1.0
 """After the first failure, how long the driver keeps listening before it names the root cause."""
+SECONDARY_GRACE_S = 8.0
+"""The same while every failure seen is a collective error caused by some other host: Ray reports a
+lost node only once its health checks fail."""
 UNRESPONSIVE_AFTER_S = 3.0
 """A host that has not answered a poll for this long, while another host failed, is the one that
 hung (a stopped process stalls the others, which the coordination service then fails)."""
@@ -207,13 +219,17 @@ class Driver:
         attempt = self.attempts[-1]
         now = self.clock()
         self._record(poll, attempt)
-        if poll.failures or self._seen_failures:
+        if poll.failures or self._seen_failures or poll.unresolved:
             # Hear out the whole group for a moment: the host that died is often reported after the
             # collective errors it causes on the others.
             self._seen_failures += poll.failures
+            if poll.unresolved:
+                return State.RUNNING  # a host is unreachable; the group says when it knows why
             first = min(f.detected_at for f in self._seen_failures)
             ended = {f.rank for f in self._seen_failures} | set(poll.results)
-            if now - first < FAILURE_GRACE_S and len(ended) < len(poll.hosts):
+            # Only collective errors so far: the dead host (or lost node) is still to be reported.
+            grace = SECONDARY_GRACE_S if all(map(is_secondary, self._seen_failures)) else FAILURE_GRACE_S
+            if now - first < grace and len(ended) < len(poll.hosts):
                 return State.RUNNING
             failure = self._blame(self._seen_failures, poll, now)
             self._seen_failures = []

@@ -25,6 +25,9 @@ from workers.runtime import host_env
 log = logging.getLogger(__name__)
 CODE_PACKAGES = ("launcher", "workers", "models")
 ACTOR_CALL_TIMEOUT_S = 120.0
+NODE_DEATH_WAIT_S = 30.0
+"""How long an unreachable host may stay unexplained before it counts as crashed (Ray's default
+node health checks declare a silent node dead after about 15 s)."""
 NODE_DIED_MARKER = "because its node has died"  # Ray GCS: "The actor died because its node has died."
 
 
@@ -98,6 +101,8 @@ class GroupPoll:
     events: list[dict[str, Any]]
     results: dict[int, dict[str, Any]]
     failures: list[Failure]
+    unresolved: int = 0
+    """Hosts that went unreachable and are not yet known to be dead or lost with their node."""
 
     @property
     def finished(self) -> bool:
@@ -116,6 +121,7 @@ class RayWorkerGroup:
         self.hosts: list[HostPoll] = []
         self.results: dict[int, dict[str, Any]] = {}
         self.node_info: list[dict[str, Any]] = []
+        self.unreachable: dict[int, float] = {}
 
     # -- start -----------------------------------------------------------------------------------
     def start(self, num_hosts: int, attempt: int, injections: tuple = ()) -> dict[str, Any]:
@@ -201,6 +207,15 @@ class RayWorkerGroup:
             del self.run_refs[rank]
             try:
                 result = ray.get(ref)
+            except ActorUnavailableError:
+                # The connection to the host broke: its process died, or its whole node is going.
+                # Ray declares a node dead only after its health checks fail, so wait for that.
+                self.unreachable.setdefault(rank, now)
+                continue
+            except Exception as err:  # noqa: BLE001 - every way a host can end is classified
+                failures.append(self._classify(rank, err, now))
+                continue
+            try:
                 drained = [result.pop("final_poll")]
                 if rank in self.poll_refs:  # a poll in flight may hold records drained before the end
                     drained.insert(0, ray.get(self.poll_refs.pop(rank), timeout=ACTOR_CALL_TIMEOUT_S))
@@ -211,8 +226,25 @@ class RayWorkerGroup:
                 self.results[rank] = result
             except Exception as err:  # noqa: BLE001 - every way a host can end is classified
                 failures.append(self._classify(rank, err, now))
+        failures += self._resolve_unreachable(now)
         records.sort(key=lambda r: r["step"])
-        return GroupPoll(self.hosts, records, events, self.results, failures)
+        return GroupPoll(self.hosts, records, events, self.results, failures, len(self.unreachable))
+
+    def _node_alive(self, rank: int) -> bool:
+        node_id = self.node_info[rank]["node_id"]
+        return any(n["NodeID"] == node_id and n.get("Alive") for n in ray.nodes())
+
+    def _resolve_unreachable(self, now: float) -> list[Failure]:
+        failures = []
+        for rank, since in list(self.unreachable.items()):
+            step = self.hosts[rank].step
+            if not self._node_alive(rank):
+                del self.unreachable[rank]
+                failures.append(Failure(FailureKind.NODE_LOST, rank, "the host's Ray node was lost", step, now, since))
+            elif now - since > NODE_DEATH_WAIT_S:
+                del self.unreachable[rank]
+                failures.append(Failure(FailureKind.CRASHED, rank, "host process unreachable", step, now, since))
+        return failures
 
     def _classify(self, rank: int, err: Exception, now: float) -> Failure:
         step = self.hosts[rank].step
@@ -227,6 +259,8 @@ class RayWorkerGroup:
         if isinstance(err, ActorDiedError) and err.preempted:
             return Failure(FailureKind.PREEMPTED, rank, f"the node was preempted: {reason}", step, now, None)
         if NODE_DIED_MARKER in text.lower():
+            return Failure(FailureKind.NODE_LOST, rank, f"the host's Ray node was lost: {reason}", step, now, None)
+        if not self._node_alive(rank):
             return Failure(FailureKind.NODE_LOST, rank, f"the host's Ray node was lost: {reason}", step, now, None)
         return Failure(FailureKind.CRASHED, rank, f"host process died: {reason}", step, now, None)
 
