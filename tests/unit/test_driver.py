@@ -43,6 +43,7 @@ class FakeGroup:
         self.clock, self.behaviour, self.log = clock, behaviour, log
         self.polls = 0
         self.preempted = False
+        self.killed = None
         self.results = {}
 
     def start(self, num_hosts, attempt, injections=()):
@@ -72,6 +73,7 @@ class FakeGroup:
         self.log.append(("preempt", self.attempt))
 
     def kill(self, rank):
+        self.killed = rank
         self.log.append(("kill", rank))
 
     def shutdown(self):
@@ -251,3 +253,17 @@ def test_waits_for_capacity_then_gives_up(tmp_path):
     assert "room for 0 hosts" in driver.stop_reason
     events = [e["event"] for e in driver.run_dir.read_jsonl(driver.run_dir.events_path)]
     assert "waiting_for_capacity" in events
+
+
+def test_chaos_kills_a_random_training_host_and_the_job_recovers(tmp_path):
+    def dies_when_killed(group, i):
+        if group.killed is not None:
+            return [], [Failure(FailureKind.CRASHED, group.killed, "host process died", i, group.clock())]
+        return group.train(i), []
+    driver, log, _, _ = make_driver(tmp_path, [dies_when_killed, trains_to(3)], **{"train.steps": 3})
+    driver.chaos_mean_s = 0.5
+    assert driver.run() == 0
+    chaos = driver.run_dir.read_jsonl(driver.run_dir.events_path)
+    assert [e["event"] for e in chaos].count("chaos_kill") == 1
+    assert driver.summary()["restarts_by_cause"] == {"crashed": 1}
+    assert driver.summary()["attempt_table"][0]["detection_latency_s"] is not None
