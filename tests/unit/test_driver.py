@@ -263,7 +263,9 @@ def test_chaos_kills_a_random_training_host_and_the_job_recovers(tmp_path):
     driver, log, _, _ = make_driver(tmp_path, [dies_when_killed, trains_to(3)], **{"train.steps": 3})
     driver.chaos_mean_s = 0.5
     assert driver.run() == 0
-    chaos = driver.run_dir.read_jsonl(driver.run_dir.events_path)
-    assert [e["event"] for e in chaos].count("chaos_kill") == 1
+    records = driver.run_dir.read_jsonl(driver.run_dir.events_path)
+    kill = next(e for e in records if e["event"] == "chaos_kill")
+    failure = next(e for e in records if e["event"] == "failure")
+    assert (failure["cause"], failure["host"]) == ("crashed", kill["host"])
     assert driver.summary()["restarts_by_cause"] == {"crashed": 1}
     assert driver.summary()["attempt_table"][0]["detection_latency_s"] is not None
