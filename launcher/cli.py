@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from launcher.config import (
     DEFAULT_CLUSTER_CONFIG,
@@ -99,7 +100,26 @@ def build_job(args: argparse.Namespace) -> JobConfig:
     return job
 
 
+def report_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="launch.py report", description="Print a run's report and write report.png.")
+    p.add_argument("run_dir", help="the run directory")
+    args = p.parse_args(argv)
+    from launcher import report
+    from launcher.runs import RunDir
+
+    run = RunDir(args.run_dir)
+    if not run.events_path.exists():
+        error(f"{args.run_dir} is not a run directory (no events.jsonl); pass the --run-dir of a launch")
+        return EXIT_USAGE
+    path = report.write(run.path)
+    print(f"wrote {path}")
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["report"]:
+        return report_main(argv[1:])
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

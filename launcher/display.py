@@ -49,6 +49,11 @@ class Display:
     def message(self, text: str) -> None:
         self.console.print(text)
 
+    def log_tail(self, path, lines: list[str]) -> None:
+        self.console.print(f"[dim]last lines of {path}:[/dim]")
+        for line in lines:
+            self.console.print(f"  {line}", markup=False, highlight=False)
+
     def stop(self) -> None:
         if self.progress is not None:
             self.progress.stop()

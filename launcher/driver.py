@@ -33,6 +33,7 @@ COMMITTED_CHECK_INTERVAL_S = 2.0
 CAPACITY_POLL_S = 1.0
 FAILURE_GRACE_S = 1.0
 """After the first failure, how long the driver keeps listening before it names the root cause."""
+LOG_TAIL_LINES = 12
 SECONDARY_GRACE_S = 8.0
 """The same while every failure seen is a collective error caused by some other host: Ray reports a
 lost node only once its health checks fail."""
@@ -114,6 +115,10 @@ class Driver:
         """"resize" or "stop" once the group was asked to save and stop."""
         self._waiting_since: float | None = None
         self._seen_failures: list[Failure] = []
+        self._step_times: dict[int, float] = {}
+        """Step -> time of its last computation in this launch (a recomputed step counts once)."""
+        # Attempts are numbered across launches of one run, so host logs and records never collide.
+        self.attempt_offset = sum(e["event"] == "attempt_started" for e in run.read_jsonl(run.events_path))
         self._last_grow_check = clock()
         self.capacity_wait_s = 0.0
 
@@ -173,7 +178,7 @@ class Driver:
         if self._waiting_since is not None:
             self.capacity_wait_s += now - self._waiting_since
             self._waiting_since = None
-        attempt = len(self.attempts) + 1
+        attempt = self.attempt_offset + len(self.attempts) + 1
         mesh = resolve_mesh(self.job.mesh, num_hosts * cfg.devices_per_host)
         committed = self.run_dir.committed_steps()
         start_step = committed[0] if committed else 0
@@ -376,6 +381,7 @@ class Driver:
                     attempt["recovery_time_s"] = self.clock() - self.failures[-1].detected_at
             attempt["last_step"] = records[-1]["step"]
             self.last_record = records[-1]
+            self._step_times.update((r["step"], r["step_time_s"]) for r in records)
         now = self.clock()
         if now - self._last_committed_check > COMMITTED_CHECK_INTERVAL_S:
             self._last_committed_check = now
@@ -406,8 +412,18 @@ class Driver:
                              f"{failure.message}")
         if failure.traceback:
             self.display.message(failure.traceback)
+        if failure.rank is not None:
+            self._show_log_tail(attempt["attempt"], failure.rank)
         self._end_attempt(attempt)
         return State.RESTARTING
+
+    def _show_log_tail(self, attempt: int, rank: int) -> None:
+        path = self.run_dir.host_log(attempt, rank)
+        try:
+            lines = path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+        except OSError:
+            return
+        self.display.log_tail(path, lines)
 
     def _end_attempt(self, attempt: dict[str, Any]) -> None:
         self._teardown()
@@ -438,8 +454,7 @@ class Driver:
             final_trajectory[record["step"]] = record  # a recomputed step keeps its last run
         ordered = [final_trajectory[s] for s in sorted(final_trajectory)]
         wall = self.clock() - self.started_at
-        this_launch = [r for r in ordered if any(r.get("attempt") == a["attempt"] for a in self.attempts)]
-        productive = sum(r["step_time_s"] for r in this_launch)
+        productive = sum(self._step_times.values())
         last_attempt = self.attempts[-1] if self.attempts else {}
         result = next(iter(self.results.values()), {})
         restarts: dict[str, int] = {}

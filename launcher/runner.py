@@ -6,6 +6,7 @@ import contextlib
 import signal
 import time
 
+from launcher import report
 from launcher.config import ConfigError, Injection, JobConfig, resolve_mesh
 from launcher.display import Display, error
 from launcher.driver import Driver
@@ -94,6 +95,8 @@ def run_job(
             summary = driver.summary()
             run.write_summary(summary)
             run.event("job_ended", status=summary["status"])
+            run.close()
+            report.write(run.path, show=False)
         if driver.failures:
             display.attempts_table(summary["attempt_table"])
         if code == 1:
@@ -101,6 +104,7 @@ def run_job(
         elif code > 1:
             display.message(f"{driver.stop_reason}; continue with: python launch.py --resume --run-dir {run.path}")
         display.summary(summary)
+        display.message(f"report: python launch.py report {run.path}  (picture: {run.path / 'report.png'})")
         return code
     finally:
         cluster.shutdown()

@@ -14,6 +14,7 @@ from typing import Any
 from launcher.config import ConfigError, JobConfig, dumps, from_json
 
 CHECKPOINT_COMMIT_MARKER = "_CHECKPOINT_METADATA"
+TENSORBOARD_SCALARS = ("loss", "learning_rate", "step_time_s", "tokens_per_s", "checkpoint_blocking_s")
 
 
 class RunDir:
@@ -25,6 +26,11 @@ class RunDir:
         self.events_path = self.path / "events.jsonl"
         self.summary_path = self.path / "summary.json"
         self.config_path = self.path / "config.json"
+        self.tensorboard_dir = self.path / "tensorboard"
+        self._tensorboard = None
+
+    def host_log(self, attempt: int, rank: int) -> pathlib.Path:
+        return self.hosts / f"attempt-{attempt}-rank-{rank}.log"
 
     def create(self) -> None:
         self.hosts.mkdir(parents=True, exist_ok=True)
@@ -65,6 +71,20 @@ class RunDir:
 
     def metrics(self, records: list[dict[str, Any]]) -> None:
         self._append(self.metrics_path, records)
+        if records:
+            if self._tensorboard is None:
+                from tensorboardX import SummaryWriter
+
+                self._tensorboard = SummaryWriter(str(self.tensorboard_dir), flush_secs=10)
+            for record in records:
+                for key in TENSORBOARD_SCALARS:
+                    if key in record:
+                        self._tensorboard.add_scalar(f"train/{key}", record[key], record["step"])
+
+    def close(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
 
     def read_jsonl(self, path: pathlib.Path) -> list[dict[str, Any]]:
         if not path.exists():

@@ -19,6 +19,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from launcher.config import PROJECT_ROOT, ClusterConfig, JobConfig
 from launcher.driver import PlacementError
 from launcher.policy import Failure, FailureKind
+from launcher.runs import RunDir
 from workers.host import MONITOR_GROUP, AttemptSpec, HostActor
 from workers.runtime import host_env
 
@@ -139,7 +140,7 @@ class RayWorkerGroup:
         env = host_env(cfg)
         now = time.monotonic()
         for rank in range(num_hosts):
-            log_path = f"{self.run_dir}/hosts/attempt-{attempt}-rank-{rank}.log"
+            log_path = str(RunDir(self.run_dir).host_log(attempt, rank))
             self.actors.append(
                 remote_cls.options(
                     num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None,

@@ -42,7 +42,13 @@ def test_killed_hosts_and_a_save_cut_short_change_nothing(reference_run, tmp_pat
     for key in reference:
         np.testing.assert_array_equal(ours[key], reference[key], err_msg=key)
     assert "crashed on host 1" in result.stdout
+    assert f"last lines of {run_dir}/hosts/attempt-1-rank-1.log" in result.stdout.replace("\n", "")
+    assert "injecting kill at step 12" in result.stdout, "the tail of the failed host's log"
     assert_no_host_left(run_dir)
+    # The driver wrote the report; the report command prints it again.
+    assert (run_dir / "report.png").stat().st_size > 20_000
+    printed = launch("report", str(run_dir))
+    assert printed.returncode == 0 and "goodput" in printed.stdout and "crashed" in printed.stdout
 
 
 def test_a_hung_host_is_found_by_the_watchdog(reference_run, tmp_path):

@@ -35,6 +35,18 @@ def test_two_host_run_trains_and_checkpoints(reference_run):
     assert_no_host_left(reference_run)
 
 
+def test_metrics_reach_tensorboard(reference_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(reference_run / "tensorboard"))
+    events.Reload()
+    losses = {e.step: e.value for e in events.Scalars("train/loss")}
+    expected = trajectory(reference_run)
+    assert losses.keys() == expected.keys()
+    assert all(abs(losses[s] - expected[s]) < 1e-6 for s in expected)
+    assert {"train/learning_rate", "train/tokens_per_s", "train/checkpoint_blocking_s"} <= set(events.Tags()["scalars"])
+
+
 def test_sigterm_saves_on_every_host_and_resume_is_bit_for_bit(reference_run, tmp_path):
     run_dir = tmp_path / "run"
     proc = start("--hosts", "2", *SHORT_RUN, "--run-dir", str(run_dir))

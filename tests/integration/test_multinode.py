@@ -38,7 +38,8 @@ def test_lost_node_shrinks_the_job_and_an_added_node_grows_it_back(four_nodes, r
     cluster, workers = four_nodes
     config = tmp_path / "cluster.yaml"
     config.write_text(
-        f'cluster: {{address: "{cluster.address}", placement_strategy: STRICT_SPREAD, resources_per_host: {{CPU: 1}}}}\n'
+        f'cluster: {{address: "{cluster.address}", placement_strategy: STRICT_SPREAD, '
+        "resources_per_host: {CPU: 1}}\n"
         "fault: {grow_check_interval_s: 1.0}\n"
     )
     run_dir = tmp_path / "run"
