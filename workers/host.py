@@ -40,6 +40,13 @@ class AttemptSpec:
     """Failures to inject in this attempt."""
 
 
+def _node_ip() -> str:
+    """The address this Ray node was started with (`ray start --node-ip-address`), which is the one
+    its peers can reach; the machine's default address may not be."""
+    node_id = ray.get_runtime_context().get_node_id()
+    return next(n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id)
+
+
 class HostActor:
     def __init__(self, log_path: str, attempt: int, rank: int):
         self.rank, self.attempt = rank, attempt
@@ -60,15 +67,14 @@ class HostActor:
 
     def reserve_coordinator_address(self) -> str:
         """host:port on this node for the jax.distributed coordinator, with a port free right now."""
-        ip = ray.util.get_node_ip_address()
+        ip = _node_ip()
         with socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET) as sock:
             sock.bind((ip, 0))
             port = sock.getsockname()[1]
         return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
     def node_info(self) -> dict[str, Any]:
-        return {"node_id": ray.get_runtime_context().get_node_id(), "ip": ray.util.get_node_ip_address(),
-                "pid": os.getpid()}
+        return {"node_id": ray.get_runtime_context().get_node_id(), "ip": _node_ip(), "pid": os.getpid()}
 
     @ray.method(concurrency_group=MONITOR_GROUP)
     def poll(self) -> dict[str, Any]:

@@ -16,10 +16,12 @@ LAUNCH_TIMEOUT_S = 420
 SHORT_RUN = ("--steps", "30", "--save-every", "10")
 
 
-def launch(*args: str, timeout: float = LAUNCH_TIMEOUT_S) -> subprocess.CompletedProcess:
+def launch(
+    *args: str, timeout: float = LAUNCH_TIMEOUT_S, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, str(ROOT / "launch.py"), *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=_env(),
+        cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**_env(), **(env or {})},
     )
 
 
