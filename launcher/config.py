@@ -48,6 +48,9 @@ class ClusterConfig:
     """Logical CPUs of the embedded Ray instance (it bounds how many hosts fit on it)."""
     placement_timeout_s: float = 60.0
     """How long to wait for the cluster to place every host before giving up."""
+    compilation_cache: bool = True
+    """Keep compiled programs in RUN_DIR/compile_cache (JAX's persistent cache), so a restart
+    loads them instead of compiling again."""
 
 
 @dataclasses.dataclass(frozen=True)

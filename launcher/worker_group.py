@@ -200,8 +200,7 @@ class RayWorkerGroup:
             if (snapshot["step"], snapshot["phase"]) != (host.step, host.phase):
                 host.step, host.phase, host.last_progress = snapshot["step"], snapshot["phase"], now
             records += snapshot["records"]
-            if rank == 0:  # every host restores the same step: rank 0 speaks for the group
-                events += snapshot["events"]
+            events += self._events_of(rank, snapshot)
         for rank, ref in list(self.run_refs.items()):
             if ref not in ready:
                 continue
@@ -222,14 +221,19 @@ class RayWorkerGroup:
                     drained.insert(0, ray.get(self.poll_refs.pop(rank), timeout=ACTOR_CALL_TIMEOUT_S))
                 for snapshot in drained:
                     records += snapshot["records"]
-                    if rank == 0:
-                        events += snapshot["events"]
+                    events += self._events_of(rank, snapshot)
                 self.results[rank] = result
             except Exception as err:  # noqa: BLE001 - every way a host can end is classified
                 failures.append(self._classify(rank, err, now))
         failures += self._resolve_unreachable(now)
         records.sort(key=lambda r: r["step"])
         return GroupPoll(self.hosts, records, events, self.results, failures, len(self.unreachable))
+
+    @staticmethod
+    def _events_of(rank: int, snapshot: dict[str, Any]) -> list[dict[str, Any]]:
+        """Events about the group (every host restores the same step) come from rank 0 alone;
+        events marked per_host from every host, with its rank."""
+        return [{**e, "rank": rank} for e in snapshot["events"] if rank == 0 or e.get("per_host")]
 
     def _node_alive(self, rank: int) -> bool:
         node_id = self.node_info[rank]["node_id"]

@@ -14,9 +14,11 @@ import pathlib
 import signal
 import socket
 import sys
+import time
 import traceback
 from typing import Any
 
+import psutil
 import ray
 
 from launcher.config import Injection, JobConfig
@@ -51,6 +53,8 @@ class HostActor:
     def __init__(self, log_path: str, attempt: int, rank: int):
         self.rank, self.attempt = rank, attempt
         self.progress = HostProgress()
+        self.progress.timeline["process_created"] = psutil.Process().create_time()
+        self.progress.timeline["actor_init"] = time.time()
         pathlib.Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         # Redirect the file descriptors, not only sys.stdout: XLA and gloo write from C++.
@@ -97,6 +101,8 @@ class HostActor:
         log = logging.getLogger(__name__)
         try:
             self.progress.phase("initializing")
+            if spec.job.cluster.compilation_cache:
+                runtime.enable_compilation_cache(str(pathlib.Path(spec.run_dir) / "compile_cache"))
             runtime.initialize(
                 coordinator_address=spec.coordinator_address,
                 num_processes=spec.num_hosts,

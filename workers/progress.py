@@ -20,11 +20,14 @@ class HostProgress:
         self._records: list[dict[str, Any]] = []
         self._events: list[dict[str, Any]] = []
         self._updated = time.time()
+        self.timeline: dict[str, float] = {}
+        """Wall time at which each phase was first entered: where start-up time goes."""
 
     def phase(self, phase: str) -> None:
         assert phase in PHASES, phase
         with self._lock:
             self._phase, self._updated = phase, time.time()
+            self.timeline.setdefault(phase, self._updated)
 
     def step_done(self, step: int, record: dict[str, Any] | None) -> None:
         with self._lock:

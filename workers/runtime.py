@@ -21,6 +21,17 @@ def host_env(cluster: ClusterConfig) -> dict[str, str]:
     return env
 
 
+def enable_compilation_cache(directory: str) -> None:
+    """JAX's persistent compilation cache: process 0 writes every program it compiles, and every
+    process of a later attempt reads them. (On CPU the key holds each process's own topology, so
+    there only process 0 hits; on GPU and TPU all processes do.)"""
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
 def initialize(
     *,
     coordinator_address: str,

@@ -192,6 +192,7 @@ def train(
         log.info("compiled the train step in %.2f s", compile_s)
         progress.phase("training")
         progress.step_done(step, None)
+        first_step = step
         loss = None
         preempted = False
         rank = jax.process_index()
@@ -215,6 +216,8 @@ def train(
             if blocked is not None:
                 record["checkpoint_blocking_s"] = blocked
             progress.step_done(step, record if rank == 0 else None)
+            if step == first_step + 1:
+                progress.event("startup_timeline", per_host=True, **progress.timeline, first_step_done=time.time())
             if preempted:
                 log.warning("preemption notice: saved step %d on every host; stopping", step)
                 break

@@ -1,0 +1,1 @@
+"""jaxlaunch benchmarks: `python -m benchmarks` (see README, Performance)."""
