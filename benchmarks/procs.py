@@ -58,8 +58,8 @@ def _main(spec: dict[str, Any]) -> None:
 
     import jax
 
-    from workers import runtime
     from launcher.config import DistributedConfig
+    from workers import runtime
 
     jax.config.update("jax_platforms", "cpu")
     runtime.initialize(

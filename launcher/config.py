@@ -121,7 +121,7 @@ class FaultConfig:
     max_preemptions: int = 20
     """Restarts after preemptions and lost nodes (a separate, larger budget)."""
     backoff_s: float = 1.0
-    """Wait before a restart; doubles with each consecutive failure."""
+    """Wait before a second consecutive restart, doubling after (the first restart is immediate)."""
     max_backoff_s: float = 30.0
     """Longest wait between attempts."""
     min_hosts: int | None = None

@@ -31,12 +31,10 @@ from launcher.runs import RunDir
 log = logging.getLogger(__name__)
 COMMITTED_CHECK_INTERVAL_S = 2.0
 CAPACITY_POLL_S = 1.0
-FAILURE_GRACE_S = 1.0
-"""After the first failure, how long the driver keeps listening before it names the root cause."""
 LOG_TAIL_LINES = 12
 SECONDARY_GRACE_S = 8.0
-"""The same while every failure seen is a collective error caused by some other host: Ray reports a
-lost node only once its health checks fail."""
+"""While every failure seen is a collective error caused by some other host, how long the driver
+keeps listening for the root cause (a dead host is often reported after the errors it causes)."""
 UNRESPONSIVE_AFTER_S = 3.0
 """A host that has not answered a poll for this long, while another host failed, is the one that
 hung (a stopped process stalls the others, which the coordination service then fails)."""
@@ -232,9 +230,10 @@ class Driver:
                 return State.RUNNING  # a host is unreachable; the group says when it knows why
             first = min(f.detected_at for f in self._seen_failures)
             ended = {f.rank for f in self._seen_failures} | set(poll.results)
-            # Only collective errors so far: the dead host (or lost node) is still to be reported.
-            grace = SECONDARY_GRACE_S if all(map(is_secondary, self._seen_failures)) else FAILURE_GRACE_S
-            if now - first < grace and len(ended) < len(poll.hosts):
+            # Only collective errors so far: the host that died, or its lost node, is still to be
+            # reported. A root cause (a death, a user's exception) is acted on at once.
+            waiting = all(map(is_secondary, self._seen_failures)) and now - first < SECONDARY_GRACE_S
+            if waiting and len(ended) < len(poll.hosts):
                 return State.RUNNING
             failure = self._blame(self._seen_failures, poll, now)
             self._seen_failures = []

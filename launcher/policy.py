@@ -86,7 +86,8 @@ class RestartPolicy:
     max_preemptions: int = 20
     """Budget for preemptions and lost nodes."""
     backoff_s: float = 1.0
-    """Wait before the first restart; doubles with each consecutive failure."""
+    """Wait before the second consecutive restart; doubles with each one after (the first is
+    immediate)."""
     max_backoff_s: float = 30.0
 
     def decide(self, failures: Sequence[Failure]) -> Decision:
@@ -111,7 +112,9 @@ class RestartPolicy:
             if f.kind.is_preemption != latest.kind.is_preemption:
                 break
             consecutive += 1
-        backoff = min(self.max_backoff_s, self.backoff_s * 2 ** (consecutive - 1))
+        # The first restart is immediate (most failures are one-off); a failure that repeats backs
+        # off exponentially, so a crash loop cannot hammer the cluster.
+        backoff = 0.0 if consecutive == 1 else min(self.max_backoff_s, self.backoff_s * 2 ** (consecutive - 2))
         return Decision(Action.RESTART, f"{latest.kind.value} on host {latest.rank}", backoff)
 
 

@@ -210,7 +210,7 @@ def train(
                 blocked = checkpointer.save(step, state, checkpoint_meta(job, step, loss, corpus))
                 progress.phase("training")
             record = {
-                "step": step, "loss": loss, "step_time_s": step_time,
+                "step": step, "loss": loss, "step_time_s": step_time, "time": time.time(),
                 "tokens_per_s": tokens_per_step / step_time, "learning_rate": float(schedule(step - 1)),
             }
             if blocked is not None:

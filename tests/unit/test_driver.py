@@ -130,8 +130,9 @@ def test_a_clean_run_finishes_and_records_metrics(tmp_path):
     assert log == [("start", 1, 2), ("shutdown", 1)]
 
 
-def test_a_crash_restarts_the_whole_group_after_backoff(tmp_path):
-    driver, log, clock, _ = make_driver(tmp_path, [crashes_at(3), trains_to(5, start=2)], **{"train.steps": 5})
+def test_a_crash_restarts_the_whole_group_and_backs_off_when_it_repeats(tmp_path):
+    driver, log, clock, _ = make_driver(tmp_path, [crashes_at(3), crashes_at(2), trains_to(5, start=2)],
+                                        **{"train.steps": 5})
     assert driver.step() == State.RUNNING
     while driver.state == State.RUNNING:
         driver.step()
@@ -139,13 +140,18 @@ def test_a_crash_restarts_the_whole_group_after_backoff(tmp_path):
     assert log[-1] == ("shutdown", 1)  # the whole group is torn down before deciding
     before = clock.now
     assert driver.step() == State.SCHEDULING
-    assert clock.now - before == pytest.approx(1.0)  # backoff
+    assert clock.now == before  # the first restart is immediate
+    while driver.state != State.RESTARTING:
+        driver.step()
+    before = clock.now
+    assert driver.step() == State.SCHEDULING
+    assert clock.now - before == pytest.approx(1.0)  # the second one backs off
     assert driver.run() == 0
     summary = driver.summary()
-    assert summary["attempts"] == 2 and summary["restarts_by_cause"] == {"crashed": 1}
+    assert summary["attempts"] == 3 and summary["restarts_by_cause"] == {"crashed": 2}
     events = [e["event"] for e in driver.run_dir.read_jsonl(driver.run_dir.events_path)]
-    assert "failure" in events and events.count("attempt_started") == 2
-    assert summary["attempt_table"][1]["recovery_time_s"] is not None
+    assert "failure" in events and events.count("attempt_started") == 3
+    assert summary["attempt_table"][2]["recovery_time_s"] is not None
 
 
 def test_budget_spent_fails_with_every_attempt_recorded(tmp_path):

@@ -39,7 +39,7 @@ def test_backoff_doubles_and_is_capped():
     for i in range(5):
         history.append(failure(step=i))
         backoffs.append(policy.decide(history).backoff_s)
-    assert backoffs == [1, 2, 4, 5, 5]
+    assert backoffs == [0, 1, 2, 4, 5]  # the first restart is immediate
 
 
 def test_same_exception_at_same_step_twice_is_deterministic():
