@@ -50,8 +50,8 @@ def checkpoint_stall(preset: str, saves: int, work: pathlib.Path) -> dict[str, A
     out["state_bytes"] = r["state_bytes"]
     out["blocking_over_sync"] = ratio(out["async_blocking_s"], out["sync_save_s"])
     out["step_inflation"] = ratio(out["step_during_save_s"], out["normal_step_s"])
-    out["save_bytes_per_s"] = {k: r["state_bytes"] / v for k, v in out["sync_save_s"].items() if k != "n"}
-    out["restore_bytes_per_s"] = {k: r["state_bytes"] / v for k, v in out["restore_s"].items() if k != "n"}
+    out["save_bytes_per_s"] = stats([r["state_bytes"] / t for t in r["sync_save_s"]])
+    out["restore_bytes_per_s"] = stats([r["state_bytes"] / t for t in r["restore_s"]])
     return out
 
 
@@ -145,7 +145,9 @@ def recovery(work: pathlib.Path, repeats: int, cache: bool) -> dict[str, Any]:
         cold = startup_split(events, 1, r["started"])
         cold["ray_and_driver_start"] = cold.pop("before_attempt")
         split = startup_split(events, attempt2, failure["time"])
-        split = {"detection": failure["time"] - killed, "teardown_and_backoff": split.pop("before_attempt"), **split}
+        detection = failure["detection_latency_s"]
+        split = {"detection": detection, "deciding": failure["time"] - killed - detection,
+                 "teardown_and_backoff": split.pop("before_attempt"), **split}
         runs.append({"cold_start_s": first_step - r["started"], "recovery_s": recovered - killed,
                      "cold_split": cold, "recovery_split": split})
     out = {key: stats([run[key] for run in runs]) for key in ("cold_start_s", "recovery_s")}

@@ -59,20 +59,6 @@ class Display:
             self.progress.stop()
             self.progress = None
 
-    def attempts_table(self, attempts: list[dict[str, Any]]) -> None:
-        table = Table(title="attempts")
-        for column in ("attempt", "hosts", "mesh", "steps", "end", "host", "detect s", "recover s"):
-            table.add_column(column)
-        for a in attempts:
-            mesh = ",".join(f"{k}={v}" for k, v in (a.get("mesh") or {}).items())
-            steps = f"{a.get('first_step', '-')}..{a.get('last_step', '-')}"
-            table.add_row(
-                str(a["attempt"]), str(a["num_hosts"]), mesh, steps, a.get("cause") or "-",
-                str(a.get("failed_host", "-") if a.get("failed_host") is not None else "-"),
-                _fmt(a.get("detection_latency_s")), _fmt(a.get("recovery_time_s")),
-            )
-        self.console.print(table)
-
     def summary(self, summary: dict[str, Any]) -> None:
         table = Table(title="summary", show_header=False)
         for key in ("status", "final_step", "first_loss", "final_loss", "num_hosts", "process_count",
@@ -81,10 +67,6 @@ class Display:
                 value = summary[key]
                 table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
         self.console.print(table)
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
 
 
 def error(text: str) -> None:

@@ -98,7 +98,7 @@ def run_job(
             run.close()
             report.write(run.path, show=False)
         if driver.failures:
-            display.attempts_table(summary["attempt_table"])
+            report.print_report(report.build(run), display.console)
         if code == 1:
             error(f"the job failed: {driver.stop_reason}; checkpoints are kept in {run.checkpoints}")
         elif code > 1:

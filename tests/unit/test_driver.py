@@ -90,6 +90,14 @@ def trains_to(total, start=0):
     return behaviour
 
 
+def obeys(group, i):
+    """Trains until asked to save and stop (a preemption notice), then stops as every host would."""
+    if group.preempted:
+        group.finish(i, stopped="preempted")
+        return [], []
+    return group.train(i), []
+
+
 def crashes_at(step, rank=1, kind=FailureKind.CRASHED, message="host process died"):
     def behaviour(group, i):
         if i < step:
@@ -200,11 +208,6 @@ def test_collective_error_is_blamed_on_the_host_that_died(tmp_path):
 
 
 def test_stop_signal_saves_on_every_host_then_stops(tmp_path):
-    def obeys(group, i):
-        if group.preempted:
-            group.finish(i, stopped="preempted")
-            return [], []
-        return group.train(i), []
     driver, log, _, _ = make_driver(tmp_path, [obeys], **{"train.steps": 100})
     driver.step()
     driver.step()
@@ -227,11 +230,6 @@ def test_preemption_notice_from_outside_restarts_on_the_preemption_budget(tmp_pa
 
 
 def test_restart_shrinks_to_what_fits_and_grows_back(tmp_path):
-    def obeys(group, i):
-        if group.preempted:
-            group.finish(i, stopped="preempted")
-            return [], []
-        return group.train(i), []
     driver, log, clock, cluster = make_driver(
         tmp_path, [crashes_at(2), obeys, trains_to(50)], hosts=4, min_hosts=2, max_hosts=4,
         **{"train.steps": 50, "fault.grow_check_interval_s": 1.0},
