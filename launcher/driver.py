@@ -256,8 +256,7 @@ class Driver:
                 FailureKind.HUNG, rank, f"{what} for {now - since:.1f} s (phase {host.phase})",
                 self._group_step(poll), now, since,
             ))
-        training = all(h.phase == "training" for h in poll.hosts)
-        if training and self._planned is None:
+        if self._planned is None and self._stepped(poll, attempt):
             self._maybe_chaos(poll, now)
             self._maybe_grow(attempt, now)
         return State.RUNNING
@@ -292,16 +291,28 @@ class Driver:
                                     step, now, self._injected_at(attempt)))
 
     def _forward_stop(self, poll: Any) -> State:
-        self._planned = "stop"
-        if all(h.phase == "training" for h in poll.hosts):
+        attempt = self.attempts[-1]
+        if self._stepped(poll, attempt):
+            self._planned = "stop"
             self.group.preempt()
             return State.RUNNING
+        if all(h.phase == "training" for h in poll.hosts):
+            return State.RUNNING  # the first step is under way: stop after it
         # Not training yet: there is nothing new to save.
-        attempt = self.attempts[-1]
+        self._planned = "stop"
         attempt["cause"] = "stopped"
         self.stop_reason = f"stopped by {signal.Signals(self.stop_signal).name} before training began"
         self._end_attempt(attempt)
         return State.STOPPED
+
+    @staticmethod
+    def _stepped(poll: Any, attempt: dict[str, Any]) -> bool:
+        """Every host is training and has completed a step of this attempt. JAX's preemption sync
+        point needs each host to have reported a step before a notice arrives."""
+        first = attempt["first_step"]
+        return first is not None and all(
+            h.phase == "training" and h.step is not None and h.step >= first for h in poll.hosts
+        )
 
     def _maybe_chaos(self, poll: Any, now: float) -> None:
         if self._next_chaos is None or now < self._next_chaos:
