@@ -44,6 +44,9 @@ class PlacementError(RuntimeError):
     """The cluster cannot place the hosts asked for."""
 
 
+TRAINING_PHASES = ("training", "saving")
+
+
 class State(enum.StrEnum):
     SCHEDULING = "scheduling"
     RUNNING = "running"
@@ -221,7 +224,7 @@ class Driver:
         poll = self.group.poll()
         attempt = self.attempts[-1]
         now = self.clock()
-        self._record(poll, attempt)
+        self._record(poll, attempt, refresh_committed=poll.finished)
         if poll.failures or self._seen_failures or poll.unresolved:
             # Hear out the whole group for a moment: the host that died is often reported after the
             # collective errors it causes on the others.
@@ -296,7 +299,7 @@ class Driver:
             self._planned = "stop"
             self.group.preempt()
             return State.RUNNING
-        if all(h.phase == "training" for h in poll.hosts):
+        if all(h.phase in TRAINING_PHASES for h in poll.hosts):
             return State.RUNNING  # the first step is under way: stop after it
         # Not training yet: there is nothing new to save.
         self._planned = "stop"
@@ -311,7 +314,7 @@ class Driver:
         point needs each host to have reported a step before a notice arrives."""
         first = attempt["first_step"]
         return first is not None and all(
-            h.phase == "training" and h.step is not None and h.step >= first for h in poll.hosts
+            h.phase in TRAINING_PHASES and h.step is not None and h.step >= first for h in poll.hosts
         )
 
     def _maybe_chaos(self, poll: Any, now: float) -> None:
@@ -353,8 +356,9 @@ class Driver:
                            f"before host {first.rank} failed ({first.message})",
                            self._group_step(poll), now, self._injected_at(attempt) or host.last_heard)
         failed_at = self._injected_at(attempt) or self._chaos_at or first.failed_at
-        return Failure(first.kind, first.rank, first.message, self._group_step(poll), first.detected_at,
-                       failed_at, first.traceback)
+        # An exception knows the step it was raised at; for a death the group's last step is best.
+        step = first.step if first.kind == FailureKind.EXCEPTION else self._group_step(poll)
+        return Failure(first.kind, first.rank, first.message, step, first.detected_at, failed_at, first.traceback)
 
     # -- helpers ---------------------------------------------------------------------------------
     def _group_step(self, poll: Any) -> int | None:
@@ -372,7 +376,7 @@ class Driver:
                 return self._to_clock(line["time"])
         return None
 
-    def _record(self, poll: Any, attempt: dict[str, Any]) -> None:
+    def _record(self, poll: Any, attempt: dict[str, Any], refresh_committed: bool = False) -> None:
         for event in poll.events:
             kind = event.pop("event")
             self.run_dir.event(kind, attempt=attempt["attempt"], **event)
@@ -393,7 +397,7 @@ class Driver:
             self.last_record = records[-1]
             self._step_times.update((r["step"], r["step_time_s"]) for r in records)
         now = self.clock()
-        if now - self._last_committed_check > COMMITTED_CHECK_INTERVAL_S:
+        if refresh_committed or now - self._last_committed_check > COMMITTED_CHECK_INTERVAL_S:
             self._last_committed_check = now
             steps = self.run_dir.committed_steps()
             self.committed_step = steps[0] if steps else None

@@ -20,7 +20,7 @@ from launcher.config import PROJECT_ROOT, ClusterConfig, JobConfig
 from launcher.driver import PlacementError
 from launcher.policy import Failure, FailureKind
 from launcher.runs import RunDir
-from workers.host import MONITOR_GROUP, AttemptSpec, HostActor
+from workers.host import MONITOR_GROUP, AttemptSpec, HostActor, HostError
 from workers.runtime import host_env
 
 log = logging.getLogger(__name__)
@@ -254,9 +254,12 @@ class RayWorkerGroup:
     def _classify(self, rank: int, err: Exception, now: float) -> Failure:
         step = self.hosts[rank].step
         if isinstance(err, RayTaskError):
-            cause = err.cause if isinstance(err.cause, BaseException) else None
-            message = f"{type(cause).__name__}: {cause}" if cause else str(err).splitlines()[-1]
-            return Failure(FailureKind.EXCEPTION, rank, message, step, now, now, traceback=str(err))
+            cause = err.cause
+            if isinstance(cause, HostError):
+                return Failure(FailureKind.EXCEPTION, rank, cause.summary, cause.step, now, now,
+                               traceback=f"host {rank}, after step {cause.step}:\n{cause.traceback_text}")
+            message = f"{type(cause).__name__}: {cause}" if isinstance(cause, BaseException) else str(err)
+            return Failure(FailureKind.EXCEPTION, rank, message.splitlines()[-1], step, now, now, traceback=str(err))
         log.debug("host %d ended: %s", rank, err)
         text = str(err)
         reason = next((line.strip() for line in text.splitlines() if " because " in line), text.strip())

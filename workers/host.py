@@ -42,6 +42,24 @@ class AttemptSpec:
     """Failures to inject in this attempt."""
 
 
+class HostError(RuntimeError):
+    """An exception in a host's training code, with the host's rank, the last step it completed
+    and the original traceback (what the driver shows and compares across attempts)."""
+
+    def __init__(self, rank: int, step: int | None, traceback_text: str):
+        super().__init__(f"host {rank} failed after step {step}:\n{traceback_text}")
+        self.rank, self.step, self.traceback_text = rank, step, traceback_text
+
+    def __reduce__(self):
+        return HostError, (self.rank, self.step, self.traceback_text)
+
+    @property
+    def summary(self) -> str:
+        """The exception's own line: `ValueError: ...`."""
+        lines = self.traceback_text.strip().splitlines()
+        return lines[-1] if lines else "unknown error"
+
+
 def _node_ip() -> str:
     """The address this Ray node was started with (`ray start --node-ip-address`), which is the one
     its peers can reach; the machine's default address may not be."""
@@ -117,6 +135,10 @@ class HostActor:
             runtime.shutdown()
             # What no poll has drained yet travels with the result, so no record is lost.
             return {**result, "final_poll": self.progress.drain()}
+        except Exception as err:
+            text = traceback.format_exc()
+            log.error("host failed:\n%s", text)
+            raise HostError(spec.rank, self.progress.drain()["step"], text) from err
         except BaseException:
-            log.error("host failed:\n%s", traceback.format_exc())
+            log.error("host stopped:\n%s", traceback.format_exc())
             raise
