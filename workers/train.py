@@ -156,7 +156,8 @@ def train(
     corpus = data_lib.Corpus.load(cfg.data)
     trainer = Trainer(job, mesh)
     checkpointer = Checkpointer(run_dir / "checkpoints", job.checkpoint)
-    schedule = learning_rate_schedule(cfg)
+    # The learning rate of every step, computed once rather than dispatched on the hot path.
+    learning_rates = np.asarray(learning_rate_schedule(cfg)(np.arange(cfg.steps)))
     tokens_per_step = cfg.global_batch_size * cfg.seq_len
     try:
         progress.phase("restoring")
@@ -211,7 +212,7 @@ def train(
                 progress.phase("training")
             record = {
                 "step": step, "loss": loss, "step_time_s": step_time, "time": time.time(),
-                "tokens_per_s": tokens_per_step / step_time, "learning_rate": float(schedule(step - 1)),
+                "tokens_per_s": tokens_per_step / step_time, "learning_rate": float(learning_rates[step - 1]),
             }
             if blocked is not None:
                 record["checkpoint_blocking_s"] = blocked
