@@ -134,11 +134,6 @@ class ScalingPolicy:
                 return n
         return None
 
-    def should_grow(self, current_hosts: int, placeable_hosts: int) -> bool:
-        """Whether capacity that came back warrants a planned restart on more hosts."""
-        target = self.choose(current_hosts + placeable_hosts)
-        return target is not None and target > current_hosts
-
 
 @dataclasses.dataclass(frozen=True)
 class Watchdog:

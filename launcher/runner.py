@@ -9,12 +9,10 @@ import time
 from launcher import report
 from launcher.config import ConfigError, Injection, JobConfig, resolve_mesh
 from launcher.display import Display, error
-from launcher.driver import Driver
+from launcher.driver import CAPACITY_POLL_S, Driver
 from launcher.policy import RestartPolicy, ScalingPolicy
 from launcher.runs import RunDir, check_run_dir
 from launcher.worker_group import RayCluster, RayWorkerGroup
-
-CAPACITY_POLL_S = 1.0
 
 
 def fits(job: JobConfig, num_hosts: int) -> bool:
@@ -36,12 +34,7 @@ def wait_for_capacity(cluster: RayCluster, job: JobConfig) -> None:
         if placeable >= job.num_hosts:
             return
         if time.monotonic() >= deadline:
-            waited = "" if cluster.embedded else f" after waiting {cfg.placement_timeout_s:g} s"
-            raise ConfigError(
-                f"cannot place {job.num_hosts} hosts of {cfg.resources_per_host} ({cfg.placement_strategy})"
-                f"{waited}: the cluster has {cluster.describe()}, room for {placeable}; "
-                f"pass --hosts {placeable} or fewer, or add capacity"
-            )
+            raise ConfigError(cluster.placement_message(job.num_hosts, placeable, waited=not cluster.embedded))
         time.sleep(CAPACITY_POLL_S)
 
 

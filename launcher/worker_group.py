@@ -77,6 +77,16 @@ class RayCluster:
             total += min(fit, 1) if strategy == "STRICT_SPREAD" else fit
         return total
 
+    def placement_message(self, wanted: int, placeable: int, waited: bool = False) -> str:
+        """Why `wanted` hosts do not fit, what the cluster has, and what to pass instead."""
+        cfg = self.cfg
+        waited_for = f" after waiting {cfg.placement_timeout_s:g} s" if waited else ""
+        return (
+            f"cannot place {wanted} hosts of {cfg.resources_per_host} ({cfg.placement_strategy}){waited_for}: "
+            f"the cluster has {self.describe()}, room for {placeable}; "
+            f"pass --hosts {placeable} or fewer, or add capacity"
+        )
+
     def describe(self) -> str:
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         res = ray.cluster_resources()
@@ -129,11 +139,11 @@ class RayWorkerGroup:
         cfg = self.job.cluster
         placeable = self.cluster.placeable_hosts(cfg.resources_per_host, cfg.placement_strategy)
         if num_hosts > placeable:
-            raise PlacementError(self._placement_message(num_hosts, placeable))
+            raise PlacementError(self.cluster.placement_message(num_hosts, placeable))
         self.pg = placement_group([dict(cfg.resources_per_host)] * num_hosts, strategy=cfg.placement_strategy)
         ready, _ = ray.wait([self.pg.ready()], timeout=cfg.placement_timeout_s)
         if not ready:
-            raise PlacementError(self._placement_message(num_hosts, placeable, waited=True))
+            raise PlacementError(self.cluster.placement_message(num_hosts, placeable, waited=True))
         resources = dict(cfg.resources_per_host)
         num_cpus, num_gpus = resources.pop("CPU", 0), resources.pop("GPU", 0)
         remote_cls = ray.remote(concurrency_groups={MONITOR_GROUP: 1})(HostActor)
@@ -165,15 +175,6 @@ class RayWorkerGroup:
             "nodes": [n["node_id"] for n in self.node_info],
             "pids": [n["pid"] for n in self.node_info],
         }
-
-    def _placement_message(self, wanted: int, placeable: int, waited: bool = False) -> str:
-        cfg = self.job.cluster
-        waited_for = f" after waiting {cfg.placement_timeout_s:g} s" if waited else ""
-        return (
-            f"cannot place {wanted} hosts of {cfg.resources_per_host} ({cfg.placement_strategy}){waited_for}: "
-            f"the cluster has {self.cluster.describe()}, room for {placeable}; "
-            f"pass --hosts {placeable} or fewer, or add capacity"
-        )
 
     # -- poll ------------------------------------------------------------------------------------
     def poll(self) -> GroupPoll:
