@@ -25,7 +25,8 @@ cat > "$work/config.yaml" <<YAML
 num_hosts: 1
 mesh: {data: -1, model: 1}
 cluster: {platform: $platform, devices_per_host: $devices, resources_per_host: $resources, placement_strategy: PACK}
-train: {model: $MODEL, steps: $STEPS, global_batch_size: $((8 * devices)), seq_len: 128}
+config: {model: $MODEL, global_batch_size: $((8 * devices)), seq_len: 128}
+train: {steps: $STEPS}
 checkpoint: {save_every: 10, max_to_keep: 2}
 YAML
 "$PYTHON" launch.py --config "$work/config.yaml" --run-dir "$work/run" > "$work/launch.log" 2>&1 || {
@@ -34,10 +35,10 @@ YAML
 import json, pathlib, statistics, sys
 run, platform, devices = pathlib.Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-steady = records[2:]  # the first steps pay for warm-up
+steady = [r for r in records[2:] if r.get("step_time_s")]  # the first steps pay for warm-up
 blocking = [r["checkpoint_blocking_s"] for r in records if "checkpoint_blocking_s" in r]
 summary = json.loads((run / "summary.json").read_text())
-print(f"platform {platform} x {devices} devices, model {summary['model']}, {summary['final_step']} steps, "
+print(f"platform {platform} x {devices} devices, model {summary['returned']['model']}, {summary['final_step']} steps, "
       f"loss {summary['first_loss']:.3f} -> {summary['final_loss']:.3f}")
 print(f"step time          {statistics.median(r['step_time_s'] for r in steady) * 1000:.1f} ms (median)")
 print(f"tokens/s           {statistics.median(r['tokens_per_s'] for r in steady):,.0f} (median)")

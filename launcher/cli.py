@@ -1,7 +1,8 @@
-"""Command line: parse, build and validate the JobConfig, run the driver, map errors to exit codes.
+"""The command line (`python launch.py`, `jaxlaunch`): flags to LaunchOptions, one launch, exit codes.
 
-Exit codes: 0 finished, 1 the job failed (restart budget spent), 2 bad input (nothing written or
-deleted), 130 interrupted."""
+Exit codes: 0 finished; 1 the job failed (budget spent, deterministic failure, no capacity, storage,
+no readable checkpoint); 2 bad input (one line naming the fix; nothing written or deleted); 130/143
+stopped by SIGINT/SIGTERM after every host saved the same step."""
 
 from __future__ import annotations
 
@@ -9,99 +10,83 @@ import argparse
 import logging
 import sys
 
-from launcher.config import (
-    DEFAULT_CLUSTER_CONFIG,
-    ConfigError,
-    Injection,
-    JobConfig,
-    load_file,
-    override,
-    parse_mesh,
-    validate,
-)
 from launcher.display import error
+from launcher.job import LaunchOptions
+from launcher.protocol import ConfigError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="launch.py",
-        description="Launch a multi-host JAX training job on Ray (an embedded local Ray by default).",
+        prog="jaxlaunch",
+        description="Launch a fault-tolerant multi-host JAX training job on Ray (an embedded local Ray by default).",
     )
-    # Every default is None: only flags the user gave override the config file (or, with
-    # --resume, the run's saved config).
-    p.add_argument("--config", help=f"cluster config YAML (default {DEFAULT_CLUSTER_CONFIG.name})")
+    # Every default is None: only flags the user gave override the config file (or, with --resume,
+    # the run's saved config).
+    p.add_argument("--entry", help="your function: path/to/file.py:main or package.module:main "
+                                    "(default: the built-in language model)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
+                   help="a setting of the entry (ctx.config), repeatable")
+    p.add_argument("--config", help="cluster config YAML (default: the embedded local Ray)")
     p.add_argument("--address", help="existing Ray cluster to run on ('auto' or HOST:PORT)")
     p.add_argument("--hosts", type=int, help="JAX processes, one per host")
-    p.add_argument("--steps", type=int, help="total training steps")
+    p.add_argument("--steps", type=int, help="total training steps (ctx.steps)")
+    p.add_argument("--schedule-steps", type=int, help="length of the learning-rate schedule (default: the first "
+                                                      "launch's --steps, kept on --resume)")
     p.add_argument("--save-every", type=int, help="checkpoint every N steps")
     p.add_argument("--run-dir", help="run directory (default runs/<name>)")
     p.add_argument("--name", default="default", help="run name, used for the default run directory")
-    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its latest checkpoint")
-    p.add_argument("--model", help="model preset: tiny, small, base")
-    p.add_argument("--data", help="text file or folder to train on (default: the Python stdlib sources)")
-    p.add_argument("--seed", type=int, help="seed of parameters and data order")
-    p.add_argument("--global-batch-size", type=int, help="sequences per step over all hosts")
-    p.add_argument("--seq-len", type=int, help="bytes per sequence")
+    p.add_argument("--resume", nargs="?", const=True, default=False, metavar="auto",
+                   help="continue the run in --run-dir; '--resume auto' also starts it when the directory is empty")
+    p.add_argument("--allow-change", action="append", default=[], metavar="KEY",
+                   help="on --resume, accept a change to what the run computes (a setting, seed, schedule_steps, "
+                        "fingerprint)")
+    p.add_argument("--model", help="built-in model: tiny, small or base")
+    p.add_argument("--data", help="built-in model: text file or folder to train on (default: Python's sources)")
+    p.add_argument("--global-batch-size", type=int, help="built-in model: sequences per step over all hosts")
+    p.add_argument("--seq-len", type=int, help="built-in model: bytes per sequence")
+    p.add_argument("--seed", type=int, help="seed of parameters and data order (ctx.seed)")
     p.add_argument("--mesh", help="mesh axes, e.g. data=-1,model=2")
     p.add_argument("--devices-per-host", type=int, help="devices per host process")
-    p.add_argument("--placement-timeout", type=float, help="seconds to wait for the cluster to place the hosts")
-    p.add_argument("--hang-timeout", type=float, help="seconds without a completed step before a host counts as hung")
+    p.add_argument("--placement-timeout", type=float, help="seconds one placement may take before trying fewer hosts")
+    p.add_argument("--hang-timeout", type=float, help="seconds without a reported step before a host counts as hung")
     p.add_argument("--startup-timeout", type=float, help="seconds a host may take to start, restore and compile")
+    p.add_argument("--save-timeout", type=float, help="seconds a blocking checkpoint save may take")
     p.add_argument("--max-restarts", type=int, help="restarts allowed after crashes, hangs and exceptions")
     p.add_argument("--max-preemptions", type=int, help="restarts allowed after preemptions and lost nodes")
     p.add_argument("--min-hosts", type=int, help="fewest hosts to continue on after a failure (default --hosts)")
     p.add_argument("--max-hosts", type=int, help="most hosts to grow to when capacity returns (default --hosts)")
     p.add_argument("--capacity-timeout", type=float, help="seconds a restart waits for room for --min-hosts")
     p.add_argument("--inject", action="append", default=[], metavar="KIND@step=N,host=I",
-                   help="inject a failure: crash, kill, hang, exception or preempt (repeatable; ,times=K)")
+                   help="inject a failure at a reported step: crash, kill, hang, exception or preempt "
+                        "(repeatable; ,times=K)")
     p.add_argument("--chaos", type=float, metavar="MEAN_SECONDS",
                    help="kill a random host at random times, MEAN_SECONDS apart on average")
     p.add_argument("-v", "--verbose", action="store_true", help="driver debug logging")
     return p
 
 
-def build_job(args: argparse.Namespace) -> JobConfig:
-    from launcher.runs import RunDir
+def options(args: argparse.Namespace) -> LaunchOptions:
+    from launcher.config import parse_settings
 
-    run_dir = args.run_dir or f"runs/{args.name}"
-    base = load_file(args.config or DEFAULT_CLUSTER_CONFIG)
-    if args.resume and args.config is None:
-        saved = RunDir(run_dir).load_config()
-        base = saved if saved is not None else base
-    job = override(
-        base,
-        num_hosts=args.hosts,
-        run_dir=run_dir,
-        resume=args.resume,
-        mesh=parse_mesh(args.mesh) if args.mesh else None,
-        **{
-            "cluster.address": args.address,
-            "cluster.devices_per_host": args.devices_per_host,
-            "cluster.placement_timeout_s": args.placement_timeout,
-            "train.steps": args.steps,
-            "train.model": args.model,
-            "train.data": args.data,
-            "train.seed": args.seed,
-            "train.global_batch_size": args.global_batch_size,
-            "train.seq_len": args.seq_len,
-            "checkpoint.save_every": args.save_every,
-            "distributed.hang_timeout_s": args.hang_timeout,
-            "distributed.startup_timeout_s": args.startup_timeout,
-            "fault.max_restarts": args.max_restarts,
-            "fault.max_preemptions": args.max_preemptions,
-            "fault.min_hosts": args.min_hosts,
-            "fault.max_hosts": args.max_hosts,
-            "fault.capacity_timeout_s": args.capacity_timeout,
-        },
+    return LaunchOptions(
+        entry=args.entry, settings=parse_settings(args.settings),
+        model_settings={"model": args.model, "data": args.data, "global_batch_size": args.global_batch_size,
+                        "seq_len": args.seq_len},
+        config_file=args.config, run_dir=args.run_dir, name=args.name,
+        resume="auto" if args.resume == "auto" else args.resume, allow_change=args.allow_change,
+        hosts=args.hosts, steps=args.steps, schedule_steps=args.schedule_steps, save_every=args.save_every,
+        seed=args.seed, mesh=args.mesh, address=args.address, devices_per_host=args.devices_per_host,
+        placement_timeout=args.placement_timeout, hang_timeout=args.hang_timeout,
+        startup_timeout=args.startup_timeout, save_timeout=args.save_timeout, max_restarts=args.max_restarts,
+        max_preemptions=args.max_preemptions, min_hosts=args.min_hosts, max_hosts=args.max_hosts,
+        capacity_timeout=args.capacity_timeout, inject=args.inject, chaos=args.chaos,
     )
-    validate(job)
-    return job
 
 
 def report_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="launch.py report", description="Print a run's report and write report.png.")
+    p = argparse.ArgumentParser(prog="jaxlaunch report", description="Print a run's report and write report.png.")
     p.add_argument("run_dir", help="the run directory")
     args = p.parse_args(argv)
     from launcher import report
@@ -124,13 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        job = build_job(args)
-        injections = tuple(Injection.parse(text) for text in args.inject)
-        if args.chaos is not None and args.chaos <= 0:
-            raise ConfigError(f"--chaos must be a positive number of seconds, got {args.chaos}")
-        from launcher import runner
+        if args.resume not in (True, False, "auto"):
+            raise ConfigError(f"--resume takes no value or 'auto', got {args.resume!r}")
+        from launcher import job, runner
 
-        return runner.run_job(job, injections=injections, chaos_mean_s=args.chaos)
+        prepared = job.prepare(options(args))
+        return runner.run_job(prepared).exit_code
     except ConfigError as err:
         error(str(err))
         return EXIT_USAGE

@@ -1,8 +1,9 @@
-"""Typed job configuration: dataclasses, YAML loading, CLI overrides and validation.
+"""The job's configuration: typed dataclasses, YAML loading, command-line overrides, validation.
 
-Plain Python (no JAX): the driver validates everything here before it starts Ray, and the host
-processes receive the same frozen objects. A `ConfigError` is the user's mistake; the CLI prints it
-on one line and exits with code 2.
+Each section is a dataclass owned by the code that uses it (`launcher.policy` owns the fault and
+watchdog sections, `launcher.protocol` the host-side checkpoint and distributed ones); this module
+composes them into a `JobConfig`, loads YAML files whose keys mirror the dataclasses, and validates
+everything that needs no cluster. A `ConfigError` is the user's mistake: one line, exit code 2.
 """
 
 from __future__ import annotations
@@ -14,20 +15,22 @@ import os
 import pathlib
 import types
 import typing
+from collections.abc import Mapping
 from typing import Any
 
 import yaml
 
-from models.config import ModelConfig, preset
+from launcher.policy import FaultConfig, WatchdogConfig
+from launcher.protocol import CheckpointConfig, ConfigError, DistributedConfig
+from workers.mesh import resolve_mesh
 
-PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
-DEFAULT_CLUSTER_CONFIG = PROJECT_ROOT / "cluster_configs" / "local.yaml"
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 PLATFORMS = ("cpu", "cuda", "tpu")
+BUILTIN_ENTRY = "models.lm:main"
+MAX_STEPS = 2**31 - 1
+"""Optimizer step counters are int32."""
 
-
-class ConfigError(ValueError):
-    """A user error in the configuration or the command line."""
+__all__ = ["ConfigError", "ClusterConfig", "TrainConfig", "JobConfig", "load_file", "override", "validate"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,126 +50,33 @@ class ClusterConfig:
     embedded_num_cpus: int = 8
     """Logical CPUs of the embedded Ray instance (it bounds how many hosts fit on it)."""
     placement_timeout_s: float = 60.0
-    """How long to wait for the cluster to place every host before giving up."""
+    """How long one placement may take before the job tries fewer hosts (and waits for capacity)."""
     compilation_cache: bool = True
-    """Keep compiled programs in RUN_DIR/compile_cache (JAX's persistent cache), so a restart
-    loads them instead of compiling again."""
+    """Keep compiled programs in RUN_DIR/compile_cache (JAX's persistent cache), so a restart loads
+    them instead of compiling again. Used only when the folder is the job user's alone."""
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """The training job itself."""
+    """The run's length and randomness, the same for any entry."""
 
-    model: str = "tiny"
-    """Model size preset: tiny, small or base."""
     steps: int = 300
-    """Total optimizer steps of the run."""
-    global_batch_size: int = 32
-    """Sequences per step over all hosts; fixed whatever the host count."""
-    seq_len: int = 128
-    """Bytes per training sequence (at most the preset's max_seq_len)."""
-    learning_rate: float = 3e-3
-    """Peak learning rate of the warm-up + cosine schedule."""
-    warmup_steps: int = 30
-    """Linear warm-up steps."""
-    weight_decay: float = 0.01
-    """AdamW decoupled weight decay."""
-    grad_clip_norm: float = 1.0
-    """Global gradient norm clip."""
+    """Total steps of the run (`ctx.steps`)."""
+    schedule_steps: int | None = None
+    """Length of the learning-rate schedule (`ctx.schedule_steps`), fixed at the run's first launch
+    (None: its steps), so that a resume with more --steps extends training without reshaping it."""
     seed: int = 0
-    """Seed of the parameters and of the data order."""
-    data: str | None = None
-    """Text file or folder to train on; None uses the Python standard library's sources."""
-
-    def model_config(self) -> ModelConfig:
-        return preset(self.model)
-
-
-@dataclasses.dataclass(frozen=True)
-class CheckpointConfig:
-    """Orbax checkpointing."""
-
-    save_every: int = 50
-    """Save every this many steps (and always at the end)."""
-    max_to_keep: int = 3
-    """Committed checkpoints kept; older ones are deleted."""
-    async_save: bool = True
-    """Write checkpoints in the background while training continues."""
-
-
-@dataclasses.dataclass(frozen=True)
-class DistributedConfig:
-    """Timeouts of `jax.distributed` and of the driver's watchdog."""
-
-    init_timeout_s: int = 120
-    """jax.distributed.initialize: how long every process waits for the others."""
-    heartbeat_timeout_s: int = 10
-    """Coordination-service heartbeat: a silent process is declared dead after this."""
-    shutdown_timeout_s: int = 10
-    """jax.distributed.shutdown: the barrier's limit."""
-    startup_timeout_s: float = 300.0
-    """Driver watchdog before the first step: start-up, compilation and restore."""
-    hang_timeout_s: float = 60.0
-    """Driver watchdog during training: the longest time without a completed step."""
-    poll_interval_s: float = 0.25
-    """How often the driver polls the hosts."""
-
-
-@dataclasses.dataclass(frozen=True)
-class FaultConfig:
-    """Restart budgets and elastic topology."""
-
-    max_restarts: int = 3
-    """Restarts after crashes, hangs and exceptions; then the job fails."""
-    max_preemptions: int = 20
-    """Restarts after preemptions and lost nodes (a separate, larger budget)."""
-    backoff_s: float = 1.0
-    """Wait before a second consecutive restart, doubling after (the first restart is immediate)."""
-    max_backoff_s: float = 30.0
-    """Longest wait between attempts."""
-    min_hosts: int | None = None
-    """Fewest hosts to run on (None: num_hosts)."""
-    max_hosts: int | None = None
-    """Most hosts to run on (None: num_hosts)."""
-    capacity_timeout_s: float = 300.0
-    """How long a restart waits for the cluster to have room for min_hosts."""
-    grow_check_interval_s: float = 5.0
-    """How often a running job checks whether capacity came back to grow on."""
-
-
-INJECTION_KINDS = ("crash", "kill", "hang", "exception", "preempt")
-
-
-@dataclasses.dataclass(frozen=True)
-class Injection:
-    """A failure to inject: `--inject KIND@step=N,host=I[,times=K]`."""
-
-    kind: str
-    step: int
-    host: int = 0
-    times: int = 1
-    """On how many attempts it fires (an `exception` with a large count fails every attempt)."""
-
-    @classmethod
-    def parse(cls, text: str) -> Injection:
-        form = "KIND@step=N,host=I[,times=K] with KIND one of " + ", ".join(INJECTION_KINDS)
-        kind, _, rest = text.partition("@")
-        if kind not in INJECTION_KINDS or not rest:
-            raise ConfigError(f"--inject {text!r}: expected {form}")
-        try:
-            fields = {k.strip(): int(v) for k, v in (item.split("=") for item in rest.split(","))}
-            injection = cls(kind=kind, **fields)
-        except (ValueError, TypeError):
-            raise ConfigError(f"--inject {text!r}: expected {form}") from None
-        if injection.step < 1 or injection.host < 0 or injection.times < 1:
-            raise ConfigError(f"--inject {text!r}: step and times must be at least 1, host at least 0")
-        return injection
+    """Seed of the parameters and the data order (`ctx.seed`)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class JobConfig:
     """Everything one launch needs."""
 
+    entry: str = BUILTIN_ENTRY
+    """The function every host runs: "package.module:function" or "path/to/file.py:function"."""
+    config: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The entry's own settings (`ctx.config`): the YAML `config:` section and --set flags."""
     num_hosts: int = 4
     """JAX processes, one per Ray host slot."""
     mesh: dict[str, int] = dataclasses.field(default_factory=lambda: {"data": -1, "model": 2})
@@ -179,6 +89,7 @@ class JobConfig:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
+    watchdog: WatchdogConfig = dataclasses.field(default_factory=WatchdogConfig)
     fault: FaultConfig = dataclasses.field(default_factory=FaultConfig)
 
     @property
@@ -190,124 +101,75 @@ class JobConfig:
         return self.fault.max_hosts or self.num_hosts
 
     @property
-    def num_devices(self) -> int:
-        return self.num_hosts * self.cluster.devices_per_host
+    def schedule_steps(self) -> int:
+        return self.train.schedule_steps or self.train.steps
+
+    def mesh_for(self, num_hosts: int) -> dict[str, int]:
+        return resolve_mesh(self.mesh, num_hosts * self.cluster.devices_per_host)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def resolve_mesh(axes: dict[str, int], num_devices: int) -> dict[str, int]:
-    """Sizes of every mesh axis for `num_devices` devices, with the one -1 inferred."""
-    if not axes:
-        raise ConfigError("mesh needs at least one axis, e.g. {data: -1, model: 2}")
-    inferred = [name for name, size in axes.items() if size == -1]
-    bad = [name for name, size in axes.items() if size != -1 and (not isinstance(size, int) or size < 1)]
-    if bad or len(inferred) > 1:
-        raise ConfigError(f"mesh sizes must be positive integers with at most one -1, got {axes}")
-    known = math.prod(size for size in axes.values() if size != -1)
-    if inferred and num_devices % known:
-        raise ConfigError(
-            f"mesh {_mesh_str(axes)} does not divide the {num_devices} devices: "
-            f"choose axis sizes whose product divides {num_devices}"
-        )
-    if not inferred and known != num_devices:
-        raise ConfigError(
-            f"mesh {_mesh_str(axes)} needs {known} devices but the job has {num_devices}: "
-            f"make one axis -1 or change --hosts"
-        )
-    return {name: (num_devices // known if size == -1 else size) for name, size in axes.items()}
+# ---- validation ---------------------------------------------------------------------------------
 
-
-def _mesh_str(axes: dict[str, int]) -> str:
-    return ",".join(f"{name}={size}" for name, size in axes.items())
-
-
-def parse_mesh(text: str) -> dict[str, int]:
-    """'data=-1,model=2' -> {'data': -1, 'model': 2}."""
-    try:
-        pairs = [item.split("=") for item in text.split(",") if item]
-        return {name.strip(): int(size) for name, size in pairs}
-    except ValueError:
-        raise ConfigError(f"--mesh {text!r} is not of the form data=-1,model=2") from None
-
-
-def data_parallel_size(job: JobConfig) -> int:
-    """How many ways the global batch is split: the size of the mesh's `data` axis."""
-    return resolve_mesh(job.mesh, job.num_devices).get("data", 1)
+def _positive_numbers(section: Any, where: str, allow_zero: tuple[str, ...] = ()) -> None:
+    """Every int and float field of a section is a finite number above 0 (or at least 0)."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        low_ok = value >= 0 if f.name in allow_zero else value > 0
+        if not math.isfinite(value) or not low_ok:
+            bound = "at least 0" if f.name in allow_zero else "above 0"
+            raise ConfigError(f"{where}.{f.name} must be a finite number {bound}, got {value}")
 
 
 def validate(job: JobConfig) -> None:
-    """Every check that needs no cluster and no checkpoint. Raises ConfigError."""
+    """Every check that needs neither a cluster nor the entry's code. Raises ConfigError."""
     if job.num_hosts < 1:
         raise ConfigError(f"--hosts must be at least 1, got {job.num_hosts}")
     cluster = job.cluster
     if cluster.platform not in PLATFORMS:
         raise ConfigError(f"cluster.platform {cluster.platform!r} is not one of {', '.join(PLATFORMS)}")
-    if cluster.devices_per_host < 1:
-        raise ConfigError(f"cluster.devices_per_host must be at least 1, got {cluster.devices_per_host}")
     if cluster.placement_strategy not in PLACEMENT_STRATEGIES:
-        raise ConfigError(
-            f"cluster.placement_strategy {cluster.placement_strategy!r} is not one of "
-            f"{', '.join(PLACEMENT_STRATEGIES)}"
-        )
-    if not cluster.resources_per_host or any(v <= 0 for v in cluster.resources_per_host.values()):
+        raise ConfigError(f"cluster.placement_strategy {cluster.placement_strategy!r} is not one of "
+                          f"{', '.join(PLACEMENT_STRATEGIES)}")
+    if not cluster.resources_per_host or any(
+            not math.isfinite(v) or v <= 0 for v in cluster.resources_per_host.values()):
         raise ConfigError(f"cluster.resources_per_host must name positive amounts, got {cluster.resources_per_host}")
+    _positive_numbers(cluster, "cluster")
+    _positive_numbers(job.checkpoint, "checkpoint")
+    _positive_numbers(job.distributed, "distributed")
+    _positive_numbers(job.watchdog, "watchdog")
+    _positive_numbers(job.fault, "fault", allow_zero=("max_restarts", "max_preemptions", "backoff_s"))
+    _positive_numbers(job.train, "train", allow_zero=("seed",))
     if not 1 <= job.min_hosts <= job.num_hosts <= job.max_hosts:
         raise ConfigError(
             f"need 1 <= --min-hosts ({job.min_hosts}) <= --hosts ({job.num_hosts}) <= --max-hosts ({job.max_hosts})"
         )
-    if job.fault.max_restarts < 0 or job.fault.max_preemptions < 0:
-        raise ConfigError("--max-restarts and --max-preemptions must be at least 0")
-    train = job.train
-    try:
-        model = train.model_config()
-    except ValueError as err:
-        raise ConfigError(f"--model: {err}") from None
-    for name in ("steps", "global_batch_size", "seq_len"):
-        if getattr(train, name) < 1:
-            raise ConfigError(f"train.{name} must be at least 1, got {getattr(train, name)}")
-    if train.seq_len > model.max_seq_len:
-        raise ConfigError(
-            f"train.seq_len {train.seq_len} exceeds model {train.model}'s max_seq_len {model.max_seq_len}"
-        )
-    if job.checkpoint.save_every < 1 or job.checkpoint.max_to_keep < 1:
-        raise ConfigError("--save-every and checkpoint.max_to_keep must be at least 1")
-    dp = data_parallel_size(job)
-    if train.global_batch_size % dp:
-        raise ConfigError(
-            f"global batch {train.global_batch_size} is not divisible by the data-parallel size {dp} "
-            f"(mesh {_mesh_str(resolve_mesh(job.mesh, job.num_devices))}): "
-            f"use a global_batch_size that is a multiple of {dp}"
-        )
-    if train.data is not None:
-        check_data_path(train.data, train.seq_len)
+    for name in ("steps", "schedule_steps"):
+        value = getattr(job.train, name)
+        if value is not None and value > MAX_STEPS:
+            raise ConfigError(f"train.{name} must be at most {MAX_STEPS} (a 32-bit step counter), got {value}")
+    resolve_mesh(job.mesh, job.num_hosts * cluster.devices_per_host)
 
 
-def check_data_path(path: str, seq_len: int) -> None:
+def check_run_path(path: str, resume: bool) -> None:
+    """A --run-dir that is a file, cannot be written, or (resuming) holds no run: ConfigError."""
     p = pathlib.Path(path)
-    if not p.exists():
-        raise ConfigError(f"--data {path}: no such file or folder")
-    files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.is_file())
-    if not files:
-        raise ConfigError(f"--data {path}: the folder holds no files")
-    size = 0
-    for f in files:
-        try:
-            with f.open("rb") as handle:
-                handle.read(1)
-        except OSError as err:
-            raise ConfigError(f"--data {path}: cannot read {f} ({err.strerror}); check its permissions") from None
-        size += f.stat().st_size
-    if size <= seq_len:
-        raise ConfigError(f"--data {path}: holds {size} bytes, fewer than a sequence of {seq_len + 1}; "
-                          f"give more text or a smaller --seq-len")
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"--run-dir {path} is a file, not a directory: choose another --run-dir")
+    existing = p if p.exists() else next((a for a in p.absolute().parents if a.exists()), None)
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--run-dir {path}: {existing} is not writable; choose a --run-dir you can write to")
 
 
 # ---- loading ------------------------------------------------------------------------------------
 
-def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
-    if not isinstance(data, dict):
+def _from_dict(cls: type, data: Mapping[str, Any], where: str, base: Any = None) -> Any:
+    """A dataclass from a mapping, each key checked and typed; keys absent keep `base`'s values."""
+    if not isinstance(data, Mapping):
         raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
@@ -318,11 +180,11 @@ def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
     for name, value in data.items():
         hint = hints[name]
         if dataclasses.is_dataclass(hint):
-            value = _from_dict(hint, value, f"{where}.{name}")
+            value = _from_dict(hint, value, f"{where}.{name}", getattr(base, name) if base is not None else None)
         else:
             value = _coerce(value, hint, f"{where}.{name}")
         kwargs[name] = value
-    return cls(**kwargs)
+    return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
@@ -333,7 +195,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
         origin = typing.get_origin(hint)
     if origin is dict:
-        if not isinstance(value, dict):
+        if not isinstance(value, Mapping):
             raise ConfigError(f"{where} must be a mapping, got {value!r}")
         return dict(value)
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
@@ -343,8 +205,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     return value
 
 
-def load_file(path: str | os.PathLike) -> JobConfig:
-    """A JobConfig from a YAML file of cluster_configs/ (its keys mirror the dataclasses)."""
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """The raw mapping of a cluster config file (its `launcher:` section if it has one)."""
     p = pathlib.Path(path)
     try:
         data = yaml.safe_load(p.read_text()) or {}
@@ -352,7 +214,28 @@ def load_file(path: str | os.PathLike) -> JobConfig:
         raise ConfigError(f"--config {path}: {err.strerror}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"--config {path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    return _from_dict(JobConfig, data.get("launcher", data) if isinstance(data, dict) else data, str(p))
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of settings, got {type(data).__name__}")
+    return data.get("launcher", data)
+
+
+def apply(job: JobConfig, data: Mapping[str, Any], where: str) -> JobConfig:
+    """`job` with the settings of a (possibly partial) mapping applied over it; the entry's settings
+    (`config:`) are merged key by key."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where} must be a mapping, got {type(data).__name__}")
+    rest = {k: v for k, v in data.items() if k != "config"}
+    job = _from_dict(JobConfig, rest, where, base=job)
+    if "config" in data:
+        if not isinstance(data["config"], Mapping):
+            raise ConfigError(f"{where}.config must be a mapping of the entry's settings, got {data['config']!r}")
+        job = dataclasses.replace(job, config=merge_settings(job.config, data["config"]))
+    return job
+
+
+def load_file(path: str | os.PathLike, base: JobConfig | None = None) -> JobConfig:
+    """A JobConfig from a YAML file of cluster_configs/ over `base` (default: the defaults)."""
+    return apply(base or JobConfig(), read_yaml(path), str(path))
 
 
 def from_json(data: dict[str, Any]) -> JobConfig:
@@ -360,7 +243,8 @@ def from_json(data: dict[str, Any]) -> JobConfig:
 
 
 def override(job: JobConfig, **changes: Any) -> JobConfig:
-    """A copy with dotted-path changes applied: override(job, **{"train.steps": 10})."""
+    """A copy with dotted-path changes applied: override(job, **{"train.steps": 10}); None is "not
+    given" and changes nothing."""
     nested: dict[str, dict[str, Any]] = {}
     top: dict[str, Any] = {}
     for key, value in changes.items():
@@ -378,3 +262,89 @@ def override(job: JobConfig, **changes: Any) -> JobConfig:
 
 def dumps(job: JobConfig) -> str:
     return json.dumps(job.to_dict(), indent=2, sort_keys=True)
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """'data=-1,model=2' -> {'data': -1, 'model': 2}."""
+    try:
+        pairs = [item.split("=") for item in text.split(",") if item]
+        return {name.strip(): int(size) for name, size in pairs}
+    except ValueError:
+        raise ConfigError(f"--mesh {text!r} is not of the form data=-1,model=2") from None
+
+
+def parse_settings(items: list[str]) -> dict[str, Any]:
+    """`--set key=value` flags as a mapping; values are YAML scalars (3, 0.1, true, text), and a
+    dotted key sets a nested value."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set learning_rate=0.001")
+        value = _scalar(text)
+        *parents, leaf = key.strip().split(".")
+        node = out
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = value
+    return out
+
+
+def _scalar(text: str) -> Any:
+    """A YAML scalar; numbers YAML 1.1 leaves as text (3e-4) are numbers too."""
+    if not text.strip():
+        return ""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):
+        try:
+            return float(text)
+        except ValueError:
+            return value
+    return value
+
+
+def merge_settings(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    """`base` with `changes` applied, nested mappings merged key by key."""
+    out = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge_settings(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+# ---- what a resume may change ------------------------------------------------------------------------
+
+RUN_SHAPING = ("entry", "train.seed", "train.schedule_steps")
+"""Settings that decide what the run computes; with the entry's own settings, a resume keeps them
+unless --allow-change names them."""
+
+
+def _flatten(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for key, value in settings.items():
+        if isinstance(value, Mapping) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def run_changes(saved: JobConfig, new: JobConfig) -> dict[str, tuple[Any, Any]]:
+    """Run-shaping settings that differ: name -> (saved, new). Entry settings go by their own name."""
+    changes = {}
+    for path in RUN_SHAPING:
+        section, _, name = path.partition(".")
+        old = getattr(getattr(saved, section), name) if name else getattr(saved, section)
+        now = getattr(getattr(new, section), name) if name else getattr(new, section)
+        if old != now:
+            changes[path.removeprefix("train.")] = (old, now)
+    old_cfg, new_cfg = _flatten(saved.config), _flatten(new.config)
+    for key in sorted(set(old_cfg) | set(new_cfg)):
+        if old_cfg.get(key) != new_cfg.get(key):
+            changes[key] = (old_cfg.get(key), new_cfg.get(key))
+    return changes

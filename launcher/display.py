@@ -1,20 +1,31 @@
-"""What the user sees on the driver's terminal: a live progress bar on a terminal, a line every few
-percent elsewhere (CI, log files), and the final tables."""
+"""What the user sees on the driver's terminal: a live progress bar on a terminal, a line every 10%
+elsewhere (CI, log files), a line for every failure and restart, and the final tables.
+
+`ConsoleView` is a listener of the driver: it turns state changes and polls into these lines."""
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from launcher.runs import RunDir
+from launcher.states import Attempt, Draining, DrainReason, Failed, Restarting, Running, State, WaitingForCapacity
+
+LOG_TAIL_LINES = 12
+STACK_TAIL_LINES = 16
+COMMITTED_CHECK_INTERVAL_S = 2.0
+
 
 class Display:
-    def __init__(self, console: Console | None = None):
-        self.console = console or Console(stderr=False, highlight=False)
-        self.live = self.console.is_terminal
+    def __init__(self, console: Console | None = None, quiet: bool = False):
+        self.console = console or Console(stderr=False, highlight=False, quiet=quiet)
+        self.live = self.console.is_terminal and not quiet
         self.progress: Progress | None = None
         self.task = None
         self.total = 0
@@ -31,13 +42,16 @@ class Display:
             self.task = self.progress.add_task("train", total=total_steps, completed=first_step, info="starting")
             self.progress.start()
 
-    def update(self, step: int, loss: float | None, tokens_per_s: float | None, hosts: int,
-               checkpoint_step: int | None) -> None:
-        info = (
-            f"loss {loss:.4f}  {tokens_per_s or 0:,.0f} tok/s  hosts {hosts}  "
-            f"ckpt {checkpoint_step if checkpoint_step is not None else '-'}"
-            if loss is not None else f"hosts {hosts}"
-        )
+    def update(self, step: int, record: dict[str, Any] | None, hosts: int, checkpoint_step: int | None) -> None:
+        parts = []
+        if record is not None:
+            if "loss" in record:
+                loss = record["loss"]
+                parts.append(f"loss {loss:.4f}" if isinstance(loss, float) else f"loss {loss}")
+            if isinstance(record.get("tokens_per_s"), float):
+                parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
+        parts += [f"hosts {hosts}", f"ckpt {checkpoint_step if checkpoint_step is not None else '-'}"]
+        info = "  ".join(parts)
         if self.progress is not None:
             self.progress.update(self.task, completed=step, info=info)
         elif step != self._last_line_step and (
@@ -49,8 +63,8 @@ class Display:
     def message(self, text: str) -> None:
         self.console.print(text)
 
-    def log_tail(self, path, lines: list[str]) -> None:
-        self.console.print(f"[dim]last lines of {path}:[/dim]")
+    def lines(self, title: str, lines: list[str]) -> None:
+        self.console.print(f"[dim]{escape(title)}[/dim]")
         for line in lines:
             self.console.print(f"  {line}", markup=False, highlight=False)
 
@@ -63,10 +77,78 @@ class Display:
         table = Table(title="summary", show_header=False)
         for key in ("status", "final_step", "first_loss", "final_loss", "num_hosts", "process_count",
                     "num_devices", "mesh", "attempts", "goodput", "wall_time_s", "run_dir"):
-            if key in summary:
+            if summary.get(key) is not None:
                 value = summary[key]
                 table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
         self.console.print(table)
+
+
+class ConsoleView:
+    """The driver's listener for the terminal."""
+
+    def __init__(self, display: Display, run: RunDir, total_steps: int, committed_step: Callable[[], int | None],
+                 clock: Callable[[], float]):
+        self.display, self.run, self.total_steps = display, run, total_steps
+        self.committed_step, self.clock = committed_step, clock
+        self.committed: int | None = None
+        self._checked_at = -1e9
+        self.last_record: dict[str, Any] | None = None
+
+    def on_transition(self, driver, old: State, new: State) -> None:
+        d = self.display
+        if isinstance(new, Running) and not isinstance(old, Running):
+            d.start(new.attempt.latest_committed or 0, self.total_steps)
+        elif isinstance(new, WaitingForCapacity) and not isinstance(old, WaitingForCapacity):
+            d.message(f"waiting for capacity: room for {new.placeable} hosts, at least "
+                      f"{driver.scaling_policy.min_hosts} needed")
+        elif isinstance(new, Draining):
+            if new.reason == DrainReason.RESIZE:
+                d.message(f"capacity for {new.target_hosts} hosts: saving, then restarting on {new.target_hosts}")
+            else:
+                d.message(f"{driver.stop_name}: saving a checkpoint on every host, then stopping "
+                          f"(again to stop at once)")
+        failure = getattr(new, "failure", None)
+        if isinstance(new, Restarting | Failed) and failure is not None:
+            attempt: Attempt = old.attempt if hasattr(old, "attempt") else None
+            where = f"host {failure.rank}" if failure.rank is not None else "the group"
+            d.message(f"[red]{failure.kind.value}[/red] on {where} after step {failure.step}: "
+                      f"{escape(failure.message)}")
+            if failure.traceback:
+                lines = failure.traceback.rstrip().splitlines()
+                if failure.kind.value == "hung":
+                    d.lines("innermost frames of the hung host:", lines[:STACK_TAIL_LINES])
+                else:
+                    d.message(escape(failure.traceback))
+            if failure.rank is not None and attempt is not None:
+                self._log_tail(attempt.number, failure.rank)
+        if isinstance(new, Restarting):
+            d.message(f"restarting in {new.decision.backoff_s:.1f} s: {new.decision.reason}")
+
+    def on_poll(self, driver, attempt: Attempt, poll) -> None:
+        for _, event in poll.events:
+            if event.kind == "checkpoint_fallback":
+                self.display.message(f"[yellow]checkpoint step {event.fields['step']} is unreadable; set it aside "
+                                     f"in {escape(str(event.fields.get('moved_to')))} and fell back to an older "
+                                     f"one[/yellow]")
+            elif event.kind in ("low_disk_space", "compilation_cache_disabled"):
+                self.display.message(f"[yellow]warning: {escape(str(event.fields.get('message') or event.fields))}"
+                                     f"[/yellow]")
+        if poll.records:
+            self.last_record = poll.records[-1]
+        now = self.clock()
+        if now - self._checked_at > COMMITTED_CHECK_INTERVAL_S or poll.finished:
+            self._checked_at, self.committed = now, self.committed_step()
+        steps = [h.step for h in poll.hosts if h.step is not None]
+        step = self.last_record["step"] if self.last_record else (max(steps) if steps else 0)
+        self.display.update(step, self.last_record, attempt.num_hosts, self.committed)
+
+    def _log_tail(self, attempt: int, rank: int) -> None:
+        path = self.run.host_log(attempt, rank)
+        try:
+            lines = path.read_text(errors="replace").splitlines()[-LOG_TAIL_LINES:]
+        except OSError:
+            return
+        self.display.lines(f"last lines of {path}:", lines)
 
 
 def error(text: str) -> None:

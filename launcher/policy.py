@@ -1,69 +1,176 @@
-"""Deciding, separate from doing: typed failures, the restart policy and the scaling policy.
+"""Deciding, separate from doing: what a host's ending means, whom to blame, whether to restart, on how
+many hosts, and whether a host hangs.
 
-Pure objects without Ray or JAX, so every decision is unit-tested on its own; the driver carries
-the decisions out."""
+Pure functions and small frozen objects over the typed contract of `launcher.protocol`: no Ray, no
+JAX, no clock of their own. Each is built from the config it owns and unit-tested alone; the driver
+carries the decisions out."""
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from collections.abc import Callable, Sequence
 
+from launcher.protocol import ErrorKind, ExitHow, HostExit, HostStatus, NodeLiveness, Phase
+
+
+@dataclasses.dataclass(frozen=True)
+class FaultConfig:
+    """Restart budgets and the elastic range."""
+
+    max_restarts: int = 3
+    """Restarts after crashes, hangs and exceptions; then the job fails."""
+    max_preemptions: int = 20
+    """Restarts after preemptions and lost nodes (a separate, larger budget)."""
+    backoff_s: float = 1.0
+    """Wait before a second consecutive restart, doubling after (the first restart is immediate)."""
+    max_backoff_s: float = 30.0
+    """Longest wait between attempts."""
+    min_hosts: int | None = None
+    """Fewest hosts to run on (None: num_hosts)."""
+    max_hosts: int | None = None
+    """Most hosts to run on (None: num_hosts)."""
+    capacity_timeout_s: float = 300.0
+    """How long a restart waits for room for min_hosts (placements that time out count too)."""
+    grow_check_interval_s: float = 5.0
+    """How often a running job checks whether capacity came back to grow on."""
+
+
+@dataclasses.dataclass(frozen=True)
+class WatchdogConfig:
+    """The driver's limits on a host's silence, by phase."""
+
+    startup_timeout_s: float = 300.0
+    """Before a host's first step: process start, jax.distributed, restore, compilation."""
+    hang_timeout_s: float = 60.0
+    """While training: the longest time without a reported step."""
+    save_timeout_s: float = 600.0
+    """While a blocking part of a checkpoint save runs (or the final wait for one): a long save is
+    progress, a stuck one is not."""
+    poll_interval_s: float = 0.25
+    """How often the driver polls the hosts."""
+
+
+# ---- failures --------------------------------------------------------------------------------------
 
 class FailureKind(enum.StrEnum):
-    CRASHED = "crashed"          # the host process died (crash, SIGKILL, out of memory)
-    NODE_LOST = "node_lost"      # the Ray node under a host went away
-    HUNG = "hung"                # no step completed within the watchdog's limit
-    EXCEPTION = "exception"      # Python exception in the training code
-    PREEMPTED = "preempted"      # the host or the driver was asked to stop (SIGTERM)
+    CRASHED = "crashed"              # the host process died (crash, SIGKILL, out of memory)
+    NODE_LOST = "node_lost"          # the Ray node under a host went away
+    HUNG = "hung"                    # no progress within the watchdog's limit
+    EXCEPTION = "exception"          # a Python exception in the training code
+    TRANSIENT = "transient"          # an error that retries did not clear (memory, storage timeouts)
+    PREEMPTED = "preempted"          # the host or its node was asked to stop
+    STORAGE = "storage"              # the run directory cannot be written (full, read-only, gone)
+    NO_CHECKPOINT = "no_checkpoint"  # the run has committed steps and none can be read
 
     @property
     def is_preemption(self) -> bool:
         """Preemptions and lost nodes spend their own, larger budget: the job did nothing wrong."""
         return self in (FailureKind.PREEMPTED, FailureKind.NODE_LOST)
 
+    @property
+    def is_fatal(self) -> bool:
+        """Restarting cannot help: stop at once, spend no budget, keep everything."""
+        return self in (FailureKind.STORAGE, FailureKind.NO_CHECKPOINT)
+
 
 @dataclasses.dataclass(frozen=True)
 class Failure:
     kind: FailureKind
     rank: int | None
-    """The host that failed first (None: the whole group, e.g. the driver was preempted)."""
+    """The host to blame (None: the whole group)."""
     message: str
     step: int | None = None
-    """The last step the group completed before the failure."""
+    """The last step completed before the failure."""
     detected_at: float = 0.0
     failed_at: float | None = None
-    """When the failure happened, where known (a hang: the last progress)."""
+    """When it happened, where known (a hang: the last progress)."""
     traceback: str | None = None
+    secondary: bool = False
+    """Caused by another host's failure (a collective or the coordinator lost a peer)."""
 
     def signature(self) -> tuple:
         """Equal for the same exception at the same step: a deterministic failure."""
         last_line = (self.traceback or self.message).strip().splitlines()[-1:] or [""]
         return (self.kind, self.step, last_line[0])
 
+    def with_blame(self, **changes) -> Failure:
+        return dataclasses.replace(self, **changes)
 
-# Text of errors that a host raises because *another* host died or went silent under it.
-SECONDARY_ERROR_MARKERS = (
-    "gloo", "nccl", "connection closed", "connection reset", "broken pipe", "deadline_exceeded",
-    "coordination service", "heartbeat", "unavailable", "barrier timed out", "timed out",
-)
-_KIND_PRIORITY = {
-    FailureKind.HUNG: 0, FailureKind.NODE_LOST: 1, FailureKind.CRASHED: 2,
-    FailureKind.PREEMPTED: 3, FailureKind.EXCEPTION: 4,
+
+_ERROR_KINDS = {
+    ErrorKind.USER: FailureKind.EXCEPTION,
+    ErrorKind.COLLECTIVE: FailureKind.EXCEPTION,
+    ErrorKind.STORAGE: FailureKind.STORAGE,
+    ErrorKind.NO_CHECKPOINT: FailureKind.NO_CHECKPOINT,
+    ErrorKind.TRANSIENT: FailureKind.TRANSIENT,
 }
 
 
-def is_secondary(failure: Failure) -> bool:
-    """An exception caused by another host's failure (a collective or the coordinator lost a peer)."""
-    text = f"{failure.message}\n{failure.traceback or ''}".lower()
-    return failure.kind == FailureKind.EXCEPTION and any(m in text for m in SECONDARY_ERROR_MARKERS)
+def classify(exit: HostExit, now: float, node_wait_s: float) -> Failure | None:
+    """The failure a host's bad ending is, or None while that cannot be known yet.
+
+    A process that died is a crash only if its node is alive: Ray may report the death of a lost
+    node's processes before it declares the node dead, so an unknown node is waited for, up to
+    `node_wait_s` (then the node counts as lost: its raylet stopped answering)."""
+    where = dict(rank=exit.rank, step=exit.step, detected_at=exit.at)
+    if exit.how == ExitHow.RAISED:
+        err = exit.error
+        assert err is not None, "a raised exit carries the host's error"
+        step = err.step if err.step is not None else exit.step
+        return Failure(_ERROR_KINDS[err.kind], exit.rank, err.summary, step, exit.at, exit.at,
+                       traceback=f"host {exit.rank} (rank {exit.rank}), after step {step}:\n{err.traceback_text}",
+                       secondary=err.kind == ErrorKind.COLLECTIVE)
+    if exit.how == ExitHow.NODE_PREEMPTED:
+        return Failure(FailureKind.PREEMPTED, message=f"the host's node was preempted: {exit.detail}", **where)
+    if exit.how == ExitHow.NODE_DIED or exit.node == NodeLiveness.DEAD:
+        return Failure(FailureKind.NODE_LOST, message=f"the host's Ray node was lost: {exit.detail}",
+                       failed_at=exit.since, **where)
+    if exit.node == NodeLiveness.ALIVE:
+        what = "host process died" if exit.how == ExitHow.PROCESS_DIED else "host process unreachable"
+        return Failure(FailureKind.CRASHED, message=f"{what}: {exit.detail}", failed_at=exit.since, **where)
+    if now - exit.at < node_wait_s:
+        return None
+    return Failure(FailureKind.NODE_LOST, message=f"the host's node stopped answering for {node_wait_s:g} s: "
+                   f"{exit.detail}", failed_at=exit.since, **where)
+
+
+_KIND_PRIORITY = {
+    FailureKind.STORAGE: 0, FailureKind.NO_CHECKPOINT: 0, FailureKind.HUNG: 1, FailureKind.NODE_LOST: 2,
+    FailureKind.CRASHED: 3, FailureKind.PREEMPTED: 4, FailureKind.TRANSIENT: 5, FailureKind.EXCEPTION: 5,
+}
 
 
 def primary_failure(failures: Sequence[Failure]) -> Failure:
-    """The root cause among failures seen together: a dead, lost or silent host before the
-    exceptions it caused on the others; then the earliest."""
-    return min(failures, key=lambda f: (_KIND_PRIORITY[f.kind], is_secondary(f), f.detected_at))
+    """The root cause among failures seen together: a root cause before the collective errors it
+    caused on the others; a dead, lost or silent host before an exception; then the earliest."""
+    return min(failures, key=lambda f: (f.secondary, _KIND_PRIORITY[f.kind], f.detected_at))
 
+
+def keep_listening(failures: Sequence[Failure], num_ended: int, num_hosts: int, now: float, grace_s: float) -> bool:
+    """Whether to wait for the root cause: so far only collective errors (the host that died, or its
+    lost node, is often reported after the errors it causes), not every host has ended, and the
+    grace period is not over."""
+    first = min(f.detected_at for f in failures)
+    return all(f.secondary for f in failures) and num_ended < num_hosts and now - first < grace_s
+
+
+def blame(failures: Sequence[Failure], hosts: Sequence[HostStatus], now: float, silent_after_s: float) -> Failure:
+    """The failure to record: the root cause among those seen, unless a host had stopped answering
+    before them (the others then failed because of its silence: it hung)."""
+    first = primary_failure(failures)
+    failed = {f.rank for f in failures}
+    silent = [h for h in hosts if now - h.last_heard > silent_after_s and h.rank not in failed]
+    if silent and not first.kind.is_fatal:
+        host = min(silent, key=lambda h: h.last_heard)
+        return Failure(FailureKind.HUNG, host.rank,
+                       f"stopped answering {now - host.last_heard:.1f} s before host {first.rank} failed "
+                       f"({first.message})", first.step, now, host.last_heard)
+    return first
+
+
+# ---- restarts ----------------------------------------------------------------------------------------
 
 class Action(enum.StrEnum):
     RESTART = "restart"
@@ -81,20 +188,15 @@ class Decision:
 class RestartPolicy:
     """How many failures of each kind a job survives, and how long it waits between attempts."""
 
-    max_restarts: int = 3
-    """Budget for crashes, hangs and exceptions."""
-    max_preemptions: int = 20
-    """Budget for preemptions and lost nodes."""
-    backoff_s: float = 1.0
-    """Wait before the second consecutive restart; doubles with each one after (the first is
-    immediate)."""
-    max_backoff_s: float = 30.0
+    cfg: FaultConfig
 
     def decide(self, failures: Sequence[Failure]) -> Decision:
         """What to do after the last of `failures` (every failure of the job so far, in order)."""
         latest = failures[-1]
+        if latest.kind.is_fatal:
+            return Decision(Action.STOP, latest.message)
         same_budget = [f for f in failures if f.kind.is_preemption == latest.kind.is_preemption]
-        budget = self.max_preemptions if latest.kind.is_preemption else self.max_restarts
+        budget = self.cfg.max_preemptions if latest.kind.is_preemption else self.cfg.max_restarts
         name = "preemption" if latest.kind.is_preemption else "restart"
         if len(same_budget) > budget:
             return Decision(Action.STOP, f"{name} budget spent: {len(same_budget)} failures, budget {budget}")
@@ -114,7 +216,7 @@ class RestartPolicy:
             consecutive += 1
         # The first restart is immediate (most failures are one-off); a failure that repeats backs
         # off exponentially, so a crash loop cannot hammer the cluster.
-        backoff = 0.0 if consecutive == 1 else min(self.max_backoff_s, self.backoff_s * 2 ** (consecutive - 2))
+        backoff = 0.0 if consecutive == 1 else min(self.cfg.max_backoff_s, self.cfg.backoff_s * 2 ** (consecutive - 2))
         return Decision(Action.RESTART, f"{latest.kind.value} on host {latest.rank}", backoff)
 
 
@@ -125,37 +227,45 @@ class ScalingPolicy:
     min_hosts: int
     max_hosts: int
     fits: Callable[[int], bool]
-    """Whether a host count divides the mesh and the global batch."""
+    """Whether a host count divides the mesh and suits the job (e.g. its global batch)."""
 
-    def choose(self, placeable_hosts: int) -> int | None:
-        """The host count for the next attempt, or None to wait for capacity."""
-        for n in range(min(self.max_hosts, placeable_hosts), self.min_hosts - 1, -1):
+    def choose(self, placeable_hosts: int, at_most: int | None = None) -> int | None:
+        """The host count for the next attempt, or None to wait for capacity. `at_most` caps it
+        below a count whose placement just timed out."""
+        top = min(self.max_hosts, placeable_hosts, at_most if at_most is not None else math.inf)
+        for n in range(int(top), self.min_hosts - 1, -1):
             if self.fits(n):
                 return n
         return None
 
+
+# ---- hangs -------------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
 class Watchdog:
     """Finds a hung host from poll snapshots: actor liveness alone cannot see a process that is
     stopped or stuck in a collective, but its step stops moving."""
 
-    startup_timeout_s: float
-    """Before a host's first step: start-up, compilation and restore."""
-    hang_timeout_s: float
-    """Once training: the longest time without progress."""
+    cfg: WatchdogConfig
 
-    def hung(self, hosts: Sequence, now: float) -> tuple[int, float] | None:
-        """(rank, time of its last progress) of the host to blame, or None.
+    def limit(self, phase: Phase) -> float:
+        if phase == Phase.SAVING:
+            return self.cfg.save_timeout_s
+        if phase == Phase.TRAINING:
+            return self.cfg.hang_timeout_s
+        return self.cfg.startup_timeout_s
 
-        A stopped host also stalls every other host in the next collective; the one to blame is the
-        host that stopped answering polls, or else the one furthest behind."""
-        late = []
-        for h in hosts:
-            limit = self.hang_timeout_s if h.phase in ("training", "saving") else self.startup_timeout_s
-            if now - h.last_progress > limit:
-                late.append(h)
+    def hung(self, hosts: Sequence[HostStatus], now: float,
+             silent_after_s: float) -> tuple[HostStatus, float] | None:
+        """(the host to blame, the limit it broke) once any host is past its limit, or None.
+
+        A stopped host also stalls every other host in the next collective, often a moment before
+        its own limit runs out; the one to blame is the host that stopped answering polls, or else
+        the one furthest behind."""
+        late = [h for h in hosts if now - h.last_progress > self.limit(h.phase)]
         if not late:
             return None
-        culprit = min(late, key=lambda h: (h.last_heard, h.step if h.step is not None else -1))
-        return culprit.rank, culprit.last_progress
+        silent = [h for h in hosts if now - h.last_heard > silent_after_s]
+        culprit = min(silent or late, key=lambda h: (h.last_heard if silent else 0.0,
+                                                     h.step if h.step is not None else -1, h.last_progress))
+        return culprit, self.limit(late[0].phase)

@@ -1,37 +1,71 @@
-"""One launch from a validated JobConfig: checks, Ray connection, the driver, the records."""
+"""One launch of a prepared job: the run directory's lock, the Ray connection and its capacity, the
+driver with its listeners, the signals, and the records at the end, whatever happens.
+
+Nothing is written before the lock is held and the cluster is known to fit the job, so a refused
+launch (exit 2) leaves the run directory as it was."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import os
+import pathlib
 import signal
+import tempfile
+import threading
 import time
+from typing import Any
 
-from launcher import report
-from launcher.config import ConfigError, Injection, JobConfig, resolve_mesh
-from launcher.display import Display, error
+from launcher import entry as entry_lib
+from launcher import history, report
+from launcher.cluster import RayCluster, runtime_env
+from launcher.config import JobConfig
+from launcher.display import ConsoleView, Display, error
 from launcher.driver import CAPACITY_POLL_S, Driver
-from launcher.policy import RestartPolicy, ScalingPolicy
-from launcher.runs import RunDir, check_run_dir
-from launcher.worker_group import RayCluster, RayWorkerGroup
+from launcher.job import PreparedJob
+from launcher.policy import RestartPolicy, ScalingPolicy, Watchdog
+from launcher.protocol import ConfigError, HostSpec, Injection
+from launcher.recorder import Chaos, Recorder
+from launcher.runs import RunDir, read_jsonl
+from launcher.worker_group import RayWorkerGroup
+
+PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
+CODE_PACKAGES = ("launcher", "workers", "models", "jaxlaunch")
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-def fits(job: JobConfig, num_hosts: int) -> bool:
-    """Whether `num_hosts` hosts divide the mesh and the global batch."""
-    try:
-        sizes = resolve_mesh(job.mesh, num_hosts * job.cluster.devices_per_host)
-    except ConfigError:
-        return False
-    return job.train.global_batch_size % sizes.get("data", 1) == 0
+@dataclasses.dataclass(frozen=True)
+class LaunchResult:
+    """The outcome of one launch, as `jaxlaunch.launch` returns it."""
+
+    status: str
+    """"finished", "failed" or "stopped"."""
+    exit_code: int
+    """What the command line would exit with: 0 finished, 1 failed, 130/143 stopped."""
+    reason: str | None
+    final_step: int | None
+    attempts: list[dict[str, Any]]
+    """The attempt table: hosts, mesh, steps, restored step, cause, failed host, timings."""
+    goodput: float | None
+    run_dir: pathlib.Path
+    metrics: dict[int, dict[str, Any]]
+    """The final trajectory: step -> the metrics it reported (a recomputed step keeps its last run)."""
+    returned: Any
+    """What the function returned on rank 0 in the last attempt (plain data only)."""
+    summary: dict[str, Any]
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "finished"
 
 
 def wait_for_capacity(cluster: RayCluster, job: JobConfig) -> None:
-    """Fails (ConfigError: bad input, nothing written yet) when the cluster cannot place the hosts:
-    at once on the embedded cluster, after the placement timeout on an existing one."""
-    cfg = job.cluster
-    deadline = time.monotonic() + (0 if cluster.embedded else cfg.placement_timeout_s)
+    """ConfigError (bad input, nothing written yet) when the cluster cannot place the hosts: at once on
+    the embedded cluster, after the placement timeout on an existing one."""
+    deadline = time.monotonic() + (0 if cluster.embedded else job.cluster.placement_timeout_s)
     while True:
-        placeable = cluster.placeable_hosts(cfg.resources_per_host, cfg.placement_strategy)
-        if placeable >= job.num_hosts:
+        placeable = cluster.placeable_hosts()
+        if placeable >= job.min_hosts:
             return
         if time.monotonic() >= deadline:
             raise ConfigError(cluster.placement_message(job.num_hosts, placeable, waited=not cluster.embedded))
@@ -41,7 +75,12 @@ def wait_for_capacity(cluster: RayCluster, job: JobConfig) -> None:
 @contextlib.contextmanager
 def stop_signals(driver: Driver):
     """SIGINT and SIGTERM ask the driver for a clean stop (every host saves); a second one stops at
-    once (KeyboardInterrupt, and the teardown in `finally` kills every host)."""
+    once (KeyboardInterrupt, and the teardown kills every host). Only the main thread can take
+    signals; elsewhere (a launch from a user's thread) they keep their handlers."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
     def handler(signum, frame):
         if driver.stop_signal is not None:
             raise KeyboardInterrupt
@@ -55,49 +94,140 @@ def stop_signals(driver: Driver):
             signal.signal(sig, old)
 
 
-def run_job(
-    job: JobConfig,
-    *,
-    injections: tuple[Injection, ...] = (),
-    chaos_mean_s: float | None = None,
-    display: Display | None = None,
-) -> int:
+def _make_spec(job: JobConfig, run: RunDir, entry_ref, cache_dir: str | None):
+    expect_checkpoint = run.has_history()
+
+    def make(*, attempt: int, rank: int, num_hosts: int, coordinator_address: str, injections) -> HostSpec:
+        return HostSpec(
+            entry=entry_ref, config=job.config, run_dir=str(run.path), attempt=attempt, rank=rank,
+            num_hosts=num_hosts, coordinator_address=coordinator_address, mesh=job.mesh, steps=job.train.steps,
+            schedule_steps=job.schedule_steps, seed=job.train.seed, platform=job.cluster.platform,
+            checkpoint=job.checkpoint, distributed=job.distributed, compilation_cache_dir=cache_dir,
+            expect_checkpoint=expect_checkpoint or run.has_history(), injections=tuple(injections))
+
+    return make
+
+
+def _fired(run: RunDir, injections: tuple[Injection, ...], clock, wall_clock):
+    """The injections that went off in an attempt, from the hosts' record of them (written before
+    each fires), with their times on the driver's clock."""
+    def fired(attempt: int) -> list[tuple[Injection, float]]:
+        out = []
+        for line in read_jsonl(run.injections_path):
+            if line.get("attempt") != attempt:
+                continue
+            for injection in injections:
+                if (injection.kind, injection.step, injection.host) == (line["kind"], line["step"], line["rank"]):
+                    out.append((injection, clock() - (wall_clock() - line["time"])))
+        return out
+    return fired
+
+
+def run_job(prepared: PreparedJob, display: Display | None = None) -> LaunchResult:
+    job, entry = prepared.job, prepared.entry
     run = RunDir(job.run_dir)
-    check_run_dir(job, run)
     display = display or Display()
-    cluster = RayCluster(job.cluster)
-    cluster.connect()
+    run.path.mkdir(parents=True, exist_ok=True)
+    lock = run.lock()
     try:
-        wait_for_capacity(cluster, job)
-        run.create()
-        run.save_config(job)
-        run.event("launch", num_hosts=job.num_hosts, resume=job.resume, model=job.train.model,
-                  steps=job.train.steps, cluster=cluster.describe())
-        fault = job.fault
-        restart = RestartPolicy(fault.max_restarts, fault.max_preemptions, fault.backoff_s, fault.max_backoff_s)
-        scaling = ScalingPolicy(job.min_hosts, job.max_hosts, lambda n: fits(job, n))
-        driver = Driver(
-            job, run, cluster, lambda: RayWorkerGroup(job, str(run.path), cluster),
-            restart_policy=restart, scaling_policy=scaling, injections=injections,
-            chaos_mean_s=chaos_mean_s, display=display,
-        )
+        lock.acquire()
+    except ConfigError:
+        if prepared.fresh_dir:
+            _remove_if_empty(run.path)
+        raise
+    staging = tempfile.TemporaryDirectory(prefix="jaxlaunch-ship-")
+    try:
+        if job.cluster.address is None:
+            host_ref, code = entry.ref, [str(PROJECT_ROOT)]
+        else:
+            host_ref, shipped = entry_lib.shipped(entry.ref, pathlib.Path(staging.name))
+            code = [str(PROJECT_ROOT / p) for p in CODE_PACKAGES] + shipped
+        cluster = RayCluster(job.cluster, runtime_env(job.cluster.address is None, code, {}))
         try:
-            with stop_signals(driver):
-                code = driver.run()
+            cluster.connect()
+            cluster.request_hosts(job.max_hosts)
+            wait_for_capacity(cluster, job)
+        except ConfigError:
+            cluster.shutdown()
+            if prepared.fresh_dir:
+                lock.release()
+                _remove_if_empty(run.path)
+            raise
+        try:
+            return _drive(prepared, run, cluster, host_ref, display, lock)
         finally:
-            summary = driver.summary()
-            run.write_summary(summary)
-            run.event("job_ended", status=summary["status"])
-            run.close()
-            report.write(run.path, show=False)
-        if driver.failures:
-            report.print_report(report.build(run), display.console)
-        if code == 1:
-            error(f"the job failed: {driver.stop_reason}; checkpoints are kept in {run.checkpoints}")
-        elif code > 1:
-            display.message(f"{driver.stop_reason}; continue with: python launch.py --resume --run-dir {run.path}")
-        display.summary(summary)
-        display.message(f"report: python launch.py report {run.path}  (picture: {run.path / 'report.png'})")
-        return code
+            cluster.shutdown()
     finally:
-        cluster.shutdown()
+        staging.cleanup()
+        lock.release()
+
+
+def _drive(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref, display: Display, lock) -> LaunchResult:
+    job, entry = prepared.job, prepared.entry
+    run.create()
+    run.save_config(job.to_dict())
+    if lock.took_over:
+        display.message(f"[yellow]took over the lock of a launch that died (pid {lock.took_over.get('pid')} on "
+                        f"{lock.took_over.get('host')})[/yellow]")
+    attempt_offset = sum(e["event"] == "attempt_started" for e in run.events())
+    run.event("launch", num_hosts=job.num_hosts, resume=job.resume, entry=str(entry.ref), steps=job.train.steps,
+              fingerprint=prepared.fingerprint, cluster=cluster.describe(), pid=os.getpid(),
+              ray_supervisor=cluster.instance.supervisor_pid if cluster.instance is not None else None,
+              requested_hosts=None if cluster.embedded else job.max_hosts)
+    cache = str(run.compile_cache) if job.cluster.compilation_cache else None
+    make_spec = _make_spec(job, run, host_ref, cache)
+
+    def committed() -> int | None:
+        steps = run.committed_steps()
+        return steps[0] if steps else None
+
+    recorder = Recorder(run, job.mesh_for)
+    listeners: list[Any] = [recorder, ConsoleView(display, run, job.train.steps, committed, time.monotonic)]
+    if prepared.chaos_mean_s:
+        listeners.append(Chaos(prepared.chaos_mean_s, job.train.seed, recorder.event))
+    driver = Driver(
+        cluster=cluster,
+        make_group=lambda: RayWorkerGroup(cluster, run, make_spec, job.watchdog.poll_interval_s),
+        restart_policy=RestartPolicy(job.fault), watchdog=Watchdog(job.watchdog), fault=job.fault,
+        scaling_policy=ScalingPolicy(job.min_hosts, job.max_hosts, lambda n: _fits(job, entry, n)),
+        committed_step=committed, fired=_fired(run, prepared.injections, time.monotonic, time.time),
+        injections=prepared.injections, attempt_offset=attempt_offset, listeners=listeners,
+    )
+    code = None
+    try:
+        with stop_signals(driver):
+            code = driver.run()
+    finally:
+        display.stop()
+        state = driver.state
+        status = {0: "finished", 1: "failed"}.get(code, "stopped" if code else "interrupted")
+        run.event("job_ended", status=status, reason=getattr(state, "reason", None))
+        recorder.close()
+        past = history.load(run)
+        summary = past.summary(run)
+        run.write_summary(summary)
+        report.plot(past, run.path / "report.png")
+    if past.failures:
+        report.print_report(past, display.console)
+    reason = summary.get("stop_reason")
+    if code == EXIT_FAILED:
+        error(f"the job failed: {reason}; checkpoints are kept in {run.checkpoints}")
+    elif code > 1:
+        display.message(f"{reason}; continue with: python launch.py --resume --run-dir {run.path}")
+    display.summary(summary)
+    display.message(f"report: python launch.py report {run.path}  (picture: {run.path / 'report.png'})")
+    return LaunchResult(status, code, reason, summary["final_step"], past.attempts, past.goodput, run.path,
+                        past.trajectory, summary.get("returned"), summary)
+
+
+def _fits(job: JobConfig, entry: entry_lib.Entry, num_hosts: int) -> bool:
+    try:
+        mesh = job.mesh_for(num_hosts)
+    except ConfigError:
+        return False
+    return entry.fits(job.config, mesh)
+
+
+def _remove_if_empty(path: pathlib.Path) -> None:
+    with contextlib.suppress(OSError):
+        path.rmdir()

@@ -1,33 +1,96 @@
-"""The run directory: checkpoints, metrics.jsonl, events.jsonl, host logs, config and summary.
+"""The run directory: its layout, its records, its lock, and the one reader of committed steps.
 
-Read and written by the driver only (host processes write checkpoints and their own logs); nothing
-here imports JAX, so resume checks run before any cluster starts."""
+Plain Python (no Ray, no JAX): the driver checks a run before any cluster starts, and the hosts'
+rank 0 lists committed steps with the same function.
+
+    RUN_DIR/config.json  events.jsonl  metrics.jsonl  summary.json  report.png  .lock
+            checkpoints/<step>/  unreadable_checkpoints/<step>-<time>/  hosts/  tensorboard/
+"""
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import json
+import logging
+import os
 import pathlib
+import socket
+import threading
 import time
 from typing import Any
 
-from launcher.config import ConfigError, JobConfig, dumps, from_json
+from launcher.protocol import ConfigError
 
+log = logging.getLogger(__name__)
 CHECKPOINT_COMMIT_MARKER = "_CHECKPOINT_METADATA"
-TENSORBOARD_SCALARS = ("loss", "learning_rate", "step_time_s", "tokens_per_s", "checkpoint_blocking_s")
+UNREADABLE_DIR = "unreadable_checkpoints"
+LOCK_NAME = ".lock"
+LOCK_REFRESH_S = 10.0
+LOCK_STALE_S = 60.0
+"""A lock not refreshed for this long belongs to a launch that died (on any machine)."""
+
+
+def committed_steps(checkpoints: pathlib.Path) -> list[int]:
+    """Steps whose save committed, newest first. Orbax writes a step into a temporary folder, renames
+    it to the bare step number and writes its metadata last; a step without it does not exist."""
+    if not checkpoints.is_dir():
+        return []
+    steps = [int(p.name) for p in checkpoints.iterdir()
+             if p.name.isdigit() and (p / CHECKPOINT_COMMIT_MARKER).exists()]
+    return sorted(steps, reverse=True)
+
+
+def read_jsonl(path: pathlib.Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file. A torn line (a writer killed mid-line, a full disk) is
+    skipped with a warning rather than losing the whole file."""
+    try:
+        text = path.read_text(errors="replace")
+    except FileNotFoundError:
+        return []
+    records = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            log.warning("%s line %d is torn or not JSON; skipped it", path, number)
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
+
+
+def write_json_atomic(path: pathlib.Path, data: Any) -> None:
+    """Writes a whole JSON file so that a reader sees the old or the new one, never half of one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("w") as f:
+        f.write(json.dumps(data, indent=2, sort_keys=True, allow_nan=False, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and infinities are not JSON: a diverged loss is written as null and said so by name."""
+    if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+        return None
+    return value
 
 
 class RunDir:
     def __init__(self, path: str | pathlib.Path):
         self.path = pathlib.Path(path).absolute()
         self.checkpoints = self.path / "checkpoints"
+        self.unreadable = self.path / UNREADABLE_DIR
         self.hosts = self.path / "hosts"
         self.metrics_path = self.path / "metrics.jsonl"
         self.events_path = self.path / "events.jsonl"
         self.summary_path = self.path / "summary.json"
         self.config_path = self.path / "config.json"
         self.tensorboard_dir = self.path / "tensorboard"
-        self._tensorboard = None
+        self.compile_cache = self.path / "compile_cache"
+        self.injections_path = self.hosts / "injections.jsonl"
 
     def host_log(self, attempt: int, rank: int) -> pathlib.Path:
         return self.hosts / f"attempt-{attempt}-rank-{rank}.log"
@@ -36,20 +99,19 @@ class RunDir:
         self.hosts.mkdir(parents=True, exist_ok=True)
         self.checkpoints.mkdir(parents=True, exist_ok=True)
 
-    def is_used(self) -> bool:
-        return self.path.exists() and any(self.path.iterdir())
+    def is_empty(self) -> bool:
+        return not self.path.exists() or not any(p.name != LOCK_NAME for p in self.path.iterdir())
+
+    def is_run(self) -> bool:
+        return self.config_path.is_file()
 
     # -- checkpoints -----------------------------------------------------------------------------
     def committed_steps(self) -> list[int]:
-        """Steps whose save committed (Orbax renames a finished step's folder to its bare number and
-        writes its metadata last), newest first."""
-        if not self.checkpoints.is_dir():
-            return []
-        steps = [
-            int(p.name) for p in self.checkpoints.iterdir()
-            if p.is_dir() and p.name.isdigit() and (p / CHECKPOINT_COMMIT_MARKER).exists()
-        ]
-        return sorted(steps, reverse=True)
+        return committed_steps(self.checkpoints)
+
+    def has_history(self) -> bool:
+        """Whether the run ever committed a step (kept, or set aside as unreadable)."""
+        return bool(self.committed_steps()) or (self.unreadable.is_dir() and any(self.unreadable.iterdir()))
 
     def checkpoint_meta(self, step: int) -> dict[str, Any] | None:
         try:
@@ -57,12 +119,21 @@ class RunDir:
         except (OSError, ValueError):
             return None
 
+    def checkpoint_bytes(self, step: int) -> int:
+        return sum(p.stat().st_size for p in (self.checkpoints / str(step)).rglob("*") if p.is_file())
+
     # -- records ---------------------------------------------------------------------------------
     def _append(self, path: pathlib.Path, records: list[dict[str, Any]]) -> None:
-        if records:
-            with path.open("a") as f:
-                for record in records:
-                    f.write(json.dumps(record, sort_keys=True) + "\n")
+        if not records:
+            return
+        lines = "".join(json.dumps({k: _json_safe(v) for k, v in r.items()}, sort_keys=True) + "\n" for r in records)
+        with path.open("a+b") as f:
+            # A line torn by an earlier writer must not swallow the first record of this one.
+            if f.tell() > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    lines = "\n" + lines
+            f.write(lines.encode())
 
     def event(self, kind: str, **fields: Any) -> dict[str, Any]:
         record = {"event": kind, "time": fields.pop("time", time.time()), **fields}
@@ -71,60 +142,121 @@ class RunDir:
 
     def metrics(self, records: list[dict[str, Any]]) -> None:
         self._append(self.metrics_path, records)
-        if records:
-            if self._tensorboard is None:
-                from tensorboardX import SummaryWriter
 
-                self._tensorboard = SummaryWriter(str(self.tensorboard_dir), flush_secs=10)
-            for record in records:
-                for key in TENSORBOARD_SCALARS:
-                    if key in record:
-                        self._tensorboard.add_scalar(f"train/{key}", record[key], record["step"])
+    def events(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.events_path)
 
-    def close(self) -> None:
-        if self._tensorboard is not None:
-            self._tensorboard.close()
-            self._tensorboard = None
-
-    def read_jsonl(self, path: pathlib.Path) -> list[dict[str, Any]]:
-        if not path.exists():
-            return []
-        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    def metric_records(self) -> list[dict[str, Any]]:
+        return read_jsonl(self.metrics_path)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        self.summary_path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        write_json_atomic(self.summary_path, summary)
 
-    def save_config(self, job: JobConfig) -> None:
-        self.config_path.write_text(dumps(job) + "\n")
+    def save_config(self, job_dict: dict[str, Any]) -> None:
+        write_json_atomic(self.config_path, job_dict)
 
-    def load_config(self) -> JobConfig | None:
-        if not self.config_path.exists():
+    def load_config(self) -> dict[str, Any] | None:
+        try:
+            data = json.loads(self.config_path.read_text())
+        except FileNotFoundError:
             return None
-        return from_json(json.loads(self.config_path.read_text()))
+        except ValueError:
+            raise ConfigError(f"{self.config_path} is not valid JSON; restore it from a backup or start a new "
+                              f"--run-dir") from None
+        return data if isinstance(data, dict) else None
+
+    # -- the lock --------------------------------------------------------------------------------
+    def lock(self) -> RunLock:
+        return RunLock(self.path / LOCK_NAME)
 
 
-def check_run_dir(job: JobConfig, run: RunDir) -> None:
-    """Refuses a launch that would overwrite a run, or resume checkpoints of another model."""
-    if not job.resume:
-        if run.is_used():
-            raise ConfigError(
-                f"run directory {run.path} is not empty: pass --resume to continue it, or choose another --run-dir"
-            )
-        return
-    if not run.path.is_dir():
-        raise ConfigError(f"--resume: run directory {run.path} does not exist (check --run-dir)")
-    steps = run.committed_steps()
-    if not steps:
-        return
-    meta = run.checkpoint_meta(steps[0])
-    if meta is None:
-        return  # unreadable metadata: the hosts fall back to an older step or refuse
-    wanted = dataclasses.asdict(job.train.model_config())
-    if meta.get("model") != wanted:
-        saved = meta.get("model_preset", "?")
-        diff = sorted(k for k in wanted if meta.get("model", {}).get(k) != wanted[k])
-        raise ConfigError(
-            f"--resume: the checkpoints in {run.checkpoints} hold model {saved!r}, not {job.train.model!r} "
-            f"(differs in {', '.join(diff)}); pass --model {saved} or choose another --run-dir. "
-            f"The checkpoints are kept."
-        )
+class RunLock:
+    """Held for the life of a launch, so two launches never share a run directory.
+
+    The lock file names its holder (host, pid, start time) and is refreshed every LOCK_REFRESH_S by
+    a thread. A second launch is refused with the holder's name, unless the holder is dead: a pid
+    gone on this host, or a lock not refreshed for LOCK_STALE_S on any host (shared storage, where a
+    pid means nothing). A stale lock is taken over by renaming it away first, which only one of
+    several racing launches can do."""
+
+    def __init__(self, path: pathlib.Path):
+        self.path = path
+        self.token = f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.took_over: dict[str, Any] | None = None
+
+    def holder(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return {}  # being written, or torn: judged by its age alone
+
+    def _holder_dead(self, holder: dict[str, Any]) -> bool:
+        try:
+            age = time.time() - self.path.stat().st_mtime
+        except FileNotFoundError:
+            return True
+        if age > LOCK_STALE_S:
+            return True
+        if holder.get("host") == socket.gethostname() and holder.get("pid"):
+            return not _process_alive(holder["pid"], holder.get("process_started"))
+        return False
+
+    def acquire(self) -> None:
+        import psutil
+
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time(), "token": self.token,
+              "process_started": psutil.Process().create_time()}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self.holder()
+                if holder is None:
+                    continue
+                if not self._holder_dead(holder):
+                    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
+                    raise ConfigError(
+                        f"run directory {self.path.parent} is in use by the launch of pid {holder.get('pid')} on "
+                        f"{holder.get('host')} since {since}; wait for it to end, or choose another --run-dir"
+                    ) from None
+                stale = self.path.with_name(f"{LOCK_NAME}.stale-{self.token}")
+                with contextlib.suppress(FileNotFoundError):  # another launch took it over first
+                    os.rename(self.path, stale)
+                    stale.unlink()
+                    self.took_over = holder
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(json.dumps(me))
+                f.flush()
+                os.fsync(f.fileno())
+            self._thread = threading.Thread(target=self._refresh, name="run-lock", daemon=True)
+            self._thread.start()
+            return
+        raise ConfigError(f"run directory {self.path.parent}: could not take its lock {self.path}; "
+                          f"another launch keeps taking it")
+
+    def _refresh(self) -> None:
+        while not self._stop.wait(LOCK_REFRESH_S):
+            with contextlib.suppress(OSError):
+                os.utime(self.path)
+
+    def release(self) -> None:
+        self._stop.set()
+        holder = self.holder()
+        if holder and holder.get("token") == self.token:
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+
+def _process_alive(pid: int, started: float | None) -> bool:
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        return started is None or abs(process.create_time() - started) < 1.0
+    except psutil.NoSuchProcess:
+        return False

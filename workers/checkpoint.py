@@ -1,12 +1,27 @@
-"""Orbax checkpoints: coordinated asynchronous saves of the train state plus JSON run metadata,
-and restores of the newest readable committed step into the current mesh's shardings."""
+"""Orbax checkpoints on the hosts: coordinated asynchronous saves of the train state with JSON
+metadata, and restores of the newest readable committed step into today's shardings.
+
+What restore does when a step does not read back:
+- rank 0 alone lists the committed steps (one reader, `launcher.runs.committed_steps`) and every host
+  tries the same step, so hosts on storage with lagging listings agree;
+- an error that storage or memory pressure explains (timeouts, permissions, out of memory) is retried
+  and, if it persists, fails the attempt: nothing is set aside because of it;
+- an error that repeats the same way is corruption: the step is tried again once, then the previous
+  one; a corrupt step is set aside (moved, never deleted) only once an older step restored;
+- if the run has committed steps and none reads back, nothing moves and the job stops, rather than
+  train over its history from scratch.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import logging
+import os
 import pathlib
+import shutil
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -14,12 +29,96 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from launcher.config import CheckpointConfig
+from launcher.protocol import CheckpointConfig, ErrorKind
+from launcher.runs import UNREADABLE_DIR, committed_steps
 
 log = logging.getLogger(__name__)
 STATE_ITEM, META_ITEM = "state", "meta"
-UNREADABLE_DIR = "unreadable_checkpoints"
-"""Beside checkpoints/: steps that could not be restored, kept for inspection."""
+TRANSIENT_RETRIES = 3
+TRANSIENT_BACKOFF_S = 1.0
+STORAGE_ERRNOS = {errno.ENOSPC: "the filesystem is full", errno.EDQUOT: "the disk quota is exceeded",
+                  errno.EROFS: "the filesystem is read-only", errno.ENOENT: "the run directory is gone"}
+_STORAGE_TEXT = {"no space left on device": errno.ENOSPC, "disk quota exceeded": errno.EDQUOT,
+                 "read-only file system": errno.EROFS}
+_TRANSIENT_ERRNOS = {errno.ENOMEM, errno.EAGAIN, errno.ETIMEDOUT, errno.ESTALE, errno.EACCES, errno.EPERM, errno.EIO}
+_TRANSIENT_CODES = ("DEADLINE_EXCEEDED", "UNAVAILABLE", "RESOURCE_EXHAUSTED", "PERMISSION_DENIED", "ABORTED")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint problem of a known kind; the host reports it with that kind."""
+
+    kind = ErrorKind.USER
+
+
+class StorageError(CheckpointError):
+    kind = ErrorKind.STORAGE
+
+
+class TransientError(CheckpointError):
+    kind = ErrorKind.TRANSIENT
+
+
+class NoCheckpointError(CheckpointError):
+    kind = ErrorKind.NO_CHECKPOINT
+
+
+def _chain(err: BaseException):
+    while err is not None:
+        yield err
+        err = err.__cause__ or err.__context__
+
+
+def storage_errno(err: BaseException) -> int | None:
+    """The errno of a storage failure (full, read-only, gone) anywhere in the exception's chain;
+    TensorStore reports these as text inside other exception types."""
+    for e in _chain(err):
+        if isinstance(e, OSError) and e.errno in STORAGE_ERRNOS:
+            return e.errno
+        text = str(e).lower()
+        for marker, code in _STORAGE_TEXT.items():
+            if marker in text:
+                return code
+    return None
+
+
+def is_transient(err: BaseException) -> bool:
+    """Errors that memory or storage pressure explain, which a retry may clear."""
+    for e in _chain(err):
+        if isinstance(e, MemoryError | TimeoutError | PermissionError):
+            return True
+        if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
+            return True
+        if any(str(e).startswith(code) or f" {code}:" in str(e) for code in _TRANSIENT_CODES):
+            return True
+    return False
+
+
+def _describe_storage(directory: pathlib.Path, code: int, checkpoint_bytes: int | None) -> str:
+    """One line: what happened, on which filesystem, its free space, and the size of a checkpoint."""
+    existing = next((p for p in (directory, *directory.parents) if p.exists()), pathlib.Path("/"))
+    try:
+        usage = shutil.disk_usage(existing)
+        space = f"{usage.free / 1e6:,.0f} MB free of {usage.total / 1e6:,.0f} MB"
+    except OSError:
+        space = "free space unknown"
+    mount = _mount_point(existing)
+    size = f"; one checkpoint needs about {checkpoint_bytes / 1e6:,.0f} MB" if checkpoint_bytes else ""
+    return f"{STORAGE_ERRNOS[code]} ({os.strerror(code)}): {directory} on {mount}, {space}{size}"
+
+
+def _mount_point(path: pathlib.Path) -> str:
+    path = path.resolve()
+    while not os.path.ismount(path) and path != path.parent:
+        path = path.parent
+    return str(path)
+
+
+def free_bytes(directory: pathlib.Path) -> int | None:
+    existing = next((p for p in (directory, *directory.parents) if p.exists()), None)
+    try:
+        return shutil.disk_usage(existing).free if existing else None
+    except OSError:
+        return None
 
 
 @dataclasses.dataclass
@@ -27,15 +126,18 @@ class Restored:
     step: int
     state: Any
     meta: dict[str, Any]
-    skipped: list[dict[str, Any]]
-    """Newer committed steps that could not be read, with the error, newest first."""
+    set_aside: list[dict[str, Any]]
+    """Newer committed steps that did not read back, each with its error and where it was moved."""
     seconds: float
 
 
 class Checkpointer:
     """One CheckpointManager per host process; every call is made by all processes together."""
 
-    def __init__(self, directory: str | pathlib.Path, cfg: CheckpointConfig):
+    def __init__(self, directory: str | pathlib.Path, cfg: CheckpointConfig, expect_checkpoint: bool = False):
+        self.directory = pathlib.Path(directory).absolute()
+        self.expect_checkpoint = expect_checkpoint
+        self.checkpoint_bytes: int | None = None
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.max_to_keep,
             enable_async_checkpointing=cfg.async_save,
@@ -44,93 +146,164 @@ class Checkpointer:
             # step can be saved again and is never mistaken for a committed one.
             cleanup_tmp_directories=True,
         )
-        self.manager = ocp.CheckpointManager(
-            pathlib.Path(directory).absolute(), options=options, item_names=(STATE_ITEM, META_ITEM)
-        )
+        with self._storage_errors():
+            self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
+                STATE_ITEM: ocp.StandardCheckpointHandler(), META_ITEM: ocp.JsonCheckpointHandler()})
 
-    def committed_steps(self) -> list[int]:
-        """Committed steps, newest first, read afresh from storage (never from a cached list that may
-        still name a step whose save was interrupted)."""
-        self.manager.reload()
-        return sorted(self.manager.all_steps(), reverse=True)
-
+    # -- saving ----------------------------------------------------------------------------------
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> float:
-        """Starts the save of `step` and returns how long training was blocked, in seconds."""
+        """Starts the save of `step` and returns how long the caller was blocked, in seconds."""
         start = time.perf_counter()
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(**{
-                STATE_ITEM: ocp.args.StandardSave(state),
-                META_ITEM: ocp.args.JsonSave(meta),
-            }),
-            force=True,
-        )
+        with self._storage_errors():
+            self.manager.save(step, args=ocp.args.Composite(**{
+                STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(meta)}), force=True)
         return time.perf_counter() - start
 
-    def restore_latest(self, targets: Any) -> Restored | None:
-        """Restores the newest committed step that reads back; None when there is none at all.
-
-        `targets` are ShapeDtypeStructs carrying the shardings wanted now, so an array saved on any
-        number of hosts lands directly in the current layout."""
-        skipped = []
-        for step in self.committed_steps():
-            start = time.perf_counter()
-            error = None
-            try:
-                restored = self.manager.restore(
-                    step,
-                    args=ocp.args.Composite(**{
-                        STATE_ITEM: ocp.args.StandardRestore(targets),
-                        META_ITEM: ocp.args.JsonRestore(),
-                    }),
-                )
-            except Exception as err:  # noqa: BLE001 - a truncated or corrupt step: try the one before
-                error = f"{type(err).__name__}: {err}"[:500]
-                log.warning("checkpoint step %d cannot be restored here (%s)", step, error)
-            # Each process reads only its own shards, so one may fail where the others succeed:
-            # all must agree before any of them uses the step.
-            failed = multihost_utils.process_allgather(np.array([error is not None]))
-            if np.any(failed):
-                skipped.append({"step": step, "error": error or "another host could not read it",
-                                "moved_to": str(self._set_aside(step))})
-                continue
-            seconds = time.perf_counter() - start
-            return Restored(step, restored[STATE_ITEM], dict(restored[META_ITEM]), skipped, seconds)
-        if skipped:
-            raise RuntimeError(
-                f"no committed checkpoint could be restored: {', '.join(str(s['step']) for s in skipped)} "
-                f"all failed; refusing to start from scratch"
-            )
-        return None
+    def is_saving(self) -> bool:
+        return self.manager.is_saving_in_progress()
 
     def reached_preemption(self, step: int) -> bool:
         """True on every host at the same step once any host got a preemption notice (SIGTERM)."""
-        return self.manager.reached_preemption(step)
+        try:
+            return self.manager.reached_preemption(step)
+        except RuntimeError:
+            if jax.process_count() > 1:
+                raise
+            return False  # one process without jax.distributed (a user's own test): no notices
+
+    def wait(self) -> None:
+        with self._storage_errors():
+            self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        with self._storage_errors():
+            self.manager.close()
+
+    class _StorageErrors:
+        def __init__(self, owner: Checkpointer):
+            self.owner = owner
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, kind, err, tb):
+            if err is None or isinstance(err, CheckpointError):
+                return False
+            code = storage_errno(err)
+            if code is None:
+                return False
+            raise StorageError(_describe_storage(self.owner.directory, code, self.owner.checkpoint_bytes)) from err
+
+    def _storage_errors(self) -> _StorageErrors:
+        return Checkpointer._StorageErrors(self)
+
+    # -- restoring -------------------------------------------------------------------------------
+    def restore_latest(self, targets: Any,
+                       check_structure: Callable[[Any], str | None] | None = None) -> Restored | None:
+        """The newest committed step that reads back, restored into `targets` (ShapeDtypeStructs
+        with today's shardings, so a step written by any number of hosts lands in today's layout).
+        None on a fresh run. `check_structure(tree_metadata)` returns why a step's state cannot fit
+        the targets (a different model), or None."""
+        steps = self._steps_from_rank_0()
+        failed: list[dict[str, Any]] = []
+        for step in steps:
+            start = time.perf_counter()
+            if check_structure is not None:
+                mismatch = self._agree_on(lambda s=step: self._structure_problem(s, check_structure))
+                if mismatch:
+                    raise NoCheckpointError(
+                        f"checkpoint step {step} in {self.directory} holds a state that differs from what init() "
+                        f"builds ({mismatch}); restore the code that wrote it, or start a new --run-dir")
+            outcome, restored, error = self._try_step(step, targets)
+            if outcome == "ok":
+                set_aside = [dict(f, moved_to=str(self._set_aside(f["step"]))) for f in failed]
+                return Restored(step, restored[STATE_ITEM], dict(restored[META_ITEM]), set_aside,
+                                time.perf_counter() - start)
+            failed.append({"step": step, "error": error})
+        if failed or (self.expect_checkpoint and not steps):
+            listing = ", ".join(f"{f['step']} ({f['error'][:160]})" for f in failed) or "none is left"
+            raise NoCheckpointError(
+                f"this run has committed checkpoints but none can be restored: {listing}. Everything is kept in "
+                f"{self.directory}; repair or copy back a step and --resume, or start a new --run-dir")
+        return None
+
+    def _structure_problem(self, step: int, check: Callable[[Any], str | None]) -> str | None:
+        try:
+            saved = self.manager.item_metadata(step)[STATE_ITEM]
+        except Exception as err:  # noqa: BLE001 - unreadable metadata: the restore will say more
+            log.warning("cannot read the metadata of step %d: %s", step, err)
+            return None
+        return check(saved) if saved is not None else None
+
+    def _steps_from_rank_0(self) -> list[int]:
+        """Rank 0's list of committed steps, newest first, the same on every host."""
+        steps = committed_steps(self.directory) if jax.process_index() == 0 else []
+        if jax.process_count() == 1:
+            return steps
+        count = int(multihost_utils.broadcast_one_to_all(np.array(len(steps), dtype=np.int64)))
+        if count == 0:
+            return []
+        padded = np.array(steps if steps else [0] * count, dtype=np.int64)
+        return [int(s) for s in multihost_utils.broadcast_one_to_all(padded)]
+
+    def _agree_on(self, check: Callable[[], str | None]) -> str | None:
+        """A check run on every host; the first host's complaint, if any host complains."""
+        complaint = check()
+        if jax.process_count() > 1:
+            flags = multihost_utils.process_allgather(np.array([complaint is not None]))
+            if np.any(flags) and complaint is None:
+                complaint = "another host found it different"
+        return complaint
+
+    def _try_step(self, step: int, targets: Any) -> tuple[str, Any, str | None]:
+        """("ok", restored, None) or ("corrupt", None, error), the same on every host; raises
+        TransientError when retries did not clear a transient error. Every decision is made from
+        outcomes gathered from all hosts, so the hosts never part ways."""
+        failures = 0
+        for attempt in range(TRANSIENT_RETRIES + 1):
+            restored, error, transient = None, None, False
+            try:
+                restored = self.manager.restore(step, args=ocp.args.Composite(**{
+                    STATE_ITEM: ocp.args.StandardRestore(targets), META_ITEM: ocp.args.JsonRestore()}))
+            except Exception as err:  # noqa: BLE001 - classified below, and re-raised if transient
+                error, transient = f"{type(err).__name__}: {err}"[:500], is_transient(err)
+                log.warning("restoring step %d failed (%s): %s", step, "transient" if transient else "error", error)
+            # Each process reads only its own shards, so one may fail where the others succeed:
+            # all must agree before any of them uses the step.
+            codes = np.array([0 if error is None else (2 if transient else 1)])
+            if jax.process_count() > 1:
+                codes = multihost_utils.process_allgather(codes)
+            if not np.any(codes):
+                return "ok", restored, None
+            error = error or "another host could not read it"
+            if np.any(codes == 2):
+                if attempt == TRANSIENT_RETRIES:
+                    raise TransientError(f"restoring checkpoint step {step} failed {attempt + 1} times with a "
+                                         f"transient error: {error}")
+                time.sleep(TRANSIENT_BACKOFF_S * 2**attempt)
+                continue
+            # Corrupt data fails again when read again; anything else gets one more try.
+            failures += 1
+            if failures == 2:
+                return "corrupt", None, error
+        return "corrupt", None, error
 
     def _set_aside(self, step: int) -> pathlib.Path:
-        """Moves an unreadable step out of the way (never deletes it), so it is not tried again
+        """Moves an unreadable step beside checkpoints/ (never deletes it), so it is not tried again
         and training can save that step anew."""
-        directory = pathlib.Path(self.manager.directory)
-        target = directory.parent / UNREADABLE_DIR / f"{step}-{int(time.time())}"
+        target = self.directory.parent / UNREADABLE_DIR / f"{step}-{int(time.time())}"
         if jax.process_index() == 0:
             target.parent.mkdir(parents=True, exist_ok=True)
-            (directory / str(step)).rename(target)
-        multihost_utils.sync_global_devices(f"set aside unreadable step {step}")
+            (self.directory / str(step)).rename(target)
+        if jax.process_count() > 1:
+            multihost_utils.sync_global_devices(f"set aside unreadable step {step}")
         self.manager.reload()
         return target
 
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
-    def close(self) -> None:
-        self.manager.close()
-
 
 def read_arrays(step_dir: str | pathlib.Path) -> dict[str, np.ndarray]:
-    """Every array of a saved train state as host numpy arrays keyed by path, read in one process
-    whatever topology wrote it. For inspection and tests; never used on the training path."""
-    import jax
-
+    """Every array of a saved state as host numpy arrays keyed by path, read in one process whatever
+    topology wrote it. For inspection and tests; never used on the training path."""
     path = pathlib.Path(step_dir) / STATE_ITEM
     checkpointer = ocp.PyTreeCheckpointer()
     tree = checkpointer.metadata(path).item_metadata.tree

@@ -1,9 +1,10 @@
-"""Failure injection inside a host process, for users' drills and for tests.
+"""Failure injection at a reported step, for users' drills and for tests: a hook the host context
+calls once a step is reported (and its save, if due, started), outside any training code.
 
 Each kind imitates a real failure as closely as one process can: `crash` aborts (like a segfault or
-an out-of-memory kill with a core), `kill` is SIGKILL, `hang` is SIGSTOP (the process stops
-answering, as a host stuck in a driver or a collective), `exception` raises in the training code,
-`preempt` is the SIGTERM of a preemption notice."""
+an out-of-memory kill), `kill` is SIGKILL, `hang` is SIGSTOP (the process stops answering, as a host
+stuck in a driver or a collective), `exception` raises, `preempt` is the SIGTERM of a preemption
+notice."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import os
 import pathlib
 import signal
 import time
+from collections.abc import Callable
 
-from launcher.config import Injection
+from launcher.protocol import Injection
 
 log = logging.getLogger(__name__)
 
@@ -23,18 +25,28 @@ class InjectedFailure(RuntimeError):
     """The exception raised by an `exception` injection."""
 
 
-def record(
-    run_dir: pathlib.Path, injection: Injection, rank: int, attempt: int, step: int, saving: bool
-) -> None:
-    """Appends the moment of the failure to hosts/injections.jsonl, so the driver can measure how
-    long it took to detect it (a killed process cannot tell the driver itself)."""
-    line = {"kind": injection.kind, "rank": rank, "attempt": attempt, "step": step,
-            "saving_in_progress": saving, "time": time.time()}
-    path = run_dir / "hosts" / "injections.jsonl"
-    with path.open("a") as f:
-        f.write(json.dumps(line) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+class FaultHook:
+    def __init__(self, injections: tuple[Injection, ...], rank: int, attempt: int, record_path: pathlib.Path,
+                 saving: Callable[[], bool]):
+        self.pending = [i for i in injections if i.host == rank]
+        self.rank, self.attempt, self.record_path, self.saving = rank, attempt, record_path, saving
+
+    def at_step(self, step: int) -> None:
+        for injection in self.pending:
+            if injection.step == step:
+                self.pending.remove(injection)
+                self._record(injection, step)
+                fire(injection, step)
+
+    def _record(self, injection: Injection, step: int) -> None:
+        """The moment of the failure, in hosts/injections.jsonl, so that the driver can measure how
+        long detection took (a killed process cannot tell the driver itself)."""
+        line = {"kind": injection.kind, "rank": self.rank, "attempt": self.attempt, "step": step,
+                "saving_in_progress": self.saving(), "time": time.time()}
+        with self.record_path.open("a") as f:
+            f.write(json.dumps(line) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
 
 def fire(injection: Injection, step: int) -> None:

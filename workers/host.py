@@ -1,13 +1,12 @@
-"""The Ray actor of one host: a fresh process that runs one attempt of the job.
+"""The Ray actor of one host: a fresh process that runs one attempt of the user's function.
 
 Ray starts it with the platform environment already set (see `workers.runtime.host_env`), so JAX is
 first imported inside `run`, after the process's output has been sent to its own log file.
-`poll` runs in its own concurrency group, so the driver hears from a host even while its training
-thread is blocked in a collective."""
+`poll`, `preempt` and `kill` run in their own concurrency group, so the driver hears from a host even
+while its training thread is blocked in a collective."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import pathlib
@@ -21,43 +20,10 @@ from typing import Any
 import psutil
 import ray
 
-from launcher.config import Injection, JobConfig
+from launcher.protocol import HostError, HostResult, HostSnapshot, HostSpec, Phase
 from workers.progress import HostProgress
 
 MONITOR_GROUP = "monitor"
-
-
-@dataclasses.dataclass(frozen=True)
-class AttemptSpec:
-    """What one host needs to run one attempt."""
-
-    job: JobConfig
-    run_dir: str
-    attempt: int
-    rank: int
-    num_hosts: int
-    coordinator_address: str
-    """host:port of the jax.distributed coordinator (rank 0's node, a port fresh for this attempt)."""
-    injections: tuple[Injection, ...] = ()
-    """Failures to inject in this attempt."""
-
-
-class HostError(RuntimeError):
-    """An exception in a host's training code, with the host's rank, the last step it completed
-    and the original traceback (what the driver shows and compares across attempts)."""
-
-    def __init__(self, rank: int, step: int | None, traceback_text: str):
-        super().__init__(f"host {rank} failed after step {step}:\n{traceback_text}")
-        self.rank, self.step, self.traceback_text = rank, step, traceback_text
-
-    def __reduce__(self):
-        return HostError, (self.rank, self.step, self.traceback_text)
-
-    @property
-    def summary(self) -> str:
-        """The exception's own line: `ValueError: ...`."""
-        lines = self.traceback_text.strip().splitlines()
-        return lines[-1] if lines else "unknown error"
 
 
 def _node_ip() -> str:
@@ -99,13 +65,13 @@ class HostActor:
         return {"node_id": ray.get_runtime_context().get_node_id(), "ip": _node_ip(), "pid": os.getpid()}
 
     @ray.method(concurrency_group=MONITOR_GROUP)
-    def poll(self) -> dict[str, Any]:
+    def poll(self) -> HostSnapshot:
         return self.progress.drain()
 
     @ray.method(concurrency_group=MONITOR_GROUP)
     def preempt(self) -> None:
         """A preemption notice: SIGTERM to this process, caught by JAX's preemption service, which
-        makes every host save at one common step and stop."""
+        makes every host agree on one step to save at and stop."""
         os.kill(os.getpid(), signal.SIGTERM)
 
     @ray.method(concurrency_group=MONITOR_GROUP)
@@ -113,32 +79,36 @@ class HostActor:
         """SIGKILL to this process (chaos testing)."""
         os.kill(os.getpid(), signal.SIGKILL)
 
-    def run(self, spec: AttemptSpec) -> dict[str, Any]:
-        from workers import runtime, train
+    def run(self, spec: HostSpec) -> HostResult:
+        from launcher import entry as entry_lib
+        from workers import runtime
 
         log = logging.getLogger(__name__)
         try:
-            self.progress.phase("initializing")
-            if spec.job.cluster.compilation_cache:
-                runtime.enable_compilation_cache(str(pathlib.Path(spec.run_dir) / "compile_cache"))
+            self.progress.enter(Phase.INITIALIZING)
+            function = entry_lib.load(spec.entry)
+            if spec.compilation_cache_dir:
+                problem = runtime.enable_compilation_cache(spec.compilation_cache_dir)
+                if problem and spec.rank == 0:
+                    self.progress.event("compilation_cache_disabled", reason=problem)
             runtime.initialize(
-                coordinator_address=spec.coordinator_address,
-                num_processes=spec.num_hosts,
-                process_id=spec.rank,
-                bind_address=spec.coordinator_address,
-                platform=spec.job.cluster.platform,
-                timeouts=spec.job.distributed,
+                coordinator_address=spec.coordinator_address, num_processes=spec.num_hosts, process_id=spec.rank,
+                bind_address=spec.coordinator_address, platform=spec.platform, timeouts=spec.distributed,
             )
-            result = train.train(
-                spec.job, pathlib.Path(spec.run_dir), self.progress, spec.injections, spec.attempt
-            )
+            from workers.context import HostContext
+            from workers.mesh import build_mesh
+
+            ctx = HostContext(spec, build_mesh(spec.mesh), self.progress)
+            log.info("mesh %s; running %s", dict(ctx.mesh.shape), spec.entry)
+            returned = function(ctx)
+            result = ctx._finish(returned)
             runtime.shutdown()
-            # What no poll has drained yet travels with the result, so no record is lost.
-            return {**result, "final_poll": self.progress.drain()}
+            return result
         except Exception as err:
             text = traceback.format_exc()
             log.error("host failed:\n%s", text)
-            raise HostError(spec.rank, self.progress.drain()["step"], text) from err
+            kind = runtime.error_kind(err)
+            raise HostError(spec.rank, self.progress.step, kind, type(err).__name__, str(err), text) from None
         except BaseException:
             log.error("host stopped:\n%s", traceback.format_exc())
             raise

@@ -1,77 +1,76 @@
-"""The global device mesh and the mapping of logical parameter axes onto it."""
+"""The global device mesh, and shardings from logical axis annotations.
+
+`resolve_mesh` is plain Python (the driver validates meshes with it before any host starts); the
+rest needs JAX and runs on the hosts."""
 
 from __future__ import annotations
 
-import jax
-from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
-from launcher.config import resolve_mesh
+from launcher.protocol import ConfigError
 
-# Logical axis -> mesh axis. `embed` over `data` is FSDP (parameters and optimizer state are split
-# across the data-parallel hosts); `heads`, `mlp` and `vocab` over `model` is tensor parallelism.
-LOGICAL_AXIS_RULES: dict[str, str | None] = {
-    "embed": "data",
-    "heads": "model",
-    "mlp": "model",
-    "vocab": "model",
-    "pos": None,
-}
-BATCH_AXIS = "data"
+if TYPE_CHECKING:
+    from jax.sharding import Mesh, PartitionSpec
+
+Rules = Mapping[str, "str | tuple[str, ...] | None"]
+"""Logical axis name -> mesh axis (or axes, or None for replicated)."""
 
 
-def build_mesh(axes: dict[str, int], devices: list | None = None) -> Mesh:
-    """A mesh over every device of every process (or `devices`), one axis size possibly -1."""
+def resolve_mesh(axes: Mapping[str, int], num_devices: int) -> dict[str, int]:
+    """Sizes of every mesh axis for `num_devices` devices, with the one -1 inferred."""
+    if not axes:
+        raise ConfigError("mesh needs at least one axis, e.g. {data: -1, model: 2}")
+    inferred = [name for name, size in axes.items() if size == -1]
+    bad = [name for name, size in axes.items()
+           if size != -1 and (isinstance(size, bool) or not isinstance(size, int) or size < 1)]
+    if bad or len(inferred) > 1:
+        raise ConfigError(f"mesh sizes must be positive integers with at most one -1, got {dict(axes)}")
+    known = math.prod(size for size in axes.values() if size != -1)
+    if inferred and num_devices % known:
+        raise ConfigError(f"mesh {mesh_str(axes)} does not divide the {num_devices} devices: "
+                          f"choose axis sizes whose product divides {num_devices}")
+    if not inferred and known != num_devices:
+        raise ConfigError(f"mesh {mesh_str(axes)} needs {known} devices but the job has {num_devices}: "
+                          f"make one axis -1 or change --hosts")
+    return {name: (num_devices // known if size == -1 else size) for name, size in axes.items()}
+
+
+def mesh_str(axes: Mapping[str, int]) -> str:
+    return ",".join(f"{name}={size}" for name, size in axes.items())
+
+
+def build_mesh(axes: Mapping[str, int], devices: list | None = None) -> Mesh:
+    """A mesh over every device of every process (or `devices`), one axis size possibly -1. Axis
+    types are Auto: shardings propagate from the arrays without annotations everywhere."""
+    import jax
+
     devices = jax.devices() if devices is None else devices
     sizes = resolve_mesh(axes, len(devices))
-    return jax.make_mesh(
-        tuple(sizes.values()),
-        tuple(sizes),
-        axis_types=(jax.sharding.AxisType.Auto,) * len(sizes),
-        devices=devices,
-    )
+    return jax.make_mesh(tuple(sizes.values()), tuple(sizes),
+                         axis_types=(jax.sharding.AxisType.Auto,) * len(sizes), devices=devices)
 
 
-def partition_spec(shape: tuple[int, ...], logical_axes: tuple[str | None, ...] | None, mesh: Mesh) -> PartitionSpec:
-    """Maps logical axes to mesh axes; a dimension the mesh axis does not divide stays replicated."""
+def partition_spec(shape: tuple[int, ...], logical_axes: tuple | None, mesh: Mesh,
+                   rules: Rules | None) -> PartitionSpec:
+    """Maps a leaf's logical axes to mesh axes. A name maps through `rules`, or to itself when it is a
+    mesh axis; a mesh axis that is absent, already used, or does not divide the dimension leaves the
+    dimension replicated (so a small layer still works on a large mesh)."""
+    from jax.sharding import PartitionSpec
+
     if not logical_axes:
         return PartitionSpec()
     spec, used = [], set()
     for dim, name in zip(shape, logical_axes, strict=True):
-        axis = LOGICAL_AXIS_RULES.get(name) if name else None
-        if axis is None or axis not in mesh.shape or axis in used or dim % mesh.shape[axis]:
+        target = None
+        if name is not None:
+            target = rules[name] if rules is not None and name in rules else (name if name in mesh.shape else None)
+        axes = tuple(a for a in ((target,) if isinstance(target, str) else (target or ())) if a in mesh.shape)
+        size = math.prod(mesh.shape[a] for a in axes) if axes else 1
+        if not axes or used & set(axes) or dim % size:
             spec.append(None)
         else:
-            spec.append(axis)
-            used.add(axis)
+            spec.append(axes[0] if len(axes) == 1 else axes)
+            used |= set(axes)
     return PartitionSpec(*spec)
-
-
-def _logical_axes(variable: nnx.Variable):
-    return variable.get_metadata().get("out_sharding")
-
-
-def state_shardings(abstract_state: nnx.State, mesh: Mesh) -> nnx.State:
-    """The NamedSharding of every leaf of an (abstract) nnx.State, from its logical annotations."""
-
-    def sharding(variable: nnx.Variable) -> nnx.Variable:
-        value = variable.get_value()
-        spec = partition_spec(value.shape, _logical_axes(variable), mesh)
-        return variable.replace(NamedSharding(mesh, spec))
-
-    return jax.tree.map(sharding, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
-
-
-def sharded_targets(abstract_state: nnx.State, shardings: nnx.State) -> nnx.State:
-    """Restore targets: ShapeDtypeStruct leaves that carry their new NamedSharding.
-
-    Built leaf by leaf rather than read from `nnx.eval_shape`, which can drop shardings
-    (flax issue 5110)."""
-    return jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, shardings
-    )
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Rows of a batch split over the data axis, replicated over the others."""
-    return NamedSharding(mesh, PartitionSpec(BATCH_AXIS if BATCH_AXIS in mesh.shape else None))

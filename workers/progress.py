@@ -1,7 +1,6 @@
-"""What a host process tells the driver: its phase, its last completed step, and metric records.
+"""What a host tells the driver: its phase and step, with the records and events since the last poll.
 
-Written by the training thread, drained by the driver's polls (a separate Ray concurrency group),
-so a host stuck in a collective still answers with a step that stopped moving."""
+Written by the training thread, drained by the actor's monitor thread, so every access holds a lock."""
 
 from __future__ import annotations
 
@@ -9,42 +8,47 @@ import threading
 import time
 from typing import Any
 
-PHASES = ("starting", "initializing", "restoring", "compiling", "training", "saving", "done")
+from launcher.protocol import HostEvent, HostSnapshot, Phase
 
 
 class HostProgress:
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._phase = "starting"
+        self._phase = Phase.STARTING
         self._step: int | None = None
         self._records: list[dict[str, Any]] = []
-        self._events: list[dict[str, Any]] = []
-        self._updated = time.time()
+        self._events: list[HostEvent] = []
         self.timeline: dict[str, float] = {}
         """Wall time at which each phase was first entered: where start-up time goes."""
 
-    def phase(self, phase: str) -> None:
-        assert phase in PHASES, phase
-        with self._lock:
-            self._phase, self._updated = phase, time.time()
-            self.timeline.setdefault(phase, self._updated)
+    @property
+    def phase(self) -> Phase:
+        return self._phase
 
-    def step_done(self, step: int, record: dict[str, Any] | None) -> None:
-        with self._lock:
-            self._step, self._updated = step, time.time()
-            if record is not None:
-                self._records.append(record)
+    @property
+    def step(self) -> int | None:
+        return self._step
 
-    def event(self, kind: str, **fields: Any) -> None:
-        """Something the driver should write to events.jsonl (a checkpoint fallback, a restore)."""
+    def enter(self, phase: Phase) -> None:
         with self._lock:
-            self._events.append({"event": kind, "time": time.time(), **fields})
+            self._phase = phase
+            self.timeline.setdefault(phase.value, time.time())
 
-    def drain(self) -> dict[str, Any]:
+    def step_done(self, step: int) -> None:
         with self._lock:
-            snapshot = {
-                "phase": self._phase, "step": self._step, "updated": self._updated,
-                "records": self._records, "events": self._events,
-            }
+            self._step = step
+
+    def record(self, record: dict[str, Any]) -> None:
+        with self._lock:
+            self._records.append(record)
+
+    def event(self, kind: str, per_host: bool = False, **fields: Any) -> None:
+        """Something for events.jsonl (a restore, a checkpoint set aside, a warning)."""
+        with self._lock:
+            self._events.append(HostEvent(kind, time.time(), fields, per_host))
+
+    def drain(self) -> HostSnapshot:
+        with self._lock:
+            snapshot = HostSnapshot(self._phase, self._step, tuple(self._records), tuple(self._events))
             self._records, self._events = [], []
             return snapshot

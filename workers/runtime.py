@@ -7,40 +7,55 @@ place before the host process imports JAX, so Ray starts each host actor with it
 from __future__ import annotations
 
 import logging
+import os
+import pathlib
+import stat
 
-from launcher.config import ClusterConfig, DistributedConfig
+from launcher.protocol import DistributedConfig, ErrorKind
 
 log = logging.getLogger(__name__)
 
 
-def host_env(cluster: ClusterConfig) -> dict[str, str]:
+def host_env(platform: str, devices_per_host: int) -> dict[str, str]:
     """Environment variables for a host process, applied before JAX is imported."""
-    env = {"JAX_PLATFORMS": cluster.platform, "PYTHONUNBUFFERED": "1"}
-    if cluster.platform == "cpu":
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={cluster.devices_per_host}"
+    env = {"JAX_PLATFORMS": platform, "PYTHONUNBUFFERED": "1"}
+    if platform == "cpu":
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices_per_host}"
     return env
 
 
-def enable_compilation_cache(directory: str) -> None:
-    """JAX's persistent compilation cache: process 0 writes every program it compiles, and every
-    process of a later attempt reads them. (On CPU the key holds each process's own topology, so
-    there only process 0 hits; on GPU and TPU all processes do.)"""
+def private_directory(path: pathlib.Path) -> str | None:
+    """Why `path` is not safe for code that will be loaded and run (None: it is): it must be owned
+    by this user and writable by nobody else, or anyone who can write it runs code in the job."""
+    try:
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = path.stat()
+    except OSError as err:
+        return f"cannot create {path}: {err.strerror}"
+    if info.st_uid != os.getuid():
+        return f"{path} belongs to uid {info.st_uid}, not to this user ({os.getuid()})"
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"{path} is writable by its group or by others (mode {stat.filemode(info.st_mode)})"
+    return None
+
+
+def enable_compilation_cache(directory: str) -> str | None:
+    """JAX's persistent compilation cache in `directory`, if it is the job user's alone (the cache
+    is loaded as native code). Returns why it was not enabled, or None."""
     import jax
 
+    problem = private_directory(pathlib.Path(directory))
+    if problem is not None:
+        log.warning("compilation cache disabled: %s", problem)
+        return problem
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+    return None
 
 
-def initialize(
-    *,
-    coordinator_address: str,
-    num_processes: int,
-    process_id: int,
-    bind_address: str,
-    platform: str,
-    timeouts: DistributedConfig,
-) -> None:
+def initialize(*, coordinator_address: str, num_processes: int, process_id: int, bind_address: str,
+               platform: str, timeouts: DistributedConfig) -> None:
     """Joins the job's JAX processes. Every timeout is explicit: JAX's defaults (300 s start-up,
     100 s heartbeat) would leave survivors of a failure waiting for minutes."""
     import jax
@@ -49,10 +64,8 @@ def initialize(
         # Across processes CPU collectives need gloo; within one process XLA's own are faster
         # (measured: 35% more steps per second for a 1-host job).
         jax.config.update("jax_cpu_collectives_implementation", "gloo" if num_processes > 1 else None)
-    log.info(
-        "jax.distributed.initialize(coordinator=%s, num_processes=%d, process_id=%d)",
-        coordinator_address, num_processes, process_id,
-    )
+    log.info("jax.distributed.initialize(coordinator=%s, num_processes=%d, process_id=%d)",
+             coordinator_address, num_processes, process_id)
     jax.distributed.initialize(
         coordinator_address=coordinator_address,
         num_processes=num_processes,
@@ -62,13 +75,41 @@ def initialize(
         shutdown_timeout_seconds=timeouts.shutdown_timeout_s,
         coordinator_bind_address=bind_address,
     )
-    log.info(
-        "joined: process %d of %d, %d local and %d global devices",
-        jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count(),
-    )
+    log.info("joined: process %d of %d, %d local and %d global devices",
+             jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
 def shutdown() -> None:
     import jax
 
     jax.distributed.shutdown()
+
+
+_PEER_STATUS = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "CANCELLED", "FAILED_PRECONDITION")
+_PEER_TEXT = ("gloo", "nccl", "by peer", "coordination service", "heartbeat")
+
+
+def error_kind(err: BaseException) -> ErrorKind:
+    """What kind of failure an exception on a host is. A collective error is a JAX runtime error that
+    a lost peer causes; the user's own exceptions are never taken for one, whatever their text."""
+    import jax
+
+    from workers.checkpoint import CheckpointError
+
+    for e in _chain(err):
+        if isinstance(e, CheckpointError):
+            return e.kind
+    for e in _chain(err):
+        if isinstance(e, jax.errors.JaxRuntimeError):
+            text = str(e)
+            if text.split(":", 1)[0].strip() in _PEER_STATUS or any(m in text.lower() for m in _PEER_TEXT):
+                return ErrorKind.COLLECTIVE
+    return ErrorKind.USER
+
+
+def _chain(err: BaseException):
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__

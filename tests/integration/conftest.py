@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 
-from tests.integration.helpers import SHORT_RUN, launch
+from tests.integration.helpers import CLASSIFIER, EXAMPLE_RUN, MINIMAL, SHORT_RUN, launch
 
 
 def pytest_collection_modifyitems(items):
@@ -12,14 +12,30 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.integration)
 
 
-@pytest.fixture(scope="session")
-def reference_run(tmp_path_factory) -> pathlib.Path:
-    """An uninterrupted 2-host run of 30 steps (checkpoints at 10, 20, 30): what every interrupted
-    run must reproduce."""
-    run_dir = tmp_path_factory.mktemp("reference") / "run"
-    result = launch("--hosts", "2", *SHORT_RUN, "--run-dir", str(run_dir))
+def _reference(tmp_path_factory, name: str, *args: str) -> pathlib.Path:
+    run_dir = tmp_path_factory.mktemp(name) / "run"
+    result = launch("--hosts", "2", *args, "--run-dir", str(run_dir))
     assert result.returncode == 0, result.stdout + result.stderr
     return run_dir
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory) -> pathlib.Path:
+    """The built-in model, uninterrupted on 2 hosts for 30 steps (checkpoints at 10, 20, 30): what
+    every interrupted run of it must reproduce."""
+    return _reference(tmp_path_factory, "reference", *SHORT_RUN)
+
+
+@pytest.fixture(scope="session")
+def minimal_reference(tmp_path_factory) -> pathlib.Path:
+    """examples/minimal.py, uninterrupted on 2 hosts for 200 steps (checkpoints every 20)."""
+    return _reference(tmp_path_factory, "minimal", *MINIMAL, *EXAMPLE_RUN)
+
+
+@pytest.fixture(scope="session")
+def classifier_reference(tmp_path_factory) -> pathlib.Path:
+    """examples/classifier.py, uninterrupted on 2 hosts for 200 steps (checkpoints every 20)."""
+    return _reference(tmp_path_factory, "classifier", *CLASSIFIER, *EXAMPLE_RUN)
 
 
 @pytest.fixture

@@ -11,25 +11,29 @@ import sys
 import time
 from typing import Any
 
+import psutil
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+EXAMPLES = ROOT / "examples"
 LAUNCH_TIMEOUT_S = 420
 SHORT_RUN = ("--steps", "30", "--save-every", "10")
+EXAMPLE_RUN = ("--steps", "200", "--save-every", "20")
+"""The examples take milliseconds a step: long enough runs to interrupt in the middle."""
+MINIMAL = ("--entry", str(EXAMPLES / "minimal.py"))
+CLASSIFIER = ("--entry", f"{EXAMPLES / 'classifier.py'}:main")
 
 
-def launch(
-    *args: str, timeout: float = LAUNCH_TIMEOUT_S, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(ROOT / "launch.py"), *args],
-        cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**_env(), **(env or {})},
-    )
+def launch(*args: str, timeout: float = LAUNCH_TIMEOUT_S, env: dict[str, str] | None = None,
+           cwd: pathlib.Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**_env(), **(env or {})})
 
 
-def start(*args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "launch.py"), *args],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
-    )
+def start(*args: str, new_session: bool = False) -> subprocess.Popen:
+    """A launch in the background; with `new_session`, in a process group of its own, as a shell,
+    Slurm or systemd would start it, so that the test can signal the whole group."""
+    return subprocess.Popen([sys.executable, str(ROOT / "launch.py"), *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=_env(), start_new_session=new_session)
 
 
 def _env() -> dict[str, str]:
@@ -41,9 +45,10 @@ def _env() -> dict[str, str]:
 
 
 def read_jsonl(path: pathlib.Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The records of a JSON-lines file, as the launcher reads them (a torn line is skipped)."""
+    from launcher.runs import read_jsonl as tolerant
+
+    return tolerant(path)
 
 
 def events(run_dir: pathlib.Path, kind: str | None = None) -> list[dict[str, Any]]:
@@ -51,13 +56,17 @@ def events(run_dir: pathlib.Path, kind: str | None = None) -> list[dict[str, Any
     return [e for e in found if kind is None or e["event"] == kind]
 
 
-def trajectory(run_dir: pathlib.Path) -> dict[int, float]:
-    """step -> loss of the run's final trajectory (a recomputed step keeps its last value)."""
-    return {r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl")}
+def trajectory(run_dir: pathlib.Path, metric: str = "loss") -> dict[int, float]:
+    """step -> a metric of the run's final trajectory (a recomputed step keeps its last value)."""
+    return {r["step"]: r[metric] for r in read_jsonl(run_dir / "metrics.jsonl")}
 
 
 def summary(run_dir: pathlib.Path) -> dict[str, Any]:
     return json.loads((run_dir / "summary.json").read_text())
+
+
+def attempts(run_dir: pathlib.Path) -> list[dict[str, Any]]:
+    return summary(run_dir)["attempt_table"]
 
 
 def committed_steps(run_dir: pathlib.Path) -> list[int]:
@@ -83,26 +92,51 @@ def last_step(run_dir: pathlib.Path) -> int:
     return records[-1]["step"] if records else 0
 
 
-def stop_with_sigterm_after(proc: subprocess.Popen, run_dir: pathlib.Path, step: int) -> tuple[int, str, str]:
-    """SIGTERM to the driver once the run has passed `step`; returns its exit code and output."""
+def signal_after(proc: subprocess.Popen, run_dir: pathlib.Path, step: int, signum: int = signal.SIGTERM,
+                 group: bool = False) -> tuple[int, str, str]:
+    """A signal to the driver (or its whole process group) once the run has passed `step`; returns
+    the driver's exit code and output."""
     wait_for(lambda: last_step(run_dir) >= step, 300, f"step {step}", proc)
-    proc.send_signal(signal.SIGTERM)
+    if group:
+        os.killpg(proc.pid, signum)
+    else:
+        proc.send_signal(signum)
     out, err = proc.communicate(timeout=180)
     return proc.returncode, out, err
 
 
+def host_pids(run_dir: pathlib.Path, attempt: int | None = None) -> list[int]:
+    started = events(run_dir, "attempt_started")
+    return [pid for e in started if attempt is None or e["attempt"] == attempt for pid in e["pids"]]
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
 def assert_no_host_left(run_dir: pathlib.Path) -> None:
     """Every host process the run started is gone."""
-    for started in events(run_dir, "group_started"):
-        for pid in started["pids"]:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                continue
-            # A zombie or a process of the same pid reused is not ours if its command differs.
-            cmdline = pathlib.Path(f"/proc/{pid}/cmdline")
-            text = cmdline.read_bytes().decode(errors="replace") if cmdline.exists() else ""
-            assert "HostActor" not in text and "ray::" not in text, f"host process {pid} is still running"
+    for pid in host_pids(run_dir):
+        if not alive(pid):
+            continue
+        cmdline = " ".join(psutil.Process(pid).cmdline())  # a pid reused by another program is not ours
+        assert "HostActor" not in cmdline and "ray::" not in cmdline, f"host process {pid} is still running"
+
+
+def ray_processes_left(run_dir: pathlib.Path) -> list[int]:
+    """Processes still running of the embedded Ray instances the run's launches started."""
+    sessions = {e["ray_supervisor"] for e in events(run_dir, "launch") if e.get("ray_supervisor")}
+    left = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getsid(proc.pid) in sessions and proc.status() != psutil.STATUS_ZOMBIE:
+                left.append(proc.pid)
+        except (OSError, psutil.Error):
+            continue
+    return left
 
 
 def final_arrays(run_dir: pathlib.Path, step: int):

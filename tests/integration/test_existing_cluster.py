@@ -1,17 +1,21 @@
 """An existing Ray cluster started with `ray start` on loopback (a head and two worker nodes, token
-authentication on): the launcher runs on it with --address, and as a Ray Job."""
+authentication on): the launcher ships a user's entry to it, runs there with --address, and runs as
+a Ray Job. The cluster is stopped through its own processes, never with a machine-wide `ray stop`."""
 
 import os
 import pathlib
 import socket
 import subprocess
 import sys
+import time
 
+import psutil
 import pytest
 
-from tests.integration.helpers import ROOT, events, launch, summary
+from tests.integration.helpers import EXAMPLES, ROOT, events, launch, summary
 
 RAY = str(pathlib.Path(sys.executable).parent / "ray")
+NODE_START_TIMEOUT_S = 120
 
 
 def free_port() -> int:
@@ -20,34 +24,72 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def session_processes(sid: int) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getsid(proc.pid) == sid:
+                found.append(proc)
+        except (OSError, psutil.Error):
+            continue
+    return found
+
+
 @pytest.fixture(scope="module")
-def ray_cluster():
-    """Head plus two workers, each offering one `host` slot. Stopped with `ray stop`, which stops
-    every Ray process on this machine (the other tests leave none running)."""
+def ray_cluster(tmp_path_factory):
+    """Head plus two workers, each offering one `host` slot, each `ray start --block` in a session of
+    its own: stopping the cluster is killing those sessions."""
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
+    temp = tmp_path_factory.mktemp("ray")
     port, dashboard = free_port(), free_port()
-    common = ["--num-cpus=1", '--resources={"host": 1}', "--node-ip-address=127.0.0.1", "--disable-usage-stats"]
+    common = ["--num-cpus=1", '--resources={"host": 1}', "--node-ip-address=127.0.0.1", "--disable-usage-stats",
+              "--block"]
+    nodes = []
     try:
-        subprocess.run([RAY, "start", "--head", f"--port={port}", "--include-dashboard=true",
-                        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", *common],
-                       check=True, env=env, capture_output=True, timeout=120)
+        nodes.append(subprocess.Popen(
+            [RAY, "start", "--head", f"--port={port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={dashboard}", f"--temp-dir={temp}", *common],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+        _wait_for_nodes(port, 1, env)
         for _ in range(2):
-            subprocess.run([RAY, "start", f"--address=127.0.0.1:{port}", *common],
-                           check=True, env=env, capture_output=True, timeout=120)
+            nodes.append(subprocess.Popen([RAY, "start", f"--address=127.0.0.1:{port}", *common], env=env,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                          start_new_session=True))
+        _wait_for_nodes(port, 3, env)
         yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env}
     finally:
-        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        for node in reversed(nodes):
+            for proc in session_processes(node.pid):
+                proc.kill()
+            node.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while any(session_processes(n.pid) for n in nodes) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(session_processes(n.pid) for n in nodes), "the test cluster's processes are gone"
 
 
-def test_hosts_run_on_distinct_nodes_of_an_existing_cluster(ray_cluster, tmp_path):
+def _wait_for_nodes(port: int, count: int, env) -> None:
+    code = (f"import ray; ray.init(address='127.0.0.1:{port}', logging_level='ERROR'); "
+            f"print(sum(n['Alive'] for n in ray.nodes()))")
+    deadline = time.monotonic() + NODE_START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+        if out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == [str(count)]:
+            return
+        time.sleep(1)
+    raise AssertionError(f"the test cluster did not reach {count} nodes")
+
+
+def test_a_user_entry_is_shipped_to_distinct_nodes_of_an_existing_cluster(ray_cluster, tmp_path):
     run_dir = tmp_path / "run"
-    result = launch("--config", str(ROOT / "cluster_configs" / "ray-cluster.yaml"),
-                    "--address", ray_cluster["address"], "--hosts", "2", "--steps", "10",
-                    "--save-every", "5", "--run-dir", str(run_dir), env={"RAY_AUTH_MODE": "token"})
+    result = launch("--config", str(ROOT / "cluster_configs" / "ray-cluster.yaml"), "--entry",
+                    str(EXAMPLES / "classifier.py"), "--address", ray_cluster["address"], "--hosts", "2",
+                    "--steps", "10", "--save-every", "5", "--run-dir", str(run_dir), env={"RAY_AUTH_MODE": "token"})
     assert result.returncode == 0, result.stdout + result.stderr
     assert summary(run_dir)["process_count"] == 2 and summary(run_dir)["final_step"] == 10
-    nodes = events(run_dir, "group_started")[0]["nodes"]
-    assert len(set(nodes)) == 2, "each host process on its own node"
+    assert len(set(events(run_dir, "attempt_started")[0]["nodes"])) == 2, "each host process on its own node"
+    log = (run_dir / "hosts" / "attempt-1-rank-1.log").read_text()
+    assert "running classifier:main" in log, "the hosts found the shipped file, not the local one"
 
 
 def test_ray_job_submit(ray_cluster, tmp_path):
@@ -61,3 +103,5 @@ def test_ray_job_submit(ray_cluster, tmp_path):
     assert submit.returncode == 0, submit.stdout + submit.stderr
     assert "succeeded" in submit.stdout + submit.stderr
     assert summary(run_dir)["status"] == "finished" and summary(run_dir)["process_count"] == 2
+
+

@@ -1,21 +1,124 @@
+"""The pure decisions: what a host's ending is, whom to blame, whether to restart, on how many hosts,
+and whether a host hangs."""
+
+import jax
+import pytest
+
 from launcher.policy import (
     Action,
     Failure,
     FailureKind,
+    FaultConfig,
     RestartPolicy,
     ScalingPolicy,
     Watchdog,
+    WatchdogConfig,
+    blame,
+    classify,
+    keep_listening,
     primary_failure,
 )
-from launcher.worker_group import HostPoll
+from launcher.protocol import ErrorKind, ExitHow, HostError, HostExit, HostStatus, NodeLiveness, Phase
+from workers.runtime import error_kind
+
+NODE_WAIT_S = 30.0
 
 
-def failure(kind=FailureKind.CRASHED, step=10, message="boom", rank=0, at=0.0):
-    return Failure(kind, rank, message, step, at)
+def failure(kind=FailureKind.CRASHED, step=10, message="boom", rank=0, at=0.0, secondary=False):
+    return Failure(kind, rank, message, step, at, secondary=secondary)
 
+
+def raised(kind: ErrorKind, message="ValueError: bad", rank=1, step=7) -> HostExit:
+    error = HostError(rank, step, kind, message.split(":")[0], message.split(": ", 1)[-1], f"Traceback\n{message}")
+    return HostExit(rank, ExitHow.RAISED, 5.0, step, error=error)
+
+
+# ---- classification -------------------------------------------------------------------------------
+
+def test_a_user_exception_is_a_primary_exception_with_its_step_and_traceback():
+    f = classify(raised(ErrorKind.USER), now=5.0, node_wait_s=NODE_WAIT_S)
+    assert (f.kind, f.rank, f.step, f.secondary) == (FailureKind.EXCEPTION, 1, 7, False)
+    assert f.message == "ValueError: bad" and "rank 1" in f.traceback and "after step 7" in f.traceback
+
+
+def test_a_collective_error_is_secondary():
+    f = classify(raised(ErrorKind.COLLECTIVE, "JaxRuntimeError: UNKNOWN: Gloo AllGather failed"), 5.0, NODE_WAIT_S)
+    assert f.kind == FailureKind.EXCEPTION and f.secondary
+
+
+def test_storage_and_unreadable_checkpoints_are_fatal():
+    assert classify(raised(ErrorKind.STORAGE), 5.0, NODE_WAIT_S).kind.is_fatal
+    assert classify(raised(ErrorKind.NO_CHECKPOINT), 5.0, NODE_WAIT_S).kind.is_fatal
+    assert not classify(raised(ErrorKind.TRANSIENT), 5.0, NODE_WAIT_S).kind.is_fatal
+
+
+def test_a_dead_process_on_a_live_node_crashed():
+    exit = HostExit(0, ExitHow.PROCESS_DIED, 5.0, 3, "worker died", node=NodeLiveness.ALIVE)
+    assert classify(exit, 5.0, NODE_WAIT_S).kind == FailureKind.CRASHED
+
+
+def test_a_death_followed_by_its_nodes_death_is_a_lost_node_not_a_crash():
+    """Ray may report "its worker process has died" before it declares the node dead."""
+    exit = HostExit(0, ExitHow.PROCESS_DIED, 5.0, 3, "the actor is dead because its worker process has died")
+    assert classify(exit, 6.0, NODE_WAIT_S) is None, "the node's health is not known yet: wait"
+    later = HostExit(0, ExitHow.PROCESS_DIED, 5.0, 3, exit.detail, node=NodeLiveness.DEAD)
+    assert classify(later, 12.0, NODE_WAIT_S).kind == FailureKind.NODE_LOST
+    assert classify(exit, 5.0 + NODE_WAIT_S + 1, NODE_WAIT_S).kind == FailureKind.NODE_LOST, \
+        "a node that stays silent is lost"
+
+
+def test_ray_s_own_word_on_the_node():
+    died = HostExit(0, ExitHow.NODE_DIED, 5.0, 3, "because its node has died")
+    assert classify(died, 5.0, NODE_WAIT_S).kind == FailureKind.NODE_LOST
+    preempted = HostExit(0, ExitHow.NODE_PREEMPTED, 5.0, 3, "drained")
+    assert classify(preempted, 5.0, NODE_WAIT_S).kind == FailureKind.PREEMPTED
+
+
+def test_a_user_exception_that_mentions_timeouts_is_not_a_collective_error():
+    assert error_kind(RuntimeError("the data loader timed out: UNAVAILABLE, connection reset")) == ErrorKind.USER
+    assert error_kind(TimeoutError("deadline_exceeded")) == ErrorKind.USER
+
+
+def test_jax_runtime_errors_from_a_lost_peer_are_collective():
+    gloo = jax.errors.JaxRuntimeError("UNKNOWN: Gloo AllGather failed: [pair.cc:547] Connection closed by peer")
+    assert error_kind(gloo) == ErrorKind.COLLECTIVE
+    barrier = jax.errors.JaxRuntimeError("DEADLINE_EXCEEDED: Barrier timed out")
+    assert error_kind(barrier) == ErrorKind.COLLECTIVE
+    oom = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 1 GB")
+    assert error_kind(oom) == ErrorKind.USER, "a host's own runtime error is its own"
+
+
+# ---- blame -----------------------------------------------------------------------------------------
+
+def test_primary_failure_prefers_a_root_cause_over_collective_errors():
+    collective = failure(FailureKind.EXCEPTION, rank=0, at=1.0, secondary=True)
+    dead = failure(FailureKind.CRASHED, rank=1, at=2.0)
+    assert primary_failure([collective, dead]) is dead
+    user = failure(FailureKind.EXCEPTION, rank=0, at=3.0, message="ValueError: timed out")
+    assert primary_failure([collective, user]) is user
+
+
+def test_keep_listening_only_while_every_failure_is_secondary():
+    collective = failure(FailureKind.EXCEPTION, at=1.0, secondary=True)
+    assert keep_listening([collective], num_ended=1, num_hosts=2, now=2.0, grace_s=8.0)
+    assert not keep_listening([collective], num_ended=2, num_hosts=2, now=2.0, grace_s=8.0), "everyone reported"
+    assert not keep_listening([collective], num_ended=1, num_hosts=2, now=9.5, grace_s=8.0), "grace over"
+    assert not keep_listening([collective, failure(at=1.5)], 1, 2, 2.0, 8.0), "a root cause is known"
+
+
+def test_blame_falls_on_a_host_that_went_silent_before_the_others_failed():
+    hosts = [HostStatus(0, last_heard=99.0), HostStatus(1, last_heard=90.0)]
+    collective = failure(FailureKind.EXCEPTION, rank=0, at=99.0, secondary=True)
+    blamed = blame([collective], hosts, now=100.0, silent_after_s=3.0)
+    assert (blamed.kind, blamed.rank) == (FailureKind.HUNG, 1)
+    hosts[1].last_heard = 99.5
+    assert blame([collective], hosts, now=100.0, silent_after_s=3.0) is collective
+
+
+# ---- restarts --------------------------------------------------------------------------------------
 
 def test_restart_within_budget_then_stop():
-    policy = RestartPolicy(max_restarts=2, backoff_s=1, max_backoff_s=30)
+    policy = RestartPolicy(FaultConfig(max_restarts=2, backoff_s=1, max_backoff_s=30))
     history = [failure(step=1)]
     assert policy.decide(history).action == Action.RESTART
     history.append(failure(step=2))
@@ -26,57 +129,79 @@ def test_restart_within_budget_then_stop():
 
 
 def test_preemptions_spend_their_own_budget():
-    policy = RestartPolicy(max_restarts=0, max_preemptions=2)
+    policy = RestartPolicy(FaultConfig(max_restarts=0, max_preemptions=2))
     history = [failure(FailureKind.PREEMPTED), failure(FailureKind.NODE_LOST)]
     assert policy.decide(history).action == Action.RESTART
     history.append(failure(FailureKind.CRASHED))
     assert policy.decide(history).action == Action.STOP  # the crash budget is 0
 
 
+def test_fatal_failures_stop_at_once_whatever_the_budget():
+    policy = RestartPolicy(FaultConfig(max_restarts=100))
+    decision = policy.decide([failure(FailureKind.STORAGE, message="the filesystem is full")])
+    assert decision.action == Action.STOP and decision.reason == "the filesystem is full"
+
+
 def test_backoff_doubles_and_is_capped():
-    policy = RestartPolicy(max_restarts=10, backoff_s=1, max_backoff_s=5)
+    policy = RestartPolicy(FaultConfig(max_restarts=10, backoff_s=1, max_backoff_s=5))
     history, backoffs = [], []
     for i in range(5):
         history.append(failure(step=i))
         backoffs.append(policy.decide(history).backoff_s)
-    assert backoffs == [0, 1, 2, 4, 5]  # the first restart is immediate
+    assert backoffs == [0.0, 1.0, 2.0, 4.0, 5.0]
 
 
 def test_same_exception_at_same_step_twice_is_deterministic():
-    policy = RestartPolicy(max_restarts=10)
-    exc = dict(kind=FailureKind.EXCEPTION, step=3, message="ValueError: bad")
-    assert policy.decide([failure(**exc)]).action == Action.RESTART
-    decision = policy.decide([failure(**exc), failure(**exc)])
+    policy = RestartPolicy(FaultConfig(max_restarts=10))
+    exc = dict(kind=FailureKind.EXCEPTION, message="ValueError: bad batch", step=42)
+    history = [failure(**exc), failure(**exc)]
+    decision = policy.decide(history)
     assert decision.action == Action.STOP and "deterministic" in decision.reason
-    # the same exception at another step is not deterministic
-    assert policy.decide([failure(**exc), failure(**{**exc, "step": 4})]).action == Action.RESTART
+    assert policy.decide([failure(**exc), failure(**{**exc, "step": 43})]).action == Action.RESTART
 
 
-def test_scaling_picks_largest_fitting_count():
-    policy = ScalingPolicy(min_hosts=2, max_hosts=4, fits=lambda n: 32 % (n * 2 // 2) == 0 and n != 3)
-    assert policy.choose(8) == 4
-    assert policy.choose(3) == 2  # 3 hosts do not fit the batch
-    assert policy.choose(1) is None  # wait for capacity
+def test_transient_failures_are_retried_even_when_they_repeat():
+    policy = RestartPolicy(FaultConfig(max_restarts=10))
+    same = dict(kind=FailureKind.TRANSIENT, message="TimeoutError: storage", step=5)
+    assert policy.decide([failure(**same), failure(**same)]).action == Action.RESTART
 
 
-def test_collective_errors_are_not_the_root_cause():
-    gloo = Failure(FailureKind.EXCEPTION, 0, "JaxRuntimeError: Gloo AllGather failed: Connection closed", 5, 1.0)
-    crash = Failure(FailureKind.CRASHED, 1, "host process died", 5, 1.2)
-    assert primary_failure([gloo, crash]) is crash
-    user = Failure(FailureKind.EXCEPTION, 1, "ValueError: nan loss", 5, 1.5)
-    assert primary_failure([gloo, user]) is user
+# ---- scaling and hangs -----------------------------------------------------------------------------
+
+def test_scaling_picks_the_largest_count_that_fits():
+    policy = ScalingPolicy(min_hosts=2, max_hosts=8, fits=lambda n: n % 2 == 0)
+    assert policy.choose(8) == 8
+    assert policy.choose(7) == 6
+    assert policy.choose(1) is None
+    assert policy.choose(8, at_most=5) == 4, "below a count whose placement timed out"
 
 
-def test_watchdog_separates_startup_and_training_limits():
-    dog = Watchdog(startup_timeout_s=100, hang_timeout_s=5)
-    starting = HostPoll(0, phase="compiling", last_heard=50, last_progress=0)
-    assert dog.hung([starting], now=60) is None
-    training = HostPoll(1, phase="training", step=7, last_heard=60, last_progress=54)
-    assert dog.hung([starting, training], now=60) == (1, 54)
+def test_watchdog_limits_depend_on_the_phase():
+    dog = Watchdog(WatchdogConfig(startup_timeout_s=100, hang_timeout_s=10, save_timeout_s=50))
+    training = HostStatus(0, Phase.TRAINING, step=5, last_heard=100, last_progress=85)
+    saving = HostStatus(1, Phase.SAVING, step=5, last_heard=100, last_progress=60)
+    assert dog.hung([saving], now=100, silent_after_s=2) is None, "a long save is progress"
+    host, limit = dog.hung([training, saving], now=100, silent_after_s=2)
+    assert (host.rank, limit) == (0, 10)
+    stuck = HostStatus(1, Phase.SAVING, step=5, last_heard=100, last_progress=40)
+    assert dog.hung([stuck], now=100, silent_after_s=2)[1] == 50, "a stuck save has its own limit"
+    compiling = HostStatus(0, Phase.COMPILING, last_heard=100, last_progress=50)
+    assert dog.hung([compiling], now=100, silent_after_s=2) is None
 
 
-def test_watchdog_blames_the_silent_host():
-    dog = Watchdog(startup_timeout_s=100, hang_timeout_s=5)
-    waiting = HostPoll(0, phase="training", step=7, last_heard=20, last_progress=10)
-    silent = HostPoll(1, phase="training", step=7, last_heard=10, last_progress=10)
-    assert dog.hung([waiting, silent], now=20) == (1, 10)
+@pytest.mark.parametrize("phase", [Phase.TRAINING, Phase.SAVING])
+def test_the_silent_host_is_blamed_before_the_stalled_ones(phase):
+    dog = Watchdog(WatchdogConfig(hang_timeout_s=5, save_timeout_s=5))
+    stalled = HostStatus(0, phase, step=5, last_heard=100, last_progress=90)
+    silent = HostStatus(1, phase, step=5, last_heard=91, last_progress=90)
+    assert dog.hung([stalled, silent], now=100, silent_after_s=2)[0].rank == 1
+
+
+def test_the_stopped_host_is_blamed_even_when_another_host_runs_out_of_time_first():
+    """Host 1 was stopped just after host 0 reported its last step; host 0 then waits for it in a
+    collective and is the first past the limit, but host 1 is the one that stopped answering."""
+    dog = Watchdog(WatchdogConfig(hang_timeout_s=5))
+    waiting = HostStatus(0, Phase.TRAINING, step=14, last_heard=100, last_progress=94.9)
+    stopped = HostStatus(1, Phase.TRAINING, step=14, last_heard=95.1, last_progress=95.05)
+    host, limit = dog.hung([waiting, stopped], now=100, silent_after_s=2)
+    assert (host.rank, limit) == (1, 5)

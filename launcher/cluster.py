@@ -1,0 +1,137 @@
+"""The Ray connection: an embedded local instance the launcher owns (started, restarted when its node
+dies, stopped at the end, in its own session so that a signal to the launcher's process group leaves
+it running until the hosts have saved), or an existing cluster it joins and leaves.
+
+Capacity is judged by what is free on each alive node, not by node totals, so a busy cluster (or one
+this job already occupies) is seen as it is. On an autoscaling cluster the launcher asks Ray's
+autoscaler for the hosts' resources, and withdraws the request when the job ends."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import sys
+import sysconfig
+from typing import Any
+
+import ray
+from ray._private.state import available_resources_per_node
+
+from launcher.config import ClusterConfig
+from launcher.protocol import NodeLiveness
+
+log = logging.getLogger(__name__)
+RAYLET_PROBE_TIMEOUT_S = 1.0
+
+
+class RayCluster:
+    def __init__(self, cfg: ClusterConfig, runtime_env: dict[str, Any]):
+        self.cfg = cfg
+        self.runtime_env = runtime_env
+        self.embedded = cfg.address is None
+        self.instance = None
+        self.restarts = 0
+        self._requested = False
+
+    # -- connection ------------------------------------------------------------------------------
+    def connect(self) -> None:
+        # Ray turns token authentication on by default and warns about it on the user's terminal;
+        # the choice is ours and documented.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        if self.embedded:
+            from launcher.embedded_ray import EmbeddedRay
+
+            self.instance = EmbeddedRay(self.cfg.embedded_num_cpus)
+            address = self.instance.start()
+        else:
+            address = self.cfg.address
+        ray.init(address=address, log_to_driver=False, configure_logging=False, runtime_env=self.runtime_env)
+
+    def shutdown(self) -> None:
+        try:
+            if self._requested and ray.is_initialized():
+                self.request_hosts(0)
+        finally:
+            if ray.is_initialized():
+                ray.shutdown()
+            if self.instance is not None:
+                self.instance.stop()
+                self.instance = None
+
+    def alive(self) -> bool:
+        """False once the embedded instance's node is gone (an existing cluster is not ours to judge)."""
+        return self.instance is None or self.instance.alive()
+
+    def restart(self) -> None:
+        """A fresh embedded instance after its node died."""
+        assert self.embedded, "only the embedded instance is the launcher's to restart"
+        self.shutdown()
+        self.restarts += 1
+        self.connect()
+
+    # -- capacity --------------------------------------------------------------------------------
+    def placeable_hosts(self) -> int:
+        """Hosts that fit in what the alive nodes have free now."""
+        need = self.cfg.resources_per_host
+        total = 0
+        for free in available_resources_per_node().values():
+            fit = min((math.floor(free.get(k, 0) / v + 1e-9) for k, v in need.items()), default=0)
+            total += min(fit, 1) if self.cfg.placement_strategy == "STRICT_SPREAD" else fit
+        return total
+
+    def request_hosts(self, num_hosts: int) -> None:
+        """Asks an autoscaler for room for `num_hosts` hosts (0 withdraws the request). Harmless on a
+        cluster without one."""
+        if self.embedded:
+            return
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[dict(self.cfg.resources_per_host) for _ in range(num_hosts)])
+        self._requested = num_hosts > 0
+
+    def placement_message(self, wanted: int, placeable: int, waited: bool = False) -> str:
+        """Why `wanted` hosts do not fit, what the cluster has, and what to pass instead."""
+        cfg = self.cfg
+        waited_for = f" after waiting {cfg.placement_timeout_s:g} s" if waited else ""
+        return (f"cannot place {wanted} hosts of {cfg.resources_per_host} ({cfg.placement_strategy}){waited_for}: "
+                f"the cluster has {self.describe()}, room for {placeable}; pass --hosts {placeable} or fewer, "
+                f"or add capacity")
+
+    def describe(self) -> str:
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        res, free = ray.cluster_resources(), ray.available_resources()
+        parts = [f"{k}={free.get(k, 0):g}/{v:g} free" for k, v in sorted(res.items())
+                 if k in ("CPU", "GPU", "TPU", "host")]
+        return f"{len(nodes)} node(s) with {', '.join(parts) or 'no resources'}"
+
+    # -- nodes -----------------------------------------------------------------------------------
+    def node_liveness(self, node_id: str) -> NodeLiveness:
+        """Ray's word if it declared the node dead; else a probe of the node's raylet: refused means
+        the raylet (and so the node) is gone, no answer means unknown for now."""
+        node = next((n for n in ray.nodes() if n["NodeID"] == node_id), None)
+        if node is None or not node.get("Alive"):
+            return NodeLiveness.DEAD
+        try:
+            with socket.create_connection((node["NodeManagerAddress"], node["NodeManagerPort"]),
+                                          timeout=RAYLET_PROBE_TIMEOUT_S):
+                return NodeLiveness.ALIVE
+        except ConnectionRefusedError:
+            return NodeLiveness.DEAD
+        except OSError:
+            return NodeLiveness.UNKNOWN
+
+
+def runtime_env(embedded: bool, code_dirs: list[str], env: dict[str, str]) -> dict[str, Any]:
+    """How host processes find the launcher's and the user's code: on this machine through
+    PYTHONPATH, on a cluster shipped as Ray py_modules."""
+    if embedded:
+        # What this process can import, the hosts on this machine can import too (the current
+        # directory and any folder a test runner or the user put on sys.path).
+        installed = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
+        local = [p for p in sys.path if p and os.path.isdir(p) and not any(p.startswith(i) for i in installed)]
+        paths = list(dict.fromkeys([*code_dirs, os.getcwd(), *local]))
+        existing = os.environ.get("PYTHONPATH")
+        return {"env_vars": {**env, "PYTHONPATH": os.pathsep.join(paths + ([existing] if existing else []))}}
+    return {"py_modules": code_dirs, "env_vars": dict(env)}

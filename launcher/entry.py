@@ -1,0 +1,246 @@
+"""The user's function: found and checked on the driver before anything starts, found again in every
+host process, and shipped to a cluster with the job.
+
+An entry is "package.module:function" or "path/to/file.py:function" (the function defaults to
+`main`). It takes one argument, the host context. An entry may declare, with `@entrypoint(...)`,
+the defaults of its settings (then --set accepts only known keys, typed like the defaults), a check
+of its settings against a mesh (run before any host starts, and to choose host counts the job fits
+on), and a fingerprint of its input (compared on --resume, so a run never silently trains on other
+data).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import importlib.util
+import inspect
+import os
+import pathlib
+import sys
+import sysconfig
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from launcher.protocol import ConfigError, EntryRef
+
+DEFAULT_FUNCTION = "main"
+
+
+@dataclasses.dataclass(frozen=True)
+class EntrySpec:
+    """What an entry declares about itself (all optional)."""
+
+    defaults: Mapping[str, Any] | None = None
+    """Its settings' defaults: with them, --set keys are checked and typed."""
+    check: Callable[[dict[str, Any], dict[str, int]], None] | None = None
+    """check(config, mesh_sizes) raises ValueError when the settings do not suit a mesh."""
+    fingerprint: Callable[[dict[str, Any]], Any] | None = None
+    """fingerprint(config) -> JSON-able value describing the input (e.g. a hash of the data)."""
+
+
+def entrypoint(function: Callable | None = None, *, defaults: Mapping[str, Any] | None = None,
+               check: Callable[[dict[str, Any], dict[str, int]], None] | None = None,
+               fingerprint: Callable[[dict[str, Any]], Any] | None = None):
+    """Declares an entry's settings, their check and its input fingerprint:
+
+        @jaxlaunch.entrypoint(defaults={"learning_rate": 1e-3, "batch_size": 32})
+        def main(ctx): ...
+    """
+    def mark(fn: Callable) -> Callable:
+        fn.__jaxlaunch_entry__ = EntrySpec(dict(defaults) if defaults is not None else None, check, fingerprint)
+        return fn
+
+    return mark(function) if function is not None else mark
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    ref: EntryRef
+    function: Callable
+    spec: EntrySpec
+
+    def settings(self, given: Mapping[str, Any]) -> dict[str, Any]:
+        """The entry's settings: its defaults with `given` over them, checked and typed against them."""
+        defaults = self.spec.defaults
+        if defaults is None:
+            return dict(given)
+        unknown = sorted(set(given) - set(defaults))
+        if unknown:
+            raise ConfigError(f"--set {unknown[0]}: {self.ref} has no setting {unknown[0]!r}; its settings are "
+                              f"{', '.join(sorted(defaults))}")
+        out = dict(defaults)
+        for key, value in given.items():
+            out[key] = _typed_like(defaults[key], value, key)
+        return out
+
+    def check(self, settings: dict[str, Any], mesh: dict[str, int]) -> None:
+        if self.spec.check is None:
+            return
+        try:
+            self.spec.check(settings, mesh)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"{self.ref}: {err}") from None
+
+    def fits(self, settings: dict[str, Any], mesh: dict[str, int]) -> bool:
+        try:
+            self.check(settings, mesh)
+        except ConfigError:
+            return False
+        return True
+
+    def fingerprint(self, settings: dict[str, Any]) -> Any:
+        if self.spec.fingerprint is None:
+            return None
+        try:
+            return self.spec.fingerprint(settings)
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"{self.ref}: cannot read its input: {err}") from None
+
+
+def _typed_like(default: Any, value: Any, key: str) -> Any:
+    if default is None or value is None:
+        return value
+    if isinstance(default, bool) or isinstance(value, bool):
+        if isinstance(default, bool) and isinstance(value, bool):
+            return value
+    elif isinstance(default, float) and isinstance(value, int | float):
+        return float(value)
+    elif isinstance(default, int) and isinstance(value, int):
+        return value
+    elif isinstance(default, str) and isinstance(value, str | int | float):
+        return str(value)
+    elif isinstance(default, list | tuple | dict) and isinstance(value, type(default)):
+        return value
+    raise ConfigError(f"--set {key}={value!r}: expected a {type(default).__name__} like its default {default!r}")
+
+
+# ---- finding the function ---------------------------------------------------------------------------
+
+def parse(text: str) -> EntryRef:
+    """"file.py:fn" or "package.module:fn" (":fn" defaults to main) as an EntryRef for this machine."""
+    target, _, function = text.rpartition(":") if ":" in text else (text, ":", DEFAULT_FUNCTION)
+    function = function or DEFAULT_FUNCTION
+    if not target or not function.isidentifier():
+        raise ConfigError(f"--entry {text!r}: expected path/to/file.py:function or package.module:function")
+    if target.endswith(".py") or os.sep in target:
+        path = pathlib.Path(target).expanduser().absolute()
+        if not path.is_file():
+            raise ConfigError(f"--entry {text!r}: no such file {path}")
+        return EntryRef(module=path.stem, function=function, path=str(path))
+    if not all(part.isidentifier() for part in target.split(".")):
+        raise ConfigError(f"--entry {text!r}: expected path/to/file.py:function or package.module:function")
+    return EntryRef(module=target, function=function)
+
+
+def load(ref: EntryRef) -> Callable:
+    """The entry's function, imported in this process. Raises ConfigError naming what went wrong."""
+    where = str(ref)
+    try:
+        if ref.package is not None:  # shipped to a cluster: the module lives in the shipped folder
+            folder = pathlib.Path(importlib.import_module(ref.package).__path__[0])
+            module = _import_file(folder / f"{ref.module}.py", ref.module)
+        elif ref.path is not None:
+            module = _import_file(pathlib.Path(ref.path), ref.module)
+        else:
+            if os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())  # as `python -m` would
+            module = importlib.import_module(ref.module)
+    except ConfigError:
+        raise
+    except ModuleNotFoundError as err:
+        raise ConfigError(f"--entry {where}: cannot import {err.name!r} ({err}); check the name and that it is "
+                          f"installed or in the current directory") from None
+    except BaseException as err:  # noqa: BLE001 - a broken module is the user's to fix
+        raise ConfigError(f"--entry {where}: importing it raised {type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else ''}") from None
+    function = getattr(module, ref.function, None)
+    if function is None:
+        names = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
+                       and getattr(v, "__module__", None) == module.__name__)
+        raise ConfigError(f"--entry {where}: {module.__name__} has no function {ref.function!r}"
+                          + (f"; it has {', '.join(names[:8])}" if names else ""))
+    if not callable(function):
+        raise ConfigError(f"--entry {where}: {ref.function} is not a function")
+    try:
+        inspect.signature(function).bind(object())
+    except TypeError:
+        raise ConfigError(f"--entry {where}: {ref.function} must take exactly one argument, the host context "
+                          f"(def {ref.function}(ctx): ...)") from None
+    except ValueError:
+        pass  # no signature to inspect (a builtin or C function)
+    return function
+
+
+def _import_file(path: pathlib.Path, name: str):
+    if not path.is_file():
+        raise ConfigError(f"--entry: no such file {path}")
+    # Like running the file: its folder is importable (sibling modules), and a name of its own keeps
+    # two entries called main.py apart.
+    folder = str(path.parent)
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    unique = f"_jaxlaunch_entry_{name}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+    if unique in sys.modules:
+        return sys.modules[unique]
+    spec = importlib.util.spec_from_file_location(unique, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[unique] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[unique]
+        raise
+    return module
+
+
+def resolve(text: str) -> Entry:
+    ref = parse(text)
+    function = load(ref)
+    return Entry(ref, function, getattr(function, "__jaxlaunch_entry__", None) or EntrySpec())
+
+
+def from_callable(function: Callable) -> str:
+    """The entry text of a function object (for `jaxlaunch.launch(main)`)."""
+    module = inspect.getmodule(function)
+    name = function.__qualname__
+    if "." in name or "<" in name:
+        raise ConfigError(f"{name} is not a module-level function: the hosts import the entry by name")
+    if module is None or module.__name__ == "__main__" or getattr(module, "__spec__", None) is None \
+            or module.__name__.startswith("_jaxlaunch_entry_"):
+        path = inspect.getsourcefile(function)
+        if path is None:
+            raise ConfigError(f"cannot find the file that defines {name}; pass --entry path/to/file.py:{name}")
+        return f"{path}:{name}"
+    return f"{module.__name__}:{name}"
+
+
+# ---- shipping to a cluster -------------------------------------------------------------------------
+
+def _installed(path: pathlib.Path) -> bool:
+    roots = {sysconfig.get_paths()[k] for k in ("purelib", "platlib", "stdlib")}
+    return any(path.is_relative_to(root) for root in roots)
+
+
+def shipped(ref: EntryRef, staging: pathlib.Path) -> tuple[EntryRef, list[str]]:
+    """How the hosts of a cluster find the entry: its reference there and the folders to ship (as
+    Ray py_modules). A file entry ships its folder (siblings stay importable), under a name of its
+    own in `staging` so it cannot shadow a package of the same name; a module of a local package
+    ships the package; an installed package ships nothing (the nodes must have it)."""
+    if ref.path is not None:
+        folder = pathlib.Path(ref.path).parent
+        name = f"jaxlaunch_entry_{hashlib.sha1(str(folder).encode()).hexdigest()[:10]}"
+        link = staging / name
+        if not link.exists():
+            link.symlink_to(folder, target_is_directory=True)
+        return EntryRef(module=ref.module, function=ref.function, package=name), [str(link)]
+    top = ref.module.split(".")[0]
+    spec = importlib.util.find_spec(top)
+    if spec is None or spec.origin in (None, "built-in", "frozen"):
+        return ref, []
+    location = pathlib.Path(spec.submodule_search_locations[0]) if spec.submodule_search_locations \
+        else pathlib.Path(spec.origin)
+    if _installed(location):
+        return ref, []
+    return ref, [str(location)]

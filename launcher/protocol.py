@@ -1,0 +1,314 @@
+"""The contract between the driver and its host processes, free of Ray and JAX.
+
+Everything that crosses the driver-host boundary is defined here once: the settings a host receives
+for one attempt (`HostSpec`), the phases it goes through (`Phase`), what a poll returns
+(`HostSnapshot`), how a host ends (`HostResult`, `HostError`) and what the driver's adapter observes
+when a host ends badly (`HostExit`). The Ray adapter (`launcher.worker_group`) only translates Ray's
+objects into these; the driver and the policies read nothing else, so they run without Ray.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any, Protocol
+
+
+class ConfigError(ValueError):
+    """A user error in the configuration, the command line or the entry: exit code 2."""
+
+
+class Phase(enum.StrEnum):
+    """Where a host process is. Each phase has its own watchdog limit (`launcher.policy.Watchdog`)."""
+
+    STARTING = "starting"          # the actor process exists
+    INITIALIZING = "initializing"  # jax.distributed.initialize
+    RESTORING = "restoring"        # ctx.restore_or_init: building or restoring the state
+    COMPILING = "compiling"        # after restore_or_init, before the first reported step
+    TRAINING = "training"          # reporting steps
+    SAVING = "saving"              # a blocking part of a checkpoint save, or the final wait for one
+    DONE = "done"
+
+    @property
+    def started_training(self) -> bool:
+        return self in (Phase.TRAINING, Phase.SAVING, Phase.DONE)
+
+
+# ---- settings a host receives ---------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointConfig:
+    """Orbax checkpointing on the hosts."""
+
+    save_every: int = 50
+    """Save every this many steps (and always at the last step and at an agreed stop)."""
+    max_to_keep: int = 3
+    """Committed checkpoints kept; older ones are deleted."""
+    async_save: bool = True
+    """Write checkpoints in the background while training continues."""
+    save_timeout_s: float = 600.0
+    """The longest a blocking part of a save (or the final wait for one) may take before the
+    watchdog counts the host as hung: a long save is progress, a stuck one is not."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """Timeouts of `jax.distributed` in every host process. JAX's defaults (300 s start-up, 100 s
+    heartbeat) would leave the survivors of a failure waiting for minutes."""
+
+    init_timeout_s: int = 120
+    """jax.distributed.initialize: how long every process waits for the others."""
+    heartbeat_timeout_s: int = 10
+    """Coordination-service heartbeat: a silent process is declared dead after this."""
+    shutdown_timeout_s: int = 10
+    """jax.distributed.shutdown: the barrier's limit."""
+
+
+INJECTION_KINDS = ("crash", "kill", "hang", "exception", "preempt")
+
+
+@dataclasses.dataclass(frozen=True)
+class Injection:
+    """A failure to inject at a reported step: `--inject KIND@step=N,host=I[,times=K]`."""
+
+    kind: str
+    step: int
+    host: int = 0
+    times: int = 1
+    """On how many attempts it fires (an `exception` with a large count fails every attempt)."""
+
+    @classmethod
+    def parse(cls, text: str) -> Injection:
+        form = "KIND@step=N,host=I[,times=K] with KIND one of " + ", ".join(INJECTION_KINDS)
+        kind, _, rest = text.partition("@")
+        if kind not in INJECTION_KINDS or not rest:
+            raise ConfigError(f"--inject {text!r}: expected {form}")
+        try:
+            fields = {k.strip(): int(v) for k, v in (item.split("=") for item in rest.split(","))}
+            injection = cls(kind=kind, **fields)
+        except (ValueError, TypeError):
+            raise ConfigError(f"--inject {text!r}: expected {form}") from None
+        if injection.step < 1 or injection.host < 0 or injection.times < 1:
+            raise ConfigError(f"--inject {text!r}: step and times must be at least 1, host at least 0")
+        return injection
+
+    def __str__(self) -> str:
+        return f"{self.kind}@step={self.step},host={self.host}"
+
+
+@dataclasses.dataclass(frozen=True)
+class EntryRef:
+    """The user's function, as a host process finds it."""
+
+    module: str
+    """Import name ("examples.minimal"), or the file's stem for a file entry."""
+    function: str
+    path: str | None = None
+    """For a file entry: the file on a machine that shares the driver's filesystem."""
+    package: str | None = None
+    """For code shipped to a cluster: the shipped package whose folder holds the module."""
+
+    def __str__(self) -> str:
+        return f"{self.path or self.module}:{self.function}"
+
+
+@dataclasses.dataclass(frozen=True)
+class HostSpec:
+    """Everything one host process needs for one attempt, and nothing of the driver's own."""
+
+    entry: EntryRef
+    config: dict[str, Any]
+    """The user's settings (`ctx.config`)."""
+    run_dir: str
+    attempt: int
+    rank: int
+    num_hosts: int
+    coordinator_address: str
+    """host:port of the jax.distributed coordinator (rank 0's node, a port fresh for this attempt)."""
+    mesh: dict[str, int]
+    """Mesh axes and sizes; one size may be -1 (inferred from the device count)."""
+    steps: int
+    schedule_steps: int
+    seed: int
+    platform: str
+    checkpoint: CheckpointConfig
+    distributed: DistributedConfig
+    compilation_cache_dir: str | None = None
+    expect_checkpoint: bool = False
+    """The run has committed steps: finding none readable is an error, never a fresh start."""
+    injections: tuple[Injection, ...] = ()
+
+
+# ---- what comes back --------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class HostEvent:
+    """Something a host wants in events.jsonl (a restore, a checkpoint fallback, its timeline)."""
+
+    kind: str
+    time: float
+    fields: dict[str, Any]
+    per_host: bool = False
+    """Written for every host (with its rank); otherwise only rank 0's copy is written, since every
+    host reports the same group-wide fact."""
+
+
+@dataclasses.dataclass(frozen=True)
+class HostSnapshot:
+    """A host's state at a poll, with the records and events gathered since the previous poll."""
+
+    phase: Phase
+    step: int | None
+    records: tuple[dict[str, Any], ...] = ()
+    """Per-step metric records (rank 0 only)."""
+    events: tuple[HostEvent, ...] = ()
+
+
+class Ending(enum.StrEnum):
+    COMPLETED = "completed"  # the user's function returned without an agreed stop
+    STOPPED = "stopped"      # it returned after every host saved at a step agreed after a stop request
+
+
+@dataclasses.dataclass(frozen=True)
+class HostResult:
+    """A host's function returned."""
+
+    ending: Ending
+    final_step: int | None
+    process_index: int
+    process_count: int
+    num_devices: int
+    mesh: dict[str, int]
+    final_snapshot: HostSnapshot
+    """What no poll has drained yet, so that no record is lost."""
+    returned: Any = None
+    """What the user's function returned (JSON-able values only; None otherwise)."""
+
+
+class ErrorKind(enum.StrEnum):
+    """How a host's Python code failed, as the host itself knows it."""
+
+    USER = "user"              # an exception in the user's code (or the launcher's code on the host)
+    COLLECTIVE = "collective"  # a JAX runtime error that a lost peer causes (gloo, coordination service)
+    STORAGE = "storage"        # the run directory's filesystem: full, read-only, gone
+    NO_CHECKPOINT = "no_checkpoint"  # the run has committed steps but none can be read
+    TRANSIENT = "transient"    # retried and still failing: memory, storage timeouts, permissions
+
+
+class HostError(Exception):
+    """An exception in a host process, with what the driver needs: the host's rank, the last step it
+    reported, the exception's type and text, its traceback, and its kind."""
+
+    def __init__(self, rank: int, step: int | None, kind: ErrorKind, exception_type: str, message: str,
+                 traceback_text: str):
+        super().__init__(f"host {rank} failed after step {step}: {exception_type}: {message}")
+        self.rank, self.step, self.kind = rank, step, kind
+        self.exception_type, self.message, self.traceback_text = exception_type, message, traceback_text
+
+    def __reduce__(self):
+        return HostError, (self.rank, self.step, self.kind, self.exception_type, self.message, self.traceback_text)
+
+    @property
+    def summary(self) -> str:
+        """`ValueError: bad batch`: the exception's own first line."""
+        first = self.message.strip().splitlines()[:1] or [""]
+        return f"{self.exception_type}: {first[0]}"
+
+
+class ExitHow(enum.StrEnum):
+    """How the driver saw a host end badly (the Ray adapter translates Ray's errors into these)."""
+
+    RAISED = "raised"                  # the host's code raised (a HostError comes with it)
+    PROCESS_DIED = "process_died"      # the process is gone: crash, SIGKILL, out of memory
+    NODE_DIED = "node_died"            # Ray says the host's node died
+    NODE_PREEMPTED = "node_preempted"  # Ray says the node was preempted (drained by the cloud)
+    UNREACHABLE = "unreachable"        # the connection broke and no cause is known yet
+
+
+class NodeLiveness(enum.StrEnum):
+    ALIVE = "alive"
+    DEAD = "dead"
+    UNKNOWN = "unknown"  # neither confirmed alive nor declared dead yet
+
+
+@dataclasses.dataclass(frozen=True)
+class HostExit:
+    """One host's bad ending, as observed; `launcher.policy.classify` makes a Failure of it."""
+
+    rank: int
+    how: ExitHow
+    at: float
+    """Driver clock when it was observed."""
+    step: int | None
+    """The last step the host reported."""
+    detail: str = ""
+    """Ray's own words, for the message."""
+    error: HostError | None = None
+    node: NodeLiveness = NodeLiveness.UNKNOWN
+    """The host's node at the time, as Ray (or a probe of its raylet) reports it."""
+    since: float | None = None
+    """When the host was last heard from, for an unreachable one."""
+
+
+# ---- the driver's view of a group ---------------------------------------------------------------------
+
+@dataclasses.dataclass
+class HostStatus:
+    """The driver's running view of one host, updated by every poll."""
+
+    rank: int
+    phase: Phase = Phase.STARTING
+    step: int | None = None
+    last_heard: float = 0.0
+    """Driver clock at the last answer to a poll."""
+    last_progress: float = 0.0
+    """Driver clock at which `step` or `phase` last changed."""
+
+
+@dataclasses.dataclass
+class GroupPoll:
+    hosts: list[HostStatus]
+    records: list[dict[str, Any]]
+    events: list[tuple[int, HostEvent]]
+    """(rank, event), already filtered: group-wide events from rank 0 only."""
+    results: dict[int, HostResult]
+    exits: list[HostExit]
+    unresolved: int = 0
+    """Hosts that went unreachable and are not yet known to be dead or lost with their node."""
+
+    @property
+    def finished(self) -> bool:
+        return len(self.results) == len(self.hosts)
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupInfo:
+    coordinator: str
+    nodes: list[str]
+    pids: list[int]
+
+
+class PlacementError(RuntimeError):
+    """The cluster could not place the hosts asked for in time."""
+
+
+class WorkerGroup(Protocol):
+    """One attempt's hosts. `launcher.worker_group.RayWorkerGroup` on Ray; a fake in unit tests."""
+
+    def start(self, num_hosts: int, attempt: int, injections: tuple[Injection, ...] = ()) -> GroupInfo: ...
+    def poll(self) -> GroupPoll: ...
+    def preempt(self) -> None: ...
+    def kill(self, rank: int) -> None: ...
+    def dump_stacks(self, rank: int) -> str | None: ...
+    def shutdown(self) -> None: ...
+
+
+class Cluster(Protocol):
+    """Where groups run: capacity, a description, and whether it is still there."""
+
+    embedded: bool
+
+    def placeable_hosts(self) -> int: ...
+    def describe(self) -> str: ...
+    def alive(self) -> bool: ...
+    def restart(self) -> None: ...

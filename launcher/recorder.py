@@ -1,0 +1,172 @@
+"""Listeners of the driver that write what happens: events.jsonl (the one source of a run's history),
+metrics.jsonl with TensorBoard beside it, and chaos, which kills hosts at random times.
+
+Each event is written once, here, from a state change or a poll; the attempt table, the trajectory,
+goodput, summary.json and report.png are all derived from these records (`launcher.history`)."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+from launcher.driver import Driver
+from launcher.protocol import GroupPoll
+from launcher.runs import RunDir
+from launcher.states import (
+    Attempt,
+    Draining,
+    DrainReason,
+    Failed,
+    ResolvingFailure,
+    Restarting,
+    Running,
+    State,
+    Stopped,
+    WaitingForCapacity,
+)
+
+TENSORBOARD_SKIP = ("step", "time", "attempt", "num_hosts")
+_ACTIVE = (Running, Draining, ResolvingFailure)
+
+
+class TensorBoard:
+    """Scalars of every record. A restart recomputes steps after its checkpoint: the writer then
+    reopens with `purge_step`, so TensorBoard replaces those points instead of folding back."""
+
+    def __init__(self, directory, last_step: int = -1):
+        self.directory = directory
+        self.writer = None
+        self.last_step = last_step
+        """The newest step already written, by this launch or an earlier one of the run."""
+        self.files = 0
+
+    def write(self, records: list[dict[str, Any]]) -> None:
+        from tensorboardX import SummaryWriter
+
+        for record in records:
+            step = record["step"]
+            if self.writer is None or step <= self.last_step:
+                if self.writer is not None:
+                    self.writer.close()
+                self.files += 1
+                # A file name of its own: two writers within one second would share one.
+                self.writer = SummaryWriter(str(self.directory), flush_secs=10,
+                                            filename_suffix=f".{os.getpid()}.{self.files}",
+                                            purge_step=step if self.last_step >= step else None)
+            for key, value in record.items():
+                if key not in TENSORBOARD_SKIP and isinstance(value, int | float) and not isinstance(value, bool):
+                    self.writer.add_scalar(f"train/{key}", value, step)
+            self.last_step = step
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+class Recorder:
+    def __init__(self, run: RunDir, mesh_for: Callable[[int], dict[str, int]],
+                 wall_clock: Callable[[], float] = time.time):
+        self.run, self.mesh_for, self.wall_clock = run, mesh_for, wall_clock
+        self.recorded_steps = {r["step"] for r in run.metric_records() if isinstance(r.get("step"), int)}
+        self.tensorboard = TensorBoard(run.tensorboard_dir, max(self.recorded_steps, default=-1))
+
+    def close(self) -> None:
+        self.tensorboard.close()
+
+    def event(self, kind: str, **fields: Any) -> None:
+        self.run.event(kind, time=self.wall_clock(), **fields)
+
+    # -- polls -----------------------------------------------------------------------------------
+    def on_poll(self, driver: Driver, attempt: Attempt, poll: GroupPoll) -> None:
+        for rank, event in poll.events:
+            fields = dict(event.fields)
+            backfill = fields.pop("records", None)
+            self.run.event(event.kind, time=event.time, attempt=attempt.number, rank=rank, **fields)
+            if backfill:
+                # Records of committed steps that never reached the driver (the host died first):
+                # the checkpoint carried them, so the run's trajectory has no hole.
+                self.metrics([r for r in backfill if r["step"] not in self.recorded_steps])
+        self.metrics(poll.records)
+
+    def metrics(self, records: list[dict[str, Any]]) -> None:
+        if records:
+            self.run.metrics(records)
+            self.tensorboard.write(records)
+            self.recorded_steps.update(r["step"] for r in records)
+
+    # -- transitions -----------------------------------------------------------------------------
+    def on_transition(self, driver: Driver, old: State, new: State) -> None:
+        if isinstance(new, Running) and not isinstance(old, _ACTIVE):
+            a, group = new.attempt, new.attempt.group
+            self.event("attempt_started", attempt=a.number, num_hosts=a.num_hosts, mesh=self.mesh_for(a.num_hosts),
+                       latest_committed_step=a.latest_committed, injections=[str(i) for i in a.injections],
+                       coordinator=group.coordinator, nodes=group.nodes, pids=group.pids)
+        elif isinstance(new, WaitingForCapacity) and not isinstance(old, WaitingForCapacity):
+            self.event("waiting_for_capacity", placeable_hosts=new.placeable,
+                       min_hosts=driver.scaling_policy.min_hosts)
+        elif isinstance(new, Draining):
+            if new.reason == DrainReason.RESIZE:
+                self.event("grow", attempt=new.attempt.number, from_hosts=new.attempt.num_hosts,
+                           to_hosts=new.target_hosts)
+            else:
+                self.event("stop_requested", attempt=new.attempt.number, signal=driver.stop_name)
+        if isinstance(old, _ACTIVE) and not isinstance(new, _ACTIVE):
+            self._attempt_ended(driver, old.attempt, new)
+        if isinstance(new, Restarting):
+            self.event("restarting", reason=new.decision.reason, backoff_s=new.decision.backoff_s)
+        elif isinstance(new, Failed):
+            self.event("job_failed", reason=new.reason)
+        elif isinstance(new, Stopped):
+            self.event("job_stopped", reason=new.reason, signal=driver.stop_name)
+
+    def _attempt_ended(self, driver: Driver, a: Attempt, new: State) -> None:
+        failure = getattr(new, "failure", None)
+        latency = None
+        if failure is not None:
+            if failure.failed_at is not None:
+                latency = max(0.0, failure.detected_at - failure.failed_at)
+            self.event("failure", attempt=a.number, cause=failure.kind.value, host=failure.rank, step=failure.step,
+                       message=failure.message, traceback=failure.traceback, detection_latency_s=latency)
+            if failure.rank is not None and failure.traceback and failure.kind.value == "hung":
+                with self.run.host_log(a.number, failure.rank).open("a") as log:
+                    log.write(f"\n--- the watchdog found this host hung; its stacks ---\n{failure.traceback}\n")
+        result = next(iter(a.results.values()), None)
+        self.event(
+            "attempt_ended", attempt=a.number, num_hosts=a.num_hosts, cause=a.cause,
+            host=failure.rank if failure is not None else None, first_step=a.first_step, last_step=a.last_step,
+            restored_step=a.restored_step, detection_latency_s=latency, recovery_time_s=a.recovery_time_s,
+            time_to_first_step_s=a.time_to_first_step_s, duration_s=driver.clock() - a.started_at,
+            **({"process_count": result.process_count, "num_devices": result.num_devices, "mesh": result.mesh,
+                "returned": result.returned} if result is not None else {}),
+        )
+
+
+class Chaos:
+    """Kills a random training host at random times, `mean_s` apart on average (exponential gaps),
+    and tells the driver when, so that detection latency is measured from the kill."""
+
+    def __init__(self, mean_s: float, seed: int, record: Callable[..., None]):
+        self.mean_s, self.record = mean_s, record
+        self.random = random.Random(seed)
+        self.next_at: float | None = None
+        self.attempt: int | None = None
+
+    def on_transition(self, driver: Driver, old: State, new: State) -> None:
+        if isinstance(new, Running) and not isinstance(old, _ACTIVE):
+            self.attempt = new.attempt.number
+            self.next_at = driver.clock() + self.random.expovariate(1.0 / self.mean_s)
+
+    def on_poll(self, driver: Driver, attempt: Attempt, poll: GroupPoll) -> None:
+        now = driver.clock()
+        if (self.next_at is None or now < self.next_at or attempt.number != self.attempt
+                or not isinstance(driver.state, Running) or not attempt.stepped(poll.hosts)):
+            return
+        rank = self.random.randrange(len(poll.hosts))
+        self.next_at = None
+        attempt.killed_at = now
+        self.record("chaos_kill", attempt=attempt.number, host=rank, step=attempt.last_step)
+        driver.group.kill(rank)

@@ -1,0 +1,127 @@
+"""The driver's states, each carrying its own data, and the attempt record they share.
+
+A transition is `Driver.step()`: a function of the current state (and what the hosts report) to the
+next state. Listeners (the recorder, the display, chaos) see every transition from outside."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any
+
+from launcher.policy import Decision, Failure
+from launcher.protocol import GroupInfo, Injection
+
+
+@dataclasses.dataclass
+class Attempt:
+    """One group of hosts, from its start to its end (operational data of the driver; the records
+    of `events.jsonl` are made from it)."""
+
+    number: int
+    num_hosts: int
+    mesh: dict[str, int]
+    started_at: float
+    """Driver clock."""
+    latest_committed: int | None
+    injections: tuple[Injection, ...] = ()
+    group: GroupInfo | None = None
+    first_step: int | None = None
+    last_step: int | None = None
+    restored_step: int | None = None
+    time_to_first_step_s: float | None = None
+    recovery_time_s: float | None = None
+    killed_at: float | None = None
+    """When chaos killed a host of it (driver clock)."""
+    failures: dict[int | None, Failure] = dataclasses.field(default_factory=dict)
+    """Failures seen while finding the root cause, by host."""
+    cause: str | None = None
+    results: dict[int, Any] = dataclasses.field(default_factory=dict)
+
+    def stepped(self, hosts) -> bool:
+        """Every host is training and has reported a step of this attempt. JAX's preemption sync
+        point needs each host to have reported a step before a notice arrives."""
+        first = self.first_step
+        return first is not None and all(
+            h.phase.started_training and h.step is not None and h.step >= first for h in hosts)
+
+
+class DrainReason(enum.StrEnum):
+    RESIZE = "resize"  # capacity came back: save, then restart on more hosts
+    STOP = "stop"      # the user asked to stop (SIGINT, SIGTERM): save, then exit
+
+
+@dataclasses.dataclass(frozen=True)
+class Scheduling:
+    """Choosing a host count and starting a group."""
+
+    at_most: int | None = None
+    """A cap below a host count whose placement just timed out."""
+    waiting_since: float | None = None
+    """Set while capacity is short, carried over from WaitingForCapacity."""
+    prefer: int | None = None
+    """After a resize: the host count it drained for, worth waiting a moment for (Ray frees the
+    old group's resources shortly after its teardown)."""
+    prefer_until: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class WaitingForCapacity:
+    since: float
+    placeable: int
+    at_most: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Running:
+    attempt: Attempt
+
+
+@dataclasses.dataclass(frozen=True)
+class Draining:
+    """Every host was asked to save at one common step and stop."""
+
+    attempt: Attempt
+    reason: DrainReason
+    target_hosts: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ResolvingFailure:
+    """A host failed; listening a moment longer for the root cause (a dead host is often reported
+    after the collective errors it causes on the others)."""
+
+    attempt: Attempt
+    since: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Restarting:
+    failure: Failure
+    decision: Decision
+
+
+@dataclasses.dataclass(frozen=True)
+class Finished:
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Failed:
+    reason: str
+    failure: Failure | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Stopped:
+    signal: int
+    reason: str
+
+
+State = (Scheduling | WaitingForCapacity | Running | Draining | ResolvingFailure | Restarting | Finished | Failed
+         | Stopped)
+TERMINAL = (Finished, Failed, Stopped)
+
+
+def name(state: State) -> str:
+    return {Finished: "finished", Failed: "failed", Stopped: "stopped"}.get(type(state), type(state).__name__)

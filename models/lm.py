@@ -1,0 +1,105 @@
+"""The built-in job: a byte-level transformer language model, trained through the public host context
+exactly as a user's function would be (`--entry models.lm:main`, the default).
+
+Its settings (`ctx.config`) are the defaults below, set with --set or the shorthand flags --model,
+--data, --global-batch-size and --seq-len."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from launcher.entry import entrypoint
+from models.config import PRESETS, preset
+from models.corpus import Corpus, check_data_path, corpus_files, fingerprint_of
+
+DEFAULTS: dict[str, Any] = {
+    "model": "tiny",              # size preset: tiny, small or base
+    "data": None,                 # text file or folder; None: the Python standard library's sources
+    "global_batch_size": 32,      # sequences per step over all hosts, whatever the host count
+    "seq_len": 128,               # bytes per sequence
+    "learning_rate": 3e-3,        # peak of the warm-up + cosine schedule
+    "warmup_steps": 30,
+    "weight_decay": 0.01,         # AdamW's decoupled weight decay
+    "grad_clip_norm": 1.0,
+}
+
+# Logical axis -> mesh axis. `embed` over `data` is FSDP (parameters and optimizer state split across
+# the data-parallel hosts); `heads`, `mlp` and `vocab` over `model` is tensor parallelism.
+SHARDING_RULES = {"embed": "data", "heads": "model", "mlp": "model", "vocab": "model", "pos": None}
+
+
+def check(config: dict[str, Any], mesh: dict[str, int]) -> None:
+    """Raises ValueError when the settings cannot run on `mesh`."""
+    if config["model"] not in PRESETS:
+        raise ValueError(f"unknown model preset {config['model']!r}: choose one of {', '.join(PRESETS)}")
+    for name in ("global_batch_size", "seq_len", "warmup_steps"):
+        if not isinstance(config[name], int) or config[name] < (0 if name == "warmup_steps" else 1):
+            raise ValueError(f"{name} must be a positive integer, got {config[name]!r}")
+    for name in ("learning_rate", "weight_decay", "grad_clip_norm"):
+        if not config[name] == config[name] or config[name] < 0 or config[name] == float("inf"):
+            raise ValueError(f"{name} must be a finite number of at least 0, got {config[name]!r}")
+    max_len = preset(config["model"]).max_seq_len
+    if config["seq_len"] > max_len:
+        raise ValueError(f"seq_len {config['seq_len']} exceeds model {config['model']}'s max_seq_len {max_len}")
+    data_parallel = mesh.get("data", 1)
+    if config["global_batch_size"] % data_parallel:
+        raise ValueError(f"global batch {config['global_batch_size']} is not divisible by the data-parallel size "
+                         f"{data_parallel}: use a global_batch_size that is a multiple of {data_parallel}")
+    if config["data"] is not None:
+        check_data_path(config["data"], config["seq_len"])
+
+
+def fingerprint(config: dict[str, Any]) -> str:
+    """The corpus's content hash: a resume on other data is refused."""
+    return fingerprint_of(b"".join(f.read_bytes() for f in corpus_files(config["data"])))
+
+
+@entrypoint(defaults=DEFAULTS, check=check, fingerprint=fingerprint)
+def main(ctx) -> dict[str, Any]:
+    import jax
+    import optax
+    from flax import nnx
+
+    from models.transformer import build
+
+    cfg = dict(ctx.config)
+    model_cfg = preset(cfg["model"])
+    corpus = Corpus.load(cfg["data"])
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg["learning_rate"], warmup_steps=cfg["warmup_steps"],
+        decay_steps=max(ctx.schedule_steps, cfg["warmup_steps"] + 1), end_value=cfg["learning_rate"] * 0.1)
+
+    def make_model_and_optimizer():
+        model = build(model_cfg, ctx.seed)
+        tx = optax.chain(optax.clip_by_global_norm(cfg["grad_clip_norm"]),
+                         optax.adamw(schedule, weight_decay=cfg["weight_decay"]))
+        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    (model, optimizer), start = ctx.restore_or_init(make_model_and_optimizer, rules=SHARDING_RULES)
+
+    def loss_fn(model, inputs, targets):
+        logits = model(inputs)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+    @nnx.jit(donate_argnums=(0, 1))
+    def train_step(model, optimizer, inputs, targets):
+        loss, grads = nnx.value_and_grad(loss_fn)(model, inputs, targets)
+        optimizer.update(model, grads)
+        return loss
+
+    step_fn = nnx.cached_partial(train_step, model, optimizer)
+    batch_size, seq_len = cfg["global_batch_size"], cfg["seq_len"]
+
+    def rows(step, indices):
+        return corpus.rows(ctx.seed, step, indices, batch_size, seq_len)
+
+    learning_rate = jax.jit(schedule)
+    for step in range(start + 1, ctx.steps + 1):
+        # The batch of step s is row-for-row the same on any number of hosts (seeded by the step).
+        loss = step_fn(*ctx.global_batch(rows, step - 1, batch_size))
+        ctx.report(step, loss=loss, learning_rate=learning_rate(step - 1), tokens=batch_size * seq_len)
+        ctx.maybe_save(step, (model, optimizer))
+        if ctx.should_stop(step):
+            break
+    return {"model": cfg["model"], "parameters": model_cfg.num_params}
+

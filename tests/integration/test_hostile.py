@@ -1,0 +1,246 @@
+"""Hostile conditions: two launches on one run, torn records, a full disk, signals to the whole process
+group, a SIGKILLed driver, a lost embedded node, bad numbers. Each gets a clear answer, and nothing
+committed is lost."""
+
+import json
+import os
+import signal
+import subprocess
+
+import psutil
+import pytest
+
+from tests.integration.helpers import (
+    EXAMPLE_RUN,
+    MINIMAL,
+    alive,
+    assert_no_host_left,
+    attempts,
+    committed_steps,
+    events,
+    host_pids,
+    last_step,
+    launch,
+    ray_processes_left,
+    signal_after,
+    start,
+    summary,
+    trajectory,
+    tree_snapshot,
+    wait_for,
+)
+
+
+def assert_refused(result, message: str):
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert message in lines[0], lines[0]
+
+
+def test_a_second_launch_on_a_busy_run_directory_is_refused_naming_the_first(tmp_path):
+    run_dir = tmp_path / "run"
+    first = start("--hosts", "2", *MINIMAL, "--steps", "400", "--save-every", "50", "--run-dir", str(run_dir))
+    try:
+        wait_for(lambda: last_step(run_dir) >= 1, 300, "the first launch's first step", first)
+        second = launch("--resume", "--hosts", "2", *MINIMAL, "--run-dir", str(run_dir))
+        assert_refused(second, f"is in use by the launch of pid {first.pid} on")
+        out, err = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert first.returncode == 0, out + err
+    assert sorted(trajectory(run_dir)) == list(range(1, 401)) and len(events(run_dir, "launch")) == 1
+    assert not (run_dir / ".lock").exists(), "released at the end"
+
+
+def test_torn_records_are_skipped_by_the_report_and_by_resume(minimal_reference, copy_of):
+    run_dir = copy_of(minimal_reference)
+    for name in ("events.jsonl", "metrics.jsonl"):
+        with (run_dir / name).open("a") as f:
+            f.write('{"event": "attempt_st')  # a driver killed mid-write, or a full disk
+    report = launch("report", str(run_dir))
+    assert report.returncode == 0 and "goodput" in report.stdout, report.stdout + report.stderr
+    assert "is torn or not JSON; skipped it" in report.stderr
+    resumed = launch("--resume", "--run-dir", str(run_dir), "--steps", "203")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert sorted(trajectory(run_dir)) == list(range(1, 204))
+    assert json.loads((run_dir / "summary.json").read_text())["final_step"] == 203
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A tmpfs of a few MB for a run directory, unmounted afterwards."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    mounted = []
+
+    def make(size_bytes: int):
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(mount)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"mounting a small tmpfs needs privileges this machine lacks: {result.stderr.strip()}")
+        mounted.append(mount)
+        return mount
+
+    yield make
+    for m in mounted:
+        subprocess.run(["umount", "-l", str(m)], check=False)
+
+
+BIG_STATE = """
+import jax
+
+
+def main(ctx):
+    init = lambda: {"w": jax.random.normal(jax.random.key(0), (ctx.config["elements"],))}  # incompressible
+    state, start = ctx.restore_or_init(init)
+    for step in range(start + 1, ctx.steps + 1):
+        state = {"w": state["w"] * 1.5}
+        ctx.report(step)
+        ctx.maybe_save(step, state)
+"""
+
+
+def test_a_full_disk_stops_at_once_naming_the_filesystem_and_keeps_older_steps(tmp_path, small_filesystem):
+    """Room for the records and two checkpoints of 4 MB, not three: the third save fails, the job
+    stops at once with exit 1 and one line about the space, spends no restart budget, and keeps the
+    two older steps (before, every attempt failed alike until the budget was spent)."""
+    entry = tmp_path / "big_state.py"
+    entry.write_text(BIG_STATE)
+    config = tmp_path / "no-cache.yaml"
+    config.write_text("cluster: {compilation_cache: false}\ncheckpoint: {async_save: false}\n")
+    mount = small_filesystem(11_000_000)
+    run_dir = mount / "run"
+    result = launch("--entry", str(entry), "--set", "elements=1000000", "--hosts", "2", "--mesh", "data=-1",
+                    "--steps", "3", "--save-every", "1", "--run-dir", str(run_dir), "--max-restarts", "5",
+                    "--config", str(config))
+    assert result.returncode == 1, result.stdout + result.stderr
+    [line] = [x for x in result.stderr.splitlines() if x.startswith("error:")]
+    assert "the filesystem is full" in line and f"on {mount}" in line and "MB free of" in line, line
+    assert "one checkpoint needs about 4 MB" in line, line
+    assert len(attempts(run_dir)) == 1 and attempts(run_dir)[0]["cause"] == "storage", "no budget spent"
+    assert committed_steps(run_dir) == [1, 2], "older committed steps are intact"
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_to_the_whole_process_group_saves_then_resume_is_bit_for_bit(minimal_reference, tmp_path,
+                                                                              signum, code):
+    """What Slurm's scancel, systemd, a container runtime (SIGTERM) or a terminal's Ctrl-C (SIGINT)
+    send: every process of the launcher's group gets it. Ray lives on until the hosts saved."""
+    run_dir = tmp_path / "run"
+    proc = start("--hosts", "2", *MINIMAL, *EXAMPLE_RUN, "--run-dir", str(run_dir), new_session=True)
+    got, out, err = signal_after(proc, run_dir, 30, signum, group=True)
+    assert got == code, out + err
+    stopped_at = max(trajectory(run_dir))
+    assert committed_steps(run_dir)[-1] == stopped_at, "every host saved the step it stopped at"
+    assert attempts(run_dir)[-1]["cause"] == "stopped"
+    resumed = launch("--resume", "--run-dir", str(run_dir))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert trajectory(run_dir) == trajectory(minimal_reference), "bit for bit"
+    assert ray_processes_left(run_dir) == []
+
+
+def test_a_sigkilled_driver_leaves_no_process_behind(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start("--hosts", "2", *MINIMAL, "--steps", "400", "--run-dir", str(run_dir), new_session=True)
+    wait_for(lambda: last_step(run_dir) >= 3, 300, "step 3", proc)
+    assert ray_processes_left(run_dir), "the embedded Ray is running"
+    hosts = host_pids(run_dir)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    wait_for(lambda: not ray_processes_left(run_dir) and not any(alive(p) for p in hosts), 30,
+             "every process of the embedded Ray and every host to end")
+
+
+def test_a_lost_embedded_node_is_restarted_and_the_run_resumes(minimal_reference, tmp_path):
+    """The local node's DashboardAgent is SIGKILLed (as an OOM killer might); Ray takes the node
+    down. The driver starts a fresh local Ray and resumes from the latest committed step."""
+    run_dir = tmp_path / "run"
+    proc = start("--hosts", "2", *MINIMAL, *EXAMPLE_RUN, "--run-dir", str(run_dir), "--max-restarts", "0")
+    try:
+        wait_for(lambda: 20 in committed_steps(run_dir), 300, "step 20 committed", proc)
+        agents = [p for p in map(psutil.Process, ray_processes_left(run_dir)) if "DashboardAgent" in " ".join(
+            p.cmdline()) or p.name() == "ray::DashboardAgent"]
+        assert agents, "the embedded node's dashboard agent"
+        agents[0].kill()
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out + err
+    first = attempts(run_dir)[0]
+    assert first["cause"] == "node_lost", "a lost node, on the preemption budget (max-restarts is 0)"
+    assert summary(run_dir)["restarts_by_cause"] == {"node_lost": 1}
+    assert trajectory(run_dir) == trajectory(minimal_reference)
+    assert ray_processes_left(run_dir) == []
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--hosts", "0"], "--hosts must be at least 1"),
+    (["--hang-timeout", "0"], "watchdog.hang_timeout_s must be a finite number above 0, got 0.0"),
+    (["--hang-timeout", "nan"], "watchdog.hang_timeout_s must be a finite number above 0, got nan"),
+    (["--startup-timeout", "inf"], "watchdog.startup_timeout_s must be a finite number above 0, got inf"),
+    (["--capacity-timeout", "-5"], "fault.capacity_timeout_s must be a finite number above 0"),
+    (["--chaos", "nan"], "--chaos must be a finite number of seconds above 0"),
+    (["--steps", "100000000000000"], "train.steps must be at most 2147483647"),
+    (["--mesh", "data=-1,model=3"], "does not divide the 8 devices"),
+    (["--global-batch-size", "30"], "not divisible by the data-parallel size 4"),
+    (["--model", "huge"], "unknown model preset 'huge'"),
+    (["--data", "/nonexistent/corpus.txt"], "no such file or folder"),
+    (["--inject", "explode@step=3"], "--inject 'explode@step=3'"),
+    (["--min-hosts", "5"], "--min-hosts"),
+    (["--entry", "examples/nothing.py:main"], "no such file"),
+    (["--set", "nonsense"], "expected KEY=VALUE"),
+])
+def test_bad_input_is_refused_before_anything_runs(tmp_path, args, message):
+    run_dir = tmp_path / "run"
+    assert_refused(launch(*args, "--run-dir", str(run_dir)), message)
+    assert not run_dir.exists()
+
+
+def test_bad_run_directories(tmp_path, minimal_reference):
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    assert_refused(launch("--run-dir", str(afile)), "is a file, not a directory")
+    assert_refused(launch("--resume", "--run-dir", str(tmp_path / "nothing")), "does not exist")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("x")
+    assert_refused(launch("--resume", "--run-dir", str(tmp_path / "notes")), "holds no run")
+    before = tree_snapshot(minimal_reference)
+    assert_refused(launch("--hosts", "2", "--run-dir", str(minimal_reference)), "is not empty: pass --resume")
+    assert_refused(launch("--resume", "--run-dir", str(minimal_reference), "--set", "learning_rate=0.5"),
+                   "would change the run: learning_rate")
+    assert_refused(launch("--resume", "--run-dir", str(minimal_reference), "--seed", "3"),
+                   "would change the run: seed 0 -> 3; pass --allow-change seed")
+    assert tree_snapshot(minimal_reference) == before, "nothing written or deleted"
+
+
+def test_more_hosts_than_the_cluster_can_place(tmp_path):
+    run_dir = tmp_path / "run"
+    result = launch("--hosts", "16", "--mesh", "data=-1", "--run-dir", str(run_dir))
+    assert_refused(result, "cannot place 16 hosts")
+    assert "room for 8" in result.stderr and "--hosts 8" in result.stderr
+    assert not run_dir.exists()
+
+
+def test_a_long_final_save_is_progress_not_a_hang(tmp_path):
+    """A state of 3,000 arrays (as big models have) whose last save outlasts a 1 s hang limit: the
+    watchdog counts a save under way as progress (before, the hosts were killed as hung)."""
+    entry = tmp_path / "many.py"
+    entry.write_text(
+        "import jax.numpy as jnp\n"
+        "def main(ctx):\n"
+        "    init = lambda: {f'w{i}': jnp.zeros((8,)) + i for i in range(3000)}\n"
+        "    state, start = ctx.restore_or_init(init)\n"
+        "    for step in range(start + 1, ctx.steps + 1):\n"
+        "        ctx.report(step)\n"
+        "        ctx.maybe_save(step, state)\n")
+    run_dir = tmp_path / "run"
+    result = launch("--entry", str(entry), "--hosts", "2", "--mesh", "data=-1", "--steps", "3", "--save-every", "3",
+                    "--hang-timeout", "1", "--run-dir", str(run_dir))
+    assert result.returncode == 0, result.stdout + result.stderr
+    [waited] = events(run_dir, "final_save")
+    assert waited["seconds"] > 1, f"the save was too quick to show anything: {waited}"
+    assert attempts(run_dir)[0]["cause"] == "finished" and committed_steps(run_dir) == [3]
+    assert_no_host_left(run_dir)

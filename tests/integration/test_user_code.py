@@ -1,0 +1,227 @@
+"""Every guarantee on user code: the examples and a file outside the project, through --entry and
+through `jaxlaunch.launch`."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import numpy as np
+
+from tests.integration.helpers import (
+    CLASSIFIER,
+    EXAMPLE_RUN,
+    EXAMPLES,
+    MINIMAL,
+    ROOT,
+    assert_no_host_left,
+    attempts,
+    committed_steps,
+    events,
+    final_arrays,
+    host_pids,
+    launch,
+    signal_after,
+    start,
+    summary,
+    trajectory,
+    wait_for,
+)
+
+
+def test_a_host_killed_from_outside_changes_nothing(minimal_reference, tmp_path):
+    """SIGKILL, from outside the launcher, to host 1 of examples/minimal.py mid-run: the job finishes,
+    and its losses and final parameters equal the uninterrupted run's bit for bit."""
+    run_dir = tmp_path / "run"
+    proc = start("--hosts", "2", *MINIMAL, *EXAMPLE_RUN, "--run-dir", str(run_dir))
+    try:
+        wait_for(lambda: 20 in committed_steps(run_dir), 300, "step 20 committed", proc)
+        os.kill(host_pids(run_dir)[1], signal.SIGKILL)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out + err
+    first, second = attempts(run_dir)
+    assert (first["cause"], first["failed_host"]) == ("crashed", 1)
+    assert second["restored_step"] >= 20 and second["restored_step"] % 20 == 0
+    assert trajectory(run_dir) == trajectory(minimal_reference)
+    ours, reference = final_arrays(run_dir, 200), final_arrays(minimal_reference, 200)
+    for key in reference:
+        np.testing.assert_array_equal(ours[key], reference[key], err_msg=key)
+    assert_no_host_left(run_dir)
+
+
+def test_the_classifier_moves_from_4_hosts_to_2_with_its_sharding_rules(classifier_reference, tmp_path):
+    """examples/classifier.py (tensor parallelism over `model`, dropout, a Grain pipeline) stopped on
+    4 hosts and resumed on 2: the state lands in the new shardings and the run agrees with the
+    uninterrupted 2-host run."""
+    run_dir = tmp_path / "run"
+    proc = start("--hosts", "4", *CLASSIFIER, *EXAMPLE_RUN, "--run-dir", str(run_dir))
+    code, out, err = signal_after(proc, run_dir, 12)
+    assert code == 143, out + err
+    result = launch("--resume", "--run-dir", str(run_dir), "--hosts", "2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    restored = events(run_dir, "restored")[0]
+    assert restored["saved_topology"] == {"num_hosts": 4, "num_devices": 8, "mesh": {"data": 4, "model": 2}}
+    assert restored["mesh"] == {"data": 2, "model": 2}
+    # The hidden layer's kernel (32, 128) is split over `model` by the example's own rules.
+    assert restored["sharding"] == "P(None, 'model')" and restored["shard_shape"] == [32, 64]
+    ours, reference = trajectory(run_dir), trajectory(classifier_reference)
+    assert ours.keys() == reference.keys()
+    assert max(abs(ours[s] - reference[s]) for s in ours) < 1e-3
+    accuracy, reference_accuracy = trajectory(run_dir, "accuracy"), trajectory(classifier_reference, "accuracy")
+    assert abs(accuracy[200] - reference_accuracy[200]) <= 1 / 64, "at most one example of the batch differs"
+
+
+def test_a_preemption_notice_saves_one_common_step_and_loses_none(tmp_path):
+    run_dir = tmp_path / "run"
+    result = launch("--hosts", "4", *MINIMAL, *EXAMPLE_RUN, "--run-dir", str(run_dir),
+                    "--inject", "preempt@step=50,host=2", "--max-restarts", "0")
+    assert result.returncode == 0, result.stdout + result.stderr
+    first, second = attempts(run_dir)
+    assert first["cause"] == "preempted" and summary(run_dir)["restarts_by_cause"] == {"preempted": 1}
+    assert second["restored_step"] == first["last_step"] >= 50, "every host saved the same, last step"
+    assert sorted(trajectory(run_dir)) == list(range(1, 201))
+    recomputed = len([r for r in (run_dir / "metrics.jsonl").read_text().splitlines()]) - 200
+    assert recomputed == 0, "zero steps lost"
+
+
+OUTSIDE = '''
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from helpers import Linear, batch  # a sibling module of this file
+
+
+def main(ctx):
+    def init():
+        model = Linear(nnx.Rngs(ctx.seed))
+        return model, nnx.Optimizer(model, optax.sgd(0.1), wrt=nnx.Param)
+
+    (model, optimizer), start = ctx.restore_or_init(init)
+
+    @nnx.jit
+    def step_fn(model, optimizer, x, y):
+        loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+        optimizer.update(model, grads)
+        return loss
+
+    for step in range(start + 1, ctx.steps + 1):
+        if step == ctx.config.get("fail_at") and ctx.process_index == 1:
+            raise RuntimeError("reading my data timed out (UNAVAILABLE)")
+        loss = step_fn(model, optimizer, *ctx.global_batch(batch, step, 16))
+        ctx.report(step, loss=loss)
+        ctx.maybe_save(step, (model, optimizer))
+        if ctx.should_stop(step):
+            break
+    return {"hosts": ctx.process_count}
+'''
+HELPERS = '''
+import numpy as np
+from flax import nnx
+
+
+class Linear(nnx.Module):
+    def __init__(self, rngs):
+        self.layer = nnx.Linear(4, 1, rngs=rngs)
+
+    def __call__(self, x):
+        return self.layer(x)
+
+
+def batch(step, rows):
+    x = np.random.default_rng(step).normal(size=(16, 4)).astype(np.float32)[rows]
+    return x, x.sum(axis=1, keepdims=True)
+'''
+
+
+def user_project(tmp_path):
+    project = tmp_path / "my-project"
+    project.mkdir()
+    (project / "train.py").write_text(OUTSIDE)
+    (project / "helpers.py").write_text(HELPERS)
+    return project
+
+
+def test_a_user_file_outside_the_project_runs_on_4_hosts(tmp_path):
+    project = user_project(tmp_path)
+    run_dir = tmp_path / "run"
+    result = launch("--entry", f"{project / 'train.py'}:main", "--hosts", "4", "--steps", "12", "--save-every", "6",
+                    "--run-dir", str(run_dir), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    s = summary(run_dir)
+    assert s["process_count"] == 4 and s["final_step"] == 12 and s["returned"] == {"hosts": 4}
+    assert committed_steps(run_dir) == [6, 12]
+
+
+def test_an_exception_in_user_code_reaches_the_terminal_and_twice_stops_the_job(tmp_path):
+    project = user_project(tmp_path)
+    run_dir = tmp_path / "run"
+    result = launch("--entry", f"{project / 'train.py'}:main", "--hosts", "2", "--steps", "12", "--save-every", "2",
+                    "--set", "fail_at=5", "--max-restarts", "5", "--run-dir", str(run_dir))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "deterministic failure: the same exception at step 4 on two attempts" in result.stderr
+    assert "checkpoints are kept" in result.stderr
+    # The traceback, with the host's rank, the user's own line and the exception.
+    assert "host 1 (rank 1), after step 4" in result.stdout and 'raise RuntimeError("reading my data' in result.stdout
+    table = attempts(run_dir)
+    assert [(a["cause"], a["failed_host"]) for a in table] == [("exception", 1), ("exception", 1)], \
+        "an exception whose text says timed out is still the user's"
+    assert committed_steps(run_dir) == [2, 4], "checkpoints are kept"
+    failure = events(run_dir, "failure")[0]
+    assert failure["message"] == "RuntimeError: reading my data timed out (UNAVAILABLE)"
+    assert "train.py" in failure["traceback"]
+
+
+def test_the_user_s_own_pytest_with_jaxlaunch_launch(tmp_path):
+    """examples/test_user_job.py, as a user would run it: `jaxlaunch.launch` in their own pytest, a
+    kill injected, the result compared with an uninterrupted run."""
+    result = subprocess.run([sys.executable, "-m", "pytest", str(EXAMPLES / "test_user_job.py"), "-q",
+                             "-p", "no:cacheprovider", "--basetemp", str(tmp_path / "pytest")],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert "1 passed" in result.stdout
+
+
+def test_pip_install_works_from_any_directory(tmp_path):
+    """A non-editable install (into a fresh virtual environment that borrows this one's third-party
+    packages, so nothing is downloaded): the console command and the import work from elsewhere."""
+    import site
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    with open(f"{purelib}/borrowed.pth", "w") as f:
+        f.write("\n".join(site.getsitepackages()) + "\n")
+    install = subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--quiet", str(ROOT)],
+                             capture_output=True, text=True, timeout=300)
+    assert install.returncode == 0, install.stdout + install.stderr
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS", "JAX_PLATFORMS")}
+    imported = subprocess.run([str(python), "-c", "import jaxlaunch, launcher; print(jaxlaunch.launch, "
+                               "launcher.__file__)"], cwd=elsewhere, capture_output=True, text=True, env=env)
+    assert imported.returncode == 0 and "site-packages" in imported.stdout, imported.stdout + imported.stderr
+    run = subprocess.run([str(venv / "bin" / "jaxlaunch"), "--hosts", "2", "--model", "tiny", "--steps", "10",
+                          "--run-dir", "run"], cwd=elsewhere, capture_output=True, text=True, env=env, timeout=400)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert summary(elsewhere / "run")["final_step"] == 10
+
+
+def test_resume_auto_starts_then_continues(tmp_path):
+    run_dir = tmp_path / "run"
+    first = launch(*MINIMAL, "--hosts", "2", "--steps", "6", "--save-every", "3", "--resume", "auto",
+                   "--run-dir", str(run_dir))
+    assert first.returncode == 0, first.stdout + first.stderr
+    again = launch(*MINIMAL, "--hosts", "2", "--steps", "9", "--save-every", "3", "--resume", "auto",
+                   "--run-dir", str(run_dir))
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert [e["resume"] for e in events(run_dir, "launch")] == [False, True]
+    assert [e["step"] for e in events(run_dir, "restored")] == [6] and summary(run_dir)["final_step"] == 9
+
+

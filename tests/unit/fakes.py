@@ -1,0 +1,177 @@
+"""A fake cluster and worker group for stepping the driver without Ray, and a fake clock."""
+
+from __future__ import annotations
+
+from launcher.driver import Driver
+from launcher.policy import FaultConfig, RestartPolicy, ScalingPolicy, Watchdog, WatchdogConfig
+from launcher.protocol import (
+    Ending,
+    ErrorKind,
+    ExitHow,
+    GroupInfo,
+    GroupPoll,
+    HostError,
+    HostEvent,
+    HostExit,
+    HostResult,
+    HostSnapshot,
+    HostStatus,
+    NodeLiveness,
+    Phase,
+    PlacementError,
+)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.now += seconds
+
+
+class FakeCluster:
+    """`capacity` hosts in all; a running group holds its own until it is shut down."""
+
+    embedded = True
+
+    def __init__(self, capacity):
+        self.capacity = capacity
+        self.held = 0
+        self.is_alive = True
+        self.restarts = 0
+
+    def placeable_hosts(self):
+        return max(0, self.capacity - self.held)
+
+    def describe(self):
+        return f"fake cluster with room for {self.placeable_hosts()}"
+
+    def alive(self):
+        return self.is_alive
+
+    def restart(self):
+        self.restarts += 1
+        self.is_alive = True
+
+
+class FakeGroup:
+    """Plays one attempt: `behaviour(group, poll_index)` makes the hosts report at each poll."""
+
+    def __init__(self, clock, behaviour, log, cluster):
+        self.clock, self.behaviour, self.log, self.cluster = clock, behaviour, log, cluster
+        self.num_hosts = 0
+        self.polls = 0
+        self.preempted = False
+        self.killed = None
+        self.results = {}
+        self.exits = {}
+        self.events = []
+
+    def start(self, num_hosts, attempt, injections=()):
+        if getattr(self.behaviour, "placement_fails", False):
+            raise PlacementError("placement timed out")
+        self.num_hosts, self.attempt = num_hosts, attempt
+        self.cluster.held += num_hosts
+        self.hosts = [HostStatus(r, last_heard=self.clock(), last_progress=self.clock()) for r in range(num_hosts)]
+        self.log.append(("start", attempt, num_hosts))
+        return GroupInfo("127.0.0.1:1", ["n"] * num_hosts, list(range(num_hosts)))
+
+    def poll(self):
+        self.clock.sleep(0.25)
+        self.polls += 1
+        records = self.behaviour(self, self.polls) or []
+        events, self.events = [(0, e) for e in self.events], []
+        return GroupPoll(self.hosts, records, events, dict(self.results), list(self.exits.values()))
+
+    # -- what hosts do ---------------------------------------------------------------------------
+    def train(self, step, loss=1.0):
+        for h in self.hosts:
+            h.phase, h.step, h.last_heard, h.last_progress = Phase.TRAINING, step, self.clock(), self.clock()
+        return [{"step": step, "loss": loss, "step_time_s": 0.1, "attempt": self.attempt}]
+
+    def restored(self, step):
+        self.events.append(HostEvent("restored", self.clock(), {"step": step, "seconds": 0.1}))
+
+    def finish(self, step, ending=Ending.COMPLETED):
+        snapshot = HostSnapshot(Phase.DONE, step)
+        self.results = {r: HostResult(ending, step, r, self.num_hosts, 2 * self.num_hosts,
+                                      {"data": self.num_hosts}, snapshot) for r in range(self.num_hosts)}
+
+    def die(self, rank, how=ExitHow.PROCESS_DIED, node=NodeLiveness.ALIVE, step=None):
+        self.exits[rank] = HostExit(rank, how, self.clock(), step, "worker died", node=node)
+
+    def raise_(self, rank, kind=ErrorKind.USER, message="ValueError: bad batch", step=None):
+        error = HostError(rank, step, kind, message.split(":")[0], message.split(": ", 1)[1], f"tb\n{message}")
+        self.exits[rank] = HostExit(rank, ExitHow.RAISED, self.clock(), step, error=error)
+
+    # -- what the driver does --------------------------------------------------------------------
+    def preempt(self):
+        self.preempted = True
+        self.log.append(("preempt", self.attempt))
+
+    def kill(self, rank):
+        self.killed = rank
+        self.log.append(("kill", rank))
+
+    def dump_stacks(self, rank):
+        self.log.append(("dump_stacks", rank))
+        return f'Thread 1 (idle): "MainThread"\n    train (user.py:{rank})'
+
+    def shutdown(self):
+        self.cluster.held -= self.num_hosts
+        self.num_hosts = 0
+        self.log.append(("shutdown", self.attempt))
+
+
+def trains_to(total, start=0):
+    def behaviour(group, i):
+        step = start + i
+        if step > total:
+            group.finish(total)
+            return []
+        return group.train(step)
+    return behaviour
+
+
+def obeys(group, i):
+    """Trains until asked to save and stop (a preemption notice), then stops as every host would."""
+    if group.preempted:
+        group.finish(i, Ending.STOPPED)
+        return []
+    return group.train(i)
+
+
+def dies_at(step, rank=1, **how):
+    def behaviour(group, i):
+        if i < step:
+            return group.train(i)
+        if rank not in group.exits:
+            group.die(rank, step=i, **how)
+        return []
+    return behaviour
+
+
+def make_driver(behaviours, *, hosts=2, placeable=None, min_hosts=None, max_hosts=None, listeners=(),
+                fault=None, watchdog=None, committed=None, injections=(), fired=None):
+    clock = Clock()
+    log = []
+    queue = list(behaviours)
+    cluster = FakeCluster(placeable if placeable is not None else hosts)
+
+    def make_group():
+        return FakeGroup(clock, queue.pop(0), log, cluster)
+
+    fault = fault or FaultConfig(max_restarts=2, backoff_s=1)
+    driver = Driver(
+        cluster=cluster, make_group=make_group, restart_policy=RestartPolicy(fault),
+        scaling_policy=ScalingPolicy(min_hosts or hosts, max_hosts or hosts, lambda n: n % 2 == 0 or n == 1),
+        watchdog=Watchdog(watchdog or WatchdogConfig()), fault=fault,
+        committed_step=committed or (lambda: None), injections=injections, listeners=listeners,
+        fired=fired or (lambda attempt: []),
+        clock=clock, sleep=clock.sleep,
+    )
+    return driver, log, clock, cluster

@@ -1,0 +1,122 @@
+"""Checkpoints in one process: restore of the newest readable step into today's shardings, corrupt
+steps set aside only once an older one reads, transient errors retried, storage errors named."""
+
+import errno
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from launcher.protocol import CheckpointConfig
+from workers import checkpoint as ckpt
+from workers.checkpoint import Checkpointer, NoCheckpointError, StorageError, TransientError
+from workers.mesh import build_mesh
+
+CFG = CheckpointConfig(save_every=1, max_to_keep=5, async_save=False)
+
+
+def state(value: float, mesh):
+    return {"w": jax.device_put(jnp.full((8, 4), value), NamedSharding(mesh, P("data"))),
+            "step": jnp.int32(int(value))}
+
+
+def targets(mesh, spec=None):
+    spec = P("data") if spec is None else spec
+    return {"w": jax.ShapeDtypeStruct((8, 4), jnp.float32, sharding=NamedSharding(mesh, spec)),
+            "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))}
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """Steps 1, 2, 3 saved on a data=8 mesh."""
+    mesh = build_mesh({"data": -1})
+    c = Checkpointer(tmp_path / "checkpoints", CFG)
+    for step in (1, 2, 3):
+        c.save(step, state(step, mesh), {"step": step})
+    c.wait()
+    c.close()
+    return tmp_path / "checkpoints"
+
+
+def corrupt(directory: pathlib.Path, step: int) -> None:
+    for path in (directory / str(step) / "state").glob("**/d/*"):
+        path.write_bytes(path.read_bytes()[:7])
+
+
+def test_the_newest_step_lands_in_the_new_layout(saved):
+    mesh = build_mesh({"data": 2, "model": 4})
+    restored = Checkpointer(saved, CFG).restore_latest(targets(mesh, P("model")))
+    assert restored.step == 3 and restored.meta["step"] == 3 and restored.set_aside == []
+    w = restored.state["w"]
+    np.testing.assert_array_equal(np.asarray(w), np.full((8, 4), 3.0))
+    assert w.sharding.spec == P("model") and w.addressable_shards[0].data.shape == (2, 4)
+
+
+def test_a_fresh_run_restores_nothing(tmp_path):
+    assert Checkpointer(tmp_path / "checkpoints", CFG).restore_latest(targets(build_mesh({"data": -1}))) is None
+
+
+def test_a_corrupt_step_is_set_aside_once_an_older_one_reads(saved):
+    corrupt(saved, 3)
+    restored = Checkpointer(saved, CFG).restore_latest(targets(build_mesh({"data": -1})))
+    assert restored.step == 2
+    [aside] = restored.set_aside
+    assert aside["step"] == 3 and pathlib.Path(aside["moved_to"]).is_dir(), "moved, never deleted"
+    assert not (saved / "3").exists() and "unreadable_checkpoints/3-" in aside["moved_to"]
+
+
+def test_when_no_step_reads_nothing_moves_and_the_run_stops(saved):
+    for step in (1, 2, 3):
+        corrupt(saved, step)
+    with pytest.raises(NoCheckpointError, match="none can be restored: 3 .*2 .*1 .*Everything is kept"):
+        Checkpointer(saved, CFG).restore_latest(targets(build_mesh({"data": -1})))
+    assert sorted(p.name for p in saved.iterdir() if p.name.isdigit()) == ["1", "2", "3"]
+
+
+def test_a_run_with_history_never_starts_from_scratch(tmp_path):
+    with pytest.raises(NoCheckpointError, match="none is left"):
+        Checkpointer(tmp_path / "checkpoints", CFG, expect_checkpoint=True).restore_latest(
+            targets(build_mesh({"data": -1})))
+
+
+def test_a_transient_error_is_retried_and_never_sets_anything_aside(saved, monkeypatch):
+    monkeypatch.setattr(ckpt, "TRANSIENT_BACKOFF_S", 0.0)
+    c = Checkpointer(saved, CFG)
+    real, calls = c.manager.restore, []
+
+    def flaky(step, args):
+        calls.append(step)
+        if len(calls) <= 2:
+            raise TimeoutError("storage did not answer")
+        return real(step, args=args)
+
+    monkeypatch.setattr(c.manager, "restore", flaky)
+    assert c.restore_latest(targets(build_mesh({"data": -1}))).step == 3 and calls == [3, 3, 3]
+
+    def always(step, args):
+        raise MemoryError("out of host memory")
+
+    monkeypatch.setattr(c.manager, "restore", always)
+    with pytest.raises(TransientError, match="transient error: MemoryError"):
+        c.restore_latest(targets(build_mesh({"data": -1})))
+    assert (saved / "3").is_dir() and not (saved.parent / "unreadable_checkpoints").exists()
+
+
+def test_a_full_disk_is_named_with_its_filesystem_free_space_and_checkpoint_size(tmp_path, monkeypatch):
+    c = Checkpointer(tmp_path / "checkpoints", CFG)
+    c.checkpoint_bytes = 120_000_000
+
+    def full(*args, **kwargs):
+        raise ValueError("Error writing: [errno 28] No space left on device")
+
+    monkeypatch.setattr(c.manager, "save", full)
+    with pytest.raises(StorageError) as err:
+        c.save(1, state(1, build_mesh({"data": -1})), {})
+    message = str(err.value)
+    assert "the filesystem is full" in message and "MB free of" in message and "about 120 MB" in message
+    assert ckpt.storage_errno(OSError(errno.EROFS, "Read-only file system")) == errno.EROFS
+    assert ckpt.storage_errno(ValueError("shape mismatch")) is None

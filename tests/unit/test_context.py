@@ -1,0 +1,130 @@
+"""The host context in one process, driven the way a user's function drives it."""
+
+import json
+import pathlib
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from examples import minimal
+from launcher.protocol import CheckpointConfig, DistributedConfig, Ending, EntryRef, HostSpec, Injection, Phase
+from launcher.runs import RunDir
+from workers.context import HostContext
+from workers.mesh import build_mesh
+from workers.progress import HostProgress
+
+
+def make_ctx(run_dir: pathlib.Path, steps: int, *, save_every=3, attempt=1, injections=()):
+    spec = HostSpec(
+        entry=EntryRef("examples.minimal", "main"), config={}, run_dir=str(run_dir), attempt=attempt, rank=0,
+        num_hosts=1, coordinator_address="127.0.0.1:1", mesh={"data": -1, "model": 2}, steps=steps,
+        schedule_steps=steps, seed=0, platform="cpu", distributed=DistributedConfig(),
+        checkpoint=CheckpointConfig(save_every=save_every, max_to_keep=5, async_save=True), injections=injections)
+    (run_dir / "hosts").mkdir(parents=True, exist_ok=True)
+    progress = HostProgress()
+    return HostContext(spec, build_mesh(spec.mesh), progress), progress
+
+
+def run(run_dir, steps, **kw):
+    ctx, progress = make_ctx(run_dir, steps, **kw)
+    returned = minimal.main(ctx)
+    drained = progress.drain()
+    result = ctx._finish(returned)
+    records = list(drained.records) + list(result.final_snapshot.records)
+    return result, records, list(drained.events) + list(result.final_snapshot.events)
+
+
+def test_the_reference_loop_trains_saves_and_reports(tmp_path):
+    result, records, _ = run(tmp_path, 7)
+    assert result.ending == Ending.COMPLETED and result.final_step == 7
+    assert RunDir(tmp_path).committed_steps() == [7, 6, 3], "every --save-every steps and the last one"
+    assert [r["step"] for r in records] == list(range(1, 8))
+    assert all(isinstance(r["loss"], float) for r in records), "JAX scalars arrive as numbers"
+    assert records[0]["step_time_s"] is None, "the first step also compiled"
+    assert all(r["step_time_s"] > 0 for r in records[1:])
+    assert [r["step"] for r in records if "checkpoint_blocking_s" in r] == [3, 6, 7]
+    assert records[-1]["loss"] < records[0]["loss"]
+    meta = json.loads((tmp_path / "checkpoints" / "6" / "meta" / "metadata").read_text())
+    assert [r["step"] for r in meta["records"]] == [4, 5, 6], "a checkpoint carries its steps' records"
+    assert meta["topology"] == {"num_hosts": 1, "num_devices": 8, "mesh": {"data": 4, "model": 2}}
+
+
+def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit(tmp_path):
+    _, whole, _ = run(tmp_path / "whole", 9)
+    run(tmp_path / "parts", 5)  # saved at 3 and 5
+    _, rest, events = run(tmp_path / "parts", 9, attempt=2)
+    [restored] = [e for e in events if e.kind == "restored"]
+    assert restored.fields["step"] == 5 and [r["step"] for r in restored.fields["records"]] == [4, 5]
+    assert [r["step"] for r in rest] == [6, 7, 8, 9]
+    assert [r["loss"] for r in rest] == [r["loss"] for r in whole[5:]]
+
+
+def test_a_pytree_state_restores_in_its_own_form(tmp_path):
+    def main(ctx):
+        def init():
+            return {"w": jnp.zeros((4,)), "count": jnp.int32(0)}
+
+        state, start = ctx.restore_or_init(init)
+        for step in range(start + 1, ctx.steps + 1):
+            state = {"w": state["w"] + 1.0, "count": state["count"] + 1}
+            ctx.report(step, total=state["w"].sum())
+            ctx.maybe_save(step, state)
+        return state, start
+
+    ctx, _ = make_ctx(tmp_path, 3)
+    main(ctx)
+    ctx._finish(None)
+    ctx, _ = make_ctx(tmp_path, 5, attempt=2)
+    (state, start) = main(ctx)
+    ctx._finish(None)
+    assert start == 3 and isinstance(state, dict)
+    np.testing.assert_array_equal(np.asarray(state["w"]), np.full(4, 5.0))
+    assert int(state["count"]) == 5
+
+
+def test_misuse_is_a_clear_error(tmp_path):
+    ctx, _ = make_ctx(tmp_path, 3)
+    with pytest.raises(RuntimeError, match="before ctx.restore_or_init"):
+        ctx.report(1, loss=1.0)
+    with pytest.raises(RuntimeError, match="before ctx.restore_or_init"):
+        ctx.maybe_save(1, {})
+
+    def init():
+        model = minimal.MLP(nnx.Rngs(0))
+        return model, nnx.Optimizer(model, optax.adam(1e-3), wrt=nnx.Param)
+
+    (model, optimizer), start = ctx.restore_or_init(init)
+    with pytest.raises(RuntimeError, match="called twice"):
+        ctx.restore_or_init(init)
+    ctx.report(1, loss=jnp.float32(2.0), tokens=100)
+    with pytest.raises(ValueError, match=r"ctx.report\(1\) after step 1: steps must increase"):
+        ctx.report(1, loss=1.0)
+    with pytest.raises(TypeError, match="structure differs"):
+        ctx.maybe_save(3, (optimizer, model))
+    ctx._finish(None)
+
+
+def test_tokens_give_a_throughput_and_nan_is_kept(tmp_path):
+    ctx, progress = make_ctx(tmp_path, 3)
+    ctx.restore_or_init(lambda: {"w": jnp.zeros(2)})
+    for step in (1, 2, 3):
+        ctx.report(step, loss=float("nan") if step == 3 else 1.0, tokens=1000)
+    result = ctx._finish(None)
+    records = list(progress.drain().records) + list(result.final_snapshot.records)
+    assert "tokens_per_s" not in records[0] and records[1]["tokens_per_s"] > 0
+    assert np.isnan(records[2]["loss"])
+
+
+def test_an_injected_exception_fires_after_the_step_is_reported_and_saved(tmp_path):
+    ctx, progress = make_ctx(tmp_path, 9, injections=(Injection("exception", step=3, host=0),))
+    with pytest.raises(RuntimeError, match="injected exception at step 3"):
+        minimal.main(ctx)
+    ctx._checkpointer.wait()
+    assert RunDir(tmp_path).committed_steps() == [3], "the step's save started before the failure"
+    assert progress.phase == Phase.TRAINING and progress.step == 3
+    line = json.loads((tmp_path / "hosts" / "injections.jsonl").read_text())
+    assert (line["kind"], line["step"], line["rank"]) == ("exception", 3, 0)
+    ctx._checkpointer.close()

@@ -1,0 +1,174 @@
+"""From what the user asks for to a validated job: the entry found and checked, its settings typed,
+a resume refused when it would change the run; all before anything is written."""
+
+import json
+import os
+import pathlib
+
+import pytest
+
+from launcher import entry as entry_lib
+from launcher.config import JobConfig
+from launcher.job import LaunchOptions, prepare
+from launcher.protocol import ConfigError
+from launcher.runs import RunDir
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def options(tmp_path, **kw):
+    return LaunchOptions(run_dir=str(tmp_path / "run"), **kw)
+
+
+def test_the_built_in_model_is_the_default_entry_with_its_settings_filled_in(tmp_path):
+    job = prepare(options(tmp_path, hosts=2)).job
+    assert job.entry == "models.lm:main" and job.config["model"] == "tiny" and job.config["seq_len"] == 128
+    assert job.train.schedule_steps == job.train.steps, "the schedule's length is fixed at the first launch"
+    assert not (tmp_path / "run").exists(), "nothing is written"
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    (dict(model_settings={"model": "huge"}), "unknown model preset 'huge': choose one of tiny, small, base"),
+    (dict(model_settings={"global_batch_size": 30}), "not divisible by the data-parallel size 4"),
+    (dict(model_settings={"seq_len": 999}), "exceeds model tiny's max_seq_len 128"),
+    (dict(model_settings={"data": "/nonexistent"}), "no such file or folder"),
+    (dict(settings={"learnig_rate": 0.1}), "has no setting 'learnig_rate'; its settings are"),
+    (dict(settings={"seq_len": "long"}), "expected a int like its default 128"),
+    (dict(settings={"learning_rate": float("nan")}), "learning_rate must be a finite number"),
+    (dict(chaos=float("nan")), "--chaos must be a finite number"),
+    (dict(inject=["kill@step=3,host=9"]), "host 9 does not exist"),
+    (dict(entry="examples/minimal.py:main", model_settings={"model": "small"}), "--model set the built-in model"),
+])
+def test_bad_settings_are_refused_with_the_fix(tmp_path, changes, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        prepare(options(tmp_path, **changes))
+
+
+def test_a_user_entry_without_declared_settings_takes_any(tmp_path):
+    job = prepare(options(tmp_path, entry=str(ROOT / "examples" / "minimal.py"), settings={"anything": 3})).job
+    assert job.config == {"anything": 3} and job.entry.endswith("minimal.py")
+
+
+def test_entries_that_cannot_run_are_refused_before_anything_starts(tmp_path):
+    broken = tmp_path / "broken.py"
+    broken.write_text("def main(ctx):\n    return (\n")
+    two_args = tmp_path / "two.py"
+    two_args.write_text("def main(ctx, other):\n    pass\n")
+    raises = tmp_path / "raises.py"
+    raises.write_text("import does_not_exist_anywhere\n")
+    cases = [
+        ("nowhere/missing.py:main", "no such file"),
+        (f"{broken}:main", "importing it raised SyntaxError"),
+        (f"{two_args}:main", "must take exactly one argument, the host context"),
+        (f"{two_args}:train", "has no function 'train'; it has main"),
+        (f"{raises}:main", "cannot import 'does_not_exist_anywhere'"),
+        ("no_such_package.module:main", "cannot import 'no_such_package'"),
+        ("models.lm:not_there", "has no function 'not_there'"),
+        ("bad entry!", "expected path/to/file.py:function"),
+    ]
+    for text, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            prepare(options(tmp_path, entry=text))
+
+
+def test_a_function_object_names_its_entry():
+    from examples import minimal
+
+    assert entry_lib.from_callable(minimal.main) == "examples.minimal:main"
+    with pytest.raises(ConfigError, match="not a module-level function"):
+        entry_lib.from_callable(lambda ctx: None)
+
+
+def test_a_file_entry_ships_its_folder_under_a_name_of_its_own(tmp_path):
+    ref = entry_lib.parse(str(ROOT / "examples" / "minimal.py"))
+    shipped_ref, folders = entry_lib.shipped(ref, tmp_path)
+    assert shipped_ref.package.startswith("jaxlaunch_entry_") and shipped_ref.function == "main"
+    assert pathlib.Path(folders[0]).resolve() == ROOT / "examples"
+    assert entry_lib.shipped(entry_lib.parse("json:dumps"), tmp_path) == (entry_lib.parse("json:dumps"), [])
+
+
+# ---- resume ----------------------------------------------------------------------------------------
+
+def fake_run(path: pathlib.Path, job: JobConfig, fingerprint="abc") -> RunDir:
+    run = RunDir(path)
+    run.create()
+    run.save_config(job.to_dict())
+    run.event("launch", fingerprint=fingerprint)
+    return run
+
+
+def started(tmp_path, **kw) -> JobConfig:
+    return prepare(options(tmp_path, **kw)).job
+
+
+def test_resume_auto_starts_an_empty_directory_and_continues_a_run(tmp_path):
+    assert prepare(options(tmp_path, resume="auto")).job.resume is False
+    job = started(tmp_path)
+    fake_run(tmp_path / "run", job, prepare(options(tmp_path)).fingerprint)
+    assert prepare(options(tmp_path, resume="auto")).job.resume is True
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("x")
+    with pytest.raises(ConfigError, match="holds files but no run"):
+        prepare(LaunchOptions(run_dir=str(tmp_path / "other"), resume="auto"))
+
+
+def test_resume_keeps_the_schedule_and_refuses_silent_changes(tmp_path):
+    job = started(tmp_path, steps=20)
+    fake_run(tmp_path / "run", job, prepare(options(tmp_path)).fingerprint)
+    longer = prepare(options(tmp_path, resume=True, steps=30)).job
+    assert (longer.train.steps, longer.train.schedule_steps) == (30, 20), "more steps, same schedule"
+    with pytest.raises(ConfigError, match=r"would change the run: seq_len 128 -> 64; pass --allow-change seq_len"):
+        prepare(options(tmp_path, resume=True, model_settings={"seq_len": 64}))
+    assert prepare(options(tmp_path, resume=True, model_settings={"seq_len": 64},
+                           allow_change=["seq_len"])).job.config["seq_len"] == 64
+    with pytest.raises(ConfigError, match="global_batch_size 32 -> 16"):
+        prepare(options(tmp_path, resume=True, model_settings={"global_batch_size": 16}))
+    with pytest.raises(ConfigError, match="seed 0 -> 5"):
+        prepare(options(tmp_path, resume=True, seed=5))
+    with pytest.raises(ConfigError, match="schedule_steps 20 -> 50"):
+        prepare(options(tmp_path, resume=True, schedule_steps=50))
+
+
+def test_resume_on_other_data_is_refused(tmp_path):
+    data = tmp_path / "corpus.txt"
+    data.write_text("some text to learn from " * 50)
+    job = started(tmp_path, model_settings={"data": str(data)})
+    fake_run(tmp_path / "run", job, prepare(options(tmp_path, model_settings={"data": str(data)})).fingerprint)
+    prepare(options(tmp_path, resume=True))
+    data.write_text("other text entirely " * 50)
+    with pytest.raises(ConfigError, match="the entry's input changed; pass --allow-change fingerprint"):
+        prepare(options(tmp_path, resume=True))
+    assert prepare(options(tmp_path, resume=True, allow_change=["fingerprint"])).job.resume
+
+
+def test_a_config_file_on_resume_keeps_the_run_s_saved_settings(tmp_path):
+    job = started(tmp_path, save_every=7)
+    job = JobConfig(**{**job.__dict__, "checkpoint": type(job.checkpoint)(save_every=7, max_to_keep=9)})
+    fake_run(tmp_path / "run", job, prepare(options(tmp_path)).fingerprint)
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text("cluster: {placement_timeout_s: 5}\n")
+    resumed = prepare(options(tmp_path, resume=True, config_file=str(cluster))).job
+    assert (resumed.checkpoint.max_to_keep, resumed.checkpoint.save_every) == (9, 7)
+    assert resumed.cluster.placement_timeout_s == 5
+
+
+def test_directories_that_cannot_hold_a_run(tmp_path):
+    afile = tmp_path / "file"
+    afile.write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        prepare(LaunchOptions(run_dir=str(afile)))
+    with pytest.raises(ConfigError, match="does not exist"):
+        prepare(LaunchOptions(run_dir=str(tmp_path / "missing"), resume=True))
+    (tmp_path / "notarun").mkdir()
+    (tmp_path / "notarun" / "x").write_text("x")
+    with pytest.raises(ConfigError, match="holds no run"):
+        prepare(LaunchOptions(run_dir=str(tmp_path / "notarun"), resume=True))
+    with pytest.raises(ConfigError, match="is not empty: pass --resume"):
+        prepare(LaunchOptions(run_dir=str(tmp_path / "notarun")))
+    if os.geteuid() != 0:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(ConfigError, match="is not writable"):
+            prepare(LaunchOptions(run_dir=str(locked / "run")))
+    assert json.loads(json.dumps(sorted(p.name for p in tmp_path.iterdir()))) == ["file", "notarun"] + (
+        ["locked"] if os.geteuid() != 0 else [])

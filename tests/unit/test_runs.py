@@ -1,0 +1,97 @@
+"""The run directory: records that survive torn lines, atomic files, the lock, committed steps."""
+
+import json
+import logging
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import pytest
+
+from launcher.protocol import ConfigError
+from launcher.runs import LOCK_STALE_S, RunDir, committed_steps, read_jsonl
+
+
+def test_a_torn_line_is_skipped_with_a_warning_and_the_rest_is_kept(tmp_path, caplog):
+    path = tmp_path / "events.jsonl"
+    path.write_text('{"event": "launch", "time": 1}\n{"event": "attempt_st')
+    with caplog.at_level(logging.WARNING):
+        assert read_jsonl(path) == [{"event": "launch", "time": 1}]
+    assert "line 2 is torn" in caplog.text
+
+
+def test_appending_after_a_torn_line_starts_a_new_line(tmp_path):
+    run = RunDir(tmp_path)
+    run.events_path.write_text('{"event": "launch", "time": 1}\n{"event": "torn')
+    run.event("attempt_started", attempt=1)
+    assert [e["event"] for e in run.events()] == ["launch", "attempt_started"]
+
+
+def test_non_finite_numbers_are_written_as_null(tmp_path):
+    run = RunDir(tmp_path)
+    run.metrics([{"step": 1, "loss": float("nan")}, {"step": 2, "loss": float("inf")}])
+    assert [json.loads(line)["loss"] for line in run.metrics_path.read_text().splitlines()] == [None, None]
+
+
+def test_summary_and_config_are_written_whole(tmp_path):
+    run = RunDir(tmp_path)
+    run.write_summary({"status": "finished"})
+    run.save_config({"num_hosts": 2})
+    assert json.loads(run.summary_path.read_text()) == {"status": "finished"}
+    assert run.load_config() == {"num_hosts": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "summary.json"], "no temporary left"
+
+
+def test_a_torn_config_is_a_clear_error(tmp_path):
+    run = RunDir(tmp_path)
+    run.config_path.write_text('{"num_hosts": ')
+    with pytest.raises(ConfigError, match="config.json is not valid JSON"):
+        run.load_config()
+
+
+def test_committed_steps_need_orbax_s_commit_marker(tmp_path):
+    for step, committed in ((10, True), (20, True), (30, False)):
+        (tmp_path / str(step)).mkdir()
+        if committed:
+            (tmp_path / str(step) / "_CHECKPOINT_METADATA").write_text("{}")
+    (tmp_path / "40.orbax-checkpoint-tmp-123").mkdir()
+    assert committed_steps(tmp_path) == [20, 10]
+
+
+def test_a_second_launch_is_refused_naming_the_holder(tmp_path):
+    first = RunDir(tmp_path).lock()
+    first.acquire()
+    try:
+        with pytest.raises(ConfigError, match=rf"in use by the launch of pid {os.getpid()} on .* since"):
+            RunDir(tmp_path).lock().acquire()
+    finally:
+        first.release()
+    assert not (tmp_path / ".lock").exists()
+    second = RunDir(tmp_path).lock()
+    second.acquire()
+    second.release()
+
+
+def test_the_lock_of_a_dead_process_on_this_host_is_taken_over(tmp_path):
+    # A launch that exits without releasing its lock, as a killed one would.
+    code = f"from launcher.runs import RunDir; RunDir({str(tmp_path)!r}).lock().acquire()"
+    holder = subprocess.run([sys.executable, "-c", code], check=True, cwd=pathlib.Path(__file__).parents[2])
+    assert holder.returncode == 0 and (tmp_path / ".lock").exists()
+    lock = RunDir(tmp_path).lock()
+    lock.acquire()
+    assert lock.took_over is not None and lock.took_over["pid"] != os.getpid()
+    lock.release()
+
+
+def test_a_lock_not_refreshed_for_long_is_stale_on_any_host(tmp_path):
+    (tmp_path / ".lock").write_text(json.dumps({"host": "another-machine", "pid": 1, "since": 0}))
+    lock = RunDir(tmp_path).lock()
+    with pytest.raises(ConfigError, match="another-machine"):
+        lock.acquire()
+    old = time.time() - LOCK_STALE_S - 5
+    os.utime(tmp_path / ".lock", (old, old))
+    lock.acquire()
+    assert lock.took_over["host"] == "another-machine"
+    lock.release()

@@ -1,0 +1,291 @@
+"""The host context: what the user's function receives on every host, and its whole contract with
+the launcher.
+
+    def main(ctx):
+        (model, optimizer), start = ctx.restore_or_init(make_model_and_optimizer)
+        for step in range(start + 1, ctx.steps + 1):
+            loss = train_step(model, optimizer, *batch(step, ctx.mesh))
+            ctx.report(step, loss=loss)
+            ctx.maybe_save(step, (model, optimizer))
+            if ctx.should_stop(step):
+                break
+
+Every host runs the same function; the calls that touch checkpoints (`restore_or_init`,
+`maybe_save`, `should_stop`) are collective and must be made by every host at the same steps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import numbers
+import pathlib
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from launcher.protocol import Ending, HostResult, HostSpec, Phase
+from workers import batch as batch_lib
+from workers.checkpoint import Checkpointer, free_bytes
+from workers.faults import FaultHook
+from workers.mesh import Rules
+from workers.progress import HostProgress
+from workers.state import Shardings, StateLayout, largest_array
+
+log = logging.getLogger(__name__)
+CARRIED_RECORDS = 256
+"""The newest records a checkpoint carries (only the last seconds' worth can be missing)."""
+
+
+class HostContext:
+    """The launcher, as the user's function on one host sees it.
+
+    Attributes: `mesh` (the global mesh of the job's `mesh` setting), `process_index`,
+    `process_count`, `steps` (the run's --steps), `schedule_steps` (the length of a learning-rate
+    schedule, fixed when the run started), `seed`, `run_dir`, `attempt`, and `config` (the user's
+    own settings: the YAML `config:` section and --set flags, saved with the run)."""
+
+    def __init__(self, spec: HostSpec, mesh: jax.sharding.Mesh, progress: HostProgress):
+        self.mesh = mesh
+        self.process_index = jax.process_index()
+        self.process_count = jax.process_count()
+        self.steps = spec.steps
+        self.schedule_steps = spec.schedule_steps
+        self.seed = spec.seed
+        self.run_dir = pathlib.Path(spec.run_dir)
+        self.attempt = spec.attempt
+        self.config: dict[str, Any] = dict(spec.config)
+        self._spec, self._progress = spec, progress
+        self._layout: StateLayout | None = None
+        self._checkpointer: Checkpointer | None = None
+        self._start_step: int | None = None
+        self._last_step: int | None = None
+        self._last_report_at: float | None = None
+        self._pending: list[dict[str, Any]] = []
+        """Records of reported steps whose JAX values are not read yet."""
+        self._unsaved: list[dict[str, Any]] = []
+        """Records handed to the driver since the last save."""
+        self._carried = 0
+        """The newest step whose record a checkpoint carries."""
+        self._stop_checked: tuple[int, bool] | None = None
+        self._saved_step: int | None = None
+        self._stopped_at: int | None = None
+        self._armed: int | None = None
+        self._faults = FaultHook(spec.injections, spec.rank, spec.attempt,
+                                 self.run_dir / "hosts" / "injections.jsonl", self._saving)
+
+    # -- state -----------------------------------------------------------------------------------
+    def restore_or_init(self, init: Callable[[], Any], *, rules: Rules | None = None,
+                        shardings: Shardings = None) -> tuple[Any, int]:
+        """`(state, step)`: the latest committed checkpoint restored into today's mesh, whatever
+        topology wrote it, or a fresh state from `init()` (step 0).
+
+        `init()` builds NNX objects (a Module, an nnx.Optimizer, or a tuple, list or dict of them) or
+        any pytree of arrays. It is evaluated abstractly first; the state is then made or restored
+        straight into its shardings, so no host ever holds a full copy of a sharded array. Shardings
+        come from NNX annotations (`nnx.with_partitioning`) mapped through `rules` (logical axis ->
+        mesh axis; a name that is a mesh axis maps to itself), or, for plain pytrees, from
+        `shardings`; anything unannotated is replicated. The state comes back in init()'s form."""
+        if self._layout is not None:
+            raise RuntimeError("ctx.restore_or_init was called twice: call it once, before the training loop")
+        self._progress.enter(Phase.RESTORING)
+        layout = StateLayout.of(init, self.mesh, rules, shardings)
+        spec = self._spec
+        checkpointer = Checkpointer(self.run_dir / "checkpoints", spec.checkpoint, spec.expect_checkpoint)
+        checkpointer.checkpoint_bytes = layout.num_bytes()
+        self._warn_if_disk_is_short(checkpointer, layout)
+        restored = checkpointer.restore_latest(layout.targets(), check_structure=layout.mismatch)
+        if restored is None:
+            state, step = layout.materialize(init), 0
+            log.info("no checkpoint: made a fresh state (%.1f MB)", layout.num_bytes() / 1e6)
+        else:
+            state, step = restored.state, restored.step
+            for aside in restored.set_aside:
+                self._progress.event("checkpoint_fallback", **aside)
+            path, array = largest_array(state)
+            self._progress.event(
+                "restored", step=step, records=restored.meta.get("records", []), seconds=restored.seconds,
+                saved_topology=restored.meta.get("topology"),
+                mesh=dict(self.mesh.shape),
+                # Evidence that the arrays landed in today's layout, not the one they were saved in.
+                array=path, sharding=str(array.sharding.spec),
+                shard_shape=list(array.addressable_shards[0].data.shape))
+            log.info("restored step %d in %.2f s", step, restored.seconds)
+        self._layout, self._checkpointer = layout, checkpointer
+        self._start_step = self._last_step = step
+        self._progress.step_done(step)
+        self._progress.enter(Phase.COMPILING)
+        self._last_report_at = time.perf_counter()
+        return layout.merge(state), step
+
+    def _warn_if_disk_is_short(self, checkpointer: Checkpointer, layout: StateLayout) -> None:
+        keep = self._spec.checkpoint.max_to_keep + 1
+        needed, free = layout.num_bytes() * keep, free_bytes(checkpointer.directory)
+        if self.process_index == 0 and free is not None and free < needed:
+            self._progress.event("low_disk_space", free_bytes=free, needed_bytes=needed, checkpoints=keep,
+                                 message=f"{checkpointer.directory} has {free / 1e6:,.0f} MB free; {keep} "
+                                         f"checkpoints of about {layout.num_bytes() / 1e6:,.0f} MB need "
+                                         f"{needed / 1e6:,.0f} MB")
+
+    # -- the loop --------------------------------------------------------------------------------
+    def report(self, step: int, **metrics: Any) -> None:
+        """Step `step` is done, with its metrics (Python numbers or JAX scalars; JAX values are
+        fetched a step later, so the device never waits for the host). The watchdog's heartbeat:
+        call it every step. Metrics go to the progress bar, metrics.jsonl, TensorBoard and the
+        goodput accounting; a `tokens` metric (tokens in the step) also gives `tokens_per_s`."""
+        self._require_state("report")
+        self._fire_armed()
+        if step <= self._last_step:
+            raise ValueError(f"ctx.report({step}) after step {self._last_step}: steps must increase")
+        now = time.perf_counter()
+        first = self._last_step == self._start_step
+        record: dict[str, Any] = {"step": step, "time": time.time(), "attempt": self.attempt,
+                                  "num_hosts": self.process_count,
+                                  # The first step of an attempt also paid for compilation.
+                                  "step_time_s": None if first else now - self._last_report_at}
+        self._last_report_at, self._last_step = now, step
+        if self.process_index == 0:
+            for name, value in metrics.items():
+                if isinstance(value, jax.Array):
+                    value.copy_to_host_async()
+                record[name] = value
+            if "tokens" in metrics and record["step_time_s"]:
+                record["tokens_per_s"] = float(metrics["tokens"]) / record["step_time_s"]
+            self._flush_metrics(before=step)
+            self._pending.append(record)
+        self._progress.step_done(step)
+        if first:
+            self._progress.enter(Phase.TRAINING)
+            self._progress.event("startup_timeline", per_host=True, **self._progress.timeline,
+                                 first_step_done=time.time())
+        self._armed = step
+
+    def maybe_save(self, step: int, state: Any) -> bool:
+        """Saves `state` (in the form restore_or_init returned it) asynchronously when a save is
+        due: every --save-every steps, at ctx.steps, and at the step every host agreed on after a
+        preemption notice, a stop request or a resize. Returns whether it saved. Call it every step
+        on every host: the agreement on a stop step happens here."""
+        self._require_state("maybe_save")
+        due = (self._stop_agreed(step) or step % self._spec.checkpoint.save_every == 0 or step == self.steps)
+        if due and self._saved_step != step:
+            tree = self._layout.split(state)
+            self._progress.enter(Phase.SAVING)
+            self._flush_metrics(before=step)
+            # The checkpoint carries the records since the last save: if this host dies before the
+            # driver hears them, a restore still brings every committed step's metrics back.
+            records = self._unsaved + [{k: _to_python(v) for k, v in r.items()} for r in self._pending]
+            records = records[-CARRIED_RECORDS:]
+            blocked = self._checkpointer.save(step, tree, {**self._meta(step), "records": records})
+            self._unsaved, self._carried = [], step
+            self._progress.enter(Phase.TRAINING)
+            self._saved_step = step
+            for record in self._pending:
+                if record["step"] == step:
+                    record["checkpoint_blocking_s"] = blocked
+        self._fire_armed()
+        return due
+
+    def should_stop(self, step: int) -> bool:
+        """True on every host at one and the same step after a preemption notice, a stop request or
+        a resize, once `maybe_save` saved that step: the function should then return."""
+        self._require_state("should_stop")
+        self._fire_armed()
+        stop = self._stop_agreed(step)
+        if stop:
+            if self._saved_step != step:
+                log.warning("should_stop(%d) is True but maybe_save(%d, state) was not called first: the state "
+                            "of this step is not saved", step, step)
+            self._stopped_at = step
+        return stop
+
+    def global_batch(self, rows_fn: batch_lib.RowsFn, step: int, batch_size: int,
+                     axes: str | Sequence[str] | None = None) -> Any:
+        """The batch of `step` as global arrays: `rows_fn(step, rows)` returns a pytree of numpy
+        arrays for the given row indices, and each process calls it only for its own rows, so the
+        batch is the same whatever the host count. Rows split over `axes` (default "data")."""
+        return batch_lib.global_batch(rows_fn, step, batch_size, self.mesh, axes)
+
+    # -- inside the launcher -----------------------------------------------------------------------
+    def _require_state(self, method: str) -> None:
+        if self._layout is None:
+            raise RuntimeError(f"ctx.{method} before ctx.restore_or_init: build or restore the state first")
+
+    def _stop_agreed(self, step: int) -> bool:
+        """JAX's preemption sync point, asked once per step: after a SIGTERM reached any host, every
+        host answers True at the same step."""
+        if self._stop_checked is None or self._stop_checked[0] != step:
+            self._stop_checked = (step, bool(self._checkpointer.reached_preemption(step)))
+        return self._stop_checked[1]
+
+    def _saving(self) -> bool:
+        return self._checkpointer is not None and self._checkpointer.is_saving()
+
+    def _fire_armed(self) -> None:
+        if self._armed is not None:
+            step, self._armed = self._armed, None
+            self._faults.at_step(step)
+
+    def _flush_metrics(self, before: int | None = None) -> None:
+        """Hands finished steps' records to the driver, their JAX values read now (a step late, so
+        they are ready or nearly)."""
+        keep = []
+        for record in self._pending:
+            if before is not None and record["step"] >= before:
+                keep.append(record)
+                continue
+            done = {k: _to_python(v) for k, v in record.items()}
+            self._progress.record(done)
+            if done["step"] > self._carried:
+                self._unsaved.append(done)
+        self._pending = keep
+
+    def _meta(self, step: int) -> dict[str, Any]:
+        return {
+            "step": step,
+            "saved_at": time.time(),
+            "entry": str(self._spec.entry),
+            "config": self.config,
+            "seed": self.seed,
+            "schedule_steps": self.schedule_steps,
+            "topology": {"num_hosts": self.process_count, "num_devices": jax.device_count(),
+                         "mesh": dict(self.mesh.shape)},
+        }
+
+    def _finish(self, returned: Any) -> HostResult:
+        """After the user's function returned: the last records, the wait for pending saves."""
+        self._fire_armed()
+        self._flush_metrics()
+        if self._checkpointer is not None:
+            self._progress.enter(Phase.SAVING)
+            started = time.perf_counter()
+            self._checkpointer.wait()
+            self._checkpointer.close()
+            self._progress.event("final_save", seconds=time.perf_counter() - started)
+        self._progress.enter(Phase.DONE)
+        return HostResult(
+            ending=Ending.STOPPED if self._stopped_at is not None else Ending.COMPLETED,
+            final_step=self._last_step, process_index=self.process_index, process_count=self.process_count,
+            num_devices=jax.device_count(), mesh=dict(self.mesh.shape),
+            final_snapshot=self._progress.drain(), returned=_json_value(returned))
+
+
+def _to_python(value: Any) -> Any:
+    if isinstance(value, jax.Array | np.ndarray | np.generic):
+        array = np.asarray(value)
+        return array.item() if array.size == 1 else array.tolist()
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value) if not isinstance(value, int) else value
+    return value
+
+
+def _json_value(value: Any) -> Any:
+    """What a function returned, if it is plain data the driver can show."""
+    try:
+        json.dumps(value, allow_nan=True)
+        return value
+    except (TypeError, ValueError):
+        return None
+
