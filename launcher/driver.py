@@ -40,6 +40,8 @@ RESIZE_SETTLE_S = 10.0
 SECONDARY_GRACE_S = 8.0
 """While every failure seen is a collective error caused by some other host, how long the driver
 keeps listening for the root cause."""
+HEAR_OUT_S = 1.0
+"""After a root cause, how long the driver waits for the rest of the group to end before deciding."""
 UNRESPONSIVE_AFTER_S = 2.0
 """A host that has not answered a poll for this long, while another host failed, is the one that
 hung (a stopped process stalls the others, which the coordination service then fails)."""
@@ -212,7 +214,7 @@ class Driver:
             return state  # a host is gone and its node's health is not known yet
         failures = list(attempt.failures.values())
         ended = set(attempt.failures) | set(poll.results)
-        if policy.keep_listening(failures, len(ended), len(poll.hosts), now, SECONDARY_GRACE_S):
+        if policy.keep_listening(failures, len(ended), len(poll.hosts), now, SECONDARY_GRACE_S, HEAR_OUT_S):
             return state
         failure = policy.blame(failures, poll.hosts, now, UNRESPONSIVE_AFTER_S)
         if failure.failed_at is None or failure.kind == FailureKind.CRASHED:

@@ -148,12 +148,18 @@ def primary_failure(failures: Sequence[Failure]) -> Failure:
     return min(failures, key=lambda f: (f.secondary, _KIND_PRIORITY[f.kind], f.detected_at))
 
 
-def keep_listening(failures: Sequence[Failure], num_ended: int, num_hosts: int, now: float, grace_s: float) -> bool:
-    """Whether to wait for the root cause: so far only collective errors (the host that died, or its
-    lost node, is often reported after the errors it causes), not every host has ended, and the
-    grace period is not over."""
+def keep_listening(failures: Sequence[Failure], num_ended: int, num_hosts: int, now: float, grace_s: float,
+                   hear_out_s: float) -> bool:
+    """Whether to wait for more of the group before deciding, while not every host has ended: up to
+    `grace_s` while every failure so far is a collective error (the host that died, or its lost node,
+    is often reported after the errors it causes), and a brief `hear_out_s` otherwise (a survivor's
+    collective library may abort its process when a peer vanishes, which looks like a crash of its
+    own, reported a moment before the lost node it was caused by)."""
+    if num_ended >= num_hosts:
+        return False
     first = min(f.detected_at for f in failures)
-    return all(f.secondary for f in failures) and num_ended < num_hosts and now - first < grace_s
+    limit = grace_s if all(f.secondary for f in failures) else hear_out_s
+    return now - first < limit
 
 
 def blame(failures: Sequence[Failure], hosts: Sequence[HostStatus], now: float, silent_after_s: float) -> Failure:

@@ -221,10 +221,15 @@ def _drive(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref, di
 
 
 def _fits(job: JobConfig, entry: entry_lib.Entry, num_hosts: int) -> bool:
+    """Whether the job can run on `num_hosts`: the mesh divides its devices, and the entry's own check
+    accepts it; an entry without a check is run only on host counts that divide --max-hosts, so that
+    a batch split evenly over the most hosts splits evenly over fewer too."""
     try:
         mesh = job.mesh_for(num_hosts)
     except ConfigError:
         return False
+    if entry.spec.check is None:
+        return job.max_hosts % num_hosts == 0
     return entry.fits(job.config, mesh)
 
 

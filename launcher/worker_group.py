@@ -14,11 +14,12 @@ from collections.abc import Callable
 
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from launcher.cluster import RayCluster
 from launcher.protocol import (
+    ErrorKind,
     ExitHow,
     GroupInfo,
     GroupPoll,
@@ -38,6 +39,7 @@ from workers.runtime import host_env
 log = logging.getLogger(__name__)
 ACTOR_CALL_TIMEOUT_S = 120.0
 STACK_DUMP_TIMEOUT_S = 20.0
+PG_REMOVAL_WAIT_S = 5.0
 NODE_DIED_MARKER = "because its node has died"  # Ray GCS: "The actor died because its node has died."
 
 
@@ -134,7 +136,7 @@ class RayWorkerGroup:
             return HostExit(rank, ExitHow.RAISED, now, step, error=err.cause)
         if isinstance(err, RayTaskError):  # raised outside our handler (e.g. while unpickling the spec)
             cause = err.cause
-            error = HostError(rank, step, _user_kind(), type(cause).__name__, str(cause), str(err))
+            error = HostError(rank, step, ErrorKind.USER, type(cause).__name__, str(cause), str(err))
             return HostExit(rank, ExitHow.RAISED, now, step, error=error)
         text = str(err)
         detail = next((line.strip() for line in text.splitlines() if " because " in line), text.strip())
@@ -198,15 +200,18 @@ class RayWorkerGroup:
         if self.pg is not None:
             try:
                 remove_placement_group(self.pg)
+                self._await_removal(self.pg)
             except Exception as err:  # noqa: BLE001
                 log.debug("placement group removal failed: %s", err)
         self.actors, self.run_refs, self.poll_refs, self.pg = [], {}, {}, None
 
-
-def _user_kind():
-    from launcher.protocol import ErrorKind
-
-    return ErrorKind.USER
+    @staticmethod
+    def _await_removal(pg) -> None:
+        """Ray frees a removed group's resources asynchronously; the next attempt's capacity check
+        must see them free, or it would settle for fewer hosts."""
+        deadline = time.monotonic() + PG_REMOVAL_WAIT_S
+        while time.monotonic() < deadline and placement_group_table(pg).get("state") != "REMOVED":
+            time.sleep(0.05)
 
 
 def _py_spy_dump(pid: int) -> str:

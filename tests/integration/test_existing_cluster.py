@@ -24,6 +24,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def node_ports() -> list[str]:
+    """Ports of a node's agents: nodes on one address (or beside another Ray) would collide on the
+    defaults."""
+    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+            f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
+
+
 def session_processes(sid: int) -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter():
@@ -48,14 +55,15 @@ def ray_cluster(tmp_path_factory):
     try:
         nodes.append(subprocess.Popen(
             [RAY, "start", "--head", f"--port={port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={dashboard}", f"--temp-dir={temp}", *common],
+             f"--dashboard-port={dashboard}", f"--temp-dir={temp}", *common, *node_ports()],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
         _wait_for_nodes(port, 1, env)
-        for _ in range(2):
-            nodes.append(subprocess.Popen([RAY, "start", f"--address=127.0.0.1:{port}", *common], env=env,
+        for count in (2, 3):
+            nodes.append(subprocess.Popen([RAY, "start", f"--address=127.0.0.1:{port}", *common, *node_ports()],
+                                          env=env,
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                           start_new_session=True))
-        _wait_for_nodes(port, 3, env)
+            _wait_for_nodes(port, count, env)
         yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env}
     finally:
         for node in reversed(nodes):

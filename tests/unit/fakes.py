@@ -70,6 +70,8 @@ class FakeGroup:
         self.results = {}
         self.exits = {}
         self.events = []
+        self.silent = set()
+        """Hosts that stopped answering polls (a stopped process); the others answer every poll."""
 
     def start(self, num_hosts, attempt, injections=()):
         if getattr(self.behaviour, "placement_fails", False):
@@ -84,6 +86,9 @@ class FakeGroup:
         self.clock.sleep(0.25)
         self.polls += 1
         records = self.behaviour(self, self.polls) or []
+        for h in self.hosts:
+            if h.rank not in self.exits and h.rank not in self.silent:
+                h.last_heard = self.clock()
         events, self.events = [(0, e) for e in self.events], []
         return GroupPoll(self.hosts, records, events, dict(self.results), list(self.exits.values()))
 

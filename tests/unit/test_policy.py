@@ -57,6 +57,14 @@ def test_a_dead_process_on_a_live_node_crashed():
     assert classify(exit, 5.0, NODE_WAIT_S).kind == FailureKind.CRASHED
 
 
+def test_a_lost_node_is_blamed_over_the_crash_it_caused_on_a_survivor():
+    """gloo aborts a survivor whose peer vanished: Ray reports that death first, the node after."""
+    survivor = classify(HostExit(0, ExitHow.PROCESS_DIED, 5.0, 3, "died", node=NodeLiveness.ALIVE), 5.0, NODE_WAIT_S)
+    lost = classify(HostExit(1, ExitHow.UNREACHABLE, 5.4, 3, "socket closed", node=NodeLiveness.DEAD), 5.4,
+                    NODE_WAIT_S)
+    assert primary_failure([survivor, lost]) is lost
+
+
 def test_a_death_followed_by_its_nodes_death_is_a_lost_node_not_a_crash():
     """Ray may report "its worker process has died" before it declares the node dead."""
     exit = HostExit(0, ExitHow.PROCESS_DIED, 5.0, 3, "the actor is dead because its worker process has died")
@@ -98,12 +106,14 @@ def test_primary_failure_prefers_a_root_cause_over_collective_errors():
     assert primary_failure([collective, user]) is user
 
 
-def test_keep_listening_only_while_every_failure_is_secondary():
+def test_keep_listening_long_for_collective_errors_briefly_for_a_root_cause():
     collective = failure(FailureKind.EXCEPTION, at=1.0, secondary=True)
-    assert keep_listening([collective], num_ended=1, num_hosts=2, now=2.0, grace_s=8.0)
-    assert not keep_listening([collective], num_ended=2, num_hosts=2, now=2.0, grace_s=8.0), "everyone reported"
-    assert not keep_listening([collective], num_ended=1, num_hosts=2, now=9.5, grace_s=8.0), "grace over"
-    assert not keep_listening([collective, failure(at=1.5)], 1, 2, 2.0, 8.0), "a root cause is known"
+    assert keep_listening([collective], num_ended=1, num_hosts=2, now=2.0, grace_s=8.0, hear_out_s=1.0)
+    assert not keep_listening([collective], 2, 2, now=2.0, grace_s=8.0, hear_out_s=1.0), "everyone reported"
+    assert not keep_listening([collective], 1, 2, now=9.5, grace_s=8.0, hear_out_s=1.0), "grace over"
+    crash = failure(at=1.5)
+    assert keep_listening([collective, crash], 1, 2, now=1.8, grace_s=8.0, hear_out_s=1.0), "hear the group out"
+    assert not keep_listening([collective, crash], 1, 2, now=2.6, grace_s=8.0, hear_out_s=1.0)
 
 
 def test_blame_falls_on_a_host_that_went_silent_before_the_others_failed():
