@@ -28,6 +28,7 @@ from launcher.job import LaunchOptions
 from launcher.policy import FaultConfig, WatchdogConfig
 from launcher.protocol import CheckpointConfig, ConfigError, DistributedConfig, Injection
 from launcher.runner import LaunchResult
+from launcher.storage import RunStorageError
 
 if TYPE_CHECKING:
     from workers.batch import global_batch
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
 __all__ = [
     "launch", "LaunchResult", "HostContext", "entrypoint", "global_batch", "ConfigError", "JobConfig",
     "ClusterConfig", "TrainConfig", "CheckpointConfig", "DistributedConfig", "FaultConfig", "WatchdogConfig",
-    "Injection", "LaunchOptions",
+    "Injection", "LaunchOptions", "RunStorageError",
 ]
 
 

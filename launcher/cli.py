@@ -13,6 +13,7 @@ import sys
 from launcher.display import error
 from launcher.job import LaunchOptions
 from launcher.protocol import ConfigError
+from launcher.storage import RunStorageError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -118,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         error(str(err))
         return EXIT_USAGE
+    except RunStorageError as err:
+        error(str(err))
+        return EXIT_FAILED
     except KeyboardInterrupt:
         error("interrupted; every host process was stopped")
         return EXIT_INTERRUPTED

@@ -68,7 +68,7 @@ def plot(report: History, path: pathlib.Path) -> pathlib.Path:
     sizes = sorted({a.get("num_hosts") for a in report.attempts if a.get("num_hosts")})
     labelled = set()
     for a in report.attempts:
-        if a.get("first_step") is None:
+        if a.get("first_step") is None or a.get("last_step") is None or a.get("num_hosts") is None:
             continue
         start = (a.get("restored_step") or 0)
         hosts = a.get("num_hosts")
@@ -92,7 +92,7 @@ def plot(report: History, path: pathlib.Path) -> pathlib.Path:
                     (step, 1), xycoords=("data", "axes fraction"), xytext=(3, -12), textcoords="offset points",
                     color="red", fontsize=8, rotation=0)
     for a in report.attempts:
-        if a.get("cause") == "resize":
+        if a.get("cause") == "resize" and a.get("last_step") is not None:
             ax.axvline(a["last_step"], color="tab:blue", ls=":", lw=1)
     ax.set_xlabel("step")
     ax.set_ylabel(metric)

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from launcher import entry as entry_lib
-from launcher import history, report
+from launcher import history, report, storage
 from launcher.cluster import RayCluster, runtime_env
 from launcher.config import JobConfig
 from launcher.display import ConsoleView, Display, error
@@ -27,6 +27,7 @@ from launcher.policy import RestartPolicy, ScalingPolicy, Watchdog
 from launcher.protocol import ConfigError, HostSpec, Injection
 from launcher.recorder import Chaos, Recorder
 from launcher.runs import RunDir, read_jsonl
+from launcher.storage import RunStorageError, storage_errno
 from launcher.worker_group import RayWorkerGroup
 
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -155,6 +156,11 @@ def run_job(prepared: PreparedJob, display: Display | None = None) -> LaunchResu
             raise
         try:
             return _drive(prepared, run, cluster, host_ref, display, lock)
+        except OSError as err:
+            code = storage_errno(err)
+            if code is None:
+                raise
+            raise RunStorageError(storage.describe(run.path, code, None)) from err
         finally:
             cluster.shutdown()
     finally:
@@ -166,6 +172,7 @@ def _drive(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref, di
     job, entry = prepared.job, prepared.entry
     run.create()
     run.save_config(job.to_dict())
+    _warn_if_disk_is_short(run, job, display)
     if lock.took_over:
         display.message(f"[yellow]took over the lock of a launch that died (pid {lock.took_over.get('pid')} on "
                         f"{lock.took_over.get('host')})[/yellow]")
@@ -218,6 +225,22 @@ def _drive(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref, di
     display.message(f"report: python launch.py report {run.path}  (picture: {run.path / 'report.png'})")
     return LaunchResult(status, code, reason, summary["final_step"], past.attempts, past.goodput, run.path,
                         past.trajectory, summary.get("returned"), summary)
+
+
+def _warn_if_disk_is_short(run: RunDir, job: JobConfig, display: Display) -> None:
+    """Before the first attempt of a resumed run: can the disk hold max_to_keep + 1 checkpoints?
+    (A fresh run's hosts check once they know the state's size.)"""
+    steps = run.committed_steps()
+    free = storage.free_bytes(run.checkpoints)
+    if not steps or free is None:
+        return
+    keep = job.checkpoint.max_to_keep + 1
+    one = run.checkpoint_bytes(steps[0])
+    if free < one * keep:
+        message = (f"{run.checkpoints} has {free / 1e6:,.0f} MB free; {keep} checkpoints of about "
+                   f"{one / 1e6:,.0f} MB need {one * keep / 1e6:,.0f} MB")
+        run.event("low_disk_space", free_bytes=free, needed_bytes=one * keep, checkpoints=keep, message=message)
+        display.message(f"[yellow]warning: {message}[/yellow]")
 
 
 def _fits(job: JobConfig, entry: entry_lib.Entry, num_hosts: int) -> bool:

@@ -10,6 +10,7 @@ rank 0 lists committed steps with the same function.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -91,6 +92,7 @@ class RunDir:
         self.tensorboard_dir = self.path / "tensorboard"
         self.compile_cache = self.path / "compile_cache"
         self.injections_path = self.hosts / "injections.jsonl"
+        self._identity: tuple[int, int] | None = None
 
     def host_log(self, attempt: int, rank: int) -> pathlib.Path:
         return self.hosts / f"attempt-{attempt}-rank-{rank}.log"
@@ -98,6 +100,17 @@ class RunDir:
     def create(self) -> None:
         self.hosts.mkdir(parents=True, exist_ok=True)
         self.checkpoints.mkdir(parents=True, exist_ok=True)
+        self._identity = self._stat_identity()
+
+    def _stat_identity(self) -> tuple[int, int]:
+        info = os.stat(self.path)
+        return info.st_dev, info.st_ino
+
+    def check_still_there(self) -> None:
+        """FileNotFoundError once the directory this launch created or resumed was deleted (or
+        replaced by another one of the same name, as a host's checkpoint save would make)."""
+        if self._identity is not None and self._stat_identity() != self._identity:
+            raise FileNotFoundError(errno.ENOENT, "the run directory was deleted during the run", str(self.path))
 
     def is_empty(self) -> bool:
         return not self.path.exists() or not any(p.name != LOCK_NAME for p in self.path.iterdir())
@@ -126,6 +139,7 @@ class RunDir:
     def _append(self, path: pathlib.Path, records: list[dict[str, Any]]) -> None:
         if not records:
             return
+        self.check_still_there()
         lines = "".join(json.dumps({k: _json_safe(v) for k, v in r.items()}, sort_keys=True) + "\n" for r in records)
         with path.open("a+b") as f:
             # A line torn by an earlier writer must not swallow the first record of this one.

@@ -17,9 +17,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
-import os
 import pathlib
-import shutil
 import time
 from collections.abc import Callable
 from typing import Any
@@ -31,15 +29,12 @@ from jax.experimental import multihost_utils
 
 from launcher.protocol import CheckpointConfig, ErrorKind
 from launcher.runs import UNREADABLE_DIR, committed_steps
+from launcher.storage import chain, describe, storage_errno
 
 log = logging.getLogger(__name__)
 STATE_ITEM, META_ITEM = "state", "meta"
 TRANSIENT_RETRIES = 3
 TRANSIENT_BACKOFF_S = 1.0
-STORAGE_ERRNOS = {errno.ENOSPC: "the filesystem is full", errno.EDQUOT: "the disk quota is exceeded",
-                  errno.EROFS: "the filesystem is read-only", errno.ENOENT: "the run directory is gone"}
-_STORAGE_TEXT = {"no space left on device": errno.ENOSPC, "disk quota exceeded": errno.EDQUOT,
-                 "read-only file system": errno.EROFS}
 _TRANSIENT_ERRNOS = {errno.ENOMEM, errno.EAGAIN, errno.ETIMEDOUT, errno.ESTALE, errno.EACCES, errno.EPERM, errno.EIO}
 _TRANSIENT_CODES = ("DEADLINE_EXCEEDED", "UNAVAILABLE", "RESOURCE_EXHAUSTED", "PERMISSION_DENIED", "ABORTED")
 
@@ -62,28 +57,9 @@ class NoCheckpointError(CheckpointError):
     kind = ErrorKind.NO_CHECKPOINT
 
 
-def _chain(err: BaseException):
-    while err is not None:
-        yield err
-        err = err.__cause__ or err.__context__
-
-
-def storage_errno(err: BaseException) -> int | None:
-    """The errno of a storage failure (full, read-only, gone) anywhere in the exception's chain;
-    TensorStore reports these as text inside other exception types."""
-    for e in _chain(err):
-        if isinstance(e, OSError) and e.errno in STORAGE_ERRNOS:
-            return e.errno
-        text = str(e).lower()
-        for marker, code in _STORAGE_TEXT.items():
-            if marker in text:
-                return code
-    return None
-
-
 def is_transient(err: BaseException) -> bool:
     """Errors that memory or storage pressure explain, which a retry may clear."""
-    for e in _chain(err):
+    for e in chain(err):
         if isinstance(e, MemoryError | TimeoutError | PermissionError):
             return True
         if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
@@ -91,34 +67,6 @@ def is_transient(err: BaseException) -> bool:
         if any(str(e).startswith(code) or f" {code}:" in str(e) for code in _TRANSIENT_CODES):
             return True
     return False
-
-
-def _describe_storage(directory: pathlib.Path, code: int, checkpoint_bytes: int | None) -> str:
-    """One line: what happened, on which filesystem, its free space, and the size of a checkpoint."""
-    existing = next((p for p in (directory, *directory.parents) if p.exists()), pathlib.Path("/"))
-    try:
-        usage = shutil.disk_usage(existing)
-        space = f"{usage.free / 1e6:,.0f} MB free of {usage.total / 1e6:,.0f} MB"
-    except OSError:
-        space = "free space unknown"
-    mount = _mount_point(existing)
-    size = f"; one checkpoint needs about {checkpoint_bytes / 1e6:,.0f} MB" if checkpoint_bytes else ""
-    return f"{STORAGE_ERRNOS[code]} ({os.strerror(code)}): {directory} on {mount}, {space}{size}"
-
-
-def _mount_point(path: pathlib.Path) -> str:
-    path = path.resolve()
-    while not os.path.ismount(path) and path != path.parent:
-        path = path.parent
-    return str(path)
-
-
-def free_bytes(directory: pathlib.Path) -> int | None:
-    existing = next((p for p in (directory, *directory.parents) if p.exists()), None)
-    try:
-        return shutil.disk_usage(existing).free if existing else None
-    except OSError:
-        return None
 
 
 @dataclasses.dataclass
@@ -192,7 +140,7 @@ class Checkpointer:
             code = storage_errno(err)
             if code is None:
                 return False
-            raise StorageError(_describe_storage(self.owner.directory, code, self.owner.checkpoint_bytes)) from err
+            raise StorageError(describe(self.owner.directory, code, self.owner.checkpoint_bytes)) from err
 
     def _storage_errors(self) -> _StorageErrors:
         return Checkpointer._StorageErrors(self)

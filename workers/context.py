@@ -28,8 +28,9 @@ import jax
 import numpy as np
 
 from launcher.protocol import Ending, HostResult, HostSpec, Phase
+from launcher.storage import free_bytes
 from workers import batch as batch_lib
-from workers.checkpoint import Checkpointer, free_bytes
+from workers.checkpoint import Checkpointer
 from workers.faults import FaultHook
 from workers.mesh import Rules
 from workers.progress import HostProgress

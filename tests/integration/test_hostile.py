@@ -123,6 +123,18 @@ def test_a_full_disk_stops_at_once_naming_the_filesystem_and_keeps_older_steps(t
     assert committed_steps(run_dir) == [1, 2], "older committed steps are intact"
 
 
+def test_a_run_directory_that_vanishes_stops_the_job_with_one_line(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start("--hosts", "2", *MINIMAL, "--steps", "2000", "--save-every", "20", "--run-dir", str(run_dir))
+    wait_for(lambda: 20 in committed_steps(run_dir), 300, "step 20 committed", proc)
+    run_dir.rename(tmp_path / "moved away")  # gone from where the launch writes
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, out + err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "the run directory is gone" in lines[0], err
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_to_the_whole_process_group_saves_then_resume_is_bit_for_bit(minimal_reference, tmp_path,
                                                                               signum, code):

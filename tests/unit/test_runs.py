@@ -51,6 +51,30 @@ def test_a_torn_config_is_a_clear_error(tmp_path):
         run.load_config()
 
 
+def test_storage_errors_are_named_with_their_filesystem(tmp_path):
+    import errno
+
+    from launcher import storage
+
+    assert storage.storage_errno(ValueError("write failed: No space left on device")) == errno.ENOSPC
+    wrapped = RuntimeError("save failed")
+    wrapped.__cause__ = OSError(errno.EROFS, "Read-only file system")
+    assert storage.storage_errno(wrapped) == errno.EROFS
+    assert storage.storage_errno(ValueError("bad shape")) is None
+    line = storage.describe(tmp_path / "gone" / "checkpoints", errno.ENOENT, 5_000_000)
+    assert "the run directory is gone" in line and "MB free of" in line and "about 5 MB" in line
+
+
+def test_a_compilation_cache_others_can_write_is_not_used(tmp_path):
+    from workers.runtime import private_directory
+
+    assert private_directory(tmp_path / "mine") is None and oct((tmp_path / "mine").stat().st_mode)[-3:] == "700"
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    assert "writable by its group or by others" in private_directory(shared)
+
+
 def test_committed_steps_need_orbax_s_commit_marker(tmp_path):
     for step, committed in ((10, True), (20, True), (30, False)):
         (tmp_path / str(step)).mkdir()
