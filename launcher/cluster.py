@@ -34,6 +34,8 @@ class RayCluster:
         self.instance = None
         self.restarts = 0
         self._requested = False
+        self.standby = None
+        """The spare group (`worker_group.StandbyPool`), whose hosts count as placeable."""
 
     # -- connection ------------------------------------------------------------------------------
     def connect(self) -> None:
@@ -67,6 +69,8 @@ class RayCluster:
     def restart(self) -> None:
         """A fresh embedded instance after its node died."""
         assert self.embedded, "only the embedded instance is the launcher's to restart"
+        if self.standby is not None:
+            self.standby.forget()  # its processes went with the old instance
         self.shutdown()
         self.restarts += 1
         self.connect()
@@ -79,7 +83,7 @@ class RayCluster:
         for free in available_resources_per_node().values():
             fit = min((math.floor(free.get(k, 0) / v + 1e-9) for k, v in need.items()), default=0)
             total += min(fit, 1) if self.cfg.placement_strategy == "STRICT_SPREAD" else fit
-        return total
+        return total + (self.standby.reserved_hosts if self.standby is not None else 0)
 
     def request_hosts(self, num_hosts: int) -> None:
         """Asks an autoscaler for room for `num_hosts` hosts (0 withdraws the request). Harmless on a

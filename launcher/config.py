@@ -51,9 +51,15 @@ class ClusterConfig:
     """Logical CPUs of the embedded Ray instance (it bounds how many hosts fit on it)."""
     placement_timeout_s: float = 60.0
     """How long one placement may take before the job tries fewer hosts (and waits for capacity)."""
+    warm_standby: bool = True
+    """Keep a spare group of host processes started and warmed up (Python, JAX, Flax and Orbax
+    imported) while the cluster has room for one, so a restart skips process start and imports."""
     compilation_cache: bool = True
-    """Keep compiled programs in RUN_DIR/compile_cache (JAX's persistent cache), so a restart loads
-    them instead of compiling again. Used only when the folder is the job user's alone."""
+    """Keep compiled programs in JAX's persistent cache, so a restart (and a new run of a program
+    compiled before) loads them instead of compiling again."""
+    compilation_cache_dir: str | None = None
+    """Where, on each host: None is the job user's own cache, $XDG_CACHE_HOME/jaxlaunch/compile
+    (~/.cache/...), shared by all their runs. Used only if the folder is the job user's alone."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -133,7 +133,9 @@ class HostSpec:
     platform: str
     checkpoint: CheckpointConfig
     distributed: DistributedConfig
+    compilation_cache: bool = True
     compilation_cache_dir: str | None = None
+    """None: the host's default for the job's user (`workers.runtime.default_cache_dir`)."""
     expect_checkpoint: bool = False
     """The run has committed steps: finding none readable is an error, never a fresh start."""
     injections: tuple[Injection, ...] = ()

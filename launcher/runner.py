@@ -28,7 +28,7 @@ from launcher.protocol import ConfigError, HostSpec, Injection
 from launcher.recorder import Chaos, Recorder
 from launcher.runs import RunDir, read_jsonl
 from launcher.storage import RunStorageError, storage_errno
-from launcher.worker_group import RayWorkerGroup
+from launcher.worker_group import RayWorkerGroup, StandbyPool
 
 PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
 CODE_PACKAGES = ("launcher", "workers", "models", "jaxlaunch")
@@ -95,7 +95,7 @@ def stop_signals(driver: Driver):
             signal.signal(sig, old)
 
 
-def _make_spec(job: JobConfig, run: RunDir, entry_ref, cache_dir: str | None):
+def _make_spec(job: JobConfig, run: RunDir, entry_ref):
     expect_checkpoint = run.has_history()
 
     def make(*, attempt: int, rank: int, num_hosts: int, coordinator_address: str, injections) -> HostSpec:
@@ -103,7 +103,8 @@ def _make_spec(job: JobConfig, run: RunDir, entry_ref, cache_dir: str | None):
             entry=entry_ref, config=job.config, run_dir=str(run.path), attempt=attempt, rank=rank,
             num_hosts=num_hosts, coordinator_address=coordinator_address, mesh=job.mesh, steps=job.train.steps,
             schedule_steps=job.schedule_steps, seed=job.train.seed, platform=job.cluster.platform,
-            checkpoint=job.checkpoint, distributed=job.distributed, compilation_cache_dir=cache_dir,
+            checkpoint=job.checkpoint, distributed=job.distributed, compilation_cache=job.cluster.compilation_cache,
+            compilation_cache_dir=job.cluster.compilation_cache_dir,
             expect_checkpoint=expect_checkpoint or run.has_history(), injections=tuple(injections))
 
     return make
@@ -181,20 +182,21 @@ def _drive(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref, di
               fingerprint=prepared.fingerprint, cluster=cluster.describe(), pid=os.getpid(),
               ray_supervisor=cluster.instance.supervisor_pid if cluster.instance is not None else None,
               requested_hosts=None if cluster.embedded else job.max_hosts)
-    cache = str(run.compile_cache) if job.cluster.compilation_cache else None
-    make_spec = _make_spec(job, run, host_ref, cache)
+    make_spec = _make_spec(job, run, host_ref)
 
     def committed() -> int | None:
         steps = run.committed_steps()
         return steps[0] if steps else None
 
+    standby = StandbyPool(cluster, run) if job.cluster.warm_standby else None
+    cluster.standby = standby
     recorder = Recorder(run, job.mesh_for)
     listeners: list[Any] = [recorder, ConsoleView(display, run, job.train.steps, committed, time.monotonic)]
     if prepared.chaos_mean_s:
         listeners.append(Chaos(prepared.chaos_mean_s, job.train.seed, recorder.event))
     driver = Driver(
         cluster=cluster,
-        make_group=lambda: RayWorkerGroup(cluster, run, make_spec, job.watchdog.poll_interval_s),
+        make_group=lambda: RayWorkerGroup(cluster, run, make_spec, job.watchdog.poll_interval_s, standby),
         restart_policy=RestartPolicy(job.fault), watchdog=Watchdog(job.watchdog), fault=job.fault,
         scaling_policy=ScalingPolicy(job.min_hosts, job.max_hosts, lambda n: _fits(job, entry, n)),
         committed_step=committed, fired=_fired(run, prepared.injections, time.monotonic, time.time),
@@ -205,6 +207,8 @@ def _drive(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref, di
         with stop_signals(driver):
             code = driver.run()
     finally:
+        if standby is not None:
+            standby.shutdown()
         display.stop()
         state = driver.state
         status = {0: "finished", 1: "failed"}.get(code, "stopped" if code else "interrupted")

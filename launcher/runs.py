@@ -90,7 +90,6 @@ class RunDir:
         self.summary_path = self.path / "summary.json"
         self.config_path = self.path / "config.json"
         self.tensorboard_dir = self.path / "tensorboard"
-        self.compile_cache = self.path / "compile_cache"
         self.injections_path = self.hosts / "injections.jsonl"
         self._identity: tuple[int, int] | None = None
 

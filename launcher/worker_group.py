@@ -46,8 +46,11 @@ NODE_DIED_MARKER = "because its node has died"  # Ray GCS: "The actor died becau
 class RayWorkerGroup:
     """One attempt's hosts: placement group, actors, coordinator, polls, teardown."""
 
-    def __init__(self, cluster: RayCluster, run: RunDir, make_spec: Callable[..., HostSpec], poll_interval_s: float):
+    def __init__(self, cluster: RayCluster, run: RunDir, make_spec: Callable[..., HostSpec], poll_interval_s: float,
+                 standby: StandbyPool | None = None):
         self.cluster, self.run, self.make_spec, self.poll_interval_s = cluster, run, make_spec, poll_interval_s
+        self.standby = standby
+        self.replenished = False
         self.pg = None
         self.actors: list = []
         self.run_refs: dict[int, ray.ObjectRef] = {}
@@ -60,29 +63,38 @@ class RayWorkerGroup:
     # -- start -----------------------------------------------------------------------------------
     def start(self, num_hosts: int, attempt: int, injections: tuple[Injection, ...] = ()) -> GroupInfo:
         cfg = self.cluster.cfg
-        self.pg = placement_group([dict(cfg.resources_per_host)] * num_hosts, strategy=cfg.placement_strategy)
-        ready, _ = ray.wait([self.pg.ready()], timeout=cfg.placement_timeout_s)
-        if not ready:
-            raise PlacementError(self.cluster.placement_message(num_hosts, self.cluster.placeable_hosts(), waited=True))
-        resources = dict(cfg.resources_per_host)
-        num_cpus, num_gpus = resources.pop("CPU", 0), resources.pop("GPU", 0)
-        remote_cls = ray.remote(concurrency_groups={MONITOR_GROUP: 1})(HostActor)
-        env = host_env(cfg.platform, cfg.devices_per_host)
+        logs = [str(self.run.host_log(attempt, rank)) for rank in range(num_hosts)]
+        if not self._take_standby(num_hosts, logs, attempt):
+            self.pg = placement_group([dict(cfg.resources_per_host)] * num_hosts, strategy=cfg.placement_strategy)
+            ready, _ = ray.wait([self.pg.ready()], timeout=cfg.placement_timeout_s)
+            if not ready:
+                raise PlacementError(self.cluster.placement_message(num_hosts, self.cluster.placeable_hosts(),
+                                                                    waited=True))
+            self.actors = create_hosts(cfg, self.pg, logs, attempt)
+            self.node_info = ray.get([a.node_info.remote() for a in self.actors], timeout=ACTOR_CALL_TIMEOUT_S)
         now = time.monotonic()
-        for rank in range(num_hosts):
-            self.actors.append(remote_cls.options(
-                num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None,
-                scheduling_strategy=PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank),
-                runtime_env={"env_vars": env}, max_restarts=0,
-            ).remote(str(self.run.host_log(attempt, rank)), attempt, rank))
-            self.hosts.append(HostStatus(rank, last_heard=now, last_progress=now))
-        self.node_info = ray.get([a.node_info.remote() for a in self.actors], timeout=ACTOR_CALL_TIMEOUT_S)
+        self.hosts = [HostStatus(rank, last_heard=now, last_progress=now) for rank in range(num_hosts)]
         coordinator = ray.get(self.actors[0].reserve_coordinator_address.remote(), timeout=ACTOR_CALL_TIMEOUT_S)
         for rank, actor in enumerate(self.actors):
             spec = self.make_spec(attempt=attempt, rank=rank, num_hosts=num_hosts, coordinator_address=coordinator,
                                   injections=injections)
             self.run_refs[rank] = actor.run.remote(spec)
         return GroupInfo(coordinator, [n["node_id"] for n in self.node_info], [n["pid"] for n in self.node_info])
+
+    def _take_standby(self, num_hosts: int, logs: list[str], attempt: int) -> bool:
+        """Whether the spare group took over (placed, its processes started and warmed up)."""
+        taken = self.standby.take(num_hosts) if self.standby is not None else None
+        if taken is None:
+            return False
+        self.pg, self.actors = taken
+        try:
+            self.node_info = ray.get([a.activate.remote(logs[r], attempt, r) for r, a in enumerate(self.actors)],
+                                     timeout=ACTOR_CALL_TIMEOUT_S)
+            return True
+        except Exception as err:  # noqa: BLE001 - a spare that died is replaced by a fresh group
+            log.info("the standby group could not take over (%s); starting a fresh one", err)
+            self.shutdown()
+            return False
 
     # -- poll ------------------------------------------------------------------------------------
     def poll(self) -> GroupPoll:
@@ -127,6 +139,11 @@ class RayWorkerGroup:
                 events += [(rank, e) for e in snapshot.events if rank == 0 or e.per_host]
             self.results[rank] = result
         self._refresh_liveness()
+        if (self.standby is not None and not self.replenished
+                and all(h.phase.started_training for h in self.hosts)):
+            # Only once training runs: the spares' imports would slow this group's start-up.
+            self.replenished = True
+            self.standby.replenish(len(self.actors))
         records.sort(key=lambda r: r["step"])
         return GroupPoll(self.hosts, records, events, dict(self.results), list(self.exits.values()))
 
@@ -212,6 +229,79 @@ class RayWorkerGroup:
         deadline = time.monotonic() + PG_REMOVAL_WAIT_S
         while time.monotonic() < deadline and placement_group_table(pg).get("state") != "REMOVED":
             time.sleep(0.05)
+
+
+def create_hosts(cfg, pg, logs: list[str], attempt: int) -> list:
+    """One host actor per bundle of `pg`, each with the platform's environment."""
+    resources = dict(cfg.resources_per_host)
+    num_cpus, num_gpus = resources.pop("CPU", 0), resources.pop("GPU", 0)
+    remote_cls = ray.remote(concurrency_groups={MONITOR_GROUP: 1})(HostActor)
+    env = host_env(cfg.platform, cfg.devices_per_host)
+    return [remote_cls.options(
+        num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
+        runtime_env={"env_vars": env}, max_restarts=0,
+    ).remote(log_path, attempt, rank) for rank, log_path in enumerate(logs)]
+
+
+class StandbyPool:
+    """A spare group of host processes, placed and warmed up (Python, JAX, Flax, Orbax imported),
+    waiting to take over the next attempt, so that a restart skips process start and imports. It is
+    made only while the cluster has room for it beside the running group, and its hosts count as
+    placeable (they are given up whenever the next attempt needs a different count)."""
+
+    def __init__(self, cluster: RayCluster, run: RunDir):
+        self.cluster, self.run = cluster, run
+        self.pg = None
+        self.placed = None
+        self.actors: list = []
+        self.made = 0
+
+    @property
+    def reserved_hosts(self) -> int:
+        if self.pg is None or not ray.wait([self.placed], timeout=0)[0]:
+            return 0
+        return len(self.actors)
+
+    def replenish(self, num_hosts: int) -> None:
+        if self.actors or self.cluster.placeable_hosts() < num_hosts:
+            return
+        self.made += 1
+        cfg = self.cluster.cfg
+        self.pg = placement_group([dict(cfg.resources_per_host)] * num_hosts, strategy=cfg.placement_strategy)
+        self.placed = self.pg.ready()
+        logs = [str(self.run.hosts / f"standby-{self.made}-rank-{rank}.log") for rank in range(num_hosts)]
+        self.actors = create_hosts(cfg, self.pg, logs, 0)
+        for actor in self.actors:
+            actor.warm.remote()
+
+    def take(self, num_hosts: int) -> tuple | None:
+        """The spare group's placement group and actors, if it is ready and of the right size."""
+        if not self.actors:
+            return None
+        if len(self.actors) != num_hosts or self.reserved_hosts == 0:
+            self.shutdown()
+            return None
+        taken, self.pg, self.placed, self.actors = (self.pg, self.actors), None, None, []
+        return taken
+
+    def forget(self) -> None:
+        """Drops the spare group without asking Ray (its Ray instance is gone)."""
+        self.pg, self.placed, self.actors = None, None, []
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            try:
+                ray.kill(actor, no_restart=True)
+            except Exception as err:  # noqa: BLE001
+                log.debug("kill failed: %s", err)
+        if self.pg is not None:
+            try:
+                remove_placement_group(self.pg)
+                RayWorkerGroup._await_removal(self.pg)
+            except Exception as err:  # noqa: BLE001
+                log.debug("placement group removal failed: %s", err)
+        self.pg, self.placed, self.actors = None, None, []
 
 
 def _py_spy_dump(pid: int) -> str:

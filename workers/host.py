@@ -35,9 +35,33 @@ def _node_ip() -> str:
 
 class HostActor:
     def __init__(self, log_path: str, attempt: int, rank: int):
+        self.created = psutil.Process().create_time()
+        self._start(log_path, attempt, rank)
+
+    def warm(self) -> float:
+        """A spare's warm-up while it waits (a standby group): import what every attempt needs, so
+        that taking over skips it. Not the user's module: its import may compute with JAX, which must
+        wait for jax.distributed. Never fails: a problem here shows again in `run`."""
+        started = time.perf_counter()
+        try:
+            import flax.nnx  # noqa: F401
+            import optax  # noqa: F401
+            import orbax.checkpoint  # noqa: F401
+
+            from workers import context, runtime  # noqa: F401
+        except Exception as err:  # noqa: BLE001 - warming up is best effort
+            logging.getLogger(__name__).warning("warming up failed: %s", err)
+        return time.perf_counter() - started
+
+    def activate(self, log_path: str, attempt: int, rank: int) -> dict[str, Any]:
+        """A spare takes over as a host of an attempt: its output goes to that attempt's log now."""
+        self._start(log_path, attempt, rank)
+        return self.node_info()
+
+    def _start(self, log_path: str, attempt: int, rank: int) -> None:
         self.rank, self.attempt = rank, attempt
         self.progress = HostProgress()
-        self.progress.timeline["process_created"] = psutil.Process().create_time()
+        self.progress.timeline["process_created"] = self.created
         self.progress.timeline["actor_init"] = time.time()
         pathlib.Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -86,9 +110,8 @@ class HostActor:
         log = logging.getLogger(__name__)
         try:
             self.progress.enter(Phase.INITIALIZING)
-            function = entry_lib.load(spec.entry)
-            if spec.compilation_cache_dir:
-                problem = runtime.enable_compilation_cache(spec.compilation_cache_dir)
+            if spec.compilation_cache:
+                problem = runtime.enable_compilation_cache(spec.compilation_cache_dir or runtime.default_cache_dir())
                 if problem and spec.rank == 0:
                     self.progress.event("compilation_cache_disabled", reason=problem)
             runtime.initialize(
@@ -97,6 +120,9 @@ class HostActor:
             )
             from workers.context import HostContext
             from workers.mesh import build_mesh
+
+            # After jax.distributed: importing the user's module may already compute with JAX.
+            function = entry_lib.load(spec.entry)
 
             ctx = HostContext(spec, build_mesh(spec.mesh), self.progress)
             log.info("mesh %s; running %s", dict(ctx.mesh.shape), spec.entry)

@@ -33,7 +33,7 @@ def test_two_host_run_trains_and_checkpoints(reference_run):
     records = read_jsonl(reference_run / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, 31))
     assert all(r["tokens_per_s"] > 0 and r["learning_rate"] >= 0 for r in records[1:])
-    assert sorted(p.name for p in (reference_run / "hosts").glob("*.log")) == [
+    assert sorted(p.name for p in (reference_run / "hosts").glob("attempt-*.log")) == [
         "attempt-1-rank-0.log", "attempt-1-rank-1.log"]
     assert [e["cause"] for e in events(reference_run, "attempt_ended")] == ["finished"]
     assert_no_host_left(reference_run)
