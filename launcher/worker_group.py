@@ -209,26 +209,28 @@ class RayWorkerGroup:
     # -- teardown --------------------------------------------------------------------------------
     def shutdown(self) -> None:
         """Kills every actor of the group and frees its placement group; safe to call twice."""
-        for actor in self.actors:
-            try:
-                ray.kill(actor, no_restart=True)
-            except Exception as err:  # noqa: BLE001 - teardown goes on whatever one actor does
-                log.debug("kill failed: %s", err)
-        if self.pg is not None:
-            try:
-                remove_placement_group(self.pg)
-                self._await_removal(self.pg)
-            except Exception as err:  # noqa: BLE001
-                log.debug("placement group removal failed: %s", err)
+        release(self.actors, self.pg)
         self.actors, self.run_refs, self.poll_refs, self.pg = [], {}, {}, None
 
-    @staticmethod
-    def _await_removal(pg) -> None:
-        """Ray frees a removed group's resources asynchronously; the next attempt's capacity check
-        must see them free, or it would settle for fewer hosts."""
+
+def release(actors: list, pg) -> None:
+    """Kills the actors and removes their placement group, waiting until Ray has freed its resources
+    (it does so asynchronously; the next capacity check must see them free, or it would settle for
+    fewer hosts). Goes on whatever one actor or Ray does."""
+    for actor in actors:
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception as err:  # noqa: BLE001
+            log.debug("kill failed: %s", err)
+    if pg is None:
+        return
+    try:
+        remove_placement_group(pg)
         deadline = time.monotonic() + PG_REMOVAL_WAIT_S
         while time.monotonic() < deadline and placement_group_table(pg).get("state") != "REMOVED":
             time.sleep(0.05)
+    except Exception as err:  # noqa: BLE001
+        log.debug("placement group removal failed: %s", err)
 
 
 def create_hosts(cfg, pg, logs: list[str], attempt: int) -> list:
@@ -290,17 +292,7 @@ class StandbyPool:
         self.pg, self.placed, self.actors = None, None, []
 
     def shutdown(self) -> None:
-        for actor in self.actors:
-            try:
-                ray.kill(actor, no_restart=True)
-            except Exception as err:  # noqa: BLE001
-                log.debug("kill failed: %s", err)
-        if self.pg is not None:
-            try:
-                remove_placement_group(self.pg)
-                RayWorkerGroup._await_removal(self.pg)
-            except Exception as err:  # noqa: BLE001
-                log.debug("placement group removal failed: %s", err)
+        release(self.actors, self.pg)
         self.pg, self.placed, self.actors = None, None, []
 
 

@@ -57,43 +57,21 @@ def fingerprint(config: dict[str, Any]) -> str:
 @entrypoint(defaults=DEFAULTS, check=check, fingerprint=fingerprint)
 def main(ctx) -> dict[str, Any]:
     import jax
-    import optax
     from flax import nnx
 
-    from models.transformer import build
+    from models import training
 
     cfg = dict(ctx.config)
-    model_cfg = preset(cfg["model"])
     corpus = Corpus.load(cfg["data"])
-    schedule = optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=cfg["learning_rate"], warmup_steps=cfg["warmup_steps"],
-        decay_steps=max(ctx.schedule_steps, cfg["warmup_steps"] + 1), end_value=cfg["learning_rate"] * 0.1)
-
-    def make_model_and_optimizer():
-        model = build(model_cfg, ctx.seed)
-        tx = optax.chain(optax.clip_by_global_norm(cfg["grad_clip_norm"]),
-                         optax.adamw(schedule, weight_decay=cfg["weight_decay"]))
-        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
-
-    (model, optimizer), start = ctx.restore_or_init(make_model_and_optimizer, rules=SHARDING_RULES)
-
-    def loss_fn(model, inputs, targets):
-        logits = model(inputs)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
-
-    @nnx.jit(donate_argnums=(0, 1))
-    def train_step(model, optimizer, inputs, targets):
-        loss, grads = nnx.value_and_grad(loss_fn)(model, inputs, targets)
-        optimizer.update(model, grads)
-        return loss
-
-    step_fn = nnx.cached_partial(train_step, model, optimizer)
+    (model, optimizer), start = ctx.restore_or_init(
+        lambda: training.make_model_and_optimizer(cfg, ctx.seed, ctx.schedule_steps), rules=SHARDING_RULES)
+    step_fn = nnx.cached_partial(training.train_step, model, optimizer)
+    learning_rate = jax.jit(training.schedule(cfg, ctx.schedule_steps))
     batch_size, seq_len = cfg["global_batch_size"], cfg["seq_len"]
 
     def rows(step, indices):
         return corpus.rows(ctx.seed, step, indices, batch_size, seq_len)
 
-    learning_rate = jax.jit(schedule)
     for step in range(start + 1, ctx.steps + 1):
         # The batch of step s is row-for-row the same on any number of hosts (seeded by the step).
         loss = step_fn(*ctx.global_batch(rows, step - 1, batch_size))
@@ -101,5 +79,4 @@ def main(ctx) -> dict[str, Any]:
         ctx.maybe_save(step, (model, optimizer))
         if ctx.should_stop(step):
             break
-    return {"model": cfg["model"], "parameters": model_cfg.num_params}
-
+    return {"model": cfg["model"], "parameters": preset(cfg["model"]).num_params}

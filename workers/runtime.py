@@ -146,22 +146,15 @@ def error_kind(err: BaseException) -> ErrorKind:
     a lost peer causes; the user's own exceptions are never taken for one, whatever their text."""
     import jax
 
+    from launcher.storage import chain
     from workers.checkpoint import CheckpointError
 
-    for e in _chain(err):
+    for e in chain(err):
         if isinstance(e, CheckpointError):
             return e.kind
-    for e in _chain(err):
+    for e in chain(err):
         if isinstance(e, jax.errors.JaxRuntimeError):
             text = str(e)
             if text.split(":", 1)[0].strip() in _PEER_STATUS or any(m in text.lower() for m in _PEER_TEXT):
                 return ErrorKind.COLLECTIVE
     return ErrorKind.USER
-
-
-def _chain(err: BaseException):
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        yield err
-        err = err.__cause__ or err.__context__
