@@ -1,81 +1,85 @@
-"""Checkpoint measurements, run inside every process of a `benchmarks.procs` group: the launcher's
-own Trainer and Checkpointer, without Ray, so the numbers isolate Orbax and the train step."""
+"""Checkpoint measurements, run inside every process of a `benchmarks.procs` group: the launcher's own
+state layout and Checkpointer on the built-in model's state, without Ray, so that the numbers
+isolate Orbax and the train step."""
 
 from __future__ import annotations
 
-import dataclasses
 import pathlib
 import shutil
 import time
 from typing import Any
 
 import jax
-import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
 
-from launcher.config import CheckpointConfig, JobConfig, TrainConfig
-from workers import data as data_lib
-from workers import mesh as mesh_lib
+from launcher.protocol import CheckpointConfig
+from models import training
+from models.corpus import Corpus
+from models.lm import DEFAULTS, SHARDING_RULES
+from workers.batch import global_batch
 from workers.checkpoint import Checkpointer
-from workers.train import Trainer, checkpoint_meta
+from workers.mesh import build_mesh
+from workers.state import StateLayout
 
 
-def _job(preset: str, global_batch: int, seq_len: int) -> JobConfig:
-    train = TrainConfig(model=preset, global_batch_size=global_batch, seq_len=seq_len, steps=10_000)
-    return JobConfig(num_hosts=jax.process_count(), train=train)
-
-
-def state_bytes(state: Any) -> int:
-    return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(state)))
+def _config(preset: str) -> dict[str, Any]:
+    return {**DEFAULTS, "model": preset}
 
 
 class _Loop:
-    """A compiled train step on fixed data, timed step by step."""
+    """The built-in model's state on a data x model mesh and its compiled step on one fixed batch,
+    timed step by step (each step waited for)."""
 
-    def __init__(self, job: JobConfig):
-        self.job = job
-        self.mesh = mesh_lib.build_mesh(job.mesh)
-        self.trainer = Trainer(job, self.mesh)
-        self.state = self.trainer.init_state()
-        corpus = data_lib.Corpus.load()
-        self.corpus = corpus
-        self.inputs, self.targets = data_lib.global_batch(
-            corpus, seed=(0,), step=0, global_batch_size=job.train.global_batch_size,
-            seq_len=job.train.seq_len, sharding=self.trainer.batch_sharding,
-        )
-        self.trainer.compile(self.state, self.inputs, self.targets)
+    def __init__(self, preset: str, global_batch_size: int, seq_len: int):
+        self.mesh = build_mesh({"data": -1, "model": 2})
+        config = _config(preset)
+
+        def init():
+            return training.make_model_and_optimizer(config, 0, 10_000)
+
+        self.layout = StateLayout.of(init, self.mesh, SHARDING_RULES)
+        self.model, self.optimizer = self.layout.merge(self.layout.materialize(init))
+        corpus = Corpus.load()
+        self.batch = global_batch(lambda step, rows: corpus.rows(0, step, rows, global_batch_size, seq_len), 0,
+                                  global_batch_size, self.mesh)
+        self.step_fn = nnx.cached_partial(training.train_step, self.model, self.optimizer)
         self.step = 0
+
+    @property
+    def state(self) -> Any:
+        return self.layout.split((self.model, self.optimizer))
 
     def run_step(self) -> float:
         start = time.perf_counter()
-        self.state, loss = self.trainer.step(self.state, self.inputs, self.targets)
-        float(loss)
+        jax.block_until_ready(self.step_fn(*self.batch))
         self.step += 1
         return time.perf_counter() - start
+
+
+def _clean(directory: pathlib.Path) -> None:
+    if jax.process_index() == 0:
+        shutil.rmtree(directory, ignore_errors=True)
+    multihost_utils.sync_global_devices(f"clean {directory}")
 
 
 def stall(preset: str, global_batch: int, seq_len: int, normal_steps: int, saves: int, directory: str) -> dict:
     """Async save blocking time vs a synchronous save; step time during a background write vs a
     normal step; bandwidth of a synchronous save and of a restore."""
-    job = _job(preset, global_batch, seq_len)
-    loop = _Loop(job)
+    loop = _Loop(preset, global_batch, seq_len)
     for _ in range(2):
-        loop.run_step()  # warm-up
+        loop.run_step()  # compilation and warm-up
     normal = [loop.run_step() for _ in range(normal_steps)]
     base = pathlib.Path(directory)
-    if jax.process_index() == 0:
-        shutil.rmtree(base, ignore_errors=True)
-    from jax.experimental import multihost_utils
-
-    multihost_utils.sync_global_devices("clean")
-    meta = checkpoint_meta(job, 0, None, loop.corpus)
-    async_ckpt = Checkpointer(base / "async", dataclasses.replace(CheckpointConfig(), max_to_keep=2))
-    async_ckpt.save(loop.step, loop.state, meta)  # the first save in a process pays one-off set-up
+    _clean(base)
+    async_ckpt = Checkpointer(base / "async", CheckpointConfig(max_to_keep=2))
+    async_ckpt.save(loop.step, loop.state, {})  # the first save in a process pays one-off set-up
     async_ckpt.wait()
     blocking, during = [], []
     for _ in range(saves):
         loop.run_step()
-        blocking.append(async_ckpt.save(loop.step, loop.state, meta))
-        while async_ckpt.manager.is_saving_in_progress():
+        blocking.append(async_ckpt.save(loop.step, loop.state, {}))
+        while async_ckpt.is_saving():
             during.append(loop.run_step())
         async_ckpt.wait()
     async_ckpt.close()
@@ -84,45 +88,47 @@ def stall(preset: str, global_batch: int, seq_len: int, normal_steps: int, saves
     for _ in range(saves):
         loop.run_step()
         start = time.perf_counter()
-        sync_ckpt.save(loop.step, loop.state, meta)
+        sync_ckpt.save(loop.step, loop.state, {})
         sync_ckpt.wait()
         sync.append(time.perf_counter() - start)
     restore = []
     for _ in range(saves):
-        restored = sync_ckpt.restore_latest(loop.trainer.restore_targets())
+        restored = sync_ckpt.restore_latest(loop.layout.targets())
         jax.block_until_ready(restored.state)
         restore.append(restored.seconds)
     sync_ckpt.close()
-    return {
-        "state_bytes": state_bytes(loop.state), "normal_step_s": normal, "async_blocking_s": blocking,
-        "step_during_save_s": during, "sync_save_s": sync, "restore_s": restore,
-    }
+    return {"state_bytes": loop.layout.num_bytes(), "normal_step_s": normal, "async_blocking_s": blocking,
+            "step_during_save_s": during, "sync_save_s": sync, "restore_s": restore}
 
 
 def save_once(preset: str, directory: str) -> dict:
-    """Saves a freshly initialised train state (for the resharding measurement)."""
-    job = _job(preset, 8 * jax.process_count(), 64)
-    mesh = mesh_lib.build_mesh(job.mesh)
-    trainer = Trainer(job, mesh)
-    state = trainer.init_state()
+    """Saves a fresh state (for the resharding measurement)."""
+    mesh = build_mesh({"data": -1, "model": 2})
+    config = _config(preset)
+    layout = StateLayout.of(lambda: training.make_model_and_optimizer(config, 0, 10_000), mesh, SHARDING_RULES)
+    state = layout.materialize(lambda: training.make_model_and_optimizer(config, 0, 10_000))
+    _clean(pathlib.Path(directory))
     ckpt = Checkpointer(directory, CheckpointConfig(async_save=False))
-    ckpt.save(1, state, checkpoint_meta(job, 1, None, data_lib.Corpus.load()))
+    ckpt.save(1, state, {})
     ckpt.wait()
     ckpt.close()
-    return {"state_bytes": state_bytes(state), "mesh": dict(mesh.shape)}
+    return {"state_bytes": layout.num_bytes(), "mesh": dict(mesh.shape)}
 
 
 def restore_times(preset: str, directory: str, repeats: int) -> dict:
     """Restores the checkpoint in `directory` into this group's layout, `repeats` times."""
-    job = _job(preset, 8 * jax.process_count(), 64)
-    mesh = mesh_lib.build_mesh(job.mesh)
-    trainer = Trainer(job, mesh)
+    mesh = build_mesh({"data": -1, "model": 2})
+    config = _config(preset)
+    layout = StateLayout.of(lambda: training.make_model_and_optimizer(config, 0, 10_000), mesh, SHARDING_RULES)
     ckpt = Checkpointer(directory, CheckpointConfig())
     times = []
     for _ in range(repeats):
-        restored = ckpt.restore_latest(trainer.restore_targets())
+        restored = ckpt.restore_latest(layout.targets())
         jax.block_until_ready(restored.state)
         times.append(restored.seconds)
     ckpt.close()
-    kernel = restored.state["model"]["blocks"][0]["mlp"]["up"]["kernel"].get_value()
+    kernel = restored.state[0]["blocks"][0]["mlp"]["up"]["kernel"].get_value()
     return {"restore_s": times, "mesh": dict(mesh.shape), "shard_shape": list(kernel.addressable_shards[0].data.shape)}
+
+
+

@@ -58,7 +58,7 @@ def _main(spec: dict[str, Any]) -> None:
 
     import jax
 
-    from launcher.config import DistributedConfig
+    from launcher.protocol import DistributedConfig
     from workers import runtime
 
     jax.config.update("jax_platforms", "cpu")
