@@ -314,6 +314,10 @@ def _ray_worker(config: dict[str, Any]) -> None:
                 (folder / "meta.json").write_text(json.dumps({"step": step}))
             ray.train.report({"step": step, "loss": loss},
                              checkpoint=ray.train.Checkpoint.from_directory(str(folder)) if rank == 0 else None)
+            if config.get("commit_reports"):
+                # Blocks until the controller has registered the report: only then is it the
+                # checkpoint a restart restores (see ray_train's commit_reports).
+                ray.train.get_all_reported_checkpoints(consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED)
             log("reported", step=step)
     checkpointer.close()
     log("done")
@@ -321,10 +325,15 @@ def _ray_worker(config: dict[str, Any]) -> None:
 
 def ray_train(work: pathlib.Path, *, steps: int, save_every: int, hosts: int = 2, fault: str | None = None,
               fault_step: int | None = None, recover_timeout_s: float = 120.0,
-              max_failures: int = 3) -> dict[str, Any]:
+              max_failures: int = 3, commit_reports: bool = False) -> dict[str, Any]:
     """Ray Train v2's JaxTrainer on a local Ray started here (and shut down here), `hosts` workers of
     one CPU each. `fault` "kill" sends SIGKILL, "hang" SIGSTOP, to worker rank 1's process from this
-    process once that worker has finished step `fault_step` (and its report, on a checkpoint step)."""
+    process once that worker has finished step `fault_step` (on a checkpoint step, once report() has
+    returned on every rank). `max_failures` goes to FailureConfig. `commit_reports`: after each
+    report, every worker waits for the controller to register it
+    (get_all_reported_checkpoints(COMMITTED)); without it a checkpoint whose report() has returned is
+    still lost if a worker dies before the controller's next poll (every 2 s) collects the report
+    from every rank, since the report waits in the worker's in-memory result queue until then."""
     if fault not in FAULTS:
         raise ValueError(f"fault must be one of {FAULTS}, got {fault!r}")
     if fault is not None and (fault_step is None or not 1 <= fault_step < steps):
@@ -346,7 +355,8 @@ def ray_train(work: pathlib.Path, *, steps: int, save_every: int, hosts: int = 2
         t_ready = time.time()
         trainer = JaxTrainer(
             _ray_worker,
-            train_loop_config={"run": str(run), "steps": steps, "save_every": save_every},
+            train_loop_config={"run": str(run), "steps": steps, "save_every": save_every,
+                               "commit_reports": commit_reports},
             # use_gpu=True is what makes the backend call jax.distributed.initialize at all; with
             # JAX_PLATFORMS=cpu in the workers' environment it initialises the CPU platform.
             jax_config=JaxConfig(use_gpu=True),
@@ -428,13 +438,25 @@ class _Injector(threading.Thread):
             self.join()
 
     def release(self) -> None:
-        """A stopped process is let go (SIGCONT then SIGKILL) so that nothing stays behind."""
-        if self.fault == "hang" and self.pid is not None:
-            for sig in (signal.SIGCONT, signal.SIGKILL):
-                try:
-                    os.kill(self.pid, sig)
-                except ProcessLookupError:
-                    break
+        """A stopped process is let go (SIGCONT then SIGKILL) so that nothing stays behind, if it is
+        still the same process (pids are reused)."""
+        if self.fault == "hang" and self.pid is not None and self.t_fault is not None:
+            _signal_if_same(self.pid, self.t_fault, signal.SIGCONT, signal.SIGKILL)
+
+
+def _signal_if_same(pid: int, seen_at: float, *signals: int) -> None:
+    """Sends `signals` to `pid` only if that process existed at time `seen_at` (not a later process
+    that was given the same pid) and is not a zombie."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        if proc.create_time() > seen_at or proc.status() == psutil.STATUS_ZOMBIE:
+            return
+        for sig in signals:
+            proc.send_signal(sig)
+    except psutil.Error:
+        pass
 
 
 def _stepped_since(run: pathlib.Path, t: float) -> bool:
@@ -446,16 +468,12 @@ def _stepped_since(run: pathlib.Path, t: float) -> bool:
 
 def _kill_left_over(run: pathlib.Path) -> None:
     """Every worker process this run recorded is gone after ray.shutdown(); SIGKILL any that is not."""
-    import psutil
-
     for path in run.glob("rank*.jsonl"):
-        for pid in {r["pid"] for r in _read(path)}:
-            try:
-                proc = psutil.Process(pid)
-                if proc.status() != psutil.STATUS_ZOMBIE:
-                    proc.kill()
-            except psutil.Error:
-                pass
+        seen: dict[int, float] = {}
+        for r in _read(path):
+            seen[r["pid"]] = min(seen.get(r["pid"], r["t"]), r["t"])
+        for pid, t in seen.items():
+            _signal_if_same(pid, t, signal.SIGKILL)
 
 
 def _controller_events(session_dir: str | None) -> list[tuple[float, str, str]]:
