@@ -1,7 +1,17 @@
-"""`python -m benchmarks [--quick]`: the launcher's costs, as ratios measured side by side in one run.
+"""`python -m benchmarks [--quick]`: jaxlaunch side by side with its peers, and its own costs, as
+ratios measured in one run.
 
-Prints one table and writes benchmarks/results.json (every figure, the machine it ran on). Each
-figure is a median with its spread (min..max over the repeats)."""
+- peers: the built-in tiny model, 2 hosts x 2 CPU devices, data-parallel, a checkpoint every 5
+  steps, under jaxlaunch, Ray Train v2's JaxTrainer and plain `jax.distributed` processes started
+  by hand (the floor): cold start, SIGKILL and SIGSTOP of a host to the first step after restore,
+  steps recomputed, whether the last checkpoint reported before the fault survived, throughput
+  with checkpoints over a plain loop;
+- changes, before and after in the same run: the warm standby group, compiled programs cached by
+  every process, one compilation cache per user, checkpoint options, metrics read a step late;
+- checkpoints at disk speed (small and base presets against `dd`), and steps during a save;
+- goodput under `--chaos 60`, and the driver at pod scale in simulation.
+
+Prints one table and writes benchmarks/results.json (every figure, the machine it ran on)."""
 
 from __future__ import annotations
 
@@ -21,37 +31,140 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks import procs
+from benchmarks import launches, peers, pod_scale, procs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results.json"
+SAVE_EVERY = 5
+FAULT_STEP = 20
 
 
 def stats(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
-def ratio(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
-    """Ratio of medians, with the spread of the ratio from the extremes."""
-    return {"median": a["median"] / b["median"], "min": a["min"] / b["max"], "max": a["max"] / b["min"]}
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
 
 
-# ---- 1, 2: checkpoint stall and bandwidth -------------------------------------------------------
+def _cache(work: pathlib.Path, name: str) -> dict[str, Any]:
+    """A compilation cache of its own, empty at first: cold starts are measured cold."""
+    return {"cluster": {"compilation_cache_dir": str(work / f"cache-{name}")}}
 
-STALL_SHAPES = {"small": (4, 64, 6), "base": (2, 32, 3), "tiny": (8, 64, 6)}  # batch, seq, normal steps
+
+# ---- peers, side by side ----------------------------------------------------------------------------
+
+def side_by_side(work: pathlib.Path, quick: bool) -> dict[str, Any]:
+    steps = 35 if quick else 60
+    job = dict(steps=steps, save_every=SAVE_EVERY, fault_step=FAULT_STEP)
+    jl = {
+        "kill": launches.jaxlaunch_job(work, "jl-kill", fault="kill", config=_cache(work, "kill"), **job),
+        "hang": launches.jaxlaunch_job(work, "jl-hang", fault="hang", config=_cache(work, "hang"), **job),
+        # Again on the kill run's cache: a new run of a program compiled before.
+        "warm": launches.jaxlaunch_job(work, "jl-warm", steps=15, save_every=SAVE_EVERY,
+                                       config=_cache(work, "kill")),
+    }
+    rt = {
+        "kill": peers.ray_train(work / "rt", fault="kill", **job),
+        "hang": peers.ray_train(work / "rt", fault="hang", recover_timeout_s=30 if quick else 150, **job),
+    }
+    plain = {
+        "no_checkpoints": peers.plain_jax(work / "pj", steps=steps, save_every=None),
+        "checkpoints": peers.plain_jax(work / "pj", steps=steps, save_every=SAVE_EVERY),
+    }
+    floor = plain["no_checkpoints"]["steps_per_s"]
+    rows = {
+        "jaxlaunch": _peer_row(jl["kill"], jl["hang"], jl["kill"]["cold_start_s"], floor),
+        "ray_train": _peer_row(rt["kill"], rt["hang"], rt["kill"]["cold_start_with_ray_s"], floor),
+        "plain_jax": {"cold_start_s": plain["no_checkpoints"]["cold_start_s"],
+                      "steps_per_s_checkpoints_over_plain": ratio(plain["checkpoints"]["steps_per_s"], floor)},
+    }
+    rows["jaxlaunch"]["cold_start_warm_cache_s"] = jl["warm"]["cold_start_s"]
+    ours, theirs = rows["jaxlaunch"], rows["ray_train"]
+    return {
+        "job": {"model": "tiny", "hosts": 2, "devices_per_host": 2, "steps": steps, "save_every": SAVE_EVERY,
+                "fault_step": FAULT_STEP, "jaxlaunch_hang_timeout_s": 5},
+        "rows": rows,
+        "ratios": {
+            "cold_start_jaxlaunch_over_ray_train": ratio(ours["cold_start_s"], theirs["cold_start_s"]),
+            "cold_start_warm_cache_over_ray_train": ratio(ours["cold_start_warm_cache_s"], theirs["cold_start_s"]),
+            "kill_recovery_jaxlaunch_over_ray_train": ratio(ours["kill_recovery_s"], theirs["kill_recovery_s"]),
+            "hang_recovery_jaxlaunch_over_ray_train": ratio(ours["hang_recovery_s"], theirs["hang_recovery_s"]),
+        },
+        "raw": {"jaxlaunch": _strip(jl), "ray_train": _strip(rt), "plain_jax": _strip(plain)},
+    }
 
 
-def checkpoint_stall(preset: str, saves: int, work: pathlib.Path) -> dict[str, Any]:
+def _peer_row(kill: dict[str, Any], hang: dict[str, Any], cold_start: float, floor: float | None) -> dict[str, Any]:
+    return {
+        "cold_start_s": cold_start,
+        "kill_recovery_s": kill["recovery_s"],
+        "hang_recovery_s": hang["recovery_s"] if hang.get("recovered") else None,
+        "hang_recovered": hang.get("recovered"),
+        "steps_recomputed_kill": kill["steps_recomputed"],
+        "steps_recomputed_hang": hang["steps_recomputed"],
+        "last_checkpoint_survived_kill": kill["last_reported_checkpoint_survived"],
+        "last_checkpoint_survived_hang": hang["last_reported_checkpoint_survived"],
+        "steps_per_s_checkpoints_over_plain": ratio(kill["steps_per_s"], floor),
+    }
+
+
+def _strip(results: dict[str, Any]) -> dict[str, Any]:
+    return {k: {kk: vv for kk, vv in v.items() if kk not in ("losses", "recovery_timeline")}
+            for k, v in results.items()}
+
+
+# ---- changes, before and after ------------------------------------------------------------------------
+
+def changes(work: pathlib.Path, quick: bool) -> dict[str, Any]:
+    """Kill recovery with each restart improvement switched off in turn, beside it switched on."""
+    job = dict(steps=35 if quick else 45, save_every=SAVE_EVERY, fault="kill", fault_step=FAULT_STEP)
+    variants = {
+        "all_on": ({}, {}),
+        "no_warm_standby": ({"cluster": {"warm_standby": False}}, {}),
+        "cache_written_by_process_0_only": ({}, {"JAXLAUNCH_CACHE_WRITES": "process0"}),
+    }
+    out: dict[str, Any] = {}
+    for name, (config, env) in variants.items():
+        config = {**config, "cluster": {**config.get("cluster", {}), **_cache(work, f"change-{name}")["cluster"]}}
+        r = launches.jaxlaunch_job(work, f"change-{name}", config=config, env=env, **job)
+        out[name] = {"recovery_s": r["recovery_s"], "recovery_split": r["recovery_split"],
+                     "detection_s": r["detection_s"]}
+    return out
+
+
+def per_step_stall(work: pathlib.Path, quick: bool) -> dict[str, Any]:
+    """The launcher's loop on 1 host (metrics read a step late, and, before, read at once) against a
+    plain loop that never waits for the device; the small preset."""
+    steps = 20 if quick else 40
+    shape = ("--model", "small", "--global-batch-size", "8", "--seq-len", "64")
+    common = ("--hosts", "1", "--steps", str(steps), "--save-every", "100000", *shape)
+    late = launches.launch(work / "stall-late", *common)
+    synced = launches.launch(work / "stall-synced", *common, "--entry", "benchmarks.entries:lm_synced")
+    plain = json.loads(subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "plain_jax.py"), "--model", "small", "--steps", str(steps),
+         "--global-batch-size", "8", "--seq-len", "64"], capture_output=True, text=True, check=True,
+        timeout=900).stdout.strip().splitlines()[-1])["steps_per_s"]
+    late_s, synced_s = launches.steps_per_second(late["metrics"]), launches.steps_per_second(synced["metrics"])
+    return {"plain_steps_per_s": plain, "launcher_steps_per_s": late_s, "synced_steps_per_s": synced_s,
+            "launcher_over_plain": ratio(late_s, plain), "synced_over_plain": ratio(synced_s, plain)}
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------------
+
+STALL_SHAPES = {"small": (4, 64, 6), "base": (2, 32, 3)}  # global batch, sequence, normal steps
+
+
+def checkpoint_costs(preset: str, saves: int, work: pathlib.Path) -> dict[str, Any]:
     batch, seq, normal = STALL_SHAPES[preset]
     r = procs.run("benchmarks.checkpointing:stall", 2, 2, dict(
         preset=preset, global_batch=batch, seq_len=seq, normal_steps=normal, saves=saves,
         directory=str(work / f"stall-{preset}")))[0]
     out = {k: stats(v) for k, v in r.items() if isinstance(v, list) and v}
     out["state_bytes"] = r["state_bytes"]
-    out["blocking_over_sync"] = ratio(out["async_blocking_s"], out["sync_save_s"])
-    out["step_inflation"] = ratio(out["step_during_save_s"], out["normal_step_s"])
     out["save_bytes_per_s"] = stats([r["state_bytes"] / t for t in r["sync_save_s"]])
     out["restore_bytes_per_s"] = stats([r["state_bytes"] / t for t in r["restore_s"]])
+    out["step_during_save_over_normal"] = out["step_during_save_s"]["median"] / out["normal_step_s"]["median"]
     return out
 
 
@@ -72,130 +185,21 @@ def _dd(args: list[str]) -> float:
     return int(match.group(1)) / float(match.group(2))
 
 
-# ---- 4: resharding restore ----------------------------------------------------------------------
+# ---- goodput under chaos ----------------------------------------------------------------------------------
 
-def resharding(preset: str, repeats: int, work: pathlib.Path) -> dict[str, Any]:
-    directory = str(work / f"reshard-{preset}")
-    saved = procs.run("benchmarks.checkpointing:save_once", 4, 2, dict(preset=preset, directory=directory))[0]
-    into = {}
-    for hosts in (4, 2):
-        r = procs.run("benchmarks.checkpointing:restore_times", hosts, 2,
-                      dict(preset=preset, directory=directory, repeats=repeats))[0]
-        into[hosts] = {"restore_s": stats(r["restore_s"]), "mesh": r["mesh"], "shard_shape": r["shard_shape"]}
-    return {"state_bytes": saved["state_bytes"], "saved_mesh": saved["mesh"], "into_4": into[4], "into_2": into[2],
-            "ratio_2_over_4": ratio(into[2]["restore_s"], into[4]["restore_s"])}
-
-
-# ---- launcher runs ------------------------------------------------------------------------------
-
-def launch(run_dir: pathlib.Path, *args: str, config: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Runs `python launch.py` to the end; returns the wall time from the process start and records."""
-    cmd = [sys.executable, str(ROOT / "launch.py"), "--run-dir", str(run_dir), *args]
-    if config:
-        path = run_dir.parent / f"{run_dir.name}.yaml"
-        path.write_text(json.dumps(config))  # JSON is YAML
-        cmd += ["--config", str(path)]
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    started = time.time()
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    read = lambda name: [json.loads(line) for line in (run_dir / name).read_text().splitlines()]  # noqa: E731
-    injections = run_dir / "hosts" / "injections.jsonl"
-    return {"started": started, "ended": time.time(), "events": read("events.jsonl"), "metrics": read("metrics.jsonl"),
-            "injections": [json.loads(x) for x in injections.read_text().splitlines()] if injections.exists() else []}
-
-
-def steps_per_second(metrics: list[dict[str, Any]], skip: int = 5) -> float:
-    """Wall-clock throughput over the steady state (after `skip` steps, before the final save)."""
-    window = [r for r in metrics if skip < r["step"] and "checkpoint_blocking_s" not in r]
-    return (len(window) - 1) / (window[-1]["time"] - window[0]["time"])
-
-
-def startup_split(events: list[dict[str, Any]], attempt: int, since: float) -> dict[str, float]:
-    """Where the time from `since` to the attempt's first completed step went, from the hosts'
-    timelines (each phase ends when the slowest host has finished it)."""
-    lines = [e for e in events if e["event"] == "startup_timeline" and e["attempt"] == attempt]
-    started = next(e["time"] for e in events if e["event"] == "attempt_started" and e["attempt"] == attempt)
-    last = {key: max(line[key] for line in lines) for key in
-            ("actor_init", "initializing", "restoring", "compiling", "training", "first_step_done")}
-    return {
-        "before_attempt": started - since,
-        "new_processes": last["actor_init"] - started,
-        "group_setup": last["initializing"] - last["actor_init"],
-        "jax_init": last["restoring"] - last["initializing"],
-        "restore": last["compiling"] - last["restoring"],
-        "compile": last["training"] - last["compiling"],
-        "first_step": last["first_step_done"] - last["training"],
-    }
-
-
-def recovery(work: pathlib.Path, repeats: int, cache: bool) -> dict[str, Any]:
-    runs = []
-    for i in range(repeats):
-        run_dir = work / f"recovery-{'cache' if cache else 'nocache'}-{i}"
-        r = launch(run_dir, "--hosts", "2", "--steps", "40", "--save-every", "10",
-                   "--inject", "kill@step=20,host=1", config={"cluster": {"compilation_cache": cache}})
-        events = r["events"]
-        first_step = r["metrics"][0]["time"]
-        killed = r["injections"][0]["time"]
-        failure = next(e for e in events if e["event"] == "failure")
-        attempt2 = next(e["attempt"] for e in events if e["event"] == "attempt_started" and e["attempt"] > 1)
-        recovered = next(m["time"] for m in r["metrics"] if m["attempt"] == attempt2)
-        cold = startup_split(events, 1, r["started"])
-        cold["ray_and_driver_start"] = cold.pop("before_attempt")
-        split = startup_split(events, attempt2, failure["time"])
-        detection = failure["detection_latency_s"]
-        split = {"detection": detection, "deciding": failure["time"] - killed - detection,
-                 "teardown_and_backoff": split.pop("before_attempt"), **split}
-        runs.append({"cold_start_s": first_step - r["started"], "recovery_s": recovered - killed,
-                     "cold_split": cold, "recovery_split": split})
-    out = {key: stats([run[key] for run in runs]) for key in ("cold_start_s", "recovery_s")}
-    for key in ("cold_split", "recovery_split"):
-        out[key] = {part: statistics.median(run[key][part] for run in runs) for part in runs[0][key]}
-    out["recovery_over_cold_start"] = ratio(out["recovery_s"], out["cold_start_s"])
-    return out
-
-
-def overhead(work: pathlib.Path, repeats: int, steps: int) -> dict[str, Any]:
-    launcher, plain = [], []
-    for i in range(repeats):
-        r = launch(work / f"overhead-{i}", "--hosts", "1", "--steps", str(steps), "--save-every", "100000")
-        launcher.append(steps_per_second(r["metrics"]))
-        out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "plain_jax.py"), "--steps", str(steps)],
-                             capture_output=True, text=True, check=True, timeout=600).stdout
-        times = json.loads(out.strip().splitlines()[-1])["step_end_times"][5:]
-        plain.append((len(times) - 1) / (times[-1] - times[0]))
-    launcher_s, plain_s = stats(launcher), stats(plain)
-    return {"launcher_steps_per_s": launcher_s, "plain_steps_per_s": plain_s,
-            "launcher_over_plain": ratio(launcher_s, plain_s)}
-
-
-def scaling(work: pathlib.Path, host_counts: list[int], steps: int) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for hosts in host_counts:
-        r = launch(work / f"scaling-{hosts}", "--hosts", str(hosts), "--steps", str(steps), "--save-every", "100000",
-                   "--mesh", "data=-1,model=2")
-        out[str(hosts)] = {"launch_s": r["metrics"][0]["time"] - r["started"],
-                           "steps_per_s": steps_per_second(r["metrics"]),
-                           "split": startup_split(r["events"], 1, r["started"])}
-    return {"hosts": out}
-
-
-def chaos(work: pathlib.Path, steps: int, mean_s: float) -> dict[str, Any]:
-    from launcher import report
+def goodput_under_chaos(work: pathlib.Path, steps: int, mean_s: float) -> dict[str, Any]:
+    from launcher import history
     from launcher.runs import RunDir
 
     run_dir = work / "chaos"
-    launch(run_dir, "--hosts", "2", "--steps", str(steps), "--save-every", "10", "--chaos", str(mean_s),
-           "--max-restarts", "1000")
-    r = report.build(RunDir(run_dir))
-    return {"mean_time_between_failures_s": mean_s, "steps": steps, "wall_s": r.wall_s, "goodput": r.goodput,
-            "failures": sum(1 for a in r.attempts if a.get("cause") not in ("finished", None)),
-            "badput_share": {k: v / r.wall_s for k, v in r.badput_s.items()}}
+    launches.launch(run_dir, "--hosts", "2", "--steps", str(steps), "--save-every", "20", "--chaos", str(mean_s),
+                    "--max-restarts", "1000", config=_cache(work, "chaos"))
+    past = history.load(RunDir(run_dir))
+    return {"mean_time_between_failures_s": mean_s, "steps": steps, "wall_s": past.wall_s, "goodput": past.goodput,
+            "failures": len(past.failures), "badput_share": {k: v / past.wall_s for k, v in past.badput_s.items()}}
 
 
-# ---- the whole set ------------------------------------------------------------------------------
+# ---- the whole set ------------------------------------------------------------------------------------------
 
 def machine() -> dict[str, Any]:
     import jax
@@ -208,22 +212,20 @@ def machine() -> dict[str, Any]:
                if line.startswith("MemTotal"))
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(mem / 2**20, 1),
             "python": platform.python_version(), "jax": jax.__version__, "ray": ray.__version__,
-            "orbax": orbax.checkpoint.__version__,
-            "platform": platform.platform(), "date": time.strftime("%Y-%m-%d")}
+            "orbax": orbax.checkpoint.__version__, "platform": platform.platform(), "date": time.strftime("%Y-%m-%d")}
 
 
 def run_all(quick: bool, work: pathlib.Path, console: Console) -> dict[str, Any]:
     results: dict[str, Any] = {"quick": quick, "machine": machine()}
     plan = [
-        ("checkpoint_small", lambda: checkpoint_stall("small", 2 if quick else 4, work)),
-        *([] if quick else [("checkpoint_base", lambda: checkpoint_stall("base", 3, work))]),
+        ("side_by_side", lambda: side_by_side(work, quick)),
+        ("changes", lambda: changes(work, quick)),
+        ("per_step_stall", lambda: per_step_stall(work, quick)),
         ("disk", lambda: disk_bandwidth(work, 256 if quick else 1024, 2 if quick else 3)),
-        ("resharding", lambda: resharding("tiny" if quick else "small", 3, work)),
-        ("recovery", lambda: recovery(work, 1 if quick else 2, cache=True)),
-        *([] if quick else [("recovery_without_compile_cache", lambda: recovery(work, 2, cache=False))]),
-        ("overhead", lambda: overhead(work, 1 if quick else 2, 40 if quick else 80)),
-        ("scaling", lambda: scaling(work, [1, 2] if quick else [1, 2, 4, 8], 30 if quick else 40)),
-        *([] if quick else [("goodput_under_chaos", lambda: chaos(work, 150, 20.0))]),
+        ("checkpoint_small", lambda: checkpoint_costs("small", 2 if quick else 4, work)),
+        *([] if quick else [("checkpoint_base", lambda: checkpoint_costs("base", 3, work))]),
+        ("pod_scale", pod_scale.run_all),
+        *([] if quick else [("goodput_under_chaos", lambda: goodput_under_chaos(work, 4000, 60.0))]),
     ]
     for name, measure in plan:
         start = time.time()
@@ -233,76 +235,82 @@ def run_all(quick: bool, work: pathlib.Path, console: Console) -> dict[str, Any]
     return results
 
 
+def _f(value: Any, digits: str = ".2f") -> str:
+    return "-" if value is None else (f"{value:{digits}}" if isinstance(value, float) else str(value))
+
+
 def table(results: dict[str, Any]) -> Table:
     t = Table(title="jaxlaunch benchmarks" + (" (quick)" if results["quick"] else ""))
-    for column in ("measurement", "ratio", "median", "spread", "what"):
+    for column in ("measurement", "jaxlaunch", "Ray Train", "plain JAX", "ratio", "what"):
         t.add_column(column)
-
-    def row(name, r, what):
-        t.add_row(name, "", f"{r['median']:.3g}", f"{r['min']:.3g}..{r['max']:.3g}", what)
-
-    def ratio_row(name, r, what):
-        t.add_row(name, f"{r['median']:.3g}", "", f"{r['min']:.3g}..{r['max']:.3g}", what)
-
+    side = results["side_by_side"]
+    jl, rt, pj = side["rows"]["jaxlaunch"], side["rows"]["ray_train"], side["rows"]["plain_jax"]
+    r = side["ratios"]
+    t.add_row("cold start to first step (s)", _f(jl["cold_start_s"]), _f(rt["cold_start_s"]), _f(pj["cold_start_s"]),
+              _f(r["cold_start_jaxlaunch_over_ray_train"]), "from process start; empty compile cache")
+    t.add_row("cold start, warm compile cache (s)", _f(jl["cold_start_warm_cache_s"]), "-", "-",
+              _f(r["cold_start_warm_cache_over_ray_train"]), "a run of a program compiled before")
+    t.add_row("SIGKILL to first step after restore (s)", _f(jl["kill_recovery_s"]), _f(rt["kill_recovery_s"]), "-",
+              _f(r["kill_recovery_jaxlaunch_over_ray_train"]), f"host 1 at step {FAULT_STEP}")
+    t.add_row("SIGSTOP to first step after restore (s)", _f(jl["hang_recovery_s"]), _f(rt["hang_recovery_s"]), "-",
+              _f(r["hang_recovery_jaxlaunch_over_ray_train"]), "jaxlaunch --hang-timeout 5")
+    t.add_row("steps recomputed (kill, hang)", f"{jl['steps_recomputed_kill']}, {jl['steps_recomputed_hang']}",
+              f"{rt['steps_recomputed_kill']}, {rt['steps_recomputed_hang']}", "-", "", "")
+    t.add_row("last reported checkpoint survived (kill, hang)",
+              f"{jl['last_checkpoint_survived_kill']}, {jl['last_checkpoint_survived_hang']}",
+              f"{rt['last_checkpoint_survived_kill']}, {rt['last_checkpoint_survived_hang']}", "-", "", "")
+    t.add_row("steps/s with a checkpoint every 5 / plain loop", _f(jl["steps_per_s_checkpoints_over_plain"]),
+              _f(rt["steps_per_s_checkpoints_over_plain"]), _f(pj["steps_per_s_checkpoints_over_plain"]), "", "")
+    ch = results["changes"]
+    for name, label in (("no_warm_standby", "warm standby group"),
+                        ("cache_written_by_process_0_only", "cache written by every process")):
+        without = ch[name]["recovery_s"]
+        t.add_row(f"recovery with / without {label}", _f(ch["all_on"]["recovery_s"]), "", "",
+                  _f(ratio(ch["all_on"]["recovery_s"], without)), f"without: {_f(without)} s")
+    st = results["per_step_stall"]
+    t.add_row("launcher / plain loop steps per s (small, 1 host)", _f(st["launcher_steps_per_s"]), "",
+              _f(st["plain_steps_per_s"]), _f(st["launcher_over_plain"], ".3f"),
+              f"reading each loss at once: {_f(st['synced_over_plain'], '.3f')}")
     disk = results["disk"]
     for preset in ("small", "base"):
         c = results.get(f"checkpoint_{preset}")
         if not c:
             continue
         mb = c["state_bytes"] / 1e6
-        ratio_row(f"{preset}: async blocking / sync save", c["blocking_over_sync"],
-                  f"{c['async_blocking_s']['median']:.3f} s vs {c['sync_save_s']['median']:.3f} s, {mb:.0f} MB state")
-        ratio_row(f"{preset}: step during save / normal step", c["step_inflation"],
-                  f"{c['step_during_save_s']['median']:.3f} s vs {c['normal_step_s']['median']:.3f} s")
-        for what, ours, theirs in (("sync save / dd write", "save_bytes_per_s", "write_bytes_per_s"),
-                                   ("restore / dd direct read", "restore_bytes_per_s", "read_bytes_per_s")):
-            dd = disk[theirs]["median"]
-            ratio_row(f"{preset}: {what} bandwidth", {k: c[ours][k] / dd for k in ("median", "min", "max")},
-                      f"{c[ours]['median'] / 1e6:.0f} vs {dd / 1e6:.0f} MB/s")
-    rec = results["recovery"]
-    ratio_row("recovery / cold start", rec["recovery_over_cold_start"],
-              f"{rec['recovery_s']['median']:.2f} s vs {rec['cold_start_s']['median']:.2f} s (2 hosts, SIGKILL)")
-    split = ", ".join(f"{k} {v:.2f}" for k, v in rec["recovery_split"].items())
-    t.add_row("recovery split (s)", "", "", "", split)
-    if "recovery_without_compile_cache" in results:
-        before = results["recovery_without_compile_cache"]
-        ratio_row("recovery with / without compile cache", ratio(rec["recovery_s"], before["recovery_s"]),
-                  f"{rec['recovery_s']['median']:.2f} s vs {before['recovery_s']['median']:.2f} s")
-    rs = results["resharding"]
-    ratio_row("restore 4->2 hosts / 4->4 hosts", rs["ratio_2_over_4"],
-              f"{rs['into_2']['restore_s']['median']:.3f} s vs {rs['into_4']['restore_s']['median']:.3f} s, "
-              f"{rs['state_bytes'] / 1e6:.0f} MB")
-    ov = results["overhead"]
-    ratio_row("launcher / plain JAX steps per s", ov["launcher_over_plain"],
-              f"{ov['launcher_steps_per_s']['median']:.2f} vs {ov['plain_steps_per_s']['median']:.2f} (1 host)")
-    for hosts, s in results["scaling"]["hosts"].items():
-        t.add_row(f"scaling: {hosts} host(s)", "", f"{s['launch_s']:.1f} s",
-                  "", f"launch to first step; {s['steps_per_s']:.2f} steps/s; compile {s['split']['compile']:.1f} s, "
-                      f"processes {s['split']['new_processes']:.1f} s, jax init {s['split']['jax_init']:.1f} s")
+        t.add_row(f"{preset}: sync save / dd write", _f(c["save_bytes_per_s"]["median"] / 1e6, ".0f") + " MB/s", "", "",
+                  _f(c["save_bytes_per_s"]["median"] / disk["write_bytes_per_s"]["median"]),
+                  f"dd {disk['write_bytes_per_s']['median'] / 1e6:.0f} MB/s, {mb:.0f} MB state")
+        t.add_row(f"{preset}: restore / dd direct read", _f(c["restore_bytes_per_s"]["median"] / 1e6, ".0f") + " MB/s",
+                  "", "", _f(c["restore_bytes_per_s"]["median"] / disk["read_bytes_per_s"]["median"]),
+                  f"dd {disk['read_bytes_per_s']['median'] / 1e6:.0f} MB/s")
+        t.add_row(f"{preset}: step during a save / normal step", "", "", "", _f(c["step_during_save_over_normal"]),
+                  f"{c['step_during_save_s']['median']:.3f} s vs {c['normal_step_s']['median']:.3f} s; async "
+                  f"blocking {c['async_blocking_s']['median']:.3f} s")
     if "goodput_under_chaos" in results:
         g = results["goodput_under_chaos"]
-        t.add_row("goodput under chaos", f"{g['goodput']:.3f}", "", "",
-                  f"{g['failures']} kills, MTBF {g['mean_time_between_failures_s']:.0f} s; badput "
-                  + ", ".join(f"{k} {v:.0%}" for k, v in g["badput_share"].items() if v >= 0.005))
+        t.add_row("goodput under --chaos 60", _f(g["goodput"], ".3f"), "", "", "",
+                  f"{g['failures']} kills in {g['wall_s']:.0f} s; badput "
+                  + ", ".join(f"{k} {v:.1%}" for k, v in g["badput_share"].items() if v >= 0.001))
+    pod = results["pod_scale"]
+    for row in pod["rows"]:
+        t.add_row(f"driver at {row['hosts']} simulated hosts", "", "", "", "",
+                  f"{row['driver_cpu_per_poll_s'] * 1e3:.2f} ms CPU a poll, decision {row['decision_cpu_s'] * 1e3:.1f} "
+                  f"ms, {row['record_bytes_per_step']:.0f} B of records a step")
     return t
 
 
-def print_results(path: pathlib.Path) -> None:
-    results = json.loads(path.read_text())
-    Console(width=200).print(table(results))
-
-
 def main() -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
-    p.add_argument("--quick", action="store_true", help="a subset, in under 3 minutes")
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="all but the base preset and the long chaos run, in minutes")
     p.add_argument("--out", default=str(RESULTS), help="where to write the results JSON")
     args = p.parse_args()
-    console = Console(width=200)
+    console = Console(width=220)
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="jaxlaunch-bench-", dir=ROOT / "benchmarks") as tmp:
         results = run_all(args.quick, pathlib.Path(tmp), console)
     results["total_s"] = time.time() - started
-    pathlib.Path(args.out).write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+    pathlib.Path(args.out).write_text(json.dumps(results, indent=2, sort_keys=True, default=str) + "\n")
     console.print(table(results))
     console.print(f"wrote {args.out} in {results['total_s']:.0f} s on {results['machine']['cpu']}, "
                   f"{results['machine']['cores']} cores")
