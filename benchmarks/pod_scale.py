@@ -133,6 +133,9 @@ class SimGroup:
     def dump_stacks(self, rank: int) -> str | None:
         return None
 
+    def lost_hosts(self) -> list[int]:
+        return []
+
     def shutdown(self) -> None:
         pass
 

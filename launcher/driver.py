@@ -216,6 +216,13 @@ class Driver:
         ended = set(attempt.failures) | set(poll.results)
         if policy.keep_listening(failures, len(ended), len(poll.hosts), now, SECONDARY_GRACE_S, HEAR_OUT_S):
             return state
+        # A lost node's host may not be reported yet when the collective errors and aborts it caused
+        # are: ask whether any host's node is gone before blaming anyone.
+        for rank in self.group.lost_hosts():
+            if rank not in attempt.failures:
+                attempt.failures[rank] = Failure(FailureKind.NODE_LOST, rank, "the host's node is gone (its raylet "
+                                                 "does not answer)", poll.hosts[rank].step, now)
+        failures = list(attempt.failures.values())
         failure = policy.blame(failures, poll.hosts, now, UNRESPONSIVE_AFTER_S)
         if failure.failed_at is None or failure.kind == FailureKind.CRASHED:
             failed_at = attempt.killed_at or self._injected_at(attempt)

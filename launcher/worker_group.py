@@ -183,6 +183,21 @@ class RayWorkerGroup:
                     self.exits[rank] = HostExit(rank, exit.how, exit.at, exit.step, exit.detail, node=node,
                                                 since=exit.since)
 
+    def lost_hosts(self) -> list[int]:
+        """Hosts whose node is gone now (by Ray's word or a refused raylet), whether or not their
+        ending was reported yet. One probe a node."""
+        dead: dict[str, bool] = {}
+        lost = []
+        for rank, info in enumerate(self.node_info):
+            if rank in self.results:
+                continue
+            node = info["node_id"]
+            if node not in dead:
+                dead[node] = self._liveness(rank) == NodeLiveness.DEAD
+            if dead[node]:
+                lost.append(rank)
+        return lost
+
     # -- interventions ---------------------------------------------------------------------------
     def preempt(self) -> None:
         """Asks every host to save at one common step and stop (a SIGTERM to each host process)."""

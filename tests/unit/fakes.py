@@ -72,6 +72,8 @@ class FakeGroup:
         self.events = []
         self.silent = set()
         """Hosts that stopped answering polls (a stopped process); the others answer every poll."""
+        self.lost = []
+        """Hosts whose node is gone, reported or not."""
 
     def start(self, num_hosts, attempt, injections=()):
         if getattr(self.behaviour, "placement_fails", False):
@@ -125,6 +127,9 @@ class FakeGroup:
     def dump_stacks(self, rank):
         self.log.append(("dump_stacks", rank))
         return f'Thread 1 (idle): "MainThread"\n    train (user.py:{rank})'
+
+    def lost_hosts(self):
+        return list(self.lost)
 
     def shutdown(self):
         self.cluster.held -= self.num_hosts

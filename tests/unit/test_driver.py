@@ -148,6 +148,23 @@ def test_a_collective_error_is_blamed_on_the_host_that_died():
     assert (restarting.failure.kind, restarting.failure.rank) == (FailureKind.CRASHED, 1)
 
 
+def test_a_lost_node_is_found_even_before_ray_reports_its_host():
+    """gloo aborts the survivors when a peer's node vanishes; Ray reports those deaths first. Before
+    blaming one of them, the driver asks which hosts' nodes are gone."""
+    def node_vanishes(group, i):
+        if i < 3:
+            return group.train(i)
+        if i == 3:
+            group.lost = [1]
+            group.die(0, step=2)  # aborted by gloo: a process death on a live node
+        return []
+    driver, _, _, _ = make_driver([node_vanishes, trains_to(3, start=2)],
+                                  fault=FaultConfig(max_restarts=0, max_preemptions=1))
+    restarting = run_until(driver, Restarting)
+    assert (restarting.failure.kind, restarting.failure.rank) == (FailureKind.NODE_LOST, 1)
+    assert driver.run() == 0
+
+
 def test_a_process_death_waits_for_its_nodes_health_then_counts_as_a_lost_node():
     def node_goes(group, i):
         if i < 3:
