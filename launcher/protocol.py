@@ -46,6 +46,9 @@ class CheckpointConfig:
     """Committed checkpoints kept; older ones are deleted."""
     async_save: bool = True
     """Write checkpoints in the background while training continues."""
+    compress: bool = False
+    """zstd-compress the arrays' chunks. Off by default: on model weights it saved about 8 % of
+    the bytes and cost about 20 % of save and restore bandwidth (see the README's Performance)."""
     save_timeout_s: float = 600.0
     """The longest a blocking part of a save (or the final wait for one) may take before the
     watchdog counts the host as hung: a long save is progress, a stuck one is not."""

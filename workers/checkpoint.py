@@ -96,7 +96,9 @@ class Checkpointer:
         )
         with self._storage_errors():
             self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
-                STATE_ITEM: ocp.StandardCheckpointHandler(), META_ITEM: ocp.JsonCheckpointHandler()})
+                # Compressed or not, a step reads back either way: each array's metadata names its codec.
+                STATE_ITEM: ocp.PyTreeCheckpointHandler(use_compression=cfg.compress),
+                META_ITEM: ocp.JsonCheckpointHandler()})
 
     # -- saving ----------------------------------------------------------------------------------
     def save(self, step: int, state: Any, meta: dict[str, Any]) -> float:
@@ -104,7 +106,7 @@ class Checkpointer:
         start = time.perf_counter()
         with self._storage_errors():
             self.manager.save(step, args=ocp.args.Composite(**{
-                STATE_ITEM: ocp.args.StandardSave(state), META_ITEM: ocp.args.JsonSave(meta)}), force=True)
+                STATE_ITEM: ocp.args.PyTreeSave(state), META_ITEM: ocp.args.JsonSave(meta)}), force=True)
         return time.perf_counter() - start
 
     def is_saving(self) -> bool:
@@ -208,11 +210,14 @@ class Checkpointer:
         TransientError when retries did not clear a transient error. Every decision is made from
         outcomes gathered from all hosts, so the hosts never part ways."""
         failures = 0
+        # Each array read straight into its target's sharding, shape and dtype.
+        restore_args = ocp.checkpoint_utils.construct_restore_args(targets)
         for attempt in range(TRANSIENT_RETRIES + 1):
             restored, error, transient = None, None, False
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(**{
-                    STATE_ITEM: ocp.args.StandardRestore(targets), META_ITEM: ocp.args.JsonRestore()}))
+                    STATE_ITEM: ocp.args.PyTreeRestore(targets, restore_args=restore_args),
+                    META_ITEM: ocp.args.JsonRestore()}))
             except Exception as err:  # noqa: BLE001 - classified below, and re-raised if transient
                 error, transient = f"{type(err).__name__}: {err}"[:500], is_transient(err)
                 log.warning("restoring step %d failed (%s): %s", step, "transient" if transient else "error", error)

@@ -56,6 +56,34 @@ def test_the_newest_step_lands_in_the_new_layout(saved):
     assert w.sharding.spec == P("model") and w.addressable_shards[0].data.shape == (2, 4)
 
 
+@pytest.mark.parametrize("written_compressed", [True, False])
+def test_compressed_and_plain_checkpoints_read_back_either_way(tmp_path, written_compressed):
+    """A run written before compression went off (or with it on) resumes under the other setting."""
+    mesh = build_mesh({"data": -1})
+    values = jax.device_put(jax.random.normal(jax.random.key(0), (64, 32)), NamedSharding(mesh, P("data")))
+    writer = Checkpointer(tmp_path / "c", CheckpointConfig(async_save=False, compress=written_compressed))
+    writer.save(1, {"w": values, "step": jnp.int32(1)}, {"step": 1})
+    writer.close()
+    reader = Checkpointer(tmp_path / "c", CheckpointConfig(async_save=False, compress=not written_compressed))
+    restored = reader.restore_latest({"w": jax.ShapeDtypeStruct((64, 32), jnp.float32,
+                                                                sharding=NamedSharding(mesh, P("data"))),
+                                      "step": jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, P()))})
+    np.testing.assert_array_equal(np.asarray(restored.state["w"]), np.asarray(values))
+
+
+def test_chunks_are_written_uncompressed_by_default(tmp_path):
+    """Random weights barely compress; the default skips zstd, so the data files hold the raw bytes."""
+    mesh = build_mesh({"data": -1})
+    values = jax.device_put(jax.random.normal(jax.random.key(0), (256, 256)), NamedSharding(mesh, P("data")))
+    sizes = {}
+    for compress in (False, True):
+        c = Checkpointer(tmp_path / str(compress), CheckpointConfig(async_save=False, compress=compress))
+        c.save(1, {"w": values}, {"step": 1})
+        c.close()
+        sizes[compress] = sum(p.stat().st_size for p in (tmp_path / str(compress) / "1" / "state").glob("**/d/*"))
+    assert sizes[False] >= values.nbytes > sizes[True]
+
+
 def test_a_fresh_run_restores_nothing(tmp_path):
     assert Checkpointer(tmp_path / "checkpoints", CFG).restore_latest(targets(build_mesh({"data": -1}))) is None
 
