@@ -40,8 +40,10 @@ RESIZE_SETTLE_S = 10.0
 SECONDARY_GRACE_S = 8.0
 """While every failure seen is a collective error caused by some other host, how long the driver
 keeps listening for the root cause."""
-HEAR_OUT_S = 1.0
-"""After a root cause, how long the driver waits for the rest of the group to end before deciding."""
+HEAR_OUT_S = 0.3
+"""After a root cause, how long the driver waits for the rest of the group to end before deciding
+(about one poll: a lost node is found by asking for the nodes' liveness, not by waiting; 1 s
+before that probe existed)."""
 UNRESPONSIVE_AFTER_S = 2.0
 """A host that has not answered a poll for this long, while another host failed, is the one that
 hung (a stopped process stalls the others, which the coordination service then fails)."""
