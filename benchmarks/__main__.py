@@ -59,6 +59,9 @@ def side_by_side(work: pathlib.Path, quick: bool) -> dict[str, Any]:
     heartbeat (see the full run), so it would take longer than everything else together."""
     steps, fault_step = (22, 10) if quick else (60, FAULT_STEP)
     job = dict(steps=steps, save_every=SAVE_EVERY, fault_step=fault_step)
+    # Untimed: the first launch after a while reads Python's files from disk; every measured one
+    # (each peer's too) then finds them in the page cache. Its compilation cache is its own.
+    launches.jaxlaunch_job(work, "warm-up", steps=2, save_every=SAVE_EVERY, config=_cache(work, "warm-up"))
     jl = {"kill": launches.jaxlaunch_job(work, "jl-kill", fault="kill", config=_cache(work, "kill"), **job)}
     # On the kill run's cache: a new run of a program compiled before, whose start is the warm-cache
     # cold start (its restart after the hang is a restart like the kill run's, on a warm cache).
@@ -136,11 +139,11 @@ def per_step_stall(work: pathlib.Path, quick: bool) -> dict[str, Any]:
     """The launcher's loop on 1 host (metrics read a step late, and, before, read at once) against a
     plain loop that never waits for the device; the small preset."""
     steps = 14 if quick else 40
-    common = ("--hosts", "1", "--steps", str(steps), "--save-every", "100000")
+    common = ("--hosts", "1", "--steps", str(steps), "--save-every", "100000", "--mesh", "data=-1,model=2")
     late = launches.launch(work / "stall-late", *common, "--model", "small", "--global-batch-size", "8",
                            "--seq-len", "64")
     synced = None if quick else launches.launch(
-        work / "stall-synced", *common, "--entry", "benchmarks.entries:lm_synced", "--set", "model=small",
+        work / "stall-synced", *common, "--entry", launches.SYNCED_ENTRY, "--set", "model=small",
         "--set", "global_batch_size=8", "--set", "seq_len=64")
     plain = json.loads(subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "plain_jax.py"), "--model", "small", "--steps", str(steps),
@@ -217,8 +220,11 @@ def machine() -> dict[str, Any]:
             "orbax": orbax.checkpoint.__version__, "platform": platform.platform(), "date": time.strftime("%Y-%m-%d")}
 
 
-def run_all(quick: bool, work: pathlib.Path, console: Console, out: pathlib.Path) -> dict[str, Any]:
+def run_all(quick: bool, work: pathlib.Path, console: Console, out: pathlib.Path,
+            only: list[str] | None = None) -> dict[str, Any]:
     results: dict[str, Any] = {"quick": quick, "machine": machine()}
+    if only:  # measure these again; keep the other sections of the last run
+        results = {**json.loads(out.read_text()), **results}
     plan = [
         ("side_by_side", lambda: side_by_side(work, quick)),
         *([] if quick else [
@@ -230,7 +236,13 @@ def run_all(quick: bool, work: pathlib.Path, console: Console, out: pathlib.Path
         ("pod_scale", pod_scale.run_all),
         *([] if quick else [("goodput_under_chaos", lambda: goodput_under_chaos(work, 1500, 60.0))]),
     ]
+    unknown = set(only or ()) - {name for name, _ in plan}
+    if unknown:
+        raise SystemExit(f"error: --only {', '.join(sorted(unknown))}: not a section of this run "
+                         f"({', '.join(name for name, _ in plan)})")
     for name, measure in plan:
+        if only and name not in only:
+            continue
         start = time.time()
         console.print(f"[dim]measuring {name}...[/dim]")
         results[name] = measure()
@@ -317,12 +329,18 @@ def main() -> int:
                         "checkpoints and the pod-scale simulation, in about 4 minutes; the full run adds Ray "
                         "Train's hang, the changes before and after, the base preset and the chaos run")
     p.add_argument("--out", default=str(RESULTS), help="where to write the results JSON")
+    p.add_argument("--only", default=None,
+                   help="comma-separated sections to measure again, e.g. side_by_side,changes; the others are "
+                        "kept from --out")
     args = p.parse_args()
+    only = args.only.split(",") if args.only else None
+    if only and not pathlib.Path(args.out).exists():
+        p.error(f"--only needs the results of an earlier run in {args.out}")
     console = Console(width=220)
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="jaxlaunch-bench-", dir=ROOT / "benchmarks") as tmp:
-        results = run_all(args.quick, pathlib.Path(tmp), console, pathlib.Path(args.out))
-    results["total_s"] = time.time() - started
+        results = run_all(args.quick, pathlib.Path(tmp), console, pathlib.Path(args.out), only)
+    results["total_s" if not only else "total_s_of_" + "_".join(only)] = time.time() - started
     _write(pathlib.Path(args.out), results)
     console.print(table(results))
     console.print(f"wrote {args.out} in {results['total_s']:.0f} s on {results['machine']['cpu']}, "

@@ -17,6 +17,7 @@ from typing import Any
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH_TIMEOUT_S = 900
 WARMUP_STEPS_EXCLUDED = 5
+SYNCED_ENTRY = "benchmarks.entries:lm_synced"
 
 
 def _read(path: pathlib.Path) -> list[dict[str, Any]]:
@@ -129,9 +130,11 @@ def startup_split(events: list[dict[str, Any]], attempt: int, since: float) -> d
 def jaxlaunch_job(work: pathlib.Path, name: str, *, steps: int, save_every: int, fault: str | None = None,
                   fault_step: int | None = None, hosts: int = 2, extra: tuple[str, ...] = (),
                   config: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """The built-in tiny model on `hosts` hosts, as the peers run it (their mesh is data-parallel)."""
+    """The built-in tiny model on `hosts` hosts, as the peers run it: a data-parallel mesh, and each
+    step's loss read on the host at once, so that a step's record, like theirs, is written once the
+    step is done (the built-in loop reads it a step later; `per_step_stall` measures that)."""
     args = ("--hosts", str(hosts), "--steps", str(steps), "--save-every", str(save_every), "--mesh", "data=-1",
-            "--hang-timeout", "5", *extra)
+            "--hang-timeout", "5", "--entry", SYNCED_ENTRY, *extra)
     r = launch(work / name, *args, config=config, env=env, fault=fault, fault_step=fault_step)
     return {**summarize(r), "wall_s": r["ended"] - r["started"]}
 

@@ -316,6 +316,9 @@ class Driver:
     # -- ending attempts ---------------------------------------------------------------------------
     def _decide(self, attempt: Attempt, failure: Failure) -> State:
         self._end(attempt, failure.kind.value)
+        committed = self.committed_step()
+        if committed is not None and (attempt.latest_committed is None or committed > attempt.latest_committed):
+            failure = failure.with_blame(progressed=True)
         self.failures.append(failure)
         decision = self.restart_policy.decide(self.failures)
         if decision.action == Action.STOP:

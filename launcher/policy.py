@@ -89,6 +89,9 @@ class Failure:
     traceback: str | None = None
     secondary: bool = False
     """Caused by another host's failure (a collective or the coordinator lost a peer)."""
+    progressed: bool = False
+    """The failed attempt committed a checkpoint newer than the one it started from: it trained
+    well before it failed, so it is no part of a crash loop."""
 
     def signature(self) -> tuple:
         """Equal for the same exception at the same step: a deterministic failure."""
@@ -220,8 +223,11 @@ class RestartPolicy:
             if f.kind.is_preemption != latest.kind.is_preemption:
                 break
             consecutive += 1
-        # The first restart is immediate (most failures are one-off); a failure that repeats backs
-        # off exponentially, so a crash loop cannot hammer the cluster.
+            if f.progressed:  # the loop, if any, started after this attempt's progress
+                break
+        # The first restart is immediate (most failures are one-off); failures that repeat without
+        # a new committed step in between back off exponentially, so a crash loop cannot hammer
+        # the cluster, while a long job's occasional failures, hours apart, never wait.
         backoff = 0.0 if consecutive == 1 else min(self.cfg.max_backoff_s, self.cfg.backoff_s * 2 ** (consecutive - 2))
         return Decision(Action.RESTART, f"{latest.kind.value} on host {latest.rank}", backoff)
 

@@ -72,6 +72,24 @@ def test_a_crash_restarts_the_whole_group_and_backs_off_when_it_repeats():
     assert driver.attempts[2].recovery_time_s is not None
 
 
+def test_a_crash_after_the_attempt_committed_new_steps_restarts_at_once():
+    """Failures are a crash loop only while no new step is committed between them: here the second
+    attempt committed step 4 before dying, so its restart does not back off."""
+    committed = {"step": None}
+    driver, _, clock, _ = make_driver([dies_at(3), dies_at(5), trains_to(6, start=4)],
+                                      committed=lambda: committed["step"])
+    run_until(driver, Restarting)
+    driver.step()
+    run_until(driver, Running)
+    committed["step"] = 4  # the second attempt saves step 4, then dies
+    restarting = run_until(driver, Restarting)
+    assert restarting.failure.progressed and restarting.decision.backoff_s == 0.0
+    before = clock.now
+    driver.step()
+    assert clock.now == before, "no backoff after progress"
+    assert driver.run() == 0
+
+
 def test_budget_spent_fails_with_every_attempt_ended():
     driver, _, _, _ = make_driver([dies_at(2) for _ in range(3)])
     assert driver.run() == 1

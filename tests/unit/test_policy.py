@@ -152,6 +152,18 @@ def test_fatal_failures_stop_at_once_whatever_the_budget():
     assert decision.action == Action.STOP and decision.reason == "the filesystem is full"
 
 
+def test_a_failure_after_new_committed_progress_restarts_at_once():
+    """A crash loop (no new checkpoint between failures) backs off; a failure of an attempt that
+    committed new steps starts a new count, so failures hours apart never wait."""
+    policy = RestartPolicy(FaultConfig(max_restarts=10, backoff_s=1, max_backoff_s=30))
+    history = []
+    backoffs = []
+    for progressed in (True, False, False, True, False, True, True):
+        history.append(Failure(FailureKind.CRASHED, 1, "died", progressed=progressed))
+        backoffs.append(policy.decide(history).backoff_s)
+    assert backoffs == [0.0, 1.0, 2.0, 0.0, 1.0, 0.0, 0.0]
+
+
 def test_backoff_doubles_and_is_capped():
     policy = RestartPolicy(FaultConfig(max_restarts=10, backoff_s=1, max_backoff_s=5))
     history, backoffs = [], []
