@@ -8,6 +8,7 @@ autoscaler for the hosts' resources, and withdraws the request when the job ends
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import math
 import os
@@ -24,6 +25,7 @@ from launcher.protocol import NodeLiveness
 
 log = logging.getLogger(__name__)
 RAYLET_PROBE_TIMEOUT_S = 1.0
+PROBE_THREADS = 64
 
 
 class RayCluster:
@@ -114,17 +116,29 @@ class RayCluster:
     def node_liveness(self, node_id: str) -> NodeLiveness:
         """Ray's word if it declared the node dead; else a probe of the node's raylet: refused means
         the raylet (and so the node) is gone, no answer means unknown for now."""
-        node = next((n for n in ray.nodes() if n["NodeID"] == node_id), None)
-        if node is None or not node.get("Alive"):
-            return NodeLiveness.DEAD
-        try:
-            with socket.create_connection((node["NodeManagerAddress"], node["NodeManagerPort"]),
-                                          timeout=RAYLET_PROBE_TIMEOUT_S):
-                return NodeLiveness.ALIVE
-        except ConnectionRefusedError:
-            return NodeLiveness.DEAD
-        except OSError:
-            return NodeLiveness.UNKNOWN
+        return self.nodes_liveness([node_id])[node_id]
+
+    def nodes_liveness(self, node_ids: list[str]) -> dict[str, NodeLiveness]:
+        """`node_liveness` of many nodes at once: one listing of Ray's nodes, the raylets probed
+        side by side (a pod's hundreds of nodes in about one probe's time)."""
+        known = {n["NodeID"]: n for n in ray.nodes()}
+        nodes = list(dict.fromkeys(node_ids))
+        with concurrent.futures.ThreadPoolExecutor(min(PROBE_THREADS, max(1, len(nodes)))) as pool:
+            return dict(zip(nodes, pool.map(lambda n: _probe(known.get(n)), nodes), strict=True))
+
+
+def _probe(node: dict[str, Any] | None) -> NodeLiveness:
+    """A node as Ray lists it (None: Ray has forgotten it) probed at its raylet's port."""
+    if node is None or not node.get("Alive"):
+        return NodeLiveness.DEAD
+    try:
+        with socket.create_connection((node["NodeManagerAddress"], node["NodeManagerPort"]),
+                                      timeout=RAYLET_PROBE_TIMEOUT_S):
+            return NodeLiveness.ALIVE
+    except ConnectionRefusedError:
+        return NodeLiveness.DEAD
+    except OSError:
+        return NodeLiveness.UNKNOWN
 
 
 def runtime_env(embedded: bool, code_dirs: list[str], env: dict[str, str]) -> dict[str, Any]:

@@ -185,18 +185,14 @@ class RayWorkerGroup:
 
     def lost_hosts(self) -> list[int]:
         """Hosts whose node is gone now (by Ray's word or a refused raylet), whether or not their
-        ending was reported yet. One probe a node."""
-        dead: dict[str, bool] = {}
-        lost = []
-        for rank, info in enumerate(self.node_info):
-            if rank in self.results:
-                continue
-            node = info["node_id"]
-            if node not in dead:
-                dead[node] = self._liveness(rank) == NodeLiveness.DEAD
-            if dead[node]:
-                lost.append(rank)
-        return lost
+        ending was reported yet. One probe a node, all at once."""
+        ranks = [rank for rank in range(len(self.node_info)) if rank not in self.results]
+        try:
+            liveness = self.cluster.nodes_liveness([self.node_info[rank]["node_id"] for rank in ranks])
+        except Exception as err:  # noqa: BLE001 - the GCS itself may be gone with an embedded node
+            log.debug("liveness of the hosts' nodes unknown: %s", err)
+            return []
+        return [rank for rank in ranks if liveness[self.node_info[rank]["node_id"]] == NodeLiveness.DEAD]
 
     # -- interventions ---------------------------------------------------------------------------
     def preempt(self) -> None:
