@@ -118,7 +118,10 @@ def _strip(results: dict[str, Any]) -> dict[str, Any]:
 
 # ---- changes, before and after ------------------------------------------------------------------------
 
-def changes(work: pathlib.Path, quick: bool, all_on: dict[str, Any]) -> dict[str, Any]:
+RECOVERY_KEYS = ("recovery_s", "recovery_split", "detection_s")
+
+
+def changes(work: pathlib.Path, all_on: dict[str, Any]) -> dict[str, Any]:
     """Kill recovery with each restart improvement switched off in turn, beside the side-by-side
     kill run (`all_on`, the same job with everything on)."""
     job = dict(steps=35, save_every=SAVE_EVERY, fault="kill", fault_step=FAULT_STEP)
@@ -126,12 +129,11 @@ def changes(work: pathlib.Path, quick: bool, all_on: dict[str, Any]) -> dict[str
         "no_warm_standby": ({"cluster": {"warm_standby": False}}, {}),
         "cache_written_by_process_0_only": ({}, {"JAXLAUNCH_CACHE_WRITES": "process0"}),
     }
-    out: dict[str, Any] = {"all_on": {k: all_on[k] for k in ("recovery_s", "recovery_split", "detection_s")}}
+    out: dict[str, Any] = {"all_on": {k: all_on[k] for k in RECOVERY_KEYS}}
     for name, (config, env) in variants.items():
         config = {**config, "cluster": {**config.get("cluster", {}), **_cache(work, f"change-{name}")["cluster"]}}
         r = launches.jaxlaunch_job(work, f"change-{name}", config=config, env=env, **job)
-        out[name] = {"recovery_s": r["recovery_s"], "recovery_split": r["recovery_split"],
-                     "detection_s": r["detection_s"]}
+        out[name] = {k: r[k] for k in RECOVERY_KEYS}
     return out
 
 
@@ -228,7 +230,7 @@ def run_all(quick: bool, work: pathlib.Path, console: Console, out: pathlib.Path
     plan = [
         ("side_by_side", lambda: side_by_side(work, quick)),
         *([] if quick else [
-            ("changes", lambda: changes(work, quick, results["side_by_side"]["raw"]["jaxlaunch"]["kill"]))]),
+            ("changes", lambda: changes(work, results["side_by_side"]["raw"]["jaxlaunch"]["kill"]))]),
         ("per_step_stall", lambda: per_step_stall(work, quick)),
         ("disk", lambda: disk_bandwidth(work, 256 if quick else 1024, 2 if quick else 3)),
         ("checkpoint_small", lambda: checkpoint_costs("small", 1 if quick else 4, work)),

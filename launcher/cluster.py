@@ -113,14 +113,10 @@ class RayCluster:
         return f"{len(nodes)} node(s) with {', '.join(parts) or 'no resources'}"
 
     # -- nodes -----------------------------------------------------------------------------------
-    def node_liveness(self, node_id: str) -> NodeLiveness:
-        """Ray's word if it declared the node dead; else a probe of the node's raylet: refused means
-        the raylet (and so the node) is gone, no answer means unknown for now."""
-        return self.nodes_liveness([node_id])[node_id]
-
     def nodes_liveness(self, node_ids: list[str]) -> dict[str, NodeLiveness]:
-        """`node_liveness` of many nodes at once: one listing of Ray's nodes, the raylets probed
-        side by side (a pod's hundreds of nodes in about one probe's time)."""
+        """Each node's liveness: dead by Ray's word; else a probe of its raylet, where refused means
+        the raylet (and so the node) is gone and no answer means unknown for now. One listing of
+        Ray's nodes, the raylets probed side by side (a pod's hundreds in about one probe's time)."""
         known = {n["NodeID"]: n for n in ray.nodes()}
         nodes = list(dict.fromkeys(node_ids))
         with concurrent.futures.ThreadPoolExecutor(min(PROBE_THREADS, max(1, len(nodes)))) as pool:

@@ -164,35 +164,33 @@ class RayWorkerGroup:
             return HostExit(rank, ExitHow.NODE_DIED, now, step, detail, node=NodeLiveness.DEAD)
         how = ExitHow.UNREACHABLE if isinstance(err, ActorUnavailableError) else ExitHow.PROCESS_DIED
         since = self.hosts[rank].last_heard
-        return HostExit(rank, how, now, step, detail, node=self._liveness(rank), since=since)
+        return HostExit(rank, how, now, step, detail, node=self._liveness([rank])[rank], since=since)
 
-    def _liveness(self, rank: int) -> NodeLiveness:
+    def _liveness(self, ranks: list[int]) -> dict[int, NodeLiveness]:
+        """Each rank's node as Ray and its raylet tell it now: one listing, all probes at once."""
         try:
-            return self.cluster.node_liveness(self.node_info[rank]["node_id"])
+            nodes = self.cluster.nodes_liveness([self.node_info[rank]["node_id"] for rank in ranks])
         except Exception as err:  # noqa: BLE001 - the GCS itself may be gone with an embedded node
-            log.debug("liveness of host %d's node unknown: %s", rank, err)
-            return NodeLiveness.UNKNOWN
+            log.debug("liveness of hosts %s's nodes unknown: %s", ranks, err)
+            return dict.fromkeys(ranks, NodeLiveness.UNKNOWN)
+        return {rank: nodes[self.node_info[rank]["node_id"]] for rank in ranks}
 
     def _refresh_liveness(self) -> None:
         """A death whose node was unknown is looked at again: Ray declares a lost node dead only
         after its health checks fail."""
-        for rank, exit in list(self.exits.items()):
-            if exit.how in (ExitHow.PROCESS_DIED, ExitHow.UNREACHABLE) and exit.node == NodeLiveness.UNKNOWN:
-                node = self._liveness(rank)
-                if node != NodeLiveness.UNKNOWN:
-                    self.exits[rank] = HostExit(rank, exit.how, exit.at, exit.step, exit.detail, node=node,
-                                                since=exit.since)
+        unknown = [rank for rank, exit in self.exits.items()
+                   if exit.how in (ExitHow.PROCESS_DIED, ExitHow.UNREACHABLE) and exit.node == NodeLiveness.UNKNOWN]
+        for rank, node in (self._liveness(unknown) if unknown else {}).items():
+            if node != NodeLiveness.UNKNOWN:
+                exit = self.exits[rank]
+                self.exits[rank] = HostExit(rank, exit.how, exit.at, exit.step, exit.detail, node=node,
+                                            since=exit.since)
 
     def lost_hosts(self) -> list[int]:
         """Hosts whose node is gone now (by Ray's word or a refused raylet), whether or not their
-        ending was reported yet. One probe a node, all at once."""
+        ending was reported yet."""
         ranks = [rank for rank in range(len(self.node_info)) if rank not in self.results]
-        try:
-            liveness = self.cluster.nodes_liveness([self.node_info[rank]["node_id"] for rank in ranks])
-        except Exception as err:  # noqa: BLE001 - the GCS itself may be gone with an embedded node
-            log.debug("liveness of the hosts' nodes unknown: %s", err)
-            return []
-        return [rank for rank in ranks if liveness[self.node_info[rank]["node_id"]] == NodeLiveness.DEAD]
+        return [rank for rank, node in self._liveness(ranks).items() if node == NodeLiveness.DEAD]
 
     # -- interventions ---------------------------------------------------------------------------
     def preempt(self) -> None:

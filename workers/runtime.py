@@ -64,8 +64,8 @@ def enable_compilation_cache(directory: str) -> str | None:
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
     jax.config.update("jax_compilation_cache_max_size", CACHE_MAX_BYTES)
-    # GPU autotuning options would put the cache's path into every key; off, a copied or moved run
-    # directory keeps its cache.
+    # GPU autotuning options would put the cache's path into every key; off, a moved cache folder
+    # keeps its entries.
     jax.config.update("jax_persistent_cache_enable_xla_caches", "")
     if os.environ.get(CACHE_WRITES_ENV) != "process0":  # the benchmarks' way to measure JAX's own behaviour
         _write_cache_from_every_process()
