@@ -195,8 +195,8 @@ def _dd(args: list[str]) -> float:
 # ---- goodput under chaos ----------------------------------------------------------------------------------
 
 def goodput_under_chaos(work: pathlib.Path, steps: int, mean_s: float) -> dict[str, Any]:
-    from launcher import history
-    from launcher.runs import RunDir
+    from jaxlaunch.launcher import history
+    from jaxlaunch.launcher.runs import RunDir
 
     run_dir = work / "chaos"
     launches.launch(run_dir, "--hosts", "2", "--steps", str(steps), "--save-every", "10", "--chaos", str(mean_s),

@@ -12,15 +12,15 @@ from typing import Any
 import jax
 from flax import nnx
 from jax.experimental import multihost_utils
+from jaxlaunch.models import training
+from jaxlaunch.models.corpus import Corpus
+from jaxlaunch.models.lm import DEFAULTS, SHARDING_RULES
+from jaxlaunch.workers.batch import global_batch
+from jaxlaunch.workers.checkpoint import Checkpointer
+from jaxlaunch.workers.mesh import build_mesh
+from jaxlaunch.workers.state import StateLayout
 
-from launcher.protocol import CheckpointConfig
-from models import training
-from models.corpus import Corpus
-from models.lm import DEFAULTS, SHARDING_RULES
-from workers.batch import global_batch
-from workers.checkpoint import Checkpointer
-from workers.mesh import build_mesh
-from workers.state import StateLayout
+from jaxlaunch.contract.protocol import CheckpointConfig
 
 
 def _config(preset: str) -> dict[str, Any]:

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from launcher.entry import entrypoint
-from models import lm
+from jaxlaunch.models import lm
+
+from jaxlaunch.contract.entry import entrypoint
 
 
 @entrypoint(defaults=lm.DEFAULTS, check=lm.check, fingerprint=lm.fingerprint)
@@ -14,9 +15,8 @@ def lm_synced(ctx) -> dict[str, Any]:
     """The built-in model, reading each step's loss on the host at once (a sync every step, as the
     launcher's loop did before metrics were read a step late)."""
     from flax import nnx
-
-    from models import training
-    from models.corpus import Corpus
+    from jaxlaunch.models import training
+    from jaxlaunch.models.corpus import Corpus
 
     cfg = dict(ctx.config)
     corpus = Corpus.load(cfg["data"])

@@ -21,7 +21,7 @@ SYNCED_ENTRY = "benchmarks.entries:lm_synced"
 
 
 def _read(path: pathlib.Path) -> list[dict[str, Any]]:
-    from launcher.runs import read_jsonl
+    from jaxlaunch.contract.layout import read_jsonl
 
     return read_jsonl(path)
 
@@ -60,7 +60,7 @@ def launch(run_dir: pathlib.Path, *args: str, config: dict[str, Any] | None = No
 
 
 def _send_fault(proc: subprocess.Popen, run_dir: pathlib.Path, fault: str, step: int, rank: int):
-    from launcher.runs import committed_steps
+    from jaxlaunch.contract.layout import committed_steps
 
     deadline = time.monotonic() + LAUNCH_TIMEOUT_S
     while time.monotonic() < deadline and proc.poll() is None:

@@ -72,11 +72,10 @@ class _Job:
         import optax
         from flax import nnx
         from jax.sharding import NamedSharding, PartitionSpec
-
-        from models.config import preset
-        from models.corpus import Corpus
-        from models.lm import DEFAULTS, SHARDING_RULES
-        from models.transformer import build
+        from jaxlaunch.models.config import preset
+        from jaxlaunch.models.corpus import Corpus
+        from jaxlaunch.models.lm import DEFAULTS, SHARDING_RULES
+        from jaxlaunch.models.transformer import build
 
         self.jax, self.nnx = jax, nnx
         cfg = DEFAULTS

@@ -31,13 +31,12 @@ def main() -> None:
 
     import jax
     from flax import nnx
-
-    from models import training
-    from models.corpus import Corpus
-    from models.lm import DEFAULTS, SHARDING_RULES
-    from workers.batch import global_batch
-    from workers.mesh import build_mesh
-    from workers.state import StateLayout
+    from jaxlaunch.models import training
+    from jaxlaunch.models.corpus import Corpus
+    from jaxlaunch.models.lm import DEFAULTS, SHARDING_RULES
+    from jaxlaunch.workers.batch import global_batch
+    from jaxlaunch.workers.mesh import build_mesh
+    from jaxlaunch.workers.state import StateLayout
 
     mesh = build_mesh({"data": -1, "model": 2} if args.devices > 1 else {"data": -1})
     config = {**DEFAULTS, "model": args.model}

@@ -21,10 +21,14 @@ import tempfile
 import time
 from typing import Any
 
-from launcher import history
-from launcher.driver import Driver
-from launcher.policy import FaultConfig, RestartPolicy, ScalingPolicy, Watchdog, WatchdogConfig
-from launcher.protocol import (
+from jaxlaunch.launcher import history
+from jaxlaunch.launcher.driver import Driver
+from jaxlaunch.launcher.policy import FaultConfig, RestartPolicy, ScalingPolicy, Watchdog, WatchdogConfig
+from jaxlaunch.launcher.recorder import Recorder
+from jaxlaunch.launcher.runs import RunDir
+from jaxlaunch.launcher.states import Restarting, Running
+
+from jaxlaunch.contract.protocol import (
     ErrorKind,
     ExitHow,
     GroupInfo,
@@ -36,9 +40,6 @@ from launcher.protocol import (
     NodeLiveness,
     Phase,
 )
-from launcher.recorder import Recorder
-from launcher.runs import RunDir
-from launcher.states import Restarting, Running
 
 POLL_INTERVAL_S = WatchdogConfig().poll_interval_s
 TRAIN_POLLS = 400

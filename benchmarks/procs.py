@@ -57,9 +57,9 @@ def _main(spec: dict[str, Any]) -> None:
     import importlib
 
     import jax
+    from jaxlaunch.workers import runtime
 
-    from launcher.protocol import DistributedConfig
-    from workers import runtime
+    from jaxlaunch.contract.protocol import DistributedConfig
 
     jax.config.update("jax_platforms", "cpu")
     runtime.initialize(

@@ -4,8 +4,9 @@ hosts with a host killed mid-run, and check that the result equals an uninterrup
     pytest examples/test_user_job.py
 """
 
-import jaxlaunch
 from minimal import main  # the user's training function, beside this test
+
+import jaxlaunch
 
 
 def test_a_killed_host_does_not_change_my_training(tmp_path):

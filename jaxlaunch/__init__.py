@@ -14,25 +14,29 @@
     result = jaxlaunch.launch(main, hosts=2, steps=100, run_dir="runs/mine")
 
 From the shell: `jaxlaunch --entry path/to/file.py:main --hosts 2` (or `python launch.py ...`).
+
+The package: `jaxlaunch.contract` is where the driver (`jaxlaunch.launcher`) and the host processes
+(`jaxlaunch.workers`) meet; neither imports the other. Every public name is imported on first use,
+so a host process that imports `jaxlaunch` loads none of the driver, and the driver none of JAX.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
+import importlib
 from typing import TYPE_CHECKING, Any
 
-from launcher.config import ClusterConfig, JobConfig, TrainConfig
-from launcher.entry import entrypoint
-from launcher.job import LaunchOptions
-from launcher.policy import FaultConfig, WatchdogConfig
-from launcher.protocol import CheckpointConfig, ConfigError, DistributedConfig, Injection
-from launcher.runner import LaunchResult
-from launcher.storage import RunStorageError
+from jaxlaunch.contract.entry import entrypoint
+from jaxlaunch.contract.protocol import CheckpointConfig, ConfigError, DistributedConfig, Injection
+from jaxlaunch.contract.storage import RunStorageError
 
 if TYPE_CHECKING:
-    from workers.batch import global_batch
-    from workers.context import HostContext
+    from jaxlaunch.launcher.api import launch
+    from jaxlaunch.launcher.config import ClusterConfig, JobConfig, TrainConfig
+    from jaxlaunch.launcher.job import LaunchOptions
+    from jaxlaunch.launcher.policy import FaultConfig, WatchdogConfig
+    from jaxlaunch.launcher.runner import LaunchResult
+    from jaxlaunch.workers.batch import global_batch
+    from jaxlaunch.workers.context import HostContext
 
 __all__ = [
     "launch", "LaunchResult", "HostContext", "entrypoint", "global_batch", "ConfigError", "JobConfig",
@@ -40,41 +44,18 @@ __all__ = [
     "Injection", "LaunchOptions", "RunStorageError",
 ]
 
-
-def launch(entry: str | Callable[[Any], Any] = "models.lm:main", *, quiet: bool = False,
-           **options: Any) -> LaunchResult:
-    """Runs a job to its end and returns its outcome; never exits the process.
-
-    `entry` is your function (defined at module level in a file or an importable module), or its
-    name as --entry takes it. `options` are the command line's flags as keywords: hosts, steps,
-    save_every, seed, run_dir, resume (True or "auto"), config (the entry's settings, a dict),
-    config_file, address, min_hosts, max_hosts, max_restarts, max_preemptions, hang_timeout,
-    inject (a list of "kill@step=12,host=1"), chaos, mesh, allow_change, ...
-
-    Raises ConfigError for bad input (nothing is written); a job that fails returns a result with
-    status "failed" and the attempt table."""
-    from launcher import entry as entry_lib
-    from launcher import job, runner
-    from launcher.display import Display
-
-    if "config" in options:
-        options["settings"] = dict(options.pop("config") or {})
-    unknown = sorted(set(options) - {f.name for f in dataclasses.fields(LaunchOptions)} - {"entry"})
-    if unknown:
-        raise ConfigError(f"jaxlaunch.launch got unknown option {unknown[0]!r}")
-    text = entry if isinstance(entry, str) else entry_lib.from_callable(entry)
-    prepared = job.prepare(LaunchOptions(entry=text, **options))
-    return runner.run_job(prepared, Display(quiet=quiet))
+_LAZY = {
+    "launch": "jaxlaunch.launcher.api", "LaunchResult": "jaxlaunch.launcher.runner",
+    "LaunchOptions": "jaxlaunch.launcher.job", "JobConfig": "jaxlaunch.launcher.config",
+    "ClusterConfig": "jaxlaunch.launcher.config", "TrainConfig": "jaxlaunch.launcher.config",
+    "FaultConfig": "jaxlaunch.launcher.policy", "WatchdogConfig": "jaxlaunch.launcher.policy",
+    "HostContext": "jaxlaunch.workers.context", "global_batch": "jaxlaunch.workers.batch",
+}
 
 
 def __getattr__(name: str) -> Any:
-    # The host-side names import JAX: only when asked for, so `import jaxlaunch` stays light.
-    if name == "HostContext":
-        from workers.context import HostContext
-
-        return HostContext
-    if name == "global_batch":
-        from workers.batch import global_batch
-
-        return global_batch
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
     raise AttributeError(f"module 'jaxlaunch' has no attribute {name!r}")

@@ -10,10 +10,11 @@ import argparse
 import logging
 import sys
 
-from launcher.display import error
-from launcher.job import LaunchOptions
-from launcher.protocol import ConfigError
-from launcher.storage import RunStorageError
+from jaxlaunch.launcher.display import error
+from jaxlaunch.launcher.job import LaunchOptions
+
+from jaxlaunch.contract.protocol import ConfigError
+from jaxlaunch.contract.storage import RunStorageError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
@@ -69,7 +70,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def options(args: argparse.Namespace) -> LaunchOptions:
-    from launcher.config import parse_settings
+    from jaxlaunch.launcher.config import parse_settings
 
     return LaunchOptions(
         entry=args.entry, settings=parse_settings(args.settings),
@@ -90,8 +91,8 @@ def report_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="jaxlaunch report", description="Print a run's report and write report.png.")
     p.add_argument("run_dir", help="the run directory")
     args = p.parse_args(argv)
-    from launcher import report
-    from launcher.runs import RunDir
+    from jaxlaunch.launcher import report
+    from jaxlaunch.launcher.runs import RunDir
 
     run = RunDir(args.run_dir)
     if not run.events_path.exists():
@@ -112,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.resume not in (True, False, "auto"):
             raise ConfigError(f"--resume takes no value or 'auto', got {args.resume!r}")
-        from launcher import job, runner
+        from jaxlaunch.launcher import job, runner
 
         prepared = job.prepare(options(args))
         return runner.run_job(prepared).exit_code

@@ -18,10 +18,10 @@ import sysconfig
 from typing import Any
 
 import ray
+from jaxlaunch.launcher.config import ClusterConfig
 from ray._private.state import available_resources_per_node
 
-from launcher.config import ClusterConfig
-from launcher.protocol import NodeLiveness
+from jaxlaunch.contract.protocol import NodeLiveness
 
 log = logging.getLogger(__name__)
 RAYLET_PROBE_TIMEOUT_S = 1.0
@@ -45,7 +45,7 @@ class RayCluster:
         # the choice is ours and documented.
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         if self.embedded:
-            from launcher.embedded_ray import EmbeddedRay
+            from jaxlaunch.launcher.embedded_ray import EmbeddedRay
 
             self.instance = EmbeddedRay(self.cfg.embedded_num_cpus)
             address = self.instance.start()
@@ -137,7 +137,7 @@ def _probe(node: dict[str, Any] | None) -> NodeLiveness:
         return NodeLiveness.UNKNOWN
 
 
-def runtime_env(embedded: bool, code_dirs: list[str], env: dict[str, str]) -> dict[str, Any]:
+def runtime_env(embedded: bool, code_dirs: list[str]) -> dict[str, Any]:
     """How host processes find the launcher's and the user's code: on this machine through
     PYTHONPATH, on a cluster shipped as Ray py_modules."""
     if embedded:
@@ -147,5 +147,5 @@ def runtime_env(embedded: bool, code_dirs: list[str], env: dict[str, str]) -> di
         local = [p for p in sys.path if p and os.path.isdir(p) and not any(p.startswith(i) for i in installed)]
         paths = list(dict.fromkeys([*code_dirs, os.getcwd(), *local]))
         existing = os.environ.get("PYTHONPATH")
-        return {"env_vars": {**env, "PYTHONPATH": os.pathsep.join(paths + ([existing] if existing else []))}}
-    return {"py_modules": code_dirs, "env_vars": dict(env)}
+        return {"env_vars": {"PYTHONPATH": os.pathsep.join(paths + ([existing] if existing else []))}}
+    return {"py_modules": code_dirs}

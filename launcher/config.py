@@ -1,7 +1,7 @@
 """The job's configuration: typed dataclasses, YAML loading, command-line overrides, validation.
 
-Each section is a dataclass owned by the code that uses it (`launcher.policy` owns the fault and
-watchdog sections, `launcher.protocol` the host-side checkpoint and distributed ones); this module
+Each section is a dataclass owned by the code that uses it (`jaxlaunch.launcher.policy` owns the fault and
+watchdog sections, `jaxlaunch.contract.protocol` the host-side checkpoint and distributed ones); this module
 composes them into a `JobConfig`, loads YAML files whose keys mirror the dataclasses, and validates
 everything that needs no cluster. A `ConfigError` is the user's mistake: one line, exit code 2.
 """
@@ -19,14 +19,14 @@ from collections.abc import Mapping
 from typing import Any
 
 import yaml
+from jaxlaunch.launcher.policy import FaultConfig, WatchdogConfig
 
-from launcher.policy import FaultConfig, WatchdogConfig
-from launcher.protocol import CheckpointConfig, ConfigError, DistributedConfig
-from workers.mesh import resolve_mesh
+from jaxlaunch.contract.entry import BUILTIN_ENTRY, LEGACY_ENTRIES
+from jaxlaunch.contract.mesh import resolve_mesh
+from jaxlaunch.contract.protocol import CheckpointConfig, ConfigError, DistributedConfig
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 PLATFORMS = ("cpu", "cuda", "tpu")
-BUILTIN_ENTRY = "models.lm:main"
 MAX_STEPS = 2**31 - 1
 """Optimizer step counters are int32."""
 
@@ -245,6 +245,9 @@ def load_file(path: str | os.PathLike, base: JobConfig | None = None) -> JobConf
 
 
 def from_json(data: dict[str, Any]) -> JobConfig:
+    entry = data.get("entry")
+    if entry in LEGACY_ENTRIES:
+        data = {**data, "entry": LEGACY_ENTRIES[entry]}
     return _from_dict(JobConfig, data, "saved job config")
 
 

@@ -9,13 +9,21 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from jaxlaunch.launcher.runs import RunDir
+from jaxlaunch.launcher.states import (
+    Attempt,
+    Draining,
+    DrainReason,
+    Failed,
+    Restarting,
+    Running,
+    State,
+    WaitingForCapacity,
+)
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-
-from launcher.runs import RunDir
-from launcher.states import Attempt, Draining, DrainReason, Failed, Restarting, Running, State, WaitingForCapacity
 
 LOG_TAIL_LINES = 12
 STACK_TAIL_LINES = 16

@@ -1,8 +1,8 @@
 """The control loop: schedule a topology, start a group, watch it, decide, tear down, restart.
 
-An explicit state machine over the states of `launcher.states`: `step()` runs the current state
-once and moves to the next. It carries out the decisions of the pure policies of `launcher.policy`
-against any worker group and cluster of `launcher.protocol`'s interfaces, so tests step it against
+An explicit state machine over the states of `jaxlaunch.launcher.states`: `step()` runs the current state
+once and moves to the next. It carries out the decisions of the pure policies of `jaxlaunch.launcher.policy`
+against any worker group and cluster of `jaxlaunch.contract.protocol`'s interfaces, so tests step it against
 fakes without Ray. Recording, the display and chaos are listeners: they see every transition and
 every poll from outside."""
 
@@ -14,10 +14,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from launcher import policy
-from launcher.policy import Action, Failure, FailureKind, FaultConfig, RestartPolicy, ScalingPolicy, Watchdog
-from launcher.protocol import Cluster, Ending, GroupPoll, Injection, PlacementError, WorkerGroup
-from launcher.states import (
+from jaxlaunch.launcher import policy
+from jaxlaunch.launcher.policy import Action, Failure, FailureKind, FaultConfig, RestartPolicy, ScalingPolicy, Watchdog
+from jaxlaunch.launcher.states import (
     TERMINAL,
     Attempt,
     Draining,
@@ -32,6 +31,8 @@ from launcher.states import (
     Stopped,
     WaitingForCapacity,
 )
+
+from jaxlaunch.contract.protocol import Cluster, Ending, GroupPoll, Injection, PlacementError, WorkerGroup
 
 log = logging.getLogger(__name__)
 CAPACITY_POLL_S = 1.0

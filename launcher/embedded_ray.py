@@ -395,7 +395,7 @@ def _supervise(lifeline: int, temp_dir: str, remove_temp_dir: bool, ray_start_ar
 def _main(argv: Iterable[str]) -> int:
     import argparse
 
-    parser = argparse.ArgumentParser(description="Supervise an embedded Ray head (see launcher.embedded_ray).")
+    parser = argparse.ArgumentParser(description="Supervise an embedded Ray head.")
     parser.add_argument("--lifeline-fd", type=int, required=True)
     parser.add_argument("--temp-dir", required=True)
     parser.add_argument("--remove-temp-dir", action="store_true")

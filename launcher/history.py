@@ -10,7 +10,7 @@ import statistics
 from collections import Counter
 from typing import Any
 
-from launcher.runs import RunDir
+from jaxlaunch.launcher.runs import RunDir
 
 BADPUT_LABELS = {
     "startup": "start-up (processes, JAX init, compile)",

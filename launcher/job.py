@@ -11,8 +11,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from launcher import entry as entry_lib
-from launcher.config import (
+from jaxlaunch.launcher.config import (
     BUILTIN_ENTRY,
     JobConfig,
     apply,
@@ -25,8 +24,10 @@ from launcher.config import (
     run_changes,
     validate,
 )
-from launcher.protocol import ConfigError, Injection
-from launcher.runs import RunDir
+from jaxlaunch.launcher.runs import RunDir
+
+from jaxlaunch.contract import entry as entry_lib
+from jaxlaunch.contract.protocol import ConfigError, Injection
 
 BUILTIN_SETTINGS = {"model": "model", "data": "data", "global_batch_size": "global-batch-size", "seq_len": "seq-len"}
 """Flags that are shorthand for --set on the built-in model."""

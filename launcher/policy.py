@@ -1,7 +1,7 @@
 """Deciding, separate from doing: what a host's ending means, whom to blame, whether to restart, on how
 many hosts, and whether a host hangs.
 
-Pure functions and small frozen objects over the typed contract of `launcher.protocol`: no Ray, no
+Pure functions and small frozen objects over the typed contract of `jaxlaunch.contract.protocol`: no Ray, no
 JAX, no clock of their own. Each is built from the config it owns and unit-tested alone; the driver
 carries the decisions out."""
 
@@ -12,7 +12,7 @@ import enum
 import math
 from collections.abc import Callable, Sequence
 
-from launcher.protocol import ErrorKind, ExitHow, HostExit, HostStatus, NodeLiveness, Phase
+from jaxlaunch.contract.protocol import ErrorKind, ExitHow, HostExit, HostStatus, NodeLiveness, Phase
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,7 +2,7 @@
 metrics.jsonl with TensorBoard beside it, and chaos, which kills hosts at random times.
 
 Each event is written once, here, from a state change or a poll; the attempt table, the trajectory,
-goodput, summary.json and report.png are all derived from these records (`launcher.history`)."""
+goodput, summary.json and report.png are all derived from these records (`jaxlaunch.launcher.history`)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from launcher.driver import Driver
-from launcher.protocol import GroupPoll
-from launcher.runs import RunDir
-from launcher.states import (
+from jaxlaunch.launcher.driver import Driver
+from jaxlaunch.launcher.runs import RunDir
+from jaxlaunch.launcher.states import (
     Attempt,
     Draining,
     DrainReason,
@@ -27,6 +26,8 @@ from launcher.states import (
     Stopped,
     WaitingForCapacity,
 )
+
+from jaxlaunch.contract.protocol import GroupPoll
 
 TENSORBOARD_SKIP = ("step", "time", "attempt", "num_hosts")
 _ACTIVE = (Running, Draining, ResolvingFailure)

@@ -1,4 +1,4 @@
-"""The run report: what happened to a run, from its records alone (`launcher.history`).
+"""The run report: what happened to a run, from its records alone (`jaxlaunch.launcher.history`).
 
 `python launch.py report RUN_DIR` prints the attempt table and the goodput with its badput split,
 and writes RUN_DIR/report.png: the loss (or the first reported metric) against the step with a
@@ -11,11 +11,10 @@ from __future__ import annotations
 import pathlib
 from typing import Any
 
+from jaxlaunch.launcher.history import BADPUT_LABELS, History, load
+from jaxlaunch.launcher.runs import RunDir
 from rich.console import Console
 from rich.table import Table
-
-from launcher.history import BADPUT_LABELS, History, load
-from launcher.runs import RunDir
 
 BADPUT_COLORS = ("tab:orange", "tab:purple", "tab:red", "tab:brown", "tab:olive", "tab:pink", "tab:gray")
 

@@ -8,30 +8,34 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
+import importlib.util
 import os
 import pathlib
+import shutil
 import signal
 import tempfile
 import threading
 import time
 from typing import Any
 
-from launcher import entry as entry_lib
-from launcher import history, report, storage
-from launcher.cluster import RayCluster, runtime_env
-from launcher.config import JobConfig
-from launcher.display import ConsoleView, Display, error
-from launcher.driver import CAPACITY_POLL_S, Driver
-from launcher.job import PreparedJob
-from launcher.policy import RestartPolicy, ScalingPolicy, Watchdog
-from launcher.protocol import ConfigError, HostSpec, Injection
-from launcher.recorder import Chaos, Recorder
-from launcher.runs import RunDir, read_jsonl
-from launcher.storage import RunStorageError, storage_errno
-from launcher.worker_group import RayWorkerGroup, StandbyPool
+from jaxlaunch.launcher import history, report
+from jaxlaunch.launcher.cluster import RayCluster, runtime_env
+from jaxlaunch.launcher.config import JobConfig
+from jaxlaunch.launcher.display import ConsoleView, Display, error
+from jaxlaunch.launcher.driver import CAPACITY_POLL_S, Driver
+from jaxlaunch.launcher.job import PreparedJob
+from jaxlaunch.launcher.policy import RestartPolicy, ScalingPolicy, Watchdog
+from jaxlaunch.launcher.recorder import Chaos, Recorder
+from jaxlaunch.launcher.runs import RunDir
+from jaxlaunch.launcher.worker_group import RayWorkerGroup, StandbyPool
 
-PROJECT_ROOT = pathlib.Path(__file__).resolve().parents[1]
-CODE_PACKAGES = ("launcher", "workers", "models", "jaxlaunch")
+from jaxlaunch.contract import entry as entry_lib
+from jaxlaunch.contract import storage
+from jaxlaunch.contract.layout import read_jsonl
+from jaxlaunch.contract.protocol import ConfigError, HostSpec, Injection
+from jaxlaunch.contract.storage import RunStorageError, storage_errno
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
@@ -139,12 +143,12 @@ def run_job(prepared: PreparedJob, display: Display | None = None) -> LaunchResu
         raise
     staging = tempfile.TemporaryDirectory(prefix="jaxlaunch-ship-")
     try:
-        if job.cluster.address is None:
-            host_ref, code = entry.ref, [str(PROJECT_ROOT)]
+        if job.cluster.address is None:  # the hosts run on this machine, with this Python
+            host_ref, code = entry.ref, []
         else:
             host_ref, shipped = entry_lib.shipped(entry.ref, pathlib.Path(staging.name))
-            code = [str(PROJECT_ROOT / p) for p in CODE_PACKAGES] + shipped
-        cluster = RayCluster(job.cluster, runtime_env(job.cluster.address is None, code, {}))
+            code = [_package_to_ship(pathlib.Path(staging.name)), *shipped]
+        cluster = RayCluster(job.cluster, runtime_env(job.cluster.address is None, code))
         try:
             cluster.connect()
             cluster.request_hosts(job.max_hosts)
@@ -258,6 +262,23 @@ def _fits(job: JobConfig, entry: entry_lib.Entry, num_hosts: int) -> bool:
     if entry.spec.check is None:
         return job.max_hosts % num_hosts == 0
     return entry.fits(job.config, mesh)
+
+
+def _package_to_ship(staging: pathlib.Path) -> str:
+    """The folder of the whole `jaxlaunch` package, to ship to a cluster's nodes as one Ray py_module.
+    Installed from a wheel, it is one folder already; from a source checkout (an editable install),
+    its subpackages live in folders of their own and are gathered into `staging`."""
+    root = pathlib.Path(importlib.util.find_spec("jaxlaunch").origin).parent
+    subpackages = {name: pathlib.Path(importlib.import_module(f"jaxlaunch.{name}").__file__).parent
+                   for name in ("contract", "launcher", "workers", "models")}
+    if all(folder.parent == root for folder in subpackages.values()):
+        return str(root)
+    target = staging / "jaxlaunch"
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
+    shutil.copytree(root, target, ignore=ignore, dirs_exist_ok=True)
+    for name, folder in subpackages.items():
+        shutil.copytree(folder, target / name, ignore=ignore, dirs_exist_ok=True)
+    return str(target)
 
 
 def _remove_if_empty(path: pathlib.Path) -> None:

@@ -1,11 +1,6 @@
-"""The run directory: its layout, its records, its lock, and the one reader of committed steps.
-
-Plain Python (no Ray, no JAX): the driver checks a run before any cluster starts, and the hosts'
-rank 0 lists committed steps with the same function.
-
-    RUN_DIR/config.json  events.jsonl  metrics.jsonl  summary.json  report.png  .lock
-            checkpoints/<step>/  unreadable_checkpoints/<step>-<time>/  hosts/  tensorboard/
-"""
+"""The run directory as the driver keeps it: its records, its settings and its lock (the layout is
+`jaxlaunch.contract.layout`, shared with the hosts). Plain Python: the driver checks a run before
+any cluster starts."""
 
 from __future__ import annotations
 
@@ -20,56 +15,13 @@ import threading
 import time
 from typing import Any
 
-from launcher.protocol import ConfigError
+from jaxlaunch.contract.layout import LOCK_NAME, RunLayout, read_jsonl, write_json_atomic
+from jaxlaunch.contract.protocol import ConfigError
 
 log = logging.getLogger(__name__)
-CHECKPOINT_COMMIT_MARKER = "_CHECKPOINT_METADATA"
-UNREADABLE_DIR = "unreadable_checkpoints"
-LOCK_NAME = ".lock"
 LOCK_REFRESH_S = 10.0
 LOCK_STALE_S = 60.0
 """A lock not refreshed for this long belongs to a launch that died (on any machine)."""
-
-
-def committed_steps(checkpoints: pathlib.Path) -> list[int]:
-    """Steps whose save committed, newest first. Orbax writes a step into a temporary folder, renames
-    it to the bare step number and writes its metadata last; a step without it does not exist."""
-    if not checkpoints.is_dir():
-        return []
-    steps = [int(p.name) for p in checkpoints.iterdir()
-             if p.name.isdigit() and (p / CHECKPOINT_COMMIT_MARKER).exists()]
-    return sorted(steps, reverse=True)
-
-
-def read_jsonl(path: pathlib.Path) -> list[dict[str, Any]]:
-    """The records of a JSON-lines file. A torn line (a writer killed mid-line, a full disk) is
-    skipped with a warning rather than losing the whole file."""
-    try:
-        text = path.read_text(errors="replace")
-    except FileNotFoundError:
-        return []
-    records = []
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except ValueError:
-            log.warning("%s line %d is torn or not JSON; skipped it", path, number)
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
-
-
-def write_json_atomic(path: pathlib.Path, data: Any) -> None:
-    """Writes a whole JSON file so that a reader sees the old or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w") as f:
-        f.write(json.dumps(data, indent=2, sort_keys=True, allow_nan=False, default=str) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _json_safe(value: Any) -> Any:
@@ -79,22 +31,12 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-class RunDir:
-    def __init__(self, path: str | pathlib.Path):
-        self.path = pathlib.Path(path).absolute()
-        self.checkpoints = self.path / "checkpoints"
-        self.unreadable = self.path / UNREADABLE_DIR
-        self.hosts = self.path / "hosts"
-        self.metrics_path = self.path / "metrics.jsonl"
-        self.events_path = self.path / "events.jsonl"
-        self.summary_path = self.path / "summary.json"
-        self.config_path = self.path / "config.json"
-        self.tensorboard_dir = self.path / "tensorboard"
-        self.injections_path = self.hosts / "injections.jsonl"
-        self._identity: tuple[int, int] | None = None
+class RunDir(RunLayout):
+    """A run directory as the driver keeps it: its records, its settings and its lock."""
 
-    def host_log(self, attempt: int, rank: int) -> pathlib.Path:
-        return self.hosts / f"attempt-{attempt}-rank-{rank}.log"
+    def __init__(self, path: str | pathlib.Path):
+        super().__init__(path)
+        self._identity: tuple[int, int] | None = None
 
     def create(self) -> None:
         self.hosts.mkdir(parents=True, exist_ok=True)
@@ -118,9 +60,6 @@ class RunDir:
         return self.config_path.is_file()
 
     # -- checkpoints -----------------------------------------------------------------------------
-    def committed_steps(self) -> list[int]:
-        return committed_steps(self.checkpoints)
-
     def has_history(self) -> bool:
         """Whether the run ever committed a step (kept, or set aside as unreadable)."""
         return bool(self.committed_steps()) or (self.unreadable.is_dir() and any(self.unreadable.iterdir()))
@@ -180,7 +119,7 @@ class RunDir:
 
     # -- the lock --------------------------------------------------------------------------------
     def lock(self) -> RunLock:
-        return RunLock(self.path / LOCK_NAME)
+        return RunLock(self.lock_path)
 
 
 class RunLock:

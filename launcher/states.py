@@ -9,8 +9,9 @@ import dataclasses
 import enum
 from typing import Any
 
-from launcher.policy import Decision, Failure
-from launcher.protocol import GroupInfo, Injection
+from jaxlaunch.launcher.policy import Decision, Failure
+
+from jaxlaunch.contract.protocol import GroupInfo, Injection
 
 
 @dataclasses.dataclass

@@ -2,10 +2,11 @@
 coordinator port, polls, and a teardown that kills every actor and frees the placement group.
 
 This adapter only translates: Ray's objects and errors become the typed contract of
-`launcher.protocol`; what a host's ending means is decided by `launcher.policy`."""
+`jaxlaunch.contract.protocol`; what a host's ending means is decided by `jaxlaunch.launcher.policy`."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import shutil
 import subprocess
@@ -13,12 +14,15 @@ import time
 from collections.abc import Callable
 
 import ray
+from jaxlaunch.launcher.cluster import RayCluster
+from jaxlaunch.launcher.runs import RunDir
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
-from launcher.cluster import RayCluster
-from launcher.protocol import (
+from jaxlaunch.contract.protocol import (
+    HOST_PROGRAM,
+    MONITOR_GROUP,
     ErrorKind,
     ExitHow,
     GroupInfo,
@@ -31,10 +35,8 @@ from launcher.protocol import (
     Injection,
     NodeLiveness,
     PlacementError,
+    host_env,
 )
-from launcher.runs import RunDir
-from workers.host import MONITOR_GROUP, HostActor
-from workers.runtime import host_env
 
 log = logging.getLogger(__name__)
 ACTOR_CALL_TIMEOUT_S = 120.0
@@ -246,7 +248,9 @@ def create_hosts(cfg, pg, logs: list[str], attempt: int) -> list:
     """One host actor per bundle of `pg`, each with the platform's environment."""
     resources = dict(cfg.resources_per_host)
     num_cpus, num_gpus = resources.pop("CPU", 0), resources.pop("GPU", 0)
-    remote_cls = ray.remote(concurrency_groups={MONITOR_GROUP: 1})(HostActor)
+    module, _, name = HOST_PROGRAM.partition(":")
+    host_actor = getattr(importlib.import_module(module), name)
+    remote_cls = ray.remote(concurrency_groups={MONITOR_GROUP: 1})(host_actor)
     env = host_env(cfg.platform, cfg.devices_per_host)
     return [remote_cls.options(
         num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None,

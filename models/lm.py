@@ -1,5 +1,5 @@
 """The built-in job: a byte-level transformer language model, trained through the public host context
-exactly as a user's function would be (`--entry models.lm:main`, the default).
+exactly as a user's function would be (`--entry jaxlaunch.models.lm:main`, the default).
 
 Its settings (`ctx.config`) are the defaults below, set with --set or the shorthand flags --model,
 --data, --global-batch-size and --seq-len."""
@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from launcher.entry import entrypoint
-from models.config import PRESETS, preset
-from models.corpus import Corpus, check_data_path, corpus_files, fingerprint_of
+from jaxlaunch.models.config import PRESETS, preset
+from jaxlaunch.models.corpus import Corpus, check_data_path, corpus_files, fingerprint_of
+
+import jaxlaunch
 
 DEFAULTS: dict[str, Any] = {
     "model": "tiny",              # size preset: tiny, small or base
@@ -54,12 +55,11 @@ def fingerprint(config: dict[str, Any]) -> str:
     return fingerprint_of(b"".join(f.read_bytes() for f in corpus_files(config["data"])))
 
 
-@entrypoint(defaults=DEFAULTS, check=check, fingerprint=fingerprint)
+@jaxlaunch.entrypoint(defaults=DEFAULTS, check=check, fingerprint=fingerprint)
 def main(ctx) -> dict[str, Any]:
     import jax
     from flax import nnx
-
-    from models import training
+    from jaxlaunch.models import training
 
     cfg = dict(ctx.config)
     corpus = Corpus.load(cfg["data"])

@@ -1,5 +1,5 @@
 """The built-in model's training pieces (JAX): its learning-rate schedule, its model and optimizer,
-and its jitted step. `models.lm` runs them through the host context; the benchmarks' plain loops
+and its jitted step. `jaxlaunch.models.lm` runs them through the host context; the benchmarks' plain loops
 and peers run the very same pieces without the launcher."""
 
 from __future__ import annotations
@@ -8,9 +8,8 @@ from typing import Any
 
 import optax
 from flax import nnx
-
-from models.config import preset
-from models.transformer import build
+from jaxlaunch.models.config import preset
+from jaxlaunch.models.transformer import build
 
 
 def schedule(config: dict[str, Any], schedule_steps: int) -> optax.Schedule:

@@ -1,12 +1,73 @@
-"""The layering the code promises: decisions and the state machine need no Ray, and no module grows
-into two."""
+"""The layering the code promises: the driver (`jaxlaunch.launcher`) and the host processes
+(`jaxlaunch.workers`) meet only in the contract (`jaxlaunch.contract`), which needs neither Ray nor
+JAX; the built-in model is a client of the public API alone; decisions and the state machine need
+no Ray; and no module grows into two."""
 
+import ast
 import pathlib
 import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MAX_MODULE_LINES = 500
+FOLDERS = {"jaxlaunch.contract": ROOT / "jaxlaunch" / "contract", "jaxlaunch.launcher": ROOT / "launcher",
+           "jaxlaunch.workers": ROOT / "workers", "jaxlaunch.models": ROOT / "models"}
+MAY_IMPORT = {
+    "jaxlaunch.contract": {"jaxlaunch.contract"},
+    "jaxlaunch.launcher": {"jaxlaunch.contract", "jaxlaunch.launcher"},
+    "jaxlaunch.workers": {"jaxlaunch.contract", "jaxlaunch.workers"},
+    "jaxlaunch.models": {"jaxlaunch", "jaxlaunch.models"},  # `jaxlaunch` itself: the public names only
+}
+
+
+def imports(path: pathlib.Path) -> set[str]:
+    """Every module a file imports, at its top or inside functions."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return found
+
+
+def owner(module: str) -> str | None:
+    """The layer a module of ours belongs to (`jaxlaunch` alone for the public package's top)."""
+    if module == "jaxlaunch" or module in ("jaxlaunch.entrypoint", "jaxlaunch.launch", "jaxlaunch.HostContext"):
+        return "jaxlaunch"
+    return next((layer for layer in FOLDERS if module == layer or module.startswith(layer + ".")), None)
+
+
+def test_the_driver_and_the_hosts_meet_only_in_the_contract():
+    broken = []
+    for layer, folder in FOLDERS.items():
+        for path in folder.glob("*.py"):
+            for module in imports(path):
+                top = module.split(".")[0]
+                if top in ("launcher", "workers", "models"):
+                    broken.append(f"{path.relative_to(ROOT)} imports {module}: import it as jaxlaunch.{module}")
+                elif top == "jaxlaunch" and owner(module) not in MAY_IMPORT[layer] and owner(module) is not None:
+                    broken.append(f"{path.relative_to(ROOT)} ({layer}) imports {module}")
+                elif top == "jaxlaunch" and owner(module) is None and layer != "jaxlaunch.models":
+                    broken.append(f"{path.relative_to(ROOT)} ({layer}) imports the public {module}")
+    assert broken == []
+
+
+def test_the_contract_needs_neither_ray_nor_jax():
+    heavy = {"ray", "jax", "flax", "orbax", "numpy"}
+    found = {f"{p.name}: {m}" for p in FOLDERS["jaxlaunch.contract"].glob("*.py") for m in imports(p)
+             if m.split(".")[0] in heavy}
+    assert found == set()
+
+
+def test_importing_the_public_package_loads_neither_side():
+    code = ("import sys, jaxlaunch\n"
+            "loaded = sorted(m for m in sys.modules if m.startswith(('jaxlaunch.launcher', 'jaxlaunch.workers',"
+            " 'ray', 'jax.')) or m == 'jax')\n"
+            "print(loaded)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
 
 
 def test_the_unit_tests_pass_with_ray_unimportable():
@@ -19,6 +80,7 @@ def test_the_unit_tests_pass_with_ray_unimportable():
 
 
 def test_no_module_of_the_launcher_is_over_500_lines():
+    folders = [*FOLDERS.values(), ROOT / "jaxlaunch"]
     sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines())
-             for folder in ("launcher", "workers", "models", "jaxlaunch") for p in (ROOT / folder).glob("*.py")}
+             for folder in folders for p in folder.glob("*.py")}
     assert {k: v for k, v in sizes.items() if v > MAX_MODULE_LINES} == {}

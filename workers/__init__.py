@@ -1,1 +1,1 @@
-"""The per-host JAX process: one Ray actor per host, each running `workers.train.run_host`."""
+"""The per-host JAX process: one Ray actor per host, each running `jaxlaunch.workers.host.HostActor`."""

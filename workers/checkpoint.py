@@ -2,7 +2,7 @@
 metadata, and restores of the newest readable committed step into today's shardings.
 
 What restore does when a step does not read back:
-- rank 0 alone lists the committed steps (one reader, `launcher.runs.committed_steps`) and every host
+- rank 0 alone lists the committed steps (one reader, `jaxlaunch.launcher.runs.committed_steps`) and every host
   tries the same step, so hosts on storage with lagging listings agree;
 - an error that storage or memory pressure explains (timeouts, permissions, out of memory) is retried
   and, if it persists, fails the attempt: nothing is set aside because of it;
@@ -27,9 +27,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from launcher.protocol import CheckpointConfig, ErrorKind
-from launcher.runs import UNREADABLE_DIR, committed_steps
-from launcher.storage import chain, describe, storage_errno
+from jaxlaunch.contract.layout import UNREADABLE_DIR, committed_steps
+from jaxlaunch.contract.protocol import CheckpointConfig, ErrorKind
+from jaxlaunch.contract.storage import chain, describe, storage_errno
 
 log = logging.getLogger(__name__)
 STATE_ITEM, META_ITEM = "state", "meta"

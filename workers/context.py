@@ -26,15 +26,16 @@ from typing import Any
 
 import jax
 import numpy as np
+from jaxlaunch.workers import batch as batch_lib
+from jaxlaunch.workers.checkpoint import Checkpointer
+from jaxlaunch.workers.faults import FaultHook
+from jaxlaunch.workers.mesh import Rules
+from jaxlaunch.workers.progress import HostProgress
+from jaxlaunch.workers.state import Shardings, StateLayout, largest_array
 
-from launcher.protocol import Ending, HostResult, HostSpec, Phase
-from launcher.storage import free_bytes
-from workers import batch as batch_lib
-from workers.checkpoint import Checkpointer
-from workers.faults import FaultHook
-from workers.mesh import Rules
-from workers.progress import HostProgress
-from workers.state import Shardings, StateLayout, largest_array
+from jaxlaunch.contract.layout import RunLayout
+from jaxlaunch.contract.protocol import Ending, HostResult, HostSpec, Phase
+from jaxlaunch.contract.storage import free_bytes
 
 log = logging.getLogger(__name__)
 CARRIED_RECORDS = 256
@@ -76,7 +77,7 @@ class HostContext:
         self._stopped_at: int | None = None
         self._armed: int | None = None
         self._faults = FaultHook(spec.injections, spec.rank, spec.attempt,
-                                 self.run_dir / "hosts" / "injections.jsonl", self._saving)
+                                 RunLayout(self.run_dir).injections_path, self._saving)
 
     # -- state -----------------------------------------------------------------------------------
     def restore_or_init(self, init: Callable[[], Any], *, rules: Rules | None = None,
@@ -95,7 +96,7 @@ class HostContext:
         self._progress.enter(Phase.RESTORING)
         layout = StateLayout.of(init, self.mesh, rules, shardings)
         spec = self._spec
-        checkpointer = Checkpointer(self.run_dir / "checkpoints", spec.checkpoint, spec.expect_checkpoint)
+        checkpointer = Checkpointer(RunLayout(self.run_dir).checkpoints, spec.checkpoint, spec.expect_checkpoint)
         checkpointer.checkpoint_bytes = layout.num_bytes()
         self._warn_if_disk_is_short(checkpointer, layout)
         restored = checkpointer.restore_latest(layout.targets(), check_structure=layout.mismatch)

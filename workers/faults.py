@@ -16,7 +16,7 @@ import signal
 import time
 from collections.abc import Callable
 
-from launcher.protocol import Injection
+from jaxlaunch.contract.protocol import Injection
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """The Ray actor of one host: a fresh process that runs one attempt of the user's function.
 
-Ray starts it with the platform environment already set (see `workers.runtime.host_env`), so JAX is
+Ray starts it with the platform environment already set (see `jaxlaunch.workers.runtime.host_env`), so JAX is
 first imported inside `run`, after the process's output has been sent to its own log file.
 `poll`, `preempt` and `kill` run in their own concurrency group, so the driver hears from a host even
 while its training thread is blocked in a collective."""
@@ -19,11 +19,9 @@ from typing import Any
 
 import psutil
 import ray
+from jaxlaunch.workers.progress import HostProgress
 
-from launcher.protocol import HostError, HostResult, HostSnapshot, HostSpec, Phase
-from workers.progress import HostProgress
-
-MONITOR_GROUP = "monitor"
+from jaxlaunch.contract.protocol import MONITOR_GROUP, HostError, HostResult, HostSnapshot, HostSpec, Phase
 
 
 def _node_ip() -> str:
@@ -47,8 +45,7 @@ class HostActor:
             import flax.nnx  # noqa: F401
             import optax  # noqa: F401
             import orbax.checkpoint  # noqa: F401
-
-            from workers import context, runtime  # noqa: F401
+            from jaxlaunch.workers import context, runtime  # noqa: F401
         except Exception as err:  # noqa: BLE001 - warming up is best effort
             logging.getLogger(__name__).warning("warming up failed: %s", err)
         return time.perf_counter() - started
@@ -104,8 +101,9 @@ class HostActor:
         os.kill(os.getpid(), signal.SIGKILL)
 
     def run(self, spec: HostSpec) -> HostResult:
-        from launcher import entry as entry_lib
-        from workers import runtime
+        from jaxlaunch.workers import runtime
+
+        from jaxlaunch.contract import entry as entry_lib
 
         log = logging.getLogger(__name__)
         try:
@@ -118,8 +116,8 @@ class HostActor:
                 coordinator_address=spec.coordinator_address, num_processes=spec.num_hosts, process_id=spec.rank,
                 bind_address=spec.coordinator_address, platform=spec.platform, timeouts=spec.distributed,
             )
-            from workers.context import HostContext
-            from workers.mesh import build_mesh
+            from jaxlaunch.workers.context import HostContext
+            from jaxlaunch.workers.mesh import build_mesh
 
             # After jax.distributed: importing the user's module may already compute with JAX.
             function = entry_lib.load(spec.entry)

@@ -8,7 +8,7 @@ import threading
 import time
 from typing import Any
 
-from launcher.protocol import HostEvent, HostSnapshot, Phase
+from jaxlaunch.contract.protocol import HostEvent, HostSnapshot, Phase
 
 
 class HostProgress:

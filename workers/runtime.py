@@ -1,8 +1,5 @@
-"""Platform set-up and `jax.distributed` start and stop for one host process.
-
-`host_env` is read by the driver (no JAX import here at module level): the environment must be in
-place before the host process imports JAX, so Ray starts each host actor with it.
-"""
+"""Platform set-up and `jax.distributed` start and stop for one host process (its environment,
+`jaxlaunch.contract.protocol.host_env`, is set by the driver before the process imports JAX)."""
 
 from __future__ import annotations
 
@@ -11,17 +8,9 @@ import os
 import pathlib
 import stat
 
-from launcher.protocol import DistributedConfig, ErrorKind
+from jaxlaunch.contract.protocol import DistributedConfig, ErrorKind
 
 log = logging.getLogger(__name__)
-
-
-def host_env(platform: str, devices_per_host: int) -> dict[str, str]:
-    """Environment variables for a host process, applied before JAX is imported."""
-    env = {"JAX_PLATFORMS": platform, "PYTHONUNBUFFERED": "1"}
-    if platform == "cpu":
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices_per_host}"
-    return env
 
 
 def private_directory(path: pathlib.Path) -> str | None:
@@ -148,9 +137,9 @@ def error_kind(err: BaseException) -> ErrorKind:
     """What kind of failure an exception on a host is. A collective error is a JAX runtime error that
     a lost peer causes; the user's own exceptions are never taken for one, whatever their text."""
     import jax
+    from jaxlaunch.workers.checkpoint import CheckpointError
 
-    from launcher.storage import chain
-    from workers.checkpoint import CheckpointError
+    from jaxlaunch.contract.storage import chain
 
     for e in chain(err):
         if isinstance(e, CheckpointError):

@@ -46,7 +46,7 @@ def _env() -> dict[str, str]:
 
 def read_jsonl(path: pathlib.Path) -> list[dict[str, Any]]:
     """The records of a JSON-lines file, as the launcher reads them (a torn line is skipped)."""
-    from launcher.runs import read_jsonl as tolerant
+    from jaxlaunch.contract.layout import read_jsonl as tolerant
 
     return tolerant(path)
 
@@ -70,7 +70,7 @@ def attempts(run_dir: pathlib.Path) -> list[dict[str, Any]]:
 
 
 def committed_steps(run_dir: pathlib.Path) -> list[int]:
-    from launcher.runs import RunDir
+    from jaxlaunch.launcher.runs import RunDir
 
     return sorted(RunDir(run_dir).committed_steps())
 
@@ -140,7 +140,7 @@ def ray_processes_left(run_dir: pathlib.Path) -> list[int]:
 
 
 def final_arrays(run_dir: pathlib.Path, step: int):
-    from workers.checkpoint import read_arrays
+    from jaxlaunch.workers.checkpoint import read_arrays
 
     return read_arrays(run_dir / "checkpoints" / str(step))
 

@@ -3,9 +3,8 @@
 import pathlib
 
 import yaml
+from jaxlaunch.launcher.config import load_file
 from ray.autoscaler._private.util import prepare_config, validate_config
-
-from launcher.config import load_file
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "cluster_configs"
 

@@ -1,4 +1,4 @@
-"""The embedded Ray head (launcher.embedded_ray): it serves a driver, survives a signal to the driver's
+"""The embedded Ray head (jaxlaunch.launcher.embedded_ray): it serves a driver, survives a signal to the driver's
 process group, dies with its driver, reports a dead node, and leaves no process behind."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 import psutil
 import pytest
+from jaxlaunch.launcher.embedded_ray import EmbeddedRay
 
-from launcher.embedded_ray import EmbeddedRay
 from tests.integration.helpers import ROOT
 
 pytestmark = pytest.mark.timeout(180)
@@ -32,7 +32,7 @@ DRIVER = """
 import json, os, signal, sys, threading
 sys.path.insert(0, {root!r})
 import ray
-from launcher.embedded_ray import EmbeddedRay
+from jaxlaunch.launcher.embedded_ray import EmbeddedRay
 
 instance = EmbeddedRay({num_cpus})
 ray.init(address=instance.start(), log_to_driver=False, configure_logging=False)

@@ -21,7 +21,7 @@ from tests.integration.helpers import (
 
 def test_two_host_run_trains_and_checkpoints(reference_run):
     s = summary(reference_run)
-    assert s["status"] == "finished" and s["final_step"] == 30 and s["entry"] == "models.lm:main"
+    assert s["status"] == "finished" and s["final_step"] == 30 and s["entry"] == "jaxlaunch.models.lm:main"
     assert s["process_count"] == 2 and s["num_devices"] == 4 and s["mesh"] == {"data": 2, "model": 2}
     assert s["final_loss"] < s["first_loss"] - 1.0, "the loss must fall clearly"
     assert s["returned"]["model"] == "tiny", "what the function returned on rank 0"

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from launcher.driver import Driver
-from launcher.policy import FaultConfig, RestartPolicy, ScalingPolicy, Watchdog, WatchdogConfig
-from launcher.protocol import (
+from jaxlaunch.launcher.driver import Driver
+from jaxlaunch.launcher.policy import FaultConfig, RestartPolicy, ScalingPolicy, Watchdog, WatchdogConfig
+
+from jaxlaunch.contract.protocol import (
     Ending,
     ErrorKind,
     ExitHow,

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from jaxlaunch.workers import checkpoint as ckpt
+from jaxlaunch.workers.checkpoint import Checkpointer, NoCheckpointError, StorageError, TransientError
+from jaxlaunch.workers.mesh import build_mesh
 
-from launcher.protocol import CheckpointConfig
-from workers import checkpoint as ckpt
-from workers.checkpoint import Checkpointer, NoCheckpointError, StorageError, TransientError
-from workers.mesh import build_mesh
+from jaxlaunch.contract.protocol import CheckpointConfig
 
 CFG = CheckpointConfig(save_every=1, max_to_keep=5, async_save=False)
 

@@ -5,8 +5,7 @@ import math
 import pathlib
 
 import pytest
-
-from launcher.config import (
+from jaxlaunch.launcher.config import (
     ClusterConfig,
     ConfigError,
     JobConfig,
@@ -20,8 +19,9 @@ from launcher.config import (
     run_changes,
     validate,
 )
-from launcher.protocol import Injection
-from workers.mesh import resolve_mesh
+
+from jaxlaunch.contract.mesh import resolve_mesh
+from jaxlaunch.contract.protocol import Injection
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "cluster_configs"
 

@@ -8,13 +8,21 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jaxlaunch.launcher.runs import RunDir
+from jaxlaunch.workers.context import HostContext
+from jaxlaunch.workers.mesh import build_mesh
+from jaxlaunch.workers.progress import HostProgress
 
 from examples import minimal
-from launcher.protocol import CheckpointConfig, DistributedConfig, Ending, EntryRef, HostSpec, Injection, Phase
-from launcher.runs import RunDir
-from workers.context import HostContext
-from workers.mesh import build_mesh
-from workers.progress import HostProgress
+from jaxlaunch.contract.protocol import (
+    CheckpointConfig,
+    DistributedConfig,
+    Ending,
+    EntryRef,
+    HostSpec,
+    Injection,
+    Phase,
+)
 
 
 def make_ctx(run_dir: pathlib.Path, steps: int, *, save_every=3, attempt=1, injections=()):

@@ -4,14 +4,12 @@ transition, and the records a run leaves."""
 import signal
 
 import pytest
-
-from launcher import history
-from launcher.driver import HEAR_OUT_S
-from launcher.policy import FailureKind, FaultConfig, WatchdogConfig
-from launcher.protocol import Ending, ErrorKind, Injection, NodeLiveness
-from launcher.recorder import Chaos, Recorder
-from launcher.runs import RunDir
-from launcher.states import (
+from jaxlaunch.launcher import history
+from jaxlaunch.launcher.driver import HEAR_OUT_S
+from jaxlaunch.launcher.policy import FailureKind, FaultConfig, WatchdogConfig
+from jaxlaunch.launcher.recorder import Chaos, Recorder
+from jaxlaunch.launcher.runs import RunDir
+from jaxlaunch.launcher.states import (
     Draining,
     Failed,
     Finished,
@@ -22,6 +20,8 @@ from launcher.states import (
     Stopped,
     WaitingForCapacity,
 )
+
+from jaxlaunch.contract.protocol import Ending, ErrorKind, Injection, NodeLiveness
 from tests.unit.fakes import dies_at, make_driver, obeys, trains_to
 
 
@@ -137,7 +137,7 @@ def test_a_hung_host_is_found_by_the_watchdog_and_its_stacks_are_taken():
 
 
 def test_a_long_save_is_not_a_hang():
-    from launcher.protocol import Phase
+    from jaxlaunch.contract.protocol import Phase
 
     def saves_slowly(group, i):
         if i == 1:

@@ -2,11 +2,10 @@
 summary and the picture; TensorBoard without folded curves."""
 
 import pytest
+from jaxlaunch.launcher import history, report
+from jaxlaunch.launcher.recorder import TensorBoard
+from jaxlaunch.launcher.runs import RunDir
 from rich.console import Console
-
-from launcher import history, report
-from launcher.recorder import TensorBoard
-from launcher.runs import RunDir
 
 
 def write_run(tmp_path):

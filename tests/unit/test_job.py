@@ -6,12 +6,12 @@ import os
 import pathlib
 
 import pytest
+from jaxlaunch.launcher.config import JobConfig
+from jaxlaunch.launcher.job import LaunchOptions, prepare
+from jaxlaunch.launcher.runs import RunDir
 
-from launcher import entry as entry_lib
-from launcher.config import JobConfig
-from launcher.job import LaunchOptions, prepare
-from launcher.protocol import ConfigError
-from launcher.runs import RunDir
+from jaxlaunch.contract import entry as entry_lib
+from jaxlaunch.contract.protocol import ConfigError
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -22,7 +22,7 @@ def options(tmp_path, **kw):
 
 def test_the_built_in_model_is_the_default_entry_with_its_settings_filled_in(tmp_path):
     job = prepare(options(tmp_path, hosts=2)).job
-    assert job.entry == "models.lm:main" and job.config["model"] == "tiny" and job.config["seq_len"] == 128
+    assert job.entry == "jaxlaunch.models.lm:main" and job.config["model"] == "tiny" and job.config["seq_len"] == 128
     assert job.train.schedule_steps == job.train.steps, "the schedule's length is fixed at the first launch"
     assert not (tmp_path / "run").exists(), "nothing is written"
 
@@ -63,7 +63,7 @@ def test_entries_that_cannot_run_are_refused_before_anything_starts(tmp_path):
         (f"{two_args}:train", "has no function 'train'; it has main"),
         (f"{raises}:main", "cannot import 'does_not_exist_anywhere'"),
         ("no_such_package.module:main", "cannot import 'no_such_package'"),
-        ("models.lm:not_there", "has no function 'not_there'"),
+        ("jaxlaunch.models.lm:not_there", "has no function 'not_there'"),
         ("bad entry!", "expected path/to/file.py:function"),
     ]
     for text, message in cases:

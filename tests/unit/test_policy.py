@@ -3,8 +3,7 @@ and whether a host hangs."""
 
 import jax
 import pytest
-
-from launcher.policy import (
+from jaxlaunch.launcher.policy import (
     Action,
     Failure,
     FailureKind,
@@ -18,8 +17,9 @@ from launcher.policy import (
     keep_listening,
     primary_failure,
 )
-from launcher.protocol import ErrorKind, ExitHow, HostError, HostExit, HostStatus, NodeLiveness, Phase
-from workers.runtime import error_kind
+from jaxlaunch.workers.runtime import error_kind
+
+from jaxlaunch.contract.protocol import ErrorKind, ExitHow, HostError, HostExit, HostStatus, NodeLiveness, Phase
 
 NODE_WAIT_S = 30.0
 

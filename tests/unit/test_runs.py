@@ -9,9 +9,10 @@ import sys
 import time
 
 import pytest
+from jaxlaunch.launcher.runs import LOCK_STALE_S, RunDir
 
-from launcher.protocol import ConfigError
-from launcher.runs import LOCK_STALE_S, RunDir, committed_steps, read_jsonl
+from jaxlaunch.contract.layout import committed_steps, read_jsonl
+from jaxlaunch.contract.protocol import ConfigError
 
 
 def test_a_torn_line_is_skipped_with_a_warning_and_the_rest_is_kept(tmp_path, caplog):
@@ -54,7 +55,7 @@ def test_a_torn_config_is_a_clear_error(tmp_path):
 def test_storage_errors_are_named_with_their_filesystem(tmp_path):
     import errno
 
-    from launcher import storage
+    from jaxlaunch.contract import storage
 
     assert storage.storage_errno(ValueError("write failed: No space left on device")) == errno.ENOSPC
     wrapped = RuntimeError("save failed")
@@ -66,7 +67,7 @@ def test_storage_errors_are_named_with_their_filesystem(tmp_path):
 
 
 def test_a_compilation_cache_others_can_write_is_not_used(tmp_path):
-    from workers.runtime import private_directory
+    from jaxlaunch.workers.runtime import private_directory
 
     assert private_directory(tmp_path / "mine") is None and oct((tmp_path / "mine").stat().st_mode)[-3:] == "700"
     shared = tmp_path / "shared"
@@ -100,7 +101,7 @@ def test_a_second_launch_is_refused_naming_the_holder(tmp_path):
 
 def test_the_lock_of_a_dead_process_on_this_host_is_taken_over(tmp_path):
     # A launch that exits without releasing its lock, as a killed one would.
-    code = f"from launcher.runs import RunDir; RunDir({str(tmp_path)!r}).lock().acquire()"
+    code = f"from jaxlaunch.launcher.runs import RunDir; RunDir({str(tmp_path)!r}).lock().acquire()"
     holder = subprocess.run([sys.executable, "-c", code], check=True, cwd=pathlib.Path(__file__).parents[2])
     assert holder.returncode == 0 and (tmp_path / ".lock").exists()
     lock = RunDir(tmp_path).lock()

@@ -8,14 +8,13 @@ import optax
 import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
-
-from models.config import PRESETS, ModelConfig, preset
-from models.corpus import Corpus
-from models.lm import SHARDING_RULES
-from models.transformer import build
-from workers import mesh as mesh_lib
-from workers.batch import global_batch
-from workers.state import StateLayout, largest_array
+from jaxlaunch.models.config import PRESETS, ModelConfig, preset
+from jaxlaunch.models.corpus import Corpus
+from jaxlaunch.models.lm import SHARDING_RULES
+from jaxlaunch.models.transformer import build
+from jaxlaunch.workers import mesh as mesh_lib
+from jaxlaunch.workers.batch import global_batch
+from jaxlaunch.workers.state import StateLayout, largest_array
 
 
 def lm_init():

@@ -23,9 +23,13 @@ import sysconfig
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from launcher.protocol import ConfigError, EntryRef
+from jaxlaunch.contract.protocol import ConfigError, EntryRef
 
 DEFAULT_FUNCTION = "main"
+BUILTIN_ENTRY = "jaxlaunch.models.lm:main"
+"""The built-in language model, the default entry."""
+LEGACY_ENTRIES = {"models.lm:main": BUILTIN_ENTRY}
+"""Entries as runs written before the one installed package named them (kept in their config.json)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,7 +3,7 @@
 Everything that crosses the driver-host boundary is defined here once: the settings a host receives
 for one attempt (`HostSpec`), the phases it goes through (`Phase`), what a poll returns
 (`HostSnapshot`), how a host ends (`HostResult`, `HostError`) and what the driver's adapter observes
-when a host ends badly (`HostExit`). The Ray adapter (`launcher.worker_group`) only translates Ray's
+when a host ends badly (`HostExit`). The Ray adapter (`jaxlaunch.launcher.worker_group`) only translates Ray's
 objects into these; the driver and the policies read nothing else, so they run without Ray.
 """
 
@@ -19,7 +19,7 @@ class ConfigError(ValueError):
 
 
 class Phase(enum.StrEnum):
-    """Where a host process is. Each phase has its own watchdog limit (`launcher.policy.Watchdog`)."""
+    """Where a host process is. Each phase has its own watchdog limit (`jaxlaunch.launcher.policy.Watchdog`)."""
 
     STARTING = "starting"          # the actor process exists
     INITIALIZING = "initializing"  # jax.distributed.initialize
@@ -138,7 +138,7 @@ class HostSpec:
     distributed: DistributedConfig
     compilation_cache: bool = True
     compilation_cache_dir: str | None = None
-    """None: the host's default for the job's user (`workers.runtime.default_cache_dir`)."""
+    """None: the host's default for the job's user (`jaxlaunch.workers.runtime.default_cache_dir`)."""
     expect_checkpoint: bool = False
     """The run has committed steps: finding none readable is an error, never a fresh start."""
     injections: tuple[Injection, ...] = ()
@@ -238,7 +238,7 @@ class NodeLiveness(enum.StrEnum):
 
 @dataclasses.dataclass(frozen=True)
 class HostExit:
-    """One host's bad ending, as observed; `launcher.policy.classify` makes a Failure of it."""
+    """One host's bad ending, as observed; `jaxlaunch.launcher.policy.classify` makes a Failure of it."""
 
     rank: int
     how: ExitHow
@@ -298,7 +298,7 @@ class PlacementError(RuntimeError):
 
 
 class WorkerGroup(Protocol):
-    """One attempt's hosts. `launcher.worker_group.RayWorkerGroup` on Ray; a fake in unit tests."""
+    """One attempt's hosts. `jaxlaunch.launcher.worker_group.RayWorkerGroup` on Ray; a fake in unit tests."""
 
     def start(self, num_hosts: int, attempt: int, injections: tuple[Injection, ...] = ()) -> GroupInfo: ...
     def poll(self) -> GroupPoll: ...
@@ -318,3 +318,19 @@ class Cluster(Protocol):
     def describe(self) -> str: ...
     def alive(self) -> bool: ...
     def restart(self) -> None: ...
+
+
+def host_env(platform: str, devices_per_host: int) -> dict[str, str]:
+    """Environment variables for a host process. Ray starts each host actor with them, so they are in
+    place before the process imports JAX."""
+    env = {"JAX_PLATFORMS": platform, "PYTHONUNBUFFERED": "1"}
+    if platform == "cpu":
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices_per_host}"
+    return env
+
+
+HOST_PROGRAM = "jaxlaunch.workers.host:HostActor"
+"""The host process's program, which the driver starts by this name as a Ray actor (the way a
+process manager starts a program it never imports for its own use)."""
+MONITOR_GROUP = "monitor"
+"""The host actor's concurrency group for polls and stack dumps, answered while training runs."""
