@@ -2,6 +2,7 @@
 through `jaxlaunch.launch`."""
 
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -186,9 +187,11 @@ def test_the_user_s_own_pytest_with_jaxlaunch_launch(tmp_path):
     assert "1 passed" in result.stdout
 
 
-def test_pip_install_works_from_any_directory(tmp_path):
+def test_an_installed_jaxlaunch_never_shadows_the_user_s_own_packages(tmp_path):
     """A non-editable install (into a fresh virtual environment that borrows this one's third-party
-    packages, so nothing is downloaded): the console command and the import work from elsewhere."""
+    packages, so nothing is downloaded), used from a project that has packages of its own named
+    models, workers and launcher: the built-in model and the project's own entry (which imports its
+    own `models`) both run, and jaxlaunch installs no top-level name but its own."""
     import site
 
     venv = tmp_path / "venv"
@@ -201,16 +204,28 @@ def test_pip_install_works_from_any_directory(tmp_path):
     install = subprocess.run([str(python), "-m", "pip", "install", "--no-deps", "--quiet", str(ROOT)],
                              capture_output=True, text=True, timeout=300)
     assert install.returncode == 0, install.stdout + install.stderr
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
+    installed = {p.name.split(".")[0].split("-")[0] for p in pathlib.Path(purelib).iterdir()} - {"borrowed"}
+    assert "jaxlaunch" in installed and not installed & {"launcher", "workers", "models", "launch"}, installed
+
+    project = tmp_path / "project"
+    for package in ("models", "workers", "launcher"):
+        (project / package).mkdir(parents=True)
+        (project / package / "__init__.py").write_text(f"WHOSE = {'the project s own ' + package!r}\n")
+    (project / "models" / "mlp.py").write_text((EXAMPLES / "minimal.py").read_text())
+    (project / "train.py").write_text(
+        "import launcher, workers\n"
+        "from models import WHOSE, mlp\n"
+        "assert WHOSE == 'the project s own models' and launcher.WHOSE.endswith('launcher'), WHOSE\n"
+        "main = mlp.main\n")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "XLA_FLAGS", "JAX_PLATFORMS")}
-    imported = subprocess.run([str(python), "-c", "import jaxlaunch, launcher; print(jaxlaunch.launch, "
-                               "launcher.__file__)"], cwd=elsewhere, capture_output=True, text=True, env=env)
+    imported = subprocess.run([str(python), "-c", "import jaxlaunch, jaxlaunch.launcher.cli as c; print(c.__file__)"],
+                              cwd=project, capture_output=True, text=True, env=env)
     assert imported.returncode == 0 and "site-packages" in imported.stdout, imported.stdout + imported.stderr
-    run = subprocess.run([str(venv / "bin" / "jaxlaunch"), "--hosts", "2", "--model", "tiny", "--steps", "10",
-                          "--run-dir", "run"], cwd=elsewhere, capture_output=True, text=True, env=env, timeout=400)
-    assert run.returncode == 0, run.stdout + run.stderr
-    assert summary(elsewhere / "run")["final_step"] == 10
+    for run_dir, entry in (("builtin", ["--model", "tiny"]), ("own", ["--entry", "train.py:main"])):
+        run = subprocess.run([str(venv / "bin" / "jaxlaunch"), *entry, "--hosts", "2", "--steps", "6",
+                              "--run-dir", run_dir], cwd=project, capture_output=True, text=True, env=env, timeout=400)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert summary(project / run_dir)["final_step"] == 6
 
 
 def test_resume_auto_starts_then_continues(tmp_path):
