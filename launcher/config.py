@@ -9,7 +9,6 @@ everything that needs no cluster. A `ConfigError` is the user's mistake: one lin
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import pathlib
@@ -22,6 +21,7 @@ import yaml
 from jaxlaunch.launcher.policy import FaultConfig, WatchdogConfig
 
 from jaxlaunch.contract.entry import BUILTIN_ENTRY, LEGACY_ENTRIES
+from jaxlaunch.contract.flags import flag
 from jaxlaunch.contract.mesh import resolve_mesh
 from jaxlaunch.contract.protocol import CheckpointConfig, ConfigError, DistributedConfig
 
@@ -37,11 +37,11 @@ __all__ = ["ConfigError", "ClusterConfig", "TrainConfig", "JobConfig", "load_fil
 class ClusterConfig:
     """Where the hosts run and what each one reserves."""
 
-    address: str | None = None
-    """Address of an existing Ray cluster ("auto", "HOST:PORT"); None starts an embedded one."""
+    address: str | None = flag(None)
+    """An existing Ray cluster to run on ("auto" or HOST:PORT; default: start an embedded one)."""
     platform: str = "cpu"
     """JAX platform of every host process: cpu, cuda or tpu."""
-    devices_per_host: int = 2
+    devices_per_host: int = flag(2)
     """Accelerator devices each host process owns (on cpu: the forced host device count)."""
     resources_per_host: dict[str, float] = dataclasses.field(default_factory=lambda: {"CPU": 1})
     """Ray resources reserved for each host process (one placement-group bundle)."""
@@ -49,8 +49,8 @@ class ClusterConfig:
     """Placement-group strategy: PACK on one machine, STRICT_SPREAD for one host per node."""
     embedded_num_cpus: int = 8
     """Logical CPUs of the embedded Ray instance (it bounds how many hosts fit on it)."""
-    placement_timeout_s: float = 60.0
-    """How long one placement may take before the job tries fewer hosts (and waits for capacity)."""
+    placement_timeout_s: float = flag(60.0)
+    """Seconds one placement may take before the job tries fewer hosts (and waits for capacity)."""
     warm_standby: bool = True
     """Keep a spare group of host processes started and warmed up (Python, JAX, Flax and Orbax
     imported) while the cluster has room for one, so a restart skips process start and imports."""
@@ -66,12 +66,12 @@ class ClusterConfig:
 class TrainConfig:
     """The run's length and randomness, the same for any entry."""
 
-    steps: int = 300
+    steps: int = flag(300)
     """Total steps of the run (`ctx.steps`)."""
-    schedule_steps: int | None = None
+    schedule_steps: int | None = flag(None)
     """Length of the learning-rate schedule (`ctx.schedule_steps`), fixed at the run's first launch
-    (None: its steps), so that a resume with more --steps extends training without reshaping it."""
-    seed: int = 0
+    (default: its --steps), so that a resume with more --steps extends training without reshaping it."""
+    seed: int = flag(0)
     """Seed of the parameters and the data order (`ctx.seed`)."""
 
 
@@ -79,16 +79,20 @@ class TrainConfig:
 class JobConfig:
     """Everything one launch needs."""
 
-    entry: str = BUILTIN_ENTRY
-    """The function every host runs: "package.module:function" or "path/to/file.py:function"."""
-    config: dict[str, Any] = dataclasses.field(default_factory=dict)
-    """The entry's own settings (`ctx.config`): the YAML `config:` section and --set flags."""
-    num_hosts: int = 4
+    entry: str = flag(BUILTIN_ENTRY, metavar="FILE.py:FN|PKG.MODULE:FN")
+    """The function every host runs: "path/to/file.py:function" or "package.module:function"."""
+    config: dict[str, Any] = flag(default_factory=dict, cli="set", metavar="KEY=VALUE", repeat=True,
+                                  parse=lambda text: parse_settings([text]))
+    """The entry's own settings (`ctx.config`): the YAML `config:` section, --set KEY=VALUE (a YAML
+    scalar; repeatable) and the flags of an entry's declared settings (default: the entry's defaults)."""
+    num_hosts: int = flag(4, name="hosts", metavar="N")
     """JAX processes, one per Ray host slot."""
-    mesh: dict[str, int] = dataclasses.field(default_factory=lambda: {"data": -1, "model": 2})
+    mesh: dict[str, int] = flag(default_factory=lambda: {"data": -1, "model": 2}, metavar="AXIS=SIZE,...",
+                                parse=lambda text: parse_mesh(text))
     """Mesh axes and sizes over all devices of all hosts; one size may be -1 (inferred)."""
-    run_dir: str = "runs/default"
-    """Run directory: checkpoints, metrics, events, host logs, summary."""
+    run_dir: str | None = flag(None, metavar="DIR")
+    """Run directory: checkpoints, metrics, events, host logs, summary (default: a new
+    runs/<entry>-<YYYYmmdd-HHMMSS> for every launch; --name NAME: runs/NAME)."""
     resume: bool = False
     """Continue the run in run_dir from its latest committed checkpoint."""
     cluster: ClusterConfig = dataclasses.field(default_factory=ClusterConfig)
@@ -244,10 +248,19 @@ def load_file(path: str | os.PathLike, base: JobConfig | None = None) -> JobConf
     return apply(base or JobConfig(), read_yaml(path), str(path))
 
 
+REMOVED_KEYS = {"checkpoint": ("save_timeout_s",)}
+"""Keys that runs saved by earlier versions hold and this one no longer reads (the watchdog's
+save_timeout_s is the one that counts)."""
+
+
 def from_json(data: dict[str, Any]) -> JobConfig:
-    entry = data.get("entry")
-    if entry in LEGACY_ENTRIES:
-        data = {**data, "entry": LEGACY_ENTRIES[entry]}
+    """The JobConfig of a run's config.json, also as earlier versions wrote it."""
+    data = dict(data)
+    if data.get("entry") in LEGACY_ENTRIES:
+        data["entry"] = LEGACY_ENTRIES[data["entry"]]
+    for section, keys in REMOVED_KEYS.items():
+        if isinstance(data.get(section), Mapping):
+            data[section] = {k: v for k, v in data[section].items() if k not in keys}
     return _from_dict(JobConfig, data, "saved job config")
 
 
@@ -269,8 +282,16 @@ def override(job: JobConfig, **changes: Any) -> JobConfig:
     return dataclasses.replace(job, **top)
 
 
-def dumps(job: JobConfig) -> str:
-    return json.dumps(job.to_dict(), indent=2, sort_keys=True)
+def changed_fields(config: Any, base: Any) -> dict[str, Any]:
+    """The dotted paths where a config differs from `base`, with its values: {"train.steps": 10}."""
+    out = {}
+    for f in dataclasses.fields(config):
+        mine, theirs = getattr(config, f.name), getattr(base, f.name)
+        if dataclasses.is_dataclass(mine):
+            out.update({f"{f.name}.{k}": v for k, v in changed_fields(mine, theirs).items()})
+        elif mine != theirs:
+            out[f.name] = mine
+    return out
 
 
 def parse_mesh(text: str) -> dict[str, int]:
@@ -290,7 +311,7 @@ def parse_settings(items: list[str]) -> dict[str, Any]:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set learning_rate=0.001")
-        value = _scalar(text)
+        value = scalar(text)
         *parents, leaf = key.strip().split(".")
         node = out
         for name in parents:
@@ -299,7 +320,7 @@ def parse_settings(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def _scalar(text: str) -> Any:
+def scalar(text: str) -> Any:
     """A YAML scalar; numbers YAML 1.1 leaves as text (3e-4) are numbers too."""
     if not text.strip():
         return ""

@@ -1,72 +1,76 @@
-"""From what the user asked for (flags of the command line, or arguments of `jaxlaunch.launch`) to a
+"""From what the user asked for (flags of the command line, or keywords of `jaxlaunch.launch`) to a
 validated JobConfig and its entry, before anything starts and before anything is written.
 
-On --resume the run's saved configuration is the base, a --config file's keys and the flags given
-are applied over it, and a change to what the run computes (the entry, its settings, the seed, the
-schedule's length, the input's fingerprint) is refused unless --allow-change names it."""
+What may be asked is declared once, on the config's fields (`jaxlaunch.launcher.options`): the
+JobConfig tree, and `LaunchOptions` for what one launch asks beyond it. An entry's declared settings
+are flags and keywords too (`--model tiny` for the built-in model).
+
+Without --run-dir a launch gets a run directory of its own, runs/<entry>-<YYYYmmdd-HHMMSS>; a --resume
+without one continues the newest run of the entry there. On --resume the run's saved configuration
+is the base, a --config file's keys and the flags given are applied over it, and a change to what the
+run computes (the entry, its settings, the seed, the schedule's length, the input's fingerprint) is
+refused unless --allow-change names it."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import pathlib
+import re
+import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
+from jaxlaunch.launcher import options as options_lib
 from jaxlaunch.launcher.config import (
     BUILTIN_ENTRY,
     JobConfig,
     apply,
+    changed_fields,
     check_run_path,
     from_json,
     merge_settings,
     override,
-    parse_mesh,
     read_yaml,
     run_changes,
+    scalar,
     validate,
 )
 from jaxlaunch.launcher.runs import RunDir
 
 from jaxlaunch.contract import entry as entry_lib
+from jaxlaunch.contract.flags import flag
 from jaxlaunch.contract.protocol import ConfigError, Injection
 
-BUILTIN_SETTINGS = {"model": "model", "data": "data", "global_batch_size": "global-batch-size", "seq_len": "seq-len"}
-"""Flags that are shorthand for --set on the built-in model."""
+RUNS_ROOT = pathlib.Path("runs")
+"""Where runs go without --run-dir (relative to the working directory, as Ray's ~/ray_results)."""
+RUN_TIME_FORMAT = "%Y%m%d-%H%M%S"
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class LaunchOptions:
-    """Everything a user can ask of one launch; None means "not given"."""
+    """This launch."""
 
-    entry: str | None = None
-    settings: dict[str, Any] = dataclasses.field(default_factory=dict)
-    """--set key=value."""
-    model_settings: dict[str, Any] = dataclasses.field(default_factory=dict)
-    """--model, --data, --global-batch-size, --seq-len: settings of the built-in model."""
-    config_file: str | None = None
-    run_dir: str | None = None
-    name: str = "default"
-    resume: bool | str = False
-    """False, True, or "auto" (start the run when its directory is empty, continue it otherwise)."""
-    allow_change: Sequence[str] = ()
-    hosts: int | None = None
-    steps: int | None = None
-    schedule_steps: int | None = None
-    save_every: int | None = None
-    seed: int | None = None
-    mesh: str | Mapping[str, int] | None = None
-    address: str | None = None
-    devices_per_host: int | None = None
-    placement_timeout: float | None = None
-    hang_timeout: float | None = None
-    startup_timeout: float | None = None
-    save_timeout: float | None = None
-    max_restarts: int | None = None
-    max_preemptions: int | None = None
-    min_hosts: int | None = None
-    max_hosts: int | None = None
-    capacity_timeout: float | None = None
-    inject: Sequence[str | Injection] = ()
-    chaos: float | None = None
+    config_file: str | None = flag(None, cli="config", metavar="FILE")
+    """A cluster config YAML (cluster_configs/), applied over the defaults, or on --resume over the run's
+    saved settings; flags override it (default: none, the embedded local Ray)."""
+    name: str | None = flag(None)
+    """Run the job in runs/NAME (default: a new runs/<entry>-<YYYYmmdd-HHMMSS>)."""
+    resume: bool | Literal["auto"] = flag(False, metavar="auto")
+    """Continue the run in --run-dir (default: the newest run of the entry under runs/) from its latest
+    committed step; 'auto' also starts it when there is none."""
+    allow_change: tuple[str, ...] = flag((), repeat=True, metavar="KEY")
+    """On --resume, accept a change to what the run computes: an entry setting, seed, schedule_steps,
+    entry or the input's fingerprint (repeatable; default: none)."""
+    inject: tuple[Injection, ...] = flag((), repeat=True, parse=Injection.parse, metavar="KIND@step=N,host=I")
+    """Inject a failure after a reported step: crash, kill, hang, exception or preempt (repeatable;
+    ,times=K; default: none)."""
+    chaos: float | None = flag(None, metavar="MEAN_SECONDS")
+    """SIGKILL a random host at random times, MEAN_SECONDS apart on average (default: off)."""
+
+
+ROOTS = (JobConfig, LaunchOptions)
+"""Where the flags and `jaxlaunch.launch`'s keywords are declared."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,65 +82,133 @@ class PreparedJob:
     chaos_mean_s: float | None
     fresh_dir: bool
     """The run directory did not exist before this launch (remove it if the launch is refused)."""
+    announce: str = ""
+    """The line that says, at the start, where the run is."""
 
 
-def prepare(options: LaunchOptions) -> PreparedJob:
-    """Raises ConfigError for anything wrong; writes nothing."""
-    run_dir = options.run_dir or f"runs/{options.name}"
+def prepare(given: Mapping[str, Any], entry_args: Sequence[str] = (), typed: JobConfig | None = None) -> PreparedJob:
+    """`given`: what the user asked for, by keyword (flags' names with underscores, as
+    `jaxlaunch.launch` takes them; an entry's declared settings too); `entry_args`: command-line
+    arguments the launcher does not declare, for the entry's settings; `typed`: a JobConfig whose
+    fields that differ from the defaults count as given (under `given`). Raises ConfigError for
+    anything wrong; writes nothing."""
+    by_root, entry_keywords = options_lib.split(given, ROOTS)
+    launch = LaunchOptions(**by_root[LaunchOptions])
+    changes = changed_fields(typed, JobConfig()) if typed is not None else {}
+    typed_settings = changes.pop("config", {})
+    changes.update(by_root[JobConfig])
+    set_flags = merge_settings(typed_settings, changes.pop("config", {}))
+    file_data = read_yaml(launch.config_file) if launch.config_file is not None else None
+    entry_text = changes.get("entry") or (file_data or {}).get("entry") or BUILTIN_ENTRY
+    run_dir, announce = _run_dir(changes.pop("run_dir", None), launch, str(entry_text))
     run = RunDir(run_dir)
-    check_run_path(run_dir, bool(options.resume))
-    resume = _resume_mode(options.resume, run)
+    check_run_path(run_dir, bool(launch.resume))
+    resume = _resume_mode(launch.resume, run)
     saved = _saved_job(run) if resume else None
     job = saved or JobConfig()
-    if options.config_file is not None:
-        job = apply(job, read_yaml(options.config_file), options.config_file)
-    job = override(
-        job,
-        entry=options.entry,
-        num_hosts=options.hosts,
-        run_dir=run_dir,
-        resume=resume,
-        mesh=parse_mesh(options.mesh) if isinstance(options.mesh, str) else options.mesh,
-        **{
-            "cluster.address": options.address,
-            "cluster.devices_per_host": options.devices_per_host,
-            "cluster.placement_timeout_s": options.placement_timeout,
-            "train.steps": options.steps,
-            "train.schedule_steps": options.schedule_steps,
-            "train.seed": options.seed,
-            "checkpoint.save_every": options.save_every,
-            "watchdog.hang_timeout_s": options.hang_timeout,
-            "watchdog.startup_timeout_s": options.startup_timeout,
-            "watchdog.save_timeout_s": options.save_timeout,
-            "fault.max_restarts": options.max_restarts,
-            "fault.max_preemptions": options.max_preemptions,
-            "fault.min_hosts": options.min_hosts,
-            "fault.max_hosts": options.max_hosts,
-            "fault.capacity_timeout_s": options.capacity_timeout,
-        },
-    )
-    if options.chaos is not None and not (options.chaos > 0 and options.chaos != float("inf")):
-        raise ConfigError(f"--chaos must be a finite number of seconds above 0, got {options.chaos}")
+    if file_data is not None:
+        job = apply(job, file_data, launch.config_file)
+    job = override(job, run_dir=run_dir, resume=resume, **changes)
+    if launch.chaos is not None and not (launch.chaos > 0 and launch.chaos != float("inf")):
+        raise ConfigError(f"--chaos must be a finite number of seconds above 0, got {launch.chaos}")
     validate(job)
     entry = entry_lib.resolve(job.entry)
-    given = {k: v for k, v in options.model_settings.items() if v is not None}
-    if given and entry.ref.module != BUILTIN_ENTRY.split(":")[0]:
-        flags = ", ".join(f"--{BUILTIN_SETTINGS[k]}" for k in given)
-        raise ConfigError(f"{flags} set the built-in model; for {entry.ref} use --set KEY=VALUE")
-    settings = entry.settings(merge_settings(merge_settings(job.config, given), options.settings))
+    declared = entry_settings(entry, entry_args, entry_keywords)
+    settings = entry.settings(merge_settings(merge_settings(job.config, declared), set_flags))
     job = dataclasses.replace(job, config=settings)
     if not resume and job.train.schedule_steps is None:
         job = override(job, **{"train.schedule_steps": job.train.steps})
     entry.check(settings, job.mesh_for(job.num_hosts))
     fingerprint = entry.fingerprint(settings)
     if saved is not None:
-        _refuse_silent_changes(run, saved, job, fingerprint, options.allow_change)
-    injections = tuple(i if isinstance(i, Injection) else Injection.parse(i) for i in options.inject)
-    for injection in injections:
+        _refuse_silent_changes(run, saved, job, fingerprint, launch.allow_change)
+    for injection in launch.inject:
         if injection.host >= job.max_hosts:
             raise ConfigError(f"--inject {injection}: host {injection.host} does not exist; the job has at most "
                               f"{job.max_hosts} hosts (0..{job.max_hosts - 1})")
-    return PreparedJob(job, entry, fingerprint, injections, options.chaos, not run.path.exists())
+    return PreparedJob(job, entry, fingerprint, launch.inject, launch.chaos, not run.path.exists(), announce)
+
+
+# ---- the entry's declared settings as flags and keywords ------------------------------------------------
+
+def settings_parser(entry: entry_lib.Entry, parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    """An argument per declared setting of the entry (`seq_len` is --seq-len), unless a launcher flag
+    has its name; values are YAML scalars, typed like the defaults."""
+    parser = parser or argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    taken = set(options_lib.table(*ROOTS))
+    group = parser.add_argument_group(f"settings of {entry.ref} (ctx.config; also --set KEY=VALUE)")
+    for key, default in (entry.spec.defaults or {}).items():
+        if key in taken or not key.isidentifier():
+            continue
+        group.add_argument("--" + key.replace("_", "-"), dest=key, default=argparse.SUPPRESS, type=scalar,
+                           metavar=type(default).__name__.upper() if default is not None else "VALUE",
+                           help=f"(default: {default})")
+    return parser
+
+
+def entry_settings(entry: entry_lib.Entry, args: Sequence[str], keywords: Mapping[str, Any]) -> dict[str, Any]:
+    """The entry's settings given as flags (`args`) or keywords; ConfigError for anything else."""
+    declared = entry.spec.defaults or {}
+    unknown = sorted(set(keywords) - set(declared))
+    if unknown:
+        known = [*options_lib.table(*ROOTS), *declared]
+        raise ConfigError(f"jaxlaunch.launch got unknown option {unknown[0]!r}"
+                          f"{options_lib.suggestion(unknown[0], known)}; {_declares(entry)}")
+    parsed, extra = settings_parser(entry).parse_known_args(list(args))
+    if extra:
+        word = next((a.split("=")[0] for a in extra if a.startswith("-")), extra[0])
+        known = [o.flag for o in options_lib.table(*ROOTS).values()] + ["--" + k.replace("_", "-") for k in declared]
+        raise ConfigError(f"unknown flag {word}{options_lib.suggestion(word, known)}; {_declares(entry)}")
+    return {**keywords, **vars(parsed)}
+
+
+def _declares(entry: entry_lib.Entry) -> str:
+    if not entry.spec.defaults:
+        return f"{entry.ref} declares no settings (give its settings with --set KEY=VALUE)"
+    return f"{entry.ref}'s settings are {', '.join(sorted(entry.spec.defaults))}"
+
+
+# ---- which run directory -------------------------------------------------------------------------------------
+
+def run_name(entry_text: str) -> str:
+    """The entry's part of its runs' names: "lm" for jaxlaunch.models.lm:main, "train.pretrain" for
+    train.py:pretrain."""
+    target, _, function = entry_text.rpartition(":") if ":" in entry_text else (entry_text, "", "main")
+    stem = pathlib.Path(target).stem if target.endswith(".py") else target.rsplit(".", 1)[-1]
+    return stem if function in ("", entry_lib.DEFAULT_FUNCTION) else f"{stem}.{function}"
+
+
+def runs_of(name: str, root: pathlib.Path = RUNS_ROOT) -> list[pathlib.Path]:
+    """The runs named after an entry under `root`, oldest first."""
+    pattern = re.compile(rf"{re.escape(name)}-\d{{8}}-\d{{6}}(-\d+)?")
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if pattern.fullmatch(p.name) and RunDir(p).is_run()),
+                  key=lambda p: p.name)
+
+
+def _run_dir(given: str | None, launch: LaunchOptions, entry_text: str) -> tuple[str, str]:
+    """The run directory, and the line that says where it is."""
+    if given is not None or launch.name is not None:
+        path = given if given is not None else str(RUNS_ROOT / launch.name)
+        return path, f"{'resuming' if launch.resume else 'run directory:'} {path}"
+    name = run_name(entry_text)
+    if launch.resume:
+        found = runs_of(name)
+        if found:
+            others = f" (the newest of {len(found)} runs of {name}; --run-dir to choose)" if len(found) > 1 else ""
+            return str(found[-1]), f"resuming {found[-1]}{others}"
+        if launch.resume is True:
+            listing = sorted(p.name for p in RUNS_ROOT.iterdir() if p.is_dir()) if RUNS_ROOT.is_dir() else []
+            there = f"runs there: {', '.join(listing[-8:])}" if listing else "it holds none"
+            raise ConfigError(f"--resume: no run of {name} under {RUNS_ROOT}/ ({there}); pass the --run-dir of the "
+                              f"run to continue, or --resume auto to start one")
+    stamp = time.strftime(RUN_TIME_FORMAT)
+    path, number = RUNS_ROOT / f"{name}-{stamp}", 1
+    while path.exists():  # two launches in one second
+        number += 1
+        path = RUNS_ROOT / f"{name}-{stamp}-{number}"
+    return str(path), f"run directory: {path}"
 
 
 def _resume_mode(resume: bool | str, run: RunDir) -> bool:

@@ -12,6 +12,7 @@ import enum
 import math
 from collections.abc import Callable, Sequence
 
+from jaxlaunch.contract.flags import flag
 from jaxlaunch.contract.protocol import ErrorKind, ExitHow, HostExit, HostStatus, NodeLiveness, Phase
 
 
@@ -19,20 +20,20 @@ from jaxlaunch.contract.protocol import ErrorKind, ExitHow, HostExit, HostStatus
 class FaultConfig:
     """Restart budgets and the elastic range."""
 
-    max_restarts: int = 3
+    max_restarts: int = flag(3)
     """Restarts after crashes, hangs and exceptions; then the job fails."""
-    max_preemptions: int = 20
+    max_preemptions: int = flag(20)
     """Restarts after preemptions and lost nodes (a separate, larger budget)."""
     backoff_s: float = 1.0
     """Wait before a second consecutive restart, doubling after (the first restart is immediate)."""
     max_backoff_s: float = 30.0
     """Longest wait between attempts."""
-    min_hosts: int | None = None
-    """Fewest hosts to run on (None: num_hosts)."""
-    max_hosts: int | None = None
-    """Most hosts to run on (None: num_hosts)."""
-    capacity_timeout_s: float = 300.0
-    """How long a restart waits for room for min_hosts (placements that time out count too)."""
+    min_hosts: int | None = flag(None)
+    """Fewest hosts to continue on after a failure (default: --hosts)."""
+    max_hosts: int | None = flag(None)
+    """Most hosts to grow to when capacity returns (default: --hosts)."""
+    capacity_timeout_s: float = flag(300.0)
+    """Seconds a restart waits for room for --min-hosts (placements that time out count too)."""
     grow_check_interval_s: float = 5.0
     """How often a running job checks whether capacity came back to grow on."""
 
@@ -41,13 +42,13 @@ class FaultConfig:
 class WatchdogConfig:
     """The driver's limits on a host's silence, by phase."""
 
-    startup_timeout_s: float = 300.0
-    """Before a host's first step: process start, jax.distributed, restore, compilation."""
-    hang_timeout_s: float = 60.0
-    """While training: the longest time without a reported step."""
-    save_timeout_s: float = 600.0
-    """While a blocking part of a checkpoint save runs (or the final wait for one): a long save is
-    progress, a stuck one is not."""
+    startup_timeout_s: float = flag(300.0)
+    """Seconds a host may take to its first step: process start, jax.distributed, restore, compilation."""
+    hang_timeout_s: float = flag(60.0)
+    """Seconds without a reported step, while training, before a host counts as hung."""
+    save_timeout_s: float = flag(600.0)
+    """Seconds a blocking part of a checkpoint save (or the final wait for one) may take: a long save
+    is progress, a stuck one is not."""
     poll_interval_s: float = 0.25
     """How often the driver polls the hosts."""
 

@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 from jaxlaunch.launcher import history, report
+from jaxlaunch.launcher.cli import EXIT_FAILED
 from jaxlaunch.launcher.cluster import RayCluster, runtime_env
 from jaxlaunch.launcher.config import JobConfig
 from jaxlaunch.launcher.display import ConsoleView, Display, error
@@ -35,8 +36,6 @@ from jaxlaunch.contract import storage
 from jaxlaunch.contract.layout import read_jsonl
 from jaxlaunch.contract.protocol import ConfigError, HostSpec, Injection
 from jaxlaunch.contract.storage import RunStorageError, storage_errno
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
 @dataclasses.dataclass(frozen=True)

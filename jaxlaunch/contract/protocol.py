@@ -13,6 +13,8 @@ import dataclasses
 import enum
 from typing import Any, Protocol
 
+from jaxlaunch.contract.flags import flag
+
 
 class ConfigError(ValueError):
     """A user error in the configuration, the command line or the entry: exit code 2."""
@@ -40,7 +42,7 @@ class Phase(enum.StrEnum):
 class CheckpointConfig:
     """Orbax checkpointing on the hosts."""
 
-    save_every: int = 50
+    save_every: int = flag(50)
     """Save every this many steps (and always at the last step and at an agreed stop)."""
     max_to_keep: int = 3
     """Committed checkpoints kept; older ones are deleted."""
@@ -49,9 +51,6 @@ class CheckpointConfig:
     compress: bool = False
     """zstd-compress the arrays' chunks. Off by default: on model weights it saved about 8 % of
     the bytes and cost about 20 % of save and restore bandwidth (see the README's Performance)."""
-    save_timeout_s: float = 600.0
-    """The longest a blocking part of a save (or the final wait for one) may take before the
-    watchdog counts the host as hung: a long save is progress, a stuck one is not."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,7 +7,7 @@ import pathlib
 
 import pytest
 from jaxlaunch.launcher.config import JobConfig
-from jaxlaunch.launcher.job import LaunchOptions, prepare
+from jaxlaunch.launcher.job import prepare
 from jaxlaunch.launcher.runs import RunDir
 
 from jaxlaunch.contract import entry as entry_lib
@@ -17,7 +17,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def options(tmp_path, **kw):
-    return LaunchOptions(run_dir=str(tmp_path / "run"), **kw)
+    return {"run_dir": str(tmp_path / "run"), **kw}
 
 
 def test_the_built_in_model_is_the_default_entry_with_its_settings_filled_in(tmp_path):
@@ -28,16 +28,16 @@ def test_the_built_in_model_is_the_default_entry_with_its_settings_filled_in(tmp
 
 
 @pytest.mark.parametrize(("changes", "message"), [
-    (dict(model_settings={"model": "huge"}), "unknown model preset 'huge': choose one of tiny, small, base"),
-    (dict(model_settings={"global_batch_size": 30}), "not divisible by the data-parallel size 4"),
-    (dict(model_settings={"seq_len": 999}), "exceeds model tiny's max_seq_len 128"),
-    (dict(model_settings={"data": "/nonexistent"}), "no such file or folder"),
-    (dict(settings={"learnig_rate": 0.1}), "has no setting 'learnig_rate'; its settings are"),
-    (dict(settings={"seq_len": "long"}), "expected a int like its default 128"),
-    (dict(settings={"learning_rate": float("nan")}), "learning_rate must be a finite number"),
+    (dict(model="huge"), "unknown model preset 'huge': choose one of tiny, small, base"),
+    (dict(global_batch_size=30), "not divisible by the data-parallel size 4"),
+    (dict(seq_len=999), "exceeds model tiny's max_seq_len 128"),
+    (dict(data="/nonexistent"), "no such file or folder"),
+    (dict(config={"learnig_rate": 0.1}), "has no setting 'learnig_rate'; its settings are"),
+    (dict(config={"seq_len": "long"}), "expected a int like its default 128"),
+    (dict(config={"learning_rate": float("nan")}), "learning_rate must be a finite number"),
     (dict(chaos=float("nan")), "--chaos must be a finite number"),
     (dict(inject=["kill@step=3,host=9"]), "host 9 does not exist"),
-    (dict(entry="examples/minimal.py:main", model_settings={"model": "small"}), "--model set the built-in model"),
+    (dict(entry="examples/minimal.py:main", model="small"), "unknown option 'model'; "),
 ])
 def test_bad_settings_are_refused_with_the_fix(tmp_path, changes, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -45,7 +45,7 @@ def test_bad_settings_are_refused_with_the_fix(tmp_path, changes, message):
 
 
 def test_a_user_entry_without_declared_settings_takes_any(tmp_path):
-    job = prepare(options(tmp_path, entry=str(ROOT / "examples" / "minimal.py"), settings={"anything": 3})).job
+    job = prepare(options(tmp_path, entry=str(ROOT / "examples" / "minimal.py"), config={"anything": 3})).job
     assert job.config == {"anything": 3} and job.entry.endswith("minimal.py")
 
 
@@ -109,7 +109,7 @@ def test_resume_auto_starts_an_empty_directory_and_continues_a_run(tmp_path):
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("x")
     with pytest.raises(ConfigError, match="holds files but no run"):
-        prepare(LaunchOptions(run_dir=str(tmp_path / "other"), resume="auto"))
+        prepare(dict(run_dir=str(tmp_path / "other"), resume="auto"))
 
 
 def test_resume_keeps_the_schedule_and_refuses_silent_changes(tmp_path):
@@ -118,11 +118,11 @@ def test_resume_keeps_the_schedule_and_refuses_silent_changes(tmp_path):
     longer = prepare(options(tmp_path, resume=True, steps=30)).job
     assert (longer.train.steps, longer.train.schedule_steps) == (30, 20), "more steps, same schedule"
     with pytest.raises(ConfigError, match=r"would change the run: seq_len 128 -> 64; pass --allow-change seq_len"):
-        prepare(options(tmp_path, resume=True, model_settings={"seq_len": 64}))
-    assert prepare(options(tmp_path, resume=True, model_settings={"seq_len": 64},
+        prepare(options(tmp_path, resume=True, seq_len=64))
+    assert prepare(options(tmp_path, resume=True, seq_len=64,
                            allow_change=["seq_len"])).job.config["seq_len"] == 64
     with pytest.raises(ConfigError, match="global_batch_size 32 -> 16"):
-        prepare(options(tmp_path, resume=True, model_settings={"global_batch_size": 16}))
+        prepare(options(tmp_path, resume=True, global_batch_size=16))
     with pytest.raises(ConfigError, match="seed 0 -> 5"):
         prepare(options(tmp_path, resume=True, seed=5))
     with pytest.raises(ConfigError, match="schedule_steps 20 -> 50"):
@@ -132,8 +132,8 @@ def test_resume_keeps_the_schedule_and_refuses_silent_changes(tmp_path):
 def test_resume_on_other_data_is_refused(tmp_path):
     data = tmp_path / "corpus.txt"
     data.write_text("some text to learn from " * 50)
-    job = started(tmp_path, model_settings={"data": str(data)})
-    fake_run(tmp_path / "run", job, prepare(options(tmp_path, model_settings={"data": str(data)})).fingerprint)
+    job = started(tmp_path, data=str(data))
+    fake_run(tmp_path / "run", job, prepare(options(tmp_path, data=str(data))).fingerprint)
     prepare(options(tmp_path, resume=True))
     data.write_text("other text entirely " * 50)
     with pytest.raises(ConfigError, match="the entry's input changed; pass --allow-change fingerprint"):
@@ -156,19 +156,19 @@ def test_directories_that_cannot_hold_a_run(tmp_path):
     afile = tmp_path / "file"
     afile.write_text("x")
     with pytest.raises(ConfigError, match="is a file"):
-        prepare(LaunchOptions(run_dir=str(afile)))
+        prepare(dict(run_dir=str(afile)))
     with pytest.raises(ConfigError, match="does not exist"):
-        prepare(LaunchOptions(run_dir=str(tmp_path / "missing"), resume=True))
+        prepare(dict(run_dir=str(tmp_path / "missing"), resume=True))
     (tmp_path / "notarun").mkdir()
     (tmp_path / "notarun" / "x").write_text("x")
     with pytest.raises(ConfigError, match="holds no run"):
-        prepare(LaunchOptions(run_dir=str(tmp_path / "notarun"), resume=True))
+        prepare(dict(run_dir=str(tmp_path / "notarun"), resume=True))
     with pytest.raises(ConfigError, match="is not empty: pass --resume"):
-        prepare(LaunchOptions(run_dir=str(tmp_path / "notarun")))
+        prepare(dict(run_dir=str(tmp_path / "notarun")))
     if os.geteuid() != 0:
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
         with pytest.raises(ConfigError, match="is not writable"):
-            prepare(LaunchOptions(run_dir=str(locked / "run")))
+            prepare(dict(run_dir=str(locked / "run")))
     assert json.loads(json.dumps(sorted(p.name for p in tmp_path.iterdir()))) == ["file", "notarun"] + (
         ["locked"] if os.geteuid() != 0 else [])

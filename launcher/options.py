@@ -1,0 +1,259 @@
+"""The launcher's flags and `jaxlaunch.launch`'s keywords, built from the config's own dataclasses.
+
+A field declared with `jaxlaunch.contract.flags.flag` is, with nothing else written anywhere: a flag
+(`--save-every`, its help the field's docstring, its default the field's), a keyword of
+`jaxlaunch.launch` (`save_every=`), typed by the field's annotation, and (being a field) a key of the
+config file (`checkpoint: {save_every: ...}`). The roots are `JobConfig`, whose sections are walked,
+and `LaunchOptions`, what one launch asks beyond the saved configuration.
+
+Flags are "given" or not: an option the user did not give is absent, so it leaves the config file's
+value, or on --resume the run's saved one, in place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import difflib
+import functools
+import inspect
+import textwrap
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from jaxlaunch.contract.flags import FLAG_KEY, FlagSpec
+from jaxlaunch.contract.protocol import ConfigError
+
+UNIT_SUFFIXES = ("_s",)
+"""Unit suffixes of config names that flags and keywords leave out: `hang_timeout_s` is --hang-timeout."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One declared field, as a flag and a keyword."""
+
+    keyword: str
+    """The keyword of `jaxlaunch.launch`: "save_every"."""
+    path: str
+    """Where the value goes in its root: "checkpoint.save_every"."""
+    root: type
+    hint: Any
+    """The field's type, resolved."""
+    default: Any
+    help: str
+    spec: FlagSpec
+    section: str
+    """The help group: the config section that declares the field, and what it is."""
+
+    @property
+    def flag(self) -> str:
+        return "--" + (self.spec.cli or self.keyword).replace("_", "-")
+
+    @property
+    def value_type(self) -> Any:
+        """The annotation without `None` (a `None` default means "not set")."""
+        return _without_none(self.hint)
+
+    def default_text(self) -> str | None:
+        """What --help says the default is, unless the docstring says it."""
+        if "default" in self.help:
+            return None
+        if isinstance(self.default, dict):
+            return ",".join(f"{k}={v}" for k, v in self.default.items()) if self.default else None
+        if isinstance(self.default, tuple | list):
+            return None if not self.default else ", ".join(map(str, self.default))
+        return str(self.default).lower() if isinstance(self.default, bool) else str(self.default)
+
+    def convert(self, value: Any) -> Any:
+        """A keyword's value (Python, or a flag's text) as the field takes it; ConfigError if it cannot be."""
+        kind = self.value_type
+        origin = typing.get_origin(kind)
+        if self.spec.repeat:
+            items = [value] if isinstance(value, str) or not isinstance(value, Sequence | Mapping) else value
+            if isinstance(items, Mapping):
+                return dict(items)
+            parsed = [self._one(item) for item in items]
+            if origin is dict:
+                out: dict[str, Any] = {}
+                for part in parsed:
+                    out = _merge(out, part)
+                return out
+            return tuple(parsed)
+        return self._one(value)
+
+    def _one(self, value: Any) -> Any:
+        if isinstance(value, str) and self.spec.parse is not None:
+            return self.spec.parse(value)
+        if self.spec.parse is not None and not self.spec.repeat and isinstance(value, Mapping):
+            return dict(value)
+        if self.spec.repeat:
+            return value
+        return _coerce(value, self.hint, self.keyword)
+
+
+def _merge(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in changes.items():
+        out[key] = _merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) \
+            else value
+    return out
+
+
+def _without_none(hint: Any) -> Any:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        rest = [a for a in typing.get_args(hint) if a is not type(None)]
+        return rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]  # noqa: UP007 - built at run time
+    return hint
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """A Python value checked against a field's type (ints become floats where a float is wanted)."""
+    if value is None and type(None) in typing.get_args(hint):
+        return None
+    kinds = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) in (
+        typing.Union, types.UnionType) else [hint]
+    for kind in kinds:
+        if typing.get_origin(kind) is typing.Literal:
+            if value in typing.get_args(kind):
+                return value
+        elif kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        elif kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        elif kind in (str, bool) and isinstance(value, kind):
+            return value
+    names = " or ".join(repr(a) if not isinstance(a, type) else a.__name__
+                        for k in kinds for a in (typing.get_args(k) if typing.get_origin(k) is typing.Literal else [k]))
+    raise ConfigError(f"{where} must be {names}, got {value!r}")
+
+
+# ---- the table ----------------------------------------------------------------------------------------
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstrings under a dataclass's fields (what `help()` cannot see), joined to one line."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    docs = {}
+    for node, after in zip(body, body[1:], strict=False):
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr) \
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def _keyword(field: dataclasses.Field, spec: FlagSpec) -> str:
+    if spec.name:
+        return spec.name
+    for suffix in UNIT_SUFFIXES:
+        if field.name.endswith(suffix):
+            return field.name.removesuffix(suffix)
+    return field.name
+
+
+def _walk(cls: type, root: type, prefix: str) -> list[Option]:
+    out = []
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    what = (inspect.getdoc(cls) or "").splitlines()[0].rstrip(".")
+    name = prefix.rstrip(".") or cls.__name__.removesuffix("Config").removesuffix("Options").lower()
+    section = f"{name}: {what[:1].lower()}{what[1:]}" if what else name
+    for field in dataclasses.fields(cls):
+        hint = hints[field.name]
+        if dataclasses.is_dataclass(hint):
+            out += _walk(hint, root, f"{prefix}{field.name}.")
+            continue
+        spec = field.metadata.get(FLAG_KEY)
+        if spec is None:
+            continue
+        default = field.default_factory() if field.default_factory is not dataclasses.MISSING else field.default
+        out.append(Option(_keyword(field, spec), f"{prefix}{field.name}", root, hint, default,
+                          docs.get(field.name, ""), spec, section))
+    return out
+
+
+@functools.cache
+def table(*roots: type) -> dict[str, Option]:
+    """Every declared option of the roots, by keyword. Two fields may not claim one name."""
+    out: dict[str, Option] = {}
+    for root in roots:
+        for option in _walk(root, root, ""):
+            clash = out.get(option.keyword)
+            if clash is not None:
+                raise TypeError(f"{option.path} and {clash.path} both declare the flag {option.flag}")
+            out[option.keyword] = option
+    return out
+
+
+def split(given: Mapping[str, Any], roots: Sequence[type]) -> tuple[dict[type, dict[str, Any]], dict[str, Any]]:
+    """Keywords to typed values by root and path, and the keywords no root declares (left to the entry)."""
+    options = table(*roots)
+    by_root: dict[type, dict[str, Any]] = {root: {} for root in roots}
+    rest = {}
+    for keyword, value in given.items():
+        option = options.get(keyword)
+        if option is None:
+            rest[keyword] = value
+        else:
+            by_root[option.root][option.path] = option.convert(value)
+    return by_root, rest
+
+
+def suggestion(word: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, known, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+# ---- the command line ---------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser, roots: Sequence[type]) -> None:
+    """One argument per option, grouped by the section that declares it. Nothing given is absent
+    from the parsed namespace (argparse.SUPPRESS), so that it changes nothing."""
+    groups: dict[str, Any] = {}
+    for option in table(*roots).values():
+        if option.section not in groups:
+            groups[option.section] = parser.add_argument_group(option.section)
+        group = groups[option.section]
+        default = option.default_text()
+        help_text = (option.help + (f" (default: {default})" if default is not None else "")).replace("%", "%%")
+        names = [option.flag] + ([option.spec.short] if option.spec.short else [])
+        kwargs: dict[str, Any] = dict(dest=option.keyword, default=argparse.SUPPRESS, help=help_text)
+        kind = option.value_type
+        if kind is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(kind) in (typing.Union, types.UnionType) and bool in typing.get_args(kind):
+            # bool | Literal["auto"]: the flag alone is True, or it takes one of the literal values
+            choices = [v for a in typing.get_args(kind) if typing.get_origin(a) is typing.Literal
+                       for v in typing.get_args(a)]
+            kwargs.update(nargs="?", const=True, choices=choices, metavar=option.spec.metavar)
+        else:
+            kwargs.update(metavar=option.spec.metavar or _metavar(option),
+                          type=_text_to(option) if not option.spec.repeat and option.spec.parse is None else str)
+            if option.spec.repeat:
+                kwargs["action"] = "append"
+        group.add_argument(*names, **kwargs)
+
+
+def _metavar(option: Option) -> str:
+    if option.path.endswith(UNIT_SUFFIXES):
+        return "SECONDS"
+    return "N" if option.value_type is int else option.keyword.upper()
+
+
+def _text_to(option: Option):
+    kind = option.value_type
+
+    def convert(text: str) -> Any:
+        try:
+            return kind(text) if kind in (int, float) else text
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+
+    convert.__name__ = getattr(kind, "__name__", "value")
+    return convert
