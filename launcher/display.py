@@ -5,6 +5,8 @@ elsewhere (CI, log files), a line for every failure and restart, and the final t
 
 from __future__ import annotations
 
+import os
+import pathlib
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -28,6 +30,8 @@ from rich.table import Table
 LOG_TAIL_LINES = 12
 STACK_TAIL_LINES = 16
 COMMITTED_CHECK_INTERVAL_S = 2.0
+"""How often the progress line looks for newly committed checkpoints while none is due; while a save
+the hosts started has not committed yet, it looks at every poll."""
 
 
 class Display:
@@ -68,8 +72,9 @@ class Display:
             self._last_line_step = step
             self.console.print(f"step {step}/{self.total}  {info}")
 
-    def message(self, text: str) -> None:
-        self.console.print(text)
+    def message(self, text: str, soft_wrap: bool = False) -> None:
+        """A line; with `soft_wrap`, never broken by the display (a command or a path to copy)."""
+        self.console.print(text, soft_wrap=soft_wrap)
 
     def lines(self, title: str, lines: list[str]) -> None:
         self.console.print(f"[dim]{escape(title)}[/dim]")
@@ -83,21 +88,37 @@ class Display:
 
     def summary(self, summary: dict[str, Any]) -> None:
         table = Table(title="summary", show_header=False)
+        table.add_column(no_wrap=True)
+        table.add_column(overflow="fold")  # a long path breaks across lines rather than losing its end
         for key in ("status", "final_step", "first_loss", "final_loss", "num_hosts", "process_count",
                     "num_devices", "mesh", "attempts", "goodput", "wall_time_s", "run_dir"):
             if summary.get(key) is not None:
                 value = summary[key]
-                table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+                text = shown(value) if key == "run_dir" else f"{value:.4f}" if isinstance(value, float) else str(value)
+                table.add_row(key, text)
         self.console.print(table)
+
+    def closing(self, run_path: pathlib.Path) -> None:
+        """Where to look next, one unbroken line each, to copy at any terminal width."""
+        for line in (f"report: jaxlaunch report {shown(run_path)}", f"picture: {shown(run_path / 'report.png')}"):
+            self.console.print(line, soft_wrap=True, markup=False, highlight=False)
+
+
+def shown(path: pathlib.Path) -> str:
+    """A path as the user would type it: relative to the working directory when it is under it."""
+    try:
+        return os.path.relpath(path) if pathlib.Path(path).absolute().is_relative_to(pathlib.Path.cwd()) else str(path)
+    except ValueError:
+        return str(path)
 
 
 class ConsoleView:
     """The driver's listener for the terminal."""
 
     def __init__(self, display: Display, run: RunDir, total_steps: int, committed_step: Callable[[], int | None],
-                 clock: Callable[[], float]):
+                 clock: Callable[[], float], save_every: int):
         self.display, self.run, self.total_steps = display, run, total_steps
-        self.committed_step, self.clock = committed_step, clock
+        self.committed_step, self.clock, self.save_every = committed_step, clock, save_every
         self.committed: int | None = None
         self._checked_at = -1e9
         self.last_record: dict[str, Any] | None = None
@@ -105,6 +126,7 @@ class ConsoleView:
     def on_transition(self, driver, old: State, new: State) -> None:
         d = self.display
         if isinstance(new, Running) and not isinstance(old, Running):
+            self.committed = new.attempt.latest_committed
             d.start(new.attempt.latest_committed or 0, self.total_steps)
         elif isinstance(new, WaitingForCapacity) and not isinstance(old, WaitingForCapacity):
             d.message(f"waiting for capacity: room for {new.placeable} hosts, at least "
@@ -143,11 +165,12 @@ class ConsoleView:
                                      f"[/yellow]")
         if poll.records:
             self.last_record = poll.records[-1]
-        now = self.clock()
-        if now - self._checked_at > COMMITTED_CHECK_INTERVAL_S or poll.finished:
-            self._checked_at, self.committed = now, self.committed_step()
         steps = [h.step for h in poll.hosts if h.step is not None]
         step = self.last_record["step"] if self.last_record else (max(steps) if steps else 0)
+        now = self.clock()
+        save_due = step - step % self.save_every > (self.committed or 0)
+        if save_due or now - self._checked_at > COMMITTED_CHECK_INTERVAL_S or poll.finished:
+            self._checked_at, self.committed = now, self.committed_step()
         self.display.update(step, self.last_record, attempt.num_hosts, self.committed)
 
     def _log_tail(self, attempt: int, rank: int) -> None:

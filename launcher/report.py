@@ -13,7 +13,9 @@ from typing import Any
 
 from jaxlaunch.launcher.history import BADPUT_LABELS, History, load
 from jaxlaunch.launcher.runs import RunDir
+from rich import box
 from rich.console import Console
+from rich.measure import Measurement
 from rich.table import Table
 
 BADPUT_COLORS = ("tab:orange", "tab:purple", "tab:red", "tab:brown", "tab:olive", "tab:pink", "tab:gray")
@@ -23,18 +25,7 @@ BADPUT_COLORS = ("tab:orange", "tab:purple", "tab:red", "tab:brown", "tab:olive"
 
 def print_report(report: History, console: Console | None = None) -> None:
     console = console or Console()
-    table = Table(title="attempts")
-    for column in ("attempt", "hosts", "mesh", "steps", "restored", "end", "host", "detect s", "recover s"):
-        table.add_column(column)
-    for a in report.attempts:
-        mesh = ",".join(f"{k}={v}" for k, v in (a.get("mesh") or {}).items())
-        table.add_row(
-            str(a["attempt"]), str(a.get("num_hosts", "-")), mesh,
-            f"{_s(a.get('first_step'))}..{_s(a.get('last_step'))}", _s(a.get("restored_step")),
-            a.get("cause") or "running?", _s(a.get("failed_host")),
-            _f(a.get("detection_latency_s")), _f(a.get("recovery_time_s")),
-        )
-    console.print(table)
+    print_attempts(report.attempts, console)
     goodput = Table(title=f"goodput {report.goodput or 0:.1%} of {report.wall_s:.1f} s")
     goodput.add_column("time")
     goodput.add_column("seconds", justify="right")
@@ -44,6 +35,46 @@ def print_report(report: History, console: Console | None = None) -> None:
         seconds = report.badput_s[key]
         goodput.add_row(label, f"{seconds:.1f}", f"{seconds / report.wall_s:.1%}" if report.wall_s else "-")
     console.print(goodput)
+
+
+UNBOUNDED_WIDTH = 10_000
+"""Columns to measure a table's natural width in."""
+ATTEMPT_COLUMNS = ("#", "hosts", "mesh", "steps", "from", "ended", "host", "detect", "recover")
+"""The attempt table's columns: the attempt, its hosts and mesh, the steps it trained, the step it
+restored, how it ended, the host that failed, and the seconds to detect the failure and to recover."""
+
+
+def print_attempts(attempts: list[dict[str, Any]], console: Console) -> None:
+    """The attempt table, whole at the console's width: a table where it fits, a line per attempt
+    where it does not (never a cell cut to "crash…")."""
+    axes = {tuple(a.get("mesh") or {}) for a in attempts}
+    one_layout = len(axes) == 1 and () not in axes
+    rows = []
+    for a in attempts:
+        sizes = a.get("mesh") or {}
+        mesh = "×".join(map(str, sizes.values())) if one_layout else ",".join(f"{k}={v}" for k, v in sizes.items())
+        rows.append((str(a["attempt"]), _s(a.get("num_hosts")), mesh,
+                     f"{_s(a.get('first_step'))}..{_s(a.get('last_step'))}", _s(a.get("restored_step")),
+                     a.get("cause") or "running?", _s(a.get("failed_host")),
+                     _f(a.get("detection_latency_s")), _f(a.get("recovery_time_s"))))
+    mesh_header = "×".join(next(iter(axes))) if one_layout else "mesh"
+    table = Table(title="attempts (detect, recover: seconds)", box=box.SIMPLE_HEAD, pad_edge=False)
+    for column in ATTEMPT_COLUMNS:
+        table.add_column(mesh_header if column == "mesh" else column, no_wrap=True,
+                         justify="right" if column in ("detect", "recover") else "left")
+    for row in rows:
+        table.add_row(*row)
+    if Measurement.get(console, console.options.update_width(UNBOUNDED_WIDTH), table).maximum <= console.width:
+        console.print(table)
+        return
+    console.print("attempts")
+    for (number, hosts, mesh, steps, restored, cause, host, detect, recover) in rows:
+        failed = f" (host {host})" if host != "-" else ""
+        timing = "".join(f", {name} {value} s" for name, value in (("detect", detect), ("recover", recover))
+                         if value != "-")
+        restored = f" from {restored}" if restored != "-" else ""
+        console.print(f"  {number}: {hosts} hosts, {mesh_header} {mesh}, steps {steps}{restored}, {cause}{failed}"
+                      f"{timing}", markup=False, highlight=False)
 
 
 def _s(value: Any) -> str:

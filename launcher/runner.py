@@ -23,7 +23,7 @@ from jaxlaunch.launcher import history, report
 from jaxlaunch.launcher.cli import EXIT_FAILED
 from jaxlaunch.launcher.cluster import RayCluster, runtime_env
 from jaxlaunch.launcher.config import JobConfig
-from jaxlaunch.launcher.display import ConsoleView, Display, error
+from jaxlaunch.launcher.display import ConsoleView, Display, error, shown
 from jaxlaunch.launcher.driver import CAPACITY_POLL_S, Driver
 from jaxlaunch.launcher.job import PreparedJob
 from jaxlaunch.launcher.policy import RestartPolicy, ScalingPolicy, Watchdog
@@ -132,6 +132,8 @@ def run_job(prepared: PreparedJob, display: Display | None = None) -> LaunchResu
     job, entry = prepared.job, prepared.entry
     run = RunDir(job.run_dir)
     display = display or Display()
+    if prepared.announce:
+        display.message(prepared.announce, soft_wrap=True)
     run.path.mkdir(parents=True, exist_ok=True)
     lock = run.lock()
     try:
@@ -194,7 +196,8 @@ def _drive(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref, di
     standby = StandbyPool(cluster, run) if job.cluster.warm_standby else None
     cluster.standby = standby
     recorder = Recorder(run, job.mesh_for)
-    listeners: list[Any] = [recorder, ConsoleView(display, run, job.train.steps, committed, time.monotonic)]
+    listeners: list[Any] = [recorder, ConsoleView(display, run, job.train.steps, committed, time.monotonic,
+                                                  job.checkpoint.save_every)]
     if prepared.chaos_mean_s:
         listeners.append(Chaos(prepared.chaos_mean_s, job.train.seed, recorder.event))
     driver = Driver(
@@ -227,9 +230,9 @@ def _drive(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref, di
     if code == EXIT_FAILED:
         error(f"the job failed: {reason}; checkpoints are kept in {run.checkpoints}")
     elif code > 1:
-        display.message(f"{reason}; continue with: python launch.py --resume --run-dir {run.path}")
+        display.message(f"{reason}; continue with: jaxlaunch --resume --run-dir {shown(run.path)}", soft_wrap=True)
     display.summary(summary)
-    display.message(f"report: python launch.py report {run.path}  (picture: {run.path / 'report.png'})")
+    display.closing(run.path)
     return LaunchResult(status, code, reason, summary["final_step"], past.attempts, past.goodput, run.path,
                         past.trajectory, summary.get("returned"), summary)
 
