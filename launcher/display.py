@@ -126,7 +126,6 @@ class ConsoleView:
     def on_transition(self, driver, old: State, new: State) -> None:
         d = self.display
         if isinstance(new, Running) and not isinstance(old, Running):
-            self.committed = new.attempt.latest_committed
             d.start(new.attempt.latest_committed or 0, self.total_steps)
         elif isinstance(new, WaitingForCapacity) and not isinstance(old, WaitingForCapacity):
             d.message(f"waiting for capacity: room for {new.placeable} hosts, at least "

@@ -13,7 +13,6 @@ from typing import Any
 
 from jaxlaunch.launcher.history import BADPUT_LABELS, History, load
 from jaxlaunch.launcher.runs import RunDir
-from rich import box
 from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
@@ -58,7 +57,7 @@ def print_attempts(attempts: list[dict[str, Any]], console: Console) -> None:
                      a.get("cause") or "running?", _s(a.get("failed_host")),
                      _f(a.get("detection_latency_s")), _f(a.get("recovery_time_s"))))
     mesh_header = "×".join(next(iter(axes))) if one_layout else "mesh"
-    table = Table(title="attempts (detect, recover: seconds)", box=box.SIMPLE_HEAD, pad_edge=False)
+    table = Table(title="attempts (detect, recover: seconds)", box=None, pad_edge=False, padding=(0, 1))
     for column in ATTEMPT_COLUMNS:
         table.add_column(mesh_header if column == "mesh" else column, no_wrap=True,
                          justify="right" if column in ("detect", "recover") else "left")

@@ -64,7 +64,7 @@ def test_a_first_hour_at_80_columns(project):
     assert "…" not in first, "no table cell or line is cut short"
     header = next(line for line in lines if line.split()[:1] == ["#"])
     assert header.split() == ["#", "hosts", "data×model", "steps", "from", "ended", "host", "detect", "recover"]
-    rows = [line.split() for line in lines[lines.index(header) + 2:lines.index(header) + 4]]
+    rows = [line.split() for line in lines[lines.index(header) + 1:lines.index(header) + 3]]
     assert [row[5] for row in rows] == ["crashed", "finished"] and rows[0][6] == "1"
     assert f"report: jaxlaunch report {run_dir.relative_to(project)}" in lines, "the command to copy is one line"
     assert f"picture: {run_dir.relative_to(project)}/report.png" in lines
