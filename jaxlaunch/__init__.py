@@ -11,7 +11,8 @@
             if ctx.should_stop(step):
                 break
 
-    result = jaxlaunch.launch(main, hosts=2, steps=100, run_dir="runs/mine")
+    result = jaxlaunch.launch(main, hosts=2, steps=100, run_dir="runs/mine")   # the flags, as keywords
+    result = jaxlaunch.launch(main, jaxlaunch.JobConfig(num_hosts=2))          # or a typed config
 
 From the shell: `jaxlaunch --entry path/to/file.py:main --hosts 2` (or `python launch.py ...`).
 

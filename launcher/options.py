@@ -27,6 +27,8 @@ from typing import Any
 from jaxlaunch.contract.flags import FLAG_KEY, FlagSpec
 from jaxlaunch.contract.protocol import ConfigError
 
+SUGGESTION_CUTOFF = 0.75
+"""How alike (difflib's ratio) a mistyped name and a known one must be to suggest it."""
 UNIT_SUFFIXES = ("_s",)
 """Unit suffixes of config names that flags and keywords leave out: `hang_timeout_s` is --hang-timeout."""
 
@@ -206,7 +208,7 @@ def split(given: Mapping[str, Any], roots: Sequence[type]) -> tuple[dict[type, d
 
 
 def suggestion(word: str, known: Sequence[str]) -> str:
-    close = difflib.get_close_matches(word, known, n=1)
+    close = difflib.get_close_matches(word, known, n=1, cutoff=SUGGESTION_CUTOFF)
     return f" (did you mean {close[0]}?)" if close else ""
 
 

@@ -1,8 +1,8 @@
 """The built-in job: a byte-level transformer language model, trained through the public host context
 exactly as a user's function would be (`--entry jaxlaunch.models.lm:main`, the default).
 
-Its settings (`ctx.config`) are the defaults below, set with --set or the shorthand flags --model,
---data, --global-batch-size and --seq-len."""
+Its settings (`ctx.config`) are the declared defaults below; as any entry's declared settings, each
+is a flag (`--model small`, `--seq-len 256`), a key of --set and a keyword of `jaxlaunch.launch`."""
 
 from __future__ import annotations
 

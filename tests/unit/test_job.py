@@ -172,3 +172,34 @@ def test_directories_that_cannot_hold_a_run(tmp_path):
             prepare(dict(run_dir=str(locked / "run")))
     assert json.loads(json.dumps(sorted(p.name for p in tmp_path.iterdir()))) == ["file", "notarun"] + (
         ["locked"] if os.geteuid() != 0 else [])
+
+
+# ---- where a run goes without --run-dir --------------------------------------------------------------
+
+def test_a_launch_without_a_run_dir_gets_one_of_its_own_named_by_entry_and_time(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("time.strftime", lambda fmt: "20261129-181500")
+    first = prepare({})
+    assert (first.job.run_dir, first.announce) == ("runs/lm-20261129-181500", "run directory: runs/lm-20261129-181500")
+    fake_run(tmp_path / first.job.run_dir, first.job)
+    assert prepare({}).job.run_dir == "runs/lm-20261129-181500-2", "two launches in one second"
+    minimal = prepare({"entry": f"{ROOT / 'examples' / 'minimal.py'}:main"}).job.run_dir
+    assert minimal == "runs/minimal-20261129-181500"
+    assert prepare({"name": "exp1"}).job.run_dir == "runs/exp1"
+
+
+def test_resume_without_a_run_dir_continues_the_newest_run_of_the_entry(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    job = started(tmp_path, steps=20)
+    fingerprint = prepare(options(tmp_path)).fingerprint
+    for name in ("lm-20261128-090000", "lm-20261129-100000", "minimal-20261129-110000"):
+        fake_run(tmp_path / "runs" / name, job, fingerprint)
+    (tmp_path / "runs" / "lm-20261129-120000").mkdir()  # not a run (no config.json)
+    resumed = prepare({"resume": True, "steps": 30})
+    assert resumed.job.run_dir == "runs/lm-20261129-100000" and resumed.job.resume
+    assert resumed.announce == "resuming runs/lm-20261129-100000 (the newest of 2 runs of lm; --run-dir to choose)"
+    with pytest.raises(ConfigError, match=r"--resume: no run of classifier under runs/ \(runs there: "
+                                          r"lm-20261128-090000, lm-20261129-100000, lm-20261129-120000, "
+                                          r"minimal-20261129-110000\); pass the --run-dir of the run"):
+        prepare({"resume": True, "entry": f"{ROOT / 'examples' / 'classifier.py'}:main"})
+    assert prepare({"resume": "auto", "entry": f"{ROOT / 'examples' / 'classifier.py'}:main"}).job.resume is False
