@@ -12,24 +12,25 @@ from jaxlaunch.launcher.display import Display
 from jaxlaunch.launcher.runner import LaunchResult
 
 from jaxlaunch.contract import entry as entry_lib
-from jaxlaunch.contract.entry import BUILTIN_ENTRY
 
 
-def launch(entry: str | Callable[[Any], Any] = BUILTIN_ENTRY, job: JobConfig | None = None, *,
+def launch(entry: str | Callable[[Any], Any] | None = None, job: JobConfig | None = None, *,
            quiet: bool = False, **options: Any) -> LaunchResult:
     """Runs a job to its end and returns its outcome; never exits the process.
 
     `entry` is your function (defined at module level in a file or an importable module), or its
-    name as --entry takes it. `options` are the command line's flags as keywords, typed by the config
-    fields that declare them (`jaxlaunch --help` lists them): hosts, steps, save_every, seed, run_dir,
-    resume (True or "auto"), config (the entry's settings, a dict, as --set), config_file, address,
-    min_hosts, max_hosts, max_restarts, hang_timeout, inject (["kill@step=12,host=1"]), chaos, mesh,
-    allow_change, ...; and the entry's declared settings (model="small" for the built-in model).
-    `job`, the typed alternative: a JobConfig whose fields that differ from the defaults are applied
-    as flags would be (over the run's saved config on resume); keywords override it.
+    name as --entry takes it (default: `job`'s entry, or the built-in model). `options` are the
+    command line's flags as keywords, typed by the config fields that declare them (`jaxlaunch --help`
+    lists them): hosts, steps, save_every, seed, run_dir, resume (True or "auto"), config (the
+    entry's settings, a dict, as --set), config_file, address, min_hosts, max_hosts, max_restarts,
+    hang_timeout, inject (["kill@step=12,host=1"]), chaos, mesh, allow_change, ...; and the entry's
+    declared settings (model="small" for the built-in model). `job` is the typed alternative: a
+    JobConfig whose fields that differ from the defaults are applied as flags would be (over the
+    run's saved config on resume); keywords override it.
 
     Raises ConfigError for bad input (nothing is written); a job that fails returns a result with
     status "failed" and the attempt table."""
-    text = entry if isinstance(entry, str) else entry_lib.from_callable(entry)
-    prepared = job_lib.prepare({**options, "entry": text}, typed=job)
+    if entry is not None:
+        options["entry"] = entry if isinstance(entry, str) else entry_lib.from_callable(entry)
+    prepared = job_lib.prepare(options, typed=job)
     return runner.run_job(prepared, Display(quiet=quiet))

@@ -219,8 +219,6 @@ def _resume_mode(resume: bool | str, run: RunDir) -> bool:
             return False
         raise ConfigError(f"--resume auto: {run.path} holds files but no run (no config.json); "
                           f"choose an empty or new --run-dir")
-    if resume not in (True, False):
-        raise ConfigError(f"--resume takes no value or 'auto', got {resume!r}")
     if resume and not run.path.is_dir():
         raise ConfigError(f"--resume: run directory {run.path} does not exist (check --run-dir, or use --resume "
                           f"auto to start it)")

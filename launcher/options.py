@@ -87,12 +87,18 @@ class Option:
         return self._one(value)
 
     def _one(self, value: Any) -> Any:
+        """One value: text through the field's parser, anything else checked against its type (an
+        item's type, for a repeatable field)."""
         if isinstance(value, str) and self.spec.parse is not None:
             return self.spec.parse(value)
-        if self.spec.parse is not None and not self.spec.repeat and isinstance(value, Mapping):
+        kind = self.value_type
+        if typing.get_origin(kind) is dict and isinstance(value, Mapping):
             return dict(value)
-        if self.spec.repeat:
-            return value
+        if self.spec.repeat and typing.get_origin(kind) is tuple:
+            item = typing.get_args(kind)[0]
+            if isinstance(value, item):
+                return value
+            raise ConfigError(f"{self.keyword} takes {item.__name__} items, got {value!r}")
         return _coerce(value, self.hint, self.keyword)
 
 
