@@ -49,7 +49,7 @@ RUN_TIME_FORMAT = "%Y%m%d-%H%M%S"
 
 @dataclasses.dataclass(frozen=True)
 class LaunchOptions:
-    """This launch."""
+    """What one launch asks beyond the job's saved configuration."""
 
     config_file: str | None = flag(None, cli="config", metavar="FILE")
     """A cluster config YAML (cluster_configs/), applied over the defaults, or on --resume over the run's
