@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import yaml
+from jaxlaunch.launcher import trackers
 from jaxlaunch.launcher.policy import FaultConfig, WatchdogConfig
 
 from jaxlaunch.contract.entry import BUILTIN_ENTRY, LEGACY_ENTRIES
@@ -29,6 +30,7 @@ PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 PLATFORMS = ("cpu", "cuda", "tpu")
 MAX_STEPS = 2**31 - 1
 """Optimizer step counters are int32."""
+MAX_PORT = 65535
 
 __all__ = ["ConfigError", "ClusterConfig", "TrainConfig", "JobConfig", "load_file", "override", "validate"]
 
@@ -76,6 +78,24 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TrackingConfig:
+    """Where the run is followed while it goes, besides TensorBoard."""
+
+    trackers: tuple[str, ...] = flag((), cli="tracker", repeat=True, metavar="NAME")
+    """Log the run to an experiment tracker too, one tracker run across restarts and resumes: mlflow or
+    wandb (repeatable, or a list: mlflow,wandb; configured by MLFLOW_TRACKING_URI, WANDB_PROJECT,
+    WANDB_MODE, ...; default: none)."""
+    metrics_port: int | None = flag(None, metavar="PORT")
+    """Serve live Prometheus metrics at http://HOST:PORT/metrics while the job runs (default: off)."""
+
+    def __post_init__(self):
+        # "mlflow,wandb" is two trackers; a config file may name one without a list.
+        names = (self.trackers,) if isinstance(self.trackers, str) else self.trackers
+        if isinstance(names, list | tuple) and all(isinstance(n, str) for n in names):
+            object.__setattr__(self, "trackers", tuple(n for item in names for n in item.split(",") if n))
+
+
+@dataclasses.dataclass(frozen=True)
 class JobConfig:
     """Everything one launch needs."""
 
@@ -101,6 +121,7 @@ class JobConfig:
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)
     watchdog: WatchdogConfig = dataclasses.field(default_factory=WatchdogConfig)
     fault: FaultConfig = dataclasses.field(default_factory=FaultConfig)
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
 
     @property
     def min_hosts(self) -> int:
@@ -163,6 +184,10 @@ def validate(job: JobConfig) -> None:
         if value is not None and value > MAX_STEPS:
             raise ConfigError(f"train.{name} must be at most {MAX_STEPS} (a 32-bit step counter), got {value}")
     resolve_mesh(job.mesh, job.num_hosts * cluster.devices_per_host)
+    trackers.check(job.tracking.trackers)
+    port = job.tracking.metrics_port
+    if port is not None and not 1 <= port <= MAX_PORT:
+        raise ConfigError(f"--metrics-port must be a port number from 1 to {MAX_PORT}, got {port}")
 
 
 def check_run_path(path: str, resume: bool) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from jaxlaunch.launcher.driver import Driver
@@ -70,8 +70,10 @@ class TensorBoard:
 
 class Recorder:
     def __init__(self, run: RunDir, mesh_for: Callable[[int], dict[str, int]],
-                 wall_clock: Callable[[], float] = time.time):
+                 wall_clock: Callable[[], float] = time.time, sinks: Sequence[Any] = ()):
         self.run, self.mesh_for, self.wall_clock = run, mesh_for, wall_clock
+        self.sinks = list(sinks)
+        """Told every event and metric record written (`on_event`, `on_records`): the trackers."""
         self.recorded_steps = {r["step"] for r in run.metric_records() if isinstance(r.get("step"), int)}
         self.tensorboard = TensorBoard(run.tensorboard_dir, max(self.recorded_steps, default=-1))
 
@@ -79,14 +81,19 @@ class Recorder:
         self.tensorboard.close()
 
     def event(self, kind: str, **fields: Any) -> None:
-        self.run.event(kind, time=self.wall_clock(), **fields)
+        self._write_event(kind, time=self.wall_clock(), **fields)
+
+    def _write_event(self, kind: str, **fields: Any) -> None:
+        record = self.run.event(kind, **fields)
+        for sink in self.sinks:
+            sink.on_event(record)
 
     # -- polls -----------------------------------------------------------------------------------
     def on_poll(self, driver: Driver, attempt: Attempt, poll: GroupPoll) -> None:
         for rank, event in poll.events:
             fields = dict(event.fields)
             backfill = fields.pop("records", None)
-            self.run.event(event.kind, time=event.time, attempt=attempt.number, rank=rank, **fields)
+            self._write_event(event.kind, time=event.time, attempt=attempt.number, rank=rank, **fields)
             if backfill:
                 # Records of committed steps that never reached the driver (the host died first):
                 # the checkpoint carried them, so the run's trajectory has no hole.
@@ -98,6 +105,8 @@ class Recorder:
             self.run.metrics(records)
             self.tensorboard.write(records)
             self.recorded_steps.update(r["step"] for r in records)
+            for sink in self.sinks:
+                sink.on_records(records)
 
     # -- transitions -----------------------------------------------------------------------------
     def on_transition(self, driver: Driver, old: State, new: State) -> None:

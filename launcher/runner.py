@@ -26,10 +26,13 @@ from jaxlaunch.launcher.config import JobConfig
 from jaxlaunch.launcher.display import ConsoleView, Display, error, shown
 from jaxlaunch.launcher.driver import CAPACITY_POLL_S, Driver
 from jaxlaunch.launcher.job import PreparedJob
+from jaxlaunch.launcher.live_metrics import Exporter, LiveMetrics
 from jaxlaunch.launcher.policy import RestartPolicy, ScalingPolicy, Watchdog
 from jaxlaunch.launcher.recorder import Chaos, Recorder
 from jaxlaunch.launcher.runs import RunDir
+from jaxlaunch.launcher.trackers import Trackers
 from jaxlaunch.launcher.worker_group import RayWorkerGroup, StandbyPool
+from rich.markup import escape
 
 from jaxlaunch.contract import entry as entry_lib
 from jaxlaunch.contract import storage
@@ -129,6 +132,16 @@ def _fired(run: RunDir, injections: tuple[Injection, ...], clock, wall_clock):
 
 
 def run_job(prepared: PreparedJob, display: Display | None = None) -> LaunchResult:
+    port = prepared.job.tracking.metrics_port
+    exporter = Exporter(port) if port is not None else None  # a port in use is bad input: before anything
+    try:
+        return _run_job(prepared, display, exporter)
+    finally:
+        if exporter is not None:
+            exporter.close()
+
+
+def _run_job(prepared: PreparedJob, display: Display | None, exporter: Exporter | None) -> LaunchResult:
     job, entry = prepared.job, prepared.entry
     run = RunDir(job.run_dir)
     display = display or Display()
@@ -161,7 +174,7 @@ def run_job(prepared: PreparedJob, display: Display | None = None) -> LaunchResu
                 _remove_if_empty(run.path)
             raise
         try:
-            return _drive(prepared, run, cluster, host_ref, display, lock)
+            return _drive(prepared, run, cluster, host_ref, display, lock, exporter)
         except OSError as err:
             code = storage_errno(err)
             if code is None:
@@ -174,7 +187,8 @@ def run_job(prepared: PreparedJob, display: Display | None = None) -> LaunchResu
         lock.release()
 
 
-def _drive(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref, display: Display, lock) -> LaunchResult:
+def _drive(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref, display: Display, lock,
+           exporter: Exporter | None) -> LaunchResult:
     job, entry = prepared.job, prepared.entry
     run.create()
     run.save_config(job.to_dict())
@@ -195,9 +209,13 @@ def _drive(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref, di
 
     standby = StandbyPool(cluster, run) if job.cluster.warm_standby else None
     cluster.standby = standby
-    recorder = Recorder(run, job.mesh_for)
-    listeners: list[Any] = [recorder, ConsoleView(display, run, job.train.steps, committed, time.monotonic,
-                                                  job.checkpoint.save_every)]
+    trackers = Trackers(run, job.tracking.trackers, job.to_dict(),
+                        lambda text: display.message(f"[yellow]warning: {escape(text)}[/yellow]")
+                        ) if job.tracking.trackers else None
+    recorder = Recorder(run, job.mesh_for, sinks=[trackers] if trackers is not None else [])
+    live = LiveMetrics(run, committed, exporter)
+    listeners: list[Any] = [recorder, live, ConsoleView(display, run, job.train.steps, committed, time.monotonic,
+                                                        job.checkpoint.save_every)]
     if prepared.chaos_mean_s:
         listeners.append(Chaos(prepared.chaos_mean_s, job.train.seed, recorder.event))
     driver = Driver(
@@ -220,10 +238,13 @@ def _drive(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref, di
         status = {0: "finished", 1: "failed"}.get(code, "stopped" if code else "interrupted")
         run.event("job_ended", status=status, reason=getattr(state, "reason", None))
         recorder.close()
+        live.close()
         past = history.load(run)
         summary = past.summary(run)
         run.write_summary(summary)
         report.plot(past, run.path / "report.png")
+        if trackers is not None:
+            trackers.close(status, summary)
     if past.failures:
         report.print_report(past, display.console)
     reason = summary.get("stop_reason")

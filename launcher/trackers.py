@@ -1,0 +1,488 @@
+"""Experiment trackers (MLflow, Weights & Biases) that follow a run across every restart and --resume.
+
+The driver logs, not the hosts: it already receives every metric record of rank 0 and is the one
+process that lives through restarts (a host-side tracker would start again with every attempt,
+wherever rank 0 lands, and need the tracker's credentials and network on every node), and it alone
+knows why an attempt ended. `Trackers` is a sink of the recorder: it gets the same records that go
+to metrics.jsonl and TensorBoard, and the events that go to events.jsonl.
+
+One run of jaxlaunch is one run of each tracker. Its id and the newest step the tracker holds (the
+high-water mark) are kept in the run directory (`trackers.json`): every launch continues the same
+tracker run, and a step is logged only past the mark, so a step recomputed after a restart never
+appears twice (MLflow and W&B cannot delete points). A tracker is configured by its own environment
+(MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME, WANDB_PROJECT, WANDB_MODE, ...).
+
+Each tracker is fed from a thread of its own, so a tracker that is slow or down never holds up the
+driver: the first failure is warned about once, records wait in memory, and are sent when it
+answers again. Whatever is still unsent when the launch ends is in metrics.jsonl, past the mark:
+the next launch of the run sends it first."""
+
+from __future__ import annotations
+
+import getpass
+import importlib.util
+import json
+import logging
+import os
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+from jaxlaunch.launcher.runs import RunDir
+
+from jaxlaunch.contract.layout import write_json_atomic
+from jaxlaunch.contract.protocol import ConfigError
+
+log = logging.getLogger(__name__)
+TRACKERS = {"mlflow": "mlflow", "wandb": "wandb"}
+"""Tracker name -> the package it needs (installed by the extra of the same name)."""
+STATE_FILE = "trackers.json"
+SEND_INTERVAL_S = 1.0
+"""How often a tracker's thread sends what has gathered (one batch per interval)."""
+RETRY_INTERVAL_S = 5.0
+"""How long a tracker that failed is left alone before the next try."""
+STALL_WARN_S = 20.0
+"""A call to a tracker that has not returned for this long counts as the tracker being down (its
+client may retry for minutes before it fails)."""
+CLOSE_TIMEOUT_S = 20.0
+"""At the end of a launch, how long to wait for the trackers to take the last records."""
+MAX_PENDING_RECORDS = 100_000
+"""Records kept in memory while a tracker is down; past that they are read again from metrics.jsonl
+when it answers."""
+NOTES_MAX_CHARS = 6000
+"""MLflow keeps tags of up to 8000 characters; the notes keep their newest lines within this."""
+_SKIP = ("step", "time")
+_STATUS_LINE = {"finished": "finished", "failed": "failed", "stopped": "stopped (resumable)",
+                "interrupted": "interrupted"}
+
+
+def check(names: list[str]) -> None:
+    """ConfigError for a tracker that is unknown or whose package is not installed."""
+    for name in names:
+        if name not in TRACKERS:
+            raise ConfigError(f"--tracker {name!r} is not one of {', '.join(TRACKERS)}")
+        if importlib.util.find_spec(TRACKERS[name]) is None:
+            raise ConfigError(f"--tracker {name} needs the {TRACKERS[name]} package: pip install \"jaxlaunch[{name}]\"")
+
+
+def scalars(record: Mapping[str, Any]) -> dict[str, float]:
+    """The numbers of a metric record, under the names TensorBoard shows them ("train/loss")."""
+    return {f"train/{k}": float(v) for k, v in record.items()
+            if k not in _SKIP and isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def flat_settings(job: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """The job's settings as flat "section.name" -> text, the shape trackers' params take."""
+    out = {}
+    for key, value in job.items():
+        if isinstance(value, Mapping) and value:
+            out.update(flat_settings(value, f"{prefix}{key}."))
+        elif key != "resume":  # a fact of one launch, not of the run
+            out[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, list | dict) else str(value)
+    return out
+
+
+# ---- what the trackers show of the run's history --------------------------------------------------
+
+def note_line(event: Mapping[str, Any]) -> str | None:
+    """One line of the run's notes for an event worth a note (None for the others)."""
+    kind = event.get("event")
+    at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event.get("time", 0)))
+    if kind == "launch":
+        how = "resumed" if event.get("resume") else "started"
+        return f"{at} launch {how} on {event.get('num_hosts')} hosts"
+    if kind == "failure":
+        message = (event.get("message") or "").splitlines()[0][:200] if event.get("message") else ""
+        host = event.get("host")
+        return (f"{at} attempt {event.get('attempt')} failed: {event.get('cause')}, "
+                f"host {host if host is not None else '-'}, step {event.get('step')}" + (f": {message}" if message
+                                                                                         else ""))
+    if kind == "restarting":
+        return f"{at} restarting: {event.get('reason')}"
+    if kind == "grow":
+        return f"{at} attempt {event.get('attempt')}: growing from {event.get('from_hosts')} to " \
+               f"{event.get('to_hosts')} hosts"
+    if kind in ("job_failed", "job_stopped"):
+        return f"{at} {kind.removeprefix('job_')}: {event.get('reason')}"
+    return None
+
+
+def restarts_by_cause(events: list[Mapping[str, Any]]) -> Counter[str]:
+    """Restarts of the group by what caused them: the failure before each restart, or "resize"."""
+    restarts: Counter[str] = Counter()
+    cause = None
+    for e in events:
+        if e.get("event") == "failure":
+            cause = e.get("cause")
+        elif e.get("event") == "restarting" and cause is not None:
+            restarts[cause] += 1
+            cause = None
+        elif e.get("event") == "grow":
+            restarts["resize"] += 1
+    return restarts
+
+
+
+def annotations(events: list[Mapping[str, Any]], status: str = "running") -> tuple[dict[str, str], str]:
+    """(tags, notes) of the run's events: a tag per failure with its cause, host and step, the
+    restarts by cause, the status; the notes tell the run's launches, failures and restarts."""
+    tags: dict[str, str] = {"jaxlaunch.status": status}
+    for e in events:
+        if e.get("event") == "failure":
+            tags[f"jaxlaunch.failure.attempt_{e.get('attempt')}"] = (
+                f"cause={e.get('cause')} host={e.get('host')} step={e.get('step')}")
+    restarts = restarts_by_cause(events)
+    tags["jaxlaunch.restarts"] = str(sum(restarts.values()))
+    tags.update({f"jaxlaunch.restarts.{c}": str(n) for c, n in sorted(restarts.items())})
+    tags["jaxlaunch.launches"] = str(sum(e.get("event") == "launch" for e in events))
+    lines = [line for e in events if (line := note_line(e)) is not None]
+    notes = "\n".join(lines)
+    if len(notes) > NOTES_MAX_CHARS:
+        notes = "(earlier lines are in events.jsonl)\n" + notes[-NOTES_MAX_CHARS:].split("\n", 1)[-1]
+    return tags, notes
+
+
+# ---- the trackers ---------------------------------------------------------------------------------
+
+class Backend(Protocol):
+    name: str
+
+    def new_id(self) -> str | None:
+        """The id for a new run, if the client chooses it (None: the tracker's server does)."""
+
+    def start(self, run_id: str | None, name: str) -> str:
+        """Opens the run `run_id` (None: a new one); returns its id."""
+
+    def log_params(self, params: dict[str, str]) -> None: ...
+    def log(self, records: list[dict[str, Any]]) -> None: ...
+    def annotate(self, tags: dict[str, str], notes: str) -> None: ...
+    def finish(self, status: str) -> None: ...
+
+
+class Mlflow:
+    """An MLflow run through `MlflowClient` (MLFLOW_TRACKING_URI; the experiment from
+    MLFLOW_EXPERIMENT_ID or MLFLOW_EXPERIMENT_NAME, else the default one)."""
+
+    name = "mlflow"
+    MAX_METRICS_PER_BATCH = 1000
+    MAX_ITEMS_PER_BATCH = 100
+    _FINAL = {"finished": "FINISHED", "failed": "FAILED"}
+
+    def __init__(self):
+        self.client = None
+        self.run_id: str | None = None
+
+    def new_id(self):
+        return None
+
+    def start(self, run_id, name):
+        from mlflow import MlflowClient
+
+        self.client = MlflowClient()
+        if run_id is not None:
+            self.client.get_run(run_id)
+            self.client.update_run(run_id, status="RUNNING")
+            self.run_id = run_id
+        else:
+            self.run_id = self.client.create_run(self._experiment_id(), run_name=name, tags={
+                "mlflow.user": getpass.getuser(), "mlflow.source.type": "JOB"}).info.run_id
+        return self.run_id
+
+    def log_params(self, params):
+        from mlflow.entities import Param
+
+        items = [Param(k[:250], v[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), self.MAX_ITEMS_PER_BATCH):
+            self.client.log_batch(self.run_id, params=items[i:i + self.MAX_ITEMS_PER_BATCH])
+
+    def _experiment_id(self) -> str:
+        if os.environ.get("MLFLOW_EXPERIMENT_ID"):
+            return os.environ["MLFLOW_EXPERIMENT_ID"]
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME")
+        if not name:
+            return "0"
+        found = self.client.get_experiment_by_name(name)
+        return found.experiment_id if found is not None else self.client.create_experiment(name)
+
+    def log(self, records):
+        from mlflow.entities import Metric
+
+        points = [Metric(key, value, int(r.get("time", time.time()) * 1000), r["step"])
+                  for r in records for key, value in scalars(r).items()]
+        for i in range(0, len(points), self.MAX_METRICS_PER_BATCH):
+            self.client.log_batch(self.run_id, metrics=points[i:i + self.MAX_METRICS_PER_BATCH])
+
+    def annotate(self, tags, notes):
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, v) for k, v in tags.items()] + [RunTag("mlflow.note.content", notes)]
+        for i in range(0, len(items), self.MAX_ITEMS_PER_BATCH):
+            self.client.log_batch(self.run_id, tags=items[i:i + self.MAX_ITEMS_PER_BATCH])
+
+    def finish(self, status):
+        self.client.set_terminated(self.run_id, self._FINAL.get(status, "KILLED"))
+
+
+class Wandb:
+    """A W&B run (WANDB_PROJECT, default "jaxlaunch"; WANDB_MODE, WANDB_ENTITY, WANDB_API_KEY; its
+    local files in the run directory's wandb/ unless WANDB_DIR says otherwise). The driver's console
+    and machine are not the training's: W&B captures neither."""
+
+    name = "wandb"
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.run = None
+
+    def new_id(self):
+        return uuid.uuid4().hex[:16]
+
+    def start(self, run_id, name):
+        import wandb
+
+        os.makedirs(self.directory, exist_ok=True)
+        self.run = wandb.init(
+            id=run_id, resume="allow", name=name, project=None if os.environ.get("WANDB_PROJECT") else "jaxlaunch",
+            dir=None if os.environ.get("WANDB_DIR") else self.directory, reinit="create_new",
+            settings=wandb.Settings(console="off", x_disable_stats=True))
+        return self.run.id
+
+    def log_params(self, params):
+        self.run.config.update(_nested(params), allow_val_change=True)
+
+    def log(self, records):
+        for record in records:
+            self.run.log(scalars(record), step=record["step"])
+
+    def annotate(self, tags, notes):
+        self.run.notes = notes
+        self.run.summary.update({k.replace(".", "/"): v for k, v in tags.items()})
+
+    def finish(self, status):
+        if status == "stopped":
+            self.run.mark_preempting()  # a stopped run continues with --resume
+        self.run.finish(exit_code=0 if status == "finished" else 1)
+
+
+def _nested(params: dict[str, str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        *parents, leaf = key.split(".")
+        node = out
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = value
+    return out
+
+
+def new_backend(name: str, run: RunDir) -> Backend:
+    return Mlflow() if name == "mlflow" else Wandb(str(run.path))
+
+
+# ---- delivery ------------------------------------------------------------------------------------
+
+class Sender:
+    """Feeds one tracker from a thread of its own: a batch every SEND_INTERVAL_S, steps only past the
+    high-water mark, the mark saved once the tracker took them; a failure leaves the records pending
+    and is tried again RETRY_INTERVAL_S later."""
+
+    def __init__(self, backend: Backend, state: dict[str, Any], run_name: str, params: dict[str, str],
+                 save: Callable[[str, dict[str, Any]], None], reread: Callable[[int], list[dict[str, Any]]],
+                 warn: Callable[[str], None], clock: Callable[[], float] = time.monotonic):
+        self.backend, self.state, self.run_name, self.params = backend, dict(state), run_name, params
+        self.save, self.reread, self.warn, self.clock = save, reread, warn, clock
+        self.logged_step: int = self.state.get("logged_step", 0)
+        self.pending: dict[int, dict[str, Any]] = {}
+        self.overflowed = False
+        """Pending records were dropped from memory: read them again from metrics.jsonl."""
+        self.annotation: tuple[dict[str, str], str] | None = None
+        self.status: str | None = None
+        """Set at the end of the launch: finish the tracker's run with it."""
+        self.started = self.down = self.warned = self.abandoned = False
+        self.busy_since: float | None = None
+        self.cond = threading.Condition()
+        self.thread = threading.Thread(target=self._loop, name=f"tracker-{backend.name}", daemon=True)
+
+    @property
+    def name(self) -> str:
+        return self.backend.name
+
+    def begin(self) -> None:
+        self.thread.start()
+
+    def add(self, records: list[dict[str, Any]]) -> None:
+        with self.cond:
+            for record in records:
+                if record["step"] > self.logged_step:
+                    self.pending[record["step"]] = record  # a recomputed step replaces its unsent first run
+            if len(self.pending) > MAX_PENDING_RECORDS:
+                self.pending.clear()
+                self.overflowed = True
+
+    def annotate(self, tags: dict[str, str], notes: str) -> None:
+        with self.cond:
+            self.annotation = (tags, notes)
+
+    def check_stall(self) -> None:
+        since = self.busy_since
+        if since is not None and self.clock() - since > STALL_WARN_S:
+            self._failed(f"no answer for {STALL_WARN_S:g} s")
+
+    def close(self, status: str, deadline: float) -> int:
+        """Finishes the tracker's run, waiting until `deadline` (clock); returns the steps left unsent."""
+        with self.cond:
+            self.status = status
+            self.cond.notify()
+        self.thread.join(max(0.0, deadline - self.clock()))
+        if self.thread.is_alive():
+            self.abandoned = True
+            self._failed(f"no answer for {CLOSE_TIMEOUT_S:g} s at the end of the launch")
+        with self.cond:
+            return len(self.pending) if not self.overflowed else len(self.reread(self.logged_step))
+
+    # -- the thread ------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                self.cond.wait_for(lambda: self.status is not None, SEND_INTERVAL_S)
+                closing = self.status is not None
+            try:
+                self._deliver()
+                if closing:
+                    self._call(self.backend.finish, self.status)
+                    return
+            except Exception as err:  # noqa: BLE001 - a tracker's failure must never reach training
+                log.debug("tracker %s failed", self.name, exc_info=True)
+                self._failed(f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}")
+                if closing or self.abandoned:
+                    return  # what is unsent stays in metrics.jsonl, past the mark: the next launch sends it
+                with self.cond:
+                    self.cond.wait_for(lambda: self.status is not None, RETRY_INTERVAL_S)
+            if self.abandoned:
+                return
+
+    def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        self.busy_since = self.clock()
+        try:
+            return fn(*args)
+        finally:
+            self.busy_since = None
+
+    def _deliver(self) -> None:
+        if not self.started:
+            run_id = self.state.get("run_id") or self.backend.new_id()
+            if run_id is not None and self.state.get("run_id") is None:
+                self._save(run_id=run_id)  # before the run exists: a launch killed now reuses the id
+            self._save(run_id=self._call(self.backend.start, run_id, self.run_name))
+            if not self.state.get("params_logged"):
+                self._call(self.backend.log_params, self.params)
+                self._save(params_logged=True)
+            self.started = True
+        with self.cond:
+            if self.overflowed:
+                self.pending = {r["step"]: r for r in self.reread(self.logged_step)}
+                self.overflowed = False
+            batch = [self.pending[s] for s in sorted(self.pending)]
+            annotation, self.annotation = self.annotation, None
+        if batch:
+            self._call(self.backend.log, batch)
+            with self.cond:
+                self.logged_step = max(self.logged_step, batch[-1]["step"])
+                self.pending = {s: r for s, r in self.pending.items() if s > self.logged_step}
+            self._save(logged_step=self.logged_step)
+        if annotation is not None:
+            try:
+                self._call(self.backend.annotate, *annotation)
+            except Exception:
+                with self.cond:
+                    self.annotation = self.annotation or annotation
+                raise
+        if self.down:
+            self.down = False
+            if self.warned:
+                self.warn(f"the {self.name} tracker answers again; it has every step up to {self.logged_step}")
+
+    def _save(self, **changes: Any) -> None:
+        self.state.update(changes)
+        self.save(self.name, dict(self.state))
+
+    def _failed(self, reason: str) -> None:
+        with self.cond:
+            first = not self.warned
+            self.down = self.warned = True
+        if first:
+            self.warn(f"the {self.name} tracker is not reachable ({reason}); training goes on, and its records "
+                      f"are sent when it answers")
+
+
+class Trackers:
+    """The run's trackers, as a sink of the recorder: `on_records` with the metric records,
+    `on_event` with every event written, `close` at the end of the launch."""
+
+    def __init__(self, run: RunDir, names: list[str], settings: Mapping[str, Any], warn: Callable[[str], None],
+                 backends: Mapping[str, Backend] | None = None, clock: Callable[[], float] = time.monotonic):
+        self.run, self.warn, self.clock = run, warn, clock
+        self.state_path = run.path / STATE_FILE
+        self.lock = threading.Lock()
+        self.state: dict[str, dict[str, Any]] = self._load()
+        self.events = [e for e in run.events() if note_line(e) is not None]
+        params = flat_settings(settings)
+        self.senders = []
+        for name in names:
+            backend = backends[name] if backends is not None else new_backend(name, run)
+            sender = Sender(backend, self.state.get(name, {}), run.path.name, params, self._save, self._unsent,
+                            warn, clock)
+            sender.add(self._unsent(sender.logged_step))  # what an earlier launch did not get to send
+            sender.annotate(*annotations(self.events))
+            self.senders.append(sender)
+        for sender in self.senders:
+            sender.begin()
+
+    def _load(self) -> dict[str, dict[str, Any]]:
+        try:
+            return json.loads(self.state_path.read_text())
+        except (FileNotFoundError, ValueError):
+            return {}
+
+    def _save(self, name: str, entry: dict[str, Any]) -> None:
+        with self.lock:
+            self.state[name] = entry
+            write_json_atomic(self.state_path, self.state)
+
+    def _unsent(self, logged_step: int) -> list[dict[str, Any]]:
+        """The run's records past `logged_step`, each step's last computation."""
+        last = {r["step"]: r for r in self.run.metric_records()
+                if isinstance(r.get("step"), int) and r["step"] > logged_step}
+        return [last[s] for s in sorted(last)]
+
+    def on_records(self, records: list[dict[str, Any]]) -> None:
+        for sender in self.senders:
+            sender.add(records)
+            sender.check_stall()
+
+    def on_event(self, event: Mapping[str, Any]) -> None:
+        if note_line(event) is None:
+            return
+        self.events.append(dict(event))
+        for sender in self.senders:
+            sender.annotate(*annotations(self.events))
+
+    def close(self, status: str, summary: Mapping[str, Any]) -> None:
+        tags, notes = annotations(self.events, status)
+        goodput = summary.get("goodput")
+        tags.update({"jaxlaunch.final_step": str(summary.get("final_step")),
+                     "jaxlaunch.goodput": f"{goodput:.4f}" if goodput is not None else "None"})
+        at = time.strftime("%Y-%m-%d %H:%M:%S")
+        notes += (f"\n{at} {_STATUS_LINE.get(status, status)} at step {summary.get('final_step')}"
+                  + (f", goodput {goodput:.1%}" if goodput is not None else ""))
+        deadline = self.clock() + CLOSE_TIMEOUT_S
+        for sender in self.senders:
+            sender.annotate(tags, notes.strip())
+        unsent = {s.name: s.close(status, deadline) for s in self.senders}
+        for name, count in unsent.items():
+            if count:
+                self.warn(f"{count} steps were not sent to {name}; the next --resume of this run sends them")
+

@@ -1,0 +1,248 @@
+"""Experiment trackers fed by the recorder, against a real MLflow store (SQLite) and W&B in offline
+mode: one tracker run across launches, each step once, failures as tags and notes, a tracker that is
+down never stopping the run."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+from jaxlaunch.launcher import trackers
+from jaxlaunch.launcher.recorder import Recorder
+from jaxlaunch.launcher.runs import RunDir
+from jaxlaunch.launcher.trackers import Trackers
+
+from jaxlaunch.contract.protocol import ConfigError
+
+SETTINGS = {"entry": "examples/minimal.py:main", "train": {"steps": 15, "seed": 0}, "config": {"lr": 0.1}}
+
+
+def loss(step, attempt=1):
+    return 1.0 / step + 0.001 * attempt
+
+
+def records(steps, attempt=1):
+    return [{"step": s, "loss": loss(s, attempt), "step_time_s": 0.01, "attempt": attempt, "time": 1000.0 + s}
+            for s in steps]
+
+
+def launch(run, names, resume, steps_and_attempts, status, warnings=None, fail_after=None):
+    """One launch of the run as the driver records it: a launch event, then attempts of records,
+    a failure and a restart between attempts; then the trackers are closed with the status."""
+    run.event("launch", num_hosts=2, resume=resume)
+    sink = Trackers(run, names, SETTINGS, (warnings if warnings is not None else []).append)
+    recorder = Recorder(run, lambda n: {"data": n}, sinks=[sink])
+    for i, (steps, attempt) in enumerate(steps_and_attempts):
+        if i:
+            recorder.event("failure", attempt=attempt - 1, cause="crashed", host=1, step=steps[0] + 2,
+                           message="host 1 exited with SIGKILL\ndetails")
+            recorder.event("restarting", reason="crashed (1 of 3 restarts)", backoff_s=0.0)
+        recorder.metrics(records(steps, attempt))
+        # A restart takes seconds: the trackers have the attempt's steps before the next one begins.
+        last = max(steps)
+        _wait_until(lambda last=last: all(s.logged_step >= last for s in sink.senders), "the attempt's steps sent")
+    recorder.close()
+    sink.close(status, {"final_step": steps_and_attempts[-1][0][-1], "goodput": 0.5})
+    return sink
+
+
+@pytest.fixture(scope="module")
+def mlflow_db(tmp_path_factory):
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture
+def mlflow_env(mlflow_db, monkeypatch, request):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_db)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", request.node.name)
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def only_run(client, name):
+    experiment = client.get_experiment_by_name(name)
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1, f"expected one MLflow run, found {len(runs)}"
+    return runs[0]
+
+
+def test_mlflow_one_run_across_a_restart_and_a_resume_each_step_once(tmp_path, mlflow_env, request):
+    run = RunDir(tmp_path / "run")
+    run.create()
+    # Launch 1: steps 1-10, a crash, steps 6-12 recomputed after restoring step 5; stopped.
+    launch(run, ["mlflow"], False, [(range(1, 11), 1), (range(6, 13), 2)], "stopped")
+    # Launch 2 (--resume): restored step 10, steps 11-15 again, then finished.
+    launch(run, ["mlflow"], True, [(range(11, 16), 3)], "finished")
+
+    found = only_run(mlflow_env, request.node.name)
+    history = mlflow_env.get_metric_history(found.info.run_id, "train/loss")
+    steps = [m.step for m in history]
+    assert sorted(steps) == list(range(1, 16)), "each step exactly once"
+    by_step = {m.step: m.value for m in history}
+    assert by_step[8] == pytest.approx(loss(8, 1)) and by_step[12] == pytest.approx(loss(12, 2))
+    assert by_step[15] == pytest.approx(loss(15, 3))
+    assert found.data.params["train.steps"] == "15" and found.data.params["config.lr"] == "0.1"
+    tags = found.data.tags
+    assert tags["jaxlaunch.failure.attempt_1"] == "cause=crashed host=1 step=8"
+    assert tags["jaxlaunch.restarts.crashed"] == "1" and tags["jaxlaunch.launches"] == "2"
+    assert "attempt 1 failed: crashed, host 1, step 8: host 1 exited with SIGKILL" in tags["mlflow.note.content"]
+    assert "launch resumed" in tags["mlflow.note.content"]
+    assert tags["jaxlaunch.status"] == "finished" and found.info.status == "FINISHED"
+    state = json.loads((run.path / trackers.STATE_FILE).read_text())
+    assert state["mlflow"]["run_id"] == found.info.run_id and state["mlflow"]["logged_step"] == 15
+
+
+def test_steps_a_launch_did_not_send_are_sent_by_the_next(tmp_path, mlflow_env, request, monkeypatch):
+    """The driver was killed before its tracker took the last steps: they are in metrics.jsonl, past
+    the mark, and the next launch sends them first, once."""
+    run = RunDir(tmp_path / "run")
+    run.create()
+    launch(run, ["mlflow"], False, [(range(1, 6), 1)], "stopped")
+    run.metrics(records(range(6, 9), 1))  # recorded, never sent: the driver died
+    launch(run, ["mlflow"], True, [(range(9, 11), 2)], "finished")
+    found = only_run(mlflow_env, request.node.name)
+    steps = sorted(m.step for m in mlflow_env.get_metric_history(found.info.run_id, "train/loss"))
+    assert steps == list(range(1, 11))
+
+
+class Flaky(trackers.Mlflow):
+    """MLflow that is down while `down` is set, as a server that is restarting."""
+
+    down = True
+
+    def log(self, records):
+        if Flaky.down:
+            raise ConnectionError("Connection refused")
+        super().log(records)
+
+
+def test_a_tracker_that_is_down_warns_once_and_catches_up(tmp_path, mlflow_env, request, monkeypatch):
+    monkeypatch.setattr(trackers, "RETRY_INTERVAL_S", 0.05)
+    monkeypatch.setattr(trackers, "SEND_INTERVAL_S", 0.05)
+    run = RunDir(tmp_path / "run")
+    run.create()
+    run.event("launch", num_hosts=2, resume=False)
+    warnings = []
+    Flaky.down = True
+    sink = Trackers(run, ["mlflow"], SETTINGS, warnings.append, backends={"mlflow": Flaky()})
+    recorder = Recorder(run, lambda n: {"data": n}, sinks=[sink])
+    sender = sink.senders[0]
+    recorder.metrics(records(range(1, 6)))
+    _wait_until(lambda: sender.down, "the first failure")
+    recorder.metrics(records(range(6, 11)))
+    _wait_until(lambda: sender.down, "more failures")
+    assert len(warnings) == 1 and "not reachable (ConnectionError: Connection refused)" in warnings[0]
+    Flaky.down = False
+    _wait_until(lambda: sender.logged_step == 10, "catching up")
+    recorder.metrics(records(range(11, 13)))
+    sink.close("finished", {"final_step": 12, "goodput": None})
+    assert len(warnings) == 2 and "answers again" in warnings[1]
+    found = only_run(mlflow_env, request.node.name)
+    steps = sorted(m.step for m in mlflow_env.get_metric_history(found.info.run_id, "train/loss"))
+    assert steps == list(range(1, 13))
+
+
+def test_a_tracker_that_never_answers_leaves_its_steps_for_the_next_launch(tmp_path, monkeypatch):
+    """A tracker that hangs (an HTTP client retrying for minutes) does not hold up the end of the
+    launch beyond CLOSE_TIMEOUT_S, and says once what happened."""
+    import threading
+
+    monkeypatch.setattr(trackers, "CLOSE_TIMEOUT_S", 0.2)
+    release = threading.Event()
+
+    class Hanging(trackers.Mlflow):
+        def start(self, run_id, name):
+            release.wait(30)
+            raise ConnectionError("gave up")
+
+    run = RunDir(tmp_path / "run")
+    run.create()
+    warnings = []
+    sink = Trackers(run, ["mlflow"], SETTINGS, warnings.append, backends={"mlflow": Hanging()})
+    Recorder(run, lambda n: {"data": n}, sinks=[sink]).metrics(records(range(1, 4)))
+    sink.close("finished", {"final_step": 3, "goodput": None})
+    release.set()
+    assert len(warnings) == 2, warnings
+    assert "not reachable" in warnings[0] and "3 steps were not sent to mlflow" in warnings[1]
+    assert not (run.path / trackers.STATE_FILE).exists()
+
+
+def _wait_until(condition, what, timeout=30.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def wandb_history(run_dir):
+    """Every history row of every offline W&B run file under the run directory, read back with
+    wandb's own reader of the .wandb transaction log (`wandb leet inspect --json`)."""
+    rows, run_ids, runs = [], set(), []
+    files = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    for path in files:
+        out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(path)],
+                             capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL, check=True)
+        for line in out.stdout.splitlines():
+            record = json.loads(line)
+            if record["type"] == "history":
+                rows.append(record["history"]["item"])
+            elif record["type"] == "run":
+                run_ids.add(record["run"]["run_id"])
+                runs.append(record["run"])
+    return files, run_ids, rows, runs
+
+
+def test_wandb_offline_one_run_across_a_restart_and_a_resume_each_step_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_PROJECT", "jaxlaunch-test")
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    run = RunDir(tmp_path / "run")
+    run.create()
+    launch(run, ["wandb"], False, [(range(1, 11), 1), (range(6, 13), 2)], "stopped")
+    launch(run, ["wandb"], True, [(range(11, 16), 3)], "finished")
+
+    _, run_ids, rows, runs = wandb_history(run.path)
+    state = json.loads((run.path / trackers.STATE_FILE).read_text())
+    assert run_ids == {state["wandb"]["run_id"]}, "every launch continues the same W&B run"
+    steps = [row["_step"] for row in rows]
+    assert sorted(steps) == list(range(1, 16)), "each step exactly once"
+    by_step = {row["_step"]: row["train/loss"] for row in rows}
+    assert by_step[8] == pytest.approx(loss(8, 1)) and by_step[15] == pytest.approx(loss(15, 3))
+    configs = [r["config"]["update"] for r in runs if "config" in r]
+    assert any(c.get("train", {}).get("steps") == "15" for c in configs)
+    notes = [r["notes"] for r in runs if r.get("notes")]
+    assert any("attempt 1 failed: crashed, host 1, step 8" in n and "finished at step 15" in n for n in notes)
+
+
+def test_an_unknown_or_missing_tracker_is_bad_input(monkeypatch):
+    with pytest.raises(ConfigError, match="is not one of mlflow, wandb"):
+        trackers.check(["neptune"])
+    monkeypatch.setattr(trackers.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ConfigError, match=r'pip install "jaxlaunch\[wandb\]"'):
+        trackers.check(["wandb"])
+
+
+def test_the_cli_refuses_a_missing_tracker_package_before_anything(tmp_path, monkeypatch, capsys):
+    from jaxlaunch.launcher import cli
+
+    monkeypatch.setattr(trackers.importlib.util, "find_spec", lambda name: None)
+    code = cli.main(["--tracker", "mlflow", "--run-dir", str(tmp_path / "run"), "--hosts", "1"])
+    assert code == 2
+    assert capsys.readouterr().out.strip().count("\n") == 0
+    assert not (tmp_path / "run").exists()
+
+
+def test_flags_set_the_tracking_section(tmp_path):
+    from jaxlaunch.launcher import cli, job
+
+    args, rest = cli.parser().parse_known_args(["--tracker", "mlflow,wandb", "--metrics-port", "9100",
+                                                "--run-dir", str(tmp_path / "run"), "--hosts", "1",
+                                                "--mesh", "data=-1"])
+    given = {k: v for k, v in vars(args).items() if k != "verbose"}
+    prepared = job.prepare(given, rest)
+    assert prepared.job.tracking.trackers == ("mlflow", "wandb") and prepared.job.tracking.metrics_port == 9100
+    assert job.prepare({"run_dir": str(tmp_path / "run"), "hosts": 1, "mesh": {"data": -1},
+                        "trackers": ["wandb"]}).job.tracking.trackers == ("wandb",)
