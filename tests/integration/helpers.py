@@ -148,3 +148,21 @@ def final_arrays(run_dir: pathlib.Path, step: int):
 def tree_snapshot(path: pathlib.Path) -> dict[str, tuple[int, int]]:
     """Every file under `path` with its size and modification time, to prove nothing changed."""
     return {str(p.relative_to(path)): (p.stat().st_size, p.stat().st_mtime_ns) for p in path.rglob("*") if p.is_file()}
+
+
+def wandb_history(run_dir):
+    """Every history row of every offline W&B run file under the run directory, read back with
+    wandb's own reader of the .wandb transaction log (`wandb leet inspect --json`)."""
+    rows, run_ids, runs = [], set(), []
+    files = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    for path in files:
+        out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(path)],
+                             capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL, check=True)
+        for line in out.stdout.splitlines():
+            record = json.loads(line)
+            if record["type"] == "history":
+                rows.append(record["history"]["item"])
+            elif record["type"] == "run":
+                run_ids.add(record["run"]["run_id"])
+                runs.append(record["run"])
+    return files, run_ids, rows, runs

@@ -3,8 +3,6 @@ mode: one tracker run across launches, each step once, failures as tags and note
 down never stopping the run."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 from jaxlaunch.launcher import trackers
@@ -13,6 +11,7 @@ from jaxlaunch.launcher.runs import RunDir
 from jaxlaunch.launcher.trackers import Trackers
 
 from jaxlaunch.contract.protocol import ConfigError
+from tests.integration.helpers import wandb_history
 
 SETTINGS = {"entry": "examples/minimal.py:main", "train": {"steps": 15, "seed": 0}, "config": {"lr": 0.1}}
 
@@ -177,24 +176,6 @@ def _wait_until(condition, what, timeout=30.0):
         time.sleep(0.01)
 
 
-def wandb_history(run_dir):
-    """Every history row of every offline W&B run file under the run directory, read back with
-    wandb's own reader of the .wandb transaction log (`wandb leet inspect --json`)."""
-    rows, run_ids, runs = [], set(), []
-    files = sorted((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
-    for path in files:
-        out = subprocess.run([sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(path)],
-                             capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL, check=True)
-        for line in out.stdout.splitlines():
-            record = json.loads(line)
-            if record["type"] == "history":
-                rows.append(record["history"]["item"])
-            elif record["type"] == "run":
-                run_ids.add(record["run"]["run_id"])
-                runs.append(record["run"])
-    return files, run_ids, rows, runs
-
-
 def test_wandb_offline_one_run_across_a_restart_and_a_resume_each_step_once(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_PROJECT", "jaxlaunch-test")
@@ -231,7 +212,8 @@ def test_the_cli_refuses_a_missing_tracker_package_before_anything(tmp_path, mon
     monkeypatch.setattr(trackers.importlib.util, "find_spec", lambda name: None)
     code = cli.main(["--tracker", "mlflow", "--run-dir", str(tmp_path / "run"), "--hosts", "1"])
     assert code == 2
-    assert capsys.readouterr().out.strip().count("\n") == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and 'pip install "jaxlaunch[mlflow]"' in err
     assert not (tmp_path / "run").exists()
 
 

@@ -1,0 +1,121 @@
+"""Following a run while it goes: MLflow (a real SQLite store) and W&B (offline mode) across a killed
+host and a --resume, a tracker that is down, and the Prometheus endpoint during a restart."""
+
+import signal
+import socket
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.integration.helpers import (
+    EXAMPLE_RUN,
+    MINIMAL,
+    SHORT_RUN,
+    events,
+    launch,
+    signal_after,
+    start,
+    summary,
+    trajectory,
+    wandb_history,
+)
+
+SCRAPE_TIMEOUT_S = 300
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_trackers_keep_one_run_with_each_step_once_across_a_kill_and_a_resume(tmp_path, monkeypatch):
+    from mlflow import MlflowClient
+
+    run_dir = tmp_path / "run"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "jaxlaunch-it")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_PROJECT", "jaxlaunch-it")
+    proc = start(*MINIMAL, *EXAMPLE_RUN, "--hosts", "2", "--inject", "kill@step=30,host=1",
+                 "--tracker", "mlflow", "--tracker", "wandb", "--run-dir", str(run_dir))
+    code, out, err = signal_after(proc, run_dir, 100, signal.SIGTERM)
+    assert code == 143, out + err
+    resumed = launch("--resume", "--run-dir", str(run_dir))  # the run keeps its trackers
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    expected = trajectory(run_dir)
+    assert sorted(expected) == list(range(1, 201))
+    failure = events(run_dir, "failure")[0]
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("jaxlaunch-it").experiment_id])
+    assert len(runs) == 1
+    history = client.get_metric_history(runs[0].info.run_id, "train/loss")
+    assert sorted(m.step for m in history) == list(range(1, 201)), "each step exactly once"
+    assert all(m.value == pytest.approx(expected[m.step], abs=1e-6) for m in history)
+    tags = runs[0].data.tags
+    assert tags[f"jaxlaunch.failure.attempt_{failure['attempt']}"] == f"cause=crashed host=1 step={failure['step']}"
+    assert tags["jaxlaunch.restarts.crashed"] == "1" and tags["jaxlaunch.launches"] == "2"
+    assert runs[0].info.status == "FINISHED" and runs[0].data.params["train.steps"] == "200"
+
+    _, run_ids, rows, _ = wandb_history(run_dir)
+    assert len(run_ids) == 1, "every launch continues the same W&B run"
+    assert sorted(row["_step"] for row in rows) == list(range(1, 201)), "each step exactly once"
+    assert all(row["train/loss"] == pytest.approx(expected[row["_step"]], abs=1e-6) for row in rows)
+
+
+def test_a_tracker_that_is_down_warns_once_and_the_job_finishes(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    run_dir = tmp_path / "run"
+    result = launch(*MINIMAL, *SHORT_RUN, "--hosts", "2", "--tracker", "mlflow", "--run-dir", str(run_dir))
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    assert summary(run_dir)["final_step"] == 30
+    flat = " ".join(output.split())
+    assert flat.count("the mlflow tracker is not reachable") == 1, output
+    assert "steps were not sent to mlflow; the next --resume of this run sends them" in flat
+
+
+def scrape(port):
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_the_metrics_endpoint_counts_a_restart_while_the_job_runs(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    port, run_dir = free_port(), tmp_path / "run"
+    proc = start(*MINIMAL, *EXAMPLE_RUN, "--hosts", "2", "--inject", "kill@step=60,host=1",
+                 "--metrics-port", str(port), "--run-dir", str(run_dir))
+    scrapes = []
+    deadline = time.monotonic() + SCRAPE_TIMEOUT_S
+    while proc.poll() is None and time.monotonic() < deadline:  # bounded polling of the live endpoint
+        try:
+            scrapes.append(scrape(port))
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        time.sleep(0.2)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out + err
+    restarts = [s.get(("jaxlaunch_restarts_total", (("cause", "crashed"),)), 0) for s in scrapes]
+    assert 0 in restarts and 1 in restarts, "the restart was counted while the job ran"
+    goodput = [s[("jaxlaunch_goodput_ratio", ())] for s in scrapes if ("jaxlaunch_goodput_ratio", ()) in s]
+    assert len(set(goodput)) >= 2 and all(0 <= g <= 1 for g in goodput), "goodput moved"
+    assert any(s.get(("jaxlaunch_hosts", ())) == 2 for s in scrapes)
+    steps = [s.get(("jaxlaunch_step", ()), 0) for s in scrapes]
+    assert max(steps) > 60
+    assert any(s.get(("jaxlaunch_last_committed_step", ()), 0) >= 20 for s in scrapes)
+    assert any(("jaxlaunch_badput_seconds", (("kind", "recompute"),)) in s for s in scrapes)
+    with pytest.raises((urllib.error.URLError, ConnectionError)):
+        scrape(port)  # the endpoint ends with the job
+
+    board = EventAccumulator(str(run_dir / "tensorboard" / "goodput"))
+    board.Reload()
+    points = board.Scalars("goodput/ratio")
+    assert len(points) >= 2 and points[-1].step == 200
+    assert points[-1].value == pytest.approx(summary(run_dir)["goodput"], abs=1e-6)

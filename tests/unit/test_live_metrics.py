@@ -1,0 +1,132 @@
+"""The driver's Prometheus endpoint and TensorBoard's goodput, from a run's records."""
+
+import socket
+import urllib.error
+import urllib.request
+
+import pytest
+from jaxlaunch.launcher import live_metrics
+from jaxlaunch.launcher.live_metrics import Exporter, LiveMetrics
+from jaxlaunch.launcher.runs import RunDir
+from jaxlaunch.launcher.trackers import restarts_by_cause
+from prometheus_client.parser import text_string_to_metric_families
+
+from jaxlaunch.contract.protocol import ConfigError
+
+
+def scrape(port):
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def write_run(path):
+    """Launch, an attempt that crashed at step 3, a restart, an attempt that runs on."""
+    run = RunDir(path)
+    run.create()
+    t = 1000.0
+    run._append(run.events_path, [
+        {"event": "launch", "time": t, "num_hosts": 2},
+        {"event": "attempt_started", "attempt": 1, "num_hosts": 2, "mesh": {"data": 2}, "time": t + 1},
+        {"event": "failure", "attempt": 1, "cause": "crashed", "host": 1, "step": 3, "time": t + 9},
+        {"event": "attempt_ended", "attempt": 1, "cause": "crashed", "host": 1, "first_step": 1, "last_step": 3,
+         "time_to_first_step_s": 5.0, "duration_s": 8.0, "time": t + 9},
+        {"event": "restarting", "reason": "crashed", "backoff_s": 1.0, "time": t + 9},
+        {"event": "attempt_started", "attempt": 2, "num_hosts": 2, "mesh": {"data": 2}, "time": t + 12},
+    ])
+    run.metrics([{"step": s, "loss": 1.0, "step_time_s": 1.0, "checkpoint_blocking_s": 0.25 if s == 2 else None,
+                  "attempt": 1 if s < 4 else 2, "time": t + 5 + s} for s in range(1, 5)])
+    return run
+
+
+@pytest.fixture
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_the_endpoint_serves_the_runs_numbers_and_stops(tmp_path, free_port):
+    run = write_run(tmp_path / "run")
+    exporter = Exporter(free_port)
+    try:
+        live = LiveMetrics(run, lambda: 2, exporter, wall_clock=lambda: 1020.0)
+        live.refresh()
+        got = scrape(free_port)
+    finally:
+        exporter.close()
+    assert got[("jaxlaunch_restarts_total", (("cause", "crashed"),))] == 1
+    assert got[("jaxlaunch_last_committed_step", ())] == 2
+    badput = {labels[0][1]: v for (name, labels), v in got.items() if name == "jaxlaunch_badput_seconds"}
+    assert set(badput) >= {"startup", "recompute", "checkpoint", "downtime", "other"}
+    productive = got[("jaxlaunch_productive_seconds", ())]
+    # The running launch counts up to now (1020), not to its last record: the parts add up to 20 s.
+    assert productive + sum(badput.values()) == pytest.approx(20.0)
+    assert got[("jaxlaunch_goodput_ratio", ())] == pytest.approx(productive / 20.0)
+    with pytest.raises(urllib.error.URLError):
+        scrape(free_port)
+
+
+def test_a_port_in_use_is_bad_input(free_port):
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", free_port))
+        taken.listen()
+        with pytest.raises(ConfigError, match=f"--metrics-port {free_port}: .*choose a free port"):
+            Exporter(free_port)
+
+
+def test_the_cli_refuses_a_port_in_use_before_ray_starts(tmp_path, free_port, capsys):
+    from jaxlaunch.launcher import cli
+
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", free_port))
+        taken.listen()
+        code = cli.main(["--metrics-port", str(free_port), "--run-dir", str(tmp_path / "run"), "--hosts", "1",
+                         "--mesh", "data=-1"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--metrics-port {free_port}" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_goodput_reaches_tensorboard_against_the_newest_step(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = write_run(tmp_path / "run")
+    live = LiveMetrics(run, lambda: None, None, wall_clock=lambda: 1020.0)
+    live.high_step = 6
+    live.refresh()
+    live.close()
+    board = EventAccumulator(str(run.tensorboard_dir / "goodput"))
+    board.Reload()
+    points = board.Scalars("goodput/ratio")
+    assert [p.step for p in points] == [6, 6]
+    assert 0 < points[0].value < 1
+    assert "badput_seconds/recompute" in board.Tags()["scalars"]
+
+
+def test_restarts_are_counted_by_the_failure_before_them():
+    events = [{"event": "failure", "cause": "crashed"}, {"event": "restarting"},
+              {"event": "failure", "cause": "hung"}, {"event": "job_failed"},
+              {"event": "grow"}, {"event": "failure", "cause": "preempted"}, {"event": "restarting"}]
+    assert restarts_by_cause(events) == {"crashed": 1, "resize": 1, "preempted": 1}
+
+
+def test_goodput_is_refreshed_at_most_every_interval(tmp_path, monkeypatch):
+    run = write_run(tmp_path / "run")
+    now = [0.0]
+    live = LiveMetrics(run, lambda: None, None, clock=lambda: now[0], wall_clock=lambda: 1020.0)
+    loads = []
+    real = live_metrics.history.load
+    monkeypatch.setattr(live_metrics.history, "load", lambda r: loads.append(1) or real(r))
+
+    class Attempt:
+        num_hosts, number, last_step = 2, 2, 4
+
+    class Poll:
+        records = []
+
+    for t in (0.0, 1.0, live_metrics.GOODPUT_REFRESH_S + 0.5):
+        now[0] = t
+        live.on_poll(None, Attempt(), Poll())
+    assert len(loads) == 2
