@@ -42,6 +42,8 @@ TRACKERS = {"mlflow": "mlflow", "wandb": "wandb"}
 STATE_FILE = "trackers.json"
 SEND_INTERVAL_S = 1.0
 """How often a tracker's thread sends what has gathered (one batch per interval)."""
+RECORDS_PER_CALL = 100
+"""Records per call to a tracker; the mark moves after each, so a failure part way re-sends little."""
 RETRY_INTERVAL_S = 5.0
 """How long a tracker that failed is left alone before the next try."""
 STALL_WARN_S = 20.0
@@ -49,6 +51,8 @@ STALL_WARN_S = 20.0
 client may retry for minutes before it fails)."""
 CLOSE_TIMEOUT_S = 20.0
 """At the end of a launch, how long to wait for the trackers to take the last records."""
+INTERRUPTED_CLOSE_TIMEOUT_S = 3.0
+"""The same after a second Ctrl-C, which asked to stop at once."""
 MAX_PENDING_RECORDS = 100_000
 """Records kept in memory while a tracker is down; past that they are read again from metrics.jsonl
 when it answers."""
@@ -61,6 +65,8 @@ _STATUS_LINE = {"finished": "finished", "failed": "failed", "stopped": "stopped 
 
 def check(names: list[str]) -> None:
     """ConfigError for a tracker that is unknown or whose package is not installed."""
+    if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"tracking.trackers must be a list of names ({', '.join(TRACKERS)}), got {names!r}")
     for name in names:
         if name not in TRACKERS:
             raise ConfigError(f"--tracker {name!r} is not one of {', '.join(TRACKERS)}")
@@ -339,7 +345,7 @@ class Sender:
         self.thread.join(max(0.0, deadline - self.clock()))
         if self.thread.is_alive():
             self.abandoned = True
-            self._failed(f"no answer for {CLOSE_TIMEOUT_S:g} s at the end of the launch")
+            self._failed("no answer at the end of the launch")
         with self.cond:
             return len(self.pending) if not self.overflowed else len(self.reread(self.logged_step))
 
@@ -387,10 +393,11 @@ class Sender:
                 self.overflowed = False
             batch = [self.pending[s] for s in sorted(self.pending)]
             annotation, self.annotation = self.annotation, None
-        if batch:
-            self._call(self.backend.log, batch)
+        for i in range(0, len(batch), RECORDS_PER_CALL):
+            chunk = batch[i:i + RECORDS_PER_CALL]
+            self._call(self.backend.log, chunk)
             with self.cond:
-                self.logged_step = max(self.logged_step, batch[-1]["step"])
+                self.logged_step = max(self.logged_step, chunk[-1]["step"])
                 self.pending = {s: r for s, r in self.pending.items() if s > self.logged_step}
             self._save(logged_step=self.logged_step)
         if annotation is not None:
@@ -478,7 +485,7 @@ class Trackers:
         at = time.strftime("%Y-%m-%d %H:%M:%S")
         notes += (f"\n{at} {_STATUS_LINE.get(status, status)} at step {summary.get('final_step')}"
                   + (f", goodput {goodput:.1%}" if goodput is not None else ""))
-        deadline = self.clock() + CLOSE_TIMEOUT_S
+        deadline = self.clock() + (INTERRUPTED_CLOSE_TIMEOUT_S if status == "interrupted" else CLOSE_TIMEOUT_S)
         for sender in self.senders:
             sender.annotate(tags, notes.strip())
         unsent = {s.name: s.close(status, deadline) for s in self.senders}

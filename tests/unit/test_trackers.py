@@ -228,3 +228,13 @@ def test_flags_set_the_tracking_section(tmp_path):
     assert prepared.job.tracking.trackers == ("mlflow", "wandb") and prepared.job.tracking.metrics_port == 9100
     assert job.prepare({"run_dir": str(tmp_path / "run"), "hosts": 1, "mesh": {"data": -1},
                         "trackers": ["wandb"]}).job.tracking.trackers == ("wandb",)
+
+
+def test_a_config_file_names_trackers_as_a_list_or_one_name():
+    from jaxlaunch.launcher.config import JobConfig, apply, validate
+
+    job = apply(JobConfig(), {"tracking": {"trackers": "mlflow"}, "mesh": {"data": -1}}, "job.yaml")
+    assert job.tracking.trackers == ("mlflow",)
+    job = apply(JobConfig(), {"tracking": {"trackers": [3]}, "mesh": {"data": -1}}, "job.yaml")
+    with pytest.raises(ConfigError, match="tracking.trackers must be a list of names"):
+        validate(job)
