@@ -207,6 +207,7 @@ def test_an_unknown_or_missing_tracker_is_bad_input(monkeypatch):
 
 
 def test_the_cli_refuses_a_missing_tracker_package_before_anything(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("ray")  # the command line imports Ray's client library on its way to a launch
     from jaxlaunch.launcher import cli
 
     monkeypatch.setattr(trackers.importlib.util, "find_spec", lambda name: None)
