@@ -21,7 +21,10 @@ from jaxlaunch.launcher.trackers import restarts_by_cause
 from jaxlaunch.contract.protocol import ConfigError, GroupPoll
 
 GOODPUT_REFRESH_S = 5.0
-"""How often goodput is derived again from the records while the job runs (it reads them all)."""
+"""How often goodput is derived again from the records while the job runs (it reads them all)..."""
+MAX_REFRESH_SHARE = 0.05
+"""...or less often, so that deriving it takes at most this share of the driver's time (0.6 s for
+100,000 records)."""
 METRICS_ADDR = "0.0.0.0"
 """The endpoint listens on every interface, for a Prometheus server on another machine."""
 _ACTIVE = (Running, Draining, ResolvingFailure)
@@ -94,6 +97,7 @@ class LiveMetrics:
         self.run, self.committed, self.exporter = run, committed, exporter
         self.clock, self.wall_clock = clock, wall_clock
         self.refreshed_at: float | None = None
+        self.refresh_every_s = GOODPUT_REFRESH_S
         self.high_step = max((r["step"] for r in run.metric_records() if isinstance(r.get("step"), int)), default=0)
         """The newest step the run ever reached: TensorBoard's goodput is drawn against it, which
         never goes back, so a recomputed step does not fold the curve."""
@@ -114,7 +118,7 @@ class LiveMetrics:
                     self.exporter.checkpoint_blocking_seconds.set(record["checkpoint_blocking_s"])
         if attempt.last_step is not None:
             self.high_step = max(self.high_step, attempt.last_step)
-        if self.refreshed_at is None or self.clock() - self.refreshed_at >= GOODPUT_REFRESH_S:
+        if self.refreshed_at is None or self.clock() - self.refreshed_at >= self.refresh_every_s:
             self.refresh()
 
     def on_transition(self, driver: Driver, old: State, new: State) -> None:
@@ -124,8 +128,11 @@ class LiveMetrics:
 
     # -- deriving ----------------------------------------------------------------------------------
     def refresh(self, final: bool = False) -> None:
-        self.refreshed_at = self.clock()
+        started = time.perf_counter()
         past = history.load(self.run if final else _SoFar(self.run, self.wall_clock()))
+        cost = time.perf_counter() - started
+        self.refresh_every_s = max(GOODPUT_REFRESH_S, cost / MAX_REFRESH_SHARE)
+        self.refreshed_at = self.clock()
         if self.exporter is not None:
             committed = self.committed()
             if committed is not None:
