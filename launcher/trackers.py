@@ -101,16 +101,14 @@ def note_line(event: Mapping[str, Any]) -> str | None:
         how = "resumed" if event.get("resume") else "started"
         return f"{at} launch {how} on {event.get('num_hosts')} hosts"
     if kind == "failure":
-        message = (event.get("message") or "").splitlines()[0][:200] if event.get("message") else ""
+        message = (event.get("message") or "").strip().split("\n")[0][:200]
         host = event.get("host")
-        return (f"{at} attempt {event.get('attempt')} failed: {event.get('cause')}, "
-                f"host {host if host is not None else '-'}, step {event.get('step')}" + (f": {message}" if message
-                                                                                         else ""))
+        return (f"{at} attempt {event.get('attempt')} failed: {event.get('cause')}, host "
+                f"{host if host is not None else '-'}, step {event.get('step')}" + (f": {message}" if message else ""))
     if kind == "restarting":
         return f"{at} restarting: {event.get('reason')}"
     if kind == "grow":
-        return f"{at} attempt {event.get('attempt')}: growing from {event.get('from_hosts')} to " \
-               f"{event.get('to_hosts')} hosts"
+        return f"{at} attempt {event.get('attempt')}: {event.get('from_hosts')} -> {event.get('to_hosts')} hosts"
     if kind in ("job_failed", "job_stopped"):
         return f"{at} {kind.removeprefix('job_')}: {event.get('reason')}"
     return None
@@ -129,7 +127,6 @@ def restarts_by_cause(events: list[Mapping[str, Any]]) -> Counter[str]:
         elif e.get("event") == "grow":
             restarts["resize"] += 1
     return restarts
-
 
 
 def annotations(events: list[Mapping[str, Any]], status: str = "running") -> tuple[dict[str, str], str]:
