@@ -99,7 +99,7 @@ def note_line(event: Mapping[str, Any]) -> str | None:
     at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event.get("time", 0)))
     if kind == "launch":
         how = "resumed" if event.get("resume") else "started"
-        return f"{at} launch {how} on {event.get('num_hosts')} hosts"
+        return f"{at} launch {how} on {event.get('num_hosts')} hosts, to step {event.get('steps')}"
     if kind == "failure":
         message = (event.get("message") or "").strip().split("\n")[0][:200]
         host = event.get("host")
