@@ -111,6 +111,8 @@ def test_the_metrics_endpoint_counts_a_restart_while_the_job_runs(tmp_path):
     assert max(steps) > 60
     assert any(s.get(("jaxlaunch_last_committed_step", ()), 0) >= 20 for s in scrapes)
     assert any(("jaxlaunch_badput_seconds", (("kind", "recompute"),)) in s for s in scrapes)
+    assert any(s.get(("jaxlaunch_step_time_seconds", ()), 0) > 0 for s in scrapes)
+    assert any(s.get(("jaxlaunch_checkpoint_blocking_seconds", ()), 0) > 0 for s in scrapes)
     with pytest.raises((urllib.error.URLError, ConnectionError)):
         scrape(port)  # the endpoint ends with the job
 
