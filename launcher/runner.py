@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Any
 
-from jaxlaunch.launcher import history, report
+from jaxlaunch.launcher import history, notebook, report
 from jaxlaunch.launcher.cli import EXIT_FAILED
 from jaxlaunch.launcher.cluster import RayCluster, runtime_env
 from jaxlaunch.launcher.config import JobConfig
@@ -61,6 +61,12 @@ class LaunchResult:
     @property
     def ok(self) -> bool:
         return self.status == "finished"
+
+    def _repr_html_(self) -> str:
+        return notebook.to_html(self.summary, self.reason, self.run_dir)
+
+    def _repr_markdown_(self) -> str:
+        return notebook.to_markdown(self.summary, self.reason, self.run_dir)
 
 
 def wait_for_capacity(cluster: RayCluster, job: JobConfig) -> None:
