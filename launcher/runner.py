@@ -236,7 +236,8 @@ def _drive(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref, di
     if code == EXIT_FAILED:
         error(f"the job failed: {reason}; checkpoints are kept in {run.checkpoints}")
     elif code > 1:
-        display.message(f"{reason}; continue with: jaxlaunch --resume --run-dir {shown(run.path)}", soft_wrap=True)
+        display.message(f"{reason}; continue with: {entry_lib.resume_command(entry.ref, shown(run.path))}",
+                        soft_wrap=True)
     display.summary(summary)
     display.closing(run.path)
     return LaunchResult(status, code, reason, summary["final_step"], past.attempts, past.goodput, run.path,

@@ -300,6 +300,14 @@ def from_callable(function: Callable) -> Entry:
     return Entry(ref, _checked(function, ref, str(ref)), getattr(function, "__jaxlaunch_entry__", None) or EntrySpec())
 
 
+def resume_command(ref: EntryRef, run_dir: str) -> str:
+    """How to continue a run: from Python for a function sent by value (the command line has no way
+    to send it), from the command line otherwise."""
+    if ref.payload is not None:
+        return f"jaxlaunch.launch({ref.function.split('.')[-1]}, resume=True, run_dir={run_dir!r})"
+    return f"jaxlaunch --resume --run-dir {run_dir}"
+
+
 # ---- shipping to a cluster -------------------------------------------------------------------------
 
 def _installed(path: pathlib.Path) -> bool:
