@@ -68,7 +68,7 @@ def to_markdown(summary: dict[str, Any], reason: str | None, run_dir: pathlib.Pa
     def row(cells):
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
-    lines = [row(("", "")), row(("---", "---")), *(row(r) for r in overview(summary, reason)), ""]
+    lines = [row(("outcome", "")), row(("---", "---")), *(row(r) for r in overview(summary, reason)), ""]
     attempts = attempt_rows(summary)
     if attempts:
         lines += [row(ATTEMPT_COLUMNS), row(["---"] * len(ATTEMPT_COLUMNS)), *(row(r) for r in attempts), ""]
