@@ -92,8 +92,8 @@ class Display:
 
     def lines(self, title: str, lines: list[str]) -> None:
         self.console.print(f"[dim]{escape(title)}[/dim]")
-        for line in lines:
-            self.console.print(f"  {line}", markup=False, highlight=False)
+        # One print: in a notebook, each print is an output of its own.
+        self.console.print("\n".join(f"  {line}" for line in lines), markup=False, highlight=False)
 
     def stop(self) -> None:
         if self.progress is not None:
