@@ -127,7 +127,10 @@ def _uses(function: types.FunctionType) -> Iterator[tuple[str, Any]]:
     for name in dict.fromkeys(_code_names(code)):
         if name in function.__globals__:
             yield name, function.__globals__[name]
-    parameters = inspect.signature(function).parameters.values()
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):  # no signature to read
+        parameters = ()
     for parameter in parameters:
         if parameter.default is not inspect.Parameter.empty:
             yield parameter.name, parameter.default
