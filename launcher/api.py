@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jaxlaunch.launcher import job as job_lib
-from jaxlaunch.launcher import runner
 from jaxlaunch.launcher.config import JobConfig
 from jaxlaunch.launcher.display import Display
-from jaxlaunch.launcher.runner import LaunchResult
+
+if TYPE_CHECKING:
+    from jaxlaunch.launcher.runner import LaunchResult
 
 from jaxlaunch.contract import entry as entry_lib
 
@@ -18,8 +20,10 @@ def launch(entry: str | Callable[[Any], Any] | None = None, job: JobConfig | Non
            quiet: bool = False, **options: Any) -> LaunchResult:
     """Runs a job to its end and returns its outcome; never exits the process.
 
-    `entry` is your function (defined at module level in a file or an importable module), or its
-    name as --entry takes it (default: `job`'s entry, or the built-in model). `options` are the
+    `entry` is your function, or its name as --entry takes it (default: `job`'s entry, or the
+    built-in model). A function the hosts can import by name travels by name; one defined in
+    `__main__`, a notebook or an interactive session (or nested in another function) travels by
+    value, pickled with what it uses, so nothing of your script runs again on the hosts. `options` are the
     command line's flags as keywords, typed by the config fields that declare them (`jaxlaunch --help`
     lists them): hosts, steps, save_every, seed, run_dir, resume (True or "auto"), config (the
     entry's settings, a dict, as --set), config_file, address, min_hosts, max_hosts, max_restarts,
@@ -30,7 +34,16 @@ def launch(entry: str | Callable[[Any], Any] | None = None, job: JobConfig | Non
 
     Raises ConfigError for bad input (nothing is written); a job that fails returns a result with
     status "failed" and the attempt table."""
+    entry_lib.refuse_nested_launch()  # before Ray is imported: a host or an --entry import gets its reason at once
+    # Imported in a notebook, Ray suggests ipywidgets for widgets of its own, which a launch never shows.
+    logging.getLogger("ray.widgets.util").setLevel(logging.WARNING)
+    from jaxlaunch.launcher import runner
+
+    found = None
+    if entry is not None and not isinstance(entry, str):
+        found = entry_lib.from_callable(entry)
+        entry = str(found.ref)
     if entry is not None:
-        options["entry"] = entry if isinstance(entry, str) else entry_lib.from_callable(entry)
-    prepared = job_lib.prepare(options, typed=job)
+        options["entry"] = entry
+    prepared = job_lib.prepare(options, typed=job, found=found)
     return runner.run_job(prepared, Display(quiet=quiet))

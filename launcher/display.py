@@ -5,6 +5,7 @@ elsewhere (CI, log files), a line for every failure and restart, and the final t
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
 import sys
@@ -34,10 +35,23 @@ COMMITTED_CHECK_INTERVAL_S = 2.0
 the hosts started has not committed yet, it looks at every poll."""
 
 
+JUPYTER_REFRESHES_PER_S = 2
+"""A live bar in a notebook redraws its widget this often (each redraw is a message to the browser)."""
+
+
+def _widgets() -> bool:
+    """Rich draws a live bar in a notebook inside an ipywidgets Output, redrawn in place."""
+    return importlib.util.find_spec("ipywidgets") is not None
+
+
 class Display:
     def __init__(self, console: Console | None = None, quiet: bool = False):
         self.console = console or Console(stderr=False, highlight=False, quiet=quiet)
-        self.live = self.console.is_terminal and not quiet
+        # A notebook without ipywidgets gets the lines of a log file (one every 10 %): each print is
+        # an output of its own there, and a redrawn bar would flood the cell.
+        jupyter = self.console.is_jupyter and _widgets()
+        self.live = (self.console.is_terminal or jupyter) and not quiet
+        self.refreshes_per_s = JUPYTER_REFRESHES_PER_S if jupyter else 10
         self.progress: Progress | None = None
         self.task = None
         self.total = 0
@@ -49,7 +63,7 @@ class Display:
             self.progress = Progress(
                 TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
-                console=self.console, transient=False,
+                console=self.console, transient=False, refresh_per_second=self.refreshes_per_s,
             )
             self.task = self.progress.add_task("train", total=total_steps, completed=first_step, info="starting")
             self.progress.start()
@@ -78,8 +92,8 @@ class Display:
 
     def lines(self, title: str, lines: list[str]) -> None:
         self.console.print(f"[dim]{escape(title)}[/dim]")
-        for line in lines:
-            self.console.print(f"  {line}", markup=False, highlight=False)
+        # One print: in a notebook, each print is an output of its own.
+        self.console.print("\n".join(f"  {line}" for line in lines), markup=False, highlight=False)
 
     def stop(self) -> None:
         if self.progress is not None:

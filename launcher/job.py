@@ -86,11 +86,13 @@ class PreparedJob:
     """The line that says, at the start, where the run is."""
 
 
-def prepare(given: Mapping[str, Any], entry_args: Sequence[str] = (), typed: JobConfig | None = None) -> PreparedJob:
+def prepare(given: Mapping[str, Any], entry_args: Sequence[str] = (), typed: JobConfig | None = None,
+            found: entry_lib.Entry | None = None) -> PreparedJob:
     """`given`: what the user asked for, by keyword (flags' names with underscores, as
     `jaxlaunch.launch` takes them; an entry's declared settings too); `entry_args`: command-line
     arguments the launcher does not declare, for the entry's settings; `typed`: a JobConfig whose
-    fields that differ from the defaults count as given (under `given`). Raises ConfigError for
+    fields that differ from the defaults count as given (under `given`); `found`: the entry given as
+    a function (`jaxlaunch.launch(main)`), named in `given` by its entry text. Raises ConfigError for
     anything wrong; writes nothing."""
     by_root, entry_keywords = options_lib.split(given, ROOTS)
     launch = LaunchOptions(**by_root[LaunchOptions])
@@ -112,7 +114,7 @@ def prepare(given: Mapping[str, Any], entry_args: Sequence[str] = (), typed: Job
     if launch.chaos is not None and not (launch.chaos > 0 and launch.chaos != float("inf")):
         raise ConfigError(f"--chaos must be a finite number of seconds above 0, got {launch.chaos}")
     validate(job)
-    entry = entry_lib.resolve(job.entry)
+    entry = found if found is not None and str(found.ref) == job.entry else entry_lib.resolve(job.entry)
     declared = entry_settings(entry, entry_args, entry_keywords)
     settings = entry.settings(merge_settings(merge_settings(job.config, declared), set_flags))
     job = dataclasses.replace(job, config=settings)
@@ -173,6 +175,9 @@ def _declares(entry: entry_lib.Entry) -> str:
 def run_name(entry_text: str) -> str:
     """The entry's part of its runs' names: "lm" for jaxlaunch.models.lm:main, "train.pretrain" for
     train.py:pretrain."""
+    sent = entry_lib.sent_by_value(entry_text)
+    if sent is not None:
+        return sent
     target, _, function = entry_text.rpartition(":") if ":" in entry_text else (entry_text, "", "main")
     stem = pathlib.Path(target).stem if target.endswith(".py") else target.rsplit(".", 1)[-1]
     return stem if function in ("", entry_lib.DEFAULT_FUNCTION) else f"{stem}.{function}"

@@ -93,6 +93,20 @@ class Failure:
     progressed: bool = False
     """The failed attempt committed a checkpoint newer than the one it started from: it trained
     well before it failed, so it is no part of a crash loop."""
+    phase: Phase | None = None
+    """Where the host was when it raised (None: unknown, or it did not raise)."""
+    on_every_host: bool = False
+    """Every host of the attempt raised it before its first step: an entry error, which no restart fixes."""
+
+    @property
+    def before_first_step(self) -> bool:
+        """The user's code raised before the host reported a step of its attempt."""
+        return (self.kind == FailureKind.EXCEPTION and not self.secondary and self.phase is not None
+                and not self.phase.started_training)
+
+    @property
+    def exception_type(self) -> str:
+        return self.message.partition(":")[0]
 
     def signature(self) -> tuple:
         """Equal for the same exception at the same step: a deterministic failure."""
@@ -125,7 +139,7 @@ def classify(exit: HostExit, now: float, node_wait_s: float) -> Failure | None:
         step = err.step if err.step is not None else exit.step
         return Failure(_ERROR_KINDS[err.kind], exit.rank, err.summary, step, exit.at, exit.at,
                        traceback=f"host {exit.rank} (rank {exit.rank}), after step {step}:\n{err.traceback_text}",
-                       secondary=err.kind == ErrorKind.COLLECTIVE)
+                       secondary=err.kind == ErrorKind.COLLECTIVE, phase=err.phase)
     if exit.how == ExitHow.NODE_PREEMPTED:
         return Failure(FailureKind.PREEMPTED, message=f"the host's node was preempted: {exit.detail}", **where)
     if exit.how == ExitHow.NODE_DIED or exit.node == NodeLiveness.DEAD:
@@ -152,23 +166,64 @@ def primary_failure(failures: Sequence[Failure]) -> Failure:
     return min(failures, key=lambda f: (f.secondary, _KIND_PRIORITY[f.kind], f.detected_at))
 
 
+ENTRY_ERROR_WAIT_S = 5.0
+"""After an exception before the first step, how long the driver waits for the other hosts' own:
+raised on every host, it is an entry error (the hosts reach the entry's code within moments of
+each other, after `jax.distributed` has joined them)."""
+
+
 def keep_listening(failures: Sequence[Failure], num_ended: int, num_hosts: int, now: float, grace_s: float,
-                   hear_out_s: float) -> bool:
+                   hear_out_s: float, entry_wait_s: float = ENTRY_ERROR_WAIT_S) -> bool:
     """Whether to wait for more of the group before deciding, while not every host has ended: up to
     `grace_s` while every failure so far is a collective error (the host that died, or its lost node,
-    is often reported after the errors it causes), and a brief `hear_out_s` otherwise (a survivor's
-    collective library may abort its process when a peer vanishes, which looks like a crash of its
-    own, reported a moment before the lost node it was caused by)."""
+    is often reported after the errors it causes), up to `entry_wait_s` while every failure is an
+    exception before the first step (to learn whether every host raises it), and a brief
+    `hear_out_s` otherwise (a survivor's collective library may abort its process when a peer
+    vanishes, which looks like a crash of its own, reported a moment before the lost node it was
+    caused by)."""
     if num_ended >= num_hosts:
         return False
     first = min(f.detected_at for f in failures)
-    limit = grace_s if all(f.secondary for f in failures) else hear_out_s
+    if all(f.secondary for f in failures):
+        limit = grace_s
+    elif all(f.before_first_step for f in failures):
+        limit = max(entry_wait_s, hear_out_s)
+    else:
+        limit = hear_out_s
     return now - first < limit
+
+
+def entry_error(failures: Sequence[Failure], num_hosts: int) -> Failure | None:
+    """The failure to record when every host raised the same type of exception before its first
+    step (the lowest rank's, marked `on_every_host`), else None."""
+    early = {f.rank: f for f in failures if f.before_first_step}
+    if len(early) < num_hosts or len({f.exception_type for f in early.values()}) != 1:
+        return None
+    return early[min(early)].with_blame(on_every_host=True)
+
+
+def likely_fix(failure: Failure) -> str:
+    """One line for an entry error: what to change."""
+    message = failure.message
+    if failure.exception_type == "LaunchInsideHostError" or "calls jaxlaunch.launch when it is imported" in message:
+        return ("call jaxlaunch.launch only on the driver: put the call under `if __name__ == \"__main__\":` in "
+                "the file the hosts import")
+    if failure.exception_type in ("ModuleNotFoundError", "ImportError") or "cannot import" in message:
+        return ("make that module importable where the hosts run: install it, or keep it next to your entry file "
+                "(on this machine the hosts see the driver's sys.path; on a cluster the entry's folder is shipped)")
+    if failure.phase == Phase.RESTORING:
+        return "check init(): building the state (shapes, dtypes, shardings) fails on every host"
+    if failure.phase == Phase.COMPILING:
+        return "check the first step (the batch's and the model's shapes): it fails on every host before any step"
+    return "fix the error in your entry's code above; run it with plain python to see it at once"
 
 
 def blame(failures: Sequence[Failure], hosts: Sequence[HostStatus], now: float, silent_after_s: float) -> Failure:
     """The failure to record: the root cause among those seen, unless a host had stopped answering
     before them (the others then failed because of its silence: it hung)."""
+    everywhere = entry_error(failures, len(hosts))
+    if everywhere is not None:
+        return everywhere
     first = primary_failure(failures)
     failed = {f.rank for f in failures}
     silent = [h for h in hosts if now - h.last_heard > silent_after_s and h.rank not in failed]
@@ -205,6 +260,9 @@ class RestartPolicy:
         latest = failures[-1]
         if latest.kind.is_fatal:
             return Decision(Action.STOP, latest.message)
+        if latest.on_every_host:  # spends no budget: no restart runs other code
+            return Decision(Action.STOP, f"entry error: every host raised {latest.exception_type} before its first "
+                            f"step, so it was not retried; fix: {likely_fix(latest)}")
         same_budget = [f for f in failures if f.kind.is_preemption == latest.kind.is_preemption]
         budget = self.cfg.max_preemptions if latest.kind.is_preemption else self.cfg.max_restarts
         name = "preemption" if latest.kind.is_preemption else "restart"

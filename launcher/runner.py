@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Any
 
-from jaxlaunch.launcher import history, report
+from jaxlaunch.launcher import history, notebook, report
 from jaxlaunch.launcher.cli import EXIT_FAILED
 from jaxlaunch.launcher.cluster import RayCluster, runtime_env
 from jaxlaunch.launcher.config import JobConfig
@@ -64,6 +64,12 @@ class LaunchResult:
     @property
     def ok(self) -> bool:
         return self.status == "finished"
+
+    def _repr_html_(self) -> str:
+        return notebook.to_html(self.summary, self.reason, self.run_dir)
+
+    def _repr_markdown_(self) -> str:
+        return notebook.to_markdown(self.summary, self.reason, self.run_dir)
 
 
 def wait_for_capacity(cluster: RayCluster, job: JobConfig) -> None:
@@ -251,7 +257,8 @@ def _drive(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref, di
     if code == EXIT_FAILED:
         error(f"the job failed: {reason}; checkpoints are kept in {run.checkpoints}")
     elif code > 1:
-        display.message(f"{reason}; continue with: jaxlaunch --resume --run-dir {shown(run.path)}", soft_wrap=True)
+        display.message(f"{reason}; continue with: {entry_lib.resume_command(entry.ref, shown(run.path))}",
+                        soft_wrap=True)
     display.summary(summary)
     display.closing(run.path)
     return LaunchResult(status, code, reason, summary["final_step"], past.attempts, past.goodput, run.path,

@@ -21,6 +21,7 @@ import psutil
 import ray
 from jaxlaunch.workers.progress import HostProgress
 
+from jaxlaunch.contract.entry import HOST_RANK_ENV
 from jaxlaunch.contract.protocol import MONITOR_GROUP, HostError, HostResult, HostSnapshot, HostSpec, Phase
 
 
@@ -57,6 +58,7 @@ class HostActor:
 
     def _start(self, log_path: str, attempt: int, rank: int) -> None:
         self.rank, self.attempt = rank, attempt
+        os.environ[HOST_RANK_ENV] = str(rank)  # a `jaxlaunch.launch` in this process is refused
         self.progress = HostProgress()
         self.progress.timeline["process_created"] = self.created
         self.progress.timeline["actor_init"] = time.time()
@@ -119,7 +121,8 @@ class HostActor:
             from jaxlaunch.workers.context import HostContext
             from jaxlaunch.workers.mesh import build_mesh
 
-            # After jax.distributed: importing the user's module may already compute with JAX.
+            # After jax.distributed: importing the user's module (or unpickling a function sent by
+            # value) may already compute with JAX.
             function = entry_lib.load(spec.entry)
 
             ctx = HostContext(spec, build_mesh(spec.mesh), self.progress)
@@ -132,7 +135,8 @@ class HostActor:
             text = traceback.format_exc()
             log.error("host failed:\n%s", text)
             kind = runtime.error_kind(err)
-            raise HostError(spec.rank, self.progress.step, kind, type(err).__name__, str(err), text) from None
+            raise HostError(spec.rank, self.progress.step, kind, type(err).__name__, str(err), text,
+                            self.progress.phase) from None
         except BaseException:
             log.error("host stopped:\n%s", traceback.format_exc())
             raise

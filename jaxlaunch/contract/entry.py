@@ -11,6 +11,7 @@ data).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib
@@ -18,11 +19,13 @@ import importlib.util
 import inspect
 import os
 import pathlib
+import re
 import sys
 import sysconfig
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
+from jaxlaunch.contract import by_value
 from jaxlaunch.contract.protocol import ConfigError, EntryRef
 
 DEFAULT_FUNCTION = "main"
@@ -30,6 +33,13 @@ BUILTIN_ENTRY = "jaxlaunch.models.lm:main"
 """The built-in language model, the default entry."""
 LEGACY_ENTRIES = {"models.lm:main": BUILTIN_ENTRY}
 """Entries as runs written before the one installed package named them (kept in their config.json)."""
+HOST_RANK_ENV = "JAXLAUNCH_HOST_RANK"
+"""Set in every host process (to its rank): `jaxlaunch.launch` refuses to run there."""
+_BY_VALUE_NAME = re.compile(r"^(?P<function>\S+) \(by value, code (?P<fingerprint>[0-9a-f]+)\)$")
+
+
+class LaunchInsideHostError(RuntimeError):
+    """`jaxlaunch.launch` was called inside a host process of a running job."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,8 +132,18 @@ def _typed_like(default: Any, value: Any, key: str) -> Any:
 
 # ---- finding the function ---------------------------------------------------------------------------
 
+def sent_by_value(text: str) -> str | None:
+    """The function's name, if `text` names an entry sent by value ("main (by value, code 3f2a...)")."""
+    match = _BY_VALUE_NAME.match(text)
+    return match["function"].split(".")[-1] if match else None
+
+
 def parse(text: str) -> EntryRef:
     """"file.py:fn" or "package.module:fn" (":fn" defaults to main) as an EntryRef for this machine."""
+    function = sent_by_value(text)
+    if function is not None:
+        raise ConfigError(f"this run's entry, {text}, was sent from Python (a notebook, a script or stdin); "
+                          f"continue it from there: jaxlaunch.launch({function}, resume=True, run_dir=...)")
     target, _, function = text.rpartition(":") if ":" in text else (text, ":", DEFAULT_FUNCTION)
     function = function or DEFAULT_FUNCTION
     if not target or not function.isidentifier():
@@ -138,39 +158,93 @@ def parse(text: str) -> EntryRef:
     return EntryRef(module=target, function=function)
 
 
-def load(ref: EntryRef) -> Callable:
-    """The entry's function, imported in this process. Raises ConfigError naming what went wrong."""
-    where = str(ref)
+_loading: list[EntryRef] = []
+"""The entries being imported in this process right now (a `launch` during one is refused)."""
+
+
+@contextlib.contextmanager
+def _importing(ref: EntryRef) -> Iterator[None]:
+    _loading.append(ref)
     try:
-        if ref.package is not None:  # shipped to a cluster: the module lives in the shipped folder
-            folder = pathlib.Path(importlib.import_module(ref.package).__path__[0])
-            module = _import_file(folder / f"{ref.module}.py", ref.module)
-        elif ref.path is not None:
-            module = _import_file(pathlib.Path(ref.path), ref.module)
-        else:
-            if os.getcwd() not in sys.path:
-                sys.path.insert(0, os.getcwd())  # as `python -m` would
-            module = importlib.import_module(ref.module)
+        yield
+    finally:
+        _loading.pop()
+
+
+def refuse_nested_launch() -> None:
+    """For `jaxlaunch.launch`: refuses to run while an entry's file is being imported (a module-level
+    call in a file passed to --entry) or inside a host process (the hosts run functions, they do
+    not launch jobs)."""
+    if _loading:
+        where = _loading[-1].path or _loading[-1].module
+        raise ConfigError(f"{where} calls jaxlaunch.launch when it is imported (as --entry does): put the call "
+                          f"under `if __name__ == \"__main__\":`, or run the file with python instead of --entry")
+    rank = os.environ.get(HOST_RANK_ENV)
+    if rank is not None:
+        raise LaunchInsideHostError(
+            f"jaxlaunch.launch was called inside host {rank} of a running job: the hosts run your function, "
+            f"they do not launch jobs; if the call is at the top of a file the hosts import, put it under "
+            f"`if __name__ == \"__main__\":`")
+
+
+def load(ref: EntryRef) -> Callable:
+    """The entry's function, imported (or unpickled) in this process. Raises ConfigError naming what
+    went wrong."""
+    where = f"--entry {ref}" if ref.payload is None else str(ref)
+    module = function = None
+    try:
+        with _importing(ref):
+            if ref.payload is None:
+                module = _module(ref)
+            else:
+                _add_to_path(_folder(ref))
+                function = by_value.unpickled(ref.payload)
     except ConfigError:
         raise
     except ModuleNotFoundError as err:
-        raise ConfigError(f"--entry {where}: cannot import {err.name!r} ({err}); check the name and that it is "
+        raise ConfigError(f"{where}: cannot import {err.name!r} ({err}); check the name and that it is "
                           f"installed or in the current directory") from None
     except BaseException as err:  # noqa: BLE001 - a broken module is the user's to fix
-        raise ConfigError(f"--entry {where}: importing it raised {type(err).__name__}: "
+        raise ConfigError(f"{where}: importing it raised {type(err).__name__}: "
                           f"{str(err).splitlines()[0] if str(err) else ''}") from None
-    function = getattr(module, ref.function, None)
-    if function is None:
-        names = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
-                       and getattr(v, "__module__", None) == module.__name__)
-        raise ConfigError(f"--entry {where}: {module.__name__} has no function {ref.function!r}"
-                          + (f"; it has {', '.join(names[:8])}" if names else ""))
+    if module is not None:
+        function = getattr(module, ref.function, None)
+        if function is None:
+            names = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
+                           and getattr(v, "__module__", None) == module.__name__)
+            raise ConfigError(f"{where}: {module.__name__} has no function {ref.function!r}"
+                              + (f"; it has {', '.join(names[:8])}" if names else ""))
+    return _checked(function, ref, where)
+
+
+def _folder(ref: EntryRef) -> pathlib.Path | None:
+    """The folder of the entry's file (the shipped copy on a cluster), whose siblings it may import."""
+    if ref.package is not None:
+        return pathlib.Path(importlib.import_module(ref.package).__path__[0])
+    return pathlib.Path(ref.path).parent if ref.path is not None else None
+
+
+def _add_to_path(folder: pathlib.Path | None) -> None:
+    if folder is not None and str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+
+
+def _module(ref: EntryRef):
+    folder = _folder(ref)
+    if folder is not None:
+        return _import_file(folder / f"{ref.module}.py", ref.module)
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` would
+    return importlib.import_module(ref.module)
+
+
+def _checked(function: Any, ref: EntryRef, where: str) -> Callable:
     if not callable(function):
-        raise ConfigError(f"--entry {where}: {ref.function} is not a function")
+        raise ConfigError(f"{where}: {ref.function} is not a function")
     try:
         inspect.signature(function).bind(object())
     except TypeError:
-        raise ConfigError(f"--entry {where}: {ref.function} must take exactly one argument, the host context "
+        raise ConfigError(f"{where}: {ref.function} must take exactly one argument, the host context "
                           f"(def {ref.function}(ctx): ...)") from None
     except ValueError:
         pass  # no signature to inspect (a builtin or C function)
@@ -205,19 +279,33 @@ def resolve(text: str) -> Entry:
     return Entry(ref, function, getattr(function, "__jaxlaunch_entry__", None) or EntrySpec())
 
 
-def from_callable(function: Callable) -> str:
-    """The entry text of a function object (for `jaxlaunch.launch(main)`)."""
+def from_callable(function: Callable) -> Entry:
+    """The entry of a function object (for `jaxlaunch.launch(main)`): by reference when the hosts can
+    import it by name, by value otherwise (defined in `__main__`, a notebook, an interactive session,
+    or nested in another function). Raises ConfigError, before anything starts, for a function that
+    uses a value that cannot travel."""
+    name = getattr(function, "__qualname__", None) or getattr(function, "__name__", repr(function))
     module = inspect.getmodule(function)
-    name = function.__qualname__
-    if "." in name or "<" in name:
-        raise ConfigError(f"{name} is not a module-level function: the hosts import the entry by name")
-    if module is None or module.__name__ == "__main__" or getattr(module, "__spec__", None) is None \
-            or module.__name__.startswith("_jaxlaunch_entry_"):
-        path = inspect.getsourcefile(function)
-        if path is None:
-            raise ConfigError(f"cannot find the file that defines {name}; pass --entry path/to/file.py:{name}")
-        return f"{path}:{name}"
-    return f"{module.__name__}:{name}"
+    if module is not None and module.__name__.startswith("_jaxlaunch_entry_") and "<" not in name \
+            and getattr(module, name, None) is function:
+        return resolve(f"{module.__file__}:{name}")  # a file that --entry loaded: the hosts load it too
+    if "." not in name and by_value.importable(function):
+        return resolve(f"{function.__module__}:{name}")
+    payload, fingerprint = by_value.pickled(function)
+    main = sys.modules.get("__main__")
+    script = getattr(main, "__file__", None) if getattr(function, "__module__", None) == "__main__" else None
+    ref = EntryRef(module=getattr(function, "__module__", None) or "__main__", function=name,
+                   path=str(pathlib.Path(script).absolute()) if script else None, payload=payload,
+                   fingerprint=fingerprint)
+    return Entry(ref, _checked(function, ref, str(ref)), getattr(function, "__jaxlaunch_entry__", None) or EntrySpec())
+
+
+def resume_command(ref: EntryRef, run_dir: str) -> str:
+    """How to continue a run: from Python for a function sent by value (the command line has no way
+    to send it), from the command line otherwise."""
+    if ref.payload is not None:
+        return f"jaxlaunch.launch({ref.function.split('.')[-1]}, resume=True, run_dir={run_dir!r})"
+    return f"jaxlaunch --resume --run-dir {run_dir}"
 
 
 # ---- shipping to a cluster -------------------------------------------------------------------------
@@ -231,14 +319,18 @@ def shipped(ref: EntryRef, staging: pathlib.Path) -> tuple[EntryRef, list[str]]:
     """How the hosts of a cluster find the entry: its reference there and the folders to ship (as
     Ray py_modules). A file entry ships its folder (siblings stay importable), under a name of its
     own in `staging` so it cannot shadow a package of the same name; a module of a local package
-    ships the package; an installed package ships nothing (the nodes must have it)."""
+    ships the package; an installed package ships nothing (the nodes must have it). A function sent
+    by value from a script ships the script's folder (what it imports from there travels by name);
+    from a notebook or stdin, nothing more."""
     if ref.path is not None:
         folder = pathlib.Path(ref.path).parent
         name = f"jaxlaunch_entry_{hashlib.sha1(str(folder).encode()).hexdigest()[:10]}"
         link = staging / name
         if not link.exists():
             link.symlink_to(folder, target_is_directory=True)
-        return EntryRef(module=ref.module, function=ref.function, package=name), [str(link)]
+        return dataclasses.replace(ref, path=None, package=name), [str(link)]
+    if ref.payload is not None:
+        return ref, []
     top = ref.module.split(".")[0]
     spec = importlib.util.find_spec(top)
     if spec is None or spec.origin in (None, "built-in", "frozen"):

@@ -109,8 +109,15 @@ class EntryRef:
     """For a file entry: the file on a machine that shares the driver's filesystem."""
     package: str | None = None
     """For code shipped to a cluster: the shipped package whose folder holds the module."""
+    payload: bytes | None = dataclasses.field(default=None, repr=False)
+    """For a function no host can import by name (defined in `__main__`, a notebook, or nested):
+    the function itself, pickled with cloudpickle (`jaxlaunch.contract.by_value`)."""
+    fingerprint: str | None = None
+    """For a function shipped by value: a hash of its code and of what it closes over."""
 
     def __str__(self) -> str:
+        if self.payload is not None:
+            return f"{self.function} (by value, code {self.fingerprint})"
         return f"{self.path or self.module}:{self.function}"
 
 
@@ -204,13 +211,16 @@ class HostError(Exception):
     reported, the exception's type and text, its traceback, and its kind."""
 
     def __init__(self, rank: int, step: int | None, kind: ErrorKind, exception_type: str, message: str,
-                 traceback_text: str):
+                 traceback_text: str, phase: Phase | None = None):
         super().__init__(f"host {rank} failed after step {step}: {exception_type}: {message}")
         self.rank, self.step, self.kind = rank, step, kind
         self.exception_type, self.message, self.traceback_text = exception_type, message, traceback_text
+        self.phase = phase
+        """Where the host was when it raised: before TRAINING, it had not reported a step of this attempt."""
 
     def __reduce__(self):
-        return HostError, (self.rank, self.step, self.kind, self.exception_type, self.message, self.traceback_text)
+        return HostError, (self.rank, self.step, self.kind, self.exception_type, self.message, self.traceback_text,
+                           self.phase)
 
     @property
     def summary(self) -> str:

@@ -71,12 +71,11 @@ def test_entries_that_cannot_run_are_refused_before_anything_starts(tmp_path):
             prepare(options(tmp_path, entry=text))
 
 
-def test_a_function_object_names_its_entry():
+def test_a_function_object_of_an_importable_module_travels_by_name():
     from examples import minimal
 
-    assert entry_lib.from_callable(minimal.main) == "examples.minimal:main"
-    with pytest.raises(ConfigError, match="not a module-level function"):
-        entry_lib.from_callable(lambda ctx: None)
+    entry = entry_lib.from_callable(minimal.main)
+    assert str(entry.ref) == "examples.minimal:main" and entry.ref.payload is None
 
 
 def test_a_file_entry_ships_its_folder_under_a_name_of_its_own(tmp_path):

@@ -188,6 +188,53 @@ def test_transient_failures_are_retried_even_when_they_repeat():
     assert policy.decide([failure(**same), failure(**same)]).action == Action.RESTART
 
 
+def early(rank, message="ModuleNotFoundError: No module named 'helpers_typo'", phase=Phase.INITIALIZING, at=1.0):
+    """An exception a host raised before its first step, as classified from its HostError."""
+    error = HostError(rank, None, ErrorKind.USER, message.split(":")[0], message.split(": ", 1)[-1],
+                      f"Traceback\n{message}", phase)
+    return classify(HostExit(rank, ExitHow.RAISED, at, None, error=error), now=at, node_wait_s=NODE_WAIT_S)
+
+
+def test_an_exception_every_host_raises_before_its_first_step_stops_at_once_without_spending_budget():
+    hosts = [HostStatus(0, last_heard=1.0), HostStatus(1, last_heard=1.0)]
+    failures = [early(1, at=1.0), early(0, at=1.2)]
+    blamed = blame(failures, hosts, now=1.3, silent_after_s=3.0)
+    assert blamed.on_every_host and blamed.rank == 0, "the first host's traceback is shown"
+    decision = RestartPolicy(FaultConfig(max_restarts=5)).decide([blamed])
+    assert decision.action == Action.STOP
+    assert decision.reason.startswith("entry error: every host raised ModuleNotFoundError before its first step")
+    assert "fix: make that module importable where the hosts run" in decision.reason
+
+
+@pytest.mark.parametrize(("message", "phase", "fix"), [
+    ("LaunchInsideHostError: jaxlaunch.launch was called inside host 0", Phase.INITIALIZING, "if __name__ =="),
+    ("ValueError: Incompatible shapes for broadcasting", Phase.RESTORING, "check init()"),
+    ("TypeError: dot_general requires contracting dimensions to have the same shape", Phase.COMPILING,
+     "check the first step"),
+])
+def test_an_entry_error_names_its_likely_fix(message, phase, fix):
+    hosts = [HostStatus(0), HostStatus(1)]
+    blamed = blame([early(0, message, phase), early(1, message, phase)], hosts, now=1.0, silent_after_s=3.0)
+    assert fix in RestartPolicy(FaultConfig()).decide([blamed]).reason
+
+
+def test_an_exception_on_one_host_or_after_the_first_step_is_retried():
+    hosts = [HostStatus(0, last_heard=1.0), HostStatus(1, last_heard=1.0)]
+    one = blame([early(1)], hosts, now=1.0, silent_after_s=3.0)
+    assert not one.on_every_host and RestartPolicy(FaultConfig()).decide([one]).action == Action.RESTART
+    training = [early(0, phase=Phase.TRAINING), early(1, phase=Phase.TRAINING)]
+    assert not blame(training, hosts, now=1.0, silent_after_s=3.0).on_every_host
+    mixed = [early(0), early(1, "ValueError: other")]
+    assert not blame(mixed, hosts, now=1.0, silent_after_s=3.0).on_every_host
+
+
+def test_the_driver_listens_for_every_host_after_an_early_exception():
+    first = early(1, at=1.0)
+    assert keep_listening([first], 1, 2, now=4.0, grace_s=8.0, hear_out_s=0.3), "the others may raise it too"
+    assert not keep_listening([first], 1, 2, now=6.5, grace_s=8.0, hear_out_s=0.3)
+    assert not keep_listening([first, early(0)], 2, 2, now=1.1, grace_s=8.0, hear_out_s=0.3), "all heard"
+
+
 # ---- scaling and hangs -----------------------------------------------------------------------------
 
 def test_scaling_picks_the_largest_count_that_fits():
