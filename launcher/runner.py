@@ -26,6 +26,7 @@ from jaxlaunch.launcher.config import JobConfig
 from jaxlaunch.launcher.display import ConsoleView, Display, error, shown
 from jaxlaunch.launcher.driver import CAPACITY_POLL_S, Driver
 from jaxlaunch.launcher.job import PreparedJob
+from jaxlaunch.launcher.keepers import KeeperPool
 from jaxlaunch.launcher.live_metrics import Exporter, LiveMetrics
 from jaxlaunch.launcher.policy import RestartPolicy, ScalingPolicy, Watchdog
 from jaxlaunch.launcher.recorder import Chaos, Recorder
@@ -110,14 +111,16 @@ def stop_signals(driver: Driver):
 def _make_spec(job: JobConfig, run: RunDir, entry_ref):
     expect_checkpoint = run.has_history()
 
-    def make(*, attempt: int, rank: int, num_hosts: int, coordinator_address: str, injections) -> HostSpec:
+    def make(*, attempt: int, rank: int, num_hosts: int, coordinator_address: str, injections,
+             keepers=None) -> HostSpec:
         return HostSpec(
             entry=entry_ref, config=job.config, run_dir=str(run.path), attempt=attempt, rank=rank,
             num_hosts=num_hosts, coordinator_address=coordinator_address, mesh=job.mesh, steps=job.train.steps,
             schedule_steps=job.schedule_steps, seed=job.train.seed, platform=job.cluster.platform,
             checkpoint=job.checkpoint, distributed=job.distributed, compilation_cache=job.cluster.compilation_cache,
             compilation_cache_dir=job.cluster.compilation_cache_dir,
-            expect_checkpoint=expect_checkpoint or run.has_history(), injections=tuple(injections))
+            expect_checkpoint=expect_checkpoint or run.has_history(), injections=tuple(injections),
+            keepers=dict(keepers or {}))
 
     return make
 
@@ -215,6 +218,8 @@ def _drive(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref, di
 
     standby = StandbyPool(cluster, run) if job.cluster.warm_standby else None
     cluster.standby = standby
+    keepers = KeeperPool(job.checkpoint)
+    cluster.keepers = keepers
     trackers = Trackers(run, job.tracking.trackers, job.to_dict(),
                         lambda text: display.message(f"[yellow]warning: {escape(text)}[/yellow]")
                         ) if job.tracking.trackers else None
@@ -226,7 +231,8 @@ def _drive(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref, di
         listeners.append(Chaos(prepared.chaos_mean_s, job.train.seed, recorder.event))
     driver = Driver(
         cluster=cluster,
-        make_group=lambda: RayWorkerGroup(cluster, run, make_spec, job.watchdog.poll_interval_s, standby),
+        make_group=lambda: RayWorkerGroup(cluster, run, make_spec, job.watchdog.poll_interval_s, standby,
+                                          keepers),
         restart_policy=RestartPolicy(job.fault), watchdog=Watchdog(job.watchdog), fault=job.fault,
         scaling_policy=ScalingPolicy(job.min_hosts, job.max_hosts, lambda n: _fits(job, entry, n)),
         committed_step=committed, fired=_fired(run, prepared.injections, time.monotonic, time.time),
@@ -239,6 +245,7 @@ def _drive(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref, di
     finally:
         if standby is not None:
             standby.shutdown()
+        keepers.shutdown()
         display.stop()
         state = driver.state
         status = {0: "finished", 1: "failed"}.get(code, "stopped" if code else "interrupted")
