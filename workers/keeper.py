@@ -110,14 +110,15 @@ class Keeper:
                 self.parts[key] = (dataclasses.replace(held, replicated=True), self.parts[key][1])
 
     def _store(self, held: Held, part: dict[str, Any]) -> str | None:
+        """Holds a part in place of the oldest step beyond `keep`; a part that does not fit leaves
+        everything held as it was."""
         with self.lock:
-            self.parts.pop((held.step, held.rank, held.role), None)
-            steps = sorted({s for s, _, _ in self.parts} | {held.step}, reverse=True)
-            for key in [k for k in self.parts if k[0] not in steps[:self.keep]]:
-                del self.parts[key]
-            if held.step not in steps[:self.keep]:
+            key = (held.step, held.rank, held.role)
+            steps = sorted({s for s, _, _ in self.parts} | {held.step}, reverse=True)[:self.keep]
+            if held.step not in steps:
                 return f"step {held.step} is older than the {self.keep} steps held"
-            total = sum(h.nbytes for h, _ in self.parts.values()) + held.nbytes
+            kept = [h for k, (h, _) in self.parts.items() if k[0] in steps and k != key]
+            total = sum(h.nbytes for h in kept) + held.nbytes
             available = psutil.virtual_memory().available - self.reserve_bytes
             if total > self.budget:
                 return (f"holding step {held.step} would take {total / 1e6:,.0f} MB on node {self.node[:12]}, over "
@@ -125,7 +126,9 @@ class Keeper:
             if held.nbytes > available:
                 return (f"node {self.node[:12]} has {max(available, 0) / 1e6:,.0f} MB available beyond its "
                         f"reserve, less than step {held.step}'s {held.nbytes / 1e6:,.0f} MB")
-            self.parts[(held.step, held.rank, held.role)] = (held, part)
+            for old in [k for k in self.parts if k[0] not in steps]:
+                del self.parts[old]
+            self.parts[key] = (held, part)
             return None
 
     # -- reading ---------------------------------------------------------------------------------
