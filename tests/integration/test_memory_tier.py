@@ -62,7 +62,7 @@ def test_a_sigkilled_driver_resumes_from_the_newest_durable_step(minimal_referen
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
     wait_for(lambda: not ray_processes_left(run_dir), 60, "the embedded Ray to end with its driver")
-    newest = committed_steps(run_dir)[0]
+    newest = committed_steps(run_dir)[-1]
     resumed = launch("--resume", "--run-dir", str(run_dir))
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     (restored,) = restores(run_dir)
