@@ -108,17 +108,18 @@ class Keeper:
             key = (held.step, held.rank, Role.PRIMARY)
             if key in self.parts and self.parts[key][0] == held:
                 self.parts[key] = (dataclasses.replace(held, replicated=True), self.parts[key][1])
+                self._drop_unkept()
 
     def _store(self, held: Held, part: dict[str, Any]) -> str | None:
-        """Holds a part in place of the oldest step beyond `keep`; a part that does not fit leaves
-        everything held as it was."""
+        """Holds a part, making room by dropping steps `kept` no longer needs; a part that does not
+        fit leaves everything held as it was."""
         with self.lock:
             key = (held.step, held.rank, held.role)
-            steps = sorted({s for s, _, _ in self.parts} | {held.step}, reverse=True)[:self.keep]
+            after = {k: h for k, (h, _) in self.parts.items() if k != key} | {key: held}
+            steps = kept(list(after.values()), self.keep)
             if held.step not in steps:
                 return f"step {held.step} is older than the {self.keep} steps held"
-            kept = [h for k, (h, _) in self.parts.items() if k[0] in steps and k != key]
-            total = sum(h.nbytes for h in kept) + held.nbytes
+            total = sum(h.nbytes for k, h in after.items() if k[0] in steps)
             available = psutil.virtual_memory().available - self.reserve_bytes
             if total > self.budget:
                 return (f"holding step {held.step} would take {total / 1e6:,.0f} MB on node {self.node[:12]}, over "
@@ -126,10 +127,14 @@ class Keeper:
             if held.nbytes > available:
                 return (f"node {self.node[:12]} has {max(available, 0) / 1e6:,.0f} MB available beyond its "
                         f"reserve, less than step {held.step}'s {held.nbytes / 1e6:,.0f} MB")
-            for old in [k for k in self.parts if k[0] not in steps]:
-                del self.parts[old]
             self.parts[key] = (held, part)
+            self._drop_unkept()
             return None
+
+    def _drop_unkept(self) -> None:
+        steps = kept([h for h, _ in self.parts.values()], self.keep)
+        for old in [k for k in self.parts if k[0] not in steps]:
+            del self.parts[old]
 
     # -- reading ---------------------------------------------------------------------------------
     def index(self) -> list[dict[str, Any]]:
@@ -147,3 +152,18 @@ class Keeper:
         with self.lock:
             for key in [k for k in self.parts if k[0] > step]:
                 del self.parts[key]
+
+
+def kept(held: list[Held], keep: int) -> set[int]:
+    """The steps a keeper keeps: the newest `keep` whose parts here are all settled (replicas, or
+    primaries whose replica was acknowledged), and up to `keep` newer ones still settling. A step is
+    never dropped for a newer one that may yet fail to replicate (its partner node lost mid-copy)."""
+    steps: dict[int, bool] = {}
+    for h in held:
+        settled = h.role == Role.REPLICA or h.replicated
+        steps[h.step] = steps.get(h.step, True) and settled
+    newest_first = sorted(steps, reverse=True)
+    settled = [s for s in newest_first if steps[s]][:keep]
+    newest_settled = settled[0] if settled else -1
+    settling = [s for s in newest_first if not steps[s] and s > newest_settled][:keep]
+    return set(settled) | set(settling)

@@ -9,6 +9,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from tests.integration.helpers import (
+    EXAMPLES,
     MINIMAL,
     attempts,
     committed_steps,
@@ -17,6 +18,7 @@ from tests.integration.helpers import (
     launch,
     ray_processes_left,
     start,
+    summary,
     trajectory,
     wait_for,
 )
@@ -96,11 +98,11 @@ def run_and_remove(cluster, tmp_path, hosts, spare, lose, *args):
     cluster.wait_for_nodes()
     run_dir = tmp_path / "run"
     proc = start("--config", str(cluster_config(tmp_path, cluster)), "--hosts", str(hosts), *MINIMAL, *MEMORY,
-                 "--persist-every", "20", *args, "--run-dir", str(run_dir))
+                 "--persist-every", "20", "--steps", "1000", *args, "--run-dir", str(run_dir))
     try:
         wait_for(lambda: last_step(run_dir) >= 30 and 20 in committed_steps(run_dir), 300, "step 30", proc)
         for rank in lose:
-            node = next(n for n in nodes if n.unique_id == node_of_rank(run_dir, rank))
+            node = next(n for n in nodes if n.node_id == node_of_rank(run_dir, rank))
             cluster.remove_node(node, allow_graceful=False)
         out, err = proc.communicate(timeout=400)
     finally:
@@ -134,3 +136,17 @@ def test_a_shard_lost_with_its_replica_falls_back_to_durable_with_an_event(clust
     assert restored["tier"] == "durable" and restored["durable_bytes_read"] > 0, restored
     (fallback,) = events(run_dir, "memory_fallback")
     assert "gone with their nodes" in fallback["reason"] and fallback["durable_step"] == restored["step"], fallback
+
+
+def test_a_grain_pipeline_resumes_its_position_exactly_after_a_kill(tmp_path):
+    grain_run = ("--entry", f"{EXAMPLES / 'grain_iter.py'}:main", "--hosts", "2", "--steps", "60", "--memory-tier",
+                 "--save-every", "1", "--persist-every", "25")
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    first = launch(*grain_run, "--run-dir", str(reference))
+    assert first.returncode == 0, first.stdout + first.stderr
+    second = launch(*grain_run, "--inject", "kill@step=37,host=0", "--run-dir", str(killed))
+    assert second.returncode == 0, second.stdout + second.stderr
+    (restored,) = restores(killed)
+    assert restored["tier"] == "memory" and 36 <= restored["step"] <= 37, restored
+    assert trajectory(killed) == trajectory(reference), "the same batches, bit for bit"
+    assert summary(killed)["returned"] == summary(reference)["returned"], "the best-loss tracker came back too"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxlaunch.workers import extras
-from jaxlaunch.workers.keeper import Keeper
+from jaxlaunch.workers.keeper import Keeper, kept
 from jaxlaunch.workers.memory import _assemble, part_nbytes, snapshot
 
 from jaxlaunch.contract.tiers import Held, Role, committed_steps, replica_node, sources
@@ -76,6 +76,14 @@ def test_the_keeper_keeps_the_newest_steps_within_its_budget():
     assert keeper.reserve(0, 1, 10**15) is not None, "a reservation the node cannot hold is refused"
     keeper.forget_after(2)
     assert {h["step"] for h in keeper.index()} == {2}
+
+
+def test_a_keeper_never_drops_its_newest_settled_step_for_steps_still_replicating():
+    # The partner node died while steps 8 and 9 were replicating: step 7 is what a restore can use.
+    held = [part(7, 0, "a", replicated=True), part(7, 1, "a", R), part(8, 0, "a"), part(9, 0, "a"),
+            part(6, 0, "a", replicated=True), part(5, 0, "a", replicated=True)]
+    assert kept(held, 2) == {6, 7, 8, 9}
+    assert kept(held + [part(10, 0, "a")], 2) == {6, 7, 9, 10}
 
 
 def mesh_of(shape, names):
