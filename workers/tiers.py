@@ -9,6 +9,7 @@ import dataclasses
 import os
 from typing import Any
 
+import jax
 from jaxlaunch.workers import extras
 from jaxlaunch.workers.checkpoint import Checkpointer
 from jaxlaunch.workers.memory import MemoryTier, any_host
@@ -38,7 +39,6 @@ class Restored:
 
 def restore_newest(checkpointer: Checkpointer, memory: MemoryTier | None, layout: StateLayout,
                    progress: HostProgress) -> Restored | None:
-    rank = memory.rank if memory is not None else 0
     if memory is not None:
         durable_steps = checkpointer.steps_from_rank_0()
         newest_durable = durable_steps[0] if durable_steps else 0
@@ -64,8 +64,9 @@ def restore_newest(checkpointer: Checkpointer, memory: MemoryTier | None, layout
         return None
     for aside in restored.set_aside:
         progress.event("checkpoint_fallback", **aside)
-    return Restored(restored.step, restored.state, restored.meta, extras.of_rank(restored.meta.get("extra"), rank),
-                    "durable", restored.seconds, _dir_bytes(checkpointer.directory / str(restored.step)), 0, [])
+    mine = extras.of_rank(restored.meta.get("extra"), jax.process_index())
+    read = _dir_bytes(checkpointer.directory / str(restored.step))
+    return Restored(restored.step, restored.state, restored.meta, mine, "durable", restored.seconds, read, 0, [])
 
 
 def _why_not_whole(held: list[tiers.Held], newest_durable: int, lost: list[str]) -> str | None:
