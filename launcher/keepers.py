@@ -22,6 +22,8 @@ class KeeperPool:
     def __init__(self, cfg: CheckpointConfig):
         self.cfg = cfg
         self.keepers: dict[str, Any] = {}
+        self.lost: list[str] = []
+        """Nodes whose keeper was found gone by the latest `ensure` (lost with their node)."""
 
     @property
     def enabled(self) -> bool:
@@ -49,6 +51,7 @@ class KeeperPool:
         return dict(self.keepers)
 
     def _drop_dead(self) -> None:
+        self.lost = []
         pings = {node: k.ping.remote() for node, k in self.keepers.items()}
         ready, _ = ray.wait(list(pings.values()), num_returns=len(pings), timeout=KEEPER_PING_TIMEOUT_S)
         for node, ref in pings.items():
@@ -59,6 +62,7 @@ class KeeperPool:
             except Exception as err:  # noqa: BLE001 - a keeper lost with its node
                 log.info("the keeper of node %s is gone: %s", node[:12], err)
                 del self.keepers[node]
+                self.lost.append(node)
 
     def forget(self) -> None:
         """Drops the keepers without asking Ray (its Ray instance is gone)."""

@@ -112,7 +112,7 @@ def _make_spec(job: JobConfig, run: RunDir, entry_ref):
     expect_checkpoint = run.has_history()
 
     def make(*, attempt: int, rank: int, num_hosts: int, coordinator_address: str, injections,
-             keepers=None) -> HostSpec:
+             keepers=None, lost_keepers=()) -> HostSpec:
         return HostSpec(
             entry=entry_ref, config=job.config, run_dir=str(run.path), attempt=attempt, rank=rank,
             num_hosts=num_hosts, coordinator_address=coordinator_address, mesh=job.mesh, steps=job.train.steps,
@@ -120,7 +120,7 @@ def _make_spec(job: JobConfig, run: RunDir, entry_ref):
             checkpoint=job.checkpoint, distributed=job.distributed, compilation_cache=job.cluster.compilation_cache,
             compilation_cache_dir=job.cluster.compilation_cache_dir,
             expect_checkpoint=expect_checkpoint or run.has_history(), injections=tuple(injections),
-            keepers=dict(keepers or {}))
+            keepers=dict(keepers or {}), lost_keepers=tuple(lost_keepers))
 
     return make
 

@@ -81,7 +81,8 @@ class RayWorkerGroup:
         keepers = self.keepers.ensure([n["node_id"] for n in self.node_info]) if self.keepers is not None else {}
         for rank, actor in enumerate(self.actors):
             spec = self.make_spec(attempt=attempt, rank=rank, num_hosts=num_hosts, coordinator_address=coordinator,
-                                  injections=injections, keepers=keepers)
+                                  injections=injections, keepers=keepers,
+                                  lost_keepers=tuple(self.keepers.lost) if self.keepers is not None else ())
             self.run_refs[rank] = actor.run.remote(spec)
         return GroupInfo(coordinator, [n["node_id"] for n in self.node_info], [n["pid"] for n in self.node_info])
 

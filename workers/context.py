@@ -147,7 +147,7 @@ class HostContext:
         spec = self._spec
         if not (spec.checkpoint.memory_tier and spec.keepers):
             return None
-        memory = MemoryTier(spec.keepers, self.process_index, self.process_count)
+        memory = MemoryTier(spec.keepers, self.process_index, self.process_count, spec.lost_keepers)
         refused = memory.reserve(part_nbytes(layout.targets()))
         if refused is not None:
             log.warning("memory tier off: %s", refused)

@@ -83,10 +83,10 @@ class MemoryRestored:
 class MemoryTier:
     """One host's side of the memory tier for one attempt."""
 
-    def __init__(self, keepers: dict[str, Any], rank: int, num_hosts: int):
+    def __init__(self, keepers: dict[str, Any], rank: int, num_hosts: int, lost: tuple[str, ...] = ()):
         import ray
 
-        self.keepers, self.rank, self.num_hosts = keepers, rank, num_hosts
+        self.keepers, self.rank, self.num_hosts, self.lost_before = keepers, rank, num_hosts, list(lost)
         self.node = ray.get_runtime_context().get_node_id()
         self.keeper = keepers[self.node]
         partner = tiers.replica_node(self.node, list(keepers))
@@ -95,8 +95,8 @@ class MemoryTier:
         self.refused: str | None = None
         self.sender = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="memory-tier")
         self.in_flight: concurrent.futures.Future | None = None
-        self.lost: list[str] = []
-        """Nodes whose keeper did not answer the last `held()`: lost with their node."""
+        self.lost: list[str] = list(lost)
+        """Nodes whose keeper is gone (found by the driver, or not answering `held()`): lost with their node."""
 
     # -- the budget, agreed by every host -------------------------------------------------------------
     def reserve(self, nbytes: int) -> str | None:
@@ -149,7 +149,7 @@ class MemoryTier:
 
         refs = {node: k.index.remote() for node, k in self.keepers.items()}
         ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=KEEPER_CALL_TIMEOUT_S)
-        out, self.lost = [], []
+        out, self.lost = [], list(self.lost_before)
         for node, ref in refs.items():
             try:
                 if ref not in ready:

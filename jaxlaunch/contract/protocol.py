@@ -162,6 +162,8 @@ class HostSpec:
     injections: tuple[Injection, ...] = ()
     keepers: dict[str, Any] = dataclasses.field(default_factory=dict)
     """The memory tier's keepers: node id -> the keeper's Ray actor handle. Empty: no memory tier."""
+    lost_keepers: tuple[str, ...] = ()
+    """Nodes whose keeper was lost with its node since the previous attempt started."""
 
 
 # ---- what comes back --------------------------------------------------------------------------------
