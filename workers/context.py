@@ -233,7 +233,10 @@ class HostContext:
             if self._memory is not None and self._memory.refused and not self._refusal_told:
                 self._refusal_told = True
                 self._progress.event("memory_save_refused", per_host=True, step=step, reason=self._memory.refused)
-            self._unsaved, self._carried = [], step
+            if durable:
+                # A memory save keeps them: its part carries every record since the last durable
+                # save, so a restore from memory brings back what a lost rank 0 never handed over.
+                self._unsaved, self._carried = [], step
             self._progress.enter(Phase.TRAINING)
             self._saved_step = step
             for record in self._pending:

@@ -71,11 +71,11 @@ class Keeper:
         needed = step_bytes * self.keep
         available = psutil.virtual_memory().available - self.reserve_bytes
         if needed > self.budget:
-            return (f"the memory tier needs {needed / 1e6:,.0f} MB on node {self.node[:12]} for {self.keep} steps; "
-                    f"its budget is {self.budget / 1e6:,.0f} MB")
+            return (f"the memory tier needs {_mb(needed)} on node {self.node[:12]} for {self.keep} steps; "
+                    f"its budget is {_mb(self.budget)}")
         if needed > available:
-            return (f"the memory tier needs {needed / 1e6:,.0f} MB on node {self.node[:12]} for {self.keep} steps; "
-                    f"the node has {max(available, 0) / 1e6:,.0f} MB available beyond its reserve")
+            return (f"the memory tier needs {_mb(needed)} on node {self.node[:12]} for {self.keep} steps; "
+                    f"the node has {_mb(max(available, 0))} available beyond its reserve")
         return None
 
     # -- holding ---------------------------------------------------------------------------------
@@ -122,11 +122,11 @@ class Keeper:
             total = sum(h.nbytes for k, h in after.items() if k[0] in steps)
             available = psutil.virtual_memory().available - self.reserve_bytes
             if total > self.budget:
-                return (f"holding step {held.step} would take {total / 1e6:,.0f} MB on node {self.node[:12]}, over "
-                        f"its budget of {self.budget / 1e6:,.0f} MB")
+                return (f"holding step {held.step} would take {_mb(total)} on node {self.node[:12]}, over "
+                        f"its budget of {_mb(self.budget)}")
             if held.nbytes > available:
-                return (f"node {self.node[:12]} has {max(available, 0) / 1e6:,.0f} MB available beyond its "
-                        f"reserve, less than step {held.step}'s {held.nbytes / 1e6:,.0f} MB")
+                return (f"node {self.node[:12]} has {_mb(max(available, 0))} available beyond its "
+                        f"reserve, less than step {held.step}'s {_mb(held.nbytes)}")
             self.parts[key] = (held, part)
             self._drop_unkept()
             return None
@@ -167,3 +167,7 @@ def kept(held: list[Held], keep: int) -> set[int]:
     newest_settled = settled[0] if settled else -1
     settling = [s for s in newest_first if not steps[s] and s > newest_settled][:keep]
     return set(settled) | set(settling)
+
+
+def _mb(nbytes: int) -> str:
+    return f"{nbytes / 1e6:,.0f} MB" if nbytes >= 10e6 else f"{nbytes / 1e6:.3f} MB"
