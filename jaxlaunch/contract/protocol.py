@@ -43,8 +43,7 @@ class CheckpointConfig:
     """Checkpointing on the hosts: a memory tier (host RAM, every save) and Orbax behind it."""
 
     save_every: int = flag(50)
-    """Save every this many steps (and always at the last step and at an agreed stop): into the
-    memory tier when it is on, else to Orbax in the run directory."""
+    """Save every this many steps, the last and an agreed stop (to memory with memory_tier)."""
     memory_tier: bool = flag(False)
     """Hold every save in the hosts' RAM (a keeper per node, a replica on another node) and write
     Orbax only every persist_every steps. Off: every save goes to Orbax, as before."""
