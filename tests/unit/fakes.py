@@ -5,6 +5,7 @@ from __future__ import annotations
 from jaxlaunch.launcher.driver import Driver
 from jaxlaunch.launcher.policy import FaultConfig, RestartPolicy, ScalingPolicy, Watchdog, WatchdogConfig
 
+from jaxlaunch.contract.events import Restored
 from jaxlaunch.contract.protocol import (
     Ending,
     ErrorKind,
@@ -12,7 +13,6 @@ from jaxlaunch.contract.protocol import (
     GroupInfo,
     GroupPoll,
     HostError,
-    HostEvent,
     HostExit,
     HostResult,
     HostSnapshot,
@@ -102,7 +102,7 @@ class FakeGroup:
         return [{"step": step, "loss": loss, "step_time_s": 0.1, "attempt": self.attempt}]
 
     def restored(self, step):
-        self.events.append(HostEvent("restored", self.clock(), {"step": step, "seconds": 0.1}))
+        self.events.append(Restored(time=self.clock(), step=step, seconds=0.1))
 
     def finish(self, step, ending=Ending.COMPLETED):
         snapshot = HostSnapshot(Phase.DONE, step)
