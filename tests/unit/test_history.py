@@ -102,7 +102,7 @@ def test_a_hang_is_detection_time_not_other(tmp_path):
     assert split.badput_s["other"] == pytest.approx(0.5), "only the driver's ending after the attempt"
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=100, deadline=None)
 @given(st.lists(st.tuples(st.sampled_from(list(events.EventKind)), st.floats(0, 100), st.floats(0, 20)),
                 max_size=30),
        st.lists(st.tuples(st.integers(1, 20), st.floats(0, 100), st.one_of(st.none(), st.floats(0, 5)),
