@@ -156,7 +156,8 @@ def _attempt_intervals(started: events.AttemptStarted, ended: events.AttemptEnde
     """From scheduling the group to its first step: start-up (placement, processes, JAX, restore,
     compile). In an attempt that did not finish, from its last step (or the failure, where known) to
     its end: detection and teardown (a hang's watchdog wait is detection); a failure known to come
-    after the last reported step threw away the steps between them."""
+    after the last reported step threw away the steps between them (records written before failures
+    carried their time have no such part)."""
     marks = []
     scheduled = _scheduled_at(started, ended)
     end = ended.time if ended is not None else None
@@ -167,23 +168,13 @@ def _attempt_intervals(started: events.AttemptStarted, ended: events.AttemptEnde
     if ended is None or ended.cause == PlannedEnd.FINISHED:
         return marks
     quiet_from = steps.last_end.get(started.attempt, startup_end)
-    failed_at = _failed_at(failure)
+    failed_at = failure.failed_at if failure is not None else None
     if failed_at is not None and failed_at > quiet_from:
         marks.append(Interval(quiet_from, failed_at, "recompute"))
     if failed_at is not None:
         quiet_from = min(quiet_from, failed_at)
     marks.append(Interval(quiet_from, end, "downtime"))
     return marks
-
-
-def _failed_at(failure: events.Failure | None) -> float | None:
-    if failure is None:
-        return None
-    if failure.failed_at is not None:
-        return failure.failed_at
-    # Records before `failed_at` was written: the failure event is written after the teardown, so
-    # this is late by the teardown's time.
-    return None if failure.detection_latency_s is None else failure.time - failure.detection_latency_s
 
 
 def _step_intervals(metrics: Sequence[dict[str, Any]]) -> tuple[list[Interval], _Steps]:

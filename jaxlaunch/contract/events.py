@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import logging
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
@@ -96,6 +97,7 @@ def _parsed(parse: Callable[[Any], Any], default: Any = None) -> Any:
     return dataclasses.field(default=default, metadata={"parse": parse})
 
 
+log = logging.getLogger(__name__)
 _KINDS: dict[EventKind, type[Event]] = {}
 
 
@@ -147,9 +149,17 @@ class Event:
 
 
 def parse(line: Mapping[str, Any]) -> Event | None:
-    """The typed event of a line of events.jsonl; None for a kind this version does not know."""
+    """The typed event of a line of events.jsonl; None (with a warning) for a kind this version does
+    not know or a line that lacks what its kind needs."""
     kind = EventKind._value2member_map_.get(line.get("event"))
-    return None if kind is None else _KINDS[kind].from_dict(line)
+    if kind is None:
+        log.debug("skipped an event of a kind this version does not know: %s", line.get("event"))
+        return None
+    try:
+        return _KINDS[kind].from_dict(line)
+    except (TypeError, ValueError) as err:
+        log.warning("skipped a %s event that does not parse (%s): %s", kind, err, line)
+        return None
 
 
 # ---- the driver ------------------------------------------------------------------------------------

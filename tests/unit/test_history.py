@@ -129,6 +129,19 @@ def test_any_records_split_into_parts_that_add_up_to_the_wall_time(raw_events, r
     assert split.productive_s + sum(split.badput_s.values()) == pytest.approx(split.wall_s, abs=1e-6)
 
 
+def test_a_running_job_s_split_counts_up_to_now(tmp_path):
+    """A live exporter asks for the split of the records so far: the open launch runs until `until`."""
+    run = write_run(tmp_path)
+    later = [events.Launch(time=2000.0), events.AttemptStarted(attempt=3, time=2001.0)]
+    for event in later:
+        run.event(event)
+    run.metrics([{"step": 5, "step_time_s": 0.5, "attempt": 3, "time": 2003.0}])
+    split = goodput.split(run.events(), run.metric_records(), until=2010.0)
+    assert split.wall_s == pytest.approx(21.0 + 10.0)
+    assert split.productive_s + sum(split.badput_s.values()) == pytest.approx(split.wall_s)
+    assert split.badput_s["startup"] == pytest.approx(8.0 + 1.0 + 1.5), "the open attempt's start-up counts"
+
+
 def test_the_summary_is_a_view_of_the_same_history(tmp_path):
     run = write_run(tmp_path)
     past = history.load(run)
@@ -164,6 +177,21 @@ def test_picture_and_text(tmp_path):
     out = console.export_text()
     assert "goodput 14.3%" in out and "crashed" in out and "waiting for capacity" in out
     assert re.search(r"total \(wall time\)\s+│\s+21\.0 │ 100\.0%", out)
+
+
+def test_the_goodput_bar_shows_every_part_and_ends_at_the_whole(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    split = history.load(write_run(tmp_path)).split
+    fig, bar = plt.subplots()
+    report._goodput_bar(bar, split)
+    widths = [p.get_width() for p in bar.patches]
+    plt.close(fig)
+    assert len(widths) == sum(v > 0 for v in split.shares().values()) == 8
+    assert sum(widths) == pytest.approx(1.0) and min(widths) >= report.MIN_BAR_SHARE * 0.9
 
 
 # ---- a run written by the version before typed events ----------------------------------------------
@@ -220,6 +248,8 @@ def test_a_line_from_a_newer_version_keeps_what_this_one_does_not_know():
     assert isinstance(restored, events.Restored) and restored.extra == {"tier": "memory"}
     assert restored.to_dict()["tier"] == "memory"
     assert events.parse({"event": "some_future_kind", "time": 1.0}) is None
+    assert events.parse({"event": "attempt_started", "time": 1.0}) is None, "no attempt number: skipped"
+    assert events.parse({"event": "failure", "attempt": 1, "cause": "gremlins", "time": 1.0}) is None
 
 
 def test_a_metric_other_than_loss_is_plotted(tmp_path):
