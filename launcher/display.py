@@ -28,6 +28,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from jaxlaunch.contract import events
+from jaxlaunch.contract.events import FailureKind
+
 LOG_TAIL_LINES = 12
 STACK_TAIL_LINES = 16
 COMMITTED_CHECK_INTERVAL_S = 2.0
@@ -158,7 +161,7 @@ class ConsoleView:
                       f"{escape(failure.message)}")
             if failure.traceback:
                 lines = failure.traceback.rstrip().splitlines()
-                if failure.kind.value == "hung":
+                if failure.kind == FailureKind.HUNG:
                     d.lines("innermost frames of the hung host:", lines[:STACK_TAIL_LINES])
                 else:
                     d.message(escape(failure.traceback))
@@ -169,12 +172,12 @@ class ConsoleView:
 
     def on_poll(self, driver, attempt: Attempt, poll) -> None:
         for _, event in poll.events:
-            if event.kind == "checkpoint_fallback":
-                self.display.message(f"[yellow]checkpoint step {event.fields['step']} is unreadable; set it aside "
-                                     f"in {escape(str(event.fields.get('moved_to')))} and fell back to an older "
+            if isinstance(event, events.CheckpointFallback):
+                self.display.message(f"[yellow]checkpoint step {event.step} is unreadable; set it aside "
+                                     f"in {escape(str(event.moved_to))} and fell back to an older "
                                      f"one[/yellow]")
-            elif event.kind in ("low_disk_space", "compilation_cache_disabled"):
-                self.display.message(f"[yellow]warning: {escape(str(event.fields.get('message') or event.fields))}"
+            elif isinstance(event, events.LowDiskSpace | events.CompilationCacheDisabled):
+                self.display.message(f"[yellow]warning: {escape(str(event.message))}"
                                      f"[/yellow]")
         if poll.records:
             self.last_record = poll.records[-1]

@@ -32,6 +32,8 @@ from jaxlaunch.launcher.states import (
     WaitingForCapacity,
 )
 
+from jaxlaunch.contract import events
+from jaxlaunch.contract.events import Cause, PlannedEnd
 from jaxlaunch.contract.protocol import Cluster, Ending, GroupPoll, Injection, PlacementError, WorkerGroup
 
 log = logging.getLogger(__name__)
@@ -245,8 +247,8 @@ class Driver:
         poll = self.group.poll()
         now = self.clock()
         for _, event in poll.events:
-            if event.kind == "restored":
-                attempt.restored_step = event.fields["step"]
+            if isinstance(event, events.Restored):
+                attempt.restored_step = event.step
         # The hosts' own reports are the freshest word on progress (metric records come a step late).
         reported = [h.step for h in poll.hosts if h.step is not None and h.phase.started_training]
         if reported:
@@ -282,14 +284,14 @@ class Driver:
         attempt = state.attempt
         attempt.results = dict(poll.results)
         if not any(r.ending == Ending.STOPPED for r in poll.results.values()):
-            self._end(attempt, "finished")
+            self._end(attempt, PlannedEnd.FINISHED)
             return Finished()
         step = max(r.final_step or 0 for r in poll.results.values())
         if isinstance(state, Draining) and state.reason == DrainReason.RESIZE:
-            self._end(attempt, "resize")
+            self._end(attempt, PlannedEnd.RESIZE)
             return Scheduling(prefer=state.target_hosts)
         if self.stop_signal is not None:
-            self._end(attempt, "stopped")
+            self._end(attempt, PlannedEnd.STOPPED)
             return Stopped(self.stop_signal, f"stopped by {self.stop_name} after saving step {step}")
         return self._decide(attempt, Failure(FailureKind.PREEMPTED, None, f"preemption notice; saved step {step}",
                                              step, now, self._injected_at(attempt)))
@@ -316,7 +318,7 @@ class Driver:
 
     # -- ending attempts ---------------------------------------------------------------------------
     def _decide(self, attempt: Attempt, failure: Failure) -> State:
-        self._end(attempt, failure.kind.value)
+        self._end(attempt, failure.kind)
         committed = self.committed_step()
         if committed is not None and (attempt.latest_committed is None or committed > attempt.latest_committed):
             failure = failure.with_blame(progressed=True)
@@ -334,7 +336,7 @@ class Driver:
         fired = self.fired(attempt.number) if attempt.injections else []
         return min(at for _, at in fired) if fired else None
 
-    def _end(self, attempt: Attempt, cause: str) -> None:
+    def _end(self, attempt: Attempt, cause: Cause) -> None:
         attempt.cause = cause
         self._teardown()
         for injection, _ in (self.fired(attempt.number) if attempt.injections else []):

@@ -39,6 +39,7 @@ from jaxlaunch.launcher.config import (
 from jaxlaunch.launcher.runs import RunDir
 
 from jaxlaunch.contract import entry as entry_lib
+from jaxlaunch.contract import events
 from jaxlaunch.contract.flags import flag
 from jaxlaunch.contract.protocol import ConfigError, Injection
 
@@ -247,8 +248,8 @@ def _saved_job(run: RunDir) -> JobConfig:
 def _refuse_silent_changes(run: RunDir, saved: JobConfig, job: JobConfig, fingerprint: Any,
                            allowed: Sequence[str]) -> None:
     changes = run_changes(saved, job)
-    launches = [e for e in run.events() if e["event"] == "launch"]
-    old_print = launches[-1].get("fingerprint") if launches else None
+    launches = [e for e in run.events() if isinstance(e, events.Launch)]
+    old_print = launches[-1].fingerprint if launches else None
     if launches and fingerprint != old_print and (old_print is not None or fingerprint is not None):
         changes["fingerprint"] = (old_print, fingerprint)
     refused = {k: v for k, v in changes.items() if k not in allowed}

@@ -12,6 +12,7 @@ import enum
 import math
 from collections.abc import Callable, Sequence
 
+from jaxlaunch.contract.events import FailureKind
 from jaxlaunch.contract.flags import flag
 from jaxlaunch.contract.protocol import ErrorKind, ExitHow, HostExit, HostStatus, NodeLiveness, Phase
 
@@ -54,27 +55,6 @@ class WatchdogConfig:
 
 
 # ---- failures --------------------------------------------------------------------------------------
-
-class FailureKind(enum.StrEnum):
-    CRASHED = "crashed"              # the host process died (crash, SIGKILL, out of memory)
-    NODE_LOST = "node_lost"          # the Ray node under a host went away
-    HUNG = "hung"                    # no progress within the watchdog's limit
-    EXCEPTION = "exception"          # a Python exception in the training code
-    TRANSIENT = "transient"          # an error that retries did not clear (memory, storage timeouts)
-    PREEMPTED = "preempted"          # the host or its node was asked to stop
-    STORAGE = "storage"              # the run directory cannot be written (full, read-only, gone)
-    NO_CHECKPOINT = "no_checkpoint"  # the run has committed steps and none can be read
-
-    @property
-    def is_preemption(self) -> bool:
-        """Preemptions and lost nodes spend their own, larger budget: the job did nothing wrong."""
-        return self in (FailureKind.PREEMPTED, FailureKind.NODE_LOST)
-
-    @property
-    def is_fatal(self) -> bool:
-        """Restarting cannot help: stop at once, spend no budget, keep everything."""
-        return self in (FailureKind.STORAGE, FailureKind.NO_CHECKPOINT)
-
 
 @dataclasses.dataclass(frozen=True)
 class Failure:

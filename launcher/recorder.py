@@ -6,6 +6,7 @@ goodput, summary.json and report.png are all derived from these records (`jaxlau
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import time
@@ -27,6 +28,7 @@ from jaxlaunch.launcher.states import (
     WaitingForCapacity,
 )
 
+from jaxlaunch.contract import events
 from jaxlaunch.contract.protocol import GroupPoll
 
 TENSORBOARD_SKIP = ("step", "time", "attempt", "num_hosts")
@@ -80,24 +82,23 @@ class Recorder:
     def close(self) -> None:
         self.tensorboard.close()
 
-    def event(self, kind: str, **fields: Any) -> None:
-        self._write_event(kind, time=self.wall_clock(), **fields)
+    def event(self, event: events.Event) -> None:
+        """Writes a driver's event, at the recorder's clock."""
+        self._write_event(dataclasses.replace(event, time=self.wall_clock()))
 
-    def _write_event(self, kind: str, **fields: Any) -> None:
-        record = self.run.event(kind, **fields)
+    def _write_event(self, event: events.Event) -> None:
+        self.run.event(event)
         for sink in self.sinks:
-            sink.on_event(record)
+            sink.on_event(event.to_dict())
 
     # -- polls -----------------------------------------------------------------------------------
     def on_poll(self, driver: Driver, attempt: Attempt, poll: GroupPoll) -> None:
         for rank, event in poll.events:
-            fields = dict(event.fields)
-            backfill = fields.pop("records", None)
-            self._write_event(event.kind, time=event.time, attempt=attempt.number, rank=rank, **fields)
-            if backfill:
+            self._write_event(dataclasses.replace(event, attempt=attempt.number, rank=rank))
+            if isinstance(event, events.Restored) and event.records:
                 # Records of committed steps that never reached the driver (the host died first):
                 # the checkpoint carried them, so the run's trajectory has no hole.
-                self.metrics([r for r in backfill if r["step"] not in self.recorded_steps])
+                self.metrics([r for r in event.records if r["step"] not in self.recorded_steps])
         self.metrics(poll.records)
 
     def metrics(self, records: list[dict[str, Any]]) -> None:
@@ -112,47 +113,50 @@ class Recorder:
     def on_transition(self, driver: Driver, old: State, new: State) -> None:
         if isinstance(new, Running) and not isinstance(old, _ACTIVE):
             a, group = new.attempt, new.attempt.group
-            self.event("attempt_started", attempt=a.number, num_hosts=a.num_hosts, mesh=self.mesh_for(a.num_hosts),
-                       latest_committed_step=a.latest_committed, injections=[str(i) for i in a.injections],
-                       coordinator=group.coordinator, nodes=group.nodes, pids=group.pids)
+            self.event(events.AttemptStarted(
+                attempt=a.number, num_hosts=a.num_hosts, mesh=self.mesh_for(a.num_hosts),
+                latest_committed_step=a.latest_committed, injections=[str(i) for i in a.injections],
+                coordinator=group.coordinator, nodes=group.nodes, pids=group.pids))
         elif isinstance(new, WaitingForCapacity) and not isinstance(old, WaitingForCapacity):
-            self.event("waiting_for_capacity", placeable_hosts=new.placeable,
-                       min_hosts=driver.scaling_policy.min_hosts)
+            self.event(events.WaitingForCapacity(placeable_hosts=new.placeable,
+                                                 min_hosts=driver.scaling_policy.min_hosts))
         elif isinstance(new, Draining):
             if new.reason == DrainReason.RESIZE:
-                self.event("grow", attempt=new.attempt.number, from_hosts=new.attempt.num_hosts,
-                           to_hosts=new.target_hosts)
+                self.event(events.Grow(attempt=new.attempt.number, from_hosts=new.attempt.num_hosts,
+                                       to_hosts=new.target_hosts))
             else:
-                self.event("stop_requested", attempt=new.attempt.number, signal=driver.stop_name)
+                self.event(events.StopRequested(attempt=new.attempt.number, signal=driver.stop_name))
         if isinstance(old, _ACTIVE) and not isinstance(new, _ACTIVE):
             self._attempt_ended(driver, old.attempt, new)
         if isinstance(new, Restarting):
-            self.event("restarting", reason=new.decision.reason, backoff_s=new.decision.backoff_s)
+            self.event(events.Restarting(reason=new.decision.reason, backoff_s=new.decision.backoff_s))
         elif isinstance(new, Failed):
-            self.event("job_failed", reason=new.reason)
+            self.event(events.JobFailed(reason=new.reason))
         elif isinstance(new, Stopped):
-            self.event("job_stopped", reason=new.reason, signal=driver.stop_name)
+            self.event(events.JobStopped(reason=new.reason, signal=driver.stop_name))
 
     def _attempt_ended(self, driver: Driver, a: Attempt, new: State) -> None:
         failure = getattr(new, "failure", None)
-        latency = None
+        latency = failed_at = None
         if failure is not None:
             if failure.failed_at is not None:
                 latency = max(0.0, failure.detected_at - failure.failed_at)
-            self.event("failure", attempt=a.number, cause=failure.kind.value, host=failure.rank, step=failure.step,
-                       message=failure.message, traceback=failure.traceback, detection_latency_s=latency)
-            if failure.rank is not None and failure.traceback and failure.kind.value == "hung":
+                failed_at = failure.failed_at + self.wall_clock() - driver.clock()
+            self.event(events.Failure(attempt=a.number, cause=failure.kind, host=failure.rank, step=failure.step,
+                                      message=failure.message, traceback=failure.traceback,
+                                      detection_latency_s=latency, failed_at=failed_at))
+            if failure.rank is not None and failure.traceback and failure.kind == events.FailureKind.HUNG:
                 with self.run.host_log(a.number, failure.rank).open("a") as log:
                     log.write(f"\n--- the watchdog found this host hung; its stacks ---\n{failure.traceback}\n")
         result = next(iter(a.results.values()), None)
-        self.event(
-            "attempt_ended", attempt=a.number, num_hosts=a.num_hosts, cause=a.cause,
+        self.event(events.AttemptEnded(
+            attempt=a.number, num_hosts=a.num_hosts, cause=a.cause,
             host=failure.rank if failure is not None else None, first_step=a.first_step, last_step=a.last_step,
             restored_step=a.restored_step, detection_latency_s=latency, recovery_time_s=a.recovery_time_s,
             time_to_first_step_s=a.time_to_first_step_s, duration_s=driver.clock() - a.started_at,
             **({"process_count": result.process_count, "num_devices": result.num_devices, "mesh": result.mesh,
                 "returned": result.returned} if result is not None else {}),
-        )
+        ))
 
 
 class Chaos:
@@ -178,5 +182,5 @@ class Chaos:
         rank = self.random.randrange(len(poll.hosts))
         self.next_at = None
         attempt.killed_at = now
-        self.record("chaos_kill", attempt=attempt.number, host=rank, step=attempt.last_step)
+        self.record(events.ChaosKill(attempt=attempt.number, host=rank, step=attempt.last_step))
         driver.group.kill(rank)

@@ -20,11 +20,12 @@ import time
 from typing import Any
 
 from jaxlaunch.launcher import history, notebook, report
-from jaxlaunch.launcher.cli import EXIT_FAILED
+from jaxlaunch.launcher.cli import EXIT_FAILED, EXIT_OK
 from jaxlaunch.launcher.cluster import RayCluster, runtime_env
 from jaxlaunch.launcher.config import JobConfig
 from jaxlaunch.launcher.display import ConsoleView, Display, error, shown
 from jaxlaunch.launcher.driver import CAPACITY_POLL_S, Driver
+from jaxlaunch.launcher.history import AttemptRecord
 from jaxlaunch.launcher.job import PreparedJob
 from jaxlaunch.launcher.live_metrics import Exporter, LiveMetrics
 from jaxlaunch.launcher.policy import RestartPolicy, ScalingPolicy, Watchdog
@@ -35,7 +36,8 @@ from jaxlaunch.launcher.worker_group import RayWorkerGroup, StandbyPool
 from rich.markup import escape
 
 from jaxlaunch.contract import entry as entry_lib
-from jaxlaunch.contract import storage
+from jaxlaunch.contract import events, storage
+from jaxlaunch.contract.events import JobStatus
 from jaxlaunch.contract.layout import read_jsonl
 from jaxlaunch.contract.protocol import ConfigError, HostSpec, Injection
 from jaxlaunch.contract.storage import RunStorageError, storage_errno
@@ -45,13 +47,13 @@ from jaxlaunch.contract.storage import RunStorageError, storage_errno
 class LaunchResult:
     """The outcome of one launch, as `jaxlaunch.launch` returns it."""
 
-    status: str
-    """"finished", "failed" or "stopped"."""
+    status: JobStatus
+    """finished, failed, stopped (SIGINT, SIGTERM) or interrupted."""
     exit_code: int
     """What the command line would exit with: 0 finished, 1 failed, 130/143 stopped."""
     reason: str | None
     final_step: int | None
-    attempts: list[dict[str, Any]]
+    attempts: list[AttemptRecord]
     """The attempt table: hosts, mesh, steps, restored step, cause, failed host, timings."""
     goodput: float | None
     run_dir: pathlib.Path
@@ -63,7 +65,7 @@ class LaunchResult:
 
     @property
     def ok(self) -> bool:
-        return self.status == "finished"
+        return self.status == JobStatus.FINISHED
 
     def _repr_html_(self) -> str:
         return notebook.to_html(self.summary, self.reason, self.run_dir)
@@ -202,11 +204,12 @@ def _drive(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref, di
     if lock.took_over:
         display.message(f"[yellow]took over the lock of a launch that died (pid {lock.took_over.get('pid')} on "
                         f"{lock.took_over.get('host')})[/yellow]")
-    attempt_offset = sum(e["event"] == "attempt_started" for e in run.events())
-    run.event("launch", num_hosts=job.num_hosts, resume=job.resume, entry=str(entry.ref), steps=job.train.steps,
-              fingerprint=prepared.fingerprint, cluster=cluster.describe(), pid=os.getpid(),
-              ray_supervisor=cluster.instance.supervisor_pid if cluster.instance is not None else None,
-              requested_hosts=None if cluster.embedded else job.max_hosts)
+    attempt_offset = sum(isinstance(e, events.AttemptStarted) for e in run.events())
+    run.event(events.Launch(
+        num_hosts=job.num_hosts, resume=job.resume, entry=str(entry.ref), steps=job.train.steps,
+        fingerprint=prepared.fingerprint, cluster=cluster.describe(), pid=os.getpid(),
+        ray_supervisor=cluster.instance.supervisor_pid if cluster.instance is not None else None,
+        requested_hosts=None if cluster.embedded else job.max_hosts))
     make_spec = _make_spec(job, run, host_ref)
 
     def committed() -> int | None:
@@ -241,8 +244,9 @@ def _drive(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref, di
             standby.shutdown()
         display.stop()
         state = driver.state
-        status = {0: "finished", 1: "failed"}.get(code, "stopped" if code else "interrupted")
-        run.event("job_ended", status=status, reason=getattr(state, "reason", None))
+        status = {EXIT_OK: JobStatus.FINISHED, EXIT_FAILED: JobStatus.FAILED}.get(
+            code, JobStatus.STOPPED if code else JobStatus.INTERRUPTED)
+        run.event(events.JobEnded(status=status, reason=getattr(state, "reason", None)))
         recorder.close()
         live.close()
         past = history.load(run)
@@ -277,7 +281,7 @@ def _warn_if_disk_is_short(run: RunDir, job: JobConfig, display: Display) -> Non
     if free < one * keep:
         message = (f"{run.checkpoints} has {free / 1e6:,.0f} MB free; {keep} checkpoints of about "
                    f"{one / 1e6:,.0f} MB need {one * keep / 1e6:,.0f} MB")
-        run.event("low_disk_space", free_bytes=free, needed_bytes=one * keep, checkpoints=keep, message=message)
+        run.event(events.LowDiskSpace(free_bytes=free, needed_bytes=one * keep, checkpoints=keep, message=message))
         display.message(f"[yellow]warning: {message}[/yellow]")
 
 

@@ -15,6 +15,8 @@ import threading
 import time
 from typing import Any
 
+from jaxlaunch.contract.events import Event
+from jaxlaunch.contract.events import parse as parse_event
 from jaxlaunch.contract.layout import LOCK_NAME, RunLayout, read_jsonl, write_json_atomic
 from jaxlaunch.contract.protocol import ConfigError
 
@@ -87,16 +89,15 @@ class RunDir(RunLayout):
                     lines = "\n" + lines
             f.write(lines.encode())
 
-    def event(self, kind: str, **fields: Any) -> dict[str, Any]:
-        record = {"event": kind, "time": fields.pop("time", time.time()), **fields}
-        self._append(self.events_path, [record])
-        return record
+    def event(self, event: Event) -> None:
+        self._append(self.events_path, [event.to_dict()])
 
     def metrics(self, records: list[dict[str, Any]]) -> None:
         self._append(self.metrics_path, records)
 
-    def events(self) -> list[dict[str, Any]]:
-        return read_jsonl(self.events_path)
+    def events(self) -> list[Event]:
+        """The run's events, of every launch, typed (a kind this version does not know is skipped)."""
+        return [e for e in map(parse_event, read_jsonl(self.events_path)) if e is not None]
 
     def metric_records(self) -> list[dict[str, Any]]:
         return read_jsonl(self.metrics_path)

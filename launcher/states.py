@@ -11,6 +11,7 @@ from typing import Any
 
 from jaxlaunch.launcher.policy import Decision, Failure
 
+from jaxlaunch.contract.events import Cause
 from jaxlaunch.contract.protocol import GroupInfo, Injection
 
 
@@ -36,7 +37,7 @@ class Attempt:
     """When chaos killed a host of it (driver clock)."""
     failures: dict[int | None, Failure] = dataclasses.field(default_factory=dict)
     """Failures seen while finding the root cause, by host."""
-    cause: str | None = None
+    cause: Cause | None = None
     results: dict[int, Any] = dataclasses.field(default_factory=dict)
 
     def stepped(self, hosts) -> bool:

@@ -432,7 +432,7 @@ class Trackers:
         self.state_path = run.path / STATE_FILE
         self.lock = threading.Lock()
         self.state: dict[str, dict[str, Any]] = self._load()
-        self.events = [e for e in run.events() if note_line(e) is not None]
+        self.events = [line for line in (e.to_dict() for e in run.events()) if note_line(line) is not None]
         params = flat_settings(settings)
         self.senders = []
         for name in names:

@@ -33,6 +33,7 @@ from jaxlaunch.contract.protocol import (
     HostSpec,
     HostStatus,
     Injection,
+    NodeInfo,
     NodeLiveness,
     PlacementError,
     host_env,
@@ -60,7 +61,7 @@ class RayWorkerGroup:
         self.hosts: list[HostStatus] = []
         self.results: dict[int, HostResult] = {}
         self.exits: dict[int, HostExit] = {}
-        self.node_info: list[dict] = []
+        self.node_info: list[NodeInfo] = []
 
     # -- start -----------------------------------------------------------------------------------
     def start(self, num_hosts: int, attempt: int, injections: tuple[Injection, ...] = ()) -> GroupInfo:
@@ -81,7 +82,7 @@ class RayWorkerGroup:
             spec = self.make_spec(attempt=attempt, rank=rank, num_hosts=num_hosts, coordinator_address=coordinator,
                                   injections=injections)
             self.run_refs[rank] = actor.run.remote(spec)
-        return GroupInfo(coordinator, [n["node_id"] for n in self.node_info], [n["pid"] for n in self.node_info])
+        return GroupInfo(coordinator, [n.node_id for n in self.node_info], [n.pid for n in self.node_info])
 
     def _take_standby(self, num_hosts: int, logs: list[str], attempt: int) -> bool:
         """Whether the spare group took over (placed, its processes started and warmed up)."""
@@ -171,11 +172,11 @@ class RayWorkerGroup:
     def _liveness(self, ranks: list[int]) -> dict[int, NodeLiveness]:
         """Each rank's node as Ray and its raylet tell it now: one listing, all probes at once."""
         try:
-            nodes = self.cluster.nodes_liveness([self.node_info[rank]["node_id"] for rank in ranks])
+            nodes = self.cluster.nodes_liveness([self.node_info[rank].node_id for rank in ranks])
         except Exception as err:  # noqa: BLE001 - the GCS itself may be gone with an embedded node
             log.debug("liveness of hosts %s's nodes unknown: %s", ranks, err)
             return dict.fromkeys(ranks, NodeLiveness.UNKNOWN)
-        return {rank: nodes[self.node_info[rank]["node_id"]] for rank in ranks}
+        return {rank: nodes[self.node_info[rank].node_id] for rank in ranks}
 
     def _refresh_liveness(self) -> None:
         """A death whose node was unknown is looked at again: Ray declares a lost node dead only
@@ -210,9 +211,9 @@ class RayWorkerGroup:
         (a hung or stopped process cannot answer for itself)."""
         info = self.node_info[rank]
         dump = ray.remote(num_cpus=0)(_py_spy_dump).options(
-            scheduling_strategy=NodeAffinitySchedulingStrategy(info["node_id"], soft=False))
+            scheduling_strategy=NodeAffinitySchedulingStrategy(info.node_id, soft=False))
         try:
-            return ray.get(dump.remote(info["pid"]), timeout=STACK_DUMP_TIMEOUT_S)
+            return ray.get(dump.remote(info.pid), timeout=STACK_DUMP_TIMEOUT_S)
         except Exception as err:  # noqa: BLE001 - a dump is a diagnosis, never a reason to fail
             log.debug("stack dump of host %d failed: %s", rank, err)
             return None

@@ -33,6 +33,7 @@ from jaxlaunch.workers.mesh import Rules
 from jaxlaunch.workers.progress import HostProgress
 from jaxlaunch.workers.state import Shardings, StateLayout, largest_array
 
+from jaxlaunch.contract import events
 from jaxlaunch.contract.layout import RunLayout
 from jaxlaunch.contract.protocol import Ending, HostResult, HostSpec, Phase
 from jaxlaunch.contract.storage import free_bytes
@@ -106,15 +107,15 @@ class HostContext:
         else:
             state, step = restored.state, restored.step
             for aside in restored.set_aside:
-                self._progress.event("checkpoint_fallback", **aside)
+                self._progress.event(events.CheckpointFallback(**aside))
             path, array = largest_array(state)
-            self._progress.event(
-                "restored", step=step, records=restored.meta.get("records", []), seconds=restored.seconds,
+            self._progress.event(events.Restored(
+                step=step, records=tuple(restored.meta.get("records", [])), seconds=restored.seconds,
                 saved_topology=restored.meta.get("topology"),
                 mesh=dict(self.mesh.shape),
                 # Evidence that the arrays landed in today's layout, not the one they were saved in.
                 array=path, sharding=str(array.sharding.spec),
-                shard_shape=list(array.addressable_shards[0].data.shape))
+                shard_shape=list(array.addressable_shards[0].data.shape)))
             log.info("restored step %d in %.2f s", step, restored.seconds)
         self._layout, self._checkpointer = layout, checkpointer
         self._start_step = self._last_step = step
@@ -127,10 +128,10 @@ class HostContext:
         keep = self._spec.checkpoint.max_to_keep + 1
         needed, free = layout.num_bytes() * keep, free_bytes(checkpointer.directory)
         if self.process_index == 0 and free is not None and free < needed:
-            self._progress.event("low_disk_space", free_bytes=free, needed_bytes=needed, checkpoints=keep,
-                                 message=f"{checkpointer.directory} has {free / 1e6:,.0f} MB free; {keep} "
-                                         f"checkpoints of about {layout.num_bytes() / 1e6:,.0f} MB need "
-                                         f"{needed / 1e6:,.0f} MB")
+            self._progress.event(events.LowDiskSpace(
+                free_bytes=free, needed_bytes=needed, checkpoints=keep,
+                message=f"{checkpointer.directory} has {free / 1e6:,.0f} MB free; {keep} checkpoints of about "
+                        f"{layout.num_bytes() / 1e6:,.0f} MB need {needed / 1e6:,.0f} MB"))
 
     # -- the loop --------------------------------------------------------------------------------
     def report(self, step: int, **metrics: Any) -> None:
@@ -161,8 +162,7 @@ class HostContext:
         self._progress.step_done(step)
         if first:
             self._progress.enter(Phase.TRAINING)
-            self._progress.event("startup_timeline", per_host=True, **self._progress.timeline,
-                                 first_step_done=time.time())
+            self._progress.event(events.StartupTimeline(**self._progress.timeline, first_step_done=time.time()))
         self._armed = step
 
     def maybe_save(self, step: int, state: Any) -> bool:
@@ -265,7 +265,7 @@ class HostContext:
             started = time.perf_counter()
             self._checkpointer.wait()
             self._checkpointer.close()
-            self._progress.event("final_save", seconds=time.perf_counter() - started)
+            self._progress.event(events.FinalSave(seconds=time.perf_counter() - started))
         self._progress.enter(Phase.DONE)
         return HostResult(
             ending=Ending.STOPPED if self._stopped_at is not None else Ending.COMPLETED,

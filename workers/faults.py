@@ -16,7 +16,7 @@ import signal
 import time
 from collections.abc import Callable
 
-from jaxlaunch.contract.protocol import Injection
+from jaxlaunch.contract.protocol import Injection, InjectionKind
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +53,15 @@ def fire(injection: Injection, step: int) -> None:
     log.warning("injecting %s at step %d", injection.kind, step)
     for handler in logging.getLogger().handlers:
         handler.flush()
-    if injection.kind == "crash":
+    if injection.kind == InjectionKind.CRASH:
         os.abort()
-    elif injection.kind == "kill":
+    elif injection.kind == InjectionKind.KILL:
         os.kill(os.getpid(), signal.SIGKILL)
-    elif injection.kind == "hang":
+    elif injection.kind == InjectionKind.HANG:
         os.kill(os.getpid(), signal.SIGSTOP)
-    elif injection.kind == "exception":
+    elif injection.kind == InjectionKind.EXCEPTION:
         raise InjectedFailure(f"injected exception at step {step}")
-    elif injection.kind == "preempt":
+    elif injection.kind == InjectionKind.PREEMPT:
         os.kill(os.getpid(), signal.SIGTERM)
     else:
         raise ValueError(f"unknown injection kind {injection.kind!r}")

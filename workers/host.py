@@ -15,14 +15,14 @@ import socket
 import sys
 import time
 import traceback
-from typing import Any
 
 import psutil
 import ray
 from jaxlaunch.workers.progress import HostProgress
 
+from jaxlaunch.contract import events
 from jaxlaunch.contract.entry import HOST_RANK_ENV
-from jaxlaunch.contract.protocol import MONITOR_GROUP, HostError, HostResult, HostSnapshot, HostSpec, Phase
+from jaxlaunch.contract.protocol import MONITOR_GROUP, HostError, HostResult, HostSnapshot, HostSpec, NodeInfo, Phase
 
 
 def _node_ip() -> str:
@@ -51,7 +51,7 @@ class HostActor:
             logging.getLogger(__name__).warning("warming up failed: %s", err)
         return time.perf_counter() - started
 
-    def activate(self, log_path: str, attempt: int, rank: int) -> dict[str, Any]:
+    def activate(self, log_path: str, attempt: int, rank: int) -> NodeInfo:
         """A spare takes over as a host of an attempt: its output goes to that attempt's log now."""
         self._start(log_path, attempt, rank)
         return self.node_info()
@@ -84,8 +84,8 @@ class HostActor:
             port = sock.getsockname()[1]
         return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
-    def node_info(self) -> dict[str, Any]:
-        return {"node_id": ray.get_runtime_context().get_node_id(), "ip": _node_ip(), "pid": os.getpid()}
+    def node_info(self) -> NodeInfo:
+        return NodeInfo(ray.get_runtime_context().get_node_id(), _node_ip(), os.getpid())
 
     @ray.method(concurrency_group=MONITOR_GROUP)
     def poll(self) -> HostSnapshot:
@@ -113,7 +113,7 @@ class HostActor:
             if spec.compilation_cache:
                 problem = runtime.enable_compilation_cache(spec.compilation_cache_dir or runtime.default_cache_dir())
                 if problem and spec.rank == 0:
-                    self.progress.event("compilation_cache_disabled", reason=problem)
+                    self.progress.event(events.CompilationCacheDisabled(reason=problem))
             runtime.initialize(
                 coordinator_address=spec.coordinator_address, num_processes=spec.num_hosts, process_id=spec.rank,
                 bind_address=spec.coordinator_address, platform=spec.platform, timeouts=spec.distributed,

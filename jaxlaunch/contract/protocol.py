@@ -13,6 +13,7 @@ import dataclasses
 import enum
 from typing import Any, Protocol
 
+from jaxlaunch.contract.events import HostEvent
 from jaxlaunch.contract.flags import flag
 
 
@@ -66,14 +67,21 @@ class DistributedConfig:
     """jax.distributed.shutdown: the barrier's limit."""
 
 
-INJECTION_KINDS = ("crash", "kill", "hang", "exception", "preempt")
+class InjectionKind(enum.StrEnum):
+    """A failure to inject (`jaxlaunch.workers.faults` imitates each)."""
+
+    CRASH = "crash"          # the process aborts, as on a segfault
+    KILL = "kill"            # SIGKILL, as the out-of-memory killer sends it
+    HANG = "hang"            # the process stops making progress
+    EXCEPTION = "exception"  # the user's code raises
+    PREEMPT = "preempt"      # a preemption notice (SIGTERM)
 
 
 @dataclasses.dataclass(frozen=True)
 class Injection:
     """A failure to inject at a reported step: `--inject KIND@step=N,host=I[,times=K]`."""
 
-    kind: str
+    kind: InjectionKind
     step: int
     host: int = 0
     times: int = 1
@@ -81,13 +89,13 @@ class Injection:
 
     @classmethod
     def parse(cls, text: str) -> Injection:
-        form = "KIND@step=N,host=I[,times=K] with KIND one of " + ", ".join(INJECTION_KINDS)
+        form = "KIND@step=N,host=I[,times=K] with KIND one of " + ", ".join(InjectionKind)
         kind, _, rest = text.partition("@")
-        if kind not in INJECTION_KINDS or not rest:
+        if kind not in InjectionKind._value2member_map_ or not rest:
             raise ConfigError(f"--inject {text!r}: expected {form}")
         try:
             fields = {k.strip(): int(v) for k, v in (item.split("=") for item in rest.split(","))}
-            injection = cls(kind=kind, **fields)
+            injection = cls(kind=InjectionKind(kind), **fields)
         except (ValueError, TypeError):
             raise ConfigError(f"--inject {text!r}: expected {form}") from None
         if injection.step < 1 or injection.host < 0 or injection.times < 1:
@@ -153,18 +161,6 @@ class HostSpec:
 # ---- what comes back --------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class HostEvent:
-    """Something a host wants in events.jsonl (a restore, a checkpoint fallback, its timeline)."""
-
-    kind: str
-    time: float
-    fields: dict[str, Any]
-    per_host: bool = False
-    """Written for every host (with its rank); otherwise only rank 0's copy is written, since every
-    host reports the same group-wide fact."""
-
-
-@dataclasses.dataclass(frozen=True)
 class HostSnapshot:
     """A host's state at a poll, with the records and events gathered since the previous poll."""
 
@@ -173,6 +169,7 @@ class HostSnapshot:
     records: tuple[dict[str, Any], ...] = ()
     """Per-step metric records (rank 0 only)."""
     events: tuple[HostEvent, ...] = ()
+    """What the host wants in events.jsonl (a restore, a checkpoint fallback, its start-up timeline)."""
 
 
 class Ending(enum.StrEnum):
@@ -293,6 +290,16 @@ class GroupPoll:
     @property
     def finished(self) -> bool:
         return len(self.results) == len(self.hosts)
+
+
+@dataclasses.dataclass(frozen=True)
+class NodeInfo:
+    """Where a host process runs."""
+
+    node_id: str
+    """Ray's id of the node."""
+    ip: str
+    pid: int
 
 
 @dataclasses.dataclass(frozen=True)

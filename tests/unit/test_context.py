@@ -14,6 +14,7 @@ from jaxlaunch.workers.mesh import build_mesh
 from jaxlaunch.workers.progress import HostProgress
 
 from examples import minimal
+from jaxlaunch.contract.events import Restored
 from jaxlaunch.contract.protocol import (
     CheckpointConfig,
     DistributedConfig,
@@ -64,8 +65,8 @@ def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit(tmp_path):
     _, whole, _ = run(tmp_path / "whole", 9)
     run(tmp_path / "parts", 5)  # saved at 3 and 5
     _, rest, events = run(tmp_path / "parts", 9, attempt=2)
-    [restored] = [e for e in events if e.kind == "restored"]
-    assert restored.fields["step"] == 5 and [r["step"] for r in restored.fields["records"]] == [4, 5]
+    [restored] = [e for e in events if isinstance(e, Restored)]
+    assert restored.step == 5 and [r["step"] for r in restored.records] == [4, 5]
     assert [r["step"] for r in rest] == [6, 7, 8, 9]
     assert [r["loss"] for r in rest] == [r["loss"] for r in whole[5:]]
 

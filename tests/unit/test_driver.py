@@ -21,6 +21,7 @@ from jaxlaunch.launcher.states import (
     WaitingForCapacity,
 )
 
+from jaxlaunch.contract import events
 from jaxlaunch.contract.protocol import Ending, ErrorKind, Injection, NodeLiveness
 from tests.unit.fakes import dies_at, make_driver, obeys, trains_to
 
@@ -311,17 +312,17 @@ def test_chaos_kills_a_random_training_host_and_detection_is_timed_from_the_kill
             group.die(group.killed, step=i)
             return []
         return group.train(i)
-    chaos = Chaos(0.5, seed=0, record=lambda kind, **fields: kills.append(fields))
+    chaos = Chaos(0.5, seed=0, record=kills.append)
     driver, _, _, _ = make_driver([dies_when_killed, trains_to(3)], listeners=[chaos])
     assert driver.run() == 0
-    assert len(driver.failures) == 1 and driver.failures[0].rank == kills[0]["host"]
+    assert len(driver.failures) == 1 and driver.failures[0].rank == kills[0].host
     assert driver.failures[0].failed_at == driver.attempts[0].killed_at
 
 
 def test_the_records_of_a_run_are_derived_from_its_events(tmp_path):
     run = RunDir(tmp_path)
     run.create()
-    run.event("launch")
+    run.event(events.Launch())
     recorder = Recorder(run, lambda n: {"data": n})
 
     def restores(group, i):
@@ -330,12 +331,12 @@ def test_the_records_of_a_run_are_derived_from_its_events(tmp_path):
         return trains_to(5, start=2)(group, i)
     driver, _, _, _ = make_driver([dies_at(3), restores], listeners=[recorder])
     assert driver.run() == 0
-    run.event("job_ended", status="finished")
+    run.event(events.JobEnded(status=events.JobStatus.FINISHED))
     recorder.close()
     past = history.load(run)
-    assert [(a["num_hosts"], a["cause"], a["failed_host"], a["restored_step"]) for a in past.attempts] == [
+    assert [(a.num_hosts, a.cause, a.failed_host, a.restored_step) for a in past.attempts] == [
         (2, "crashed", 1, None), (2, "finished", None, 2)]
-    kinds = [e["event"] for e in past.events]
+    kinds = [e.kind for e in past.events]
     assert kinds.count("attempt_started") == 2 and kinds.count("failure") == 1 and "restarting" in kinds
     assert sorted(past.trajectory) == [1, 2, 3, 4, 5]
     summary = past.summary(run)

@@ -120,7 +120,7 @@ def test_goodput_is_refreshed_at_most_every_interval(tmp_path, monkeypatch):
     live = LiveMetrics(run, lambda: None, None, clock=lambda: now[0], wall_clock=lambda: 1020.0)
     loads = []
     real = live_metrics.history.load
-    monkeypatch.setattr(live_metrics.history, "load", lambda r: loads.append(1) or real(r))
+    monkeypatch.setattr(live_metrics.history, "load", lambda r, until=None: loads.append(1) or real(r, until))
 
     class Attempt:
         num_hosts, number, last_step = 2, 2, 4
