@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from jaxlaunch.launcher.driver import Listener
 from jaxlaunch.launcher.runs import RunDir
 from jaxlaunch.launcher.states import (
     Attempt,
@@ -126,7 +127,7 @@ def shown(path: pathlib.Path) -> str:
         return str(path)
 
 
-class ConsoleView:
+class ConsoleView(Listener):
     """The driver's listener for the terminal."""
 
     def __init__(self, display: Display, run: RunDir, total_steps: int, committed_step: Callable[[], int | None],
@@ -143,8 +144,8 @@ class ConsoleView:
             d.start(new.attempt.latest_committed or 0, self.total_steps)
         elif isinstance(new, WaitingForCapacity) and not isinstance(old, WaitingForCapacity):
             d.message(f"waiting for capacity: room for {new.placeable} hosts, at least "
-                      f"{driver.scaling_policy.min_hosts} needed")
-        elif isinstance(new, Draining):
+                      f"{driver.policies.scaling.min_hosts} needed")
+        elif isinstance(new, Draining) and not isinstance(old, Draining):
             if new.reason == DrainReason.RESIZE:
                 d.message(f"capacity for {new.target_hosts} hosts: saving, then restarting on {new.target_hosts}")
             else:
