@@ -70,7 +70,7 @@ def test_budget_spent_exits_1_with_the_attempt_table(tmp_path):
 
 def test_no_readable_checkpoint_never_means_training_from_scratch(reference_run, copy_of):
     """Every process's data of every step is gone: the job stops with exit 1, says how to proceed,
-    and moves or deletes nothing (before, it set both steps aside and trained from step 1)."""
+    and moves or deletes nothing."""
     run_dir = copy_of(reference_run)
     for data in (run_dir / "checkpoints").glob("*/state/ocdbt.process_*"):
         shutil.rmtree(data)
@@ -91,8 +91,7 @@ HANG_TRIES = 4
 def test_every_hang_comes_with_the_hung_hosts_stacks_whichever_path_finds_it(tmp_path):
     """Host 1 stops at step 8. Either the watchdog finds it (10 s without a step), or host 0's
     collective fails first and the driver blames host 1's silence: both must read host 1's stacks
-    before the teardown (before, only the watchdog's path did, and 2 runs in 3 took the other). The
-    scenario repeats until both paths were taken; while one is missing, the hang limit moves toward
+    before the teardown. The scenario repeats until both paths were taken; while one is missing, the hang limit moves toward
     it (shorter for the watchdog, longer for a peer's error), so it ends within HANG_TRIES runs."""
     seen: dict[str, float] = {}
     tried = []

@@ -107,9 +107,7 @@ def two_nodes():
 def test_a_resize_always_happens_and_recomputes_no_step(two_nodes, tmp_path, tmp_path_factory, run):
     """The elastic scenario, five times in a row (the built-in model): 2 hosts, a node lost at step 12, the job shrinks
     to 1 host, a node added back 5 s later. Every run grows back to 2 hosts at a step both hosts
-    saved, and trains no step twice across the resize. (Before, the stop behind a resize went
-    through JAX's preemption service, which in 1 of 2 runs never reached its sync point on the
-    1-host group: the job finished on 1 host.)"""
+    saved, and trains no step twice across the resize."""
     cluster, workers = two_nodes
     run_dir = tmp_path / "run"
     began = time.monotonic()
