@@ -91,8 +91,9 @@ HANG_TRIES = 4
 def test_every_hang_comes_with_the_hung_hosts_stacks_whichever_path_finds_it(tmp_path):
     """Host 1 stops at step 8. Either the watchdog finds it (10 s without a step), or host 0's
     collective fails first and the driver blames host 1's silence: both must read host 1's stacks
-    before the teardown. The scenario repeats until both paths were taken; while one is missing, the hang limit moves toward
-    it (shorter for the watchdog, longer for a peer's error), so it ends within HANG_TRIES runs."""
+    before the teardown. The scenario repeats until both paths were taken; while one is missing, the
+    hang limit moves toward it (shorter for the watchdog, longer for a peer's error), so it ends
+    within HANG_TRIES runs."""
     seen: dict[str, float] = {}
     tried = []
     limit = 10.0
