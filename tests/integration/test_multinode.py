@@ -92,7 +92,7 @@ def test_lost_node_shrinks_the_job_and_an_added_node_grows_it_back(four_nodes, m
 GROW_AFTER_S = 5.0
 """The elastic scenario adds a node back this long after the job shrank."""
 ELASTIC_TIMES = "elastic-runs.jsonl"
-ELASTIC_STEPS = 600
+ELASTIC_STEPS = 1000
 """examples/minimal.py's steps take milliseconds (a save every 5 steps most of it): enough of them
 that the 1-host group still trains when the node comes back."""
 
