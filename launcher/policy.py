@@ -196,7 +196,7 @@ def entry_error(failures: Sequence[Failure], num_hosts: int) -> Failure | None:
     early = {f.rank: f for f in failures if f.before_first_step}
     if len(early) < num_hosts or len({f.exception_type for f in early.values()}) != 1:
         return None
-    return early[min(early)].with_blame(on_every_host=True)
+    return dataclasses.replace(early[min(early)], on_every_host=True)
 
 
 def likely_fix(failure: Failure) -> str:
