@@ -34,7 +34,6 @@ class RayCluster:
         self.runtime_env = runtime_env
         self.embedded = cfg.address is None
         self.instance = None
-        self.restarts = 0
         self._requested = False
         self.standby = None
         """The spare group (`worker_group.StandbyPool`), whose hosts count as placeable."""
@@ -74,7 +73,6 @@ class RayCluster:
         if self.standby is not None:
             self.standby.forget()  # its processes went with the old instance
         self.shutdown()
-        self.restarts += 1
         self.connect()
 
     # -- capacity --------------------------------------------------------------------------------

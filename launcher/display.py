@@ -12,12 +12,13 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from jaxlaunch.launcher.driver import Listener
 from jaxlaunch.launcher.runs import RunDir
 from jaxlaunch.launcher.states import (
     Attempt,
+    AttemptEnded,
     Draining,
     DrainReason,
-    Failed,
     Restarting,
     Running,
     State,
@@ -129,7 +130,7 @@ def shown(path: pathlib.Path) -> str:
         return str(path)
 
 
-class ConsoleView:
+class ConsoleView(Listener):
     """The driver's listener for the terminal."""
 
     def __init__(self, display: Display, run: RunDir, total_steps: int, committed_step: Callable[[], int | None],
@@ -146,29 +147,30 @@ class ConsoleView:
             d.start(new.attempt.latest_committed or 0, self.total_steps)
         elif isinstance(new, WaitingForCapacity) and not isinstance(old, WaitingForCapacity):
             d.message(f"waiting for capacity: room for {new.placeable} hosts, at least "
-                      f"{driver.scaling_policy.min_hosts} needed")
-        elif isinstance(new, Draining):
+                      f"{driver.policies.scaling.min_hosts} needed")
+        elif isinstance(new, Draining) and not isinstance(old, Draining):
             if new.reason == DrainReason.RESIZE:
                 d.message(f"capacity for {new.target_hosts} hosts: saving, then restarting on {new.target_hosts}")
             else:
                 d.message(f"{driver.stop_name}: saving a checkpoint on every host, then stopping "
                           f"(again to stop at once)")
-        failure = getattr(new, "failure", None)
-        if isinstance(new, Restarting | Failed) and failure is not None:
-            attempt: Attempt = old.attempt if hasattr(old, "attempt") else None
-            where = f"host {failure.rank}" if failure.rank is not None else "the group"
-            d.message(f"[red]{failure.kind.value}[/red] on {where} after step {failure.step}: "
-                      f"{escape(failure.message)}")
-            if failure.traceback:
-                lines = failure.traceback.rstrip().splitlines()
-                if failure.kind == FailureKind.HUNG:
-                    d.lines("innermost frames of the hung host:", lines[:STACK_TAIL_LINES])
-                else:
-                    d.message(escape(failure.traceback))
-            if failure.rank is not None and attempt is not None:
-                self._log_tail(attempt.number, failure.rank)
         if isinstance(new, Restarting):
             d.message(f"restarting in {new.decision.backoff_s:.1f} s: {new.decision.reason}")
+
+    def on_attempt_ended(self, driver, ended: AttemptEnded) -> None:
+        failure, d = ended.failure, self.display
+        if failure is None:
+            return
+        where = f"host {failure.rank}" if failure.rank is not None else "the group"
+        d.message(f"[red]{failure.kind.value}[/red] on {where} after step {failure.step}: {escape(failure.message)}")
+        if failure.traceback:
+            lines = failure.traceback.rstrip().splitlines()
+            if failure.kind == FailureKind.HUNG:
+                d.lines("innermost frames of the hung host:", lines[:STACK_TAIL_LINES])
+            else:
+                d.message(escape(failure.traceback))
+        if failure.rank is not None:
+            self._log_tail(ended.attempt.number, failure.rank)
 
     def on_poll(self, driver, attempt: Attempt, poll) -> None:
         for _, event in poll.events:

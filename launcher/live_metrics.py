@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Mapping
 
 from jaxlaunch.launcher import history
-from jaxlaunch.launcher.driver import Driver
+from jaxlaunch.launcher.driver import Driver, Listener
 from jaxlaunch.launcher.runs import RunDir
 from jaxlaunch.launcher.states import Attempt, Draining, ResolvingFailure, Running, State
 from jaxlaunch.launcher.trackers import restarts_by_cause
@@ -74,7 +74,7 @@ class Exporter:
         self.thread.join()
 
 
-class LiveMetrics:
+class LiveMetrics(Listener):
     """A listener of the driver that keeps the endpoint (if any) and TensorBoard's goodput current."""
 
     def __init__(self, run: RunDir, committed: Callable[[], int | None], exporter: Exporter | None,

@@ -93,9 +93,6 @@ class Failure:
         last_line = (self.traceback or self.message).strip().splitlines()[-1:] or [""]
         return (self.kind, self.step, last_line[0])
 
-    def with_blame(self, **changes) -> Failure:
-        return dataclasses.replace(self, **changes)
-
 
 _ERROR_KINDS = {
     ErrorKind.USER: FailureKind.EXCEPTION,
@@ -179,7 +176,7 @@ def entry_error(failures: Sequence[Failure], num_hosts: int) -> Failure | None:
     early = {f.rank: f for f in failures if f.before_first_step}
     if len(early) < num_hosts or len({f.exception_type for f in early.values()}) != 1:
         return None
-    return early[min(early)].with_blame(on_every_host=True)
+    return dataclasses.replace(early[min(early)], on_every_host=True)
 
 
 def likely_fix(failure: Failure) -> str:
@@ -288,6 +285,29 @@ class ScalingPolicy:
             if self.fits(n):
                 return n
         return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Policies:
+    """The decisions the driver carries out: restarts, host counts, hangs."""
+
+    restart: RestartPolicy
+    scaling: ScalingPolicy
+    watchdog: Watchdog
+
+    @property
+    def fault(self) -> FaultConfig:
+        return self.restart.cfg
+
+
+# ---- stops the driver starts -------------------------------------------------------------------------
+
+def stop_step(steps: Sequence[int | None], floor: int | None, margin: int) -> int:
+    """The step to propose for a stop every host saves at: `margin` steps past the furthest step
+    known, whether a host reported it or said it had passed it (`floor`, which also holds the step
+    proposed before)."""
+    known = [s for s in (*steps, floor) if s is not None]
+    return max(known, default=0) + margin
 
 
 # ---- hangs -------------------------------------------------------------------------------------------

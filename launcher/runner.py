@@ -25,10 +25,11 @@ from jaxlaunch.launcher.cluster import RayCluster, runtime_env
 from jaxlaunch.launcher.config import JobConfig
 from jaxlaunch.launcher.display import ConsoleView, Display, error, shown
 from jaxlaunch.launcher.driver import CAPACITY_POLL_S, Driver
+from jaxlaunch.launcher.fault_plan import FaultPlan, injection_log
 from jaxlaunch.launcher.history import AttemptRecord
 from jaxlaunch.launcher.job import PreparedJob
 from jaxlaunch.launcher.live_metrics import Exporter, LiveMetrics
-from jaxlaunch.launcher.policy import RestartPolicy, ScalingPolicy, Watchdog
+from jaxlaunch.launcher.policy import Policies, RestartPolicy, ScalingPolicy, Watchdog
 from jaxlaunch.launcher.recorder import Chaos, Recorder
 from jaxlaunch.launcher.runs import RunDir
 from jaxlaunch.launcher.trackers import Trackers
@@ -38,8 +39,7 @@ from rich.markup import escape
 from jaxlaunch.contract import entry as entry_lib
 from jaxlaunch.contract import events, storage
 from jaxlaunch.contract.events import JobStatus
-from jaxlaunch.contract.layout import read_jsonl
-from jaxlaunch.contract.protocol import ConfigError, HostSpec, Injection
+from jaxlaunch.contract.protocol import ConfigError, HostSpec
 from jaxlaunch.contract.storage import RunStorageError, storage_errno
 
 
@@ -122,21 +122,6 @@ def _make_spec(job: JobConfig, run: RunDir, entry_ref):
             expect_checkpoint=expect_checkpoint or run.has_history(), injections=tuple(injections))
 
     return make
-
-
-def _fired(run: RunDir, injections: tuple[Injection, ...], clock, wall_clock):
-    """The injections that went off in an attempt, from the hosts' record of them (written before
-    each fires), with their times on the driver's clock."""
-    def fired(attempt: int) -> list[tuple[Injection, float]]:
-        out = []
-        for line in read_jsonl(run.injections_path):
-            if line.get("attempt") != attempt:
-                continue
-            for injection in injections:
-                if (injection.kind, injection.step, injection.host) == (line["kind"], line["step"], line["rank"]):
-                    out.append((injection, clock() - (wall_clock() - line["time"])))
-        return out
-    return fired
 
 
 def run_job(prepared: PreparedJob, display: Display | None = None) -> LaunchResult:
@@ -227,13 +212,16 @@ def _drive(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref, di
                                                         job.checkpoint.save_every)]
     if prepared.chaos_mean_s:
         listeners.append(Chaos(prepared.chaos_mean_s, job.train.seed, recorder.event))
+    policies = Policies(RestartPolicy(job.fault),
+                        ScalingPolicy(job.min_hosts, job.max_hosts, lambda n: _fits(job, entry, n)),
+                        Watchdog(job.watchdog))
+    faults = FaultPlan(prepared.injections,
+                       injection_log(run.injections_path, prepared.injections, time.monotonic, time.time))
     driver = Driver(
         cluster=cluster,
         make_group=lambda: RayWorkerGroup(cluster, run, make_spec, job.watchdog.poll_interval_s, standby),
-        restart_policy=RestartPolicy(job.fault), watchdog=Watchdog(job.watchdog), fault=job.fault,
-        scaling_policy=ScalingPolicy(job.min_hosts, job.max_hosts, lambda n: _fits(job, entry, n)),
-        committed_step=committed, fired=_fired(run, prepared.injections, time.monotonic, time.time),
-        injections=prepared.injections, attempt_offset=attempt_offset, listeners=listeners,
+        policies=policies, committed_step=committed, faults=faults, attempt_offset=attempt_offset,
+        listeners=listeners,
     )
     code = None
     try:
@@ -273,16 +261,12 @@ def _warn_if_disk_is_short(run: RunDir, job: JobConfig, display: Display) -> Non
     """Before the first attempt of a resumed run: can the disk hold max_to_keep + 1 checkpoints?
     (A fresh run's hosts check once they know the state's size.)"""
     steps = run.committed_steps()
-    free = storage.free_bytes(run.checkpoints)
-    if not steps or free is None:
+    if not steps:
         return
-    keep = job.checkpoint.max_to_keep + 1
-    one = run.checkpoint_bytes(steps[0])
-    if free < one * keep:
-        message = (f"{run.checkpoints} has {free / 1e6:,.0f} MB free; {keep} checkpoints of about "
-                   f"{one / 1e6:,.0f} MB need {one * keep / 1e6:,.0f} MB")
-        run.event(events.LowDiskSpace(free_bytes=free, needed_bytes=one * keep, checkpoints=keep, message=message))
-        display.message(f"[yellow]warning: {message}[/yellow]")
+    short = storage.short_of_space(run.checkpoints, run.checkpoint_bytes(steps[0]), job.checkpoint.max_to_keep + 1)
+    if short is not None:
+        run.event(events.LowDiskSpace(**dataclasses.asdict(short)))
+        display.message(f"[yellow]warning: {short.message}[/yellow]")
 
 
 def _fits(job: JobConfig, entry: entry_lib.Entry, num_hosts: int) -> bool:

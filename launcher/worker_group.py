@@ -36,12 +36,15 @@ from jaxlaunch.contract.protocol import (
     NodeInfo,
     NodeLiveness,
     PlacementError,
+    StopAnswer,
     host_env,
 )
 
 log = logging.getLogger(__name__)
 ACTOR_CALL_TIMEOUT_S = 120.0
 STACK_DUMP_TIMEOUT_S = 20.0
+STOP_CALL_TIMEOUT_S = 5.0
+"""How long a stop proposal or confirmation waits for the hosts' monitor threads (they answer at once)."""
 PG_REMOVAL_WAIT_S = 5.0
 NODE_DIED_MARKER = "because its node has died"  # Ray GCS: "The actor died because its node has died."
 
@@ -196,11 +199,29 @@ class RayWorkerGroup:
         return [rank for rank, node in self._liveness(ranks).items() if node == NodeLiveness.DEAD]
 
     # -- interventions ---------------------------------------------------------------------------
-    def preempt(self) -> None:
-        """Asks every host to save at one common step and stop (a SIGTERM to each host process)."""
-        for rank, actor in enumerate(self.actors):
-            if rank not in self.results:
-                actor.preempt.remote()
+    def propose_stop(self, step: int) -> dict[int, StopAnswer]:
+        """Every running host's answer to a proposed stop step; a host that does not answer in time
+        is left out (the driver proposes again)."""
+        ranks = [rank for rank in range(len(self.actors)) if rank not in self.results and rank not in self.exits]
+        return {rank: answer for rank, answer in zip(ranks, self._ask(ranks, "propose_stop", step), strict=True)
+                if isinstance(answer, StopAnswer)}
+
+    def confirm_stop(self, step: int, ranks: list[int]) -> list[int]:
+        """The ranks that took `step` as final."""
+        return [rank for rank, ok in zip(ranks, self._ask(ranks, "confirm_stop", step), strict=True) if ok is True]
+
+    def _ask(self, ranks: list[int], method: str, *args) -> list:
+        """One call to each host's monitor thread, side by side; None for a host that did not answer."""
+        refs = [getattr(self.actors[rank], method).remote(*args) for rank in ranks]
+        ready = set(ray.wait(refs, num_returns=len(refs), timeout=STOP_CALL_TIMEOUT_S)[0]) if refs else set()
+        answers = []
+        for ref in refs:
+            try:
+                answers.append(ray.get(ref) if ref in ready else None)
+            except Exception as err:  # noqa: BLE001 - a host that died is reported by its run ref
+                log.debug("%s failed: %s", method, err)
+                answers.append(None)
+        return answers
 
     def kill(self, rank: int) -> None:
         """SIGKILLs one host process (chaos)."""

@@ -16,6 +16,7 @@ Every host runs the same function; the calls that touch checkpoints (`restore_or
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import numbers
@@ -32,11 +33,12 @@ from jaxlaunch.workers.faults import FaultHook
 from jaxlaunch.workers.mesh import Rules
 from jaxlaunch.workers.progress import HostProgress
 from jaxlaunch.workers.state import Shardings, StateLayout, largest_array
+from jaxlaunch.workers.stops import DriverStop
 
 from jaxlaunch.contract import events
 from jaxlaunch.contract.layout import RunLayout
 from jaxlaunch.contract.protocol import Ending, HostResult, HostSpec, Phase
-from jaxlaunch.contract.storage import free_bytes
+from jaxlaunch.contract.storage import short_of_space
 
 log = logging.getLogger(__name__)
 CARRIED_RECORDS = 256
@@ -51,7 +53,8 @@ class HostContext:
     schedule, fixed when the run started), `seed`, `run_dir`, `attempt`, and `config` (the user's
     own settings: the YAML `config:` section and --set flags, saved with the run)."""
 
-    def __init__(self, spec: HostSpec, mesh: jax.sharding.Mesh, progress: HostProgress):
+    def __init__(self, spec: HostSpec, mesh: jax.sharding.Mesh, progress: HostProgress,
+                 driver_stop: DriverStop | None = None):
         self.mesh = mesh
         self.process_index = jax.process_index()
         self.process_count = jax.process_count()
@@ -62,6 +65,7 @@ class HostContext:
         self.attempt = spec.attempt
         self.config: dict[str, Any] = dict(spec.config)
         self._spec, self._progress = spec, progress
+        self._driver_stop = driver_stop or DriverStop()
         self._layout: StateLayout | None = None
         self._checkpointer: Checkpointer | None = None
         self._start_step: int | None = None
@@ -125,13 +129,9 @@ class HostContext:
         return layout.merge(state), step
 
     def _warn_if_disk_is_short(self, checkpointer: Checkpointer, layout: StateLayout) -> None:
-        keep = self._spec.checkpoint.max_to_keep + 1
-        needed, free = layout.num_bytes() * keep, free_bytes(checkpointer.directory)
-        if self.process_index == 0 and free is not None and free < needed:
-            self._progress.event(events.LowDiskSpace(
-                free_bytes=free, needed_bytes=needed, checkpoints=keep,
-                message=f"{checkpointer.directory} has {free / 1e6:,.0f} MB free; {keep} checkpoints of about "
-                        f"{layout.num_bytes() / 1e6:,.0f} MB need {needed / 1e6:,.0f} MB"))
+        short = short_of_space(checkpointer.directory, layout.num_bytes(), self._spec.checkpoint.max_to_keep + 1)
+        if self.process_index == 0 and short is not None:
+            self._progress.event(events.LowDiskSpace(**dataclasses.asdict(short)))
 
     # -- the loop --------------------------------------------------------------------------------
     def report(self, step: int, **metrics: Any) -> None:
@@ -216,10 +216,12 @@ class HostContext:
             raise RuntimeError(f"ctx.{method} before ctx.restore_or_init: build or restore the state first")
 
     def _stop_agreed(self, step: int) -> bool:
-        """JAX's preemption sync point, asked once per step: after a SIGTERM reached any host, every
-        host answers True at the same step."""
+        """Asked once per step: the step the driver agreed with every host (a resize, a stop the user
+        asked for), or JAX's preemption sync point (after a SIGTERM from outside reached any host,
+        every host answers True at the same step)."""
         if self._stop_checked is None or self._stop_checked[0] != step:
-            self._stop_checked = (step, bool(self._checkpointer.reached_preemption(step)))
+            stop = self._driver_stop.reached(step) or bool(self._checkpointer.reached_preemption(step))
+            self._stop_checked = (step, stop)
         return self._stop_checked[1]
 
     def _saving(self) -> bool:

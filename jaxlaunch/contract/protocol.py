@@ -284,8 +284,6 @@ class GroupPoll:
     """(rank, event), already filtered: group-wide events from rank 0 only."""
     results: dict[int, HostResult]
     exits: list[HostExit]
-    unresolved: int = 0
-    """Hosts that went unreachable and are not yet known to be dead or lost with their node."""
 
     @property
     def finished(self) -> bool:
@@ -309,6 +307,16 @@ class GroupInfo:
     pids: list[int]
 
 
+@dataclasses.dataclass(frozen=True)
+class StopAnswer:
+    """A host's answer to the driver's proposed stop step."""
+
+    accepted: bool
+    """The host has not passed the step: it will wait there until the driver confirms or moves it."""
+    step: int | None
+    """The last step the host checked for a stop (None: none yet)."""
+
+
 class PlacementError(RuntimeError):
     """The cluster could not place the hosts asked for in time."""
 
@@ -318,7 +326,8 @@ class WorkerGroup(Protocol):
 
     def start(self, num_hosts: int, attempt: int, injections: tuple[Injection, ...] = ()) -> GroupInfo: ...
     def poll(self) -> GroupPoll: ...
-    def preempt(self) -> None: ...
+    def propose_stop(self, step: int) -> dict[int, StopAnswer]: ...
+    def confirm_stop(self, step: int, ranks: list[int]) -> list[int]: ...
     def kill(self, rank: int) -> None: ...
     def dump_stacks(self, rank: int) -> str | None: ...
     def lost_hosts(self) -> list[int]: ...
@@ -349,4 +358,5 @@ HOST_PROGRAM = "jaxlaunch.workers.host:HostActor"
 """The host process's program, which the driver starts by this name as a Ray actor (the way a
 process manager starts a program it never imports for its own use)."""
 MONITOR_GROUP = "monitor"
-"""The host actor's concurrency group for polls and stack dumps, answered while training runs."""
+"""The host actor's concurrency group for polls, stop requests and stack dumps, answered while
+training runs."""

@@ -4,6 +4,7 @@ the hosts' checkpointer and the driver's records both use it."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import pathlib
@@ -69,3 +70,26 @@ def free_bytes(directory: pathlib.Path) -> int | None:
         return None
 
 
+
+
+@dataclasses.dataclass(frozen=True)
+class ShortOfSpace:
+    """The run directory's filesystem cannot hold the checkpoints a run keeps (a warning, recorded
+    as a `low_disk_space` event with these fields)."""
+
+    free_bytes: int
+    needed_bytes: int
+    checkpoints: int
+    """How many checkpoints must fit: those kept, and the one being written."""
+    message: str
+
+
+def short_of_space(directory: pathlib.Path, checkpoint_bytes: int, checkpoints: int) -> ShortOfSpace | None:
+    """Whether `checkpoints` checkpoints of `checkpoint_bytes` fit in what `directory`'s filesystem
+    has free (None: they fit, or the free space cannot be known)."""
+    free, needed = free_bytes(directory), checkpoint_bytes * checkpoints
+    if free is None or free >= needed:
+        return None
+    return ShortOfSpace(free, needed, checkpoints, f"{directory} has {free / 1e6:,.0f} MB free; {checkpoints} "
+                                                   f"checkpoints of about {checkpoint_bytes / 1e6:,.0f} MB need "
+                                                   f"{needed / 1e6:,.0f} MB")

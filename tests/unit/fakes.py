@@ -6,7 +6,8 @@ from __future__ import annotations
 import time
 
 from jaxlaunch.launcher.driver import Driver
-from jaxlaunch.launcher.policy import FaultConfig, RestartPolicy, ScalingPolicy, Watchdog, WatchdogConfig
+from jaxlaunch.launcher.fault_plan import FaultPlan
+from jaxlaunch.launcher.policy import FaultConfig, Policies, RestartPolicy, ScalingPolicy, Watchdog, WatchdogConfig
 
 from jaxlaunch.contract.events import Restored
 from jaxlaunch.contract.protocol import (
@@ -23,6 +24,7 @@ from jaxlaunch.contract.protocol import (
     NodeLiveness,
     Phase,
     PlacementError,
+    StopAnswer,
 )
 
 POLL_INTERVAL_S = WatchdogConfig().poll_interval_s
@@ -76,7 +78,12 @@ class FakeGroup:
         self.polls = 0
         self.poll_seconds = 0.0
         """CPU time spent inside poll(): the fake's own cost, for a benchmark to take out of the driver's."""
-        self.preempted = False
+        self.stop_at = None
+        """The stop step every host accepted and the driver confirmed."""
+        self.held_at = None
+        """The proposed stop step the hosts that accepted it wait at."""
+        self.ahead = {}
+        """rank -> how many steps a host's loop is past the step it last reported."""
         self.killed = None
         self.results = {}
         self.exits = {}
@@ -135,9 +142,21 @@ class FakeGroup:
         self.exits[rank] = HostExit(rank, ExitHow.RAISED, self.clock(), step, error=error)
 
     # -- what the driver does --------------------------------------------------------------------
-    def preempt(self):
-        self.preempted = True
-        self.log.append(("preempt", self.attempt))
+    def propose_stop(self, step):
+        self.log.append(("propose_stop", step))
+        answers = {}
+        for h in self.hosts:
+            if h.rank not in self.results and h.rank not in self.exits and h.rank not in self.silent:
+                at = (h.step or 0) + self.ahead.get(h.rank, 0)
+                answers[h.rank] = StopAnswer(at < step, at)
+        if any(a.accepted for a in answers.values()):
+            self.held_at = step
+        return answers
+
+    def confirm_stop(self, step, ranks):
+        self.log.append(("confirm_stop", step))
+        self.stop_at = step
+        return list(ranks)
 
     def kill(self, rank):
         self.killed = rank
@@ -167,11 +186,14 @@ def trains_to(total, start=0):
 
 
 def obeys(group, i):
-    """Trains until asked to save and stop (a preemption notice), then stops as every host would."""
-    if group.preempted:
-        group.finish(i, Ending.STOPPED)
+    """Trains a step a poll; waits at a proposed stop step; saves and stops at the confirmed one."""
+    step = (group.hosts[0].step or 0) + 1
+    if group.stop_at is not None and step > group.stop_at:
+        group.finish(group.stop_at, Ending.STOPPED)
         return []
-    return group.train(i)
+    if group.held_at is not None and step > group.held_at:
+        return []
+    return group.train(step)
 
 
 def dies_at(step, rank=1, **how):
@@ -195,12 +217,12 @@ def make_driver(behaviours, *, hosts=2, placeable=None, min_hosts=None, max_host
         return FakeGroup(clock, queue.pop(0), log, cluster)
 
     fault = fault or FaultConfig(max_restarts=2, backoff_s=1)
+    policies = Policies(RestartPolicy(fault),
+                        ScalingPolicy(min_hosts or hosts, max_hosts or hosts, lambda n: n % 2 == 0 or n == 1),
+                        Watchdog(watchdog or WatchdogConfig()))
     driver = Driver(
-        cluster=cluster, make_group=make_group, restart_policy=RestartPolicy(fault),
-        scaling_policy=ScalingPolicy(min_hosts or hosts, max_hosts or hosts, lambda n: n % 2 == 0 or n == 1),
-        watchdog=Watchdog(watchdog or WatchdogConfig()), fault=fault,
-        committed_step=committed or (lambda: None), injections=injections, listeners=listeners,
-        fired=fired or (lambda attempt: []),
+        cluster=cluster, make_group=make_group, policies=policies, committed_step=committed or (lambda: None),
+        faults=FaultPlan(injections, fired or (lambda attempt: [])), listeners=listeners,
         clock=clock, sleep=clock.sleep,
     )
     return driver, log, clock, cluster
