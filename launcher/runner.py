@@ -36,7 +36,6 @@ from rich.markup import escape
 
 from jaxlaunch.contract import entry as entry_lib
 from jaxlaunch.contract import storage
-from jaxlaunch.contract.layout import read_jsonl
 from jaxlaunch.contract.protocol import ConfigError, HostSpec, Injection
 from jaxlaunch.contract.storage import RunStorageError, storage_errno
 
@@ -54,7 +53,8 @@ class LaunchResult:
     attempts: list[dict[str, Any]]
     """The attempt table: hosts, mesh, steps, restored step, cause, failed host, timings."""
     goodput: float | None
-    run_dir: pathlib.Path
+    run_dir: pathlib.Path | str
+    """The run directory: a local folder, or the URL of one on an object store."""
     metrics: dict[int, dict[str, Any]]
     """The final trajectory: step -> the metrics it reported (a recomputed step keeps its last run)."""
     returned: Any
@@ -127,7 +127,7 @@ def _fired(run: RunDir, injections: tuple[Injection, ...], clock, wall_clock):
     each fires), with their times on the driver's clock."""
     def fired(attempt: int) -> list[tuple[Injection, float]]:
         out = []
-        for line in read_jsonl(run.injections_path):
+        for line in run.injections():
             if line.get("attempt") != attempt:
                 continue
             for injection in injections:
@@ -153,7 +153,7 @@ def _run_job(prepared: PreparedJob, display: Display | None, exporter: Exporter 
     display = display or Display()
     if prepared.announce:
         display.message(prepared.announce, soft_wrap=True)
-    run.path.mkdir(parents=True, exist_ok=True)
+    run.store.makedirs()
     lock = run.lock()
     try:
         lock.acquire()
@@ -185,7 +185,7 @@ def _run_job(prepared: PreparedJob, display: Display | None, exporter: Exporter 
             code = storage_errno(err)
             if code is None:
                 raise
-            raise RunStorageError(storage.describe(run.path, code, None)) from err
+            raise RunStorageError(storage.describe(run.store.url, code, None)) from err
         finally:
             cluster.shutdown()
     finally:
@@ -245,10 +245,11 @@ def _drive(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref, di
         run.event("job_ended", status=status, reason=getattr(state, "reason", None))
         recorder.close()
         live.close()
+        run.flush()
         past = history.load(run)
         summary = past.summary(run)
         run.write_summary(summary)
-        report.plot(past, run.path / "report.png")
+        picture = report.save_plot(past, run)
         if trackers is not None:
             trackers.close(status, summary)
     if past.failures:
@@ -260,7 +261,7 @@ def _drive(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref, di
         display.message(f"{reason}; continue with: {entry_lib.resume_command(entry.ref, shown(run.path))}",
                         soft_wrap=True)
     display.summary(summary)
-    display.closing(run.path)
+    display.closing(run.path, picture)
     return LaunchResult(status, code, reason, summary["final_step"], past.attempts, past.goodput, run.path,
                         past.trajectory, summary.get("returned"), summary)
 
@@ -311,6 +312,7 @@ def _package_to_ship(staging: pathlib.Path) -> str:
     return str(target)
 
 
-def _remove_if_empty(path: pathlib.Path) -> None:
-    with contextlib.suppress(OSError):
-        path.rmdir()
+def _remove_if_empty(path: pathlib.Path | str) -> None:
+    if isinstance(path, pathlib.Path):  # an object store has no folders to leave behind
+        with contextlib.suppress(OSError):
+            path.rmdir()

@@ -26,7 +26,7 @@ def write_run(tmp_path):
          "num_devices": 4, "mesh": {"data": 2}, "time": t + 20},
         {"event": "job_ended", "status": "finished", "time": t + 21},
     ]
-    run._append(run.events_path, events)
+    run._events.add(events)
     run.metrics([
         {"step": 1, "loss": 5.0, "step_time_s": None, "attempt": 1},  # compiled: its time is not known
         {"step": 2, "loss": 4.0, "step_time_s": 1.0, "checkpoint_blocking_s": 0.25, "attempt": 1},
@@ -67,7 +67,7 @@ def test_the_summary_is_a_view_of_the_same_history(tmp_path):
 def test_a_resumed_run_counts_every_launch(tmp_path):
     run = write_run(tmp_path)
     t = 2000.0
-    run._append(run.events_path, [
+    run._events.add([
         {"event": "launch", "time": t},
         {"event": "attempt_started", "attempt": 3, "num_hosts": 2, "mesh": {"data": 2}, "time": t + 1},
         {"event": "attempt_ended", "attempt": 3, "cause": "finished", "first_step": 5, "last_step": 6,
@@ -92,7 +92,7 @@ def test_picture_and_text(tmp_path):
 def test_a_metric_other_than_loss_is_plotted(tmp_path):
     run = RunDir(tmp_path)
     run.create()
-    run._append(run.events_path, [{"event": "launch", "time": 1.0}, {"event": "job_ended", "time": 2.0}])
+    run._events.add([{"event": "launch", "time": 1.0}, {"event": "job_ended", "time": 2.0}])
     run.metrics([{"step": 1, "accuracy": 0.5, "step_time_s": 0.1}, {"step": 2, "accuracy": 0.7, "step_time_s": 0.1}])
     assert report.plotted_metric(history.load(run)) == "accuracy"
     assert report.write(run.path, show=False).exists()
