@@ -92,10 +92,7 @@ class Checkpointer:
         """A local folder, or the URL of one in an object store."""
         self.expect_checkpoint = expect_checkpoint
         self.checkpoint_bytes: int | None = None
-        if is_url(directory):
-            os.environ.update(tensorstore_environment())
-            if str(directory).startswith("s3://"):
-                route_s3_to_tensorstore()
+        prepare_tensorstore(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.max_to_keep,
             enable_async_checkpointing=cfg.async_save,
@@ -271,6 +268,7 @@ class Checkpointer:
 def read_arrays(step_dir: str | pathlib.Path) -> dict[str, np.ndarray]:
     """Every array of a saved state as host numpy arrays keyed by path, read in one process whatever
     topology wrote it. For inspection and tests; never used on the training path."""
+    prepare_tensorstore(step_dir)
     path = epath.Path(step_dir) / STATE_ITEM
     checkpointer = ocp.PyTreeCheckpointer()
     tree = checkpointer.metadata(path).item_metadata.tree
@@ -279,12 +277,21 @@ def read_arrays(step_dir: str | pathlib.Path) -> dict[str, np.ndarray]:
     return {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
 
 
+def prepare_tensorstore(location: str | pathlib.Path) -> None:
+    """Points TensorStore's cloud drivers where the run directory's store is."""
+    if is_url(location):
+        os.environ.update(tensorstore_environment())
+        if str(location).startswith("s3://"):
+            route_s3_to_tensorstore()
+
+
 def route_s3_to_tensorstore() -> None:
     """Has Orbax write `s3://` arrays with TensorStore's s3 driver. Orbax 0.12 sends only `gs://`
     to a cloud driver (`tensorstore_utils._use_gcs_driver`) and everything else to the `file`
     driver, which cannot take a URL; its metadata already goes through etils.epath and s3fs. The
-    spec is built as for GCS, then each GCS driver is swapped for S3 (the endpoint, region and
-    credentials come from the standard AWS variables, which TensorStore reads)."""
+    spec is built as for GCS, then each GCS driver is swapped for S3, with the endpoint and region
+    of the standard AWS variables (TensorStore reads the credentials' variables itself, but without
+    an explicit endpoint it never reaches one that is not AWS)."""
     from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
     original = ts_utils.build_kvstore_tspec
@@ -306,9 +313,16 @@ def _gcs_to_s3(spec: Any) -> Any:
         spec = {k: _gcs_to_s3(v) for k, v in spec.items()}
         if spec.get("driver") in ("gcs", "gcs_grpc"):
             spec["driver"] = "s3"
+            spec.update(_s3_endpoint())
         return spec
     if isinstance(spec, list):
         return [_gcs_to_s3(v) for v in spec]
     if isinstance(spec, str) and spec.startswith("gs://"):
         return "s3://" + spec[len("gs://"):]
     return spec
+
+
+def _s3_endpoint() -> dict[str, str]:
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return {**({"endpoint": endpoint} if endpoint else {}), **({"aws_region": region} if region else {})}
