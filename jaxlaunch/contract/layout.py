@@ -32,9 +32,9 @@ INJECTIONS_DIR = "hosts/injections"
 
 def committed_steps(checkpoints: Store | str | os.PathLike, prefix: str = "") -> list[int]:
     """Steps in a checkpoints folder (or under `prefix` of a store) whose save committed, newest
-    first. On POSIX, Orbax writes a step into a temporary
-    folder, renames it to the bare step number and writes its metadata last; on an object store it
-    writes in place and its commit file last. A step without its marker does not exist."""
+    first. On POSIX, Orbax writes a step into a temporary folder, renames it to the bare step number
+    and writes its metadata last; on an object store it writes in place and its commit file last. A
+    step without its marker does not exist."""
     store = checkpoints if isinstance(checkpoints, Store) else open_store(checkpoints)
     marker = CHECKPOINT_COMMIT_MARKER if isinstance(store, LocalStore) else OBJECT_STORE_COMMIT_MARKER
     steps = [int(name) for name in store.list(prefix)

@@ -232,7 +232,13 @@ class ObjectStore(Store):
             return None
 
     def move(self, src: str, dst: str) -> None:
-        self.fs.mv(self._p(src), self._p(dst), recursive=True)
+        source, target = self._p(src), self._p(dst)
+        objects = self.fs.find(source)
+        if not objects:
+            raise FileNotFoundError(f"{self.scheme}://{source}")
+        for path in objects:
+            self.fs.copy(path, target + path[len(source):])
+        self.fs.rm(objects)
 
     def check(self) -> None:
         try:
@@ -268,17 +274,19 @@ def filesystem(scheme: str) -> Any:
         raise ConfigError(f"--run-dir {scheme}://...: jaxlaunch keeps runs on a path, s3:// or gs://, not "
                           f"{scheme}://")
     module, extra = SCHEMES[scheme]
+    emulator = os.environ.get("STORAGE_EMULATOR_HOST") if scheme == "gs" else None
+    if emulator:
+        # gcsfs otherwise asks a gRPC API that emulators lack for each bucket's type, a minute each.
+        os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
     try:
         import fsspec
 
         __import__(module)
     except ImportError:
         raise ConfigError(f"--run-dir {scheme}://... needs {module}: pip install 'jaxlaunch[{extra}]'") from None
-    if scheme == "gs":
-        emulator = os.environ.get("STORAGE_EMULATOR_HOST")
-        if emulator:
-            # gcsfs reads the variable too, but then asks for credentials an emulator has no use for.
-            return fsspec.filesystem("gs", token="anon", endpoint_url=_with_scheme(emulator), **_UNCACHED)
+    if emulator:
+        # gcsfs reads the variable too, but then asks for credentials an emulator has no use for.
+        return fsspec.filesystem("gs", token="anon", endpoint_url=_with_scheme(emulator), **_UNCACHED)
     return fsspec.filesystem(scheme, **_UNCACHED)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import threading
 import urllib.request
 from collections.abc import Iterator
 
@@ -33,6 +34,9 @@ def gcs() -> Iterator[Emulator]:
 
     server = FakeGCSServer()
     server.start()
+    # The wrapper keeps the server's log in a pipe nobody reads: once 64 KiB of it fill the pipe,
+    # the server stops answering. Read it away.
+    threading.Thread(target=server._process.stderr.read, name="fake-gcs-log", daemon=True).start()
     try:
         env = {"STORAGE_EMULATOR_HOST": server.url}
         yield Emulator("gs", env, lambda name: _request("POST", f"{server.url}/storage/v1/b",
