@@ -56,8 +56,8 @@ def report_main(argv: list[str]) -> int:
     from jaxlaunch.launcher import report
     from jaxlaunch.launcher.runs import RunDir
 
-    run = RunDir(args.run_dir)
     try:
+        run = RunDir(args.run_dir)
         run.store.check()
     except ConfigError as err:
         error(str(err))

@@ -96,10 +96,10 @@ class RunLayout:
         self.is_url = is_url(path)
         self.path: pathlib.Path | str = self.store.url if self.is_url else pathlib.Path(self.store.url)
         """A local run's folder, or a URL."""
-        self.checkpoints = self.store.join("checkpoints")
+        self.checkpoints = self._name("checkpoints")
         """Where Orbax saves: a path or a URL, as Orbax takes it."""
-        self.unreadable = self.store.join(UNREADABLE_DIR)
-        self.tensorboard_dir = self.store.join("tensorboard")
+        self.unreadable = self._name(UNREADABLE_DIR)
+        self.tensorboard_dir = self._name("tensorboard")
         self.events_path, self.metrics_path, self.summary_path, self.config_path = (
             self._name(n) for n in ("events.jsonl", "metrics.jsonl", "summary.json", "config.json"))
         # Host logs stay on the disk of the machine that writes them: an object store has no appends.
