@@ -20,6 +20,10 @@ from typing import Any
 
 from jaxlaunch.contract.protocol import ConfigError
 
+ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
+                      "STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")
+"""Where the stores are (not who may use them): passed on to the hosts of a cluster, whose nodes keep
+their own credentials."""
 SCHEMES = {"s3": ("s3fs", "s3"), "gs": ("gcsfs", "gcs")}
 """URL scheme -> (the fsspec implementation it needs, the jaxlaunch extra that installs it)."""
 
@@ -299,6 +303,11 @@ def open_store(location: str | os.PathLike) -> Store:
     if is_url(location):
         return ObjectStore(str(location))
     return LocalStore(location)
+
+
+def endpoint_environment() -> dict[str, str]:
+    """The variables of ENDPOINT_VARIABLES that are set here."""
+    return {k: os.environ[k] for k in ENDPOINT_VARIABLES if k in os.environ}
 
 
 def tensorstore_environment() -> dict[str, str]:

@@ -14,7 +14,7 @@ from jaxlaunch.launcher.runs import RunDir
 
 from jaxlaunch.contract.layout import committed_steps
 from jaxlaunch.contract.protocol import ConfigError
-from jaxlaunch.contract.store import LocalStore, ObjectStore, open_store
+from jaxlaunch.contract.store import LocalStore, ObjectStore, endpoint_environment, open_store
 from tests.integration.object_stores import EMULATORS
 
 
@@ -157,3 +157,10 @@ def test_s3_without_credentials_names_the_variables(monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens: never reaches AWS
     with pytest.raises(ConfigError, match="AWS_ACCESS_KEY_ID"):
         ObjectStore("s3://some-bucket/run").check()
+
+
+def test_a_cluster_s_hosts_are_told_where_the_store_is_but_not_its_secrets(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio.internal:9000")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    env = endpoint_environment()
+    assert env["AWS_ENDPOINT_URL"] == "http://minio.internal:9000" and "AWS_SECRET_ACCESS_KEY" not in env
