@@ -102,9 +102,12 @@ class RunLayout:
         self.tensorboard_dir = self._name("tensorboard")
         self.events_path, self.metrics_path, self.summary_path, self.config_path = (
             self._name(n) for n in ("events.jsonl", "metrics.jsonl", "summary.json", "config.json"))
-        # Host logs stay on the disk of the machine that writes them: an object store has no appends.
-        self.hosts = (pathlib.Path(tempfile.gettempdir()) / "jaxlaunch-hosts" / _slug(self.store.url)
-                      if self.is_url else pathlib.Path(self.store.url) / "hosts")
+        self.name = self.store.url.rstrip("/").rsplit("/", 1)[-1]
+        # What must stay on a local disk (host logs, W&B's files): the run's own folder, or for a
+        # URL a folder of this machine named after it (an object store has no appends).
+        self.local_dir = (pathlib.Path(tempfile.gettempdir()) / "jaxlaunch-hosts" / _slug(self.store.url)
+                          if self.is_url else pathlib.Path(self.store.url))
+        self.hosts = self.local_dir / "hosts" if not self.is_url else self.local_dir
 
     def _name(self, key: str) -> pathlib.Path | str:
         return self.store.join(key) if self.is_url else pathlib.Path(self.store.join(key))
