@@ -116,14 +116,17 @@ class Display:
                 table.add_row(key, text)
         self.console.print(table)
 
-    def closing(self, run_path: pathlib.Path) -> None:
+    def closing(self, run_path: pathlib.Path | str, picture: pathlib.Path | str) -> None:
         """Where to look next, one unbroken line each, to copy at any terminal width."""
-        for line in (f"report: jaxlaunch report {shown(run_path)}", f"picture: {shown(run_path / 'report.png')}"):
+        for line in (f"report: jaxlaunch report {shown(run_path)}", f"picture: {shown(picture)}"):
             self.console.print(line, soft_wrap=True, markup=False, highlight=False)
 
 
-def shown(path: pathlib.Path) -> str:
-    """A path as the user would type it: relative to the working directory when it is under it."""
+def shown(path: pathlib.Path | str) -> str:
+    """A path as the user would type it: relative to the working directory when it is under it (a
+    URL as it is)."""
+    if "://" in str(path):
+        return str(path)
     try:
         return os.path.relpath(path) if pathlib.Path(path).absolute().is_relative_to(pathlib.Path.cwd()) else str(path)
     except ValueError:

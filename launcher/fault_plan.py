@@ -7,10 +7,9 @@ firing (a killed process cannot tell the driver itself); chaos kills from the dr
 
 from __future__ import annotations
 
-import pathlib
 from collections.abc import Callable, Sequence
+from typing import Any
 
-from jaxlaunch.contract.layout import read_jsonl
 from jaxlaunch.contract.protocol import Injection
 
 Fired = Callable[[int], list[tuple[Injection, float]]]
@@ -53,13 +52,13 @@ class FaultPlan:
         return self._fired(attempt) if self._carried.get(attempt) else []
 
 
-def injection_log(path: pathlib.Path, injections: Sequence[Injection], clock: Callable[[], float],
-                  wall_clock: Callable[[], float]) -> Fired:
+def injection_log(read: Callable[[], list[dict[str, Any]]], injections: Sequence[Injection],
+                  clock: Callable[[], float], wall_clock: Callable[[], float]) -> Fired:
     """The hosts' record of the injections that went off (written before each fires), with their
     times moved onto the driver's clock."""
     def fired(attempt: int) -> list[tuple[Injection, float]]:
         out = []
-        for line in read_jsonl(path):
+        for line in read():
             if line.get("attempt") != attempt:
                 continue
             for injection in injections:

@@ -129,7 +129,7 @@ def prepare(given: Mapping[str, Any], entry_args: Sequence[str] = (), typed: Job
         if injection.host >= job.max_hosts:
             raise ConfigError(f"--inject {injection}: host {injection.host} does not exist; the job has at most "
                               f"{job.max_hosts} hosts (0..{job.max_hosts - 1})")
-    return PreparedJob(job, entry, fingerprint, launch.inject, launch.chaos, not run.path.exists(), announce)
+    return PreparedJob(job, entry, fingerprint, launch.inject, launch.chaos, not run.exists(), announce)
 
 
 # ---- the entry's declared settings as flags and keywords ------------------------------------------------
@@ -225,7 +225,7 @@ def _resume_mode(resume: bool | str, run: RunDir) -> bool:
             return False
         raise ConfigError(f"--resume auto: {run.path} holds files but no run (no config.json); "
                           f"choose an empty or new --run-dir")
-    if resume and not run.path.is_dir():
+    if resume and not run.exists():
         raise ConfigError(f"--resume: run directory {run.path} does not exist (check --run-dir, or use --resume "
                           f"auto to start it)")
     if not resume and not run.is_empty():

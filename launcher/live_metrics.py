@@ -137,7 +137,7 @@ class LiveMetrics(Listener):
         if self.writer is None:
             # A run of its own: the training curves' writer purges steps on a restart, and its
             # purge would take these points with it.
-            self.writer = SummaryWriter(str(self.run.tensorboard_dir / "goodput"), flush_secs=10)
+            self.writer = SummaryWriter(f"{self.run.tensorboard_dir}/goodput", flush_secs=10)
         self.writer.add_scalar("goodput/ratio", goodput, self.high_step)
         for kind, seconds in badput.items():
             self.writer.add_scalar(f"badput_seconds/{kind}", seconds, self.high_step)

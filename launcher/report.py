@@ -8,8 +8,9 @@ records)."""
 
 from __future__ import annotations
 
+import io
 import pathlib
-from typing import Any
+from typing import Any, BinaryIO
 
 from jaxlaunch.launcher.goodput import BADPUT_LABELS, PRODUCTIVE, Split
 from jaxlaunch.launcher.history import AttemptRecord, History, load
@@ -97,7 +98,7 @@ def _f(value: float | None) -> str:
 
 # ---- picture ------------------------------------------------------------------------------------
 
-def plot(report: History, path: pathlib.Path) -> pathlib.Path:
+def plot(report: History, path: pathlib.Path | BinaryIO) -> pathlib.Path | BinaryIO:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -140,7 +141,7 @@ def plot(report: History, path: pathlib.Path) -> pathlib.Path:
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     _goodput_bar(bar, report.split)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
     return path
 
@@ -169,10 +170,18 @@ def plotted_metric(report: History) -> str:
     return "loss" if "loss" in names else (names[0] if names else "loss")
 
 
-def write(run_dir: str | pathlib.Path, console: Console | None = None, show: bool = True) -> pathlib.Path:
-    """Builds the report of a run directory, prints it (if `show`) and writes report.png."""
+def write(run_dir: str | pathlib.Path, console: Console | None = None, show: bool = True) -> pathlib.Path | str:
+    """Builds the report of a run directory (a path or a URL), prints it (if `show`) and writes
+    report.png beside its records: where it went."""
     run = RunDir(run_dir)
     report = load(run)
     if show:
         print_report(report, console)
-    return plot(report, run.path / "report.png")
+    return save_plot(report, run)
+
+
+def save_plot(report: History, run: RunDir) -> pathlib.Path | str:
+    """report.png, written whole into the run directory: where it went."""
+    picture = io.BytesIO()
+    plot(report, picture)
+    return run.write_object("report.png", picture.getvalue())

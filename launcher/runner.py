@@ -56,7 +56,8 @@ class LaunchResult:
     attempts: list[AttemptRecord]
     """The attempt table: hosts, mesh, steps, restored step, cause, failed host, timings."""
     goodput: float | None
-    run_dir: pathlib.Path
+    run_dir: pathlib.Path | str
+    """The run directory: a local folder, or the URL of one on an object store."""
     metrics: dict[int, dict[str, Any]]
     """The final trajectory: step -> the metrics it reported (a recomputed step keeps its last run)."""
     returned: Any
@@ -140,7 +141,7 @@ def _run_job(prepared: PreparedJob, display: Display | None, exporter: Exporter 
     display = display or Display()
     if prepared.announce:
         display.message(prepared.announce, soft_wrap=True)
-    run.path.mkdir(parents=True, exist_ok=True)
+    run.store.makedirs()
     lock = run.lock()
     try:
         lock.acquire()
@@ -172,7 +173,7 @@ def _run_job(prepared: PreparedJob, display: Display | None, exporter: Exporter 
             code = storage_errno(err)
             if code is None:
                 raise
-            raise RunStorageError(storage.describe(run.path, code, None)) from err
+            raise RunStorageError(storage.describe(run.store.url, code, None)) from err
         finally:
             cluster.shutdown()
     finally:
@@ -216,7 +217,7 @@ def _drive(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref, di
                         ScalingPolicy(job.min_hosts, job.max_hosts, lambda n: _fits(job, entry, n)),
                         Watchdog(job.watchdog))
     faults = FaultPlan(prepared.injections,
-                       injection_log(run.injections_path, prepared.injections, time.monotonic, time.time))
+                       injection_log(run.injections, prepared.injections, time.monotonic, time.time))
     driver = Driver(
         cluster=cluster,
         make_group=lambda: RayWorkerGroup(cluster, run, make_spec, job.watchdog.poll_interval_s, standby),
@@ -237,10 +238,11 @@ def _drive(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref, di
         run.event(events.JobEnded(status=status, reason=getattr(state, "reason", None)))
         recorder.close()
         live.close()
+        run.flush()
         past = history.load(run)
         summary = past.summary(run)
         run.write_summary(summary)
-        report.plot(past, run.path / "report.png")
+        picture = report.save_plot(past, run)
         if trackers is not None:
             trackers.close(status, summary)
     if past.failures:
@@ -252,7 +254,7 @@ def _drive(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref, di
         display.message(f"{reason}; continue with: {entry_lib.resume_command(entry.ref, shown(run.path))}",
                         soft_wrap=True)
     display.summary(summary)
-    display.closing(run.path)
+    display.closing(run.path, picture)
     return LaunchResult(status, code, reason, summary["final_step"], past.attempts, past.goodput, run.path,
                         past.trajectory, summary.get("returned"), summary)
 
@@ -299,6 +301,7 @@ def _package_to_ship(staging: pathlib.Path) -> str:
     return str(target)
 
 
-def _remove_if_empty(path: pathlib.Path) -> None:
-    with contextlib.suppress(OSError):
-        path.rmdir()
+def _remove_if_empty(path: pathlib.Path | str) -> None:
+    if isinstance(path, pathlib.Path):  # an object store has no folders to leave behind
+        with contextlib.suppress(OSError):
+            path.rmdir()

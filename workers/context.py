@@ -20,7 +20,6 @@ import dataclasses
 import json
 import logging
 import numbers
-import pathlib
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -61,7 +60,8 @@ class HostContext:
         self.steps = spec.steps
         self.schedule_steps = spec.schedule_steps
         self.seed = spec.seed
-        self.run_dir = pathlib.Path(spec.run_dir)
+        self._run = RunLayout(spec.run_dir)
+        self.run_dir = self._run.path
         self.attempt = spec.attempt
         self.config: dict[str, Any] = dict(spec.config)
         self._spec, self._progress = spec, progress
@@ -81,8 +81,7 @@ class HostContext:
         self._saved_step: int | None = None
         self._stopped_at: int | None = None
         self._armed: int | None = None
-        self._faults = FaultHook(spec.injections, spec.rank, spec.attempt,
-                                 RunLayout(self.run_dir).injections_path, self._saving)
+        self._faults = FaultHook(spec.injections, spec.rank, spec.attempt, self._run, self._saving)
 
     # -- state -----------------------------------------------------------------------------------
     def restore_or_init(self, init: Callable[[], Any], *, rules: Rules | None = None,
@@ -101,7 +100,7 @@ class HostContext:
         self._progress.enter(Phase.RESTORING)
         layout = StateLayout.of(init, self.mesh, rules, shardings)
         spec = self._spec
-        checkpointer = Checkpointer(RunLayout(self.run_dir).checkpoints, spec.checkpoint, spec.expect_checkpoint)
+        checkpointer = Checkpointer(self._run.checkpoints, spec.checkpoint, spec.expect_checkpoint)
         checkpointer.checkpoint_bytes = layout.num_bytes()
         self._warn_if_disk_is_short(checkpointer, layout)
         restored = checkpointer.restore_latest(layout.targets(), check_structure=layout.mismatch)

@@ -51,8 +51,11 @@ def read_jsonl(path: pathlib.Path) -> list[dict[str, Any]]:
     return tolerant(path)
 
 
-def events(run_dir: pathlib.Path, kind: str | None = None) -> list[dict[str, Any]]:
-    found = read_jsonl(run_dir / "events.jsonl")
+def events(run_dir: pathlib.Path | str, kind: str | None = None) -> list[dict[str, Any]]:
+    """The run's events, read as the launcher reads them (a local folder or a URL)."""
+    from jaxlaunch.launcher.runs import RunDir
+
+    found = RunDir(run_dir).events()
     return [e for e in found if kind is None or e["event"] == kind]
 
 

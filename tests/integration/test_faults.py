@@ -4,6 +4,8 @@ says what happened."""
 import re
 import shutil
 
+from jaxlaunch.launcher.runs import RunDir
+
 from tests.integration.helpers import (
     EXAMPLE_RUN,
     MINIMAL,
@@ -12,7 +14,6 @@ from tests.integration.helpers import (
     committed_steps,
     events,
     launch,
-    read_jsonl,
     summary,
     trajectory,
     tree_snapshot,
@@ -26,7 +27,7 @@ def test_a_save_cut_short_is_never_restored(minimal_reference, tmp_path):
     result = launch("--hosts", "2", *MINIMAL, *EXAMPLE_RUN, "--run-dir", str(run_dir),
                     "--inject", "kill@step=100,host=0")
     assert result.returncode == 0, result.stdout + result.stderr
-    [injected] = read_jsonl(run_dir / "hosts" / "injections.jsonl")
+    [injected] = RunDir(run_dir).injections()
     first, second = attempts(run_dir)
     assert (first["cause"], first["failed_host"]) == ("crashed", 0) and first["detection_latency_s"] < 5
     if injected["saving_in_progress"]:

@@ -134,6 +134,6 @@ def test_an_injected_exception_fires_after_the_step_is_reported_and_saved(tmp_pa
     ctx._checkpointer.wait()
     assert RunDir(tmp_path).committed_steps() == [3], "the step's save started before the failure"
     assert progress.phase == Phase.TRAINING and progress.step == 3
-    line = json.loads((tmp_path / "hosts" / "injections.jsonl").read_text())
+    [line] = RunDir(tmp_path).injections()
     assert (line["kind"], line["step"], line["rank"]) == ("exception", 3, 0)
     ctx._checkpointer.close()

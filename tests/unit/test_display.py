@@ -83,6 +83,6 @@ def test_the_closing_lines_are_never_broken(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     term, out = console(40)
     run_path = pathlib.Path(tmp_path / "runs" / "a-very-long-entry-name-20261129-181500").absolute()
-    Display(term).closing(run_path)
+    Display(term).closing(run_path, run_path / "report.png")
     assert out.getvalue().splitlines() == [f"report: jaxlaunch report {os.path.relpath(run_path)}",
                                            f"picture: {os.path.relpath(run_path)}/report.png"]

@@ -25,7 +25,7 @@ def write_run(path):
     run = RunDir(path)
     run.create()
     t = 1000.0
-    run._append(run.events_path, [
+    run._events.add([
         {"event": "launch", "time": t, "num_hosts": 2},
         {"event": "attempt_started", "attempt": 1, "num_hosts": 2, "mesh": {"data": 2}, "time": t + 1},
         {"event": "failure", "attempt": 1, "cause": "crashed", "host": 1, "step": 3, "time": t + 9},
