@@ -1,5 +1,6 @@
 """The driver at pod scale, in simulation: the real Driver, policies, Recorder and history against a
-simulated worker group of N hosts (no Ray, no JAX), measuring what grows with N:
+fake worker group of N hosts (the unit tests' own, `tests/unit/fakes.py`; no Ray, no JAX), measuring
+what grows with N:
 
 - the driver's CPU time per poll while training, and so its CPU seconds per wall second at the
   default poll interval;
@@ -23,139 +24,47 @@ from typing import Any
 
 from jaxlaunch.launcher import history
 from jaxlaunch.launcher.driver import Driver
-from jaxlaunch.launcher.policy import FaultConfig, RestartPolicy, ScalingPolicy, Watchdog, WatchdogConfig
+from jaxlaunch.launcher.policy import FaultConfig
 from jaxlaunch.launcher.recorder import Recorder
 from jaxlaunch.launcher.runs import RunDir
 from jaxlaunch.launcher.states import Restarting, Running
 
-from jaxlaunch.contract.protocol import (
-    ErrorKind,
-    ExitHow,
-    GroupInfo,
-    GroupPoll,
-    HostError,
-    HostEvent,
-    HostExit,
-    HostStatus,
-    NodeLiveness,
-    Phase,
-)
+from jaxlaunch.contract.events import StartupTimeline
+from jaxlaunch.contract.protocol import ErrorKind, NodeLiveness
+from tests.unit.fakes import POLL_INTERVAL_S, Clock, FakeGroup, make_driver
 
-POLL_INTERVAL_S = WatchdogConfig().poll_interval_s
 TRAIN_POLLS = 400
 """Polls of steady training measured per host count (a step completes at every poll)."""
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += seconds
-
-
-class SimCluster:
-    embedded = False
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-
-    def placeable_hosts(self) -> int:
-        return self.capacity
-
-    def describe(self) -> str:
-        return f"{self.capacity} simulated hosts"
-
-    def alive(self) -> bool:
-        return True
-
-    def restart(self) -> None:
-        raise AssertionError("a simulated cluster is never restarted")
-
-
-class SimGroup:
-    """N hosts that report a step at every poll; `fail_at` (a poll number) kills host N // 2 and,
-    one poll later, fails every other host with a collective error, as gloo does."""
-
-    def __init__(self, clock: Clock, fail_at: int | None) -> None:
-        self.clock, self.fail_at = clock, fail_at
-        self.polls = 0
-        self.exits: dict[int, HostExit] = {}
-        self.poll_seconds = 0.0
-
-    def start(self, num_hosts: int, attempt: int, injections=()) -> GroupInfo:
-        now = self.clock()
-        self.num_hosts, self.attempt = num_hosts, attempt
-        self.hosts = [HostStatus(r, Phase.TRAINING, 0, now, now) for r in range(num_hosts)]
-        return GroupInfo("10.0.0.1:1234", [f"node-{r:05d}" for r in range(num_hosts)],
-                         [100_000 + r for r in range(num_hosts)])
-
-    def poll(self) -> GroupPoll:
-        started = time.process_time()
-        self.clock.sleep(POLL_INTERVAL_S)
-        self.polls += 1
-        now = self.clock()
-        records, events = [], []
-        if self.fail_at is not None and self.polls >= self.fail_at:
-            victim = self.num_hosts // 2
-            if victim not in self.exits:
-                self.exits[victim] = HostExit(victim, ExitHow.PROCESS_DIED, now, self.hosts[victim].step,
-                                              "worker died", node=NodeLiveness.ALIVE, since=now)
-            elif self.polls == self.fail_at + 1:
-                for h in self.hosts:
+def pod(fail_at: int | None):
+    """N hosts that report a step at every poll; at poll `fail_at` host N // 2 dies and, one poll
+    later, every other host fails with a collective error, as gloo does."""
+    def behaviour(group: FakeGroup, poll: int) -> list[dict[str, Any]]:
+        victim = group.num_hosts // 2
+        if fail_at is not None and poll >= fail_at:
+            if victim not in group.exits:
+                group.die(victim, step=group.hosts[victim].step, node=NodeLiveness.ALIVE)
+            elif poll == fail_at + 1:
+                for h in group.hosts:
                     if h.rank != victim:
-                        error = HostError(h.rank, h.step, ErrorKind.COLLECTIVE, "JaxRuntimeError",
-                                          "UNKNOWN: Gloo AllGather failed: Connection closed by peer", "...")
-                        self.exits[h.rank] = HostExit(h.rank, ExitHow.RAISED, now, h.step, error=error)
-        else:
-            step = self.polls
-            for h in self.hosts:
-                h.step, h.last_heard, h.last_progress = step, now, now
-            if step == 1:  # every host tells where its start-up time went, as real hosts do
-                events = [(h.rank, HostEvent("startup_timeline", now, {"actor_init": now - 9, "initializing": now - 8,
-                                                                         "restoring": now - 6, "compiling": now - 5,
-                                                                         "training": now}, per_host=True))
-                          for h in self.hosts]
-            records.append({"step": step, "time": now, "loss": 1.0 / step, "step_time_s": POLL_INTERVAL_S,
-                            "attempt": self.attempt, "num_hosts": self.num_hosts})
-        poll = GroupPoll(self.hosts, records, events, {}, list(self.exits.values()))
-        self.poll_seconds += time.process_time() - started
-        return poll
-
-    def preempt(self) -> None:
-        pass
-
-    def kill(self, rank: int) -> None:
-        pass
-
-    def dump_stacks(self, rank: int) -> str | None:
-        return None
-
-    def lost_hosts(self) -> list[int]:
-        return []
-
-    def shutdown(self) -> None:
-        pass
+                        group.raise_(h.rank, ErrorKind.COLLECTIVE, "JaxRuntimeError: UNKNOWN: Gloo AllGather failed: "
+                                     "Connection closed by peer", step=h.step)
+            return []
+        if poll == 1:  # every host tells where its start-up time went, as real hosts do
+            now = group.clock()
+            group.events += [(h.rank, StartupTimeline(time=now, actor_init=now - 9, initializing=now - 8,
+                                                      restoring=now - 6, compiling=now - 5, training=now))
+                             for h in group.hosts]
+        return group.train(poll, loss=1.0 / poll)
+    return behaviour
 
 
-def _driver(n: int, run: RunDir, fail_at: int | None, clock: Clock) -> tuple[Driver, list[SimGroup]]:
-    groups: list[SimGroup] = []
-
-    def make_group() -> SimGroup:
-        groups.append(SimGroup(clock, fail_at if not groups else None))
-        return groups[-1]
-
-    fault = FaultConfig(max_restarts=3)
-    driver = Driver(
-        cluster=SimCluster(n), make_group=make_group, restart_policy=RestartPolicy(fault),
-        scaling_policy=ScalingPolicy(n, n, lambda k: True), watchdog=Watchdog(WatchdogConfig()), fault=fault,
-        committed_step=lambda: None, listeners=[Recorder(run, lambda k: {"data": k})], clock=clock,
-        sleep=clock.sleep,
-    )
-    return driver, groups
+def _driver(n: int, run: RunDir, fail_at: int | None, clock: Clock) -> tuple[Driver, list[FakeGroup]]:
+    driver, _, _, cluster = make_driver(
+        [pod(fail_at), pod(None)], hosts=n, fault=FaultConfig(max_restarts=3), clock=clock,
+        listeners=[Recorder(run, lambda k: {"data": k}, wall_clock=clock)])
+    return driver, cluster.groups
 
 
 def measure(n: int, work: pathlib.Path) -> dict[str, Any]:

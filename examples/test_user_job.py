@@ -15,5 +15,5 @@ def test_a_killed_host_does_not_change_my_training(tmp_path):
                               inject=["kill@step=6,host=1"])
 
     assert clean.ok and killed.ok
-    assert [a["cause"] for a in killed.attempts] == ["crashed", "finished"]
+    assert [a.cause for a in killed.attempts] == ["crashed", "finished"]
     assert {s: m["loss"] for s, m in killed.metrics.items()} == {s: m["loss"] for s, m in clean.metrics.items()}

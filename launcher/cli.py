@@ -56,11 +56,16 @@ def report_main(argv: list[str]) -> int:
     from jaxlaunch.launcher import report
     from jaxlaunch.launcher.runs import RunDir
 
-    run = RunDir(args.run_dir)
-    if not run.events_path.exists():
+    try:
+        run = RunDir(args.run_dir)
+        run.store.check()
+    except ConfigError as err:
+        error(str(err))
+        return EXIT_USAGE
+    if not run.has_records():
         error(f"{args.run_dir} is not a run directory (no events.jsonl); pass the --run-dir of a launch")
         return EXIT_USAGE
-    path = report.write(run.path)
+    path = report.write(args.run_dir)
     print(f"wrote {path}")
     return EXIT_OK
 

@@ -22,6 +22,7 @@ from jaxlaunch.launcher.config import ClusterConfig
 from ray._private.state import available_resources_per_node
 
 from jaxlaunch.contract.protocol import NodeLiveness
+from jaxlaunch.contract.store import endpoint_environment
 
 log = logging.getLogger(__name__)
 RAYLET_PROBE_TIMEOUT_S = 1.0
@@ -34,7 +35,6 @@ class RayCluster:
         self.runtime_env = runtime_env
         self.embedded = cfg.address is None
         self.instance = None
-        self.restarts = 0
         self._requested = False
         self.standby = None
         """The spare group (`worker_group.StandbyPool`), whose hosts count as placeable."""
@@ -78,7 +78,6 @@ class RayCluster:
         if self.keepers is not None:
             self.keepers.forget()
         self.shutdown()
-        self.restarts += 1
         self.connect()
 
     # -- capacity --------------------------------------------------------------------------------
@@ -143,7 +142,8 @@ def _probe(node: dict[str, Any] | None) -> NodeLiveness:
 
 def runtime_env(embedded: bool, code_dirs: list[str]) -> dict[str, Any]:
     """How host processes find the launcher's and the user's code: on this machine through
-    PYTHONPATH, on a cluster shipped as Ray py_modules."""
+    PYTHONPATH, on a cluster shipped as Ray py_modules (with the variables that say where the run's
+    object store is; on this machine the hosts inherit them)."""
     if embedded:
         # What this process can import, the hosts on this machine can import too (the current
         # directory and any folder a test runner or the user put on sys.path).
@@ -152,4 +152,5 @@ def runtime_env(embedded: bool, code_dirs: list[str]) -> dict[str, Any]:
         paths = list(dict.fromkeys([*code_dirs, os.getcwd(), *local]))
         existing = os.environ.get("PYTHONPATH")
         return {"env_vars": {"PYTHONPATH": os.pathsep.join(paths + ([existing] if existing else []))}}
-    return {"py_modules": code_dirs}
+    endpoints = endpoint_environment()
+    return {"py_modules": code_dirs, **({"env_vars": endpoints} if endpoints else {})}

@@ -25,6 +25,7 @@ from jaxlaunch.contract.entry import BUILTIN_ENTRY, LEGACY_ENTRIES
 from jaxlaunch.contract.flags import flag
 from jaxlaunch.contract.mesh import resolve_mesh
 from jaxlaunch.contract.protocol import CheckpointConfig, ConfigError, DistributedConfig
+from jaxlaunch.contract.store import open_store
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 PLATFORMS = ("cpu", "cuda", "tpu")
@@ -191,13 +192,9 @@ def validate(job: JobConfig) -> None:
 
 
 def check_run_path(path: str, resume: bool) -> None:
-    """A --run-dir that is a file, cannot be written, or (resuming) holds no run: ConfigError."""
-    p = pathlib.Path(path)
-    if p.exists() and not p.is_dir():
-        raise ConfigError(f"--run-dir {path} is a file, not a directory: choose another --run-dir")
-    existing = p if p.exists() else next((a for a in p.absolute().parents if a.exists()), None)
-    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"--run-dir {path}: {existing} is not writable; choose a --run-dir you can write to")
+    """A --run-dir that cannot be used: a file, a folder that cannot be written, a URL whose scheme
+    no installed extra serves, a bucket that does not exist or cannot be reached: ConfigError."""
+    open_store(path).check()
 
 
 # ---- loading ------------------------------------------------------------------------------------

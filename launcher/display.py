@@ -12,12 +12,13 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from jaxlaunch.launcher.driver import Listener
 from jaxlaunch.launcher.runs import RunDir
 from jaxlaunch.launcher.states import (
     Attempt,
+    AttemptEnded,
     Draining,
     DrainReason,
-    Failed,
     Restarting,
     Running,
     State,
@@ -27,6 +28,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+
+from jaxlaunch.contract import events
+from jaxlaunch.contract.events import FailureKind
 
 LOG_TAIL_LINES = 12
 STACK_TAIL_LINES = 16
@@ -112,21 +116,24 @@ class Display:
                 table.add_row(key, text)
         self.console.print(table)
 
-    def closing(self, run_path: pathlib.Path) -> None:
+    def closing(self, run_path: pathlib.Path | str, picture: pathlib.Path | str) -> None:
         """Where to look next, one unbroken line each, to copy at any terminal width."""
-        for line in (f"report: jaxlaunch report {shown(run_path)}", f"picture: {shown(run_path / 'report.png')}"):
+        for line in (f"report: jaxlaunch report {shown(run_path)}", f"picture: {shown(picture)}"):
             self.console.print(line, soft_wrap=True, markup=False, highlight=False)
 
 
-def shown(path: pathlib.Path) -> str:
-    """A path as the user would type it: relative to the working directory when it is under it."""
+def shown(path: pathlib.Path | str) -> str:
+    """A path as the user would type it: relative to the working directory when it is under it (a
+    URL as it is)."""
+    if "://" in str(path):
+        return str(path)
     try:
         return os.path.relpath(path) if pathlib.Path(path).absolute().is_relative_to(pathlib.Path.cwd()) else str(path)
     except ValueError:
         return str(path)
 
 
-class ConsoleView:
+class ConsoleView(Listener):
     """The driver's listener for the terminal."""
 
     def __init__(self, display: Display, run: RunDir, total_steps: int, committed_step: Callable[[], int | None],
@@ -143,38 +150,40 @@ class ConsoleView:
             d.start(new.attempt.latest_committed or 0, self.total_steps)
         elif isinstance(new, WaitingForCapacity) and not isinstance(old, WaitingForCapacity):
             d.message(f"waiting for capacity: room for {new.placeable} hosts, at least "
-                      f"{driver.scaling_policy.min_hosts} needed")
-        elif isinstance(new, Draining):
+                      f"{driver.policies.scaling.min_hosts} needed")
+        elif isinstance(new, Draining) and not isinstance(old, Draining):
             if new.reason == DrainReason.RESIZE:
                 d.message(f"capacity for {new.target_hosts} hosts: saving, then restarting on {new.target_hosts}")
             else:
                 d.message(f"{driver.stop_name}: saving a checkpoint on every host, then stopping "
                           f"(again to stop at once)")
-        failure = getattr(new, "failure", None)
-        if isinstance(new, Restarting | Failed) and failure is not None:
-            attempt: Attempt = old.attempt if hasattr(old, "attempt") else None
-            where = f"host {failure.rank}" if failure.rank is not None else "the group"
-            d.message(f"[red]{failure.kind.value}[/red] on {where} after step {failure.step}: "
-                      f"{escape(failure.message)}")
-            if failure.traceback:
-                lines = failure.traceback.rstrip().splitlines()
-                if failure.kind.value == "hung":
-                    d.lines("innermost frames of the hung host:", lines[:STACK_TAIL_LINES])
-                else:
-                    d.message(escape(failure.traceback))
-            if failure.rank is not None and attempt is not None:
-                self._log_tail(attempt.number, failure.rank)
         if isinstance(new, Restarting):
             d.message(f"restarting in {new.decision.backoff_s:.1f} s: {new.decision.reason}")
 
+    def on_attempt_ended(self, driver, ended: AttemptEnded) -> None:
+        failure, d = ended.failure, self.display
+        if failure is None:
+            return
+        where = f"host {failure.rank}" if failure.rank is not None else "the group"
+        d.message(f"[red]{failure.kind.value}[/red] on {where} after step {failure.step}: {escape(failure.message)}")
+        if failure.traceback:
+            lines = failure.traceback.rstrip().splitlines()
+            if failure.kind == FailureKind.HUNG:
+                d.lines("innermost frames of the hung host:", lines[:STACK_TAIL_LINES])
+            else:
+                d.message(escape(failure.traceback))
+        if failure.rank is not None:
+            self._log_tail(ended.attempt.number, failure.rank)
+
     def on_poll(self, driver, attempt: Attempt, poll) -> None:
         for _, event in poll.events:
-            if event.kind == "checkpoint_fallback":
-                self.display.message(f"[yellow]checkpoint step {event.fields['step']} is unreadable; set it aside "
-                                     f"in {escape(str(event.fields.get('moved_to')))} and fell back to an older "
+            if isinstance(event, events.CheckpointFallback):
+                self.display.message(f"[yellow]checkpoint step {event.step} is unreadable; set it aside "
+                                     f"in {escape(str(event.moved_to))} and fell back to an older "
                                      f"one[/yellow]")
-            elif event.kind in ("low_disk_space", "compilation_cache_disabled"):
-                self.display.message(f"[yellow]warning: {escape(str(event.fields.get('message') or event.fields))}"
+            elif isinstance(event, events.LowDiskSpace | events.CompilationCacheDisabled | events.MemoryTierOff
+                            | events.MemorySaveRefused | events.MemoryFallback):
+                self.display.message(f"[yellow]warning: {escape(str(event.message))}"
                                      f"[/yellow]")
         if poll.records:
             self.last_record = poll.records[-1]

@@ -8,17 +8,20 @@ every poll from outside."""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import signal
 import time
 from collections.abc import Callable, Sequence
-from typing import Protocol
 
 from jaxlaunch.launcher import policy
-from jaxlaunch.launcher.policy import Action, Failure, FailureKind, FaultConfig, RestartPolicy, ScalingPolicy, Watchdog
+from jaxlaunch.launcher.fault_plan import FaultPlan
+from jaxlaunch.launcher.policy import Action, Failure, FailureKind, Policies
 from jaxlaunch.launcher.states import (
     TERMINAL,
     Attempt,
+    AttemptEnded,
+    AttemptStarted,
     Draining,
     DrainReason,
     Failed,
@@ -32,6 +35,8 @@ from jaxlaunch.launcher.states import (
     WaitingForCapacity,
 )
 
+from jaxlaunch.contract import events
+from jaxlaunch.contract.events import Cause, PlannedEnd
 from jaxlaunch.contract.protocol import Cluster, Ending, GroupPoll, Injection, PlacementError, WorkerGroup
 
 log = logging.getLogger(__name__)
@@ -43,19 +48,37 @@ SECONDARY_GRACE_S = 8.0
 keeps listening for the root cause."""
 HEAR_OUT_S = 0.3
 """After a root cause, how long the driver waits for the rest of the group to end before deciding
-(about one poll: a lost node is found by asking for the nodes' liveness, not by waiting; 1 s
-before that probe existed)."""
+(about one poll: a lost node is found by asking for the nodes' liveness, not by waiting)."""
 UNRESPONSIVE_AFTER_S = 2.0
 """A host that has not answered a poll for this long, while another host failed, is the one that
 hung (a stopped process stalls the others, which the coordination service then fails)."""
 NODE_WAIT_S = 30.0
 """How long a dead or unreachable host's node may stay of unknown health before it counts as lost
 (Ray's default health checks declare a silent node dead after about 15 s)."""
+STOP_MARGIN_STEPS = 2
+"""A proposed stop step is this far past the furthest step known (a host past it says so, and a
+later step is proposed)."""
+MAX_MARGIN_DOUBLINGS = 10
+"""The margin doubles with each refused proposal (fast steps outrun a poll), at most this many times."""
+STOP_AGREE_S = 60.0
+"""How long the hosts may take to agree on a stop step before the stop is carried out without a
+save at it (a loop that never calls ctx.maybe_save or ctx.should_stop cannot agree)."""
 
 
-class Listener(Protocol):
-    def on_transition(self, driver: Driver, old: State, new: State) -> None: ...
-    def on_poll(self, driver: Driver, attempt: Attempt, poll: GroupPoll) -> None: ...
+class Listener:
+    """What the driver tells the recorder, the display and chaos; each overrides what it needs."""
+
+    def on_transition(self, driver: Driver, old: State, new: State) -> None:
+        pass
+
+    def on_poll(self, driver: Driver, attempt: Attempt, poll: GroupPoll) -> None:
+        pass
+
+    def on_attempt_started(self, driver: Driver, started: AttemptStarted) -> None:
+        pass
+
+    def on_attempt_ended(self, driver: Driver, ended: AttemptEnded) -> None:
+        pass
 
 
 class Driver:
@@ -64,23 +87,17 @@ class Driver:
         *,
         cluster: Cluster,
         make_group: Callable[[], WorkerGroup],
-        restart_policy: RestartPolicy,
-        scaling_policy: ScalingPolicy,
-        watchdog: Watchdog,
-        fault: FaultConfig,
+        policies: Policies,
         committed_step: Callable[[], int | None],
-        fired: Callable[[int], list[tuple[Injection, float]]] = lambda attempt: [],
-        injections: Sequence[Injection] = (),
+        faults: FaultPlan | None = None,
         attempt_offset: int = 0,
         listeners: Sequence[Listener] = (),
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
     ):
-        self.cluster, self.make_group = cluster, make_group
-        self.restart_policy, self.scaling_policy, self.watchdog, self.fault = (
-            restart_policy, scaling_policy, watchdog, fault)
-        self.committed_step, self.fired = committed_step, fired
-        """`fired(attempt)`: the injections that went off in an attempt, each with its time (our clock)."""
+        self.cluster, self.make_group, self.policies = cluster, make_group, policies
+        self.committed_step = committed_step
+        self.faults = faults or FaultPlan()
         self.listeners = list(listeners)
         self.clock, self.sleep = clock, sleep
         self.state: State = Scheduling()
@@ -90,7 +107,6 @@ class Driver:
         self.stop_signal: int | None = None
         self.attempt_offset = attempt_offset
         """Attempts are numbered across launches of one run, so host logs and records never collide."""
-        self.injections_left = {inj: inj.times for inj in injections}
         self._last_grow_check = clock()
 
     # -- running ---------------------------------------------------------------------------------
@@ -132,10 +148,10 @@ class Driver:
         if self.cluster.embedded and not self.cluster.alive():
             self.cluster.restart()
         now = self.clock()
-        if state.waiting_since is not None and now - state.waiting_since > self.fault.capacity_timeout_s:
+        if state.waiting_since is not None and now - state.waiting_since > self.policies.fault.capacity_timeout_s:
             return self._no_capacity(self.cluster.placeable_hosts())
         placeable = self.cluster.placeable_hosts()
-        num_hosts = self.scaling_policy.choose(placeable, state.at_most)
+        num_hosts = self.policies.scaling.choose(placeable, state.at_most)
         if state.prefer is not None and (num_hosts or 0) < state.prefer:
             until = state.prefer_until or now + RESIZE_SETTLE_S
             if now < until:
@@ -144,37 +160,36 @@ class Driver:
         if num_hosts is None:
             return WaitingForCapacity(state.waiting_since or now, placeable, state.at_most)
         committed = self.committed_step()
-        attempt = Attempt(
-            number=self.attempt_offset + len(self.attempts) + 1, num_hosts=num_hosts,
-            mesh={}, started_at=now, latest_committed=committed,
-            injections=tuple(i for i, left in self.injections_left.items()
-                             if left > 0 and i.step > (committed or 0) and i.host < num_hosts),
-        )
+        attempt = Attempt(number=self.attempt_offset + len(self.attempts) + 1, num_hosts=num_hosts, mesh={},
+                          started_at=now, latest_committed=committed)
+        injections = self.faults.for_attempt(attempt.number, num_hosts, committed)
         self.attempts.append(attempt)
         self.group = self.make_group()
         try:
-            attempt.group = self.group.start(num_hosts, attempt.number, attempt.injections)
+            attempt.group = self.group.start(num_hosts, attempt.number, injections)
         except PlacementError as err:
             # Capacity changed between the check and the placement, or the cluster is busy: try
             # fewer hosts, and count the time toward the capacity timeout.
             log.info("placement of %d hosts failed: %s", num_hosts, err)
             self.attempts.pop()
             self._teardown()
-            shrink = num_hosts - 1 if num_hosts > self.scaling_policy.min_hosts else num_hosts
+            shrink = num_hosts - 1 if num_hosts > self.policies.scaling.min_hosts else num_hosts
             return Scheduling(at_most=shrink, waiting_since=state.waiting_since or now)
         except Exception as err:  # noqa: BLE001 - a host died while the group was starting
+            self._started(attempt, injections)
             return self._decide(attempt, Failure(FailureKind.CRASHED, None, f"the group did not start: {err}",
                                                  committed, self.clock(), None))
+        self._started(attempt, injections)
         return Running(attempt)
 
     def _wait(self, state: WaitingForCapacity) -> State:
         if self.stop_signal is not None:
             return Stopped(self.stop_signal, f"stopped by {self.stop_name} while waiting for capacity")
-        if self.clock() - state.since > self.fault.capacity_timeout_s:
+        if self.clock() - state.since > self.policies.fault.capacity_timeout_s:
             return self._no_capacity(state.placeable)
         self.sleep(CAPACITY_POLL_S)
         placeable = self.cluster.placeable_hosts()
-        if self.scaling_policy.choose(placeable, state.at_most) is not None:
+        if self.policies.scaling.choose(placeable, state.at_most) is not None:
             return Scheduling(at_most=state.at_most, waiting_since=state.since)
         return state
 
@@ -191,21 +206,20 @@ class Driver:
         if poll.finished:
             return self._finished(state, poll, now)
         if self.stop_signal is not None and isinstance(state, Running):
-            return self._forward_stop(state, poll)
-        hung = self.watchdog.hung(poll.hosts, now, UNRESPONSIVE_AFTER_S)
+            return self._forward_stop(state, poll, now)
+        hung = self.policies.watchdog.hung(poll.hosts, now, UNRESPONSIVE_AFTER_S)
         if hung is not None:
             host, limit = hung
             what = "stopped answering" if now - host.last_heard > UNRESPONSIVE_AFTER_S else "made no progress"
-            stacks = self.group.dump_stacks(host.rank)
             return self._decide(attempt, Failure(
                 FailureKind.HUNG, host.rank, f"{what} for {now - host.last_progress:.1f} s in phase "
-                f"{host.phase.value} (limit {limit:g} s)", attempt.last_step, now, host.last_progress,
-                traceback=f"Python stacks of host {host.rank}:\n{stacks}" if stacks else None))
-        if isinstance(state, Running) and attempt.stepped(poll.hosts):
+                f"{host.phase.value} (limit {limit:g} s)", attempt.last_step, now, host.last_progress))
+        if isinstance(state, Draining):
+            return self._drain(state, poll, now)
+        if attempt.stepped(poll.hosts):
             target = self._grow_target(attempt, now)
             if target is not None:
-                self.group.preempt()
-                return Draining(attempt, DrainReason.RESIZE, target)
+                return self._drain(Draining(attempt, DrainReason.RESIZE, now, target), poll, now)
         return state
 
     def _resolve(self, state: ResolvingFailure) -> State:
@@ -228,8 +242,8 @@ class Driver:
         failures = list(attempt.failures.values())
         failure = policy.blame(failures, poll.hosts, now, UNRESPONSIVE_AFTER_S)
         if failure.failed_at is None or failure.kind == FailureKind.CRASHED:
-            failed_at = attempt.killed_at or self._injected_at(attempt)
-            failure = failure.with_blame(failed_at=failed_at or failure.failed_at)
+            fired_at = self.faults.fired_at(attempt.number)
+            failure = dataclasses.replace(failure, failed_at=fired_at or failure.failed_at)
         return self._decide(attempt, failure)
 
     def _restart(self, state: Restarting) -> State:
@@ -245,8 +259,8 @@ class Driver:
         poll = self.group.poll()
         now = self.clock()
         for _, event in poll.events:
-            if event.kind == "restored":
-                attempt.restored_step = event.fields["step"]
+            if isinstance(event, events.Restored):
+                attempt.restored_step = event.step
         # The hosts' own reports are the freshest word on progress (metric records come a step late).
         reported = [h.step for h in poll.hosts if h.step is not None and h.phase.started_training]
         if reported:
@@ -282,64 +296,121 @@ class Driver:
         attempt = state.attempt
         attempt.results = dict(poll.results)
         if not any(r.ending == Ending.STOPPED for r in poll.results.values()):
-            self._end(attempt, "finished")
+            self._end(attempt, PlannedEnd.FINISHED)
             return Finished()
         step = max(r.final_step or 0 for r in poll.results.values())
         if isinstance(state, Draining) and state.reason == DrainReason.RESIZE:
-            self._end(attempt, "resize")
+            self._end(attempt, PlannedEnd.RESIZE)
             return Scheduling(prefer=state.target_hosts)
         if self.stop_signal is not None:
-            self._end(attempt, "stopped")
+            self._end(attempt, PlannedEnd.STOPPED)
             return Stopped(self.stop_signal, f"stopped by {self.stop_name} after saving step {step}")
         return self._decide(attempt, Failure(FailureKind.PREEMPTED, None, f"preemption notice; saved step {step}",
-                                             step, now, self._injected_at(attempt)))
+                                             step, now, self.faults.fired_at(attempt.number)))
 
-    def _forward_stop(self, state: Running, poll: GroupPoll) -> State:
+    def _forward_stop(self, state: Running, poll: GroupPoll, now: float) -> State:
         attempt = state.attempt
         if attempt.stepped(poll.hosts):
-            self.group.preempt()
-            return Draining(attempt, DrainReason.STOP)
+            return self._drain(Draining(attempt, DrainReason.STOP, now), poll, now)
         if all(h.phase.started_training for h in poll.hosts):
             return state  # the first step is under way: stop after it
-        self._end(attempt, "stopped")  # not training yet: there is nothing new to save
+        self._end(attempt, PlannedEnd.STOPPED)  # not training yet: there is nothing new to save
         return Stopped(self.stop_signal, f"stopped by {self.stop_name} before training began")
 
+    def _drain(self, state: Draining, poll: GroupPoll, now: float) -> State:
+        """One round of agreeing on the stop step: propose a step until every running host accepted
+        one, then make it final; a confirmation that did not arrive is sent again, and a stop the
+        hosts do not agree on or do not obey in time is carried out without them."""
+        group = self.group
+        if state.confirmed:
+            if state.unconfirmed:
+                missing = set(state.unconfirmed) - set(group.confirm_stop(state.proposed, list(state.unconfirmed)))
+                state = dataclasses.replace(state, unconfirmed=tuple(sorted(missing)))
+            passed = [h.rank for h in poll.hosts if h.step is not None and h.step > state.proposed]
+            if passed:
+                return self._stop_unheeded(state, f"host {passed[0]} went past step {state.proposed} without "
+                                                  "stopping (its loop does not call ctx.should_stop)")
+            return state
+        if now - state.since > STOP_AGREE_S:
+            return self._stop_unheeded(state, f"the hosts did not agree on a step to stop at in {STOP_AGREE_S:g} s")
+        margin = STOP_MARGIN_STEPS * 2 ** min(state.refusals, MAX_MARGIN_DOUBLINGS)
+        proposed = policy.stop_step([h.step for h in poll.hosts], state.passed, margin)
+        answers = group.propose_stop(proposed)
+        running = [h.rank for h in poll.hosts if h.rank not in poll.results]
+        if all(rank in answers and answers[rank].accepted for rank in running):
+            missing = set(running) - set(group.confirm_stop(proposed, running))
+            log.info("every host stops at step %d", proposed)
+            return dataclasses.replace(state, proposed=proposed, confirmed=True, unconfirmed=tuple(sorted(missing)))
+        # A host had passed the step (or did not answer): the hosts that accepted it wait there,
+        # and the next round proposes past the furthest host, with a wider margin.
+        passed = max([proposed, *(a.step for a in answers.values() if a.step is not None)])
+        return dataclasses.replace(state, proposed=proposed, passed=passed, refusals=state.refusals + 1)
+
+    def _stop_unheeded(self, state: Draining, why: str) -> State:
+        """The hosts cannot stop at one saved step: the attempt ends here; its work since the latest
+        committed step is trained again (a resize) or not kept (a stop)."""
+        log.warning("%s: ending the attempt without a save at one step", why)
+        committed = self.committed_step()
+        if state.reason == DrainReason.RESIZE:
+            self._end(state.attempt, PlannedEnd.RESIZE)
+            return Scheduling(prefer=state.target_hosts)
+        self._end(state.attempt, PlannedEnd.STOPPED)
+        return Stopped(self.stop_signal, f"stopped by {self.stop_name}: {why}; the latest committed step is "
+                                         f"{committed}")
+
     def _grow_target(self, attempt: Attempt, now: float) -> int | None:
-        if attempt.num_hosts >= self.scaling_policy.max_hosts:
+        if attempt.num_hosts >= self.policies.scaling.max_hosts:
             return None
-        if now - self._last_grow_check < self.fault.grow_check_interval_s:
+        if now - self._last_grow_check < self.policies.fault.grow_check_interval_s:
             return None
         self._last_grow_check = now
         # The hosts this job holds come back when it restarts.
-        target = self.scaling_policy.choose(self.cluster.placeable_hosts() + attempt.num_hosts)
+        target = self.policies.scaling.choose(self.cluster.placeable_hosts() + attempt.num_hosts)
         return target if target is not None and target > attempt.num_hosts else None
 
     # -- ending attempts ---------------------------------------------------------------------------
     def _decide(self, attempt: Attempt, failure: Failure) -> State:
-        self._end(attempt, failure.kind.value)
+        if failure.kind == FailureKind.HUNG and failure.rank is not None and failure.traceback is None:
+            failure = self._with_stacks(failure)
+        self._teardown()
         committed = self.committed_step()
-        if committed is not None and (attempt.latest_committed is None or committed > attempt.latest_committed):
-            failure = failure.with_blame(progressed=True)
+        # An attempt that committed a newer step than it started from trained well before it
+        # failed: it is no part of a crash loop.
+        progressed = committed is not None and (attempt.latest_committed is None
+                                                or committed > attempt.latest_committed)
+        failure = dataclasses.replace(failure, progressed=progressed)
+        self._end(attempt, failure.kind, failure)
         self.failures.append(failure)
-        decision = self.restart_policy.decide(self.failures)
+        decision = self.policies.restart.decide(self.failures)
         if decision.action == Action.STOP:
             return Failed(decision.reason, failure)
         return Restarting(failure, decision)
 
+    def _with_stacks(self, failure: Failure) -> Failure:
+        """A hung or silent host's Python stacks, read before the group is torn down, whether the
+        watchdog found it or a peer's failure gave it away (a deadlocked collective usually shows
+        as a peer's error first)."""
+        stacks = self.group.dump_stacks(failure.rank) if self.group is not None else None
+        if not stacks:
+            return failure
+        return dataclasses.replace(failure, traceback=f"Python stacks of host {failure.rank}:\n{stacks}")
+
     def _no_capacity(self, placeable: int) -> Failed:
-        return Failed(f"the cluster had room for {placeable} hosts for {self.fault.capacity_timeout_s:g} s; at "
-                      f"least {self.scaling_policy.min_hosts} are needed")
+        return Failed(f"the cluster had room for {placeable} hosts for {self.policies.fault.capacity_timeout_s:g} "
+                      f"s; at least {self.policies.scaling.min_hosts} are needed")
 
-    def _injected_at(self, attempt: Attempt) -> float | None:
-        fired = self.fired(attempt.number) if attempt.injections else []
-        return min(at for _, at in fired) if fired else None
-
-    def _end(self, attempt: Attempt, cause: str) -> None:
+    def _end(self, attempt: Attempt, cause: Cause, failure: Failure | None = None) -> None:
         attempt.cause = cause
         self._teardown()
-        for injection, _ in (self.fired(attempt.number) if attempt.injections else []):
-            if injection in self.injections_left:
-                self.injections_left[injection] -= 1
+        self.faults.spend(attempt.number)
+        ended = AttemptEnded(attempt, cause, failure)
+        for listener in self.listeners:
+            listener.on_attempt_ended(self, ended)
+
+    def _started(self, attempt: Attempt, injections: tuple[Injection, ...]) -> None:
+        started = AttemptStarted(attempt, injections)
+        for listener in self.listeners:
+            listener.on_attempt_started(self, started)
 
     def _teardown(self) -> None:
         if self.group is not None:

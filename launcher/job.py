@@ -39,6 +39,7 @@ from jaxlaunch.launcher.config import (
 from jaxlaunch.launcher.runs import RunDir
 
 from jaxlaunch.contract import entry as entry_lib
+from jaxlaunch.contract import events
 from jaxlaunch.contract.flags import flag
 from jaxlaunch.contract.protocol import ConfigError, Injection
 
@@ -128,7 +129,7 @@ def prepare(given: Mapping[str, Any], entry_args: Sequence[str] = (), typed: Job
         if injection.host >= job.max_hosts:
             raise ConfigError(f"--inject {injection}: host {injection.host} does not exist; the job has at most "
                               f"{job.max_hosts} hosts (0..{job.max_hosts - 1})")
-    return PreparedJob(job, entry, fingerprint, launch.inject, launch.chaos, not run.path.exists(), announce)
+    return PreparedJob(job, entry, fingerprint, launch.inject, launch.chaos, not run.exists(), announce)
 
 
 # ---- the entry's declared settings as flags and keywords ------------------------------------------------
@@ -224,7 +225,7 @@ def _resume_mode(resume: bool | str, run: RunDir) -> bool:
             return False
         raise ConfigError(f"--resume auto: {run.path} holds files but no run (no config.json); "
                           f"choose an empty or new --run-dir")
-    if resume and not run.path.is_dir():
+    if resume and not run.exists():
         raise ConfigError(f"--resume: run directory {run.path} does not exist (check --run-dir, or use --resume "
                           f"auto to start it)")
     if not resume and not run.is_empty():
@@ -247,8 +248,8 @@ def _saved_job(run: RunDir) -> JobConfig:
 def _refuse_silent_changes(run: RunDir, saved: JobConfig, job: JobConfig, fingerprint: Any,
                            allowed: Sequence[str]) -> None:
     changes = run_changes(saved, job)
-    launches = [e for e in run.events() if e["event"] == "launch"]
-    old_print = launches[-1].get("fingerprint") if launches else None
+    launches = [e for e in run.events() if isinstance(e, events.Launch)]
+    old_print = launches[-1].fingerprint if launches else None
     if launches and fingerprint != old_print and (old_print is not None or fingerprint is not None):
         changes["fingerprint"] = (old_print, fingerprint)
     refused = {k: v for k, v in changes.items() if k not in allowed}

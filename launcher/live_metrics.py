@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
-from typing import Any
 
 from jaxlaunch.launcher import history
-from jaxlaunch.launcher.driver import Driver
+from jaxlaunch.launcher.driver import Driver, Listener
 from jaxlaunch.launcher.runs import RunDir
 from jaxlaunch.launcher.states import Attempt, Draining, ResolvingFailure, Running, State
 from jaxlaunch.launcher.trackers import restarts_by_cause
@@ -28,20 +27,6 @@ MAX_REFRESH_SHARE = 0.05
 METRICS_ADDR = "0.0.0.0"
 """The endpoint listens on every interface, for a Prometheus server on another machine."""
 _ACTIVE = (Running, Draining, ResolvingFailure)
-
-
-class _SoFar:
-    """The run's records with the running launch's time counted up to `until` (history counts a
-    launch's time to its last event, and an attempt that trains writes none)."""
-
-    def __init__(self, run: RunDir, until: float):
-        self.run, self.until, self.path = run, until, run.path
-
-    def events(self) -> list[dict[str, Any]]:
-        return [*self.run.events(), {"event": "now", "time": self.until}]
-
-    def metric_records(self) -> list[dict[str, Any]]:
-        return self.run.metric_records()
 
 
 class Exporter:
@@ -89,7 +74,7 @@ class Exporter:
         self.thread.join()
 
 
-class LiveMetrics:
+class LiveMetrics(Listener):
     """A listener of the driver that keeps the endpoint (if any) and TensorBoard's goodput current."""
 
     def __init__(self, run: RunDir, committed: Callable[[], int | None], exporter: Exporter | None,
@@ -129,7 +114,7 @@ class LiveMetrics:
     # -- deriving ----------------------------------------------------------------------------------
     def refresh(self, final: bool = False) -> None:
         started = time.perf_counter()
-        past = history.load(self.run if final else _SoFar(self.run, self.wall_clock()))
+        past = history.load(self.run, until=None if final else self.wall_clock())
         cost = time.perf_counter() - started
         self.refresh_every_s = max(GOODPUT_REFRESH_S, cost / MAX_REFRESH_SHARE)
         self.refreshed_at = self.clock()
@@ -142,7 +127,7 @@ class LiveMetrics:
             self.exporter.productive_seconds.set(past.productive_s)
             for kind, seconds in past.badput_s.items():
                 self.exporter.badput_seconds.labels(kind=kind).set(seconds)
-            self.exporter.count_restarts(restarts_by_cause(past.events))
+            self.exporter.count_restarts(restarts_by_cause([e.to_dict() for e in past.events]))
         if past.goodput is not None and (self.high_step > self.written_step or final):
             self._tensorboard(past.goodput, past.badput_s)
 
@@ -152,7 +137,7 @@ class LiveMetrics:
         if self.writer is None:
             # A run of its own: the training curves' writer purges steps on a restart, and its
             # purge would take these points with it.
-            self.writer = SummaryWriter(str(self.run.tensorboard_dir / "goodput"), flush_secs=10)
+            self.writer = SummaryWriter(f"{self.run.tensorboard_dir}/goodput", flush_secs=10)
         self.writer.add_scalar("goodput/ratio", goodput, self.high_step)
         for kind, seconds in badput.items():
             self.writer.add_scalar(f"badput_seconds/{kind}", seconds, self.high_step)

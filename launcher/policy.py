@@ -12,6 +12,7 @@ import enum
 import math
 from collections.abc import Callable, Sequence
 
+from jaxlaunch.contract.events import FailureKind
 from jaxlaunch.contract.flags import flag
 from jaxlaunch.contract.protocol import ErrorKind, ExitHow, HostExit, HostStatus, NodeLiveness, Phase
 
@@ -55,27 +56,6 @@ class WatchdogConfig:
 
 # ---- failures --------------------------------------------------------------------------------------
 
-class FailureKind(enum.StrEnum):
-    CRASHED = "crashed"              # the host process died (crash, SIGKILL, out of memory)
-    NODE_LOST = "node_lost"          # the Ray node under a host went away
-    HUNG = "hung"                    # no progress within the watchdog's limit
-    EXCEPTION = "exception"          # a Python exception in the training code
-    TRANSIENT = "transient"          # an error that retries did not clear (memory, storage timeouts)
-    PREEMPTED = "preempted"          # the host or its node was asked to stop
-    STORAGE = "storage"              # the run directory cannot be written (full, read-only, gone)
-    NO_CHECKPOINT = "no_checkpoint"  # the run has committed steps and none can be read
-
-    @property
-    def is_preemption(self) -> bool:
-        """Preemptions and lost nodes spend their own, larger budget: the job did nothing wrong."""
-        return self in (FailureKind.PREEMPTED, FailureKind.NODE_LOST)
-
-    @property
-    def is_fatal(self) -> bool:
-        """Restarting cannot help: stop at once, spend no budget, keep everything."""
-        return self in (FailureKind.STORAGE, FailureKind.NO_CHECKPOINT)
-
-
 @dataclasses.dataclass(frozen=True)
 class Failure:
     kind: FailureKind
@@ -112,9 +92,6 @@ class Failure:
         """Equal for the same exception at the same step: a deterministic failure."""
         last_line = (self.traceback or self.message).strip().splitlines()[-1:] or [""]
         return (self.kind, self.step, last_line[0])
-
-    def with_blame(self, **changes) -> Failure:
-        return dataclasses.replace(self, **changes)
 
 
 _ERROR_KINDS = {
@@ -199,7 +176,7 @@ def entry_error(failures: Sequence[Failure], num_hosts: int) -> Failure | None:
     early = {f.rank: f for f in failures if f.before_first_step}
     if len(early) < num_hosts or len({f.exception_type for f in early.values()}) != 1:
         return None
-    return early[min(early)].with_blame(on_every_host=True)
+    return dataclasses.replace(early[min(early)], on_every_host=True)
 
 
 def likely_fix(failure: Failure) -> str:
@@ -308,6 +285,29 @@ class ScalingPolicy:
             if self.fits(n):
                 return n
         return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Policies:
+    """The decisions the driver carries out: restarts, host counts, hangs."""
+
+    restart: RestartPolicy
+    scaling: ScalingPolicy
+    watchdog: Watchdog
+
+    @property
+    def fault(self) -> FaultConfig:
+        return self.restart.cfg
+
+
+# ---- stops the driver starts -------------------------------------------------------------------------
+
+def stop_step(steps: Sequence[int | None], floor: int | None, margin: int) -> int:
+    """The step to propose for a stop every host saves at: `margin` steps past the furthest step
+    known, whether a host reported it or said it had passed it (`floor`, which also holds the step
+    proposed before)."""
+    known = [s for s in (*steps, floor) if s is not None]
+    return max(known, default=0) + margin
 
 
 # ---- hangs -------------------------------------------------------------------------------------------

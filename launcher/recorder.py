@@ -6,20 +6,22 @@ goodput, summary.json and report.png are all derived from these records (`jaxlau
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from jaxlaunch.launcher.driver import Driver
+from jaxlaunch.launcher.driver import Driver, Listener
 from jaxlaunch.launcher.runs import RunDir
 from jaxlaunch.launcher.states import (
     Attempt,
+    AttemptEnded,
+    AttemptStarted,
     Draining,
     DrainReason,
     Failed,
-    ResolvingFailure,
     Restarting,
     Running,
     State,
@@ -27,10 +29,10 @@ from jaxlaunch.launcher.states import (
     WaitingForCapacity,
 )
 
+from jaxlaunch.contract import events
 from jaxlaunch.contract.protocol import GroupPoll
 
 TENSORBOARD_SKIP = ("step", "time", "attempt", "num_hosts")
-_ACTIVE = (Running, Draining, ResolvingFailure)
 
 
 class TensorBoard:
@@ -68,7 +70,7 @@ class TensorBoard:
             self.writer = None
 
 
-class Recorder:
+class Recorder(Listener):
     def __init__(self, run: RunDir, mesh_for: Callable[[int], dict[str, int]],
                  wall_clock: Callable[[], float] = time.time, sinks: Sequence[Any] = ()):
         self.run, self.mesh_for, self.wall_clock = run, mesh_for, wall_clock
@@ -80,24 +82,23 @@ class Recorder:
     def close(self) -> None:
         self.tensorboard.close()
 
-    def event(self, kind: str, **fields: Any) -> None:
-        self._write_event(kind, time=self.wall_clock(), **fields)
+    def event(self, event: events.Event) -> None:
+        """Writes a driver's event, at the recorder's clock."""
+        self._write_event(dataclasses.replace(event, time=self.wall_clock()))
 
-    def _write_event(self, kind: str, **fields: Any) -> None:
-        record = self.run.event(kind, **fields)
+    def _write_event(self, event: events.Event) -> None:
+        self.run.event(event)
         for sink in self.sinks:
-            sink.on_event(record)
+            sink.on_event(event.to_dict())
 
     # -- polls -----------------------------------------------------------------------------------
     def on_poll(self, driver: Driver, attempt: Attempt, poll: GroupPoll) -> None:
         for rank, event in poll.events:
-            fields = dict(event.fields)
-            backfill = fields.pop("records", None)
-            self._write_event(event.kind, time=event.time, attempt=attempt.number, rank=rank, **fields)
-            if backfill:
+            self._write_event(dataclasses.replace(event, attempt=attempt.number, rank=rank))
+            if isinstance(event, events.Restored) and event.records:
                 # Records of committed steps that never reached the driver (the host died first):
                 # the checkpoint carried them, so the run's trajectory has no hole.
-                self.metrics([r for r in backfill if r["step"] not in self.recorded_steps])
+                self.metrics([r for r in event.records if r["step"] not in self.recorded_steps])
         self.metrics(poll.records)
 
     def metrics(self, records: list[dict[str, Any]]) -> None:
@@ -109,55 +110,58 @@ class Recorder:
                 sink.on_records(records)
 
     # -- transitions -----------------------------------------------------------------------------
-    def on_transition(self, driver: Driver, old: State, new: State) -> None:
-        if isinstance(new, Running) and not isinstance(old, _ACTIVE):
-            a, group = new.attempt, new.attempt.group
-            self.event("attempt_started", attempt=a.number, num_hosts=a.num_hosts, mesh=self.mesh_for(a.num_hosts),
-                       latest_committed_step=a.latest_committed, injections=[str(i) for i in a.injections],
-                       coordinator=group.coordinator, nodes=group.nodes, pids=group.pids)
-        elif isinstance(new, WaitingForCapacity) and not isinstance(old, WaitingForCapacity):
-            self.event("waiting_for_capacity", placeable_hosts=new.placeable,
-                       min_hosts=driver.scaling_policy.min_hosts)
-        elif isinstance(new, Draining):
-            if new.reason == DrainReason.RESIZE:
-                self.event("grow", attempt=new.attempt.number, from_hosts=new.attempt.num_hosts,
-                           to_hosts=new.target_hosts)
-            else:
-                self.event("stop_requested", attempt=new.attempt.number, signal=driver.stop_name)
-        if isinstance(old, _ACTIVE) and not isinstance(new, _ACTIVE):
-            self._attempt_ended(driver, old.attempt, new)
-        if isinstance(new, Restarting):
-            self.event("restarting", reason=new.decision.reason, backoff_s=new.decision.backoff_s)
-        elif isinstance(new, Failed):
-            self.event("job_failed", reason=new.reason)
-        elif isinstance(new, Stopped):
-            self.event("job_stopped", reason=new.reason, signal=driver.stop_name)
+    def on_attempt_started(self, driver: Driver, started: AttemptStarted) -> None:
+        a, group = started.attempt, started.attempt.group
+        self.event(events.AttemptStarted(
+            attempt=a.number, num_hosts=a.num_hosts, mesh=self.mesh_for(a.num_hosts),
+            latest_committed_step=a.latest_committed, injections=[str(i) for i in started.injections],
+            coordinator=group.coordinator if group else None, nodes=group.nodes if group else [],
+            pids=group.pids if group else []))
 
-    def _attempt_ended(self, driver: Driver, a: Attempt, new: State) -> None:
-        failure = getattr(new, "failure", None)
-        latency = None
+    def on_transition(self, driver: Driver, old: State, new: State) -> None:
+        if isinstance(new, WaitingForCapacity) and not isinstance(old, WaitingForCapacity):
+            self.event(events.WaitingForCapacity(placeable_hosts=new.placeable,
+                                                 min_hosts=driver.policies.scaling.min_hosts))
+        elif isinstance(new, Draining) and not isinstance(old, Draining):
+            if new.reason == DrainReason.RESIZE:
+                self.event(events.Grow(attempt=new.attempt.number, from_hosts=new.attempt.num_hosts,
+                                       to_hosts=new.target_hosts))
+            else:
+                self.event(events.StopRequested(attempt=new.attempt.number, signal=driver.stop_name))
+        if isinstance(new, Restarting):
+            self.event(events.Restarting(reason=new.decision.reason, backoff_s=new.decision.backoff_s))
+        elif isinstance(new, Failed):
+            self.event(events.JobFailed(reason=new.reason))
+        elif isinstance(new, Stopped):
+            self.event(events.JobStopped(reason=new.reason, signal=driver.stop_name))
+
+    def on_attempt_ended(self, driver: Driver, ended: AttemptEnded) -> None:
+        a, failure = ended.attempt, ended.failure
+        latency = failed_at = None
         if failure is not None:
             if failure.failed_at is not None:
                 latency = max(0.0, failure.detected_at - failure.failed_at)
-            self.event("failure", attempt=a.number, cause=failure.kind.value, host=failure.rank, step=failure.step,
-                       message=failure.message, traceback=failure.traceback, detection_latency_s=latency)
-            if failure.rank is not None and failure.traceback and failure.kind.value == "hung":
+                failed_at = failure.failed_at + self.wall_clock() - driver.clock()
+            self.event(events.Failure(attempt=a.number, cause=failure.kind, host=failure.rank, step=failure.step,
+                                      message=failure.message, traceback=failure.traceback,
+                                      detection_latency_s=latency, failed_at=failed_at))
+            if failure.rank is not None and failure.traceback and failure.kind == events.FailureKind.HUNG:
                 with self.run.host_log(a.number, failure.rank).open("a") as log:
-                    log.write(f"\n--- the watchdog found this host hung; its stacks ---\n{failure.traceback}\n")
+                    log.write(f"\n--- the driver found this host hung; its stacks ---\n{failure.traceback}\n")
         result = next(iter(a.results.values()), None)
-        self.event(
-            "attempt_ended", attempt=a.number, num_hosts=a.num_hosts, cause=a.cause,
+        self.event(events.AttemptEnded(
+            attempt=a.number, num_hosts=a.num_hosts, cause=ended.cause,
             host=failure.rank if failure is not None else None, first_step=a.first_step, last_step=a.last_step,
             restored_step=a.restored_step, detection_latency_s=latency, recovery_time_s=a.recovery_time_s,
             time_to_first_step_s=a.time_to_first_step_s, duration_s=driver.clock() - a.started_at,
             **({"process_count": result.process_count, "num_devices": result.num_devices, "mesh": result.mesh,
                 "returned": result.returned} if result is not None else {}),
-        )
+        ))
 
 
-class Chaos:
+class Chaos(Listener):
     """Kills a random training host at random times, `mean_s` apart on average (exponential gaps),
-    and tells the driver when, so that detection latency is measured from the kill."""
+    and tells the driver's fault plan when, so that detection latency is measured from the kill."""
 
     def __init__(self, mean_s: float, seed: int, record: Callable[..., None]):
         self.mean_s, self.record = mean_s, record
@@ -165,10 +169,9 @@ class Chaos:
         self.next_at: float | None = None
         self.attempt: int | None = None
 
-    def on_transition(self, driver: Driver, old: State, new: State) -> None:
-        if isinstance(new, Running) and not isinstance(old, _ACTIVE):
-            self.attempt = new.attempt.number
-            self.next_at = driver.clock() + self.random.expovariate(1.0 / self.mean_s)
+    def on_attempt_started(self, driver: Driver, started: AttemptStarted) -> None:
+        self.attempt = started.attempt.number
+        self.next_at = driver.clock() + self.random.expovariate(1.0 / self.mean_s)
 
     def on_poll(self, driver: Driver, attempt: Attempt, poll: GroupPoll) -> None:
         now = driver.clock()
@@ -177,6 +180,6 @@ class Chaos:
             return
         rank = self.random.randrange(len(poll.hosts))
         self.next_at = None
-        attempt.killed_at = now
-        self.record("chaos_kill", attempt=attempt.number, host=rank, step=attempt.last_step)
+        driver.faults.killed(attempt.number, now)
+        self.record(events.ChaosKill(attempt=attempt.number, host=rank, step=attempt.last_step))
         driver.group.kill(rank)

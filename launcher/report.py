@@ -8,16 +8,22 @@ records)."""
 
 from __future__ import annotations
 
+import io
 import pathlib
-from typing import Any
+from typing import Any, BinaryIO
 
-from jaxlaunch.launcher.history import BADPUT_LABELS, History, load
+from jaxlaunch.launcher.goodput import BADPUT_LABELS, PRODUCTIVE, Split
+from jaxlaunch.launcher.history import AttemptRecord, History, load
 from jaxlaunch.launcher.runs import RunDir
 from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
 
+from jaxlaunch.contract.events import FailureKind, PlannedEnd
+
 BADPUT_COLORS = ("tab:orange", "tab:purple", "tab:red", "tab:brown", "tab:olive", "tab:pink", "tab:gray")
+MIN_BAR_SHARE = 0.005
+"""The narrowest a part of the goodput bar is drawn, as a share of the bar."""
 
 
 # ---- text ---------------------------------------------------------------------------------------
@@ -25,14 +31,21 @@ BADPUT_COLORS = ("tab:orange", "tab:purple", "tab:red", "tab:brown", "tab:olive"
 def print_report(report: History, console: Console | None = None) -> None:
     console = console or Console()
     print_attempts(report.attempts, console)
-    goodput = Table(title=f"goodput {report.goodput or 0:.1%} of {report.wall_s:.1f} s")
+    print_goodput(report.split, console)
+
+
+def print_goodput(split: Split, console: Console) -> None:
+    """The wall time's partition: every row's seconds and shares add up to the total row."""
+    shares = split.shares()
+    goodput = Table(title=f"goodput {split.goodput or 0:.1%} of {split.wall_s:.1f} s")
     goodput.add_column("time")
     goodput.add_column("seconds", justify="right")
     goodput.add_column("share", justify="right")
-    goodput.add_row("productive training", f"{report.productive_s:.1f}", f"{report.goodput or 0:.1%}")
+    goodput.add_row("productive training", f"{split.productive_s:.1f}", f"{shares[PRODUCTIVE]:.1%}")
     for key, label in BADPUT_LABELS.items():
-        seconds = report.badput_s[key]
-        goodput.add_row(label, f"{seconds:.1f}", f"{seconds / report.wall_s:.1%}" if report.wall_s else "-")
+        goodput.add_row(label, f"{split.badput_s[key]:.1f}", f"{shares[key]:.1%}")
+    goodput.add_row("total (wall time)", f"{split.wall_s:.1f}", f"{sum(shares.values()):.1%}" if split.wall_s else "-",
+                    style="bold")
     console.print(goodput)
 
 
@@ -43,19 +56,18 @@ ATTEMPT_COLUMNS = ("#", "hosts", "mesh", "steps", "from", "ended", "host", "dete
 restored, how it ended, the host that failed, and the seconds to detect the failure and to recover."""
 
 
-def print_attempts(attempts: list[dict[str, Any]], console: Console) -> None:
+def print_attempts(attempts: list[AttemptRecord], console: Console) -> None:
     """The attempt table, whole at the console's width: a table where it fits, a line per attempt
     where it does not (never a cell cut to "crash…")."""
-    axes = {tuple(a.get("mesh") or {}) for a in attempts}
+    axes = {tuple(a.mesh or {}) for a in attempts}
     one_layout = len(axes) == 1 and () not in axes
     rows = []
     for a in attempts:
-        sizes = a.get("mesh") or {}
+        sizes = a.mesh or {}
         mesh = "×".join(map(str, sizes.values())) if one_layout else ",".join(f"{k}={v}" for k, v in sizes.items())
-        rows.append((str(a["attempt"]), _s(a.get("num_hosts")), mesh,
-                     f"{_s(a.get('first_step'))}..{_s(a.get('last_step'))}", _s(a.get("restored_step")),
-                     a.get("cause") or "running?", _s(a.get("failed_host")),
-                     _f(a.get("detection_latency_s")), _f(a.get("recovery_time_s"))))
+        rows.append((str(a.attempt), _s(a.num_hosts), mesh, f"{_s(a.first_step)}..{_s(a.last_step)}",
+                     _s(a.restored_step), a.cause or "running?", _s(a.failed_host), _f(a.detection_latency_s),
+                     _f(a.recovery_time_s)))
     mesh_header = "×".join(next(iter(axes))) if one_layout else "mesh"
     table = Table(title="attempts (detect, recover: seconds)", box=None, pad_edge=False, padding=(0, 1))
     for column in ATTEMPT_COLUMNS:
@@ -86,7 +98,7 @@ def _f(value: float | None) -> str:
 
 # ---- picture ------------------------------------------------------------------------------------
 
-def plot(report: History, path: pathlib.Path) -> pathlib.Path:
+def plot(report: History, path: pathlib.Path | BinaryIO) -> pathlib.Path | BinaryIO:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -94,16 +106,16 @@ def plot(report: History, path: pathlib.Path) -> pathlib.Path:
 
     fig, (ax, bar) = plt.subplots(2, 1, figsize=(12, 6.5), gridspec_kw={"height_ratios": [4, 1]})
     colors = plt.get_cmap("Pastel1")
-    sizes = sorted({a.get("num_hosts") for a in report.attempts if a.get("num_hosts")})
+    sizes = sorted({a.num_hosts for a in report.attempts if a.num_hosts})
     labelled = set()
     for a in report.attempts:
-        if a.get("first_step") is None or a.get("last_step") is None or a.get("num_hosts") is None:
+        if a.first_step is None or a.last_step is None or a.num_hosts is None:
             continue
-        start = (a.get("restored_step") or 0)
-        hosts = a.get("num_hosts")
-        mesh = ",".join(f"{k}={v}" for k, v in (a.get("mesh") or {}).items())
+        start = a.restored_step or 0
+        hosts = a.num_hosts
+        mesh = ",".join(f"{k}={v}" for k, v in (a.mesh or {}).items())
         label = f"{hosts} hosts ({mesh})"
-        ax.axvspan(start, a["last_step"], color=colors(sizes.index(hosts) % 9), alpha=0.6,
+        ax.axvspan(start, a.last_step, color=colors(sizes.index(hosts) % 9), alpha=0.6,
                    label=None if label in labelled else label, lw=0)
         labelled.add(label)
     metric = plotted_metric(report)
@@ -113,38 +125,42 @@ def plot(report: History, path: pathlib.Path) -> pathlib.Path:
     lost = [(r["step"], r[metric]) for r in report.recomputed if isinstance(r.get(metric), int | float)]
     if lost:
         ax.scatter(*zip(*lost, strict=True), s=6, color="grey", label="lost (recomputed) steps", zorder=3)
-    failed = [a for a in report.attempts if a.get("cause") not in (None, "finished", "stopped", "resize")]
+    failed = [a for a in report.attempts if isinstance(a.cause, FailureKind)]
     for i, a in enumerate(failed):
-        step = a.get("last_step") or a.get("restored_step") or 0
+        step = a.last_step or a.restored_step or 0
         ax.axvline(step, color="red", ls="--", lw=1, label="failure" if i == 0 else None)
-        ax.annotate(f"{a['cause']}" + (f" (host {a['failed_host']})" if a.get("failed_host") is not None else ""),
+        ax.annotate(f"{a.cause}" + (f" (host {a.failed_host})" if a.failed_host is not None else ""),
                     (step, 1), xycoords=("data", "axes fraction"), xytext=(3, -12), textcoords="offset points",
                     color="red", fontsize=8, rotation=0)
     for a in report.attempts:
-        if a.get("cause") == "resize" and a.get("last_step") is not None:
-            ax.axvline(a["last_step"], color="tab:blue", ls=":", lw=1)
+        if a.cause == PlannedEnd.RESIZE and a.last_step is not None:
+            ax.axvline(a.last_step, color="tab:blue", ls=":", lw=1)
     ax.set_xlabel("step")
     ax.set_ylabel(metric)
     ax.set_title(f"{len(report.attempts)} attempt(s), {len(failed)} failure(s)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-    left = 0.0
-    parts = [("productive", report.productive_s, "tab:green")] + [
-        (key, seconds, color) for (key, seconds), color in zip(report.badput_s.items(), BADPUT_COLORS, strict=True)
-    ]
-    for name, seconds, color in parts:
-        share = seconds / report.wall_s if report.wall_s else 0
-        if share <= 0:
-            continue
-        bar.barh(0, share, left=left, color=color, label=f"{name} {share:.0%}")
-        left += share
-    bar.set_xlim(0, 1)
-    bar.set_yticks([])
-    bar.set_title(f"goodput {report.goodput or 0:.1%} of {report.wall_s:.0f} s wall time", fontsize=10)
-    bar.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=4, fontsize=8, frameon=False)
+    _goodput_bar(bar, report.split)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
     return path
+
+
+def _goodput_bar(bar, split: Split) -> None:
+    """The partition as one bar of shares that add up to 1: every part with time in it is drawn (at
+    least a sliver wide, so that none vanishes) and named in the legend with its share."""
+    colors = dict(zip((PRODUCTIVE, *BADPUT_LABELS), ("tab:green", *BADPUT_COLORS), strict=True))
+    shares = {k: v for k, v in split.shares().items() if v > 0}
+    widths = {k: max(v, MIN_BAR_SHARE) for k, v in shares.items()}
+    scale = 1.0 / sum(widths.values()) if widths else 1.0
+    left = 0.0
+    for name, share in shares.items():
+        bar.barh(0, widths[name] * scale, left=left, color=colors[name], label=f"{name} {share:.1%}")
+        left += widths[name] * scale
+    bar.set_xlim(0, 1)
+    bar.set_yticks([])
+    bar.set_title(f"goodput {split.goodput or 0:.1%} of {split.wall_s:.0f} s wall time", fontsize=10)
+    bar.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=4, fontsize=8, frameon=False)
 
 
 def plotted_metric(report: History) -> str:
@@ -154,10 +170,18 @@ def plotted_metric(report: History) -> str:
     return "loss" if "loss" in names else (names[0] if names else "loss")
 
 
-def write(run_dir: str | pathlib.Path, console: Console | None = None, show: bool = True) -> pathlib.Path:
-    """Builds the report of a run directory, prints it (if `show`) and writes report.png."""
+def write(run_dir: str | pathlib.Path, console: Console | None = None, show: bool = True) -> pathlib.Path | str:
+    """Builds the report of a run directory (a path or a URL), prints it (if `show`) and writes
+    report.png beside its records: where it went."""
     run = RunDir(run_dir)
     report = load(run)
     if show:
         print_report(report, console)
-    return plot(report, run.path / "report.png")
+    return save_plot(report, run)
+
+
+def save_plot(report: History, run: RunDir) -> pathlib.Path | str:
+    """report.png, written whole into the run directory: where it went."""
+    picture = io.BytesIO()
+    plot(report, picture)
+    return run.write_object("report.png", picture.getvalue())

@@ -20,15 +20,17 @@ import time
 from typing import Any
 
 from jaxlaunch.launcher import history, notebook, report
-from jaxlaunch.launcher.cli import EXIT_FAILED
+from jaxlaunch.launcher.cli import EXIT_FAILED, EXIT_OK
 from jaxlaunch.launcher.cluster import RayCluster, runtime_env
 from jaxlaunch.launcher.config import JobConfig
 from jaxlaunch.launcher.display import ConsoleView, Display, error, shown
 from jaxlaunch.launcher.driver import CAPACITY_POLL_S, Driver
+from jaxlaunch.launcher.fault_plan import FaultPlan, injection_log
+from jaxlaunch.launcher.history import AttemptRecord
 from jaxlaunch.launcher.job import PreparedJob
 from jaxlaunch.launcher.keepers import KeeperPool
 from jaxlaunch.launcher.live_metrics import Exporter, LiveMetrics
-from jaxlaunch.launcher.policy import RestartPolicy, ScalingPolicy, Watchdog
+from jaxlaunch.launcher.policy import Policies, RestartPolicy, ScalingPolicy, Watchdog
 from jaxlaunch.launcher.recorder import Chaos, Recorder
 from jaxlaunch.launcher.runs import RunDir
 from jaxlaunch.launcher.trackers import Trackers
@@ -36,9 +38,9 @@ from jaxlaunch.launcher.worker_group import RayWorkerGroup, StandbyPool
 from rich.markup import escape
 
 from jaxlaunch.contract import entry as entry_lib
-from jaxlaunch.contract import storage
-from jaxlaunch.contract.layout import read_jsonl
-from jaxlaunch.contract.protocol import ConfigError, HostSpec, Injection
+from jaxlaunch.contract import events, storage
+from jaxlaunch.contract.events import JobStatus
+from jaxlaunch.contract.protocol import ConfigError, HostSpec
 from jaxlaunch.contract.storage import RunStorageError, storage_errno
 
 
@@ -46,16 +48,17 @@ from jaxlaunch.contract.storage import RunStorageError, storage_errno
 class LaunchResult:
     """The outcome of one launch, as `jaxlaunch.launch` returns it."""
 
-    status: str
-    """"finished", "failed" or "stopped"."""
+    status: JobStatus
+    """finished, failed, stopped (SIGINT, SIGTERM) or interrupted."""
     exit_code: int
     """What the command line would exit with: 0 finished, 1 failed, 130/143 stopped."""
     reason: str | None
     final_step: int | None
-    attempts: list[dict[str, Any]]
+    attempts: list[AttemptRecord]
     """The attempt table: hosts, mesh, steps, restored step, cause, failed host, timings."""
     goodput: float | None
-    run_dir: pathlib.Path
+    run_dir: pathlib.Path | str
+    """The run directory: a local folder, or the URL of one on an object store."""
     metrics: dict[int, dict[str, Any]]
     """The final trajectory: step -> the metrics it reported (a recomputed step keeps its last run)."""
     returned: Any
@@ -64,7 +67,7 @@ class LaunchResult:
 
     @property
     def ok(self) -> bool:
-        return self.status == "finished"
+        return self.status == JobStatus.FINISHED
 
     def _repr_html_(self) -> str:
         return notebook.to_html(self.summary, self.reason, self.run_dir)
@@ -125,21 +128,6 @@ def _make_spec(job: JobConfig, run: RunDir, entry_ref):
     return make
 
 
-def _fired(run: RunDir, injections: tuple[Injection, ...], clock, wall_clock):
-    """The injections that went off in an attempt, from the hosts' record of them (written before
-    each fires), with their times on the driver's clock."""
-    def fired(attempt: int) -> list[tuple[Injection, float]]:
-        out = []
-        for line in read_jsonl(run.injections_path):
-            if line.get("attempt") != attempt:
-                continue
-            for injection in injections:
-                if (injection.kind, injection.step, injection.host) == (line["kind"], line["step"], line["rank"]):
-                    out.append((injection, clock() - (wall_clock() - line["time"])))
-        return out
-    return fired
-
-
 def run_job(prepared: PreparedJob, display: Display | None = None) -> LaunchResult:
     port = prepared.job.tracking.metrics_port
     exporter = Exporter(port) if port is not None else None  # a port in use is bad input: before anything
@@ -156,7 +144,7 @@ def _run_job(prepared: PreparedJob, display: Display | None, exporter: Exporter 
     display = display or Display()
     if prepared.announce:
         display.message(prepared.announce, soft_wrap=True)
-    run.path.mkdir(parents=True, exist_ok=True)
+    run.store.makedirs()
     lock = run.lock()
     try:
         lock.acquire()
@@ -188,7 +176,7 @@ def _run_job(prepared: PreparedJob, display: Display | None, exporter: Exporter 
             code = storage_errno(err)
             if code is None:
                 raise
-            raise RunStorageError(storage.describe(run.path, code, None)) from err
+            raise RunStorageError(storage.describe(run.store.url, code, None)) from err
         finally:
             cluster.shutdown()
     finally:
@@ -205,11 +193,12 @@ def _drive(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref, di
     if lock.took_over:
         display.message(f"[yellow]took over the lock of a launch that died (pid {lock.took_over.get('pid')} on "
                         f"{lock.took_over.get('host')})[/yellow]")
-    attempt_offset = sum(e["event"] == "attempt_started" for e in run.events())
-    run.event("launch", num_hosts=job.num_hosts, resume=job.resume, entry=str(entry.ref), steps=job.train.steps,
-              fingerprint=prepared.fingerprint, cluster=cluster.describe(), pid=os.getpid(),
-              ray_supervisor=cluster.instance.supervisor_pid if cluster.instance is not None else None,
-              requested_hosts=None if cluster.embedded else job.max_hosts)
+    attempt_offset = sum(isinstance(e, events.AttemptStarted) for e in run.events())
+    run.event(events.Launch(
+        num_hosts=job.num_hosts, resume=job.resume, entry=str(entry.ref), steps=job.train.steps,
+        fingerprint=prepared.fingerprint, cluster=cluster.describe(), pid=os.getpid(),
+        ray_supervisor=cluster.instance.supervisor_pid if cluster.instance is not None else None,
+        requested_hosts=None if cluster.embedded else job.max_hosts))
     make_spec = _make_spec(job, run, host_ref)
 
     def committed() -> int | None:
@@ -229,14 +218,17 @@ def _drive(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref, di
                                                         job.checkpoint.save_every)]
     if prepared.chaos_mean_s:
         listeners.append(Chaos(prepared.chaos_mean_s, job.train.seed, recorder.event))
+    policies = Policies(RestartPolicy(job.fault),
+                        ScalingPolicy(job.min_hosts, job.max_hosts, lambda n: _fits(job, entry, n)),
+                        Watchdog(job.watchdog))
+    faults = FaultPlan(prepared.injections,
+                       injection_log(run.injections, prepared.injections, time.monotonic, time.time))
     driver = Driver(
         cluster=cluster,
         make_group=lambda: RayWorkerGroup(cluster, run, make_spec, job.watchdog.poll_interval_s, standby,
                                           keepers),
-        restart_policy=RestartPolicy(job.fault), watchdog=Watchdog(job.watchdog), fault=job.fault,
-        scaling_policy=ScalingPolicy(job.min_hosts, job.max_hosts, lambda n: _fits(job, entry, n)),
-        committed_step=committed, fired=_fired(run, prepared.injections, time.monotonic, time.time),
-        injections=prepared.injections, attempt_offset=attempt_offset, listeners=listeners,
+        policies=policies, committed_step=committed, faults=faults, attempt_offset=attempt_offset,
+        listeners=listeners,
     )
     code = None
     try:
@@ -248,14 +240,16 @@ def _drive(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref, di
         keepers.shutdown()
         display.stop()
         state = driver.state
-        status = {0: "finished", 1: "failed"}.get(code, "stopped" if code else "interrupted")
-        run.event("job_ended", status=status, reason=getattr(state, "reason", None))
+        status = {EXIT_OK: JobStatus.FINISHED, EXIT_FAILED: JobStatus.FAILED}.get(
+            code, JobStatus.STOPPED if code else JobStatus.INTERRUPTED)
+        run.event(events.JobEnded(status=status, reason=getattr(state, "reason", None)))
         recorder.close()
         live.close()
+        run.flush()
         past = history.load(run)
         summary = past.summary(run)
         run.write_summary(summary)
-        report.plot(past, run.path / "report.png")
+        picture = report.save_plot(past, run)
         if trackers is not None:
             trackers.close(status, summary)
     if past.failures:
@@ -267,7 +261,7 @@ def _drive(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref, di
         display.message(f"{reason}; continue with: {entry_lib.resume_command(entry.ref, shown(run.path))}",
                         soft_wrap=True)
     display.summary(summary)
-    display.closing(run.path)
+    display.closing(run.path, picture)
     return LaunchResult(status, code, reason, summary["final_step"], past.attempts, past.goodput, run.path,
                         past.trajectory, summary.get("returned"), summary)
 
@@ -276,16 +270,12 @@ def _warn_if_disk_is_short(run: RunDir, job: JobConfig, display: Display) -> Non
     """Before the first attempt of a resumed run: can the disk hold max_to_keep + 1 checkpoints?
     (A fresh run's hosts check once they know the state's size.)"""
     steps = run.committed_steps()
-    free = storage.free_bytes(run.checkpoints)
-    if not steps or free is None:
+    if not steps:
         return
-    keep = job.checkpoint.max_to_keep + 1
-    one = run.checkpoint_bytes(steps[0])
-    if free < one * keep:
-        message = (f"{run.checkpoints} has {free / 1e6:,.0f} MB free; {keep} checkpoints of about "
-                   f"{one / 1e6:,.0f} MB need {one * keep / 1e6:,.0f} MB")
-        run.event("low_disk_space", free_bytes=free, needed_bytes=one * keep, checkpoints=keep, message=message)
-        display.message(f"[yellow]warning: {message}[/yellow]")
+    short = storage.short_of_space(run.checkpoints, run.checkpoint_bytes(steps[0]), job.checkpoint.max_to_keep + 1)
+    if short is not None:
+        run.event(events.LowDiskSpace(**dataclasses.asdict(short)))
+        display.message(f"[yellow]warning: {short.message}[/yellow]")
 
 
 def _fits(job: JobConfig, entry: entry_lib.Entry, num_hosts: int) -> bool:
@@ -318,6 +308,7 @@ def _package_to_ship(staging: pathlib.Path) -> str:
     return str(target)
 
 
-def _remove_if_empty(path: pathlib.Path) -> None:
-    with contextlib.suppress(OSError):
-        path.rmdir()
+def _remove_if_empty(path: pathlib.Path | str) -> None:
+    if isinstance(path, pathlib.Path):  # an object store has no folders to leave behind
+        with contextlib.suppress(OSError):
+            path.rmdir()

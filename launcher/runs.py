@@ -15,13 +15,20 @@ import threading
 import time
 from typing import Any
 
-from jaxlaunch.contract.layout import LOCK_NAME, RunLayout, read_jsonl, write_json_atomic
+from jaxlaunch.contract.events import Event
+from jaxlaunch.contract.events import parse as parse_event
+from jaxlaunch.contract.layout import LOCK_NAME, UNREADABLE_DIR, RunLayout, json_bytes, read_records
 from jaxlaunch.contract.protocol import ConfigError
+from jaxlaunch.contract.store import LocalStore, Store
 
 log = logging.getLogger(__name__)
 LOCK_REFRESH_S = 10.0
 LOCK_STALE_S = 60.0
 """A lock not refreshed for this long belongs to a launch that died (on any machine)."""
+SEGMENT_EVERY_S = 5.0
+"""On an object store, metrics wait this long at most before they are written as a segment: a crash
+of the driver loses at most this much of them (and the checkpoints carry those records anyway)."""
+EVENTS, METRICS = "events", "metrics"
 
 
 def _json_safe(value: Any) -> Any:
@@ -31,16 +38,59 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def _lines(records: list[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps({k: _json_safe(v) for k, v in r.items()}, sort_keys=True) + "\n"
+                   for r in records).encode()
+
+
+class RecordLog:
+    """One stream of records (events or metrics). On POSIX each batch is appended to `NAME.jsonl` at
+    once, as always; an object store has no appends, so batches are gathered and written as whole
+    numbered segments `NAME/<seq>.jsonl`, at least every `every_s` and on every `flush()`. Sequence
+    numbers continue across launches (one launch at a time holds the run's lock)."""
+
+    def __init__(self, store: Store, name: str, every_s: float, clock=time.monotonic):
+        self.store, self.name, self.every_s, self.clock = store, name, every_s, clock
+        self.pending: list[dict[str, Any]] = []
+        self.next_seq: int | None = None
+        self.last_flush = clock()
+
+    def add(self, records: list[dict[str, Any]]) -> None:
+        if not records:
+            return
+        if isinstance(self.store, LocalStore):
+            self.store.append(f"{self.name}.jsonl", _lines(records))
+            return
+        self.pending += records
+        if self.clock() - self.last_flush >= self.every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        self.last_flush = self.clock()
+        if not self.pending:
+            return
+        if self.next_seq is None:
+            taken = [int(n.split(".")[0]) for n in self.store.list(self.name) if n.split(".")[0].isdigit()]
+            self.next_seq = max(taken, default=-1) + 1
+        self.store.write(f"{self.name}/{self.next_seq:08d}.jsonl", _lines(self.pending))
+        self.next_seq += 1
+        self.pending = []
+
+
 class RunDir(RunLayout):
     """A run directory as the driver keeps it: its records, its settings and its lock."""
 
-    def __init__(self, path: str | pathlib.Path):
+    def __init__(self, path: str | os.PathLike):
         super().__init__(path)
         self._identity: tuple[int, int] | None = None
+        self._events = RecordLog(self.store, EVENTS, 0.0)
+        self._metrics = RecordLog(self.store, METRICS, SEGMENT_EVERY_S)
 
     def create(self) -> None:
+        if self.is_url:
+            return  # an object store has no folders to make, nor a folder's identity to watch
         self.hosts.mkdir(parents=True, exist_ok=True)
-        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        pathlib.Path(self.checkpoints).mkdir(parents=True, exist_ok=True)
         self._identity = self._stat_identity()
 
     def _stat_identity(self) -> tuple[int, int]:
@@ -53,105 +103,112 @@ class RunDir(RunLayout):
         if self._identity is not None and self._stat_identity() != self._identity:
             raise FileNotFoundError(errno.ENOENT, "the run directory was deleted during the run", str(self.path))
 
+    def exists(self) -> bool:
+        return self.store.exists("")
+
     def is_empty(self) -> bool:
-        return not self.path.exists() or not any(p.name != LOCK_NAME for p in self.path.iterdir())
+        return not any(name != LOCK_NAME for name in self.store.list())
 
     def is_run(self) -> bool:
-        return self.config_path.is_file()
+        return self.store.exists("config.json")
+
+    def has_records(self) -> bool:
+        return self.store.exists(f"{EVENTS}.jsonl") or bool(self.store.list(EVENTS))
 
     # -- checkpoints -----------------------------------------------------------------------------
     def has_history(self) -> bool:
         """Whether the run ever committed a step (kept, or set aside as unreadable)."""
-        return bool(self.committed_steps()) or (self.unreadable.is_dir() and any(self.unreadable.iterdir()))
+        return bool(self.committed_steps()) or bool(self.store.list(UNREADABLE_DIR))
 
     def checkpoint_meta(self, step: int) -> dict[str, Any] | None:
         try:
-            return json.loads((self.checkpoints / str(step) / "meta" / "metadata").read_text())
+            return json.loads(self.store.read(f"checkpoints/{step}/meta/metadata"))
         except (OSError, ValueError):
             return None
 
     def checkpoint_bytes(self, step: int) -> int:
-        return sum(p.stat().st_size for p in (self.checkpoints / str(step)).rglob("*") if p.is_file())
+        return self.store.size(f"checkpoints/{step}")
 
     # -- records ---------------------------------------------------------------------------------
-    def _append(self, path: pathlib.Path, records: list[dict[str, Any]]) -> None:
-        if not records:
-            return
+    def event(self, event: Event) -> None:
+        """Records an event; on an object store, with the metrics gathered so far, in one go."""
         self.check_still_there()
-        lines = "".join(json.dumps({k: _json_safe(v) for k, v in r.items()}, sort_keys=True) + "\n" for r in records)
-        with path.open("a+b") as f:
-            # A line torn by an earlier writer must not swallow the first record of this one.
-            if f.tell() > 0:
-                f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":
-                    lines = "\n" + lines
-            f.write(lines.encode())
-
-    def event(self, kind: str, **fields: Any) -> dict[str, Any]:
-        record = {"event": kind, "time": fields.pop("time", time.time()), **fields}
-        self._append(self.events_path, [record])
-        return record
+        self._metrics.flush()
+        self._events.add([event.to_dict()])
+        self._events.flush()
 
     def metrics(self, records: list[dict[str, Any]]) -> None:
-        self._append(self.metrics_path, records)
+        if records:
+            self.check_still_there()
+        self._metrics.add(records)
 
-    def events(self) -> list[dict[str, Any]]:
-        return read_jsonl(self.events_path)
+    def flush(self) -> None:
+        """Writes what is gathered (an attempt's end, the launch's end)."""
+        self._metrics.flush()
+        self._events.flush()
+
+    def events(self) -> list[Event]:
+        """The run's events, of every launch, typed (a kind this version does not know is skipped)."""
+        return [e for e in map(parse_event, read_records(self.store, EVENTS)) if e is not None]
 
     def metric_records(self) -> list[dict[str, Any]]:
-        return read_jsonl(self.metrics_path)
+        return read_records(self.store, METRICS)
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        write_json_atomic(self.summary_path, summary)
+        self.store.write("summary.json", json_bytes(summary))
+
+    def write_object(self, name: str, data: bytes) -> pathlib.Path | str:
+        """A whole file of the run (report.png): where it went, as a path or URL."""
+        self.store.write(name, data)
+        return self._name(name)
 
     def save_config(self, job_dict: dict[str, Any]) -> None:
-        write_json_atomic(self.config_path, job_dict)
+        self.store.write("config.json", json_bytes(job_dict))
 
     def load_config(self) -> dict[str, Any] | None:
         try:
-            data = json.loads(self.config_path.read_text())
+            data = json.loads(self.store.read("config.json"))
         except FileNotFoundError:
             return None
         except ValueError:
-            raise ConfigError(f"{self.config_path} is not valid JSON; restore it from a backup or start a new "
-                              f"--run-dir") from None
+            raise ConfigError(f"{self.store.join('config.json')} is not valid JSON; restore it from a backup or "
+                              f"start a new --run-dir") from None
         return data if isinstance(data, dict) else None
 
     # -- the lock --------------------------------------------------------------------------------
     def lock(self) -> RunLock:
-        return RunLock(self.lock_path)
+        return RunLock(self.store)
 
 
 class RunLock:
     """Held for the life of a launch, so two launches never share a run directory.
 
-    The lock file names its holder (host, pid, start time) and is refreshed every LOCK_REFRESH_S by
-    a thread. A second launch is refused with the holder's name, unless the holder is dead: a pid
-    gone on this host, or a lock not refreshed for LOCK_STALE_S on any host (shared storage, where a
-    pid means nothing). A stale lock is taken over by renaming it away first, which only one of
-    several racing launches can do."""
+    The lock is an object created only if none exists (O_EXCL on POSIX, the object store's
+    conditional create), naming its holder (host, pid, start time); a thread rewrites it every
+    LOCK_REFRESH_S. A second launch is refused with the holder's name, unless the holder is dead: a
+    pid gone on this host, or a lock not refreshed for LOCK_STALE_S on any host (shared storage,
+    where a pid means nothing). A stale lock is taken over by one launch only: it must first create
+    the takeover object named after that holder, which only one of several racing launches can."""
 
-    def __init__(self, path: pathlib.Path):
-        self.path = path
+    def __init__(self, store: Store):
+        self.store = store
         self.token = f"{socket.gethostname()}-{os.getpid()}-{time.time_ns()}"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._me: bytes = b""
         self.took_over: dict[str, Any] | None = None
 
     def holder(self) -> dict[str, Any] | None:
         try:
-            return json.loads(self.path.read_text())
+            return json.loads(self.store.read(LOCK_NAME))
         except FileNotFoundError:
             return None
         except ValueError:
             return {}  # being written, or torn: judged by its age alone
 
     def _holder_dead(self, holder: dict[str, Any]) -> bool:
-        try:
-            age = time.time() - self.path.stat().st_mtime
-        except FileNotFoundError:
-            return True
-        if age > LOCK_STALE_S:
+        written = self.store.modified(LOCK_NAME)
+        if written is None or time.time() - written > LOCK_STALE_S:
             return True
         if holder.get("host") == socket.gethostname() and holder.get("pid"):
             return not _process_alive(holder["pid"], holder.get("process_started"))
@@ -162,46 +219,42 @@ class RunLock:
 
         me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time(), "token": self.token,
               "process_started": psutil.Process().create_time()}
+        self._me = json.dumps(me).encode()
         for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self.holder()
-                if holder is None:
-                    continue
-                if not self._holder_dead(holder):
-                    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
-                    raise ConfigError(
-                        f"run directory {self.path.parent} is in use by the launch of pid {holder.get('pid')} on "
-                        f"{holder.get('host')} since {since}; wait for it to end, or choose another --run-dir"
-                    ) from None
-                stale = self.path.with_name(f"{LOCK_NAME}.stale-{self.token}")
-                with contextlib.suppress(FileNotFoundError):  # another launch took it over first
-                    os.rename(self.path, stale)
-                    stale.unlink()
-                    self.took_over = holder
+            if self.store.create(LOCK_NAME, self._me):
+                self._thread = threading.Thread(target=self._refresh, name="run-lock", daemon=True)
+                self._thread.start()
+                return
+            holder = self.holder()
+            if holder is None:
                 continue
-            with os.fdopen(fd, "w") as f:
-                f.write(json.dumps(me))
-                f.flush()
-                os.fsync(f.fileno())
-            self._thread = threading.Thread(target=self._refresh, name="run-lock", daemon=True)
-            self._thread.start()
-            return
-        raise ConfigError(f"run directory {self.path.parent}: could not take its lock {self.path}; "
+            if not self._holder_dead(holder):
+                since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
+                raise ConfigError(
+                    f"run directory {self.store.url} is in use by the launch of pid {holder.get('pid')} on "
+                    f"{holder.get('host')} since {since}; wait for it to end, or choose another --run-dir"
+                ) from None
+            takeover = f"{LOCK_NAME}.takeover-{holder.get('token', 'unknown')}"
+            if self.store.create(takeover, self._me):
+                self.store.delete(LOCK_NAME)
+                self.store.delete(takeover)
+                self.took_over = holder
+        raise ConfigError(f"run directory {self.store.url}: could not take its lock {self.store.join(LOCK_NAME)}; "
                           f"another launch keeps taking it")
 
     def _refresh(self) -> None:
         while not self._stop.wait(LOCK_REFRESH_S):
-            with contextlib.suppress(OSError):
-                os.utime(self.path)
+            with contextlib.suppress(Exception):  # storage hiccups: the next refresh tries again
+                if isinstance(self.store, LocalStore):
+                    self.store.touch(LOCK_NAME)
+                else:
+                    self.store.write(LOCK_NAME, self._me)
 
     def release(self) -> None:
         self._stop.set()
         holder = self.holder()
         if holder and holder.get("token") == self.token:
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
+            self.store.delete(LOCK_NAME)
 
 
 def _process_alive(pid: int, started: float | None) -> bool:

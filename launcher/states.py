@@ -11,6 +11,7 @@ from typing import Any
 
 from jaxlaunch.launcher.policy import Decision, Failure
 
+from jaxlaunch.contract.events import Cause
 from jaxlaunch.contract.protocol import GroupInfo, Injection
 
 
@@ -25,23 +26,20 @@ class Attempt:
     started_at: float
     """Driver clock."""
     latest_committed: int | None
-    injections: tuple[Injection, ...] = ()
     group: GroupInfo | None = None
     first_step: int | None = None
     last_step: int | None = None
     restored_step: int | None = None
     time_to_first_step_s: float | None = None
     recovery_time_s: float | None = None
-    killed_at: float | None = None
-    """When chaos killed a host of it (driver clock)."""
     failures: dict[int | None, Failure] = dataclasses.field(default_factory=dict)
     """Failures seen while finding the root cause, by host."""
-    cause: str | None = None
+    cause: Cause | None = None
     results: dict[int, Any] = dataclasses.field(default_factory=dict)
 
     def stepped(self, hosts) -> bool:
-        """Every host is training and has reported a step of this attempt. JAX's preemption sync
-        point needs each host to have reported a step before a notice arrives."""
+        """Every host is training and has reported a step of this attempt (so a stop saves a step
+        this attempt trained)."""
         first = self.first_step
         return first is not None and all(
             h.phase.started_training and h.step is not None and h.step >= first for h in hosts)
@@ -80,11 +78,24 @@ class Running:
 
 @dataclasses.dataclass(frozen=True)
 class Draining:
-    """Every host was asked to save at one common step and stop."""
+    """Every host is asked to save at one common step and stop: the driver proposes a step until
+    every host accepted one, confirms it, and waits for every host to return from it."""
 
     attempt: Attempt
     reason: DrainReason
+    since: float
+    """When the stop was first asked for (driver clock)."""
     target_hosts: int | None = None
+    proposed: int | None = None
+    """The latest step proposed."""
+    confirmed: bool = False
+    """Every host accepted `proposed`, and it was made final."""
+    unconfirmed: tuple[int, ...] = ()
+    """Hosts the confirmation has not reached yet (it is sent again)."""
+    refusals: int = 0
+    """Proposals some host had passed or did not answer (each widens the margin of the next)."""
+    passed: int | None = None
+    """The furthest step a host answered with, or the latest proposal if further."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,5 +135,19 @@ State = (Scheduling | WaitingForCapacity | Running | Draining | ResolvingFailure
 TERMINAL = (Finished, Failed, Stopped)
 
 
-def name(state: State) -> str:
-    return {Finished: "finished", Failed: "failed", Stopped: "stopped"}.get(type(state), type(state).__name__)
+# ---- what listeners are told -----------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class AttemptStarted:
+    attempt: Attempt
+    injections: tuple[Injection, ...]
+    """The faults its hosts carry (`--inject`)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AttemptEnded:
+    attempt: Attempt
+    cause: str
+    """"finished", "resize", "stopped", or the failure's kind."""
+    failure: Failure | None = None
+    """The failure it ended with, blamed on its root cause."""

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 
 from jaxlaunch.launcher.runs import RunDir
 
-from jaxlaunch.contract.layout import write_json_atomic
+from jaxlaunch.contract.layout import json_bytes
 from jaxlaunch.contract.protocol import ConfigError
 
 log = logging.getLogger(__name__)
@@ -282,7 +282,7 @@ def _nested(params: dict[str, str]) -> dict[str, Any]:
 
 
 def new_backend(name: str, run: RunDir) -> Backend:
-    return Mlflow() if name == "mlflow" else Wandb(str(run.path))
+    return Mlflow() if name == "mlflow" else Wandb(str(run.local_dir))
 
 
 # ---- delivery ------------------------------------------------------------------------------------
@@ -429,15 +429,14 @@ class Trackers:
     def __init__(self, run: RunDir, names: list[str], settings: Mapping[str, Any], warn: Callable[[str], None],
                  backends: Mapping[str, Backend] | None = None, clock: Callable[[], float] = time.monotonic):
         self.run, self.warn, self.clock = run, warn, clock
-        self.state_path = run.path / STATE_FILE
         self.lock = threading.Lock()
         self.state: dict[str, dict[str, Any]] = self._load()
-        self.events = [e for e in run.events() if note_line(e) is not None]
+        self.events = [line for line in (e.to_dict() for e in run.events()) if note_line(line) is not None]
         params = flat_settings(settings)
         self.senders = []
         for name in names:
             backend = backends[name] if backends is not None else new_backend(name, run)
-            sender = Sender(backend, self.state.get(name, {}), run.path.name, params, self._save, self._unsent,
+            sender = Sender(backend, self.state.get(name, {}), run.name, params, self._save, self._unsent,
                             warn, clock)
             sender.add(self._unsent(sender.logged_step))  # what an earlier launch did not get to send
             sender.annotate(*annotations(self.events))
@@ -447,14 +446,14 @@ class Trackers:
 
     def _load(self) -> dict[str, dict[str, Any]]:
         try:
-            return json.loads(self.state_path.read_text())
+            return json.loads(self.run.store.read(STATE_FILE))
         except (FileNotFoundError, ValueError):
             return {}
 
     def _save(self, name: str, entry: dict[str, Any]) -> None:
         with self.lock:
             self.state[name] = entry
-            write_json_atomic(self.state_path, self.state)
+            self.run.store.write(STATE_FILE, json_bytes(self.state))
 
     def _unsent(self, logged_step: int) -> list[dict[str, Any]]:
         """The run's records past `logged_step`, each step's last computation."""

@@ -34,14 +34,18 @@ from jaxlaunch.contract.protocol import (
     HostSpec,
     HostStatus,
     Injection,
+    NodeInfo,
     NodeLiveness,
     PlacementError,
+    StopAnswer,
     host_env,
 )
 
 log = logging.getLogger(__name__)
 ACTOR_CALL_TIMEOUT_S = 120.0
 STACK_DUMP_TIMEOUT_S = 20.0
+STOP_CALL_TIMEOUT_S = 5.0
+"""How long a stop proposal or confirmation waits for the hosts' monitor threads (they answer at once)."""
 PG_REMOVAL_WAIT_S = 5.0
 NODE_DIED_MARKER = "because its node has died"  # Ray GCS: "The actor died because its node has died."
 
@@ -61,7 +65,7 @@ class RayWorkerGroup:
         self.hosts: list[HostStatus] = []
         self.results: dict[int, HostResult] = {}
         self.exits: dict[int, HostExit] = {}
-        self.node_info: list[dict] = []
+        self.node_info: list[NodeInfo] = []
 
     # -- start -----------------------------------------------------------------------------------
     def start(self, num_hosts: int, attempt: int, injections: tuple[Injection, ...] = ()) -> GroupInfo:
@@ -84,7 +88,7 @@ class RayWorkerGroup:
                                   injections=injections, keepers=keepers,
                                   lost_keepers=tuple(self.keepers.lost) if self.keepers is not None else ())
             self.run_refs[rank] = actor.run.remote(spec)
-        return GroupInfo(coordinator, [n["node_id"] for n in self.node_info], [n["pid"] for n in self.node_info])
+        return GroupInfo(coordinator, [n.node_id for n in self.node_info], [n.pid for n in self.node_info])
 
     def _take_standby(self, num_hosts: int, logs: list[str], attempt: int) -> bool:
         """Whether the spare group took over (placed, its processes started and warmed up)."""
@@ -174,11 +178,11 @@ class RayWorkerGroup:
     def _liveness(self, ranks: list[int]) -> dict[int, NodeLiveness]:
         """Each rank's node as Ray and its raylet tell it now: one listing, all probes at once."""
         try:
-            nodes = self.cluster.nodes_liveness([self.node_info[rank]["node_id"] for rank in ranks])
+            nodes = self.cluster.nodes_liveness([self.node_info[rank].node_id for rank in ranks])
         except Exception as err:  # noqa: BLE001 - the GCS itself may be gone with an embedded node
             log.debug("liveness of hosts %s's nodes unknown: %s", ranks, err)
             return dict.fromkeys(ranks, NodeLiveness.UNKNOWN)
-        return {rank: nodes[self.node_info[rank]["node_id"]] for rank in ranks}
+        return {rank: nodes[self.node_info[rank].node_id] for rank in ranks}
 
     def _refresh_liveness(self) -> None:
         """A death whose node was unknown is looked at again: Ray declares a lost node dead only
@@ -198,11 +202,29 @@ class RayWorkerGroup:
         return [rank for rank, node in self._liveness(ranks).items() if node == NodeLiveness.DEAD]
 
     # -- interventions ---------------------------------------------------------------------------
-    def preempt(self) -> None:
-        """Asks every host to save at one common step and stop (a SIGTERM to each host process)."""
-        for rank, actor in enumerate(self.actors):
-            if rank not in self.results:
-                actor.preempt.remote()
+    def propose_stop(self, step: int) -> dict[int, StopAnswer]:
+        """Every running host's answer to a proposed stop step; a host that does not answer in time
+        is left out (the driver proposes again)."""
+        ranks = [rank for rank in range(len(self.actors)) if rank not in self.results and rank not in self.exits]
+        return {rank: answer for rank, answer in zip(ranks, self._ask(ranks, "propose_stop", step), strict=True)
+                if isinstance(answer, StopAnswer)}
+
+    def confirm_stop(self, step: int, ranks: list[int]) -> list[int]:
+        """The ranks that took `step` as final."""
+        return [rank for rank, ok in zip(ranks, self._ask(ranks, "confirm_stop", step), strict=True) if ok is True]
+
+    def _ask(self, ranks: list[int], method: str, *args) -> list:
+        """One call to each host's monitor thread, side by side; None for a host that did not answer."""
+        refs = [getattr(self.actors[rank], method).remote(*args) for rank in ranks]
+        ready = set(ray.wait(refs, num_returns=len(refs), timeout=STOP_CALL_TIMEOUT_S)[0]) if refs else set()
+        answers = []
+        for ref in refs:
+            try:
+                answers.append(ray.get(ref) if ref in ready else None)
+            except Exception as err:  # noqa: BLE001 - a host that died is reported by its run ref
+                log.debug("%s failed: %s", method, err)
+                answers.append(None)
+        return answers
 
     def kill(self, rank: int) -> None:
         """SIGKILLs one host process (chaos)."""
@@ -213,9 +235,9 @@ class RayWorkerGroup:
         (a hung or stopped process cannot answer for itself)."""
         info = self.node_info[rank]
         dump = ray.remote(num_cpus=0)(_py_spy_dump).options(
-            scheduling_strategy=NodeAffinitySchedulingStrategy(info["node_id"], soft=False))
+            scheduling_strategy=NodeAffinitySchedulingStrategy(info.node_id, soft=False))
         try:
-            return ray.get(dump.remote(info["pid"]), timeout=STACK_DUMP_TIMEOUT_S)
+            return ray.get(dump.remote(info.pid), timeout=STACK_DUMP_TIMEOUT_S)
         except Exception as err:  # noqa: BLE001 - a dump is a diagnosis, never a reason to fail
             log.debug("stack dump of host %d failed: %s", rank, err)
             return None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import logging
+import os
 import pathlib
 import time
 from collections.abc import Callable
@@ -25,11 +26,14 @@ from typing import Any
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from jax.experimental import multihost_utils
+from orbax.checkpoint._src.path.atomicity import CommitFileTemporaryPath
 
 from jaxlaunch.contract.layout import UNREADABLE_DIR, committed_steps
 from jaxlaunch.contract.protocol import CheckpointConfig, ErrorKind
 from jaxlaunch.contract.storage import chain, describe, storage_errno
+from jaxlaunch.contract.store import is_url, open_store, tensorstore_environment
 
 log = logging.getLogger(__name__)
 STATE_ITEM, META_ITEM = "state", "meta"
@@ -83,9 +87,12 @@ class Checkpointer:
     """One CheckpointManager per host process; every call is made by all processes together."""
 
     def __init__(self, directory: str | pathlib.Path, cfg: CheckpointConfig, expect_checkpoint: bool = False):
-        self.directory = pathlib.Path(directory).absolute()
+        self.store = open_store(directory)
+        self.directory: pathlib.Path | str = self.store.url if is_url(directory) else pathlib.Path(self.store.url)
+        """A local folder, or the URL of one in an object store."""
         self.expect_checkpoint = expect_checkpoint
         self.checkpoint_bytes: int | None = None
+        prepare_tensorstore(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=cfg.max_to_keep,
             enable_async_checkpointing=cfg.async_save,
@@ -93,6 +100,9 @@ class Checkpointer:
             # A step whose save was interrupted stays a tmp folder: remove it, so that the same
             # step can be saved again and is never mistaken for a committed one.
             cleanup_tmp_directories=True,
+            # An object store has no atomic rename of a folder: a step is written in place and
+            # committed by its commit file, written last (Orbax's default for gs:// alike).
+            temporary_path_class=CommitFileTemporaryPath if is_url(directory) else None,
         )
         with self._storage_errors():
             self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
@@ -187,7 +197,7 @@ class Checkpointer:
 
     def steps_from_rank_0(self) -> list[int]:
         """Rank 0's list of committed steps, newest first, the same on every host."""
-        steps = committed_steps(self.directory) if jax.process_index() == 0 else []
+        steps = committed_steps(self.store) if jax.process_index() == 0 else []
         if jax.process_count() == 1:
             return steps
         count = int(multihost_utils.broadcast_one_to_all(np.array(len(steps), dtype=np.int64)))
@@ -241,25 +251,78 @@ class Checkpointer:
                 return "corrupt", None, error
         return "corrupt", None, error
 
-    def _set_aside(self, step: int) -> pathlib.Path:
+    def _set_aside(self, step: int) -> str:
         """Moves an unreadable step beside checkpoints/ (never deletes it), so it is not tried again
         and training can save that step anew."""
-        target = self.directory.parent / UNREADABLE_DIR / f"{step}-{int(time.time())}"
+        parent, name = str(self.directory).rstrip("/").rsplit("/", 1)
+        run = open_store(parent)
+        target = f"{UNREADABLE_DIR}/{step}-{int(time.time())}"
         if jax.process_index() == 0:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            (self.directory / str(step)).rename(target)
+            run.move(f"{name}/{step}", target)
         if jax.process_count() > 1:
             multihost_utils.sync_global_devices(f"set aside unreadable step {step}")
         self.manager.reload()
-        return target
+        return run.join(target)
 
 
 def read_arrays(step_dir: str | pathlib.Path) -> dict[str, np.ndarray]:
     """Every array of a saved state as host numpy arrays keyed by path, read in one process whatever
     topology wrote it. For inspection and tests; never used on the training path."""
-    path = pathlib.Path(step_dir) / STATE_ITEM
+    prepare_tensorstore(step_dir)
+    path = epath.Path(step_dir) / STATE_ITEM
     checkpointer = ocp.PyTreeCheckpointer()
     tree = checkpointer.metadata(path).item_metadata.tree
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
     restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
     return {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(restored)[0]}
+
+
+def prepare_tensorstore(location: str | pathlib.Path) -> None:
+    """Points TensorStore's cloud drivers where the run directory's store is."""
+    if is_url(location):
+        os.environ.update(tensorstore_environment())
+        if str(location).startswith("s3://"):
+            route_s3_to_tensorstore()
+
+
+def route_s3_to_tensorstore() -> None:
+    """Has Orbax write `s3://` arrays with TensorStore's s3 driver. Orbax 0.12 sends only `gs://`
+    to a cloud driver (`tensorstore_utils._use_gcs_driver`) and everything else to the `file`
+    driver, which cannot take a URL; its metadata already goes through etils.epath and s3fs. The
+    spec is built as for GCS, then each GCS driver is swapped for S3, with the endpoint and region
+    of the standard AWS variables (TensorStore reads the credentials' variables itself, but without
+    an explicit endpoint it never reaches one that is not AWS)."""
+    from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+
+    original = ts_utils.build_kvstore_tspec
+    if getattr(original, "routes_s3", False):
+        return
+
+    def build_kvstore_tspec(directory, name=None, **kwargs):
+        directory = str(directory)
+        if not directory.startswith("s3://"):
+            return original(directory, name, **kwargs)
+        return _gcs_to_s3(original("gs://" + directory[len("s3://"):], name, **kwargs))
+
+    build_kvstore_tspec.routes_s3 = True
+    ts_utils.build_kvstore_tspec = build_kvstore_tspec
+
+
+def _gcs_to_s3(spec: Any) -> Any:
+    if isinstance(spec, dict):
+        spec = {k: _gcs_to_s3(v) for k, v in spec.items()}
+        if spec.get("driver") in ("gcs", "gcs_grpc"):
+            spec["driver"] = "s3"
+            spec.update(_s3_endpoint())
+        return spec
+    if isinstance(spec, list):
+        return [_gcs_to_s3(v) for v in spec]
+    if isinstance(spec, str) and spec.startswith("gs://"):
+        return "s3://" + spec[len("gs://"):]
+    return spec
+
+
+def _s3_endpoint() -> dict[str, str]:
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return {**({"endpoint": endpoint} if endpoint else {}), **({"aws_region": region} if region else {})}

@@ -16,10 +16,10 @@ Every host runs the same function; the calls that touch checkpoints (`restore_or
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import numbers
-import pathlib
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -34,11 +34,13 @@ from jaxlaunch.workers.memory import MemoryTier, part_nbytes
 from jaxlaunch.workers.mesh import Rules
 from jaxlaunch.workers.progress import HostProgress
 from jaxlaunch.workers.state import Shardings, StateLayout, largest_array
+from jaxlaunch.workers.stops import DriverStop
 from jaxlaunch.workers.tiers import restore_newest
 
+from jaxlaunch.contract import events
 from jaxlaunch.contract.layout import RunLayout
 from jaxlaunch.contract.protocol import Ending, HostResult, HostSpec, Phase
-from jaxlaunch.contract.storage import free_bytes
+from jaxlaunch.contract.storage import short_of_space
 
 log = logging.getLogger(__name__)
 CARRIED_RECORDS = 256
@@ -53,17 +55,20 @@ class HostContext:
     schedule, fixed when the run started), `seed`, `run_dir`, `attempt`, and `config` (the user's
     own settings: the YAML `config:` section and --set flags, saved with the run)."""
 
-    def __init__(self, spec: HostSpec, mesh: jax.sharding.Mesh, progress: HostProgress):
+    def __init__(self, spec: HostSpec, mesh: jax.sharding.Mesh, progress: HostProgress,
+                 driver_stop: DriverStop | None = None):
         self.mesh = mesh
         self.process_index = jax.process_index()
         self.process_count = jax.process_count()
         self.steps = spec.steps
         self.schedule_steps = spec.schedule_steps
         self.seed = spec.seed
-        self.run_dir = pathlib.Path(spec.run_dir)
+        self._run = RunLayout(spec.run_dir)
+        self.run_dir = self._run.path
         self.attempt = spec.attempt
         self.config: dict[str, Any] = dict(spec.config)
         self._spec, self._progress = spec, progress
+        self._driver_stop = driver_stop or DriverStop()
         self._layout: StateLayout | None = None
         self._checkpointer: Checkpointer | None = None
         self._start_step: int | None = None
@@ -82,8 +87,7 @@ class HostContext:
         self._memory: MemoryTier | None = None
         self._extra: dict[str, Any] = {}
         self._refusal_told = False
-        self._faults = FaultHook(spec.injections, spec.rank, spec.attempt,
-                                 RunLayout(self.run_dir).injections_path, self._saving)
+        self._faults = FaultHook(spec.injections, spec.rank, spec.attempt, self._run, self._saving)
 
     # -- state -----------------------------------------------------------------------------------
     def restore_or_init(self, init: Callable[[], Any], *, rules: Rules | None = None,
@@ -109,7 +113,7 @@ class HostContext:
         self._progress.enter(Phase.RESTORING)
         layout = StateLayout.of(init, self.mesh, rules, shardings)
         spec = self._spec
-        checkpointer = Checkpointer(RunLayout(self.run_dir).checkpoints, spec.checkpoint, spec.expect_checkpoint)
+        checkpointer = Checkpointer(self._run.checkpoints, spec.checkpoint, spec.expect_checkpoint)
         checkpointer.checkpoint_bytes = layout.num_bytes()
         self._warn_if_disk_is_short(checkpointer, layout)
         self._memory = self._start_memory_tier(layout)
@@ -122,14 +126,15 @@ class HostContext:
             state, step = restored.state, restored.step
             self._extra = extras.restore(self._extra, restored.extra)
             path, array = largest_array(state)
-            self._progress.event(
-                "restored", step=step, records=restored.meta.get("records", []), seconds=restored.seconds,
-                tier=restored.tier, durable_bytes_read=restored.durable_bytes, memory_bytes_read=restored.memory_bytes,
-                replicas=restored.replicas, saved_topology=restored.meta.get("topology"),
+            self._progress.event(events.Restored(
+                step=step, records=tuple(restored.meta.get("records", [])), seconds=restored.seconds,
+                tier=restored.tier, durable_bytes_read=restored.durable_bytes,
+                memory_bytes_read=restored.memory_bytes, replicas=list(restored.replicas),
+                saved_topology=restored.meta.get("topology"),
                 mesh=dict(self.mesh.shape),
                 # Evidence that the arrays landed in today's layout, not the one they were saved in.
                 array=path, sharding=str(array.sharding.spec),
-                shard_shape=list(array.addressable_shards[0].data.shape))
+                shard_shape=list(array.addressable_shards[0].data.shape)))
             log.info("restored step %d from %s in %.2f s", step, restored.tier, restored.seconds)
         if self._memory is not None:
             self._memory.forget_after(step)
@@ -151,19 +156,13 @@ class HostContext:
         refused = memory.reserve(part_nbytes(layout.targets()))
         if refused is not None:
             log.warning("memory tier off: %s", refused)
-            self._progress.event("memory_tier_off", per_host=True, reason=refused,
-                                 message=f"checkpoints are durable only, every {spec.checkpoint.save_every} steps: "
-                                         f"{refused}")
+            self._progress.event(events.MemoryTierOff(reason=refused, save_every=spec.checkpoint.save_every))
         return memory if memory.active else None
 
     def _warn_if_disk_is_short(self, checkpointer: Checkpointer, layout: StateLayout) -> None:
-        keep = self._spec.checkpoint.max_to_keep + 1
-        needed, free = layout.num_bytes() * keep, free_bytes(checkpointer.directory)
-        if self.process_index == 0 and free is not None and free < needed:
-            self._progress.event("low_disk_space", free_bytes=free, needed_bytes=needed, checkpoints=keep,
-                                 message=f"{checkpointer.directory} has {free / 1e6:,.0f} MB free; {keep} "
-                                         f"checkpoints of about {layout.num_bytes() / 1e6:,.0f} MB need "
-                                         f"{needed / 1e6:,.0f} MB")
+        short = short_of_space(checkpointer.directory, layout.num_bytes(), self._spec.checkpoint.max_to_keep + 1)
+        if self.process_index == 0 and short is not None:
+            self._progress.event(events.LowDiskSpace(**dataclasses.asdict(short)))
 
     # -- the loop --------------------------------------------------------------------------------
     def report(self, step: int, **metrics: Any) -> None:
@@ -194,8 +193,7 @@ class HostContext:
         self._progress.step_done(step)
         if first:
             self._progress.enter(Phase.TRAINING)
-            self._progress.event("startup_timeline", per_host=True, **self._progress.timeline,
-                                 first_step_done=time.time())
+            self._progress.event(events.StartupTimeline(**self._progress.timeline, first_step_done=time.time()))
         self._armed = step
 
     def maybe_save(self, step: int, state: Any, extra: dict[str, Any] | None = None) -> bool:
@@ -232,7 +230,7 @@ class HostContext:
             blocked = time.perf_counter() - started
             if self._memory is not None and self._memory.refused and not self._refusal_told:
                 self._refusal_told = True
-                self._progress.event("memory_save_refused", per_host=True, step=step, reason=self._memory.refused)
+                self._progress.event(events.MemorySaveRefused(step=step, reason=self._memory.refused))
             if durable:
                 # A memory save keeps them: its part carries every record since the last durable
                 # save, so a restore from memory brings back what a lost rank 0 never handed over.
@@ -272,10 +270,12 @@ class HostContext:
             raise RuntimeError(f"ctx.{method} before ctx.restore_or_init: build or restore the state first")
 
     def _stop_agreed(self, step: int) -> bool:
-        """JAX's preemption sync point, asked once per step: after a SIGTERM reached any host, every
-        host answers True at the same step."""
+        """Asked once per step: the step the driver agreed with every host (a resize, a stop the user
+        asked for), or JAX's preemption sync point (after a SIGTERM from outside reached any host,
+        every host answers True at the same step)."""
         if self._stop_checked is None or self._stop_checked[0] != step:
-            self._stop_checked = (step, bool(self._checkpointer.reached_preemption(step)))
+            stop = self._driver_stop.reached(step) or bool(self._checkpointer.reached_preemption(step))
+            self._stop_checked = (step, stop)
         return self._stop_checked[1]
 
     def _saving(self) -> bool:
@@ -323,7 +323,7 @@ class HostContext:
                 self._memory.close()
             self._checkpointer.wait()
             self._checkpointer.close()
-            self._progress.event("final_save", seconds=time.perf_counter() - started)
+            self._progress.event(events.FinalSave(seconds=time.perf_counter() - started))
         self._progress.enter(Phase.DONE)
         return HostResult(
             ending=Ending.STOPPED if self._stopped_at is not None else Ending.COMPLETED,

@@ -8,15 +8,14 @@ notice."""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import pathlib
 import signal
 import time
 from collections.abc import Callable
 
-from jaxlaunch.contract.protocol import Injection
+from jaxlaunch.contract.layout import RunLayout
+from jaxlaunch.contract.protocol import Injection, InjectionKind
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +25,10 @@ class InjectedFailure(RuntimeError):
 
 
 class FaultHook:
-    def __init__(self, injections: tuple[Injection, ...], rank: int, attempt: int, record_path: pathlib.Path,
+    def __init__(self, injections: tuple[Injection, ...], rank: int, attempt: int, run: RunLayout,
                  saving: Callable[[], bool]):
         self.pending = [i for i in injections if i.host == rank]
-        self.rank, self.attempt, self.record_path, self.saving = rank, attempt, record_path, saving
+        self.rank, self.attempt, self.run, self.saving = rank, attempt, run, saving
 
     def at_step(self, step: int) -> None:
         for injection in self.pending:
@@ -39,29 +38,25 @@ class FaultHook:
                 fire(injection, step)
 
     def _record(self, injection: Injection, step: int) -> None:
-        """The moment of the failure, in hosts/injections.jsonl, so that the driver can measure how
-        long detection took (a killed process cannot tell the driver itself)."""
-        line = {"kind": injection.kind, "rank": self.rank, "attempt": self.attempt, "step": step,
-                "saving_in_progress": self.saving(), "time": time.time()}
-        with self.record_path.open("a") as f:
-            f.write(json.dumps(line) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        """The moment of the failure, in the run directory's hosts/injections/, so that the driver can
+        measure how long detection took (a killed process cannot tell the driver itself)."""
+        self.run.record_injection({"kind": injection.kind, "rank": self.rank, "attempt": self.attempt, "step": step,
+                                   "saving_in_progress": self.saving(), "time": time.time()})
 
 
 def fire(injection: Injection, step: int) -> None:
     log.warning("injecting %s at step %d", injection.kind, step)
     for handler in logging.getLogger().handlers:
         handler.flush()
-    if injection.kind == "crash":
+    if injection.kind == InjectionKind.CRASH:
         os.abort()
-    elif injection.kind == "kill":
+    elif injection.kind == InjectionKind.KILL:
         os.kill(os.getpid(), signal.SIGKILL)
-    elif injection.kind == "hang":
+    elif injection.kind == InjectionKind.HANG:
         os.kill(os.getpid(), signal.SIGSTOP)
-    elif injection.kind == "exception":
+    elif injection.kind == InjectionKind.EXCEPTION:
         raise InjectedFailure(f"injected exception at step {step}")
-    elif injection.kind == "preempt":
+    elif injection.kind == InjectionKind.PREEMPT:
         os.kill(os.getpid(), signal.SIGTERM)
     else:
         raise ValueError(f"unknown injection kind {injection.kind!r}")

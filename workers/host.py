@@ -2,8 +2,8 @@
 
 Ray starts it with the platform environment already set (see `jaxlaunch.workers.runtime.host_env`), so JAX is
 first imported inside `run`, after the process's output has been sent to its own log file.
-`poll`, `preempt` and `kill` run in their own concurrency group, so the driver hears from a host even
-while its training thread is blocked in a collective."""
+`poll`, the stop requests and `kill` run in their own concurrency group, so the driver hears from a
+host even while its training thread is blocked in a collective."""
 
 from __future__ import annotations
 
@@ -15,14 +15,24 @@ import socket
 import sys
 import time
 import traceback
-from typing import Any
 
 import psutil
 import ray
 from jaxlaunch.workers.progress import HostProgress
+from jaxlaunch.workers.stops import DriverStop
 
+from jaxlaunch.contract import events
 from jaxlaunch.contract.entry import HOST_RANK_ENV
-from jaxlaunch.contract.protocol import MONITOR_GROUP, HostError, HostResult, HostSnapshot, HostSpec, Phase
+from jaxlaunch.contract.protocol import (
+    MONITOR_GROUP,
+    HostError,
+    HostResult,
+    HostSnapshot,
+    HostSpec,
+    NodeInfo,
+    Phase,
+    StopAnswer,
+)
 
 
 def _node_ip() -> str:
@@ -51,7 +61,7 @@ class HostActor:
             logging.getLogger(__name__).warning("warming up failed: %s", err)
         return time.perf_counter() - started
 
-    def activate(self, log_path: str, attempt: int, rank: int) -> dict[str, Any]:
+    def activate(self, log_path: str, attempt: int, rank: int) -> NodeInfo:
         """A spare takes over as a host of an attempt: its output goes to that attempt's log now."""
         self._start(log_path, attempt, rank)
         return self.node_info()
@@ -60,6 +70,7 @@ class HostActor:
         self.rank, self.attempt = rank, attempt
         os.environ[HOST_RANK_ENV] = str(rank)  # a `jaxlaunch.launch` in this process is refused
         self.progress = HostProgress()
+        self.driver_stop = DriverStop()
         self.progress.timeline["process_created"] = self.created
         self.progress.timeline["actor_init"] = time.time()
         pathlib.Path(log_path).parent.mkdir(parents=True, exist_ok=True)
@@ -84,18 +95,21 @@ class HostActor:
             port = sock.getsockname()[1]
         return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
 
-    def node_info(self) -> dict[str, Any]:
-        return {"node_id": ray.get_runtime_context().get_node_id(), "ip": _node_ip(), "pid": os.getpid()}
+    def node_info(self) -> NodeInfo:
+        return NodeInfo(ray.get_runtime_context().get_node_id(), _node_ip(), os.getpid())
 
     @ray.method(concurrency_group=MONITOR_GROUP)
     def poll(self) -> HostSnapshot:
         return self.progress.drain()
 
     @ray.method(concurrency_group=MONITOR_GROUP)
-    def preempt(self) -> None:
-        """A preemption notice: SIGTERM to this process, caught by JAX's preemption service, which
-        makes every host agree on one step to save at and stop."""
-        os.kill(os.getpid(), signal.SIGTERM)
+    def propose_stop(self, step: int) -> StopAnswer:
+        """The driver proposes to save and stop at `step` (`jaxlaunch.workers.stops`)."""
+        return self.driver_stop.propose(step)
+
+    @ray.method(concurrency_group=MONITOR_GROUP)
+    def confirm_stop(self, step: int) -> bool:
+        return self.driver_stop.confirm(step)
 
     @ray.method(concurrency_group=MONITOR_GROUP)
     def kill(self) -> None:
@@ -113,7 +127,7 @@ class HostActor:
             if spec.compilation_cache:
                 problem = runtime.enable_compilation_cache(spec.compilation_cache_dir or runtime.default_cache_dir())
                 if problem and spec.rank == 0:
-                    self.progress.event("compilation_cache_disabled", reason=problem)
+                    self.progress.event(events.CompilationCacheDisabled(reason=problem))
             runtime.initialize(
                 coordinator_address=spec.coordinator_address, num_processes=spec.num_hosts, process_id=spec.rank,
                 bind_address=spec.coordinator_address, platform=spec.platform, timeouts=spec.distributed,
@@ -125,7 +139,7 @@ class HostActor:
             # value) may already compute with JAX.
             function = entry_lib.load(spec.entry)
 
-            ctx = HostContext(spec, build_mesh(spec.mesh), self.progress)
+            ctx = HostContext(spec, build_mesh(spec.mesh), self.progress, self.driver_stop)
             log.info("mesh %s; running %s", dict(ctx.mesh.shape), spec.entry)
             returned = function(ctx)
             result = ctx._finish(returned)

@@ -8,7 +8,8 @@ import threading
 import time
 from typing import Any
 
-from jaxlaunch.contract.protocol import HostEvent, HostSnapshot, Phase
+from jaxlaunch.contract.events import HostEvent
+from jaxlaunch.contract.protocol import HostSnapshot, Phase
 
 
 class HostProgress:
@@ -42,10 +43,10 @@ class HostProgress:
         with self._lock:
             self._records.append(record)
 
-    def event(self, kind: str, per_host: bool = False, **fields: Any) -> None:
+    def event(self, event: HostEvent) -> None:
         """Something for events.jsonl (a restore, a checkpoint set aside, a warning)."""
         with self._lock:
-            self._events.append(HostEvent(kind, time.time(), fields, per_host))
+            self._events.append(event)
 
     def drain(self) -> HostSnapshot:
         with self._lock:

@@ -6,7 +6,6 @@ tier serves instead, from its newest readable step."""
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import jax
@@ -16,7 +15,7 @@ from jaxlaunch.workers.memory import MemoryTier, any_host
 from jaxlaunch.workers.progress import HostProgress
 from jaxlaunch.workers.state import StateLayout
 
-from jaxlaunch.contract import tiers
+from jaxlaunch.contract import events, tiers
 
 
 @dataclasses.dataclass
@@ -53,19 +52,20 @@ def restore_newest(checkpointer: Checkpointer, memory: MemoryTier | None, layout
             if not any_host(error is not None):
                 return Restored(got.step, got.state, got.meta, got.extra, "memory", got.seconds, 0,
                                 got.bytes_fetched, [s.rank for s in got.sources if s.role == tiers.Role.REPLICA])
-            progress.event("memory_fallback", step=step, durable_step=newest_durable or None,
-                           reason=f"memory step {step} did not read back: {error or 'another host could not'}")
+            progress.event(events.MemoryFallback(
+                step=step, durable_step=newest_durable or None,
+                reason=f"memory step {step} did not read back: {error or 'another host could not'}"))
         else:
             why = _why_not_whole(held, newest_durable, memory.lost)
             if why is not None:
-                progress.event("memory_fallback", step=None, durable_step=newest_durable or None, reason=why)
+                progress.event(events.MemoryFallback(step=None, durable_step=newest_durable or None, reason=why))
     restored = checkpointer.restore_latest(layout.targets(), check_structure=layout.mismatch)
     if restored is None:
         return None
     for aside in restored.set_aside:
-        progress.event("checkpoint_fallback", **aside)
+        progress.event(events.CheckpointFallback(**aside))
     mine = extras.of_rank(restored.meta.get("extra"), jax.process_index())
-    read = _dir_bytes(checkpointer.directory / str(restored.step))
+    read = checkpointer.store.size(str(restored.step))
     return Restored(restored.step, restored.state, restored.meta, mine, "durable", restored.seconds, read, 0, [])
 
 
@@ -85,6 +85,3 @@ def _why_not_whole(held: list[tiers.Held], newest_durable: int, lost: list[str])
         return f"no step newer than durable step {newest_durable or 'none'} is held in memory{gone}"
     return None
 
-
-def _dir_bytes(path: os.PathLike) -> int:
-    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)

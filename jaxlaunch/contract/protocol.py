@@ -13,6 +13,7 @@ import dataclasses
 import enum
 from typing import Any, Protocol
 
+from jaxlaunch.contract.events import HostEvent
 from jaxlaunch.contract.flags import flag
 
 
@@ -77,14 +78,21 @@ class DistributedConfig:
     """jax.distributed.shutdown: the barrier's limit."""
 
 
-INJECTION_KINDS = ("crash", "kill", "hang", "exception", "preempt")
+class InjectionKind(enum.StrEnum):
+    """A failure to inject (`jaxlaunch.workers.faults` imitates each)."""
+
+    CRASH = "crash"          # the process aborts, as on a segfault
+    KILL = "kill"            # SIGKILL, as the out-of-memory killer sends it
+    HANG = "hang"            # the process stops making progress
+    EXCEPTION = "exception"  # the user's code raises
+    PREEMPT = "preempt"      # a preemption notice (SIGTERM)
 
 
 @dataclasses.dataclass(frozen=True)
 class Injection:
     """A failure to inject at a reported step: `--inject KIND@step=N,host=I[,times=K]`."""
 
-    kind: str
+    kind: InjectionKind
     step: int
     host: int = 0
     times: int = 1
@@ -92,13 +100,13 @@ class Injection:
 
     @classmethod
     def parse(cls, text: str) -> Injection:
-        form = "KIND@step=N,host=I[,times=K] with KIND one of " + ", ".join(INJECTION_KINDS)
+        form = "KIND@step=N,host=I[,times=K] with KIND one of " + ", ".join(InjectionKind)
         kind, _, rest = text.partition("@")
-        if kind not in INJECTION_KINDS or not rest:
+        if kind not in InjectionKind._value2member_map_ or not rest:
             raise ConfigError(f"--inject {text!r}: expected {form}")
         try:
             fields = {k.strip(): int(v) for k, v in (item.split("=") for item in rest.split(","))}
-            injection = cls(kind=kind, **fields)
+            injection = cls(kind=InjectionKind(kind), **fields)
         except (ValueError, TypeError):
             raise ConfigError(f"--inject {text!r}: expected {form}") from None
         if injection.step < 1 or injection.host < 0 or injection.times < 1:
@@ -168,18 +176,6 @@ class HostSpec:
 # ---- what comes back --------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class HostEvent:
-    """Something a host wants in events.jsonl (a restore, a checkpoint fallback, its timeline)."""
-
-    kind: str
-    time: float
-    fields: dict[str, Any]
-    per_host: bool = False
-    """Written for every host (with its rank); otherwise only rank 0's copy is written, since every
-    host reports the same group-wide fact."""
-
-
-@dataclasses.dataclass(frozen=True)
 class HostSnapshot:
     """A host's state at a poll, with the records and events gathered since the previous poll."""
 
@@ -188,6 +184,7 @@ class HostSnapshot:
     records: tuple[dict[str, Any], ...] = ()
     """Per-step metric records (rank 0 only)."""
     events: tuple[HostEvent, ...] = ()
+    """What the host wants in events.jsonl (a restore, a checkpoint fallback, its start-up timeline)."""
 
 
 class Ending(enum.StrEnum):
@@ -302,8 +299,6 @@ class GroupPoll:
     """(rank, event), already filtered: group-wide events from rank 0 only."""
     results: dict[int, HostResult]
     exits: list[HostExit]
-    unresolved: int = 0
-    """Hosts that went unreachable and are not yet known to be dead or lost with their node."""
 
     @property
     def finished(self) -> bool:
@@ -311,10 +306,30 @@ class GroupPoll:
 
 
 @dataclasses.dataclass(frozen=True)
+class NodeInfo:
+    """Where a host process runs."""
+
+    node_id: str
+    """Ray's id of the node."""
+    ip: str
+    pid: int
+
+
+@dataclasses.dataclass(frozen=True)
 class GroupInfo:
     coordinator: str
     nodes: list[str]
     pids: list[int]
+
+
+@dataclasses.dataclass(frozen=True)
+class StopAnswer:
+    """A host's answer to the driver's proposed stop step."""
+
+    accepted: bool
+    """The host has not passed the step: it will wait there until the driver confirms or moves it."""
+    step: int | None
+    """The last step the host checked for a stop (None: none yet)."""
 
 
 class PlacementError(RuntimeError):
@@ -326,7 +341,8 @@ class WorkerGroup(Protocol):
 
     def start(self, num_hosts: int, attempt: int, injections: tuple[Injection, ...] = ()) -> GroupInfo: ...
     def poll(self) -> GroupPoll: ...
-    def preempt(self) -> None: ...
+    def propose_stop(self, step: int) -> dict[int, StopAnswer]: ...
+    def confirm_stop(self, step: int, ranks: list[int]) -> list[int]: ...
     def kill(self, rank: int) -> None: ...
     def dump_stacks(self, rank: int) -> str | None: ...
     def lost_hosts(self) -> list[int]: ...
@@ -361,4 +377,5 @@ KEEPER_PROGRAM = "jaxlaunch.workers.keeper:Keeper"
 KEEPER_CONCURRENCY = 4
 """Calls a keeper serves at once: hosts' hand-offs, replicas from other keepers, index and fetches."""
 MONITOR_GROUP = "monitor"
-"""The host actor's concurrency group for polls and stack dumps, answered while training runs."""
+"""The host actor's concurrency group for polls, stop requests and stack dumps, answered while
+training runs."""

@@ -4,10 +4,13 @@ the hosts' checkpointer and the driver's records both use it."""
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import pathlib
 import shutil
+
+from jaxlaunch.contract.store import is_url
 
 STORAGE_ERRNOS = {errno.ENOSPC: "the filesystem is full", errno.EDQUOT: "the disk quota is exceeded",
                   errno.EROFS: "the filesystem is read-only", errno.ENOENT: "the run directory is gone"}
@@ -41,8 +44,12 @@ def storage_errno(err: BaseException) -> int | None:
     return None
 
 
-def describe(directory: pathlib.Path, code: int, checkpoint_bytes: int | None) -> str:
+def describe(directory: pathlib.Path | str, code: int, checkpoint_bytes: int | None) -> str:
     """One line: what happened, on which filesystem, its free space, and the size of a checkpoint."""
+    size = f"; one checkpoint needs about {checkpoint_bytes / 1e6:,.0f} MB" if checkpoint_bytes else ""
+    if is_url(directory):
+        return f"{STORAGE_ERRNOS[code]} ({os.strerror(code)}): {directory}{size}"
+    directory = pathlib.Path(directory)
     existing = next((p for p in (directory, *directory.parents) if p.exists()), pathlib.Path("/"))
     try:
         usage = shutil.disk_usage(existing)
@@ -50,7 +57,6 @@ def describe(directory: pathlib.Path, code: int, checkpoint_bytes: int | None) -
     except OSError:
         space = "free space unknown"
     mount = mount_point(existing)
-    size = f"; one checkpoint needs about {checkpoint_bytes / 1e6:,.0f} MB" if checkpoint_bytes else ""
     return f"{STORAGE_ERRNOS[code]} ({os.strerror(code)}): {directory} on {mount}, {space}{size}"
 
 
@@ -61,7 +67,11 @@ def mount_point(path: pathlib.Path) -> str:
     return str(path)
 
 
-def free_bytes(directory: pathlib.Path) -> int | None:
+def free_bytes(directory: pathlib.Path | str) -> int | None:
+    """Free bytes where a directory is (or would be); None where unknown, as on an object store."""
+    if is_url(directory):
+        return None
+    directory = pathlib.Path(directory)
     existing = next((p for p in (directory, *directory.parents) if p.exists()), None)
     try:
         return shutil.disk_usage(existing).free if existing else None
@@ -69,3 +79,26 @@ def free_bytes(directory: pathlib.Path) -> int | None:
         return None
 
 
+
+
+@dataclasses.dataclass(frozen=True)
+class ShortOfSpace:
+    """The run directory's filesystem cannot hold the checkpoints a run keeps (a warning, recorded
+    as a `low_disk_space` event with these fields)."""
+
+    free_bytes: int
+    needed_bytes: int
+    checkpoints: int
+    """How many checkpoints must fit: those kept, and the one being written."""
+    message: str
+
+
+def short_of_space(directory: pathlib.Path, checkpoint_bytes: int, checkpoints: int) -> ShortOfSpace | None:
+    """Whether `checkpoints` checkpoints of `checkpoint_bytes` fit in what `directory`'s filesystem
+    has free (None: they fit, or the free space cannot be known)."""
+    free, needed = free_bytes(directory), checkpoint_bytes * checkpoints
+    if free is None or free >= needed:
+        return None
+    return ShortOfSpace(free, needed, checkpoints, f"{directory} has {free / 1e6:,.0f} MB free; {checkpoints} "
+                                                   f"checkpoints of about {checkpoint_bytes / 1e6:,.0f} MB need "
+                                                   f"{needed / 1e6:,.0f} MB")

@@ -3,7 +3,7 @@ import shutil
 
 import pytest
 
-from tests.integration.helpers import CLASSIFIER, EXAMPLE_RUN, MINIMAL, SHORT_RUN, launch
+from tests.integration.helpers import CLASSIFIER, EXAMPLE_RUN, MINIMAL, SHORT_RUN, assert_split_adds_up, launch
 
 
 def pytest_collection_modifyitems(items):
@@ -16,7 +16,19 @@ def _reference(tmp_path_factory, name: str, *args: str) -> pathlib.Path:
     run_dir = tmp_path_factory.mktemp(name) / "run"
     result = launch("--hosts", "2", *args, "--run-dir", str(run_dir))
     assert result.returncode == 0, result.stdout + result.stderr
+    assert_split_adds_up(run_dir)
     return run_dir
+
+
+@pytest.fixture(autouse=True)
+def every_split_adds_up(tmp_path):
+    """After every integration test (kill, hang, preemption, lost node, resize, chaos, standby on and
+    off...): the goodput split of every run it left under its temporary directory adds up to the run's
+    wall time."""
+    yield
+    for events in sorted(tmp_path.rglob("events.jsonl")):
+        if (events.parent / "config.json").exists():
+            assert_split_adds_up(events.parent)
 
 
 @pytest.fixture(scope="session")

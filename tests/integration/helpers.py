@@ -51,8 +51,11 @@ def read_jsonl(path: pathlib.Path) -> list[dict[str, Any]]:
     return tolerant(path)
 
 
-def events(run_dir: pathlib.Path, kind: str | None = None) -> list[dict[str, Any]]:
-    found = read_jsonl(run_dir / "events.jsonl")
+def events(run_dir: pathlib.Path | str, kind: str | None = None) -> list[dict[str, Any]]:
+    """The run's events, read as the launcher reads them (a local folder or a URL)."""
+    from jaxlaunch.launcher.runs import RunDir
+
+    found = RunDir(run_dir).events()
     return [e for e in found if kind is None or e["event"] == kind]
 
 
@@ -166,3 +169,24 @@ def wandb_history(run_dir):
                 run_ids.add(record["run"]["run_id"])
                 runs.append(record["run"])
     return files, run_ids, rows, runs
+
+
+SPLIT_TOLERANCE = 0.005
+"""The most the goodput split may be off the wall time, as a share of it."""
+
+
+def assert_split_adds_up(run_dir: pathlib.Path) -> None:
+    """The badput split of a run covers its wall time exactly, in the history derived from its records
+    and in the summary.json the launcher wrote; and every part is a share of it."""
+    from jaxlaunch.launcher import history
+    from jaxlaunch.launcher.runs import RunDir
+
+    split = history.load(RunDir(run_dir)).split
+    parts = [split.productive_s, *split.badput_s.values()]
+    assert min(parts) >= 0, f"{run_dir}: a negative part {split}"
+    assert abs(sum(parts) - split.wall_s) <= SPLIT_TOLERANCE * split.wall_s + 1e-9, f"{run_dir}: {split}"
+    written = run_dir / "summary.json"
+    if written.exists():
+        s = json.loads(written.read_text())
+        total = (s["goodput"] or 0) * s["wall_time_s"] + sum(s["badput_s"].values())
+        assert abs(total - s["wall_time_s"]) <= SPLIT_TOLERANCE * s["wall_time_s"] + 1e-9, f"{written}: {s}"

@@ -2,6 +2,9 @@
 per node): a lost node shrinks the job to the topology that fits, and is classified as a lost node
 every time; a node added back grows the job."""
 
+import json
+import time
+
 import pytest
 import ray
 from ray.cluster_utils import Cluster
@@ -9,28 +12,45 @@ from ray.cluster_utils import Cluster
 from tests.integration.helpers import (
     MINIMAL,
     assert_no_host_left,
+    attempts,
     committed_steps,
     events,
     last_step,
+    read_jsonl,
     start,
     summary,
     trajectory,
     wait_for,
 )
 
+FAST_HEALTH_CHECKS = {
+    # A node killed without warning is declared dead within a few seconds.
+    "health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
+    "health_check_timeout_ms": 1000, "health_check_failure_threshold": 3,
+}
+
+
+def nodes(head_cpus: int, workers: int):
+    cluster = Cluster(initialize_head=True,
+                      head_node_args={"num_cpus": head_cpus, "_system_config": FAST_HEALTH_CHECKS})
+    added = [cluster.add_node(num_cpus=1) for _ in range(workers)]
+    cluster.wait_for_nodes()
+    return cluster, added
+
+
+def elastic_config(tmp_path, cluster) -> str:
+    config = tmp_path / "cluster.yaml"
+    config.write_text(
+        f'cluster: {{address: "{cluster.address}", placement_strategy: STRICT_SPREAD, '
+        "resources_per_host: {CPU: 1}}\n"
+        "fault: {grow_check_interval_s: 1.0}\n"
+    )
+    return str(config)
+
 
 @pytest.fixture
 def four_nodes():
-    # Fast health checks: a node killed without warning is declared dead within a few seconds.
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={"num_cpus": 1, "_system_config": {
-            "health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,
-            "health_check_timeout_ms": 1000, "health_check_failure_threshold": 3,
-        }},
-    )
-    workers = [cluster.add_node(num_cpus=1) for _ in range(3)]
-    cluster.wait_for_nodes()
+    cluster, workers = nodes(head_cpus=1, workers=3)
     yield cluster, workers
     ray.shutdown()
     cluster.shutdown()
@@ -38,14 +58,9 @@ def four_nodes():
 
 def test_lost_node_shrinks_the_job_and_an_added_node_grows_it_back(four_nodes, minimal_reference, tmp_path):
     cluster, workers = four_nodes
-    config = tmp_path / "cluster.yaml"
-    config.write_text(
-        f'cluster: {{address: "{cluster.address}", placement_strategy: STRICT_SPREAD, '
-        "resources_per_host: {CPU: 1}}\n"
-        "fault: {grow_check_interval_s: 1.0}\n"
-    )
+    config = elastic_config(tmp_path, cluster)
     run_dir = tmp_path / "run"
-    proc = start("--config", str(config), "--hosts", "4", "--min-hosts", "2", *MINIMAL, "--steps", "1000",
+    proc = start("--config", config, "--hosts", "4", "--min-hosts", "2", *MINIMAL, "--steps", "1000",
                  "--save-every", "20", "--run-dir", str(run_dir))
     try:
         wait_for(lambda: 20 in committed_steps(run_dir), 240, "step 20 committed", proc)
@@ -71,6 +86,63 @@ def test_lost_node_shrinks_the_job_and_an_added_node_grows_it_back(four_nodes, m
     ours, reference = trajectory(run_dir), trajectory(minimal_reference)
     assert sorted(ours) == list(range(1, 1001))
     assert max(abs(ours[s] - reference[s]) for s in reference) < 1e-3
+    assert_no_host_left(run_dir)
+
+
+GROW_AFTER_S = 5.0
+"""The elastic scenario adds a node back this long after the job shrank."""
+ELASTIC_TIMES = "elastic-runs.jsonl"
+ELASTIC_STEPS = 1000
+"""examples/minimal.py's steps take milliseconds (a save every 5 steps most of it): enough of them
+that the 1-host group still trains when the node comes back."""
+
+
+@pytest.fixture
+def two_nodes():
+    """A head without CPUs (no host runs there) and two 1-CPU nodes."""
+    cluster, workers = nodes(head_cpus=0, workers=2)
+    yield cluster, workers
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.mark.parametrize("run", range(5))
+def test_a_resize_always_happens_and_recomputes_no_step(two_nodes, tmp_path, tmp_path_factory, run):
+    """The elastic scenario, five times in a row: 2 hosts of examples/minimal.py, a node lost at
+    step 12, the job shrinks to 1 host, a node added back 5 s later. Every run grows back to 2 hosts
+    at a step both hosts saved, and trains no step twice across the resize. Fast steps are what
+    matter: a stop step that a host computes while it trains on can be passed before it is known."""
+    cluster, workers = two_nodes
+    run_dir = tmp_path / "run"
+    began = time.monotonic()
+    proc = start("--config", elastic_config(tmp_path, cluster), "--hosts", "2", "--min-hosts", "1", *MINIMAL,
+                 "--steps", str(ELASTIC_STEPS), "--save-every", "5", "--run-dir", str(run_dir))
+    try:
+        wait_for(lambda: last_step(run_dir) >= 12, 240, "step 12", proc)
+        cluster.remove_node(workers[1], allow_graceful=False)
+        wait_for(lambda: any(e["num_hosts"] == 1 for e in events(run_dir, "attempt_started")), 120,
+                 "a restart on 1 host", proc)
+        shrunk_at = time.monotonic()
+        wait_for(lambda: time.monotonic() - shrunk_at >= GROW_AFTER_S, GROW_AFTER_S + 1, "the scenario's delay", proc)
+        cluster.add_node(num_cpus=1)
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    seconds = time.monotonic() - began
+    assert proc.returncode == 0, out + err
+    table = attempts(run_dir)
+    with (tmp_path_factory.getbasetemp() / ELASTIC_TIMES).open("a") as log:
+        log.write(json.dumps({"run": run, "seconds": round(seconds, 1),
+                              "attempts": [(a["num_hosts"], a["cause"], a["last_step"]) for a in table]}) + "\n")
+    assert [(a["num_hosts"], a["cause"]) for a in table] == [(2, "node_lost"), (1, "resize"), (2, "finished")], table
+    resized, grown = table[1], table[2]
+    assert grown["restored_step"] == resized["last_step"] < ELASTIC_STEPS, "saved where it stopped, before the end"
+    steps_of = {a["attempt"]: [] for a in table}
+    for record in read_jsonl(run_dir / "metrics.jsonl"):
+        steps_of[record["attempt"]].append(record["step"])
+    assert min(steps_of[grown["attempt"]]) == max(steps_of[resized["attempt"]]) + 1, "no step recomputed"
+    assert sorted(trajectory(run_dir)) == list(range(1, ELASTIC_STEPS + 1))
     assert_no_host_left(run_dir)
 
 

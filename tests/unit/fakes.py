@@ -1,10 +1,15 @@
-"""A fake cluster and worker group for stepping the driver without Ray, and a fake clock."""
+"""A fake cluster and worker group for stepping the driver without Ray, and a fake clock (the unit
+tests' and the pod-scale benchmark's)."""
 
 from __future__ import annotations
 
-from jaxlaunch.launcher.driver import Driver
-from jaxlaunch.launcher.policy import FaultConfig, RestartPolicy, ScalingPolicy, Watchdog, WatchdogConfig
+import time
 
+from jaxlaunch.launcher.driver import Driver
+from jaxlaunch.launcher.fault_plan import FaultPlan
+from jaxlaunch.launcher.policy import FaultConfig, Policies, RestartPolicy, ScalingPolicy, Watchdog, WatchdogConfig
+
+from jaxlaunch.contract.events import Restored
 from jaxlaunch.contract.protocol import (
     Ending,
     ErrorKind,
@@ -12,7 +17,6 @@ from jaxlaunch.contract.protocol import (
     GroupInfo,
     GroupPoll,
     HostError,
-    HostEvent,
     HostExit,
     HostResult,
     HostSnapshot,
@@ -20,8 +24,11 @@ from jaxlaunch.contract.protocol import (
     NodeLiveness,
     Phase,
     PlacementError,
+    StopAnswer,
 )
 
+POLL_INTERVAL_S = WatchdogConfig().poll_interval_s
+"""A fake poll takes the driver's default poll interval of the fake clock."""
 
 class Clock:
     def __init__(self):
@@ -44,6 +51,8 @@ class FakeCluster:
         self.held = 0
         self.is_alive = True
         self.restarts = 0
+        self.groups: list[FakeGroup] = []
+        """Every group started on it, in order."""
 
     def placeable_hosts(self):
         return max(0, self.capacity - self.held)
@@ -64,13 +73,22 @@ class FakeGroup:
 
     def __init__(self, clock, behaviour, log, cluster):
         self.clock, self.behaviour, self.log, self.cluster = clock, behaviour, log, cluster
+        cluster.groups.append(self)
         self.num_hosts = 0
         self.polls = 0
-        self.preempted = False
+        self.poll_seconds = 0.0
+        """CPU time spent inside poll(): the fake's own cost, for a benchmark to take out of the driver's."""
+        self.stop_at = None
+        """The stop step every host accepted and the driver confirmed."""
+        self.held_at = None
+        """The proposed stop step the hosts that accepted it wait at."""
+        self.ahead = {}
+        """rank -> how many steps a host's loop is past the step it last reported."""
         self.killed = None
         self.results = {}
         self.exits = {}
         self.events = []
+        """(rank, event) to report at the next poll."""
         self.silent = set()
         """Hosts that stopped answering polls (a stopped process); the others answer every poll."""
         self.lost = []
@@ -83,26 +101,33 @@ class FakeGroup:
         self.cluster.held += num_hosts
         self.hosts = [HostStatus(r, last_heard=self.clock(), last_progress=self.clock()) for r in range(num_hosts)]
         self.log.append(("start", attempt, num_hosts))
-        return GroupInfo("127.0.0.1:1", ["n"] * num_hosts, list(range(num_hosts)))
+        # Node ids and pids as long as Ray's, so that the records' sizes are real ones.
+        return GroupInfo("10.0.0.1:1234", [f"{rank:056x}" for rank in range(num_hosts)],
+                         [100_000 + rank for rank in range(num_hosts)])
 
     def poll(self):
-        self.clock.sleep(0.25)
+        started = time.process_time()
+        self.clock.sleep(POLL_INTERVAL_S)
         self.polls += 1
         records = self.behaviour(self, self.polls) or []
         for h in self.hosts:
             if h.rank not in self.exits and h.rank not in self.silent:
                 h.last_heard = self.clock()
-        events, self.events = [(0, e) for e in self.events], []
-        return GroupPoll(self.hosts, records, events, dict(self.results), list(self.exits.values()))
+        events, self.events = self.events, []
+        poll = GroupPoll(self.hosts, records, events, dict(self.results), list(self.exits.values()))
+        self.poll_seconds += time.process_time() - started
+        return poll
 
     # -- what hosts do ---------------------------------------------------------------------------
     def train(self, step, loss=1.0):
+        now = self.clock()
         for h in self.hosts:
-            h.phase, h.step, h.last_heard, h.last_progress = Phase.TRAINING, step, self.clock(), self.clock()
-        return [{"step": step, "loss": loss, "step_time_s": 0.1, "attempt": self.attempt}]
+            h.phase, h.step, h.last_heard, h.last_progress = Phase.TRAINING, step, now, now
+        return [{"step": step, "time": now, "loss": loss, "step_time_s": POLL_INTERVAL_S, "attempt": self.attempt,
+                 "num_hosts": self.num_hosts}]
 
     def restored(self, step):
-        self.events.append(HostEvent("restored", self.clock(), {"step": step, "seconds": 0.1}))
+        self.events.append((0, Restored(time=self.clock(), step=step, seconds=0.1)))
 
     def finish(self, step, ending=Ending.COMPLETED):
         snapshot = HostSnapshot(Phase.DONE, step)
@@ -117,9 +142,21 @@ class FakeGroup:
         self.exits[rank] = HostExit(rank, ExitHow.RAISED, self.clock(), step, error=error)
 
     # -- what the driver does --------------------------------------------------------------------
-    def preempt(self):
-        self.preempted = True
-        self.log.append(("preempt", self.attempt))
+    def propose_stop(self, step):
+        self.log.append(("propose_stop", step))
+        answers = {}
+        for h in self.hosts:
+            if h.rank not in self.results and h.rank not in self.exits and h.rank not in self.silent:
+                at = (h.step or 0) + self.ahead.get(h.rank, 0)
+                answers[h.rank] = StopAnswer(at < step, at)
+        if any(a.accepted for a in answers.values()):
+            self.held_at = step
+        return answers
+
+    def confirm_stop(self, step, ranks):
+        self.log.append(("confirm_stop", step))
+        self.stop_at = step
+        return list(ranks)
 
     def kill(self, rank):
         self.killed = rank
@@ -149,11 +186,14 @@ def trains_to(total, start=0):
 
 
 def obeys(group, i):
-    """Trains until asked to save and stop (a preemption notice), then stops as every host would."""
-    if group.preempted:
-        group.finish(i, Ending.STOPPED)
+    """Trains a step a poll; waits at a proposed stop step; saves and stops at the confirmed one."""
+    step = (group.hosts[0].step or 0) + 1
+    if group.stop_at is not None and step > group.stop_at:
+        group.finish(group.stop_at, Ending.STOPPED)
         return []
-    return group.train(i)
+    if group.held_at is not None and step > group.held_at:
+        return []
+    return group.train(step)
 
 
 def dies_at(step, rank=1, **how):
@@ -167,8 +207,8 @@ def dies_at(step, rank=1, **how):
 
 
 def make_driver(behaviours, *, hosts=2, placeable=None, min_hosts=None, max_hosts=None, listeners=(),
-                fault=None, watchdog=None, committed=None, injections=(), fired=None):
-    clock = Clock()
+                fault=None, watchdog=None, committed=None, injections=(), fired=None, clock=None):
+    clock = clock or Clock()
     log = []
     queue = list(behaviours)
     cluster = FakeCluster(placeable if placeable is not None else hosts)
@@ -177,12 +217,12 @@ def make_driver(behaviours, *, hosts=2, placeable=None, min_hosts=None, max_host
         return FakeGroup(clock, queue.pop(0), log, cluster)
 
     fault = fault or FaultConfig(max_restarts=2, backoff_s=1)
+    policies = Policies(RestartPolicy(fault),
+                        ScalingPolicy(min_hosts or hosts, max_hosts or hosts, lambda n: n % 2 == 0 or n == 1),
+                        Watchdog(watchdog or WatchdogConfig()))
     driver = Driver(
-        cluster=cluster, make_group=make_group, restart_policy=RestartPolicy(fault),
-        scaling_policy=ScalingPolicy(min_hosts or hosts, max_hosts or hosts, lambda n: n % 2 == 0 or n == 1),
-        watchdog=Watchdog(watchdog or WatchdogConfig()), fault=fault,
-        committed_step=committed or (lambda: None), injections=injections, listeners=listeners,
-        fired=fired or (lambda attempt: []),
+        cluster=cluster, make_group=make_group, policies=policies, committed_step=committed or (lambda: None),
+        faults=FaultPlan(injections, fired or (lambda attempt: [])), listeners=listeners,
         clock=clock, sleep=clock.sleep,
     )
     return driver, log, clock, cluster

@@ -11,6 +11,7 @@ import pytest
 from jaxlaunch.launcher.job import prepare
 
 from jaxlaunch.contract import entry as entry_lib
+from jaxlaunch.contract import events
 from jaxlaunch.contract.entry import HOST_RANK_ENV, LaunchInsideHostError
 from jaxlaunch.contract.protocol import ConfigError
 
@@ -119,7 +120,7 @@ def test_resume_runs_the_same_code_or_is_refused(tmp_path):
     run = RunDir(run_dir)
     run.create()
     run.save_config(first.job.to_dict())
-    run.event("launch", fingerprint=None)
+    run.event(events.Launch(fingerprint=None))
     again = prepared(entry_lib.from_callable(defined(CELL, "/tmp/other.py")), run_dir=run_dir, resume=True)
     assert again.job.entry == first.job.entry and again.entry.ref.payload is not None
     edited = entry_lib.from_callable(defined(CELL.replace("SCALE = 3", "SCALE = 5")))

@@ -14,6 +14,7 @@ from jaxlaunch.workers.mesh import build_mesh
 from jaxlaunch.workers.progress import HostProgress
 
 from examples import minimal
+from jaxlaunch.contract.events import Restored
 from jaxlaunch.contract.protocol import (
     CheckpointConfig,
     DistributedConfig,
@@ -64,8 +65,8 @@ def test_a_resumed_run_equals_an_uninterrupted_one_bit_for_bit(tmp_path):
     _, whole, _ = run(tmp_path / "whole", 9)
     run(tmp_path / "parts", 5)  # saved at 3 and 5
     _, rest, events = run(tmp_path / "parts", 9, attempt=2)
-    [restored] = [e for e in events if e.kind == "restored"]
-    assert restored.fields["step"] == 5 and [r["step"] for r in restored.fields["records"]] == [4, 5]
+    [restored] = [e for e in events if isinstance(e, Restored)]
+    assert restored.step == 5 and [r["step"] for r in restored.records] == [4, 5]
     assert [r["step"] for r in rest] == [6, 7, 8, 9]
     assert [r["loss"] for r in rest] == [r["loss"] for r in whole[5:]]
 
@@ -133,6 +134,6 @@ def test_an_injected_exception_fires_after_the_step_is_reported_and_saved(tmp_pa
     ctx._checkpointer.wait()
     assert RunDir(tmp_path).committed_steps() == [3], "the step's save started before the failure"
     assert progress.phase == Phase.TRAINING and progress.step == 3
-    line = json.loads((tmp_path / "hosts" / "injections.jsonl").read_text())
+    [line] = RunDir(tmp_path).injections()
     assert (line["kind"], line["step"], line["rank"]) == ("exception", 3, 0)
     ctx._checkpointer.close()

@@ -7,11 +7,13 @@ import pathlib
 
 import pytest
 from jaxlaunch.launcher.display import ConsoleView, Display
+from jaxlaunch.launcher.history import AttemptRecord
 from jaxlaunch.launcher.report import print_attempts
 from jaxlaunch.launcher.runs import RunDir
 from jaxlaunch.launcher.states import Attempt, Running
 from rich.console import Console
 
+from jaxlaunch.contract.events import FailureKind, PlannedEnd
 from jaxlaunch.contract.layout import CHECKPOINT_COMMIT_MARKER
 from jaxlaunch.contract.protocol import GroupPoll, HostStatus, Phase
 
@@ -52,12 +54,15 @@ def test_the_progress_line_shows_each_checkpoint_once_it_commits(tmp_path):
 
 
 ATTEMPTS = [
-    dict(attempt=1, num_hosts=4, mesh={"data": 4, "model": 2}, first_step=1, last_step=1250, restored_step=None,
-         cause="node_lost", failed_host=3, detection_latency_s=12.25, recovery_time_s=None),
-    dict(attempt=2, num_hosts=2, mesh={"data": 2, "model": 2}, first_step=1201, last_step=2400, restored_step=1200,
-         cause="exception", failed_host=1, detection_latency_s=0.31, recovery_time_s=31.52),
-    dict(attempt=3, num_hosts=4, mesh={"data": 4, "model": 2}, first_step=2401, last_step=10000, restored_step=2400,
-         cause="finished", failed_host=None, detection_latency_s=None, recovery_time_s=4.02),
+    AttemptRecord(attempt=1, num_hosts=4, mesh={"data": 4, "model": 2}, first_step=1, last_step=1250,
+                  restored_step=None, cause=FailureKind.NODE_LOST, failed_host=3, detection_latency_s=12.25,
+                  recovery_time_s=None),
+    AttemptRecord(attempt=2, num_hosts=2, mesh={"data": 2, "model": 2}, first_step=1201, last_step=2400,
+                  restored_step=1200, cause=FailureKind.EXCEPTION, failed_host=1, detection_latency_s=0.31,
+                  recovery_time_s=31.52),
+    AttemptRecord(attempt=3, num_hosts=4, mesh={"data": 4, "model": 2}, first_step=2401, last_step=10000,
+                  restored_step=2400, cause=PlannedEnd.FINISHED, failed_host=None, detection_latency_s=None,
+                  recovery_time_s=4.02),
 ]
 
 
@@ -78,6 +83,6 @@ def test_the_closing_lines_are_never_broken(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     term, out = console(40)
     run_path = pathlib.Path(tmp_path / "runs" / "a-very-long-entry-name-20261129-181500").absolute()
-    Display(term).closing(run_path)
+    Display(term).closing(run_path, run_path / "report.png")
     assert out.getvalue().splitlines() == [f"report: jaxlaunch report {os.path.relpath(run_path)}",
                                            f"picture: {os.path.relpath(run_path)}/report.png"]

@@ -5,11 +5,13 @@ import signal
 
 import pytest
 from jaxlaunch.launcher import history
-from jaxlaunch.launcher.driver import HEAR_OUT_S
+from jaxlaunch.launcher.driver import HEAR_OUT_S, STOP_AGREE_S, Listener
 from jaxlaunch.launcher.policy import FailureKind, FaultConfig, WatchdogConfig
 from jaxlaunch.launcher.recorder import Chaos, Recorder
 from jaxlaunch.launcher.runs import RunDir
 from jaxlaunch.launcher.states import (
+    AttemptEnded,
+    AttemptStarted,
     Draining,
     Failed,
     Finished,
@@ -21,6 +23,7 @@ from jaxlaunch.launcher.states import (
     WaitingForCapacity,
 )
 
+from jaxlaunch.contract import events
 from jaxlaunch.contract.protocol import Ending, ErrorKind, Injection, NodeLiveness
 from tests.unit.fakes import dies_at, make_driver, obeys, trains_to
 
@@ -33,15 +36,19 @@ def run_until(driver, state_type, limit=10_000):
     raise AssertionError(f"never reached {state_type.__name__}; at {driver.state}")
 
 
-class Transitions:
+class Transitions(Listener):
     def __init__(self):
         self.seen = []
+        self.notices = []
 
     def on_transition(self, driver, old, new):
         self.seen.append(type(new).__name__)
 
-    def on_poll(self, driver, attempt, poll):
-        pass
+    def on_attempt_started(self, driver, started):
+        self.notices.append(started)
+
+    def on_attempt_ended(self, driver, ended):
+        self.notices.append(ended)
 
 
 def test_a_clean_run_finishes():
@@ -207,8 +214,8 @@ def test_stop_signal_saves_on_every_host_then_stops():
     draining = run_until(driver, Draining)
     assert draining.reason == "stop"
     assert driver.run() == 128 + signal.SIGTERM
-    assert ("preempt", 1) in log and isinstance(driver.state, Stopped)
-    assert "after saving step" in driver.state.reason
+    assert ("confirm_stop", draining.proposed) in log and isinstance(driver.state, Stopped)
+    assert f"after saving step {draining.proposed}" in driver.state.reason
 
 
 def test_stop_before_training_stops_at_once():
@@ -296,10 +303,12 @@ def test_an_embedded_node_that_dies_is_restarted_on_the_preemption_budget():
 
 def test_an_injection_is_spent_once_it_went_off_whatever_the_driver_saw_of_the_steps():
     kill = Injection("kill", step=3, host=1)
-    driver, _, _, _ = make_driver([dies_at(2), trains_to(5, start=2)], injections=[kill],
+    watcher = Transitions()
+    driver, _, _, _ = make_driver([dies_at(2), trains_to(5, start=2)], injections=[kill], listeners=[watcher],
                                   fired=lambda attempt: [(kill, 1000.5)] if attempt == 1 else [])
     driver.run()
-    assert driver.attempts[0].injections == (kill,) and driver.attempts[1].injections == ()
+    started = [n for n in watcher.notices if isinstance(n, AttemptStarted)]
+    assert [n.injections for n in started] == [(kill,), ()]
     assert driver.failures[0].failed_at == 1000.5, "detection is timed from the moment it went off"
 
 
@@ -311,17 +320,17 @@ def test_chaos_kills_a_random_training_host_and_detection_is_timed_from_the_kill
             group.die(group.killed, step=i)
             return []
         return group.train(i)
-    chaos = Chaos(0.5, seed=0, record=lambda kind, **fields: kills.append(fields))
+    chaos = Chaos(0.5, seed=0, record=kills.append)
     driver, _, _, _ = make_driver([dies_when_killed, trains_to(3)], listeners=[chaos])
     assert driver.run() == 0
-    assert len(driver.failures) == 1 and driver.failures[0].rank == kills[0]["host"]
-    assert driver.failures[0].failed_at == driver.attempts[0].killed_at
+    assert len(driver.failures) == 1 and driver.failures[0].rank == kills[0].host
+    assert driver.failures[0].failed_at == driver.faults.fired_at(1) is not None
 
 
 def test_the_records_of_a_run_are_derived_from_its_events(tmp_path):
     run = RunDir(tmp_path)
     run.create()
-    run.event("launch")
+    run.event(events.Launch())
     recorder = Recorder(run, lambda n: {"data": n})
 
     def restores(group, i):
@@ -330,13 +339,106 @@ def test_the_records_of_a_run_are_derived_from_its_events(tmp_path):
         return trains_to(5, start=2)(group, i)
     driver, _, _, _ = make_driver([dies_at(3), restores], listeners=[recorder])
     assert driver.run() == 0
-    run.event("job_ended", status="finished")
+    run.event(events.JobEnded(status=events.JobStatus.FINISHED))
     recorder.close()
     past = history.load(run)
-    assert [(a["num_hosts"], a["cause"], a["failed_host"], a["restored_step"]) for a in past.attempts] == [
+    assert [(a.num_hosts, a.cause, a.failed_host, a.restored_step) for a in past.attempts] == [
         (2, "crashed", 1, None), (2, "finished", None, 2)]
-    kinds = [e["event"] for e in past.events]
+    kinds = [e.kind for e in past.events]
     assert kinds.count("attempt_started") == 2 and kinds.count("failure") == 1 and "restarting" in kinds
     assert sorted(past.trajectory) == [1, 2, 3, 4, 5]
     summary = past.summary(run)
     assert summary["restarts_by_cause"] == {"crashed": 1} and summary["final_step"] == 5
+
+
+def test_listeners_are_told_when_each_attempt_starts_and_how_it_ended():
+    watcher = Transitions()
+    driver, _, _, _ = make_driver([dies_at(3), trains_to(5, start=2)], listeners=[watcher])
+    assert driver.run() == 0
+    first, failed, second, finished = watcher.notices
+    assert isinstance(first, AttemptStarted) and isinstance(second, AttemptStarted)
+    assert isinstance(failed, AttemptEnded) and (failed.cause, failed.failure.kind, failed.failure.rank) == (
+        "crashed", FailureKind.CRASHED, 1)
+    assert isinstance(finished, AttemptEnded) and (finished.cause, finished.failure) == ("finished", None)
+    assert [n.attempt.number for n in watcher.notices] == [1, 1, 2, 2]
+
+
+def test_a_host_blamed_as_hung_through_a_peers_failure_has_its_stacks_taken_before_the_teardown():
+    """Host 1 stops answering; 6.5 s later host 0's collective fails, before the watchdog's 10 s: the
+    driver blames host 1 as hung, and reads its stacks while the group still exists."""
+    def deadlock(group, i):
+        if i <= 2:
+            return group.train(i)
+        group.silent.add(1)
+        if i == 2 + 26:  # 6.5 s of polls later
+            group.raise_(0, kind=ErrorKind.COLLECTIVE, message="JaxRuntimeError: Gloo AllGather timed out", step=2)
+        return []
+    driver, log, _, _ = make_driver([deadlock, trains_to(4, start=2)], watchdog=WatchdogConfig(hang_timeout_s=10.0))
+    failure = run_until(driver, Restarting).failure
+    assert (failure.kind, failure.rank) == (FailureKind.HUNG, 1) and "before host 0 failed" in failure.message
+    assert "user.py:1" in failure.traceback
+    assert log.index(("dump_stacks", 1)) < log.index(("shutdown", 1)), "read before the group is torn down"
+
+
+def ahead_by(rank, steps):
+    """A host whose loop runs `steps` past the step it last reported (polls are late)."""
+    def behaviour(group, i):
+        group.ahead[rank] = steps
+        return obeys(group, i)
+    return behaviour
+
+
+def test_a_stop_step_that_a_host_had_passed_is_moved_until_every_host_accepts_one():
+    driver, log, _, _ = make_driver([ahead_by(1, 5)])
+    driver.step()
+    driver.step()
+    driver.request_stop(signal.SIGINT)
+    assert driver.run() == 128 + signal.SIGINT
+    proposals = [entry[1] for entry in log if entry[0] == "propose_stop"]
+    confirmed = [entry[1] for entry in log if entry[0] == "confirm_stop"]
+    assert len(proposals) >= 2 and proposals == sorted(proposals), "a later step after a refusal"
+    assert confirmed == [proposals[-1]], "only the step every host accepted is made final"
+    assert driver.attempts[0].last_step == confirmed[0], "every host stopped exactly there"
+    assert f"after saving step {confirmed[0]}" in driver.state.reason
+
+
+def test_a_resize_agrees_on_a_step_and_restarts_from_it():
+    driver, log, _, cluster = make_driver([obeys, trains_to(30, start=12)], hosts=4, placeable=2, min_hosts=2,
+                                          max_hosts=4, fault=FaultConfig(grow_check_interval_s=1.0))
+    run_until(driver, Running)
+    for _ in range(3):
+        driver.step()
+    cluster.capacity = 4
+    draining = run_until(driver, Draining)
+    assert draining.reason == "resize" and draining.confirmed
+    assert driver.run() == 0
+    assert [(a.num_hosts, a.cause) for a in driver.attempts] == [(2, "resize"), (4, "finished")]
+    assert driver.attempts[0].last_step == draining.proposed
+    assert not driver.failures
+
+
+def test_a_stop_that_a_host_does_not_obey_is_resolved_not_forgotten():
+    def ignores_stops(group, i):
+        return group.train(i)  # its loop never calls ctx.should_stop
+    driver, _, _, _ = make_driver([ignores_stops])
+    driver.step()
+    driver.step()
+    driver.request_stop(signal.SIGTERM)
+    assert driver.run() == 128 + signal.SIGTERM
+    assert "went past step" in driver.state.reason and "latest committed step" in driver.state.reason
+
+
+def test_a_stop_the_hosts_cannot_agree_on_is_resolved_in_bounded_time():
+    def never_answers(group, i):
+        if i <= 2:
+            return group.train(i)
+        group.silent.update({0, 1})  # neither stopped nor answering, but not yet past the hang limit
+        return []
+    driver, _, clock, _ = make_driver([never_answers], watchdog=WatchdogConfig(hang_timeout_s=1e9))
+    driver.step()
+    driver.step()
+    driver.step()
+    driver.request_stop(signal.SIGINT)
+    began = clock.now
+    assert driver.run() == 128 + signal.SIGINT
+    assert "did not agree" in driver.state.reason and clock.now - began <= STOP_AGREE_S + 1

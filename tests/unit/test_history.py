@@ -1,65 +1,152 @@
 """A run's history from its records alone: the attempt table, goodput and its badput split, the
 summary and the picture; TensorBoard without folded curves."""
 
+import dataclasses
+import json
+import pathlib
+import re
+import shutil
+
 import pytest
-from jaxlaunch.launcher import history, report
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jaxlaunch.launcher import goodput, history, report
 from jaxlaunch.launcher.recorder import TensorBoard
 from jaxlaunch.launcher.runs import RunDir
 from rich.console import Console
+
+from jaxlaunch.contract import events
+from jaxlaunch.contract.events import FailureKind, JobStatus, PlannedEnd
+from jaxlaunch.contract.layout import read_jsonl
+
+FIXTURES = pathlib.Path(__file__).resolve().parents[1] / "fixtures"
+OLD_RUN = FIXTURES / "run_v0_kill"
+"""A run written before events were typed (a kill of host 1 and a restart of examples/minimal.py)."""
 
 
 def write_run(tmp_path):
     run = RunDir(tmp_path)
     run.create()
     t = 1000.0
-    events = [
-        {"event": "launch", "time": t, "entry": "models.lm:main"},
-        {"event": "attempt_started", "attempt": 1, "num_hosts": 4, "mesh": {"data": 4}, "time": t + 1},
-        {"event": "failure", "attempt": 1, "cause": "crashed", "host": 2, "step": 3, "time": t + 9},
-        {"event": "attempt_ended", "attempt": 1, "cause": "crashed", "host": 2, "first_step": 1, "last_step": 3,
-         "time_to_first_step_s": 5.0, "duration_s": 8.0, "detection_latency_s": 0.1, "time": t + 9},
-        {"event": "waiting_for_capacity", "time": t + 10},
-        {"event": "attempt_started", "attempt": 2, "num_hosts": 2, "mesh": {"data": 2}, "time": t + 14},
-        {"event": "restored", "attempt": 2, "step": 2, "seconds": 0.5, "time": t + 16},
-        {"event": "attempt_ended", "attempt": 2, "cause": "finished", "first_step": 3, "last_step": 4,
-         "time_to_first_step_s": 4.5, "duration_s": 6.0, "recovery_time_s": 9.0, "process_count": 2,
-         "num_devices": 4, "mesh": {"data": 2}, "time": t + 20},
-        {"event": "job_ended", "status": "finished", "time": t + 21},
-    ]
-    run._append(run.events_path, events)
+    for event in [
+        events.Launch(time=t, entry="models.lm:main"),
+        events.AttemptStarted(attempt=1, num_hosts=4, mesh={"data": 4}, time=t + 1),
+        events.Failure(attempt=1, cause=FailureKind.CRASHED, host=2, step=3, detection_latency_s=0.5,
+                       failed_at=t + 8.5, time=t + 9),
+        events.AttemptEnded(attempt=1, cause=FailureKind.CRASHED, host=2, first_step=1, last_step=3,
+                            time_to_first_step_s=5.0, duration_s=8.0, detection_latency_s=0.5, time=t + 9),
+        events.WaitingForCapacity(time=t + 10),
+        events.AttemptStarted(attempt=2, num_hosts=2, mesh={"data": 2}, time=t + 14),
+        events.Restored(attempt=2, step=2, seconds=0.5, time=t + 16),
+        events.AttemptEnded(attempt=2, cause=PlannedEnd.FINISHED, first_step=3, last_step=4,
+                            time_to_first_step_s=4.0, duration_s=6.0, recovery_time_s=9.0, process_count=2,
+                            num_devices=4, mesh={"data": 2}, time=t + 20),
+        events.JobEnded(status=JobStatus.FINISHED, time=t + 21),
+    ]:
+        run.event(event)
     run.metrics([
-        {"step": 1, "loss": 5.0, "step_time_s": None, "attempt": 1},  # compiled: its time is not known
-        {"step": 2, "loss": 4.0, "step_time_s": 1.0, "checkpoint_blocking_s": 0.25, "attempt": 1},
-        {"step": 3, "loss": 3.5, "step_time_s": 1.0, "attempt": 1},  # lost with attempt 1
-        {"step": 3, "loss": 3.4, "step_time_s": None, "attempt": 2},
-        {"step": 4, "loss": 3.0, "step_time_s": 0.5, "attempt": 2},
+        {"step": 1, "loss": 5.0, "step_time_s": None, "attempt": 1, "time": t + 6},  # compiled: time not known
+        {"step": 2, "loss": 4.0, "step_time_s": 1.0, "checkpoint_blocking_s": 0.25, "attempt": 1, "time": t + 7},
+        {"step": 3, "loss": 3.5, "step_time_s": 1.0, "attempt": 1, "time": t + 8},  # lost with attempt 1
+        {"step": 3, "loss": 3.4, "step_time_s": None, "attempt": 2, "time": t + 18},
+        {"step": 4, "loss": 3.0, "step_time_s": 0.5, "attempt": 2, "time": t + 18.5},
     ])
     return run
 
 
-def test_goodput_and_badput_split(tmp_path):
+def test_the_split_is_a_partition_of_the_wall_time(tmp_path):
     r = history.load(write_run(tmp_path))
     assert r.wall_s == pytest.approx(21.0)
     # Steps 1, 2, 3 (its last run) and 4; a first step's time is its attempt's typical one.
     assert r.productive_s == pytest.approx(1.0 + 1.0 + 0.5 + 0.5)
-    assert r.badput_s["recompute"] == pytest.approx(1.0)
-    assert r.badput_s["checkpoint"] == pytest.approx(0.25)
-    assert r.badput_s["restore"] == pytest.approx(0.5)
-    assert r.badput_s["startup"] == pytest.approx((5.0 - 1.0) + (4.5 - 0.5 - 0.5))
-    assert r.badput_s["capacity_wait"] == pytest.approx(4.0)
-    assert r.badput_s["downtime"] == pytest.approx(1.0)
-    assert r.productive_s + sum(r.badput_s.values()) == pytest.approx(r.wall_s)
+    assert r.badput_s == pytest.approx({
+        "checkpoint": 0.25,  # right after step 2, inside step 3's report-to-report time: counted once
+        "recompute": 0.75 + 0.5,  # step 3's first run less the save, and the time from it to the kill
+        "restore": 0.5,
+        "capacity_wait": 4.0,
+        "downtime": 0.5 + 1.0,  # from the kill to the attempt's end, and on to the wait for capacity
+        "startup": 1.0 + 4.0 + (3.5 - 0.5),  # to the first attempt; its start; the second's, less its restore
+        "other": 1.5 + 1.0,  # the hosts' ending after the last step; the driver's after the attempt's
+    })
+    assert r.productive_s + sum(r.badput_s.values()) == pytest.approx(r.wall_s, abs=1e-9)
+    assert sum(r.split.shares().values()) == pytest.approx(1.0)
     assert {s: rec["loss"] for s, rec in r.trajectory.items()} == {1: 5.0, 2: 4.0, 3: 3.4, 4: 3.0}
     assert [(x["step"], x["loss"]) for x in r.recomputed] == [(3, 3.5)]
-    assert [(a["num_hosts"], a["cause"], a["restored_step"]) for a in r.attempts] == [
-        (4, "crashed", None), (2, "finished", 2)]
+    assert [(a.num_hosts, a.cause, a.restored_step) for a in r.attempts] == [
+        (4, FailureKind.CRASHED, None), (2, PlannedEnd.FINISHED, 2)]
+
+
+def test_overlapping_time_counts_once_for_the_highest_priority():
+    spans = [(0.0, 10.0)]
+    marks = [goodput.Interval(0, 6, "startup"), goodput.Interval(2, 8, "productive"),
+             goodput.Interval(3, 4, "checkpoint"), goodput.Interval(7, 12, "downtime")]
+    assert goodput.partition(marks, spans) == pytest.approx({
+        "startup": 2.0, "productive": 5.0, "checkpoint": 1.0, "downtime": 2.0, "recompute": 0.0, "restore": 0.0,
+        "capacity_wait": 0.0, "other": 0.0})
+
+
+def test_a_hang_is_detection_time_not_other(tmp_path):
+    """The watchdog's wait for a hung host, from its last step to the failure, is detection."""
+    run = RunDir(tmp_path)
+    run.create()
+    for event in [
+        events.Launch(time=0.0), events.AttemptStarted(attempt=1, time=1.0),
+        events.Failure(attempt=1, cause=FailureKind.HUNG, host=1, detection_latency_s=10.0, failed_at=3.0, time=13.5),
+        events.AttemptEnded(attempt=1, cause=FailureKind.HUNG, duration_s=12.5, time=13.5),
+        events.JobEnded(status=JobStatus.FAILED, time=14.0),
+    ]:
+        run.event(event)
+    run.metrics([{"step": s, "step_time_s": 0.5, "attempt": 1, "time": 1.0 + 0.5 * s} for s in range(1, 5)])
+    split = history.load(run).split
+    assert split.badput_s["downtime"] == pytest.approx(13.5 - 3.0)
+    assert split.badput_s["other"] == pytest.approx(0.5), "only the driver's ending after the attempt"
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(list(events.EventKind)), st.floats(0, 100), st.floats(0, 20)),
+                max_size=30),
+       st.lists(st.tuples(st.integers(1, 20), st.floats(0, 100), st.one_of(st.none(), st.floats(0, 5)),
+                          st.one_of(st.none(), st.floats(0, 3)), st.integers(1, 4)), max_size=40))
+def test_any_records_split_into_parts_that_add_up_to_the_wall_time(raw_events, raw_metrics):
+    """Whatever the order, overlap or gaps of the records (clock skew between machines, a driver killed
+    mid-run, a resumed run), the parts are never negative and add up to the wall time."""
+    evts = [events.Launch(time=0.0)]
+    for kind, time, seconds in sorted(raw_events, key=lambda e: e[1]):
+        fields = {"time": time, "extra": {}}
+        cls = type(events.parse({"event": kind.value, "time": time, "attempt": 1, "step": 1, "host": 0,
+                                 "seconds": seconds}))
+        names = {f.name for f in dataclasses.fields(cls)}
+        for name, value in (("attempt", int(seconds) % 3 + 1), ("step", 1), ("seconds", seconds),
+                            ("duration_s", seconds), ("detection_latency_s", seconds), ("failed_at", time - seconds),
+                            ("cause", FailureKind.CRASHED if seconds > 10 else PlannedEnd.FINISHED), ("host", 0)):
+            if name in names:
+                fields[name] = value
+        evts.append(cls(**fields))
+    metrics = [{"step": step, "time": time, "step_time_s": seconds, "checkpoint_blocking_s": blocked,
+                "attempt": attempt} for step, time, seconds, blocked, attempt in raw_metrics]
+    split = goodput.split(evts, metrics)
+    assert min(split.badput_s.values(), default=0) >= 0 and split.productive_s >= 0
+    assert split.productive_s + sum(split.badput_s.values()) == pytest.approx(split.wall_s, abs=1e-6)
+
+
+def test_a_running_job_s_split_counts_up_to_now(tmp_path):
+    """A live exporter asks for the split of the records so far: the open launch runs until `until`."""
+    run = write_run(tmp_path)
+    later = [events.Launch(time=2000.0), events.AttemptStarted(attempt=3, time=2001.0)]
+    for event in later:
+        run.event(event)
+    run.metrics([{"step": 5, "step_time_s": 0.5, "attempt": 3, "time": 2003.0}])
+    split = goodput.split(run.events(), run.metric_records(), until=2010.0)
+    assert split.wall_s == pytest.approx(21.0 + 10.0)
+    assert split.productive_s + sum(split.badput_s.values()) == pytest.approx(split.wall_s)
+    assert split.badput_s["startup"] == pytest.approx(8.0 + 1.0 + 1.5), "the open attempt's start-up counts"
 
 
 def test_the_summary_is_a_view_of_the_same_history(tmp_path):
     run = write_run(tmp_path)
     past = history.load(run)
     s = past.summary(run)
-    assert s["goodput"] == past.goodput and s["attempt_table"] == past.attempts
+    assert s["goodput"] == past.goodput and s["attempt_table"] == [a.to_dict() for a in past.attempts]
     assert (s["status"], s["final_step"], s["final_loss"], s["process_count"]) == ("finished", 4, 3.0, 2)
     assert s["restarts_by_cause"] == {"crashed": 1} and s["cold_start_s"] == 5.0
 
@@ -67,17 +154,19 @@ def test_the_summary_is_a_view_of_the_same_history(tmp_path):
 def test_a_resumed_run_counts_every_launch(tmp_path):
     run = write_run(tmp_path)
     t = 2000.0
-    run._append(run.events_path, [
-        {"event": "launch", "time": t},
-        {"event": "attempt_started", "attempt": 3, "num_hosts": 2, "mesh": {"data": 2}, "time": t + 1},
-        {"event": "attempt_ended", "attempt": 3, "cause": "finished", "first_step": 5, "last_step": 6,
-         "time_to_first_step_s": 2.0, "duration_s": 4.0, "time": t + 5},
-        {"event": "job_ended", "status": "finished", "time": t + 6},
-    ])
-    run.metrics([{"step": 5, "loss": 2.9, "step_time_s": None, "attempt": 3},
-                 {"step": 6, "loss": 2.8, "step_time_s": 1.0, "attempt": 3}])
+    for event in [
+        events.Launch(time=t),
+        events.AttemptStarted(attempt=3, num_hosts=2, mesh={"data": 2}, time=t + 1),
+        events.AttemptEnded(attempt=3, cause=PlannedEnd.FINISHED, first_step=5, last_step=6,
+                            time_to_first_step_s=2.0, duration_s=4.0, time=t + 5),
+        events.JobEnded(status=JobStatus.FINISHED, time=t + 6),
+    ]:
+        run.event(event)
+    run.metrics([{"step": 5, "loss": 2.9, "step_time_s": None, "attempt": 3, "time": t + 3},
+                 {"step": 6, "loss": 2.8, "step_time_s": 1.0, "attempt": 3, "time": t + 4}])
     past = history.load(run)
     assert past.wall_s == pytest.approx(21.0 + 6.0), "the time between launches is nobody's"
+    assert past.productive_s + sum(past.badput_s.values()) == pytest.approx(past.wall_s)
     assert past.summary(run)["final_step"] == 6 and len(past.attempts) == 3
 
 
@@ -87,13 +176,89 @@ def test_picture_and_text(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 20_000
     out = console.export_text()
     assert "goodput 14.3%" in out and "crashed" in out and "waiting for capacity" in out
+    assert re.search(r"total \(wall time\)\s+│\s+21\.0 │ 100\.0%", out)
+
+
+def test_the_goodput_bar_shows_every_part_and_ends_at_the_whole(tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    split = history.load(write_run(tmp_path)).split
+    fig, bar = plt.subplots()
+    report._goodput_bar(bar, split)
+    widths = [p.get_width() for p in bar.patches]
+    plt.close(fig)
+    assert len(widths) == sum(v > 0 for v in split.shares().values()) == 8
+    assert sum(widths) == pytest.approx(1.0) and min(widths) >= report.MIN_BAR_SHARE * 0.9
+
+
+# ---- a run written by the version before typed events ----------------------------------------------
+
+def test_an_old_run_reads_into_typed_records_and_its_split_adds_up(tmp_path):
+    run = RunDir(shutil.copytree(OLD_RUN, tmp_path / "run"))
+    past = history.load(run)
+    old_summary = json.loads((OLD_RUN / "summary.json").read_text())
+    assert all(e is not None for e in map(events.parse, read_jsonl(OLD_RUN / "events.jsonl")))
+    keys = ("attempt", "num_hosts", "mesh", "cause", "failed_host", "first_step", "last_step", "restored_step",
+            "detection_latency_s", "recovery_time_s", "time_to_first_step_s", "process_count")
+    assert [{k: a.to_dict()[k] for k in keys} for a in past.attempts] == [
+        {k: a[k] for k in keys} for a in old_summary["attempt_table"]]
+    assert [a.cause for a in past.attempts] == [FailureKind.CRASHED, PlannedEnd.FINISHED]
+    assert past.wall_s == pytest.approx(old_summary["wall_time_s"])
+    assert past.productive_s + sum(past.badput_s.values()) == pytest.approx(past.wall_s, rel=1e-9)
+    old_parts = old_summary["goodput"] * old_summary["wall_time_s"] + sum(old_summary["badput_s"].values())
+    assert old_parts > 1.1 * old_summary["wall_time_s"], "the old split counted overlapping time twice"
+    summary = past.summary(run)
+    assert (summary["status"], summary["final_step"], summary["restarts_by_cause"]) == ("finished", 200, {"crashed": 1})
+    console = Console(width=200, record=True)
+    assert report.write(run.path, console=console).exists()
+    assert "crashed" in console.export_text()
+
+
+def test_every_kind_of_old_line_parses_to_its_type():
+    """The lines every writer of the version before typed events wrote, one of each kind."""
+    old = [
+        {"event": "waiting_for_capacity", "min_hosts": 2, "placeable_hosts": 1, "time": 1.0},
+        {"event": "grow", "attempt": 2, "from_hosts": 1, "to_hosts": 2, "time": 1.0},
+        {"event": "stop_requested", "attempt": 1, "signal": "SIGTERM", "time": 1.0},
+        {"event": "job_failed", "reason": "budget spent", "time": 1.0},
+        {"event": "job_stopped", "reason": "stopped by SIGINT", "signal": "SIGINT", "time": 1.0},
+        {"event": "chaos_kill", "attempt": 1, "host": 0, "step": 7, "time": 1.0},
+        {"event": "low_disk_space", "free_bytes": 1, "needed_bytes": 2, "checkpoints": 4, "message": "m", "time": 1.0},
+        {"event": "checkpoint_fallback", "attempt": 2, "rank": 0, "step": 20, "error": "e", "moved_to": "x",
+         "time": 1.0},
+        {"event": "compilation_cache_disabled", "attempt": 1, "rank": 0, "reason": "read-only", "time": 1.0},
+        {"event": "job_ended", "status": "interrupted", "reason": None, "time": 1.0},
+    ]
+    parsed = [events.parse(line) for line in old]
+    assert [e.kind for e in parsed] == [line["event"] for line in old]
+    assert [e.to_dict() for e in parsed] == [{**line, **{k: None for k in e.to_dict() if k not in line}}
+                                             for line, e in zip(old, parsed, strict=True)]
+    assert parsed[-1].status == JobStatus.INTERRUPTED
+    assert set(events.EventKind) == {e.kind for e in map(events.parse, [
+        {"event": k.value, "time": 0.0, "attempt": 1, "step": 1, "host": 0, "seconds": 0.0}
+        for k in events.EventKind])}, "every kind has its type"
+
+
+def test_a_line_from_a_newer_version_keeps_what_this_one_does_not_know():
+    line = {"event": "restored", "time": 5.0, "attempt": 2, "rank": 0, "step": 10, "seconds": 0.1, "warmth": "hot"}
+    restored = events.parse(line)
+    assert isinstance(restored, events.Restored) and restored.extra == {"warmth": "hot"}
+    assert restored.to_dict()["warmth"] == "hot"
+    assert events.parse({"event": "some_future_kind", "time": 1.0}) is None
+    assert events.parse({"event": "attempt_started", "time": 1.0}) is None, "no attempt number: skipped"
+    assert events.parse({"event": "failure", "attempt": 1, "cause": "gremlins", "time": 1.0}) is None
 
 
 def test_a_metric_other_than_loss_is_plotted(tmp_path):
     run = RunDir(tmp_path)
     run.create()
-    run._append(run.events_path, [{"event": "launch", "time": 1.0}, {"event": "job_ended", "time": 2.0}])
-    run.metrics([{"step": 1, "accuracy": 0.5, "step_time_s": 0.1}, {"step": 2, "accuracy": 0.7, "step_time_s": 0.1}])
+    run.event(events.Launch(time=1.0))
+    run.event(events.JobEnded(time=2.0))
+    run.metrics([{"step": 1, "accuracy": 0.5, "step_time_s": 0.1, "time": 1.5},
+                 {"step": 2, "accuracy": 0.7, "step_time_s": 0.1, "time": 1.6}])
     assert report.plotted_metric(history.load(run)) == "accuracy"
     assert report.write(run.path, show=False).exists()
 

@@ -11,6 +11,7 @@ from jaxlaunch.launcher.job import prepare
 from jaxlaunch.launcher.runs import RunDir
 
 from jaxlaunch.contract import entry as entry_lib
+from jaxlaunch.contract import events
 from jaxlaunch.contract.protocol import ConfigError
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -92,7 +93,7 @@ def fake_run(path: pathlib.Path, job: JobConfig, fingerprint="abc") -> RunDir:
     run = RunDir(path)
     run.create()
     run.save_config(job.to_dict())
-    run.event("launch", fingerprint=fingerprint)
+    run.event(events.Launch(fingerprint=fingerprint))
     return run
 
 

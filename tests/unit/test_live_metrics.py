@@ -25,7 +25,7 @@ def write_run(path):
     run = RunDir(path)
     run.create()
     t = 1000.0
-    run._append(run.events_path, [
+    run._events.add([
         {"event": "launch", "time": t, "num_hosts": 2},
         {"event": "attempt_started", "attempt": 1, "num_hosts": 2, "mesh": {"data": 2}, "time": t + 1},
         {"event": "failure", "attempt": 1, "cause": "crashed", "host": 1, "step": 3, "time": t + 9},
@@ -120,7 +120,7 @@ def test_goodput_is_refreshed_at_most_every_interval(tmp_path, monkeypatch):
     live = LiveMetrics(run, lambda: None, None, clock=lambda: now[0], wall_clock=lambda: 1020.0)
     loads = []
     real = live_metrics.history.load
-    monkeypatch.setattr(live_metrics.history, "load", lambda r: loads.append(1) or real(r))
+    monkeypatch.setattr(live_metrics.history, "load", lambda r, until=None: loads.append(1) or real(r, until))
 
     class Attempt:
         num_hosts, number, last_step = 2, 2, 4

@@ -274,3 +274,11 @@ def test_the_stopped_host_is_blamed_even_when_another_host_runs_out_of_time_firs
     stopped = HostStatus(1, Phase.TRAINING, step=14, last_heard=95.1, last_progress=95.05)
     host, limit = dog.hung([waiting, stopped], now=100, silent_after_s=2)
     assert (host.rank, limit) == (1, 5)
+
+
+def test_a_stop_step_is_past_every_step_known():
+    from jaxlaunch.launcher.policy import stop_step
+
+    assert stop_step([10, 12, None], None, 2) == 14, "past the furthest host reported"
+    assert stop_step([10, 12], 30, 4) == 34, "past a step a host said it had passed"
+    assert stop_step([None, None], None, 2) == 2

@@ -11,6 +11,7 @@ import time
 import pytest
 from jaxlaunch.launcher.runs import LOCK_STALE_S, RunDir
 
+from jaxlaunch.contract import events
 from jaxlaunch.contract.layout import committed_steps, read_jsonl
 from jaxlaunch.contract.protocol import ConfigError
 
@@ -26,8 +27,8 @@ def test_a_torn_line_is_skipped_with_a_warning_and_the_rest_is_kept(tmp_path, ca
 def test_appending_after_a_torn_line_starts_a_new_line(tmp_path):
     run = RunDir(tmp_path)
     run.events_path.write_text('{"event": "launch", "time": 1}\n{"event": "torn')
-    run.event("attempt_started", attempt=1)
-    assert [e["event"] for e in run.events()] == ["launch", "attempt_started"]
+    run.event(events.AttemptStarted(attempt=1))
+    assert [e.kind for e in run.events()] == ["launch", "attempt_started"]
 
 
 def test_non_finite_numbers_are_written_as_null(tmp_path):

@@ -10,6 +10,7 @@ from jaxlaunch.launcher.recorder import Recorder
 from jaxlaunch.launcher.runs import RunDir
 from jaxlaunch.launcher.trackers import Trackers
 
+from jaxlaunch.contract import events
 from jaxlaunch.contract.protocol import ConfigError
 from tests.integration.helpers import wandb_history
 
@@ -28,14 +29,14 @@ def records(steps, attempt=1):
 def launch(run, names, resume, steps_and_attempts, status, warnings=None, fail_after=None):
     """One launch of the run as the driver records it: a launch event, then attempts of records,
     a failure and a restart between attempts; then the trackers are closed with the status."""
-    run.event("launch", num_hosts=2, resume=resume)
+    run.event(events.Launch(num_hosts=2, resume=resume))
     sink = Trackers(run, names, SETTINGS, (warnings if warnings is not None else []).append)
     recorder = Recorder(run, lambda n: {"data": n}, sinks=[sink])
     for i, (steps, attempt) in enumerate(steps_and_attempts):
         if i:
-            recorder.event("failure", attempt=attempt - 1, cause="crashed", host=1, step=steps[0] + 2,
-                           message="host 1 exited with SIGKILL\ndetails")
-            recorder.event("restarting", reason="crashed (1 of 3 restarts)", backoff_s=0.0)
+            recorder.event(events.Failure(attempt=attempt - 1, cause=events.FailureKind.CRASHED, host=1,
+                                          step=steps[0] + 2, message="host 1 exited with SIGKILL\ndetails"))
+            recorder.event(events.Restarting(reason="crashed (1 of 3 restarts)", backoff_s=0.0))
         recorder.metrics(records(steps, attempt))
         # A restart takes seconds: the trackers have the attempt's steps before the next one begins.
         last = max(steps)
@@ -121,7 +122,7 @@ def test_a_tracker_that_is_down_warns_once_and_catches_up(tmp_path, mlflow_env, 
     monkeypatch.setattr(trackers, "SEND_INTERVAL_S", 0.05)
     run = RunDir(tmp_path / "run")
     run.create()
-    run.event("launch", num_hosts=2, resume=False)
+    run.event(events.Launch(num_hosts=2, resume=False))
     warnings = []
     Flaky.down = True
     sink = Trackers(run, ["mlflow"], SETTINGS, warnings.append, backends={"mlflow": Flaky()})

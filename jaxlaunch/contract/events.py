@@ -1,0 +1,442 @@
+"""The records of a run's history: every kind of event in events.jsonl as a typed value, which the
+writers construct (the driver's recorder and runner, and the hosts, whose events cross the contract)
+and the readers parse (the history, the display, the driver). Plain Python: no Ray, JAX or numpy.
+
+A line of events.jsonl is `event.to_dict()`: `{"event": KIND, "time": WALL_TIME, **fields}`, the format
+of every earlier version too, so `parse` reads old runs: a field an old line lacks is None (or its
+default), a field a newer version added is kept in `extra`, and a line of a kind this version does not
+know parses to None."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import logging
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, ClassVar
+
+
+class EventKind(enum.StrEnum):
+    # the driver
+    LAUNCH = "launch"
+    ATTEMPT_STARTED = "attempt_started"
+    WAITING_FOR_CAPACITY = "waiting_for_capacity"
+    GROW = "grow"
+    STOP_REQUESTED = "stop_requested"
+    FAILURE = "failure"
+    ATTEMPT_ENDED = "attempt_ended"
+    RESTARTING = "restarting"
+    CHAOS_KILL = "chaos_kill"
+    JOB_FAILED = "job_failed"
+    JOB_STOPPED = "job_stopped"
+    JOB_ENDED = "job_ended"
+    # the driver or a host
+    LOW_DISK_SPACE = "low_disk_space"
+    # the hosts
+    RESTORED = "restored"
+    CHECKPOINT_FALLBACK = "checkpoint_fallback"
+    STARTUP_TIMELINE = "startup_timeline"
+    FINAL_SAVE = "final_save"
+    COMPILATION_CACHE_DISABLED = "compilation_cache_disabled"
+    MEMORY_TIER_OFF = "memory_tier_off"
+    MEMORY_SAVE_REFUSED = "memory_save_refused"
+    MEMORY_FALLBACK = "memory_fallback"
+
+
+class FailureKind(enum.StrEnum):
+    """Why an attempt failed."""
+
+    CRASHED = "crashed"              # the host process died (crash, SIGKILL, out of memory)
+    NODE_LOST = "node_lost"          # the Ray node under a host went away
+    HUNG = "hung"                    # no progress within the watchdog's limit
+    EXCEPTION = "exception"          # a Python exception in the training code
+    TRANSIENT = "transient"          # an error that retries did not clear (memory, storage timeouts)
+    PREEMPTED = "preempted"          # the host or its node was asked to stop
+    STORAGE = "storage"              # the run directory cannot be written (full, read-only, gone)
+    NO_CHECKPOINT = "no_checkpoint"  # the run has committed steps and none can be read
+
+    @property
+    def is_preemption(self) -> bool:
+        """Preemptions and lost nodes spend their own, larger budget: the job did nothing wrong."""
+        return self in (FailureKind.PREEMPTED, FailureKind.NODE_LOST)
+
+    @property
+    def is_fatal(self) -> bool:
+        """Restarting cannot help: stop at once, spend no budget, keep everything."""
+        return self in (FailureKind.STORAGE, FailureKind.NO_CHECKPOINT)
+
+
+class PlannedEnd(enum.StrEnum):
+    """How an attempt ended when nothing failed."""
+
+    FINISHED = "finished"  # the job's last step
+    RESIZE = "resize"      # every host saved and stopped, to restart on more hosts
+    STOPPED = "stopped"    # every host saved and stopped, as the user asked
+
+
+Cause = FailureKind | PlannedEnd
+"""How an attempt ended (`attempt_ended`'s cause)."""
+
+
+def parse_cause(value: str | None) -> Cause | None:
+    if value is None or isinstance(value, FailureKind | PlannedEnd):
+        return value
+    return PlannedEnd(value) if value in PlannedEnd._value2member_map_ else FailureKind(value)
+
+
+class JobStatus(enum.StrEnum):
+    """How a launch ended."""
+
+    FINISHED = "finished"
+    FAILED = "failed"
+    STOPPED = "stopped"          # SIGINT or SIGTERM, after every host saved
+    INTERRUPTED = "interrupted"  # the driver itself ended abruptly (a second Ctrl-C, an error of its own)
+    RUNNING = "running"          # no end recorded yet: the launch runs, or died without a word
+
+
+def _parsed(parse: Callable[[Any], Any], default: Any = None) -> Any:
+    """A field whose JSON value (a string) `parse` turns back into its type (an enum)."""
+    return dataclasses.field(default=default, metadata={"parse": parse})
+
+
+log = logging.getLogger(__name__)
+_KINDS: dict[EventKind, type[Event]] = {}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Event:
+    """One line of events.jsonl."""
+
+    KIND: ClassVar[EventKind]
+    PER_HOST: ClassVar[bool] = False
+    """A host's event written for every host (with its rank); otherwise only rank 0's copy is written,
+    since every host reports the same group-wide fact."""
+
+    time: float = dataclasses.field(default_factory=time.time)
+    """Wall-clock time (seconds since the epoch) of the writer's machine."""
+    extra: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False)
+    """Fields of the line that this version does not know (written by a newer one), kept as read."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "KIND" in cls.__dict__:
+            _KINDS[cls.KIND] = cls
+
+    @property
+    def kind(self) -> EventKind:
+        return self.KIND
+
+    @property
+    def per_host(self) -> bool:
+        return self.PER_HOST
+
+    def to_dict(self) -> dict[str, Any]:
+        line: dict[str, Any] = {"event": self.KIND.value, "time": self.time}
+        for field in dataclasses.fields(self):
+            if field.name not in ("time", "extra") and field.metadata.get("written", True):
+                line[field.name] = getattr(self, field.name)
+        return {**self.extra, **line}
+
+    @classmethod
+    def from_dict(cls, line: Mapping[str, Any]) -> Event:
+        """The event of a line of its own kind (`parse` picks the kind)."""
+        known = {f.name: f for f in dataclasses.fields(cls) if f.name != "extra"}
+        values = {}
+        for name, value in line.items():
+            if name in known and known[name].metadata.get("written", True):
+                parse = known[name].metadata.get("parse")
+                values[name] = parse(value) if parse is not None else value
+        extra = {k: v for k, v in line.items() if k not in known and k != "event"}
+        return cls(**values, extra=extra)
+
+
+def parse(line: Mapping[str, Any]) -> Event | None:
+    """The typed event of a line of events.jsonl; None (with a warning) for a kind this version does
+    not know or a line that lacks what its kind needs."""
+    kind = EventKind._value2member_map_.get(line.get("event"))
+    if kind is None:
+        log.debug("skipped an event of a kind this version does not know: %s", line.get("event"))
+        return None
+    try:
+        return _KINDS[kind].from_dict(line)
+    except (TypeError, ValueError) as err:
+        log.warning("skipped a %s event that does not parse (%s): %s", kind, err, line)
+        return None
+
+
+# ---- the driver ------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Launch(Event):
+    """A launch (the first, or a --resume) began: its records follow until the next launch."""
+
+    KIND: ClassVar = EventKind.LAUNCH
+    num_hosts: int | None = None
+    resume: bool | None = None
+    entry: str | None = None
+    steps: int | None = None
+    fingerprint: Any = None
+    """What the entry says its input is (a data set's version), to refuse a silent change on --resume."""
+    cluster: str | None = None
+    pid: int | None = None
+    """The driver's process."""
+    ray_supervisor: int | None = None
+    """The session of the embedded Ray instance's processes (None on an existing cluster)."""
+    requested_hosts: int | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AttemptStarted(Event):
+    """A group of hosts started (placed, processes running, the user's function called)."""
+
+    KIND: ClassVar = EventKind.ATTEMPT_STARTED
+    attempt: int
+    num_hosts: int | None = None
+    mesh: dict[str, int] | None = None
+    latest_committed_step: int | None = None
+    injections: list[str] = dataclasses.field(default_factory=list)
+    coordinator: str | None = None
+    nodes: list[str] = dataclasses.field(default_factory=list)
+    pids: list[int] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WaitingForCapacity(Event):
+    KIND: ClassVar = EventKind.WAITING_FOR_CAPACITY
+    placeable_hosts: int | None = None
+    min_hosts: int | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Grow(Event):
+    """Capacity came back: every host saves and stops, to restart on more hosts."""
+
+    KIND: ClassVar = EventKind.GROW
+    attempt: int
+    from_hosts: int | None = None
+    to_hosts: int | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StopRequested(Event):
+    KIND: ClassVar = EventKind.STOP_REQUESTED
+    attempt: int
+    signal: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Failure(Event):
+    """The failure an attempt ended with, blamed on one host (or the group)."""
+
+    KIND: ClassVar = EventKind.FAILURE
+    attempt: int
+    cause: FailureKind = _parsed(FailureKind)
+    host: int | None = None
+    step: int | None = None
+    message: str | None = None
+    traceback: str | None = None
+    detection_latency_s: float | None = None
+    """From the failure (where known) to its detection."""
+    failed_at: float | None = None
+    """Wall time of the failure, where known (a kill, the hung host's last progress)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AttemptEnded(Event):
+    KIND: ClassVar = EventKind.ATTEMPT_ENDED
+    attempt: int
+    num_hosts: int | None = None
+    cause: Cause | None = _parsed(parse_cause)
+    host: int | None = None
+    """The host blamed for a failure."""
+    first_step: int | None = None
+    last_step: int | None = None
+    restored_step: int | None = None
+    detection_latency_s: float | None = None
+    recovery_time_s: float | None = None
+    """From the previous failure's detection to this attempt's first step."""
+    time_to_first_step_s: float | None = None
+    """From scheduling the attempt to its first step."""
+    duration_s: float | None = None
+    """From scheduling the attempt to its end."""
+    process_count: int | None = None
+    num_devices: int | None = None
+    mesh: dict[str, int] | None = None
+    returned: Any = None
+    """What the user's function returned on rank 0 (plain data only)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Restarting(Event):
+    KIND: ClassVar = EventKind.RESTARTING
+    reason: str | None = None
+    backoff_s: float | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ChaosKill(Event):
+    KIND: ClassVar = EventKind.CHAOS_KILL
+    attempt: int
+    host: int
+    step: int | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class JobFailed(Event):
+    KIND: ClassVar = EventKind.JOB_FAILED
+    reason: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class JobStopped(Event):
+    KIND: ClassVar = EventKind.JOB_STOPPED
+    reason: str | None = None
+    signal: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class JobEnded(Event):
+    """The launch's last record, whatever happened."""
+
+    KIND: ClassVar = EventKind.JOB_ENDED
+    status: JobStatus = _parsed(JobStatus, JobStatus.RUNNING)
+    reason: str | None = None
+
+
+# ---- the hosts (the recorder adds the attempt and the host's rank) ------------------------------------
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HostEvent(Event):
+    attempt: int | None = None
+    rank: int | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LowDiskSpace(HostEvent):
+    """Written by the driver before a resumed run, or by rank 0 once it knows the state's size."""
+
+    KIND: ClassVar = EventKind.LOW_DISK_SPACE
+    free_bytes: int | None = None
+    needed_bytes: int | None = None
+    checkpoints: int | None = None
+    message: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Restored(HostEvent):
+    KIND: ClassVar = EventKind.RESTORED
+    step: int
+    seconds: float | None = None
+    saved_topology: dict[str, Any] | None = None
+    mesh: dict[str, int] | None = None
+    array: str | None = None
+    """The largest array: evidence that the arrays landed in today's layout."""
+    sharding: str | None = None
+    shard_shape: list[int] | None = None
+    tier: str | None = None
+    """Which checkpoint tier served the step: "memory" (the keepers) or "durable" (Orbax); None in runs
+    from before the memory tier, which restored durable steps only."""
+    durable_bytes_read: int | None = None
+    """Bytes of the durable step read (0 when memory served)."""
+    memory_bytes_read: int | None = None
+    """Bytes this host fetched from keepers (0 when the durable tier served)."""
+    replicas: list[int] | None = None
+    """Ranks whose part came from its replica on another node (their own node's keeper was gone)."""
+    records: tuple[dict[str, Any], ...] = dataclasses.field(default=(), metadata={"written": False})
+    """The metric records the checkpoint carried: the driver writes those it never heard (the host
+    that reported them died first) to metrics.jsonl, not here."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CheckpointFallback(HostEvent):
+    """A committed step did not read back: it was set aside and an older one restored."""
+
+    KIND: ClassVar = EventKind.CHECKPOINT_FALLBACK
+    step: int
+    error: str | None = None
+    moved_to: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StartupTimeline(HostEvent):
+    """Where a host's start-up went: the wall time at which it entered each phase."""
+
+    KIND: ClassVar = EventKind.STARTUP_TIMELINE
+    PER_HOST: ClassVar = True
+    process_created: float | None = None
+    actor_init: float | None = None
+    starting: float | None = None
+    initializing: float | None = None
+    restoring: float | None = None
+    compiling: float | None = None
+    training: float | None = None
+    saving: float | None = None
+    done: float | None = None
+    first_step_done: float | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FinalSave(HostEvent):
+    """After the user's function returned: the wait for the pending saves."""
+
+    KIND: ClassVar = EventKind.FINAL_SAVE
+    seconds: float
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CompilationCacheDisabled(HostEvent):
+    KIND: ClassVar = EventKind.COMPILATION_CACHE_DISABLED
+    reason: str | None = None
+
+    @property
+    def message(self) -> str:
+        return f"the compilation cache is off: {self.reason}"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MemoryTierOff(HostEvent):
+    """The memory tier was asked for but cannot serve this attempt (a keeper cannot hold a host's part):
+    every save is durable."""
+
+    KIND: ClassVar = EventKind.MEMORY_TIER_OFF
+    PER_HOST: ClassVar = True
+    reason: str | None = None
+    save_every: int | None = None
+    """The durable tier's interval from now on (steps)."""
+
+    @property
+    def message(self) -> str:
+        return f"checkpoints are durable only, every {self.save_every} steps: {self.reason}"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MemorySaveRefused(HostEvent):
+    """A keeper refused a memory save (its budget is spent): written once per attempt and host; the
+    durable tier still saves every --persist-every steps."""
+
+    KIND: ClassVar = EventKind.MEMORY_SAVE_REFUSED
+    PER_HOST: ClassVar = True
+    step: int | None = None
+    reason: str | None = None
+
+    @property
+    def message(self) -> str:
+        return f"a keeper refused the memory save of step {self.step}: {self.reason}"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MemoryFallback(HostEvent):
+    """Memory could not serve the restore (a step not whole, or one that did not read back): the durable
+    tier served instead."""
+
+    KIND: ClassVar = EventKind.MEMORY_FALLBACK
+    step: int | None = None
+    """The memory step that could not serve; None when no step newer than the durable one was whole."""
+    durable_step: int | None = None
+    """The newest durable step at the time; None when there was none."""
+    reason: str | None = None
+
+    @property
+    def message(self) -> str:
+        return f"restoring from the durable tier, not memory: {self.reason}"

@@ -1,0 +1,167 @@
+"""The storage seam, the same contract on every store: a local folder, S3 (moto's server) and GCS
+(fake-gcs-server), the emulators started on loopback by these tests. Then what is built on it: record
+segments, the run lock and committed steps."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+
+import pytest
+from jaxlaunch.launcher import runs
+from jaxlaunch.launcher.runs import RunDir
+
+from jaxlaunch.contract import events
+from jaxlaunch.contract.layout import committed_steps
+from jaxlaunch.contract.protocol import ConfigError
+from jaxlaunch.contract.store import LocalStore, ObjectStore, endpoint_environment, open_store
+from tests.integration.object_stores import EMULATORS
+
+
+@pytest.fixture(scope="module", params=["local", *sorted(EMULATORS)])
+def root(request, tmp_path_factory):
+    """A fresh run directory on each kind of store: a function that names a new one."""
+    if request.param == "local":
+        base = tmp_path_factory.mktemp("store")
+        yield lambda: str(base / uuid.uuid4().hex[:8])
+        return
+    with EMULATORS[request.param]() as emulator:
+        bucket = f"unit-{uuid.uuid4().hex[:8]}"
+        emulator.create_bucket(bucket)
+        old = {k: os.environ.get(k) for k in emulator.env}
+        os.environ.update(emulator.env)
+        try:
+            yield lambda: f"{emulator.scheme}://{bucket}/{uuid.uuid4().hex[:8]}"
+        finally:
+            for key, value in old.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+def test_objects_are_written_whole_listed_moved_and_deleted(root):
+    store = open_store(root())
+    assert store.list() == [] and not store.exists("a.json") and store.modified("a.json") is None
+    store.write("a.json", b"1")
+    store.write("a.json", b"22")
+    store.write("dir/x", b"xyz")
+    store.write("dir/sub/y", b"y")
+    assert store.read("a.json") == b"22" and store.size("a.json") == 2 and store.size("dir") == 4
+    assert store.list() == ["a.json", "dir"] and store.list("dir") == ["sub", "x"]
+    assert store.modified("a.json") is not None
+    store.move("dir", "moved/dir")
+    assert store.list("dir") == [] and store.read("moved/dir/sub/y") == b"y"
+    store.delete("moved")
+    store.delete("nothing-here")
+    assert store.list() == ["a.json"]
+    with pytest.raises(FileNotFoundError):
+        store.read("moved/dir/x")
+
+
+def test_a_conditional_create_has_one_winner(root):
+    store = open_store(root())
+    assert store.create(".lock", b"first") is True
+    assert store.create(".lock", b"second") is False
+    assert store.read(".lock") == b"first", "the loser wrote nothing"
+
+
+def test_records_on_an_object_store_are_whole_segments_merged_in_order(root, monkeypatch):
+    url = root()
+    run = RunDir(url)
+    run.create()
+    run.event(events.Launch(num_hosts=1))
+    run.metrics([{"step": 1}, {"step": 2}])
+    run.event(events.AttemptEnded(attempt=1))  # an event writes the metrics gathered before it
+    later = RunDir(url)  # a second launch of the run continues the numbering
+    later.metrics([{"step": 3, "loss": float("nan")}])
+    later.flush()
+    assert [e.KIND for e in later.events()] == [events.EventKind.LAUNCH, events.EventKind.ATTEMPT_ENDED]
+    assert [(r["step"], r.get("loss")) for r in later.metric_records()] == [(1, None), (2, None), (3, None)]
+    if isinstance(run.store, LocalStore):
+        assert run.store.list("metrics") == [] and (run.path / "metrics.jsonl").is_file(), "local runs append"
+    else:
+        assert run.store.list("metrics") == ["00000000.jsonl", "00000001.jsonl"]
+        assert run.store.list("events") == ["00000000.jsonl", "00000001.jsonl"]
+
+
+def test_metrics_wait_at_most_the_segment_interval(root):
+    store = open_store(root())
+    store.makedirs()
+    now = [0.0]
+    log = runs.RecordLog(store, "metrics", every_s=5.0, clock=lambda: now[0])
+    log.add([{"step": 1}])
+    now[0] = 4.0
+    log.add([{"step": 2}])
+    written = store.list("metrics") if not isinstance(store, LocalStore) else ["appended"]
+    now[0] = 5.5
+    log.add([{"step": 3}])
+    if not isinstance(store, LocalStore):
+        assert written == [], "gathered, not yet written"
+        assert store.list("metrics") == ["00000000.jsonl"]
+        assert [json.loads(line)["step"] for line in store.read("metrics/00000000.jsonl").splitlines()] == [1, 2, 3]
+
+
+def test_the_lock_refuses_a_second_launch_and_a_stale_one_is_taken_over_once(root, monkeypatch):
+    url = root()
+    first = RunDir(url).lock()
+    first.acquire()
+    try:
+        with pytest.raises(ConfigError, match="is in use by the launch of pid"):
+            RunDir(url).lock().acquire()
+        # The holder stopped refreshing a minute ago (its machine died): two launches race for it.
+        real_time = runs.time.time
+        monkeypatch.setattr(runs.time, "time", lambda: real_time() + runs.LOCK_STALE_S + 5)
+        racer_a, racer_b = RunDir(url).lock(), RunDir(url).lock()
+        racer_a.acquire()
+        monkeypatch.setattr(runs.time, "time", real_time)
+        assert racer_a.took_over["token"] == first.token
+        with pytest.raises(ConfigError, match="is in use"):
+            racer_b.acquire()
+        racer_a.release()
+        assert not racer_a.store.exists(".lock")
+    finally:
+        first._stop.set()
+
+
+def test_committed_steps_need_the_store_s_commit_marker(root):
+    store = open_store(root())
+    local = isinstance(store, LocalStore)
+    marker = "_CHECKPOINT_METADATA" if local else "commit_success.txt"
+    for step in (10, 20):
+        store.write(f"checkpoints/{step}/{marker}", b"{}")
+    store.write("checkpoints/30/_CHECKPOINT_METADATA" if not local else "checkpoints/30/state/x", b"{}")
+    store.write("checkpoints/40.orbax-checkpoint-tmp/x", b"{}")
+    assert committed_steps(store, "checkpoints") == [20, 10]
+    assert RunDir(store.url).committed_steps() == [20, 10]
+
+
+def test_stores_that_cannot_serve_are_one_line(root, monkeypatch):
+    store = open_store(root())
+    store.check()
+    if isinstance(store, LocalStore):
+        return
+    scheme = store.url.split("://")[0]
+    with pytest.raises(ConfigError, match="bucket no-such-bucket-x does not exist"):
+        open_store(f"{scheme}://no-such-bucket-x/run").check()
+    with pytest.raises(ConfigError, match="a path, s3:// or gs://"):
+        open_store("hdfs://namenode/run").check()
+
+
+def test_s3_without_credentials_names_the_variables(monkeypatch, tmp_path):
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens: never reaches AWS
+    with pytest.raises(ConfigError, match="AWS_ACCESS_KEY_ID"):
+        ObjectStore("s3://some-bucket/run").check()
+
+
+def test_a_cluster_s_hosts_are_told_where_the_store_is_but_not_its_secrets(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://minio.internal:9000")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    env = endpoint_environment()
+    assert env["AWS_ENDPOINT_URL"] == "http://minio.internal:9000" and "AWS_SECRET_ACCESS_KEY" not in env
