@@ -9,6 +9,8 @@ ratios measured in one run.
 - changes, before and after in the same run: the warm standby group, compiled programs cached by
   every process, one compilation cache per user, checkpoint options, metrics read a step late;
 - checkpoints at disk speed (small and base presets against `dd`), and steps during a save;
+- restores after a topology change: a checkpoint written by 4 hosts restored on 2, and by 2 on 4,
+  against the restores on the same hosts that wrote it;
 - goodput under `--chaos 60`, and the driver at pod scale in simulation.
 
 Prints one table and writes benchmarks/results.json (every figure, the machine it ran on)."""
@@ -175,6 +177,37 @@ def checkpoint_costs(preset: str, saves: int, work: pathlib.Path) -> dict[str, A
     return out
 
 
+RESHARDS = ((4, 2), (2, 4), (2, 2), (4, 4))  # (hosts that wrote the checkpoint, hosts that restore it)
+RESHARD_DEVICES_PER_HOST = 2
+
+
+def resharding(preset: str, repeats: int, work: pathlib.Path) -> dict[str, Any]:
+    """A checkpoint written by N hosts restored on M hosts (N x 2 devices, a data x model mesh), the
+    launcher's own Checkpointer and state layout in `jax.distributed` processes. A restore's time is
+    its slowest host's; each is set beside the restore of the same M hosts from a checkpoint that M
+    hosts wrote (what the restore costs without a topology change)."""
+    written: dict[int, dict[str, Any]] = {}
+    for hosts in sorted({n for n, _ in RESHARDS}):
+        directory = work / f"reshard-{preset}-by-{hosts}"
+        saved = procs.run("benchmarks.checkpointing:save_once", hosts, RESHARD_DEVICES_PER_HOST,
+                          dict(preset=preset, directory=str(directory)))[0]
+        written[hosts] = {**saved, "directory": directory}
+    restores: dict[str, dict[str, Any]] = {}
+    for by, into in RESHARDS:
+        r = procs.run("benchmarks.checkpointing:restore_times", into, RESHARD_DEVICES_PER_HOST,
+                      dict(preset=preset, directory=str(written[by]["directory"]), repeats=repeats))
+        slowest = [max(host["restore_s"][i] for host in r) for i in range(repeats)]
+        restores[f"{by}_to_{into}"] = {"restore_s": stats(slowest), "saved_mesh": written[by]["mesh"],
+                                       **{k: r[0][k] for k in ("mesh", "array", "sharding", "shard_shape")}}
+    for by, into in RESHARDS:
+        restores[f"{by}_to_{into}"]["over_same_topology"] = (
+            restores[f"{by}_to_{into}"]["restore_s"]["median"] / restores[f"{into}_to_{into}"]["restore_s"]["median"])
+    return {"preset": preset, "state_bytes": written[RESHARDS[0][0]]["state_bytes"],
+            "devices_per_host": RESHARD_DEVICES_PER_HOST, "repeats": repeats, "restores": restores,
+            # The figure measured before (a 4 -> 2 restore over a 4 -> 4 one: two groups of different size).
+            "4_to_2_over_4_to_4": restores["4_to_2"]["restore_s"]["median"] / restores["4_to_4"]["restore_s"]["median"]}
+
+
 def disk_bandwidth(directory: pathlib.Path, megabytes: int, repeats: int) -> dict[str, Any]:
     """The disk's own sequential bandwidth in the same folder: dd with fdatasync, and direct reads."""
     path = directory / "dd.bin"
@@ -236,6 +269,7 @@ def run_all(quick: bool, work: pathlib.Path, console: Console, out: pathlib.Path
         ("checkpoint_small", lambda: checkpoint_costs("small", 1 if quick else 4, work)),
         *([] if quick else [("checkpoint_base", lambda: checkpoint_costs("base", 3, work))]),
         ("memory_tier", lambda: memory_tier.run(work, quick)),
+        ("resharding", lambda: resharding("tiny" if quick else "small", 3 if quick else 5, work)),
         ("pod_scale", pod_scale.run_all),
         *([] if quick else [("goodput_under_chaos", lambda: goodput_under_chaos(work, 1500, 60.0))]),
     ]
@@ -311,6 +345,15 @@ def table(results: dict[str, Any]) -> Table:
         t.add_row(f"{preset}: step during a save / normal step", "", "", "", _f(c["step_during_save_over_normal"]),
                   f"{c['step_during_save_s']['median']:.3f} s vs {c['normal_step_s']['median']:.3f} s; async "
                   f"blocking {c['async_blocking_s']['median']:.3f} s")
+    if "resharding" in results:
+        rs = results["resharding"]
+        for key, r in rs["restores"].items():
+            by, into = key.split("_to_")
+            same = rs["restores"][f"{into}_to_{into}"]["restore_s"]["median"]
+            t.add_row(f"{rs['preset']}: restore {by} -> {into} hosts (s)", _f(r["restore_s"]["median"], ".3f"),
+                      "", "", _f(r["over_same_topology"]),
+                      f"over {into} -> {into} ({same:.3f} s); shard {r['shard_shape']} of {r['array']}, "
+                      f"{rs['state_bytes'] / 1e6:.0f} MB")
     if "goodput_under_chaos" in results:
         g = results["goodput_under_chaos"]
         t.add_row("goodput under --chaos 60", _f(g["goodput"], ".3f"), "", "", "",
@@ -343,8 +386,9 @@ def main() -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true",
                    help="the side-by-side ratios (without Ray Train's 100 s hang), the stall, the small preset's "
-                        "checkpoints and the pod-scale simulation, in about 4 minutes; the full run adds Ray "
-                        "Train's hang, the changes before and after, the base preset and the chaos run")
+                        "checkpoints, the tiny preset's resharding restores and the pod-scale simulation, in about "
+                        "5 minutes; the full run adds Ray Train's hang, the changes before and after, the base preset "
+                        "and the chaos run")
     p.add_argument("--out", default=str(RESULTS), help="where to write the results JSON")
     p.add_argument("--only", default=None,
                    help="comma-separated sections to measure again, e.g. side_by_side,changes; the others are "
@@ -357,10 +401,11 @@ def main() -> int:
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="jaxlaunch-bench-", dir=ROOT / "benchmarks") as tmp:
         results = run_all(args.quick, pathlib.Path(tmp), console, pathlib.Path(args.out), only)
-    results["total_s" if not only else "total_s_of_" + "_".join(only)] = time.time() - started
+    total = "total_s" if not only else "total_s_of_" + "_".join(only)
+    results[total] = time.time() - started
     _write(pathlib.Path(args.out), results)
     console.print(table(results))
-    console.print(f"wrote {args.out} in {results['total_s']:.0f} s on {results['machine']['cpu']}, "
+    console.print(f"wrote {args.out} in {results[total]:.0f} s on {results['machine']['cpu']}, "
                   f"{results['machine']['cores']} cores")
     return 0
 

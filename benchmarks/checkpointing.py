@@ -7,6 +7,7 @@ from __future__ import annotations
 import pathlib
 import shutil
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -18,7 +19,7 @@ from jaxlaunch.models.lm import DEFAULTS, SHARDING_RULES
 from jaxlaunch.workers.batch import global_batch
 from jaxlaunch.workers.checkpoint import Checkpointer
 from jaxlaunch.workers.mesh import build_mesh
-from jaxlaunch.workers.state import StateLayout
+from jaxlaunch.workers.state import StateLayout, largest_array
 
 from jaxlaunch.contract.protocol import CheckpointConfig
 
@@ -101,34 +102,40 @@ def stall(preset: str, global_batch: int, seq_len: int, normal_steps: int, saves
             "step_during_save_s": during, "sync_save_s": sync, "restore_s": restore}
 
 
-def save_once(preset: str, directory: str) -> dict:
-    """Saves a fresh state (for the resharding measurement)."""
-    mesh = build_mesh({"data": -1, "model": 2})
+def _layout(preset: str) -> tuple[StateLayout, Callable[[], Any]]:
+    """The built-in model's state layout on this group's data x model mesh, and its init."""
     config = _config(preset)
-    layout = StateLayout.of(lambda: training.make_model_and_optimizer(config, 0, 10_000), mesh, SHARDING_RULES)
-    state = layout.materialize(lambda: training.make_model_and_optimizer(config, 0, 10_000))
+
+    def init():
+        return training.make_model_and_optimizer(config, 0, 10_000)
+
+    return StateLayout.of(init, build_mesh({"data": -1, "model": 2}), SHARDING_RULES), init
+
+
+def save_once(preset: str, directory: str) -> dict:
+    """Saves a fresh state from this group's layout (the checkpoint the resharding restores read)."""
+    layout, init = _layout(preset)
+    state = layout.materialize(init)
     _clean(pathlib.Path(directory))
     ckpt = Checkpointer(directory, CheckpointConfig(async_save=False))
     ckpt.save(1, state, {})
     ckpt.wait()
     ckpt.close()
-    return {"state_bytes": layout.num_bytes(), "mesh": dict(mesh.shape)}
+    return {"state_bytes": layout.num_bytes(), "mesh": dict(layout.mesh.shape)}
 
 
 def restore_times(preset: str, directory: str, repeats: int) -> dict:
-    """Restores the checkpoint in `directory` into this group's layout, `repeats` times."""
-    mesh = build_mesh({"data": -1, "model": 2})
-    config = _config(preset)
-    layout = StateLayout.of(lambda: training.make_model_and_optimizer(config, 0, 10_000), mesh, SHARDING_RULES)
+    """Restores the checkpoint in `directory`, whatever group wrote it, into this group's layout
+    `repeats` times, as `ctx.restore_or_init` does (the structure checked against the layout first);
+    the seconds are those of the `restored` event."""
+    layout, _ = _layout(preset)
     ckpt = Checkpointer(directory, CheckpointConfig())
     times = []
     for _ in range(repeats):
-        restored = ckpt.restore_latest(layout.targets())
+        restored = ckpt.restore_latest(layout.targets(), check_structure=layout.mismatch)
         jax.block_until_ready(restored.state)
         times.append(restored.seconds)
     ckpt.close()
-    kernel = restored.state[0]["blocks"][0]["mlp"]["up"]["kernel"].get_value()
-    return {"restore_s": times, "mesh": dict(mesh.shape), "shard_shape": list(kernel.addressable_shards[0].data.shape)}
-
-
-
+    path, array = largest_array(restored.state)
+    return {"restore_s": times, "mesh": dict(layout.mesh.shape), "array": path,
+            "sharding": str(array.sharding.spec), "shard_shape": list(array.addressable_shards[0].data.shape)}

@@ -128,7 +128,12 @@ def shown(path: pathlib.Path | str) -> str:
     if "://" in str(path):
         return str(path)
     try:
-        return os.path.relpath(path) if pathlib.Path(path).absolute().is_relative_to(pathlib.Path.cwd()) else str(path)
+        here = pathlib.Path.cwd()
+    except FileNotFoundError:  # the working directory was removed under us (a Ray Job's, once it ends)
+        return str(path)
+    try:
+        absolute = pathlib.Path(path).absolute()
+        return os.path.relpath(absolute, here) if absolute.is_relative_to(here) else str(path)
     except ValueError:
         return str(path)
 

@@ -52,10 +52,12 @@ def read_jsonl(path: pathlib.Path) -> list[dict[str, Any]]:
 
 
 def events(run_dir: pathlib.Path | str, kind: str | None = None) -> list[dict[str, Any]]:
-    """The run's events, read as the launcher reads them (a local folder or a URL)."""
-    from jaxlaunch.launcher.runs import RunDir
+    """The run's events as written (a local folder or a URL), read with the launcher's reader."""
+    from jaxlaunch.launcher.runs import EVENTS, RunDir
 
-    found = RunDir(run_dir).events()
+    from jaxlaunch.contract.layout import read_records
+
+    found = read_records(RunDir(run_dir).store, EVENTS)
     return [e for e in found if kind is None or e["event"] == kind]
 
 

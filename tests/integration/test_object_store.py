@@ -13,6 +13,7 @@ import pytest
 from jaxlaunch.launcher.runs import RunDir
 from jaxlaunch.workers.checkpoint import read_arrays
 
+from jaxlaunch.contract import events
 from tests.integration.helpers import SHORT_RUN, assert_no_host_left, launch
 from tests.integration.object_stores import EMULATORS
 
@@ -50,9 +51,9 @@ def test_a_run_on_the_store_survives_a_kill_resumes_and_equals_a_local_run(bucke
         first = launch("--hosts", "2", "--steps", "20", "--schedule-steps", "30", "--save-every", "10",
                        "--run-dir", run_url, "--inject", "kill@step=15,host=1", env=env)
         assert first.returncode == 0, first.stdout + first.stderr
-        attempts = [e for e in run.events() if e["event"] == "attempt_ended"]
-        assert [(a["cause"], a.get("host")) for a in attempts] == [("crashed", 1), ("finished", None)]
-        assert [e["step"] for e in run.events() if e["event"] == "restored"] == [10]
+        attempts = [e for e in run.events() if isinstance(e, events.AttemptEnded)]
+        assert [(a.cause, a.host) for a in attempts] == [("crashed", 1), ("finished", None)]
+        assert [e.step for e in run.events() if isinstance(e, events.Restored)] == [10]
         assert run.committed_steps() == [20, 10], "listed on the store by Orbax's commit file"
         assert [i["step"] for i in run.injections()] == [15]
 
