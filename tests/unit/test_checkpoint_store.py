@@ -4,6 +4,7 @@ step reads back with plain Orbax."""
 
 from __future__ import annotations
 
+import os
 import uuid
 
 import jax
@@ -25,8 +26,13 @@ def checkpoints(request, monkeypatch):
         emulator.create_bucket(bucket)
         for key, value in emulator.env.items():
             monkeypatch.setenv(key, value)
-        yield f"{emulator.scheme}://{bucket}/run/checkpoints"
+        # The Checkpointer points TensorStore at the emulator through this variable (in os.environ, as
+        # a host process does). It must be gone after the test: a later test's emulator, or a process
+        # started later, would inherit this one's dead address and hang. monkeypatch restores a value
+        # set before the test.
         monkeypatch.delenv("TENSORSTORE_GCS_HTTP_URL", raising=False)
+        yield f"{emulator.scheme}://{bucket}/run/checkpoints"
+        os.environ.pop("TENSORSTORE_GCS_HTTP_URL", None)
 
 
 def test_a_save_cut_short_never_counts_and_the_step_is_saved_anew(checkpoints):
