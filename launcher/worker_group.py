@@ -82,7 +82,7 @@ class RayWorkerGroup:
         now = time.monotonic()
         self.hosts = [HostStatus(rank, last_heard=now, last_progress=now) for rank in range(num_hosts)]
         coordinator = ray.get(self.actors[0].reserve_coordinator_address.remote(), timeout=ACTOR_CALL_TIMEOUT_S)
-        keepers = self.keepers.ensure([n["node_id"] for n in self.node_info]) if self.keepers is not None else {}
+        keepers = self.keepers.ensure([n.node_id for n in self.node_info]) if self.keepers is not None else {}
         for rank, actor in enumerate(self.actors):
             spec = self.make_spec(attempt=attempt, rank=rank, num_hosts=num_hosts, coordinator_address=coordinator,
                                   injections=injections, keepers=keepers,
