@@ -126,7 +126,9 @@ def test_four_hosts_shrink_to_two_from_memory(cluster, tmp_path):
     (restored,) = restores(run_dir)
     assert [a["num_hosts"] for a in attempts(run_dir)] == [4, 2]
     assert restored["tier"] == "memory" and restored["durable_bytes_read"] == 0, restored
-    assert restored["replicas"] == [1] and restored["saved_topology"]["num_hosts"] == 4
+    # The lost rank's part comes from its replica; another rank's may too, when its replica is on the
+    # node a new host landed on (a host reads the copy on its own node first).
+    assert 1 in restored["replicas"] and restored["saved_topology"]["num_hosts"] == 4
     assert restored["step"] > 30
 
 
