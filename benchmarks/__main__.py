@@ -33,7 +33,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks import launches, peers, pod_scale, procs
+from benchmarks import launches, memory_tier, peers, pod_scale, procs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results.json"
@@ -268,6 +268,7 @@ def run_all(quick: bool, work: pathlib.Path, console: Console, out: pathlib.Path
         ("disk", lambda: disk_bandwidth(work, 256 if quick else 1024, 2 if quick else 3)),
         ("checkpoint_small", lambda: checkpoint_costs("small", 1 if quick else 4, work)),
         *([] if quick else [("checkpoint_base", lambda: checkpoint_costs("base", 3, work))]),
+        ("memory_tier", lambda: memory_tier.run(work, quick)),
         ("resharding", lambda: resharding("tiny" if quick else "small", 3 if quick else 5, work)),
         ("pod_scale", pod_scale.run_all),
         *([] if quick else [("goodput_under_chaos", lambda: goodput_under_chaos(work, 1500, 60.0))]),
@@ -358,6 +359,20 @@ def table(results: dict[str, Any]) -> Table:
         t.add_row("goodput under --chaos 60", _f(g["goodput"], ".3f"), "", "", "",
                   f"{g['failures']} kills in {g['wall_s']:.0f} s; badput "
                   + ", ".join(f"{k} {v:.1%}" for k, v in g["badput_share"].items() if v >= 0.001))
+    if "memory_tier" in results:
+        m = results["memory_tier"]
+        mem, dur = m["memory"], m["durable"]
+        t.add_row("small, 2 hosts: save blocking, memory / async Orbax", _f(mem["memory_blocking_s"], ".4f"), "", "",
+                  "", f"Orbax every 10 steps: {_f(dur['durable_blocking_s'], '.3f')} s")
+        t.add_row("step saving to memory every step / never saving", "", "", "", _f(m["memory_step_over_normal"]),
+                  f"Orbax every 10: {_f(m['durable_step_over_normal'])}; steps/s ratio "
+                  f"{_f(m['memory_steps_per_s_over_never'])}")
+        t.add_row("host SIGKILL -> first step, memory / Orbax", _f(mem["recovery_s"]), "", _f(dur["recovery_s"]),
+                  _f(ratio(mem["recovery_s"], dur["recovery_s"])),
+                  f"recomputed {mem['steps_recomputed']} / {dur['steps_recomputed']}; restored from "
+                  f"{mem['restored_tier']}, {mem['durable_bytes_read']} durable bytes")
+        t.add_row("restore from memory / from Orbax", _f(mem["restore_s"], ".3f"), "", _f(dur["restore_s"], ".3f"),
+                  _f(m["restore_memory_over_orbax"]), "")
     pod = results["pod_scale"]
     for row in pod["rows"]:
         t.add_row(f"driver at {row['hosts']} simulated hosts", "", "", "", "",

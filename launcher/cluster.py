@@ -38,6 +38,8 @@ class RayCluster:
         self._requested = False
         self.standby = None
         """The spare group (`worker_group.StandbyPool`), whose hosts count as placeable."""
+        self.keepers = None
+        """The memory tier's keepers (`keepers.KeeperPool`), which go with a restarted instance."""
 
     # -- connection ------------------------------------------------------------------------------
     def connect(self) -> None:
@@ -73,6 +75,8 @@ class RayCluster:
         assert self.embedded, "only the embedded instance is the launcher's to restart"
         if self.standby is not None:
             self.standby.forget()  # its processes went with the old instance
+        if self.keepers is not None:
+            self.keepers.forget()
         self.shutdown()
         self.connect()
 

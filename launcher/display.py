@@ -186,7 +186,8 @@ class ConsoleView(Listener):
                 self.display.message(f"[yellow]checkpoint step {event.step} is unreadable; set it aside "
                                      f"in {escape(str(event.moved_to))} and fell back to an older "
                                      f"one[/yellow]")
-            elif isinstance(event, events.LowDiskSpace | events.CompilationCacheDisabled):
+            elif isinstance(event, events.LowDiskSpace | events.CompilationCacheDisabled | events.MemoryTierOff
+                            | events.MemorySaveRefused | events.MemoryFallback):
                 self.display.message(f"[yellow]warning: {escape(str(event.message))}"
                                      f"[/yellow]")
         if poll.records:

@@ -28,6 +28,7 @@ from jaxlaunch.launcher.driver import CAPACITY_POLL_S, Driver
 from jaxlaunch.launcher.fault_plan import FaultPlan, injection_log
 from jaxlaunch.launcher.history import AttemptRecord
 from jaxlaunch.launcher.job import PreparedJob
+from jaxlaunch.launcher.keepers import KeeperPool
 from jaxlaunch.launcher.live_metrics import Exporter, LiveMetrics
 from jaxlaunch.launcher.policy import Policies, RestartPolicy, ScalingPolicy, Watchdog
 from jaxlaunch.launcher.recorder import Chaos, Recorder
@@ -113,14 +114,16 @@ def stop_signals(driver: Driver):
 def _make_spec(job: JobConfig, run: RunDir, entry_ref):
     expect_checkpoint = run.has_history()
 
-    def make(*, attempt: int, rank: int, num_hosts: int, coordinator_address: str, injections) -> HostSpec:
+    def make(*, attempt: int, rank: int, num_hosts: int, coordinator_address: str, injections,
+             keepers=None, lost_keepers=()) -> HostSpec:
         return HostSpec(
             entry=entry_ref, config=job.config, run_dir=str(run.path), attempt=attempt, rank=rank,
             num_hosts=num_hosts, coordinator_address=coordinator_address, mesh=job.mesh, steps=job.train.steps,
             schedule_steps=job.schedule_steps, seed=job.train.seed, platform=job.cluster.platform,
             checkpoint=job.checkpoint, distributed=job.distributed, compilation_cache=job.cluster.compilation_cache,
             compilation_cache_dir=job.cluster.compilation_cache_dir,
-            expect_checkpoint=expect_checkpoint or run.has_history(), injections=tuple(injections))
+            expect_checkpoint=expect_checkpoint or run.has_history(), injections=tuple(injections),
+            keepers=dict(keepers or {}), lost_keepers=tuple(lost_keepers))
 
     return make
 
@@ -204,6 +207,8 @@ def _drive(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref, di
 
     standby = StandbyPool(cluster, run) if job.cluster.warm_standby else None
     cluster.standby = standby
+    keepers = KeeperPool(job.checkpoint)
+    cluster.keepers = keepers
     trackers = Trackers(run, job.tracking.trackers, job.to_dict(),
                         lambda text: display.message(f"[yellow]warning: {escape(text)}[/yellow]")
                         ) if job.tracking.trackers else None
@@ -220,7 +225,8 @@ def _drive(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref, di
                        injection_log(run.injections, prepared.injections, time.monotonic, time.time))
     driver = Driver(
         cluster=cluster,
-        make_group=lambda: RayWorkerGroup(cluster, run, make_spec, job.watchdog.poll_interval_s, standby),
+        make_group=lambda: RayWorkerGroup(cluster, run, make_spec, job.watchdog.poll_interval_s, standby,
+                                          keepers),
         policies=policies, committed_step=committed, faults=faults, attempt_offset=attempt_offset,
         listeners=listeners,
     )
@@ -231,6 +237,7 @@ def _drive(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref, di
     finally:
         if standby is not None:
             standby.shutdown()
+        keepers.shutdown()
         display.stop()
         state = driver.state
         status = {EXIT_OK: JobStatus.FINISHED, EXIT_FAILED: JobStatus.FAILED}.get(

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import ray
 from jaxlaunch.launcher.cluster import RayCluster
+from jaxlaunch.launcher.keepers import KeeperPool
 from jaxlaunch.launcher.runs import RunDir
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
@@ -53,9 +54,9 @@ class RayWorkerGroup:
     """One attempt's hosts: placement group, actors, coordinator, polls, teardown."""
 
     def __init__(self, cluster: RayCluster, run: RunDir, make_spec: Callable[..., HostSpec], poll_interval_s: float,
-                 standby: StandbyPool | None = None):
+                 standby: StandbyPool | None = None, keepers: KeeperPool | None = None):
         self.cluster, self.run, self.make_spec, self.poll_interval_s = cluster, run, make_spec, poll_interval_s
-        self.standby = standby
+        self.standby, self.keepers = standby, keepers
         self.replenished = False
         self.pg = None
         self.actors: list = []
@@ -81,9 +82,11 @@ class RayWorkerGroup:
         now = time.monotonic()
         self.hosts = [HostStatus(rank, last_heard=now, last_progress=now) for rank in range(num_hosts)]
         coordinator = ray.get(self.actors[0].reserve_coordinator_address.remote(), timeout=ACTOR_CALL_TIMEOUT_S)
+        keepers = self.keepers.ensure([n.node_id for n in self.node_info]) if self.keepers is not None else {}
         for rank, actor in enumerate(self.actors):
             spec = self.make_spec(attempt=attempt, rank=rank, num_hosts=num_hosts, coordinator_address=coordinator,
-                                  injections=injections)
+                                  injections=injections, keepers=keepers,
+                                  lost_keepers=tuple(self.keepers.lost) if self.keepers is not None else ())
             self.run_refs[rank] = actor.run.remote(spec)
         return GroupInfo(coordinator, [n.node_id for n in self.node_info], [n.pid for n in self.node_info])
 

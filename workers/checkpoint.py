@@ -164,7 +164,7 @@ class Checkpointer:
         with today's shardings, so a step written by any number of hosts lands in today's layout).
         None on a fresh run. `check_structure(tree_metadata)` returns why a step's state cannot fit
         the targets (a different model), or None."""
-        steps = self._steps_from_rank_0()
+        steps = self.steps_from_rank_0()
         failed: list[dict[str, Any]] = []
         for step in steps:
             start = time.perf_counter()
@@ -195,7 +195,7 @@ class Checkpointer:
             return None
         return check(saved) if saved is not None else None
 
-    def _steps_from_rank_0(self) -> list[int]:
+    def steps_from_rank_0(self) -> list[int]:
         """Rank 0's list of committed steps, newest first, the same on every host."""
         steps = committed_steps(self.store) if jax.process_index() == 0 else []
         if jax.process_count() == 1:

@@ -27,12 +27,15 @@ from typing import Any
 import jax
 import numpy as np
 from jaxlaunch.workers import batch as batch_lib
+from jaxlaunch.workers import extras
 from jaxlaunch.workers.checkpoint import Checkpointer
 from jaxlaunch.workers.faults import FaultHook
+from jaxlaunch.workers.memory import MemoryTier, part_nbytes
 from jaxlaunch.workers.mesh import Rules
 from jaxlaunch.workers.progress import HostProgress
 from jaxlaunch.workers.state import Shardings, StateLayout, largest_array
 from jaxlaunch.workers.stops import DriverStop
+from jaxlaunch.workers.tiers import restore_newest
 
 from jaxlaunch.contract import events
 from jaxlaunch.contract.layout import RunLayout
@@ -81,20 +84,30 @@ class HostContext:
         self._saved_step: int | None = None
         self._stopped_at: int | None = None
         self._armed: int | None = None
+        self._memory: MemoryTier | None = None
+        self._extra: dict[str, Any] = {}
+        self._refusal_told = False
         self._faults = FaultHook(spec.injections, spec.rank, spec.attempt, self._run, self._saving)
 
     # -- state -----------------------------------------------------------------------------------
     def restore_or_init(self, init: Callable[[], Any], *, rules: Rules | None = None,
-                        shardings: Shardings = None) -> tuple[Any, int]:
+                        shardings: Shardings = None, extra: dict[str, Any] | None = None) -> tuple:
         """`(state, step)`: the latest committed checkpoint restored into today's mesh, whatever
-        topology wrote it, or a fresh state from `init()` (step 0).
+        topology wrote it, or a fresh state from `init()` (step 0). The newest step committed in
+        either tier is read: host memory (the memory tier) or Orbax in the run directory.
 
         `init()` builds NNX objects (a Module, an nnx.Optimizer, or a tuple, list or dict of them) or
         any pytree of arrays. It is evaluated abstractly first; the state is then made or restored
         straight into its shardings, so no host ever holds a full copy of a sharded array. Shardings
         come from NNX annotations (`nnx.with_partitioning`) mapped through `rules` (logical axis ->
         mesh axis; a name that is a mesh axis maps to itself), or, for plain pytrees, from
-        `shardings`; anything unannotated is replicated. The state comes back in init()'s form."""
+        `shardings`; anything unannotated is replicated. The state comes back in init()'s form.
+
+        `extra` (name -> value) is state that is not arrays, saved with every checkpoint: an object
+        with get_state()/set_state() (a Grain iterator) is set back in place, and any other value
+        (JSON: a best loss, a counter) is its initial value. With `extra`, the call returns
+        `(state, step, extra)`: the same names with the restored values; pass that dict (updated)
+        to `maybe_save`. Each host keeps its own (a host's data position is its own)."""
         if self._layout is not None:
             raise RuntimeError("ctx.restore_or_init was called twice: call it once, before the training loop")
         self._progress.enter(Phase.RESTORING)
@@ -103,29 +116,48 @@ class HostContext:
         checkpointer = Checkpointer(self._run.checkpoints, spec.checkpoint, spec.expect_checkpoint)
         checkpointer.checkpoint_bytes = layout.num_bytes()
         self._warn_if_disk_is_short(checkpointer, layout)
-        restored = checkpointer.restore_latest(layout.targets(), check_structure=layout.mismatch)
+        self._memory = self._start_memory_tier(layout)
+        restored = restore_newest(checkpointer, self._memory, layout, self._progress)
+        self._extra = dict(extra or {})
         if restored is None:
             state, step = layout.materialize(init), 0
             log.info("no checkpoint: made a fresh state (%.1f MB)", layout.num_bytes() / 1e6)
         else:
             state, step = restored.state, restored.step
-            for aside in restored.set_aside:
-                self._progress.event(events.CheckpointFallback(**aside))
+            self._extra = extras.restore(self._extra, restored.extra)
             path, array = largest_array(state)
             self._progress.event(events.Restored(
                 step=step, records=tuple(restored.meta.get("records", [])), seconds=restored.seconds,
+                tier=restored.tier, durable_bytes_read=restored.durable_bytes,
+                memory_bytes_read=restored.memory_bytes, replicas=list(restored.replicas),
                 saved_topology=restored.meta.get("topology"),
                 mesh=dict(self.mesh.shape),
                 # Evidence that the arrays landed in today's layout, not the one they were saved in.
                 array=path, sharding=str(array.sharding.spec),
                 shard_shape=list(array.addressable_shards[0].data.shape)))
-            log.info("restored step %d in %.2f s", step, restored.seconds)
+            log.info("restored step %d from %s in %.2f s", step, restored.tier, restored.seconds)
+        if self._memory is not None:
+            self._memory.forget_after(step)
         self._layout, self._checkpointer = layout, checkpointer
         self._start_step = self._last_step = step
         self._progress.step_done(step)
         self._progress.enter(Phase.COMPILING)
         self._last_report_at = time.perf_counter()
-        return layout.merge(state), step
+        if extra is None:
+            return layout.merge(state), step
+        return layout.merge(state), step, self._extra
+
+    def _start_memory_tier(self, layout: StateLayout) -> MemoryTier | None:
+        """The memory tier for this attempt, if it is on and every node's keeper can hold it."""
+        spec = self._spec
+        if not (spec.checkpoint.memory_tier and spec.keepers):
+            return None
+        memory = MemoryTier(spec.keepers, self.process_index, self.process_count, spec.lost_keepers)
+        refused = memory.reserve(part_nbytes(layout.targets()))
+        if refused is not None:
+            log.warning("memory tier off: %s", refused)
+            self._progress.event(events.MemoryTierOff(reason=refused, save_every=spec.checkpoint.save_every))
+        return memory if memory.active else None
 
     def _warn_if_disk_is_short(self, checkpointer: Checkpointer, layout: StateLayout) -> None:
         short = short_of_space(checkpointer.directory, layout.num_bytes(), self._spec.checkpoint.max_to_keep + 1)
@@ -164,13 +196,22 @@ class HostContext:
             self._progress.event(events.StartupTimeline(**self._progress.timeline, first_step_done=time.time()))
         self._armed = step
 
-    def maybe_save(self, step: int, state: Any) -> bool:
-        """Saves `state` (in the form restore_or_init returned it) asynchronously when a save is
-        due: every --save-every steps, at ctx.steps, and at the step every host agreed on after a
-        preemption notice, a stop request or a resize. Returns whether it saved. Call it every step
+    def maybe_save(self, step: int, state: Any, extra: dict[str, Any] | None = None) -> bool:
+        """Saves `state` (in the form restore_or_init returned it) when a save is due: every
+        --save-every steps, at ctx.steps, and at the step every host agreed on after a preemption
+        notice, a stop request or a resize. With the memory tier, a --save-every save goes to host
+        memory and a durable one (Orbax, in the background) is made every --persist-every steps, at
+        ctx.steps and at an agreed stop; without it, every save is durable. `extra`: the dict that
+        restore_or_init returned, with today's values. Returns whether it saved. Call it every step
         on every host: the agreement on a stop step happens here."""
         self._require_state("maybe_save")
-        due = (self._stop_agreed(step) or step % self._spec.checkpoint.save_every == 0 or step == self.steps)
+        cfg = self._spec.checkpoint
+        if extra is not None:
+            self._extra = dict(extra)
+        final = self._stop_agreed(step) or step == self.steps
+        in_memory = self._memory is not None and step % cfg.save_every == 0
+        durable = final or step % (cfg.persist_every if self._memory is not None else cfg.save_every) == 0
+        due = in_memory or durable
         if due and self._saved_step != step:
             tree = self._layout.split(state)
             self._progress.enter(Phase.SAVING)
@@ -178,14 +219,28 @@ class HostContext:
             # The checkpoint carries the records since the last save: if this host dies before the
             # driver hears them, a restore still brings every committed step's metrics back.
             records = self._unsaved + [{k: _to_python(v) for k, v in r.items()} for r in self._pending]
-            records = records[-CARRIED_RECORDS:]
-            blocked = self._checkpointer.save(step, tree, {**self._meta(step), "records": records})
-            self._unsaved, self._carried = [], step
+            meta = {**self._meta(step), "records": records[-CARRIED_RECORDS:]}
+            mine = extras.snapshot(self._extra)
+            started = time.perf_counter()
+            if in_memory:
+                self._memory.save(step, tree, meta, mine)
+            if durable:
+                meta["extra"] = extras.gather(mine) if self._extra else []
+                self._checkpointer.save(step, tree, meta)
+            blocked = time.perf_counter() - started
+            if self._memory is not None and self._memory.refused and not self._refusal_told:
+                self._refusal_told = True
+                self._progress.event(events.MemorySaveRefused(step=step, reason=self._memory.refused))
+            if durable:
+                # A memory save keeps them: its part carries every record since the last durable
+                # save, so a restore from memory brings back what a lost rank 0 never handed over.
+                self._unsaved, self._carried = [], step
             self._progress.enter(Phase.TRAINING)
             self._saved_step = step
             for record in self._pending:
                 if record["step"] == step:
                     record["checkpoint_blocking_s"] = blocked
+                    record["checkpoint_tier"] = "durable" if durable else "memory"
         self._fire_armed()
         return due
 
@@ -264,6 +319,8 @@ class HostContext:
         if self._checkpointer is not None:
             self._progress.enter(Phase.SAVING)
             started = time.perf_counter()
+            if self._memory is not None:
+                self._memory.close()
             self._checkpointer.wait()
             self._checkpointer.close()
             self._progress.event(events.FinalSave(seconds=time.perf_counter() - started))

@@ -39,6 +39,9 @@ class EventKind(enum.StrEnum):
     STARTUP_TIMELINE = "startup_timeline"
     FINAL_SAVE = "final_save"
     COMPILATION_CACHE_DISABLED = "compilation_cache_disabled"
+    MEMORY_TIER_OFF = "memory_tier_off"
+    MEMORY_SAVE_REFUSED = "memory_save_refused"
+    MEMORY_FALLBACK = "memory_fallback"
 
 
 class FailureKind(enum.StrEnum):
@@ -331,6 +334,15 @@ class Restored(HostEvent):
     """The largest array: evidence that the arrays landed in today's layout."""
     sharding: str | None = None
     shard_shape: list[int] | None = None
+    tier: str | None = None
+    """Which checkpoint tier served the step: "memory" (the keepers) or "durable" (Orbax); None in runs
+    from before the memory tier, which restored durable steps only."""
+    durable_bytes_read: int | None = None
+    """Bytes of the durable step read (0 when memory served)."""
+    memory_bytes_read: int | None = None
+    """Bytes this host fetched from keepers (0 when the durable tier served)."""
+    replicas: list[int] | None = None
+    """Ranks whose part came from its replica on another node (their own node's keeper was gone)."""
     records: tuple[dict[str, Any], ...] = dataclasses.field(default=(), metadata={"written": False})
     """The metric records the checkpoint carried: the driver writes those it never heard (the host
     that reported them died first) to metrics.jsonl, not here."""
@@ -380,3 +392,51 @@ class CompilationCacheDisabled(HostEvent):
     @property
     def message(self) -> str:
         return f"the compilation cache is off: {self.reason}"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MemoryTierOff(HostEvent):
+    """The memory tier was asked for but cannot serve this attempt (a keeper cannot hold a host's part):
+    every save is durable."""
+
+    KIND: ClassVar = EventKind.MEMORY_TIER_OFF
+    PER_HOST: ClassVar = True
+    reason: str | None = None
+    save_every: int | None = None
+    """The durable tier's interval from now on (steps)."""
+
+    @property
+    def message(self) -> str:
+        return f"checkpoints are durable only, every {self.save_every} steps: {self.reason}"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MemorySaveRefused(HostEvent):
+    """A keeper refused a memory save (its budget is spent): written once per attempt and host; the
+    durable tier still saves every --persist-every steps."""
+
+    KIND: ClassVar = EventKind.MEMORY_SAVE_REFUSED
+    PER_HOST: ClassVar = True
+    step: int | None = None
+    reason: str | None = None
+
+    @property
+    def message(self) -> str:
+        return f"a keeper refused the memory save of step {self.step}: {self.reason}"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MemoryFallback(HostEvent):
+    """Memory could not serve the restore (a step not whole, or one that did not read back): the durable
+    tier served instead."""
+
+    KIND: ClassVar = EventKind.MEMORY_FALLBACK
+    step: int | None = None
+    """The memory step that could not serve; None when no step newer than the durable one was whole."""
+    durable_step: int | None = None
+    """The newest durable step at the time; None when there was none."""
+    reason: str | None = None
+
+    @property
+    def message(self) -> str:
+        return f"restoring from the durable tier, not memory: {self.reason}"

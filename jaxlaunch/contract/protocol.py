@@ -41,10 +41,21 @@ class Phase(enum.StrEnum):
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-    """Orbax checkpointing on the hosts."""
+    """Checkpointing on the hosts: a memory tier (host RAM, every save) and Orbax behind it."""
 
     save_every: int = flag(50)
-    """Save every this many steps (and always at the last step and at an agreed stop)."""
+    """Save every this many steps, the last and an agreed stop (to memory with memory_tier)."""
+    memory_tier: bool = flag(False)
+    """Hold every save in the hosts' RAM (a keeper per node, a replica on another node) and write
+    Orbax only every persist_every steps. Off: every save goes to Orbax, as before."""
+    persist_every: int = flag(100)
+    """With the memory tier: a durable (Orbax) save every this many steps, and at the last step and
+    at an agreed stop. Without it, unused: every save is durable."""
+    memory_keep: int = 2
+    """With the memory tier: the newest steps each keeper holds."""
+    memory_budget_mb: float | None = None
+    """With the memory tier: the most each node's keeper holds, in MB; None: a quarter of the RAM
+    available when it starts. Never more than the RAM available beyond a tenth of the node's."""
     max_to_keep: int = 3
     """Committed checkpoints kept; older ones are deleted."""
     async_save: bool = True
@@ -156,6 +167,10 @@ class HostSpec:
     expect_checkpoint: bool = False
     """The run has committed steps: finding none readable is an error, never a fresh start."""
     injections: tuple[Injection, ...] = ()
+    keepers: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The memory tier's keepers: node id -> the keeper's Ray actor handle. Empty: no memory tier."""
+    lost_keepers: tuple[str, ...] = ()
+    """Nodes whose keeper was lost with its node since the previous attempt started."""
 
 
 # ---- what comes back --------------------------------------------------------------------------------
@@ -357,6 +372,10 @@ def host_env(platform: str, devices_per_host: int) -> dict[str, str]:
 HOST_PROGRAM = "jaxlaunch.workers.host:HostActor"
 """The host process's program, which the driver starts by this name as a Ray actor (the way a
 process manager starts a program it never imports for its own use)."""
+KEEPER_PROGRAM = "jaxlaunch.workers.keeper:Keeper"
+"""The memory tier's keeper, one per node, which the driver starts by this name as a Ray actor."""
+KEEPER_CONCURRENCY = 4
+"""Calls a keeper serves at once: hosts' hand-offs, replicas from other keepers, index and fetches."""
 MONITOR_GROUP = "monitor"
 """The host actor's concurrency group for polls, stop requests and stack dumps, answered while
 training runs."""

@@ -243,10 +243,10 @@ def test_every_kind_of_old_line_parses_to_its_type():
 
 
 def test_a_line_from_a_newer_version_keeps_what_this_one_does_not_know():
-    line = {"event": "restored", "time": 5.0, "attempt": 2, "rank": 0, "step": 10, "seconds": 0.1, "tier": "memory"}
+    line = {"event": "restored", "time": 5.0, "attempt": 2, "rank": 0, "step": 10, "seconds": 0.1, "warmth": "hot"}
     restored = events.parse(line)
-    assert isinstance(restored, events.Restored) and restored.extra == {"tier": "memory"}
-    assert restored.to_dict()["tier"] == "memory"
+    assert isinstance(restored, events.Restored) and restored.extra == {"warmth": "hot"}
+    assert restored.to_dict()["warmth"] == "hot"
     assert events.parse({"event": "some_future_kind", "time": 1.0}) is None
     assert events.parse({"event": "attempt_started", "time": 1.0}) is None, "no attempt number: skipped"
     assert events.parse({"event": "failure", "attempt": 1, "cause": "gremlins", "time": 1.0}) is None

@@ -159,7 +159,7 @@ def test_help_shows_every_default_the_entry_s_settings_and_the_report_command():
     blocks: dict[str, str] = {}
     for line in text.splitlines():
         if line.startswith("  --"):
-            name = line.split()[0]
+            name = line.split()[0].rstrip(",")  # a bool flag: "--memory-tier, --no-memory-tier"
             blocks[name] = line
         elif line.startswith("    ") and blocks:
             blocks[name] += " " + line.strip()

@@ -1,0 +1,94 @@
+"""The memory tier's commit rule, as a value: which steps the keepers' holdings make restorable, and
+where each host's part of a step is read from. Pure functions over what the live keepers report, so
+the rule is written once and tested without Ray or JAX.
+
+A step is committed in memory when every host's part of it and that part's replica (on another
+node) are held. A keeper records a primary part as `replicated` once the keeper of the other node
+acknowledged its copy, so the rule can be read back after a node is lost: a part is committed if its
+replica is still held, or its primary is held and was replicated. On a cluster of one node there is
+no other node to hold a replica, and a held primary is committed on its own (losing that node loses
+the driver too).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+
+class Role(enum.StrEnum):
+    PRIMARY = "primary"  # held by the keeper of the node the host ran on
+    REPLICA = "replica"  # a copy of a primary, held by another node's keeper
+
+
+@dataclasses.dataclass(frozen=True)
+class Held:
+    """One part a keeper holds: one host's shards of one step, with their non-array state."""
+
+    step: int
+    rank: int
+    num_hosts: int
+    """Hosts of the attempt that saved the step."""
+    node: str
+    """The node whose keeper holds this copy."""
+    role: Role
+    nbytes: int
+    replicated: bool = False
+    """For a primary: the replica's keeper acknowledged its copy (or the cluster has one node)."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Held:
+        return cls(**{**d, "role": Role(d["role"])})
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Where one rank's part of a step is read from."""
+
+    rank: int
+    node: str
+    role: Role
+
+
+def committed_steps(held: list[Held]) -> list[int]:
+    """Steps committed in memory and still readable, newest first: every rank of the step's attempt
+    has a committed part, and a copy of it is held by a live keeper (`held` lists only live ones)."""
+    by_step: dict[int, list[Held]] = {}
+    for part in held:
+        by_step.setdefault(part.step, []).append(part)
+    return sorted((step for step, parts in by_step.items() if _complete(parts)), reverse=True)
+
+
+def _complete(parts: list[Held]) -> bool:
+    counts = {p.num_hosts for p in parts}
+    if len(counts) != 1:
+        return False  # two attempts of different sizes saved the same step: neither is whole here
+    (num_hosts,) = counts
+    committed = {p.rank for p in parts if p.role == Role.REPLICA or p.replicated}
+    return committed == set(range(num_hosts))
+
+
+def sources(held: list[Held], step: int, prefer: dict[int, str] | None = None) -> list[Source]:
+    """For a committed `step`: one copy per rank, the primary when it is held, else its replica;
+    `prefer` (rank -> node) picks the copy on a given node when there is one (a host's own)."""
+    prefer = prefer or {}
+    chosen: dict[int, Held] = {}
+    for part in sorted((p for p in held if p.step == step), key=lambda p: p.role != Role.PRIMARY):
+        best = chosen.get(part.rank)
+        if best is None or (part.node == prefer.get(part.rank) and best.node != prefer.get(part.rank)):
+            chosen[part.rank] = part
+    return [Source(rank, p.node, p.role) for rank, p in sorted(chosen.items())]
+
+
+def replica_node(own: str, nodes: list[str]) -> str | None:
+    """The node that holds the replica of a part saved on `own`: the next of the keepers' nodes in
+    sorted order, so that each node's parts go to one other node and no two nodes pick each other
+    needlessly; None when there is no other node."""
+    others = sorted(n for n in set(nodes) if n != own)
+    if not others:
+        return None
+    after = [n for n in others if n > own]
+    return after[0] if after else others[0]

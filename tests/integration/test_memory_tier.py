@@ -1,0 +1,154 @@
+"""The memory tier on real processes: every save held in host memory by a keeper per node, a
+replica on another node, Orbax behind it. Each restore says which tier it read."""
+
+import os
+import signal
+
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from tests.integration.helpers import (
+    EXAMPLES,
+    MINIMAL,
+    attempts,
+    committed_steps,
+    events,
+    last_step,
+    launch,
+    ray_processes_left,
+    start,
+    summary,
+    trajectory,
+    wait_for,
+)
+
+MEMORY = ("--memory-tier", "--save-every", "1", "--persist-every", "50", "--steps", "200")
+HEALTH = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000, "health_check_timeout_ms": 1000,
+          "health_check_failure_threshold": 3}
+
+
+def restores(run_dir):
+    return events(run_dir, "restored")
+
+
+def test_a_host_killed_after_a_memory_save_resumes_from_memory_bit_for_bit(minimal_reference, tmp_path):
+    run_dir = tmp_path / "run"
+    result = launch("--hosts", "2", *MINIMAL, *MEMORY, "--inject", "kill@step=75,host=1", "--run-dir", str(run_dir))
+    assert result.returncode == 0, result.stdout + result.stderr
+    (restored,) = restores(run_dir)
+    assert restored["tier"] == "memory" and restored["durable_bytes_read"] == 0, restored
+    assert 74 <= restored["step"] <= 75, "the step killed or the one before, never the durable step 50"
+    assert trajectory(run_dir) == trajectory(minimal_reference), "bit for bit"
+
+
+def test_a_memory_budget_too_small_warns_and_trains_durable_only(minimal_reference, tmp_path):
+    config = tmp_path / "job.yaml"
+    config.write_text("checkpoint: {memory_budget_mb: 0.001}\n")
+    run_dir = tmp_path / "run"
+    result = launch("--config", str(config), "--hosts", "2", *MINIMAL, "--memory-tier", "--save-every", "20",
+                    "--steps", "200", "--inject", "kill@step=75,host=1", "--run-dir", str(run_dir))
+    assert result.returncode == 0, result.stdout + result.stderr
+    off = events(run_dir, "memory_tier_off")
+    assert off and "budget" in off[0]["reason"], off
+    assert [r["tier"] for r in restores(run_dir)] == ["durable"]
+    assert restores(run_dir)[0]["step"] in (40, 60), "today's behaviour: a durable save every --save-every steps"
+    assert trajectory(run_dir) == trajectory(minimal_reference)
+
+
+def test_a_sigkilled_driver_resumes_from_the_newest_durable_step(minimal_reference, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start("--hosts", "2", *MINIMAL, *MEMORY[:-2], "--persist-every", "20", "--steps", "200",
+                 "--run-dir", str(run_dir), new_session=True)
+    wait_for(lambda: last_step(run_dir) >= 45 and 40 in committed_steps(run_dir), 300, "step 45", proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    wait_for(lambda: not ray_processes_left(run_dir), 60, "the embedded Ray to end with its driver")
+    newest = committed_steps(run_dir)[-1]
+    resumed = launch("--resume", "--run-dir", str(run_dir))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    (restored,) = restores(run_dir)
+    assert restored["tier"] == "durable" and restored["step"] == newest and restored["durable_bytes_read"] > 0
+    assert trajectory(run_dir) == trajectory(minimal_reference)
+
+
+@pytest.fixture
+def cluster():
+    made = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": HEALTH})
+    yield made
+    ray.shutdown()
+    made.shutdown()
+
+
+def cluster_config(tmp_path, cluster):
+    config = tmp_path / "cluster.yaml"
+    config.write_text(f'cluster: {{address: "{cluster.address}", placement_strategy: STRICT_SPREAD, '
+                      "resources_per_host: {CPU: 1}}\n")
+    return config
+
+
+def node_of_rank(run_dir, rank):
+    return events(run_dir, "attempt_started")[0]["nodes"][rank]
+
+
+def run_and_remove(cluster, tmp_path, hosts, spare, lose, *args):
+    """A run of `hosts` hosts on as many nodes (and `spare` more), with nodes of ranks `lose` removed
+    without warning once steps past the first durable save were held in memory."""
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(hosts + spare)]
+    cluster.wait_for_nodes()
+    run_dir = tmp_path / "run"
+    proc = start("--config", str(cluster_config(tmp_path, cluster)), "--hosts", str(hosts), *MINIMAL, *MEMORY,
+                 "--persist-every", "20", "--steps", "1000", *args, "--run-dir", str(run_dir))
+    try:
+        wait_for(lambda: last_step(run_dir) >= 30 and 20 in committed_steps(run_dir), 300, "step 30", proc)
+        for rank in lose:
+            node = next(n for n in nodes if n.node_id == node_of_rank(run_dir, rank))
+            cluster.remove_node(node, allow_graceful=False)
+        out, err = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out + err
+    return run_dir
+
+
+def test_a_removed_nodes_shards_come_from_their_replica(cluster, tmp_path):
+    run_dir = run_and_remove(cluster, tmp_path, 2, 0, [1], "--min-hosts", "1")
+    (restored,) = restores(run_dir)
+    assert attempts(run_dir)[-1]["num_hosts"] == 1
+    assert restored["tier"] == "memory" and restored["replicas"] == [1], restored
+    assert restored["durable_bytes_read"] == 0
+    assert restored["step"] > 30
+
+
+def test_four_hosts_shrink_to_two_from_memory(cluster, tmp_path):
+    run_dir = run_and_remove(cluster, tmp_path, 4, 0, [1], "--min-hosts", "2")
+    (restored,) = restores(run_dir)
+    assert [a["num_hosts"] for a in attempts(run_dir)] == [4, 2]
+    assert restored["tier"] == "memory" and restored["durable_bytes_read"] == 0, restored
+    # The lost rank's part comes from its replica; another rank's may too, when its replica is on the
+    # node a new host landed on (a host reads the copy on its own node first).
+    assert 1 in restored["replicas"] and restored["saved_topology"]["num_hosts"] == 4
+    assert restored["step"] > 30
+
+
+def test_a_shard_lost_with_its_replica_falls_back_to_durable_with_an_event(cluster, tmp_path):
+    run_dir = run_and_remove(cluster, tmp_path, 2, 2, [0, 1])
+    (restored,) = restores(run_dir)
+    assert restored["tier"] == "durable" and restored["durable_bytes_read"] > 0, restored
+    (fallback,) = events(run_dir, "memory_fallback")
+    assert "gone with their nodes" in fallback["reason"] and fallback["durable_step"] == restored["step"], fallback
+
+
+def test_a_grain_pipeline_resumes_its_position_exactly_after_a_kill(tmp_path):
+    grain_run = ("--entry", f"{EXAMPLES / 'grain_iter.py'}:main", "--hosts", "2", "--steps", "60", "--memory-tier",
+                 "--save-every", "1", "--persist-every", "25")
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    first = launch(*grain_run, "--run-dir", str(reference))
+    assert first.returncode == 0, first.stdout + first.stderr
+    second = launch(*grain_run, "--inject", "kill@step=37,host=0", "--run-dir", str(killed))
+    assert second.returncode == 0, second.stdout + second.stderr
+    (restored,) = restores(killed)
+    assert restored["tier"] == "memory" and 36 <= restored["step"] <= 37, restored
+    assert trajectory(killed) == trajectory(reference), "the same batches, bit for bit"
+    assert summary(killed)["returned"] == summary(reference)["returned"], "the best-loss tracker came back too"
