@@ -280,7 +280,11 @@ def read_arrays(step_dir: str | pathlib.Path) -> dict[str, np.ndarray]:
 def prepare_tensorstore(location: str | pathlib.Path) -> None:
     """Points TensorStore's cloud drivers where the run directory's store is."""
     if is_url(location):
-        os.environ.update(tensorstore_environment())
+        for name, value in tensorstore_environment(os.environ).items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         if str(location).startswith("s3://"):
             route_s3_to_tensorstore()
 

@@ -16,14 +16,19 @@ import contextlib
 import os
 import pathlib
 import shutil
+from collections.abc import Mapping
 from typing import Any
 
 from jaxlaunch.contract.protocol import ConfigError
 
 ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
-                      "STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")
+                      "STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT",
+                      "JAXLAUNCH_DERIVED_TENSORSTORE_GCS_HTTP_URL")
 """Where the stores are (not who may use them): passed on to the hosts of a cluster, whose nodes keep
 their own credentials."""
+DERIVED_GCS_URL_MARK = "JAXLAUNCH_DERIVED_TENSORSTORE_GCS_HTTP_URL"
+"""Set beside a TENSORSTORE_GCS_HTTP_URL that jaxlaunch derived from STORAGE_EMULATOR_HOST (and
+passed on with it to the hosts), so the derived value is told apart from a user's own."""
 SCHEMES = {"s3": ("s3fs", "s3"), "gs": ("gcsfs", "gcs")}
 """URL scheme -> (the fsspec implementation it needs, the jaxlaunch extra that installs it)."""
 
@@ -310,10 +315,14 @@ def endpoint_environment() -> dict[str, str]:
     return {k: os.environ[k] for k in ENDPOINT_VARIABLES if k in os.environ}
 
 
-def tensorstore_environment() -> dict[str, str]:
-    """Variables that point TensorStore's cloud drivers where fsspec goes: TensorStore reads
-    AWS_ENDPOINT_URL itself, but not STORAGE_EMULATOR_HOST."""
-    emulator = os.environ.get("STORAGE_EMULATOR_HOST")
-    if emulator and "TENSORSTORE_GCS_HTTP_URL" not in os.environ:
-        return {"TENSORSTORE_GCS_HTTP_URL": _with_scheme(emulator)}
-    return {}
+def tensorstore_environment(environ: Mapping[str, str]) -> dict[str, str | None]:
+    """Changes to `environ` (name -> value, None to unset) that point TensorStore's GCS driver where
+    fsspec goes: TensorStore reads AWS_ENDPOINT_URL itself, but not STORAGE_EMULATOR_HOST. A
+    TENSORSTORE_GCS_HTTP_URL the user set is kept; one derived before follows today's
+    STORAGE_EMULATOR_HOST (a stale one sends every array write to an address nobody answers)."""
+    if "TENSORSTORE_GCS_HTTP_URL" in environ and DERIVED_GCS_URL_MARK not in environ:
+        return {}
+    emulator = environ.get("STORAGE_EMULATOR_HOST")
+    if emulator:
+        return {"TENSORSTORE_GCS_HTTP_URL": _with_scheme(emulator), DERIVED_GCS_URL_MARK: "1"}
+    return {"TENSORSTORE_GCS_HTTP_URL": None, DERIVED_GCS_URL_MARK: None}

@@ -15,7 +15,13 @@ from jaxlaunch.launcher.runs import RunDir
 from jaxlaunch.contract import events
 from jaxlaunch.contract.layout import committed_steps
 from jaxlaunch.contract.protocol import ConfigError
-from jaxlaunch.contract.store import LocalStore, ObjectStore, endpoint_environment, open_store
+from jaxlaunch.contract.store import (
+    LocalStore,
+    ObjectStore,
+    endpoint_environment,
+    open_store,
+    tensorstore_environment,
+)
 from tests.integration.object_stores import EMULATORS
 
 
@@ -165,3 +171,15 @@ def test_a_cluster_s_hosts_are_told_where_the_store_is_but_not_its_secrets(monke
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
     env = endpoint_environment()
     assert env["AWS_ENDPOINT_URL"] == "http://minio.internal:9000" and "AWS_SECRET_ACCESS_KEY" not in env
+
+
+def test_tensorstore_follows_the_gcs_emulator_of_today_and_keeps_a_user_s_own_address():
+    first = tensorstore_environment({"STORAGE_EMULATOR_HOST": "127.0.0.1:1111"})
+    assert first["TENSORSTORE_GCS_HTTP_URL"] == "http://127.0.0.1:1111"
+    # A process that derived it once (or inherited it) and now has another emulator, or none.
+    derived = {k: v for k, v in first.items() if v is not None}
+    moved = tensorstore_environment({**derived, "STORAGE_EMULATOR_HOST": "http://127.0.0.1:2222"})
+    assert moved["TENSORSTORE_GCS_HTTP_URL"] == "http://127.0.0.1:2222"
+    assert tensorstore_environment(derived)["TENSORSTORE_GCS_HTTP_URL"] is None, "no emulator: no stale address"
+    own = {"TENSORSTORE_GCS_HTTP_URL": "http://gcs.internal:8080", "STORAGE_EMULATOR_HOST": "127.0.0.1:3333"}
+    assert tensorstore_environment(own) == {}, "the user's own setting is never touched"
