@@ -94,8 +94,12 @@ class Driver:
         listeners: Sequence[Listener] = (),
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        persist: Callable[[int], str | None] | None = None,
     ):
         self.cluster, self.make_group, self.policies = cluster, make_group, policies
+        self.persist = persist
+        """Called with the failed attempt's number before the job fails: writes what only the memory
+        tier holds to durable storage; returns what it did, for the job's reason (None: nothing)."""
         self.committed_step = committed_step
         self.faults = faults or FaultPlan()
         self.listeners = list(listeners)
@@ -383,7 +387,8 @@ class Driver:
         self.failures.append(failure)
         decision = self.policies.restart.decide(self.failures)
         if decision.action == Action.STOP:
-            return Failed(decision.reason, failure)
+            done = self.persist(attempt.number) if self.persist is not None else None
+            return Failed(f"{decision.reason}; {done}" if done else decision.reason, failure)
         return Restarting(failure, decision)
 
     def _with_stacks(self, failure: Failure) -> Failure:

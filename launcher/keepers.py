@@ -11,6 +11,7 @@ from typing import Any
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from jaxlaunch.contract import tiers
 from jaxlaunch.contract.protocol import KEEPER_CONCURRENCY, KEEPER_PROGRAM, CheckpointConfig
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,23 @@ class KeeperPool:
                 log.info("the keeper of node %s is gone: %s", node[:12], err)
                 del self.keepers[node]
                 self.lost.append(node)
+
+    def newest_committed(self) -> tuple[int, int] | None:
+        """The newest step committed in memory that the live keepers still hold whole, with the number
+        of hosts that saved it; None when there is none."""
+        if not self.enabled or not self.keepers:
+            return None
+        self._drop_dead()
+        held = []
+        for node, keeper in self.keepers.items():
+            try:
+                held += [tiers.Held.from_dict(d) for d in ray.get(keeper.index.remote(), timeout=KEEPER_PING_TIMEOUT_S)]
+            except Exception as err:  # noqa: BLE001 - a keeper lost since the ping holds nothing
+                log.info("the keeper of node %s did not answer: %s", node[:12], err)
+        steps = tiers.committed_steps(held)
+        if not steps:
+            return None
+        return steps[0], max(h.num_hosts for h in held if h.step == steps[0])
 
     def forget(self) -> None:
         """Drops the keepers without asking Ray (its Ray instance is gone)."""

@@ -30,6 +30,7 @@ from jaxlaunch.launcher.history import AttemptRecord
 from jaxlaunch.launcher.job import PreparedJob
 from jaxlaunch.launcher.keepers import KeeperPool
 from jaxlaunch.launcher.live_metrics import Exporter, LiveMetrics
+from jaxlaunch.launcher.persist import persist_newest
 from jaxlaunch.launcher.policy import Policies, RestartPolicy, ScalingPolicy, Watchdog
 from jaxlaunch.launcher.recorder import Chaos, Recorder
 from jaxlaunch.launcher.runs import RunDir
@@ -223,12 +224,26 @@ def _drive(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref, di
                         Watchdog(job.watchdog))
     faults = FaultPlan(prepared.injections,
                        injection_log(run.injections, prepared.injections, time.monotonic, time.time))
+    def persist(attempt: int) -> str | None:
+        if standby is not None:
+            standby.shutdown()  # the job ends: its spare hosts' room serves the persisting run
+        persisted = persist_newest(
+            keepers, cluster, lambda: RayWorkerGroup(cluster, run, persist_spec, job.watchdog.poll_interval_s, None,
+                                                     keepers, logs_as="persist"), attempt, committed)
+        if persisted is None:
+            return None
+        recorder.event(persisted)
+        return persisted.message
+
+    def persist_spec(**kwargs: Any) -> HostSpec:
+        return dataclasses.replace(make_spec(**kwargs), persist_only=True)
+
     driver = Driver(
         cluster=cluster,
         make_group=lambda: RayWorkerGroup(cluster, run, make_spec, job.watchdog.poll_interval_s, standby,
                                           keepers),
         policies=policies, committed_step=committed, faults=faults, attempt_offset=attempt_offset,
-        listeners=listeners,
+        listeners=listeners, persist=persist if keepers.enabled else None,
     )
     code = None
     try:

@@ -54,8 +54,10 @@ class RayWorkerGroup:
     """One attempt's hosts: placement group, actors, coordinator, polls, teardown."""
 
     def __init__(self, cluster: RayCluster, run: RunDir, make_spec: Callable[..., HostSpec], poll_interval_s: float,
-                 standby: StandbyPool | None = None, keepers: KeeperPool | None = None):
+                 standby: StandbyPool | None = None, keepers: KeeperPool | None = None, logs_as: str = "attempt"):
         self.cluster, self.run, self.make_spec, self.poll_interval_s = cluster, run, make_spec, poll_interval_s
+        self.logs_as = logs_as
+        """The host logs' prefix: `attempt` (attempt-N-rank-R.log), or another run's (`persist`)."""
         self.standby, self.keepers = standby, keepers
         self.replenished = False
         self.pg = None
@@ -70,7 +72,7 @@ class RayWorkerGroup:
     # -- start -----------------------------------------------------------------------------------
     def start(self, num_hosts: int, attempt: int, injections: tuple[Injection, ...] = ()) -> GroupInfo:
         cfg = self.cluster.cfg
-        logs = [str(self.run.host_log(attempt, rank)) for rank in range(num_hosts)]
+        logs = [str(self.run.host_log(attempt, rank, self.logs_as)) for rank in range(num_hosts)]
         if not self._take_standby(num_hosts, logs, attempt):
             self.pg = placement_group([dict(cfg.resources_per_host)] * num_hosts, strategy=cfg.placement_strategy)
             ready, _ = ray.wait([self.pg.ready()], timeout=cfg.placement_timeout_s)

@@ -35,7 +35,7 @@ from jaxlaunch.workers.mesh import Rules
 from jaxlaunch.workers.progress import HostProgress
 from jaxlaunch.workers.state import Shardings, StateLayout, largest_array
 from jaxlaunch.workers.stops import DriverStop
-from jaxlaunch.workers.tiers import restore_newest
+from jaxlaunch.workers.tiers import Restored, restore_newest
 
 from jaxlaunch.contract import events
 from jaxlaunch.contract.layout import RunLayout
@@ -45,6 +45,15 @@ from jaxlaunch.contract.storage import short_of_space
 log = logging.getLogger(__name__)
 CARRIED_RECORDS = 256
 """The newest records a checkpoint carries (only the last seconds' worth can be missing)."""
+
+
+class PersistDone(BaseException):
+    """Ends a persist-only run from inside `restore_or_init`, through the user's function (a
+    BaseException, so that no `except Exception` of the user's keeps it)."""
+
+    def __init__(self, result: HostResult):
+        super().__init__("persisted")
+        self.result = result
 
 
 class HostContext:
@@ -136,6 +145,8 @@ class HostContext:
                 array=path, sharding=str(array.sharding.spec),
                 shard_shape=list(array.addressable_shards[0].data.shape)))
             log.info("restored step %d from %s in %.2f s", step, restored.tier, restored.seconds)
+        if spec.persist_only:
+            raise PersistDone(self._persist(restored, checkpointer))
         if self._memory is not None:
             self._memory.forget_after(step)
         self._layout, self._checkpointer = layout, checkpointer
@@ -311,6 +322,28 @@ class HostContext:
             "topology": {"num_hosts": self.process_count, "num_devices": jax.device_count(),
                          "mesh": dict(self.mesh.shape)},
         }
+
+    def _persist(self, restored: Restored | None, checkpointer: Checkpointer) -> HostResult:
+        """The run after a failure the driver gives up on: the step restored from memory, written to
+        the run directory with Orbax (its records and every host's non-array state, as a durable
+        save carries them); nothing is trained. The keepers end with the launcher."""
+        self._progress.enter(Phase.SAVING)
+        step = restored.step if restored is not None else None
+        if restored is not None and restored.tier == "memory" and step not in checkpointer.steps_from_rank_0():
+            started = time.perf_counter()
+            meta = {**self._meta(restored.step), "records": list(restored.meta.get("records", []))[-CARRIED_RECORDS:],
+                    "extra": extras.gather(extras.snapshot(self._extra)) if self._extra else []}
+            checkpointer.save(restored.step, restored.state, meta)
+            checkpointer.wait()
+            self._progress.event(events.FinalSave(seconds=time.perf_counter() - started))
+            log.info("persisted memory step %d", restored.step)
+        checkpointer.close()
+        if self._memory is not None:
+            self._memory.close()
+        self._progress.enter(Phase.DONE)
+        return HostResult(ending=Ending.STOPPED, final_step=step, process_index=self.process_index,
+                          process_count=self.process_count, num_devices=jax.device_count(),
+                          mesh=dict(self.mesh.shape), final_snapshot=self._progress.drain())
 
     def _finish(self, returned: Any) -> HostResult:
         """After the user's function returned: the last records, the wait for pending saves."""

@@ -132,7 +132,7 @@ class HostActor:
                 coordinator_address=spec.coordinator_address, num_processes=spec.num_hosts, process_id=spec.rank,
                 bind_address=spec.coordinator_address, platform=spec.platform, timeouts=spec.distributed,
             )
-            from jaxlaunch.workers.context import HostContext
+            from jaxlaunch.workers.context import HostContext, PersistDone
             from jaxlaunch.workers.mesh import build_mesh
 
             # After jax.distributed: importing the user's module (or unpickling a function sent by
@@ -141,8 +141,10 @@ class HostActor:
 
             ctx = HostContext(spec, build_mesh(spec.mesh), self.progress, self.driver_stop)
             log.info("mesh %s; running %s", dict(ctx.mesh.shape), spec.entry)
-            returned = function(ctx)
-            result = ctx._finish(returned)
+            try:
+                result = ctx._finish(function(ctx))
+            except PersistDone as done:
+                result = done.result
             runtime.shutdown()
             return result
         except Exception as err:

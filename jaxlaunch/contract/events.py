@@ -29,6 +29,7 @@ class EventKind(enum.StrEnum):
     RESTARTING = "restarting"
     CHAOS_KILL = "chaos_kill"
     JOB_FAILED = "job_failed"
+    MEMORY_PERSISTED = "memory_persisted"
     JOB_STOPPED = "job_stopped"
     JOB_ENDED = "job_ended"
     # the driver or a host
@@ -286,6 +287,31 @@ class ChaosKill(Event):
 class JobFailed(Event):
     KIND: ClassVar = EventKind.JOB_FAILED
     reason: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MemoryPersisted(Event):
+    """Before the launcher gave up on a failed job: the memory tier's newest committed step, newer than
+    the newest durable one, written to the run directory (or why it could not be)."""
+
+    KIND: ClassVar = EventKind.MEMORY_PERSISTED
+    step: int
+    """The memory step."""
+    durable_step: int | None = None
+    """The newest durable step before it; None when there was none."""
+    num_hosts: int | None = None
+    """Hosts of the short run that restored the step and wrote it."""
+    seconds: float | None = None
+    persisted: bool = False
+    reason: str | None = None
+    """Why it was not persisted; None when it was."""
+
+    @property
+    def message(self) -> str:
+        if self.persisted:
+            return (f"memory step {self.step} written to durable storage in {self.seconds:.1f} s before the "
+                    f"launcher ended (the newest durable step was {self.durable_step})")
+        return f"memory step {self.step} could not be written to durable storage: {self.reason}"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -112,8 +112,9 @@ class RunLayout:
     def _name(self, key: str) -> pathlib.Path | str:
         return self.store.join(key) if self.is_url else pathlib.Path(self.store.join(key))
 
-    def host_log(self, attempt: int, rank: int) -> pathlib.Path:
-        return self.hosts / f"attempt-{attempt}-rank-{rank}.log"
+    def host_log(self, attempt: int, rank: int, run: str = "attempt") -> pathlib.Path:
+        """A host's log: of an attempt, or of another run of the hosts (`persist`) after attempt N."""
+        return self.hosts / f"{run}-{attempt}-rank-{rank}.log"
 
     def committed_steps(self) -> list[int]:
         return committed_steps(self.store, "checkpoints")

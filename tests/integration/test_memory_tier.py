@@ -72,6 +72,22 @@ def test_a_sigkilled_driver_resumes_from_the_newest_durable_step(minimal_referen
     assert trajectory(run_dir) == trajectory(minimal_reference)
 
 
+def test_a_job_that_gives_up_first_writes_its_newest_memory_step_durably(minimal_reference, tmp_path):
+    run_dir = tmp_path / "run"
+    failed = launch("--hosts", "2", *MINIMAL, *MEMORY, "--max-restarts", "0", "--inject", "kill@step=75,host=1",
+                    "--run-dir", str(run_dir))
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    (persisted,) = events(run_dir, "memory_persisted")
+    assert persisted["persisted"] and persisted["durable_step"] == 50 and 74 <= persisted["step"] <= 75, persisted
+    assert committed_steps(run_dir)[-1] == persisted["step"], "the memory step is the newest committed durable step"
+    assert f"memory step {persisted['step']} written to durable storage" in " ".join(failed.stderr.split())
+    resumed = launch("--resume", "--run-dir", str(run_dir))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    restored = restores(run_dir)[-1]
+    assert restored["tier"] == "durable" and restored["step"] == persisted["step"], restored
+    assert trajectory(run_dir) == trajectory(minimal_reference), "bit for bit, nothing recomputed past step 50"
+
+
 @pytest.fixture
 def cluster():
     made = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": HEALTH})

@@ -104,6 +104,20 @@ def test_budget_spent_fails_with_every_attempt_ended():
     assert [a.cause for a in driver.attempts] == ["crashed"] * 3
 
 
+def test_a_job_that_gives_up_persists_the_memory_tier_first_and_says_so():
+    driver, log, _, _ = make_driver([dies_at(2) for _ in range(3)])
+    asked = []
+
+    def persist(attempt):
+        asked.append((attempt, log[-1]))
+        return "memory step 2 written to durable storage"
+
+    driver.persist = persist
+    assert driver.run() == 1
+    assert asked == [(3, ("shutdown", 3))], "once, after the attempt that spent the budget was torn down"
+    assert driver.state.reason.endswith("; memory step 2 written to durable storage")
+
+
 def test_deterministic_exception_stops_early():
     def raises(group, i):
         if i < 3:
