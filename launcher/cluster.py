@@ -26,6 +26,7 @@ from jaxlaunch.contract.store import endpoint_environment
 
 if TYPE_CHECKING:
     from jaxlaunch.launcher.embedded_ray import EmbeddedRay
+    from jaxlaunch.launcher.keepers import KeeperPool
     from jaxlaunch.launcher.worker_group import StandbyPool
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ class RayCluster:
         self._requested = False
         self.standby: StandbyPool | None = None
         """The spare group (`worker_group.StandbyPool`), whose hosts count as placeable."""
-        self.keepers = None
+        self.keepers: KeeperPool | None = None
         """The memory tier's keepers (`keepers.KeeperPool`), which go with a restarted instance."""
 
     # -- connection ------------------------------------------------------------------------------

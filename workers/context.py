@@ -233,7 +233,7 @@ class HostContext:
             meta = {**self._meta(step), "records": records[-CARRIED_RECORDS:]}
             mine = extras.snapshot(self._extra)
             started = time.perf_counter()
-            if in_memory:
+            if in_memory and self._memory is not None:
                 self._memory.save(step, tree, meta, mine)
             if durable:
                 meta["extra"] = extras.gather(mine) if self._extra else []
