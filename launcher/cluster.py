@@ -15,7 +15,7 @@ import os
 import socket
 import sys
 import sysconfig
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ray
 from jaxlaunch.launcher.config import ClusterConfig
@@ -23,6 +23,11 @@ from ray._private.state import available_resources_per_node
 
 from jaxlaunch.contract.protocol import NodeLiveness
 from jaxlaunch.contract.store import endpoint_environment
+
+if TYPE_CHECKING:
+    from jaxlaunch.launcher.embedded_ray import EmbeddedRay
+    from jaxlaunch.launcher.keepers import KeeperPool
+    from jaxlaunch.launcher.worker_group import StandbyPool
 
 log = logging.getLogger(__name__)
 RAYLET_PROBE_TIMEOUT_S = 1.0
@@ -34,11 +39,11 @@ class RayCluster:
         self.cfg = cfg
         self.runtime_env = runtime_env
         self.embedded = cfg.address is None
-        self.instance = None
+        self.instance: EmbeddedRay | None = None
         self._requested = False
-        self.standby = None
+        self.standby: StandbyPool | None = None
         """The spare group (`worker_group.StandbyPool`), whose hosts count as placeable."""
-        self.keepers = None
+        self.keepers: KeeperPool | None = None
         """The memory tier's keepers (`keepers.KeeperPool`), which go with a restarted instance."""
 
     # -- connection ------------------------------------------------------------------------------
@@ -50,7 +55,7 @@ class RayCluster:
             from jaxlaunch.launcher.embedded_ray import EmbeddedRay
 
             self.instance = EmbeddedRay(self.cfg.embedded_num_cpus)
-            address = self.instance.start()
+            address: str | None = self.instance.start()
         else:
             address = self.cfg.address
         ray.init(address=address, log_to_driver=False, configure_logging=False, runtime_env=self.runtime_env)

@@ -89,7 +89,7 @@ class TrackingConfig:
     metrics_port: int | None = flag(None, metavar="PORT")
     """Serve live Prometheus metrics at http://HOST:PORT/metrics while the job runs (default: off)."""
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         # "mlflow,wandb" is two trackers; a config file may name one without a list.
         names = (self.trackers,) if isinstance(self.trackers, str) else self.trackers
         if isinstance(names, list | tuple) and all(isinstance(n, str) for n in names):
@@ -211,7 +211,7 @@ def _from_dict(cls: type, data: Mapping[str, Any], where: str, base: Any = None)
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             value = _from_dict(hint, value, f"{where}.{name}", getattr(base, name) if base is not None else None)
         else:
             value = _coerce(value, hint, f"{where}.{name}")

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from jaxlaunch.launcher.driver import Listener
+from jaxlaunch.launcher.driver import Driver, Listener
 from jaxlaunch.launcher.runs import RunDir
 from jaxlaunch.launcher.states import (
     Attempt,
@@ -26,11 +26,12 @@ from jaxlaunch.launcher.states import (
 )
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from jaxlaunch.contract import events
 from jaxlaunch.contract.events import FailureKind
+from jaxlaunch.contract.protocol import GroupPoll
 
 LOG_TAIL_LINES = 12
 STACK_TAIL_LINES = 16
@@ -57,7 +58,7 @@ class Display:
         self.live = (self.console.is_terminal or jupyter) and not quiet
         self.refreshes_per_s = JUPYTER_REFRESHES_PER_S if jupyter else 10
         self.progress: Progress | None = None
-        self.task = None
+        self.task: TaskID | None = None
         self.total = 0
         self._last_line_step = -1
 
@@ -82,7 +83,7 @@ class Display:
                 parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
         parts += [f"hosts {hosts}", f"ckpt {checkpoint_step if checkpoint_step is not None else '-'}"]
         info = "  ".join(parts)
-        if self.progress is not None:
+        if self.progress is not None and self.task is not None:
             self.progress.update(self.task, completed=step, info=info)
         elif step != self._last_line_step and (
             step == self.total or step - max(self._last_line_step, 0) >= max(1, self.total // 10)
@@ -149,7 +150,7 @@ class ConsoleView(Listener):
         self._checked_at = -1e9
         self.last_record: dict[str, Any] | None = None
 
-    def on_transition(self, driver, old: State, new: State) -> None:
+    def on_transition(self, driver: Driver, old: State, new: State) -> None:
         d = self.display
         if isinstance(new, Running) and not isinstance(old, Running):
             d.start(new.attempt.latest_committed or 0, self.total_steps)
@@ -165,7 +166,7 @@ class ConsoleView(Listener):
         if isinstance(new, Restarting):
             d.message(f"restarting in {new.decision.backoff_s:.1f} s: {new.decision.reason}")
 
-    def on_attempt_ended(self, driver, ended: AttemptEnded) -> None:
+    def on_attempt_ended(self, driver: Driver, ended: AttemptEnded) -> None:
         failure, d = ended.failure, self.display
         if failure is None:
             return
@@ -180,7 +181,7 @@ class ConsoleView(Listener):
         if failure.rank is not None:
             self._log_tail(ended.attempt.number, failure.rank)
 
-    def on_poll(self, driver, attempt: Attempt, poll) -> None:
+    def on_poll(self, driver: Driver, attempt: Attempt, poll: GroupPoll) -> None:
         for _, event in poll.events:
             if isinstance(event, events.CheckpointFallback):
                 self.display.message(f"[yellow]checkpoint step {event.step} is unreadable; set it aside "

@@ -126,11 +126,19 @@ class Driver:
         return 0 if isinstance(self.state, Finished) else 1
 
     def step(self) -> State:
-        handler = {
-            Scheduling: self._schedule, WaitingForCapacity: self._wait, Running: self._watch,
-            Draining: self._watch, ResolvingFailure: self._resolve, Restarting: self._restart,
-        }[type(self.state)]
-        new = handler(self.state)
+        match state := self.state:
+            case Scheduling():
+                new = self._schedule(state)
+            case WaitingForCapacity():
+                new = self._wait(state)
+            case Running() | Draining():
+                new = self._watch(state)
+            case ResolvingFailure():
+                new = self._resolve(state)
+            case Restarting():
+                new = self._restart(state)
+            case Finished() | Failed() | Stopped():
+                raise ValueError(f"the driver has ended ({state}): there is no step to take")
         if new is not self.state:
             old, self.state = self.state, new
             for listener in self.listeners:
@@ -144,6 +152,12 @@ class Driver:
     @property
     def stop_name(self) -> str:
         return signal.Signals(self.stop_signal or signal.SIGINT).name
+
+    @property
+    def running_group(self) -> WorkerGroup:
+        """The running attempt's group: watching, draining and resolving happen only while it runs."""
+        assert self.group is not None, "no group is running"
+        return self.group
 
     # -- states ----------------------------------------------------------------------------------
     def _schedule(self, state: Scheduling) -> State:
@@ -210,7 +224,7 @@ class Driver:
         if poll.finished:
             return self._finished(state, poll, now)
         if self.stop_signal is not None and isinstance(state, Running):
-            return self._forward_stop(state, poll, now)
+            return self._forward_stop(state, poll, now, self.stop_signal)
         hung = self.policies.watchdog.hung(poll.hosts, now, UNRESPONSIVE_AFTER_S)
         if hung is not None:
             host, limit = hung
@@ -239,7 +253,7 @@ class Driver:
             return state
         # A lost node's host may not be reported yet when the collective errors and aborts it caused
         # are: ask whether any host's node is gone before blaming anyone.
-        for rank in self.group.lost_hosts():
+        for rank in self.running_group.lost_hosts():
             if rank not in attempt.failures:
                 attempt.failures[rank] = Failure(FailureKind.NODE_LOST, rank, "the host's node is gone (its raylet "
                                                  "does not answer)", poll.hosts[rank].step, now)
@@ -260,7 +274,7 @@ class Driver:
 
     # -- inside RUNNING --------------------------------------------------------------------------
     def _poll(self, attempt: Attempt) -> GroupPoll:
-        poll = self.group.poll()
+        poll = self.running_group.poll()
         now = self.clock()
         for _, event in poll.events:
             if isinstance(event, events.Restored):
@@ -312,27 +326,29 @@ class Driver:
         return self._decide(attempt, Failure(FailureKind.PREEMPTED, None, f"preemption notice; saved step {step}",
                                              step, now, self.faults.fired_at(attempt.number)))
 
-    def _forward_stop(self, state: Running, poll: GroupPoll, now: float) -> State:
+    def _forward_stop(self, state: Running, poll: GroupPoll, now: float, signum: int) -> State:
         attempt = state.attempt
         if attempt.stepped(poll.hosts):
             return self._drain(Draining(attempt, DrainReason.STOP, now), poll, now)
         if all(h.phase.started_training for h in poll.hosts):
             return state  # the first step is under way: stop after it
         self._end(attempt, PlannedEnd.STOPPED)  # not training yet: there is nothing new to save
-        return Stopped(self.stop_signal, f"stopped by {self.stop_name} before training began")
+        return Stopped(signum, f"stopped by {self.stop_name} before training began")
 
     def _drain(self, state: Draining, poll: GroupPoll, now: float) -> State:
         """One round of agreeing on the stop step: propose a step until every running host accepted
         one, then make it final; a confirmation that did not arrive is sent again, and a stop the
         hosts do not agree on or do not obey in time is carried out without them."""
-        group = self.group
+        group = self.running_group
         if state.confirmed:
+            stop_at = state.proposed
+            assert stop_at is not None, "a confirmed stop has a step"
             if state.unconfirmed:
-                missing = set(state.unconfirmed) - set(group.confirm_stop(state.proposed, list(state.unconfirmed)))
+                missing = set(state.unconfirmed) - set(group.confirm_stop(stop_at, list(state.unconfirmed)))
                 state = dataclasses.replace(state, unconfirmed=tuple(sorted(missing)))
-            passed = [h.rank for h in poll.hosts if h.step is not None and h.step > state.proposed]
-            if passed:
-                return self._stop_unheeded(state, f"host {passed[0]} went past step {state.proposed} without "
+            past = [h.rank for h in poll.hosts if h.step is not None and h.step > stop_at]
+            if past:
+                return self._stop_unheeded(state, f"host {past[0]} went past step {stop_at} without "
                                                   "stopping (its loop does not call ctx.should_stop)")
             return state
         if now - state.since > STOP_AGREE_S:
@@ -358,6 +374,7 @@ class Driver:
         if state.reason == DrainReason.RESIZE:
             self._end(state.attempt, PlannedEnd.RESIZE)
             return Scheduling(prefer=state.target_hosts)
+        assert self.stop_signal is not None, "a drain that is not a resize is a stop the user asked for"
         self._end(state.attempt, PlannedEnd.STOPPED)
         return Stopped(self.stop_signal, f"stopped by {self.stop_name}: {why}; the latest committed step is "
                                          f"{committed}")
@@ -375,7 +392,7 @@ class Driver:
     # -- ending attempts ---------------------------------------------------------------------------
     def _decide(self, attempt: Attempt, failure: Failure) -> State:
         if failure.kind == FailureKind.HUNG and failure.rank is not None and failure.traceback is None:
-            failure = self._with_stacks(failure)
+            failure = self._with_stacks(failure, failure.rank)
         self._teardown()
         committed = self.committed_step()
         # An attempt that committed a newer step than it started from trained well before it
@@ -391,14 +408,14 @@ class Driver:
             return Failed(f"{decision.reason}; {done}" if done else decision.reason, failure)
         return Restarting(failure, decision)
 
-    def _with_stacks(self, failure: Failure) -> Failure:
+    def _with_stacks(self, failure: Failure, rank: int) -> Failure:
         """A hung or silent host's Python stacks, read before the group is torn down, whether the
         watchdog found it or a peer's failure gave it away (a deadlocked collective usually shows
         as a peer's error first)."""
-        stacks = self.group.dump_stacks(failure.rank) if self.group is not None else None
+        stacks = self.group.dump_stacks(rank) if self.group is not None else None
         if not stacks:
             return failure
-        return dataclasses.replace(failure, traceback=f"Python stacks of host {failure.rank}:\n{stacks}")
+        return dataclasses.replace(failure, traceback=f"Python stacks of host {rank}:\n{stacks}")
 
     def _no_capacity(self, placeable: int) -> Failed:
         return Failed(f"the cluster had room for {placeable} hosts for {self.policies.fault.capacity_timeout_s:g} "

@@ -218,7 +218,7 @@ def _enable_token_auth() -> None:
     """Make this process's later `ray.init(address=...)` authenticate the way the head will."""
     # Ray's private helpers, the ones `ray.init(address="local")` uses; `ray start` would not make a token.
     from ray._private.authentication.authentication_token_setup import ensure_token_if_auth_enabled
-    from ray._raylet import Config
+    from ray._raylet import Config  # type: ignore[attr-defined]  # compiled module; its stub lacks Config
 
     if AUTH_MODE_ENV not in os.environ:  # else it is the user's choice, and the head inherits it
         os.environ[AUTH_MODE_ENV] = "token"
@@ -293,7 +293,7 @@ def _kill_until_gone(
 
 
 def _reap_children() -> set[int]:
-    reaped = set()
+    reaped: set[int] = set()
     while True:
         try:
             pid, _ = os.waitpid(-1, os.WNOHANG)

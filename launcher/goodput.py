@@ -160,12 +160,13 @@ def _attempt_intervals(started: events.AttemptStarted, ended: events.AttemptEnde
     carried their time have no such part)."""
     marks = []
     scheduled = _scheduled_at(started, ended)
-    end = ended.time if ended is not None else None
     first = steps.first_start.get(started.attempt)
+    if ended is None:
+        return [Interval(scheduled, first, "startup")] if first is not None else []
+    end = ended.time
     startup_end = first if first is not None else end
-    if startup_end is not None:
-        marks.append(Interval(scheduled, startup_end, "startup"))
-    if ended is None or ended.cause == PlannedEnd.FINISHED:
+    marks.append(Interval(scheduled, startup_end, "startup"))
+    if ended.cause == PlannedEnd.FINISHED:
         return marks
     quiet_from = steps.last_end.get(started.attempt, startup_end)
     failed_at = failure.failed_at if failure is not None else None

@@ -14,7 +14,7 @@ from jaxlaunch.launcher.goodput import BADPUT_LABELS, Split
 from jaxlaunch.launcher.runs import RunDir
 
 from jaxlaunch.contract import events
-from jaxlaunch.contract.events import Cause, Event, FailureKind, JobStatus
+from jaxlaunch.contract.events import Cause, Event, Failure, FailureKind, JobStatus
 
 __all__ = ["BADPUT_LABELS", "AttemptRecord", "History", "load"]
 
@@ -78,8 +78,8 @@ class History:
         return self.split.goodput
 
     @property
-    def failures(self) -> list[events.Failure]:
-        return [e for e in self.events if isinstance(e, events.Failure)]
+    def failures(self) -> list[Failure]:
+        return [e for e in self.events if isinstance(e, Failure)]
 
     def summary(self, run: RunDir) -> dict[str, Any]:
         ended = [e for e in self.events if isinstance(e, events.JobEnded)]
@@ -141,7 +141,7 @@ def attempts(evts: list[Event]) -> list[AttemptRecord]:
             row.update(num_hosts=e.num_hosts, mesh=e.mesh, started=e.time)
         elif isinstance(e, events.Restored):
             row.update(restored_step=e.step, restore_s=e.seconds)
-        elif isinstance(e, events.Failure):
+        elif isinstance(e, Failure):
             row.update(failed_step=e.step, message=e.message)
         elif isinstance(e, events.AttemptEnded):
             row.update(cause=e.cause, failed_host=e.host, ended=e.time, first_step=e.first_step,

@@ -101,15 +101,15 @@ def prepare(given: Mapping[str, Any], entry_args: Sequence[str] = (), typed: Job
     typed_settings = changes.pop("config", {})
     changes.update(by_root[JobConfig])
     set_flags = merge_settings(typed_settings, changes.pop("config", {}))
-    file_data = read_yaml(launch.config_file) if launch.config_file is not None else None
-    entry_text = changes.get("entry") or (file_data or {}).get("entry") or BUILTIN_ENTRY
+    file_data = read_yaml(launch.config_file) if launch.config_file is not None else {}
+    entry_text = changes.get("entry") or file_data.get("entry") or BUILTIN_ENTRY
     run_dir, announce = _run_dir(changes.pop("run_dir", None), launch, str(entry_text))
     run = RunDir(run_dir)
     check_run_path(run_dir, bool(launch.resume))
     resume = _resume_mode(launch.resume, run)
     saved = _saved_job(run) if resume else None
     job = saved or JobConfig()
-    if file_data is not None:
+    if launch.config_file is not None:
         job = apply(job, file_data, launch.config_file)
     job = override(job, run_dir=run_dir, resume=resume, **changes)
     if launch.chaos is not None and not (launch.chaos > 0 and launch.chaos != float("inf")):
@@ -195,9 +195,10 @@ def runs_of(name: str, root: pathlib.Path = RUNS_ROOT) -> list[pathlib.Path]:
 
 def _run_dir(given: str | None, launch: LaunchOptions, entry_text: str) -> tuple[str, str]:
     """The run directory, and the line that says where it is."""
-    if given is not None or launch.name is not None:
-        path = given if given is not None else str(RUNS_ROOT / launch.name)
-        return path, f"{'resuming' if launch.resume else 'run directory:'} {path}"
+    if given is None and launch.name is not None:
+        given = str(RUNS_ROOT / launch.name)
+    if given is not None:
+        return given, f"{'resuming' if launch.resume else 'run directory:'} {given}"
     name = run_name(entry_text)
     if launch.resume:
         found = runs_of(name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 from jaxlaunch.launcher import history
 from jaxlaunch.launcher.driver import Driver, Listener
@@ -18,6 +19,9 @@ from jaxlaunch.launcher.states import Attempt, Draining, ResolvingFailure, Runni
 from jaxlaunch.launcher.trackers import restarts_by_cause
 
 from jaxlaunch.contract.protocol import ConfigError, GroupPoll
+
+if TYPE_CHECKING:
+    from tensorboardX import SummaryWriter
 
 GOODPUT_REFRESH_S = 5.0
 """How often goodput is derived again from the records while the job runs (it reads them all)..."""
@@ -87,7 +91,7 @@ class LiveMetrics(Listener):
         """The newest step the run ever reached: TensorBoard's goodput is drawn against it, which
         never goes back, so a recomputed step does not fold the curve."""
         self.written_step = self.high_step
-        self.writer = None
+        self.writer: SummaryWriter | None = None
 
     # -- the driver's listener ------------------------------------------------------------------------
     def on_poll(self, driver: Driver, attempt: Attempt, poll: GroupPoll) -> None:

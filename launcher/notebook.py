@@ -7,7 +7,10 @@ from __future__ import annotations
 import base64
 import html
 import pathlib
+from collections.abc import Iterable
 from typing import Any
+
+from jaxlaunch.contract.store import open_store
 
 REPORT_WIDTH_PX = 720
 """The report picture's width in a notebook cell."""
@@ -34,7 +37,7 @@ def attempt_rows(summary: dict[str, Any]) -> list[tuple[str, ...]]:
     def text(value: Any) -> str:
         return "–" if value is None else str(value)
 
-    out = []
+    out: list[tuple[str, ...]] = []
     for a in summary.get("attempt_table", []):
         steps = "–" if a.get("first_step") is None else f"{a['first_step']}–{a.get('last_step')}"
         duration = f"{a['duration_s']:.1f} s" if isinstance(a.get("duration_s"), float) else "–"
@@ -43,15 +46,15 @@ def attempt_rows(summary: dict[str, Any]) -> list[tuple[str, ...]]:
     return out
 
 
-def _picture(run_dir: pathlib.Path) -> str | None:
+def _picture(run_dir: pathlib.Path | str) -> str | None:
     try:
-        return base64.b64encode((run_dir / "report.png").read_bytes()).decode()
+        return base64.b64encode(open_store(run_dir).read("report.png")).decode()
     except OSError:
         return None
 
 
-def to_html(summary: dict[str, Any], reason: str | None, run_dir: pathlib.Path) -> str:
-    def row(cells, tag="td"):
+def to_html(summary: dict[str, Any], reason: str | None, run_dir: pathlib.Path | str) -> str:
+    def row(cells: Iterable[str], tag: str = "td") -> str:
         return "<tr>" + "".join(f"<{tag} style='text-align:left'>{html.escape(c)}</{tag}>" for c in cells) + "</tr>"
 
     parts = ["<div><table>", *(row(r) for r in overview(summary, reason)), "</table>"]
@@ -64,8 +67,8 @@ def to_html(summary: dict[str, Any], reason: str | None, run_dir: pathlib.Path) 
     return "\n".join([*parts, "</div>"])
 
 
-def to_markdown(summary: dict[str, Any], reason: str | None, run_dir: pathlib.Path) -> str:
-    def row(cells):
+def to_markdown(summary: dict[str, Any], reason: str | None, run_dir: pathlib.Path | str) -> str:
+    def row(cells: Iterable[str]) -> str:
         return "| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |"
 
     lines = [row(("outcome", "")), row(("---", "---")), *(row(r) for r in overview(summary, reason)), ""]

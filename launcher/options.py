@@ -21,7 +21,7 @@ import inspect
 import textwrap
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from jaxlaunch.contract.flags import FLAG_KEY, FlagSpec
@@ -174,7 +174,7 @@ def _walk(cls: type, root: type, prefix: str) -> list[Option]:
     section = f"{name}: {what[:1].lower()}{what[1:]}" if what else name
     for field in dataclasses.fields(cls):
         hint = hints[field.name]
-        if dataclasses.is_dataclass(hint):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             out += _walk(hint, root, f"{prefix}{field.name}.")
             continue
         spec = field.metadata.get(FLAG_KEY)
@@ -254,7 +254,7 @@ def _metavar(option: Option) -> str:
     return "N" if option.value_type is int else option.keyword.upper()
 
 
-def _text_to(option: Option):
+def _text_to(option: Option) -> Callable[[str], Any]:
     kind = option.value_type
 
     def convert(text: str) -> Any:

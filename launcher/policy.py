@@ -109,7 +109,9 @@ def classify(exit: HostExit, now: float, node_wait_s: float) -> Failure | None:
     A process that died is a crash only if its node is alive: Ray may report the death of a lost
     node's processes before it declares the node dead, so an unknown node is waited for, up to
     `node_wait_s` (then the node counts as lost: its raylet stopped answering)."""
-    where = dict(rank=exit.rank, step=exit.step, detected_at=exit.at)
+    def failure(kind: FailureKind, message: str, failed_at: float | None = None) -> Failure:
+        return Failure(kind, exit.rank, message, exit.step, exit.at, failed_at)
+
     if exit.how == ExitHow.RAISED:
         err = exit.error
         assert err is not None, "a raised exit carries the host's error"
@@ -118,17 +120,16 @@ def classify(exit: HostExit, now: float, node_wait_s: float) -> Failure | None:
                        traceback=f"host {exit.rank} (rank {exit.rank}), after step {step}:\n{err.traceback_text}",
                        secondary=err.kind == ErrorKind.COLLECTIVE, phase=err.phase)
     if exit.how == ExitHow.NODE_PREEMPTED:
-        return Failure(FailureKind.PREEMPTED, message=f"the host's node was preempted: {exit.detail}", **where)
+        return failure(FailureKind.PREEMPTED, f"the host's node was preempted: {exit.detail}")
     if exit.how == ExitHow.NODE_DIED or exit.node == NodeLiveness.DEAD:
-        return Failure(FailureKind.NODE_LOST, message=f"the host's Ray node was lost: {exit.detail}",
-                       failed_at=exit.since, **where)
+        return failure(FailureKind.NODE_LOST, f"the host's Ray node was lost: {exit.detail}", exit.since)
     if exit.node == NodeLiveness.ALIVE:
         what = "host process died" if exit.how == ExitHow.PROCESS_DIED else "host process unreachable"
-        return Failure(FailureKind.CRASHED, message=f"{what}: {exit.detail}", failed_at=exit.since, **where)
+        return failure(FailureKind.CRASHED, f"{what}: {exit.detail}", exit.since)
     if now - exit.at < node_wait_s:
         return None
-    return Failure(FailureKind.NODE_LOST, message=f"the host's node stopped answering for {node_wait_s:g} s: "
-                   f"{exit.detail}", failed_at=exit.since, **where)
+    return failure(FailureKind.NODE_LOST, f"the host's node stopped answering for {node_wait_s:g} s: {exit.detail}",
+                   exit.since)
 
 
 _KIND_PRIORITY = {
@@ -173,7 +174,7 @@ def keep_listening(failures: Sequence[Failure], num_ended: int, num_hosts: int, 
 def entry_error(failures: Sequence[Failure], num_hosts: int) -> Failure | None:
     """The failure to record when every host raised the same type of exception before its first
     step (the lowest rank's, marked `on_every_host`), else None."""
-    early = {f.rank: f for f in failures if f.before_first_step}
+    early = {f.rank: f for f in failures if f.before_first_step and f.rank is not None}
     if len(early) < num_hosts or len({f.exception_type for f in early.values()}) != 1:
         return None
     return dataclasses.replace(early[min(early)], on_every_host=True)

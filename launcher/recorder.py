@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pathlib
 import random
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jaxlaunch.launcher.driver import Driver, Listener
 from jaxlaunch.launcher.runs import RunDir
@@ -32,6 +33,9 @@ from jaxlaunch.launcher.states import (
 from jaxlaunch.contract import events
 from jaxlaunch.contract.protocol import GroupPoll
 
+if TYPE_CHECKING:
+    from tensorboardX import SummaryWriter
+
 TENSORBOARD_SKIP = ("step", "time", "attempt", "num_hosts")
 
 
@@ -39,9 +43,9 @@ class TensorBoard:
     """Scalars of every record. A restart recomputes steps after its checkpoint: the writer then
     reopens with `purge_step`, so TensorBoard replaces those points instead of folding back."""
 
-    def __init__(self, directory, last_step: int = -1):
+    def __init__(self, directory: pathlib.Path | str, last_step: int = -1):
         self.directory = directory
-        self.writer = None
+        self.writer: SummaryWriter | None = None
         self.last_step = last_step
         """The newest step already written, by this launch or an earlier one of the run."""
         self.files = 0
@@ -182,4 +186,4 @@ class Chaos(Listener):
         self.next_at = None
         driver.faults.killed(attempt.number, now)
         self.record(events.ChaosKill(attempt=attempt.number, host=rank, step=attempt.last_step))
-        driver.group.kill(rank)
+        driver.running_group.kill(rank)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import io
 import pathlib
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from jaxlaunch.launcher.goodput import BADPUT_LABELS, PRODUCTIVE, Split
 from jaxlaunch.launcher.history import AttemptRecord, History, load
@@ -20,6 +20,9 @@ from rich.measure import Measurement
 from rich.table import Table
 
 from jaxlaunch.contract.events import FailureKind, PlannedEnd
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 BADPUT_COLORS = ("tab:orange", "tab:purple", "tab:red", "tab:brown", "tab:olive", "tab:pink", "tab:gray")
 MIN_BAR_SHARE = 0.005
@@ -146,7 +149,7 @@ def plot(report: History, path: pathlib.Path | BinaryIO) -> pathlib.Path | Binar
     return path
 
 
-def _goodput_bar(bar, split: Split) -> None:
+def _goodput_bar(bar: Axes, split: Split) -> None:
     """The partition as one bar of shares that add up to 1: every part with time in it is drawn (at
     least a sliver wide, so that none vanishes) and named in the legend with its share."""
     colors = dict(zip((PRODUCTIVE, *BADPUT_LABELS), ("tab:green", *BADPUT_COLORS), strict=True))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib
 import importlib.util
 import os
 import pathlib
@@ -17,6 +16,8 @@ import signal
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from types import FrameType
 from typing import Any
 
 from jaxlaunch.launcher import history, notebook, report
@@ -33,15 +34,15 @@ from jaxlaunch.launcher.live_metrics import Exporter, LiveMetrics
 from jaxlaunch.launcher.persist import persist_newest
 from jaxlaunch.launcher.policy import Policies, RestartPolicy, ScalingPolicy, Watchdog
 from jaxlaunch.launcher.recorder import Chaos, Recorder
-from jaxlaunch.launcher.runs import RunDir
+from jaxlaunch.launcher.runs import RunDir, RunLock
 from jaxlaunch.launcher.trackers import Trackers
-from jaxlaunch.launcher.worker_group import RayWorkerGroup, StandbyPool
+from jaxlaunch.launcher.worker_group import MakeSpec, RayWorkerGroup, StandbyPool
 from rich.markup import escape
 
 from jaxlaunch.contract import entry as entry_lib
 from jaxlaunch.contract import events, storage
 from jaxlaunch.contract.events import JobStatus
-from jaxlaunch.contract.protocol import ConfigError, HostSpec
+from jaxlaunch.contract.protocol import ConfigError, EntryRef, HostSpec, Injection
 from jaxlaunch.contract.storage import RunStorageError, storage_errno
 
 
@@ -91,7 +92,7 @@ def wait_for_capacity(cluster: RayCluster, job: JobConfig) -> None:
 
 
 @contextlib.contextmanager
-def stop_signals(driver: Driver):
+def stop_signals(driver: Driver) -> Iterator[None]:
     """SIGINT and SIGTERM ask the driver for a clean stop (every host saves); a second one stops at
     once (KeyboardInterrupt, and the teardown kills every host). Only the main thread can take
     signals; elsewhere (a launch from a user's thread) they keep their handlers."""
@@ -99,7 +100,7 @@ def stop_signals(driver: Driver):
         yield
         return
 
-    def handler(signum, frame):
+    def handler(signum: int, frame: FrameType | None) -> None:
         if driver.stop_signal is not None:
             raise KeyboardInterrupt
         driver.request_stop(signum)
@@ -112,11 +113,12 @@ def stop_signals(driver: Driver):
             signal.signal(sig, old)
 
 
-def _make_spec(job: JobConfig, run: RunDir, entry_ref):
+def _make_spec(job: JobConfig, run: RunDir, entry_ref: EntryRef) -> MakeSpec:
     expect_checkpoint = run.has_history()
 
-    def make(*, attempt: int, rank: int, num_hosts: int, coordinator_address: str, injections,
-             keepers=None, lost_keepers=()) -> HostSpec:
+    def make(*, attempt: int, rank: int, num_hosts: int, coordinator_address: str,
+             injections: tuple[Injection, ...], keepers: dict[str, Any] | None = None,
+             lost_keepers: tuple[str, ...] = ()) -> HostSpec:
         return HostSpec(
             entry=entry_ref, config=job.config, run_dir=str(run.path), attempt=attempt, rank=rank,
             num_hosts=num_hosts, coordinator_address=coordinator_address, mesh=job.mesh, steps=job.train.steps,
@@ -141,6 +143,7 @@ def run_job(prepared: PreparedJob, display: Display | None = None) -> LaunchResu
 
 def _run_job(prepared: PreparedJob, display: Display | None, exporter: Exporter | None) -> LaunchResult:
     job, entry = prepared.job, prepared.entry
+    assert job.run_dir is not None, "prepare() names the run directory"
     run = RunDir(job.run_dir)
     display = display or Display()
     if prepared.announce:
@@ -155,12 +158,13 @@ def _run_job(prepared: PreparedJob, display: Display | None, exporter: Exporter 
         raise
     staging = tempfile.TemporaryDirectory(prefix="jaxlaunch-ship-")
     try:
+        py_modules: list[str] = []
         if job.cluster.address is None:  # the hosts run on this machine, with this Python
-            host_ref, code = entry.ref, []
+            host_ref = entry.ref
         else:
             host_ref, shipped = entry_lib.shipped(entry.ref, pathlib.Path(staging.name))
-            code = [_package_to_ship(pathlib.Path(staging.name)), *shipped]
-        cluster = RayCluster(job.cluster, runtime_env(job.cluster.address is None, code))
+            py_modules = [_package_to_ship(pathlib.Path(staging.name)), *shipped]
+        cluster = RayCluster(job.cluster, runtime_env(job.cluster.address is None, py_modules))
         try:
             cluster.connect()
             cluster.request_hosts(job.max_hosts)
@@ -185,8 +189,8 @@ def _run_job(prepared: PreparedJob, display: Display | None, exporter: Exporter 
         lock.release()
 
 
-def _drive(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref, display: Display, lock,
-           exporter: Exporter | None) -> LaunchResult:
+def _drive(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref: EntryRef, display: Display,
+           lock: RunLock, exporter: Exporter | None) -> LaunchResult:
     job, entry = prepared.job, prepared.entry
     run.create()
     run.save_config(job.to_dict())
@@ -255,8 +259,7 @@ def _drive(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref, di
         keepers.shutdown()
         display.stop()
         state = driver.state
-        status = {EXIT_OK: JobStatus.FINISHED, EXIT_FAILED: JobStatus.FAILED}.get(
-            code, JobStatus.STOPPED if code else JobStatus.INTERRUPTED)
+        status = _status(code)
         run.event(events.JobEnded(status=status, reason=getattr(state, "reason", None)))
         recorder.close()
         live.close()
@@ -279,6 +282,13 @@ def _drive(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref, di
     display.closing(run.path, picture)
     return LaunchResult(status, code, reason, summary["final_step"], past.attempts, past.goodput, run.path,
                         past.trajectory, summary.get("returned"), summary)
+
+
+def _status(code: int | None) -> JobStatus:
+    """How a job ended, from the driver's exit code (None: the driver itself was interrupted)."""
+    if code is None:
+        return JobStatus.INTERRUPTED
+    return {EXIT_OK: JobStatus.FINISHED, EXIT_FAILED: JobStatus.FAILED}.get(code, JobStatus.STOPPED)
 
 
 def _warn_if_disk_is_short(run: RunDir, job: JobConfig, display: Display) -> None:
@@ -310,9 +320,8 @@ def _package_to_ship(staging: pathlib.Path) -> str:
     """The folder of the whole `jaxlaunch` package, to ship to a cluster's nodes as one Ray py_module.
     Installed from a wheel, it is one folder already; from a source checkout (an editable install),
     its subpackages live in folders of their own and are gathered into `staging`."""
-    root = pathlib.Path(importlib.util.find_spec("jaxlaunch").origin).parent
-    subpackages = {name: pathlib.Path(importlib.import_module(f"jaxlaunch.{name}").__file__).parent
-                   for name in ("contract", "launcher", "workers", "models")}
+    root = _package_folder("jaxlaunch")
+    subpackages = {name: _package_folder(f"jaxlaunch.{name}") for name in ("contract", "launcher", "workers", "models")}
     if all(folder.parent == root for folder in subpackages.values()):
         return str(root)
     target = staging / "jaxlaunch"
@@ -321,6 +330,13 @@ def _package_to_ship(staging: pathlib.Path) -> str:
     for name, folder in subpackages.items():
         shutil.copytree(folder, target / name, ignore=ignore, dirs_exist_ok=True)
     return str(target)
+
+
+def _package_folder(name: str) -> pathlib.Path:
+    """Where an installed package's modules are, found without importing it."""
+    spec = importlib.util.find_spec(name)
+    assert spec is not None and spec.origin is not None, f"{name} is part of this installation"
+    return pathlib.Path(spec.origin).parent
 
 
 def _remove_if_empty(path: pathlib.Path | str) -> None:

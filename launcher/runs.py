@@ -13,6 +13,7 @@ import pathlib
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from jaxlaunch.contract.events import Event
@@ -49,7 +50,7 @@ class RecordLog:
     numbered segments `NAME/<seq>.jsonl`, at least every `every_s` and on every `flush()`. Sequence
     numbers continue across launches (one launch at a time holds the run's lock)."""
 
-    def __init__(self, store: Store, name: str, every_s: float, clock=time.monotonic):
+    def __init__(self, store: Store, name: str, every_s: float, clock: Callable[[], float] = time.monotonic):
         self.store, self.name, self.every_s, self.clock = store, name, every_s, clock
         self.pending: list[dict[str, Any]] = []
         self.next_seq: int | None = None

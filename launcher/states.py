@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Sequence
 from typing import Any
 
 from jaxlaunch.launcher.policy import Decision, Failure
 
 from jaxlaunch.contract.events import Cause
-from jaxlaunch.contract.protocol import GroupInfo, Injection
+from jaxlaunch.contract.protocol import GroupInfo, HostStatus, Injection
 
 
 @dataclasses.dataclass
@@ -37,7 +38,7 @@ class Attempt:
     cause: Cause | None = None
     results: dict[int, Any] = dataclasses.field(default_factory=dict)
 
-    def stepped(self, hosts) -> bool:
+    def stepped(self, hosts: Sequence[HostStatus]) -> bool:
         """Every host is training and has reported a step of this attempt (so a stop saves a step
         this attempt trained)."""
         first = self.first_step
@@ -147,7 +148,7 @@ class AttemptStarted:
 @dataclasses.dataclass(frozen=True)
 class AttemptEnded:
     attempt: Attempt
-    cause: str
-    """"finished", "resize", "stopped", or the failure's kind."""
+    cause: Cause
+    """A planned end (finished, resize, stopped), or the failure's kind."""
     failure: Failure | None = None
     """The failure it ended with, blamed on its root cause."""

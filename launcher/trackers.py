@@ -15,23 +15,21 @@ appears twice (MLflow and W&B cannot delete points). A tracker is configured by 
 Each tracker is fed from a thread of its own, so a tracker that is slow or down never holds up the
 driver: the first failure is warned about once, records wait in memory, and are sent when it
 answers again. Whatever is still unsent when the launch ends is in metrics.jsonl, past the mark:
-the next launch of the run sends it first."""
+the next launch of the run sends it first. The trackers' own clients: `tracker_backends`."""
 
 from __future__ import annotations
 
-import getpass
 import importlib.util
 import json
 import logging
-import os
 import threading
 import time
-import uuid
 from collections import Counter
-from collections.abc import Callable, Mapping
-from typing import Any, Protocol
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from jaxlaunch.launcher.runs import RunDir
+from jaxlaunch.launcher.tracker_backends import Backend, new_backend
 
 from jaxlaunch.contract.layout import json_bytes
 from jaxlaunch.contract.protocol import ConfigError
@@ -58,12 +56,11 @@ MAX_PENDING_RECORDS = 100_000
 when it answers."""
 NOTES_MAX_CHARS = 6000
 """MLflow keeps tags of up to 8000 characters; the notes keep their newest lines within this."""
-_SKIP = ("step", "time")
 _STATUS_LINE = {"finished": "finished", "failed": "failed", "stopped": "stopped (resumable)",
                 "interrupted": "interrupted"}
 
 
-def check(names: list[str]) -> None:
+def check(names: Sequence[str]) -> None:
     """ConfigError for a tracker that is unknown or whose package is not installed."""
     if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
         raise ConfigError(f"tracking.trackers must be a list of names ({', '.join(TRACKERS)}), got {names!r}")
@@ -72,12 +69,6 @@ def check(names: list[str]) -> None:
             raise ConfigError(f"--tracker {name!r} is not one of {', '.join(TRACKERS)}")
         if importlib.util.find_spec(TRACKERS[name]) is None:
             raise ConfigError(f"--tracker {name} needs the {TRACKERS[name]} package: pip install \"jaxlaunch[{name}]\"")
-
-
-def scalars(record: Mapping[str, Any]) -> dict[str, float]:
-    """The numbers of a metric record, under the names TensorBoard shows them ("train/loss")."""
-    return {f"train/{k}": float(v) for k, v in record.items()
-            if k not in _SKIP and isinstance(v, int | float) and not isinstance(v, bool)}
 
 
 def flat_settings(job: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -114,7 +105,7 @@ def note_line(event: Mapping[str, Any]) -> str | None:
     return None
 
 
-def restarts_by_cause(events: list[Mapping[str, Any]]) -> Counter[str]:
+def restarts_by_cause(events: Sequence[Mapping[str, Any]]) -> Counter[str]:
     """Restarts of the group by what caused them: the failure before each restart, or "resize"."""
     restarts: Counter[str] = Counter()
     cause = None
@@ -129,7 +120,7 @@ def restarts_by_cause(events: list[Mapping[str, Any]]) -> Counter[str]:
     return restarts
 
 
-def annotations(events: list[Mapping[str, Any]], status: str = "running") -> tuple[dict[str, str], str]:
+def tags_and_notes(events: Sequence[Mapping[str, Any]], status: str = "running") -> tuple[dict[str, str], str]:
     """(tags, notes) of the run's events: a tag per failure with its cause, host and step, the
     restarts by cause, the status; the notes tell the run's launches, failures and restarts."""
     tags: dict[str, str] = {"jaxlaunch.status": status}
@@ -146,143 +137,6 @@ def annotations(events: list[Mapping[str, Any]], status: str = "running") -> tup
     if len(notes) > NOTES_MAX_CHARS:
         notes = "(earlier lines are in events.jsonl)\n" + notes[-NOTES_MAX_CHARS:].split("\n", 1)[-1]
     return tags, notes
-
-
-# ---- the trackers ---------------------------------------------------------------------------------
-
-class Backend(Protocol):
-    name: str
-
-    def new_id(self) -> str | None:
-        """The id for a new run, if the client chooses it (None: the tracker's server does)."""
-
-    def start(self, run_id: str | None, name: str) -> str:
-        """Opens the run `run_id` (None: a new one); returns its id."""
-
-    def log_params(self, params: dict[str, str]) -> None: ...
-    def log(self, records: list[dict[str, Any]]) -> None: ...
-    def annotate(self, tags: dict[str, str], notes: str) -> None: ...
-    def finish(self, status: str) -> None: ...
-
-
-class Mlflow:
-    """An MLflow run through `MlflowClient` (MLFLOW_TRACKING_URI; the experiment from
-    MLFLOW_EXPERIMENT_ID or MLFLOW_EXPERIMENT_NAME, else the default one)."""
-
-    name = "mlflow"
-    MAX_METRICS_PER_BATCH = 1000
-    MAX_ITEMS_PER_BATCH = 100
-    _FINAL = {"finished": "FINISHED", "failed": "FAILED"}
-
-    def __init__(self):
-        self.client = None
-        self.run_id: str | None = None
-
-    def new_id(self):
-        return None
-
-    def start(self, run_id, name):
-        from mlflow import MlflowClient
-
-        self.client = MlflowClient()
-        if run_id is not None:
-            self.client.get_run(run_id)
-            self.client.update_run(run_id, status="RUNNING")
-            self.run_id = run_id
-        else:
-            self.run_id = self.client.create_run(self._experiment_id(), run_name=name, tags={
-                "mlflow.user": getpass.getuser(), "mlflow.source.type": "JOB"}).info.run_id
-        return self.run_id
-
-    def log_params(self, params):
-        from mlflow.entities import Param
-
-        items = [Param(k[:250], v[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), self.MAX_ITEMS_PER_BATCH):
-            self.client.log_batch(self.run_id, params=items[i:i + self.MAX_ITEMS_PER_BATCH])
-
-    def _experiment_id(self) -> str:
-        if os.environ.get("MLFLOW_EXPERIMENT_ID"):
-            return os.environ["MLFLOW_EXPERIMENT_ID"]
-        name = os.environ.get("MLFLOW_EXPERIMENT_NAME")
-        if not name:
-            return "0"
-        found = self.client.get_experiment_by_name(name)
-        return found.experiment_id if found is not None else self.client.create_experiment(name)
-
-    def log(self, records):
-        from mlflow.entities import Metric
-
-        points = [Metric(key, value, int(r.get("time", time.time()) * 1000), r["step"])
-                  for r in records for key, value in scalars(r).items()]
-        for i in range(0, len(points), self.MAX_METRICS_PER_BATCH):
-            self.client.log_batch(self.run_id, metrics=points[i:i + self.MAX_METRICS_PER_BATCH])
-
-    def annotate(self, tags, notes):
-        from mlflow.entities import RunTag
-
-        items = [RunTag(k, v) for k, v in tags.items()] + [RunTag("mlflow.note.content", notes)]
-        for i in range(0, len(items), self.MAX_ITEMS_PER_BATCH):
-            self.client.log_batch(self.run_id, tags=items[i:i + self.MAX_ITEMS_PER_BATCH])
-
-    def finish(self, status):
-        self.client.set_terminated(self.run_id, self._FINAL.get(status, "KILLED"))
-
-
-class Wandb:
-    """A W&B run (WANDB_PROJECT, default "jaxlaunch"; WANDB_MODE, WANDB_ENTITY, WANDB_API_KEY; its
-    local files in the run directory's wandb/ unless WANDB_DIR says otherwise). The driver's console
-    and machine are not the training's: W&B captures neither."""
-
-    name = "wandb"
-
-    def __init__(self, directory: str):
-        self.directory = directory
-        self.run = None
-
-    def new_id(self):
-        return uuid.uuid4().hex[:16]
-
-    def start(self, run_id, name):
-        import wandb
-
-        os.makedirs(self.directory, exist_ok=True)
-        self.run = wandb.init(
-            id=run_id, resume="allow", name=name, project=None if os.environ.get("WANDB_PROJECT") else "jaxlaunch",
-            dir=None if os.environ.get("WANDB_DIR") else self.directory, reinit="create_new",
-            settings=wandb.Settings(console="off", x_disable_stats=True))
-        return self.run.id
-
-    def log_params(self, params):
-        self.run.config.update(_nested(params), allow_val_change=True)
-
-    def log(self, records):
-        for record in records:
-            self.run.log(scalars(record), step=record["step"])
-
-    def annotate(self, tags, notes):
-        self.run.notes = notes
-        self.run.summary.update({k.replace(".", "/"): v for k, v in tags.items()})
-
-    def finish(self, status):
-        if status == "stopped":
-            self.run.mark_preempting()  # a stopped run continues with --resume
-        self.run.finish(exit_code=0 if status == "finished" else 1)
-
-
-def _nested(params: dict[str, str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in params.items():
-        *parents, leaf = key.split(".")
-        node = out
-        for name in parents:
-            node = node.setdefault(name, {})
-        node[leaf] = value
-    return out
-
-
-def new_backend(name: str, run: RunDir) -> Backend:
-    return Mlflow() if name == "mlflow" else Wandb(str(run.local_dir))
 
 
 # ---- delivery ------------------------------------------------------------------------------------
@@ -426,7 +280,7 @@ class Trackers:
     """The run's trackers, as a sink of the recorder: `on_records` with the metric records,
     `on_event` with every event written, `close` at the end of the launch."""
 
-    def __init__(self, run: RunDir, names: list[str], settings: Mapping[str, Any], warn: Callable[[str], None],
+    def __init__(self, run: RunDir, names: Sequence[str], settings: Mapping[str, Any], warn: Callable[[str], None],
                  backends: Mapping[str, Backend] | None = None, clock: Callable[[], float] = time.monotonic):
         self.run, self.warn, self.clock = run, warn, clock
         self.lock = threading.Lock()
@@ -439,7 +293,7 @@ class Trackers:
             sender = Sender(backend, self.state.get(name, {}), run.name, params, self._save, self._unsent,
                             warn, clock)
             sender.add(self._unsent(sender.logged_step))  # what an earlier launch did not get to send
-            sender.annotate(*annotations(self.events))
+            sender.annotate(*tags_and_notes(self.events))
             self.senders.append(sender)
         for sender in self.senders:
             sender.begin()
@@ -471,10 +325,10 @@ class Trackers:
             return
         self.events.append(dict(event))
         for sender in self.senders:
-            sender.annotate(*annotations(self.events))
+            sender.annotate(*tags_and_notes(self.events))
 
     def close(self, status: str, summary: Mapping[str, Any]) -> None:
-        tags, notes = annotations(self.events, status)
+        tags, notes = tags_and_notes(self.events, status)
         goodput = summary.get("goodput")
         tags.update({"jaxlaunch.final_step": str(summary.get("final_step")),
                      "jaxlaunch.goodput": f"{goodput:.4f}" if goodput is not None else "None"})

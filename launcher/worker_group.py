@@ -11,14 +11,16 @@ import logging
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from typing import Any, Protocol
 
 import ray
 from jaxlaunch.launcher.cluster import RayCluster
+from jaxlaunch.launcher.config import ClusterConfig
 from jaxlaunch.launcher.keepers import KeeperPool
 from jaxlaunch.launcher.runs import RunDir
+from ray.actor import ActorHandle
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
-from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from jaxlaunch.contract.protocol import (
@@ -50,18 +52,26 @@ PG_REMOVAL_WAIT_S = 5.0
 NODE_DIED_MARKER = "because its node has died"  # Ray GCS: "The actor died because its node has died."
 
 
+class MakeSpec(Protocol):
+    """What a host of an attempt is told to run (the run's own settings bound in)."""
+
+    def __call__(self, *, attempt: int, rank: int, num_hosts: int, coordinator_address: str,
+                 injections: tuple[Injection, ...], keepers: dict[str, Any] | None = None,
+                 lost_keepers: tuple[str, ...] = ()) -> HostSpec: ...
+
+
 class RayWorkerGroup:
     """One attempt's hosts: placement group, actors, coordinator, polls, teardown."""
 
-    def __init__(self, cluster: RayCluster, run: RunDir, make_spec: Callable[..., HostSpec], poll_interval_s: float,
+    def __init__(self, cluster: RayCluster, run: RunDir, make_spec: MakeSpec, poll_interval_s: float,
                  standby: StandbyPool | None = None, keepers: KeeperPool | None = None, logs_as: str = "attempt"):
         self.cluster, self.run, self.make_spec, self.poll_interval_s = cluster, run, make_spec, poll_interval_s
         self.logs_as = logs_as
         """The host logs' prefix: `attempt` (attempt-N-rank-R.log), or another run's (`persist`)."""
         self.standby, self.keepers = standby, keepers
         self.replenished = False
-        self.pg = None
-        self.actors: list = []
+        self.pg: PlacementGroup | None = None
+        self.actors: list[ActorHandle] = []
         self.run_refs: dict[int, ray.ObjectRef] = {}
         self.poll_refs: dict[int, ray.ObjectRef] = {}
         self.hosts: list[HostStatus] = []
@@ -74,16 +84,18 @@ class RayWorkerGroup:
         cfg = self.cluster.cfg
         logs = [str(self.run.host_log(attempt, rank, self.logs_as)) for rank in range(num_hosts)]
         if not self._take_standby(num_hosts, logs, attempt):
-            self.pg = placement_group([dict(cfg.resources_per_host)] * num_hosts, strategy=cfg.placement_strategy)
-            ready, _ = ray.wait([self.pg.ready()], timeout=cfg.placement_timeout_s)
+            self.pg = pg = placement_group([dict(cfg.resources_per_host)] * num_hosts,
+                                           strategy=cfg.placement_strategy)
+            ready, _ = ray.wait([pg.ready()], timeout=cfg.placement_timeout_s)
             if not ready:
                 raise PlacementError(self.cluster.placement_message(num_hosts, self.cluster.placeable_hosts(),
                                                                     waited=True))
-            self.actors = create_hosts(cfg, self.pg, logs, attempt)
+            self.actors = create_hosts(cfg, pg, logs, attempt)
             self.node_info = ray.get([a.node_info.remote() for a in self.actors], timeout=ACTOR_CALL_TIMEOUT_S)
         now = time.monotonic()
         self.hosts = [HostStatus(rank, last_heard=now, last_progress=now) for rank in range(num_hosts)]
-        coordinator = ray.get(self.actors[0].reserve_coordinator_address.remote(), timeout=ACTOR_CALL_TIMEOUT_S)
+        address: ray.ObjectRef[str] = self.actors[0].reserve_coordinator_address.remote()
+        coordinator = ray.get(address, timeout=ACTOR_CALL_TIMEOUT_S)
         keepers = self.keepers.ensure([n.node_id for n in self.node_info]) if self.keepers is not None else {}
         for rank, actor in enumerate(self.actors):
             spec = self.make_spec(attempt=attempt, rank=rank, num_hosts=num_hosts, coordinator_address=coordinator,
@@ -215,7 +227,7 @@ class RayWorkerGroup:
         """The ranks that took `step` as final."""
         return [rank for rank, ok in zip(ranks, self._ask(ranks, "confirm_stop", step), strict=True) if ok is True]
 
-    def _ask(self, ranks: list[int], method: str, *args) -> list:
+    def _ask(self, ranks: list[int], method: str, *args: Any) -> list[Any]:
         """One call to each host's monitor thread, side by side; None for a host that did not answer."""
         refs = [getattr(self.actors[rank], method).remote(*args) for rank in ranks]
         ready = set(ray.wait(refs, num_returns=len(refs), timeout=STOP_CALL_TIMEOUT_S)[0]) if refs else set()
@@ -251,7 +263,7 @@ class RayWorkerGroup:
         self.actors, self.run_refs, self.poll_refs, self.pg = [], {}, {}, None
 
 
-def release(actors: list, pg) -> None:
+def release(actors: list[ActorHandle], pg: PlacementGroup | None) -> None:
     """Kills the actors and removes their placement group, waiting until Ray has freed its resources
     (it does so asynchronously; the next capacity check must see them free, or it would settle for
     fewer hosts). Goes on whatever one actor or Ray does."""
@@ -271,13 +283,14 @@ def release(actors: list, pg) -> None:
         log.debug("placement group removal failed: %s", err)
 
 
-def create_hosts(cfg, pg, logs: list[str], attempt: int) -> list:
+def create_hosts(cfg: ClusterConfig, pg: PlacementGroup, logs: list[str], attempt: int) -> list[ActorHandle]:
     """One host actor per bundle of `pg`, each with the platform's environment."""
     resources = dict(cfg.resources_per_host)
     num_cpus, num_gpus = resources.pop("CPU", 0), resources.pop("GPU", 0)
     module, _, name = HOST_PROGRAM.partition(":")
     host_actor = getattr(importlib.import_module(module), name)
-    remote_cls = ray.remote(concurrency_groups={MONITOR_GROUP: 1})(host_actor)
+    # Ray's overloads of ray.remote omit the actor option concurrency_groups, which it documents and takes.
+    remote_cls = ray.remote(concurrency_groups={MONITOR_GROUP: 1})(host_actor)  # type: ignore[call-overload]
     env = host_env(cfg.platform, cfg.devices_per_host)
     return [remote_cls.options(
         num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None,
@@ -294,9 +307,9 @@ class StandbyPool:
 
     def __init__(self, cluster: RayCluster, run: RunDir):
         self.cluster, self.run = cluster, run
-        self.pg = None
-        self.placed = None
-        self.actors: list = []
+        self.pg: PlacementGroup | None = None
+        self.placed: ray.ObjectRef | None = None
+        self.actors: list[ActorHandle] = []
         self.made = 0
 
     @property
@@ -310,21 +323,22 @@ class StandbyPool:
             return
         self.made += 1
         cfg = self.cluster.cfg
-        self.pg = placement_group([dict(cfg.resources_per_host)] * num_hosts, strategy=cfg.placement_strategy)
-        self.placed = self.pg.ready()
+        self.pg = pg = placement_group([dict(cfg.resources_per_host)] * num_hosts, strategy=cfg.placement_strategy)
+        self.placed = pg.ready()
         logs = [str(self.run.hosts / f"standby-{self.made}-rank-{rank}.log") for rank in range(num_hosts)]
-        self.actors = create_hosts(cfg, self.pg, logs, 0)
+        self.actors = create_hosts(cfg, pg, logs, 0)
         for actor in self.actors:
             actor.warm.remote()
 
-    def take(self, num_hosts: int) -> tuple | None:
+    def take(self, num_hosts: int) -> tuple[PlacementGroup, list[ActorHandle]] | None:
         """The spare group's placement group and actors, if it is ready and of the right size."""
         if not self.actors:
             return None
-        if len(self.actors) != num_hosts or self.reserved_hosts == 0:
+        pg = self.pg
+        if pg is None or len(self.actors) != num_hosts or self.reserved_hosts == 0:
             self.shutdown()
             return None
-        taken, self.pg, self.placed, self.actors = (self.pg, self.actors), None, None, []
+        taken, self.pg, self.placed, self.actors = (pg, self.actors), None, None, []
         return taken
 
     def forget(self) -> None:

@@ -6,12 +6,15 @@ is a flag (`--model small`, `--seq-len 256`), a key of --set and a keyword of `j
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from jaxlaunch.models.config import PRESETS, preset
 from jaxlaunch.models.corpus import Corpus, check_data_path, corpus_files, fingerprint_of
 
 import jaxlaunch
+
+if TYPE_CHECKING:
+    import numpy as np
 
 DEFAULTS: dict[str, Any] = {
     "model": "tiny",              # size preset: tiny, small or base
@@ -56,7 +59,7 @@ def fingerprint(config: dict[str, Any]) -> str:
 
 
 @jaxlaunch.entrypoint(defaults=DEFAULTS, check=check, fingerprint=fingerprint)
-def main(ctx) -> dict[str, Any]:
+def main(ctx: jaxlaunch.HostContext) -> dict[str, Any]:
     import jax
     from flax import nnx
     from jaxlaunch.models import training
@@ -69,7 +72,7 @@ def main(ctx) -> dict[str, Any]:
     learning_rate = jax.jit(training.schedule(cfg, ctx.schedule_steps))
     batch_size, seq_len = cfg["global_batch_size"], cfg["seq_len"]
 
-    def rows(step, indices):
+    def rows(step: int, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return corpus.rows(ctx.seed, step, indices, batch_size, seq_len)
 
     for step in range(start + 1, ctx.steps + 1):

@@ -11,12 +11,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.typing import Initializer
 from jaxlaunch.models.config import ModelConfig
 
 _INIT = nnx.initializers.normal(stddev=0.02)
 
 
-def _annotated(init, *logical_axes: str | None):
+def _annotated(init: Initializer, *logical_axes: str | None) -> Initializer:
     return nnx.with_partitioning(init, logical_axes)
 
 
@@ -25,7 +26,7 @@ class Attention(nnx.Module):
         self.num_heads = cfg.num_heads
         d = cfg.d_model
 
-        def proj(axes):
+        def proj(axes: tuple[str, str]) -> nnx.Linear:
             return nnx.Linear(d, d, use_bias=False, kernel_init=_annotated(_INIT, *axes), rngs=rngs)
 
         self.query = proj(("embed", "heads"))
@@ -37,7 +38,7 @@ class Attention(nnx.Module):
         batch, length, d = x.shape
         head_dim = d // self.num_heads
 
-        def split_heads(y):
+        def split_heads(y: jax.Array) -> jax.Array:
             return y.reshape(batch, length, self.num_heads, head_dim)
 
         q, k, v = split_heads(self.query(x)), split_heads(self.key(x)), split_heads(self.value(x))

@@ -5,6 +5,7 @@ same on 1 host or 64; each process calls the function only for the rows its own 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -14,6 +15,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 RowsFn = Callable[[int, np.ndarray], Any]
 """(step, row indices) -> a pytree of numpy arrays whose leading dimension is len(rows)."""
+Index = tuple[slice, ...]
+"""A device's part of a global array: a slice per dimension."""
 
 
 def batch_axes(mesh: Mesh, axes: str | Sequence[str] | None = None) -> tuple[str, ...]:
@@ -37,8 +40,9 @@ def global_batch(rows_fn: RowsFn, step: int, batch_size: int, mesh: Mesh,
     cache: dict[tuple[int, int], list[np.ndarray]] = {}
     treedef = None
 
-    def rows_of(index: tuple) -> list[np.ndarray]:
+    def rows_of(index: Index | None) -> list[np.ndarray]:
         nonlocal treedef
+        assert index is not None, "a NamedSharding gives every device a slice"
         start, stop, _ = index[0].indices(batch_size)
         if (start, stop) not in cache:
             leaves, treedef = jax.tree.flatten(rows_fn(step, np.arange(start, stop)))
@@ -49,6 +53,11 @@ def global_batch(rows_fn: RowsFn, step: int, batch_size: int, mesh: Mesh,
             cache[(start, stop)] = [np.asarray(leaf) for leaf in leaves]
         return cache[(start, stop)]
 
+    def leaf_part(leaf: int, index: Index | None) -> np.ndarray:
+        """A device's part of one leaf: its rows, and its slice of the trailing dimensions."""
+        assert index is not None, "a NamedSharding gives every device a slice"
+        return rows_of(index)[leaf][(slice(None), *index[1:])]
+
     # One call for this process's first rows tells the structure and the trailing shapes.
     first_index = next(iter(rows_sharding.addressable_devices_indices_map((batch_size,)).values()))
     sample = rows_of(first_index)
@@ -56,6 +65,5 @@ def global_batch(rows_fn: RowsFn, step: int, batch_size: int, mesh: Mesh,
     for i, leaf in enumerate(sample):
         shape = (batch_size, *leaf.shape[1:])
         sharding = NamedSharding(mesh, PartitionSpec(spec_axis, *([None] * (leaf.ndim - 1))))
-        arrays.append(jax.make_array_from_callback(
-            shape, sharding, lambda index, i=i: rows_of(index)[i][(slice(None), *index[1:])]))
+        arrays.append(jax.make_array_from_callback(shape, sharding, functools.partial(leaf_part, i)))
     return jax.tree.unflatten(treedef, arrays)

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import functools
 import logging
 import os
 import pathlib
 import time
+import types
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Self
 
 import jax
 import numpy as np
@@ -143,15 +145,16 @@ class Checkpointer:
         def __init__(self, owner: Checkpointer):
             self.owner = owner
 
-        def __enter__(self):
+        def __enter__(self) -> Self:
             return self
 
-        def __exit__(self, kind, err, tb):
+        def __exit__(self, kind: type[BaseException] | None, err: BaseException | None,
+                     tb: types.TracebackType | None) -> None:
             if err is None or isinstance(err, CheckpointError):
-                return False
+                return
             code = storage_errno(err)
             if code is None:
-                return False
+                return
             raise StorageError(describe(self.owner.directory, code, self.owner.checkpoint_bytes)) from err
 
     def _storage_errors(self) -> _StorageErrors:
@@ -169,7 +172,7 @@ class Checkpointer:
         for step in steps:
             start = time.perf_counter()
             if check_structure is not None:
-                mismatch = self._agree_on(lambda s=step: self._structure_problem(s, check_structure))
+                mismatch = self._agree_on(functools.partial(self._structure_problem, step, check_structure))
                 if mismatch:
                     raise NoCheckpointError(
                         f"checkpoint step {step} in {self.directory} holds a state that differs from what init() "
@@ -289,6 +292,10 @@ def prepare_tensorstore(location: str | pathlib.Path) -> None:
             route_s3_to_tensorstore()
 
 
+ROUTES_S3_MARK = "_jaxlaunch_routes_s3"
+"""Marks Orbax's spec builder once wrapped (on the function object, which Orbax's module holds)."""
+
+
 def route_s3_to_tensorstore() -> None:
     """Has Orbax write `s3://` arrays with TensorStore's s3 driver. Orbax 0.12 sends only `gs://`
     to a cloud driver (`tensorstore_utils._use_gcs_driver`) and everything else to the `file`
@@ -299,16 +306,16 @@ def route_s3_to_tensorstore() -> None:
     from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
 
     original = ts_utils.build_kvstore_tspec
-    if getattr(original, "routes_s3", False):
+    if getattr(original, ROUTES_S3_MARK, False):
         return
 
-    def build_kvstore_tspec(directory, name=None, **kwargs):
+    def build_kvstore_tspec(directory: Any, name: str | None = None, **kwargs: Any) -> Any:
         directory = str(directory)
         if not directory.startswith("s3://"):
             return original(directory, name, **kwargs)
         return _gcs_to_s3(original("gs://" + directory[len("s3://"):], name, **kwargs))
 
-    build_kvstore_tspec.routes_s3 = True
+    setattr(build_kvstore_tspec, ROUTES_S3_MARK, True)
     ts_utils.build_kvstore_tspec = build_kvstore_tspec
 
 

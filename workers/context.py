@@ -26,6 +26,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import NamedSharding
 from jaxlaunch.workers import batch as batch_lib
 from jaxlaunch.workers import extras
 from jaxlaunch.workers.checkpoint import Checkpointer
@@ -56,6 +57,20 @@ class PersistDone(BaseException):
         self.result = result
 
 
+@dataclasses.dataclass
+class _Loop:
+    """What `restore_or_init` sets up for the training loop."""
+
+    layout: StateLayout
+    checkpointer: Checkpointer
+    start_step: int
+    """The step the state was restored at (0: a fresh state)."""
+    last_step: int
+    """The newest step reported (or the start step)."""
+    last_report_at: float
+    """When the newest step was reported (perf_counter)."""
+
+
 class HostContext:
     """The launcher, as the user's function on one host sees it.
 
@@ -78,11 +93,7 @@ class HostContext:
         self.config: dict[str, Any] = dict(spec.config)
         self._spec, self._progress = spec, progress
         self._driver_stop = driver_stop or DriverStop()
-        self._layout: StateLayout | None = None
-        self._checkpointer: Checkpointer | None = None
-        self._start_step: int | None = None
-        self._last_step: int | None = None
-        self._last_report_at: float | None = None
+        self._loop: _Loop | None = None
         self._pending: list[dict[str, Any]] = []
         """Records of reported steps whose JAX values are not read yet."""
         self._unsaved: list[dict[str, Any]] = []
@@ -117,7 +128,7 @@ class HostContext:
         (JSON: a best loss, a counter) is its initial value. With `extra`, the call returns
         `(state, step, extra)`: the same names with the restored values; pass that dict (updated)
         to `maybe_save`. Each host keeps its own (a host's data position is its own)."""
-        if self._layout is not None:
+        if self._loop is not None:
             raise RuntimeError("ctx.restore_or_init was called twice: call it once, before the training loop")
         self._progress.enter(Phase.RESTORING)
         layout = StateLayout.of(init, self.mesh, rules, shardings)
@@ -135,6 +146,7 @@ class HostContext:
             state, step = restored.state, restored.step
             self._extra = extras.restore(self._extra, restored.extra)
             path, array = largest_array(state)
+            sharding = array.sharding.spec if isinstance(array.sharding, NamedSharding) else array.sharding
             self._progress.event(events.Restored(
                 step=step, records=tuple(restored.meta.get("records", [])), seconds=restored.seconds,
                 tier=restored.tier, durable_bytes_read=restored.durable_bytes,
@@ -142,18 +154,16 @@ class HostContext:
                 saved_topology=restored.meta.get("topology"),
                 mesh=dict(self.mesh.shape),
                 # Evidence that the arrays landed in today's layout, not the one they were saved in.
-                array=path, sharding=str(array.sharding.spec),
+                array=path, sharding=str(sharding),
                 shard_shape=list(array.addressable_shards[0].data.shape)))
             log.info("restored step %d from %s in %.2f s", step, restored.tier, restored.seconds)
         if spec.persist_only:
             raise PersistDone(self._persist(restored, checkpointer))
         if self._memory is not None:
             self._memory.forget_after(step)
-        self._layout, self._checkpointer = layout, checkpointer
-        self._start_step = self._last_step = step
         self._progress.step_done(step)
         self._progress.enter(Phase.COMPILING)
-        self._last_report_at = time.perf_counter()
+        self._loop = _Loop(layout, checkpointer, step, step, time.perf_counter())
         if extra is None:
             return layout.merge(state), step
         return layout.merge(state), step, self._extra
@@ -181,17 +191,17 @@ class HostContext:
         fetched a step later, so the device never waits for the host). The watchdog's heartbeat:
         call it every step. Metrics go to the progress bar, metrics.jsonl, TensorBoard and the
         goodput accounting; a `tokens` metric (tokens in the step) also gives `tokens_per_s`."""
-        self._require_state("report")
+        loop = self._require_state("report")
         self._fire_armed()
-        if step <= self._last_step:
-            raise ValueError(f"ctx.report({step}) after step {self._last_step}: steps must increase")
+        if step <= loop.last_step:
+            raise ValueError(f"ctx.report({step}) after step {loop.last_step}: steps must increase")
         now = time.perf_counter()
-        first = self._last_step == self._start_step
+        first = loop.last_step == loop.start_step
         record: dict[str, Any] = {"step": step, "time": time.time(), "attempt": self.attempt,
                                   "num_hosts": self.process_count,
                                   # The first step of an attempt also paid for compilation.
-                                  "step_time_s": None if first else now - self._last_report_at}
-        self._last_report_at, self._last_step = now, step
+                                  "step_time_s": None if first else now - loop.last_report_at}
+        loop.last_report_at, loop.last_step = now, step
         if self.process_index == 0:
             for name, value in metrics.items():
                 if isinstance(value, jax.Array):
@@ -204,7 +214,8 @@ class HostContext:
         self._progress.step_done(step)
         if first:
             self._progress.enter(Phase.TRAINING)
-            self._progress.event(events.StartupTimeline(**self._progress.timeline, first_step_done=time.time()))
+            self._progress.event(events.StartupTimeline.from_dict({**self._progress.timeline,
+                                                                   "first_step_done": time.time()}))
         self._armed = step
 
     def maybe_save(self, step: int, state: Any, extra: dict[str, Any] | None = None) -> bool:
@@ -215,16 +226,16 @@ class HostContext:
         ctx.steps and at an agreed stop; without it, every save is durable. `extra`: the dict that
         restore_or_init returned, with today's values. Returns whether it saved. Call it every step
         on every host: the agreement on a stop step happens here."""
-        self._require_state("maybe_save")
+        loop = self._require_state("maybe_save")
         cfg = self._spec.checkpoint
         if extra is not None:
             self._extra = dict(extra)
-        final = self._stop_agreed(step) or step == self.steps
+        final = self._stop_agreed(step, loop.checkpointer) or step == self.steps
         in_memory = self._memory is not None and step % cfg.save_every == 0
         durable = final or step % (cfg.persist_every if self._memory is not None else cfg.save_every) == 0
         due = in_memory or durable
         if due and self._saved_step != step:
-            tree = self._layout.split(state)
+            tree = loop.layout.split(state)
             self._progress.enter(Phase.SAVING)
             self._flush_metrics(before=step)
             # The checkpoint carries the records since the last save: if this host dies before the
@@ -233,11 +244,11 @@ class HostContext:
             meta = {**self._meta(step), "records": records[-CARRIED_RECORDS:]}
             mine = extras.snapshot(self._extra)
             started = time.perf_counter()
-            if in_memory:
+            if in_memory and self._memory is not None:
                 self._memory.save(step, tree, meta, mine)
             if durable:
                 meta["extra"] = extras.gather(mine) if self._extra else []
-                self._checkpointer.save(step, tree, meta)
+                loop.checkpointer.save(step, tree, meta)
             blocked = time.perf_counter() - started
             if self._memory is not None and self._memory.refused and not self._refusal_told:
                 self._refusal_told = True
@@ -258,9 +269,9 @@ class HostContext:
     def should_stop(self, step: int) -> bool:
         """True on every host at one and the same step after a preemption notice, a stop request or
         a resize, once `maybe_save` saved that step: the function should then return."""
-        self._require_state("should_stop")
+        loop = self._require_state("should_stop")
         self._fire_armed()
-        stop = self._stop_agreed(step)
+        stop = self._stop_agreed(step, loop.checkpointer)
         if stop:
             if self._saved_step != step:
                 log.warning("should_stop(%d) is True but maybe_save(%d, state) was not called first: the state "
@@ -276,21 +287,22 @@ class HostContext:
         return batch_lib.global_batch(rows_fn, step, batch_size, self.mesh, axes)
 
     # -- inside the launcher -----------------------------------------------------------------------
-    def _require_state(self, method: str) -> None:
-        if self._layout is None:
+    def _require_state(self, method: str) -> _Loop:
+        if self._loop is None:
             raise RuntimeError(f"ctx.{method} before ctx.restore_or_init: build or restore the state first")
+        return self._loop
 
-    def _stop_agreed(self, step: int) -> bool:
+    def _stop_agreed(self, step: int, checkpointer: Checkpointer) -> bool:
         """Asked once per step: the step the driver agreed with every host (a resize, a stop the user
         asked for), or JAX's preemption sync point (after a SIGTERM from outside reached any host,
         every host answers True at the same step)."""
         if self._stop_checked is None or self._stop_checked[0] != step:
-            stop = self._driver_stop.reached(step) or bool(self._checkpointer.reached_preemption(step))
+            stop = self._driver_stop.reached(step) or bool(checkpointer.reached_preemption(step))
             self._stop_checked = (step, stop)
         return self._stop_checked[1]
 
     def _saving(self) -> bool:
-        return self._checkpointer is not None and self._checkpointer.is_saving()
+        return self._loop is not None and self._loop.checkpointer.is_saving()
 
     def _fire_armed(self) -> None:
         if self._armed is not None:
@@ -349,18 +361,19 @@ class HostContext:
         """After the user's function returned: the last records, the wait for pending saves."""
         self._fire_armed()
         self._flush_metrics()
-        if self._checkpointer is not None:
+        if self._loop is not None:
             self._progress.enter(Phase.SAVING)
             started = time.perf_counter()
             if self._memory is not None:
                 self._memory.close()
-            self._checkpointer.wait()
-            self._checkpointer.close()
+            self._loop.checkpointer.wait()
+            self._loop.checkpointer.close()
             self._progress.event(events.FinalSave(seconds=time.perf_counter() - started))
         self._progress.enter(Phase.DONE)
         return HostResult(
             ending=Ending.STOPPED if self._stopped_at is not None else Ending.COMPLETED,
-            final_step=self._last_step, process_index=self.process_index, process_count=self.process_count,
+            final_step=self._loop.last_step if self._loop is not None else None,
+            process_index=self.process_index, process_count=self.process_count,
             num_devices=jax.device_count(), mesh=dict(self.mesh.shape),
             final_snapshot=self._progress.drain(), returned=_json_value(returned))
 

@@ -160,8 +160,7 @@ def kept(held: list[Held], keep: int) -> set[int]:
     never dropped for a newer one that may yet fail to replicate (its partner node lost mid-copy)."""
     steps: dict[int, bool] = {}
     for h in held:
-        settled = h.role == Role.REPLICA or h.replicated
-        steps[h.step] = steps.get(h.step, True) and settled
+        steps[h.step] = steps.get(h.step, True) and (h.role == Role.REPLICA or h.replicated)
     newest_first = sorted(steps, reverse=True)
     settled = [s for s in newest_first if steps[s]][:keep]
     newest_settled = settled[0] if settled else -1

@@ -11,6 +11,7 @@ import concurrent.futures
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -213,7 +214,7 @@ class MemoryTier:
                 keeper.forget_after.remote(step)
 
 
-def _assemble(targets: Any, parts: dict[int, dict[str, Any]], load_all, own: int) -> Any:
+def _assemble(targets: Any, parts: dict[int, dict[str, Any]], load_all: Callable[[], None], own: int) -> Any:
     """Each target array made from the held shards: its own host's shard of the same index when
     there is one, else the pieces of every part that overlap it."""
 
@@ -221,7 +222,8 @@ def _assemble(targets: Any, parts: dict[int, dict[str, Any]], load_all, own: int
         out = [(r, s["index"], s["data"]) for r, p in parts.items() for s in p["shards"] if s["path"] == key]
         return sorted(out, key=lambda item: item[0] != own)
 
-    def piece(key: str, shape: tuple[int, ...], dtype: np.dtype, index: tuple[slice, ...]) -> np.ndarray:
+    def piece(key: str, shape: tuple[int, ...], dtype: np.dtype, index: tuple[slice, ...] | None) -> np.ndarray:
+        assert index is not None, "a NamedSharding gives every device a slice"
         wanted = _normal(index, shape)
         for _, held_index, data in shards_of(key):
             if held_index == wanted:
@@ -247,7 +249,7 @@ def _assemble(targets: Any, parts: dict[int, dict[str, Any]], load_all, own: int
     plain = {k: v for p in parts.values() for k, v in p["plain"].items()}
     arrays = parts[own]["arrays"]
 
-    def make(path, target):
+    def make(path: jax.tree_util.KeyPath, target: Any) -> Any:
         key = jax.tree_util.keystr(path)
         if not isinstance(getattr(target, "sharding", None), jax.sharding.Sharding):
             return plain[key]

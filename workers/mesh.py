@@ -36,7 +36,8 @@ def partition_spec(shape: tuple[int, ...], logical_axes: tuple | None, mesh: Mes
 
     if not logical_axes:
         return PartitionSpec()
-    spec, used = [], set()
+    spec: list[str | tuple[str, ...] | None] = []
+    used: set[str] = set()
     for dim, name in zip(shape, logical_axes, strict=True):
         target = None
         if name is not None:

@@ -7,6 +7,8 @@ import logging
 import os
 import pathlib
 import stat
+from collections.abc import Sequence
+from typing import Any
 
 from jaxlaunch.contract.protocol import DistributedConfig, ErrorKind
 
@@ -61,6 +63,10 @@ def enable_compilation_cache(directory: str) -> str | None:
     return None
 
 
+EVERY_PROCESS_MARK = "_jaxlaunch_every_process"
+"""Marks JAX's cache writer once replaced (on the function object, which JAX's module holds)."""
+
+
 def _write_cache_from_every_process() -> bool:
     """On CPU, JAX keys a compiled program by each process's own topology (its process id and local
     devices), so process 1's restart looks for an entry only process 1 could have written, yet JAX
@@ -78,10 +84,11 @@ def _write_cache_from_every_process() -> bool:
     if original is None or list(inspect.signature(original).parameters) != expected:
         log.warning("jax._src.compiler._cache_write changed: only process 0 writes the compilation cache")
         return False
-    if getattr(original, "every_process", False):
+    if getattr(original, EVERY_PROCESS_MARK, False):
         return True
 
-    def cache_write(cache_key, compile_time_secs, module_name, backend, executable, host_callbacks):
+    def cache_write(cache_key: str, compile_time_secs: float, module_name: str, backend: Any, executable: Any,
+                    host_callbacks: Sequence[Any]) -> None:
         if distributed.global_state.process_id == 0 or backend.platform != "cpu" or host_callbacks:
             return original(cache_key, compile_time_secs, module_name, backend, executable, host_callbacks)
         if compile_time_secs < jax_config.persistent_cache_min_compile_time_secs.value:
@@ -93,7 +100,7 @@ def _write_cache_from_every_process() -> bool:
             log.warning("could not write the compilation cache entry of %s: %s", module_name, err)
         return None
 
-    cache_write.every_process = True
+    setattr(cache_write, EVERY_PROCESS_MARK, True)
     compiler._cache_write = cache_write
     return True
 

@@ -75,7 +75,7 @@ class StateLayout:
         shards, and no host ever holds a full copy of a sharded array."""
         is_nnx = self.is_nnx
 
-        def make():
+        def make() -> Any:
             with nnx.use_eager_sharding(False):
                 built = init()
             return nnx.split(built)[1] if is_nnx else built
@@ -139,7 +139,7 @@ def _tree_shardings(abstract: Any, shardings: Shardings, mesh: Mesh) -> Any:
     if len(specs) != len(leaves):
         raise ValueError(f"restore_or_init(shardings=...) has {len(specs)} entries but init() builds {len(leaves)} "
                          f"arrays: give one PartitionSpec (or None) per array, or a function of (path, leaf)")
-    return treedef.unflatten([named(spec) for spec in specs])
+    return jax.tree.unflatten(treedef, [named(spec) for spec in specs])
 
 
 def largest_array(state: Any) -> tuple[str, jax.Array]:

@@ -17,8 +17,8 @@ import inspect
 import io
 import sys
 import types
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, NoReturn
 
 import cloudpickle
 
@@ -56,7 +56,7 @@ class _Unshippable(TypeError):
 class _ShippingPickler(cloudpickle.Pickler):
     """cloudpickle, refusing a JAX array: it lives on the driver's devices, which no host has."""
 
-    def reducer_override(self, obj):
+    def reducer_override(self, obj: Any) -> Any:
         if _is_jax_array(obj):
             raise _Unshippable("a JAX array on the driver")
         return super().reducer_override(obj)
@@ -73,7 +73,7 @@ def _ordered(consts: tuple) -> tuple:
     return tuple(("frozenset", *sorted(c, key=repr)) if isinstance(c, frozenset) else c for c in consts)
 
 
-def _code_identity(*fields):
+def _code_identity(*fields: Any) -> NoReturn:
     raise AssertionError("a fingerprint is never unpickled")
 
 
@@ -82,7 +82,7 @@ class _FingerprintPickler(_ShippingPickler):
     no file names or line numbers, and no per-process class identifiers (cloudpickle tracks
     dynamic classes by a random id)."""
 
-    def reducer_override(self, obj):
+    def reducer_override(self, obj: Any) -> Any:
         if isinstance(obj, types.CodeType):
             return _code_identity, (
                 obj.co_name, obj.co_qualname, obj.co_argcount, obj.co_posonlyargcount, obj.co_kwonlyargcount,
@@ -127,6 +127,7 @@ def _uses(function: types.FunctionType) -> Iterator[tuple[str, Any]]:
     for name in dict.fromkeys(_code_names(code)):
         if name in function.__globals__:
             yield name, function.__globals__[name]
+    parameters: Iterable[inspect.Parameter]
     try:
         parameters = inspect.signature(function).parameters.values()
     except (TypeError, ValueError):  # no signature to read

@@ -22,8 +22,9 @@ import pathlib
 import re
 import sys
 import sysconfig
+import types
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, TypeVar, overload
 
 from jaxlaunch.contract import by_value
 from jaxlaunch.contract.protocol import ConfigError, EntryRef
@@ -35,6 +36,8 @@ LEGACY_ENTRIES = {"models.lm:main": BUILTIN_ENTRY}
 """Entries as runs written before the one installed package named them (kept in their config.json)."""
 HOST_RANK_ENV = "JAXLAUNCH_HOST_RANK"
 """Set in every host process (to its rank): `jaxlaunch.launch` refuses to run there."""
+ENTRY_SPEC_ATTRIBUTE = "__jaxlaunch_entry__"
+"""Where `@entrypoint` keeps an entry's `EntrySpec`, on the function."""
 _BY_VALUE_NAME = re.compile(r"^(?P<function>\S+) \(by value, code (?P<fingerprint>[0-9a-f]+)\)$")
 
 
@@ -48,22 +51,34 @@ class EntrySpec:
 
     defaults: Mapping[str, Any] | None = None
     """Its settings' defaults: with them, --set keys are checked and typed."""
-    check: Callable[[dict[str, Any], dict[str, int]], None] | None = None
+    check: Check | None = None
     """check(config, mesh_sizes) raises ValueError when the settings do not suit a mesh."""
-    fingerprint: Callable[[dict[str, Any]], Any] | None = None
+    fingerprint: Fingerprint | None = None
     """fingerprint(config) -> JSON-able value describing the input (e.g. a hash of the data)."""
 
 
-def entrypoint(function: Callable | None = None, *, defaults: Mapping[str, Any] | None = None,
-               check: Callable[[dict[str, Any], dict[str, int]], None] | None = None,
-               fingerprint: Callable[[dict[str, Any]], Any] | None = None):
+Check = Callable[[dict[str, Any], dict[str, int]], None]
+Fingerprint = Callable[[dict[str, Any]], Any]
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@overload
+def entrypoint(function: F, *, defaults: Mapping[str, Any] | None = None, check: Check | None = None,
+               fingerprint: Fingerprint | None = None) -> F: ...
+@overload
+def entrypoint(function: None = None, *, defaults: Mapping[str, Any] | None = None, check: Check | None = None,
+               fingerprint: Fingerprint | None = None) -> Callable[[F], F]: ...
+def entrypoint(function: F | None = None, *, defaults: Mapping[str, Any] | None = None, check: Check | None = None,
+               fingerprint: Fingerprint | None = None) -> F | Callable[[F], F]:
     """Declares an entry's settings, their check and its input fingerprint:
 
         @jaxlaunch.entrypoint(defaults={"learning_rate": 1e-3, "batch_size": 32})
         def main(ctx): ...
     """
-    def mark(fn: Callable) -> Callable:
-        fn.__jaxlaunch_entry__ = EntrySpec(dict(defaults) if defaults is not None else None, check, fingerprint)
+    def mark(fn: F) -> F:
+        # The spec travels on the function object itself, so any import of it finds it.
+        setattr(fn, ENTRY_SPEC_ATTRIBUTE, EntrySpec(dict(defaults) if defaults is not None else None, check,
+                                                    fingerprint))
         return fn
 
     return mark(function) if function is not None else mark
@@ -229,7 +244,7 @@ def _add_to_path(folder: pathlib.Path | None) -> None:
         sys.path.insert(0, str(folder))
 
 
-def _module(ref: EntryRef):
+def _module(ref: EntryRef) -> types.ModuleType:
     folder = _folder(ref)
     if folder is not None:
         return _import_file(folder / f"{ref.module}.py", ref.module)
@@ -251,7 +266,7 @@ def _checked(function: Any, ref: EntryRef, where: str) -> Callable:
     return function
 
 
-def _import_file(path: pathlib.Path, name: str):
+def _import_file(path: pathlib.Path, name: str) -> types.ModuleType:
     if not path.is_file():
         raise ConfigError(f"--entry: no such file {path}")
     # Like running the file: its folder is importable (sibling modules), and a name of its own keeps
@@ -263,6 +278,8 @@ def _import_file(path: pathlib.Path, name: str):
     if unique in sys.modules:
         return sys.modules[unique]
     spec = importlib.util.spec_from_file_location(unique, path)
+    if spec is None or spec.loader is None:
+        raise ConfigError(f"--entry: {path} cannot be imported as a Python module")
     module = importlib.util.module_from_spec(spec)
     sys.modules[unique] = module
     try:
@@ -276,7 +293,7 @@ def _import_file(path: pathlib.Path, name: str):
 def resolve(text: str) -> Entry:
     ref = parse(text)
     function = load(ref)
-    return Entry(ref, function, getattr(function, "__jaxlaunch_entry__", None) or EntrySpec())
+    return Entry(ref, function, getattr(function, ENTRY_SPEC_ATTRIBUTE, None) or EntrySpec())
 
 
 def from_callable(function: Callable) -> Entry:
@@ -284,7 +301,7 @@ def from_callable(function: Callable) -> Entry:
     import it by name, by value otherwise (defined in `__main__`, a notebook, an interactive session,
     or nested in another function). Raises ConfigError, before anything starts, for a function that
     uses a value that cannot travel."""
-    name = getattr(function, "__qualname__", None) or getattr(function, "__name__", repr(function))
+    name: str = getattr(function, "__qualname__", None) or getattr(function, "__name__", None) or repr(function)
     module = inspect.getmodule(function)
     if module is not None and module.__name__.startswith("_jaxlaunch_entry_") and "<" not in name \
             and getattr(module, name, None) is function:
@@ -297,7 +314,7 @@ def from_callable(function: Callable) -> Entry:
     ref = EntryRef(module=getattr(function, "__module__", None) or "__main__", function=name,
                    path=str(pathlib.Path(script).absolute()) if script else None, payload=payload,
                    fingerprint=fingerprint)
-    return Entry(ref, _checked(function, ref, str(ref)), getattr(function, "__jaxlaunch_entry__", None) or EntrySpec())
+    return Entry(ref, _checked(function, ref, str(ref)), getattr(function, ENTRY_SPEC_ATTRIBUTE, None) or EntrySpec())
 
 
 def resume_command(ref: EntryRef, run_dir: str) -> str:

@@ -14,7 +14,7 @@ import enum
 import logging
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 
 class EventKind(enum.StrEnum):
@@ -140,7 +140,7 @@ class Event:
         return {**self.extra, **line}
 
     @classmethod
-    def from_dict(cls, line: Mapping[str, Any]) -> Event:
+    def from_dict(cls, line: Mapping[str, Any]) -> Self:
         """The event of a line of its own kind (`parse` picks the kind)."""
         known = {f.name: f for f in dataclasses.fields(cls) if f.name != "extra"}
         values = {}
@@ -155,8 +155,9 @@ class Event:
 def parse(line: Mapping[str, Any]) -> Event | None:
     """The typed event of a line of events.jsonl; None (with a warning) for a kind this version does
     not know or a line that lacks what its kind needs."""
-    kind = EventKind._value2member_map_.get(line.get("event"))
-    if kind is None:
+    try:
+        kind = EventKind(line.get("event", ""))
+    except ValueError:
         log.debug("skipped an event of a kind this version does not know: %s", line.get("event"))
         return None
     try:

@@ -233,7 +233,7 @@ class HostError(Exception):
         self.phase = phase
         """Where the host was when it raised: before TRAINING, it had not reported a step of this attempt."""
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[type[HostError], tuple[Any, ...]]:
         return HostError, (self.rank, self.step, self.kind, self.exception_type, self.message, self.traceback_text,
                            self.phase)
 

@@ -9,6 +9,7 @@ import errno
 import os
 import pathlib
 import shutil
+from collections.abc import Iterator
 
 from jaxlaunch.contract.store import is_url
 
@@ -22,13 +23,14 @@ class RunStorageError(RuntimeError):
     """The driver could not write the run directory's records (full, read-only, gone): exit code 1."""
 
 
-def chain(err: BaseException):
+def chain(err: BaseException) -> Iterator[BaseException]:
     """An exception and its causes and contexts."""
     seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        yield err
-        err = err.__cause__ or err.__context__
+    link: BaseException | None = err
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        yield link
+        link = link.__cause__ or link.__context__
 
 
 def storage_errno(err: BaseException) -> int | None:
@@ -93,7 +95,7 @@ class ShortOfSpace:
     message: str
 
 
-def short_of_space(directory: pathlib.Path, checkpoint_bytes: int, checkpoints: int) -> ShortOfSpace | None:
+def short_of_space(directory: pathlib.Path | str, checkpoint_bytes: int, checkpoints: int) -> ShortOfSpace | None:
     """Whether `checkpoints` checkpoints of `checkpoint_bytes` fit in what `directory`'s filesystem
     has free (None: they fit, or the free space cannot be known)."""
     free, needed = free_bytes(directory), checkpoint_bytes * checkpoints

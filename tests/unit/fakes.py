@@ -1,16 +1,23 @@
 """A fake cluster and worker group for stepping the driver without Ray, and a fake clock (the unit
-tests' and the pod-scale benchmark's)."""
+tests' and the pod-scale benchmark's).
+
+The type check (tests/test_types.py) holds the fakes to the Protocols they stand in for:
+`make_driver` hands a `FakeCluster` to the driver as its `Cluster` and makes each `FakeGroup` as
+a `WorkerGroup`, so a fake whose methods drift from the Protocol's fails that test."""
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
-from jaxlaunch.launcher.driver import Driver
-from jaxlaunch.launcher.fault_plan import FaultPlan
+from jaxlaunch.launcher.driver import Driver, Listener
+from jaxlaunch.launcher.fault_plan import FaultPlan, Fired
 from jaxlaunch.launcher.policy import FaultConfig, Policies, RestartPolicy, ScalingPolicy, Watchdog, WatchdogConfig
 
-from jaxlaunch.contract.events import Restored
+from jaxlaunch.contract.events import HostEvent, Restored
 from jaxlaunch.contract.protocol import (
+    Cluster,
     Ending,
     ErrorKind,
     ExitHow,
@@ -21,23 +28,32 @@ from jaxlaunch.contract.protocol import (
     HostResult,
     HostSnapshot,
     HostStatus,
+    Injection,
     NodeLiveness,
     Phase,
     PlacementError,
     StopAnswer,
+    WorkerGroup,
 )
 
 POLL_INTERVAL_S = WatchdogConfig().poll_interval_s
 """A fake poll takes the driver's default poll interval of the fake clock."""
 
+Record = dict[str, Any]
+Behaviour = Callable[["FakeGroup", int], list[Record] | None]
+"""(group, poll index) -> the metric records the hosts report at that poll; it moves the hosts."""
+Log = list[tuple[Any, ...]]
+"""What the driver asked of the groups, in order: ("start", attempt, hosts), ("kill", rank), ..."""
+
+
 class Clock:
-    def __init__(self):
+    def __init__(self) -> None:
         self.now = 1000.0
 
-    def __call__(self):
+    def __call__(self) -> float:
         return self.now
 
-    def sleep(self, seconds):
+    def sleep(self, seconds: float) -> None:
         self.now += seconds
 
 
@@ -46,7 +62,7 @@ class FakeCluster:
 
     embedded = True
 
-    def __init__(self, capacity):
+    def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         self.held = 0
         self.is_alive = True
@@ -54,16 +70,16 @@ class FakeCluster:
         self.groups: list[FakeGroup] = []
         """Every group started on it, in order."""
 
-    def placeable_hosts(self):
+    def placeable_hosts(self) -> int:
         return max(0, self.capacity - self.held)
 
-    def describe(self):
+    def describe(self) -> str:
         return f"fake cluster with room for {self.placeable_hosts()}"
 
-    def alive(self):
+    def alive(self) -> bool:
         return self.is_alive
 
-    def restart(self):
+    def restart(self) -> None:
         self.restarts += 1
         self.is_alive = True
 
@@ -71,30 +87,32 @@ class FakeCluster:
 class FakeGroup:
     """Plays one attempt: `behaviour(group, poll_index)` makes the hosts report at each poll."""
 
-    def __init__(self, clock, behaviour, log, cluster):
+    def __init__(self, clock: Clock, behaviour: Behaviour, log: Log, cluster: FakeCluster) -> None:
         self.clock, self.behaviour, self.log, self.cluster = clock, behaviour, log, cluster
         cluster.groups.append(self)
         self.num_hosts = 0
+        self.attempt = 0
+        self.hosts: list[HostStatus] = []
         self.polls = 0
         self.poll_seconds = 0.0
         """CPU time spent inside poll(): the fake's own cost, for a benchmark to take out of the driver's."""
-        self.stop_at = None
+        self.stop_at: int | None = None
         """The stop step every host accepted and the driver confirmed."""
-        self.held_at = None
+        self.held_at: int | None = None
         """The proposed stop step the hosts that accepted it wait at."""
-        self.ahead = {}
+        self.ahead: dict[int, int] = {}
         """rank -> how many steps a host's loop is past the step it last reported."""
-        self.killed = None
-        self.results = {}
-        self.exits = {}
-        self.events = []
+        self.killed: int | None = None
+        self.results: dict[int, HostResult] = {}
+        self.exits: dict[int, HostExit] = {}
+        self.events: list[tuple[int, HostEvent]] = []
         """(rank, event) to report at the next poll."""
-        self.silent = set()
+        self.silent: set[int] = set()
         """Hosts that stopped answering polls (a stopped process); the others answer every poll."""
-        self.lost = []
+        self.lost: list[int] = []
         """Hosts whose node is gone, reported or not."""
 
-    def start(self, num_hosts, attempt, injections=()):
+    def start(self, num_hosts: int, attempt: int, injections: tuple[Injection, ...] = ()) -> GroupInfo:
         if getattr(self.behaviour, "placement_fails", False):
             raise PlacementError("placement timed out")
         self.num_hosts, self.attempt = num_hosts, attempt
@@ -105,7 +123,7 @@ class FakeGroup:
         return GroupInfo("10.0.0.1:1234", [f"{rank:056x}" for rank in range(num_hosts)],
                          [100_000 + rank for rank in range(num_hosts)])
 
-    def poll(self):
+    def poll(self) -> GroupPoll:
         started = time.process_time()
         self.clock.sleep(POLL_INTERVAL_S)
         self.polls += 1
@@ -119,30 +137,32 @@ class FakeGroup:
         return poll
 
     # -- what hosts do ---------------------------------------------------------------------------
-    def train(self, step, loss=1.0):
+    def train(self, step: int, loss: float = 1.0) -> list[Record]:
         now = self.clock()
         for h in self.hosts:
             h.phase, h.step, h.last_heard, h.last_progress = Phase.TRAINING, step, now, now
         return [{"step": step, "time": now, "loss": loss, "step_time_s": POLL_INTERVAL_S, "attempt": self.attempt,
                  "num_hosts": self.num_hosts}]
 
-    def restored(self, step):
+    def restored(self, step: int) -> None:
         self.events.append((0, Restored(time=self.clock(), step=step, seconds=0.1)))
 
-    def finish(self, step, ending=Ending.COMPLETED):
+    def finish(self, step: int, ending: Ending = Ending.COMPLETED) -> None:
         snapshot = HostSnapshot(Phase.DONE, step)
         self.results = {r: HostResult(ending, step, r, self.num_hosts, 2 * self.num_hosts,
                                       {"data": self.num_hosts}, snapshot) for r in range(self.num_hosts)}
 
-    def die(self, rank, how=ExitHow.PROCESS_DIED, node=NodeLiveness.ALIVE, step=None):
+    def die(self, rank: int, how: ExitHow = ExitHow.PROCESS_DIED, node: NodeLiveness = NodeLiveness.ALIVE,
+            step: int | None = None) -> None:
         self.exits[rank] = HostExit(rank, how, self.clock(), step, "worker died", node=node)
 
-    def raise_(self, rank, kind=ErrorKind.USER, message="ValueError: bad batch", step=None):
+    def raise_(self, rank: int, kind: ErrorKind = ErrorKind.USER, message: str = "ValueError: bad batch",
+               step: int | None = None) -> None:
         error = HostError(rank, step, kind, message.split(":")[0], message.split(": ", 1)[1], f"tb\n{message}")
         self.exits[rank] = HostExit(rank, ExitHow.RAISED, self.clock(), step, error=error)
 
     # -- what the driver does --------------------------------------------------------------------
-    def propose_stop(self, step):
+    def propose_stop(self, step: int) -> dict[int, StopAnswer]:
         self.log.append(("propose_stop", step))
         answers = {}
         for h in self.hosts:
@@ -153,30 +173,30 @@ class FakeGroup:
             self.held_at = step
         return answers
 
-    def confirm_stop(self, step, ranks):
+    def confirm_stop(self, step: int, ranks: list[int]) -> list[int]:
         self.log.append(("confirm_stop", step))
         self.stop_at = step
         return list(ranks)
 
-    def kill(self, rank):
+    def kill(self, rank: int) -> None:
         self.killed = rank
         self.log.append(("kill", rank))
 
-    def dump_stacks(self, rank):
+    def dump_stacks(self, rank: int) -> str | None:
         self.log.append(("dump_stacks", rank))
         return f'Thread 1 (idle): "MainThread"\n    train (user.py:{rank})'
 
-    def lost_hosts(self):
+    def lost_hosts(self) -> list[int]:
         return list(self.lost)
 
-    def shutdown(self):
+    def shutdown(self) -> None:
         self.cluster.held -= self.num_hosts
         self.num_hosts = 0
         self.log.append(("shutdown", self.attempt))
 
 
-def trains_to(total, start=0):
-    def behaviour(group, i):
+def trains_to(total: int, start: int = 0) -> Behaviour:
+    def behaviour(group: FakeGroup, i: int) -> list[Record]:
         step = start + i
         if step > total:
             group.finish(total)
@@ -185,7 +205,7 @@ def trains_to(total, start=0):
     return behaviour
 
 
-def obeys(group, i):
+def obeys(group: FakeGroup, i: int) -> list[Record]:
     """Trains a step a poll; waits at a proposed stop step; saves and stops at the confirmed one."""
     step = (group.hosts[0].step or 0) + 1
     if group.stop_at is not None and step > group.stop_at:
@@ -196,8 +216,8 @@ def obeys(group, i):
     return group.train(step)
 
 
-def dies_at(step, rank=1, **how):
-    def behaviour(group, i):
+def dies_at(step: int, rank: int = 1, **how: Any) -> Behaviour:
+    def behaviour(group: FakeGroup, i: int) -> list[Record]:
         if i < step:
             return group.train(i)
         if rank not in group.exits:
@@ -206,15 +226,19 @@ def dies_at(step, rank=1, **how):
     return behaviour
 
 
-def make_driver(behaviours, *, hosts=2, placeable=None, min_hosts=None, max_hosts=None, listeners=(),
-                fault=None, watchdog=None, committed=None, injections=(), fired=None, clock=None):
+def make_driver(behaviours: Iterable[Behaviour], *, hosts: int = 2, placeable: int | None = None,
+                min_hosts: int | None = None, max_hosts: int | None = None, listeners: Sequence[Listener] = (),
+                fault: FaultConfig | None = None, watchdog: WatchdogConfig | None = None,
+                committed: Callable[[], int | None] | None = None, injections: Sequence[Injection] = (),
+                fired: Fired | None = None, clock: Clock | None = None) -> tuple[Driver, Log, Clock, FakeCluster]:
     clock = clock or Clock()
-    log = []
+    log: Log = []
     queue = list(behaviours)
-    cluster = FakeCluster(placeable if placeable is not None else hosts)
+    fake_cluster = FakeCluster(placeable if placeable is not None else hosts)
+    cluster: Cluster = fake_cluster
 
-    def make_group():
-        return FakeGroup(clock, queue.pop(0), log, cluster)
+    def make_group() -> WorkerGroup:
+        return FakeGroup(clock, queue.pop(0), log, fake_cluster)
 
     fault = fault or FaultConfig(max_restarts=2, backoff_s=1)
     policies = Policies(RestartPolicy(fault),
@@ -225,4 +249,4 @@ def make_driver(behaviours, *, hosts=2, placeable=None, min_hosts=None, max_host
         faults=FaultPlan(injections, fired or (lambda attempt: [])), listeners=listeners,
         clock=clock, sleep=clock.sleep,
     )
-    return driver, log, clock, cluster
+    return driver, log, clock, fake_cluster

@@ -131,9 +131,9 @@ def test_an_injected_exception_fires_after_the_step_is_reported_and_saved(tmp_pa
     ctx, progress = make_ctx(tmp_path, 9, injections=(Injection("exception", step=3, host=0),))
     with pytest.raises(RuntimeError, match="injected exception at step 3"):
         minimal.main(ctx)
-    ctx._checkpointer.wait()
+    ctx._loop.checkpointer.wait()
     assert RunDir(tmp_path).committed_steps() == [3], "the step's save started before the failure"
     assert progress.phase == Phase.TRAINING and progress.step == 3
     [line] = RunDir(tmp_path).injections()
     assert (line["kind"], line["step"], line["rank"]) == ("exception", 3, 0)
-    ctx._checkpointer.close()
+    ctx._loop.checkpointer.close()

@@ -9,7 +9,7 @@ import os
 import uuid
 
 import pytest
-from jaxlaunch.launcher import runs
+from jaxlaunch.launcher import notebook, runs
 from jaxlaunch.launcher.runs import RunDir
 
 from jaxlaunch.contract import events
@@ -141,6 +141,14 @@ def test_committed_steps_need_the_store_s_commit_marker(root):
     store.write("checkpoints/40.orbax-checkpoint-tmp/x", b"{}")
     assert committed_steps(store, "checkpoints") == [20, 10]
     assert RunDir(store.url).committed_steps() == [20, 10]
+
+
+def test_a_result_in_a_notebook_shows_the_report_picture_of_a_run_on_any_store(root):
+    run = RunDir(root())
+    run.write_object("report.png", b"\x89PNG fake")
+    summary = {"status": "finished", "final_step": 3, "run_dir": str(run.path)}
+    assert "data:image/png;base64,iVBORyBmYWtl" in notebook.to_html(summary, None, run.path)
+    assert "data:image/png;base64,iVBORyBmYWtl" in notebook.to_markdown(summary, None, run.path)
 
 
 def test_stores_that_cannot_serve_are_one_line(root, monkeypatch):

@@ -5,7 +5,7 @@ down never stopping the run."""
 import json
 
 import pytest
-from jaxlaunch.launcher import trackers
+from jaxlaunch.launcher import tracker_backends, trackers
 from jaxlaunch.launcher.recorder import Recorder
 from jaxlaunch.launcher.runs import RunDir
 from jaxlaunch.launcher.trackers import Trackers
@@ -106,7 +106,7 @@ def test_steps_a_launch_did_not_send_are_sent_by_the_next(tmp_path, mlflow_env, 
     assert steps == list(range(1, 11))
 
 
-class Flaky(trackers.Mlflow):
+class Flaky(tracker_backends.Mlflow):
     """MLflow that is down while `down` is set, as a server that is restarting."""
 
     down = True
@@ -151,7 +151,7 @@ def test_a_tracker_that_never_answers_leaves_its_steps_for_the_next_launch(tmp_p
     monkeypatch.setattr(trackers, "CLOSE_TIMEOUT_S", 0.2)
     release = threading.Event()
 
-    class Hanging(trackers.Mlflow):
+    class Hanging(tracker_backends.Mlflow):
         def start(self, run_id, name):
             release.wait(30)
             raise ConnectionError("gave up")
