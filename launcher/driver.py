@@ -214,8 +214,7 @@ class Driver:
     def _watch(self, state: Running | Draining) -> State:
         attempt = state.attempt
         if not self.cluster.alive():
-            return self._decide(attempt, Failure(FailureKind.NODE_LOST, None, "the embedded Ray node died",
-                                                 attempt.last_step, self.clock()))
+            return self._decide(attempt, self._embedded_node_died(attempt))
         poll = self._poll(attempt)
         now = self.clock()
         if poll.exits:
@@ -242,6 +241,10 @@ class Driver:
 
     def _resolve(self, state: ResolvingFailure) -> State:
         attempt = state.attempt
+        if not self.cluster.alive():
+            # Its hosts died with it: nothing more is learnt from a Ray whose GCS is gone (and Ray
+            # ends a driver that cannot reach its GCS for 60 s).
+            return self._decide(attempt, self._embedded_node_died(attempt))
         poll = self._poll(attempt)
         now = self.clock()
         undecided = self._classify(attempt, poll, now)
@@ -416,6 +419,9 @@ class Driver:
         if not stacks:
             return failure
         return dataclasses.replace(failure, traceback=f"Python stacks of host {rank}:\n{stacks}")
+
+    def _embedded_node_died(self, attempt: Attempt) -> Failure:
+        return Failure(FailureKind.NODE_LOST, None, "the embedded Ray node died", attempt.last_step, self.clock())
 
     def _no_capacity(self, placeable: int) -> Failed:
         return Failed(f"the cluster had room for {placeable} hosts for {self.policies.fault.capacity_timeout_s:g} "

@@ -315,6 +315,23 @@ def test_an_embedded_node_that_dies_is_restarted_on_the_preemption_budget():
     assert [f.kind for f in driver.failures] == [FailureKind.NODE_LOST] and cluster.restarts == 1
 
 
+def test_an_embedded_node_that_dies_while_a_host_s_death_is_resolved_is_a_lost_node():
+    """Its hosts die with it, and the driver sees their ends first: once the instance is gone, no
+    question about them reaches a Ray that can answer (its GCS is gone, and Ray ends a driver that
+    cannot reach its GCS for 60 s), so the node's death decides."""
+    def node_dies(group, i):
+        if i == 3:
+            cluster.is_alive = False
+            group.die(1, step=i)
+            return []
+        return group.train(i)
+    driver, _, _, cluster = make_driver([node_dies, trains_to(5, start=2)],
+                                        fault=FaultConfig(max_restarts=0, max_preemptions=1))
+    run_until(driver, ResolvingFailure)
+    assert driver.run() == 0
+    assert [f.kind for f in driver.failures] == [FailureKind.NODE_LOST] and cluster.restarts == 1
+
+
 def test_an_injection_is_spent_once_it_went_off_whatever_the_driver_saw_of_the_steps():
     kill = Injection("kill", step=3, host=1)
     watcher = Transitions()
