@@ -259,7 +259,12 @@ class RayWorkerGroup:
     # -- teardown --------------------------------------------------------------------------------
     def shutdown(self) -> None:
         """Kills every actor of the group and frees its placement group; safe to call twice."""
-        release(self.actors, self.pg)
+        if self.cluster.alive():
+            release(self.actors, self.pg)
+        else:
+            # The embedded instance died with its node, and the group with it. Ray's calls to a gone
+            # GCS wait, and Ray ends a driver that cannot reach its GCS for 60 s.
+            log.info("the embedded Ray instance is gone: the group went with it")
         self.actors, self.run_refs, self.poll_refs, self.pg = [], {}, {}, None
 
 
