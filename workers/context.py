@@ -253,10 +253,12 @@ class HostContext:
             if self._memory is not None and self._memory.refused and not self._refusal_told:
                 self._refusal_told = True
                 self._progress.event(events.MemorySaveRefused(step=step, reason=self._memory.refused))
-            if durable:
-                # A memory save keeps them: its part carries every record since the last durable
-                # save, so a restore from memory brings back what a lost rank 0 never handed over.
-                self._unsaved, self._carried = [], step
+            if durable and self._memory is None:
+                self._unsaved, self._carried = [], step  # the next checkpoint carries the records after these
+            # With the memory tier, its parts carry the newest records whatever the durable tier
+            # holds: a restore from memory reads no durable records, and must bring back all a lost
+            # rank 0 never handed over (only the last seconds' worth can be missing).
+            del self._unsaved[:-CARRIED_RECORDS]
             self._progress.enter(Phase.TRAINING)
             self._saved_step = step
             for record in self._pending:

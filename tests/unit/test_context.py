@@ -1,5 +1,6 @@
 """The host context in one process, driven the way a user's function drives it."""
 
+import dataclasses
 import json
 import pathlib
 
@@ -137,3 +138,41 @@ def test_an_injected_exception_fires_after_the_step_is_reported_and_saved(tmp_pa
     [line] = RunDir(tmp_path).injections()
     assert (line["kind"], line["step"], line["rank"]) == ("exception", 3, 0)
     ctx._loop.checkpointer.close()
+
+
+class HeldParts:
+    """The memory tier's host side, as the host context uses it, keeping what each part carries."""
+
+    refused, lost = None, []
+
+    def __init__(self):
+        self.records = {}
+
+    def held(self):
+        return []
+
+    def newest_step(self, held):
+        return None
+
+    def save(self, step, tree, meta, extra):
+        self.records[step] = [r["step"] for r in meta["records"]]
+
+    def forget_after(self, step):
+        pass
+
+    def close(self):
+        pass
+
+
+def test_each_memory_part_carries_every_record_a_durable_save_also_carried(tmp_path, monkeypatch):
+    """A restore from memory reads no durable records: a record handed to the durable save of step 3
+    (or still pending then) and lost with rank 0 before the driver read it must come back from the
+    memory part."""
+    memory = HeldParts()
+    monkeypatch.setattr(HostContext, "_start_memory_tier", lambda self, layout: memory)
+    ctx, progress = make_ctx(tmp_path, 7, save_every=1)
+    ctx._spec = dataclasses.replace(ctx._spec, checkpoint=dataclasses.replace(
+        ctx._spec.checkpoint, memory_tier=True, persist_every=3))
+    ctx._finish(minimal.main(ctx))
+    assert RunDir(tmp_path).committed_steps() == [7, 6, 3], "durable every --persist-every steps and the last"
+    assert memory.records == {step: list(range(1, step + 1)) for step in range(1, 8)}
