@@ -227,13 +227,14 @@ def _dd(args: list[str]) -> float:
 
 # ---- goodput under chaos ----------------------------------------------------------------------------------
 
-def goodput_under_chaos(work: pathlib.Path, steps: int, mean_s: float) -> dict[str, Any]:
+def goodput_under_chaos(work: pathlib.Path, steps: int, mean_s: float, name: str = "chaos",
+                        saves: tuple[str, ...] = ("--save-every", "10")) -> dict[str, Any]:
     from jaxlaunch.launcher import history
     from jaxlaunch.launcher.runs import RunDir
 
-    run_dir = work / "chaos"
-    launches.launch(run_dir, "--hosts", "2", "--steps", str(steps), "--save-every", "10", "--chaos", str(mean_s),
-                    "--max-restarts", "1000", config=_cache(work, "chaos"))
+    run_dir = work / name
+    launches.launch(run_dir, "--hosts", "2", "--steps", str(steps), *saves, "--chaos", str(mean_s),
+                    "--max-restarts", "1000", config=_cache(work, name))
     past = history.load(RunDir(run_dir))
     return {"mean_time_between_failures_s": mean_s, "steps": steps, "wall_s": past.wall_s, "goodput": past.goodput,
             "failures": len(past.failures), "badput_share": {k: v / past.wall_s for k, v in past.badput_s.items()}}
@@ -272,6 +273,9 @@ def run_all(quick: bool, work: pathlib.Path, console: Console, out: pathlib.Path
         ("resharding", lambda: resharding("tiny" if quick else "small", 3 if quick else 5, work)),
         ("pod_scale", pod_scale.run_all),
         *([] if quick else [("goodput_under_chaos", lambda: goodput_under_chaos(work, 1500, 60.0))]),
+        *([] if quick else [("goodput_under_chaos_memory_tier", lambda: goodput_under_chaos(
+            work, 1500, 60.0, "chaos-memory", ("--memory-tier", "--save-every", "1", "--persist-every", "100")))]),
+        ("node_removed", lambda: memory_tier.elastic(work)),
     ]
     unknown = set(only or ()) - {name for name, _ in plan}
     if unknown:
@@ -359,6 +363,18 @@ def table(results: dict[str, Any]) -> Table:
         t.add_row("goodput under --chaos 60", _f(g["goodput"], ".3f"), "", "", "",
                   f"{g['failures']} kills in {g['wall_s']:.0f} s; badput "
                   + ", ".join(f"{k} {v:.1%}" for k, v in g["badput_share"].items() if v >= 0.001))
+    if "goodput_under_chaos_memory_tier" in results:
+        g = results["goodput_under_chaos_memory_tier"]
+        t.add_row("goodput under --chaos 60, memory tier every step", _f(g["goodput"], ".3f"), "", "", "",
+                  f"{g['failures']} kills in {g['wall_s']:.0f} s; badput "
+                  + ", ".join(f"{k} {v:.1%}" for k, v in g["badput_share"].items() if v >= 0.001))
+    if "node_removed" in results:
+        mem, dur = results["node_removed"]["memory"], results["node_removed"]["durable"]
+        t.add_row("node removed -> first step on 1 host, memory / Orbax (s)", _f(mem["first_step_on_fewer_hosts_s"]),
+                  "", _f(dur["first_step_on_fewer_hosts_s"]),
+                  _f(ratio(mem["first_step_on_fewer_hosts_s"], dur["first_step_on_fewer_hosts_s"])),
+                  f"recomputed {mem['steps_recomputed']} / {dur['steps_recomputed']}; durable bytes read "
+                  f"{mem['durable_bytes_read']} / {dur['durable_bytes_read']}")
     if "memory_tier" in results:
         m = results["memory_tier"]
         mem, dur = m["memory"], m["durable"]
