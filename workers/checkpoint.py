@@ -25,10 +25,12 @@ import types
 from collections.abc import Callable
 from typing import Any, Self
 
+import fsspec
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from etils.epath import backend as epath_backend
 from jax.experimental import multihost_utils
 from orbax.checkpoint._src.path.atomicity import CommitFileTemporaryPath
 
@@ -283,6 +285,12 @@ def read_arrays(step_dir: str | pathlib.Path) -> dict[str, np.ndarray]:
 def prepare_tensorstore(location: str | pathlib.Path) -> None:
     """Points TensorStore's cloud drivers where the run directory's store is."""
     if is_url(location):
+        # Orbax's paths (etils.epath) keep one fsspec instance per scheme (etils' lru_cache over
+        # fsspec's own cache), made with the endpoint variables of its day: a later endpoint in this
+        # process (another emulator, a notebook's new settings) would never be reached. Fresh ones
+        # read today's. (etils has no public way to drop its cache.)
+        fsspec.get_filesystem_class(str(location).split("://", 1)[0]).clear_instance_cache()
+        getattr(epath_backend._FileSystemSpecBackend._get_filesystem, "cache_clear", lambda: None)()
         for name, value in tensorstore_environment(os.environ).items():
             if value is None:
                 os.environ.pop(name, None)

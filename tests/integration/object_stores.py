@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -34,6 +35,9 @@ def gcs() -> Iterator[Emulator]:
 
     server = FakeGCSServer()
     server.start()
+    # The wrapper sets STORAGE_EMULATOR_HOST for the whole process; a test sets `env` itself (through
+    # monkeypatch, or a child's environment), so that nothing outlives it.
+    os.environ.pop("STORAGE_EMULATOR_HOST", None)
     # The wrapper keeps the server's log in a pipe nobody reads: once 64 KiB of it fill the pipe,
     # the server stops answering. Read it away.
     threading.Thread(target=server._process.stderr.read, name="fake-gcs-log", daemon=True).start()

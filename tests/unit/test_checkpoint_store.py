@@ -15,7 +15,7 @@ from jaxlaunch.workers.checkpoint import Checkpointer, read_arrays
 
 from jaxlaunch.contract.layout import committed_steps
 from jaxlaunch.contract.protocol import CheckpointConfig
-from jaxlaunch.contract.store import open_store
+from jaxlaunch.contract.store import DERIVED_GCS_URL_MARK, open_store
 from tests.integration.object_stores import EMULATORS
 
 
@@ -56,3 +56,23 @@ def test_a_save_cut_short_never_counts_and_the_step_is_saved_anew(checkpoints):
     again.close()
     assert committed_steps(checkpoints) == [20, 10]
     np.testing.assert_array_equal(read_arrays(f"{checkpoints}/20")["['w']"], np.arange(16.0).reshape(4, 4) * 2)
+
+
+@pytest.mark.parametrize("name", sorted(EMULATORS))
+def test_a_store_endpoint_that_changes_in_the_process_is_the_one_written_to(name, monkeypatch):
+    """Two emulators one after the other in one process (a notebook's new settings, a test after
+    another): each save reaches the endpoint of its day, never a cached one that is gone."""
+    for _ in range(2):
+        with EMULATORS[name]() as emulator:
+            bucket = f"ckpt-{uuid.uuid4().hex[:8]}"
+            emulator.create_bucket(bucket)
+            for key, value in emulator.env.items():
+                monkeypatch.setenv(key, value)
+            url = f"{emulator.scheme}://{bucket}/run/checkpoints"
+            checkpointer = Checkpointer(url, CheckpointConfig())
+            checkpointer.save(1, {"w": jnp.ones((2, 2))}, {"step": 1})
+            checkpointer.wait()
+            checkpointer.close()
+            assert committed_steps(url) == [1]
+    for derived in ("TENSORSTORE_GCS_HTTP_URL", DERIVED_GCS_URL_MARK):  # set by the Checkpointer, as on a host
+        os.environ.pop(derived, None)
