@@ -12,6 +12,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -33,10 +34,11 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 def launch(run_dir: pathlib.Path, *args: str, config: dict[str, Any] | None = None,
            env: dict[str, str] | None = None, fault: str | None = None, fault_step: int | None = None,
-           fault_rank: int = 1) -> dict[str, Any]:
+           fault_rank: int = 1, during: Callable[[subprocess.Popen], Any] | None = None) -> dict[str, Any]:
     """Runs `python launch.py` to its end, optionally sending `fault` ("kill": SIGKILL, "hang":
-    SIGSTOP) from here to host `fault_rank` once the run has reported `fault_step`. Returns the
-    process's start and end, the records, and the fault's moment with the newest checkpoint then."""
+    SIGSTOP) from here to host `fault_rank` once the run has reported `fault_step`, or doing
+    `during(process)` while it runs. Returns the process's start and end, the records, the fault's
+    moment with the newest checkpoint then, and what `during` returned."""
     cmd = [sys.executable, str(ROOT / "launch.py"), "--run-dir", str(run_dir), *args]
     if config:
         path = run_dir.parent / f"{run_dir.name}.yaml"
@@ -44,10 +46,12 @@ def launch(run_dir: pathlib.Path, *args: str, config: dict[str, Any] | None = No
         cmd += ["--config", str(path)]
     started = time.time()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(env))
-    fault_at, committed_then = None, None
+    fault_at, committed_then, done = None, None, None
     try:
         if fault is not None:
             fault_at, committed_then = _send_fault(proc, run_dir, fault, fault_step, fault_rank)
+        if during is not None:
+            done = during(proc)
         out, _ = proc.communicate(timeout=LAUNCH_TIMEOUT_S)
     finally:
         if proc.poll() is None:
@@ -56,7 +60,8 @@ def launch(run_dir: pathlib.Path, *args: str, config: dict[str, Any] | None = No
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{out[-4000:]}")
     return {"started": started, "ended": time.time(), "events": _read(run_dir / "events.jsonl"),
-            "metrics": _read(run_dir / "metrics.jsonl"), "fault_at": fault_at, "committed_then": committed_then}
+            "metrics": _read(run_dir / "metrics.jsonl"), "fault_at": fault_at, "committed_then": committed_then,
+            "during": done}
 
 
 def _send_fault(proc: subprocess.Popen, run_dir: pathlib.Path, fault: str, step: int, rank: int):

@@ -70,53 +70,44 @@ def node_removed(work: pathlib.Path, name: str, *args: str) -> dict[str, Any]:
     rank 1's node removed without warning at step REMOVE_AT_STEP; the job goes on on 1 host. From the
     removal to the first step on 1 host, the steps trained again, and the bytes read from durable
     storage."""
-    import json
-    import subprocess
-    import sys
     import time
 
     import ray
     from ray.cluster_utils import Cluster
 
-    from benchmarks.launches import ROOT, _env, _read
+    from benchmarks.launches import ROOT, _read
+
+    run_dir = work / f"node-removed-{name}"
+
+    def remove_rank_1_node(proc: Any) -> float:
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            records = _read(run_dir / "metrics.jsonl")
+            if records and records[-1]["step"] >= REMOVE_AT_STEP:
+                break
+            time.sleep(0.02)
+        started = next(e for e in _read(run_dir / "events.jsonl") if e["event"] == "attempt_started")
+        node = next(n for n in nodes if n.node_id == started["nodes"][1])
+        removed_at = time.time()
+        cluster.remove_node(node, allow_graceful=False)
+        return removed_at
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "_system_config": HEALTH})
     try:
         nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
         cluster.wait_for_nodes()
-        run_dir = work / f"node-removed-{name}"
-        config = work / f"node-removed-{name}.yaml"
-        config.write_text(json.dumps({"cluster": {"address": cluster.address, "placement_strategy": "STRICT_SPREAD",
-                                                  "resources_per_host": {"CPU": 1}}}))
-        cmd = [sys.executable, str(ROOT / "launch.py"), "--config", str(config), "--hosts", "2", "--min-hosts", "1",
-               "--entry", str(ROOT / "examples" / "minimal.py"), "--steps", "400", "--run-dir", str(run_dir), *args]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env())
-        try:
-            deadline = time.monotonic() + 300
-            while proc.poll() is None and time.monotonic() < deadline:
-                records = _read(run_dir / "metrics.jsonl")
-                if records and records[-1]["step"] >= REMOVE_AT_STEP:
-                    break
-                time.sleep(0.02)
-            started = next(e for e in _read(run_dir / "events.jsonl") if e["event"] == "attempt_started")
-            node = next(n for n in nodes if n.node_id == started["nodes"][1])
-            removed_at = time.time()
-            cluster.remove_node(node, allow_graceful=False)
-            out, _ = proc.communicate(timeout=600)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{out[-4000:]}")
+        r = launch(run_dir, "--hosts", "2", "--min-hosts", "1", "--entry", str(ROOT / "examples" / "minimal.py"),
+                   "--steps", "400", *args, during=remove_rank_1_node,
+                   config={"cluster": {"address": cluster.address, "placement_strategy": "STRICT_SPREAD",
+                                       "resources_per_host": {"CPU": 1}}})
     finally:
         ray.shutdown()
         cluster.shutdown()
-    metrics, events = _read(run_dir / "metrics.jsonl"), _read(run_dir / "events.jsonl")
+    metrics, events = r["metrics"], r["events"]
     later = [m for m in metrics if m["attempt"] > 1]
     restored = next(e for e in events if e["event"] == "restored")
     trained_before = max(m["step"] for m in metrics if m["attempt"] == 1)
-    return {"first_step_on_fewer_hosts_s": later[0]["time"] - removed_at, "hosts_after": later[0]["num_hosts"],
+    return {"first_step_on_fewer_hosts_s": later[0]["time"] - r["during"], "hosts_after": later[0]["num_hosts"],
             "steps_recomputed": trained_before - restored["step"], "restored_tier": restored.get("tier", "durable"),
             "durable_bytes_read": restored.get("durable_bytes_read")}
 

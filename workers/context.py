@@ -354,10 +354,7 @@ class HostContext:
         checkpointer.close()
         if self._memory is not None:
             self._memory.close()
-        self._progress.enter(Phase.DONE)
-        return HostResult(ending=Ending.STOPPED, final_step=step, process_index=self.process_index,
-                          process_count=self.process_count, num_devices=jax.device_count(),
-                          mesh=dict(self.mesh.shape), final_snapshot=self._progress.drain())
+        return self._done(Ending.STOPPED, step)
 
     def _finish(self, returned: Any) -> HostResult:
         """After the user's function returned: the last records, the wait for pending saves."""
@@ -371,13 +368,14 @@ class HostContext:
             self._loop.checkpointer.wait()
             self._loop.checkpointer.close()
             self._progress.event(events.FinalSave(seconds=time.perf_counter() - started))
+        return self._done(Ending.STOPPED if self._stopped_at is not None else Ending.COMPLETED,
+                          self._loop.last_step if self._loop is not None else None, _json_value(returned))
+
+    def _done(self, ending: Ending, final_step: int | None, returned: Any = None) -> HostResult:
         self._progress.enter(Phase.DONE)
-        return HostResult(
-            ending=Ending.STOPPED if self._stopped_at is not None else Ending.COMPLETED,
-            final_step=self._loop.last_step if self._loop is not None else None,
-            process_index=self.process_index, process_count=self.process_count,
-            num_devices=jax.device_count(), mesh=dict(self.mesh.shape),
-            final_snapshot=self._progress.drain(), returned=_json_value(returned))
+        return HostResult(ending=ending, final_step=final_step, process_index=self.process_index,
+                          process_count=self.process_count, num_devices=jax.device_count(),
+                          mesh=dict(self.mesh.shape), final_snapshot=self._progress.drain(), returned=returned)
 
 
 def _to_python(value: Any) -> Any:

@@ -12,6 +12,7 @@ Object stores are reached through fsspec (`s3fs`, `gcsfs`), as Ray Train's stora
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import os
 import pathlib
@@ -37,7 +38,7 @@ def is_url(location: str | os.PathLike) -> bool:
     return "://" in str(location)
 
 
-class Store:
+class Store(abc.ABC):
     """A run directory's objects, named by keys relative to its root ("checkpoints/10/x")."""
 
     url: str
@@ -47,44 +48,46 @@ class Store:
         """The full name (path or URL) of a key, for messages and for libraries that take one."""
         return "/".join([self.url.rstrip("/"), *(k.strip("/") for k in keys if k)])
 
+    @abc.abstractmethod
     def read(self, key: str) -> bytes:
         """The whole object; FileNotFoundError if there is none."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def write(self, key: str, data: bytes) -> None:
         """Writes a whole object; readers see the old one or the new one, never part of one."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def create(self, key: str, data: bytes) -> bool:
         """Writes the object only if none exists (one of several racing writers wins): whether it did."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def delete(self, key: str) -> None:
         """Removes an object or everything under a prefix; nothing there is not an error."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def list(self, prefix: str = "") -> list[str]:
         """The names directly under a prefix (objects and sub-prefixes), sorted; [] if there are none."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def exists(self, key: str) -> bool:
-        raise NotImplementedError
+        """Whether an object (or anything under a prefix) is there."""
 
+    @abc.abstractmethod
     def size(self, key: str) -> int:
         """Bytes of an object, or of everything under a prefix."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def modified(self, key: str) -> float | None:
         """When an object was last written (seconds since the epoch), or None if there is none."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def move(self, src: str, dst: str) -> None:
         """Moves an object or a prefix: a rename on POSIX, a copy then a delete on an object store."""
-        raise NotImplementedError
 
-    def makedirs(self) -> None:
+    def makedirs(self) -> None:  # noqa: B027 - a default: stores without folders have none to make
         """Makes the root exist, where a store has folders."""
 
+    @abc.abstractmethod
     def check(self) -> None:
         """ConfigError, in one line, when the store cannot be reached or written (no bucket, no
         credentials, a file where the folder should be)."""
