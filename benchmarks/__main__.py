@@ -229,8 +229,8 @@ def _dd(args: list[str]) -> float:
 
 def goodput_under_chaos(work: pathlib.Path, steps: int, mean_s: float, name: str = "chaos",
                         saves: tuple[str, ...] = ("--save-every", "10")) -> dict[str, Any]:
-    from jaxlaunch.launcher import history
-    from jaxlaunch.launcher.runs import RunDir
+    from jaxlaunch.launcher.records import history
+    from jaxlaunch.launcher.records.runs import RunDir
 
     run_dir = work / name
     launches.launch(run_dir, "--hosts", "2", "--steps", str(steps), *saves, "--chaos", str(mean_s),

@@ -18,7 +18,7 @@ from jaxlaunch.models.corpus import Corpus
 from jaxlaunch.models.lm import DEFAULTS, SHARDING_RULES
 from jaxlaunch.workers.batch import global_batch
 from jaxlaunch.workers.checkpoint import Checkpointer
-from jaxlaunch.workers.mesh import build_mesh
+from jaxlaunch.workers.sharding import build_mesh
 from jaxlaunch.workers.state import StateLayout, largest_array
 
 from jaxlaunch.contract.protocol import CheckpointConfig

@@ -35,7 +35,7 @@ def main() -> None:
     from jaxlaunch.models.corpus import Corpus
     from jaxlaunch.models.lm import DEFAULTS, SHARDING_RULES
     from jaxlaunch.workers.batch import global_batch
-    from jaxlaunch.workers.mesh import build_mesh
+    from jaxlaunch.workers.sharding import build_mesh
     from jaxlaunch.workers.state import StateLayout
 
     mesh = build_mesh({"data": -1, "model": 2} if args.devices > 1 else {"data": -1})

@@ -22,12 +22,12 @@ import tempfile
 import time
 from typing import Any
 
-from jaxlaunch.launcher import history
-from jaxlaunch.launcher.driver import Driver
-from jaxlaunch.launcher.policy import FaultConfig
-from jaxlaunch.launcher.recorder import Recorder
-from jaxlaunch.launcher.runs import RunDir
-from jaxlaunch.launcher.states import Restarting, Running
+from jaxlaunch.launcher.control.driver import Driver
+from jaxlaunch.launcher.control.policy import FaultConfig
+from jaxlaunch.launcher.control.states import Relaunching, Running
+from jaxlaunch.launcher.records import history
+from jaxlaunch.launcher.records.recorder import Recorder
+from jaxlaunch.launcher.records.runs import RunDir
 
 from jaxlaunch.contract.events import StartupTimeline
 from jaxlaunch.contract.protocol import ErrorKind, NodeLiveness
@@ -87,7 +87,7 @@ def measure(n: int, work: pathlib.Path) -> dict[str, Any]:
     sim_failed_at = clock() + POLL_INTERVAL_S
     cpu = time.process_time()
     poll_cost_before = groups[0].poll_seconds
-    while not isinstance(driver.state, Restarting):
+    while not isinstance(driver.state, Relaunching):
         driver.step()
     decision_cpu = time.process_time() - cpu - (groups[0].poll_seconds - poll_cost_before)
     decision_sim = clock() - sim_failed_at

@@ -32,9 +32,9 @@ from jaxlaunch.contract.storage import RunStorageError
 
 if TYPE_CHECKING:
     from jaxlaunch.launcher.api import launch
-    from jaxlaunch.launcher.config import ClusterConfig, JobConfig, TrainConfig
-    from jaxlaunch.launcher.job import LaunchOptions
-    from jaxlaunch.launcher.policy import FaultConfig, WatchdogConfig
+    from jaxlaunch.launcher.configuration.job import LaunchOptions
+    from jaxlaunch.launcher.configuration.schema import ClusterConfig, JobConfig, TrainConfig
+    from jaxlaunch.launcher.control.policy import FaultConfig, WatchdogConfig
     from jaxlaunch.launcher.runner import LaunchResult
     from jaxlaunch.workers.batch import global_batch
     from jaxlaunch.workers.context import HostContext
@@ -47,9 +47,10 @@ __all__ = [
 
 _LAZY = {
     "launch": "jaxlaunch.launcher.api", "LaunchResult": "jaxlaunch.launcher.runner",
-    "LaunchOptions": "jaxlaunch.launcher.job", "JobConfig": "jaxlaunch.launcher.config",
-    "ClusterConfig": "jaxlaunch.launcher.config", "TrainConfig": "jaxlaunch.launcher.config",
-    "FaultConfig": "jaxlaunch.launcher.policy", "WatchdogConfig": "jaxlaunch.launcher.policy",
+    "LaunchOptions": "jaxlaunch.launcher.configuration.job",
+    "JobConfig": "jaxlaunch.launcher.configuration.schema", "ClusterConfig": "jaxlaunch.launcher.configuration.schema",
+    "TrainConfig": "jaxlaunch.launcher.configuration.schema",
+    "FaultConfig": "jaxlaunch.launcher.control.policy", "WatchdogConfig": "jaxlaunch.launcher.control.policy",
     "HostContext": "jaxlaunch.workers.context", "global_batch": "jaxlaunch.workers.batch",
 }
 

@@ -6,9 +6,9 @@ import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from jaxlaunch.launcher import job as job_lib
-from jaxlaunch.launcher.config import JobConfig
-from jaxlaunch.launcher.display import Display
+from jaxlaunch.launcher.configuration import job as job_lib
+from jaxlaunch.launcher.configuration.schema import JobConfig
+from jaxlaunch.launcher.views.display import Display
 
 if TYPE_CHECKING:
     from jaxlaunch.launcher.runner import LaunchResult

@@ -10,15 +10,14 @@ import argparse
 import logging
 import sys
 
-from jaxlaunch.launcher import options as options_lib
-from jaxlaunch.launcher.display import error
-from jaxlaunch.launcher.job import ROOTS
+from jaxlaunch.launcher.configuration import options as options_lib
+from jaxlaunch.launcher.configuration.job import ROOTS
+from jaxlaunch.launcher.exit_codes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from jaxlaunch.launcher.views.display import error
 
 from jaxlaunch.contract.entry import BUILTIN_ENTRY
 from jaxlaunch.contract.protocol import ConfigError
 from jaxlaunch.contract.storage import RunStorageError
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 EPILOG = """After a run: `jaxlaunch report RUN_DIR` prints its attempts and goodput and writes RUN_DIR/report.png.
 
@@ -38,7 +37,7 @@ def parser(entry_text: str | None = None, add_help: bool = True) -> argparse.Arg
     options_lib.add_arguments(p, ROOTS)
     p.add_argument("-v", "--verbose", action="store_true", help="driver debug logging")
     if entry_text is not None:
-        from jaxlaunch.launcher.job import settings_parser
+        from jaxlaunch.launcher.configuration.job import settings_parser
 
         from jaxlaunch.contract import entry as entry_lib
 
@@ -53,8 +52,8 @@ def report_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="jaxlaunch report", description="Print a run's report and write report.png.")
     p.add_argument("run_dir", help="the run directory")
     args = p.parse_args(argv)
-    from jaxlaunch.launcher import report
-    from jaxlaunch.launcher.runs import RunDir
+    from jaxlaunch.launcher.records import report
+    from jaxlaunch.launcher.records.runs import RunDir
 
     try:
         run = RunDir(args.run_dir)
@@ -81,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if given.pop("verbose") else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        from jaxlaunch.launcher import job, runner
+        from jaxlaunch.launcher import runner
+        from jaxlaunch.launcher.configuration import job
 
         prepared = job.prepare(given, entry_args)
         return runner.run_job(prepared).exit_code

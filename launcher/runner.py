@@ -20,23 +20,24 @@ from collections.abc import Iterator
 from types import FrameType
 from typing import Any
 
-from jaxlaunch.launcher import history, notebook, report
-from jaxlaunch.launcher.cli import EXIT_FAILED, EXIT_OK
-from jaxlaunch.launcher.cluster import RayCluster, runtime_env
-from jaxlaunch.launcher.config import JobConfig
-from jaxlaunch.launcher.display import ConsoleView, Display, error, shown
-from jaxlaunch.launcher.driver import CAPACITY_POLL_S, Driver
-from jaxlaunch.launcher.fault_plan import FaultPlan, injection_log
-from jaxlaunch.launcher.history import AttemptRecord
-from jaxlaunch.launcher.job import PreparedJob
-from jaxlaunch.launcher.keepers import KeeperPool
-from jaxlaunch.launcher.live_metrics import Exporter, LiveMetrics
-from jaxlaunch.launcher.persist import persist_newest
-from jaxlaunch.launcher.policy import Policies, RestartPolicy, ScalingPolicy, Watchdog
-from jaxlaunch.launcher.recorder import Chaos, Recorder
-from jaxlaunch.launcher.runs import RunDir, RunLock
-from jaxlaunch.launcher.trackers import Trackers
-from jaxlaunch.launcher.worker_group import MakeSpec, RayWorkerGroup, StandbyPool
+from jaxlaunch.launcher.cluster.keepers import KeeperPool
+from jaxlaunch.launcher.cluster.persist import persist_newest
+from jaxlaunch.launcher.cluster.ray_cluster import RayCluster, runtime_env
+from jaxlaunch.launcher.cluster.worker_group import MakeSpec, RayWorkerGroup, StandbyPool
+from jaxlaunch.launcher.configuration.job import PreparedJob
+from jaxlaunch.launcher.configuration.schema import JobConfig
+from jaxlaunch.launcher.control.driver import CAPACITY_POLL_S, Driver
+from jaxlaunch.launcher.control.fault_plan import FaultPlan, injection_log
+from jaxlaunch.launcher.control.policy import Policies, RestartPolicy, ScalingPolicy, Watchdog
+from jaxlaunch.launcher.exit_codes import EXIT_FAILED, EXIT_OK
+from jaxlaunch.launcher.records import history, report
+from jaxlaunch.launcher.records.history import AttemptRecord
+from jaxlaunch.launcher.records.recorder import Chaos, Recorder
+from jaxlaunch.launcher.records.runs import RunDir, RunLock
+from jaxlaunch.launcher.views import notebook
+from jaxlaunch.launcher.views.display import ConsoleView, Display, error, shown
+from jaxlaunch.launcher.views.live_metrics import Exporter, LiveMetrics
+from jaxlaunch.launcher.views.trackers import Trackers
 from rich.markup import escape
 
 from jaxlaunch.contract import entry as entry_lib

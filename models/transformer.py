@@ -1,7 +1,7 @@
 """A decoder-only transformer language model in Flax NNX with logical sharding annotations.
 
 Every parameter is annotated with logical axis names (``vocab``, ``embed``, ``heads``, ``mlp``,
-``pos``); `jaxlaunch.workers.mesh` maps them to mesh axes (FSDP over ``data``, tensor parallelism over
+``pos``); `jaxlaunch.workers.sharding` maps them to mesh axes (FSDP over ``data``, tensor parallelism over
 ``model``). Annotations only: eager sharding is switched off while the model is built, so the same
 code builds an abstract model for restore targets and a concrete one inside a jitted initialiser.
 """

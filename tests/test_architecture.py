@@ -1,9 +1,11 @@
 """The layering the code promises: the driver (`jaxlaunch.launcher`) and the host processes
 (`jaxlaunch.workers`) meet only in the contract (`jaxlaunch.contract`), which needs neither Ray nor
 JAX; the built-in model is a client of the public API alone; decisions and the state machine need
-no Ray; and no module grows into two."""
+no Ray; no two modules import each other, directly or around a loop; a class or module name means
+one thing in the package; and no module grows into two."""
 
 import ast
+import collections
 import pathlib
 import subprocess
 import sys
@@ -18,6 +20,17 @@ MAY_IMPORT = {
     "jaxlaunch.workers": {"jaxlaunch.contract", "jaxlaunch.workers"},
     "jaxlaunch.models": {"jaxlaunch", "jaxlaunch.models"},  # `jaxlaunch` itself: the public names only
 }
+
+
+def modules() -> dict[str, pathlib.Path]:
+    """Every module of the installed package, by its dotted name."""
+    found = {f"jaxlaunch.{p.stem}": p for p in (ROOT / "jaxlaunch").glob("*.py")}
+    for layer, folder in FOLDERS.items():
+        for path in folder.rglob("*.py"):
+            parts = path.relative_to(folder).with_suffix("").parts
+            name = ".".join((layer, *parts[:-1])) if parts[-1] == "__init__" else ".".join((layer, *parts))
+            found[name] = path
+    return found
 
 
 def imports(path: pathlib.Path) -> set[str]:
@@ -42,7 +55,7 @@ def owner(module: str) -> str | None:
 def test_the_driver_and_the_hosts_meet_only_in_the_contract():
     broken = []
     for layer, folder in FOLDERS.items():
-        for path in folder.glob("*.py"):
+        for path in folder.rglob("*.py"):
             for module in imports(path):
                 top = module.split(".")[0]
                 if top in ("launcher", "workers", "models"):
@@ -56,7 +69,7 @@ def test_the_driver_and_the_hosts_meet_only_in_the_contract():
 
 def test_the_contract_needs_neither_ray_nor_jax():
     heavy = {"ray", "jax", "flax", "orbax", "numpy"}
-    found = {f"{p.name}: {m}" for p in FOLDERS["jaxlaunch.contract"].glob("*.py") for m in imports(p)
+    found = {f"{p.name}: {m}" for p in FOLDERS["jaxlaunch.contract"].rglob("*.py") for m in imports(p)
              if m.split(".")[0] in heavy}
     assert found == set()
 
@@ -82,5 +95,50 @@ def test_the_unit_tests_pass_with_ray_unimportable():
 def test_no_module_of_the_launcher_is_over_500_lines():
     folders = [*FOLDERS.values(), ROOT / "jaxlaunch"]
     sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines())
-             for folder in folders for p in folder.glob("*.py")}
+             for folder in folders for p in folder.rglob("*.py")}
     assert {k: v for k, v in sizes.items() if v > MAX_MODULE_LINES} == {}
+
+
+def test_no_import_loops():
+    """A module never imports, at its top, under TYPE_CHECKING or inside a function, one that leads
+    back to it: each loop found is listed as the modules around it."""
+    mods = modules()
+    graph = {name: {m for m in (imports(path) | {m.rsplit(".", 1)[0] for m in imports(path)})
+                    if m in mods and m != name} for name, path in mods.items()}
+    for name in graph:  # a package's __init__ is not an edge: importing a.b.c is importing a.b.c
+        graph[name] = {m for m in graph[name] if mods[m].name != "__init__.py" or m == "jaxlaunch"}
+    graph.pop("jaxlaunch", None)  # the public face re-exports lazily and is imported by no module of ours
+    loops: list[list[str]] = []
+    state: dict[str, int] = {}
+    stack: list[str] = []
+
+    def visit(node: str) -> None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                loops.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node)
+    assert loops == []
+
+
+def test_a_name_means_one_thing():
+    """No two classes of the package share a name, and no two modules share a file name (a
+    package's `__init__`, `__main__` and the public face aside)."""
+    classes: dict[str, list[str]] = collections.defaultdict(list)
+    files: dict[str, list[str]] = collections.defaultdict(list)
+    for name, path in modules().items():
+        if path.name not in ("__init__.py", "__main__.py"):
+            files[path.name].append(name)
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ClassDef):
+                classes[node.name].append(name)
+    assert {k: v for k, v in classes.items() if len(v) > 1} == {}
+    assert {k: v for k, v in files.items() if len(v) > 1} == {}

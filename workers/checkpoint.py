@@ -2,7 +2,7 @@
 metadata, and restores of the newest readable committed step into today's shardings.
 
 What restore does when a step does not read back:
-- rank 0 alone lists the committed steps (one reader, `jaxlaunch.launcher.runs.committed_steps`) and every host
+- rank 0 alone lists the committed steps (one reader, `jaxlaunch.launcher.records.runs.committed_steps`) and every host
   tries the same step, so hosts on storage with lagging listings agree;
 - an error that storage or memory pressure explains (timeouts, permissions, out of memory) is retried
   and, if it persists, fails the attempt: nothing is set aside because of it;
@@ -78,7 +78,7 @@ def is_transient(err: BaseException) -> bool:
 
 
 @dataclasses.dataclass
-class Restored:
+class DurableRestore:
     step: int
     state: Any
     meta: dict[str, Any]
@@ -164,7 +164,7 @@ class Checkpointer:
 
     # -- restoring -------------------------------------------------------------------------------
     def restore_latest(self, targets: Any,
-                       check_structure: Callable[[Any], str | None] | None = None) -> Restored | None:
+                       check_structure: Callable[[Any], str | None] | None = None) -> DurableRestore | None:
         """The newest committed step that reads back, restored into `targets` (ShapeDtypeStructs
         with today's shardings, so a step written by any number of hosts lands in today's layout).
         None on a fresh run. `check_structure(tree_metadata)` returns why a step's state cannot fit
@@ -182,7 +182,7 @@ class Checkpointer:
             outcome, restored, error = self._try_step(step, targets)
             if outcome == "ok":
                 set_aside = [dict(f, moved_to=str(self._set_aside(f["step"]))) for f in failed]
-                return Restored(step, restored[STATE_ITEM], dict(restored[META_ITEM]), set_aside,
+                return DurableRestore(step, restored[STATE_ITEM], dict(restored[META_ITEM]), set_aside,
                                 time.perf_counter() - start)
             failed.append({"step": step, "error": error})
         if failed or (self.expect_checkpoint and not steps):

@@ -32,11 +32,11 @@ from jaxlaunch.workers import extras
 from jaxlaunch.workers.checkpoint import Checkpointer
 from jaxlaunch.workers.faults import FaultHook
 from jaxlaunch.workers.memory import MemoryTier, part_nbytes
-from jaxlaunch.workers.mesh import Rules
 from jaxlaunch.workers.progress import HostProgress
+from jaxlaunch.workers.sharding import Rules
 from jaxlaunch.workers.state import Shardings, StateLayout, largest_array
 from jaxlaunch.workers.stops import DriverStop
-from jaxlaunch.workers.tiers import Restored, restore_newest
+from jaxlaunch.workers.tiered import TierRestore, restore_newest
 
 from jaxlaunch.contract import events
 from jaxlaunch.contract.layout import RunLayout
@@ -337,7 +337,7 @@ class HostContext:
                          "mesh": dict(self.mesh.shape)},
         }
 
-    def _persist(self, restored: Restored | None, checkpointer: Checkpointer) -> HostResult:
+    def _persist(self, restored: TierRestore | None, checkpointer: Checkpointer) -> HostResult:
         """The run after a failure the driver gives up on: the step restored from memory, written to
         the run directory with Orbax (its records and every host's non-array state, as a durable
         save carries them); nothing is trained. The keepers end with the launcher."""

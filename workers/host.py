@@ -133,7 +133,7 @@ class HostActor:
                 bind_address=spec.coordinator_address, platform=spec.platform, timeouts=spec.distributed,
             )
             from jaxlaunch.workers.context import HostContext, PersistDone
-            from jaxlaunch.workers.mesh import build_mesh
+            from jaxlaunch.workers.sharding import build_mesh
 
             # After jax.distributed: importing the user's module (or unpickling a function sent by
             # value) may already compute with JAX.

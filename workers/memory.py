@@ -71,7 +71,7 @@ def part_nbytes(targets: Any) -> int:
 
 
 @dataclasses.dataclass
-class MemoryRestored:
+class MemoryRestore:
     step: int
     state: Any
     meta: dict[str, Any]
@@ -169,7 +169,7 @@ class MemoryTier:
             step = int(multihost_utils.broadcast_one_to_all(np.array(step, dtype=np.int64)))
         return None if step < 0 else step
 
-    def restore(self, step: int, held: list[Held], targets: Any) -> MemoryRestored:
+    def restore(self, step: int, held: list[Held], targets: Any) -> MemoryRestore:
         """`step` from the keepers into `targets` (ShapeDtypeStructs with today's shardings)."""
         import ray
 
@@ -198,7 +198,7 @@ class MemoryTier:
         load([own])
         state = _assemble(targets, parts, lambda: load(sorted(by_rank)), own)
         meta = parts[0]["meta"] if 0 in parts else self._fetch_meta(step, by_rank[0])
-        return MemoryRestored(step, state, meta, parts[own].get("extra") or {}, list(by_rank.values()),
+        return MemoryRestore(step, state, meta, parts[own].get("extra") or {}, list(by_rank.values()),
                               time.perf_counter() - start, fetched)
 
     def _fetch_meta(self, step: int, source: tiers.Source) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from typing import Any
 import jax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from jaxlaunch.workers.mesh import Rules, partition_spec
+from jaxlaunch.workers.sharding import Rules, partition_spec
 
 Shardings = Any
 """A pytree of PartitionSpec/NamedSharding shaped like init()'s output, or a function

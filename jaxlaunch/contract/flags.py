@@ -5,7 +5,7 @@
 
 is the YAML key `checkpoint.save_every`, the flag `--save-every` and `launch(save_every=...)`; its help
 is the field's docstring and its default the field's default. The launcher builds its command line
-from these declarations (`jaxlaunch.launcher.options`); here is only the marker, so that the sections
+from these declarations (`jaxlaunch.launcher.configuration.options`); here is only the marker, so that the sections
 the hosts own can declare their flags without importing the launcher.
 """
 

@@ -3,7 +3,7 @@
 Everything that crosses the driver-host boundary is defined here once: the settings a host receives
 for one attempt (`HostSpec`), the phases it goes through (`Phase`), what a poll returns
 (`HostSnapshot`), how a host ends (`HostResult`, `HostError`) and what the driver's adapter observes
-when a host ends badly (`HostExit`). The Ray adapter (`jaxlaunch.launcher.worker_group`) only translates Ray's
+when a host ends badly (`HostExit`). The Ray adapter (`jaxlaunch.launcher.cluster.worker_group`) only translates Ray's
 objects into these; the driver and the policies read nothing else, so they run without Ray.
 """
 
@@ -22,7 +22,7 @@ class ConfigError(ValueError):
 
 
 class Phase(enum.StrEnum):
-    """Where a host process is. Each phase has its own watchdog limit (`jaxlaunch.launcher.policy.Watchdog`)."""
+    """Where a host process is. Each phase has its own watchdog limit (`jaxlaunch.launcher.control.policy.Watchdog`)."""
 
     STARTING = "starting"          # the actor process exists
     INITIALIZING = "initializing"  # jax.distributed.initialize
@@ -262,7 +262,7 @@ class NodeLiveness(enum.StrEnum):
 
 @dataclasses.dataclass(frozen=True)
 class HostExit:
-    """One host's bad ending, as observed; `jaxlaunch.launcher.policy.classify` makes a Failure of it."""
+    """One host's bad ending, as observed; `jaxlaunch.launcher.control.policy.classify` makes a Diagnosis of it."""
 
     rank: int
     how: ExitHow
@@ -340,7 +340,7 @@ class PlacementError(RuntimeError):
 
 
 class WorkerGroup(Protocol):
-    """One attempt's hosts. `jaxlaunch.launcher.worker_group.RayWorkerGroup` on Ray; a fake in unit tests."""
+    """One attempt's hosts. `jaxlaunch.launcher.cluster.worker_group.RayWorkerGroup` on Ray; a fake in unit tests."""
 
     def start(self, num_hosts: int, attempt: int, injections: tuple[Injection, ...] = ()) -> GroupInfo: ...
     def poll(self) -> GroupPoll: ...

@@ -53,7 +53,7 @@ def read_jsonl(path: pathlib.Path) -> list[dict[str, Any]]:
 
 def events(run_dir: pathlib.Path | str, kind: str | None = None) -> list[dict[str, Any]]:
     """The run's events as written (a local folder or a URL), read with the launcher's reader."""
-    from jaxlaunch.launcher.runs import EVENTS, RunDir
+    from jaxlaunch.launcher.records.runs import EVENTS, RunDir
 
     from jaxlaunch.contract.layout import read_records
 
@@ -75,7 +75,7 @@ def attempts(run_dir: pathlib.Path) -> list[dict[str, Any]]:
 
 
 def committed_steps(run_dir: pathlib.Path) -> list[int]:
-    from jaxlaunch.launcher.runs import RunDir
+    from jaxlaunch.launcher.records.runs import RunDir
 
     return sorted(RunDir(run_dir).committed_steps())
 
@@ -180,8 +180,8 @@ SPLIT_TOLERANCE = 0.005
 def assert_split_adds_up(run_dir: pathlib.Path) -> None:
     """The badput split of a run covers its wall time exactly, in the history derived from its records
     and in the summary.json the launcher wrote; and every part is a share of it."""
-    from jaxlaunch.launcher import history
-    from jaxlaunch.launcher.runs import RunDir
+    from jaxlaunch.launcher.records import history
+    from jaxlaunch.launcher.records.runs import RunDir
 
     split = history.load(RunDir(run_dir)).split
     parts = [split.productive_s, *split.badput_s.values()]

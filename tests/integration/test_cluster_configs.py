@@ -3,7 +3,7 @@
 import pathlib
 
 import yaml
-from jaxlaunch.launcher.config import load_file
+from jaxlaunch.launcher.configuration.schema import load_file
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "cluster_configs"

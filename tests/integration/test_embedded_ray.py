@@ -1,5 +1,5 @@
-"""The embedded Ray head (jaxlaunch.launcher.embedded_ray): it serves a driver, survives a signal to the driver's
-process group, dies with its driver, reports a dead node, and leaves no process behind."""
+"""The embedded Ray head (jaxlaunch.launcher.cluster.embedded_ray): it serves a driver, survives a signal to the
+driver's process group, dies with its driver, reports a dead node, and leaves no process behind."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import psutil
 import pytest
-from jaxlaunch.launcher.embedded_ray import EmbeddedRay
+from jaxlaunch.launcher.cluster.embedded_ray import EmbeddedRay
 
 from tests.integration.helpers import ROOT
 
@@ -32,7 +32,7 @@ DRIVER = """
 import json, os, signal, sys, threading
 sys.path.insert(0, {root!r})
 import ray
-from jaxlaunch.launcher.embedded_ray import EmbeddedRay
+from jaxlaunch.launcher.cluster.embedded_ray import EmbeddedRay
 
 instance = EmbeddedRay({num_cpus})
 ray.init(address=instance.start(), log_to_driver=False, configure_logging=False)

@@ -4,7 +4,7 @@ says what happened."""
 import re
 import shutil
 
-from jaxlaunch.launcher.runs import RunDir
+from jaxlaunch.launcher.records.runs import RunDir
 
 from tests.integration.helpers import (
     EXAMPLE_RUN,

@@ -10,7 +10,7 @@ import uuid
 
 import numpy as np
 import pytest
-from jaxlaunch.launcher.runs import RunDir
+from jaxlaunch.launcher.records.runs import RunDir
 from jaxlaunch.workers.checkpoint import read_arrays
 
 from jaxlaunch.contract import events

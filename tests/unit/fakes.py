@@ -11,9 +11,16 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from jaxlaunch.launcher.driver import Driver, Listener
-from jaxlaunch.launcher.fault_plan import FaultPlan, Fired
-from jaxlaunch.launcher.policy import FaultConfig, Policies, RestartPolicy, ScalingPolicy, Watchdog, WatchdogConfig
+from jaxlaunch.launcher.control.driver import Driver, Listener
+from jaxlaunch.launcher.control.fault_plan import FaultPlan, Fired
+from jaxlaunch.launcher.control.policy import (
+    FaultConfig,
+    Policies,
+    RestartPolicy,
+    ScalingPolicy,
+    Watchdog,
+    WatchdogConfig,
+)
 
 from jaxlaunch.contract.events import HostEvent, Restored
 from jaxlaunch.contract.protocol import (

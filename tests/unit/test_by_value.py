@@ -8,7 +8,7 @@ import threading
 
 import numpy as np
 import pytest
-from jaxlaunch.launcher.job import prepare
+from jaxlaunch.launcher.configuration.job import prepare
 
 from jaxlaunch.contract import entry as entry_lib
 from jaxlaunch.contract import events
@@ -113,7 +113,7 @@ def test_a_value_that_cannot_travel_is_named_before_anything_starts(tmp_path):
 
 
 def test_resume_runs_the_same_code_or_is_refused(tmp_path):
-    from jaxlaunch.launcher.runs import RunDir
+    from jaxlaunch.launcher.records.runs import RunDir
 
     run_dir = str(tmp_path / "run")
     first = prepared(entry_lib.from_callable(defined(CELL)), run_dir=run_dir, hosts=2)

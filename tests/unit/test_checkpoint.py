@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from jaxlaunch.workers import checkpoint as ckpt
 from jaxlaunch.workers.checkpoint import Checkpointer, NoCheckpointError, StorageError, TransientError
-from jaxlaunch.workers.mesh import build_mesh
+from jaxlaunch.workers.sharding import build_mesh
 
 from jaxlaunch.contract.protocol import CheckpointConfig
 

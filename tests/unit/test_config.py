@@ -5,7 +5,7 @@ import math
 import pathlib
 
 import pytest
-from jaxlaunch.launcher.config import (
+from jaxlaunch.launcher.configuration.schema import (
     ClusterConfig,
     ConfigError,
     JobConfig,

@@ -9,10 +9,10 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from jaxlaunch.launcher.runs import RunDir
+from jaxlaunch.launcher.records.runs import RunDir
 from jaxlaunch.workers.context import HostContext
-from jaxlaunch.workers.mesh import build_mesh
 from jaxlaunch.workers.progress import HostProgress
+from jaxlaunch.workers.sharding import build_mesh
 
 from examples import minimal
 from jaxlaunch.contract.events import Restored

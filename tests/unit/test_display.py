@@ -6,11 +6,11 @@ import os
 import pathlib
 
 import pytest
-from jaxlaunch.launcher.display import ConsoleView, Display
-from jaxlaunch.launcher.history import AttemptRecord
-from jaxlaunch.launcher.report import print_attempts
-from jaxlaunch.launcher.runs import RunDir
-from jaxlaunch.launcher.states import Attempt, Running
+from jaxlaunch.launcher.control.states import Attempt, Running
+from jaxlaunch.launcher.records.history import AttemptRecord
+from jaxlaunch.launcher.records.report import print_attempts
+from jaxlaunch.launcher.records.runs import RunDir
+from jaxlaunch.launcher.views.display import ConsoleView, Display
 from rich.console import Console
 
 from jaxlaunch.contract.events import FailureKind, PlannedEnd

@@ -4,24 +4,24 @@ transition, and the records a run leaves."""
 import signal
 
 import pytest
-from jaxlaunch.launcher import history
-from jaxlaunch.launcher.driver import HEAR_OUT_S, STOP_AGREE_S, Listener
-from jaxlaunch.launcher.policy import FailureKind, FaultConfig, WatchdogConfig
-from jaxlaunch.launcher.recorder import Chaos, Recorder
-from jaxlaunch.launcher.runs import RunDir
-from jaxlaunch.launcher.states import (
-    AttemptEnded,
-    AttemptStarted,
+from jaxlaunch.launcher.control.driver import HEAR_OUT_S, STOP_AGREE_S, Listener
+from jaxlaunch.launcher.control.policy import FailureKind, FaultConfig, WatchdogConfig
+from jaxlaunch.launcher.control.states import (
+    AttemptEndNotice,
+    AttemptStartNotice,
+    AwaitingCapacity,
     Draining,
     Failed,
     Finished,
+    Relaunching,
     ResolvingFailure,
-    Restarting,
     Running,
     Scheduling,
     Stopped,
-    WaitingForCapacity,
 )
+from jaxlaunch.launcher.records import history
+from jaxlaunch.launcher.records.recorder import Chaos, Recorder
+from jaxlaunch.launcher.records.runs import RunDir
 
 from jaxlaunch.contract import events
 from jaxlaunch.contract.protocol import Ending, ErrorKind, Injection, NodeLiveness
@@ -63,14 +63,14 @@ def test_a_clean_run_finishes():
 
 def test_a_crash_restarts_the_whole_group_and_backs_off_when_it_repeats():
     driver, log, clock, _ = make_driver([dies_at(3), dies_at(2), trains_to(5, start=2)])
-    restarting = run_until(driver, Restarting)
+    restarting = run_until(driver, Relaunching)
     assert restarting.failure.kind == FailureKind.CRASHED and restarting.failure.rank == 1
     assert log[-1] == ("shutdown", 1), "the whole group is torn down before deciding"
     before = clock.now
     assert isinstance(driver.step(), Scheduling)
     assert clock.now == before, "the first restart is immediate"
     driver.step()
-    run_until(driver, Restarting)
+    run_until(driver, Relaunching)
     before = clock.now
     driver.step()
     assert clock.now - before == pytest.approx(1.0), "the second one backs off"
@@ -85,11 +85,11 @@ def test_a_crash_after_the_attempt_committed_new_steps_restarts_at_once():
     committed = {"step": None}
     driver, _, clock, _ = make_driver([dies_at(3), dies_at(5), trains_to(6, start=4)],
                                       committed=lambda: committed["step"])
-    run_until(driver, Restarting)
+    run_until(driver, Relaunching)
     driver.step()
     run_until(driver, Running)
     committed["step"] = 4  # the second attempt saves step 4, then dies
-    restarting = run_until(driver, Restarting)
+    restarting = run_until(driver, Relaunching)
     assert restarting.failure.progressed and restarting.decision.backoff_s == 0.0
     before = clock.now
     driver.step()
@@ -137,7 +137,7 @@ def test_a_user_exception_that_says_timed_out_is_a_root_cause_not_a_collective_e
         return []
     driver, _, clock, _ = make_driver([raises, trains_to(3)])
     seen = run_until(driver, ResolvingFailure).since
-    restarting = run_until(driver, Restarting)
+    restarting = run_until(driver, Relaunching)
     assert clock.now - seen <= HEAR_OUT_S + 0.5, "only a brief hearing-out, not the collective errors' grace"
     assert restarting.failure.kind == FailureKind.EXCEPTION and restarting.failure.rank == 0
 
@@ -149,7 +149,7 @@ def test_a_hung_host_is_found_by_the_watchdog_and_its_stacks_are_taken():
         group.silent.add(1)  # host 1 stopped; host 0 answers but makes no progress
         return []
     driver, log, _, _ = make_driver([hangs, trains_to(4, start=2)], watchdog=WatchdogConfig(hang_timeout_s=5.0))
-    restarting = run_until(driver, Restarting)
+    restarting = run_until(driver, Relaunching)
     f = restarting.failure
     assert (f.kind, f.rank) == (FailureKind.HUNG, 1), "the silent one"
     assert f.detected_at - f.failed_at >= 5.0
@@ -183,7 +183,7 @@ def test_a_collective_error_is_blamed_on_the_host_that_died():
             group.die(1, step=1)
         return []
     driver, _, _, _ = make_driver([both, trains_to(2, start=1)])
-    restarting = run_until(driver, Restarting)
+    restarting = run_until(driver, Relaunching)
     assert (restarting.failure.kind, restarting.failure.rank) == (FailureKind.CRASHED, 1)
 
 
@@ -199,7 +199,7 @@ def test_a_lost_node_is_found_even_before_ray_reports_its_host():
         return []
     driver, _, _, _ = make_driver([node_vanishes, trains_to(3, start=2)],
                                   fault=FaultConfig(max_restarts=0, max_preemptions=1))
-    restarting = run_until(driver, Restarting)
+    restarting = run_until(driver, Relaunching)
     assert (restarting.failure.kind, restarting.failure.rank) == (FailureKind.NODE_LOST, 1)
     assert driver.run() == 0
 
@@ -215,7 +215,7 @@ def test_a_process_death_waits_for_its_nodes_health_then_counts_as_a_lost_node()
         return []
     driver, _, _, _ = make_driver([node_goes, trains_to(3, start=2)],
                                   fault=FaultConfig(max_restarts=0, max_preemptions=1))
-    restarting = run_until(driver, Restarting)
+    restarting = run_until(driver, Relaunching)
     assert restarting.failure.kind == FailureKind.NODE_LOST, "spends the preemption budget, not the restart one"
     assert driver.run() == 0
 
@@ -258,7 +258,7 @@ def test_restart_shrinks_to_what_fits_and_grows_back():
     driver, log, clock, cluster = make_driver(
         [dies_at(2), obeys, trains_to(50)], hosts=4, min_hosts=2, max_hosts=4,
         fault=FaultConfig(max_restarts=2, grow_check_interval_s=1.0))
-    run_until(driver, Restarting)
+    run_until(driver, Relaunching)
     cluster.capacity = 3  # a node was lost: 3 hosts do not fit, 2 do
     driver.step()
     running = run_until(driver, Running)
@@ -273,9 +273,9 @@ def test_restart_shrinks_to_what_fits_and_grows_back():
 
 def test_waits_for_capacity_then_gives_up():
     driver, _, clock, cluster = make_driver([dies_at(2)], fault=FaultConfig(capacity_timeout_s=10.0))
-    run_until(driver, Restarting)
+    run_until(driver, Relaunching)
     cluster.capacity = 0
-    assert isinstance(run_until(driver, WaitingForCapacity), WaitingForCapacity)
+    assert isinstance(run_until(driver, AwaitingCapacity), AwaitingCapacity)
     assert driver.run() == 1
     assert "room for 0 hosts" in driver.state.reason
 
@@ -338,7 +338,7 @@ def test_an_injection_is_spent_once_it_went_off_whatever_the_driver_saw_of_the_s
     driver, _, _, _ = make_driver([dies_at(2), trains_to(5, start=2)], injections=[kill], listeners=[watcher],
                                   fired=lambda attempt: [(kill, 1000.5)] if attempt == 1 else [])
     driver.run()
-    started = [n for n in watcher.notices if isinstance(n, AttemptStarted)]
+    started = [n for n in watcher.notices if isinstance(n, AttemptStartNotice)]
     assert [n.injections for n in started] == [(kill,), ()]
     assert driver.failures[0].failed_at == 1000.5, "detection is timed from the moment it went off"
 
@@ -387,10 +387,10 @@ def test_listeners_are_told_when_each_attempt_starts_and_how_it_ended():
     driver, _, _, _ = make_driver([dies_at(3), trains_to(5, start=2)], listeners=[watcher])
     assert driver.run() == 0
     first, failed, second, finished = watcher.notices
-    assert isinstance(first, AttemptStarted) and isinstance(second, AttemptStarted)
-    assert isinstance(failed, AttemptEnded) and (failed.cause, failed.failure.kind, failed.failure.rank) == (
+    assert isinstance(first, AttemptStartNotice) and isinstance(second, AttemptStartNotice)
+    assert isinstance(failed, AttemptEndNotice) and (failed.cause, failed.failure.kind, failed.failure.rank) == (
         "crashed", FailureKind.CRASHED, 1)
-    assert isinstance(finished, AttemptEnded) and (finished.cause, finished.failure) == ("finished", None)
+    assert isinstance(finished, AttemptEndNotice) and (finished.cause, finished.failure) == ("finished", None)
     assert [n.attempt.number for n in watcher.notices] == [1, 1, 2, 2]
 
 
@@ -405,7 +405,7 @@ def test_a_host_blamed_as_hung_through_a_peers_failure_has_its_stacks_taken_befo
             group.raise_(0, kind=ErrorKind.COLLECTIVE, message="JaxRuntimeError: Gloo AllGather timed out", step=2)
         return []
     driver, log, _, _ = make_driver([deadlock, trains_to(4, start=2)], watchdog=WatchdogConfig(hang_timeout_s=10.0))
-    failure = run_until(driver, Restarting).failure
+    failure = run_until(driver, Relaunching).failure
     assert (failure.kind, failure.rank) == (FailureKind.HUNG, 1) and "before host 0 failed" in failure.message
     assert "user.py:1" in failure.traceback
     assert log.index(("dump_stacks", 1)) < log.index(("shutdown", 1)), "read before the group is torn down"

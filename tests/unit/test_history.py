@@ -10,9 +10,9 @@ import shutil
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from jaxlaunch.launcher import goodput, history, report
-from jaxlaunch.launcher.recorder import TensorBoard
-from jaxlaunch.launcher.runs import RunDir
+from jaxlaunch.launcher.records import goodput, history, report
+from jaxlaunch.launcher.records.recorder import TensorBoard
+from jaxlaunch.launcher.records.runs import RunDir
 from rich.console import Console
 
 from jaxlaunch.contract import events

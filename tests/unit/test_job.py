@@ -6,9 +6,9 @@ import os
 import pathlib
 
 import pytest
-from jaxlaunch.launcher.config import JobConfig
-from jaxlaunch.launcher.job import prepare
-from jaxlaunch.launcher.runs import RunDir
+from jaxlaunch.launcher.configuration.job import prepare
+from jaxlaunch.launcher.configuration.schema import JobConfig
+from jaxlaunch.launcher.records.runs import RunDir
 
 from jaxlaunch.contract import entry as entry_lib
 from jaxlaunch.contract import events

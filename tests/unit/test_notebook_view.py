@@ -3,8 +3,8 @@ does not flood the cell."""
 
 import pathlib
 
-from jaxlaunch.launcher import display, notebook
-from jaxlaunch.launcher.display import Display
+from jaxlaunch.launcher.views import display, notebook
+from jaxlaunch.launcher.views.display import Display
 from rich.console import Console
 
 SUMMARY = {

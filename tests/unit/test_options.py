@@ -8,10 +8,10 @@ import subprocess
 import sys
 
 import pytest
-from jaxlaunch.launcher import options
 from jaxlaunch.launcher.cli import parser
-from jaxlaunch.launcher.config import JobConfig, TrainConfig, from_json, load_file
-from jaxlaunch.launcher.job import ROOTS, prepare
+from jaxlaunch.launcher.configuration import options
+from jaxlaunch.launcher.configuration.job import ROOTS, prepare
+from jaxlaunch.launcher.configuration.schema import JobConfig, TrainConfig, from_json, load_file
 
 from jaxlaunch.contract.flags import flag
 from jaxlaunch.contract.protocol import ConfigError, Injection

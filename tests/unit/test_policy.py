@@ -3,9 +3,9 @@ and whether a host hangs."""
 
 import jax
 import pytest
-from jaxlaunch.launcher.policy import (
+from jaxlaunch.launcher.control.policy import (
     Action,
-    Failure,
+    Diagnosis,
     FailureKind,
     FaultConfig,
     RestartPolicy,
@@ -25,7 +25,7 @@ NODE_WAIT_S = 30.0
 
 
 def failure(kind=FailureKind.CRASHED, step=10, message="boom", rank=0, at=0.0, secondary=False):
-    return Failure(kind, rank, message, step, at, secondary=secondary)
+    return Diagnosis(kind, rank, message, step, at, secondary=secondary)
 
 
 def raised(kind: ErrorKind, message="ValueError: bad", rank=1, step=7) -> HostExit:
@@ -159,7 +159,7 @@ def test_a_failure_after_new_committed_progress_restarts_at_once():
     history = []
     backoffs = []
     for progressed in (True, False, False, True, False, True, True):
-        history.append(Failure(FailureKind.CRASHED, 1, "died", progressed=progressed))
+        history.append(Diagnosis(FailureKind.CRASHED, 1, "died", progressed=progressed))
         backoffs.append(policy.decide(history).backoff_s)
     assert backoffs == [0.0, 1.0, 2.0, 0.0, 1.0, 0.0, 0.0]
 
@@ -277,7 +277,7 @@ def test_the_stopped_host_is_blamed_even_when_another_host_runs_out_of_time_firs
 
 
 def test_a_stop_step_is_past_every_step_known():
-    from jaxlaunch.launcher.policy import stop_step
+    from jaxlaunch.launcher.control.policy import stop_step
 
     assert stop_step([10, 12, None], None, 2) == 14, "past the furthest host reported"
     assert stop_step([10, 12], 30, 4) == 34, "past a step a host said it had passed"

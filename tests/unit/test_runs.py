@@ -9,7 +9,7 @@ import sys
 import time
 
 import pytest
-from jaxlaunch.launcher.runs import LOCK_STALE_S, RunDir
+from jaxlaunch.launcher.records.runs import LOCK_STALE_S, RunDir
 
 from jaxlaunch.contract import events
 from jaxlaunch.contract.layout import committed_steps, read_jsonl
@@ -102,7 +102,7 @@ def test_a_second_launch_is_refused_naming_the_holder(tmp_path):
 
 def test_the_lock_of_a_dead_process_on_this_host_is_taken_over(tmp_path):
     # A launch that exits without releasing its lock, as a killed one would.
-    code = f"from jaxlaunch.launcher.runs import RunDir; RunDir({str(tmp_path)!r}).lock().acquire()"
+    code = f"from jaxlaunch.launcher.records.runs import RunDir; RunDir({str(tmp_path)!r}).lock().acquire()"
     holder = subprocess.run([sys.executable, "-c", code], check=True, cwd=pathlib.Path(__file__).parents[2])
     assert holder.returncode == 0 and (tmp_path / ".lock").exists()
     lock = RunDir(tmp_path).lock()

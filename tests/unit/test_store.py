@@ -9,8 +9,9 @@ import os
 import uuid
 
 import pytest
-from jaxlaunch.launcher import notebook, runs
-from jaxlaunch.launcher.runs import RunDir
+from jaxlaunch.launcher.records import runs
+from jaxlaunch.launcher.records.runs import RunDir
+from jaxlaunch.launcher.views import notebook
 
 from jaxlaunch.contract import events
 from jaxlaunch.contract.layout import committed_steps

@@ -150,8 +150,8 @@ def grain_ctx(run_dir, steps):
     import dataclasses
 
     from jaxlaunch.workers.context import HostContext
-    from jaxlaunch.workers.mesh import build_mesh
     from jaxlaunch.workers.progress import HostProgress
+    from jaxlaunch.workers.sharding import build_mesh
 
     from examples import grain_iter
     from jaxlaunch.contract.protocol import CheckpointConfig, DistributedConfig, EntryRef, HostSpec

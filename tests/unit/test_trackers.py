@@ -5,10 +5,10 @@ down never stopping the run."""
 import json
 
 import pytest
-from jaxlaunch.launcher import tracker_backends, trackers
-from jaxlaunch.launcher.recorder import Recorder
-from jaxlaunch.launcher.runs import RunDir
-from jaxlaunch.launcher.trackers import Trackers
+from jaxlaunch.launcher.records.recorder import Recorder
+from jaxlaunch.launcher.records.runs import RunDir
+from jaxlaunch.launcher.views import tracker_backends, trackers
+from jaxlaunch.launcher.views.trackers import Trackers
 
 from jaxlaunch.contract import events
 from jaxlaunch.contract.protocol import ConfigError
@@ -220,7 +220,8 @@ def test_the_cli_refuses_a_missing_tracker_package_before_anything(tmp_path, mon
 
 
 def test_flags_set_the_tracking_section(tmp_path):
-    from jaxlaunch.launcher import cli, job
+    from jaxlaunch.launcher import cli
+    from jaxlaunch.launcher.configuration import job
 
     args, rest = cli.parser().parse_known_args(["--tracker", "mlflow,wandb", "--metrics-port", "9100",
                                                 "--run-dir", str(tmp_path / "run"), "--hosts", "1",
@@ -233,7 +234,7 @@ def test_flags_set_the_tracking_section(tmp_path):
 
 
 def test_a_config_file_names_trackers_as_a_list_or_one_name():
-    from jaxlaunch.launcher.config import JobConfig, apply, validate
+    from jaxlaunch.launcher.configuration.schema import JobConfig, apply, validate
 
     job = apply(JobConfig(), {"tracking": {"trackers": "mlflow"}, "mesh": {"data": -1}}, "job.yaml")
     assert job.tracking.trackers == ("mlflow",)

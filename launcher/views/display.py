@@ -12,18 +12,18 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from jaxlaunch.launcher.driver import Driver, Listener
-from jaxlaunch.launcher.runs import RunDir
-from jaxlaunch.launcher.states import (
+from jaxlaunch.launcher.control.driver import Driver, Listener
+from jaxlaunch.launcher.control.states import (
     Attempt,
-    AttemptEnded,
+    AttemptEndNotice,
+    AwaitingCapacity,
     Draining,
     DrainReason,
-    Restarting,
+    Relaunching,
     Running,
     State,
-    WaitingForCapacity,
 )
+from jaxlaunch.launcher.records.runs import RunDir
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
@@ -154,7 +154,7 @@ class ConsoleView(Listener):
         d = self.display
         if isinstance(new, Running) and not isinstance(old, Running):
             d.start(new.attempt.latest_committed or 0, self.total_steps)
-        elif isinstance(new, WaitingForCapacity) and not isinstance(old, WaitingForCapacity):
+        elif isinstance(new, AwaitingCapacity) and not isinstance(old, AwaitingCapacity):
             d.message(f"waiting for capacity: room for {new.placeable} hosts, at least "
                       f"{driver.policies.scaling.min_hosts} needed")
         elif isinstance(new, Draining) and not isinstance(old, Draining):
@@ -163,10 +163,10 @@ class ConsoleView(Listener):
             else:
                 d.message(f"{driver.stop_name}: saving a checkpoint on every host, then stopping "
                           f"(again to stop at once)")
-        if isinstance(new, Restarting):
+        if isinstance(new, Relaunching):
             d.message(f"restarting in {new.decision.backoff_s:.1f} s: {new.decision.reason}")
 
-    def on_attempt_ended(self, driver: Driver, ended: AttemptEnded) -> None:
+    def on_attempt_ended(self, driver: Driver, ended: AttemptEndNotice) -> None:
         failure, d = ended.failure, self.display
         if failure is None:
             return

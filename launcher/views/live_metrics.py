@@ -3,7 +3,7 @@ and the run's goodput in TensorBoard, beside its training curves.
 
 `LiveMetrics` is a listener of the driver: the step, the hosts and each step's timings come from the
 polls; goodput, its badput split and the restarts by cause are derived from the run's records so far
-by `jaxlaunch.launcher.history`, the same numbers the report shows at the end. The endpoint is
+by `jaxlaunch.launcher.records.history`, the same numbers the report shows at the end. The endpoint is
 prometheus-client's own HTTP server on a registry of this launch alone."""
 
 from __future__ import annotations
@@ -12,11 +12,11 @@ import time
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-from jaxlaunch.launcher import history
-from jaxlaunch.launcher.driver import Driver, Listener
-from jaxlaunch.launcher.runs import RunDir
-from jaxlaunch.launcher.states import Attempt, Draining, ResolvingFailure, Running, State
-from jaxlaunch.launcher.trackers import restarts_by_cause
+from jaxlaunch.launcher.control.driver import Driver, Listener
+from jaxlaunch.launcher.control.states import Attempt, Draining, ResolvingFailure, Running, State
+from jaxlaunch.launcher.records import history
+from jaxlaunch.launcher.records.runs import RunDir
+from jaxlaunch.launcher.views.trackers import restarts_by_cause
 
 from jaxlaunch.contract.protocol import ConfigError, GroupPoll
 

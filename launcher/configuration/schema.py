@@ -1,6 +1,6 @@
 """The job's configuration: typed dataclasses, YAML loading, command-line overrides, validation.
 
-Each section is a dataclass owned by the code that uses it (`jaxlaunch.launcher.policy` owns the fault and
+Each section is a dataclass owned by the code that uses it (`jaxlaunch.launcher.control.policy` owns the fault and
 watchdog sections, `jaxlaunch.contract.protocol` the host-side checkpoint and distributed ones); this module
 composes them into a `JobConfig`, loads YAML files whose keys mirror the dataclasses, and validates
 everything that needs no cluster. A `ConfigError` is the user's mistake: one line, exit code 2.
@@ -18,8 +18,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import yaml
-from jaxlaunch.launcher import trackers
-from jaxlaunch.launcher.policy import FaultConfig, WatchdogConfig
+from jaxlaunch.launcher.control.policy import FaultConfig, WatchdogConfig
+from jaxlaunch.launcher.views import trackers
 
 from jaxlaunch.contract.entry import BUILTIN_ENTRY, LEGACY_ENTRIES
 from jaxlaunch.contract.flags import flag

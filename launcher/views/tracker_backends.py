@@ -1,5 +1,5 @@
 """The experiment trackers themselves (MLflow, Weights & Biases) behind one small interface, which
-`jaxlaunch.launcher.trackers` feeds: open a run (a new one or a run to continue), log its params, its
+`jaxlaunch.launcher.views.trackers` feeds: open a run (a new one or a run to continue), log its params, its
 metric records and its tags and notes, finish it."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
-from jaxlaunch.launcher.runs import RunDir
+from jaxlaunch.launcher.records.runs import RunDir
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient

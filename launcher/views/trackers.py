@@ -28,8 +28,8 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from jaxlaunch.launcher.runs import RunDir
-from jaxlaunch.launcher.tracker_backends import Backend, new_backend
+from jaxlaunch.launcher.records.runs import RunDir
+from jaxlaunch.launcher.views.tracker_backends import Backend, new_backend
 
 from jaxlaunch.contract.layout import json_bytes
 from jaxlaunch.contract.protocol import ConfigError

@@ -1,7 +1,7 @@
 """From what the user asked for (flags of the command line, or keywords of `jaxlaunch.launch`) to a
 validated JobConfig and its entry, before anything starts and before anything is written.
 
-What may be asked is declared once, on the config's fields (`jaxlaunch.launcher.options`): the
+What may be asked is declared once, on the config's fields (`jaxlaunch.launcher.configuration.options`): the
 JobConfig tree, and `LaunchOptions` for what one launch asks beyond it. An entry's declared settings
 are flags and keywords too (`--model tiny` for the built-in model).
 
@@ -21,8 +21,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
-from jaxlaunch.launcher import options as options_lib
-from jaxlaunch.launcher.config import (
+from jaxlaunch.launcher.configuration import options as options_lib
+from jaxlaunch.launcher.configuration.schema import (
     BUILTIN_ENTRY,
     JobConfig,
     apply,
@@ -36,7 +36,7 @@ from jaxlaunch.launcher.config import (
     scalar,
     validate,
 )
-from jaxlaunch.launcher.runs import RunDir
+from jaxlaunch.launcher.records.runs import RunDir
 
 from jaxlaunch.contract import entry as entry_lib
 from jaxlaunch.contract import events

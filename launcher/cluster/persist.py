@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from jaxlaunch.launcher.keepers import KeeperPool
+from jaxlaunch.launcher.cluster.keepers import KeeperPool
 
 from jaxlaunch.contract.events import MemoryPersisted
 from jaxlaunch.contract.protocol import Cluster, WorkerGroup

@@ -10,7 +10,7 @@ import enum
 from collections.abc import Sequence
 from typing import Any
 
-from jaxlaunch.launcher.policy import Decision, Failure
+from jaxlaunch.launcher.control.policy import Decision, Diagnosis
 
 from jaxlaunch.contract.events import Cause
 from jaxlaunch.contract.protocol import GroupInfo, HostStatus, Injection
@@ -33,7 +33,7 @@ class Attempt:
     restored_step: int | None = None
     time_to_first_step_s: float | None = None
     recovery_time_s: float | None = None
-    failures: dict[int | None, Failure] = dataclasses.field(default_factory=dict)
+    failures: dict[int | None, Diagnosis] = dataclasses.field(default_factory=dict)
     """Failures seen while finding the root cause, by host."""
     cause: Cause | None = None
     results: dict[int, Any] = dataclasses.field(default_factory=dict)
@@ -58,7 +58,7 @@ class Scheduling:
     at_most: int | None = None
     """A cap below a host count whose placement just timed out."""
     waiting_since: float | None = None
-    """Set while capacity is short, carried over from WaitingForCapacity."""
+    """Set while capacity is short, carried over from AwaitingCapacity."""
     prefer: int | None = None
     """After a resize: the host count it drained for, worth waiting a moment for (Ray frees the
     old group's resources shortly after its teardown)."""
@@ -66,7 +66,7 @@ class Scheduling:
 
 
 @dataclasses.dataclass(frozen=True)
-class WaitingForCapacity:
+class AwaitingCapacity:
     since: float
     placeable: int
     at_most: int | None = None
@@ -109,8 +109,8 @@ class ResolvingFailure:
 
 
 @dataclasses.dataclass(frozen=True)
-class Restarting:
-    failure: Failure
+class Relaunching:
+    failure: Diagnosis
     decision: Decision
 
 
@@ -122,7 +122,7 @@ class Finished:
 @dataclasses.dataclass(frozen=True)
 class Failed:
     reason: str
-    failure: Failure | None = None
+    failure: Diagnosis | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +131,7 @@ class Stopped:
     reason: str
 
 
-State = (Scheduling | WaitingForCapacity | Running | Draining | ResolvingFailure | Restarting | Finished | Failed
+State = (Scheduling | AwaitingCapacity | Running | Draining | ResolvingFailure | Relaunching | Finished | Failed
          | Stopped)
 TERMINAL = (Finished, Failed, Stopped)
 
@@ -139,16 +139,16 @@ TERMINAL = (Finished, Failed, Stopped)
 # ---- what listeners are told -----------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class AttemptStarted:
+class AttemptStartNotice:
     attempt: Attempt
     injections: tuple[Injection, ...]
     """The faults its hosts carry (`--inject`)."""
 
 
 @dataclasses.dataclass(frozen=True)
-class AttemptEnded:
+class AttemptEndNotice:
     attempt: Attempt
     cause: Cause
     """A planned end (finished, resize, stopped), or the failure's kind."""
-    failure: Failure | None = None
+    failure: Diagnosis | None = None
     """The failure it ended with, blamed on its root cause."""

@@ -1,7 +1,7 @@
 """The control loop: schedule a topology, start a group, watch it, decide, tear down, restart.
 
-An explicit state machine over the states of `jaxlaunch.launcher.states`: `step()` runs the current state
-once and moves to the next. It carries out the decisions of the pure policies of `jaxlaunch.launcher.policy`
+An explicit state machine over the states of `jaxlaunch.launcher.control.states`: `step()` runs the current state
+once and moves to the next. It carries out the decisions of the pure policies of `jaxlaunch.launcher.control.policy`
 against any worker group and cluster of `jaxlaunch.contract.protocol`'s interfaces, so tests step it against
 fakes without Ray. Recording, the display and chaos are listeners: they see every transition and
 every poll from outside."""
@@ -14,25 +14,25 @@ import signal
 import time
 from collections.abc import Callable, Sequence
 
-from jaxlaunch.launcher import policy
-from jaxlaunch.launcher.fault_plan import FaultPlan
-from jaxlaunch.launcher.policy import Action, Failure, FailureKind, Policies
-from jaxlaunch.launcher.states import (
+from jaxlaunch.launcher.control import policy
+from jaxlaunch.launcher.control.fault_plan import FaultPlan
+from jaxlaunch.launcher.control.policy import Action, Diagnosis, FailureKind, Policies
+from jaxlaunch.launcher.control.states import (
     TERMINAL,
     Attempt,
-    AttemptEnded,
-    AttemptStarted,
+    AttemptEndNotice,
+    AttemptStartNotice,
+    AwaitingCapacity,
     Draining,
     DrainReason,
     Failed,
     Finished,
+    Relaunching,
     ResolvingFailure,
-    Restarting,
     Running,
     Scheduling,
     State,
     Stopped,
-    WaitingForCapacity,
 )
 
 from jaxlaunch.contract import events
@@ -74,10 +74,10 @@ class Listener:
     def on_poll(self, driver: Driver, attempt: Attempt, poll: GroupPoll) -> None:
         pass
 
-    def on_attempt_started(self, driver: Driver, started: AttemptStarted) -> None:
+    def on_attempt_started(self, driver: Driver, started: AttemptStartNotice) -> None:
         pass
 
-    def on_attempt_ended(self, driver: Driver, ended: AttemptEnded) -> None:
+    def on_attempt_ended(self, driver: Driver, ended: AttemptEndNotice) -> None:
         pass
 
 
@@ -107,7 +107,7 @@ class Driver:
         self.state: State = Scheduling()
         self.group: WorkerGroup | None = None
         self.attempts: list[Attempt] = []
-        self.failures: list[Failure] = []
+        self.failures: list[Diagnosis] = []
         self.stop_signal: int | None = None
         self.attempt_offset = attempt_offset
         """Attempts are numbered across launches of one run, so host logs and records never collide."""
@@ -129,13 +129,13 @@ class Driver:
         match state := self.state:
             case Scheduling():
                 new = self._schedule(state)
-            case WaitingForCapacity():
+            case AwaitingCapacity():
                 new = self._wait(state)
             case Running() | Draining():
                 new = self._watch(state)
             case ResolvingFailure():
                 new = self._resolve(state)
-            case Restarting():
+            case Relaunching():
                 new = self._restart(state)
             case Finished() | Failed() | Stopped():
                 raise ValueError(f"the driver has ended ({state}): there is no step to take")
@@ -176,7 +176,7 @@ class Driver:
                 self.sleep(CAPACITY_POLL_S)
                 return Scheduling(state.at_most, state.waiting_since, state.prefer, until)
         if num_hosts is None:
-            return WaitingForCapacity(state.waiting_since or now, placeable, state.at_most)
+            return AwaitingCapacity(state.waiting_since or now, placeable, state.at_most)
         committed = self.committed_step()
         attempt = Attempt(number=self.attempt_offset + len(self.attempts) + 1, num_hosts=num_hosts, mesh={},
                           started_at=now, latest_committed=committed)
@@ -195,12 +195,12 @@ class Driver:
             return Scheduling(at_most=shrink, waiting_since=state.waiting_since or now)
         except Exception as err:  # noqa: BLE001 - a host died while the group was starting
             self._started(attempt, injections)
-            return self._decide(attempt, Failure(FailureKind.CRASHED, None, f"the group did not start: {err}",
+            return self._decide(attempt, Diagnosis(FailureKind.CRASHED, None, f"the group did not start: {err}",
                                                  committed, self.clock(), None))
         self._started(attempt, injections)
         return Running(attempt)
 
-    def _wait(self, state: WaitingForCapacity) -> State:
+    def _wait(self, state: AwaitingCapacity) -> State:
         if self.stop_signal is not None:
             return Stopped(self.stop_signal, f"stopped by {self.stop_name} while waiting for capacity")
         if self.clock() - state.since > self.policies.fault.capacity_timeout_s:
@@ -228,7 +228,7 @@ class Driver:
         if hung is not None:
             host, limit = hung
             what = "stopped answering" if now - host.last_heard > UNRESPONSIVE_AFTER_S else "made no progress"
-            return self._decide(attempt, Failure(
+            return self._decide(attempt, Diagnosis(
                 FailureKind.HUNG, host.rank, f"{what} for {now - host.last_progress:.1f} s in phase "
                 f"{host.phase.value} (limit {limit:g} s)", attempt.last_step, now, host.last_progress))
         if isinstance(state, Draining):
@@ -258,7 +258,7 @@ class Driver:
         # are: ask whether any host's node is gone before blaming anyone.
         for rank in self.running_group.lost_hosts():
             if rank not in attempt.failures:
-                attempt.failures[rank] = Failure(FailureKind.NODE_LOST, rank, "the host's node is gone (its raylet "
+                attempt.failures[rank] = Diagnosis(FailureKind.NODE_LOST, rank, "the host's node is gone (its raylet "
                                                  "does not answer)", poll.hosts[rank].step, now)
         failures = list(attempt.failures.values())
         failure = policy.blame(failures, poll.hosts, now, UNRESPONSIVE_AFTER_S)
@@ -267,7 +267,7 @@ class Driver:
             failure = dataclasses.replace(failure, failed_at=fired_at or failure.failed_at)
         return self._decide(attempt, failure)
 
-    def _restart(self, state: Restarting) -> State:
+    def _restart(self, state: Relaunching) -> State:
         if self.stop_signal is not None:
             return Stopped(self.stop_signal, f"stopped by {self.stop_name} after a failure")
         if state.failure.kind == FailureKind.NODE_LOST and self.cluster.embedded:
@@ -326,7 +326,7 @@ class Driver:
         if self.stop_signal is not None:
             self._end(attempt, PlannedEnd.STOPPED)
             return Stopped(self.stop_signal, f"stopped by {self.stop_name} after saving step {step}")
-        return self._decide(attempt, Failure(FailureKind.PREEMPTED, None, f"preemption notice; saved step {step}",
+        return self._decide(attempt, Diagnosis(FailureKind.PREEMPTED, None, f"preemption notice; saved step {step}",
                                              step, now, self.faults.fired_at(attempt.number)))
 
     def _forward_stop(self, state: Running, poll: GroupPoll, now: float, signum: int) -> State:
@@ -393,7 +393,7 @@ class Driver:
         return target if target is not None and target > attempt.num_hosts else None
 
     # -- ending attempts ---------------------------------------------------------------------------
-    def _decide(self, attempt: Attempt, failure: Failure) -> State:
+    def _decide(self, attempt: Attempt, failure: Diagnosis) -> State:
         if failure.kind == FailureKind.HUNG and failure.rank is not None and failure.traceback is None:
             failure = self._with_stacks(failure, failure.rank)
         self._teardown()
@@ -409,9 +409,9 @@ class Driver:
         if decision.action == Action.STOP:
             done = self.persist(attempt.number) if self.persist is not None else None
             return Failed(f"{decision.reason}; {done}" if done else decision.reason, failure)
-        return Restarting(failure, decision)
+        return Relaunching(failure, decision)
 
-    def _with_stacks(self, failure: Failure, rank: int) -> Failure:
+    def _with_stacks(self, failure: Diagnosis, rank: int) -> Diagnosis:
         """A hung or silent host's Python stacks, read before the group is torn down, whether the
         watchdog found it or a peer's failure gave it away (a deadlocked collective usually shows
         as a peer's error first)."""
@@ -420,23 +420,23 @@ class Driver:
             return failure
         return dataclasses.replace(failure, traceback=f"Python stacks of host {rank}:\n{stacks}")
 
-    def _embedded_node_died(self, attempt: Attempt) -> Failure:
-        return Failure(FailureKind.NODE_LOST, None, "the embedded Ray node died", attempt.last_step, self.clock())
+    def _embedded_node_died(self, attempt: Attempt) -> Diagnosis:
+        return Diagnosis(FailureKind.NODE_LOST, None, "the embedded Ray node died", attempt.last_step, self.clock())
 
     def _no_capacity(self, placeable: int) -> Failed:
         return Failed(f"the cluster had room for {placeable} hosts for {self.policies.fault.capacity_timeout_s:g} "
                       f"s; at least {self.policies.scaling.min_hosts} are needed")
 
-    def _end(self, attempt: Attempt, cause: Cause, failure: Failure | None = None) -> None:
+    def _end(self, attempt: Attempt, cause: Cause, failure: Diagnosis | None = None) -> None:
         attempt.cause = cause
         self._teardown()
         self.faults.spend(attempt.number)
-        ended = AttemptEnded(attempt, cause, failure)
+        ended = AttemptEndNotice(attempt, cause, failure)
         for listener in self.listeners:
             listener.on_attempt_ended(self, ended)
 
     def _started(self, attempt: Attempt, injections: tuple[Injection, ...]) -> None:
-        started = AttemptStarted(attempt, injections)
+        started = AttemptStartNotice(attempt, injections)
         for listener in self.listeners:
             listener.on_attempt_started(self, started)
 

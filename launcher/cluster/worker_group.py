@@ -2,7 +2,7 @@
 coordinator port, polls, and a teardown that kills every actor and frees the placement group.
 
 This adapter only translates: Ray's objects and errors become the typed contract of
-`jaxlaunch.contract.protocol`; what a host's ending means is decided by `jaxlaunch.launcher.policy`."""
+`jaxlaunch.contract.protocol`; what a host's ending means is decided by `jaxlaunch.launcher.control.policy`."""
 
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import time
 from typing import Any, Protocol
 
 import ray
-from jaxlaunch.launcher.cluster import RayCluster
-from jaxlaunch.launcher.config import ClusterConfig
-from jaxlaunch.launcher.keepers import KeeperPool
-from jaxlaunch.launcher.runs import RunDir
+from jaxlaunch.launcher.cluster.keepers import KeeperPool
+from jaxlaunch.launcher.cluster.ray_cluster import RayCluster
+from jaxlaunch.launcher.configuration.schema import ClusterConfig
+from jaxlaunch.launcher.records.runs import RunDir
 from ray.actor import ActorHandle
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table, remove_placement_group

@@ -1,7 +1,7 @@
 """A run's history, derived from its records alone: the attempt table, the final trajectory, goodput
 with its badput split, and the summary. events.jsonl is the one source of what happened (and
 metrics.jsonl of what each step computed); summary.json, the terminal tables and report.png are all
-views of this, across every launch of the run (goodput's split: `jaxlaunch.launcher.goodput`)."""
+views of this, across every launch of the run (goodput's split: `jaxlaunch.launcher.records.goodput`)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import dataclasses
 from collections import Counter
 from typing import Any
 
-from jaxlaunch.launcher import goodput
-from jaxlaunch.launcher.goodput import BADPUT_LABELS, Split
-from jaxlaunch.launcher.runs import RunDir
+from jaxlaunch.launcher.records import goodput
+from jaxlaunch.launcher.records.goodput import BADPUT_LABELS, Split
+from jaxlaunch.launcher.records.runs import RunDir
 
 from jaxlaunch.contract import events
 from jaxlaunch.contract.events import Cause, Event, Failure, FailureKind, JobStatus

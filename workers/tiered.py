@@ -19,7 +19,7 @@ from jaxlaunch.contract import events, tiers
 
 
 @dataclasses.dataclass
-class Restored:
+class TierRestore:
     step: int
     state: Any
     meta: dict[str, Any]
@@ -37,7 +37,7 @@ class Restored:
 
 
 def restore_newest(checkpointer: Checkpointer, memory: MemoryTier | None, layout: StateLayout,
-                   progress: HostProgress) -> Restored | None:
+                   progress: HostProgress) -> TierRestore | None:
     if memory is not None:
         durable_steps = checkpointer.steps_from_rank_0()
         newest_durable = durable_steps[0] if durable_steps else 0
@@ -50,7 +50,7 @@ def restore_newest(checkpointer: Checkpointer, memory: MemoryTier | None, layout
             except Exception as err:  # noqa: BLE001 - every host agrees below; the durable tier serves
                 error = f"{type(err).__name__}: {err}"[:500]
             if not any_host(error is not None):
-                return Restored(got.step, got.state, got.meta, got.extra, "memory", got.seconds, 0,
+                return TierRestore(got.step, got.state, got.meta, got.extra, "memory", got.seconds, 0,
                                 got.bytes_fetched, [s.rank for s in got.sources if s.role == tiers.Role.REPLICA])
             progress.event(events.MemoryFallback(
                 step=step, durable_step=newest_durable or None,
@@ -66,7 +66,7 @@ def restore_newest(checkpointer: Checkpointer, memory: MemoryTier | None, layout
         progress.event(events.CheckpointFallback(**aside))
     mine = extras.of_rank(restored.meta.get("extra"), jax.process_index())
     read = checkpointer.store.size(str(restored.step))
-    return Restored(restored.step, restored.state, restored.meta, mine, "durable", restored.seconds, read, 0, [])
+    return TierRestore(restored.step, restored.state, restored.meta, mine, "durable", restored.seconds, read, 0, [])
 
 
 def _why_not_whole(held: list[tiers.Held], newest_durable: int, lost: list[str]) -> str | None:

@@ -57,7 +57,7 @@ class WatchdogConfig:
 # ---- failures --------------------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class Failure:
+class Diagnosis:
     kind: FailureKind
     rank: int | None
     """The host to blame (None: the whole group)."""
@@ -103,20 +103,20 @@ _ERROR_KINDS = {
 }
 
 
-def classify(exit: HostExit, now: float, node_wait_s: float) -> Failure | None:
+def classify(exit: HostExit, now: float, node_wait_s: float) -> Diagnosis | None:
     """The failure a host's bad ending is, or None while that cannot be known yet.
 
     A process that died is a crash only if its node is alive: Ray may report the death of a lost
     node's processes before it declares the node dead, so an unknown node is waited for, up to
     `node_wait_s` (then the node counts as lost: its raylet stopped answering)."""
-    def failure(kind: FailureKind, message: str, failed_at: float | None = None) -> Failure:
-        return Failure(kind, exit.rank, message, exit.step, exit.at, failed_at)
+    def failure(kind: FailureKind, message: str, failed_at: float | None = None) -> Diagnosis:
+        return Diagnosis(kind, exit.rank, message, exit.step, exit.at, failed_at)
 
     if exit.how == ExitHow.RAISED:
         err = exit.error
         assert err is not None, "a raised exit carries the host's error"
         step = err.step if err.step is not None else exit.step
-        return Failure(_ERROR_KINDS[err.kind], exit.rank, err.summary, step, exit.at, exit.at,
+        return Diagnosis(_ERROR_KINDS[err.kind], exit.rank, err.summary, step, exit.at, exit.at,
                        traceback=f"host {exit.rank} (rank {exit.rank}), after step {step}:\n{err.traceback_text}",
                        secondary=err.kind == ErrorKind.COLLECTIVE, phase=err.phase)
     if exit.how == ExitHow.NODE_PREEMPTED:
@@ -138,7 +138,7 @@ _KIND_PRIORITY = {
 }
 
 
-def primary_failure(failures: Sequence[Failure]) -> Failure:
+def primary_failure(failures: Sequence[Diagnosis]) -> Diagnosis:
     """The root cause among failures seen together: a root cause before the collective errors it
     caused on the others; a dead, lost or silent host before an exception; then the earliest."""
     return min(failures, key=lambda f: (f.secondary, _KIND_PRIORITY[f.kind], f.detected_at))
@@ -150,7 +150,7 @@ raised on every host, it is an entry error (the hosts reach the entry's code wit
 each other, after `jax.distributed` has joined them)."""
 
 
-def keep_listening(failures: Sequence[Failure], num_ended: int, num_hosts: int, now: float, grace_s: float,
+def keep_listening(failures: Sequence[Diagnosis], num_ended: int, num_hosts: int, now: float, grace_s: float,
                    hear_out_s: float, entry_wait_s: float = ENTRY_ERROR_WAIT_S) -> bool:
     """Whether to wait for more of the group before deciding, while not every host has ended: up to
     `grace_s` while every failure so far is a collective error (the host that died, or its lost node,
@@ -171,7 +171,7 @@ def keep_listening(failures: Sequence[Failure], num_ended: int, num_hosts: int, 
     return now - first < limit
 
 
-def entry_error(failures: Sequence[Failure], num_hosts: int) -> Failure | None:
+def entry_error(failures: Sequence[Diagnosis], num_hosts: int) -> Diagnosis | None:
     """The failure to record when every host raised the same type of exception before its first
     step (the lowest rank's, marked `on_every_host`), else None."""
     early = {f.rank: f for f in failures if f.before_first_step and f.rank is not None}
@@ -180,7 +180,7 @@ def entry_error(failures: Sequence[Failure], num_hosts: int) -> Failure | None:
     return dataclasses.replace(early[min(early)], on_every_host=True)
 
 
-def likely_fix(failure: Failure) -> str:
+def likely_fix(failure: Diagnosis) -> str:
     """One line for an entry error: what to change."""
     message = failure.message
     if failure.exception_type == "LaunchInsideHostError" or "calls jaxlaunch.launch when it is imported" in message:
@@ -196,7 +196,7 @@ def likely_fix(failure: Failure) -> str:
     return "fix the error in your entry's code above; run it with plain python to see it at once"
 
 
-def blame(failures: Sequence[Failure], hosts: Sequence[HostStatus], now: float, silent_after_s: float) -> Failure:
+def blame(failures: Sequence[Diagnosis], hosts: Sequence[HostStatus], now: float, silent_after_s: float) -> Diagnosis:
     """The failure to record: the root cause among those seen, unless a host had stopped answering
     before them (the others then failed because of its silence: it hung)."""
     everywhere = entry_error(failures, len(hosts))
@@ -207,7 +207,7 @@ def blame(failures: Sequence[Failure], hosts: Sequence[HostStatus], now: float, 
     silent = [h for h in hosts if now - h.last_heard > silent_after_s and h.rank not in failed]
     if silent and not first.kind.is_fatal:
         host = min(silent, key=lambda h: h.last_heard)
-        return Failure(FailureKind.HUNG, host.rank,
+        return Diagnosis(FailureKind.HUNG, host.rank,
                        f"stopped answering {now - host.last_heard:.1f} s before host {first.rank} failed "
                        f"({first.message})", first.step, now, host.last_heard)
     return first
@@ -233,7 +233,7 @@ class RestartPolicy:
 
     cfg: FaultConfig
 
-    def decide(self, failures: Sequence[Failure]) -> Decision:
+    def decide(self, failures: Sequence[Diagnosis]) -> Decision:
         """What to do after the last of `failures` (every failure of the job so far, in order)."""
         latest = failures[-1]
         if latest.kind.is_fatal:

@@ -2,7 +2,7 @@
 metrics.jsonl with TensorBoard beside it, and chaos, which kills hosts at random times.
 
 Each event is written once, here, from a state change or a poll; the attempt table, the trajectory,
-goodput, summary.json and report.png are all derived from these records (`jaxlaunch.launcher.history`)."""
+goodput, summary.json and report.png are all derived from these records (`jaxlaunch.launcher.records.history`)."""
 
 from __future__ import annotations
 
@@ -14,21 +14,21 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from jaxlaunch.launcher.driver import Driver, Listener
-from jaxlaunch.launcher.runs import RunDir
-from jaxlaunch.launcher.states import (
+from jaxlaunch.launcher.control.driver import Driver, Listener
+from jaxlaunch.launcher.control.states import (
     Attempt,
-    AttemptEnded,
-    AttemptStarted,
+    AttemptEndNotice,
+    AttemptStartNotice,
+    AwaitingCapacity,
     Draining,
     DrainReason,
     Failed,
-    Restarting,
+    Relaunching,
     Running,
     State,
     Stopped,
-    WaitingForCapacity,
 )
+from jaxlaunch.launcher.records.runs import RunDir
 
 from jaxlaunch.contract import events
 from jaxlaunch.contract.protocol import GroupPoll
@@ -114,7 +114,7 @@ class Recorder(Listener):
                 sink.on_records(records)
 
     # -- transitions -----------------------------------------------------------------------------
-    def on_attempt_started(self, driver: Driver, started: AttemptStarted) -> None:
+    def on_attempt_started(self, driver: Driver, started: AttemptStartNotice) -> None:
         a, group = started.attempt, started.attempt.group
         self.event(events.AttemptStarted(
             attempt=a.number, num_hosts=a.num_hosts, mesh=self.mesh_for(a.num_hosts),
@@ -123,7 +123,7 @@ class Recorder(Listener):
             pids=group.pids if group else []))
 
     def on_transition(self, driver: Driver, old: State, new: State) -> None:
-        if isinstance(new, WaitingForCapacity) and not isinstance(old, WaitingForCapacity):
+        if isinstance(new, AwaitingCapacity) and not isinstance(old, AwaitingCapacity):
             self.event(events.WaitingForCapacity(placeable_hosts=new.placeable,
                                                  min_hosts=driver.policies.scaling.min_hosts))
         elif isinstance(new, Draining) and not isinstance(old, Draining):
@@ -132,14 +132,14 @@ class Recorder(Listener):
                                        to_hosts=new.target_hosts))
             else:
                 self.event(events.StopRequested(attempt=new.attempt.number, signal=driver.stop_name))
-        if isinstance(new, Restarting):
+        if isinstance(new, Relaunching):
             self.event(events.Restarting(reason=new.decision.reason, backoff_s=new.decision.backoff_s))
         elif isinstance(new, Failed):
             self.event(events.JobFailed(reason=new.reason))
         elif isinstance(new, Stopped):
             self.event(events.JobStopped(reason=new.reason, signal=driver.stop_name))
 
-    def on_attempt_ended(self, driver: Driver, ended: AttemptEnded) -> None:
+    def on_attempt_ended(self, driver: Driver, ended: AttemptEndNotice) -> None:
         a, failure = ended.attempt, ended.failure
         latency = failed_at = None
         if failure is not None:
@@ -173,7 +173,7 @@ class Chaos(Listener):
         self.next_at: float | None = None
         self.attempt: int | None = None
 
-    def on_attempt_started(self, driver: Driver, started: AttemptStarted) -> None:
+    def on_attempt_started(self, driver: Driver, started: AttemptStartNotice) -> None:
         self.attempt = started.attempt.number
         self.next_at = driver.clock() + self.random.expovariate(1.0 / self.mean_s)
 

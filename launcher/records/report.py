@@ -1,4 +1,4 @@
-"""The run report: what happened to a run, from its records alone (`jaxlaunch.launcher.history`).
+"""The run report: what happened to a run, from its records alone (`jaxlaunch.launcher.records.history`).
 
 `python launch.py report RUN_DIR` prints the attempt table and the goodput with its badput split,
 and writes RUN_DIR/report.png: the loss (or the first reported metric) against the step with a
@@ -12,9 +12,9 @@ import io
 import pathlib
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from jaxlaunch.launcher.goodput import BADPUT_LABELS, PRODUCTIVE, Split
-from jaxlaunch.launcher.history import AttemptRecord, History, load
-from jaxlaunch.launcher.runs import RunDir
+from jaxlaunch.launcher.records.goodput import BADPUT_LABELS, PRODUCTIVE, Split
+from jaxlaunch.launcher.records.history import AttemptRecord, History, load
+from jaxlaunch.launcher.records.runs import RunDir
 from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table

@@ -15,23 +15,34 @@ import os
 import socket
 import sys
 import sysconfig
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import ray
-from jaxlaunch.launcher.config import ClusterConfig
+from jaxlaunch.launcher.configuration.schema import ClusterConfig
 from ray._private.state import available_resources_per_node
 
 from jaxlaunch.contract.protocol import NodeLiveness
 from jaxlaunch.contract.store import endpoint_environment
 
 if TYPE_CHECKING:
-    from jaxlaunch.launcher.embedded_ray import EmbeddedRay
-    from jaxlaunch.launcher.keepers import KeeperPool
-    from jaxlaunch.launcher.worker_group import StandbyPool
+    from jaxlaunch.launcher.cluster.embedded_ray import EmbeddedRay
 
 log = logging.getLogger(__name__)
 RAYLET_PROBE_TIMEOUT_S = 1.0
 PROBE_THREADS = 64
+
+
+class InstanceBound(Protocol):
+    """What lives in the embedded Ray instance and is dropped, without asking Ray, when it dies."""
+
+    def forget(self) -> None: ...
+
+
+class Spares(InstanceBound, Protocol):
+    """Placed spare hosts (the warm standby), which count as room for hosts."""
+
+    @property
+    def reserved_hosts(self) -> int: ...
 
 
 class RayCluster:
@@ -41,9 +52,9 @@ class RayCluster:
         self.embedded = cfg.address is None
         self.instance: EmbeddedRay | None = None
         self._requested = False
-        self.standby: StandbyPool | None = None
+        self.standby: Spares | None = None
         """The spare group (`worker_group.StandbyPool`), whose hosts count as placeable."""
-        self.keepers: KeeperPool | None = None
+        self.keepers: InstanceBound | None = None
         """The memory tier's keepers (`keepers.KeeperPool`), which go with a restarted instance."""
 
     # -- connection ------------------------------------------------------------------------------
@@ -52,7 +63,7 @@ class RayCluster:
         # the choice is ours and documented.
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         if self.embedded:
-            from jaxlaunch.launcher.embedded_ray import EmbeddedRay
+            from jaxlaunch.launcher.cluster.embedded_ray import EmbeddedRay
 
             self.instance = EmbeddedRay(self.cfg.embedded_num_cpus)
             address: str | None = self.instance.start()

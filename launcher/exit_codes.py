@@ -1,0 +1,7 @@
+"""The command line's exit codes, shared by the command line and the launch that computes them.
+
+0 finished; 1 the job failed (budget spent, deterministic failure, no capacity, storage, no readable
+checkpoint); 2 bad input (one line naming the fix; nothing written or deleted); 130/143 stopped by
+SIGINT/SIGTERM after every host saved the same step."""
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
