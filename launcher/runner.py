@@ -31,7 +31,7 @@ from jaxlaunch.launcher.control.fault_plan import FaultPlan, injection_log
 from jaxlaunch.launcher.control.policy import Policies, RestartPolicy, ScalingPolicy, Watchdog
 from jaxlaunch.launcher.exit_codes import EXIT_FAILED, EXIT_OK
 from jaxlaunch.launcher.records import history, report
-from jaxlaunch.launcher.records.history import AttemptRecord
+from jaxlaunch.launcher.records.history import AttemptRecord, History
 from jaxlaunch.launcher.records.recorder import Chaos, Recorder
 from jaxlaunch.launcher.records.runs import RunDir, RunLock
 from jaxlaunch.launcher.views import notebook
@@ -190,8 +190,36 @@ def _run_job(prepared: PreparedJob, display: Display | None, exporter: Exporter 
         lock.release()
 
 
+@dataclasses.dataclass
+class Assembly:
+    """What one launch is made of: built before its first attempt, finished after its last."""
+
+    prepared: PreparedJob
+    run: RunDir
+    display: Display
+    driver: Driver
+    recorder: Recorder
+    live: LiveMetrics
+    trackers: Trackers | None
+    standby: StandbyPool | None
+    keepers: KeeperPool
+
+
 def _drive(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref: EntryRef, display: Display,
            lock: RunLock, exporter: Exporter | None) -> LaunchResult:
+    parts = _build(prepared, run, cluster, host_ref, display, lock, exporter)
+    code = None
+    try:
+        with stop_signals(parts.driver):
+            code = parts.driver.run()
+    finally:
+        past, summary, picture = _finish(parts, code)
+    return _tell(parts, code, past, summary, picture)
+
+
+def _build(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref: EntryRef, display: Display,
+           lock: RunLock, exporter: Exporter | None) -> Assembly:
+    """The run's first records of this launch, and the driver with its listeners, group and policies."""
     job, entry = prepared.job, prepared.entry
     run.create()
     run.save_config(job.to_dict())
@@ -229,6 +257,7 @@ def _drive(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref: En
                         Watchdog(job.watchdog))
     faults = FaultPlan(prepared.injections,
                        injection_log(run.injections, prepared.injections, time.monotonic, time.time))
+
     def persist(attempt: int) -> str | None:
         if standby is not None:
             standby.shutdown()  # the job ends: its spare hosts' room serves the persisting run
@@ -250,27 +279,36 @@ def _drive(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref: En
         policies=policies, committed_step=committed, faults=faults, attempt_offset=attempt_offset,
         listeners=listeners, persist=persist if keepers.enabled else None,
     )
-    code = None
-    try:
-        with stop_signals(driver):
-            code = driver.run()
-    finally:
-        if standby is not None:
-            standby.shutdown()
-        keepers.shutdown()
-        display.stop()
-        state = driver.state
-        status = _status(code)
-        run.event(events.JobEnded(status=status, reason=getattr(state, "reason", None)))
-        recorder.close()
-        live.close()
-        run.flush()
-        past = history.load(run)
-        summary = past.summary(run)
-        run.write_summary(summary)
-        picture = report.save_plot(past, run)
-        if trackers is not None:
-            trackers.close(status, summary)
+    return Assembly(prepared, run, display, driver, recorder, live, trackers, standby, keepers)
+
+
+def _finish(parts: Assembly, code: int | None) -> tuple[History, dict[str, Any], pathlib.Path | str]:
+    """Whatever happened: every spare host and keeper stopped, the launch's last records written, and
+    what derives from them (summary.json, the report picture, the trackers' final state)."""
+    run = parts.run
+    if parts.standby is not None:
+        parts.standby.shutdown()
+    parts.keepers.shutdown()
+    parts.display.stop()
+    status = _status(code)
+    run.event(events.JobEnded(status=status, reason=getattr(parts.driver.state, "reason", None)))
+    parts.recorder.close()
+    parts.live.close()
+    run.flush()
+    past = history.load(run)
+    summary = past.summary(run)
+    run.write_summary(summary)
+    picture = report.save_plot(past, run)
+    if parts.trackers is not None:
+        parts.trackers.close(status, summary)
+    return past, summary, picture
+
+
+def _tell(parts: Assembly, code: int | None, past: History, summary: dict[str, Any],
+          picture: pathlib.Path | str) -> LaunchResult:
+    """The end of a launch on the terminal (the report when anything failed, how to go on), and its result."""
+    run, display, entry = parts.run, parts.display, parts.prepared.entry
+    assert code is not None, "the driver returned"
     if past.failures:
         report.print_report(past, display.console)
     reason = summary.get("stop_reason")
@@ -281,7 +319,7 @@ def _drive(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref: En
                         soft_wrap=True)
     display.summary(summary)
     display.closing(run.path, picture)
-    return LaunchResult(status, code, reason, summary["final_step"], past.attempts, past.goodput, run.path,
+    return LaunchResult(_status(code), code, reason, summary["final_step"], past.attempts, past.goodput, run.path,
                         past.trajectory, summary.get("returned"), summary)
 
 

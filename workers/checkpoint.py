@@ -18,26 +18,24 @@ import dataclasses
 import errno
 import functools
 import logging
-import os
 import pathlib
 import time
 import types
 from collections.abc import Callable
 from typing import Any, Self
 
-import fsspec
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
-from etils.epath import backend as epath_backend
 from jax.experimental import multihost_utils
-from orbax.checkpoint._src.path.atomicity import CommitFileTemporaryPath
+from jaxlaunch.workers.compat import etils as etils_compat
+from jaxlaunch.workers.compat import orbax as orbax_compat
 
 from jaxlaunch.contract.layout import UNREADABLE_DIR, committed_steps
 from jaxlaunch.contract.protocol import CheckpointConfig, ErrorKind
 from jaxlaunch.contract.storage import chain, describe, storage_errno
-from jaxlaunch.contract.store import is_url, open_store, tensorstore_environment
+from jaxlaunch.contract.store import is_url, open_store
 
 log = logging.getLogger(__name__)
 STATE_ITEM, META_ITEM = "state", "meta"
@@ -106,7 +104,7 @@ class Checkpointer:
             cleanup_tmp_directories=True,
             # An object store has no atomic rename of a folder: a step is written in place and
             # committed by its commit file, written last (Orbax's default for gs:// alike).
-            temporary_path_class=CommitFileTemporaryPath if is_url(directory) else None,
+            temporary_path_class=ocp.path.atomicity.CommitFileTemporaryPath if is_url(directory) else None,
         )
         with self._storage_errors():
             self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
@@ -283,65 +281,11 @@ def read_arrays(step_dir: str | pathlib.Path) -> dict[str, np.ndarray]:
 
 
 def prepare_tensorstore(location: str | pathlib.Path) -> None:
-    """Points TensorStore's cloud drivers where the run directory's store is."""
+    """Points Orbax's paths and TensorStore's drivers at the run directory's store as it is today.
+    TensorStore's GCS driver takes its endpoint from TENSORSTORE_GCS_HTTP_URL alone, which the
+    driver gives each host process at its start (`jaxlaunch.contract.store.host_storage_environment`)."""
     if is_url(location):
-        # Orbax's paths (etils.epath) keep one fsspec instance per scheme (etils' lru_cache over
-        # fsspec's own cache), made with the endpoint variables of its day: a later endpoint in this
-        # process (another emulator, a notebook's new settings) would never be reached. Fresh ones
-        # read today's. (etils has no public way to drop its cache.)
-        fsspec.get_filesystem_class(str(location).split("://", 1)[0]).clear_instance_cache()
-        getattr(epath_backend._FileSystemSpecBackend._get_filesystem, "cache_clear", lambda: None)()
-        for name, value in tensorstore_environment(os.environ).items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-        if str(location).startswith("s3://"):
-            route_s3_to_tensorstore()
-
-
-ROUTES_S3_MARK = "_jaxlaunch_routes_s3"
-"""Marks Orbax's spec builder once wrapped (on the function object, which Orbax's module holds)."""
-
-
-def route_s3_to_tensorstore() -> None:
-    """Has Orbax write `s3://` arrays with TensorStore's s3 driver. Orbax 0.12 sends only `gs://`
-    to a cloud driver (`tensorstore_utils._use_gcs_driver`) and everything else to the `file`
-    driver, which cannot take a URL; its metadata already goes through etils.epath and s3fs. The
-    spec is built as for GCS, then each GCS driver is swapped for S3, with the endpoint and region
-    of the standard AWS variables (TensorStore reads the credentials' variables itself, but without
-    an explicit endpoint it never reaches one that is not AWS)."""
-    from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
-
-    original = ts_utils.build_kvstore_tspec
-    if getattr(original, ROUTES_S3_MARK, False):
-        return
-
-    def build_kvstore_tspec(directory: Any, name: str | None = None, **kwargs: Any) -> Any:
-        directory = str(directory)
-        if not directory.startswith("s3://"):
-            return original(directory, name, **kwargs)
-        return _gcs_to_s3(original("gs://" + directory[len("s3://"):], name, **kwargs))
-
-    setattr(build_kvstore_tspec, ROUTES_S3_MARK, True)
-    ts_utils.build_kvstore_tspec = build_kvstore_tspec
-
-
-def _gcs_to_s3(spec: Any) -> Any:
-    if isinstance(spec, dict):
-        spec = {k: _gcs_to_s3(v) for k, v in spec.items()}
-        if spec.get("driver") in ("gcs", "gcs_grpc"):
-            spec["driver"] = "s3"
-            spec.update(_s3_endpoint())
-        return spec
-    if isinstance(spec, list):
-        return [_gcs_to_s3(v) for v in spec]
-    if isinstance(spec, str) and spec.startswith("gs://"):
-        return "s3://" + spec[len("gs://"):]
-    return spec
-
-
-def _s3_endpoint() -> dict[str, str]:
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    return {**({"endpoint": endpoint} if endpoint else {}), **({"aws_region": region} if region else {})}
+        scheme = str(location).split("://", 1)[0]
+        etils_compat.forget_filesystems(scheme)
+        if scheme == "s3":
+            orbax_compat.route_s3_to_tensorstore()

@@ -22,7 +22,7 @@ from jaxlaunch.workers.progress import HostProgress
 from jaxlaunch.workers.stops import DriverStop
 
 from jaxlaunch.contract import events
-from jaxlaunch.contract.entry import HOST_RANK_ENV
+from jaxlaunch.contract.entry import mark_host_process
 from jaxlaunch.contract.protocol import (
     MONITOR_GROUP,
     HostError,
@@ -68,7 +68,7 @@ class HostActor:
 
     def _start(self, log_path: str, attempt: int, rank: int) -> None:
         self.rank, self.attempt = rank, attempt
-        os.environ[HOST_RANK_ENV] = str(rank)  # a `jaxlaunch.launch` in this process is refused
+        mark_host_process(rank)  # a `jaxlaunch.launch` in this process is refused
         self.progress = HostProgress()
         self.driver_stop = DriverStop()
         self.progress.timeline["process_created"] = self.created

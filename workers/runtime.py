@@ -7,8 +7,8 @@ import logging
 import os
 import pathlib
 import stat
-from collections.abc import Sequence
-from typing import Any
+
+from jaxlaunch.workers.compat.jax import write_cache_from_every_process
 
 from jaxlaunch.contract.protocol import DistributedConfig, ErrorKind
 
@@ -59,50 +59,8 @@ def enable_compilation_cache(directory: str) -> str | None:
     # keeps its entries.
     jax.config.update("jax_persistent_cache_enable_xla_caches", "")
     if os.environ.get(CACHE_WRITES_ENV) != "process0":  # the benchmarks' way to measure JAX's own behaviour
-        _write_cache_from_every_process()
+        write_cache_from_every_process()
     return None
-
-
-EVERY_PROCESS_MARK = "_jaxlaunch_every_process"
-"""Marks JAX's cache writer once replaced (on the function object, which JAX's module holds)."""
-
-
-def _write_cache_from_every_process() -> bool:
-    """On CPU, JAX keys a compiled program by each process's own topology (its process id and local
-    devices), so process 1's restart looks for an entry only process 1 could have written, yet JAX
-    writes entries from process 0 alone (jax/_src/compiler.py, `_cache_write`). Each process writes
-    its own entry here, so every process of a restart loads instead of compiling (measured: 1.4 s
-    -> 0.2 s for a host of rank 1). GPU and TPU keys are shared by every process: unchanged there.
-    A private API: if its signature changed, this does nothing and says so."""
-    import inspect
-
-    from jax._src import compilation_cache, compiler, distributed
-    from jax._src import config as jax_config
-
-    original = getattr(compiler, "_cache_write", None)
-    expected = ["cache_key", "compile_time_secs", "module_name", "backend", "executable", "host_callbacks"]
-    if original is None or list(inspect.signature(original).parameters) != expected:
-        log.warning("jax._src.compiler._cache_write changed: only process 0 writes the compilation cache")
-        return False
-    if getattr(original, EVERY_PROCESS_MARK, False):
-        return True
-
-    def cache_write(cache_key: str, compile_time_secs: float, module_name: str, backend: Any, executable: Any,
-                    host_callbacks: Sequence[Any]) -> None:
-        if distributed.global_state.process_id == 0 or backend.platform != "cpu" or host_callbacks:
-            return original(cache_key, compile_time_secs, module_name, backend, executable, host_callbacks)
-        if compile_time_secs < jax_config.persistent_cache_min_compile_time_secs.value:
-            return None
-        try:  # the key holds this process's topology: a file of its own, no contention
-            compilation_cache.put_executable_and_time(cache_key, module_name, executable, backend,
-                                                      int(compile_time_secs))
-        except Exception as err:  # noqa: BLE001 - as JAX itself does: a cache write never fails a job
-            log.warning("could not write the compilation cache entry of %s: %s", module_name, err)
-        return None
-
-    setattr(cache_write, EVERY_PROCESS_MARK, True)
-    compiler._cache_write = cache_write
-    return True
 
 
 def initialize(*, coordinator_address: str, num_processes: int, process_id: int, bind_address: str,

@@ -34,8 +34,6 @@ BUILTIN_ENTRY = "jaxlaunch.models.lm:main"
 """The built-in language model, the default entry."""
 LEGACY_ENTRIES = {"models.lm:main": BUILTIN_ENTRY}
 """Entries as runs written before the one installed package named them (kept in their config.json)."""
-HOST_RANK_ENV = "JAXLAUNCH_HOST_RANK"
-"""Set in every host process (to its rank): `jaxlaunch.launch` refuses to run there."""
 ENTRY_SPEC_ATTRIBUTE = "__jaxlaunch_entry__"
 """Where `@entrypoint` keeps an entry's `EntrySpec`, on the function."""
 _BY_VALUE_NAME = re.compile(r"^(?P<function>\S+) \(by value, code (?P<fingerprint>[0-9a-f]+)\)$")
@@ -186,6 +184,16 @@ def _importing(ref: EntryRef) -> Iterator[None]:
         _loading.pop()
 
 
+_host_rank: int | None = None
+"""This process's rank when it is a host of a running job (`mark_host_process`)."""
+
+
+def mark_host_process(rank: int) -> None:
+    """A host process says so as it takes its rank: `jaxlaunch.launch` in it is refused from then on."""
+    global _host_rank
+    _host_rank = rank
+
+
 def refuse_nested_launch() -> None:
     """For `jaxlaunch.launch`: refuses to run while an entry's file is being imported (a module-level
     call in a file passed to --entry) or inside a host process (the hosts run functions, they do
@@ -194,7 +202,7 @@ def refuse_nested_launch() -> None:
         where = _loading[-1].path or _loading[-1].module
         raise ConfigError(f"{where} calls jaxlaunch.launch when it is imported (as --entry does): put the call "
                           f"under `if __name__ == \"__main__\":`, or run the file with python instead of --entry")
-    rank = os.environ.get(HOST_RANK_ENV)
+    rank = _host_rank
     if rank is not None:
         raise LaunchInsideHostError(
             f"jaxlaunch.launch was called inside host {rank} of a running job: the hosts run your function, "

@@ -23,13 +23,9 @@ from typing import Any
 from jaxlaunch.contract.protocol import ConfigError
 
 ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION",
-                      "STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT",
-                      "JAXLAUNCH_DERIVED_TENSORSTORE_GCS_HTTP_URL")
+                      "STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT")
 """Where the stores are (not who may use them): passed on to the hosts of a cluster, whose nodes keep
 their own credentials."""
-DERIVED_GCS_URL_MARK = "JAXLAUNCH_DERIVED_TENSORSTORE_GCS_HTTP_URL"
-"""Set beside a TENSORSTORE_GCS_HTTP_URL that jaxlaunch derived from STORAGE_EMULATOR_HOST (and
-passed on with it to the hosts), so the derived value is told apart from a user's own."""
 SCHEMES = {"s3": ("s3fs", "s3"), "gs": ("gcsfs", "gcs")}
 """URL scheme -> (the fsspec implementation it needs, the jaxlaunch extra that installs it)."""
 
@@ -287,9 +283,6 @@ def filesystem(scheme: str) -> Any:
                           f"{scheme}://")
     module, extra = SCHEMES[scheme]
     emulator = os.environ.get("STORAGE_EMULATOR_HOST") if scheme == "gs" else None
-    if emulator:
-        # gcsfs otherwise asks a gRPC API that emulators lack for each bucket's type, a minute each.
-        os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
     try:
         import fsspec
 
@@ -297,8 +290,13 @@ def filesystem(scheme: str) -> Any:
     except ImportError:
         raise ConfigError(f"--run-dir {scheme}://... needs {module}: pip install 'jaxlaunch[{extra}]'") from None
     if emulator:
-        # gcsfs reads the variable too, but then asks for credentials an emulator has no use for.
-        return fsspec.filesystem("gs", token="anon", endpoint_url=_with_scheme(emulator), **_UNCACHED)
+        # gcsfs's default class (its experimental one, unless GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT is
+        # false when it is imported) asks a gRPC API that emulators lack for each bucket's type, a
+        # minute each: the plain class serves an emulator. gcsfs reads the emulator's variable too,
+        # but then asks for credentials an emulator has no use for.
+        from gcsfs.core import GCSFileSystem
+
+        return GCSFileSystem(token="anon", endpoint_url=_with_scheme(emulator), **_UNCACHED)
     return fsspec.filesystem(scheme, **_UNCACHED)
 
 
@@ -314,18 +312,19 @@ def open_store(location: str | os.PathLike) -> Store:
 
 
 def endpoint_environment() -> dict[str, str]:
-    """The variables of ENDPOINT_VARIABLES that are set here."""
-    return {k: os.environ[k] for k in ENDPOINT_VARIABLES if k in os.environ}
+    """What a host process is given in its environment when it starts: the variables of
+    ENDPOINT_VARIABLES that are set here, and what TensorStore and gcsfs need to follow a GCS
+    emulator (`host_storage_environment`)."""
+    return {**{k: os.environ[k] for k in ENDPOINT_VARIABLES if k in os.environ}, **host_storage_environment(os.environ)}
 
 
-def tensorstore_environment(environ: Mapping[str, str]) -> dict[str, str | None]:
-    """Changes to `environ` (name -> value, None to unset) that point TensorStore's GCS driver where
-    fsspec goes: TensorStore reads AWS_ENDPOINT_URL itself, but not STORAGE_EMULATOR_HOST. A
-    TENSORSTORE_GCS_HTTP_URL the user set is kept; one derived before follows today's
-    STORAGE_EMULATOR_HOST (a stale one sends every array write to an address nobody answers)."""
-    if "TENSORSTORE_GCS_HTTP_URL" in environ and DERIVED_GCS_URL_MARK not in environ:
-        return {}
+def host_storage_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """With a GCS emulator (STORAGE_EMULATOR_HOST): TensorStore's GCS driver reads its endpoint from
+    TENSORSTORE_GCS_HTTP_URL alone (it has no spec member for it), and gcsfs's experimental class,
+    which Orbax's paths would get, asks emulators for an API they lack. Given to a host process at its
+    start; a value the user set is kept."""
     emulator = environ.get("STORAGE_EMULATOR_HOST")
-    if emulator:
-        return {"TENSORSTORE_GCS_HTTP_URL": _with_scheme(emulator), DERIVED_GCS_URL_MARK: "1"}
-    return {"TENSORSTORE_GCS_HTTP_URL": None, DERIVED_GCS_URL_MARK: None}
+    if not emulator:
+        return {}
+    wanted = {"TENSORSTORE_GCS_HTTP_URL": _with_scheme(emulator), "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+    return {k: environ.get(k, v) for k, v in wanted.items()}

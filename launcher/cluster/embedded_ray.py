@@ -54,6 +54,7 @@ import time
 from collections.abc import Callable, Iterable
 
 import psutil
+from jaxlaunch.launcher.compat import ray as ray_compat
 
 START_TIMEOUT_S = 180.0
 """How long `start()` waits for the node; it takes about 5 s on a 2-core machine, 10 s and more when
@@ -68,7 +69,6 @@ HEALTH_POLL_S = 1.0
 KILL_POLL_S = 0.05
 STARTUP_POLL_S = 0.2
 LOG_TAIL_CHARS = 2000
-AUTH_MODE_ENV = "RAY_AUTH_MODE"
 NODE_DAEMONS = ("raylet", "gcs_server")
 """The processes without which the node is dead (process names, as /proc reports them)."""
 PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
@@ -107,7 +107,7 @@ class EmbeddedRay:
         """Start the node and return its address for `ray.init(address=...)`."""
         if self._proc is not None:
             raise EmbeddedRayError("this EmbeddedRay was already started; make a new one")
-        _enable_token_auth()
+        ray_compat.enable_token_auth()
         owns_temp_dir = self._given_temp_dir is None
         # Short and under /tmp: Ray's unix sockets live below it, and their paths may not exceed 107 bytes.
         self.temp_dir = self._given_temp_dir or tempfile.mkdtemp(prefix="jaxlaunch-ray-", dir="/tmp")
@@ -212,20 +212,6 @@ class EmbeddedRay:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def _enable_token_auth() -> None:
-    """Make this process's later `ray.init(address=...)` authenticate the way the head will."""
-    # Ray's private helpers, the ones `ray.init(address="local")` uses; `ray start` would not make a token.
-    from ray._private.authentication.authentication_token_setup import ensure_token_if_auth_enabled
-    from ray._raylet import Config  # type: ignore[attr-defined]  # compiled module; its stub lacks Config
-
-    if AUTH_MODE_ENV not in os.environ:  # else it is the user's choice, and the head inherits it
-        os.environ[AUTH_MODE_ENV] = "token"
-        # Ray read its configuration at import; without this the driver connects without a token, the
-        # head refuses it, and ray.init fails after 20 s saying only "Failed to connect to Ray cluster".
-        Config.initialize("")
-    ensure_token_if_auth_enabled(None, create_token_if_missing=True)
 
 
 def _ray_start_args(num_cpus: int, temp_dir: str) -> list[str]:

@@ -18,8 +18,8 @@ import sysconfig
 from typing import TYPE_CHECKING, Any, Protocol
 
 import ray
+from jaxlaunch.launcher.compat.ray import available_resources_per_node
 from jaxlaunch.launcher.configuration.schema import ClusterConfig
-from ray._private.state import available_resources_per_node
 
 from jaxlaunch.contract.protocol import NodeLiveness
 from jaxlaunch.contract.store import endpoint_environment
@@ -158,8 +158,8 @@ def _probe(node: dict[str, Any] | None) -> NodeLiveness:
 
 def runtime_env(embedded: bool, code_dirs: list[str]) -> dict[str, Any]:
     """How host processes find the launcher's and the user's code: on this machine through
-    PYTHONPATH, on a cluster shipped as Ray py_modules (with the variables that say where the run's
-    object store is; on this machine the hosts inherit them)."""
+    PYTHONPATH, on a cluster shipped as Ray py_modules; both with the variables that say where the
+    run's object store is (`endpoint_environment`), set when each host process starts."""
     if embedded:
         # What this process can import, the hosts on this machine can import too (the current
         # directory and any folder a test runner or the user put on sys.path).
@@ -167,6 +167,7 @@ def runtime_env(embedded: bool, code_dirs: list[str]) -> dict[str, Any]:
         local = [p for p in sys.path if p and os.path.isdir(p) and not any(p.startswith(i) for i in installed)]
         paths = list(dict.fromkeys([*code_dirs, os.getcwd(), *local]))
         existing = os.environ.get("PYTHONPATH")
-        return {"env_vars": {"PYTHONPATH": os.pathsep.join(paths + ([existing] if existing else []))}}
+        return {"env_vars": {"PYTHONPATH": os.pathsep.join(paths + ([existing] if existing else [])),
+                             **endpoint_environment()}}
     endpoints = endpoint_environment()
     return {"py_modules": code_dirs, **({"env_vars": endpoints} if endpoints else {})}

@@ -12,7 +12,7 @@ import pathlib
 import random
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from jaxlaunch.launcher.control.driver import Driver, Listener
 from jaxlaunch.launcher.control.states import (
@@ -74,9 +74,17 @@ class TensorBoard:
             self.writer = None
 
 
+class Sink(Protocol):
+    """Told what the recorder writes, as it writes it (the trackers)."""
+
+    def on_event(self, event: events.Event) -> None: ...
+
+    def on_records(self, records: list[dict[str, Any]]) -> None: ...
+
+
 class Recorder(Listener):
     def __init__(self, run: RunDir, mesh_for: Callable[[int], dict[str, int]],
-                 wall_clock: Callable[[], float] = time.time, sinks: Sequence[Any] = ()):
+                 wall_clock: Callable[[], float] = time.time, sinks: Sequence[Sink] = ()):
         self.run, self.mesh_for, self.wall_clock = run, mesh_for, wall_clock
         self.sinks = list(sinks)
         """Told every event and metric record written (`on_event`, `on_records`): the trackers."""
@@ -93,7 +101,7 @@ class Recorder(Listener):
     def _write_event(self, event: events.Event) -> None:
         self.run.event(event)
         for sink in self.sinks:
-            sink.on_event(event.to_dict())
+            sink.on_event(event)
 
     # -- polls -----------------------------------------------------------------------------------
     def on_poll(self, driver: Driver, attempt: Attempt, poll: GroupPoll) -> None:

@@ -131,7 +131,7 @@ class LiveMetrics(Listener):
             self.exporter.productive_seconds.set(past.productive_s)
             for kind, seconds in past.badput_s.items():
                 self.exporter.badput_seconds.labels(kind=kind).set(seconds)
-            self.exporter.count_restarts(restarts_by_cause([e.to_dict() for e in past.events]))
+            self.exporter.count_restarts(restarts_by_cause(past.events))
         if past.goodput is not None and (self.high_step > self.written_step or final):
             self._tensorboard(past.goodput, past.badput_s)
 

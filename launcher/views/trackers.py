@@ -31,6 +31,7 @@ from typing import Any
 from jaxlaunch.launcher.records.runs import RunDir
 from jaxlaunch.launcher.views.tracker_backends import Backend, new_backend
 
+from jaxlaunch.contract import events
 from jaxlaunch.contract.layout import json_bytes
 from jaxlaunch.contract.protocol import ConfigError
 
@@ -84,55 +85,54 @@ def flat_settings(job: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
 
 # ---- what the trackers show of the run's history --------------------------------------------------
 
-def note_line(event: Mapping[str, Any]) -> str | None:
+def note_line(event: events.Event) -> str | None:
     """One line of the run's notes for an event worth a note (None for the others)."""
-    kind = event.get("event")
-    at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event.get("time", 0)))
-    if kind == "launch":
-        how = "resumed" if event.get("resume") else "started"
-        return f"{at} launch {how} on {event.get('num_hosts')} hosts, to step {event.get('steps')}"
-    if kind == "failure":
-        message = (event.get("message") or "").strip().split("\n")[0][:200]
-        host = event.get("host")
-        return (f"{at} attempt {event.get('attempt')} failed: {event.get('cause')}, host "
-                f"{host if host is not None else '-'}, step {event.get('step')}" + (f": {message}" if message else ""))
-    if kind == "restarting":
-        return f"{at} restarting: {event.get('reason')}"
-    if kind == "grow":
-        return f"{at} attempt {event.get('attempt')}: {event.get('from_hosts')} -> {event.get('to_hosts')} hosts"
-    if kind in ("job_failed", "job_stopped"):
-        return f"{at} {kind.removeprefix('job_')}: {event.get('reason')}"
+    at = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event.time or 0))
+    match event:
+        case events.Launch(resume=resume, num_hosts=num_hosts, steps=steps):
+            return f"{at} launch {'resumed' if resume else 'started'} on {num_hosts} hosts, to step {steps}"
+        case events.Failure(attempt=attempt, cause=cause, host=host, step=step, message=message):
+            first = (message or "").strip().split("\n")[0][:200]
+            return (f"{at} attempt {attempt} failed: {cause}, host {host if host is not None else '-'}, step {step}"
+                    + (f": {first}" if first else ""))
+        case events.Restarting(reason=reason):
+            return f"{at} restarting: {reason}"
+        case events.Grow(attempt=attempt, from_hosts=from_hosts, to_hosts=to_hosts):
+            return f"{at} attempt {attempt}: {from_hosts} -> {to_hosts} hosts"
+        case events.JobFailed(reason=reason):
+            return f"{at} failed: {reason}"
+        case events.JobStopped(reason=reason):
+            return f"{at} stopped: {reason}"
     return None
 
 
-def restarts_by_cause(events: Sequence[Mapping[str, Any]]) -> Counter[str]:
+def restarts_by_cause(history: Sequence[events.Event]) -> Counter[str]:
     """Restarts of the group by what caused them: the failure before each restart, or "resize"."""
     restarts: Counter[str] = Counter()
     cause = None
-    for e in events:
-        if e.get("event") == "failure":
-            cause = e.get("cause")
-        elif e.get("event") == "restarting" and cause is not None:
-            restarts[cause] += 1
+    for e in history:
+        if isinstance(e, events.Failure):
+            cause = e.cause
+        elif isinstance(e, events.Restarting) and cause is not None:
+            restarts[str(cause)] += 1
             cause = None
-        elif e.get("event") == "grow":
+        elif isinstance(e, events.Grow):
             restarts["resize"] += 1
     return restarts
 
 
-def tags_and_notes(events: Sequence[Mapping[str, Any]], status: str = "running") -> tuple[dict[str, str], str]:
+def tags_and_notes(history: Sequence[events.Event], status: str = "running") -> tuple[dict[str, str], str]:
     """(tags, notes) of the run's events: a tag per failure with its cause, host and step, the
     restarts by cause, the status; the notes tell the run's launches, failures and restarts."""
     tags: dict[str, str] = {"jaxlaunch.status": status}
-    for e in events:
-        if e.get("event") == "failure":
-            tags[f"jaxlaunch.failure.attempt_{e.get('attempt')}"] = (
-                f"cause={e.get('cause')} host={e.get('host')} step={e.get('step')}")
-    restarts = restarts_by_cause(events)
+    for e in history:
+        if isinstance(e, events.Failure):
+            tags[f"jaxlaunch.failure.attempt_{e.attempt}"] = f"cause={e.cause} host={e.host} step={e.step}"
+    restarts = restarts_by_cause(history)
     tags["jaxlaunch.restarts"] = str(sum(restarts.values()))
     tags.update({f"jaxlaunch.restarts.{c}": str(n) for c, n in sorted(restarts.items())})
-    tags["jaxlaunch.launches"] = str(sum(e.get("event") == "launch" for e in events))
-    lines = [line for e in events if (line := note_line(e)) is not None]
+    tags["jaxlaunch.launches"] = str(sum(isinstance(e, events.Launch) for e in history))
+    lines = [line for e in history if (line := note_line(e)) is not None]
     notes = "\n".join(lines)
     if len(notes) > NOTES_MAX_CHARS:
         notes = "(earlier lines are in events.jsonl)\n" + notes[-NOTES_MAX_CHARS:].split("\n", 1)[-1]
@@ -285,7 +285,7 @@ class Trackers:
         self.run, self.warn, self.clock = run, warn, clock
         self.lock = threading.Lock()
         self.state: dict[str, dict[str, Any]] = self._load()
-        self.events = [line for line in (e.to_dict() for e in run.events()) if note_line(line) is not None]
+        self.events: list[events.Event] = [e for e in run.events() if note_line(e) is not None]
         params = flat_settings(settings)
         self.senders = []
         for name in names:
@@ -320,10 +320,10 @@ class Trackers:
             sender.add(records)
             sender.check_stall()
 
-    def on_event(self, event: Mapping[str, Any]) -> None:
+    def on_event(self, event: events.Event) -> None:
         if note_line(event) is None:
             return
-        self.events.append(dict(event))
+        self.events.append(event)
         for sender in self.senders:
             sender.annotate(*tags_and_notes(self.events))
 

@@ -11,6 +11,8 @@ import threading
 import urllib.request
 from collections.abc import Iterator
 
+from jaxlaunch.contract.store import host_storage_environment
+
 
 @contextlib.contextmanager
 def s3() -> Iterator[Emulator]:
@@ -42,7 +44,9 @@ def gcs() -> Iterator[Emulator]:
     # the server stops answering. Read it away.
     threading.Thread(target=server._process.stderr.read, name="fake-gcs-log", daemon=True).start()
     try:
-        env = {"STORAGE_EMULATOR_HOST": server.url}
+        # What a user of an emulator sets: the emulator, and the two variables a host process gets from
+        # the driver at its start (`host_storage_environment`) for readers in this process.
+        env = {"STORAGE_EMULATOR_HOST": server.url, **host_storage_environment({"STORAGE_EMULATOR_HOST": server.url})}
         yield Emulator("gs", env, lambda name: _request("POST", f"{server.url}/storage/v1/b",
                                                          json.dumps({"name": name}).encode()))
     finally:

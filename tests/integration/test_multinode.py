@@ -106,12 +106,12 @@ def two_nodes():
     cluster.shutdown()
 
 
-@pytest.mark.parametrize("run", range(5))
-def test_a_resize_always_happens_and_recomputes_no_step(two_nodes, tmp_path, tmp_path_factory, run):
-    """The elastic scenario, five times in a row: 2 hosts of examples/minimal.py, a node lost at
-    step 12, the job shrinks to 1 host, a node added back 5 s later. Every run grows back to 2 hosts
-    at a step both hosts saved, and trains no step twice across the resize. Fast steps are what
-    matter: a stop step that a host computes while it trains on can be passed before it is known."""
+@pytest.mark.soak
+def test_a_resize_always_happens_and_recomputes_no_step(two_nodes, tmp_path, tmp_path_factory, soak_round):
+    """The elastic scenario (`--soak N` runs it N times in a row): 2 hosts of examples/minimal.py, a
+    node lost at step 12, the job shrinks to 1 host, a node added back 5 s later. Every run grows back
+    to 2 hosts at a step both hosts saved, and trains no step twice across the resize. Fast steps are
+    what matter: a stop step that a host computes while it trains on can be passed before it is known."""
     cluster, workers = two_nodes
     run_dir = tmp_path / "run"
     began = time.monotonic()
@@ -133,7 +133,7 @@ def test_a_resize_always_happens_and_recomputes_no_step(two_nodes, tmp_path, tmp
     assert proc.returncode == 0, out + err
     table = attempts(run_dir)
     with (tmp_path_factory.getbasetemp() / ELASTIC_TIMES).open("a") as log:
-        log.write(json.dumps({"run": run, "seconds": round(seconds, 1),
+        log.write(json.dumps({"run": soak_round, "seconds": round(seconds, 1),
                               "attempts": [(a["num_hosts"], a["cause"], a["last_step"]) for a in table]}) + "\n")
     assert [(a["num_hosts"], a["cause"]) for a in table] == [(2, "node_lost"), (1, "resize"), (2, "finished")], table
     resized, grown = table[1], table[2]

@@ -2,7 +2,6 @@
 travel by value: what they use is checked before anything starts, their fingerprint ignores where
 their code sits, and a resume runs the same code or is refused."""
 
-import os
 import pathlib
 import threading
 
@@ -12,7 +11,7 @@ from jaxlaunch.launcher.configuration.job import prepare
 
 from jaxlaunch.contract import entry as entry_lib
 from jaxlaunch.contract import events
-from jaxlaunch.contract.entry import HOST_RANK_ENV, LaunchInsideHostError
+from jaxlaunch.contract.entry import LaunchInsideHostError
 from jaxlaunch.contract.protocol import ConfigError
 
 CELL = '''
@@ -134,7 +133,8 @@ def test_resume_runs_the_same_code_or_is_refused(tmp_path):
 
 
 def test_launch_inside_a_host_is_refused(monkeypatch):
-    monkeypatch.setenv(HOST_RANK_ENV, "1")
+    monkeypatch.setattr(entry_lib, "_host_rank", entry_lib._host_rank)  # restored after the test
+    entry_lib.mark_host_process(1)  # what a host process does as it takes its rank
     with pytest.raises(LaunchInsideHostError, match="inside host 1 of a running job.*if __name__ == "):
         entry_lib.refuse_nested_launch()  # what jaxlaunch.launch does first
 
@@ -144,7 +144,7 @@ def test_a_file_that_launches_when_imported_is_refused_as_an_entry(tmp_path):
     script.write_text("import jaxlaunch\n\ndef main(ctx):\n    pass\n\njaxlaunch.launch(main, hosts=2)\n")
     with pytest.raises(ConfigError, match=r"guardless.py calls jaxlaunch.launch when it is imported .*__main__"):
         prepare({"entry": f"{script}:main", "run_dir": str(tmp_path / "run")})
-    assert HOST_RANK_ENV not in os.environ and not (tmp_path / "run").exists()
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_script_s_function_ships_the_script_s_folder_to_a_cluster(tmp_path, monkeypatch):

@@ -4,7 +4,6 @@ step reads back with plain Orbax."""
 
 from __future__ import annotations
 
-import os
 import uuid
 
 import jax
@@ -15,7 +14,7 @@ from jaxlaunch.workers.checkpoint import Checkpointer, read_arrays
 
 from jaxlaunch.contract.layout import committed_steps
 from jaxlaunch.contract.protocol import CheckpointConfig
-from jaxlaunch.contract.store import DERIVED_GCS_URL_MARK, open_store
+from jaxlaunch.contract.store import open_store
 from tests.integration.object_stores import EMULATORS
 
 
@@ -26,13 +25,7 @@ def checkpoints(request, monkeypatch):
         emulator.create_bucket(bucket)
         for key, value in emulator.env.items():
             monkeypatch.setenv(key, value)
-        # The Checkpointer points TensorStore at the emulator through this variable (in os.environ, as
-        # a host process does). It must be gone after the test: a later test's emulator, or a process
-        # started later, would inherit this one's dead address and hang. monkeypatch restores a value
-        # set before the test.
-        monkeypatch.delenv("TENSORSTORE_GCS_HTTP_URL", raising=False)
         yield f"{emulator.scheme}://{bucket}/run/checkpoints"
-        os.environ.pop("TENSORSTORE_GCS_HTTP_URL", None)
 
 
 def test_a_save_cut_short_never_counts_and_the_step_is_saved_anew(checkpoints):
@@ -74,5 +67,3 @@ def test_a_store_endpoint_that_changes_in_the_process_is_the_one_written_to(name
             checkpointer.wait()
             checkpointer.close()
             assert committed_steps(url) == [1]
-    for derived in ("TENSORSTORE_GCS_HTTP_URL", DERIVED_GCS_URL_MARK):  # set by the Checkpointer, as on a host
-        os.environ.pop(derived, None)

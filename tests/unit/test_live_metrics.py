@@ -11,6 +11,7 @@ from jaxlaunch.launcher.views.live_metrics import Exporter, LiveMetrics
 from jaxlaunch.launcher.views.trackers import restarts_by_cause
 from prometheus_client.parser import text_string_to_metric_families
 
+from jaxlaunch.contract.events import parse
 from jaxlaunch.contract.protocol import ConfigError
 
 
@@ -108,10 +109,13 @@ def test_goodput_reaches_tensorboard_against_the_newest_step(tmp_path):
 
 
 def test_restarts_are_counted_by_the_failure_before_them():
-    events = [{"event": "failure", "cause": "crashed"}, {"event": "restarting"},
-              {"event": "failure", "cause": "hung"}, {"event": "job_failed"},
-              {"event": "grow"}, {"event": "failure", "cause": "preempted"}, {"event": "restarting"}]
-    assert restarts_by_cause(events) == {"crashed": 1, "resize": 1, "preempted": 1}
+    lines = [{"event": "failure", "attempt": 1, "cause": "crashed"}, {"event": "restarting"},
+             {"event": "failure", "attempt": 2, "cause": "hung"}, {"event": "job_failed"},
+             {"event": "grow", "attempt": 3}, {"event": "failure", "attempt": 4, "cause": "preempted"},
+             {"event": "restarting"}]
+    history = [e for e in map(parse, lines) if e is not None]
+    assert len(history) == len(lines)
+    assert restarts_by_cause(history) == {"crashed": 1, "resize": 1, "preempted": 1}
 
 
 def test_goodput_is_refreshed_at_most_every_interval(tmp_path, monkeypatch):

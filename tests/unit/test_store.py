@@ -20,8 +20,8 @@ from jaxlaunch.contract.store import (
     LocalStore,
     ObjectStore,
     endpoint_environment,
+    host_storage_environment,
     open_store,
-    tensorstore_environment,
 )
 from tests.integration.object_stores import EMULATORS
 
@@ -182,13 +182,10 @@ def test_a_cluster_s_hosts_are_told_where_the_store_is_but_not_its_secrets(monke
     assert env["AWS_ENDPOINT_URL"] == "http://minio.internal:9000" and "AWS_SECRET_ACCESS_KEY" not in env
 
 
-def test_tensorstore_follows_the_gcs_emulator_of_today_and_keeps_a_user_s_own_address():
-    first = tensorstore_environment({"STORAGE_EMULATOR_HOST": "127.0.0.1:1111"})
-    assert first["TENSORSTORE_GCS_HTTP_URL"] == "http://127.0.0.1:1111"
-    # A process that derived it once (or inherited it) and now has another emulator, or none.
-    derived = {k: v for k, v in first.items() if v is not None}
-    moved = tensorstore_environment({**derived, "STORAGE_EMULATOR_HOST": "http://127.0.0.1:2222"})
-    assert moved["TENSORSTORE_GCS_HTTP_URL"] == "http://127.0.0.1:2222"
-    assert tensorstore_environment(derived)["TENSORSTORE_GCS_HTTP_URL"] is None, "no emulator: no stale address"
+def test_a_host_is_started_pointed_at_the_gcs_emulator_and_keeps_a_user_s_own_address():
+    env = host_storage_environment({"STORAGE_EMULATOR_HOST": "127.0.0.1:1111"})
+    assert env == {"TENSORSTORE_GCS_HTTP_URL": "http://127.0.0.1:1111", "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
+    assert host_storage_environment({}) == {}, "no emulator: nothing derived, no stale address"
     own = {"TENSORSTORE_GCS_HTTP_URL": "http://gcs.internal:8080", "STORAGE_EMULATOR_HOST": "127.0.0.1:3333"}
-    assert tensorstore_environment(own) == {}, "the user's own setting is never touched"
+    assert host_storage_environment(own)["TENSORSTORE_GCS_HTTP_URL"] == "http://gcs.internal:8080", \
+        "the user's own setting is never touched"

@@ -1,0 +1,39 @@
+"""Ray: what no public API of Ray 2.60 serves.
+
+- Free resources per node (`ray._private.state.available_resources_per_node`): `ray.nodes()` and
+  `ray.available_resources()` give totals and a cluster-wide sum, not what each node has free now,
+  which decides whether a host fits.
+- Token authentication for a head this process starts with `ray start`: `ray.init(address=...)` uses a
+  token only when RAY_AUTH_MODE=token was in the environment when Ray read its configuration (at
+  import), and Ray takes the mode from the environment alone (`_system_config` refuses it). So the
+  variable is set here, Ray's configuration read again, and the token made if there is none, as
+  `ray.init(address="local")` does. The one write of this process's environment after its start."""
+
+from __future__ import annotations
+
+import os
+
+WRITTEN_FOR = "2.60.0"
+"""The Ray release whose private modules this uses."""
+PATCHED = "ray._private.state.available_resources_per_node, ray._private.authentication, ray._raylet.Config"
+AUTH_MODE_ENV = "RAY_AUTH_MODE"
+
+
+def available_resources_per_node() -> dict[str, dict[str, float]]:
+    """Each alive node's free resources, by node id."""
+    from ray._private.state import available_resources_per_node as per_node
+
+    return dict(per_node())
+
+
+def enable_token_auth() -> None:
+    """Make this process's later `ray.init(address=...)` authenticate the way the head will."""
+    from ray._private.authentication.authentication_token_setup import ensure_token_if_auth_enabled
+    from ray._raylet import Config  # type: ignore[attr-defined]  # compiled module; its stub lacks Config
+
+    if AUTH_MODE_ENV not in os.environ:  # else it is the user's choice, and the head inherits it
+        os.environ[AUTH_MODE_ENV] = "token"
+        # Ray read its configuration at import; without this the driver connects without a token, the
+        # head refuses it, and ray.init fails after 20 s saying only "Failed to connect to Ray cluster".
+        Config.initialize("")
+    ensure_token_if_auth_enabled(None, create_token_if_missing=True)

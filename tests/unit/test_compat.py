@@ -1,0 +1,44 @@
+"""Every patch of another library's private code, held to the version it was written for: a new
+release of that library fails here, naming the patch to check, before any job meets it."""
+
+import importlib.metadata
+
+import pytest
+from jaxlaunch.launcher.compat import ray as ray_compat
+from jaxlaunch.workers.compat import etils as etils_compat
+from jaxlaunch.workers.compat import jax as jax_compat
+from jaxlaunch.workers.compat import orbax as orbax_compat
+
+PATCHES = {"orbax-checkpoint": orbax_compat, "jax": jax_compat, "etils": etils_compat, "ray": ray_compat}
+
+
+@pytest.mark.parametrize("distribution", sorted(PATCHES))
+def test_each_patch_is_for_the_installed_version(distribution):
+    module = PATCHES[distribution]
+    installed = importlib.metadata.version(distribution)
+    assert installed == module.WRITTEN_FOR, (
+        f"{module.__name__} patches {module.PATCHED}, written for {distribution} {module.WRITTEN_FOR}; "
+        f"{installed} is installed: check the patch against its source, then move WRITTEN_FOR and the pin")
+
+
+def test_the_patched_names_are_where_the_patches_expect_them():
+    from etils.epath import backend
+    from jax._src import compiler
+    from orbax.checkpoint._src.serialization import tensorstore_utils
+
+    assert callable(tensorstore_utils.build_kvstore_tspec)
+    assert hasattr(backend._FileSystemSpecBackend._get_filesystem, "cache_clear")
+    assert jax_compat.write_cache_from_every_process(), "JAX's _cache_write changed its signature"
+    assert getattr(compiler._cache_write, jax_compat.EVERY_PROCESS_MARK, False)
+
+
+def test_s3_specs_go_to_tensorstore_s_s3_driver_at_today_s_endpoint(monkeypatch):
+    from orbax.checkpoint._src.serialization import tensorstore_utils
+
+    monkeypatch.setattr(tensorstore_utils, "build_kvstore_tspec", tensorstore_utils.build_kvstore_tspec)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    orbax_compat.route_s3_to_tensorstore()
+    orbax_compat.route_s3_to_tensorstore()  # once per process, however often it is asked
+    spec = tensorstore_utils.build_kvstore_tspec("s3://bucket/run/checkpoints/10/state", "w")
+    flat = repr(spec)
+    assert "'driver': 's3'" in flat and "gcs" not in flat and "http://127.0.0.1:9" in flat

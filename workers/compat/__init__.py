@@ -1,0 +1,4 @@
+"""Where the host processes touch another library's private code: one module per library, each
+naming the version it was written for (`WRITTEN_FOR`). `tests/unit/test_compat.py` fails, naming the
+patch, when the installed version differs: check the patch against the new version's source, then
+move `WRITTEN_FOR` and the pin in pyproject.toml together."""
