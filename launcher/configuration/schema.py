@@ -14,7 +14,7 @@ import os
 import pathlib
 import typing
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 import pydantic
 import yaml
@@ -24,7 +24,7 @@ from jaxlaunch.launcher.views import trackers
 from jaxlaunch.contract.entry import BUILTIN_ENTRY, LEGACY_ENTRIES
 from jaxlaunch.contract.flags import flag
 from jaxlaunch.contract.mesh import resolve_mesh
-from jaxlaunch.contract.protocol import CheckpointConfig, ConfigError, DistributedConfig
+from jaxlaunch.contract.protocol import CheckpointConfig, ConfigError, DistributedConfig, Injection
 from jaxlaunch.contract.store import open_store
 from jaxlaunch.contract.values import coerce, merge_settings
 
@@ -34,7 +34,8 @@ MAX_STEPS = 2**31 - 1
 """Optimizer step counters are int32."""
 MAX_PORT = 65535
 
-__all__ = ["ConfigError", "ClusterConfig", "TrainConfig", "JobConfig", "load_file", "override", "validate"]
+__all__ = ["ConfigError", "ClusterConfig", "TrainConfig", "JobConfig", "LaunchOptions", "load_file", "override",
+           "validate"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,6 +145,28 @@ class JobConfig:
         return dataclasses.asdict(self)
 
 
+@dataclasses.dataclass(frozen=True)
+class LaunchOptions:
+    """What one launch asks beyond the job's saved configuration."""
+
+    config_file: str | None = flag(None, cli="config", metavar="FILE")
+    """A cluster config YAML (cluster_configs/), applied over the defaults, or on --resume over the run's
+    saved settings; flags override it (default: none, the embedded local Ray)."""
+    name: str | None = flag(None)
+    """Run the job in runs/NAME (default: a new runs/<entry>-<YYYYmmdd-HHMMSS>)."""
+    resume: bool | Literal["auto"] = flag(False, metavar="auto")
+    """Continue the run in --run-dir (default: the newest run of the entry under runs/) from its latest
+    committed step; 'auto' also starts it when there is none."""
+    allow_change: tuple[str, ...] = flag((), repeat=True, metavar="KEY")
+    """On --resume, accept a change to what the run computes: an entry setting, seed, schedule_steps,
+    entry or the input's fingerprint (repeatable; default: none)."""
+    inject: tuple[Injection, ...] = flag((), repeat=True, parse=Injection.parse, metavar="KIND@step=N,host=I")
+    """Inject a failure after a reported step: crash, kill, hang, exception or preempt (repeatable;
+    ,times=K; default: none)."""
+    chaos: float | None = flag(None, metavar="MEAN_SECONDS")
+    """SIGKILL a random host at random times, MEAN_SECONDS apart on average (default: off)."""
+
+
 # ---- validation ---------------------------------------------------------------------------------
 
 MIN_STARTUP_TIMEOUT_S = 10.0
@@ -162,6 +185,7 @@ class CheckedJob(pydantic.BaseModel):
 
     model_config = pydantic.ConfigDict(strict=True, revalidate_instances="always", frozen=True)
     job: JobConfig
+    launch: LaunchOptions
 
     @pydantic.model_validator(mode="after")
     def rules(self) -> CheckedJob:
@@ -209,6 +233,13 @@ class CheckedJob(pydantic.BaseModel):
         port = job.tracking.metrics_port
         if port is not None and not 1 <= port <= MAX_PORT:
             raise ConfigError(f"--metrics-port must be a port number from 1 to {MAX_PORT}, got {port}")
+        chaos = self.launch.chaos
+        if chaos is not None and not (chaos > 0 and math.isfinite(chaos)):
+            raise ConfigError(f"--chaos must be a finite number of seconds above 0, got {chaos}")
+        for injection in self.launch.inject:
+            if injection.host >= job.max_hosts:
+                raise ConfigError(f"--inject {injection}: host {injection.host} does not exist; the job has at most "
+                                  f"{job.max_hosts} hosts (0..{job.max_hosts - 1})")
         return self
 
 
@@ -224,10 +255,10 @@ def _positive_numbers(section: Any, where: str, allow_zero: tuple[str, ...] = ()
             raise ConfigError(f"{where}.{f.name} must be a finite number {bound}, got {value}")
 
 
-def validate(job: JobConfig) -> None:
+def validate(job: JobConfig, launch: LaunchOptions | None = None) -> None:
     """Every check that needs neither a cluster nor the entry's code (`CheckedJob`). Raises ConfigError."""
     try:
-        CheckedJob(job=job)
+        CheckedJob(job=job, launch=launch or LaunchOptions())
     except pydantic.ValidationError as err:
         first = err.errors(include_url=False)[0]
         cause = first.get("ctx", {}).get("error")
