@@ -1,4 +1,4 @@
-"""The one type check of a setting's value and the one merge of nested settings.
+"""The one type check of a setting's value, the one merge of nested settings, and text as a YAML scalar.
 
 Keywords of `jaxlaunch.launch`, keys of a config file, a run's saved config and an entry's declared
 settings are all checked here, by pydantic in strict mode: a value of the field's type, an int where
@@ -13,6 +13,8 @@ import types
 import typing
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
+
+import yaml
 
 from jaxlaunch.contract.protocol import ConfigError
 
@@ -72,3 +74,19 @@ def merge_settings(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[
         else:
             out[key] = value
     return out
+
+
+def scalar(text: str) -> Any:
+    """A YAML scalar; numbers YAML 1.1 leaves as text (3e-4) are numbers too."""
+    if not text.strip():
+        return ""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):
+        try:
+            return float(text)
+        except ValueError:
+            return value
+    return value

@@ -34,7 +34,6 @@ from jaxlaunch.launcher.configuration.schema import (
     override,
     read_yaml,
     run_changes,
-    scalar,
     validate,
 )
 from jaxlaunch.launcher.records.runs import RunDir
@@ -42,6 +41,7 @@ from jaxlaunch.launcher.records.runs import RunDir
 from jaxlaunch.contract import entry as entry_lib
 from jaxlaunch.contract import events
 from jaxlaunch.contract.protocol import ConfigError, Injection
+from jaxlaunch.contract.values import scalar
 
 RUNS_ROOT = pathlib.Path("runs")
 """Where runs go without --run-dir (relative to the working directory, as Ray's ~/ray_results)."""

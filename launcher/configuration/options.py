@@ -25,7 +25,8 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from jaxlaunch.contract.flags import FLAG_KEY, FlagSpec
-from jaxlaunch.contract.values import coerce, merge_settings
+from jaxlaunch.contract.protocol import ConfigError
+from jaxlaunch.contract.values import coerce, describe, merge_settings, scalar
 
 SUGGESTION_CUTOFF = 0.75
 """How alike (difflib's ratio) a mistyped name and a known one must be to suggest it."""
@@ -219,13 +220,17 @@ def _metavar(option: Option) -> str:
 
 
 def _text_to(option: Option) -> Callable[[str], Any]:
+    """A flag's text as its field takes it: the text itself, else the YAML scalar it reads as
+    ("5", "0.5", "auto" for `int | Literal["auto"]`), through the one type check."""
     kind = option.value_type
 
     def convert(text: str) -> Any:
-        try:
-            return kind(text) if kind in (int, float) else text
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        for candidate in (text, scalar(text)):
+            try:
+                return coerce(candidate, kind, option.flag)
+            except ConfigError:
+                continue
+        raise argparse.ArgumentTypeError(f"expected {describe(kind)}, got {text!r}")
 
-    convert.__name__ = getattr(kind, "__name__", "value")
+    convert.__name__ = describe(kind)
     return convert

@@ -26,7 +26,7 @@ from jaxlaunch.contract.flags import flag
 from jaxlaunch.contract.mesh import resolve_mesh
 from jaxlaunch.contract.protocol import CheckpointConfig, ConfigError, DistributedConfig, Injection
 from jaxlaunch.contract.store import open_store
-from jaxlaunch.contract.values import coerce, merge_settings
+from jaxlaunch.contract.values import coerce, merge_settings, scalar
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 PLATFORMS = ("cpu", "cuda", "tpu")
@@ -399,22 +399,6 @@ def parse_settings(items: list[str]) -> dict[str, Any]:
             node = node.setdefault(name, {})
         node[leaf] = value
     return out
-
-
-def scalar(text: str) -> Any:
-    """A YAML scalar; numbers YAML 1.1 leaves as text (3e-4) are numbers too."""
-    if not text.strip():
-        return ""
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    if isinstance(value, str):
-        try:
-            return float(text)
-        except ValueError:
-            return value
-    return value
 
 
 # ---- what a resume may change ------------------------------------------------------------------------
