@@ -32,8 +32,7 @@ from jaxlaunch.contract.storage import RunStorageError
 
 if TYPE_CHECKING:
     from jaxlaunch.launcher.api import launch
-    from jaxlaunch.launcher.configuration.job import LaunchOptions
-    from jaxlaunch.launcher.configuration.schema import ClusterConfig, JobConfig, TrainConfig
+    from jaxlaunch.launcher.configuration.schema import ClusterConfig, JobConfig, LaunchOptions, TrainConfig
     from jaxlaunch.launcher.control.policy import FaultConfig, WatchdogConfig
     from jaxlaunch.launcher.runner import LaunchResult
     from jaxlaunch.workers.batch import global_batch
@@ -47,7 +46,7 @@ __all__ = [
 
 _LAZY = {
     "launch": "jaxlaunch.launcher.api", "LaunchResult": "jaxlaunch.launcher.runner",
-    "LaunchOptions": "jaxlaunch.launcher.configuration.job",
+    "LaunchOptions": "jaxlaunch.launcher.configuration.schema",
     "JobConfig": "jaxlaunch.launcher.configuration.schema", "ClusterConfig": "jaxlaunch.launcher.configuration.schema",
     "TrainConfig": "jaxlaunch.launcher.configuration.schema",
     "FaultConfig": "jaxlaunch.launcher.control.policy", "WatchdogConfig": "jaxlaunch.launcher.control.policy",

@@ -28,6 +28,7 @@ from typing import Any, TypeVar, overload
 
 from jaxlaunch.contract import by_value
 from jaxlaunch.contract.protocol import ConfigError, EntryRef
+from jaxlaunch.contract.values import coerce
 
 DEFAULT_FUNCTION = "main"
 BUILTIN_ENTRY = "jaxlaunch.models.lm:main"
@@ -127,20 +128,16 @@ class Entry:
 
 
 def _typed_like(default: Any, value: Any, key: str) -> Any:
+    """A setting's value typed like its default (`--set name=123` is the text "123" for a text setting)."""
     if default is None or value is None:
         return value
-    if isinstance(default, bool) or isinstance(value, bool):
-        if isinstance(default, bool) and isinstance(value, bool):
-            return value
-    elif isinstance(default, float) and isinstance(value, int | float):
-        return float(value)
-    elif isinstance(default, int) and isinstance(value, int):
-        return value
-    elif isinstance(default, str) and isinstance(value, str | int | float):
+    if isinstance(default, str) and isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)
-    elif isinstance(default, list | tuple | dict) and isinstance(value, type(default)):
-        return value
-    raise ConfigError(f"--set {key}={value!r}: expected a {type(default).__name__} like its default {default!r}")
+    try:
+        return coerce(value, type(default), key)
+    except ConfigError:
+        raise ConfigError(f"--set {key}={value!r}: expected a {type(default).__name__} like its default "
+                          f"{default!r}") from None
 
 
 # ---- finding the function ---------------------------------------------------------------------------

@@ -7,6 +7,13 @@ is the YAML key `checkpoint.save_every`, the flag `--save-every` and `launch(sav
 is the field's docstring and its default the field's default. The launcher builds its command line
 from these declarations (`jaxlaunch.launcher.configuration.options`); here is only the marker, so that the sections
 the hosts own can declare their flags without importing the launcher.
+
+Adding a setting is adding such a field to the section that owns it, and nothing else: its values
+are checked against its annotation by `jaxlaunch.contract.values.coerce` (a flag's text is tried as
+itself, then as a YAML scalar, so `int | Literal["auto"]` takes `5` and `auto`), and a number must
+be finite and above 0 (`schema.NON_NEGATIVE` names those that may be 0). A rule that relates it to
+other fields is one `if` in `jaxlaunch.launcher.configuration.schema.CheckedJob.rules`. A field
+without `flag(...)` is a config-file key only.
 """
 
 from __future__ import annotations

@@ -19,12 +19,13 @@ import pathlib
 import re
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 
 from jaxlaunch.launcher.configuration import options as options_lib
 from jaxlaunch.launcher.configuration.schema import (
     BUILTIN_ENTRY,
     JobConfig,
+    LaunchOptions,
     apply,
     changed_fields,
     check_run_path,
@@ -33,41 +34,18 @@ from jaxlaunch.launcher.configuration.schema import (
     override,
     read_yaml,
     run_changes,
-    scalar,
     validate,
 )
 from jaxlaunch.launcher.records.runs import RunDir
 
 from jaxlaunch.contract import entry as entry_lib
 from jaxlaunch.contract import events
-from jaxlaunch.contract.flags import flag
 from jaxlaunch.contract.protocol import ConfigError, Injection
+from jaxlaunch.contract.values import scalar
 
 RUNS_ROOT = pathlib.Path("runs")
 """Where runs go without --run-dir (relative to the working directory, as Ray's ~/ray_results)."""
 RUN_TIME_FORMAT = "%Y%m%d-%H%M%S"
-
-
-@dataclasses.dataclass(frozen=True)
-class LaunchOptions:
-    """What one launch asks beyond the job's saved configuration."""
-
-    config_file: str | None = flag(None, cli="config", metavar="FILE")
-    """A cluster config YAML (cluster_configs/), applied over the defaults, or on --resume over the run's
-    saved settings; flags override it (default: none, the embedded local Ray)."""
-    name: str | None = flag(None)
-    """Run the job in runs/NAME (default: a new runs/<entry>-<YYYYmmdd-HHMMSS>)."""
-    resume: bool | Literal["auto"] = flag(False, metavar="auto")
-    """Continue the run in --run-dir (default: the newest run of the entry under runs/) from its latest
-    committed step; 'auto' also starts it when there is none."""
-    allow_change: tuple[str, ...] = flag((), repeat=True, metavar="KEY")
-    """On --resume, accept a change to what the run computes: an entry setting, seed, schedule_steps,
-    entry or the input's fingerprint (repeatable; default: none)."""
-    inject: tuple[Injection, ...] = flag((), repeat=True, parse=Injection.parse, metavar="KIND@step=N,host=I")
-    """Inject a failure after a reported step: crash, kill, hang, exception or preempt (repeatable;
-    ,times=K; default: none)."""
-    chaos: float | None = flag(None, metavar="MEAN_SECONDS")
-    """SIGKILL a random host at random times, MEAN_SECONDS apart on average (default: off)."""
 
 
 ROOTS = (JobConfig, LaunchOptions)
@@ -112,9 +90,7 @@ def prepare(given: Mapping[str, Any], entry_args: Sequence[str] = (), typed: Job
     if launch.config_file is not None:
         job = apply(job, file_data, launch.config_file)
     job = override(job, run_dir=run_dir, resume=resume, **changes)
-    if launch.chaos is not None and not (launch.chaos > 0 and launch.chaos != float("inf")):
-        raise ConfigError(f"--chaos must be a finite number of seconds above 0, got {launch.chaos}")
-    validate(job)
+    validate(job, launch)
     entry = found if found is not None and str(found.ref) == job.entry else entry_lib.resolve(job.entry)
     declared = entry_settings(entry, entry_args, entry_keywords)
     settings = entry.settings(merge_settings(merge_settings(job.config, declared), set_flags))
@@ -125,10 +101,6 @@ def prepare(given: Mapping[str, Any], entry_args: Sequence[str] = (), typed: Job
     fingerprint = entry.fingerprint(settings)
     if saved is not None:
         _refuse_silent_changes(run, saved, job, fingerprint, launch.allow_change)
-    for injection in launch.inject:
-        if injection.host >= job.max_hosts:
-            raise ConfigError(f"--inject {injection}: host {injection.host} does not exist; the job has at most "
-                              f"{job.max_hosts} hosts (0..{job.max_hosts - 1})")
     return PreparedJob(job, entry, fingerprint, launch.inject, launch.chaos, not run.exists(), announce)
 
 

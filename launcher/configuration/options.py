@@ -26,6 +26,7 @@ from typing import Any
 
 from jaxlaunch.contract.flags import FLAG_KEY, FlagSpec
 from jaxlaunch.contract.protocol import ConfigError
+from jaxlaunch.contract.values import coerce, describe, merge_settings, scalar
 
 SUGGESTION_CUTOFF = 0.75
 """How alike (difflib's ratio) a mistyped name and a known one must be to suggest it."""
@@ -71,20 +72,16 @@ class Option:
 
     def convert(self, value: Any) -> Any:
         """A keyword's value (Python, or a flag's text) as the field takes it; ConfigError if it cannot be."""
-        kind = self.value_type
-        origin = typing.get_origin(kind)
-        if self.spec.repeat:
-            items = [value] if isinstance(value, str) or not isinstance(value, Sequence | Mapping) else value
-            if isinstance(items, Mapping):
-                return dict(items)
-            parsed = [self._one(item) for item in items]
-            if origin is dict:
-                out: dict[str, Any] = {}
-                for part in parsed:
-                    out = _merge(out, part)
-                return out
-            return tuple(parsed)
-        return self._one(value)
+        if not self.spec.repeat:
+            return self._one(value)
+        items = [value] if isinstance(value, str) or not isinstance(value, Sequence | Mapping) else value
+        if isinstance(items, Mapping):
+            return self._one(items)
+        parsed = [self._one(item) for item in items]
+        if typing.get_origin(self.value_type) is dict:
+            empty: dict[str, Any] = {}
+            return functools.reduce(merge_settings, parsed, empty)
+        return tuple(parsed)
 
     def _one(self, value: Any) -> Any:
         """One value: text through the field's parser, anything else checked against its type (an
@@ -92,22 +89,11 @@ class Option:
         if isinstance(value, str) and self.spec.parse is not None:
             return self.spec.parse(value)
         kind = self.value_type
-        if typing.get_origin(kind) is dict and isinstance(value, Mapping):
-            return dict(value)
+        if isinstance(value, Mapping):
+            value = dict(value)
         if self.spec.repeat and typing.get_origin(kind) is tuple:
-            item = typing.get_args(kind)[0]
-            if isinstance(value, item):
-                return value
-            raise ConfigError(f"{self.keyword} takes {item.__name__} items, got {value!r}")
-        return _coerce(value, self.hint, self.keyword)
-
-
-def _merge(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in changes.items():
-        out[key] = _merge(out[key], value) if isinstance(value, Mapping) and isinstance(out.get(key), Mapping) \
-            else value
-    return out
+            return coerce(value, typing.get_args(kind)[0], f"each {self.keyword}")
+        return coerce(value, self.hint, self.keyword)
 
 
 def _without_none(hint: Any) -> Any:
@@ -115,27 +101,6 @@ def _without_none(hint: Any) -> Any:
         rest = [a for a in typing.get_args(hint) if a is not type(None)]
         return rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]  # noqa: UP007 - built at run time
     return hint
-
-
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """A Python value checked against a field's type (ints become floats where a float is wanted)."""
-    if value is None and type(None) in typing.get_args(hint):
-        return None
-    kinds = [a for a in typing.get_args(hint) if a is not type(None)] if typing.get_origin(hint) in (
-        typing.Union, types.UnionType) else [hint]
-    for kind in kinds:
-        if typing.get_origin(kind) is typing.Literal:
-            if value in typing.get_args(kind):
-                return value
-        elif kind is float and isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        elif kind is int and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        elif kind in (str, bool) and isinstance(value, kind):
-            return value
-    names = " or ".join(repr(a) if not isinstance(a, type) else a.__name__
-                        for k in kinds for a in (typing.get_args(k) if typing.get_origin(k) is typing.Literal else [k]))
-    raise ConfigError(f"{where} must be {names}, got {value!r}")
 
 
 # ---- the table ----------------------------------------------------------------------------------------
@@ -255,13 +220,17 @@ def _metavar(option: Option) -> str:
 
 
 def _text_to(option: Option) -> Callable[[str], Any]:
+    """A flag's text as its field takes it: the text itself, else the YAML scalar it reads as
+    ("5", "0.5", "auto" for `int | Literal["auto"]`), through the one type check."""
     kind = option.value_type
 
     def convert(text: str) -> Any:
-        try:
-            return kind(text) if kind in (int, float) else text
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {kind.__name__}, got {text!r}") from None
+        for candidate in (text, scalar(text)):
+            try:
+                return coerce(candidate, kind, option.flag)
+            except ConfigError:
+                continue
+        raise argparse.ArgumentTypeError(f"expected {describe(kind)}, got {text!r}")
 
-    convert.__name__ = getattr(kind, "__name__", "value")
+    convert.__name__ = describe(kind)
     return convert

@@ -12,11 +12,11 @@ import dataclasses
 import math
 import os
 import pathlib
-import types
 import typing
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
+import pydantic
 import yaml
 from jaxlaunch.launcher.control.policy import FaultConfig, WatchdogConfig
 from jaxlaunch.launcher.views import trackers
@@ -24,8 +24,9 @@ from jaxlaunch.launcher.views import trackers
 from jaxlaunch.contract.entry import BUILTIN_ENTRY, LEGACY_ENTRIES
 from jaxlaunch.contract.flags import flag
 from jaxlaunch.contract.mesh import resolve_mesh
-from jaxlaunch.contract.protocol import CheckpointConfig, ConfigError, DistributedConfig
+from jaxlaunch.contract.protocol import CheckpointConfig, ConfigError, DistributedConfig, Injection
 from jaxlaunch.contract.store import open_store
+from jaxlaunch.contract.values import coerce, merge_settings, scalar
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 PLATFORMS = ("cpu", "cuda", "tpu")
@@ -33,7 +34,8 @@ MAX_STEPS = 2**31 - 1
 """Optimizer step counters are int32."""
 MAX_PORT = 65535
 
-__all__ = ["ConfigError", "ClusterConfig", "TrainConfig", "JobConfig", "load_file", "override", "validate"]
+__all__ = ["ConfigError", "ClusterConfig", "TrainConfig", "JobConfig", "LaunchOptions", "load_file", "override",
+           "validate"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +145,103 @@ class JobConfig:
         return dataclasses.asdict(self)
 
 
+@dataclasses.dataclass(frozen=True)
+class LaunchOptions:
+    """What one launch asks beyond the job's saved configuration."""
+
+    config_file: str | None = flag(None, cli="config", metavar="FILE")
+    """A cluster config YAML (cluster_configs/), applied over the defaults, or on --resume over the run's
+    saved settings; flags override it (default: none, the embedded local Ray)."""
+    name: str | None = flag(None)
+    """Run the job in runs/NAME (default: a new runs/<entry>-<YYYYmmdd-HHMMSS>)."""
+    resume: bool | Literal["auto"] = flag(False, metavar="auto")
+    """Continue the run in --run-dir (default: the newest run of the entry under runs/) from its latest
+    committed step; 'auto' also starts it when there is none."""
+    allow_change: tuple[str, ...] = flag((), repeat=True, metavar="KEY")
+    """On --resume, accept a change to what the run computes: an entry setting, seed, schedule_steps,
+    entry or the input's fingerprint (repeatable; default: none)."""
+    inject: tuple[Injection, ...] = flag((), repeat=True, parse=Injection.parse, metavar="KIND@step=N,host=I")
+    """Inject a failure after a reported step: crash, kill, hang, exception or preempt (repeatable;
+    ,times=K; default: none)."""
+    chaos: float | None = flag(None, metavar="MEAN_SECONDS")
+    """SIGKILL a random host at random times, MEAN_SECONDS apart on average (default: off)."""
+
+
 # ---- validation ---------------------------------------------------------------------------------
+
+MIN_STARTUP_TIMEOUT_S = 10.0
+"""A host's start to its first step takes at least this: a process, the imports of JAX, Flax and
+Orbax, jax.distributed and a compilation (about 5 s on a warm machine with a cached program)."""
+MIN_POLLS_PER_TIMEOUT = 2
+"""A watchdog limit spans at least this many of the driver's polls, or a host that is merely between
+two polls counts as silent."""
+NON_NEGATIVE = {"fault": ("max_restarts", "max_preemptions", "backoff_s"), "train": ("seed",)}
+"""Numbers that may be 0; every other number of a section is above 0."""
+
+
+class CheckedJob(pydantic.BaseModel):
+    """A JobConfig checked: every field's type (pydantic, strict), then every rule that needs neither
+    a cluster nor the entry's code, in `rules`, each with a one-line message naming the fix."""
+
+    model_config = pydantic.ConfigDict(strict=True, revalidate_instances="always", frozen=True)
+    job: JobConfig
+    launch: LaunchOptions
+
+    @pydantic.model_validator(mode="after")
+    def rules(self) -> CheckedJob:
+        job, cluster, checkpoint, watchdog = self.job, self.job.cluster, self.job.checkpoint, self.job.watchdog
+        if job.num_hosts < 1:
+            raise ConfigError(f"--hosts must be at least 1, got {job.num_hosts}")
+        if cluster.platform not in PLATFORMS:
+            raise ConfigError(f"cluster.platform {cluster.platform!r} is not one of {', '.join(PLATFORMS)}")
+        if cluster.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ConfigError(f"cluster.placement_strategy {cluster.placement_strategy!r} is not one of "
+                              f"{', '.join(PLACEMENT_STRATEGIES)}")
+        if not cluster.resources_per_host or any(
+                not math.isfinite(v) or v <= 0 for v in cluster.resources_per_host.values()):
+            raise ConfigError(f"cluster.resources_per_host must name positive amounts, got "
+                              f"{cluster.resources_per_host}")
+        for where in ("cluster", "checkpoint", "distributed", "watchdog", "fault", "train"):
+            _positive_numbers(getattr(job, where), where, NON_NEGATIVE.get(where, ()))
+        if not 1 <= job.min_hosts <= job.num_hosts <= job.max_hosts:
+            raise ConfigError(f"need 1 <= --min-hosts ({job.min_hosts}) <= --hosts ({job.num_hosts}) <= "
+                              f"--max-hosts ({job.max_hosts})")
+        for name in ("steps", "schedule_steps"):
+            value = getattr(job.train, name)
+            if value is not None and value > MAX_STEPS:
+                raise ConfigError(f"train.{name} must be at most {MAX_STEPS} (a 32-bit step counter), got {value}")
+        if checkpoint.memory_tier and checkpoint.persist_every % checkpoint.save_every:
+            every, persist = checkpoint.save_every, checkpoint.persist_every
+            raise ConfigError(f"with --memory-tier, --persist-every {persist} must be a multiple of --save-every "
+                              f"{every} (a durable save is one of the saves): pass --persist-every "
+                              f"{max(every, persist // every * every)} or {(persist // every + 1) * every}")
+        if watchdog.startup_timeout_s < MIN_STARTUP_TIMEOUT_S:
+            raise ConfigError(f"--startup-timeout {watchdog.startup_timeout_s:g} is too short to start JAX on a "
+                              f"host: pass at least {MIN_STARTUP_TIMEOUT_S:g} seconds")
+        shortest = MIN_POLLS_PER_TIMEOUT * watchdog.poll_interval_s
+        for flag_name, limit in (("--hang-timeout", watchdog.hang_timeout_s),
+                                 ("--save-timeout", watchdog.save_timeout_s)):
+            if limit < shortest:
+                raise ConfigError(f"{flag_name} {limit:g} is shorter than {MIN_POLLS_PER_TIMEOUT} of the driver's "
+                                  f"polls (watchdog.poll_interval_s {watchdog.poll_interval_s:g}): pass at least "
+                                  f"{shortest:g} seconds")
+        if job.fault.max_backoff_s < job.fault.backoff_s:
+            raise ConfigError(f"fault.max_backoff_s ({job.fault.max_backoff_s:g}) is below fault.backoff_s "
+                              f"({job.fault.backoff_s:g}): raise max_backoff_s or lower backoff_s")
+        resolve_mesh(job.mesh, job.num_hosts * cluster.devices_per_host)
+        trackers.check(job.tracking.trackers)
+        port = job.tracking.metrics_port
+        if port is not None and not 1 <= port <= MAX_PORT:
+            raise ConfigError(f"--metrics-port must be a port number from 1 to {MAX_PORT}, got {port}")
+        chaos = self.launch.chaos
+        if chaos is not None and not (chaos > 0 and math.isfinite(chaos)):
+            raise ConfigError(f"--chaos must be a finite number of seconds above 0, got {chaos}")
+        for injection in self.launch.inject:
+            if injection.host >= job.max_hosts:
+                raise ConfigError(f"--inject {injection}: host {injection.host} does not exist; the job has at most "
+                                  f"{job.max_hosts} hosts (0..{job.max_hosts - 1})")
+        return self
+
 
 def _positive_numbers(section: Any, where: str, allow_zero: tuple[str, ...] = ()) -> None:
     """Every int and float field of a section is a finite number above 0 (or at least 0)."""
@@ -157,38 +255,17 @@ def _positive_numbers(section: Any, where: str, allow_zero: tuple[str, ...] = ()
             raise ConfigError(f"{where}.{f.name} must be a finite number {bound}, got {value}")
 
 
-def validate(job: JobConfig) -> None:
-    """Every check that needs neither a cluster nor the entry's code. Raises ConfigError."""
-    if job.num_hosts < 1:
-        raise ConfigError(f"--hosts must be at least 1, got {job.num_hosts}")
-    cluster = job.cluster
-    if cluster.platform not in PLATFORMS:
-        raise ConfigError(f"cluster.platform {cluster.platform!r} is not one of {', '.join(PLATFORMS)}")
-    if cluster.placement_strategy not in PLACEMENT_STRATEGIES:
-        raise ConfigError(f"cluster.placement_strategy {cluster.placement_strategy!r} is not one of "
-                          f"{', '.join(PLACEMENT_STRATEGIES)}")
-    if not cluster.resources_per_host or any(
-            not math.isfinite(v) or v <= 0 for v in cluster.resources_per_host.values()):
-        raise ConfigError(f"cluster.resources_per_host must name positive amounts, got {cluster.resources_per_host}")
-    _positive_numbers(cluster, "cluster")
-    _positive_numbers(job.checkpoint, "checkpoint")
-    _positive_numbers(job.distributed, "distributed")
-    _positive_numbers(job.watchdog, "watchdog")
-    _positive_numbers(job.fault, "fault", allow_zero=("max_restarts", "max_preemptions", "backoff_s"))
-    _positive_numbers(job.train, "train", allow_zero=("seed",))
-    if not 1 <= job.min_hosts <= job.num_hosts <= job.max_hosts:
-        raise ConfigError(
-            f"need 1 <= --min-hosts ({job.min_hosts}) <= --hosts ({job.num_hosts}) <= --max-hosts ({job.max_hosts})"
-        )
-    for name in ("steps", "schedule_steps"):
-        value = getattr(job.train, name)
-        if value is not None and value > MAX_STEPS:
-            raise ConfigError(f"train.{name} must be at most {MAX_STEPS} (a 32-bit step counter), got {value}")
-    resolve_mesh(job.mesh, job.num_hosts * cluster.devices_per_host)
-    trackers.check(job.tracking.trackers)
-    port = job.tracking.metrics_port
-    if port is not None and not 1 <= port <= MAX_PORT:
-        raise ConfigError(f"--metrics-port must be a port number from 1 to {MAX_PORT}, got {port}")
+def validate(job: JobConfig, launch: LaunchOptions | None = None) -> None:
+    """Every check that needs neither a cluster nor the entry's code (`CheckedJob`). Raises ConfigError."""
+    try:
+        CheckedJob(job=job, launch=launch or LaunchOptions())
+    except pydantic.ValidationError as err:
+        first = err.errors(include_url=False)[0]
+        cause = first.get("ctx", {}).get("error")
+        if isinstance(cause, ConfigError):
+            raise ConfigError(str(cause)) from None
+        where = ".".join(str(part) for part in first["loc"][1:])
+        raise ConfigError(f"{where}: {first['msg'].lower()}, got {first.get('input')!r}") from None
 
 
 def check_run_path(path: str, resume: bool) -> None:
@@ -214,27 +291,9 @@ def _from_dict(cls: type, data: Mapping[str, Any], where: str, base: Any = None)
         if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             value = _from_dict(hint, value, f"{where}.{name}", getattr(base, name) if base is not None else None)
         else:
-            value = _coerce(value, hint, f"{where}.{name}")
+            value = coerce(value, hint, f"{where}.{name}")
         kwargs[name] = value
     return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
-
-
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in typing.get_args(hint):
-            return None
-        hint = next(a for a in typing.get_args(hint) if a is not type(None))
-        origin = typing.get_origin(hint)
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{where} must be a mapping, got {value!r}")
-        return dict(value)
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if hint in (int, float, str, bool) and not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
-        raise ConfigError(f"{where} must be a {hint.__name__}, got {value!r}")
-    return value
 
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
@@ -339,33 +398,6 @@ def parse_settings(items: list[str]) -> dict[str, Any]:
         for name in parents:
             node = node.setdefault(name, {})
         node[leaf] = value
-    return out
-
-
-def scalar(text: str) -> Any:
-    """A YAML scalar; numbers YAML 1.1 leaves as text (3e-4) are numbers too."""
-    if not text.strip():
-        return ""
-    try:
-        value = yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-    if isinstance(value, str):
-        try:
-            return float(text)
-        except ValueError:
-            return value
-    return value
-
-
-def merge_settings(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
-    """`base` with `changes` applied, nested mappings merged key by key."""
-    out = dict(base)
-    for key, value in changes.items():
-        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
-            out[key] = merge_settings(out[key], value)
-        else:
-            out[key] = value
     return out
 
 

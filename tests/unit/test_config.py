@@ -62,7 +62,8 @@ def test_elastic_bounds():
                                    "cluster.placement_timeout_s", "distributed.init_timeout_s"])
 @pytest.mark.parametrize("value", [0, -1.0, math.nan, math.inf])
 def test_timeouts_must_be_finite_and_positive(field, value):
-    with pytest.raises(ConfigError, match=f"{field} must be a finite number above 0"):
+    # an int field (distributed's) refuses a float by its type first
+    with pytest.raises(ConfigError, match=f"{field}( must be a finite number above 0|: input should be a valid int)"):
         validate(job(**{field: value}))
 
 
@@ -109,7 +110,7 @@ def test_unknown_yaml_key_is_reported_with_its_section(tmp_path: pathlib.Path):
 def test_wrong_yaml_type_is_reported(tmp_path: pathlib.Path):
     path = tmp_path / "c.yaml"
     path.write_text("train:\n  steps: many\n")
-    with pytest.raises(ConfigError, match="train.steps must be a int"):
+    with pytest.raises(ConfigError, match="train.steps must be int"):
         load_file(path)
 
 
@@ -177,3 +178,27 @@ def test_injection_parse(text, expected):
 def test_injection_parse_errors(text):
     with pytest.raises(ConfigError, match="--inject"):
         Injection.parse(text)
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"checkpoint.memory_tier": True, "checkpoint.save_every": 5, "checkpoint.persist_every": 7},
+     "with --memory-tier, --persist-every 7 must be a multiple of --save-every 5 (.*): pass --persist-every 5 or 10"),
+    ({"watchdog.startup_timeout_s": 1.0}, "--startup-timeout 1 is too short to start JAX on a host: pass at least 10"),
+    ({"watchdog.hang_timeout_s": 0.3}, r"--hang-timeout 0.3 is shorter than 2 of the driver's polls .*at least 0.5"),
+    ({"watchdog.save_timeout_s": 0.1}, "--save-timeout 0.1 is shorter than 2 of the driver's polls"),
+    ({"fault.backoff_s": 40.0}, "fault.max_backoff_s \\(30\\) is below fault.backoff_s \\(40\\)"),
+    ({"fault.max_hosts": 2}, r"need 1 <= --min-hosts \(4\) <= --hosts \(4\) <= --max-hosts \(2\)"),
+])
+def test_rules_across_fields_name_the_fix(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(job(**changes))
+
+
+def test_without_the_memory_tier_persist_every_is_unused_and_any_multiple_passes():
+    validate(job(**{"checkpoint.save_every": 5, "checkpoint.persist_every": 7}))
+    validate(job(**{"checkpoint.memory_tier": True, "checkpoint.save_every": 5, "checkpoint.persist_every": 20}))
+
+
+def test_every_field_is_type_checked_also_in_a_config_built_in_python():
+    with pytest.raises(ConfigError, match="num_hosts: input should be a valid integer, got '2'"):
+        validate(JobConfig(num_hosts="2"))  # type: ignore[arg-type]

@@ -6,6 +6,7 @@ import os
 import pathlib
 import subprocess
 import sys
+from typing import Literal
 
 import pytest
 from jaxlaunch.launcher.cli import parser
@@ -107,6 +108,31 @@ def test_a_new_field_is_a_flag_a_keyword_and_a_config_key_with_nothing_else_writ
     by_root, _ = options.split(vars(p.parse_args(["--metrics-port", "81", "--tracker", "wandb"])), [Root])
     assert by_root[Root] == {"tracking.metrics_port": 81, "tracking.tracker": "wandb"}
     assert options.split({"metrics_port": 82}, [Root])[0][Root] == {"tracking.metrics_port": 82}
+
+
+def test_a_field_of_a_number_or_a_word_takes_either_from_a_flag_or_a_keyword():
+    @dataclasses.dataclass(frozen=True)
+    class Saving:
+        """When to save."""
+
+        every: int | Literal["auto"] = flag(50, name="every_n")
+        """Save every this many steps, or "auto": as often as costs 5 % of the step time."""
+
+    @dataclasses.dataclass(frozen=True)
+    class Root:
+        """A job."""
+
+        saving: Saving = dataclasses.field(default_factory=Saving)
+
+    p = argparse.ArgumentParser()
+    options.add_arguments(p, [Root])
+    for text, value in [("5", 5), ("auto", "auto")]:
+        assert options.split(vars(p.parse_args(["--every-n", text])), [Root])[0][Root] == {"saving.every": value}
+    assert options.split({"every_n": "auto"}, [Root])[0][Root] == {"saving.every": "auto"}
+    with pytest.raises(ConfigError, match="every_n must be int or 'auto', got 'often'"):
+        options.split({"every_n": "often"}, [Root])
+    with pytest.raises(SystemExit):
+        p.parse_args(["--every-n", "2.5"])
 
 
 def test_keywords_are_typed_by_their_fields():

@@ -234,10 +234,11 @@ def test_flags_set_the_tracking_section(tmp_path):
 
 
 def test_a_config_file_names_trackers_as_a_list_or_one_name():
-    from jaxlaunch.launcher.configuration.schema import JobConfig, apply, validate
+    from jaxlaunch.launcher.configuration.schema import JobConfig, TrackingConfig, apply, validate
 
     job = apply(JobConfig(), {"tracking": {"trackers": "mlflow"}, "mesh": {"data": -1}}, "job.yaml")
     assert job.tracking.trackers == ("mlflow",)
-    job = apply(JobConfig(), {"tracking": {"trackers": [3]}, "mesh": {"data": -1}}, "job.yaml")
-    with pytest.raises(ConfigError, match="tracking.trackers must be a list of names"):
-        validate(job)
+    with pytest.raises(ConfigError, match=r"job.yaml.tracking.trackers must be a list of str, got \[3\]"):
+        apply(JobConfig(), {"tracking": {"trackers": [3]}, "mesh": {"data": -1}}, "job.yaml")
+    with pytest.raises(ConfigError, match="tracking.trackers.0: input should be a valid string, got 3"):
+        validate(JobConfig(tracking=TrackingConfig(trackers=(3,))))  # type: ignore[arg-type]

@@ -1,0 +1,92 @@
+"""The one type check of a setting's value, the one merge of nested settings, and text as a YAML scalar.
+
+Keywords of `jaxlaunch.launch`, keys of a config file, a run's saved config and an entry's declared
+settings are all checked here, by pydantic in strict mode: a value of the field's type, an int where
+a float is wanted (made a float), a list where a tuple is wanted; nothing else ("2" is no int, 2.5 no
+int, 1 no bool). A wrong value is a ConfigError naming the setting, the type and the value.
+"""
+
+from __future__ import annotations
+
+import functools
+import types
+import typing
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from jaxlaunch.contract.protocol import ConfigError
+
+if TYPE_CHECKING:
+    import pydantic
+
+
+@functools.cache
+def _adapter(hint: Any) -> pydantic.TypeAdapter[Any]:
+    import pydantic  # on first use: `import jaxlaunch` (and every host) stays light
+
+    return pydantic.TypeAdapter(hint)
+
+
+def _kinds(hint: Any) -> list[Any]:
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return [k for a in typing.get_args(hint) for k in _kinds(a)]
+    if typing.get_origin(hint) is typing.Literal:
+        return list(typing.get_args(hint))
+    return [hint]
+
+
+def describe(hint: Any) -> str:
+    """A type as the user reads it: "int", "bool or 'auto'", "float or None", "a list of str"."""
+    return " or ".join(_name(k) for k in _kinds(hint))
+
+
+def _name(kind: Any) -> str:
+    if typing.get_origin(kind) is tuple:
+        return f"a list of {_name(typing.get_args(kind)[0])}"
+    if typing.get_origin(kind) is dict:
+        return "a mapping"
+    if kind is type(None):
+        return "None"
+    return kind.__name__ if isinstance(kind, type) else repr(kind)
+
+
+def coerce(value: Any, hint: Any, where: str) -> Any:
+    """`value` as a field annotated `hint` takes it; ConfigError "WHERE must be TYPE, got VALUE"."""
+    given = value
+    if typing.get_origin(hint) is tuple and isinstance(value, list | str):
+        value = (value,) if isinstance(value, str) else tuple(value)  # YAML: one name, or a list
+    import pydantic
+
+    try:
+        return _adapter(hint).validate_python(value, strict=True)
+    except pydantic.ValidationError:
+        raise ConfigError(f"{where} must be {describe(hint)}, got {given!r}") from None
+
+
+def merge_settings(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:
+    """`base` with `changes` applied, nested mappings merged key by key."""
+    out = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge_settings(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def scalar(text: str) -> Any:
+    """A YAML scalar; numbers YAML 1.1 leaves as text (3e-4) are numbers too."""
+    if not text.strip():
+        return ""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):
+        try:
+            return float(text)
+        except ValueError:
+            return value
+    return value
