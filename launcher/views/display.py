@@ -188,7 +188,8 @@ class ConsoleView(Listener):
                                      f"in {escape(str(event.moved_to))} and fell back to an older "
                                      f"one[/yellow]")
             elif isinstance(event, events.LowDiskSpace | events.CompilationCacheDisabled | events.MemoryTierOff
-                            | events.MemorySaveRefused | events.MemoryFallback):
+                            | events.MemorySaveRefused | events.MemoryFallback | events.DataOrderChanged
+                            | events.DataOrderAtRisk):
                 self.display.message(f"[yellow]warning: {escape(str(event.message))}"
                                      f"[/yellow]")
         if poll.records:
