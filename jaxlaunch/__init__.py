@@ -37,11 +37,12 @@ if TYPE_CHECKING:
     from jaxlaunch.launcher.runner import LaunchResult
     from jaxlaunch.workers.batch import global_batch
     from jaxlaunch.workers.context import HostContext
+    from jaxlaunch.workers.data import batch_fingerprint, elastic_iterator
 
 __all__ = [
     "launch", "LaunchResult", "HostContext", "entrypoint", "global_batch", "ConfigError", "JobConfig",
     "ClusterConfig", "TrainConfig", "CheckpointConfig", "DistributedConfig", "FaultConfig", "WatchdogConfig",
-    "Injection", "LaunchOptions", "RunStorageError",
+    "Injection", "LaunchOptions", "RunStorageError", "elastic_iterator", "batch_fingerprint",
 ]
 
 _LAZY = {
@@ -51,6 +52,7 @@ _LAZY = {
     "TrainConfig": "jaxlaunch.launcher.configuration.schema",
     "FaultConfig": "jaxlaunch.launcher.control.policy", "WatchdogConfig": "jaxlaunch.launcher.control.policy",
     "HostContext": "jaxlaunch.workers.context", "global_batch": "jaxlaunch.workers.batch",
+    "elastic_iterator": "jaxlaunch.workers.data", "batch_fingerprint": "jaxlaunch.workers.data",
 }
 
 

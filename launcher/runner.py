@@ -127,7 +127,7 @@ def _make_spec(job: JobConfig, run: RunDir, entry_ref: EntryRef) -> MakeSpec:
             checkpoint=job.checkpoint, distributed=job.distributed, compilation_cache=job.cluster.compilation_cache,
             compilation_cache_dir=job.cluster.compilation_cache_dir,
             expect_checkpoint=expect_checkpoint or run.has_history(), injections=tuple(injections),
-            keepers=dict(keepers or {}), lost_keepers=tuple(lost_keepers))
+            keepers=dict(keepers or {}), lost_keepers=tuple(lost_keepers), elastic=job.min_hosts < job.max_hosts)
 
     return make
 

@@ -38,7 +38,7 @@ from jaxlaunch.workers.state import Shardings, StateLayout, largest_array
 from jaxlaunch.workers.stops import DriverStop
 from jaxlaunch.workers.tiered import TierRestore, restore_newest
 
-from jaxlaunch.contract import events
+from jaxlaunch.contract import data_order, events
 from jaxlaunch.contract.layout import RunLayout
 from jaxlaunch.contract.protocol import Ending, HostResult, HostSpec, Phase
 from jaxlaunch.contract.storage import short_of_space
@@ -107,6 +107,7 @@ class HostContext:
         self._memory: MemoryTier | None = None
         self._extra: dict[str, Any] = {}
         self._refusal_told = False
+        self._risk_told = False
         self._faults = FaultHook(spec.injections, spec.rank, spec.attempt, self._run, self._saving)
 
     # -- state -----------------------------------------------------------------------------------
@@ -127,7 +128,9 @@ class HostContext:
         with get_state()/set_state() (a Grain iterator) is set back in place, and any other value
         (JSON: a best loss, a counter) is its initial value. With `extra`, the call returns
         `(state, step, extra)`: the same names with the restored values; pass that dict (updated)
-        to `maybe_save`. Each host keeps its own (a host's data position is its own)."""
+        to `maybe_save`. A per-host iterator comes back from this host's own save; JSON values and
+        an ElasticIterator from rank 0's, on every host. On another host count, per-host iterators
+        change the data order: a `data_order_changed` event says so (`jaxlaunch.contract.data_order`)."""
         if self._loop is not None:
             raise RuntimeError("ctx.restore_or_init was called twice: call it once, before the training loop")
         self._progress.enter(Phase.RESTORING)
@@ -144,7 +147,8 @@ class HostContext:
             log.info("no checkpoint: made a fresh state (%.1f MB)", layout.num_bytes() / 1e6)
         else:
             state, step = restored.state, restored.step
-            self._extra = extras.restore(self._extra, restored.extra)
+            self._extra = extras.restore(self._extra, restored.extra, restored.meta.get("shared_extra"))
+            self._note_data_order(restored)
             path, array = largest_array(state)
             sharding = array.sharding.spec if isinstance(array.sharding, NamedSharding) else array.sharding
             self._progress.event(events.Restored(
@@ -179,6 +183,15 @@ class HostContext:
             log.warning("memory tier off: %s", refused)
             self._progress.event(events.MemoryTierOff(reason=refused, save_every=spec.checkpoint.save_every))
         return memory if memory.active else None
+
+    def _note_data_order(self, restored: TierRestore) -> None:
+        saved_hosts = (restored.meta.get("topology") or {}).get("num_hosts")
+        changed = data_order.changed_keys(restored.extra, saved_hosts, self.process_count)
+        if changed:
+            log.warning("the data order changes: extra %s was saved by %s host(s), restored on %d",
+                        changed, saved_hosts, self.process_count)
+            self._progress.event(events.DataOrderChanged(keys=changed, old_hosts=saved_hosts,
+                                                         new_hosts=self.process_count, step=restored.step))
 
     def _warn_if_disk_is_short(self, checkpointer: Checkpointer, layout: StateLayout) -> None:
         short = short_of_space(checkpointer.directory, layout.num_bytes(), self._spec.checkpoint.max_to_keep + 1)
@@ -241,8 +254,9 @@ class HostContext:
             # The checkpoint carries the records since the last save: if this host dies before the
             # driver hears them, a restore still brings every committed step's metrics back.
             records = self._unsaved + [{k: _to_python(v) for k, v in r.items()} for r in self._pending]
-            meta = {**self._meta(step), "records": records[-CARRIED_RECORDS:]}
             mine = extras.snapshot(self._extra)
+            meta = {**self._meta(step), "records": records[-CARRIED_RECORDS:], "shared_extra": extras.shared(mine)}
+            self._warn_of_data_order_risk()
             started = time.perf_counter()
             if in_memory and self._memory is not None:
                 self._memory.save(step, tree, meta, mine)
@@ -289,6 +303,15 @@ class HostContext:
         return batch_lib.global_batch(rows_fn, step, batch_size, self.mesh, axes)
 
     # -- inside the launcher -----------------------------------------------------------------------
+    def _warn_of_data_order_risk(self) -> None:
+        """Once, at the first save of an elastic job whose `extra` holds per-host iterators."""
+        keys = extras.per_host_names(self._extra)
+        if self._spec.elastic and keys and not self._risk_told:
+            self._risk_told = True
+            message = data_order.risk_warning(keys)
+            log.warning("%s", message)
+            self._progress.event(events.DataOrderAtRisk(keys=keys, message=message))
+
     def _require_state(self, method: str) -> _Loop:
         if self._loop is None:
             raise RuntimeError(f"ctx.{method} before ctx.restore_or_init: build or restore the state first")
@@ -345,8 +368,9 @@ class HostContext:
         step = restored.step if restored is not None else None
         if restored is not None and restored.tier == "memory" and step not in checkpointer.steps_from_rank_0():
             started = time.perf_counter()
+            mine = extras.snapshot(self._extra)
             meta = {**self._meta(restored.step), "records": list(restored.meta.get("records", []))[-CARRIED_RECORDS:],
-                    "extra": extras.gather(extras.snapshot(self._extra)) if self._extra else []}
+                    "extra": extras.gather(mine) if self._extra else [], "shared_extra": extras.shared(mine)}
             checkpointer.save(restored.step, restored.state, meta)
             checkpointer.wait()
             self._progress.event(events.FinalSave(seconds=time.perf_counter() - started))

@@ -43,6 +43,8 @@ class EventKind(enum.StrEnum):
     MEMORY_TIER_OFF = "memory_tier_off"
     MEMORY_SAVE_REFUSED = "memory_save_refused"
     MEMORY_FALLBACK = "memory_fallback"
+    DATA_ORDER_CHANGED = "data_order_changed"
+    DATA_ORDER_AT_RISK = "data_order_at_risk"
 
 
 class FailureKind(enum.StrEnum):
@@ -467,3 +469,31 @@ class MemoryFallback(HostEvent):
     @property
     def message(self) -> str:
         return f"restoring from the durable tier, not memory: {self.reason}"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataOrderChanged(HostEvent):
+    """A restore on another host count set per-host iterator states on pipelines over other shards:
+    examples repeat or are skipped from here (`jaxlaunch.contract.data_order`)."""
+
+    KIND: ClassVar = EventKind.DATA_ORDER_CHANGED
+    keys: list[str] = dataclasses.field(default_factory=list)
+    """The names in `extra` whose state was saved per host."""
+    old_hosts: int | None = None
+    new_hosts: int | None = None
+    step: int | None = None  # the step restored
+
+    @property
+    def message(self) -> str:
+        names = ", ".join(self.keys)
+        return (f"the data order changed at step {self.step}: extra {names} was saved by {self.old_hosts} host(s) "
+                f"and restored on {self.new_hosts}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataOrderAtRisk(HostEvent):
+    """An elastic job saved per-host iterator states (written once, at its first save)."""
+
+    KIND: ClassVar = EventKind.DATA_ORDER_AT_RISK
+    keys: list[str] = dataclasses.field(default_factory=list)
+    message: str | None = None

@@ -171,6 +171,8 @@ class HostSpec:
     """The memory tier's keepers: node id -> the keeper's Ray actor handle. Empty: no memory tier."""
     lost_keepers: tuple[str, ...] = ()
     """Nodes whose keeper was lost with its node since the previous attempt started."""
+    elastic: bool = False
+    """The job may change its host count (--min-hosts below --max-hosts)."""
     persist_only: bool = False
     """A run after a failure the driver gives up on: restore the newest step (the memory tier's), write
     it to the run directory with Orbax and end, training nothing."""

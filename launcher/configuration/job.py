@@ -38,8 +38,8 @@ from jaxlaunch.launcher.configuration.schema import (
 )
 from jaxlaunch.launcher.records.runs import RunDir
 
+from jaxlaunch.contract import data_order, events
 from jaxlaunch.contract import entry as entry_lib
-from jaxlaunch.contract import events
 from jaxlaunch.contract.protocol import ConfigError, Injection
 from jaxlaunch.contract.values import scalar
 
@@ -101,6 +101,8 @@ def prepare(given: Mapping[str, Any], entry_args: Sequence[str] = (), typed: Job
     fingerprint = entry.fingerprint(settings)
     if saved is not None:
         _refuse_silent_changes(run, saved, job, fingerprint, launch.allow_change)
+        if data_order.ALLOW_KEY not in launch.allow_change:
+            _refuse_data_order_change(run, job.num_hosts)
     return PreparedJob(job, entry, fingerprint, launch.inject, launch.chaos, not run.exists(), announce)
 
 
@@ -233,3 +235,17 @@ def _refuse_silent_changes(run: RunDir, saved: JobConfig, job: JobConfig, finger
         more = f" (and {', '.join(list(refused)[1:])})" if len(refused) > 1 else ""
         raise ConfigError(f"--resume would change the run: {what}{more}; pass --allow-change {first} to accept "
                           f"it, or leave it out to continue unchanged")
+
+
+def _refuse_data_order_change(run: RunDir, num_hosts: int) -> None:
+    """Per-host iterator states of the newest committed step cannot be split or merged over another
+    host count: refused, naming them (`jaxlaunch.contract.data_order`)."""
+    steps = run.committed_steps()
+    if not steps:
+        return
+    meta = run.checkpoint_meta(steps[0]) or {}
+    saved_hosts = (meta.get("topology") or {}).get("num_hosts")
+    parts = meta.get("extra") or {}
+    keys = data_order.changed_keys(parts[0] if isinstance(parts, list) else parts, saved_hosts, num_hosts)
+    if keys and saved_hosts is not None:
+        raise ConfigError(data_order.resume_refusal(keys, int(saved_hosts), num_hosts))

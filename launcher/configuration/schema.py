@@ -159,7 +159,8 @@ class LaunchOptions:
     committed step; 'auto' also starts it when there is none."""
     allow_change: tuple[str, ...] = flag((), repeat=True, metavar="KEY")
     """On --resume, accept a change to what the run computes: an entry setting, seed, schedule_steps,
-    entry or the input's fingerprint (repeatable; default: none)."""
+    entry, the input's fingerprint, or data_order (per-host iterators on another host count)
+    (repeatable; default: none)."""
     inject: tuple[Injection, ...] = flag((), repeat=True, parse=Injection.parse, metavar="KIND@step=N,host=I")
     """Inject a failure after a reported step: crash, kill, hang, exception or preempt (repeatable;
     ,times=K; default: none)."""

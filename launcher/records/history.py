@@ -109,6 +109,9 @@ class History:
             "goodput": self.goodput,
             "badput_s": self.badput_s,
             "wall_time_s": self.wall_s,
+            "data_order_changed": [{"step": e.step, "keys": list(e.keys), "old_hosts": e.old_hosts,
+                                    "new_hosts": e.new_hosts, "attempt": e.attempt}
+                                   for e in self.events if isinstance(e, events.DataOrderChanged)],
             "entry": launches[-1].entry if launches else None,
             "run_dir": str(run.path),
         }

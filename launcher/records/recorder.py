@@ -90,6 +90,8 @@ class Recorder(Listener):
         """Told every event and metric record written (`on_event`, `on_records`): the trackers."""
         self.recorded_steps = {r["step"] for r in run.metric_records() if isinstance(r.get("step"), int)}
         self.tensorboard = TensorBoard(run.tensorboard_dir, max(self.recorded_steps, default=-1))
+        self.risk_written = False
+        """This launch wrote its data_order_at_risk warning."""
 
     def close(self) -> None:
         self.tensorboard.close()
@@ -106,6 +108,10 @@ class Recorder(Listener):
     # -- polls -----------------------------------------------------------------------------------
     def on_poll(self, driver: Driver, attempt: Attempt, poll: GroupPoll) -> None:
         for rank, event in poll.events:
+            if isinstance(event, events.DataOrderAtRisk):
+                if self.risk_written:
+                    continue  # the same warning from each attempt's hosts: once per launch
+                self.risk_written = True
             self._write_event(dataclasses.replace(event, attempt=attempt.number, rank=rank))
             if isinstance(event, events.Restored) and event.records:
                 # Records of committed steps that never reached the driver (the host died first):

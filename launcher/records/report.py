@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
 
+from jaxlaunch.contract import events
 from jaxlaunch.contract.events import FailureKind, PlannedEnd
 
 if TYPE_CHECKING:
@@ -138,6 +139,11 @@ def plot(report: History, path: pathlib.Path | BinaryIO) -> pathlib.Path | Binar
     for a in report.attempts:
         if a.cause == PlannedEnd.RESIZE and a.last_step is not None:
             ax.axvline(a.last_step, color="tab:blue", ls=":", lw=1)
+    changed = [e for e in report.events if isinstance(e, events.DataOrderChanged) and e.step is not None]
+    for i, e in enumerate(changed):
+        ax.axvline(e.step, color="tab:orange", ls="-.", lw=1.2, label="data order changed" if i == 0 else None)
+        ax.annotate(f"data order: {e.old_hosts}->{e.new_hosts} hosts", (e.step, 0), xycoords=("data", "axes fraction"),
+                    xytext=(3, 4), textcoords="offset points", color="tab:orange", fontsize=8)
     ax.set_xlabel("step")
     ax.set_ylabel(metric)
     ax.set_title(f"{len(report.attempts)} attempt(s), {len(failed)} failure(s)")

@@ -149,6 +149,7 @@ class ConsoleView(Listener):
         self.committed: int | None = None
         self._checked_at = -1e9
         self.last_record: dict[str, Any] | None = None
+        self.risk_told = False
 
     def on_transition(self, driver: Driver, old: State, new: State) -> None:
         d = self.display
@@ -187,8 +188,12 @@ class ConsoleView(Listener):
                 self.display.message(f"[yellow]checkpoint step {event.step} is unreadable; set it aside "
                                      f"in {escape(str(event.moved_to))} and fell back to an older "
                                      f"one[/yellow]")
+            elif isinstance(event, events.DataOrderAtRisk) and self.risk_told:
+                continue  # each attempt's hosts warn alike: once per launch
             elif isinstance(event, events.LowDiskSpace | events.CompilationCacheDisabled | events.MemoryTierOff
-                            | events.MemorySaveRefused | events.MemoryFallback):
+                            | events.MemorySaveRefused | events.MemoryFallback | events.DataOrderChanged
+                            | events.DataOrderAtRisk):
+                self.risk_told = self.risk_told or isinstance(event, events.DataOrderAtRisk)
                 self.display.message(f"[yellow]warning: {escape(str(event.message))}"
                                      f"[/yellow]")
         if poll.records:
