@@ -188,6 +188,9 @@ class HostSnapshot:
     """Per-step metric records (rank 0 only)."""
     events: tuple[HostEvent, ...] = ()
     """What the host wants in events.jsonl (a restore, a checkpoint fallback, its start-up timeline)."""
+    busy: tuple[tuple[int, float], ...] = ()
+    """(step, busy seconds) of each step the host read back since the previous poll, every host: the
+    host-side work between two steps (`jaxlaunch.workers.step_clock`), for the straggler watch."""
 
 
 class Ending(enum.StrEnum):
@@ -302,6 +305,8 @@ class GroupPoll:
     """(rank, event), already filtered: group-wide events from rank 0 only."""
     results: dict[int, HostResult]
     exits: list[HostExit]
+    busy: dict[int, list[tuple[int, float]]] = dataclasses.field(default_factory=dict)
+    """Each host's (step, busy seconds) since the previous poll, by rank."""
 
     @property
     def finished(self) -> bool:
