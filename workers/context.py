@@ -292,7 +292,10 @@ class HostContext:
         """The batch of `step` as global arrays: `rows_fn(step, rows)` returns a pytree of numpy
         arrays for the given row indices, and each process calls it only for its own rows, so the
         batch is the same whatever the host count. Rows split over `axes` (default "data")."""
-        return batch_lib.global_batch(rows_fn, step, batch_size, self.mesh, axes)
+        batch = batch_lib.global_batch(rows_fn, step, batch_size, self.mesh, axes)
+        if self._loop is not None:
+            self._loop.step_clock.input_ready()  # the host's own work for this step ends here
+        return batch
 
     # -- inside the launcher -----------------------------------------------------------------------
     def _require_state(self, method: str) -> _Loop:
@@ -333,6 +336,7 @@ class HostContext:
                 continue
             record["busy_s"], record["blocked_s"] = timing.busy_s, timing.blocked_s
             self._progress.busy(record["step"], timing.busy_s)
+            self._faults.observe_busy(timing.busy_s)
             if "tokens" in record and timing.step_time_s > 0:
                 record["tokens_per_s"] = float(_to_python(record["tokens"])) / timing.step_time_s
 

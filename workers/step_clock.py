@@ -6,10 +6,12 @@ and one dispatched into a full queue shows almost nothing. A step's result is re
 context reads metrics a step late), and the device finished the step when that readback returns, so
 a step's time is the time between the readbacks of its result and of the previous step's.
 
-That interval splits in two: **busy**, from the previous readback until the next step was dispatched
-(the host's own Python and input work), and **blocked**, from that dispatch until the readback
-returned (waiting on the device, or on peers in a collective). A host whose busy time stands out makes
-every other host wait."""
+That interval splits in two: **busy**, from the previous readback until the next step's input was
+ready (`ctx.global_batch` returned) or, for a loop that makes its own input, until the next step was
+dispatched (its `ctx.report`): the host's own Python and input work; and **blocked**, the rest, until
+the readback returned (dispatching and waiting on the device, or on peers in a collective; where a
+backend runs a step inside its dispatch, as the CPU does with a collective, that wait is in the
+dispatch). A host whose busy time stands out makes every other host wait."""
 
 from __future__ import annotations
 
@@ -39,9 +41,14 @@ class StepClock:
         next step read is the first, which also paid for compilation and has no time of its own)."""
         self._dispatched: float | None = None
         """When the newest step was dispatched (its `ctx.report`)."""
+        self._input_ready: float | None = None
+        """When the newest step's input was made (`ctx.global_batch` returned)."""
 
     def dispatched(self) -> None:
         self._dispatched = self._clock()
+
+    def input_ready(self) -> None:
+        self._input_ready = self._clock()
 
     def read(self) -> StepTime | None:
         """A step's result was read back just now: its time, or None for the first step read."""
@@ -49,9 +56,15 @@ class StepClock:
         last, self._last_read = self._last_read, now
         if last is None:
             return None
-        # No dispatch since the previous readback (a readback before a save): all of it was waiting.
-        dispatched = self._dispatched if self._dispatched is not None and self._dispatched >= last else last
-        return StepTime(step_time_s=now - last, busy_s=dispatched - last, blocked_s=now - dispatched)
+        # The host's own work ends with the next step's input, or else with its dispatch; with neither
+        # since the previous readback (a readback before a save), all of it was waiting.
+        if self._input_ready is not None and self._input_ready >= last:
+            worked_until = self._input_ready
+        elif self._dispatched is not None and self._dispatched >= last:
+            worked_until = self._dispatched
+        else:
+            worked_until = last
+        return StepTime(step_time_s=now - last, busy_s=worked_until - last, blocked_s=now - worked_until)
 
     def restart(self) -> None:
         """The next step's time starts now (after a blocking save, whose time is reported on its own)."""

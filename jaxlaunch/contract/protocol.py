@@ -86,35 +86,45 @@ class InjectionKind(enum.StrEnum):
     HANG = "hang"            # the process stops making progress
     EXCEPTION = "exception"  # the user's code raises
     PREEMPT = "preempt"      # a preemption notice (SIGTERM)
+    SLOW = "slow"            # from the step on, the host's own work per step takes `factor` times as long
 
 
 @dataclasses.dataclass(frozen=True)
 class Injection:
-    """A failure to inject at a reported step: `--inject KIND@step=N,host=I[,times=K]`."""
+    """A failure to inject at a reported step: `--inject KIND@step=N,host=I[,times=K]`, or a slow
+    host: `--inject slow@step=N,host=I,factor=F`."""
 
     kind: InjectionKind
     step: int
     host: int = 0
     times: int = 1
     """On how many attempts it fires (an `exception` with a large count fails every attempt)."""
+    factor: float = 1.0
+    """For `slow`: how many times its usual busy time per step the host takes from the step on."""
 
     @classmethod
     def parse(cls, text: str) -> Injection:
-        form = "KIND@step=N,host=I[,times=K] with KIND one of " + ", ".join(InjectionKind)
+        form = ("KIND@step=N,host=I[,times=K] with KIND one of " + ", ".join(InjectionKind)
+                + " (slow also takes factor=F)")
         kind, _, rest = text.partition("@")
         if kind not in InjectionKind._value2member_map_ or not rest:
             raise ConfigError(f"--inject {text!r}: expected {form}")
         try:
-            fields = {k.strip(): int(v) for k, v in (item.split("=") for item in rest.split(","))}
+            fields: dict[str, Any] = {k.strip(): float(v) if k.strip() == "factor" else int(v)
+                                      for k, v in (item.split("=") for item in rest.split(","))}
             injection = cls(kind=InjectionKind(kind), **fields)
         except (ValueError, TypeError):
             raise ConfigError(f"--inject {text!r}: expected {form}") from None
         if injection.step < 1 or injection.host < 0 or injection.times < 1:
             raise ConfigError(f"--inject {text!r}: step and times must be at least 1, host at least 0")
+        slow = injection.kind == InjectionKind.SLOW
+        if slow != ("factor" in fields) or (slow and injection.factor <= 1.0):
+            raise ConfigError(f"--inject {text!r}: factor=F (above 1) goes with slow, and only with it")
         return injection
 
     def __str__(self) -> str:
-        return f"{self.kind}@step={self.step},host={self.host}"
+        factor = f",factor={self.factor:g}" if self.kind == InjectionKind.SLOW else ""
+        return f"{self.kind}@step={self.step},host={self.host}{factor}"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -164,7 +164,11 @@ def runtime_env(embedded: bool, code_dirs: list[str]) -> dict[str, Any]:
         # What this process can import, the hosts on this machine can import too (the current
         # directory and any folder a test runner or the user put on sys.path).
         installed = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
-        local = [p for p in sys.path if p and os.path.isdir(p) and not any(p.startswith(i) for i in installed)]
+        # A site directory that a .pth file added (a virtual environment layered on another) is added
+        # the same way in the hosts, which run this interpreter; on PYTHONPATH it would come first,
+        # and its packages would shadow this environment's own (an editable install of another checkout).
+        local = [p for p in sys.path if p and os.path.isdir(p) and not any(p.startswith(i) for i in installed)
+                 and os.path.basename(p) not in ("site-packages", "dist-packages")]
         paths = list(dict.fromkeys([*code_dirs, os.getcwd(), *local]))
         existing = os.environ.get("PYTHONPATH")
         return {"env_vars": {"PYTHONPATH": os.pathsep.join(paths + ([existing] if existing else []))}}

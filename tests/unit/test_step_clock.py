@@ -48,6 +48,13 @@ def test_a_step_is_timed_from_the_previous_readback_and_split_into_busy_and_bloc
     steps.dispatched()
     clock.advance(0.375)
     assert steps.read() == StepTime(step_time_s=0.5, busy_s=0.125, blocked_s=0.375)
+    clock.advance(0.125)          # the next step's input (ctx.global_batch)...
+    steps.input_ready()
+    clock.advance(0.25)           # ...then a dispatch that runs the step (a collective on the CPU)
+    steps.dispatched()
+    clock.advance(0.125)
+    assert steps.read() == StepTime(step_time_s=0.5, busy_s=0.125, blocked_s=0.375), \
+        "the dispatch is no host work when the input's end is known"
 
 
 DEVICE_SECONDS = {1: 1.0, 2: 1.0, 3: 1.0, 4: 7.0, 5: 1.0, 6: 1.0, 7: 1.0}
