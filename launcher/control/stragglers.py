@@ -62,7 +62,7 @@ def find_straggler(busy: Mapping[int, Mapping[int, float]], factor: float, num_s
     return found
 
 
-def describe(event: events.Straggler) -> str:
+def straggler_message(event: events.Straggler) -> str:
     """The line the user reads on the terminal."""
     return (f"host {event.host} (node {event.node}) is slow: its busy time per step is {event.factor:.1f}x its "
             f"peers' ({event.busy_s * 1e3:.1f} ms vs {event.peers_busy_s * 1e3:.1f} ms) in steps "
@@ -109,7 +109,7 @@ class StragglerWatch(Listener):
                                  steps=len(found.steps), busy_s=found.busy_s, peers_busy_s=found.peers_busy_s)
         self.found.append(event)
         self.record(event)
-        self.tell(describe(event))
+        self.tell(straggler_message(event))
 
     def on_attempt_ended(self, driver: Driver, ended: AttemptEndNotice) -> None:
         if not self.all_busy:

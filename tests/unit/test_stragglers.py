@@ -3,7 +3,7 @@ records it, and the `slow@` injection's form."""
 
 import pytest
 from jaxlaunch.launcher.control.states import Attempt
-from jaxlaunch.launcher.control.stragglers import StragglerWatch, describe, find_straggler
+from jaxlaunch.launcher.control.stragglers import StragglerWatch, find_straggler, straggler_message
 from jaxlaunch.workers.faults import FaultHook
 
 from jaxlaunch.contract import events
@@ -89,7 +89,7 @@ def test_the_watch_records_the_straggler_once_with_its_node_and_every_hosts_busy
     [straggler] = [e for e in recorded if isinstance(e, events.Straggler)]
     assert (straggler.host, straggler.node, straggler.steps) == (1, "node-b", STEPS)
     assert 30 < straggler.last_step < 30 + 30, "named within 30 steps of the slowdown"
-    assert told == [describe(straggler)] and "host 1 (node node-b) is slow" in told[0]
+    assert told == [straggler_message(straggler)] and "host 1 (node node-b) is slow" in told[0]
     watch.on_attempt_ended(None, type("Ended", (), {"attempt": attempt})())
     [per_host] = [e for e in recorded if isinstance(e, events.HostBusy)]
     assert per_host.busy_s[1] > 1.5 * max(per_host.busy_s[r] for r in (0, 2, 3))
