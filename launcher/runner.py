@@ -29,6 +29,7 @@ from jaxlaunch.launcher.configuration.schema import JobConfig
 from jaxlaunch.launcher.control.driver import CAPACITY_POLL_S, Driver
 from jaxlaunch.launcher.control.fault_plan import FaultPlan, injection_log
 from jaxlaunch.launcher.control.policy import Policies, RestartPolicy, ScalingPolicy, Watchdog
+from jaxlaunch.launcher.control.stragglers import StragglerWatch
 from jaxlaunch.launcher.exit_codes import EXIT_FAILED, EXIT_OK
 from jaxlaunch.launcher.records import history, report
 from jaxlaunch.launcher.records.history import AttemptRecord, History
@@ -252,6 +253,8 @@ def _build(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref: En
                                                         job.checkpoint.save_every)]
     if prepared.chaos_mean_s:
         listeners.append(Chaos(prepared.chaos_mean_s, job.train.seed, recorder.event))
+    listeners.append(StragglerWatch(job.fault.straggler_factor, job.fault.straggler_steps, recorder.event,
+                                    lambda text: display.message(f"[yellow]warning: {escape(text)}[/yellow]")))
     policies = Policies(RestartPolicy(job.fault),
                         ScalingPolicy(job.min_hosts, job.max_hosts, lambda n: _fits(job, entry, n)),
                         Watchdog(job.watchdog))

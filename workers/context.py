@@ -35,6 +35,7 @@ from jaxlaunch.workers.memory import MemoryTier, part_nbytes
 from jaxlaunch.workers.progress import HostProgress
 from jaxlaunch.workers.sharding import Rules
 from jaxlaunch.workers.state import Shardings, StateLayout, largest_array
+from jaxlaunch.workers.step_clock import StepClock
 from jaxlaunch.workers.stops import DriverStop
 from jaxlaunch.workers.tiered import TierRestore, restore_newest
 
@@ -67,8 +68,8 @@ class _Loop:
     """The step the state was restored at (0: a fresh state)."""
     last_step: int
     """The newest step reported (or the start step)."""
-    last_report_at: float
-    """When the newest step was reported (perf_counter)."""
+    step_clock: StepClock
+    """Each step's own time, from the readbacks of its result and the previous step's."""
 
 
 class HostContext:
@@ -80,7 +81,8 @@ class HostContext:
     own settings: the YAML `config:` section and --set flags, saved with the run)."""
 
     def __init__(self, spec: HostSpec, mesh: jax.sharding.Mesh, progress: HostProgress,
-                 driver_stop: DriverStop | None = None):
+                 driver_stop: DriverStop | None = None, clock: Callable[[], float] = time.perf_counter,
+                 wait_for: Callable[[list[Any]], None] | None = None):
         self.mesh = mesh
         self.process_index = jax.process_index()
         self.process_count = jax.process_count()
@@ -94,8 +96,12 @@ class HostContext:
         self._spec, self._progress = spec, progress
         self._driver_stop = driver_stop or DriverStop()
         self._loop: _Loop | None = None
+        self._clock = clock
+        self._wait_for = wait_for or _wait_for_device
+        """Returns once the values a step reported are computed (a test's fake device replaces it)."""
         self._pending: list[dict[str, Any]] = []
-        """Records of reported steps whose JAX values are not read yet."""
+        """Records of reported steps not handed to the driver yet (every host keeps its own, whose JAX
+        values it reads back to time the step; rank 0's go to the driver)."""
         self._unsaved: list[dict[str, Any]] = []
         """Records handed to the driver since the last save."""
         self._carried = 0
@@ -167,7 +173,7 @@ class HostContext:
             self._memory.forget_after(step)
         self._progress.step_done(step)
         self._progress.enter(Phase.COMPILING)
-        self._loop = _Loop(layout, checkpointer, step, step, time.perf_counter())
+        self._loop = _Loop(layout, checkpointer, step, step, StepClock(self._clock))
         if extra is None:
             return layout.merge(state), step
         return layout.merge(state), step, self._extra
@@ -208,22 +214,19 @@ class HostContext:
         self._fire_armed()
         if step <= loop.last_step:
             raise ValueError(f"ctx.report({step}) after step {loop.last_step}: steps must increase")
-        now = time.perf_counter()
+        loop.step_clock.dispatched()
         first = loop.last_step == loop.start_step
+        loop.last_step = step
         record: dict[str, Any] = {"step": step, "time": time.time(), "attempt": self.attempt,
-                                  "num_hosts": self.process_count,
-                                  # The first step of an attempt also paid for compilation.
-                                  "step_time_s": None if first else now - loop.last_report_at}
-        loop.last_report_at, loop.last_step = now, step
-        if self.process_index == 0:
-            for name, value in metrics.items():
-                if isinstance(value, jax.Array):
-                    value.copy_to_host_async()
-                record[name] = value
-            if "tokens" in metrics and record["step_time_s"]:
-                record["tokens_per_s"] = float(metrics["tokens"]) / record["step_time_s"]
-            self._flush_metrics(before=step)
-            self._pending.append(record)
+                                  "num_hosts": self.process_count}
+        for name, value in metrics.items():
+            if isinstance(value, jax.Array) and self.process_index == 0:
+                value.copy_to_host_async()
+            record[name] = value
+        # The previous step's result, read now that this step is queued behind it: its own time.
+        self._read_back(upto=step - 1)
+        self._flush_metrics(before=step)
+        self._pending.append(record)
         self._progress.step_done(step)
         if first:
             self._progress.enter(Phase.TRAINING)
@@ -249,11 +252,13 @@ class HostContext:
         due = in_memory or durable
         if due and self._saved_step != step:
             tree = loop.layout.split(state)
+            self._read_back(upto=step)  # the save waits for this step anyway: its time is its own
             self._progress.enter(Phase.SAVING)
             self._flush_metrics(before=step)
             # The checkpoint carries the records since the last save: if this host dies before the
             # driver hears them, a restore still brings every committed step's metrics back.
-            records = self._unsaved + [{k: _to_python(v) for k, v in r.items()} for r in self._pending]
+            pending = self._pending if self.process_index == 0 else []  # rank 0's records are the run's
+            records = self._unsaved + [{k: _to_python(v) for k, v in r.items()} for r in pending]
             mine = extras.snapshot(self._extra)
             meta = {**self._meta(step), "records": records[-CARRIED_RECORDS:], "shared_extra": extras.shared(mine)}
             self._warn_of_data_order_risk()
@@ -274,6 +279,7 @@ class HostContext:
             # rank 0 never handed over (only the last seconds' worth can be missing).
             del self._unsaved[:-CARRIED_RECORDS]
             self._progress.enter(Phase.TRAINING)
+            loop.step_clock.restart()  # the save's blocking time is no step's (checkpoint_blocking_s)
             self._saved_step = step
             for record in self._pending:
                 if record["step"] == step:
@@ -300,7 +306,10 @@ class HostContext:
         """The batch of `step` as global arrays: `rows_fn(step, rows)` returns a pytree of numpy
         arrays for the given row indices, and each process calls it only for its own rows, so the
         batch is the same whatever the host count. Rows split over `axes` (default "data")."""
-        return batch_lib.global_batch(rows_fn, step, batch_size, self.mesh, axes)
+        batch = batch_lib.global_batch(rows_fn, step, batch_size, self.mesh, axes)
+        if self._loop is not None:
+            self._loop.step_clock.input_ready()  # the host's own work for this step ends here
+        return batch
 
     # -- inside the launcher -----------------------------------------------------------------------
     def _warn_of_data_order_risk(self) -> None:
@@ -334,13 +343,34 @@ class HostContext:
             step, self._armed = self._armed, None
             self._faults.at_step(step)
 
+    def _read_back(self, upto: int | None = None) -> None:
+        """Waits for the results of the reported steps up to `upto` (a step late, so they are ready or
+        nearly) and stamps each with its own time; every host tells the driver its busy time."""
+        if self._loop is None:
+            return
+        for record in self._pending:
+            if (upto is not None and record["step"] > upto) or "step_time_s" in record:
+                continue
+            self._wait_for(list(record.values()))
+            timing = self._loop.step_clock.read()
+            # The first step read in an attempt also paid for compilation: it has no time of its own.
+            record["step_time_s"] = None if timing is None else timing.step_time_s
+            if timing is None:
+                continue
+            record["busy_s"], record["blocked_s"] = timing.busy_s, timing.blocked_s
+            self._progress.busy(record["step"], timing.busy_s)
+            self._faults.observe_busy(timing.busy_s)
+            if "tokens" in record and timing.step_time_s > 0:
+                record["tokens_per_s"] = float(_to_python(record["tokens"])) / timing.step_time_s
+
     def _flush_metrics(self, before: int | None = None) -> None:
-        """Hands finished steps' records to the driver, their JAX values read now (a step late, so
-        they are ready or nearly)."""
+        """Hands read-back steps' records to the driver (rank 0's; every host's are the same)."""
         keep = []
         for record in self._pending:
             if before is not None and record["step"] >= before:
                 keep.append(record)
+                continue
+            if self.process_index != 0:
                 continue
             done = {k: _to_python(v) for k, v in record.items()}
             self._progress.record(done)
@@ -383,6 +413,7 @@ class HostContext:
     def _finish(self, returned: Any) -> HostResult:
         """After the user's function returned: the last records, the wait for pending saves."""
         self._fire_armed()
+        self._read_back()
         self._flush_metrics()
         if self._loop is not None:
             self._progress.enter(Phase.SAVING)
@@ -400,6 +431,10 @@ class HostContext:
         return HostResult(ending=ending, final_step=final_step, process_index=self.process_index,
                           process_count=self.process_count, num_devices=jax.device_count(),
                           mesh=dict(self.mesh.shape), final_snapshot=self._progress.drain(), returned=returned)
+
+
+def _wait_for_device(values: list[Any]) -> None:
+    jax.block_until_ready([v for v in values if isinstance(v, jax.Array)])
 
 
 def _to_python(value: Any) -> Any:

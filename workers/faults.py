@@ -4,13 +4,15 @@ calls once a step is reported (and its save, if due, started), outside any train
 Each kind imitates a real failure as closely as one process can: `crash` aborts (like a segfault or
 an out-of-memory kill), `kill` is SIGKILL, `hang` is SIGSTOP (the process stops answering, as a host
 stuck in a driver or a collective), `exception` raises, `preempt` is the SIGTERM of a preemption
-notice."""
+notice. `slow` is a host whose own work per step (input, Python) takes `factor` times as long from
+the step on, as with slow input or a noisy neighbour: it makes every other host wait."""
 
 from __future__ import annotations
 
 import logging
 import os
 import signal
+import statistics
 import time
 from collections.abc import Callable
 
@@ -18,6 +20,11 @@ from jaxlaunch.contract.layout import RunLayout
 from jaxlaunch.contract.protocol import Injection, InjectionKind
 
 log = logging.getLogger(__name__)
+SLOW_BASELINE_STEPS = 20
+"""A `slow` host's usual busy time is the median of its newest this many steps before the injection."""
+SLOW_MIN_BASELINE_S = 0.005
+"""...and at least this: a host whose own work per step is shorter than a shared machine's noise
+(a millisecond on a small example) could not be told from it."""
 
 
 class InjectedFailure(RuntimeError):
@@ -29,13 +36,29 @@ class FaultHook:
                  saving: Callable[[], bool]):
         self.pending = [i for i in injections if i.host == rank]
         self.rank, self.attempt, self.run, self.saving = rank, attempt, run, saving
+        self.busy_s: list[float] = []
+        """The host's newest busy times per step, before any `slow` injection went off."""
+        self.slow_factor: float | None = None
+
+    def observe_busy(self, seconds: float) -> None:
+        """A step's busy time on this host (`jaxlaunch.workers.step_clock`)."""
+        if self.slow_factor is None:
+            self.busy_s = [*self.busy_s[-SLOW_BASELINE_STEPS + 1:], seconds]
 
     def at_step(self, step: int) -> None:
-        for injection in self.pending:
+        for injection in list(self.pending):
             if injection.step == step:
                 self.pending.remove(injection)
                 self._record(injection, step)
-                fire(injection, step)
+                if injection.kind == InjectionKind.SLOW:
+                    log.warning("injecting slow (factor %g) at step %d", injection.factor, step)
+                    self.slow_factor = injection.factor
+                else:
+                    fire(injection, step)
+        if self.slow_factor is not None:
+            # The host's own work, stretched: this runs between a step's readback and the next dispatch.
+            usual = max(statistics.median(self.busy_s) if self.busy_s else 0.0, SLOW_MIN_BASELINE_S)
+            time.sleep((self.slow_factor - 1.0) * usual)
 
     def _record(self, injection: Injection, step: int) -> None:
         """The moment of the failure, in the run directory's hosts/injections/, so that the driver can

@@ -19,6 +19,7 @@ class HostProgress:
         self._step: int | None = None
         self._records: list[dict[str, Any]] = []
         self._events: list[HostEvent] = []
+        self._busy: list[tuple[int, float]] = []
         self.timeline: dict[str, float] = {}
         """Wall time at which each phase was first entered: where start-up time goes."""
 
@@ -43,6 +44,11 @@ class HostProgress:
         with self._lock:
             self._records.append(record)
 
+    def busy(self, step: int, seconds: float) -> None:
+        """The host's busy time in `step` (`jaxlaunch.workers.step_clock`), for the straggler watch."""
+        with self._lock:
+            self._busy.append((step, seconds))
+
     def event(self, event: HostEvent) -> None:
         """Something for events.jsonl (a restore, a checkpoint set aside, a warning)."""
         with self._lock:
@@ -50,6 +56,7 @@ class HostProgress:
 
     def drain(self) -> HostSnapshot:
         with self._lock:
-            snapshot = HostSnapshot(self._phase, self._step, tuple(self._records), tuple(self._events))
-            self._records, self._events = [], []
+            snapshot = HostSnapshot(self._phase, self._step, tuple(self._records), tuple(self._events),
+                                    tuple(self._busy))
+            self._records, self._events, self._busy = [], [], []
             return snapshot

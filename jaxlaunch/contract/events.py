@@ -32,6 +32,8 @@ class EventKind(enum.StrEnum):
     MEMORY_PERSISTED = "memory_persisted"
     JOB_STOPPED = "job_stopped"
     JOB_ENDED = "job_ended"
+    STRAGGLER = "straggler"
+    HOST_BUSY = "host_busy"
     # the driver or a host
     LOW_DISK_SPACE = "low_disk_space"
     # the hosts
@@ -331,6 +333,34 @@ class JobEnded(Event):
     KIND: ClassVar = EventKind.JOB_ENDED
     status: JobStatus = _parsed(JobStatus, JobStatus.RUNNING)
     reason: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Straggler(Event):
+    """A host whose busy time per step (its own work between steps) stayed well above its peers' over
+    `steps` steps (first_step-last_step): `factor` is the median ratio, `busy_s` and `peers_busy_s` the
+    medians. In SPMD every host waits for it at each collective."""
+
+    KIND: ClassVar = EventKind.STRAGGLER
+    attempt: int
+    host: int
+    node: str | None = None
+    factor: float = 0.0
+    first_step: int | None = None
+    last_step: int | None = None
+    steps: int | None = None
+    busy_s: float = 0.0
+    peers_busy_s: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HostBusy(Event):
+    """At an attempt's end: each host's median busy time per step (by rank; None: none timed)."""
+
+    KIND: ClassVar = EventKind.HOST_BUSY
+    attempt: int
+    busy_s: list[float | None] = dataclasses.field(default_factory=list)
+    steps: int | None = None
 
 
 # ---- the hosts (the recorder adds the attempt and the host's rank) ------------------------------------

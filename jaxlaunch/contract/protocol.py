@@ -86,35 +86,45 @@ class InjectionKind(enum.StrEnum):
     HANG = "hang"            # the process stops making progress
     EXCEPTION = "exception"  # the user's code raises
     PREEMPT = "preempt"      # a preemption notice (SIGTERM)
+    SLOW = "slow"            # from the step on, the host's own work per step takes `factor` times as long
 
 
 @dataclasses.dataclass(frozen=True)
 class Injection:
-    """A failure to inject at a reported step: `--inject KIND@step=N,host=I[,times=K]`."""
+    """A failure to inject at a reported step: `--inject KIND@step=N,host=I[,times=K]`, or a slow
+    host: `--inject slow@step=N,host=I,factor=F`."""
 
     kind: InjectionKind
     step: int
     host: int = 0
     times: int = 1
     """On how many attempts it fires (an `exception` with a large count fails every attempt)."""
+    factor: float = 1.0
+    """For `slow`: how many times its usual busy time per step the host takes from the step on."""
 
     @classmethod
     def parse(cls, text: str) -> Injection:
-        form = "KIND@step=N,host=I[,times=K] with KIND one of " + ", ".join(InjectionKind)
+        form = ("KIND@step=N,host=I[,times=K] with KIND one of " + ", ".join(InjectionKind)
+                + " (slow also takes factor=F)")
         kind, _, rest = text.partition("@")
         if kind not in InjectionKind._value2member_map_ or not rest:
             raise ConfigError(f"--inject {text!r}: expected {form}")
         try:
-            fields = {k.strip(): int(v) for k, v in (item.split("=") for item in rest.split(","))}
+            fields: dict[str, Any] = {k.strip(): float(v) if k.strip() == "factor" else int(v)
+                                      for k, v in (item.split("=") for item in rest.split(","))}
             injection = cls(kind=InjectionKind(kind), **fields)
         except (ValueError, TypeError):
             raise ConfigError(f"--inject {text!r}: expected {form}") from None
         if injection.step < 1 or injection.host < 0 or injection.times < 1:
             raise ConfigError(f"--inject {text!r}: step and times must be at least 1, host at least 0")
+        slow = injection.kind == InjectionKind.SLOW
+        if slow != ("factor" in fields) or (slow and injection.factor <= 1.0):
+            raise ConfigError(f"--inject {text!r}: factor=F (above 1) goes with slow, and only with it")
         return injection
 
     def __str__(self) -> str:
-        return f"{self.kind}@step={self.step},host={self.host}"
+        factor = f",factor={self.factor:g}" if self.kind == InjectionKind.SLOW else ""
+        return f"{self.kind}@step={self.step},host={self.host}{factor}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,6 +200,9 @@ class HostSnapshot:
     """Per-step metric records (rank 0 only)."""
     events: tuple[HostEvent, ...] = ()
     """What the host wants in events.jsonl (a restore, a checkpoint fallback, its start-up timeline)."""
+    busy: tuple[tuple[int, float], ...] = ()
+    """(step, busy seconds) of each step the host read back since the previous poll, every host: the
+    host-side work between two steps (`jaxlaunch.workers.step_clock`), for the straggler watch."""
 
 
 class Ending(enum.StrEnum):
@@ -304,6 +317,8 @@ class GroupPoll:
     """(rank, event), already filtered: group-wide events from rank 0 only."""
     results: dict[int, HostResult]
     exits: list[HostExit]
+    busy: dict[int, list[tuple[int, float]]] = dataclasses.field(default_factory=dict)
+    """Each host's (step, busy seconds) since the previous poll, by rank."""
 
     @property
     def finished(self) -> bool:

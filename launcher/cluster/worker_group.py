@@ -122,6 +122,7 @@ class RayWorkerGroup:
     # -- poll ------------------------------------------------------------------------------------
     def poll(self) -> GroupPoll:
         records, events = [], []
+        busy: dict[int, list[tuple[int, float]]] = {}
         for rank, actor in enumerate(self.actors):
             if rank not in self.poll_refs and rank not in self.results and rank not in self.exits:
                 self.poll_refs[rank] = actor.poll.remote()
@@ -142,6 +143,7 @@ class RayWorkerGroup:
                 host.step, host.phase, host.last_progress = snapshot.step, snapshot.phase, now
             records += snapshot.records
             events += [(rank, e) for e in snapshot.events if rank == 0 or e.per_host]
+            busy.setdefault(rank, []).extend(snapshot.busy)
         for rank, ref in list(self.run_refs.items()):
             if ref not in ready:
                 continue
@@ -160,6 +162,7 @@ class RayWorkerGroup:
             for snapshot in snapshots:
                 records += snapshot.records
                 events += [(rank, e) for e in snapshot.events if rank == 0 or e.per_host]
+                busy.setdefault(rank, []).extend(snapshot.busy)
             self.results[rank] = result
         self._refresh_liveness()
         if (self.standby is not None and not self.replenished
@@ -168,7 +171,7 @@ class RayWorkerGroup:
             self.replenished = True
             self.standby.replenish(len(self.actors))
         records.sort(key=lambda r: r["step"])
-        return GroupPoll(self.hosts, records, events, dict(self.results), list(self.exits.values()))
+        return GroupPoll(self.hosts, records, events, dict(self.results), list(self.exits.values()), busy)
 
     def _exit(self, rank: int, err: Exception, now: float) -> HostExit:
         step = self.hosts[rank].step

@@ -37,6 +37,10 @@ class FaultConfig:
     """Seconds a restart waits for room for --min-hosts (placements that time out count too)."""
     grow_check_interval_s: float = 5.0
     """How often a running job checks whether capacity came back to grow on."""
+    straggler_factor: float = 1.3
+    """A host is a straggler when its busy time per step is at least this many times its peers' median..."""
+    straggler_steps: int = 20
+    """...in each of this many steps in a row (steps every host timed; a `straggler` event names it)."""
 
 
 @dataclasses.dataclass(frozen=True)

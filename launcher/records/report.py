@@ -20,7 +20,7 @@ from rich.measure import Measurement
 from rich.table import Table
 
 from jaxlaunch.contract import events
-from jaxlaunch.contract.events import FailureKind, PlannedEnd
+from jaxlaunch.contract.events import FailureKind, HostBusy, PlannedEnd, Straggler
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -108,7 +108,11 @@ def plot(report: History, path: pathlib.Path | BinaryIO) -> pathlib.Path | Binar
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, bar) = plt.subplots(2, 1, figsize=(12, 6.5), gridspec_kw={"height_ratios": [4, 1]})
+    busy = [e for e in report.events if isinstance(e, HostBusy) and any(b is not None for b in e.busy_s)]
+    if busy:
+        fig, (ax, bar, hosts_ax) = plt.subplots(3, 1, figsize=(12, 9), gridspec_kw={"height_ratios": [4, 1, 2]})
+    else:
+        fig, (ax, bar) = plt.subplots(2, 1, figsize=(12, 6.5), gridspec_kw={"height_ratios": [4, 1]})
     colors = plt.get_cmap("Pastel1")
     sizes = sorted({a.num_hosts for a in report.attempts if a.num_hosts})
     labelled = set()
@@ -149,6 +153,8 @@ def plot(report: History, path: pathlib.Path | BinaryIO) -> pathlib.Path | Binar
     ax.set_title(f"{len(report.attempts)} attempt(s), {len(failed)} failure(s)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     _goodput_bar(bar, report.split)
+    if busy:
+        _host_busy(hosts_ax, busy[-1], [e for e in report.events if isinstance(e, Straggler)])
     fig.tight_layout()
     fig.savefig(path, dpi=110, format="png")
     plt.close(fig)
@@ -170,6 +176,18 @@ def _goodput_bar(bar: Axes, split: Split) -> None:
     bar.set_yticks([])
     bar.set_title(f"goodput {split.goodput or 0:.1%} of {split.wall_s:.0f} s wall time", fontsize=10)
     bar.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=4, fontsize=8, frameon=False)
+
+
+def _host_busy(ax: Axes, busy: HostBusy, stragglers: list[Straggler]) -> None:
+    """Each host's median busy time per step (its own work between steps) in the newest attempt that
+    timed its steps; a host the driver named a straggler in it is drawn red."""
+    named = {s.host for s in stragglers if s.attempt == busy.attempt}
+    ranks = range(len(busy.busy_s))
+    ax.bar(ranks, [(b or 0.0) * 1e3 for b in busy.busy_s],
+           color=["tab:red" if r in named else "tab:blue" for r in ranks])
+    ax.set_xticks(list(ranks), [f"host {r}" + (" (straggler)" if r in named else "") for r in ranks], fontsize=8)
+    ax.set_ylabel("ms per step")
+    ax.set_title(f"busy time per host, attempt {busy.attempt} (median over {busy.steps} steps)", fontsize=10)
 
 
 def plotted_metric(report: History) -> str:

@@ -58,6 +58,9 @@ class Exporter:
         self.checkpoint_blocking_seconds = Gauge("jaxlaunch_checkpoint_blocking_seconds",
                                                  "Time the newest checkpoint save blocked training",
                                                  registry=registry)
+        self.host_busy_seconds = Gauge("jaxlaunch_host_busy_seconds", "Each host's own work in its newest timed "
+                                       "step (between a step's readback and the next dispatch)", ["host"],
+                                       registry=registry)
         self._restarts_counted: dict[str, int] = {}
         try:
             self.server, self.thread = start_http_server(port, addr=addr, registry=registry)
@@ -105,6 +108,9 @@ class LiveMetrics(Listener):
                     self.exporter.step_time_seconds.set(record["step_time_s"])
                 if isinstance(record.get("checkpoint_blocking_s"), int | float):
                     self.exporter.checkpoint_blocking_seconds.set(record["checkpoint_blocking_s"])
+            for rank, timed in poll.busy.items():
+                if timed:
+                    self.exporter.host_busy_seconds.labels(host=str(rank)).set(timed[-1][1])
         if attempt.last_step is not None:
             self.high_step = max(self.high_step, attempt.last_step)
         if self.refreshed_at is None or self.clock() - self.refreshed_at >= self.refresh_every_s:

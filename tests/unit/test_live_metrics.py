@@ -136,3 +136,22 @@ def test_goodput_is_refreshed_at_most_every_interval(tmp_path, monkeypatch):
         now[0] = t
         live.on_poll(None, Attempt(), Poll())
     assert len(loads) == 2
+
+
+def test_each_hosts_busy_time_is_served_by_host(tmp_path, free_port):
+    from jaxlaunch.launcher.control.states import Attempt
+
+    from jaxlaunch.contract.protocol import GroupPoll, HostStatus
+
+    run = write_run(tmp_path / "run")
+    exporter = Exporter(free_port)
+    try:
+        live = LiveMetrics(run, lambda: 2, exporter, wall_clock=lambda: 1020.0)
+        attempt = Attempt(number=2, num_hosts=2, mesh={}, started_at=0.0, latest_committed=None, last_step=5)
+        busy = {0: [(4, 0.002), (5, 0.003)], 1: [(4, 0.009), (5, 0.012)]}
+        live.on_poll(None, attempt, GroupPoll([HostStatus(0), HostStatus(1)], [], [], {}, [], busy))
+        got = scrape(free_port)
+    finally:
+        exporter.close()
+    assert got[("jaxlaunch_host_busy_seconds", (("host", "0"),))] == 0.003
+    assert got[("jaxlaunch_host_busy_seconds", (("host", "1"),))] == 0.012, "the newest step's, by host"

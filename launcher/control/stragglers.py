@@ -1,0 +1,121 @@
+"""Which host makes the others wait: each host's busy time per step (its own work between reading a
+step's result and dispatching the next, `jaxlaunch.workers.step_clock`) against its peers'.
+
+In SPMD every host waits for the slowest at each collective, so the slow host's *blocked* time is
+short and everyone else's is long; its *busy* time is what stands out. `find_straggler` is the pure
+rule; `StragglerWatch` is the driver's listener that feeds it the polls and records what it finds."""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from collections.abc import Callable, Mapping
+
+from jaxlaunch.launcher.control.driver import Driver, Listener
+from jaxlaunch.launcher.control.states import Attempt, AttemptEndNotice, AttemptStartNotice
+
+from jaxlaunch.contract import events
+from jaxlaunch.contract.protocol import GroupPoll
+
+KEPT_STEPS_FACTOR = 4
+"""The watch keeps each host's busy times of this many times `straggler_steps` newest steps."""
+MIN_SHARE = 2 / 3
+"""A straggler stood out in at least this share of the steps looked at."""
+WARMUP_STEPS = 5
+"""The first steps each host times in an attempt are passed over (caches and allocators warm up)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SlowHost:
+    rank: int
+    factor: float
+    """The median over the steps of the host's busy time over its peers' median."""
+    steps: list[int]
+    busy_s: float
+    peers_busy_s: float
+
+
+def find_straggler(busy: Mapping[int, Mapping[int, float]], factor: float, num_steps: int,
+                   min_share: float = MIN_SHARE) -> SlowHost | None:
+    """The host whose busy time was at least `factor` times its peers' median in most (`min_share`)
+    of the newest `num_steps` steps that every host timed, or None; the one that stands out most if
+    several do. `busy`: rank -> step -> busy seconds. Most, not all: a shared machine's noise hits
+    single steps of any host, and one ordinary step does not make a slow host fast; a burst of a few
+    slow steps (a host starved for a moment) is not a straggler either. A step in which no host
+    worked (every host read its result back at once, before a save) says nothing and is passed over."""
+    if len(busy) < 2 or num_steps < 1:
+        return None
+    common = sorted(set.intersection(*(set(steps) for steps in busy.values())))
+    window = [s for s in common if statistics.median(b[s] for b in busy.values()) > 0][-num_steps:]
+    if len(window) < num_steps:
+        return None
+    found: SlowHost | None = None
+    for rank in sorted(busy):
+        peers = {s: statistics.median(busy[r][s] for r in busy if r != rank) for s in window}
+        slow = [s for s in window if busy[rank][s] >= factor * peers[s]]
+        if len(slow) < min_share * num_steps:
+            continue
+        ratio = statistics.median(busy[rank][s] / peers[s] if peers[s] > 0 else factor for s in window)
+        if found is None or ratio > found.factor:
+            found = SlowHost(rank, ratio, window, statistics.median(busy[rank][s] for s in window),
+                              statistics.median(peers.values()))
+    return found
+
+
+def straggler_message(event: events.Straggler) -> str:
+    """The line the user reads on the terminal."""
+    return (f"host {event.host} (node {event.node}) is slow: its busy time per step is {event.factor:.1f}x its "
+            f"peers' ({event.busy_s * 1e3:.1f} ms vs {event.peers_busy_s * 1e3:.1f} ms) in steps "
+            f"{event.first_step}-{event.last_step}; every host waits for it")
+
+
+class StragglerWatch(Listener):
+    """The driver's listener that finds a straggler in each attempt's polls: it records a `straggler`
+    event (once per host and attempt) and tells the user; at the attempt's end, each host's median
+    busy time (`host_busy`, for the report's picture)."""
+
+    def __init__(self, factor: float, num_steps: int, record: Callable[[events.Event], None],
+                 tell: Callable[[str], None]):
+        self.factor, self.num_steps, self.record, self.tell = factor, num_steps, record, tell
+        self.busy: dict[int, dict[int, float]] = {}
+        self.all_busy: dict[int, list[float]] = {}
+        self.named: set[int] = set()
+        self.found: list[events.Straggler] = []
+
+    def on_attempt_started(self, driver: Driver, started: AttemptStartNotice) -> None:
+        self.busy, self.all_busy, self.named = {}, {}, set()
+
+    def on_poll(self, driver: Driver, attempt: Attempt, poll: GroupPoll) -> None:
+        if not any(poll.busy.values()):
+            return
+        for rank, timed in poll.busy.items():
+            steps = self.busy.setdefault(rank, {})
+            for step, seconds in timed:
+                self.all_busy.setdefault(rank, []).append(seconds)
+                if len(self.all_busy[rank]) > WARMUP_STEPS:
+                    steps[step] = seconds
+            for old in sorted(steps)[:-KEPT_STEPS_FACTOR * self.num_steps]:
+                del steps[old]
+        if len(self.busy) < attempt.num_hosts:
+            return
+        found = find_straggler(self.busy, self.factor, self.num_steps)
+        if found is None or found.rank in self.named:
+            return
+        self.named.add(found.rank)
+        nodes = attempt.group.nodes if attempt.group is not None else []
+        event = events.Straggler(attempt=attempt.number, host=found.rank,
+                                 node=nodes[found.rank] if found.rank < len(nodes) else None,
+                                 factor=found.factor, first_step=found.steps[0], last_step=found.steps[-1],
+                                 steps=len(found.steps), busy_s=found.busy_s, peers_busy_s=found.peers_busy_s)
+        self.found.append(event)
+        self.record(event)
+        self.tell(straggler_message(event))
+
+    def on_attempt_ended(self, driver: Driver, ended: AttemptEndNotice) -> None:
+        if not self.all_busy:
+            return
+        ranks = range(ended.attempt.num_hosts)
+        self.record(events.HostBusy(
+            attempt=ended.attempt.number,
+            busy_s=[statistics.median(self.all_busy[r]) if self.all_busy.get(r) else None for r in ranks],
+            steps=max(len(v) for v in self.all_busy.values())))
