@@ -13,7 +13,7 @@ import dataclasses
 import enum
 from typing import Any, Protocol
 
-from jaxlaunch.contract.events import HostEvent
+from jaxlaunch.contract.events import Event, HostEvent
 from jaxlaunch.contract.flags import flag
 
 
@@ -302,6 +302,8 @@ class GroupPoll:
     """(rank, event), already filtered: group-wide events from rank 0 only."""
     results: dict[int, HostResult]
     exits: list[HostExit]
+    notices: list[Event] = dataclasses.field(default_factory=list)
+    """What the worker group itself found (a keeper restarted), for the records."""
 
     @property
     def finished(self) -> bool:

@@ -191,6 +191,9 @@ class ConsoleView(Listener):
                             | events.MemorySaveRefused | events.MemoryFallback):
                 self.display.message(f"[yellow]warning: {escape(str(event.message))}"
                                      f"[/yellow]")
+        for notice in poll.notices:
+            if isinstance(notice, events.KeeperRestarted):
+                self.display.message(f"[yellow]{escape(notice.message)}[/yellow]")
         if poll.records:
             self.last_record = poll.records[-1]
         steps = [h.step for h in poll.hosts if h.step is not None]
