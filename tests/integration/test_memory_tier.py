@@ -79,7 +79,8 @@ def open_gate(run_dir, step, proc):
     wait_for(lambda: (run_dir / f"at-{step}").exists(), 300, f"the gate at step {step}", proc)
 
 
-def test_a_dead_keeper_is_restarted_and_the_tier_goes_on(minimal_reference, tmp_path):
+@pytest.mark.parametrize("run", range(5))
+def test_a_dead_keeper_is_restarted_and_the_tier_goes_on(minimal_reference, tmp_path, run):
     """SIGKILL of the keeper (its node up) at step 30, then of a host at step 40: Ray restarts the
     keeper, the driver says so once, and the host's restore reads the new keeper's step."""
     run_dir = tmp_path / "run"
