@@ -336,6 +336,9 @@ class HostContext:
         return self._stop_checked[1]
 
     def _saving(self) -> bool:
+        """Whether a save is under way: Orbax's in the background, or a memory part's hand-off."""
+        if self._memory is not None and self._memory.handing_off():
+            return True
         return self._loop is not None and self._loop.checkpointer.is_saving()
 
     def _fire_armed(self) -> None:

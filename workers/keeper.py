@@ -3,16 +3,26 @@ own RAM, so they outlive the host processes that saved them.
 
 A host hands its part of a step (its addressable shards with their global indices, and its non-array
 state) to its own node's keeper, which keeps a copy of its own (the host's objects die with the host)
-and forwards one copy to the keeper of another node (the replica). It keeps the newest `keep` steps
-within its budget, checked against the node's available RAM at every part, and refuses a part that
-would not fit: a refusal leaves the step uncommitted in memory, never a node out of memory.
+and forwards one copy to the keeper of another node (the replica); the hand-off returns once the
+replica is held, and a host hands over its next part only after its previous one returned, so
+replication never lags more than one save behind a host.
+
+Each part carries the host's `floor`: the newest step every host is known to have handed over whole
+(primary and replica). A keeper keeps every step above the newest floor it has seen (the last two
+saves at most) and the newest `keep` at or below it, within its budget, checked against the node's
+available RAM at every part; a part that would not fit is refused: a refusal leaves the step
+uncommitted in memory, never a node out of memory. Keeping by the floor, not by what this keeper's
+own parts look like, means no keeper drops the newest step that is whole across all keepers.
+
+A keeper whose process dies is restarted by Ray on its node (the driver says so), empty: the tier
+goes on from the next save, and what the other keepers hold of earlier steps still counts.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import logging
+import os
 import threading
 from typing import Any
 
@@ -26,7 +36,10 @@ RAM_RESERVE_FRACTION = 0.1
 """Of the node's total RAM, what a keeper always leaves available to everything else."""
 DEFAULT_BUDGET_FRACTION = 0.25
 """Without a configured budget: the share of the RAM available when the keeper starts."""
-REPLICA_TIMEOUT_S = 120.0
+REPLICA_TIMEOUT_S = 30.0
+IN_FLIGHT_SAVES = 2
+"""Steps above the floor a keeper may hold besides its `keep` whole ones: a host's previous save,
+still replicating on another host, and its newest."""
 
 
 def part_bytes(part: dict[str, Any]) -> int:
@@ -50,11 +63,13 @@ class Keeper:
         self.reserve_bytes = int(memory.total * RAM_RESERVE_FRACTION)
         self.lock = threading.Lock()
         self.reserved: dict[int, int] = {}
+        self.floor = -1
+        """The newest step every host handed over whole, as the newest part said."""
         self.parts: dict[tuple[int, int, Role], tuple[Held, dict[str, Any]]] = {}
-        self.forwarder = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="replica")
 
-    def ping(self) -> str:
-        return self.node
+    def ping(self) -> int:
+        """This keeper's process id: another one after Ray restarted it."""
+        return os.getpid()
 
     def reserve(self, rank: int, num_hosts: int, step_bytes: int) -> str | None:
         """A host of an attempt of `num_hosts` will hand over parts of `step_bytes` a step (its own
@@ -68,55 +83,59 @@ class Keeper:
     def fits(self, step_bytes: int) -> str | None:
         """Why `keep` steps of `step_bytes` (this node's parts and the replicas it takes, together)
         cannot be held here, or None."""
-        needed = step_bytes * self.keep
+        needed = step_bytes * (self.keep + IN_FLIGHT_SAVES)
         available = psutil.virtual_memory().available - self.reserve_bytes
         if needed > self.budget:
-            return (f"the memory tier needs {_mb(needed)} on node {self.node[:12]} for {self.keep} steps; "
-                    f"its budget is {_mb(self.budget)}")
+            return (f"the memory tier needs {_mb(needed)} on node {self.node[:12]} for "
+                    f"{self.keep + IN_FLIGHT_SAVES} steps; its budget is {_mb(self.budget)}")
         if needed > available:
-            return (f"the memory tier needs {_mb(needed)} on node {self.node[:12]} for {self.keep} steps; "
-                    f"the node has {_mb(max(available, 0))} available beyond its reserve")
+            return (f"the memory tier needs {_mb(needed)} on node {self.node[:12]} for "
+                    f"{self.keep + IN_FLIGHT_SAVES} steps; the node has {_mb(max(available, 0))} available "
+                    "beyond its reserve")
         return None
 
     # -- holding ---------------------------------------------------------------------------------
-    def hold(self, step: int, rank: int, num_hosts: int, part: dict[str, Any], replica_to: Any | None) -> str | None:
-        """Holds a host's own part and sends a copy to `replica_to` (another node's keeper; None on a
-        one-node cluster). Returns why it refused, or None once the primary is held."""
+    def hold(self, step: int, rank: int, num_hosts: int, part: dict[str, Any], replica_to: Any | None,
+             floor: int = -1) -> str | None:
+        """Holds a host's own part and has `replica_to` (another node's keeper; None on a one-node
+        cluster) hold a copy. Returns why the step is not committed here, or None once the primary and
+        its replica are held. `floor`: the newest step every host handed over whole."""
         owned = _own(part)
         held = Held(step, rank, num_hosts, self.node, Role.PRIMARY, part_bytes(owned), replicated=replica_to is None)
-        refused = self._store(held, owned)
-        if refused is None and replica_to is not None:
-            self.forwarder.submit(self._replicate, held, owned, replica_to)
-        return refused
+        refused = self._store(held, owned, floor)
+        if refused is not None or replica_to is None:
+            return refused
+        return self._replicate(held, owned, replica_to, floor)
 
-    def hold_replica(self, held: dict[str, Any], part: dict[str, Any]) -> str | None:
+    def hold_replica(self, held: dict[str, Any], part: dict[str, Any], floor: int = -1) -> str | None:
         owned = _own(part)
         copy = dataclasses.replace(Held.from_dict(held), node=self.node, role=Role.REPLICA, replicated=False)
-        return self._store(copy, owned)
+        return self._store(copy, owned, floor)
 
-    def _replicate(self, held: Held, part: dict[str, Any], replica_to: Any) -> None:
+    def _replicate(self, held: Held, part: dict[str, Any], replica_to: Any, floor: int) -> str | None:
         import ray
 
         try:
-            refused = ray.get(replica_to.hold_replica.remote(held.to_dict(), part), timeout=REPLICA_TIMEOUT_S)
+            refused = ray.get(replica_to.hold_replica.remote(held.to_dict(), part, floor), timeout=REPLICA_TIMEOUT_S)
         except Exception as err:  # noqa: BLE001 - a lost replica leaves the step uncommitted, nothing more
-            refused = f"{type(err).__name__}: {err}"
+            refused = f"the replica's keeper did not answer ({first_line(err)})"
         if refused is not None:
             log.warning("the replica of step %d rank %d was not held: %s", held.step, held.rank, refused)
-            return
+            return f"its replica was not held: {refused}"
         with self.lock:
             key = (held.step, held.rank, Role.PRIMARY)
             if key in self.parts and self.parts[key][0] == held:
                 self.parts[key] = (dataclasses.replace(held, replicated=True), self.parts[key][1])
-                self._drop_unkept()
+        return None
 
-    def _store(self, held: Held, part: dict[str, Any]) -> str | None:
+    def _store(self, held: Held, part: dict[str, Any], floor: int) -> str | None:
         """Holds a part, making room by dropping steps `kept` no longer needs; a part that does not
         fit leaves everything held as it was."""
         with self.lock:
+            self.floor = max(self.floor, floor)
             key = (held.step, held.rank, held.role)
             after = {k: h for k, (h, _) in self.parts.items() if k != key} | {key: held}
-            steps = kept(list(after.values()), self.keep)
+            steps = kept(list(after.values()), self.keep, self.floor)
             if held.step not in steps:
                 return f"step {held.step} is older than the {self.keep} steps held"
             total = sum(h.nbytes for k, h in after.items() if k[0] in steps)
@@ -132,7 +151,7 @@ class Keeper:
             return None
 
     def _drop_unkept(self) -> None:
-        steps = kept([h for h, _ in self.parts.values()], self.keep)
+        steps = kept([h for h, _ in self.parts.values()], self.keep, self.floor)
         for old in [k for k in self.parts if k[0] not in steps]:
             del self.parts[old]
 
@@ -150,22 +169,25 @@ class Keeper:
         """Drops steps newer than `step`: the run continues from `step`, and a newer step held from
         before is not part of its history any more."""
         with self.lock:
+            self.floor = min(self.floor, step)
             for key in [k for k in self.parts if k[0] > step]:
                 del self.parts[key]
 
 
-def kept(held: list[Held], keep: int) -> set[int]:
-    """The steps a keeper keeps: the newest `keep` whose parts here are all settled (replicas, or
-    primaries whose replica was acknowledged), and up to `keep` newer ones still settling. A step is
-    never dropped for a newer one that may yet fail to replicate (its partner node lost mid-copy)."""
-    steps: dict[int, bool] = {}
-    for h in held:
-        steps[h.step] = steps.get(h.step, True) and (h.role == Role.REPLICA or h.replicated)
-    newest_first = sorted(steps, reverse=True)
-    settled = [s for s in newest_first if steps[s]][:keep]
-    newest_settled = settled[0] if settled else -1
-    settling = [s for s in newest_first if not steps[s] and s > newest_settled][:keep]
-    return set(settled) | set(settling)
+def kept(held: list[Held], keep: int, floor: int) -> set[int]:
+    """The steps a keeper keeps: every step above `floor` (the newest step every host handed over
+    whole; above it, only saves whose hand-off may still be in flight somewhere) and the newest
+    `keep` at or below it. A step is never dropped for newer ones that may yet fail to replicate
+    (their partner node lost mid-copy): those are above the floor."""
+    steps = {h.step for h in held}
+    settled = sorted((s for s in steps if s <= floor), reverse=True)[:keep]
+    return {s for s in steps if s > floor} | set(settled)
+
+
+def first_line(err: BaseException) -> str:
+    """An error in one short line: Ray's own texts run to a screenful."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:200] if lines else ''}"
 
 
 def _mb(nbytes: int) -> str:

@@ -18,6 +18,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
+from jaxlaunch.workers.keeper import first_line
 
 from jaxlaunch.contract import tiers
 from jaxlaunch.contract.tiers import Held
@@ -96,6 +97,8 @@ class MemoryTier:
         self.refused: str | None = None
         self.sender = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="memory-tier")
         self.in_flight: concurrent.futures.Future | None = None
+        self.handed: list[int] = []
+        """This host's saves of the attempt, in order: all but the newest were handed over (waited for)."""
         self.lost: list[str] = list(lost)
         """Nodes whose keeper is gone (found by the driver, or not answering `held()`): lost with their node."""
 
@@ -117,22 +120,32 @@ class MemoryTier:
     # -- saving -----------------------------------------------------------------------------------
     def save(self, step: int, tree: Any, meta: dict[str, Any], extra: dict[str, Any]) -> None:
         """Copies this host's part of `step` to host memory and hands it to the keeper in the
-        background; waits only for the previous hand-off, so that one part at most is in flight."""
+        background; waits for the previous hand-off (its primary and replica held), so that one part
+        at most is in flight and replication never lags more than one save.
+
+        The floor sent with the part: this host's save before the previous one. Every host has handed
+        that one over whole, because the copy of `step` above waited for `step`'s computation, whose
+        collectives every host entered only after its own previous save, which waited for that one."""
         part = {**snapshot(tree), "meta": meta, "extra": extra}
         self.wait()
-        self.in_flight = self.sender.submit(self._hand_off, step, part)
+        floor = self.handed[-2] if len(self.handed) >= 2 else -1
+        self.handed = self.handed[-1:] + [step]
+        self.in_flight = self.sender.submit(self._hand_off, step, part, floor)
 
-    def _hand_off(self, step: int, part: dict[str, Any]) -> None:
+    def _hand_off(self, step: int, part: dict[str, Any], floor: int) -> None:
         import ray
 
         try:
-            refused = ray.get(self.keeper.hold.remote(step, self.rank, self.num_hosts, part, self.replica_to),
+            refused = ray.get(self.keeper.hold.remote(step, self.rank, self.num_hosts, part, self.replica_to, floor),
                               timeout=KEEPER_CALL_TIMEOUT_S)
         except Exception as err:  # noqa: BLE001 - the step is not committed in memory; durable goes on
-            refused = f"{type(err).__name__}: {err}"
+            refused = f"this node's keeper did not answer ({first_line(err)}); the driver restarts a dead one"
         if refused is not None and self.refused is None:
             self.refused = refused
             log.warning("the memory tier did not hold step %d (%s); the durable tier goes on", step, refused)
+
+    def handing_off(self) -> bool:
+        return self.in_flight is not None and not self.in_flight.done()
 
     def wait(self) -> None:
         if self.in_flight is not None:
@@ -209,9 +222,15 @@ class MemoryTier:
         return part["meta"]
 
     def forget_after(self, step: int) -> None:
+        """Waited for: no host saves a step past `step` before the keepers forgot the old ones, since
+        rank 0 enters the next step's collectives only after this returns."""
+        import ray
+
         if self.rank == 0:
-            for keeper in self.keepers.values():
-                keeper.forget_after.remote(step)
+            try:
+                ray.get([k.forget_after.remote(step) for k in self.keepers.values()], timeout=KEEPER_CALL_TIMEOUT_S)
+            except Exception as err:  # noqa: BLE001 - a keeper gone holds nothing to forget
+                log.info("a keeper did not forget the steps after %d: %s", step, first_line(err))
 
 
 def _assemble(targets: Any, parts: dict[int, dict[str, Any]], load_all: Callable[[], None], own: int) -> Any:

@@ -73,7 +73,7 @@ def _why_not_whole(held: list[tiers.Held], newest_durable: int, lost: list[str])
     """Why the keepers hold no step newer than the durable tier's newest, when they held one (or
     keepers were lost): None when memory simply has nothing newer."""
     newer = sorted({h.step for h in held if h.step > newest_durable}, reverse=True)
-    gone = f"; the keepers of {len(lost)} node(s) are gone with their nodes" if lost else ""
+    gone = f"; the keepers of {len(lost)} node(s) did not answer (gone with their nodes)" if lost else ""
     if newer:
         step = newer[0]
         parts = [h for h in held if h.step == step]

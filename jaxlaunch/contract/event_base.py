@@ -24,6 +24,7 @@ class EventKind(enum.StrEnum):
     CHAOS_KILL = "chaos_kill"
     JOB_FAILED = "job_failed"
     MEMORY_PERSISTED = "memory_persisted"
+    KEEPER_RESTARTED = "keeper_restarted"
     JOB_STOPPED = "job_stopped"
     JOB_ENDED = "job_ended"
     STRAGGLER = "straggler"

@@ -196,6 +196,25 @@ class MemoryPersisted(Event):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class KeeperRestarted(Event):
+    """A memory-tier keeper's process died while its node stayed up, and Ray started a new one there:
+    it holds nothing of the steps before, and the tier goes on from the next save."""
+
+    KIND: ClassVar = EventKind.KEEPER_RESTARTED
+    node: str | None = None
+    pid: int | None = None
+    """The new keeper's process."""
+    old_pid: int | None = None
+    step: int | None = None
+    """The newest step the hosts had reported when the driver noticed."""
+
+    @property
+    def message(self) -> str:
+        return (f"the memory tier's keeper on node {(self.node or '?')[:12]} died (process {self.old_pid}); a new one "
+                f"(process {self.pid}) holds the saves from the next one on")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class JobStopped(Event):
     KIND: ClassVar = EventKind.JOB_STOPPED
     reason: str | None = None

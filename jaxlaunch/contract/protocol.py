@@ -13,7 +13,7 @@ import dataclasses
 import enum
 from typing import Any, Protocol
 
-from jaxlaunch.contract.events import HostEvent
+from jaxlaunch.contract.events import Event, HostEvent
 from jaxlaunch.contract.flags import flag
 
 
@@ -319,6 +319,8 @@ class GroupPoll:
     exits: list[HostExit]
     busy: dict[int, list[tuple[int, float]]] = dataclasses.field(default_factory=dict)
     """Each host's (step, busy seconds) since the previous poll, by rank."""
+    notices: list[Event] = dataclasses.field(default_factory=list)
+    """What the worker group itself found (a keeper restarted), for the records."""
 
     @property
     def finished(self) -> bool:

@@ -1,28 +1,39 @@
 """The memory tier's keepers, from the driver's side: one keeper actor per node that runs hosts,
 started by name (`KEEPER_PROGRAM`) on that node, outliving every attempt's host processes, and
-stopped with the launch. A keeper lost with its node is dropped; a new node gets a fresh one."""
+stopped with the launch. A keeper lost with its node is dropped; a new node gets a fresh one. A
+keeper whose process dies while its node is up is restarted by Ray on that node (the handles the
+hosts and the other keepers hold stay valid); `watch`, called at every poll, notices the new process
+and says so once."""
 
 from __future__ import annotations
 
 import importlib
 import logging
+import time
 from typing import Any
 
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from jaxlaunch.contract import tiers
+from jaxlaunch.contract import events, tiers
 from jaxlaunch.contract.protocol import KEEPER_CONCURRENCY, KEEPER_PROGRAM, CheckpointConfig
 
 log = logging.getLogger(__name__)
 KEEPER_START_TIMEOUT_S = 60.0
 KEEPER_PING_TIMEOUT_S = 5.0
+KEEPER_WATCH_INTERVAL_S = 1.0
+"""How often `watch` asks the keepers for their process: a dead one is restarted by Ray at once,
+this only bounds how late the driver says so."""
 
 
 class KeeperPool:
     def __init__(self, cfg: CheckpointConfig):
         self.cfg = cfg
         self.keepers: dict[str, Any] = {}
+        self.pids: dict[str, int] = {}
+        """Each keeper's process, as its latest answer gave it."""
+        self.watching: dict[str, ray.ObjectRef] = {}
+        self.watched_at = 0.0
         self.lost: list[str] = []
         """Nodes whose keeper was found gone by the latest `ensure` (lost with their node)."""
 
@@ -43,13 +54,41 @@ class KeeperPool:
         for node in dict.fromkeys(nodes):
             if node not in self.keepers:
                 started[node] = remote_cls.options(
-                    num_cpus=0, max_concurrency=KEEPER_CONCURRENCY, max_restarts=0,
+                    # Restarted on its node whenever its process dies; not on another node.
+                    num_cpus=0, max_concurrency=KEEPER_CONCURRENCY, max_restarts=-1, max_task_retries=0,
                     scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
                 ).remote(node, budget, self.cfg.memory_keep)
         if started:
-            ray.get([k.ping.remote() for k in started.values()], timeout=KEEPER_START_TIMEOUT_S)
+            pids = ray.get([k.ping.remote() for k in started.values()], timeout=KEEPER_START_TIMEOUT_S)
+            self.pids.update(zip(started, pids, strict=True))
             self.keepers.update(started)
         return dict(self.keepers)
+
+    def watch(self, step: int | None) -> list[events.KeeperRestarted]:
+        """Without waiting: each keeper found in a new process since the last answer (Ray restarted it
+        on its node), once. `step`: the newest step the hosts reported, for the record."""
+        found = []
+        for node, ref in list(self.watching.items()):
+            ready, _ = ray.wait([ref], timeout=0)
+            if not ready:
+                continue
+            del self.watching[node]
+            try:
+                pid = ray.get(ref)
+            except Exception as err:  # noqa: BLE001 - restarting, or gone with its node: asked again
+                log.debug("the keeper of node %s did not answer: %s", node[:12], err)
+                continue
+            if node in self.pids and self.pids[node] != pid:
+                found.append(events.KeeperRestarted(node=node, pid=pid, old_pid=self.pids[node], step=step))
+                log.warning("the keeper of node %s died; Ray restarted it (process %d)", node[:12], pid)
+            self.pids[node] = pid
+        now = time.monotonic()
+        if self.enabled and now - self.watched_at >= KEEPER_WATCH_INTERVAL_S:
+            self.watched_at = now
+            for node, keeper in self.keepers.items():
+                if node not in self.watching:
+                    self.watching[node] = keeper.ping.remote()
+        return found
 
     def _drop_dead(self) -> None:
         self.lost = []
@@ -63,6 +102,8 @@ class KeeperPool:
             except Exception as err:  # noqa: BLE001 - a keeper lost with its node
                 log.info("the keeper of node %s is gone: %s", node[:12], err)
                 del self.keepers[node]
+                self.pids.pop(node, None)
+                self.watching.pop(node, None)
                 self.lost.append(node)
 
     def newest_committed(self) -> tuple[int, int] | None:
@@ -84,7 +125,7 @@ class KeeperPool:
 
     def forget(self) -> None:
         """Drops the keepers without asking Ray (its Ray instance is gone)."""
-        self.keepers = {}
+        self.keepers, self.pids, self.watching = {}, {}, {}
 
     def shutdown(self) -> None:
         for keeper in self.keepers.values():
@@ -92,4 +133,4 @@ class KeeperPool:
                 ray.kill(keeper, no_restart=True)
             except Exception as err:  # noqa: BLE001
                 log.debug("kill failed: %s", err)
-        self.keepers = {}
+        self.keepers, self.pids, self.watching = {}, {}, {}

@@ -156,6 +156,9 @@ def _probe(node: dict[str, Any] | None) -> NodeLiveness:
         return NodeLiveness.UNKNOWN
 
 
+SITE_DIRS = ("site-packages", "dist-packages")
+
+
 def runtime_env(embedded: bool, code_dirs: list[str]) -> dict[str, Any]:
     """How host processes find the launcher's and the user's code: on this machine through
     PYTHONPATH, on a cluster shipped as Ray py_modules; both with the variables that say where the
@@ -163,12 +166,13 @@ def runtime_env(embedded: bool, code_dirs: list[str]) -> dict[str, Any]:
     if embedded:
         # What this process can import, the hosts on this machine can import too (the current
         # directory and any folder a test runner or the user put on sys.path).
+        # Not another environment's site-packages that a .pth file added: the hosts' interpreter adds
+        # it again in its place, after this one's, while on PYTHONPATH it would come first and its
+        # editable-install finder (a module of the same name as this one's) would shadow this
+        # checkout's jaxlaunch with another's.
         installed = {sysconfig.get_paths()[k] for k in ("stdlib", "platstdlib", "purelib", "platlib")}
-        # A folder of installed packages that a .pth file added (an environment sharing another's
-        # packages) reaches the hosts through their own `site`, after their venv's: first on
-        # PYTHONPATH, it would shadow the venv's own modules (its editable install's finder).
         local = [p for p in sys.path if p and os.path.isdir(p) and not any(p.startswith(i) for i in installed)
-                 and os.path.basename(p) not in ("site-packages", "dist-packages")]
+                 and os.path.basename(p.rstrip(os.sep)) not in SITE_DIRS]
         paths = list(dict.fromkeys([*code_dirs, os.getcwd(), *local]))
         existing = os.environ.get("PYTHONPATH")
         return {"env_vars": {"PYTHONPATH": os.pathsep.join(paths + ([existing] if existing else [])),

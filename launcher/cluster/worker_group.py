@@ -23,6 +23,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError,
 from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
+from jaxlaunch.contract.events import Event
 from jaxlaunch.contract.protocol import (
     HOST_PROGRAM,
     MONITOR_GROUP,
@@ -171,7 +172,11 @@ class RayWorkerGroup:
             self.replenished = True
             self.standby.replenish(len(self.actors))
         records.sort(key=lambda r: r["step"])
-        return GroupPoll(self.hosts, records, events, dict(self.results), list(self.exits.values()), busy)
+        reported = [h.step for h in self.hosts if h.step is not None]
+        notices: list[Event] = []
+        if self.keepers is not None:
+            notices += self.keepers.watch(max(reported) if reported else None)
+        return GroupPoll(self.hosts, records, events, dict(self.results), list(self.exits.values()), busy, notices)
 
     def _exit(self, rank: int, err: Exception, now: float) -> HostExit:
         step = self.hosts[rank].step

@@ -117,6 +117,8 @@ class Recorder(Listener):
                 # Records of committed steps that never reached the driver (the host died first):
                 # the checkpoint carried them, so the run's trajectory has no hole.
                 self.metrics([r for r in event.records if r["step"] not in self.recorded_steps])
+        for notice in poll.notices:
+            self.event(notice)
         self.metrics(poll.records)
 
     def metrics(self, records: list[dict[str, Any]]) -> None:

@@ -196,6 +196,9 @@ class ConsoleView(Listener):
                 self.risk_told = self.risk_told or isinstance(event, events.DataOrderAtRisk)
                 self.display.message(f"[yellow]warning: {escape(str(event.message))}"
                                      f"[/yellow]")
+        for notice in poll.notices:
+            if isinstance(notice, events.KeeperRestarted):
+                self.display.message(f"[yellow]{escape(notice.message)}[/yellow]")
         if poll.records:
             self.last_record = poll.records[-1]
         steps = [h.step for h in poll.hosts if h.step is not None]

@@ -6,6 +6,7 @@ import signal
 
 import pytest
 import ray
+from jaxlaunch.launcher.records.runs import RunDir
 from ray.cluster_utils import Cluster
 
 from tests.integration.helpers import (
@@ -14,6 +15,7 @@ from tests.integration.helpers import (
     attempts,
     committed_steps,
     events,
+    host_pids,
     last_step,
     launch,
     ray_processes_left,
@@ -32,13 +34,52 @@ def restores(run_dir):
     return events(run_dir, "restored")
 
 
-def test_a_host_killed_after_a_memory_save_resumes_from_memory_bit_for_bit(minimal_reference, tmp_path):
+@pytest.mark.soak
+def test_a_host_killed_with_its_hand_off_in_flight_resumes_from_memory_bit_for_bit(minimal_reference, tmp_path,
+                                                                                    soak_round):
+    """The kill lands right after the host sent its part of step 75 to the keeper: the keeper may hold
+    it or not; either way the restore is whole, from memory (never the durable step 50), and the
+    losses are the uninterrupted run's (`--soak 5` runs it 5 times in a row)."""
     run_dir = tmp_path / "run"
     result = launch("--hosts", "2", *MINIMAL, *MEMORY, "--inject", "kill@step=75,host=1", "--run-dir", str(run_dir))
     assert result.returncode == 0, result.stdout + result.stderr
+    [injected] = [line for line in RunDir(run_dir).injections() if line["kind"] == "kill"]
+    assert injected["saving_in_progress"], "the hand-off of step 75 was in flight when the host died"
     (restored,) = restores(run_dir)
     assert restored["tier"] == "memory" and restored["durable_bytes_read"] == 0, restored
-    assert 74 <= restored["step"] <= 75, "the step killed or the one before, never the durable step 50"
+    assert 74 <= restored["step"] <= 75, restored
+    assert trajectory(run_dir) == trajectory(minimal_reference), "bit for bit"
+
+
+@pytest.mark.soak
+def test_a_dead_keeper_is_restarted_and_the_tier_goes_on(minimal_reference, tmp_path, soak_round):
+    """SIGKILL of the keeper (its node up) at step 30, then of a host at step 40: Ray restarts the
+    keeper, the driver says so once, and the host's restore reads the new keeper's step."""
+    run_dir = tmp_path / "run"
+    proc = start("--hosts", "2", *GATED, "--set", "gates=30-40", *MEMORY, "--run-dir", str(run_dir))
+    try:
+        open_gate(run_dir, 30, proc)
+        (keeper,) = keeper_pids(run_dir)
+        os.kill(keeper, signal.SIGKILL)
+        wait_for(lambda: events(run_dir, "keeper_restarted"), 120, "the keeper's restart", proc)
+        (run_dir / "go-30").write_text("")
+        open_gate(run_dir, 40, proc)
+        os.kill(host_pids(run_dir, 1)[1], signal.SIGKILL)
+        (run_dir / "go-40").write_text("")
+        out, err = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out + err
+    (restarted,) = events(run_dir, "keeper_restarted")
+    assert restarted["old_pid"] == keeper and restarted["pid"] not in (None, keeper), restarted
+    assert "keeper" in " ".join(out.split() + err.split()), "said on the console"
+    refused = events(run_dir, "memory_save_refused")
+    assert all(len(e["reason"]) < 300 for e in refused), refused
+    (restored,) = restores(run_dir)
+    assert restored["tier"] == "memory" and restored["durable_bytes_read"] == 0, restored
+    assert 39 <= restored["step"] <= 40, "a step saved after the new keeper started, not durable step 0"
+    assert not events(run_dir, "memory_fallback")
     assert trajectory(run_dir) == trajectory(minimal_reference), "bit for bit"
 
 
@@ -128,7 +169,8 @@ def run_and_remove(cluster, tmp_path, hosts, spare, lose, *args):
     return run_dir
 
 
-def test_a_removed_nodes_shards_come_from_their_replica(cluster, tmp_path):
+@pytest.mark.soak
+def test_a_removed_nodes_shards_come_from_their_replica(cluster, tmp_path, soak_round):
     run_dir = run_and_remove(cluster, tmp_path, 2, 0, [1], "--min-hosts", "1")
     (restored,) = restores(run_dir)
     assert attempts(run_dir)[-1]["num_hosts"] == 1
@@ -137,7 +179,8 @@ def test_a_removed_nodes_shards_come_from_their_replica(cluster, tmp_path):
     assert restored["step"] > 30
 
 
-def test_four_hosts_shrink_to_two_from_memory(cluster, tmp_path):
+@pytest.mark.soak
+def test_four_hosts_shrink_to_two_from_memory(cluster, tmp_path, soak_round):
     run_dir = run_and_remove(cluster, tmp_path, 4, 0, [1], "--min-hosts", "2")
     (restored,) = restores(run_dir)
     assert [a["num_hosts"] for a in attempts(run_dir)] == [4, 2]
@@ -148,7 +191,8 @@ def test_four_hosts_shrink_to_two_from_memory(cluster, tmp_path):
     assert restored["step"] > 30
 
 
-def test_a_shard_lost_with_its_replica_falls_back_to_durable_with_an_event(cluster, tmp_path):
+@pytest.mark.soak
+def test_a_shard_lost_with_its_replica_falls_back_to_durable_with_an_event(cluster, tmp_path, soak_round):
     run_dir = run_and_remove(cluster, tmp_path, 2, 2, [0, 1])
     (restored,) = restores(run_dir)
     assert restored["tier"] == "durable" and restored["durable_bytes_read"] > 0, restored

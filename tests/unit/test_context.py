@@ -160,6 +160,9 @@ class HeldParts:
     def forget_after(self, step):
         pass
 
+    def handing_off(self):
+        return False
+
     def close(self):
         pass
 

@@ -63,27 +63,30 @@ def shards_part(step, rank, n):
 
 
 def test_the_keeper_keeps_the_newest_steps_within_its_budget():
-    keeper = Keeper("a", budget_bytes=160, keep=2)
-    for step in (1, 2, 3):
-        assert keeper.hold(step, 0, 1, shards_part(step, 0, 8), None) is None
-    assert sorted({h["step"] for h in keeper.index()}) == [2, 3], "the oldest step made room"
+    keeper = Keeper("a", budget_bytes=256, keep=2)  # 4 parts of 64 bytes: 2 whole steps, 2 in flight
+    for step in (1, 2, 3, 4, 5):  # as a host sends them: the floor is its save before the previous one
+        assert keeper.hold(step, 0, 1, shards_part(step, 0, 8), None, floor=step - 2) is None
+    assert sorted({h["step"] for h in keeper.index()}) == [2, 3, 4, 5], "the oldest step made room"
     assert keeper.hold(1, 0, 1, shards_part(1, 0, 8), None) == "step 1 is older than the 2 steps held"
     held = keeper.fetch(3, 0, "primary")
     assert np.array_equal(held["shards"][0]["data"], np.arange(32, dtype=np.float32).reshape(8, 4)[:4] + 3)
-    refused = keeper.hold(4, 0, 1, shards_part(4, 0, 16), None)
+    refused = keeper.hold(6, 0, 1, shards_part(6, 0, 16), None, floor=4)
     assert refused is not None and "over its budget" in refused, refused
-    assert sorted({h["step"] for h in keeper.index()}) == [2, 3], "a refused part evicts nothing"
+    assert sorted({h["step"] for h in keeper.index()}) == [2, 3, 4, 5], "a refused part evicts nothing"
     assert keeper.reserve(0, 1, 10**15) is not None, "a reservation the node cannot hold is refused"
     keeper.forget_after(2)
     assert {h["step"] for h in keeper.index()} == {2}
+    assert keeper.hold(3, 0, 1, shards_part(3, 0, 8), None, floor=2) is None, "the floor went back with the run"
 
 
-def test_a_keeper_never_drops_its_newest_settled_step_for_steps_still_replicating():
-    # The partner node died while steps 8 and 9 were replicating: step 7 is what a restore can use.
-    held = [part(7, 0, "a", replicated=True), part(7, 1, "a", R), part(8, 0, "a"), part(9, 0, "a"),
-            part(6, 0, "a", replicated=True), part(5, 0, "a", replicated=True)]
-    assert kept(held, 2) == {6, 7, 8, 9}
-    assert kept(held + [part(10, 0, "a")], 2) == {6, 7, 9, 10}
+def test_a_keeper_keeps_the_newest_steps_every_host_handed_over_and_all_newer_ones():
+    # Every host handed over step 7 whole (the floor); 8 and 9 may still be replicating elsewhere, and
+    # if the partner node dies now, step 7 is the newest whole one: no keeper may have dropped it.
+    held = [part(7, 0, "a", replicated=True), part(7, 1, "a", R), part(8, 0, "a", replicated=True),
+            part(9, 0, "a"), part(6, 0, "a", replicated=True), part(5, 0, "a", replicated=True)]
+    assert kept(held, 2, floor=7) == {6, 7, 8, 9}, "step 8 settled here says nothing of the other keepers"
+    assert kept(held + [part(10, 0, "a")], 2, floor=8) == {7, 8, 9, 10}
+    assert kept(held, 2, floor=-1) == {5, 6, 7, 8, 9}, "before any floor: nothing is known whole"
 
 
 def mesh_of(shape, names):
