@@ -4,6 +4,7 @@ replica on another node, Orbax behind it. Each restore says which tier it read."
 import os
 import signal
 
+import psutil
 import pytest
 import ray
 from jaxlaunch.launcher.records.runs import RunDir
@@ -12,6 +13,7 @@ from ray.cluster_utils import Cluster
 from tests.integration.helpers import (
     EXAMPLES,
     MINIMAL,
+    ROOT,
     attempts,
     committed_steps,
     events,
@@ -24,6 +26,8 @@ from tests.integration.helpers import (
     trajectory,
     wait_for,
 )
+
+MEMORY = ("--memory-tier", "--save-every", "1", "--persist-every", "50", "--steps", "200")
 
 MEMORY = ("--memory-tier", "--save-every", "1", "--persist-every", "50", "--steps", "200")
 HEALTH = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000, "health_check_timeout_ms": 1000,
@@ -49,6 +53,25 @@ def test_a_host_killed_with_its_hand_off_in_flight_resumes_from_memory_bit_for_b
     assert restored["tier"] == "memory" and restored["durable_bytes_read"] == 0, restored
     assert 74 <= restored["step"] <= 75, restored
     assert trajectory(run_dir) == trajectory(minimal_reference), "bit for bit"
+
+
+GATED = ("--entry", f"{ROOT / 'tests' / 'integration' / 'gated.py'}:main")
+
+
+def keeper_pids(run_dir):
+    pids = []
+    for pid in ray_processes_left(run_dir):
+        try:
+            if "Keeper" in " ".join(psutil.Process(pid).cmdline()):
+                pids.append(pid)
+        except psutil.Error:
+            continue
+    return pids
+
+
+def open_gate(run_dir, step, proc):
+    wait_for(lambda: (run_dir / f"at-{step}").exists(), 300, f"the gate at step {step}", proc)
+
 
 
 @pytest.mark.soak
