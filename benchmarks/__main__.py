@@ -11,7 +11,9 @@ ratios measured in one run.
 - checkpoints at disk speed (small and base presets against `dd`), and steps during a save;
 - restores after a topology change: a checkpoint written by 4 hosts restored on 2, and by 2 on 4,
   against the restores on the same hosts that wrote it;
-- goodput under `--chaos 60`, and the driver at pod scale in simulation.
+- goodput under `--chaos 60`, and the driver at pod scale in simulation;
+- the soak: runs of examples/minimal.py under `--chaos 4`, each compared bit for bit with an
+  uninterrupted run (`python -m benchmarks soak`, or `--only soak`; `--soak-runs N`).
 
 Prints one table and writes benchmarks/results.json (every figure, the machine it ran on)."""
 
@@ -33,7 +35,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks import launches, memory_tier, peers, pod_scale, procs
+from benchmarks import launches, memory_tier, peers, pod_scale, procs, soak
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results.json"
@@ -257,7 +259,7 @@ def machine() -> dict[str, Any]:
 
 
 def run_all(quick: bool, work: pathlib.Path, console: Console, out: pathlib.Path,
-            only: list[str] | None = None) -> dict[str, Any]:
+            only: list[str] | None = None, soak_runs: int = soak.RUNS) -> dict[str, Any]:
     results: dict[str, Any] = {"quick": quick, "machine": machine()}
     if only:  # measure these again; keep the other sections of the last run
         results = {**json.loads(out.read_text()), **results}
@@ -276,6 +278,7 @@ def run_all(quick: bool, work: pathlib.Path, console: Console, out: pathlib.Path
         *([] if quick else [("goodput_under_chaos_memory_tier", lambda: goodput_under_chaos(
             work, 1500, 60.0, "chaos-memory", ("--memory-tier", "--save-every", "1", "--persist-every", "100")))]),
         ("node_removed", lambda: memory_tier.elastic(work)),
+        *([] if quick else [("soak", lambda: soak.run(work, _cache(work, "soak"), soak_runs, say=console.print))]),
     ]
     unknown = set(only or ()) - {name for name, _ in plan}
     if unknown:
@@ -389,6 +392,12 @@ def table(results: dict[str, Any]) -> Table:
                   f"{mem['restored_tier']}, {mem['durable_bytes_read']} durable bytes")
         t.add_row("restore from memory / from Orbax", _f(mem["restore_s"], ".3f"), "", _f(dur["restore_s"], ".3f"),
                   _f(m["restore_memory_over_orbax"]), "")
+    if "soak" in results:
+        s, rec = results["soak"], results["soak"]["recovery_s"]
+        t.add_row(f"soak: runs under --chaos {s['job']['chaos_mean_s']:g} equal to an uninterrupted run",
+                  f"{s['successes']} / {s['runs']}", "", "", _f(s["success_rate"]),
+                  f"{s['kills_total']} kills; kill -> first step p50 {_f(rec['p50'])} s, p95 {_f(rec['p95'])} s, "
+                  f"max {_f(rec['max'])} s")
     pod = results["pod_scale"]
     for row in pod["rows"]:
         t.add_row(f"driver at {row['hosts']} simulated hosts", "", "", "", "",
@@ -409,14 +418,17 @@ def main() -> int:
     p.add_argument("--only", default=None,
                    help="comma-separated sections to measure again, e.g. side_by_side,changes; the others are "
                         "kept from --out")
+    p.add_argument("--soak-runs", type=int, default=soak.RUNS, help="runs of the soak section")
+    p.add_argument("sections", nargs="*", metavar="SECTION",
+                   help="the same as --only: e.g. `python -m benchmarks soak`")
     args = p.parse_args()
-    only = args.only.split(",") if args.only else None
+    only = [*(args.only.split(",") if args.only else []), *args.sections] or None
     if only and not pathlib.Path(args.out).exists():
         p.error(f"--only needs the results of an earlier run in {args.out}")
     console = Console(width=220)
     started = time.time()
     with tempfile.TemporaryDirectory(prefix="jaxlaunch-bench-", dir=ROOT / "benchmarks") as tmp:
-        results = run_all(args.quick, pathlib.Path(tmp), console, pathlib.Path(args.out), only)
+        results = run_all(args.quick, pathlib.Path(tmp), console, pathlib.Path(args.out), only, args.soak_runs)
     total = "total_s" if not only else "total_s_of_" + "_".join(only)
     results[total] = time.time() - started
     _write(pathlib.Path(args.out), results)

@@ -34,11 +34,13 @@ def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 def launch(run_dir: pathlib.Path, *args: str, config: dict[str, Any] | None = None,
            env: dict[str, str] | None = None, fault: str | None = None, fault_step: int | None = None,
-           fault_rank: int = 1, during: Callable[[subprocess.Popen], Any] | None = None) -> dict[str, Any]:
+           fault_rank: int = 1, during: Callable[[subprocess.Popen], Any] | None = None,
+           check: bool = True) -> dict[str, Any]:
     """Runs `python launch.py` to its end, optionally sending `fault` ("kill": SIGKILL, "hang":
     SIGSTOP) from here to host `fault_rank` once the run has reported `fault_step`, or doing
     `during(process)` while it runs. Returns the process's start and end, the records, the fault's
-    moment with the newest checkpoint then, and what `during` returned."""
+    moment with the newest checkpoint then, and what `during` returned. `check=False`: a launch that
+    exits non-zero is returned too (its `returncode` and the output's tail), not raised."""
     cmd = [sys.executable, str(ROOT / "launch.py"), "--run-dir", str(run_dir), *args]
     if config:
         path = run_dir.parent / f"{run_dir.name}.yaml"
@@ -57,11 +59,11 @@ def launch(run_dir: pathlib.Path, *args: str, config: dict[str, Any] | None = No
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    if proc.returncode != 0:
+    if proc.returncode != 0 and check:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode}:\n{out[-4000:]}")
     return {"started": started, "ended": time.time(), "events": _read(run_dir / "events.jsonl"),
             "metrics": _read(run_dir / "metrics.jsonl"), "fault_at": fault_at, "committed_then": committed_then,
-            "during": done}
+            "during": done, "returncode": proc.returncode, "output_tail": out[-4000:]}
 
 
 def _send_fault(proc: subprocess.Popen, run_dir: pathlib.Path, fault: str, step: int, rank: int):
