@@ -7,7 +7,6 @@ shrink goes on and records that its data order changed."""
 import pathlib
 
 import pytest
-import ray
 
 from tests.integration.helpers import (
     EXAMPLES,
@@ -21,7 +20,7 @@ from tests.integration.helpers import (
     tree_snapshot,
     wait_for,
 )
-from tests.integration.test_multinode import elastic_config, nodes
+from tests.integration.test_multinode import elastic_config, two_nodes  # noqa: F401 - a fixture
 
 ELASTIC_GRAIN = ("--entry", f"{EXAMPLES / 'elastic_grain.py'}:main")
 PER_HOST = (*ELASTIC_GRAIN, "--elastic", "false")
@@ -45,15 +44,6 @@ def uninterrupted(tmp_path_factory) -> dict[int, int]:
     assert sorted(reference) == list(range(1, STEPS + 1))
     assert len(set(reference.values())) == STEPS, "every step's batch differs from every other's"
     return reference
-
-
-@pytest.fixture
-def two_nodes():
-    """A head without CPUs (no host runs there) and two 1-CPU nodes."""
-    cluster, workers = nodes(head_cpus=0, workers=2)
-    yield cluster, workers
-    ray.shutdown()
-    cluster.shutdown()
 
 
 def lose_a_node(cluster, worker, run_dir: pathlib.Path, proc, come_back: bool) -> tuple[str, str]:
