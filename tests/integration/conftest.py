@@ -51,6 +51,19 @@ def classifier_reference(tmp_path_factory) -> pathlib.Path:
 
 
 @pytest.fixture
+def two_nodes():
+    """A head without CPUs (no host runs there) and two 1-CPU nodes: the elastic scenarios' cluster."""
+    import ray
+
+    from tests.integration.test_multinode import nodes
+
+    cluster, workers = nodes(head_cpus=0, workers=2)
+    yield cluster, workers
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture
 def copy_of(tmp_path):
     def copy(run_dir: pathlib.Path) -> pathlib.Path:
         target = tmp_path / "copy"

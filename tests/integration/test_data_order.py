@@ -20,7 +20,7 @@ from tests.integration.helpers import (
     tree_snapshot,
     wait_for,
 )
-from tests.integration.test_multinode import elastic_config, two_nodes  # noqa: F401 - a fixture
+from tests.integration.test_multinode import elastic_config
 
 ELASTIC_GRAIN = ("--entry", f"{EXAMPLES / 'elastic_grain.py'}:main")
 PER_HOST = (*ELASTIC_GRAIN, "--elastic", "false")

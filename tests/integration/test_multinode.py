@@ -97,15 +97,6 @@ ELASTIC_STEPS = 1000
 that the 1-host group still trains when the node comes back."""
 
 
-@pytest.fixture
-def two_nodes():
-    """A head without CPUs (no host runs there) and two 1-CPU nodes."""
-    cluster, workers = nodes(head_cpus=0, workers=2)
-    yield cluster, workers
-    ray.shutdown()
-    cluster.shutdown()
-
-
 @pytest.mark.soak
 def test_a_resize_always_happens_and_recomputes_no_step(two_nodes, tmp_path, tmp_path_factory, soak_round):
     """The elastic scenario (`--soak N` runs it N times in a row): 2 hosts of examples/minimal.py, a
