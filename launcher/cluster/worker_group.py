@@ -39,6 +39,7 @@ from jaxlaunch.contract.protocol import (
     NodeInfo,
     NodeLiveness,
     PlacementError,
+    ReplicaChecksums,
     StopAnswer,
     host_env,
 )
@@ -123,6 +124,7 @@ class RayWorkerGroup:
     def poll(self) -> GroupPoll:
         records, events = [], []
         busy: dict[int, list[tuple[int, float]]] = {}
+        checksums: dict[int, list[ReplicaChecksums]] = {}
         for rank, actor in enumerate(self.actors):
             if rank not in self.poll_refs and rank not in self.results and rank not in self.exits:
                 self.poll_refs[rank] = actor.poll.remote()
@@ -144,6 +146,7 @@ class RayWorkerGroup:
             records += snapshot.records
             events += [(rank, e) for e in snapshot.events if rank == 0 or e.per_host]
             busy.setdefault(rank, []).extend(snapshot.busy)
+            checksums.setdefault(rank, []).extend(snapshot.checksums)
         for rank, ref in list(self.run_refs.items()):
             if ref not in ready:
                 continue
@@ -163,6 +166,7 @@ class RayWorkerGroup:
                 records += snapshot.records
                 events += [(rank, e) for e in snapshot.events if rank == 0 or e.per_host]
                 busy.setdefault(rank, []).extend(snapshot.busy)
+                checksums.setdefault(rank, []).extend(snapshot.checksums)
             self.results[rank] = result
         self._refresh_liveness()
         if (self.standby is not None and not self.replenished
@@ -171,7 +175,8 @@ class RayWorkerGroup:
             self.replenished = True
             self.standby.replenish(len(self.actors))
         records.sort(key=lambda r: r["step"])
-        return GroupPoll(self.hosts, records, events, dict(self.results), list(self.exits.values()), busy)
+        return GroupPoll(self.hosts, records, events, dict(self.results), list(self.exits.values()), busy,
+                         checksums)
 
     def _exit(self, rank: int, err: Exception, now: float) -> HostExit:
         step = self.hosts[rank].step

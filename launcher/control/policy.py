@@ -41,6 +41,9 @@ class FaultConfig:
     """A host is a straggler when its busy time per step is at least this many times its peers' median..."""
     straggler_steps: int = 20
     """...in each of this many steps in a row (steps every host timed; a `straggler` event names it)."""
+    verify_every: int = flag(100)
+    """Check that replicated arrays agree on every host every this many steps, besides every save
+    step (0: at save steps only). A check costs one on-device hash per replicated shard."""
 
 
 @dataclasses.dataclass(frozen=True)
