@@ -31,8 +31,9 @@ def _index_text(index: Index) -> str:
                            for s in index) + "]"
 
 
-def _replicated_shards(tree: Any) -> list[tuple[str, str, jax.Array]]:
-    """(path, global index, this host's first local copy) of every shard another process also holds."""
+def _replicated_shards(tree: Any, every_shard: bool = False) -> list[tuple[str, str, jax.Array]]:
+    """(path, global index, this host's first local copy) of every shard another process also holds
+    (`every_shard`: of every shard, as if the whole state were replicated: the benchmark's worst case)."""
     found = []
     me = jax.process_index()
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -44,7 +45,7 @@ def _replicated_shards(tree: Any) -> list[tuple[str, str, jax.Array]]:
         seen: set[str] = set()
         for shard in leaf.addressable_shards:
             key = _index_text(shard.index)
-            if key in seen or len(holders[key] - {me}) == 0:
+            if key in seen or (not every_shard and len(holders[key] - {me}) == 0):
                 continue
             seen.add(key)
             found.append((jax.tree_util.keystr(path), key, shard.data))
@@ -66,9 +67,9 @@ class PendingChecksums:
     """Checksums dispatched to the devices at `step`, read back later (`result`), once the step's
     computation is done anyway: checking never makes the host wait for the device."""
 
-    def __init__(self, step: int, tree: Any):
+    def __init__(self, step: int, tree: Any, every_shard: bool = False):
         self.step = step
-        shards = _replicated_shards(tree)
+        shards = _replicated_shards(tree, every_shard)
         self.keys = [(path, index) for path, index, _ in shards]
         by_device: dict[Any, list[int]] = {}
         for position, (_, _, data) in enumerate(shards):
