@@ -92,8 +92,8 @@ class InjectionKind(enum.StrEnum):
 
 @dataclasses.dataclass(frozen=True)
 class Injection:
-    """A failure to inject at a reported step: `--inject KIND@step=N,host=I[,times=K]`, or a slow
-    host: `--inject slow@step=N,host=I,factor=F`."""
+    """A failure to inject at a reported step: `--inject KIND@step=N,host=I[,times=K]`, a slow
+    host: `--inject slow@step=N,host=I,factor=F`, or a corrupted replica: `--inject bitflip@step=N,host=I`."""
 
     kind: InjectionKind
     step: int
