@@ -29,6 +29,7 @@ from jaxlaunch.launcher.configuration.schema import JobConfig
 from jaxlaunch.launcher.control.driver import CAPACITY_POLL_S, Driver
 from jaxlaunch.launcher.control.fault_plan import FaultPlan, injection_log
 from jaxlaunch.launcher.control.policy import Policies, RestartPolicy, ScalingPolicy, Watchdog
+from jaxlaunch.launcher.control.replicas import ReplicaWatch
 from jaxlaunch.launcher.control.stragglers import StragglerWatch
 from jaxlaunch.launcher.exit_codes import EXIT_FAILED, EXIT_OK
 from jaxlaunch.launcher.records import history, report
@@ -115,7 +116,7 @@ def stop_signals(driver: Driver) -> Iterator[None]:
             signal.signal(sig, old)
 
 
-def _make_spec(job: JobConfig, run: RunDir, entry_ref: EntryRef) -> MakeSpec:
+def _make_spec(job: JobConfig, run: RunDir, entry_ref: EntryRef, replicas: ReplicaWatch) -> MakeSpec:
     expect_checkpoint = run.has_history()
 
     def make(*, attempt: int, rank: int, num_hosts: int, coordinator_address: str,
@@ -128,7 +129,8 @@ def _make_spec(job: JobConfig, run: RunDir, entry_ref: EntryRef) -> MakeSpec:
             checkpoint=job.checkpoint, distributed=job.distributed, compilation_cache=job.cluster.compilation_cache,
             compilation_cache_dir=job.cluster.compilation_cache_dir,
             expect_checkpoint=expect_checkpoint or run.has_history(), injections=tuple(injections),
-            keepers=dict(keepers or {}), lost_keepers=tuple(lost_keepers), elastic=job.min_hosts < job.max_hosts)
+            keepers=dict(keepers or {}), lost_keepers=tuple(lost_keepers), elastic=job.min_hosts < job.max_hosts,
+            verify_every=job.fault.verify_every, newest_restorable=replicas.restore_limit)
 
     return make
 
@@ -234,7 +236,6 @@ def _build(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref: En
         fingerprint=prepared.fingerprint, cluster=cluster.describe(), pid=os.getpid(),
         ray_supervisor=cluster.instance.supervisor_pid if cluster.instance is not None else None,
         requested_hosts=None if cluster.embedded else job.max_hosts))
-    make_spec = _make_spec(job, run, host_ref)
 
     def committed() -> int | None:
         steps = run.committed_steps()
@@ -253,6 +254,9 @@ def _build(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref: En
                                                         job.checkpoint.save_every)]
     if prepared.chaos_mean_s:
         listeners.append(Chaos(prepared.chaos_mean_s, job.train.seed, recorder.event))
+    replicas = ReplicaWatch(recorder.event, lambda text: display.message(f"[red]{escape(text)}[/red]"))
+    listeners.append(replicas)
+    make_spec = _make_spec(job, run, host_ref, replicas)
     listeners.append(StragglerWatch(job.fault.straggler_factor, job.fault.straggler_steps, recorder.event,
                                     lambda text: display.message(f"[yellow]warning: {escape(text)}[/yellow]")))
     policies = Policies(RestartPolicy(job.fault),

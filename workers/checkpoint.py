@@ -9,7 +9,9 @@ What restore does when a step does not read back:
 - an error that repeats the same way is corruption: the step is tried again once, then the previous
   one; a corrupt step is set aside (moved, never deleted) only once an older step restored;
 - if the run has committed steps and none reads back, nothing moves and the job stops, rather than
-  train over its history from scratch.
+  train over its history from scratch;
+- after a replica mismatch, committed steps newer than the newest step whose replicas agreed
+  (`newest_restorable`) are set aside unread: they may hold the corrupt copy.
 """
 
 from __future__ import annotations
@@ -88,8 +90,10 @@ class DurableRestore:
 class Checkpointer:
     """One CheckpointManager per host process; every call is made by all processes together."""
 
-    def __init__(self, directory: str | pathlib.Path, cfg: CheckpointConfig, expect_checkpoint: bool = False):
+    def __init__(self, directory: str | pathlib.Path, cfg: CheckpointConfig, expect_checkpoint: bool = False,
+                 newest_restorable: int | None = None):
         self.store = open_store(directory)
+        self.newest_restorable = newest_restorable
         self.directory: pathlib.Path | str = self.store.url if is_url(directory) else pathlib.Path(self.store.url)
         """A local folder, or the URL of one in an object store."""
         self.expect_checkpoint = expect_checkpoint
@@ -168,6 +172,10 @@ class Checkpointer:
         None on a fresh run. `check_structure(tree_metadata)` returns why a step's state cannot fit
         the targets (a different model), or None."""
         steps = self.steps_from_rank_0()
+        limit = self.newest_restorable
+        unverified = [{"step": s, "error": f"not verified: the replicas disagreed after step {limit}",
+                       "moved_to": str(self._set_aside(s))} for s in steps if limit is not None and s > limit]
+        steps = steps[len(unverified):]
         failed: list[dict[str, Any]] = []
         for step in steps:
             start = time.perf_counter()
@@ -179,11 +187,11 @@ class Checkpointer:
                         f"builds ({mismatch}); restore the code that wrote it, or start a new --run-dir")
             outcome, restored, error = self._try_step(step, targets)
             if outcome == "ok":
-                set_aside = [dict(f, moved_to=str(self._set_aside(f["step"]))) for f in failed]
+                set_aside = unverified + [dict(f, moved_to=str(self._set_aside(f["step"]))) for f in failed]
                 return DurableRestore(step, restored[STATE_ITEM], dict(restored[META_ITEM]), set_aside,
                                 time.perf_counter() - start)
             failed.append({"step": step, "error": error})
-        if failed or (self.expect_checkpoint and not steps):
+        if failed or (self.expect_checkpoint and not steps and not unverified):
             listing = ", ".join(f"{f['step']} ({f['error'][:160]})" for f in failed) or "none is left"
             raise NoCheckpointError(
                 f"this run has committed checkpoints but none can be restored: {listing}. Everything is kept in "

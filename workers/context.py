@@ -26,6 +26,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import NamedSharding
 from jaxlaunch.workers import batch as batch_lib
 from jaxlaunch.workers import extras
@@ -33,6 +34,7 @@ from jaxlaunch.workers.checkpoint import Checkpointer
 from jaxlaunch.workers.faults import FaultHook
 from jaxlaunch.workers.memory import MemoryTier, part_nbytes
 from jaxlaunch.workers.progress import HostProgress
+from jaxlaunch.workers.replica_sums import PendingChecksums, flip_bit
 from jaxlaunch.workers.sharding import Rules
 from jaxlaunch.workers.state import Shardings, StateLayout, largest_array
 from jaxlaunch.workers.step_clock import StepClock
@@ -115,6 +117,8 @@ class HostContext:
         self._refusal_told = False
         self._risk_told = False
         self._faults = FaultHook(spec.injections, spec.rank, spec.attempt, self._run, self._saving)
+        self._checks: list[PendingChecksums] = []
+        """Replica checksums dispatched and not read back yet."""
 
     # -- state -----------------------------------------------------------------------------------
     def restore_or_init(self, init: Callable[[], Any], *, rules: Rules | None = None,
@@ -142,11 +146,14 @@ class HostContext:
         self._progress.enter(Phase.RESTORING)
         layout = StateLayout.of(init, self.mesh, rules, shardings)
         spec = self._spec
-        checkpointer = Checkpointer(self._run.checkpoints, spec.checkpoint, spec.expect_checkpoint)
+        checkpointer = Checkpointer(self._run.checkpoints, spec.checkpoint, spec.expect_checkpoint,
+                                    spec.newest_restorable)
         checkpointer.checkpoint_bytes = layout.num_bytes()
         self._warn_if_disk_is_short(checkpointer, layout)
         self._memory = self._start_memory_tier(layout)
-        restored = restore_newest(checkpointer, self._memory, layout, self._progress)
+        # After a replica mismatch the memory tier may hold the corrupt copy: only verified durable steps serve.
+        memory = self._memory if spec.newest_restorable is None else None
+        restored = restore_newest(checkpointer, memory, layout, self._progress)
         self._extra = dict(extra or {})
         if restored is None:
             state, step = layout.materialize(init), 0
@@ -250,6 +257,7 @@ class HostContext:
         in_memory = self._memory is not None and step % cfg.save_every == 0
         durable = final or step % (cfg.persist_every if self._memory is not None else cfg.save_every) == 0
         due = in_memory or durable
+        self._check_replicas(step, state, due)
         if due and self._saved_step != step:
             tree = loop.layout.split(state)
             self._read_back(upto=step)  # the save waits for this step anyway: its time is its own
@@ -312,6 +320,27 @@ class HostContext:
         return batch
 
     # -- inside the launcher -----------------------------------------------------------------------
+    def _check_replicas(self, step: int, state: Any, due: bool) -> None:
+        """At a save step (before it saves) and every `verify_every` steps: the checksums of the
+        state's replicated shards, dispatched now and handed to the driver once read back (a step
+        later; at a save step at once, as the save waits for the step anyway)."""
+        loop = self._require_state("maybe_save")
+        if self._faults.bitflip_due(step):
+            flipped = flip_bit(loop.layout.split(state))
+            if flipped is None or not loop.layout.is_nnx:
+                log.warning("bitflip at step %d: no replicated array in an NNX state to flip", step)
+            else:
+                nnx.update(state, flipped[0])
+                log.warning("bitflip at step %d: flipped a bit of this host's copy of %s", step, flipped[1])
+        every = self._spec.verify_every
+        if due or (every and step % every == 0):
+            self._checks.append(PendingChecksums(step, loop.layout.split(state)))
+        self._hand_over_checks(upto=step if due else step - 1)
+
+    def _hand_over_checks(self, upto: int | None = None) -> None:
+        while self._checks and (upto is None or self._checks[0].step <= upto):
+            self._progress.checksums(self._checks.pop(0).result())
+
     def _warn_of_data_order_risk(self) -> None:
         """Once, at the first save of an elastic job whose `extra` holds per-host iterators."""
         keys = extras.per_host_names(self._extra)
@@ -418,6 +447,7 @@ class HostContext:
         self._fire_armed()
         self._read_back()
         self._flush_metrics()
+        self._hand_over_checks()
         if self._loop is not None:
             self._progress.enter(Phase.SAVING)
             started = time.perf_counter()

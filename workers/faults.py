@@ -5,7 +5,9 @@ Each kind imitates a real failure as closely as one process can: `crash` aborts 
 an out-of-memory kill), `kill` is SIGKILL, `hang` is SIGSTOP (the process stops answering, as a host
 stuck in a driver or a collective), `exception` raises, `preempt` is the SIGTERM of a preemption
 notice. `slow` is a host whose own work per step (input, Python) takes `factor` times as long from
-the step on, as with slow input or a noisy neighbour: it makes every other host wait."""
+the step on, as with slow input or a noisy neighbour: it makes every other host wait. `bitflip` flips
+one bit of the host's copy of a replicated parameter after the step's update (silent data corruption):
+the host context carries it out in `maybe_save`, which holds the state (`bitflip_due`)."""
 
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ class FaultHook:
 
     def at_step(self, step: int) -> None:
         for injection in list(self.pending):
-            if injection.step == step:
+            if injection.step == step and injection.kind != InjectionKind.BITFLIP:
                 self.pending.remove(injection)
                 self._record(injection, step)
                 if injection.kind == InjectionKind.SLOW:
@@ -59,6 +61,16 @@ class FaultHook:
             # The host's own work, stretched: this runs between a step's readback and the next dispatch.
             usual = max(statistics.median(self.busy_s) if self.busy_s else 0.0, SLOW_MIN_BASELINE_S)
             time.sleep((self.slow_factor - 1.0) * usual)
+
+    def bitflip_due(self, step: int) -> bool:
+        """Whether a `bitflip` injection goes off at `step` on this host (it is then spent and recorded)."""
+        for injection in self.pending:
+            if injection.step == step and injection.kind == InjectionKind.BITFLIP:
+                self.pending.remove(injection)
+                self._record(injection, step)
+                log.warning("injecting bitflip at step %d", step)
+                return True
+        return False
 
     def _record(self, injection: Injection, step: int) -> None:
         """The moment of the failure, in the run directory's hosts/injections/, so that the driver can

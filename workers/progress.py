@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from jaxlaunch.contract.events import HostEvent
-from jaxlaunch.contract.protocol import HostSnapshot, Phase
+from jaxlaunch.contract.protocol import HostSnapshot, Phase, ReplicaChecksums
 
 
 class HostProgress:
@@ -20,6 +20,7 @@ class HostProgress:
         self._records: list[dict[str, Any]] = []
         self._events: list[HostEvent] = []
         self._busy: list[tuple[int, float]] = []
+        self._checksums: list[ReplicaChecksums] = []
         self.timeline: dict[str, float] = {}
         """Wall time at which each phase was first entered: where start-up time goes."""
 
@@ -49,6 +50,11 @@ class HostProgress:
         with self._lock:
             self._busy.append((step, seconds))
 
+    def checksums(self, checksums: ReplicaChecksums) -> None:
+        """The host's replica checksums at a checked step (`jaxlaunch.workers.replica_sums`)."""
+        with self._lock:
+            self._checksums.append(checksums)
+
     def event(self, event: HostEvent) -> None:
         """Something for events.jsonl (a restore, a checkpoint set aside, a warning)."""
         with self._lock:
@@ -57,6 +63,6 @@ class HostProgress:
     def drain(self) -> HostSnapshot:
         with self._lock:
             snapshot = HostSnapshot(self._phase, self._step, tuple(self._records), tuple(self._events),
-                                    tuple(self._busy))
-            self._records, self._events, self._busy = [], [], []
+                                    tuple(self._busy), tuple(self._checksums))
+            self._records, self._events, self._busy, self._checksums = [], [], [], []
             return snapshot

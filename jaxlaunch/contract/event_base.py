@@ -29,6 +29,7 @@ class EventKind(enum.StrEnum):
     JOB_ENDED = "job_ended"
     STRAGGLER = "straggler"
     HOST_BUSY = "host_busy"
+    REPLICA_MISMATCH = "replica_mismatch"
     # the driver or a host
     LOW_DISK_SPACE = "low_disk_space"
     # the hosts
@@ -55,6 +56,7 @@ class FailureKind(enum.StrEnum):
     PREEMPTED = "preempted"          # the host or its node was asked to stop
     STORAGE = "storage"              # the run directory cannot be written (full, read-only, gone)
     NO_CHECKPOINT = "no_checkpoint"  # the run has committed steps and none can be read
+    REPLICA_MISMATCH = "replica_mismatch"  # copies of a replicated array disagree (silent corruption)
 
     @property
     def is_preemption(self) -> bool:

@@ -249,6 +249,25 @@ class Straggler(Event):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class ReplicaMismatch(Event):
+    """Copies of one replicated array's shard (`array` at global `index`) differ between hosts at
+    `step`: silent corruption. `hosts`/`nodes`: the hosts holding a copy, and their nodes; `culprit`:
+    the host that disagrees with the majority (with 3 or more copies), or None. `restore_from`: the
+    newest step whose replicas agreed, which the next attempt restores at most."""
+
+    KIND: ClassVar = EventKind.REPLICA_MISMATCH
+    attempt: int
+    step: int
+    array: str = ""
+    index: str = ""
+    hosts: list[int] = dataclasses.field(default_factory=list)
+    nodes: list[str | None] = dataclasses.field(default_factory=list)
+    checksums: list[int] = dataclasses.field(default_factory=list)
+    culprit: int | None = None
+    restore_from: int | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class HostBusy(Event):
     """At an attempt's end: each host's median busy time per step (by rank; None: none timed)."""
 

@@ -87,12 +87,13 @@ class InjectionKind(enum.StrEnum):
     EXCEPTION = "exception"  # the user's code raises
     PREEMPT = "preempt"      # a preemption notice (SIGTERM)
     SLOW = "slow"            # from the step on, the host's own work per step takes `factor` times as long
+    BITFLIP = "bitflip"      # one bit of the host's copy of a replicated parameter flips (silent corruption)
 
 
 @dataclasses.dataclass(frozen=True)
 class Injection:
-    """A failure to inject at a reported step: `--inject KIND@step=N,host=I[,times=K]`, or a slow
-    host: `--inject slow@step=N,host=I,factor=F`."""
+    """A failure to inject at a reported step: `--inject KIND@step=N,host=I[,times=K]`, a slow
+    host: `--inject slow@step=N,host=I,factor=F`, or a corrupted replica: `--inject bitflip@step=N,host=I`."""
 
     kind: InjectionKind
     step: int
@@ -186,6 +187,11 @@ class HostSpec:
     persist_only: bool = False
     """A run after a failure the driver gives up on: restore the newest step (the memory tier's), write
     it to the run directory with Orbax and end, training nothing."""
+    verify_every: int = 0
+    """Besides every save step, check the replicas every this many steps (0: at save steps only)."""
+    newest_restorable: int | None = None
+    """After a replica mismatch: the newest step whose replicas agreed. Committed steps newer than it
+    are set aside, never restored (None: every committed step may be restored)."""
 
 
 # ---- what comes back --------------------------------------------------------------------------------
@@ -203,6 +209,17 @@ class HostSnapshot:
     busy: tuple[tuple[int, float], ...] = ()
     """(step, busy seconds) of each step the host read back since the previous poll, every host: the
     host-side work between two steps (`jaxlaunch.workers.step_clock`), for the straggler watch."""
+    checksums: tuple[ReplicaChecksums, ...] = ()
+    """The checksums of the host's replicated shards at each checked step since the previous poll."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplicaChecksums:
+    """One host's checksums at one step of its shards that another host also holds: (array path,
+    global index, 32-bit checksum of the shard's bytes). Copies of one (path, index) must agree."""
+
+    step: int
+    sums: tuple[tuple[str, str, int], ...]
 
 
 class Ending(enum.StrEnum):
@@ -321,6 +338,8 @@ class GroupPoll:
     """Each host's (step, busy seconds) since the previous poll, by rank."""
     notices: list[Event] = dataclasses.field(default_factory=list)
     """What the worker group itself found (a keeper restarted), for the records."""
+    checksums: dict[int, list[ReplicaChecksums]] = dataclasses.field(default_factory=dict)
+    """Each host's replica checksums since the previous poll, by rank."""
 
     @property
     def finished(self) -> bool:

@@ -40,6 +40,7 @@ from jaxlaunch.contract.protocol import (
     NodeInfo,
     NodeLiveness,
     PlacementError,
+    ReplicaChecksums,
     StopAnswer,
     host_env,
 )
@@ -124,6 +125,7 @@ class RayWorkerGroup:
     def poll(self) -> GroupPoll:
         records, events = [], []
         busy: dict[int, list[tuple[int, float]]] = {}
+        checksums: dict[int, list[ReplicaChecksums]] = {}
         for rank, actor in enumerate(self.actors):
             if rank not in self.poll_refs and rank not in self.results and rank not in self.exits:
                 self.poll_refs[rank] = actor.poll.remote()
@@ -145,6 +147,7 @@ class RayWorkerGroup:
             records += snapshot.records
             events += [(rank, e) for e in snapshot.events if rank == 0 or e.per_host]
             busy.setdefault(rank, []).extend(snapshot.busy)
+            checksums.setdefault(rank, []).extend(snapshot.checksums)
         for rank, ref in list(self.run_refs.items()):
             if ref not in ready:
                 continue
@@ -164,6 +167,7 @@ class RayWorkerGroup:
                 records += snapshot.records
                 events += [(rank, e) for e in snapshot.events if rank == 0 or e.per_host]
                 busy.setdefault(rank, []).extend(snapshot.busy)
+                checksums.setdefault(rank, []).extend(snapshot.checksums)
             self.results[rank] = result
         self._refresh_liveness()
         if (self.standby is not None and not self.replenished
@@ -176,7 +180,8 @@ class RayWorkerGroup:
         notices: list[Event] = []
         if self.keepers is not None:
             notices += self.keepers.watch(max(reported) if reported else None)
-        return GroupPoll(self.hosts, records, events, dict(self.results), list(self.exits.values()), busy, notices)
+        return GroupPoll(self.hosts, records, events, dict(self.results), list(self.exits.values()), busy,
+                         notices=notices, checksums=checksums)
 
     def _exit(self, rank: int, err: Exception, now: float) -> HostExit:
         step = self.hosts[rank].step

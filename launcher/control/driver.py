@@ -80,6 +80,11 @@ class Listener:
     def on_attempt_ended(self, driver: Driver, ended: AttemptEndNotice) -> None:
         pass
 
+    def failure(self, attempt: Attempt, now: float) -> Diagnosis | None:
+        """What the listener found wrong with a running attempt that no host knows (replicas that
+        disagree): the driver ends the attempt on it as on a host's failure."""
+        return None
+
 
 class Driver:
     def __init__(
@@ -220,6 +225,9 @@ class Driver:
         if poll.exits:
             self._classify(attempt, poll, now)
             return ResolvingFailure(attempt, now)
+        found = next((f for f in (x.failure(attempt, now) for x in self.listeners) if f is not None), None)
+        if found is not None:
+            return self._decide(attempt, found)
         if poll.finished:
             return self._finished(state, poll, now)
         if self.stop_signal is not None and isinstance(state, Running):

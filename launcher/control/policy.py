@@ -41,6 +41,10 @@ class FaultConfig:
     """A host is a straggler when its busy time per step is at least this many times its peers' median..."""
     straggler_steps: int = 20
     """...in each of this many steps in a row (steps every host timed; a `straggler` event names it)."""
+    verify_every: int = flag(100)
+    """Check that replicated arrays agree on every host every this many steps, besides every save
+    step (0: at save steps only). One check costs 10-20 % of a step (benchmarks/replica_checks.py):
+    every 100 steps keeps it well under 1 % of step time, and a corruption costs at most 100 steps."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -39,6 +39,7 @@ from jaxlaunch.contract.protocol import (
     NodeLiveness,
     Phase,
     PlacementError,
+    ReplicaChecksums,
     StopAnswer,
     WorkerGroup,
 )
@@ -118,6 +119,8 @@ class FakeGroup:
         """Hosts that stopped answering polls (a stopped process); the others answer every poll."""
         self.lost: list[int] = []
         """Hosts whose node is gone, reported or not."""
+        self.checksums: dict[int, list[ReplicaChecksums]] = {}
+        """rank -> replica checksums to report at the next poll."""
 
     def start(self, num_hosts: int, attempt: int, injections: tuple[Injection, ...] = ()) -> GroupInfo:
         if getattr(self.behaviour, "placement_fails", False):
@@ -139,7 +142,9 @@ class FakeGroup:
             if h.rank not in self.exits and h.rank not in self.silent:
                 h.last_heard = self.clock()
         events, self.events = self.events, []
-        poll = GroupPoll(self.hosts, records, events, dict(self.results), list(self.exits.values()))
+        checksums, self.checksums = self.checksums, {}
+        poll = GroupPoll(self.hosts, records, events, dict(self.results), list(self.exits.values()),
+                         checksums=checksums)
         self.poll_seconds += time.process_time() - started
         return poll
 

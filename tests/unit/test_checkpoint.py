@@ -14,6 +14,7 @@ from jaxlaunch.workers import checkpoint as ckpt
 from jaxlaunch.workers.checkpoint import Checkpointer, NoCheckpointError, StorageError, TransientError
 from jaxlaunch.workers.sharding import build_mesh
 
+from jaxlaunch.contract.layout import committed_steps
 from jaxlaunch.contract.protocol import CheckpointConfig
 
 CFG = CheckpointConfig(save_every=1, max_to_keep=5, async_save=False)
@@ -148,3 +149,17 @@ def test_a_full_disk_is_named_with_its_filesystem_free_space_and_checkpoint_size
     assert "the filesystem is full" in message and "MB free of" in message and "about 120 MB" in message
     assert ckpt.storage_errno(OSError(errno.EROFS, "Read-only file system")) == errno.EROFS
     assert ckpt.storage_errno(ValueError("shape mismatch")) is None
+
+
+def test_after_a_replica_mismatch_steps_newer_than_the_verified_one_are_set_aside_unread(saved):
+    c = Checkpointer(saved, CFG, expect_checkpoint=True, newest_restorable=1)
+    restored = c.restore_latest(targets(build_mesh({"data": -1})))
+    assert restored is not None and restored.step == 1
+    assert [(f["step"], "not verified" in f["error"]) for f in restored.set_aside] == [(3, True), (2, True)]
+    assert committed_steps(saved) == [1], "a corrupt step can never be restored later, and can be saved anew"
+
+
+def test_when_no_step_was_verified_the_run_starts_afresh_rather_than_fail(saved):
+    c = Checkpointer(saved, CFG, expect_checkpoint=True, newest_restorable=0)
+    assert c.restore_latest(targets(build_mesh({"data": -1}))) is None
+    assert committed_steps(saved) == []

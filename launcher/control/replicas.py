@@ -1,0 +1,124 @@
+"""Replicas that must agree: the hosts' checksums of the shards they hold in common, compared.
+
+Each host reports, at every save step and every `fault.verify_every` steps, a checksum of each shard
+of the state that another host also holds (`jaxlaunch.workers.replica_sums`). Copies of one (array,
+global index) must be bit for bit the same; when they are not, one copy was silently corrupted.
+`find_mismatch` is the pure rule; `ReplicaWatch` is the driver's listener that feeds it the polls,
+keeps the steps whose replicas agreed, and records what it finds. The driver then restarts from the
+newest verified step (`restore_limit`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from collections.abc import Callable, Mapping
+
+from jaxlaunch.launcher.control.driver import Driver, Listener
+from jaxlaunch.launcher.control.policy import Diagnosis
+from jaxlaunch.launcher.control.states import Attempt, AttemptStartNotice
+
+from jaxlaunch.contract import events
+from jaxlaunch.contract.events import FailureKind
+from jaxlaunch.contract.protocol import GroupPoll, ReplicaChecksums
+
+
+@dataclasses.dataclass(frozen=True)
+class Mismatch:
+    step: int
+    array: str
+    index: str
+    hosts: list[int]
+    """Every host holding a copy, by rank."""
+    checksums: list[int]
+    """Each of those hosts' checksum, in the same order."""
+    culprit: int | None
+    """The host whose copy differs from the majority's (with 3 or more copies and one clear
+    majority); None with 2 copies or no majority: which copy is wrong cannot be told."""
+
+
+def find_mismatch(step: int, sums: Mapping[int, ReplicaChecksums]) -> Mismatch | None:
+    """The first (array, index) whose copies differ among the hosts' checksums at `step`
+    (rank -> that host's checksums), or None when every copy agrees."""
+    copies: dict[tuple[str, str], dict[int, int]] = {}
+    for rank in sorted(sums):
+        for array, index, value in sums[rank].sums:
+            copies.setdefault((array, index), {})[rank] = value
+    for (array, index), by_rank in copies.items():
+        if len(set(by_rank.values())) < 2:
+            continue
+        ranks = sorted(by_rank)
+        counts = Counter(by_rank.values()).most_common()
+        culprit = None
+        if len(ranks) >= 3 and counts[0][1] > len(ranks) / 2:
+            odd = [r for r in ranks if by_rank[r] != counts[0][0]]
+            culprit = odd[0] if len(odd) == 1 else None
+        return Mismatch(step, array, index, ranks, [by_rank[r] for r in ranks], culprit)
+    return None
+
+
+def replica_message(event: events.ReplicaMismatch) -> str:
+    """The line the user reads on the terminal."""
+    who = (f"host {event.culprit} (node {event.nodes[event.hosts.index(event.culprit)]}) disagrees with the other "
+           f"{len(event.hosts) - 1}" if event.culprit is not None
+           else f"hosts {', '.join(map(str, event.hosts))} disagree and no majority tells which copy is right")
+    restore = f"step {event.restore_from}" if event.restore_from else "a fresh start (no step was verified)"
+    return (f"replica mismatch at step {event.step}: the copies of {event.array}{event.index} differ; {who}. "
+            f"Silent data corruption: restarting from {restore}, the newest step whose replicas agreed")
+
+
+class ReplicaWatch(Listener):
+    """The driver's listener that compares each checked step's checksums once every host sent them.
+    `mismatch` is the first disagreement of the attempt (the driver ends the attempt on it);
+    `restore_limit` the newest step whose replicas agreed before it, which the next attempt restores
+    at most (newer committed steps are set aside); it holds until an attempt has restored and
+    trained, and is None otherwise (every committed step may be restored)."""
+
+    def __init__(self, record: Callable[[events.Event], None], tell: Callable[[str], None]):
+        self.record, self.tell = record, tell
+        self.pending: dict[int, dict[int, ReplicaChecksums]] = {}
+        """step -> rank -> checksums, until every host's arrived."""
+        self.verified: set[int] = set()
+        """The steps whose replicas agreed, over the whole job."""
+        self.mismatch: Mismatch | None = None
+        self.restore_limit: int | None = None
+
+    def on_attempt_started(self, driver: Driver, started: AttemptStartNotice) -> None:
+        self.pending, self.mismatch = {}, None
+
+    def on_poll(self, driver: Driver, attempt: Attempt, poll: GroupPoll) -> None:
+        if self.mismatch is None and any(h.phase.started_training for h in poll.hosts):
+            self.restore_limit = None  # this attempt restored under the limit: its own saves are new
+        for rank, checked in poll.checksums.items():
+            for sums in checked:
+                self.pending.setdefault(sums.step, {})[rank] = sums
+        for step in sorted(self.pending):
+            if self.mismatch is not None or len(self.pending[step]) < attempt.num_hosts:
+                continue
+            found = find_mismatch(step, self.pending.pop(step))
+            if found is None:
+                self.verified.add(step)
+                continue
+            self._found(attempt, found)
+
+    def failure(self, attempt: Attempt, now: float) -> Diagnosis | None:
+        found = self.mismatch
+        if found is None:
+            return None
+        where = f"{found.array}{found.index}"
+        blame = f"host {found.culprit}'s copy" if found.culprit is not None else "the copies"
+        return Diagnosis(FailureKind.REPLICA_MISMATCH, found.culprit,
+                         f"{blame} of {where} disagreed at step {found.step} (silent data corruption); restoring "
+                         f"step {self.restore_limit or 'none'} or older", found.step, now)
+
+    def _found(self, attempt: Attempt, found: Mismatch) -> None:
+        self.mismatch = found
+        # No step verified before it in this job (a resumed run): any step before the mismatch may be
+        # restored, and no step at or after it.
+        self.restore_limit = max((s for s in self.verified if s < found.step), default=found.step - 1)
+        nodes = attempt.group.nodes if attempt.group is not None else []
+        event = events.ReplicaMismatch(
+            attempt=attempt.number, step=found.step, array=found.array, index=found.index, hosts=found.hosts,
+            nodes=[nodes[r] if r < len(nodes) else None for r in found.hosts], checksums=found.checksums,
+            culprit=found.culprit, restore_from=self.restore_limit)
+        self.record(event)
+        self.tell(replica_message(event))

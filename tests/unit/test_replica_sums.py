@@ -1,0 +1,22 @@
+"""The hosts' side of the replica check: a bit-exact checksum per shard, and the bitflip injection."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxlaunch.workers.replica_sums import PendingChecksums, flip_bit
+
+
+def test_one_flipped_bit_changes_the_checksum_and_equal_bytes_give_equal_ones():
+    tree = {"w": jnp.arange(64, dtype=jnp.float32).reshape(8, 8), "b": jnp.ones(8, jnp.bfloat16)}
+    first = PendingChecksums(5, tree, every_shard=True).result()
+    again = PendingChecksums(5, jax.tree.map(jnp.copy, tree), every_shard=True).result()
+    assert first == again and first.step == 5 and {s[0] for s in first.sums} == {"['w']", "['b']"}
+    flipped = np.array(tree["w"])
+    flipped.reshape(-1).view(np.uint32)[37] ^= 1 << 3
+    changed = PendingChecksums(5, {**tree, "w": jnp.asarray(flipped)}, every_shard=True).result()
+    assert [a[2] == b[2] for a, b in zip(first.sums, changed.sums, strict=True)].count(False) == 1
+
+
+def test_a_single_process_holds_no_copy_another_host_holds():
+    assert PendingChecksums(1, {"w": jnp.ones((4, 4))}).result().sums == ()
+    assert flip_bit({"w": jnp.ones((4, 4))}) is None, "nothing replicated across hosts: nothing to flip"

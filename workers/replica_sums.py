@@ -1,0 +1,110 @@
+"""Checksums of the shards that several hosts hold, to find a copy that silent corruption changed.
+
+A shard is checked when another process holds a copy of the same global index (a replicated
+parameter, or one sharded over fewer devices than the mesh has). Each host hashes one local copy of
+each such index on the device (a jitted, bit-exact hash of the shard's bytes, one program per local
+device) and reads back one uint32 per shard: no collective, so the step is never made to wait for
+another host. The driver compares the copies (`jaxlaunch.launcher.control.replicas`).
+
+`flip_bit` is the `bitflip` injection: one bit of this host's copy of one replicated array."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Sequence
+from typing import Any, cast
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxlaunch.workers.data import _mix, _words
+
+from jaxlaunch.contract.protocol import ReplicaChecksums
+
+log = logging.getLogger(__name__)
+Index = tuple[slice, ...]
+
+
+def _index_text(index: Index) -> str:
+    return "[" + ", ".join(f"{'' if s.start is None else s.start}:{'' if s.stop is None else s.stop}"
+                           for s in index) + "]"
+
+
+def _replicated_shards(tree: Any, every_shard: bool = False) -> list[tuple[str, str, jax.Array]]:
+    """(path, global index, this host's first local copy) of every shard another process also holds
+    (`every_shard`: of every shard, as if the whole state were replicated: the benchmark's worst case)."""
+    found = []
+    me = jax.process_index()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if not isinstance(leaf, jax.Array) or leaf.size == 0:
+            continue
+        holders: dict[str, set[int]] = {}
+        for device, index in leaf.sharding.devices_indices_map(leaf.shape).items():
+            holders.setdefault(_index_text(index), set()).add(cast(Any, device).process_index)
+        seen: set[str] = set()
+        for shard in leaf.addressable_shards:
+            key = _index_text(shard.index)
+            if key in seen or (not every_shard and len(holders[key] - {me}) == 0):
+                continue
+            seen.add(key)
+            found.append((jax.tree_util.keystr(path), key, shard.data))
+    return found
+
+
+@functools.partial(jax.jit)
+def _hashes(shards: Sequence[jax.Array]) -> jax.Array:
+    """One uint32 per shard: a position-dependent sum of mixed 32-bit words (every bit counts)."""
+    out = []
+    for shard in shards:
+        words = _words(jnp.reshape(shard, (1, -1)))[0]
+        positions = jnp.arange(words.shape[0], dtype=jnp.uint32)
+        out.append(_mix(jnp.sum(_mix(words ^ _mix(positions)), dtype=jnp.uint32)))
+    return jnp.stack(out)
+
+
+class PendingChecksums:
+    """Checksums dispatched to the devices at `step`, read back later (`result`), once the step's
+    computation is done anyway: checking never makes the host wait for the device."""
+
+    def __init__(self, step: int, tree: Any, every_shard: bool = False):
+        self.step = step
+        shards = _replicated_shards(tree, every_shard)
+        self.keys = [(path, index) for path, index, _ in shards]
+        by_device: dict[Any, list[int]] = {}
+        for position, (_, _, data) in enumerate(shards):
+            by_device.setdefault(next(iter(data.devices())), []).append(position)
+        self.parts = [(positions, _hashes([shards[p][2] for p in positions])) for positions in by_device.values()]
+        for _, hashes in self.parts:
+            hashes.copy_to_host_async()
+
+    def result(self) -> ReplicaChecksums:
+        sums = [0] * len(self.keys)
+        for positions, hashes in self.parts:
+            for position, value in zip(positions, np.asarray(hashes), strict=True):
+                sums[position] = int(value)
+        return ReplicaChecksums(self.step, tuple((path, index, value) for (path, index), value
+                                                 in zip(self.keys, sums, strict=True)))
+
+
+def flip_bit(tree: Any) -> tuple[Any, str] | None:
+    """`tree` with the lowest bit of the first element of this host's copies of its first replicated
+    floating-point array flipped (the other hosts' copies are untouched), and that array's path; None
+    when no array is replicated across hosts."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    replicated = {path for path, _, _ in _replicated_shards(tree)}
+    for position, (path, leaf) in enumerate(leaves):
+        name = jax.tree_util.keystr(path)
+        if name not in replicated or not jnp.issubdtype(leaf.dtype, jnp.floating):
+            continue
+        local = []
+        for shard in leaf.addressable_shards:
+            data = np.array(shard.data)
+            flat = data.reshape(-1).view(np.dtype(f"uint{8 * data.dtype.itemsize}"))
+            flat[0] ^= 1
+            local.append(jax.device_put(data, shard.device))
+        flipped = jax.make_array_from_single_device_arrays(leaf.shape, leaf.sharding, local)
+        new = [v for _, v in leaves]
+        new[position] = flipped
+        return jax.tree_util.tree_unflatten(treedef, new), name
+    return None
