@@ -26,9 +26,11 @@ log = logging.getLogger(__name__)
 Index = tuple[slice, ...]
 
 
-def _index_text(index: Index) -> str:
-    return "[" + ", ".join(f"{'' if s.start is None else s.start}:{'' if s.stop is None else s.stop}"
-                           for s in index) + "]"
+def _index_text(index: Index, shape: tuple[int, ...]) -> str:
+    """A global index as text, with every bound explicit: JAX writes a dimension a shard holds whole
+    as `slice(None)` in one place and `slice(0, n)` in another, and both must name the same copy."""
+    bounds = (s.indices(size)[:2] for s, size in zip(index, shape, strict=False))
+    return "[" + ", ".join(f"{start}:{stop}" for start, stop in bounds) + "]"
 
 
 def _replicated_shards(tree: Any, every_shard: bool = False) -> list[tuple[str, str, jax.Array]]:
@@ -39,12 +41,14 @@ def _replicated_shards(tree: Any, every_shard: bool = False) -> list[tuple[str, 
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         if not isinstance(leaf, jax.Array) or leaf.size == 0:
             continue
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            leaf = jax.random.key_data(leaf)  # a typed RNG key (nnx.Rngs) is hashed as its uint32 words
         holders: dict[str, set[int]] = {}
         for device, index in leaf.sharding.devices_indices_map(leaf.shape).items():
-            holders.setdefault(_index_text(index), set()).add(cast(Any, device).process_index)
+            holders.setdefault(_index_text(index, leaf.shape), set()).add(cast(Any, device).process_index)
         seen: set[str] = set()
         for shard in leaf.addressable_shards:
-            key = _index_text(shard.index)
+            key = _index_text(shard.index, leaf.shape)
             if key in seen or (not every_shard and len(holders[key] - {me}) == 0):
                 continue
             seen.add(key)

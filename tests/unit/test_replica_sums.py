@@ -20,3 +20,25 @@ def test_one_flipped_bit_changes_the_checksum_and_equal_bytes_give_equal_ones():
 def test_a_single_process_holds_no_copy_another_host_holds():
     assert PendingChecksums(1, {"w": jnp.ones((4, 4))}).result().sums == ()
     assert flip_bit({"w": jnp.ones((4, 4))}) is None, "nothing replicated across hosts: nothing to flip"
+
+
+def test_a_dimension_held_whole_names_the_same_copy_however_jax_writes_it():
+    """JAX gives a dimension held whole as slice(None) in a sharding's index map and as slice(0, n) in
+    a shard's index (the classifier on an existing cluster raised KeyError '[:]' at its first save)."""
+    from jaxlaunch.workers.replica_sums import _index_text
+
+    assert _index_text((slice(None), slice(0, 4)), (8, 8)) == _index_text((slice(0, 8), slice(None, 4)), (8, 8))
+    assert _index_text((slice(None), slice(4, 8)), (8, 8)) == "[0:8, 4:8]"
+    assert _index_text((), ()) == "[]"
+
+
+def test_typed_rng_keys_are_checked_as_their_words():
+    """An NNX model's Rngs hold typed keys (dtype key<fry>), which have no bits to bitcast: the
+    classifier's first save raised ValueError before keys were hashed as their key data."""
+    import jax
+
+    from jaxlaunch.workers.replica_sums import PendingChecksums
+
+    state = {"key": jax.random.key(0), "w": jax.numpy.ones((4,))}
+    pending = PendingChecksums(10, state, every_shard=True)
+    assert [path for path, _ in pending.keys] == ["['key']", "['w']"]
