@@ -257,11 +257,13 @@ class HostContext:
         in_memory = self._memory is not None and step % cfg.save_every == 0
         durable = final or step % (cfg.persist_every if self._memory is not None else cfg.save_every) == 0
         due = in_memory or durable
-        self._check_replicas(step, state, due)
-        if due and self._saved_step != step:
-            tree = loop.layout.split(state)
+        saving = due and self._saved_step != step
+        if saving:
             self._read_back(upto=step)  # the save waits for this step anyway: its time is its own
-            self._progress.enter(Phase.SAVING)
+            self._progress.enter(Phase.SAVING)  # the replica check below is the save's work, not a hang
+        self._check_replicas(step, state, due)
+        if saving:
+            tree = loop.layout.split(state)
             self._flush_metrics(before=step)
             # The checkpoint carries the records since the last save: if this host dies before the
             # driver hears them, a restore still brings every committed step's metrics back.

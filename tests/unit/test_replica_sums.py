@@ -36,7 +36,6 @@ def test_typed_rng_keys_are_checked_as_their_words():
     """An NNX model's Rngs hold typed keys (dtype key<fry>), which have no bits to bitcast: the
     classifier's first save raised ValueError before keys were hashed as their key data."""
     import jax
-
     from jaxlaunch.workers.replica_sums import PendingChecksums
 
     state = {"key": jax.random.key(0), "w": jax.numpy.ones((4,))}
