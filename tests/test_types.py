@@ -59,3 +59,14 @@ def test_a_fake_that_drifts_from_its_protocol_fails_the_check():
     result = _mypy(_link_tree(text.replace(good, "    def kill(self, rank: str) -> None:")))
     assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-2000:]
     assert 'got "FakeGroup", expected "WorkerGroup"' in result.stdout, result.stdout[-3000:]
+
+
+def test_a_launch_keyword_of_the_wrong_type_fails_the_check():
+    """`jaxlaunch.launch(hosts="2")` in a user's code: the type checker names the keyword."""
+    user_code = ("\n\ndef a_users_launch() -> None:\n    from jaxlaunch.launcher.api import launch\n\n"
+                 "    launch(hosts=2, steps=10, mesh='data=-1', inject=['kill@step=3'])\n"
+                 "    launch(hosts='2')\n")
+    result = _mypy(_link_tree(FAKES.read_text() + user_code))
+    assert result.returncode == 1, result.stdout[-3000:] + result.stderr[-2000:]
+    errors = [line for line in result.stdout.splitlines() if ": error:" in line]
+    assert len(errors) == 1 and 'Argument "hosts" to "launch" has incompatible type "str"' in errors[0], errors

@@ -195,3 +195,26 @@ def test_help_shows_every_default_the_entry_s_settings_and_the_report_command():
     assert "(default: 50)" in flat[flat.index("--save-every"):][:120]
     assert "--model STR (default: tiny)" in flat and "--seq-len INT (default: 128)" in flat
     assert "jaxlaunch report RUN_DIR" in flat
+
+
+def test_every_flag_is_a_typed_keyword_of_launch():
+    """`LaunchKeywords` (what a type checker knows of `jaxlaunch.launch`) names every flag but --entry, nothing
+    else, and takes each field's default and a flag's text where the field parses text."""
+    import typing
+
+    from jaxlaunch.launcher.configuration.keywords import LaunchKeywords
+    from pydantic import TypeAdapter, ValidationError
+
+    table = options.table(*ROOTS)
+    hints = typing.get_type_hints(LaunchKeywords)
+    assert set(hints) == set(table) - {"entry"}, (set(table) - set(hints), set(hints) - set(table))
+    for keyword, option in table.items():
+        if keyword == "entry":
+            continue  # launch's first parameter, typed there
+        adapter = TypeAdapter(hints[keyword])
+        try:
+            adapter.validate_python(option.default, strict=True)
+        except ValidationError as err:
+            raise AssertionError(f"{keyword}: {hints[keyword]} does not take the default {option.default!r}") from err
+        if option.spec.parse is not None:
+            adapter.validate_python("text", strict=True)
