@@ -272,7 +272,9 @@ class Keeper:
         """The sub-box `box` (global coordinates) of a held part's `shard`-th shard: only the bytes a
         host of another node needs."""
         part = self._mapped(step, rank, role)
-        return None if part is None else np.ascontiguousarray(part.box(part.header.shards[shard], box))
+        if part is None:
+            return None
+        return part.contiguous_box(part.header.shards[shard], box)
 
     def forget_after(self, step: int) -> None:
         """Drops steps newer than `step`: the run continues from `step`, and a newer step held from

@@ -168,7 +168,13 @@ class PartFile:
 
     def box(self, entry: ShardEntry, box: Index) -> np.ndarray:
         """The sub-box `box` (global coordinates, inside the shard) of a shard: a view."""
-        return self.shard(entry)[tuple(slice(a - c, b - c) for (a, b), (c, _) in zip(box, entry.index, strict=True))]
+        inside = tuple(slice(a - c, b - c) for (a, b), (c, _) in zip(box, entry.index, strict=True))
+        return self.shard(entry)[inside + (...,)]  # the ellipsis keeps a 0-d shard an array, not a scalar
+
+    def contiguous_box(self, entry: ShardEntry, box: Index) -> np.ndarray:
+        """The sub-box as one contiguous array, as it is sent to another node: a copy only when the
+        box cuts the shard's rows."""
+        return np.require(self.box(entry, box), requirements="C")
 
 
 def overlap(a: Index, b: Index) -> Index | None:

@@ -211,6 +211,8 @@ def test_four_hosts_shrink_to_two_from_memory(cluster, tmp_path, soak_round):
     # The lost rank's part comes from its replica; another rank's may too, when its replica is on the
     # node a new host landed on (a host reads the copy on its own node first).
     assert 1 in restored["replicas"] and restored["saved_topology"]["num_hosts"] == 4
+    # Each host reads only the boxes of held shards its new shards overlap, not whole parts.
+    assert 0 < restored["memory_bytes_read"] <= 1.5 * restored["memory_part_bytes"], restored
     assert restored["step"] > 30
 
 

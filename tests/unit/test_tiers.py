@@ -160,30 +160,32 @@ def test_held_shards_reassemble_into_other_shardings_bit_for_bit_reading_each_by
     values = jax.random.normal(jax.random.key(0), (8, 6))
     saved = jax.device_put(values, NamedSharding(mesh_of((4,), ("data",)), PartitionSpec("data")))
     key = jax.device_put(jax.random.key(7), NamedSharding(mesh_of((4,), ("data",)), PartitionSpec()))
-    whole, headers = as_hosts(tmp_path, {"w": saved, "k": key, "n": 3}, 4,
+    scalar = jax.device_put(jnp.int32(5), NamedSharding(mesh_of((4,), ("data",)), PartitionSpec()))
+    whole, headers = as_hosts(tmp_path, {"w": saved, "k": key, "c": scalar, "n": 3}, 4,
                               lambda r, e: e.path != "['w']" or e.index[0][0] == 2 * r)
     assert [len([s for s in h.shards if s.path == "['w']"]) for h in headers.values()] == [1, 1, 1, 1]
     new = mesh_of((2, 2), ("data", "model"))
     targets = {"w": jax.ShapeDtypeStruct((8, 6), jnp.float32, sharding=NamedSharding(new, PartitionSpec("model",
                                                                                                         "data"))),
                "k": jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(new, PartitionSpec())),
+               "c": jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(new, PartitionSpec())),
                "n": 0}
     boxes = []
 
     def remote_box(rank, shard, box):
-        boxes.append(box)
-        return np.ascontiguousarray(whole.box(headers[rank].shards[shard], box))
+        boxes.append((headers[rank].shards[shard].path, box))
+        return whole.contiguous_box(headers[rank].shards[shard], box)  # as the keeper sends it
 
-    reader = PartReader(0, [0, 1, 2, 3], lambda r: (headers[r], None if remote and r else whole), remote_box)
+    reader = PartReader(0, [0, 1, 2, 3], lambda r: (headers[r], None if remote else whole), remote_box)
     restored = assemble(targets, reader)
     assert len(reader.parts) == 4, "other parts are read only when the host's own does not cover its shards"
     assert np.array_equal(np.asarray(restored["w"]), np.asarray(values))
     assert restored["w"].sharding.spec == PartitionSpec("model", "data")
     assert np.array_equal(jax.random.key_data(restored["k"]), jax.random.key_data(key))
-    assert restored["n"] == 3
-    assert part_nbytes(targets) == 8 * 6 * 4 + 8
+    assert restored["n"] == 3 and restored["c"].shape == () and int(restored["c"]) == 5
+    assert part_nbytes(targets) == 8 * 6 * 4 + 8 + 4
     assert reader.bytes_read == part_nbytes(targets), "each byte of the new part read once, nothing more"
-    assert not remote or boxes and all(b[0][1] - b[0][0] == 2 and b[1][1] - b[1][0] == 3 for b in boxes), \
+    assert not remote or all(b[0][1] - b[0][0] == 2 and b[1][1] - b[1][0] == 3 for p, b in boxes if p == "['w']"), \
         "another node's keeper sends only the sub-box a new shard overlaps"
 
 
