@@ -275,7 +275,7 @@ class HostContext:
             self._warn_of_data_order_risk()
             started = time.perf_counter()
             if in_memory and self._memory is not None:
-                self._memory.save(step, tree, meta, mine)
+                self._memory.save(step, tree, meta, mine, fault=self._faults.in_handoff(step))
             if durable:
                 meta["extra"] = extras.gather(mine) if self._extra else []
                 loop.checkpointer.save(step, tree, meta)

@@ -95,7 +95,8 @@ class MemoryTier:
         return reason
 
     # -- saving -----------------------------------------------------------------------------------
-    def save(self, step: int, tree: Any, meta: dict[str, Any], extra: dict[str, Any]) -> None:
+    def save(self, step: int, tree: Any, meta: dict[str, Any], extra: dict[str, Any],
+             fault: Callable[[], None] | None = None) -> None:
         """Writes this host's part of `step` into its node's shared memory (the one copy on this
         node) and hands the file to the keeper in the background; waits for the previous hand-off
         (its primary and replica held), so that one part at most is in flight and replication never
@@ -103,7 +104,8 @@ class MemoryTier:
 
         The floor sent with the part: this host's save before the previous one. Every host has handed
         that one over whole, because the write of `step` above waited for `step`'s computation, whose
-        collectives every host entered only after its own previous save, which waited for that one."""
+        collectives every host entered only after its own previous save, which waited for that one.
+        `fault`: an injected failure, set off once the keeper was asked to hold the part."""
         assert self.inbox is not None, "reserve() runs before the first save"
         name = incoming_name(step, self.rank, os.getpid())
         try:
@@ -115,14 +117,16 @@ class MemoryTier:
         self.wait()
         floor = self.handed[-2] if len(self.handed) >= 2 else -1
         self.handed = self.handed[-1:] + [step]
-        self.in_flight = self.sender.submit(self._hand_off, step, name, header.nbytes, floor)
+        self.in_flight = self.sender.submit(self._hand_off, step, name, header.nbytes, floor, fault)
 
-    def _hand_off(self, step: int, name: str, nbytes: int, floor: int) -> None:
+    def _hand_off(self, step: int, name: str, nbytes: int, floor: int, fault: Callable[[], None] | None) -> None:
         import ray
 
         try:
-            answer: HandOff = ray.get(self.keeper.hold.remote(step, self.rank, self.num_hosts, name, self.replica_to,
-                                                              floor), timeout=KEEPER_CALL_TIMEOUT_S)
+            asked = self.keeper.hold.remote(step, self.rank, self.num_hosts, name, self.replica_to, floor)
+            if fault is not None:
+                fault()
+            answer: HandOff = ray.get(asked, timeout=KEEPER_CALL_TIMEOUT_S)
         except Exception as err:  # noqa: BLE001 - the step is not committed in memory; durable goes on
             answer = HandOff(f"this node's keeper did not answer ({first_line(err)}); the driver restarts a dead one")
         self.copies = {s: c for s, c in self.copies.items() if s >= step - 1}
