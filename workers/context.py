@@ -168,6 +168,7 @@ class HostContext:
                 step=step, records=tuple(restored.meta.get("records", [])), seconds=restored.seconds,
                 tier=restored.tier, durable_bytes_read=restored.durable_bytes,
                 memory_bytes_read=restored.memory_bytes, replicas=list(restored.replicas),
+                memory_part_bytes=part_nbytes(layout.targets()) if restored.tier == "memory" else None,
                 saved_topology=restored.meta.get("topology"),
                 mesh=dict(self.mesh.shape),
                 # Evidence that the arrays landed in today's layout, not the one they were saved in.
@@ -274,7 +275,7 @@ class HostContext:
             self._warn_of_data_order_risk()
             started = time.perf_counter()
             if in_memory and self._memory is not None:
-                self._memory.save(step, tree, meta, mine)
+                self._memory.save(step, tree, meta, mine, fault=self._faults.in_handoff(step))
             if durable:
                 meta["extra"] = extras.gather(mine) if self._extra else []
                 loop.checkpointer.save(step, tree, meta)
@@ -295,6 +296,9 @@ class HostContext:
                 if record["step"] == step:
                     record["checkpoint_blocking_s"] = blocked
                     record["checkpoint_tier"] = "durable" if durable else "memory"
+                    if in_memory and self._memory is not None and (done := self._memory.newest_copies()):
+                        # The newest save whose hand-off (replica included) is done: the previous one.
+                        record.update(done[1].to_record(), memory_copies_step=done[0])
         self._fire_armed()
         return due
 

@@ -7,10 +7,15 @@ stuck in a driver or a collective), `exception` raises, `preempt` is the SIGTERM
 notice. `slow` is a host whose own work per step (input, Python) takes `factor` times as long from
 the step on, as with slow input or a noisy neighbour: it makes every other host wait. `bitflip` flips
 one bit of the host's copy of a replicated parameter after the step's update (silent data corruption):
-the host context carries it out in `maybe_save`, which holds the state (`bitflip_due`)."""
+the host context carries it out in `maybe_save`, which holds the state (`bitflip_due`).
+`kill_in_handoff` is SIGKILL from the memory tier's hand-off thread once the host asked its keeper
+to hold that step's part, before the answer (`in_handoff`): the keeper may or may not have the part,
+and its replica may be streaming."""
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import os
 import signal
@@ -49,7 +54,7 @@ class FaultHook:
 
     def at_step(self, step: int) -> None:
         for injection in list(self.pending):
-            if injection.step == step and injection.kind != InjectionKind.BITFLIP:
+            if injection.step == step and injection.kind not in (InjectionKind.BITFLIP, InjectionKind.KILL_IN_HANDOFF):
                 self.pending.remove(injection)
                 self._record(injection, step)
                 if injection.kind == InjectionKind.SLOW:
@@ -71,6 +76,18 @@ class FaultHook:
                 log.warning("injecting bitflip at step %d", step)
                 return True
         return False
+
+    def in_handoff(self, step: int) -> Callable[[], None] | None:
+        """The fault a `kill_in_handoff` injection at `step` sets off inside the hand-off, or None."""
+        for injection in self.pending:
+            if injection.step == step and injection.kind == InjectionKind.KILL_IN_HANDOFF:
+                self.pending.remove(injection)
+                return functools.partial(self._kill, injection, step)
+        return None
+
+    def _kill(self, injection: Injection, step: int) -> None:
+        self._record(injection, step)
+        fire(dataclasses.replace(injection, kind=InjectionKind.KILL), step)
 
     def _record(self, injection: Injection, step: int) -> None:
         """The moment of the failure, in the run directory's hosts/injections/, so that the driver can

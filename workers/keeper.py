@@ -1,21 +1,25 @@
-"""The keeper: one process per node, started by the driver, that holds the memory tier's parts in its
-own RAM, so they outlive the host processes that saved them.
+"""The keeper: one process per node, started by the driver, that owns the memory tier's part files in
+its node's shared memory (`jaxlaunch.workers.part_file`), so they outlive the host processes that
+wrote them without a copy.
 
-A host hands its part of a step (its addressable shards with their global indices, and its non-array
-state) to its own node's keeper, which keeps a copy of its own (the host's objects die with the host)
-and forwards one copy to the keeper of another node (the replica); the hand-off returns once the
-replica is held, and a host hands over its next part only after its previous one returned, so
-replication never lags more than one save behind a host.
+A host writes its part of a step into the keeper's `incoming` folder and tells the keeper its name
+(a small Ray call, no array bytes). The keeper adopts the file (a rename) and streams it to the
+keeper of another node (`jaxlaunch.workers.replica_stream`: the one network copy), which adopts it as
+the replica; the hand-off returns once the replica is held, and a host hands over its next part only
+after its previous one returned, so replication never lags more than one save behind a host.
 
 Each part carries the host's `floor`: the newest step every host is known to have handed over whole
 (primary and replica). A keeper keeps every step above the newest floor it has seen (the last two
 saves at most) and the newest `keep` at or below it, within its budget, checked against the node's
-available RAM at every part; a part that would not fit is refused: a refusal leaves the step
-uncommitted in memory, never a node out of memory. Keeping by the floor, not by what this keeper's
-own parts look like, means no keeper drops the newest step that is whole across all keepers.
+available RAM and the free space of its shared memory; a part that would not fit is refused and its
+file deleted: a refusal leaves the step uncommitted in memory, never a node out of memory. Keeping by
+the floor, not by what this keeper's own parts look like, means no keeper drops the newest step that
+is whole across all keepers.
 
-A keeper whose process dies is restarted by Ray on its node (the driver says so), empty: the tier
-goes on from the next save, and what the other keepers hold of earlier steps still counts.
+A keeper whose process dies is restarted by Ray on its node (the driver says so), empty: it deletes
+its folder's files of the earlier process; the tier goes on from the next save, and what the other
+keepers hold of earlier steps still counts. `close` deletes its folder; the driver asks for it at
+the end of the launch.
 """
 
 from __future__ import annotations
@@ -23,13 +27,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import pathlib
+import shutil
 import threading
+import time
+import uuid
 from typing import Any
 
 import numpy as np
 import psutil
+from jaxlaunch.workers import replica_stream
+from jaxlaunch.workers.part_file import Index, PartFile, PartHeader
 
-from jaxlaunch.contract.tiers import Held, Role
+from jaxlaunch.contract.tiers import Held, Role, launch_dir
 
 log = logging.getLogger(__name__)
 RAM_RESERVE_FRACTION = 0.1
@@ -37,27 +47,43 @@ RAM_RESERVE_FRACTION = 0.1
 DEFAULT_BUDGET_FRACTION = 0.25
 """Without a configured budget: the share of the RAM available when the keeper starts."""
 REPLICA_TIMEOUT_S = 30.0
+STALE_RECEIVED_S = 4 * replica_stream.STREAM_TIMEOUT_S
+"""A received replica its sender never asked to hold by then (the sender died) is deleted."""
 IN_FLIGHT_SAVES = 2
 """Steps above the floor a keeper may hold besides its `keep` whole ones: a host's previous save,
 still replicating on another host, and its newest."""
 
 
-def part_bytes(part: dict[str, Any]) -> int:
-    return sum(leaf["data"].nbytes for leaf in part["shards"])
+@dataclasses.dataclass(frozen=True)
+class HandOff:
+    """A keeper's answer to a host's hand-off."""
+
+    refused: str | None
+    """Why the step is not committed here, or None once the primary and its replica are held."""
+    sent: int = 0
+    """Network copies of the part (1 when a replica was streamed)."""
+    received: int = 0
+    """Copies into the replica node's shared memory (1 once the partner confirmed the whole file)."""
 
 
-def _own(part: dict[str, Any]) -> dict[str, Any]:
-    """The part with arrays this process owns: what Ray hands an actor is backed by an object its
-    sender owns, which dies with the sender."""
-    return {**part, "shards": [{**leaf, "data": np.array(leaf["data"], copy=True)} for leaf in part["shards"]]}
+def incoming_name(step: int, rank: int, pid: int) -> str:
+    """A host's part file in its keeper's `incoming` folder; the pid tells a dead writer's leftovers."""
+    return f"{step}-{rank}-{pid}.part"
 
 
 class Keeper:
-    """One node's memory tier. Methods are called by the hosts (hold, fetch, index) and by other
-    keepers (hold_replica); several at once (a threaded actor)."""
+    """One node's memory tier. Methods are called by the hosts (inbox, hold, header, read_box, index),
+    by other keepers (address, hold_replica) and by the driver (ping, close); several at once (a
+    threaded actor)."""
 
-    def __init__(self, node: str, budget_bytes: int | None, keep: int):
-        self.node, self.keep = node, keep
+    def __init__(self, node: str, budget_bytes: int | None, keep: int, launch_id: str = "", secret: str = ""):
+        self.node, self.keep, self.secret = node, keep, secret
+        self.dir = launch_dir(launch_id or f"local{os.getpid()}") / node
+        # An earlier process of this keeper held these; a restarted keeper starts empty.
+        shutil.rmtree(self.dir, ignore_errors=True)
+        self.incoming, self.received, self.held_dir = self.dir / "incoming", self.dir / "received", self.dir / "held"
+        for folder in (self.incoming, self.received, self.held_dir):
+            folder.mkdir(parents=True)
         memory = psutil.virtual_memory()
         self.budget = budget_bytes if budget_bytes is not None else int(memory.available * DEFAULT_BUDGET_FRACTION)
         self.reserve_bytes = int(memory.total * RAM_RESERVE_FRACTION)
@@ -65,11 +91,27 @@ class Keeper:
         self.reserved: dict[int, int] = {}
         self.floor = -1
         """The newest step every host handed over whole, as the newest part said."""
-        self.parts: dict[tuple[int, int, Role], tuple[Held, dict[str, Any]]] = {}
+        self.parts: dict[tuple[int, int, Role], tuple[Held, pathlib.Path]] = {}
+        self.maps: dict[pathlib.Path, PartFile] = {}
+        self.listener: replica_stream.ReplicaListener | None = None
 
     def ping(self) -> int:
         """This keeper's process id: another one after Ray restarted it."""
         return os.getpid()
+
+    def inbox(self) -> str:
+        """The folder a host of this node writes its part files into."""
+        return str(self.incoming)
+
+    def address(self) -> tuple[str, int]:
+        """Where other keepers stream replicas to (a listener on this node's IP, opened on first ask)."""
+        with self.lock:
+            if self.listener is None:
+                import ray
+
+                self.listener = replica_stream.ReplicaListener(self.received, self.secret,
+                                                               ray.util.get_node_ip_address())
+            return self.listener.address
 
     def reserve(self, rank: int, num_hosts: int, step_bytes: int) -> str | None:
         """A host of an attempt of `num_hosts` will hand over parts of `step_bytes` a step (its own
@@ -84,86 +126,155 @@ class Keeper:
         """Why `keep` steps of `step_bytes` (this node's parts and the replicas it takes, together)
         cannot be held here, or None."""
         needed = step_bytes * (self.keep + IN_FLIGHT_SAVES)
+        steps = f"the memory tier needs {_mb(needed)} on node {self.node[:12]} for {self.keep + IN_FLIGHT_SAVES} steps"
         available = psutil.virtual_memory().available - self.reserve_bytes
         if needed > self.budget:
-            return (f"the memory tier needs {_mb(needed)} on node {self.node[:12]} for "
-                    f"{self.keep + IN_FLIGHT_SAVES} steps; its budget is {_mb(self.budget)}")
+            return f"{steps}; its budget is {_mb(self.budget)}"
         if needed > available:
-            return (f"the memory tier needs {_mb(needed)} on node {self.node[:12]} for "
-                    f"{self.keep + IN_FLIGHT_SAVES} steps; the node has {_mb(max(available, 0))} available "
-                    "beyond its reserve")
+            return f"{steps}; the node has {_mb(max(available, 0))} available beyond its reserve"
+        free = shutil.disk_usage(self.dir).free
+        if needed > free:
+            return f"{steps}; its shared memory ({self.dir.parent.parent}) has {_mb(free)} free"
         return None
 
     # -- holding ---------------------------------------------------------------------------------
-    def hold(self, step: int, rank: int, num_hosts: int, part: dict[str, Any], replica_to: Any | None,
-             floor: int = -1) -> str | None:
-        """Holds a host's own part and has `replica_to` (another node's keeper; None on a one-node
-        cluster) hold a copy. Returns why the step is not committed here, or None once the primary and
-        its replica are held. `floor`: the newest step every host handed over whole."""
-        owned = _own(part)
-        held = Held(step, rank, num_hosts, self.node, Role.PRIMARY, part_bytes(owned), replicated=replica_to is None)
-        refused = self._store(held, owned, floor)
+    def hold(self, step: int, rank: int, num_hosts: int, name: str, replica_to: Any | None,
+             floor: int = -1) -> HandOff:
+        """Adopts a host's part file `name` (in `inbox()`) as its primary and has `replica_to` (another
+        node's keeper; None on a one-node cluster) hold a copy. `floor`: the newest step every host
+        handed over whole."""
+        self._sweep()
+        source = self.incoming / pathlib.Path(name).name
+        try:
+            nbytes = source.stat().st_size
+        except FileNotFoundError:
+            return HandOff(f"the part file of step {step} is gone (this keeper restarted since it was written)")
+        held = Held(step, rank, num_hosts, self.node, Role.PRIMARY, nbytes, replicated=replica_to is None)
+        refused = self._store(held, source, floor)
         if refused is not None or replica_to is None:
-            return refused
-        return self._replicate(held, owned, replica_to, floor)
+            return HandOff(refused)
+        return self._replicate(held, replica_to, floor)
 
-    def hold_replica(self, held: dict[str, Any], part: dict[str, Any], floor: int = -1) -> str | None:
-        owned = _own(part)
+    def hold_replica(self, held: dict[str, Any], name: str, floor: int = -1) -> str | None:
+        """Adopts the replica streamed to this keeper as `name`."""
         copy = dataclasses.replace(Held.from_dict(held), node=self.node, role=Role.REPLICA, replicated=False)
-        return self._store(copy, owned, floor)
+        source = self.received / pathlib.Path(name).name
+        if not source.exists():
+            return f"the streamed replica of step {copy.step} rank {copy.rank} is not here (its keeper restarted)"
+        return self._store(copy, source, floor)
 
-    def _replicate(self, held: Held, part: dict[str, Any], replica_to: Any, floor: int) -> str | None:
+    def _replicate(self, held: Held, replica_to: Any, floor: int) -> HandOff:
         import ray
 
+        name = f"{held.step}-{held.rank}-{uuid.uuid4().hex}.part"
+        sent = received = 0
         try:
-            refused = ray.get(replica_to.hold_replica.remote(held.to_dict(), part, floor), timeout=REPLICA_TIMEOUT_S)
+            with self.lock:
+                path = self.parts[(held.step, held.rank, Role.PRIMARY)][1]
+            address = ray.get(replica_to.address.remote(), timeout=REPLICA_TIMEOUT_S)
+            replica_stream.send(tuple(address), self.secret, path, name)
+            sent = received = 1  # the partner confirmed the whole file
+            refused = ray.get(replica_to.hold_replica.remote(held.to_dict(), name, floor), timeout=REPLICA_TIMEOUT_S)
+        except KeyError:
+            refused = "its primary was dropped before it was replicated (the run went back)"
         except Exception as err:  # noqa: BLE001 - a lost replica leaves the step uncommitted, nothing more
-            refused = f"the replica's keeper did not answer ({first_line(err)})"
+            refused = f"the replica's keeper did not take it ({first_line(err)})"
         if refused is not None:
             log.warning("the replica of step %d rank %d was not held: %s", held.step, held.rank, refused)
-            return f"its replica was not held: {refused}"
+            return HandOff(f"its replica was not held: {refused}", sent, received)
         with self.lock:
             key = (held.step, held.rank, Role.PRIMARY)
             if key in self.parts and self.parts[key][0] == held:
                 self.parts[key] = (dataclasses.replace(held, replicated=True), self.parts[key][1])
-        return None
+        return HandOff(None, sent, received)
 
-    def _store(self, held: Held, part: dict[str, Any], floor: int) -> str | None:
-        """Holds a part, making room by dropping steps `kept` no longer needs; a part that does not
-        fit leaves everything held as it was."""
+    def _store(self, held: Held, source: pathlib.Path, floor: int) -> str | None:
+        """Adopts a part file, making room by deleting steps `kept` no longer needs; a part that does
+        not fit is deleted and leaves everything held as it was."""
         with self.lock:
-            self.floor = max(self.floor, floor)
-            key = (held.step, held.rank, held.role)
-            after = {k: h for k, (h, _) in self.parts.items() if k != key} | {key: held}
-            steps = kept(list(after.values()), self.keep, self.floor)
-            if held.step not in steps:
-                return f"step {held.step} is older than the {self.keep} steps held"
-            total = sum(h.nbytes for k, h in after.items() if k[0] in steps)
-            available = psutil.virtual_memory().available - self.reserve_bytes
-            if total > self.budget:
-                return (f"holding step {held.step} would take {_mb(total)} on node {self.node[:12]}, over "
-                        f"its budget of {_mb(self.budget)}")
-            if held.nbytes > available:
-                return (f"node {self.node[:12]} has {_mb(max(available, 0))} available beyond its "
-                        f"reserve, less than step {held.step}'s {_mb(held.nbytes)}")
-            self.parts[key] = (held, part)
+            refused = self._refusal(held, floor)
+            if refused is not None:
+                source.unlink(missing_ok=True)
+                return refused
+            path = self.held_dir / f"{held.step}-{held.rank}-{held.role}.part"
+            os.rename(source, path)
+            self.maps.pop(path, None)  # a part of the same name from before the run went back
+            self.parts[(held.step, held.rank, held.role)] = (held, path)
             self._drop_unkept()
             return None
+
+    def _refusal(self, held: Held, floor: int) -> str | None:
+        self.floor = max(self.floor, floor)
+        key = (held.step, held.rank, held.role)
+        after = {k: h for k, (h, _) in self.parts.items() if k != key} | {key: held}
+        steps = kept(list(after.values()), self.keep, self.floor)
+        if held.step not in steps:
+            return f"step {held.step} is older than the {self.keep} steps held"
+        total = sum(h.nbytes for k, h in after.items() if k[0] in steps)
+        available = psutil.virtual_memory().available - self.reserve_bytes
+        if total > self.budget:
+            return (f"holding step {held.step} would take {_mb(total)} on node {self.node[:12]}, over "
+                    f"its budget of {_mb(self.budget)}")
+        if held.nbytes > available:
+            return (f"node {self.node[:12]} has {_mb(max(available, 0))} available beyond its "
+                    f"reserve, less than step {held.step}'s {_mb(held.nbytes)}")
+        return None
 
     def _drop_unkept(self) -> None:
         steps = kept([h for h, _ in self.parts.values()], self.keep, self.floor)
         for old in [k for k in self.parts if k[0] not in steps]:
-            del self.parts[old]
+            self._delete(old)
+
+    def _delete(self, key: tuple[int, int, Role]) -> None:
+        _, path = self.parts.pop(key)
+        self.maps.pop(path, None)  # a reader's mapping stays valid after the unlink
+        path.unlink(missing_ok=True)
+
+    def _sweep(self) -> None:
+        """Deletes the leftovers of writers that died: a host's part file (whole or not) whose process
+        is gone, and a received replica its sender never asked to hold."""
+        for path in self.incoming.iterdir():
+            try:
+                pid = int(path.name.lstrip(".").split(".")[0].split("-")[-1])
+            except ValueError:
+                pid = -1
+            if not psutil.pid_exists(pid):
+                path.unlink(missing_ok=True)
+        stale = time.time() - STALE_RECEIVED_S
+        for path in self.received.iterdir():
+            try:
+                if path.stat().st_mtime < stale:
+                    path.unlink(missing_ok=True)
+            except FileNotFoundError:
+                continue
 
     # -- reading ---------------------------------------------------------------------------------
     def index(self) -> list[dict[str, Any]]:
         with self.lock:
             return [h.to_dict() for h, _ in self.parts.values()]
 
-    def fetch(self, step: int, rank: int, role: str) -> dict[str, Any] | None:
+    def _mapped(self, step: int, rank: int, role: str) -> PartFile | None:
         with self.lock:
             entry = self.parts.get((step, rank, Role(role)))
-        return entry[1] if entry is not None else None
+            if entry is None:
+                return None
+            path = entry[1]
+            if path not in self.maps:
+                self.maps[path] = PartFile(path)
+            return self.maps[path]
+
+    def header(self, step: int, rank: int, role: str) -> tuple[str, PartHeader] | None:
+        """A held part's file and header (no array bytes): a host on this node maps the file itself."""
+        part = self._mapped(step, rank, role)
+        return None if part is None else (str(part.path), part.header)
+
+    def read_box(self, step: int, rank: int, role: str, shard: int, box: Index) -> np.ndarray | None:
+        """The sub-box `box` (global coordinates) of a held part's `shard`-th shard: only the bytes a
+        host of another node needs."""
+        part = self._mapped(step, rank, role)
+        if part is None:
+            return None
+        return part.contiguous_box(part.header.shards[shard], box)
 
     def forget_after(self, step: int) -> None:
         """Drops steps newer than `step`: the run continues from `step`, and a newer step held from
@@ -171,7 +282,19 @@ class Keeper:
         with self.lock:
             self.floor = min(self.floor, step)
             for key in [k for k in self.parts if k[0] > step]:
-                del self.parts[key]
+                self._delete(key)
+
+    def close(self) -> None:
+        """Deletes this keeper's folder, and the launch's when no other keeper of this node has one."""
+        with self.lock:
+            if self.listener is not None:
+                self.listener.close()
+            self.parts, self.maps = {}, {}
+            shutil.rmtree(self.dir, ignore_errors=True)
+            try:
+                self.dir.parent.rmdir()
+            except OSError:
+                pass  # another node's keeper on this machine (a test cluster) still has its folder
 
 
 def kept(held: list[Held], keep: int, floor: int) -> set[int]:

@@ -1,15 +1,18 @@
-"""The memory tier on a host: each save copies this host's addressable shards (with their global
-indices) and its non-array state into host memory, and a background thread hands them to the node's
-keeper (`jaxlaunch.workers.keeper`), which holds them beyond this process and sends a replica to
+"""The memory tier on a host: each save writes this host's addressable shards (with their global
+indices) and its non-array state once, straight from the device buffers, into a part file in its
+node's shared memory (`jaxlaunch.workers.part_file`), and a background thread tells the node's keeper
+(`jaxlaunch.workers.keeper`), which adopts the file beyond this process and streams a replica to
 another node. A restore reads the newest step committed in memory (`jaxlaunch.contract.tiers`) back
-into today's shardings: on the same topology each host takes back its own part; on another one, the
-held shards are reassembled into the new shardings."""
+into today's shardings, reading only the bytes it needs: a part on this node by mapping its file,
+another node's by asking its keeper for the sub-boxes of its shards that today's shards overlap."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
 import logging
+import os
+import pathlib
 import time
 from collections.abc import Callable
 from typing import Any
@@ -18,45 +21,14 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
-from jaxlaunch.workers.keeper import first_line
+from jaxlaunch.workers.keeper import HandOff, first_line, incoming_name
+from jaxlaunch.workers.part_file import Copies, Index, PartFile, PartHeader, is_key, normal, overlap, write_part
 
 from jaxlaunch.contract import tiers
 from jaxlaunch.contract.tiers import Held
 
 log = logging.getLogger(__name__)
 KEEPER_CALL_TIMEOUT_S = 60.0
-Index = tuple[tuple[int, int], ...]
-
-
-def _normal(index: tuple[slice, ...], shape: tuple[int, ...]) -> Index:
-    return tuple(s.indices(n)[:2] for s, n in zip(index, shape, strict=True))
-
-
-def _is_key(x: Any) -> bool:
-    return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
-
-
-def snapshot(tree: Any) -> dict[str, Any]:
-    """This host's part of `tree`: each array's addressable shards once per global index, copied to
-    host memory now (the next step may overwrite or donate the device buffers), and every other leaf."""
-    arrays, plain, live = {}, {}, []
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        key = jax.tree_util.keystr(path)
-        if not isinstance(leaf, jax.Array):
-            plain[key] = leaf
-            continue
-        data = jax.random.key_data(leaf) if _is_key(leaf) else leaf
-        arrays[key] = {"shape": tuple(data.shape), "dtype": str(data.dtype),
-                       "key_impl": str(jax.random.key_impl(leaf)) if _is_key(leaf) else None}
-        seen = set()
-        for shard in data.addressable_shards:
-            index = _normal(shard.index, data.shape)
-            if index not in seen:
-                seen.add(index)
-                shard.data.copy_to_host_async()
-                live.append((key, index, shard.data))
-    shards = [{"path": key, "index": index, "data": np.array(value, copy=True)} for key, index, value in live]
-    return {"arrays": arrays, "plain": plain, "shards": shards}
 
 
 def part_nbytes(targets: Any) -> int:
@@ -65,8 +37,8 @@ def part_nbytes(targets: Any) -> int:
     for leaf in jax.tree.leaves(targets):
         if not isinstance(getattr(leaf, "sharding", None), jax.sharding.Sharding):
             continue
-        itemsize = 8 if _is_key(leaf) else np.dtype(leaf.dtype).itemsize
-        indices = {_normal(i, leaf.shape) for i in leaf.sharding.addressable_devices_indices_map(leaf.shape).values()}
+        itemsize = 8 if is_key(leaf) else np.dtype(leaf.dtype).itemsize
+        indices = {normal(i, leaf.shape) for i in leaf.sharding.addressable_devices_indices_map(leaf.shape).values()}
         total += sum(int(np.prod([b - a for a, b in index])) * itemsize for index in indices)
     return total
 
@@ -80,6 +52,7 @@ class MemoryRestore:
     sources: list[tiers.Source]
     seconds: float
     bytes_fetched: int
+    """Bytes of held parts this host read: mapped on its node or fetched from other nodes' keepers."""
 
 
 class MemoryTier:
@@ -95,10 +68,13 @@ class MemoryTier:
         self.replica_to = keepers[partner] if partner is not None else None
         self.active = True
         self.refused: str | None = None
+        self.inbox: pathlib.Path | None = None
         self.sender = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="memory-tier")
         self.in_flight: concurrent.futures.Future | None = None
         self.handed: list[int] = []
         """This host's saves of the attempt, in order: all but the newest were handed over (waited for)."""
+        self.copies: dict[int, Copies] = {}
+        """The copies of this host's part of its newest saves, by step, once their hand-off is done."""
         self.lost: list[str] = list(lost)
         """Nodes whose keeper is gone (found by the driver, or not answering `held()`): lost with their node."""
 
@@ -110,39 +86,62 @@ class MemoryTier:
 
         step_bytes = nbytes * (2 if self.replica_to is not None else 1)
         try:
-            reason = ray.get(self.keeper.reserve.remote(self.rank, self.num_hosts, step_bytes),
-                             timeout=KEEPER_CALL_TIMEOUT_S)
+            reason, inbox = ray.get([self.keeper.reserve.remote(self.rank, self.num_hosts, step_bytes),
+                                     self.keeper.inbox.remote()], timeout=KEEPER_CALL_TIMEOUT_S)
+            self.inbox = pathlib.Path(inbox)
         except Exception as err:  # noqa: BLE001 - no keeper: no memory tier, said in the event
             reason = f"this node's keeper did not answer: {type(err).__name__}: {err}"
         self.active = not any_host(reason is not None)
         return reason
 
     # -- saving -----------------------------------------------------------------------------------
-    def save(self, step: int, tree: Any, meta: dict[str, Any], extra: dict[str, Any]) -> None:
-        """Copies this host's part of `step` to host memory and hands it to the keeper in the
-        background; waits for the previous hand-off (its primary and replica held), so that one part
-        at most is in flight and replication never lags more than one save.
+    def save(self, step: int, tree: Any, meta: dict[str, Any], extra: dict[str, Any],
+             fault: Callable[[], None] | None = None) -> None:
+        """Writes this host's part of `step` into its node's shared memory (the one copy on this
+        node) and hands the file to the keeper in the background; waits for the previous hand-off
+        (its primary and replica held), so that one part at most is in flight and replication never
+        lags more than one save.
 
         The floor sent with the part: this host's save before the previous one. Every host has handed
-        that one over whole, because the copy of `step` above waited for `step`'s computation, whose
-        collectives every host entered only after its own previous save, which waited for that one."""
-        part = {**snapshot(tree), "meta": meta, "extra": extra}
+        that one over whole, because the write of `step` above waited for `step`'s computation, whose
+        collectives every host entered only after its own previous save, which waited for that one.
+        `fault`: an injected failure, set off once the keeper was asked to hold the part."""
+        assert self.inbox is not None, "reserve() runs before the first save"
+        name = incoming_name(step, self.rank, os.getpid())
+        try:
+            header = write_part(self.inbox, name, tree, meta, extra)
+        except OSError as err:  # the keeper restarted and emptied its folder, or the tmpfs is full
+            self._refuse(step, f"the part file could not be written ({first_line(err)})")
+            self.wait()
+            return
         self.wait()
         floor = self.handed[-2] if len(self.handed) >= 2 else -1
         self.handed = self.handed[-1:] + [step]
-        self.in_flight = self.sender.submit(self._hand_off, step, part, floor)
+        self.in_flight = self.sender.submit(self._hand_off, step, name, header.nbytes, floor, fault)
 
-    def _hand_off(self, step: int, part: dict[str, Any], floor: int) -> None:
+    def _hand_off(self, step: int, name: str, nbytes: int, floor: int, fault: Callable[[], None] | None) -> None:
         import ray
 
         try:
-            refused = ray.get(self.keeper.hold.remote(step, self.rank, self.num_hosts, part, self.replica_to, floor),
-                              timeout=KEEPER_CALL_TIMEOUT_S)
+            asked = self.keeper.hold.remote(step, self.rank, self.num_hosts, name, self.replica_to, floor)
+            if fault is not None:
+                fault()
+            answer: HandOff = ray.get(asked, timeout=KEEPER_CALL_TIMEOUT_S)
         except Exception as err:  # noqa: BLE001 - the step is not committed in memory; durable goes on
-            refused = f"this node's keeper did not answer ({first_line(err)}); the driver restarts a dead one"
-        if refused is not None and self.refused is None:
-            self.refused = refused
-            log.warning("the memory tier did not hold step %d (%s); the durable tier goes on", step, refused)
+            answer = HandOff(f"this node's keeper did not answer ({first_line(err)}); the driver restarts a dead one")
+        self.copies = {s: c for s, c in self.copies.items() if s >= step - 1}
+        self.copies[step] = Copies(nbytes, written=1, sent=answer.sent, received=answer.received)
+        if answer.refused is not None:
+            self._refuse(step, answer.refused)
+
+    def _refuse(self, step: int, reason: str) -> None:
+        if self.refused is None:
+            self.refused = reason
+            log.warning("the memory tier did not hold step %d (%s); the durable tier goes on", step, reason)
+
+    def newest_copies(self) -> tuple[int, Copies] | None:
+        """The newest save whose hand-off is done, with the copies of this host's part it made."""
+        return max(self.copies.items(), default=None)
 
     def handing_off(self) -> bool:
         return self.in_flight is not None and not self.in_flight.done()
@@ -193,33 +192,29 @@ class MemoryTier:
         by_rank = {s.rank: s for s in tiers.sources(held, step, prefer={own: self.node})}
         if set(by_rank) != set(range(num_saved)):
             raise RuntimeError(f"memory step {step} is no longer whole in the keepers")
-        parts: dict[int, dict[str, Any]] = {}
-        fetched = 0
 
-        def load(ranks: list[int]) -> None:
-            nonlocal fetched
-            refs = {r: self.keepers[by_rank[r].node].fetch.remote(step, r, str(by_rank[r].role))
-                    for r in ranks if r not in parts}
-            for r, ref in refs.items():
-                part = ray.get(ref, timeout=KEEPER_CALL_TIMEOUT_S)
-                if part is None:
-                    raise RuntimeError(f"the keeper no longer holds rank {r}'s part of memory step {step}")
-                parts[r] = part
-                fetched += sum(s["data"].nbytes for s in part["shards"])
+        def keeper_of(rank: int) -> Any:
+            return self.keepers[by_rank[rank].node]
 
-        # Its own part covers a host's shards on the same topology; other parts only when it does not.
-        load([own])
-        state = _assemble(targets, parts, lambda: load(sorted(by_rank)), own)
-        meta = parts[0]["meta"] if 0 in parts else self._fetch_meta(step, by_rank[0])
-        return MemoryRestore(step, state, meta, parts[own].get("extra") or {}, list(by_rank.values()),
-                              time.perf_counter() - start, fetched)
+        def locate(rank: int) -> tuple[PartHeader, PartFile | None]:
+            got = ray.get(keeper_of(rank).header.remote(step, rank, str(by_rank[rank].role)),
+                          timeout=KEEPER_CALL_TIMEOUT_S)
+            if got is None:
+                raise RuntimeError(f"the keeper no longer holds rank {rank}'s part of memory step {step}")
+            path, header = got
+            return header, PartFile(path) if by_rank[rank].node == self.node else None
 
-    def _fetch_meta(self, step: int, source: tiers.Source) -> dict[str, Any]:
-        import ray
+        def remote_box(rank: int, shard: int, box: Index) -> np.ndarray:
+            data = ray.get(keeper_of(rank).read_box.remote(step, rank, str(by_rank[rank].role), shard, box),
+                           timeout=KEEPER_CALL_TIMEOUT_S)
+            if data is None:
+                raise RuntimeError(f"the keeper no longer holds rank {rank}'s part of memory step {step}")
+            return data
 
-        part = ray.get(self.keepers[source.node].fetch.remote(step, source.rank, str(source.role)),
-                       timeout=KEEPER_CALL_TIMEOUT_S)
-        return part["meta"]
+        reader = PartReader(own, sorted(by_rank), locate, remote_box)
+        state = assemble(targets, reader)
+        return MemoryRestore(step, state, reader.header(0).meta, reader.header(own).extra or {},
+                             list(by_rank.values()), time.perf_counter() - start, reader.bytes_read)
 
     def forget_after(self, step: int) -> None:
         """Waited for: no host saves a step past `step` before the keepers forgot the old ones, since
@@ -233,57 +228,79 @@ class MemoryTier:
                 log.info("a keeper did not forget the steps after %d: %s", step, first_line(err))
 
 
-def _assemble(targets: Any, parts: dict[int, dict[str, Any]], load_all: Callable[[], None], own: int) -> Any:
-    """Each target array made from the held shards: its own host's shard of the same index when
-    there is one, else the pieces of every part that overlap it."""
+class PartReader:
+    """The held parts of one step, read as needed: a part's header on first use, then only the
+    sub-boxes asked for, from its mapped file when it is on this node, else from its keeper."""
 
-    def shards_of(key: str) -> list[tuple[int, Index, np.ndarray]]:
-        out = [(r, s["index"], s["data"]) for r, p in parts.items() for s in p["shards"] if s["path"] == key]
-        return sorted(out, key=lambda item: item[0] != own)
+    def __init__(self, own: int, ranks: list[int], locate: Callable[[int], tuple[PartHeader, PartFile | None]],
+                 remote_box: Callable[[int, int, Index], np.ndarray]):
+        self.own, self.ranks, self.locate, self.remote_box = own, ranks, locate, remote_box
+        self.parts: dict[int, tuple[PartHeader, PartFile | None]] = {}
+        self.bytes_read = 0
+
+    def header(self, rank: int) -> PartHeader:
+        if rank not in self.parts:
+            self.parts[rank] = self.locate(rank)
+        return self.parts[rank][0]
+
+    def box(self, rank: int, shard: int, box: Index) -> np.ndarray:
+        header, mapped = self.header(rank), self.parts[rank][1]
+        entry = header.shards[shard]
+        data = mapped.box(entry, box) if mapped is not None else self.remote_box(rank, shard, box)
+        self.bytes_read += data.nbytes
+        return data
+
+
+def assemble(targets: Any, reader: PartReader) -> Any:
+    """Each target array made from the held shards: its own host's shard of the same index when
+    there is one, else the pieces of the held shards that overlap it, each element read once."""
+    own = reader.header(reader.own)
 
     def piece(key: str, shape: tuple[int, ...], dtype: np.dtype, index: tuple[slice, ...] | None) -> np.ndarray:
         assert index is not None, "a NamedSharding gives every device a slice"
-        wanted = _normal(index, shape)
-        for _, held_index, data in shards_of(key):
-            if held_index == wanted:
-                return data
-        for attempt in range(2):
-            out = np.empty([b - a for a, b in wanted], dtype)
-            covered = np.zeros(out.shape, bool)
-            for _, held_index, data in shards_of(key):
-                lo = [max(a, c) for (a, _), (c, _) in zip(wanted, held_index, strict=True)]
-                hi = [min(b, d) for (_, b), (_, d) in zip(wanted, held_index, strict=True)]
-                if any(h <= lo_ for lo_, h in zip(lo, hi, strict=True)):
+        wanted = normal(index, shape)
+        for i, entry in enumerate(own.shards):
+            if entry.path == key and entry.index == wanted:
+                return _owned(reader.box(reader.own, i, wanted))
+        out = np.empty([b - a for a, b in wanted], dtype)
+        covered = np.zeros(out.shape, bool)
+        # Other parts are read only when the host's own does not cover its shard.
+        for rank in [reader.own] + [r for r in reader.ranks if r != reader.own]:
+            for i, entry in enumerate(reader.header(rank).shards):
+                box = overlap(wanted, entry.index) if entry.path == key else None
+                if box is None:
                     continue
-                dst = tuple(slice(lo_ - a, h - a) for lo_, h, (a, _) in zip(lo, hi, wanted, strict=True))
-                src = tuple(slice(lo_ - c, h - c) for lo_, h, (c, _) in zip(lo, hi, held_index, strict=True))
-                out[dst] = data[src]
+                dst = tuple(slice(lo - a, hi - a) for (lo, hi), (a, _) in zip(box, wanted, strict=True))
+                if covered[dst].all():
+                    continue  # a replicated array's other copies: read once
+                out[dst] = reader.box(rank, i, box)
                 covered[dst] = True
             if covered.all():
                 return out
-            if attempt == 0:
-                load_all()
         raise RuntimeError(f"the memory tier holds no copy of part of {key}")
-
-    plain = {k: v for p in parts.values() for k, v in p["plain"].items()}
-    arrays = parts[own]["arrays"]
 
     def make(path: jax.tree_util.KeyPath, target: Any) -> Any:
         key = jax.tree_util.keystr(path)
         if not isinstance(getattr(target, "sharding", None), jax.sharding.Sharding):
-            return plain[key]
-        info = arrays[key]
-        shape, dtype = tuple(info["shape"]), np.dtype(info["dtype"])
+            return own.plain[key]
+        info = own.array(key)
+        shape, dtype = info.shape, np.dtype(info.dtype)
         sharding = target.sharding
-        if info["key_impl"] is not None:
+        if info.key_impl is not None:
             spec = tuple(sharding.spec) + (None,) * (len(shape) - len(sharding.spec))
             sharding = NamedSharding(sharding.mesh, PartitionSpec(*spec))
         array = jax.make_array_from_callback(shape, sharding, lambda i: piece(key, shape, dtype, i))
-        if info["key_impl"] is not None:
-            return jax.device_put(jax.random.wrap_key_data(array, impl=info["key_impl"]), target.sharding)
+        if info.key_impl is not None:
+            return jax.device_put(jax.random.wrap_key_data(array, impl=info.key_impl), target.sharding)
         return array
 
     return jax.tree_util.tree_map_with_path(make, targets)
+
+
+def _owned(data: np.ndarray) -> np.ndarray:
+    """`data` in memory of its own: on CPU, JAX may make an aligned array the device buffer without a
+    copy, and a donated buffer in a read-only mapping of a part file would be written by the next step."""
+    return data if data.flags.writeable and data.flags.owndata else np.array(data)
 
 
 def any_host(flag: bool) -> bool:

@@ -313,7 +313,10 @@ class Restored(HostEvent):
     durable_bytes_read: int | None = None
     """Bytes of the durable step read (0 when memory served)."""
     memory_bytes_read: int | None = None
-    """Bytes this host fetched from keepers (0 when the durable tier served)."""
+    """Bytes of held parts this host read, mapped on its node or fetched from other nodes' keepers
+    (0 when the durable tier served)."""
+    memory_part_bytes: int | None = None
+    """Bytes of this host's part in today's layout: what a restore from memory must read at least."""
     replicas: list[int] | None = None
     """Ranks whose part came from its replica on another node (their own node's keeper was gone)."""
     records: tuple[dict[str, Any], ...] = dataclasses.field(default=(), metadata={"written": False})

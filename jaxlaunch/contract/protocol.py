@@ -88,6 +88,7 @@ class InjectionKind(enum.StrEnum):
     PREEMPT = "preempt"      # a preemption notice (SIGTERM)
     SLOW = "slow"            # from the step on, the host's own work per step takes `factor` times as long
     BITFLIP = "bitflip"      # one bit of the host's copy of a replicated parameter flips (silent corruption)
+    KILL_IN_HANDOFF = "kill_in_handoff"  # SIGKILL inside the memory tier's hand-off of that step's part
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,6 +14,18 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import pathlib
+import tempfile
+
+SHM_ROOT = pathlib.Path("/dev/shm")
+"""Node-local shared memory (tmpfs): a file there outlives the process that wrote it, with no copy."""
+
+
+def launch_dir(launch_id: str) -> pathlib.Path:
+    """The folder of one launch's memory-tier part files on each node: `/dev/shm/jaxlaunch-<launch id>`
+    (the temporary folder where a system has no /dev/shm)."""
+    root = SHM_ROOT if SHM_ROOT.is_dir() else pathlib.Path(tempfile.gettempdir())
+    return root / f"jaxlaunch-{launch_id}"
 
 
 class Role(enum.StrEnum):

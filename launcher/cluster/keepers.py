@@ -3,13 +3,21 @@ started by name (`KEEPER_PROGRAM`) on that node, outliving every attempt's host 
 stopped with the launch. A keeper lost with its node is dropped; a new node gets a fresh one. A
 keeper whose process dies while its node is up is restarted by Ray on that node (the handles the
 hosts and the other keepers hold stay valid); `watch`, called at every poll, notices the new process
-and says so once."""
+and says so once.
+
+Every keeper of a launch gets the launch's id (its folder in each node's shared memory) and a secret
+that authenticates the replica streams between keepers. `shutdown` asks each keeper to delete its
+folder before killing it, and deletes what is left of the launch's folder on this machine (a keeper
+killed with its node or its Ray instance could not)."""
 
 from __future__ import annotations
 
 import importlib
 import logging
+import secrets
+import shutil
 import time
+import uuid
 from typing import Any
 
 import ray
@@ -21,6 +29,7 @@ from jaxlaunch.contract.protocol import KEEPER_CONCURRENCY, KEEPER_PROGRAM, Chec
 log = logging.getLogger(__name__)
 KEEPER_START_TIMEOUT_S = 60.0
 KEEPER_PING_TIMEOUT_S = 5.0
+KEEPER_CLOSE_TIMEOUT_S = 10.0
 KEEPER_WATCH_INTERVAL_S = 1.0
 """How often `watch` asks the keepers for their process: a dead one is restarted by Ray at once,
 this only bounds how late the driver says so."""
@@ -29,6 +38,8 @@ this only bounds how late the driver says so."""
 class KeeperPool:
     def __init__(self, cfg: CheckpointConfig):
         self.cfg = cfg
+        self.launch_id = uuid.uuid4().hex[:12]
+        self.secret = secrets.token_hex(16)
         self.keepers: dict[str, Any] = {}
         self.pids: dict[str, int] = {}
         """Each keeper's process, as its latest answer gave it."""
@@ -57,7 +68,7 @@ class KeeperPool:
                     # Restarted on its node whenever its process dies; not on another node.
                     num_cpus=0, max_concurrency=KEEPER_CONCURRENCY, max_restarts=-1, max_task_retries=0,
                     scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
-                ).remote(node, budget, self.cfg.memory_keep)
+                ).remote(node, budget, self.cfg.memory_keep, self.launch_id, self.secret)
         if started:
             pids = ray.get([k.ping.remote() for k in started.values()], timeout=KEEPER_START_TIMEOUT_S)
             self.pids.update(zip(started, pids, strict=True))
@@ -124,13 +135,30 @@ class KeeperPool:
         return steps[0], max(h.num_hosts for h in held if h.step == steps[0])
 
     def forget(self) -> None:
-        """Drops the keepers without asking Ray (its Ray instance is gone)."""
+        """Drops the keepers without asking Ray (its Ray instance is gone, and its keepers with it)."""
         self.keepers, self.pids, self.watching = {}, {}, {}
+        self._remove_local_files()
 
     def shutdown(self) -> None:
+        if self.keepers:
+            closing = [k.close.remote() for k in self.keepers.values()]
+            ready, _ = ray.wait(closing, num_returns=len(closing), timeout=KEEPER_CLOSE_TIMEOUT_S)
+            for ref in ready:
+                try:
+                    ray.get(ref)
+                except Exception as err:  # noqa: BLE001 - a keeper lost with its node: its files went too
+                    log.debug("a keeper did not close: %s", err)
         for keeper in self.keepers.values():
             try:
                 ray.kill(keeper, no_restart=True)
             except Exception as err:  # noqa: BLE001
                 log.debug("kill failed: %s", err)
         self.keepers, self.pids, self.watching = {}, {}, {}
+        self._remove_local_files()
+
+    def _remove_local_files(self) -> None:
+        """The launch's part files on this machine, whatever its keepers managed: a keeper killed
+        mid-close, or a dead Ray instance's, leaves its folder behind. (Other nodes' shared memory is
+        theirs to clear: their keepers' `close`.)"""
+        if self.enabled:
+            shutil.rmtree(tiers.launch_dir(self.launch_id), ignore_errors=True)

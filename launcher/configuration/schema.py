@@ -24,7 +24,7 @@ from jaxlaunch.launcher.views import trackers
 from jaxlaunch.contract.entry import BUILTIN_ENTRY, LEGACY_ENTRIES
 from jaxlaunch.contract.flags import flag
 from jaxlaunch.contract.mesh import resolve_mesh
-from jaxlaunch.contract.protocol import CheckpointConfig, ConfigError, DistributedConfig, Injection
+from jaxlaunch.contract.protocol import CheckpointConfig, ConfigError, DistributedConfig, Injection, InjectionKind
 from jaxlaunch.contract.store import open_store
 from jaxlaunch.contract.values import coerce, merge_settings, scalar
 
@@ -241,6 +241,9 @@ class CheckedJob(pydantic.BaseModel):
             if injection.host >= job.max_hosts:
                 raise ConfigError(f"--inject {injection}: host {injection.host} does not exist; the job has at most "
                                   f"{job.max_hosts} hosts (0..{job.max_hosts - 1})")
+            if injection.kind == InjectionKind.KILL_IN_HANDOFF and not job.checkpoint.memory_tier:
+                raise ConfigError(f"--inject {injection}: a hand-off exists only with the memory tier; "
+                                  "add --memory-tier")
         return self
 
 

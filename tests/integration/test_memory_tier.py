@@ -10,6 +10,7 @@ import ray
 from jaxlaunch.launcher.records.runs import RunDir
 from ray.cluster_utils import Cluster
 
+from jaxlaunch.contract.tiers import launch_dir
 from tests.integration.helpers import (
     EXAMPLES,
     MINIMAL,
@@ -26,8 +27,6 @@ from tests.integration.helpers import (
     trajectory,
     wait_for,
 )
-
-MEMORY = ("--memory-tier", "--save-every", "1", "--persist-every", "50", "--steps", "200")
 
 MEMORY = ("--memory-tier", "--save-every", "1", "--persist-every", "50", "--steps", "200")
 HEALTH = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000, "health_check_timeout_ms": 1000,
@@ -211,6 +210,8 @@ def test_four_hosts_shrink_to_two_from_memory(cluster, tmp_path, soak_round):
     # The lost rank's part comes from its replica; another rank's may too, when its replica is on the
     # node a new host landed on (a host reads the copy on its own node first).
     assert 1 in restored["replicas"] and restored["saved_topology"]["num_hosts"] == 4
+    # Each host reads only the boxes of held shards its new shards overlap, not whole parts.
+    assert 0 < restored["memory_bytes_read"] <= 1.5 * restored["memory_part_bytes"], restored
     assert restored["step"] > 30
 
 
@@ -235,3 +236,41 @@ def test_a_grain_pipeline_resumes_its_position_exactly_after_a_kill(tmp_path):
     assert restored["tier"] == "memory" and 36 <= restored["step"] <= 37, restored
     assert trajectory(killed) == trajectory(reference), "the same batches, bit for bit"
     assert summary(killed)["returned"] == summary(reference)["returned"], "the best-loss tracker came back too"
+
+
+def launch_dirs():
+    """The memory tier's folders in this machine's shared memory, of every launch."""
+    return set(launch_dir("any").parent.glob("jaxlaunch-*"))
+
+
+@pytest.mark.soak
+def test_a_host_killed_inside_its_hand_off_loses_nothing_and_leaves_no_file(cluster, minimal_reference, tmp_path,
+                                                                           soak_round):
+    """Two nodes, so each part's replica streams to the other node's keeper. Host 1 is SIGKILLed inside
+    its hand-off of step 75 (its keeper asked to hold the part, no answer yet): whether the keeper got
+    the part and its replica or not, the restore is whole, from memory, step 74 or 75 (nothing committed
+    is lost), the losses are the uninterrupted run's, and no part file outlives the launch
+    (`--soak 5` runs it 5 times in a row)."""
+    before = launch_dirs()
+    for _ in range(2):
+        cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    run_dir = tmp_path / "run"
+    proc = start("--config", str(cluster_config(tmp_path, cluster)), "--hosts", "2", *MINIMAL, *MEMORY,
+                 "--inject", "kill_in_handoff@step=75,host=1", "--run-dir", str(run_dir))
+    try:
+        wait_for(lambda: any(list(d.glob("*/held/*.part")) for d in launch_dirs() - before), 300,
+                 "part files in shared memory", proc)
+        out, err = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out + err
+    [injected] = [line for line in RunDir(run_dir).injections() if line["kind"] == "kill_in_handoff"]
+    assert injected["step"] == 75 and injected["saving_in_progress"], injected
+    (restored,) = restores(run_dir)
+    assert restored["tier"] == "memory" and restored["durable_bytes_read"] == 0, restored
+    assert 74 <= restored["step"] <= 75, restored
+    assert not events(run_dir, "memory_fallback") and not events(run_dir, "memory_save_refused")
+    assert trajectory(run_dir) == trajectory(minimal_reference), "bit for bit"
+    assert launch_dirs() <= before, "every part file went with the launch"

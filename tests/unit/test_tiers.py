@@ -1,14 +1,20 @@
 """The memory tier's commit rule, its keeper's budget, and the reassembly of held shards into other
 shardings, in one process without Ray."""
 
+import dataclasses
+import os
+import pathlib
+import uuid
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from jaxlaunch.workers import extras
-from jaxlaunch.workers.keeper import Keeper, kept
-from jaxlaunch.workers.memory import _assemble, part_nbytes, snapshot
+from jaxlaunch.workers import extras, replica_stream
+from jaxlaunch.workers.keeper import Keeper, incoming_name, kept
+from jaxlaunch.workers.memory import PartReader, assemble, part_nbytes
+from jaxlaunch.workers.part_file import PartFile, write_part
 
 from jaxlaunch.contract.tiers import Held, Role, committed_steps, replica_node, sources
 
@@ -56,27 +62,73 @@ def test_each_node_replicates_to_one_other_node():
     assert replica_node("a", ["a"]) is None
 
 
-def shards_part(step, rank, n):
-    x = np.arange(n * 4, dtype=np.float32).reshape(n, 4) + step
-    return {"shards": [{"path": "x", "index": ((rank * n // 2, (rank + 1) * n // 2), (0, 4)),
-                        "data": x[rank * n // 2:(rank + 1) * n // 2]}], "arrays": {}, "plain": {}}
+@pytest.fixture
+def keeper():
+    made = Keeper("a", budget_bytes=256, keep=2, launch_id=f"test-{uuid.uuid4().hex[:8]}")
+    yield made
+    made.close()
+    assert not made.dir.parent.exists(), "close() leaves nothing in shared memory"
 
 
-def test_the_keeper_keeps_the_newest_steps_within_its_budget():
-    keeper = Keeper("a", budget_bytes=256, keep=2)  # 4 parts of 64 bytes: 2 whole steps, 2 in flight
-    for step in (1, 2, 3, 4, 5):  # as a host sends them: the floor is its save before the previous one
-        assert keeper.hold(step, 0, 1, shards_part(step, 0, 8), None, floor=step - 2) is None
+def put(keeper, step, nbytes, pid=None):
+    """A host's part file of `nbytes` in the keeper's inbox, as a host of process `pid` wrote it."""
+    name = incoming_name(step, 0, pid or os.getpid())
+    (pathlib.Path(keeper.inbox()) / name).write_bytes(bytes(nbytes))
+    return name
+
+
+def held_files(keeper):
+    return sorted(p.name for p in keeper.held_dir.iterdir())
+
+
+def test_the_keeper_keeps_the_newest_steps_within_its_budget(keeper):
+    # 4 parts of 64 bytes: 2 whole steps, 2 in flight
+    for step in range(6):
+        assert keeper.hold(step, 0, 1, put(keeper, step, 64), None, floor=step - 2).refused is None
     assert sorted({h["step"] for h in keeper.index()}) == [2, 3, 4, 5], "the oldest step made room"
-    assert keeper.hold(1, 0, 1, shards_part(1, 0, 8), None) == "step 1 is older than the 2 steps held"
-    held = keeper.fetch(3, 0, "primary")
-    assert np.array_equal(held["shards"][0]["data"], np.arange(32, dtype=np.float32).reshape(8, 4)[:4] + 3)
-    refused = keeper.hold(6, 0, 1, shards_part(6, 0, 16), None, floor=4)
-    assert refused is not None and "over its budget" in refused, refused
+    assert held_files(keeper) == [f"{s}-0-primary.part" for s in (2, 3, 4, 5)], "a dropped part's file is deleted"
+    assert keeper.hold(1, 0, 1, put(keeper, 1, 64), None).refused == "step 1 is older than the 2 steps held"
+    refused = keeper.hold(6, 0, 1, put(keeper, 6, 128), None, floor=4).refused
+    assert "over its budget" in refused, refused
     assert sorted({h["step"] for h in keeper.index()}) == [2, 3, 4, 5], "a refused part evicts nothing"
+    assert list(keeper.incoming.iterdir()) == [], "a refused part's file is deleted"
     assert keeper.reserve(0, 1, 10**15) is not None, "a reservation the node cannot hold is refused"
     keeper.forget_after(2)
-    assert {h["step"] for h in keeper.index()} == {2}
-    assert keeper.hold(3, 0, 1, shards_part(3, 0, 8), None, floor=2) is None, "the floor went back with the run"
+    assert {h["step"] for h in keeper.index()} == {2} and held_files(keeper) == ["2-0-primary.part"]
+    assert keeper.hold(3, 0, 1, put(keeper, 3, 64), None, floor=2).refused is None, "the floor went back with the run"
+
+
+def test_a_keeper_deletes_the_files_of_writers_that_died(keeper):
+    dead = psutil_dead_pid()
+    put(keeper, 7, 64, pid=dead)
+    (keeper.incoming / f".{incoming_name(8, 0, dead)}.tmp").write_bytes(bytes(10))  # killed mid-write
+    assert keeper.hold(9, 0, 1, put(keeper, 9, 64), None).refused is None
+    assert list(keeper.incoming.iterdir()) == [], "only a live host's files stay until their hand-off"
+    assert "is gone" in keeper.hold(10, 0, 1, incoming_name(10, 0, dead), None).refused
+
+
+def psutil_dead_pid():
+    import psutil
+
+    pid = 2**22 - 1
+    while psutil.pid_exists(pid):
+        pid -= 1
+    return pid
+
+
+def test_a_replica_streams_only_with_the_launchs_secret(tmp_path):
+    part = tmp_path / "part"
+    part.write_bytes(np.arange(100_000, dtype=np.uint8).tobytes())
+    (tmp_path / "in").mkdir()
+    listener = replica_stream.ReplicaListener(tmp_path / "in", "s3cret", "127.0.0.1")
+    try:
+        assert replica_stream.send(listener.address, "s3cret", part, "1-0-x.part") == 100_000
+        assert (tmp_path / "in" / "1-0-x.part").read_bytes() == part.read_bytes()
+        with pytest.raises(ConnectionError):
+            replica_stream.send(listener.address, "guess", part, "2-0-x.part")
+        assert sorted(p.name for p in (tmp_path / "in").iterdir()) == ["1-0-x.part"]
+    finally:
+        listener.close()
 
 
 def test_a_keeper_keeps_the_newest_steps_every_host_handed_over_and_all_newer_ones():
@@ -93,38 +145,69 @@ def mesh_of(shape, names):
     return Mesh(np.array(jax.devices()[:int(np.prod(shape))]).reshape(shape), names)
 
 
-def test_held_shards_reassemble_into_other_shardings_bit_for_bit():
+def as_hosts(tmp_path, tree, num_hosts, owns):
+    """One part file of this process's part of `tree`, and `num_hosts` headers that split it as hosts
+    of one device each would have held it (`owns(rank, shard)`)."""
+    write_part(tmp_path, "p.part", tree, {"step": 3}, {"rank": 0})
+    whole = PartFile(tmp_path / "p.part")
+    headers = {r: dataclasses.replace(whole.header, shards=tuple(e for e in whole.header.shards if owns(r, e)))
+               for r in range(num_hosts)}
+    return whole, headers
+
+
+@pytest.mark.parametrize("remote", [False, True], ids=["mapped", "from-keepers"])
+def test_held_shards_reassemble_into_other_shardings_bit_for_bit_reading_each_byte_once(tmp_path, remote):
     values = jax.random.normal(jax.random.key(0), (8, 6))
     saved = jax.device_put(values, NamedSharding(mesh_of((4,), ("data",)), PartitionSpec("data")))
     key = jax.device_put(jax.random.key(7), NamedSharding(mesh_of((4,), ("data",)), PartitionSpec()))
-    whole = snapshot({"w": saved, "k": key, "n": 3})
-    # Split this process's part as 4 hosts of one device each would have held it.
-    parts = {r: {**whole, "shards": [s for s in whole["shards"] if s["path"] != "['w']" or
-                                     s["index"][0][0] == 2 * r]} for r in range(4)}
-    assert [len([s for s in p["shards"] if s["path"] == "['w']"]) for p in parts.values()] == [1, 1, 1, 1]
+    scalar = jax.device_put(jnp.int32(5), NamedSharding(mesh_of((4,), ("data",)), PartitionSpec()))
+    whole, headers = as_hosts(tmp_path, {"w": saved, "k": key, "c": scalar, "n": 3}, 4,
+                              lambda r, e: e.path != "['w']" or e.index[0][0] == 2 * r)
+    assert [len([s for s in h.shards if s.path == "['w']"]) for h in headers.values()] == [1, 1, 1, 1]
     new = mesh_of((2, 2), ("data", "model"))
     targets = {"w": jax.ShapeDtypeStruct((8, 6), jnp.float32, sharding=NamedSharding(new, PartitionSpec("model",
                                                                                                         "data"))),
                "k": jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=NamedSharding(new, PartitionSpec())),
+               "c": jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(new, PartitionSpec())),
                "n": 0}
-    loaded = {0: parts[0]}
-    restored = _assemble(targets, loaded, lambda: loaded.update(parts), own=0)
-    assert len(loaded) == 4, "other parts are read only when the host's own does not cover its shards"
+    boxes = []
+
+    def remote_box(rank, shard, box):
+        boxes.append((headers[rank].shards[shard].path, box))
+        return whole.contiguous_box(headers[rank].shards[shard], box)  # as the keeper sends it
+
+    reader = PartReader(0, [0, 1, 2, 3], lambda r: (headers[r], None if remote else whole), remote_box)
+    restored = assemble(targets, reader)
+    assert len(reader.parts) == 4, "other parts are read only when the host's own does not cover its shards"
     assert np.array_equal(np.asarray(restored["w"]), np.asarray(values))
     assert restored["w"].sharding.spec == PartitionSpec("model", "data")
     assert np.array_equal(jax.random.key_data(restored["k"]), jax.random.key_data(key))
-    assert restored["n"] == 3
-    assert part_nbytes(targets) == 8 * 6 * 4 + 8
+    assert restored["n"] == 3 and restored["c"].shape == () and int(restored["c"]) == 5
+    assert part_nbytes(targets) == 8 * 6 * 4 + 8 + 4
+    assert reader.bytes_read == part_nbytes(targets), "each byte of the new part read once, nothing more"
+    assert not remote or all(b[0][1] - b[0][0] == 2 and b[1][1] - b[1][0] == 3 for p, b in boxes if p == "['w']"), \
+        "another node's keeper sends only the sub-box a new shard overlaps"
 
 
-def test_a_part_that_covers_nothing_is_an_error_not_zeros():
+def test_a_part_file_is_written_once_from_the_device_buffer_and_maps_back_exactly(tmp_path):
+    x = jax.device_put(jnp.arange(12.0).reshape(4, 3), NamedSharding(mesh_of((2,), ("data",)), PartitionSpec("data")))
+    assert all(np.asarray(s.data).ctypes.data == s.data.unsafe_buffer_pointer() for s in x.addressable_shards), \
+        "on CPU a shard's numpy array is its buffer: the file write is the one copy"
+    header = write_part(tmp_path, "p.part", {"x": x, "s": "plain"}, {"m": 1}, {"e": 2})
+    assert [p.name for p in tmp_path.iterdir()] == ["p.part"], "no temporary file is left"
+    part = PartFile(tmp_path / "p.part")
+    assert part.header == header and header.nbytes == 48 and header.plain == {"['s']": "plain"}
+    assert [np.asarray(part.shard(e)).tolist() for e in header.shards] == [[[0, 1, 2], [3, 4, 5]], [[6, 7, 8],
+                                                                                                  [9, 10, 11]]]
+
+
+def test_a_part_that_covers_nothing_is_an_error_not_zeros(tmp_path):
     saved = jax.device_put(jnp.ones((4, 2)), NamedSharding(mesh_of((2,), ("data",)), PartitionSpec("data")))
-    whole = snapshot({"w": saved})
-    half = {**whole, "shards": whole["shards"][:1]}
+    whole, headers = as_hosts(tmp_path, {"w": saved}, 1, lambda r, e: e.index[0][0] == 0)
     target = {"w": jax.ShapeDtypeStruct((4, 2), jnp.float32,
                                         sharding=NamedSharding(mesh_of((1,), ("data",)), PartitionSpec()))}
     with pytest.raises(RuntimeError, match="no copy of part of"):
-        _assemble(target, {0: half}, lambda: None, own=0)
+        assemble(target, PartReader(0, [0], lambda r: (headers[r], whole), None))
 
 
 class Counter:
