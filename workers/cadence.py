@@ -79,10 +79,11 @@ class SaveCadence:
     def step_time(self, seconds: float) -> None:
         self._step_times.append(seconds)
 
-    def after_save(self, step: int, saved: Due, memory_s: float | None, durable_s: float | None) -> None:
+    def after_save(self, step: int, saved: Due, memory_s: float | None, durable_s: float | None,
+                   final: bool = False) -> None:
         """Called by every host at every step, after the step's save (if any): records the save's
         cost and, at an agreement step, adopts rank 0's cadence (rank 0 tells a `cadence_chosen`
-        event when it changed)."""
+        event when it changed). `final`: the loop ends at this step, so nothing is agreed."""
         if step <= self._last_step:
             return  # maybe_save called again at a step: its save and agreement were made
         self._last_step = step
@@ -93,7 +94,7 @@ class SaveCadence:
         if saved.durable and durable_s is not None:
             self._costs["durable"].append(durable_s)
             first_durable, self._durable_measured = not self._durable_measured, True
-        if self.next_check is None or not (step >= self.next_check or first_durable):
+        if final or self.next_check is None or not (step >= self.next_check or first_durable):
             return
         proposal, event = self._propose(step) if self.rank == 0 else ([0, 0, 0, 0], None)
         changed, memory_every, durable_every, next_check = self._broadcast(proposal)

@@ -301,7 +301,7 @@ class HostContext:
                 if record["step"] == step:
                     record["checkpoint_blocking_s"] = blocked
                     record["checkpoint_tier"] = "durable" if durable else "memory"
-        loop.cadence.after_save(step, Due(in_memory and saving, durable and saving), memory_s, durable_s)
+        loop.cadence.after_save(step, Due(in_memory and saving, durable and saving), memory_s, durable_s, final)
         self._fire_armed()
         return due
 
