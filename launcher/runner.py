@@ -250,8 +250,7 @@ def _build(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref: En
                         ) if job.tracking.trackers else None
     recorder = Recorder(run, job.mesh_for, sinks=[trackers] if trackers is not None else [])
     live = LiveMetrics(run, committed, exporter)
-    listeners: list[Any] = [recorder, live, ConsoleView(display, run, job.train.steps, committed, time.monotonic,
-                                                        job.checkpoint.save_every)]
+    listeners: list[Any] = [recorder, live, ConsoleView(display, run, job.train.steps, job.checkpoint.memory_tier)]
     if prepared.chaos_mean_s:
         listeners.append(Chaos(prepared.chaos_mean_s, job.train.seed, recorder.event))
     replicas = ReplicaWatch(recorder.event, lambda text: display.message(f"[red]{escape(text)}[/red]"))

@@ -30,6 +30,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jaxlaunch.workers import batch as batch_lib
 from jaxlaunch.workers import extras
+from jaxlaunch.workers.cadence import CommitWatch, Due, SaveCadence, given
 from jaxlaunch.workers.checkpoint import Checkpointer
 from jaxlaunch.workers.faults import FaultHook
 from jaxlaunch.workers.memory import MemoryTier, part_nbytes
@@ -72,6 +73,8 @@ class _Loop:
     """The newest step reported (or the start step)."""
     step_clock: StepClock
     """Each step's own time, from the readbacks of its result and the previous step's."""
+    cadence: SaveCadence
+    commits: CommitWatch
 
 
 class HostContext:
@@ -181,7 +184,9 @@ class HostContext:
             self._memory.forget_after(step)
         self._progress.step_done(step)
         self._progress.enter(Phase.COMPILING)
-        self._loop = _Loop(layout, checkpointer, step, step, StepClock(self._clock))
+        cadence = SaveCadence(spec.checkpoint, self._memory is not None, self.process_index, step, self._progress.event)
+        self._loop = _Loop(layout, checkpointer, step, step, StepClock(self._clock), cadence,
+                           CommitWatch(self._memory, checkpointer.is_saving, self.process_index))
         if extra is None:
             return layout.merge(state), step
         return layout.merge(state), step, self._extra
@@ -195,7 +200,7 @@ class HostContext:
         refused = memory.reserve(part_nbytes(layout.targets()))
         if refused is not None:
             log.warning("memory tier off: %s", refused)
-            self._progress.event(events.MemoryTierOff(reason=refused, save_every=spec.checkpoint.save_every))
+            self._progress.event(events.MemoryTierOff(reason=refused, save_every=given(spec.checkpoint.save_every)))
         return memory if memory.active else None
 
     def _note_data_order(self, restored: TierRestore) -> None:
@@ -241,24 +246,23 @@ class HostContext:
             self._progress.event(events.StartupTimeline.from_dict({**self._progress.timeline,
                                                                    "first_step_done": time.time()}))
         self._armed = step
+        self._progress.committed(loop.commits.done())
 
     def maybe_save(self, step: int, state: Any, extra: dict[str, Any] | None = None) -> bool:
-        """Saves `state` (in the form restore_or_init returned it) when a save is due: every
-        --save-every steps, at ctx.steps, and at the step every host agreed on after a preemption
-        notice, a stop request or a resize. With the memory tier, a --save-every save goes to host
-        memory and a durable one (Orbax, in the background) is made every --persist-every steps, at
-        ctx.steps and at an agreed stop; without it, every save is durable. `extra`: the dict that
+        """Saves `state` (in the form restore_or_init returned it) when a save is due: at the cadence
+        (`jaxlaunch.workers.cadence`: --save-every to host memory with the memory tier, --persist-every
+        to Orbax; without the tier every save is durable), at ctx.steps, and at the step every host
+        agreed on after a preemption notice, a stop request or a resize. `extra`: the dict that
         restore_or_init returned, with today's values. Returns whether it saved. Call it every step
-        on every host: the agreement on a stop step happens here."""
+        on every host: the agreements on a stop step and on the cadence happen here."""
         loop = self._require_state("maybe_save")
-        cfg = self._spec.checkpoint
         if extra is not None:
             self._extra = dict(extra)
         final = self._stop_agreed(step, loop.checkpointer) or step == self.steps
-        in_memory = self._memory is not None and step % cfg.save_every == 0
-        durable = final or step % (cfg.persist_every if self._memory is not None else cfg.save_every) == 0
-        due = in_memory or durable
+        tiers = loop.cadence.due(step, final)
+        in_memory, durable, due = tiers.memory and self._memory is not None, tiers.durable, tiers.any
         saving = due and self._saved_step != step
+        memory_s = durable_s = None
         if saving:
             self._read_back(upto=step)  # the save waits for this step anyway: its time is its own
             self._progress.enter(Phase.SAVING)  # the replica check below is the save's work, not a hang
@@ -276,10 +280,12 @@ class HostContext:
             started = time.perf_counter()
             if in_memory and self._memory is not None:
                 self._memory.save(step, tree, meta, mine, fault=self._faults.in_handoff(step))
+                memory_s = time.perf_counter() - started
             if durable:
                 meta["extra"] = extras.gather(mine) if self._extra else []
-                loop.checkpointer.save(step, tree, meta)
+                durable_s = loop.checkpointer.save(step, tree, meta)
             blocked = time.perf_counter() - started
+            loop.commits.started(step, Due(in_memory, durable))
             if self._memory is not None and self._memory.refused and not self._refusal_told:
                 self._refusal_told = True
                 self._progress.event(events.MemorySaveRefused(step=step, reason=self._memory.refused))
@@ -299,6 +305,7 @@ class HostContext:
                     if in_memory and self._memory is not None and (done := self._memory.newest_copies()):
                         # The newest save whose hand-off (replica included) is done: the previous one.
                         record.update(done[1].to_record(), memory_copies_step=done[0])
+        loop.cadence.after_save(step, Due(in_memory and saving, durable and saving), memory_s, durable_s, final)
         self._fire_armed()
         return due
 
@@ -396,6 +403,7 @@ class HostContext:
             if timing is None:
                 continue
             record["busy_s"], record["blocked_s"] = timing.busy_s, timing.blocked_s
+            self._loop.cadence.step_time(timing.step_time_s)
             self._progress.busy(record["step"], timing.busy_s)
             self._faults.observe_busy(timing.busy_s)
             if "tokens" in record and timing.step_time_s > 0:
@@ -460,6 +468,7 @@ class HostContext:
             if self._memory is not None:
                 self._memory.close()
             self._loop.checkpointer.wait()
+            self._progress.committed(self._loop.commits.done())
             self._loop.checkpointer.close()
             self._progress.event(events.FinalSave(seconds=time.perf_counter() - started))
         return self._done(Ending.STOPPED if self._stopped_at is not None else Ending.COMPLETED,

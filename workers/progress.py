@@ -21,6 +21,7 @@ class HostProgress:
         self._events: list[HostEvent] = []
         self._busy: list[tuple[int, float]] = []
         self._checksums: list[ReplicaChecksums] = []
+        self._committed: list[tuple[str, int]] = []
         self.timeline: dict[str, float] = {}
         """Wall time at which each phase was first entered: where start-up time goes."""
 
@@ -55,6 +56,12 @@ class HostProgress:
         with self._lock:
             self._checksums.append(checksums)
 
+    def committed(self, saves: list[tuple[str, int]]) -> None:
+        """(tier, step) of this host's saves that committed (`jaxlaunch.workers.cadence.CommitWatch`)."""
+        if saves:
+            with self._lock:
+                self._committed += saves
+
     def event(self, event: HostEvent) -> None:
         """Something for events.jsonl (a restore, a checkpoint set aside, a warning)."""
         with self._lock:
@@ -63,6 +70,6 @@ class HostProgress:
     def drain(self) -> HostSnapshot:
         with self._lock:
             snapshot = HostSnapshot(self._phase, self._step, tuple(self._records), tuple(self._events),
-                                    tuple(self._busy), tuple(self._checksums))
-            self._records, self._events, self._busy, self._checksums = [], [], [], []
+                                    tuple(self._busy), tuple(self._checksums), tuple(self._committed))
+            self._records, self._events, self._busy, self._checksums, self._committed = [], [], [], [], []
             return snapshot

@@ -40,6 +40,7 @@ class EventKind(enum.StrEnum):
     COMPILATION_CACHE_DISABLED = "compilation_cache_disabled"
     MEMORY_TIER_OFF = "memory_tier_off"
     MEMORY_SAVE_REFUSED = "memory_save_refused"
+    CADENCE_CHOSEN = "cadence_chosen"
     MEMORY_FALLBACK = "memory_fallback"
     DATA_ORDER_CHANGED = "data_order_changed"
     DATA_ORDER_AT_RISK = "data_order_at_risk"

@@ -383,7 +383,34 @@ class MemoryTierOff(HostEvent):
 
     @property
     def message(self) -> str:
-        return f"checkpoints are durable only, every {self.save_every} steps: {self.reason}"
+        every = f"every {self.save_every} steps" if self.save_every is not None else "at the chosen cadence"
+        return f"checkpoints are durable only, {every}: {self.reason}"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CadenceChosen(HostEvent):
+    """Rank 0 chose how often each tier saves, from its measurements (`jaxlaunch.contract.schedule`),
+    and every host follows it from `step` on: at the start of an attempt, and again when the step
+    time or a save's cost moved."""
+
+    KIND: ClassVar = EventKind.CADENCE_CHOSEN
+    step: int | None = None
+    step_time_s: float | None = None
+    """Median of the newest steps' own time."""
+    memory_blocking_s: float | None = None
+    """Median blocking time of a memory save (None: not measured, or no memory tier)."""
+    durable_blocking_s: float | None = None
+    """Median blocking time of an Orbax save (None: not measured yet)."""
+    memory_every: int | None = None
+    """None: no memory tier."""
+    durable_every: int | None = None
+    max_age_s: float | None = None
+    reason: str | None = None
+
+    @property
+    def message(self) -> str:
+        memory = f"memory every {self.memory_every}, " if self.memory_every is not None else ""
+        return f"checkpoint cadence from step {self.step}: {memory}durable every {self.durable_every} ({self.reason})"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

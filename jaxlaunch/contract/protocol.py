@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from jaxlaunch.contract.events import Event, HostEvent
 from jaxlaunch.contract.flags import flag
@@ -43,14 +43,19 @@ class Phase(enum.StrEnum):
 class CheckpointConfig:
     """Checkpointing on the hosts: a memory tier (host RAM, every save) and Orbax behind it."""
 
-    save_every: int = flag(50)
-    """Save every this many steps, the last and an agreed stop (to memory with memory_tier)."""
-    memory_tier: bool = flag(False)
+    save_every: int | Literal["auto"] = flag("auto", metavar="N|auto")
+    """Save every this many steps (to memory with the memory tier), the last step and an agreed stop;
+    auto: as often as keeps a save's measured blocking at or below 1 % of step time."""
+    memory_tier: bool = flag(True)
     """Hold every save in the hosts' RAM (a keeper per node, a replica on another node) and write
-    Orbax only every persist_every steps. Off: every save goes to Orbax, as before."""
-    persist_every: int = flag(100)
+    Orbax only every persist_every steps. Off (--no-memory-tier): every save goes to Orbax."""
+    persist_every: int | Literal["auto"] = flag("auto", metavar="N|auto")
     """With the memory tier: a durable (Orbax) save every this many steps, and at the last step and
-    at an agreed stop. Without it, unused: every save is durable."""
+    at an agreed stop; auto: as often as keeps Orbax's measured blocking at or below 1 % of step
+    time, and at most persist_max_age_s apart. Without it, unused: every save is durable."""
+    persist_max_age_s: float = 600.0
+    """With an auto durable cadence: the most seconds of training between two durable saves (what a
+    SIGKILL of the driver, which ends the memory tier's keepers, can cost)."""
     memory_keep: int = 2
     """With the memory tier: the newest steps each keeper holds."""
     memory_budget_mb: float | None = None
@@ -212,6 +217,9 @@ class HostSnapshot:
     host-side work between two steps (`jaxlaunch.workers.step_clock`), for the straggler watch."""
     checksums: tuple[ReplicaChecksums, ...] = ()
     """The checksums of the host's replicated shards at each checked step since the previous poll."""
+    committed: tuple[tuple[str, int], ...] = ()
+    """(tier, step) of the host's saves that committed since the previous poll: "memory" once its part
+    and the replica are held, "durable" (rank 0 alone) once Orbax finished the step."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,6 +333,12 @@ class HostStatus:
     """Driver clock at the last answer to a poll."""
     last_progress: float = 0.0
     """Driver clock at which `step` or `phase` last changed."""
+    committed: dict[str, int] = dataclasses.field(default_factory=dict)
+    """The newest step of each tier whose save this host reported committed in this attempt."""
+
+    def heard_committed(self, saves: tuple[tuple[str, int], ...]) -> None:
+        for tier, step in saves:
+            self.committed[tier] = max(step, self.committed.get(tier, step))
 
 
 @dataclasses.dataclass
@@ -345,6 +359,14 @@ class GroupPoll:
     @property
     def finished(self) -> bool:
         return len(self.results) == len(self.hosts)
+
+    def committed(self, tier: str) -> int | None:
+        """The newest step the hosts reported committed in `tier` this attempt: a memory step once
+        every host's part is held, a durable one once rank 0 finished it."""
+        steps = [h.committed.get(tier) for h in self.hosts]
+        if tier == "memory":
+            return None if not steps or None in steps else min(s for s in steps if s is not None)
+        return max((s for s in steps if s is not None), default=None)
 
 
 @dataclasses.dataclass(frozen=True)

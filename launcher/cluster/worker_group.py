@@ -148,6 +148,7 @@ class RayWorkerGroup:
             events += [(rank, e) for e in snapshot.events if rank == 0 or e.per_host]
             busy.setdefault(rank, []).extend(snapshot.busy)
             checksums.setdefault(rank, []).extend(snapshot.checksums)
+            host.heard_committed(snapshot.committed)
         for rank, ref in list(self.run_refs.items()):
             if ref not in ready:
                 continue
@@ -168,6 +169,7 @@ class RayWorkerGroup:
                 events += [(rank, e) for e in snapshot.events if rank == 0 or e.per_host]
                 busy.setdefault(rank, []).extend(snapshot.busy)
                 checksums.setdefault(rank, []).extend(snapshot.checksums)
+                self.hosts[rank].heard_committed(snapshot.committed)
             self.results[rank] = result
         self._refresh_liveness()
         if (self.standby is not None and not self.replenished

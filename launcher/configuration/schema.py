@@ -211,9 +211,9 @@ class CheckedJob(pydantic.BaseModel):
             value = getattr(job.train, name)
             if value is not None and value > MAX_STEPS:
                 raise ConfigError(f"train.{name} must be at most {MAX_STEPS} (a 32-bit step counter), got {value}")
-        if checkpoint.memory_tier and checkpoint.persist_every % checkpoint.save_every:
-            every, persist = checkpoint.save_every, checkpoint.persist_every
-            raise ConfigError(f"with --memory-tier, --persist-every {persist} must be a multiple of --save-every "
+        every, persist = checkpoint.save_every, checkpoint.persist_every
+        if checkpoint.memory_tier and isinstance(every, int) and isinstance(persist, int) and persist % every:
+            raise ConfigError(f"with the memory tier, --persist-every {persist} must be a multiple of --save-every "
                               f"{every} (a durable save is one of the saves): pass --persist-every "
                               f"{max(every, persist // every * every)} or {(persist // every + 1) * every}")
         if watchdog.startup_timeout_s < MIN_STARTUP_TIMEOUT_S:

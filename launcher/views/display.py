@@ -9,7 +9,6 @@ import importlib.util
 import os
 import pathlib
 import sys
-from collections.abc import Callable
 from typing import Any
 
 from jaxlaunch.launcher.control.driver import Driver, Listener
@@ -35,9 +34,6 @@ from jaxlaunch.contract.protocol import GroupPoll
 
 LOG_TAIL_LINES = 12
 STACK_TAIL_LINES = 16
-COMMITTED_CHECK_INTERVAL_S = 2.0
-"""How often the progress line looks for newly committed checkpoints while none is due; while a save
-the hosts started has not committed yet, it looks at every poll."""
 
 
 JUPYTER_REFRESHES_PER_S = 2
@@ -73,7 +69,8 @@ class Display:
             self.task = self.progress.add_task("train", total=total_steps, completed=first_step, info="starting")
             self.progress.start()
 
-    def update(self, step: int, record: dict[str, Any] | None, hosts: int, checkpoint_step: int | None) -> None:
+    def update(self, step: int, record: dict[str, Any] | None, hosts: int, checkpoint: str) -> None:
+        """`checkpoint`: the newest committed step of each tier ("57 mem · 50 disk")."""
         parts = []
         if record is not None:
             if "loss" in record:
@@ -81,7 +78,7 @@ class Display:
                 parts.append(f"loss {loss:.4f}" if isinstance(loss, float) else f"loss {loss}")
             if isinstance(record.get("tokens_per_s"), float):
                 parts.append(f"{record['tokens_per_s']:,.0f} tok/s")
-        parts += [f"hosts {hosts}", f"ckpt {checkpoint_step if checkpoint_step is not None else '-'}"]
+        parts += [f"hosts {hosts}", f"ckpt {checkpoint}"]
         info = "  ".join(parts)
         if self.progress is not None and self.task is not None:
             self.progress.update(self.task, completed=step, info=info)
@@ -142,18 +139,17 @@ def shown(path: pathlib.Path | str) -> str:
 class ConsoleView(Listener):
     """The driver's listener for the terminal."""
 
-    def __init__(self, display: Display, run: RunDir, total_steps: int, committed_step: Callable[[], int | None],
-                 clock: Callable[[], float], save_every: int):
-        self.display, self.run, self.total_steps = display, run, total_steps
-        self.committed_step, self.clock, self.save_every = committed_step, clock, save_every
-        self.committed: int | None = None
-        self._checked_at = -1e9
+    def __init__(self, display: Display, run: RunDir, total_steps: int, memory_tier: bool):
+        self.display, self.run, self.total_steps, self.memory_tier = display, run, total_steps, memory_tier
+        self.committed = CommittedSteps()
+        """From what the hosts report: the progress line lists no checkpoints."""
         self.last_record: dict[str, Any] | None = None
         self.risk_told = False
 
     def on_transition(self, driver: Driver, old: State, new: State) -> None:
         d = self.display
         if isinstance(new, Running) and not isinstance(old, Running):
+            self.committed.heard(durable=new.attempt.latest_committed)  # the driver listed it to start the attempt
             d.start(new.attempt.latest_committed or 0, self.total_steps)
         elif isinstance(new, AwaitingCapacity) and not isinstance(old, AwaitingCapacity):
             d.message(f"waiting for capacity: room for {new.placeable} hosts, at least "
@@ -188,6 +184,10 @@ class ConsoleView(Listener):
                 self.display.message(f"[yellow]checkpoint step {event.step} is unreadable; set it aside "
                                      f"in {escape(str(event.moved_to))} and fell back to an older "
                                      f"one[/yellow]")
+            elif isinstance(event, events.CadenceChosen):
+                self.display.message(escape(event.message))
+            elif isinstance(event, events.Restored) and event.tier == "memory":
+                self.committed.heard(memory=event.step)
             elif isinstance(event, events.DataOrderAtRisk) and self.risk_told:
                 continue  # each attempt's hosts warn alike: once per launch
             elif isinstance(event, events.LowDiskSpace | events.CompilationCacheDisabled | events.MemoryTierOff
@@ -203,11 +203,8 @@ class ConsoleView(Listener):
             self.last_record = poll.records[-1]
         steps = [h.step for h in poll.hosts if h.step is not None]
         step = self.last_record["step"] if self.last_record else (max(steps) if steps else 0)
-        now = self.clock()
-        save_due = step - step % self.save_every > (self.committed or 0)
-        if save_due or now - self._checked_at > COMMITTED_CHECK_INTERVAL_S or poll.finished:
-            self._checked_at, self.committed = now, self.committed_step()
-        self.display.update(step, self.last_record, attempt.num_hosts, self.committed)
+        self.committed.heard(memory=poll.committed("memory"), durable=poll.committed("durable"))
+        self.display.update(step, self.last_record, attempt.num_hosts, self.committed.line(self.memory_tier))
 
     def _log_tail(self, attempt: int, rank: int) -> None:
         path = self.run.host_log(attempt, rank)
@@ -216,6 +213,26 @@ class ConsoleView(Listener):
         except OSError:
             return
         self.display.lines(f"last lines of {path}:", lines)
+
+
+class CommittedSteps:
+    """The newest committed step of each tier, as the hosts reported their saves (and the driver's
+    listing at an attempt's start): never lower than before, across attempts."""
+
+    def __init__(self) -> None:
+        self.memory: int | None = None
+        self.durable: int | None = None
+
+    def heard(self, memory: int | None = None, durable: int | None = None) -> None:
+        if memory is not None:
+            self.memory = max(memory, self.memory or memory)
+        if durable is not None:
+            self.durable = max(durable, self.durable or durable)
+
+    def line(self, memory_tier: bool) -> str:
+        def shown(step: int | None) -> str:
+            return "-" if step is None else str(step)
+        return f"{shown(self.memory)} mem · {shown(self.durable)} disk" if memory_tier else shown(self.durable)
 
 
 def error(text: str) -> None:

@@ -3,7 +3,15 @@ import shutil
 
 import pytest
 
-from tests.integration.helpers import CLASSIFIER, EXAMPLE_RUN, MINIMAL, SHORT_RUN, assert_split_adds_up, launch
+from tests.integration.helpers import (
+    CLASSIFIER,
+    DURABLE_ONLY,
+    EXAMPLE_RUN,
+    MINIMAL,
+    SHORT_RUN,
+    assert_split_adds_up,
+    launch,
+)
 
 
 def pytest_collection_modifyitems(items):
@@ -33,14 +41,14 @@ def every_split_adds_up(tmp_path):
 
 @pytest.fixture(scope="session")
 def reference_run(tmp_path_factory) -> pathlib.Path:
-    """The built-in model, uninterrupted on 2 hosts for 30 steps (checkpoints at 10, 20, 30): what
-    every interrupted run of it must reproduce."""
-    return _reference(tmp_path_factory, "reference", *SHORT_RUN)
+    """The built-in model, uninterrupted on 2 hosts for 30 steps (durable checkpoints at 10, 20, 30,
+    which tests copy and corrupt): what every interrupted run of it must reproduce."""
+    return _reference(tmp_path_factory, "reference", *SHORT_RUN, *DURABLE_ONLY)
 
 
 @pytest.fixture(scope="session")
 def minimal_reference(tmp_path_factory) -> pathlib.Path:
-    """examples/minimal.py, uninterrupted on 2 hosts for 200 steps (checkpoints every 20)."""
+    """examples/minimal.py, uninterrupted on 2 hosts for 200 steps (saves every 20, with the defaults)."""
     return _reference(tmp_path_factory, "minimal", *MINIMAL, *EXAMPLE_RUN)
 
 

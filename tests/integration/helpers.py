@@ -19,6 +19,9 @@ LAUNCH_TIMEOUT_S = 420
 SHORT_RUN = ("--steps", "30", "--save-every", "10")
 EXAMPLE_RUN = ("--steps", "200", "--save-every", "20")
 """The examples take milliseconds a step: long enough runs to interrupt in the middle."""
+DURABLE_ONLY = ("--no-memory-tier",)
+"""For a test of the durable tier itself (Orbax's checkpoints in the run directory at every
+--save-every step): the memory tier, on by default, would hold those saves in host memory instead."""
 MINIMAL = ("--entry", str(EXAMPLES / "minimal.py"))
 CLASSIFIER = ("--entry", f"{EXAMPLES / 'classifier.py'}:main")
 

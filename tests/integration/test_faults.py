@@ -7,6 +7,7 @@ import shutil
 from jaxlaunch.launcher.records.runs import RunDir
 
 from tests.integration.helpers import (
+    DURABLE_ONLY,
     EXAMPLE_RUN,
     MINIMAL,
     assert_no_host_left,
@@ -24,7 +25,7 @@ def test_a_save_cut_short_is_never_restored(minimal_reference, tmp_path):
     """Rank 0, which coordinates, is SIGKILLed while the asynchronous save of step 100 is under way:
     step 100 is never restored, and the run still equals the uninterrupted one bit for bit."""
     run_dir = tmp_path / "run"
-    result = launch("--hosts", "2", *MINIMAL, *EXAMPLE_RUN, "--run-dir", str(run_dir),
+    result = launch("--hosts", "2", *MINIMAL, *EXAMPLE_RUN, *DURABLE_ONLY, "--run-dir", str(run_dir),
                     "--inject", "kill@step=100,host=0")
     assert result.returncode == 0, result.stdout + result.stderr
     [injected] = RunDir(run_dir).injections()

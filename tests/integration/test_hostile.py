@@ -11,6 +11,7 @@ import psutil
 import pytest
 
 from tests.integration.helpers import (
+    DURABLE_ONLY,
     EXAMPLE_RUN,
     MINIMAL,
     alive,
@@ -113,8 +114,8 @@ def test_a_full_disk_stops_at_once_naming_the_filesystem_and_keeps_older_steps(t
     mount = small_filesystem(11_000_000)
     run_dir = mount / "run"
     result = launch("--entry", str(entry), "--set", "elements=1000000", "--hosts", "2", "--mesh", "data=-1",
-                    "--steps", "3", "--save-every", "1", "--run-dir", str(run_dir), "--max-restarts", "5",
-                    "--config", str(config))
+                    "--steps", "3", "--save-every", "1", *DURABLE_ONLY, "--run-dir", str(run_dir),
+                    "--max-restarts", "5", "--config", str(config))
     assert result.returncode == 1, result.stdout + result.stderr
     [line] = [x for x in result.stderr.splitlines() if x.startswith("error:")]
     assert "the filesystem is full" in line and f"on {mount}" in line and "MB free of" in line, line
@@ -125,7 +126,8 @@ def test_a_full_disk_stops_at_once_naming_the_filesystem_and_keeps_older_steps(t
 
 def test_a_run_directory_that_vanishes_stops_the_job_with_one_line(tmp_path):
     run_dir = tmp_path / "run"
-    proc = start("--hosts", "2", *MINIMAL, "--steps", "2000", "--save-every", "20", "--run-dir", str(run_dir))
+    proc = start("--hosts", "2", *MINIMAL, "--steps", "2000", "--save-every", "20", *DURABLE_ONLY, "--run-dir",
+                 str(run_dir))
     wait_for(lambda: 20 in committed_steps(run_dir), 300, "step 20 committed", proc)
     run_dir.rename(tmp_path / "moved away")  # gone from where the launch writes
     out, err = proc.communicate(timeout=300)
@@ -169,7 +171,8 @@ def test_a_lost_embedded_node_is_restarted_and_the_run_resumes(minimal_reference
     """The local node's DashboardAgent is SIGKILLed (as an OOM killer might); Ray takes the node
     down. The driver starts a fresh local Ray and resumes from the latest committed step."""
     run_dir = tmp_path / "run"
-    proc = start("--hosts", "2", *MINIMAL, *EXAMPLE_RUN, "--run-dir", str(run_dir), "--max-restarts", "0")
+    proc = start("--hosts", "2", *MINIMAL, *EXAMPLE_RUN, *DURABLE_ONLY, "--run-dir", str(run_dir),
+                 "--max-restarts", "0")
     try:
         wait_for(lambda: 20 in committed_steps(run_dir), 300, "step 20 committed", proc)
         agents = [p for p in map(psutil.Process, ray_processes_left(run_dir)) if "DashboardAgent" in " ".join(

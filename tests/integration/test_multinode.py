@@ -10,6 +10,7 @@ import ray
 from ray.cluster_utils import Cluster
 
 from tests.integration.helpers import (
+    DURABLE_ONLY,
     MINIMAL,
     assert_no_host_left,
     attempts,
@@ -61,7 +62,7 @@ def test_lost_node_shrinks_the_job_and_an_added_node_grows_it_back(four_nodes, m
     config = elastic_config(tmp_path, cluster)
     run_dir = tmp_path / "run"
     proc = start("--config", config, "--hosts", "4", "--min-hosts", "2", *MINIMAL, "--steps", "1000",
-                 "--save-every", "20", "--run-dir", str(run_dir))
+                 "--save-every", "20", *DURABLE_ONLY, "--run-dir", str(run_dir))
     try:
         wait_for(lambda: 20 in committed_steps(run_dir), 240, "step 20 committed", proc)
         cluster.remove_node(workers[1], allow_graceful=False)

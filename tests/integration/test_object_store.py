@@ -14,7 +14,7 @@ from jaxlaunch.launcher.records.runs import RunDir
 from jaxlaunch.workers.checkpoint import read_arrays
 
 from jaxlaunch.contract import events
-from tests.integration.helpers import SHORT_RUN, assert_no_host_left, launch
+from tests.integration.helpers import DURABLE_ONLY, SHORT_RUN, assert_no_host_left, launch
 from tests.integration.object_stores import EMULATORS
 
 
@@ -48,7 +48,7 @@ def test_a_run_on_the_store_survives_a_kill_resumes_and_equals_a_local_run(bucke
     run_url = f"{url}/runs/lm"
     run = RunDir(run_url)
     try:
-        first = launch("--hosts", "2", "--steps", "20", "--schedule-steps", "30", "--save-every", "10",
+        first = launch("--hosts", "2", "--steps", "20", "--schedule-steps", "30", "--save-every", "10", *DURABLE_ONLY,
                        "--run-dir", run_url, "--inject", "kill@step=15,host=1", env=env)
         assert first.returncode == 0, first.stdout + first.stderr
         attempts = [e for e in run.events() if isinstance(e, events.AttemptEnded)]

@@ -6,9 +6,9 @@ import pathlib
 
 import pytest
 
-from tests.integration.helpers import MINIMAL, committed_steps, events, launch, summary
+from tests.integration.helpers import DURABLE_ONLY, MINIMAL, committed_steps, events, launch, summary
 
-RUN = ("--hosts", "4", *MINIMAL, "--steps", "60", "--save-every", "20", "--verify-every", "5")
+RUN = ("--hosts", "4", *MINIMAL, "--steps", "60", "--save-every", "20", "--verify-every", "5", *DURABLE_ONLY)
 FLIPPED_HOST = 2
 
 

@@ -11,6 +11,7 @@ import numpy as np
 
 from tests.integration.helpers import (
     CLASSIFIER,
+    DURABLE_ONLY,
     EXAMPLE_RUN,
     EXAMPLES,
     MINIMAL,
@@ -21,6 +22,7 @@ from tests.integration.helpers import (
     events,
     final_arrays,
     host_pids,
+    last_step,
     launch,
     signal_after,
     start,
@@ -36,7 +38,7 @@ def test_a_host_killed_from_outside_changes_nothing(minimal_reference, tmp_path)
     run_dir = tmp_path / "run"
     proc = start("--hosts", "2", *MINIMAL, *EXAMPLE_RUN, "--run-dir", str(run_dir))
     try:
-        wait_for(lambda: 20 in committed_steps(run_dir), 300, "step 20 committed", proc)
+        wait_for(lambda: last_step(run_dir) >= 40, 300, "step 40", proc)  # past the first saves, whatever their cadence
         os.kill(host_pids(run_dir)[1], signal.SIGKILL)
         out, err = proc.communicate(timeout=300)
     finally:
@@ -150,7 +152,7 @@ def test_a_user_file_outside_the_project_runs_on_4_hosts(tmp_path):
     project = user_project(tmp_path)
     run_dir = tmp_path / "run"
     result = launch("--entry", f"{project / 'train.py'}:main", "--hosts", "4", "--steps", "12", "--save-every", "6",
-                    "--run-dir", str(run_dir), cwd=tmp_path)
+                    *DURABLE_ONLY, "--run-dir", str(run_dir), cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     s = summary(run_dir)
     assert s["process_count"] == 4 and s["final_step"] == 12 and s["returned"] == {"hosts": 4}
@@ -161,7 +163,7 @@ def test_an_exception_in_user_code_reaches_the_terminal_and_twice_stops_the_job(
     project = user_project(tmp_path)
     run_dir = tmp_path / "run"
     result = launch("--entry", f"{project / 'train.py'}:main", "--hosts", "2", "--steps", "12", "--save-every", "2",
-                    "--set", "fail_at=5", "--max-restarts", "5", "--run-dir", str(run_dir))
+                    "--set", "fail_at=5", "--max-restarts", "5", *DURABLE_ONLY, "--run-dir", str(run_dir))
     assert result.returncode == 1, result.stdout + result.stderr
     assert "deterministic failure: the same exception at step 4 on two attempts" in result.stderr
     assert "checkpoints are kept" in result.stderr

@@ -182,7 +182,7 @@ def test_injection_parse_errors(text):
 
 @pytest.mark.parametrize(("changes", "message"), [
     ({"checkpoint.memory_tier": True, "checkpoint.save_every": 5, "checkpoint.persist_every": 7},
-     "with --memory-tier, --persist-every 7 must be a multiple of --save-every 5 (.*): pass --persist-every 5 or 10"),
+     "with the memory tier, --persist-every 7 must be a multiple of --save-every 5 (.*): pass --persist-every 5 or 10"),
     ({"watchdog.startup_timeout_s": 1.0}, "--startup-timeout 1 is too short to start JAX on a host: pass at least 10"),
     ({"watchdog.hang_timeout_s": 0.3}, r"--hang-timeout 0.3 is shorter than 2 of the driver's polls .*at least 0.5"),
     ({"watchdog.save_timeout_s": 0.1}, "--save-timeout 0.1 is shorter than 2 of the driver's polls"),
@@ -195,10 +195,27 @@ def test_rules_across_fields_name_the_fix(changes, message):
 
 
 def test_without_the_memory_tier_persist_every_is_unused_and_any_multiple_passes():
-    validate(job(**{"checkpoint.save_every": 5, "checkpoint.persist_every": 7}))
+    validate(job(**{"checkpoint.memory_tier": False, "checkpoint.save_every": 5, "checkpoint.persist_every": 7}))
     validate(job(**{"checkpoint.memory_tier": True, "checkpoint.save_every": 5, "checkpoint.persist_every": 20}))
 
 
 def test_every_field_is_type_checked_also_in_a_config_built_in_python():
     with pytest.raises(ConfigError, match="num_hosts: input should be a valid integer, got '2'"):
         validate(JobConfig(num_hosts="2"))  # type: ignore[arg-type]
+
+
+def test_the_cadences_default_to_auto_with_the_memory_tier_on_and_auto_mixes_with_numbers():
+    checkpoint = job().checkpoint
+    assert (checkpoint.save_every, checkpoint.persist_every, checkpoint.memory_tier) == ("auto", "auto", True)
+    assert checkpoint.persist_max_age_s == 600.0
+    validate(job(**{"checkpoint.save_every": 7}))  # persist_every auto: no multiple to check
+    validate(job(**{"checkpoint.persist_every": 7}))
+
+
+@pytest.mark.parametrize(("changes", "message"), [
+    ({"checkpoint.save_every": 0}, "checkpoint.save_every must be a finite number above 0, got 0"),
+    ({"checkpoint.persist_max_age_s": -1.0}, "checkpoint.persist_max_age_s must be a finite number above 0"),
+])
+def test_bad_cadences_are_one_line(changes, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(job(**changes))

@@ -14,10 +14,7 @@ from jaxlaunch.launcher.views.display import ConsoleView, Display
 from rich.console import Console
 
 from jaxlaunch.contract.events import FailureKind, PlannedEnd
-from jaxlaunch.contract.layout import CHECKPOINT_COMMIT_MARKER
 from jaxlaunch.contract.protocol import GroupPoll, HostStatus, Phase
-
-POLL_S = 0.25
 
 
 def console(width: int = 80) -> tuple[Console, io.StringIO]:
@@ -25,32 +22,41 @@ def console(width: int = 80) -> tuple[Console, io.StringIO]:
     return Console(file=out, width=width, highlight=False), out
 
 
-def commit(run: RunDir, step: int) -> None:
-    folder = run.checkpoints / str(step)
-    folder.mkdir(parents=True)
-    (folder / CHECKPOINT_COMMIT_MARKER).write_text("{}")
-
-
-def test_the_progress_line_shows_each_checkpoint_once_it_commits(tmp_path):
-    """A fast run (steps every 0.25 s poll, saves at 10 and 20, each committed a poll after its step)
-    printed "ckpt -" at step 22: the view looked for commits only every 2 s."""
+def test_the_progress_line_shows_each_tier_s_checkpoint_once_the_hosts_report_it_committed(tmp_path):
+    """Memory saves every step, durable ones at 10 and 20: the line shows each tier's newest committed
+    step as the hosts report it (a memory step once every host's part is held, a durable one once
+    rank 0 finished it), and never lists the run directory."""
     term, out = console()
     run = RunDir(tmp_path / "run")
-    run.create()
-    now = [0.0]
-    view = ConsoleView(Display(term), run, 22, lambda: (run.committed_steps() or [None])[0], lambda: now[0],
-                       save_every=10)
+    view = ConsoleView(Display(term), run, 22, memory_tier=True)
     attempt = Attempt(number=1, num_hosts=2, mesh={"data": 2}, started_at=0.0, latest_committed=None)
     view.on_transition(None, None, Running(attempt))
+    hosts = [HostStatus(rank, Phase.TRAINING, 0) for rank in range(2)]
     for step in range(1, 23):
+        for host in hosts:
+            host.step = step
+            # host 1's hand-off of a step returns a poll later than host 0's: the step is whole then
+            host.heard_committed((("memory", step - host.rank),))
         if step in (11, 21):
-            commit(run, step - 1)
-        hosts = [HostStatus(rank, Phase.TRAINING, step) for rank in range(2)]
+            hosts[0].heard_committed((("durable", step - 1),))
         view.on_poll(None, attempt, GroupPoll(hosts, [{"step": step, "loss": 1.0}], [], {}, []))
-        now[0] += POLL_S
     lines = out.getvalue().splitlines()
-    assert lines[-1] == "step 22/22  loss 1.0000  hosts 2  ckpt 20"
-    assert "step 12/22  loss 1.0000  hosts 2  ckpt 10" in lines
+    assert lines[-1] == "step 22/22  loss 1.0000  hosts 2  ckpt 21 mem · 20 disk"
+    assert "step 12/22  loss 1.0000  hosts 2  ckpt 11 mem · 10 disk" in lines
+    assert not run.path.exists(), "the view never touched the run directory"
+
+
+def test_without_the_memory_tier_the_line_shows_the_durable_step_and_keeps_it_across_attempts(tmp_path):
+    term, out = console()
+    view = ConsoleView(Display(term), RunDir(tmp_path / "run"), 10, memory_tier=False)
+    first = Attempt(number=1, num_hosts=1, mesh={"data": 1}, started_at=0.0, latest_committed=None)
+    view.on_transition(None, None, Running(first))
+    host = HostStatus(0, Phase.TRAINING, 5, committed={"durable": 4})
+    view.on_poll(None, first, GroupPoll([host], [{"step": 5, "loss": 1.0}], [], {}, []))
+    second = Attempt(number=2, num_hosts=1, mesh={"data": 1}, started_at=1.0, latest_committed=4)
+    view.on_transition(None, None, Running(second))
+    view.on_poll(None, second, GroupPoll([HostStatus(0, Phase.TRAINING, 10)], [{"step": 10, "loss": 1.0}], [], {}, []))
+    assert out.getvalue().splitlines()[-1] == "step 10/10  loss 1.0000  hosts 1  ckpt 4"
 
 
 ATTEMPTS = [

@@ -39,7 +39,7 @@ def test_progress_in_a_notebook_without_widgets_is_a_line_every_10_percent(monke
     assert not shown.live
     shown.start(0, 100)
     for step in range(1, 101):
-        shown.update(step, {"step": step, "loss": 1.0 / step}, hosts=2, checkpoint_step=None)
+        shown.update(step, {"step": step, "loss": 1.0 / step}, hosts=2, checkpoint="-")
     lines = console.export_text().splitlines()
     assert len(lines) == 10 and lines[-1].startswith("step 100/100  loss 0.0100")
     monkeypatch.setattr(display, "_widgets", lambda: True)

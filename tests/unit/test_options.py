@@ -26,6 +26,10 @@ LEGACY_FLAGS = [
     (["--steps", "40"], "train.steps", 40),
     (["--schedule-steps", "50"], "train.schedule_steps", 50),
     (["--save-every", "5"], "checkpoint.save_every", 5),
+    (["--save-every", "auto"], "checkpoint.save_every", "auto"),
+    (["--persist-every", "auto"], "checkpoint.persist_every", "auto"),
+    (["--no-memory-tier"], "checkpoint.memory_tier", False),
+    (["--memory-tier"], "checkpoint.memory_tier", True),
     (["--seed", "3"], "train.seed", 3),
     (["--mesh", "data=-1"], "mesh", {"data": -1}),
     (["--devices-per-host", "1"], "cluster.devices_per_host", 1),
@@ -82,7 +86,7 @@ def test_each_flag_is_declared_once_on_a_field_with_its_help_and_default():
     for option in table.values():
         assert option.help, f"{option.path} has no docstring to be its help"
         assert "default" in option.help or option.default_text() is not None, option.path
-    assert table["save_every"].path == "checkpoint.save_every" and table["save_every"].default == 50
+    assert table["save_every"].path == "checkpoint.save_every" and table["save_every"].default == "auto"
     assert table["hosts"].path == "num_hosts" and table["hang_timeout"].flag == "--hang-timeout"
 
 
@@ -192,7 +196,9 @@ def test_help_shows_every_default_the_entry_s_settings_and_the_report_command():
     for option in options.table(*ROOTS).values():
         assert "default" in blocks[option.flag], f"{option.flag} shows no default: {blocks[option.flag]}"
     flat = " ".join(text.split())
-    assert "(default: 50)" in flat[flat.index("--save-every"):][:120]
+    save_every = flat[flat.index("--save-every"):]
+    assert "(default: auto)" in save_every[:save_every.index(" --", 3)]
+    assert "--memory-tier, --no-memory-tier" in text
     assert "--model STR (default: tiny)" in flat and "--seq-len INT (default: 128)" in flat
     assert "jaxlaunch report RUN_DIR" in flat
 

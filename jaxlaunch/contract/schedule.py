@@ -1,0 +1,181 @@
+"""When a host saves, and to which tier: the save schedule and the choice of its cadence from
+measured cost, written once as pure values (no Ray, JAX or clock), so that the host context asks
+them and the tests drive them with made-up measurements.
+
+The cadence rule (`choose`): a tier saves as often as keeps its measured blocking time at or below
+`BLOCKING_SHARE` (1 %) of step time: every step when a save blocks for less than a hundredth of a
+step, every k steps otherwise; durable saves are also never more than `max_age_s` apart, which
+bounds what a SIGKILL of the driver (whose keepers hold the memory tier) can cost. A number the user
+gave wins over the rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+BLOCKING_SHARE = 0.01
+"""The share of step time a tier's saves may block the loop."""
+RECHOOSE_FACTOR = 2.0
+"""The cadence is chosen again when the step time moved by more than this factor either way."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Due:
+    """The tiers a step saves to (both False: no save)."""
+
+    memory: bool
+    durable: bool
+
+    @property
+    def any(self) -> bool:
+        return self.memory or self.durable
+
+
+@dataclasses.dataclass(frozen=True)
+class SaveSchedule:
+    """Which tier saves at a step. `memory_every` None: no memory tier, every save is durable.
+
+    A tier without an anchor saves at the multiples of its interval (a number the user gave: saves at
+    10, 20, ...). A chosen cadence counts from the tier's previous save (its anchor), so that a new
+    interval, or a save at an agreed stop, starts afresh and the durable age bound holds across a
+    change of cadence."""
+
+    memory_every: int | None
+    durable_every: int
+    memory_anchor: int | None = None
+    durable_anchor: int | None = None
+    first_at: int | None = None
+    """A save at this step whatever the intervals (memory with the tier, else durable), to measure one."""
+
+    def due(self, step: int, final: bool = False) -> Due:
+        """`final`: the run's last step or an agreed stop, which the durable tier always saves."""
+        first = step == self.first_at
+        memory = self.memory_every is not None and (first or _on(step, self.memory_every, self.memory_anchor))
+        durable = final or (first and self.memory_every is None) or _on(step, self.durable_every,
+                                                                          self.durable_anchor)
+        return Due(memory, durable)
+
+    def after(self, step: int, saved: Due) -> SaveSchedule:
+        """The schedule once `step` saved to the tiers in `saved`: anchored intervals start again."""
+        return dataclasses.replace(
+            self, memory_anchor=step if saved.memory and self.memory_anchor is not None else self.memory_anchor,
+            durable_anchor=step if saved.durable and self.durable_anchor is not None else self.durable_anchor)
+
+
+def _on(step: int, every: int, anchor: int | None) -> bool:
+    if anchor is None:
+        return step % every == 0
+    return step > anchor and (step - anchor) % every == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Measured:
+    """What a host measured: its steps' own time (median) and each tier's blocking time per save
+    (None: no save of that tier measured yet)."""
+
+    step_time_s: float
+    memory_blocking_s: float | None = None
+    durable_blocking_s: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Cadence:
+    """A chosen cadence: every how many steps each tier saves, and why."""
+
+    memory_every: int | None
+    """None: no memory tier."""
+    durable_every: int
+    reason: str
+
+    @property
+    def intervals(self) -> tuple[int | None, int]:
+        return self.memory_every, self.durable_every
+
+
+@dataclasses.dataclass(frozen=True)
+class CadenceRule:
+    """The user's settings: a number fixes a tier's cadence, None leaves it to the measurements."""
+
+    memory_tier: bool
+    save_every: int | None
+    persist_every: int | None
+    max_age_s: float
+    share: float = BLOCKING_SHARE
+
+    @property
+    def fixed(self) -> Cadence | None:
+        """The cadence when the user fixed every interval that applies (nothing to measure)."""
+        if self.memory_tier and self.save_every is not None and self.persist_every is not None:
+            return Cadence(self.save_every, self.persist_every, "--save-every and --persist-every given")
+        if not self.memory_tier and self.save_every is not None:
+            return Cadence(None, self.save_every, "--save-every given")
+        return None
+
+    def choose(self, measured: Measured) -> Cadence:
+        """The cadence for these measurements (the same values give the same cadence on any host)."""
+        step = measured.step_time_s
+        reasons = []
+        memory_every: int | None = None
+        if self.memory_tier:
+            if self.save_every is not None:
+                memory_every = self.save_every
+                reasons.append(f"memory every {memory_every} (given)")
+            else:
+                memory_every = self._every(measured.memory_blocking_s, step)
+                reasons.append(f"memory every {memory_every}: " + self._why(measured.memory_blocking_s, step))
+        given_durable = self.persist_every if self.memory_tier else self.save_every
+        if given_durable is not None:
+            durable_every = given_durable
+            reasons.append(f"durable every {durable_every} (given)")
+        else:
+            by_age = max(1, math.floor(self.max_age_s / step)) if step > 0 else 1
+            blocking = measured.durable_blocking_s
+            by_cost = self._every(blocking, step) if blocking is not None else None
+            durable_every = min(by_cost, by_age) if by_cost is not None else by_age
+            if by_cost is None:
+                why = f"not measured yet, so at most {self.max_age_s:g} s apart"
+            elif by_cost > by_age:
+                why = (f"{self._why(measured.durable_blocking_s, step)}, but at most {self.max_age_s:g} s apart "
+                       f"(checkpoint.persist_max_age_s)")
+            else:
+                why = self._why(measured.durable_blocking_s, step)
+            reasons.append(f"durable every {durable_every}: {why}")
+        return Cadence(memory_every, durable_every, "; ".join(reasons))
+
+    def rechoose(self, chosen: Measured, cadence: Cadence, now: Measured) -> str | None:
+        """Why a cadence chosen from `chosen` no longer fits the measurements `now` (None: it fits):
+        the step time moved by more than `RECHOOSE_FACTOR`, a chosen tier's saves block more than
+        that factor over their share (a save's blocking includes its wait for the previous hand-off,
+        which one copy alone did not show), or Orbax's first save has been measured since."""
+        if moved(chosen.step_time_s, now.step_time_s):
+            return f"the step time moved from {chosen.step_time_s * 1e3:.1f} ms to {now.step_time_s * 1e3:.1f} ms"
+        given_durable = self.persist_every if self.memory_tier else self.save_every
+        if given_durable is None and chosen.durable_blocking_s is None and now.durable_blocking_s is not None:
+            return "Orbax's first save was measured"
+        tiers = (("memory", cadence.memory_every, now.memory_blocking_s, self.save_every),
+                 ("durable", cadence.durable_every, now.durable_blocking_s, given_durable))
+        for name, every, blocking, given in tiers:
+            if given is None and every and blocking is not None and \
+                    blocking / every > RECHOOSE_FACTOR * self.share * now.step_time_s:
+                return f"{name} saves block {blocking * 1e3:.1f} ms every {every} steps, over their share"
+        return None
+
+    def _every(self, blocking_s: float | None, step_time_s: float) -> int:
+        if not blocking_s or step_time_s <= 0:
+            return 1
+        return max(1, math.ceil(blocking_s / (self.share * step_time_s) - 1e-9))
+
+    def _why(self, blocking_s: float | None, step_time_s: float) -> str:
+        if blocking_s is None:
+            return "not measured"
+        return (f"a save blocks {blocking_s * 1e3:.1f} ms against {step_time_s * 1e3:.1f} ms steps, "
+                f"at most {self.share:.0%} of step time")
+
+
+def moved(decided_step_time_s: float, step_time_s: float, factor: float = RECHOOSE_FACTOR) -> bool:
+    """Whether the step time moved by more than `factor` either way since the cadence was chosen."""
+    if decided_step_time_s <= 0 or step_time_s <= 0:
+        return decided_step_time_s != step_time_s
+    ratio = step_time_s / decided_step_time_s
+    return ratio > factor or ratio < 1 / factor

@@ -1,0 +1,73 @@
+"""The defaults: the memory tier on, each tier's cadence chosen from measured cost, the progress line
+fed by the hosts' reports (never by listing the run directory)."""
+
+from __future__ import annotations
+
+import math
+import os
+import uuid
+
+from jaxlaunch.launcher.records.runs import RunDir
+
+from jaxlaunch.contract import events as ev
+from tests.integration.helpers import MINIMAL, events, launch, trajectory
+from tests.integration.object_stores import s3
+
+
+def test_the_defaults_choose_a_cadence_from_measurements_and_a_killed_host_restores_from_memory(
+        minimal_reference, tmp_path):
+    """No --save-every, no --memory-tier: rank 0 measures its steps and a first memory save, chooses
+    each tier's interval (printed, and a `cadence_chosen` event), every host saves at those steps, and
+    a host killed at step 120 comes back from host memory with the uninterrupted run's losses."""
+    run_dir = tmp_path / "run"
+    result = launch("--hosts", "2", *MINIMAL, "--steps", "200", "--inject", "kill@step=120,host=1",
+                    "--run-dir", str(run_dir))
+    assert result.returncode == 0, result.stdout + result.stderr
+    chosen = [e for e in events(run_dir, "cadence_chosen") if e["attempt"] == 1]
+    assert chosen, "the first attempt chose a cadence"
+    first = chosen[0]
+    assert first["step"] == 4 and first["step_time_s"] > 0 and first["memory_blocking_s"] > 0, first
+    every = first["memory_every"]
+    assert every == max(1, math.ceil(first["memory_blocking_s"] / (0.01 * first["step_time_s"]) - 1e-9)), \
+        "as often as keeps a memory save's blocking at or below 1 % of a step"
+    assert first["durable_every"] <= 600 / first["step_time_s"], "durable saves at most 600 s apart"
+    assert f"checkpoint cadence from step 4: memory every {every}" in result.stdout
+    (restored,) = events(run_dir, "restored")
+    assert restored["tier"] == "memory" and restored["durable_bytes_read"] == 0, restored
+    # The attempt's memory saves: the measuring one at step 4, then every `every` steps from it; the
+    # kill may land while the part of the newest is in flight.
+    last = 4 + (120 - 4) // every * every
+    assert restored["step"] in (last, last - every), (restored, every)
+    assert trajectory(run_dir) == trajectory(minimal_reference), "the uninterrupted run's losses"
+    assert "mem ·" in result.stdout and "disk" in result.stdout, "the progress line shows both tiers"
+
+
+def test_a_run_with_the_memory_tier_lists_its_checkpoints_no_more_than_once_per_durable_save():
+    """On an object store every listing is a paid request: between its first step and its end, the
+    run lists the checkpoint folder at most once per durable save (the progress line hears the
+    commits from the hosts), counted at the S3 emulator."""
+    with s3() as emulator:
+        bucket = f"jaxlaunch-{uuid.uuid4().hex[:12]}"
+        emulator.create_bucket(bucket)
+        old = {k: os.environ.get(k) for k in emulator.env}
+        os.environ.update(emulator.env)
+        try:
+            run_url = f"s3://{bucket}/runs/lm"
+            result = launch("--hosts", "2", *MINIMAL, "--steps", "400", "--persist-every", "100",
+                            "--run-dir", run_url, env=emulator.env)
+            assert result.returncode == 0, result.stdout + result.stderr
+            run = RunDir(run_url)
+            timeline = [e for e in run.events() if isinstance(e, ev.StartupTimeline)]
+            trained_from = min(e.first_step_done for e in timeline if e.first_step_done is not None)
+            trained_until = max(e.time for e in run.events() if isinstance(e, ev.FinalSave))
+            lists = [r for r in emulator.requests if r.lists("runs/lm/checkpoints")
+                     and trained_from <= r.time <= trained_until]
+            durable = [r["step"] for r in run.metric_records() if r.get("checkpoint_tier") == "durable"]
+            assert durable == [100, 200, 300, 400], durable
+            assert len(lists) <= len(durable), [(r.time - trained_from, r.query) for r in lists]
+        finally:
+            for key, value in old.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value

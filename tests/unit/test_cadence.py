@@ -1,0 +1,71 @@
+"""A host's save cadence (`jaxlaunch.workers.cadence`): every host follows rank 0's choice from the same
+step, whatever each host measured, with a fake broadcast instead of JAX's."""
+
+from jaxlaunch.workers.cadence import FIRST_CHECK_AFTER_STEPS, SaveCadence
+
+from jaxlaunch.contract.events import CadenceChosen
+from jaxlaunch.contract.protocol import CheckpointConfig
+
+
+class Lockstep:
+    """Two hosts' broadcasts: rank 0 calls first at a step and rank 1 gets its values."""
+
+    def __init__(self):
+        self.sent: list[int] | None = None
+        self.calls = 0
+
+    def rank_0(self, values):
+        self.sent, self.calls = list(values), self.calls + 1
+        return list(values)
+
+    def rank_1(self, values):
+        assert self.sent is not None, "rank 1 reached an agreement step rank 0 did not"
+        sent, self.sent = self.sent, None
+        return sent
+
+
+def run(cfg: CheckpointConfig, steps: range, step_time, memory_cost, durable_cost, start: int = 0):
+    """Both hosts through `steps`; host 1 measures 1.5x host 0's times. Returns each host's saves and
+    rank 0's events."""
+    told: list[CadenceChosen] = []
+    wire = Lockstep()
+    hosts = [SaveCadence(cfg, True, 0, start, told.append, wire.rank_0),
+             SaveCadence(cfg, True, 1, start, told.append, wire.rank_1)]
+    saved: list[list[tuple[int, bool, bool]]] = [[], []]
+    for step in steps:
+        for host, scale in zip(hosts, (1.0, 1.5), strict=True):
+            host.step_time(step_time(step) * scale)
+            due = host.due(step, final=False)
+            if due.any:
+                saved[host.rank].append((step, due.memory, due.durable))
+            host.after_save(step, due, memory_cost * scale if due.memory else None,
+                            durable_cost * scale if due.durable else None)
+    return saved, told, wire
+
+
+def test_every_host_saves_at_the_same_steps_and_rank_0_alone_tells_the_choice():
+    saved, told, wire = run(CheckpointConfig(), range(1, 400), lambda s: 0.1, memory_cost=0.004, durable_cost=0.2)
+    assert saved[0] == saved[1], "host 1 measured other times, yet saves at rank 0's steps"
+    assert saved[0][0] == (FIRST_CHECK_AFTER_STEPS, True, False), "a first memory save early, to measure it"
+    first = told[0]
+    assert (first.step, first.memory_every, first.durable_every) == (4, 4, 6000), "4 ms against 1 ms of 0.1 s"
+    assert first.durable_blocking_s is None and "not measured yet" in first.reason
+    assert [s for s, memory, _ in saved[0] if memory][:4] == [4, 8, 12, 16]
+    assert wire.calls <= 1 + 399 // 300 + 1, "a broadcast only at agreement steps (about every 30 s of steps)"
+
+
+def test_the_cadence_is_chosen_again_once_orbax_is_measured_and_when_the_steps_slow_down():
+    cfg = CheckpointConfig(persist_max_age_s=20.0)
+    saved, told, _ = run(cfg, range(1, 900), lambda s: 0.1 if s < 500 else 0.4, memory_cost=0.004, durable_cost=0.5)
+    assert [(e.memory_every, e.durable_every) for e in told] == [(4, 200), (4, 200), (1, 50)]
+    assert "Orbax's first save was measured" in told[1].reason
+    assert 500 <= told[2].step <= 800 and "the step time moved from 100.0 ms to 400.0 ms" in told[2].reason
+    durable = [s for s, _, d in saved[0] if d]
+    assert all(b - a <= 200 for a, b in zip(durable, durable[1:], strict=False)), "never more than 20 s apart"
+    assert saved[0] == saved[1]
+
+
+def test_numbers_the_user_gave_need_no_agreement():
+    cfg = CheckpointConfig(save_every=5, persist_every=10)
+    saved, told, wire = run(cfg, range(1, 21), lambda s: 0.1, memory_cost=0.5, durable_cost=5.0)
+    assert [s for s, _, _ in saved[0]] == [5, 10, 15, 20] and told == [] and wire.calls == 0

@@ -1,0 +1,96 @@
+"""The save schedule and the cadence rule (`jaxlaunch.contract.schedule`), as pure values."""
+
+import pytest
+
+from jaxlaunch.contract.schedule import CadenceRule, Due, Measured, SaveSchedule, moved
+
+
+def saves(schedule: SaveSchedule, steps: range, final: int | None = None) -> list[tuple[int, str]]:
+    out = []
+    for step in steps:
+        due = schedule.due(step, final=step == final)
+        if due.any:
+            out.append((step, "+".join(t for t, on in (("mem", due.memory), ("disk", due.durable)) if on)))
+        schedule = schedule.after(step, due)
+    return out
+
+
+def test_user_numbers_save_at_their_multiples_and_the_last_step_is_durable():
+    assert saves(SaveSchedule(memory_every=5, durable_every=10), range(1, 24), final=23) == [
+        (5, "mem"), (10, "mem+disk"), (15, "mem"), (20, "mem+disk"), (23, "disk")]
+    assert saves(SaveSchedule(memory_every=None, durable_every=4), range(1, 10)) == [(4, "disk"), (8, "disk")]
+
+
+def test_a_chosen_cadence_counts_from_the_previous_save_so_an_agreed_stop_restarts_it():
+    schedule = SaveSchedule(memory_every=3, durable_every=6, memory_anchor=10, durable_anchor=10)
+    assert saves(schedule, range(11, 24), final=14) == [
+        (13, "mem"), (14, "disk"), (16, "mem"), (19, "mem"), (20, "disk"), (22, "mem")]
+
+
+def test_the_first_save_measures_memory_with_the_tier_and_orbax_without():
+    with_tier = SaveSchedule(memory_every=2**40, durable_every=2**40, memory_anchor=0, durable_anchor=0, first_at=4)
+    assert saves(with_tier, range(1, 9)) == [(4, "mem")]
+    durable_only = SaveSchedule(memory_every=None, durable_every=2**40, durable_anchor=0, first_at=4)
+    assert durable_only.due(4) == Due(memory=False, durable=True)
+
+
+AUTO = CadenceRule(memory_tier=True, save_every=None, persist_every=None, max_age_s=600.0)
+
+
+def test_a_copy_cheap_next_to_the_step_saves_every_step():
+    cadence = AUTO.choose(Measured(step_time_s=1.0, memory_blocking_s=0.004, durable_blocking_s=0.5))
+    assert cadence.memory_every == 1
+    assert cadence.durable_every == 50, "0.5 s of Orbax at most 1 % of 1 s steps: every 50 steps"
+    assert "at most 1% of step time" in cadence.reason
+
+
+def test_a_dear_copy_saves_every_k_steps_to_stay_within_one_percent():
+    cadence = AUTO.choose(Measured(step_time_s=0.025, memory_blocking_s=0.0012, durable_blocking_s=0.3))
+    assert cadence.memory_every == 5, "1.2 ms against 0.25 ms (1 % of 25 ms): every 5 steps"
+    assert 0.0012 / cadence.memory_every <= 0.01 * 0.025
+    assert 0.0012 / (cadence.memory_every - 1) > 0.01 * 0.025, "and no less often than needed"
+
+
+def test_the_age_bound_caps_the_durable_interval_and_says_so():
+    cadence = AUTO.choose(Measured(step_time_s=2.0, memory_blocking_s=0.01, durable_blocking_s=30.0))
+    assert cadence.durable_every == 300, "by cost every 1500 steps (3000 s), by age every 300 (600 s)"
+    assert "at most 600 s apart (checkpoint.persist_max_age_s)" in cadence.reason
+
+
+def test_an_unmeasured_orbax_saves_by_the_age_bound_alone():
+    cadence = AUTO.choose(Measured(step_time_s=0.1, memory_blocking_s=0.0001))
+    assert (cadence.memory_every, cadence.durable_every) == (1, 6000)
+    assert "not measured yet" in cadence.reason
+
+
+def test_numbers_the_user_gave_win():
+    rule = CadenceRule(memory_tier=True, save_every=7, persist_every=None, max_age_s=600.0)
+    cadence = rule.choose(Measured(step_time_s=1.0, memory_blocking_s=5.0, durable_blocking_s=0.5))
+    assert (cadence.memory_every, cadence.durable_every) == (7, 50)
+    assert CadenceRule(True, 7, 70, 600.0).fixed.memory_every == 7
+    assert CadenceRule(False, 9, None, 600.0).fixed.durable_every == 9
+    assert CadenceRule(True, 7, None, 600.0).fixed is None, "persist_every is auto: measured"
+    durable_only = CadenceRule(memory_tier=False, save_every=None, persist_every=70, max_age_s=600.0)
+    assert durable_only.choose(Measured(1.0, None, 2.0)).memory_every is None
+    assert durable_only.choose(Measured(1.0, None, 2.0)).durable_every == 200, "persist_every is unused without it"
+
+
+@pytest.mark.parametrize(("before", "after", "expected"), [
+    (1.0, 2.0, False), (1.0, 2.01, True), (1.0, 0.5, False), (1.0, 0.49, True)])
+def test_the_cadence_is_chosen_again_when_the_step_time_moves_more_than_twice(before, after, expected):
+    assert moved(before, after) is expected
+    measured = Measured(step_time_s=before, memory_blocking_s=0.001, durable_blocking_s=0.1)
+    cadence = AUTO.choose(measured)
+    why = AUTO.rechoose(measured, cadence, Measured(after, 0.001, 0.1))
+    assert (why is not None) is expected
+
+
+def test_saves_that_block_more_than_twice_their_share_are_chosen_again_and_cheaper_ones_are_not():
+    chosen = Measured(step_time_s=1.0, memory_blocking_s=0.005, durable_blocking_s=0.1)
+    cadence = AUTO.choose(chosen)
+    assert cadence.memory_every == 1
+    # Every step, a save waits for the previous hand-off: 30 ms per 1 s step is three times the share.
+    assert "memory saves block 30.0 ms every 1 steps" in AUTO.rechoose(chosen, cadence, Measured(1.0, 0.03, 0.1))
+    assert AUTO.rechoose(chosen, cadence, Measured(1.0, 0.001, 0.1)) is None, "cheaper never re-chooses (no see-saw)"
+    unmeasured = Measured(step_time_s=1.0, memory_blocking_s=0.005)
+    assert AUTO.rechoose(unmeasured, AUTO.choose(unmeasured), chosen) == "Orbax's first save was measured"

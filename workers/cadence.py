@@ -1,0 +1,183 @@
+"""One host's save cadence for one attempt: the schedule it follows, what it measured, and the
+agreement that changes the schedule at one step on every host (a save is collective: a host that
+saved at another step would wait for the others forever).
+
+Rank 0 decides (`jaxlaunch.contract.schedule.CadenceRule`) from its own steps' times and saves'
+blocking times; every host adopts the decision at the same step through one small broadcast, made
+only at agreement steps every host knows: `first_check` (a few steps into the attempt, after a first
+memory save to measure its cost), the step after Orbax's first measured save, and then the step
+rank 0 named with the previous decision (about `CHECK_EVERY_S` of training later). A cadence the user
+fixed (numbers for every interval) needs no agreement at all."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import statistics
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from jaxlaunch.contract import events
+from jaxlaunch.contract.protocol import CheckpointConfig
+from jaxlaunch.contract.schedule import Cadence, CadenceRule, Due, Measured, SaveSchedule
+
+if TYPE_CHECKING:
+    from jaxlaunch.workers.memory import MemoryTier
+
+FIRST_CHECK_AFTER_STEPS = 4
+"""The first agreement step, counted from the attempt's start step: the first step read back paid
+for compilation and has no time, so three steps of this attempt have their time by then."""
+CHECK_EVERY_S = 30.0
+"""About how much training lies between two agreement steps after the first (a broadcast each)."""
+UNCHOSEN = 2**40
+"""An interval that never comes round: a tier whose cadence is not chosen yet saves only when due
+for another reason (the first measuring save, the last step, an agreed stop)."""
+STEP_WINDOW = 20
+COST_WINDOW = 5
+
+Broadcast = Callable[[list[int]], list[int]]
+"""Rank 0's list of ints, on every host (a collective: every host calls it at the same step)."""
+
+
+def given(value: int | str) -> int | None:
+    return value if isinstance(value, int) else None
+
+
+class SaveCadence:
+    def __init__(self, cfg: CheckpointConfig, memory_tier: bool, rank: int, start_step: int,
+                 tell: Callable[[events.HostEvent], None], broadcast: Broadcast | None = None):
+        self.rule = CadenceRule(memory_tier, given(cfg.save_every), given(cfg.persist_every), cfg.persist_max_age_s)
+        self.rank, self._tell, self._broadcast = rank, tell, broadcast or broadcast_from_rank_0
+        self._last_step = start_step
+        self._step_times: collections.deque[float] = collections.deque(maxlen=STEP_WINDOW)
+        self._costs: dict[str, collections.deque[float]] = {
+            tier: collections.deque(maxlen=COST_WINDOW) for tier in ("memory", "durable")}
+        self._durable_measured = False
+        self.chosen: tuple[Measured, Cadence] | None = None
+        """Rank 0's: the measurements the cadence in force was chosen from, and the cadence."""
+        fixed = self.rule.fixed
+        if fixed is not None:
+            self.schedule = SaveSchedule(fixed.memory_every, fixed.durable_every)
+            self.next_check: int | None = None
+            return
+        rule, first = self.rule, start_step + FIRST_CHECK_AFTER_STEPS
+        memory_every = (rule.save_every or UNCHOSEN) if memory_tier else None
+        durable_given = rule.persist_every if memory_tier else rule.save_every
+        # The first save measures the tier with the unknown cost: memory with the tier, else Orbax.
+        measure = rule.save_every is None if memory_tier else durable_given is None
+        self.schedule = SaveSchedule(
+            memory_every, durable_given or UNCHOSEN,
+            memory_anchor=None if not memory_tier or rule.save_every is not None else start_step,
+            durable_anchor=None if durable_given is not None else start_step,
+            first_at=first if measure else None)
+        self.next_check = first
+
+    def due(self, step: int, final: bool) -> Due:
+        return self.schedule.due(step, final)
+
+    def step_time(self, seconds: float) -> None:
+        self._step_times.append(seconds)
+
+    def after_save(self, step: int, saved: Due, memory_s: float | None, durable_s: float | None,
+                   final: bool = False) -> None:
+        """Called by every host at every step, after the step's save (if any): records the save's
+        cost and, at an agreement step, adopts rank 0's cadence (rank 0 tells a `cadence_chosen`
+        event when it changed). `final`: the loop ends at this step, so nothing is agreed."""
+        if step <= self._last_step:
+            return  # maybe_save called again at a step: its save and agreement were made
+        self._last_step = step
+        self.schedule = self.schedule.after(step, saved)
+        first_durable = False
+        if saved.memory and memory_s is not None:
+            self._costs["memory"].append(memory_s)
+        if saved.durable and durable_s is not None:
+            self._costs["durable"].append(durable_s)
+            first_durable, self._durable_measured = not self._durable_measured, True
+        if final or self.next_check is None or not (step >= self.next_check or first_durable):
+            return
+        proposal, event = self._propose(step) if self.rank == 0 else ([0, 0, 0, 0], None)
+        changed, memory_every, durable_every, next_check = self._broadcast(proposal)
+        self.next_check = next_check
+        if changed:
+            self.schedule = dataclasses.replace(
+                self.schedule, first_at=None, durable_every=durable_every,
+                memory_every=memory_every if self.schedule.memory_every is not None else None)
+        if event is not None:
+            self._tell(event)
+
+    def _propose(self, step: int) -> tuple[list[int], events.CadenceChosen | None]:
+        """Rank 0's decision: [changed, memory_every, durable_every, next agreement step]."""
+        if not self._step_times:
+            return [0, 0, 0, step + 1], None  # no step timed yet (the attempt is that short): next step
+        now = Measured(statistics.median(self._step_times), _median(self._costs["memory"]),
+                       _median(self._costs["durable"]))
+        if self.chosen is not None:  # a tier not saved since the last choice keeps its last cost
+            before = self.chosen[0]
+            now = dataclasses.replace(now, memory_blocking_s=_first(now.memory_blocking_s, before.memory_blocking_s),
+                                      durable_blocking_s=_first(now.durable_blocking_s, before.durable_blocking_s))
+        next_check = step + max(1, math.ceil(CHECK_EVERY_S / now.step_time_s)) if now.step_time_s > 0 else step + 1
+        why = "the attempt started" if self.chosen is None else self.rule.rechoose(*self.chosen, now)
+        if why is None:
+            return [0, 0, 0, next_check], None
+        cadence = self.rule.choose(now)
+        unchanged = self.chosen is not None and self.chosen[1].intervals == cadence.intervals
+        self.chosen = (now, cadence)
+        if unchanged and not why.startswith("Orbax"):
+            return [0, 0, 0, next_check], None  # e.g. over its share, but the age bound holds it there
+        for costs in self._costs.values():
+            costs.clear()  # measured under the old cadence (a hand-off's wait depends on it)
+        event = events.CadenceChosen(
+            step=step, step_time_s=now.step_time_s, memory_blocking_s=now.memory_blocking_s,
+            durable_blocking_s=now.durable_blocking_s, memory_every=cadence.memory_every,
+            durable_every=cadence.durable_every, max_age_s=self.rule.max_age_s, reason=f"{why}: {cadence.reason}")
+        return [1, cadence.memory_every or 0, cadence.durable_every, next_check], event
+
+
+def _first(value: float | None, otherwise: float | None) -> float | None:
+    return value if value is not None else otherwise
+
+
+def _median(values: collections.deque[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def broadcast_from_rank_0(values: list[int]) -> list[int]:
+    """`Broadcast` over the job's processes (JAX's multihost utilities; one process: itself)."""
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return list(values)
+    return [int(v) for v in multihost_utils.broadcast_one_to_all(np.array(values, dtype=np.int32))]
+
+
+class CommitWatch:
+    """The saves of this host that have committed since it last looked, for the driver's progress line
+    (which then lists no checkpoints): a memory save once its hand-off returned (its part and the
+    replica held), a durable one, on rank 0, once Orbax finished it (rank 0 writes the commit)."""
+
+    def __init__(self, memory: MemoryTier | None, saving: Callable[[], bool], rank: int):
+        self._memory, self._saving, self.rank = memory, saving, rank
+        self._step: int | None = None
+        """The newest memory save watched."""
+        self._durable: int | None = None
+
+    def started(self, step: int, saved: Due) -> None:
+        if saved.memory:
+            self._step = step
+        if saved.durable and self.rank == 0:
+            self._durable = step
+
+    def done(self) -> list[tuple[str, int]]:
+        """(tier, step) of each watched save that has committed since the previous call."""
+        out = []
+        if self._step is not None and self._memory is not None and not self._memory.handing_off():
+            if not self._memory.refused:
+                out.append(("memory", self._step))
+            self._step = None
+        if self._durable is not None and not self._saving():
+            out.append(("durable", self._durable))
+            self._durable = None
+        return out
