@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import cloudpickle
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -101,6 +102,8 @@ class MemoryTier:
         """This host's saves of the attempt, in order: all but the newest were handed over (waited for)."""
         self.lost: list[str] = list(lost)
         """Nodes whose keeper is gone (found by the driver, or not answering `held()`): lost with their node."""
+        self._structure: tuple[Any, bytes | None] | None = None
+        """The saved state's pytree structure, pickled once: the same at every save of an attempt."""
 
     # -- the budget, agreed by every host -------------------------------------------------------------
     def reserve(self, nbytes: int) -> str | None:
@@ -126,11 +129,27 @@ class MemoryTier:
         The floor sent with the part: this host's save before the previous one. Every host has handed
         that one over whole, because the copy of `step` above waited for `step`'s computation, whose
         collectives every host entered only after its own previous save, which waited for that one."""
-        part = {**snapshot(tree), "meta": meta, "extra": extra}
+        part = {**snapshot(tree), "structure": self._pickled_structure(tree), "meta": meta, "extra": extra}
         self.wait()
         floor = self.handed[-2] if len(self.handed) >= 2 else -1
         self.handed = self.handed[-1:] + [step]
         self.in_flight = self.sender.submit(self._hand_off, step, part, floor)
+
+    def _pickled_structure(self, tree: Any) -> bytes | None:
+        """The state's tree structure (what the keys of the part's arrays cannot tell: a list from a
+        dict with integer keys, an empty optimizer state): a durable save of the part without the
+        user's `init` (`jaxlaunch.workers.persist`) rebuilds the very tree a durable save writes. As
+        bytes, so that no keeper unpickles classes it may not import; None if it cannot be pickled
+        (that save then says why it cannot be persisted)."""
+        treedef = jax.tree.structure(tree)
+        if self._structure is None or self._structure[0] != treedef:
+            try:
+                pickled: bytes | None = cloudpickle.dumps(treedef)
+            except Exception as err:  # noqa: BLE001 - the tier goes on; only a give-up persist needs it
+                log.warning("the state's structure cannot be pickled (%s): a give-up persist cannot write it", err)
+                pickled = None
+            self._structure = (treedef, pickled)
+        return self._structure[1]
 
     def _hand_off(self, step: int, part: dict[str, Any], floor: int) -> None:
         import ray
@@ -183,7 +202,9 @@ class MemoryTier:
         return None if step < 0 else step
 
     def restore(self, step: int, held: list[Held], targets: Any) -> MemoryRestore:
-        """`step` from the keepers into `targets` (ShapeDtypeStructs with today's shardings)."""
+        """`step` from the keepers into `targets` (ShapeDtypeStructs with today's shardings), or into
+        `targets(part)` when it is a function of this host's own part (its arrays, structure and
+        shards), for a restore that knows the state only from what was saved."""
         import ray
 
         start = time.perf_counter()
@@ -209,6 +230,8 @@ class MemoryTier:
 
         # Its own part covers a host's shards on the same topology; other parts only when it does not.
         load([own])
+        if callable(targets):
+            targets = targets(parts[own])
         state = _assemble(targets, parts, lambda: load(sorted(by_rank)), own)
         meta = parts[0]["meta"] if 0 in parts else self._fetch_meta(step, by_rank[0])
         return MemoryRestore(step, state, meta, parts[own].get("extra") or {}, list(by_rank.values()),
