@@ -97,7 +97,7 @@ def saved_targets(part: dict[str, Any], mesh: Mesh) -> Any:
         matches = [spec for spec, ok in zip(specs, agreed[at:at + len(specs)], strict=True) if ok]
         at += len(specs)
         chosen[key] = matches[0] if matches else _most_sharded(specs, tuple(arrays[key]["shape"]), mesh)
-    leaves = []
+    leaves: list[Any] = []
     for path, _ in jax.tree_util.tree_flatten_with_path(jax.tree.unflatten(treedef, [0] * treedef.num_leaves))[0]:
         key = jax.tree_util.keystr(path)
         if key not in arrays:
@@ -139,7 +139,7 @@ def _indices(shape: tuple[int, ...], spec: PartitionSpec, mesh: Mesh) -> set[Ind
         index_map = NamedSharding(mesh, spec).addressable_devices_indices_map(shape)
     except ValueError:
         return None
-    return {tuple(s.indices(n)[:2] for s, n in zip(index, shape, strict=True)) for index in index_map.values()}
+    return {tuple(s.indices(n)[:2] for s, n in zip(index or (), shape, strict=True)) for index in index_map.values()}
 
 
 def _most_sharded(specs: list[PartitionSpec], shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
