@@ -21,13 +21,13 @@ from types import FrameType
 from typing import Any
 
 from jaxlaunch.launcher.cluster.keepers import KeeperPool
-from jaxlaunch.launcher.cluster.persist import persist_newest
 from jaxlaunch.launcher.cluster.ray_cluster import RayCluster, runtime_env
 from jaxlaunch.launcher.cluster.worker_group import MakeSpec, RayWorkerGroup, StandbyPool
 from jaxlaunch.launcher.configuration.job import PreparedJob
 from jaxlaunch.launcher.configuration.schema import JobConfig
 from jaxlaunch.launcher.control.driver import CAPACITY_POLL_S, Driver
 from jaxlaunch.launcher.control.fault_plan import FaultPlan, injection_log
+from jaxlaunch.launcher.control.persisting import MemoryPersist
 from jaxlaunch.launcher.control.policy import Policies, RestartPolicy, ScalingPolicy, Watchdog
 from jaxlaunch.launcher.control.replicas import ReplicaWatch
 from jaxlaunch.launcher.control.stragglers import StragglerWatch
@@ -264,19 +264,16 @@ def _build(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref: En
     faults = FaultPlan(prepared.injections,
                        injection_log(run.injections, prepared.injections, time.monotonic, time.time))
 
-    def persist(attempt: int) -> str | None:
-        if standby is not None:
-            standby.shutdown()  # the job ends: its spare hosts' room serves the persisting run
-        persisted = persist_newest(
-            keepers, cluster, lambda: RayWorkerGroup(cluster, run, persist_spec, job.watchdog.poll_interval_s, None,
-                                                     keepers, logs_as="persist"), attempt, committed)
-        if persisted is None:
-            return None
-        recorder.event(persisted)
-        return persisted.message
-
     def persist_spec(**kwargs: Any) -> HostSpec:
         return dataclasses.replace(make_spec(**kwargs), persist_only=True)
+
+    persist = MemoryPersist(
+        newest=keepers.newest_committed,
+        make_group=lambda: RayWorkerGroup(cluster, run, persist_spec, job.watchdog.poll_interval_s, None, keepers,
+                                          logs_as="persist"),
+        step_bytes=run.checkpoint_bytes,
+        # The job ends: its spare hosts' room serves the persisting run.
+        before=standby.shutdown if standby is not None else lambda: None)
 
     driver = Driver(
         cluster=cluster,

@@ -52,15 +52,6 @@ CARRIED_RECORDS = 256
 """The newest records a checkpoint carries (only the last seconds' worth can be missing)."""
 
 
-class PersistDone(BaseException):
-    """Ends a persist-only run from inside `restore_or_init`, through the user's function (a
-    BaseException, so that no `except Exception` of the user's keeps it)."""
-
-    def __init__(self, result: HostResult):
-        super().__init__("persisted")
-        self.result = result
-
-
 @dataclasses.dataclass
 class _Loop:
     """What `restore_or_init` sets up for the training loop."""
@@ -178,8 +169,6 @@ class HostContext:
                 array=path, sharding=str(sharding),
                 shard_shape=list(array.addressable_shards[0].data.shape)))
             log.info("restored step %d from %s in %.2f s", step, restored.tier, restored.seconds)
-        if spec.persist_only:
-            raise PersistDone(self._persist(restored, checkpointer))
         if self._memory is not None:
             self._memory.forget_after(step)
         self._progress.step_done(step)
@@ -435,26 +424,6 @@ class HostContext:
             "topology": {"num_hosts": self.process_count, "num_devices": jax.device_count(),
                          "mesh": dict(self.mesh.shape)},
         }
-
-    def _persist(self, restored: TierRestore | None, checkpointer: Checkpointer) -> HostResult:
-        """The run after a failure the driver gives up on: the step restored from memory, written to
-        the run directory with Orbax (its records and every host's non-array state, as a durable
-        save carries them); nothing is trained. The keepers end with the launcher."""
-        self._progress.enter(Phase.SAVING)
-        step = restored.step if restored is not None else None
-        if restored is not None and restored.tier == "memory" and step not in checkpointer.steps_from_rank_0():
-            started = time.perf_counter()
-            mine = extras.snapshot(self._extra)
-            meta = {**self._meta(restored.step), "records": list(restored.meta.get("records", []))[-CARRIED_RECORDS:],
-                    "extra": extras.gather(mine) if self._extra else [], "shared_extra": extras.shared(mine)}
-            checkpointer.save(restored.step, restored.state, meta)
-            checkpointer.wait()
-            self._progress.event(events.FinalSave(seconds=time.perf_counter() - started))
-            log.info("persisted memory step %d", restored.step)
-        checkpointer.close()
-        if self._memory is not None:
-            self._memory.close()
-        return self._done(Ending.STOPPED, step)
 
     def _finish(self, returned: Any) -> HostResult:
         """After the user's function returned: the last records, the wait for pending saves."""

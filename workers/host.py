@@ -132,19 +132,23 @@ class HostActor:
                 coordinator_address=spec.coordinator_address, num_processes=spec.num_hosts, process_id=spec.rank,
                 bind_address=spec.coordinator_address, platform=spec.platform, timeouts=spec.distributed,
             )
-            from jaxlaunch.workers.context import HostContext, PersistDone
+            from jaxlaunch.workers.context import HostContext
             from jaxlaunch.workers.sharding import build_mesh
 
+            if spec.persist_only:
+                # The launcher's own program: the user's entry is not imported, nor any of its code run.
+                from jaxlaunch.workers import persist
+
+                result = persist.write_newest(spec, build_mesh(spec.mesh), self.progress)
+                runtime.shutdown()
+                return result
             # After jax.distributed: importing the user's module (or unpickling a function sent by
             # value) may already compute with JAX.
             function = entry_lib.load(spec.entry)
 
             ctx = HostContext(spec, build_mesh(spec.mesh), self.progress, self.driver_stop)
             log.info("mesh %s; running %s", dict(ctx.mesh.shape), spec.entry)
-            try:
-                result = ctx._finish(function(ctx))
-            except PersistDone as done:
-                result = done.result
+            result = ctx._finish(function(ctx))
             runtime.shutdown()
             return result
         except Exception as err:

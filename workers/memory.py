@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import cloudpickle
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
@@ -77,6 +78,8 @@ class MemoryTier:
         """The copies of this host's part of its newest saves, by step, once their hand-off is done."""
         self.lost: list[str] = list(lost)
         """Nodes whose keeper is gone (found by the driver, or not answering `held()`): lost with their node."""
+        self._structure: tuple[Any, bytes | None] | None = None
+        """The saved state's pytree structure, pickled once: the same at every save of an attempt."""
 
     # -- the budget, agreed by every host -------------------------------------------------------------
     def reserve(self, nbytes: int) -> str | None:
@@ -109,7 +112,7 @@ class MemoryTier:
         assert self.inbox is not None, "reserve() runs before the first save"
         name = incoming_name(step, self.rank, os.getpid())
         try:
-            header = write_part(self.inbox, name, tree, meta, extra)
+            header = write_part(self.inbox, name, tree, meta, extra, self._pickled_structure(tree))
         except OSError as err:  # the keeper restarted and emptied its folder, or the tmpfs is full
             self._refuse(step, f"the part file could not be written ({first_line(err)})")
             self.wait()
@@ -118,6 +121,22 @@ class MemoryTier:
         floor = self.handed[-2] if len(self.handed) >= 2 else -1
         self.handed = self.handed[-1:] + [step]
         self.in_flight = self.sender.submit(self._hand_off, step, name, header.nbytes, floor, fault)
+
+    def _pickled_structure(self, tree: Any) -> bytes | None:
+        """The state's tree structure (what the keys of the part's arrays cannot tell: a list from a
+        dict with integer keys, an empty optimizer state): a durable save of the part without the
+        user's `init` (`jaxlaunch.workers.persist`) rebuilds the very tree a durable save writes. As
+        bytes, so that no keeper unpickles classes it may not import; None if it cannot be pickled
+        (that save then says why it cannot be persisted)."""
+        treedef = jax.tree.structure(tree)
+        if self._structure is None or self._structure[0] != treedef:
+            try:
+                pickled: bytes | None = cloudpickle.dumps(treedef)
+            except Exception as err:  # noqa: BLE001 - the tier goes on; only a give-up persist needs it
+                log.warning("the state's structure cannot be pickled (%s): a give-up persist cannot write it", err)
+                pickled = None
+            self._structure = (treedef, pickled)
+        return self._structure[1]
 
     def _hand_off(self, step: int, name: str, nbytes: int, floor: int, fault: Callable[[], None] | None) -> None:
         import ray
@@ -182,7 +201,9 @@ class MemoryTier:
         return None if step < 0 else step
 
     def restore(self, step: int, held: list[Held], targets: Any) -> MemoryRestore:
-        """`step` from the keepers into `targets` (ShapeDtypeStructs with today's shardings)."""
+        """`step` from the keepers into `targets` (ShapeDtypeStructs with today's shardings), or into
+        `targets(part)` when it is a function of this host's own part (its arrays, structure and
+        shards), for a restore that knows the state only from what was saved."""
         import ray
 
         start = time.perf_counter()
@@ -212,6 +233,8 @@ class MemoryTier:
             return data
 
         reader = PartReader(own, sorted(by_rank), locate, remote_box)
+        if callable(targets):
+            targets = targets(reader.header(own))
         state = assemble(targets, reader)
         return MemoryRestore(step, state, reader.header(0).meta, reader.header(own).extra or {},
                              list(by_rank.values()), time.perf_counter() - start, reader.bytes_read)

@@ -59,6 +59,9 @@ class PartHeader:
     """The leaves that are not arrays, by key path."""
     meta: dict[str, Any]
     extra: dict[str, Any]
+    structure: bytes | None = None
+    """The state's pytree structure, pickled (`jaxlaunch.workers.persist` rebuilds the tree from it
+    without the user's `init`); None when it could not be pickled."""
 
     @property
     def nbytes(self) -> int:
@@ -109,7 +112,7 @@ def _aligned(n: int) -> int:
 
 
 def write_part(directory: pathlib.Path, name: str, tree: Any, meta: dict[str, Any],
-               extra: dict[str, Any]) -> PartHeader:
+               extra: dict[str, Any], structure: bytes | None = None) -> PartHeader:
     """Writes this host's part of `tree` (its addressable shards, each global index once, and every
     other leaf) to `directory/name`. Returns once the file is whole: the next step may overwrite or
     donate the device buffers."""
@@ -133,7 +136,7 @@ def write_part(directory: pathlib.Path, name: str, tree: Any, meta: dict[str, An
     for key, index, value in live:
         entries.append(ShardEntry(key, index, offset, int(value.nbytes)))
         offset += _aligned(int(value.nbytes))
-    header = PartHeader(tuple(arrays), tuple(entries), plain, meta, extra)
+    header = PartHeader(tuple(arrays), tuple(entries), plain, meta, extra, structure)
     blob = pickle.dumps(header, protocol=pickle.HIGHEST_PROTOCOL)
     start = _aligned(_PREAMBLE.size + len(blob))
     temporary = directory / f".{name}.tmp"

@@ -23,6 +23,7 @@ class EventKind(enum.StrEnum):
     RESTARTING = "restarting"
     CHAOS_KILL = "chaos_kill"
     JOB_FAILED = "job_failed"
+    PERSISTING_MEMORY = "persisting_memory"
     MEMORY_PERSISTED = "memory_persisted"
     KEEPER_RESTARTED = "keeper_restarted"
     JOB_STOPPED = "job_stopped"

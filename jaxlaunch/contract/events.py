@@ -171,6 +171,19 @@ class JobFailed(Event):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class PersistingMemory(Event):
+    """The job gave up, and before it fails the driver writes the memory tier's newest step durably:
+    a short run of the hosts that runs the launcher's own program, not the entry."""
+
+    KIND: ClassVar = EventKind.PERSISTING_MEMORY
+    attempt: int
+    """The failed attempt (its hosts' logs are `persist-N-rank-R.log`)."""
+    step: int
+    durable_step: int | None = None
+    num_hosts: int | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class MemoryPersisted(Event):
     """Before the launcher gave up on a failed job: the memory tier's newest committed step, newer than
     the newest durable one, written to the run directory (or why it could not be)."""
@@ -186,6 +199,8 @@ class MemoryPersisted(Event):
     persisted: bool = False
     reason: str | None = None
     """Why it was not persisted; None when it was."""
+    bytes: int | None = None
+    """The durable step's size in the run directory, once written."""
 
     @property
     def message(self) -> str:

@@ -191,8 +191,9 @@ class HostSpec:
     elastic: bool = False
     """The job may change its host count (--min-hosts below --max-hosts)."""
     persist_only: bool = False
-    """A run after a failure the driver gives up on: restore the newest step (the memory tier's), write
-    it to the run directory with Orbax and end, training nothing."""
+    """A run after a failure the driver gives up on: the launcher's own program (`jaxlaunch.workers.persist`)
+    writes the memory tier's newest step to the run directory with Orbax and ends; the entry is not
+    imported and no user code runs."""
     verify_every: int = 0
     """Besides every save step, check the replicas every this many steps (0: at save steps only)."""
     newest_restorable: int | None = None

@@ -14,8 +14,9 @@ import signal
 import time
 from collections.abc import Callable, Sequence
 
-from jaxlaunch.launcher.control import policy
+from jaxlaunch.launcher.control import persisting, policy
 from jaxlaunch.launcher.control.fault_plan import FaultPlan
+from jaxlaunch.launcher.control.persisting import MemoryPersist
 from jaxlaunch.launcher.control.policy import Action, Diagnosis, FailureKind, Policies
 from jaxlaunch.launcher.control.states import (
     TERMINAL,
@@ -27,6 +28,7 @@ from jaxlaunch.launcher.control.states import (
     DrainReason,
     Failed,
     Finished,
+    Persisting,
     Relaunching,
     ResolvingFailure,
     Running,
@@ -99,12 +101,12 @@ class Driver:
         listeners: Sequence[Listener] = (),
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
-        persist: Callable[[int], str | None] | None = None,
+        persist: MemoryPersist | None = None,
     ):
         self.cluster, self.make_group, self.policies = cluster, make_group, policies
         self.persist = persist
-        """Called with the failed attempt's number before the job fails: writes what only the memory
-        tier holds to durable storage; returns what it did, for the job's reason (None: nothing)."""
+        """With the memory tier: how a job that gives up writes what only memory holds durably first
+        (the Persisting state)."""
         self.committed_step = committed_step
         self.faults = faults or FaultPlan()
         self.listeners = list(listeners)
@@ -142,6 +144,8 @@ class Driver:
                 new = self._resolve(state)
             case Relaunching():
                 new = self._restart(state)
+            case Persisting():
+                new = self._persist(state)
             case Finished() | Failed() | Stopped():
                 raise ValueError(f"the driver has ended ({state}): there is no step to take")
         if new is not self.state:
@@ -415,9 +419,36 @@ class Driver:
         self.failures.append(failure)
         decision = self.policies.restart.decide(self.failures)
         if decision.action == Action.STOP:
-            done = self.persist(attempt.number) if self.persist is not None else None
-            return Failed(f"{decision.reason}; {done}" if done else decision.reason, failure)
+            failed = Failed(decision.reason, failure)
+            if self.persist is None:
+                return failed
+            return persisting.plan(self.persist, failed, attempt.number, committed, self.cluster.placeable_hosts,
+                                   self.clock())
         return Relaunching(failure, decision)
+
+    def _persist(self, state: Persisting) -> State:
+        """One step of writing the memory step durably: start the hosts, then poll them until they end,
+        fail or run out of time; a stop request ends it at once. The job fails after it either way,
+        for the reason it gave up."""
+        assert self.persist is not None, "only a driver with the memory tier persists"
+        if self.stop_signal is not None:
+            return self._persisted(state, f"interrupted by {self.stop_name}")
+        if not state.started:
+            self.group = self.persist.make_group()
+            try:
+                self.group.start(state.num_hosts, state.attempt)
+            except Exception as err:  # noqa: BLE001 - the failure that ended the job stays its reason
+                return self._persisted(state, f"its hosts did not start: {type(err).__name__}: {err}"[:500])
+            return dataclasses.replace(state, started=True)
+        over, reason = persisting.judge(self.running_group.poll(), state, self.clock(), self.persist.timeout_s)
+        return self._persisted(state, reason) if over else state
+
+    def _persisted(self, state: Persisting, reason: str | None) -> Failed:
+        assert self.persist is not None, "only a driver with the memory tier persists"
+        self._teardown()
+        done = persisting.result(state, reason, self.committed_step(), self.persist.step_bytes, self.clock())
+        log.info("%s", done.message)
+        return persisting.ended(state.outcome, done)
 
     def _with_stacks(self, failure: Diagnosis, rank: int) -> Diagnosis:
         """A hung or silent host's Python stacks, read before the group is torn down, whether the

@@ -12,7 +12,7 @@ from typing import Any
 
 from jaxlaunch.launcher.control.policy import Decision, Diagnosis
 
-from jaxlaunch.contract.events import Cause
+from jaxlaunch.contract.events import Cause, MemoryPersisted
 from jaxlaunch.contract.protocol import GroupInfo, HostStatus, Injection
 
 
@@ -123,6 +123,26 @@ class Finished:
 class Failed:
     reason: str
     failure: Diagnosis | None = None
+    persisted: MemoryPersisted | None = None
+    """What became of the memory tier's newest step before the job failed (None: nothing newer)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Persisting:
+    """The job has given up (`outcome`, its reason kept): first, the memory tier's newest committed
+    step, newer than the newest durable one, is written durably by a short run of the hosts that runs
+    the launcher's own program, none of the user's (`jaxlaunch.workers.persist`). The keepers end
+    with the launcher, and what they held beyond the last durable step would end with them."""
+
+    outcome: Failed
+    attempt: int
+    """The failed attempt's number (the hosts' logs are `persist-N-rank-R.log`)."""
+    step: int
+    durable_step: int | None
+    """The newest durable step before it."""
+    num_hosts: int
+    since: float
+    started: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,8 +151,8 @@ class Stopped:
     reason: str
 
 
-State = (Scheduling | AwaitingCapacity | Running | Draining | ResolvingFailure | Relaunching | Finished | Failed
-         | Stopped)
+State = (Scheduling | AwaitingCapacity | Running | Draining | ResolvingFailure | Relaunching | Persisting | Finished
+         | Failed | Stopped)
 TERMINAL = (Finished, Failed, Stopped)
 
 

@@ -23,6 +23,7 @@ from jaxlaunch.launcher.control.states import (
     Draining,
     DrainReason,
     Failed,
+    Persisting,
     Relaunching,
     Running,
     State,
@@ -150,7 +151,12 @@ class Recorder(Listener):
                 self.event(events.StopRequested(attempt=new.attempt.number, signal=driver.stop_name))
         if isinstance(new, Relaunching):
             self.event(events.Restarting(reason=new.decision.reason, backoff_s=new.decision.backoff_s))
+        elif isinstance(new, Persisting) and not isinstance(old, Persisting):
+            self.event(events.PersistingMemory(attempt=new.attempt, step=new.step, durable_step=new.durable_step,
+                                               num_hosts=new.num_hosts))
         elif isinstance(new, Failed):
+            if new.persisted is not None:
+                self.event(new.persisted)
             self.event(events.JobFailed(reason=new.reason))
         elif isinstance(new, Stopped):
             self.event(events.JobStopped(reason=new.reason, signal=driver.stop_name))

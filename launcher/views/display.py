@@ -18,6 +18,7 @@ from jaxlaunch.launcher.control.states import (
     AwaitingCapacity,
     Draining,
     DrainReason,
+    Persisting,
     Relaunching,
     Running,
     State,
@@ -160,6 +161,9 @@ class ConsoleView(Listener):
             else:
                 d.message(f"{driver.stop_name}: saving a checkpoint on every host, then stopping "
                           f"(again to stop at once)")
+        elif isinstance(new, Persisting) and not isinstance(old, Persisting):
+            d.message(f"the job gives up ({escape(new.outcome.reason)}); first writing memory step {new.step} "
+                      f"to durable storage on {new.num_hosts} host(s)")
         if isinstance(new, Relaunching):
             d.message(f"restarting in {new.decision.backoff_s:.1f} s: {new.decision.reason}")
 

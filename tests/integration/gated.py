@@ -1,7 +1,10 @@
 """examples/minimal.py's job, losses bit for bit, with gates: after saving step N of `gates`, rank 0
 writes `at-N` in the run directory and waits until the test writes `go-N` (once: a later attempt
-passes a gate already opened). A test acts on a quiet job at a known step, without sleeping."""
+passes a gate already opened). A test acts on a quiet job at a known step, without sleeping. Every
+call of `main` adds a line to `entry-calls` in the run directory (attempt, rank, process id): a
+test counts where user code ran."""
 
+import os
 import pathlib
 import time
 
@@ -20,6 +23,8 @@ def main(ctx):
 
     gates = {int(s) for s in str(ctx.config.get("gates", "")).split("-") if s}
     run_dir = pathlib.Path(ctx.run_dir)
+    with open(run_dir / "entry-calls", "a") as calls:
+        calls.write(f"{ctx.attempt} {ctx.process_index} {os.getpid()}\n")
     (model, optimizer), start = ctx.restore_or_init(init)
     for step in range(start + 1, ctx.steps + 1):
         x, y = ctx.global_batch(rows, step, batch_size=64)

@@ -8,6 +8,7 @@ import psutil
 import pytest
 import ray
 from jaxlaunch.launcher.records.runs import RunDir
+from jaxlaunch.workers.checkpoint import read_arrays
 from ray.cluster_utils import Cluster
 
 from jaxlaunch.contract.tiers import launch_dir
@@ -100,7 +101,8 @@ def test_a_dead_keeper_is_restarted_and_the_tier_goes_on(minimal_reference, tmp_
     assert all(len(e["reason"]) < 300 for e in refused), refused
     (restored,) = restores(run_dir)
     assert restored["tier"] == "memory" and restored["durable_bytes_read"] == 0, restored
-    assert 39 <= restored["step"] <= 40, "a step saved after the new keeper started, not durable step 0"
+    assert 30 <= restarted["step"] < restored["step"], "a step saved after the new keeper started, not one before"
+    assert 39 <= restored["step"] <= 40, "the newest saved step (40's hand-off may have been in flight)"
     assert not events(run_dir, "memory_fallback")
     assert trajectory(run_dir) == trajectory(minimal_reference), "bit for bit"
 
@@ -135,15 +137,36 @@ def test_a_sigkilled_driver_resumes_from_the_newest_durable_step(minimal_referen
     assert trajectory(run_dir) == trajectory(minimal_reference)
 
 
-def test_a_job_that_gives_up_first_writes_its_newest_memory_step_durably(minimal_reference, tmp_path):
+def test_a_job_that_gives_up_first_writes_its_newest_memory_step_durably_running_no_user_code(minimal_reference,
+                                                                                               tmp_path):
+    """The job fails for good at step 75 (no restart budget): before it fails, the driver's Persisting
+    state runs the launcher's own host program, which writes memory step 74 or 75 with Orbax; the entry
+    is called only by the attempt's hosts. The resume reads that step like any durable one."""
     run_dir = tmp_path / "run"
-    failed = launch("--hosts", "2", *MINIMAL, *MEMORY, "--max-restarts", "0", "--inject", "kill@step=75,host=1",
+    failed = launch("--hosts", "2", *GATED, *MEMORY, "--max-restarts", "0", "--inject", "kill@step=75,host=1",
                     "--run-dir", str(run_dir))
     assert failed.returncode == 1, failed.stdout + failed.stderr
+    ending = ("failure", "attempt_ended", "persisting_memory", "memory_persisted", "job_failed")
+    assert [e["event"] for e in events(run_dir) if e["event"] in ending] == list(ending), "the persist is its own state"
+    (persisting,) = events(run_dir, "persisting_memory")
     (persisted,) = events(run_dir, "memory_persisted")
     assert persisted["persisted"] and persisted["durable_step"] == 50 and 74 <= persisted["step"] <= 75, persisted
+    assert (persisting["step"], persisting["durable_step"], persisting["num_hosts"]) == (persisted["step"], 50, 2)
+    assert persisted["bytes"] == RunDir(run_dir).checkpoint_bytes(persisted["step"]) > 0
     assert committed_steps(run_dir)[-1] == persisted["step"], "the memory step is the newest committed durable step"
     assert f"memory step {persisted['step']} written to durable storage" in " ".join(failed.stderr.split())
+    (job_failed,) = events(run_dir, "job_failed")
+    assert job_failed["reason"].startswith("restart budget"), "the failure stays the job's reason"
+    # No user code in the persist: the entry ran in the attempt's 2 host processes, and nowhere else.
+    calls = [line.split() for line in (run_dir / "entry-calls").read_text().splitlines()]
+    assert sorted(int(pid) for _, _, pid in calls) == sorted(host_pids(run_dir, 1)), calls
+    assert (run_dir / "hosts" / "persist-1-rank-0.log").exists()
+    # What a durable save of the step would have written: the same arrays and the same metadata.
+    run = RunDir(run_dir)
+    assert run.checkpoint_meta(persisted["step"]).keys() == run.checkpoint_meta(50).keys()
+    assert run.checkpoint_meta(persisted["step"])["topology"] == run.checkpoint_meta(50)["topology"]
+    assert read_arrays(run_dir / "checkpoints" / str(persisted["step"])).keys() == read_arrays(
+        run_dir / "checkpoints" / "50").keys()
     resumed = launch("--resume", "--run-dir", str(run_dir))
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     restored = restores(run_dir)[-1]

@@ -5,6 +5,7 @@ import signal
 
 import pytest
 from jaxlaunch.launcher.control.driver import HEAR_OUT_S, STOP_AGREE_S, Listener
+from jaxlaunch.launcher.control.persisting import PERSIST_TIMEOUT_S, MemoryPersist
 from jaxlaunch.launcher.control.policy import FailureKind, FaultConfig, WatchdogConfig
 from jaxlaunch.launcher.control.states import (
     AttemptEndNotice,
@@ -13,6 +14,7 @@ from jaxlaunch.launcher.control.states import (
     Draining,
     Failed,
     Finished,
+    Persisting,
     Relaunching,
     ResolvingFailure,
     Running,
@@ -25,7 +27,7 @@ from jaxlaunch.launcher.records.runs import RunDir
 
 from jaxlaunch.contract import events
 from jaxlaunch.contract.protocol import Ending, ErrorKind, Injection, NodeLiveness
-from tests.unit.fakes import dies_at, make_driver, obeys, trains_to
+from tests.unit.fakes import FakeGroup, dies_at, make_driver, obeys, trains_to
 
 
 def run_until(driver, state_type, limit=10_000):
@@ -104,18 +106,116 @@ def test_budget_spent_fails_with_every_attempt_ended():
     assert [a.cause for a in driver.attempts] == ["crashed"] * 3
 
 
-def test_a_job_that_gives_up_persists_the_memory_tier_first_and_says_so():
-    driver, log, _, _ = make_driver([dies_at(2) for _ in range(3)])
-    asked = []
+def with_memory(driver, log, clock, cluster, behaviour, newest, durable):
+    """The driver of a memory-tier job whose memory holds `newest` (step, hosts); `durable` is a
+    one-item list, the newest durable step, which the persist group's `behaviour` may move."""
+    driver.committed_step = lambda: durable[0]
+    driver.persist = MemoryPersist(newest=lambda: newest, make_group=lambda: FakeGroup(clock, behaviour, log, cluster),
+                                   step_bytes=lambda step: 1000 + step)
+    seen = Transitions()
+    driver.listeners.append(seen)
+    return seen
 
-    def persist(attempt):
-        asked.append((attempt, log[-1]))
-        return "memory step 2 written to durable storage"
 
-    driver.persist = persist
+def test_a_job_that_gives_up_with_a_newer_memory_step_persists_it_as_its_own_state_then_fails():
+    durable = [3]
+
+    def writes(group, i):
+        durable[0] = 5
+        group.finish(5, Ending.STOPPED)
+
+    driver, log, clock, cluster = make_driver([dies_at(2) for _ in range(3)])
+    seen = with_memory(driver, log, clock, cluster, writes, (5, 2), durable)
     assert driver.run() == 1
-    assert asked == [(3, ("shutdown", 3))], "once, after the attempt that spent the budget was torn down"
-    assert driver.state.reason.endswith("; memory step 2 written to durable storage")
+    assert seen.seen[-2:] == ["Persisting", "Failed"]
+    assert log[-3:] == [("shutdown", 3), ("start", 3, 2), ("shutdown", 3)], "after the failed group, its own group"
+    failed = driver.state
+    assert failed.failure.kind == FailureKind.CRASHED and failed.reason.startswith("restart budget")
+    done = failed.persisted
+    assert (done.step, done.durable_step, done.num_hosts, done.persisted, done.bytes) == (5, 3, 2, True, 1005)
+    assert failed.reason.endswith(done.message) and "memory step 5 written to durable storage" in done.message
+
+
+def test_the_persist_is_recorded_as_its_own_events_between_the_failure_and_the_jobs_end(tmp_path):
+    run = RunDir(tmp_path)
+    run.create()
+    recorder = Recorder(run, lambda n: {"data": n})
+    durable = [3]
+
+    def writes(group, i):
+        durable[0] = 5
+        group.finish(5, Ending.STOPPED)
+
+    driver, log, clock, cluster = make_driver([dies_at(2)], fault=FaultConfig(max_restarts=0), listeners=[recorder])
+    with_memory(driver, log, clock, cluster, writes, (5, 2), durable)
+    assert driver.run() == 1
+    recorder.close()
+    kinds = [e.kind for e in run.events()]
+    assert kinds[kinds.index("failure"):] == ["failure", "attempt_ended", "persisting_memory", "memory_persisted",
+                                              "job_failed"], kinds
+    started, done = [e for e in run.events() if e.kind in ("persisting_memory", "memory_persisted")]
+    assert (started.attempt, started.step, started.durable_step, started.num_hosts) == (1, 5, 3, 2)
+    assert done.persisted and done.bytes == 1005 and done.seconds > 0
+
+
+def test_a_job_that_gives_up_with_nothing_newer_in_memory_fails_at_once():
+    driver, log, clock, cluster = make_driver([dies_at(2) for _ in range(3)])
+    seen = with_memory(driver, log, clock, cluster, trains_to(1), (3, 2), [3])
+    assert driver.run() == 1
+    assert "Persisting" not in seen.seen and driver.state.persisted is None
+    assert [entry for entry in log if entry[0] == "start"] == [("start", n, 2) for n in (1, 2, 3)]
+
+
+def test_a_persist_that_fails_leaves_the_original_failure_the_jobs_reason():
+    def dies(group, i):
+        group.die(0)
+
+    driver, log, clock, cluster = make_driver([dies_at(2) for _ in range(3)])
+    with_memory(driver, log, clock, cluster, dies, (5, 2), [3])
+    assert driver.run() == 1
+    failed = driver.state
+    assert failed.failure.kind == FailureKind.CRASHED and failed.reason.startswith("restart budget")
+    assert not failed.persisted.persisted and failed.persisted.reason == "host 0 ended: worker died"
+    assert log[-1] == ("shutdown", 3) and cluster.held == 0
+
+
+def test_a_persist_whose_hosts_end_without_the_step_committed_says_so():
+    driver, log, clock, cluster = make_driver([dies_at(2) for _ in range(3)])
+    with_memory(driver, log, clock, cluster, lambda group, i: group.finish(5, Ending.STOPPED), (5, 2), [3])
+    assert driver.run() == 1
+    assert driver.state.persisted.reason == "the hosts ended without a committed save of the step"
+
+
+def test_a_persist_that_runs_out_of_time_is_ended():
+    driver, log, clock, cluster = make_driver([dies_at(2) for _ in range(3)])
+    with_memory(driver, log, clock, cluster, lambda group, i: None, (5, 2), [3])
+    assert driver.run() == 1
+    assert driver.state.persisted.reason == f"not written within {PERSIST_TIMEOUT_S:g} s"
+    assert log[-1] == ("shutdown", 3) and cluster.held == 0
+
+
+def test_a_stop_while_persisting_ends_it_cleanly_and_the_job_fails_for_its_own_reason():
+    driver, log, clock, cluster = make_driver([dies_at(2) for _ in range(3)])
+    with_memory(driver, log, clock, cluster, lambda group, i: None, (5, 2), [3])
+    run_until(driver, Persisting)
+    driver.step()  # its hosts start
+    assert cluster.held == 2
+    driver.request_stop(signal.SIGINT)
+    driver.step()
+    assert isinstance(driver.state, Failed) and driver.state.reason.startswith("restart budget")
+    assert driver.state.persisted.reason == "interrupted by SIGINT"
+    assert log[-1] == ("shutdown", 3) and cluster.held == 0, "its processes are stopped"
+
+
+def test_a_persist_with_no_room_for_a_host_fails_with_the_reason():
+    def dies_and_the_room_goes(group, i):
+        group.cluster.capacity = 0  # the room went to another job
+        return dies_at(2)(group, i)
+
+    driver, log, clock, cluster = make_driver([dies_at(2), dies_at(2), dies_and_the_room_goes])
+    with_memory(driver, log, clock, cluster, lambda group, i: None, (5, 2), [3])
+    assert driver.run() == 1
+    assert driver.state.persisted.reason == "the cluster has no room for a host"
 
 
 def test_deterministic_exception_stops_early():

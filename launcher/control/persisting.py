@@ -1,0 +1,80 @@
+"""The driver's Persisting state, decided and judged: whether a job that gives up has a memory step to
+write durably first, on how many hosts, and what came of it (`MemoryPersisted`). Pure functions of
+what the driver hands them; the driver starts, polls and tears down the hosts."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from jaxlaunch.launcher.control.states import Failed, Persisting
+
+from jaxlaunch.contract.events import MemoryPersisted
+from jaxlaunch.contract.protocol import GroupPoll, WorkerGroup
+
+PERSIST_TIMEOUT_S = 300.0
+"""How long the hosts get to restore the step and write it."""
+
+
+def _nothing() -> None:
+    pass
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryPersist:
+    """What the driver needs to write the memory tier's newest step durably before a job fails."""
+
+    newest: Callable[[], tuple[int, int] | None]
+    """The memory tier's newest committed step and how many hosts saved it; None when none is held."""
+    make_group: Callable[[], WorkerGroup]
+    """A group whose hosts run the persist program."""
+    step_bytes: Callable[[int], int | None]
+    """The bytes of a durable step in the run directory."""
+    before: Callable[[], None] = _nothing
+    """Called once there is a step to write, before the hosts are counted (the job's warm standby
+    gives up its room to them)."""
+    timeout_s: float = PERSIST_TIMEOUT_S
+
+
+def plan(persist: MemoryPersist, outcome: Failed, attempt: int, durable: int | None,
+         placeable: Callable[[], int], now: float) -> Persisting | Failed:
+    """Persisting when memory holds a step newer than the durable tier's, else the job fails at once."""
+    newest = persist.newest()
+    if newest is None or (durable is not None and newest[0] <= durable):
+        return outcome
+    step, saved_hosts = newest
+    persist.before()
+    num_hosts = min(saved_hosts, placeable())
+    if num_hosts < 1:
+        return ended(outcome, MemoryPersisted(step=step, durable_step=durable,
+                                              reason="the cluster has no room for a host"))
+    return Persisting(outcome, attempt, step, durable, num_hosts, now)
+
+
+def judge(poll: GroupPoll, state: Persisting, now: float, timeout_s: float) -> tuple[bool, str | None]:
+    """(whether the run is over, why the step was not written if it is known to have failed)."""
+    if poll.exits:
+        ended_host = poll.exits[0]
+        why = ended_host.error.message if ended_host.error is not None else ended_host.detail
+        return True, f"host {ended_host.rank} ended: {why}"[:500]
+    if len(poll.results) == state.num_hosts:
+        return True, None
+    if now - state.since > timeout_s:
+        return True, f"not written within {timeout_s:g} s"
+    return False, None
+
+
+def result(state: Persisting, reason: str | None, durable_now: int | None, step_bytes: Callable[[int], int | None],
+           now: float) -> MemoryPersisted:
+    """What came of the run: persisted only if the step is now the newest committed durable step."""
+    persisted = reason is None and durable_now == state.step
+    if reason is None and not persisted:
+        reason = "the hosts ended without a committed save of the step"
+    return MemoryPersisted(step=state.step, durable_step=state.durable_step, num_hosts=state.num_hosts,
+                           seconds=now - state.since, persisted=persisted, reason=reason,
+                           bytes=step_bytes(state.step) if persisted else None)
+
+
+def ended(outcome: Failed, persisted: MemoryPersisted) -> Failed:
+    """The job's failure, its reason first, with what became of the memory step."""
+    return dataclasses.replace(outcome, reason=f"{outcome.reason}; {persisted.message}", persisted=persisted)

@@ -1,0 +1,114 @@
+"""The give-up persist's host program in one process: a memory part written durably without the
+user's init, restored through the normal durable restore with the user's targets."""
+
+import cloudpickle
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+from jaxlaunch.workers import memory, persist
+from jaxlaunch.workers.checkpoint import Checkpointer
+from jaxlaunch.workers.part_file import PartFile, write_part
+from jaxlaunch.workers.sharding import build_mesh
+from jaxlaunch.workers.state import StateLayout
+
+from jaxlaunch.contract.protocol import CheckpointConfig
+
+CFG = CheckpointConfig(async_save=False)
+
+
+class Sharded(nnx.Module):
+    """A hidden layer split over the mesh's `model` axis, and dropout with its RNG state."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.hidden = nnx.Linear(4, 8, kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(),
+                                                                         (None, "model")), rngs=rngs)
+        self.drop = nnx.Dropout(0.1, rngs=rngs)
+
+
+def nnx_init():
+    model = Sharded(nnx.Rngs(0, dropout=1))
+    return model, nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+
+
+def plain_init():
+    """Lists, a dict with integer keys, an optimizer state with an empty member, a typed key."""
+    params = {"w": jnp.arange(32.0).reshape(8, 4), "layers": [jnp.zeros(3), jnp.ones(3)], "z": {7: jnp.ones(2)}}
+    return params, optax.adam(1e-2).init(params), jax.random.key(3)
+
+
+def plain_shardings(path, leaf):
+    return P("data") if path.endswith("w") else None
+
+
+def part_of(tree, folder, structure=True):
+    """A host's memory part of `tree`, as MemoryTier.save writes it, mapped back as a restore reads it."""
+    pickled = cloudpickle.dumps(jax.tree.structure(tree)) if structure else None
+    write_part(folder, "p.part", tree, {}, {}, pickled)
+    return PartFile(folder / "p.part")
+
+
+def assembled(targets, part):
+    return memory.assemble(targets, memory.PartReader(0, [0], lambda rank: (part.header, part), None))
+
+
+def values(tree):
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            leaf = jax.random.key_data(leaf)
+        out[jax.tree_util.keystr(path)] = np.asarray(leaf)
+    return out
+
+
+@pytest.mark.parametrize("init, shardings", [(nnx_init, None), (plain_init, plain_shardings)],
+                         ids=["nnx", "plain-pytree"])
+def test_a_part_written_without_init_restores_through_the_durable_restore(tmp_path, init, shardings):
+    mesh = build_mesh({"data": 4, "model": 2})
+    layout = StateLayout.of(init, mesh, shardings=shardings)
+    saved = jax.tree.map(lambda x: x + 1 if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                         layout.materialize(init))  # a trained state, not init()'s
+    part = part_of(saved, tmp_path)
+
+    targets = persist.saved_targets(part.header, mesh)
+    state = assembled(targets, part)
+    writer = Checkpointer(tmp_path / "checkpoints", CFG)
+    writer.save(5, state, {"step": 5})
+    writer.wait()
+    writer.close()
+
+    restored = Checkpointer(tmp_path / "checkpoints", CFG).restore_latest(layout.targets(),
+                                                                         check_structure=layout.mismatch)
+    assert restored is not None and restored.step == 5
+    assert jax.tree.structure(restored.state) == jax.tree.structure(saved)
+    got, want = values(restored.state), values(saved)
+    assert got.keys() == want.keys()
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+        assert got[key].dtype == want[key].dtype, key
+    # Each array went back into the sharding that saved it: no host needed another's shards.
+    for target, leaf in zip(jax.tree.leaves(targets), jax.tree.leaves(saved), strict=True):
+        assert (target.sharding.addressable_devices_indices_map(target.shape)
+                == leaf.sharding.addressable_devices_indices_map(leaf.shape)), (target, leaf.sharding)
+
+
+def test_on_a_mesh_that_cannot_hold_the_saved_sharding_the_most_sharded_spec_that_divides_serves(tmp_path):
+    saved = {"w": jax.device_put(jnp.arange(48.0).reshape(6, 8),
+                                 NamedSharding(build_mesh({"data": 2, "model": 4}), P(None, ("data", "model"))))}
+    part = part_of(saved, tmp_path)
+    smaller = build_mesh({"data": 2, "model": 2}, jax.devices()[:4])
+    targets = persist.saved_targets(part.header, smaller)
+    (target,) = jax.tree.leaves(targets)
+    assert target.sharding.spec == P("data", "model")  # 4 shards; 8 split 6 rows unevenly
+    np.testing.assert_array_equal(np.asarray(assembled(targets, part)["w"]),
+                                  np.arange(48.0).reshape(6, 8))
+
+
+def test_a_part_without_a_structure_says_why(tmp_path):
+    part = part_of({"w": jnp.zeros(2)}, tmp_path, structure=False)
+    with pytest.raises(RuntimeError, match="no state structure"):
+        persist.saved_targets(part.header, build_mesh({"data": -1}))

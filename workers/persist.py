@@ -1,0 +1,159 @@
+"""The give-up persist on a host: the launcher's own program, not the user's. After the driver gave up
+on a job, a short run of the hosts writes the memory tier's newest committed step with Orbax, so that
+a `--resume` reads it like any durable step: the same tree, the same metadata, records and
+non-array state as a durable save of that step.
+
+No user code runs (the entry is not even imported): the state is rebuilt from what the memory tier
+saved. Each part carries the state's pytree structure (what the arrays' paths cannot tell: a list
+from a dict with integer keys, an optimizer's empty state), each array's global shape and dtype,
+and this host's shards with their global indices. Each array is restored into the sharding that
+wrote it: the PartitionSpec on this mesh whose shard indices are the ones the saving host held,
+agreed by every host (on another host count none may match; the most-sharded spec that divides the
+array then serves, reassembled from the parts as any memory restore on another topology)."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import pickle
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jaxlaunch.workers import extras
+from jaxlaunch.workers.checkpoint import Checkpointer
+from jaxlaunch.workers.memory import MemoryTier
+from jaxlaunch.workers.part_file import ArrayEntry, Index, PartHeader
+from jaxlaunch.workers.progress import HostProgress
+
+from jaxlaunch.contract import events
+from jaxlaunch.contract.layout import RunLayout
+from jaxlaunch.contract.protocol import Ending, HostResult, HostSpec, Phase
+
+log = logging.getLogger(__name__)
+MAX_SPECS = 4096
+"""Candidate PartitionSpecs tried per array at most (a deep mesh on a high-rank array): past it, only
+the replicated spec and the fallback are tried."""
+
+
+def write_newest(spec: HostSpec, mesh: Mesh, progress: HostProgress) -> HostResult:
+    """Every host calls this at once: the memory tier's newest committed step, when it is newer than
+    the newest durable step, restored from the keepers and saved with Orbax. Its `final_step` is the
+    step written, or None when there was nothing newer."""
+    progress.enter(Phase.RESTORING)
+    rank, num_hosts = jax.process_index(), jax.process_count()
+    checkpointer = Checkpointer(RunLayout(spec.run_dir).checkpoints, spec.checkpoint)
+    memory = MemoryTier(spec.keepers, rank, num_hosts, spec.lost_keepers)
+    written = None
+    try:
+        durable = checkpointer.steps_from_rank_0()
+        held = memory.held()
+        step = memory.newest_step(held)
+        if step is None or (durable and step <= durable[0]):
+            log.info("memory holds no step newer than durable step %s: nothing to write", durable[:1])
+        else:
+            restored = memory.restore(step, held, lambda part: saved_targets(part, mesh))
+            log.info("restored memory step %d in %.2f s", step, restored.seconds)
+            progress.enter(Phase.SAVING)
+            started = time.perf_counter()
+            # What a durable save of this step carries: rank 0's metadata (records, topology, the
+            # shared non-array state) and every host's own non-array state.
+            meta = {**restored.meta, "extra": extras.gather(restored.extra) if restored.extra else []}
+            checkpointer.save(step, restored.state, meta)
+            checkpointer.wait()
+            progress.event(events.FinalSave(seconds=time.perf_counter() - started))
+            log.info("wrote memory step %d durably", step)
+            written = step
+    finally:
+        checkpointer.close()
+        memory.close()
+    progress.enter(Phase.DONE)
+    return HostResult(ending=Ending.STOPPED, final_step=written, process_index=rank, process_count=num_hosts,
+                      num_devices=jax.device_count(), mesh=dict(mesh.shape), final_snapshot=progress.drain())
+
+
+def saved_targets(part: PartHeader, mesh: Mesh) -> Any:
+    """The state's tree as the part's host saved it, each array a ShapeDtypeStruct with the sharding
+    that wrote it (every host agrees on it), each other leaf as it was saved."""
+    if part.structure is None:
+        raise RuntimeError("the memory part carries no state structure (it could not be pickled when saved)")
+    treedef = pickle.loads(part.structure)
+    arrays: dict[str, ArrayEntry] = {a.path: a for a in part.arrays}
+    indices: dict[str, set[Index]] = {}
+    for shard in part.shards:
+        indices.setdefault(shard.path, set()).add(tuple(shard.index))
+    candidates = {key: _candidates(info.shape, info.key_impl is not None, mesh) for key, info in arrays.items()}
+    mine = np.array([_indices(arrays[k].shape, spec, mesh) == indices.get(k, set())
+                     for k, specs in candidates.items() for spec in specs], dtype=bool)
+    agreed = mine
+    if jax.process_count() > 1 and mine.size:
+        agreed = np.all(multihost_utils.process_allgather(mine).reshape(-1, mine.size), axis=0)
+    chosen, at = {}, 0
+    for key, specs in candidates.items():
+        matches = [spec for spec, ok in zip(specs, agreed[at:at + len(specs)], strict=True) if ok]
+        at += len(specs)
+        chosen[key] = matches[0] if matches else _most_sharded(specs, arrays[key].shape, mesh)
+    leaves: list[Any] = []
+    for path, _ in jax.tree_util.tree_flatten_with_path(jax.tree.unflatten(treedef, [0] * treedef.num_leaves))[0]:
+        key = jax.tree_util.keystr(path)
+        if key not in arrays:
+            leaves.append(key)  # not an array: the memory restore hands back the saved value
+            continue
+        leaves.append(_target(arrays[key], NamedSharding(mesh, chosen[key])))
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def _target(info: ArrayEntry, sharding: NamedSharding) -> jax.ShapeDtypeStruct:
+    shape, impl = info.shape, info.key_impl
+    if impl is None:
+        return jax.ShapeDtypeStruct(shape, np.dtype(info.dtype), sharding=sharding)
+    # A typed PRNG key array: the part holds its key data, whose last dimension is the key's own.
+    keys = jax.eval_shape(lambda: jax.random.wrap_key_data(jax.numpy.zeros(shape, info.dtype), impl=impl))
+    return jax.ShapeDtypeStruct(keys.shape, keys.dtype,
+                                sharding=NamedSharding(sharding.mesh, PartitionSpec(*sharding.spec[:len(keys.shape)])))
+
+
+def _candidates(shape: tuple[int, ...], is_key: bool, mesh: Mesh) -> list[PartitionSpec]:
+    """The PartitionSpecs an array of this shape may have had on `mesh`, the replicated one first (a
+    key array's last dimension, its key data, is never split)."""
+    ndim = len(shape) - (1 if is_key else 0)
+    axes = [name for name, size in mesh.shape.items() if size > 1]
+    specs = list(itertools.islice(_specs(ndim, axes), MAX_SPECS))
+    return [PartitionSpec(*spec, *([None] if is_key else [])) for spec in specs]
+
+
+def _specs(ndim: int, axes: list[str]) -> Iterator[tuple[Any, ...]]:
+    for placement in itertools.product(range(ndim + 1), repeat=len(axes)):  # `ndim`: the axis is unused
+        groups = [[a for a, d in zip(axes, placement, strict=True) if d == dim] for dim in range(ndim)]
+        for orders in itertools.product(*(itertools.permutations(g) for g in groups)):
+            yield tuple(None if not o else o[0] if len(o) == 1 else o for o in orders)
+
+
+def _indices(shape: tuple[int, ...], spec: PartitionSpec, mesh: Mesh) -> set[Index] | None:
+    """The global indices of this host's shards of an array with `spec`; None when it cannot have it."""
+    try:
+        index_map = NamedSharding(mesh, spec).addressable_devices_indices_map(shape)
+    except ValueError:
+        return None
+    return {tuple(s.indices(n)[:2] for s, n in zip(index or (), shape, strict=True)) for index in index_map.values()}
+
+
+def _most_sharded(specs: list[PartitionSpec], shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    """The spec with the most distinct shards that divides the array evenly (the first among equals):
+    the same on every host, as it depends on the shape and the mesh alone."""
+
+    def shards(spec: PartitionSpec) -> int:
+        count = 1
+        for dim, entry in enumerate(spec):
+            names = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+            size = int(np.prod([mesh.shape[n] for n in names]))
+            if shape[dim] % size:
+                return 0
+            count *= size
+        return count
+
+    return max(specs, key=shards)
