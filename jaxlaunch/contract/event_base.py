@@ -31,6 +31,7 @@ class EventKind(enum.StrEnum):
     STRAGGLER = "straggler"
     HOST_BUSY = "host_busy"
     REPLICA_MISMATCH = "replica_mismatch"
+    HOST_REPLACEMENT = "host_replacement"
     # the driver or a host
     LOW_DISK_SPACE = "low_disk_space"
     # the hosts
@@ -77,6 +78,7 @@ class PlannedEnd(enum.StrEnum):
     FINISHED = "finished"  # the job's last step
     RESIZE = "resize"      # every host saved and stopped, to restart on more hosts
     STOPPED = "stopped"    # every host saved and stopped, as the user asked
+    REPLACE = "replace"    # every host saved and stopped, to restart without a straggler's node
 
 
 Cause = FailureKind | PlannedEnd

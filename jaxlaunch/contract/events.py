@@ -264,6 +264,23 @@ class Straggler(Event):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class HostReplacement(Event):
+    """Under `fault.straggler_action: replace`, a host the job should leave (`reason`: a straggler,
+    or the host whose replica disagreed with the majority's) and what became of its node: `avoided`
+    for the rest of the launch (the next attempt is placed elsewhere), or kept, since the cluster has
+    room for only `placeable_elsewhere` hosts without it."""
+
+    KIND: ClassVar = EventKind.HOST_REPLACEMENT
+    attempt: int
+    host: int
+    node: str | None = None
+    reason: str = ""
+    avoided: bool = False
+    placeable_elsewhere: int | None = None
+    message: str = ""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ReplicaMismatch(Event):
     """Copies of one replicated array's shard (`array` at global `index`) differ between hosts at
     `step`: silent corruption. `hosts`/`nodes`: the hosts holding a copy, and their nodes; `culprit`:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from collections.abc import Sequence
 from typing import Any, Literal, Protocol
 
 from jaxlaunch.contract.events import Event, HostEvent
@@ -415,11 +416,13 @@ class WorkerGroup(Protocol):
 
 
 class Cluster(Protocol):
-    """Where groups run: capacity, a description, and whether it is still there."""
+    """Where groups run: capacity (without the nodes the job avoids), a description, and whether it
+    is still there."""
 
     embedded: bool
 
-    def placeable_hosts(self) -> int: ...
+    def placeable_hosts(self, avoiding: Sequence[str] = ()) -> int: ...
+    def avoid(self, node: str) -> None: ...
     def describe(self) -> str: ...
     def alive(self) -> bool: ...
     def restart(self) -> None: ...

@@ -15,6 +15,7 @@ import os
 import socket
 import sys
 import sysconfig
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import ray
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 RAYLET_PROBE_TIMEOUT_S = 1.0
 PROBE_THREADS = 64
+NODE_ID_LABEL = "ray.io/node-id"
+"""The label Ray gives every node, its id: a placement's label selector leaves avoided nodes out by it."""
 
 
 class InstanceBound(Protocol):
@@ -44,6 +47,8 @@ class Spares(InstanceBound, Protocol):
     @property
     def reserved_hosts(self) -> int: ...
 
+    def shutdown(self) -> None: ...
+
 
 class RayCluster:
     def __init__(self, cfg: ClusterConfig, runtime_env: dict[str, Any]):
@@ -56,6 +61,8 @@ class RayCluster:
         """The spare group (`worker_group.StandbyPool`), whose hosts count as placeable."""
         self.keepers: InstanceBound | None = None
         """The memory tier's keepers (`keepers.KeeperPool`), which go with a restarted instance."""
+        self.avoided: list[str] = []
+        """Nodes no host of this launch is placed on again (a straggler's, a corrupt replica's)."""
 
     # -- connection ------------------------------------------------------------------------------
     def connect(self) -> None:
@@ -97,14 +104,29 @@ class RayCluster:
         self.connect()
 
     # -- capacity --------------------------------------------------------------------------------
-    def placeable_hosts(self) -> int:
-        """Hosts that fit in what the alive nodes have free now."""
+    def placeable_hosts(self, avoiding: Sequence[str] = ()) -> int:
+        """Hosts that fit in what the alive nodes have free now, on nodes neither avoided nor in `avoiding`."""
         need = self.cfg.resources_per_host
         total = 0
-        for free in available_resources_per_node().values():
+        for node, free in available_resources_per_node().items():
+            if node in self.avoided or node in avoiding:
+                continue
             fit = min((math.floor(free.get(k, 0) / v + 1e-9) for k, v in need.items()), default=0)
             total += min(fit, 1) if self.cfg.placement_strategy == "STRICT_SPREAD" else fit
         return total + (self.standby.reserved_hosts if self.standby is not None else 0)
+
+    def avoid(self, node: str) -> None:
+        """Places no host on `node` from now on. Spares placed there would count as room on it: the
+        standby is given up, and made again elsewhere."""
+        self.avoided.append(node)
+        if self.standby is not None:
+            self.standby.shutdown()
+
+    def bundle_selectors(self, num_hosts: int) -> list[dict[str, str]] | None:
+        """Each bundle's label selector that keeps a placement group off the avoided nodes (None: none avoided)."""
+        if not self.avoided:
+            return None
+        return [{NODE_ID_LABEL: f"!in({','.join(self.avoided)})"}] * num_hosts
 
     def request_hosts(self, num_hosts: int) -> None:
         """Asks an autoscaler for room for `num_hosts` hosts (0 withdraws the request). Harmless on a

@@ -86,8 +86,8 @@ class RayWorkerGroup:
         cfg = self.cluster.cfg
         logs = [str(self.run.host_log(attempt, rank, self.logs_as)) for rank in range(num_hosts)]
         if not self._take_standby(num_hosts, logs, attempt):
-            self.pg = pg = placement_group([dict(cfg.resources_per_host)] * num_hosts,
-                                           strategy=cfg.placement_strategy)
+            self.pg = pg = placement_group([dict(cfg.resources_per_host)] * num_hosts, strategy=cfg.placement_strategy,
+                                           bundle_label_selector=self.cluster.bundle_selectors(num_hosts))
             ready, _ = ray.wait([pg.ready()], timeout=cfg.placement_timeout_s)
             if not ready:
                 raise PlacementError(self.cluster.placement_message(num_hosts, self.cluster.placeable_hosts(),
@@ -343,7 +343,8 @@ class StandbyPool:
             return
         self.made += 1
         cfg = self.cluster.cfg
-        self.pg = pg = placement_group([dict(cfg.resources_per_host)] * num_hosts, strategy=cfg.placement_strategy)
+        self.pg = pg = placement_group([dict(cfg.resources_per_host)] * num_hosts, strategy=cfg.placement_strategy,
+                                       bundle_label_selector=self.cluster.bundle_selectors(num_hosts))
         self.placed = pg.ready()
         logs = [str(self.run.hosts / f"standby-{self.made}-rank-{rank}.log") for rank in range(num_hosts)]
         self.actors = create_hosts(cfg, pg, logs, 0)

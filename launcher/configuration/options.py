@@ -205,6 +205,8 @@ def add_arguments(parser: argparse.ArgumentParser, roots: Sequence[type]) -> Non
             choices = [v for a in typing.get_args(kind) if typing.get_origin(a) is typing.Literal
                        for v in typing.get_args(a)]
             kwargs.update(nargs="?", const=True, choices=choices, metavar=option.spec.metavar)
+        elif typing.get_origin(kind) is typing.Literal:
+            kwargs.update(choices=typing.get_args(kind), metavar=option.spec.metavar)
         else:
             kwargs.update(metavar=option.spec.metavar or _metavar(option),
                           type=_text_to(option) if not option.spec.repeat and option.spec.parse is None else str)

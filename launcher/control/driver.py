@@ -30,6 +30,8 @@ from jaxlaunch.launcher.control.states import (
     Finished,
     Persisting,
     Relaunching,
+    Replacement,
+    ReplacementNotice,
     ResolvingFailure,
     Running,
     Scheduling,
@@ -86,6 +88,14 @@ class Listener:
         """What the listener found wrong with a running attempt that no host knows (replicas that
         disagree): the driver ends the attempt on it as on a host's failure."""
         return None
+
+    def replacement(self, attempt: Attempt) -> Replacement | None:
+        """A host of the running attempt that the job should leave (a straggler), each found once;
+        asked only under `fault.straggler_action: replace`."""
+        return None
+
+    def on_replacement(self, driver: Driver, notice: ReplacementNotice) -> None:
+        pass
 
 
 class Driver:
@@ -246,6 +256,8 @@ class Driver:
         if isinstance(state, Draining):
             return self._drain(state, poll, now)
         if attempt.stepped(poll.hosts):
+            if self._leave_straggler(attempt):
+                return self._drain(Draining(attempt, DrainReason.REPLACE, now, attempt.num_hosts), poll, now)
             target = self._grow_target(attempt, now)
             if target is not None:
                 return self._drain(Draining(attempt, DrainReason.RESIZE, now, target), poll, now)
@@ -332,8 +344,8 @@ class Driver:
             self._end(attempt, PlannedEnd.FINISHED)
             return Finished()
         step = max(r.final_step or 0 for r in poll.results.values())
-        if isinstance(state, Draining) and state.reason == DrainReason.RESIZE:
-            self._end(attempt, PlannedEnd.RESIZE)
+        if isinstance(state, Draining) and state.reason != DrainReason.STOP:
+            self._end(attempt, state.reason.end)
             return Scheduling(prefer=state.target_hosts)
         if self.stop_signal is not None:
             self._end(attempt, PlannedEnd.STOPPED)
@@ -383,14 +395,13 @@ class Driver:
 
     def _stop_unheeded(self, state: Draining, why: str) -> State:
         """The hosts cannot stop at one saved step: the attempt ends here; its work since the latest
-        committed step is trained again (a resize) or not kept (a stop)."""
+        committed step is trained again (a resize, a replacement) or not kept (a stop)."""
         log.warning("%s: ending the attempt without a save at one step", why)
         committed = self.committed_step()
-        if state.reason == DrainReason.RESIZE:
-            self._end(state.attempt, PlannedEnd.RESIZE)
+        self._end(state.attempt, state.reason.end)
+        if state.reason != DrainReason.STOP:
             return Scheduling(prefer=state.target_hosts)
-        assert self.stop_signal is not None, "a drain that is not a resize is a stop the user asked for"
-        self._end(state.attempt, PlannedEnd.STOPPED)
+        assert self.stop_signal is not None, "a stop drain is a stop the user asked for"
         return Stopped(self.stop_signal, f"stopped by {self.stop_name}: {why}; the latest committed step is "
                                          f"{committed}")
 
@@ -404,10 +415,34 @@ class Driver:
         target = self.policies.scaling.choose(self.cluster.placeable_hosts() + attempt.num_hosts)
         return target if target is not None and target > attempt.num_hosts else None
 
+    def _leave_straggler(self, attempt: Attempt) -> bool:
+        """Under `replace`, whether a listener found a host to leave and its node is now avoided."""
+        if self.policies.fault.straggler_action != "replace":
+            return False
+        wanted = next((r for r in (x.replacement(attempt) for x in self.listeners) if r is not None), None)
+        return wanted is not None and self._avoid(attempt, wanted)
+
+    def _avoid(self, attempt: Attempt, wanted: Replacement) -> bool:
+        """Avoids the host's node for the rest of the launch when the job can restart as large
+        without it; the listeners hear either way. Asked while the attempt still holds its nodes."""
+        nodes = attempt.group.nodes if attempt.group is not None else []
+        node = nodes[wanted.host] if wanted.host < len(nodes) else None
+        room = self.cluster.placeable_hosts(avoiding=(node,)) + sum(n != node for n in nodes) if node else 0
+        avoided = node is not None and self.policies.scaling.can_leave_node(attempt.num_hosts, room)
+        if avoided and node is not None:
+            self.cluster.avoid(node)
+        notice = ReplacementNotice(attempt, wanted, node, avoided, room)
+        for listener in self.listeners:
+            listener.on_replacement(self, notice)
+        return avoided
+
     # -- ending attempts ---------------------------------------------------------------------------
     def _decide(self, attempt: Attempt, failure: Diagnosis) -> State:
         if failure.kind == FailureKind.HUNG and failure.rank is not None and failure.traceback is None:
             failure = self._with_stacks(failure, failure.rank)
+        if (failure.kind == FailureKind.REPLICA_MISMATCH and failure.rank is not None
+                and self.policies.fault.straggler_action == "replace"):
+            self._avoid(attempt, Replacement(failure.rank, FailureKind.REPLICA_MISMATCH.value))
         self._teardown()
         committed = self.committed_step()
         # An attempt that committed a newer step than it started from trained well before it

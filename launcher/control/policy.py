@@ -11,6 +11,7 @@ import dataclasses
 import enum
 import math
 from collections.abc import Callable, Sequence
+from typing import Literal
 
 from jaxlaunch.contract.events import FailureKind
 from jaxlaunch.contract.flags import flag
@@ -41,6 +42,10 @@ class FaultConfig:
     """A host is a straggler when its busy time per step is at least this many times its peers' median..."""
     straggler_steps: int = 20
     """...in each of this many steps in a row (steps every host timed; a `straggler` event names it)."""
+    straggler_action: Literal["warn", "replace"] = flag("warn")
+    """What a straggler (and, with 3 or more replicas, a host whose replica disagreed) makes the job do:
+    warn, or replace: save at one step and restart on nodes without its node, when the cluster has
+    room elsewhere (else it warns)."""
     verify_every: int = flag(100)
     """Check that replicated arrays agree on every host every this many steps, besides every save
     step (0: at save steps only). One check costs 10-20 % of a step (benchmarks/replica_checks.py):
@@ -294,6 +299,12 @@ class ScalingPolicy:
             if self.fits(n):
                 return n
         return None
+
+    def can_leave_node(self, num_hosts: int, room_elsewhere: int) -> bool:
+        """Whether a job of `num_hosts` can restart as large on the room it has without one node (its
+        own hosts on the other nodes, and what is free there)."""
+        target = self.choose(room_elsewhere)
+        return target is not None and target >= num_hosts
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,7 @@ from typing import Any
 
 from jaxlaunch.launcher.control.policy import Decision, Diagnosis
 
-from jaxlaunch.contract.events import Cause, MemoryPersisted
+from jaxlaunch.contract.events import Cause, MemoryPersisted, PlannedEnd
 from jaxlaunch.contract.protocol import GroupInfo, HostStatus, Injection
 
 
@@ -49,6 +49,12 @@ class Attempt:
 class DrainReason(enum.StrEnum):
     RESIZE = "resize"  # capacity came back: save, then restart on more hosts
     STOP = "stop"      # the user asked to stop (SIGINT, SIGTERM): save, then exit
+    REPLACE = "replace"  # a straggler's node is avoided from now on: save, then restart elsewhere
+
+    @property
+    def end(self) -> PlannedEnd:
+        """How the attempt it drains ends."""
+        return PlannedEnd.STOPPED if self == DrainReason.STOP else PlannedEnd(self.value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,3 +178,24 @@ class AttemptEndNotice:
     """A planned end (finished, resize, stopped), or the failure's kind."""
     failure: Diagnosis | None = None
     """The failure it ended with, blamed on its root cause."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Replacement:
+    """A host the job should leave (`fault.straggler_action: replace`), as a listener found it."""
+
+    host: int
+    reason: str
+    """What it did: "straggler", or "replica_mismatch" (its copy disagreed with the majority's)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ReplacementNotice:
+    """What the driver made of a `Replacement`: the host's node is avoided from now on, or kept (no
+    room elsewhere)."""
+
+    attempt: Attempt
+    replacement: Replacement
+    node: str | None
+    avoided: bool
+    placeable_elsewhere: int

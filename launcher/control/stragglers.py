@@ -12,7 +12,13 @@ import statistics
 from collections.abc import Callable, Mapping
 
 from jaxlaunch.launcher.control.driver import Driver, Listener
-from jaxlaunch.launcher.control.states import Attempt, AttemptEndNotice, AttemptStartNotice
+from jaxlaunch.launcher.control.states import (
+    Attempt,
+    AttemptEndNotice,
+    AttemptStartNotice,
+    Replacement,
+    ReplacementNotice,
+)
 
 from jaxlaunch.contract import events
 from jaxlaunch.contract.protocol import GroupPoll
@@ -69,10 +75,25 @@ def straggler_message(event: events.Straggler) -> str:
             f"{event.first_step}-{event.last_step}; every host waits for it")
 
 
+REASONS = {"straggler": "it is a straggler", "replica_mismatch": "its replica disagreed with the majority's"}
+
+
+def replacement_message(notice: ReplacementNotice) -> str:
+    """The line the user reads on the terminal (and the `host_replacement` event's message)."""
+    host, why = notice.replacement.host, REASONS.get(notice.replacement.reason, notice.replacement.reason)
+    if notice.avoided:
+        return (f"replacing host {host}: its node {notice.node} is avoided for the rest of the launch ({why}); the "
+                f"job restarts on {notice.attempt.num_hosts} hosts elsewhere")
+    return (f"host {host} is not replaced ({why}): without its node {notice.node} the cluster has room for "
+            f"{notice.placeable_elsewhere} of the {notice.attempt.num_hosts} hosts; the job goes on on the same nodes")
+
+
 class StragglerWatch(Listener):
     """The driver's listener that finds a straggler in each attempt's polls: it records a `straggler`
-    event (once per host and attempt) and tells the user; at the attempt's end, each host's median
-    busy time (`host_busy`, for the report's picture)."""
+    event (once per host and attempt) and tells the user, and offers the host to the driver to leave
+    (`replacement`, asked under `fault.straggler_action: replace`) and records what the driver made of
+    it or of a replica's dissenter (`host_replacement`); at the attempt's end, each host's median busy
+    time (`host_busy`, for the report's picture)."""
 
     def __init__(self, factor: float, num_steps: int, record: Callable[[events.Event], None],
                  tell: Callable[[str], None]):
@@ -81,9 +102,23 @@ class StragglerWatch(Listener):
         self.all_busy: dict[int, list[float]] = {}
         self.named: set[int] = set()
         self.found: list[events.Straggler] = []
+        self.to_leave: Replacement | None = None
 
     def on_attempt_started(self, driver: Driver, started: AttemptStartNotice) -> None:
-        self.busy, self.all_busy, self.named = {}, {}, set()
+        self.busy, self.all_busy, self.named, self.to_leave = {}, {}, set(), None
+
+    def replacement(self, attempt: Attempt) -> Replacement | None:
+        wanted, self.to_leave = self.to_leave, None
+        return wanted
+
+    def on_replacement(self, driver: Driver, notice: ReplacementNotice) -> None:
+        """A host the job leaves (a straggler, or a replica's dissenter): recorded and told alike."""
+        message = replacement_message(notice)
+        self.record(events.HostReplacement(
+            attempt=notice.attempt.number, host=notice.replacement.host, node=notice.node,
+            reason=notice.replacement.reason, avoided=notice.avoided, placeable_elsewhere=notice.placeable_elsewhere,
+            message=message))
+        self.tell(message)
 
     def on_poll(self, driver: Driver, attempt: Attempt, poll: GroupPoll) -> None:
         if not any(poll.busy.values()):
@@ -108,6 +143,7 @@ class StragglerWatch(Listener):
                                  factor=found.factor, first_step=found.steps[0], last_step=found.steps[-1],
                                  steps=len(found.steps), busy_s=found.busy_s, peers_busy_s=found.peers_busy_s)
         self.found.append(event)
+        self.to_leave = Replacement(found.rank, events.EventKind.STRAGGLER.value)
         self.record(event)
         self.tell(straggler_message(event))
 

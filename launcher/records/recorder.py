@@ -147,7 +147,7 @@ class Recorder(Listener):
             if new.reason == DrainReason.RESIZE:
                 self.event(events.Grow(attempt=new.attempt.number, from_hosts=new.attempt.num_hosts,
                                        to_hosts=new.target_hosts))
-            else:
+            elif new.reason == DrainReason.STOP:  # a replacement is recorded with the node it avoids
                 self.event(events.StopRequested(attempt=new.attempt.number, signal=driver.stop_name))
         if isinstance(new, Relaunching):
             self.event(events.Restarting(reason=new.decision.reason, backoff_s=new.decision.backoff_s))

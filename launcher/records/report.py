@@ -141,7 +141,7 @@ def plot(report: History, path: pathlib.Path | BinaryIO) -> pathlib.Path | Binar
                     (step, 1), xycoords=("data", "axes fraction"), xytext=(3, -12), textcoords="offset points",
                     color="red", fontsize=8, rotation=0)
     for a in report.attempts:
-        if a.cause == PlannedEnd.RESIZE and a.last_step is not None:
+        if a.cause in (PlannedEnd.RESIZE, PlannedEnd.REPLACE) and a.last_step is not None:
             ax.axvline(a.last_step, color="tab:blue", ls=":", lw=1)
     changed = [e for e in report.events if isinstance(e, events.DataOrderChanged) and e.step is not None]
     for i, e in enumerate(changed):

@@ -158,7 +158,7 @@ class ConsoleView(Listener):
         elif isinstance(new, Draining) and not isinstance(old, Draining):
             if new.reason == DrainReason.RESIZE:
                 d.message(f"capacity for {new.target_hosts} hosts: saving, then restarting on {new.target_hosts}")
-            else:
+            elif new.reason == DrainReason.STOP:  # a replacement was told with the node it avoids
                 d.message(f"{driver.stop_name}: saving a checkpoint on every host, then stopping "
                           f"(again to stop at once)")
         elif isinstance(new, Persisting) and not isinstance(old, Persisting):

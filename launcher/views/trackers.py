@@ -107,7 +107,8 @@ def note_line(event: events.Event) -> str | None:
 
 
 def restarts_by_cause(history: Sequence[events.Event]) -> Counter[str]:
-    """Restarts of the group by what caused them: the failure before each restart, or "resize"."""
+    """Restarts of the group by what caused them: the failure before each restart, "resize", or
+    "replace" (a straggler's node left)."""
     restarts: Counter[str] = Counter()
     cause = None
     for e in history:
@@ -118,6 +119,8 @@ def restarts_by_cause(history: Sequence[events.Event]) -> Counter[str]:
             cause = None
         elif isinstance(e, events.Grow):
             restarts["resize"] += 1
+        elif isinstance(e, events.HostReplacement) and e.avoided and e.reason == events.EventKind.STRAGGLER:
+            restarts["replace"] += 1
     return restarts
 
 

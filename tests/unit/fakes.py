@@ -77,9 +77,15 @@ class FakeCluster:
         self.restarts = 0
         self.groups: list[FakeGroup] = []
         """Every group started on it, in order."""
+        self.avoided: list[str] = []
 
-    def placeable_hosts(self) -> int:
+    def placeable_hosts(self, avoiding: Sequence[str] = ()) -> int:
         return max(0, self.capacity - self.held)
+
+    def avoid(self, node: str) -> None:
+        """Each fake node holds one host: an avoided one is a host's room fewer."""
+        self.avoided.append(node)
+        self.capacity -= 1
 
     def describe(self) -> str:
         return f"fake cluster with room for {self.placeable_hosts()}"
@@ -121,6 +127,8 @@ class FakeGroup:
         """Hosts whose node is gone, reported or not."""
         self.checksums: dict[int, list[ReplicaChecksums]] = {}
         """rank -> replica checksums to report at the next poll."""
+        self.busy: dict[int, list[tuple[int, float]]] = {}
+        """rank -> (step, busy seconds) to report at the next poll."""
 
     def start(self, num_hosts: int, attempt: int, injections: tuple[Injection, ...] = ()) -> GroupInfo:
         if getattr(self.behaviour, "placement_fails", False):
@@ -143,7 +151,8 @@ class FakeGroup:
                 h.last_heard = self.clock()
         events, self.events = self.events, []
         checksums, self.checksums = self.checksums, {}
-        poll = GroupPoll(self.hosts, records, events, dict(self.results), list(self.exits.values()),
+        busy, self.busy = self.busy, {}
+        poll = GroupPoll(self.hosts, records, events, dict(self.results), list(self.exits.values()), busy,
                          checksums=checksums)
         self.poll_seconds += time.process_time() - started
         return poll
