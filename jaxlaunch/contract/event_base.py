@@ -155,3 +155,9 @@ class Event:
                 values[name] = parse(value) if parse is not None else value
         extra = {k: v for k, v in line.items() if k not in known and k != "event"}
         return cls(**values, extra=extra)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class HostEvent(Event):
+    attempt: int | None = None
+    rank: int | None = None

@@ -20,16 +20,28 @@ from jaxlaunch.contract.event_base import (
     Event,
     EventKind,
     FailureKind,
+    HostEvent,
     JobStatus,
     PlannedEnd,
     _parsed,
     parse_cause,
 )
+from jaxlaunch.contract.tier_events import (
+    CadenceChosen,
+    KeeperRestarted,
+    MemoryFallback,
+    MemoryPersisted,
+    MemorySaveRefused,
+    MemoryTierOff,
+    PersistingMemory,
+)
 
-# The base's names that readers import from here too (the event classes below are this module's own).
-__all__ = ["Cause", "Event", "EventKind", "FailureKind", "JobStatus", "PlannedEnd", "parse", "parse_cause"]
+# The names that readers import from here too: the base's, and the memory tier's events (the event
+# classes below are this module's own).
+__all__ = ["Cause", "Event", "EventKind", "FailureKind", "HostEvent", "JobStatus", "PlannedEnd", "parse", "parse_cause",
+           "CadenceChosen", "KeeperRestarted", "MemoryFallback", "MemoryPersisted",
+           "MemorySaveRefused", "MemoryTierOff", "PersistingMemory"]
 log = logging.getLogger(__name__)
-
 
 
 def parse(line: Mapping[str, Any]) -> Event | None:
@@ -171,65 +183,6 @@ class JobFailed(Event):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class PersistingMemory(Event):
-    """The job gave up, and before it fails the driver writes the memory tier's newest step durably:
-    a short run of the hosts that runs the launcher's own program, not the entry."""
-
-    KIND: ClassVar = EventKind.PERSISTING_MEMORY
-    attempt: int
-    """The failed attempt (its hosts' logs are `persist-N-rank-R.log`)."""
-    step: int
-    durable_step: int | None = None
-    num_hosts: int | None = None
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class MemoryPersisted(Event):
-    """Before the launcher gave up on a failed job: the memory tier's newest committed step, newer than
-    the newest durable one, written to the run directory (or why it could not be)."""
-
-    KIND: ClassVar = EventKind.MEMORY_PERSISTED
-    step: int
-    """The memory step."""
-    durable_step: int | None = None
-    """The newest durable step before it; None when there was none."""
-    num_hosts: int | None = None
-    """Hosts of the short run that restored the step and wrote it."""
-    seconds: float | None = None
-    persisted: bool = False
-    reason: str | None = None
-    """Why it was not persisted; None when it was."""
-    bytes: int | None = None
-    """The durable step's size in the run directory, once written."""
-
-    @property
-    def message(self) -> str:
-        if self.persisted:
-            return (f"memory step {self.step} written to durable storage in {self.seconds:.1f} s before the "
-                    f"launcher ended (the newest durable step was {self.durable_step})")
-        return f"memory step {self.step} could not be written to durable storage: {self.reason}"
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class KeeperRestarted(Event):
-    """A memory-tier keeper's process died while its node stayed up, and Ray started a new one there:
-    it holds nothing of the steps before, and the tier goes on from the next save."""
-
-    KIND: ClassVar = EventKind.KEEPER_RESTARTED
-    node: str | None = None
-    pid: int | None = None
-    """The new keeper's process."""
-    old_pid: int | None = None
-    step: int | None = None
-    """The newest step the hosts had reported when the driver noticed."""
-
-    @property
-    def message(self) -> str:
-        return (f"the memory tier's keeper on node {(self.node or '?')[:12]} died (process {self.old_pid}); a new one "
-                f"(process {self.pid}) holds the saves from the next one on")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
 class JobStopped(Event):
     KIND: ClassVar = EventKind.JOB_STOPPED
     reason: str | None = None
@@ -310,12 +263,6 @@ class HostBusy(Event):
 
 
 # ---- the hosts (the recorder adds the attempt and the host's rank) ------------------------------------
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class HostEvent(Event):
-    attempt: int | None = None
-    rank: int | None = None
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class LowDiskSpace(HostEvent):
@@ -400,81 +347,6 @@ class CompilationCacheDisabled(HostEvent):
     @property
     def message(self) -> str:
         return f"the compilation cache is off: {self.reason}"
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class MemoryTierOff(HostEvent):
-    """The memory tier was asked for but cannot serve this attempt (a keeper cannot hold a host's part):
-    every save is durable."""
-
-    KIND: ClassVar = EventKind.MEMORY_TIER_OFF
-    PER_HOST: ClassVar = True
-    reason: str | None = None
-    save_every: int | None = None
-    """The durable tier's interval from now on (steps)."""
-
-    @property
-    def message(self) -> str:
-        every = f"every {self.save_every} steps" if self.save_every is not None else "at the chosen cadence"
-        return f"checkpoints are durable only, {every}: {self.reason}"
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class CadenceChosen(HostEvent):
-    """Rank 0 chose how often each tier saves, from its measurements (`jaxlaunch.contract.schedule`),
-    and every host follows it from `step` on: at the start of an attempt, and again when the step
-    time or a save's cost moved."""
-
-    KIND: ClassVar = EventKind.CADENCE_CHOSEN
-    step: int | None = None
-    step_time_s: float | None = None
-    """Median of the newest steps' own time."""
-    memory_blocking_s: float | None = None
-    """Median blocking time of a memory save (None: not measured, or no memory tier)."""
-    durable_blocking_s: float | None = None
-    """Median blocking time of an Orbax save (None: not measured yet)."""
-    memory_every: int | None = None
-    """None: no memory tier."""
-    durable_every: int | None = None
-    max_age_s: float | None = None
-    reason: str | None = None
-
-    @property
-    def message(self) -> str:
-        memory = f"memory every {self.memory_every}, " if self.memory_every is not None else ""
-        return f"checkpoint cadence from step {self.step}: {memory}durable every {self.durable_every} ({self.reason})"
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class MemorySaveRefused(HostEvent):
-    """A keeper refused a memory save (its budget is spent): written once per attempt and host; the
-    durable tier still saves every --persist-every steps."""
-
-    KIND: ClassVar = EventKind.MEMORY_SAVE_REFUSED
-    PER_HOST: ClassVar = True
-    step: int | None = None
-    reason: str | None = None
-
-    @property
-    def message(self) -> str:
-        return f"a keeper refused the memory save of step {self.step}: {self.reason}"
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class MemoryFallback(HostEvent):
-    """Memory could not serve the restore (a step not whole, or one that did not read back): the durable
-    tier served instead."""
-
-    KIND: ClassVar = EventKind.MEMORY_FALLBACK
-    step: int | None = None
-    """The memory step that could not serve; None when no step newer than the durable one was whole."""
-    durable_step: int | None = None
-    """The newest durable step at the time; None when there was none."""
-    reason: str | None = None
-
-    @property
-    def message(self) -> str:
-        return f"restoring from the durable tier, not memory: {self.reason}"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

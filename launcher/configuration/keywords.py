@@ -28,9 +28,9 @@ class LaunchKeywords(TypedDict, total=False):
     steps: int
     schedule_steps: int | None
     seed: int
-    save_every: int
+    save_every: int | Literal["auto"]
     memory_tier: bool
-    persist_every: int
+    persist_every: int | Literal["auto"]
     startup_timeout: float
     hang_timeout: float
     save_timeout: float
@@ -40,6 +40,7 @@ class LaunchKeywords(TypedDict, total=False):
     max_hosts: int | None
     capacity_timeout: float
     verify_every: int
+    straggler_action: Literal["warn", "replace"]
     trackers: str | Sequence[str]
     metrics_port: int | None
     config_file: str | None

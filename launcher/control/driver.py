@@ -16,6 +16,17 @@ from collections.abc import Callable, Sequence
 
 from jaxlaunch.launcher.control import persisting, policy
 from jaxlaunch.launcher.control.fault_plan import FaultPlan
+from jaxlaunch.launcher.control.limits import (
+    CAPACITY_POLL_S,
+    HEAR_OUT_S,
+    MAX_MARGIN_DOUBLINGS,
+    NODE_WAIT_S,
+    RESIZE_SETTLE_S,
+    SECONDARY_GRACE_S,
+    STOP_AGREE_S,
+    STOP_MARGIN_STEPS,
+    UNRESPONSIVE_AFTER_S,
+)
 from jaxlaunch.launcher.control.persisting import MemoryPersist
 from jaxlaunch.launcher.control.policy import Action, Diagnosis, FailureKind, Policies
 from jaxlaunch.launcher.control.states import (
@@ -44,45 +55,15 @@ from jaxlaunch.contract.events import Cause, PlannedEnd
 from jaxlaunch.contract.protocol import Cluster, Ending, GroupPoll, Injection, PlacementError, WorkerGroup
 
 log = logging.getLogger(__name__)
-CAPACITY_POLL_S = 1.0
-RESIZE_SETTLE_S = 10.0
-"""After a resize, how long to wait for the old group's resources to show as free again."""
-SECONDARY_GRACE_S = 8.0
-"""While every failure seen is a collective error caused by some other host, how long the driver
-keeps listening for the root cause."""
-HEAR_OUT_S = 0.3
-"""After a root cause, how long the driver waits for the rest of the group to end before deciding
-(about one poll: a lost node is found by asking for the nodes' liveness, not by waiting)."""
-UNRESPONSIVE_AFTER_S = 2.0
-"""A host that has not answered a poll for this long, while another host failed, is the one that
-hung (a stopped process stalls the others, which the coordination service then fails)."""
-NODE_WAIT_S = 30.0
-"""How long a dead or unreachable host's node may stay of unknown health before it counts as lost
-(Ray's default health checks declare a silent node dead after about 15 s)."""
-STOP_MARGIN_STEPS = 2
-"""A proposed stop step is this far past the furthest step known (a host past it says so, and a
-later step is proposed)."""
-MAX_MARGIN_DOUBLINGS = 10
-"""The margin doubles with each refused proposal (fast steps outrun a poll), at most this many times."""
-STOP_AGREE_S = 60.0
-"""How long the hosts may take to agree on a stop step before the stop is carried out without a
-save at it (a loop that never calls ctx.maybe_save or ctx.should_stop cannot agree)."""
 
 
 class Listener:
     """What the driver tells the recorder, the display and chaos; each overrides what it needs."""
 
-    def on_transition(self, driver: Driver, old: State, new: State) -> None:
-        pass
-
-    def on_poll(self, driver: Driver, attempt: Attempt, poll: GroupPoll) -> None:
-        pass
-
-    def on_attempt_started(self, driver: Driver, started: AttemptStartNotice) -> None:
-        pass
-
-    def on_attempt_ended(self, driver: Driver, ended: AttemptEndNotice) -> None:
-        pass
+    def on_transition(self, driver: Driver, old: State, new: State) -> None: ...
+    def on_poll(self, driver: Driver, attempt: Attempt, poll: GroupPoll) -> None: ...
+    def on_attempt_started(self, driver: Driver, started: AttemptStartNotice) -> None: ...
+    def on_attempt_ended(self, driver: Driver, ended: AttemptEndNotice) -> None: ...
 
     def failure(self, attempt: Attempt, now: float) -> Diagnosis | None:
         """What the listener found wrong with a running attempt that no host knows (replicas that
@@ -94,8 +75,7 @@ class Listener:
         asked only under `fault.straggler_action: replace`."""
         return None
 
-    def on_replacement(self, driver: Driver, notice: ReplacementNotice) -> None:
-        pass
+    def on_replacement(self, driver: Driver, notice: ReplacementNotice) -> None: ...
 
 
 class Driver:
@@ -115,8 +95,7 @@ class Driver:
     ):
         self.cluster, self.make_group, self.policies = cluster, make_group, policies
         self.persist = persist
-        """With the memory tier: how a job that gives up writes what only memory holds durably first
-        (the Persisting state)."""
+        """With the memory tier: how a job that gives up first writes what only memory holds (Persisting)."""
         self.committed_step = committed_step
         self.faults = faults or FaultPlan()
         self.listeners = list(listeners)
@@ -481,14 +460,12 @@ class Driver:
     def _persisted(self, state: Persisting, reason: str | None) -> Failed:
         assert self.persist is not None, "only a driver with the memory tier persists"
         self._teardown()
-        done = persisting.result(state, reason, self.committed_step(), self.persist.step_bytes, self.clock())
-        log.info("%s", done.message)
-        return persisting.ended(state.outcome, done)
+        return persisting.ended(state.outcome, persisting.result(state, reason, self.committed_step(),
+                                                                 self.persist.step_bytes, self.clock()))
 
     def _with_stacks(self, failure: Diagnosis, rank: int) -> Diagnosis:
-        """A hung or silent host's Python stacks, read before the group is torn down, whether the
-        watchdog found it or a peer's failure gave it away (a deadlocked collective usually shows
-        as a peer's error first)."""
+        """A hung or silent host's Python stacks, read before the group is torn down (a deadlocked
+        collective usually shows as a peer's error first)."""
         stacks = self.group.dump_stacks(rank) if self.group is not None else None
         if not stacks:
             return failure
