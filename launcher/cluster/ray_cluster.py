@@ -47,6 +47,9 @@ class Spares(InstanceBound, Protocol):
     @property
     def reserved_hosts(self) -> int: ...
 
+    @property
+    def nodes(self) -> set[str]: ...
+
     def shutdown(self) -> None: ...
 
 
@@ -113,7 +116,11 @@ class RayCluster:
                 continue
             fit = min((math.floor(free.get(k, 0) / v + 1e-9) for k, v in need.items()), default=0)
             total += min(fit, 1) if self.cfg.placement_strategy == "STRICT_SPREAD" else fit
-        return total + (self.standby.reserved_hosts if self.standby is not None else 0)
+        standby = self.standby
+        # Spares on a node left out are no room (the standby is given up when a node is avoided).
+        if standby is not None and not (avoiding and standby.nodes & set(avoiding)):
+            total += standby.reserved_hosts
+        return total
 
     def avoid(self, node: str) -> None:
         """Places no host on `node` from now on. Spares placed there would count as room on it: the

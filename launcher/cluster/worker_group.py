@@ -338,6 +338,13 @@ class StandbyPool:
             return 0
         return len(self.actors)
 
+    @property
+    def nodes(self) -> set[str]:
+        """The nodes its spares are placed on (none before they are)."""
+        if self.pg is None or self.reserved_hosts == 0:
+            return set()
+        return set(placement_group_table(self.pg).get("bundles_to_node_id", {}).values())
+
     def replenish(self, num_hosts: int) -> None:
         if self.actors or self.cluster.placeable_hosts() < num_hosts:
             return

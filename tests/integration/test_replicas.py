@@ -21,20 +21,26 @@ def reference(tmp_path_factory) -> pathlib.Path:
     return run_dir
 
 
-def _run_with_flip(run_dir: pathlib.Path, step: int) -> None:
-    result = launch(*RUN, "--run-dir", str(run_dir), "--inject", f"bitflip@step={step},host={FLIPPED_HOST}")
+def _run_with_flip(run_dir: pathlib.Path, step: int, *args: str) -> str:
+    result = launch(*RUN, "--run-dir", str(run_dir), "--inject", f"bitflip@step={step},host={FLIPPED_HOST}", *args)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "replica mismatch" in result.stdout, "the user is told on the terminal"
+    return result.stdout
 
 
 def test_a_flipped_bit_names_its_host_and_the_job_restores_a_verified_step(tmp_path, reference):
+    """Under --straggler-action replace, on the embedded Ray's one node: no node to move to, so the
+    job says so and restarts where it was."""
     run_dir = tmp_path / "run"
-    _run_with_flip(run_dir, 33)
+    out = _run_with_flip(run_dir, 33, "--straggler-action", "replace")
     [mismatch] = events(run_dir, "replica_mismatch")
     assert mismatch["culprit"] == FLIPPED_HOST and mismatch["hosts"] == [0, 1, 2, 3]
     assert mismatch["step"] == 35, "found at the first check after the flip"
-    [started, _] = events(run_dir, "attempt_started")
+    [started, again] = events(run_dir, "attempt_started")
     assert mismatch["nodes"][FLIPPED_HOST] == started["nodes"][FLIPPED_HOST]
+    [kept] = events(run_dir, "host_replacement")
+    assert (kept["host"], kept["reason"], kept["avoided"]) == (FLIPPED_HOST, "replica_mismatch", False), kept
+    assert kept["node"] in again["nodes"] and f"host {FLIPPED_HOST} is not replaced" in out
     assert mismatch["restore_from"] == 30
     restored = [e["step"] for e in events(run_dir, "restored")]
     assert restored and all(step <= 30 for step in restored), restored

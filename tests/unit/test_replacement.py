@@ -161,3 +161,22 @@ def test_straggler_action_is_warn_or_replace(value):
     validate(override(JobConfig(), **{"fault.straggler_action": "replace"}))
     with pytest.raises(ConfigError, match="straggler_action: input should be 'warn' or 'replace'"):
         validate(override(JobConfig(), **{"fault.straggler_action": value}))
+
+
+def test_a_replacement_the_hosts_do_not_stop_for_still_restarts_elsewhere_without_a_failure():
+    def slow_and_deaf(group: FakeGroup, i: int) -> list[Record]:
+        records = group.train(i)  # its loop never calls ctx.should_stop
+        group.busy = {r: [(i, 0.03 if r == SLOW_HOST else 0.01)] for r in range(group.num_hosts)}
+        return records
+
+    def from_scratch(group: FakeGroup, i: int) -> list[Record]:
+        if i > LAST_STEP:
+            group.finish(LAST_STEP)
+            return []
+        return group.train(i)
+    seen = Recorded()
+    driver, _, _, cluster = make_driver([slow_and_deaf, from_scratch], hosts=4, placeable=5, fault=REPLACE,
+                                        listeners=[StragglerWatch(FACTOR, STEPS, seen.events.append, seen.told.append)])
+    assert driver.run() == 0
+    assert [a.cause for a in driver.attempts] == ["replace", "finished"] and not driver.failures
+    assert cluster.avoided == [node_of(SLOW_HOST)], "the node is left even without the save at one step"
