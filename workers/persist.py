@@ -30,7 +30,7 @@ from jaxlaunch.workers.memory import MemoryTier
 from jaxlaunch.workers.part_file import ArrayEntry, Index, PartHeader
 from jaxlaunch.workers.progress import HostProgress
 
-from jaxlaunch.contract import events
+from jaxlaunch.contract import data_order, events
 from jaxlaunch.contract.layout import RunLayout
 from jaxlaunch.contract.protocol import Ending, HostResult, HostSpec, Phase
 
@@ -58,6 +58,13 @@ def write_newest(spec: HostSpec, mesh: Mesh, progress: HostProgress) -> HostResu
         else:
             restored = memory.restore(step, held, lambda part: saved_targets(part, mesh))
             log.info("restored memory step %d in %.2f s", step, restored.seconds)
+            saved_hosts = (restored.meta.get("topology") or {}).get("num_hosts") or num_hosts
+            per_host = data_order.per_host_keys(restored.extra)
+            if saved_hosts > num_hosts and per_host:
+                # A durable step carries each saving host's own iterator position; fewer hosts hold
+                # fewer of them, and a resume would silently read other shards' positions.
+                raise RuntimeError(f"memory step {step} holds per-host iterators ({', '.join(per_host)}) of "
+                                   f"{saved_hosts} hosts, and only {num_hosts} could run to write it")
             progress.enter(Phase.SAVING)
             started = time.perf_counter()
             # What a durable save of this step carries: rank 0's metadata (records, topology, the

@@ -13,6 +13,7 @@ from ray.cluster_utils import Cluster
 
 from jaxlaunch.contract.tiers import launch_dir
 from tests.integration.helpers import (
+    CLASSIFIER,
     EXAMPLES,
     MINIMAL,
     ROOT,
@@ -172,6 +173,23 @@ def test_a_job_that_gives_up_first_writes_its_newest_memory_step_durably_running
     restored = restores(run_dir)[-1]
     assert restored["tier"] == "durable" and restored["step"] == persisted["step"], restored
     assert trajectory(run_dir) == trajectory(minimal_reference), "bit for bit, nothing recomputed past step 50"
+
+
+def test_a_sharded_state_given_up_on_is_persisted_into_the_shardings_that_saved_it(classifier_reference, tmp_path):
+    """The classifier's hidden layer is split over the mesh's `model` axis across the 2 hosts: the
+    persist's hosts agree on that sharding from the parts alone, and the resume restores it bit for bit."""
+    run_dir = tmp_path / "run"
+    failed = launch("--hosts", "2", *CLASSIFIER, *MEMORY, "--max-restarts", "0", "--inject", "kill@step=75,host=1",
+                    "--run-dir", str(run_dir))
+    assert failed.returncode == 1, failed.stdout + failed.stderr
+    (persisted,) = events(run_dir, "memory_persisted")
+    assert persisted["persisted"] and 74 <= persisted["step"] <= 75, persisted
+    resumed = launch("--resume", "--run-dir", str(run_dir))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    restored = restores(run_dir)[-1]
+    assert restored["tier"] == "durable" and restored["step"] == persisted["step"], restored
+    assert restored["sharding"] == "P(None, 'model')", restored
+    assert trajectory(run_dir) == trajectory(classifier_reference), "bit for bit"
 
 
 @pytest.fixture
