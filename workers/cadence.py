@@ -45,6 +45,9 @@ def given(value: int | str) -> int | None:
 
 
 class SaveCadence:
+    """Which tier saves at each step of one attempt on this host (`due`), measured from the host's
+    own steps and saves (`step_time`, `after_save`) and agreed with every other host."""
+
     def __init__(self, cfg: CheckpointConfig, memory_tier: bool, rank: int, start_step: int,
                  tell: Callable[[events.HostEvent], None], broadcast: Broadcast | None = None):
         self.rule = CadenceRule(memory_tier, given(cfg.save_every), given(cfg.persist_every), cfg.persist_max_age_s)
