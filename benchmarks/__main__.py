@@ -145,7 +145,8 @@ def per_step_stall(work: pathlib.Path, quick: bool) -> dict[str, Any]:
     """The launcher's loop on 1 host (metrics read a step late, and, before, read at once) against a
     plain loop that never waits for the device; the small preset."""
     steps = 14 if quick else 40
-    common = ("--hosts", "1", "--steps", str(steps), "--save-every", "100000", "--mesh", "data=-1,model=2")
+    common = ("--hosts", "1", "--steps", str(steps), "--no-memory-tier", "--save-every", "100000", "--mesh",
+              "data=-1,model=2")
     late = launches.launch(work / "stall-late", *common, "--model", "small", "--global-batch-size", "8",
                            "--seq-len", "64")
     synced = None if quick else launches.launch(
@@ -230,7 +231,7 @@ def _dd(args: list[str]) -> float:
 # ---- goodput under chaos ----------------------------------------------------------------------------------
 
 def goodput_under_chaos(work: pathlib.Path, steps: int, mean_s: float, name: str = "chaos",
-                        saves: tuple[str, ...] = ("--save-every", "10")) -> dict[str, Any]:
+                        saves: tuple[str, ...] = ("--no-memory-tier", "--save-every", "10")) -> dict[str, Any]:
     from jaxlaunch.launcher.records import history
     from jaxlaunch.launcher.records.runs import RunDir
 

@@ -1,6 +1,7 @@
-"""The memory tier against today's durable-only path, side by side in one run: the built-in model's
-small preset on 2 hosts, a save every step in memory vs an asynchronous Orbax save every 10 steps vs
-no saves, each SIGKILLed at the same step (host 1) except the run without saves."""
+"""The memory tier against the durable-only path, side by side in one run: the built-in model's small
+preset on 2 hosts, the defaults (the memory tier, each tier's cadence chosen from measured cost) vs a
+save every step in memory vs an asynchronous Orbax save every 10 steps vs no saves, each SIGKILLed at
+the same step (host 1) except the run without saves."""
 
 from __future__ import annotations
 
@@ -37,16 +38,22 @@ def _run(work: pathlib.Path, name: str, steps: int, kill_at: int | None, *args: 
             "recovery_s": out["recovery_s"], "steps_recomputed": out["steps_recomputed"],
             "restore_s": restored[0]["seconds"] if restored else None,
             "restored_tier": restored[0].get("tier") if restored else None,
-            "durable_bytes_read": restored[0].get("durable_bytes_read") if restored else None}
+            "durable_bytes_read": restored[0].get("durable_bytes_read") if restored else None,
+            "cadence": [{k: e.get(k) for k in ("step", "memory_every", "durable_every", "step_time_s",
+                                                "memory_blocking_s", "durable_blocking_s")}
+                        for e in r["events"] if e["event"] == "cadence_chosen" and e.get("attempt") == 1]}
 
 
 def run(work: pathlib.Path, quick: bool) -> dict[str, Any]:
     steps, kill_at = (30, 20) if quick else (60, 45)
-    never = _run(work, "never", steps, None, "--save-every", str(NEVER))
+    never = _run(work, "never", steps, None, "--no-memory-tier", "--save-every", str(NEVER))
+    defaults = _run(work, "defaults", steps, kill_at)
     memory = _run(work, "memory", steps, kill_at, "--memory-tier", "--save-every", "1", "--persist-every", str(NEVER))
-    durable = _run(work, "durable", steps, kill_at, "--save-every", "10")
+    durable = _run(work, "durable", steps, kill_at, "--no-memory-tier", "--save-every", "10")
     return {
-        "never": never, "memory": memory, "durable": durable,
+        "never": never, "defaults": defaults, "memory": memory, "durable": durable,
+        "defaults_steps_per_s_over_durable": _ratio(defaults["steps_per_s"], durable["steps_per_s"]),
+        "defaults_step_over_normal": _ratio(defaults["step_time_s"], never["step_time_s"]),
         "memory_steps_per_s_over_never": _ratio(memory["steps_per_s"], never["steps_per_s"]),
         "memory_step_over_normal": _ratio(memory["step_time_s"], never["step_time_s"]),
         "durable_step_over_normal": _ratio(durable["step_time_s"], never["step_time_s"]),
@@ -114,4 +121,4 @@ def node_removed(work: pathlib.Path, name: str, *args: str) -> dict[str, Any]:
 
 def elastic(work: pathlib.Path) -> dict[str, Any]:
     return {"memory": node_removed(work, "memory", "--memory-tier", "--save-every", "1", "--persist-every", "100"),
-            "durable": node_removed(work, "durable", "--save-every", "10")}
+            "durable": node_removed(work, "durable", "--no-memory-tier", "--save-every", "10")}

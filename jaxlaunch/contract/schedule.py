@@ -45,12 +45,12 @@ class SaveSchedule:
     durable_every: int
     memory_anchor: int | None = None
     durable_anchor: int | None = None
-    first_at: int | None = None
-    """A save at this step whatever the intervals (memory with the tier, else durable), to measure one."""
+    measure_at: tuple[int, ...] = ()
+    """Saves at these steps whatever the intervals (memory with the tier, else durable), to measure them."""
 
     def due(self, step: int, final: bool = False) -> Due:
         """`final`: the run's last step or an agreed stop, which the durable tier always saves."""
-        first = step == self.first_at
+        first = step in self.measure_at
         memory = self.memory_every is not None and (first or _on(step, self.memory_every, self.memory_anchor))
         durable = final or (first and self.memory_every is None) or _on(step, self.durable_every,
                                                                           self.durable_anchor)

@@ -28,9 +28,10 @@ def test_a_chosen_cadence_counts_from_the_previous_save_so_an_agreed_stop_restar
 
 
 def test_the_first_save_measures_memory_with_the_tier_and_orbax_without():
-    with_tier = SaveSchedule(memory_every=2**40, durable_every=2**40, memory_anchor=0, durable_anchor=0, first_at=4)
-    assert saves(with_tier, range(1, 9)) == [(4, "mem")]
-    durable_only = SaveSchedule(memory_every=None, durable_every=2**40, durable_anchor=0, first_at=4)
+    with_tier = SaveSchedule(memory_every=2**40, durable_every=2**40, memory_anchor=0, durable_anchor=0,
+                             measure_at=(3, 4))
+    assert saves(with_tier, range(1, 9)) == [(3, "mem"), (4, "mem")]
+    durable_only = SaveSchedule(memory_every=None, durable_every=2**40, durable_anchor=0, measure_at=(4,))
     assert durable_only.due(4) == Due(memory=False, durable=True)
 
 
