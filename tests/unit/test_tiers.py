@@ -4,6 +4,7 @@ shardings, in one process without Ray."""
 import dataclasses
 import os
 import pathlib
+import shutil
 import uuid
 
 import jax
@@ -261,3 +262,25 @@ def test_a_durable_checkpoint_carries_the_grain_position_and_json_values(tmp_pat
     assert min(rest) == 8, "resumed after the last step saved"
     assert {**first, **rest} == whole, "the same batches, bit for bit"
     assert resumed_best == best
+
+
+def test_the_files_of_a_driver_that_died_on_this_machine_are_deleted_and_no_others():
+    import socket
+
+    from jaxlaunch.launcher.cluster.keepers import remove_orphans
+
+    from jaxlaunch.contract.tiers import launch_dir
+
+    tag = uuid.uuid4().hex[:8]
+    dead, alive = launch_dir(f"{psutil_dead_pid()}-{tag}-{socket.gethostname()}"), launch_dir(
+        f"{os.getpid()}-{tag}-{socket.gethostname()}")
+    elsewhere = launch_dir(f"{psutil_dead_pid()}-{tag}-another-machine")
+    try:
+        for folder in (dead, alive, elsewhere):
+            (folder / "node" / "held").mkdir(parents=True)
+            (folder / "node" / "held" / "1-0-primary.part").write_bytes(bytes(8))
+        assert dead.name in remove_orphans()
+        assert not dead.exists() and alive.exists() and elsewhere.exists()
+    finally:
+        for folder in (dead, alive, elsewhere):
+            shutil.rmtree(folder, ignore_errors=True)
