@@ -120,12 +120,14 @@ def test_a_memory_budget_too_small_warns_and_trains_durable_only(minimal_referen
 
 
 def test_a_sigkilled_driver_resumes_from_the_newest_durable_step(minimal_reference, tmp_path):
+    before = launch_dirs()
     run_dir = tmp_path / "run"
     proc = start("--hosts", "2", *MINIMAL, *MEMORY[:-2], "--persist-every", "20", "--steps", "200",
                  "--run-dir", str(run_dir), new_session=True)
     wait_for(lambda: last_step(run_dir) >= 45 and 40 in committed_steps(run_dir), 300, "step 45", proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
+    assert launch_dirs() - before, "the killed driver's keepers left their part files"
     wait_for(lambda: not ray_processes_left(run_dir), 60, "the embedded Ray to end with its driver")
     newest = committed_steps(run_dir)[-1]
     resumed = launch("--resume", "--run-dir", str(run_dir))
@@ -133,6 +135,7 @@ def test_a_sigkilled_driver_resumes_from_the_newest_durable_step(minimal_referen
     (restored,) = restores(run_dir)
     assert restored["tier"] == "durable" and restored["step"] == newest and restored["durable_bytes_read"] > 0
     assert trajectory(run_dir) == trajectory(minimal_reference)
+    assert launch_dirs() <= before, "the next launch deleted the part files the killed driver's keepers left"
 
 
 def test_a_job_that_gives_up_first_writes_its_newest_memory_step_durably(minimal_reference, tmp_path):
