@@ -242,6 +242,8 @@ class Keeper:
                 path.unlink(missing_ok=True)
         stale = time.time() - STALE_RECEIVED_S
         for path in self.received.iterdir():
+            if path.name.startswith("."):
+                continue  # still being received: a broken stream deletes its own file
             try:
                 if path.stat().st_mtime < stale:
                     path.unlink(missing_ok=True)

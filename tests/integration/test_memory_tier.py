@@ -22,6 +22,7 @@ from tests.integration.helpers import (
     last_step,
     launch,
     ray_processes_left,
+    read_jsonl,
     start,
     summary,
     trajectory,
@@ -277,3 +278,6 @@ def test_a_host_killed_inside_its_hand_off_loses_nothing_and_leaves_no_file(clus
     assert not events(run_dir, "memory_fallback") and not events(run_dir, "memory_save_refused")
     assert trajectory(run_dir) == trajectory(minimal_reference), "bit for bit"
     assert launch_dirs() <= before, "every part file went with the launch"
+    saves = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "memory_copies" in r]
+    assert len(saves) > 100 and all(r["memory_copies_on_node"] == 1 and r["memory_copies"] == 3 for r in saves), \
+        "each save: the host's write, the replica's send and its receive, nothing more"
