@@ -14,15 +14,11 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 import secrets
 import shutil
-import socket
 import time
-import uuid
 from typing import Any
 
-import psutil
 import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -41,9 +37,7 @@ this only bounds how late the driver says so."""
 class KeeperPool:
     def __init__(self, cfg: CheckpointConfig):
         self.cfg = cfg
-        # The driver's process and machine in the name: a later launch on this machine deletes the files
-        # of a driver that was SIGKILLed (its keepers died unasked).
-        self.launch_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}-{socket.gethostname()}"
+        self.launch_id = tiers.new_launch_id()
         self.secret = secrets.token_hex(16)
         self.keepers: dict[str, Any] = {}
         self.pids: dict[str, int] = {}
@@ -53,7 +47,9 @@ class KeeperPool:
         self.lost: list[str] = []
         """Nodes whose keeper was found gone by the latest `ensure` (lost with their node)."""
         if self.enabled:
-            remove_orphans()
+            removed = tiers.remove_orphans()
+            if removed:
+                log.info("deleted the memory-tier files of launches whose driver died: %s", removed)
 
     @property
     def enabled(self) -> bool:
@@ -170,18 +166,3 @@ class KeeperPool:
         if self.enabled:
             shutil.rmtree(tiers.launch_dir(self.launch_id), ignore_errors=True)
 
-
-def remove_orphans() -> list[str]:
-    """Deletes the part-file folders on this machine of launches whose driver (on this machine) is gone;
-    returns their names."""
-    removed = []
-    for folder in tiers.launch_dir("x").parent.glob("jaxlaunch-*"):
-        parts = folder.name.removeprefix("jaxlaunch-").split("-", 2)
-        if len(parts) != 3 or not parts[0].isdigit() or parts[2] != socket.gethostname():
-            continue  # another machine's driver: not ours to judge
-        if not psutil.pid_exists(int(parts[0])):
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder.name)
-    if removed:
-        log.info("deleted the memory-tier files of %d launch(es) whose driver died: %s", len(removed), removed)
-    return removed

@@ -281,9 +281,7 @@ def test_a_durable_checkpoint_carries_the_grain_position_and_json_values(tmp_pat
 def test_the_files_of_a_driver_that_died_on_this_machine_are_deleted_and_no_others():
     import socket
 
-    from jaxlaunch.launcher.cluster.keepers import remove_orphans
-
-    from jaxlaunch.contract.tiers import launch_dir
+    from jaxlaunch.contract.tiers import launch_dir, remove_orphans
 
     tag = uuid.uuid4().hex[:8]
     dead, alive = launch_dir(f"{psutil_dead_pid()}-{tag}-{socket.gethostname()}"), launch_dir(
