@@ -142,7 +142,7 @@ def write_part(directory: pathlib.Path, name: str, tree: Any, meta: dict[str, An
         for entry, (_, _, value) in zip(entries, live, strict=True):
             f.seek(start + entry.offset)
             # A view of the buffer on CPU (a host copy on an accelerator): the write is the copy.
-            f.write(memoryview(np.ascontiguousarray(np.asarray(value)).reshape(-1).view(np.uint8)))
+            f.write(np.ascontiguousarray(np.asarray(value)).reshape(-1).view(np.uint8).data)
         f.truncate(start + offset)
     os.rename(temporary, directory / name)
     return header
