@@ -393,6 +393,14 @@ def table(results: dict[str, Any]) -> Table:
                   f"{mem['restored_tier']}, {mem['durable_bytes_read']} durable bytes")
         t.add_row("restore from memory / from Orbax", _f(mem["restore_s"], ".3f"), "", _f(dur["restore_s"], ".3f"),
                   _f(m["restore_memory_over_orbax"]), "")
+        if "copies_per_save_on_own_node" in m:
+            t.add_row("copies of a host's part per save, on its own node (target 1)",
+                      _f(m["copies_per_save_on_own_node"], ".0f"), "", "", "",
+                      f"all copies {_f(mem['memory_copies'], '.0f')} (write, replica send and receive; one node "
+                      f"here: no replica); {_f(mem['memory_bytes_per_save'], '.0f')} bytes moved per save")
+            t.add_row("bytes read per host on a 4 -> 2 restore / its new part (target <= 1.5)",
+                      _f(m["restore_4_to_2_bytes_over_new_part"], ".2f"), "", "", "",
+                      f"restored from {m['shrink_4_to_2']['restored_tier']}")
     if "soak" in results:
         s, rec = results["soak"], results["soak"]["recovery_s"]
         t.add_row(f"soak: runs under --chaos {s['job']['chaos_mean_s']:g} equal to an uninterrupted run",

@@ -291,9 +291,8 @@ class HostContext:
                 if record["step"] == step:
                     record["checkpoint_blocking_s"] = blocked
                     record["checkpoint_tier"] = "durable" if durable else "memory"
-                    if in_memory and self._memory is not None and (done := self._memory.newest_copies()):
-                        # The newest save whose hand-off (replica included) is done: the previous one.
-                        record.update(done[1].to_record(), memory_copies_step=done[0])
+                    if in_memory and self._memory is not None:
+                        record.update(self._memory.copies_record())
         loop.cadence.after_save(step, Due(in_memory and saving, durable and saving), memory_s, durable_s, final)
         self._fire_armed()
         return due

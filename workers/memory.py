@@ -148,8 +148,9 @@ class MemoryTier:
             answer: HandOff = ray.get(asked, timeout=KEEPER_CALL_TIMEOUT_S)
         except Exception as err:  # noqa: BLE001 - the step is not committed in memory; durable goes on
             answer = HandOff(f"this node's keeper did not answer ({first_line(err)}); the driver restarts a dead one")
-        self.copies = {s: c for s, c in self.copies.items() if s >= step - 1}
-        self.copies[step] = Copies(nbytes, written=1, sent=answer.sent, received=answer.received)
+        # A new dict, not a change to the one the training thread may be reading.
+        self.copies = {**{s: c for s, c in self.copies.items() if s >= step - 1},
+                       step: Copies(nbytes, written=1, sent=answer.sent, received=answer.received)}
         if answer.refused is not None:
             self._refuse(step, answer.refused)
 
@@ -158,9 +159,14 @@ class MemoryTier:
             self.refused = reason
             log.warning("the memory tier did not hold step %d (%s); the durable tier goes on", step, reason)
 
-    def newest_copies(self) -> tuple[int, Copies] | None:
-        """The newest save whose hand-off is done, with the copies of this host's part it made."""
-        return max(self.copies.items(), default=None)
+    def copies_record(self) -> dict[str, int]:
+        """For a save's metrics: the copies of this host's part that the newest save whose hand-off is
+        done (replica included; the one before the newest save) made, and its step."""
+        copies = self.copies
+        if not copies:
+            return {}
+        step = max(copies)
+        return {**copies[step].to_record(), "memory_copies_step": step}
 
     def handing_off(self) -> bool:
         return self.in_flight is not None and not self.in_flight.done()

@@ -140,7 +140,7 @@ def write_part(directory: pathlib.Path, name: str, tree: Any, meta: dict[str, An
     blob = pickle.dumps(header, protocol=pickle.HIGHEST_PROTOCOL)
     start = _aligned(_PREAMBLE.size + len(blob))
     temporary = directory / f".{name}.tmp"
-    with open(temporary, "wb") as f:
+    with open(temporary, "r+b" if _claim_spare(directory, temporary) else "wb") as f:
         f.write(_PREAMBLE.pack(MAGIC, len(blob)) + blob)
         for entry, (_, _, value) in zip(entries, live, strict=True):
             f.seek(start + entry.offset)
@@ -149,6 +149,18 @@ def write_part(directory: pathlib.Path, name: str, tree: Any, meta: dict[str, An
         f.truncate(start + offset)
     os.rename(temporary, directory / name)
     return header
+
+
+def _claim_spare(directory: pathlib.Path, temporary: pathlib.Path) -> bool:
+    """Takes one of the keeper's spare files (a dropped part's) as `temporary`: a rename, atomic, so
+    two hosts never take the same one."""
+    for spare in directory.glob("spare-*"):
+        try:
+            os.rename(spare, temporary)
+            return True
+        except FileNotFoundError:
+            continue  # another host took it
+    return False
 
 
 class PartFile:

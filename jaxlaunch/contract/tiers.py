@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import os
 import pathlib
+import shutil
+import socket
 import tempfile
+import uuid
 
 SHM_ROOT = pathlib.Path("/dev/shm")
 """Node-local shared memory (tmpfs): a file there outlives the process that wrote it, with no copy."""
@@ -26,6 +30,30 @@ def launch_dir(launch_id: str) -> pathlib.Path:
     (the temporary folder where a system has no /dev/shm)."""
     root = SHM_ROOT if SHM_ROOT.is_dir() else pathlib.Path(tempfile.gettempdir())
     return root / f"jaxlaunch-{launch_id}"
+
+
+def new_launch_id() -> str:
+    """The driver's process and machine, and a random part: a later launch on this machine deletes
+    the files of a driver that was SIGKILLed (its keepers died unasked: `remove_orphans`)."""
+    return f"{os.getpid()}-{uuid.uuid4().hex[:8]}-{socket.gethostname()}"
+
+
+def remove_orphans() -> list[str]:
+    """Deletes the part-file folders on this machine of launches whose driver, on this machine, is
+    gone; returns their names. Another machine's driver is not this one's to judge."""
+    removed = []
+    for folder in launch_dir("any").parent.glob("jaxlaunch-*"):
+        parts = folder.name.removeprefix("jaxlaunch-").split("-", 2)
+        if len(parts) != 3 or not parts[0].isdigit() or parts[2] != socket.gethostname():
+            continue
+        try:
+            os.kill(int(parts[0]), 0)
+        except ProcessLookupError:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder.name)
+        except PermissionError:
+            continue  # alive, another user's
+    return removed
 
 
 class Role(enum.StrEnum):

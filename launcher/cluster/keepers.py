@@ -17,7 +17,6 @@ import logging
 import secrets
 import shutil
 import time
-import uuid
 from typing import Any
 
 import ray
@@ -38,7 +37,7 @@ this only bounds how late the driver says so."""
 class KeeperPool:
     def __init__(self, cfg: CheckpointConfig):
         self.cfg = cfg
-        self.launch_id = uuid.uuid4().hex[:12]
+        self.launch_id = tiers.new_launch_id()
         self.secret = secrets.token_hex(16)
         self.keepers: dict[str, Any] = {}
         self.pids: dict[str, int] = {}
@@ -47,6 +46,10 @@ class KeeperPool:
         self.watched_at = 0.0
         self.lost: list[str] = []
         """Nodes whose keeper was found gone by the latest `ensure` (lost with their node)."""
+        if self.enabled:
+            removed = tiers.remove_orphans()
+            if removed:
+                log.info("deleted the memory-tier files of launches whose driver died: %s", removed)
 
     @property
     def enabled(self) -> bool:
@@ -162,3 +165,4 @@ class KeeperPool:
         theirs to clear: their keepers' `close`.)"""
         if self.enabled:
             shutil.rmtree(tiers.launch_dir(self.launch_id), ignore_errors=True)
+

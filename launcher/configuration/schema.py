@@ -244,6 +244,9 @@ class CheckedJob(pydantic.BaseModel):
             if injection.kind == InjectionKind.KILL_IN_HANDOFF and not job.checkpoint.memory_tier:
                 raise ConfigError(f"--inject {injection}: a hand-off exists only with the memory tier; "
                                   "add --memory-tier")
+            if injection.kind == InjectionKind.KILL_IN_HANDOFF and injection.step % job.checkpoint.save_every:
+                raise ConfigError(f"--inject {injection}: step {injection.step} makes no memory save; "
+                                  f"use a multiple of --save-every ({job.checkpoint.save_every})")
         return self
 
 

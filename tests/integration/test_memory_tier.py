@@ -24,6 +24,7 @@ from tests.integration.helpers import (
     last_step,
     launch,
     ray_processes_left,
+    read_jsonl,
     start,
     summary,
     trajectory,
@@ -123,12 +124,14 @@ def test_a_memory_budget_too_small_warns_and_trains_durable_only(minimal_referen
 
 
 def test_a_sigkilled_driver_resumes_from_the_newest_durable_step(minimal_reference, tmp_path):
+    before = launch_dirs()
     run_dir = tmp_path / "run"
     proc = start("--hosts", "2", *MINIMAL, *MEMORY[:-2], "--persist-every", "20", "--steps", "200",
                  "--run-dir", str(run_dir), new_session=True)
     wait_for(lambda: last_step(run_dir) >= 45 and 40 in committed_steps(run_dir), 300, "step 45", proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
+    assert launch_dirs() - before, "the killed driver's keepers left their part files"
     wait_for(lambda: not ray_processes_left(run_dir), 60, "the embedded Ray to end with its driver")
     newest = committed_steps(run_dir)[-1]
     resumed = launch("--resume", "--run-dir", str(run_dir))
@@ -136,6 +139,7 @@ def test_a_sigkilled_driver_resumes_from_the_newest_durable_step(minimal_referen
     (restored,) = restores(run_dir)
     assert restored["tier"] == "durable" and restored["step"] == newest and restored["durable_bytes_read"] > 0
     assert trajectory(run_dir) == trajectory(minimal_reference)
+    assert launch_dirs() <= before, "the next launch deleted the part files the killed driver's keepers left"
 
 
 def test_a_job_that_gives_up_first_writes_its_newest_memory_step_durably_running_no_user_code(minimal_reference,
@@ -315,3 +319,6 @@ def test_a_host_killed_inside_its_hand_off_loses_nothing_and_leaves_no_file(clus
     assert not events(run_dir, "memory_fallback") and not events(run_dir, "memory_save_refused")
     assert trajectory(run_dir) == trajectory(minimal_reference), "bit for bit"
     assert launch_dirs() <= before, "every part file went with the launch"
+    saves = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "memory_copies" in r]
+    assert len(saves) > 100 and all(r["memory_copies_on_node"] == 1 and r["memory_copies"] == 3 for r in saves), \
+        "each save: the host's write, the replica's send and its receive, nothing more"

@@ -38,6 +38,9 @@ def test_the_built_in_model_is_the_default_entry_with_its_settings_filled_in(tmp
     (dict(config={"learning_rate": float("nan")}), "learning_rate must be a finite number"),
     (dict(chaos=float("nan")), "--chaos must be a finite number"),
     (dict(inject=["kill@step=3,host=9"]), "host 9 does not exist"),
+    (dict(inject=["kill_in_handoff@step=3,host=0"]), "a hand-off exists only with the memory tier; add --memory-tier"),
+    (dict(inject=["kill_in_handoff@step=3,host=0"], memory_tier=True, save_every=2),
+     "step 3 makes no memory save; use a multiple of --save-every (2)"),
     (dict(entry="examples/minimal.py:main", model="small"), "unknown option 'model'; "),
 ])
 def test_bad_settings_are_refused_with_the_fix(tmp_path, changes, message):

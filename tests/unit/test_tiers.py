@@ -4,6 +4,7 @@ shardings, in one process without Ray."""
 import dataclasses
 import os
 import pathlib
+import shutil
 import uuid
 
 import jax
@@ -77,6 +78,15 @@ def put(keeper, step, nbytes, pid=None):
     return name
 
 
+def mine(keeper):
+    """The hosts' files in the keeper's inbox (not its spares)."""
+    return [p for p in keeper.incoming.iterdir() if not p.name.startswith("spare-")]
+
+
+def spare_bytes(keeper):
+    return sum(p.stat().st_size for p in keeper.incoming.glob("spare-*"))
+
+
 def held_files(keeper):
     return sorted(p.name for p in keeper.held_dir.iterdir())
 
@@ -86,15 +96,19 @@ def test_the_keeper_keeps_the_newest_steps_within_its_budget(keeper):
     for step in range(6):
         assert keeper.hold(step, 0, 1, put(keeper, step, 64), None, floor=step - 2).refused is None
     assert sorted({h["step"] for h in keeper.index()}) == [2, 3, 4, 5], "the oldest step made room"
-    assert held_files(keeper) == [f"{s}-0-primary.part" for s in (2, 3, 4, 5)], "a dropped part's file is deleted"
+    assert held_files(keeper) == [f"{s}-0-primary.part" for s in (2, 3, 4, 5)], "dropped: not held"
     assert keeper.hold(1, 0, 1, put(keeper, 1, 64), None).refused == "step 1 is older than the 2 steps held"
     refused = keeper.hold(6, 0, 1, put(keeper, 6, 128), None, floor=4).refused
     assert "over its budget" in refused, refused
     assert sorted({h["step"] for h in keeper.index()}) == [2, 3, 4, 5], "a refused part evicts nothing"
-    assert list(keeper.incoming.iterdir()) == [], "a refused part's file is deleted"
+    assert not mine(keeper), "a refused part's file is deleted"
+    assert spare_bytes(keeper) == 0, "the budget is full: no dropped part's file is kept"
     assert keeper.reserve(0, 1, 10**15) is not None, "a reservation the node cannot hold is refused"
     keeper.forget_after(2)
     assert {h["step"] for h in keeper.index()} == {2} and held_files(keeper) == ["2-0-primary.part"]
+    keeper.hold(3, 0, 1, put(keeper, 3, 64), None, floor=2)
+    assert 0 < spare_bytes(keeper) <= 256 - 2 * 64, "dropped parts' files are kept for reuse, within the budget"
+    keeper.forget_after(2)
     assert keeper.hold(3, 0, 1, put(keeper, 3, 64), None, floor=2).refused is None, "the floor went back with the run"
 
 
@@ -103,7 +117,7 @@ def test_a_keeper_deletes_the_files_of_writers_that_died(keeper):
     put(keeper, 7, 64, pid=dead)
     (keeper.incoming / f".{incoming_name(8, 0, dead)}.tmp").write_bytes(bytes(10))  # killed mid-write
     assert keeper.hold(9, 0, 1, put(keeper, 9, 64), None).refused is None
-    assert list(keeper.incoming.iterdir()) == [], "only a live host's files stay until their hand-off"
+    assert not mine(keeper), "only a live host's files stay until their hand-off"
     assert "is gone" in keeper.hold(10, 0, 1, incoming_name(10, 0, dead), None).refused
 
 
@@ -193,8 +207,9 @@ def test_a_part_file_is_written_once_from_the_device_buffer_and_maps_back_exactl
     x = jax.device_put(jnp.arange(12.0).reshape(4, 3), NamedSharding(mesh_of((2,), ("data",)), PartitionSpec("data")))
     assert all(np.asarray(s.data).ctypes.data == s.data.unsafe_buffer_pointer() for s in x.addressable_shards), \
         "on CPU a shard's numpy array is its buffer: the file write is the one copy"
+    (tmp_path / "spare-1.part").write_bytes(b"\xff" * 10_000)  # a dropped part's file, larger
     header = write_part(tmp_path, "p.part", {"x": x, "s": "plain"}, {"m": 1}, {"e": 2})
-    assert [p.name for p in tmp_path.iterdir()] == ["p.part"], "no temporary file is left"
+    assert [p.name for p in tmp_path.iterdir()] == ["p.part"], "the spare was reused; no temporary file is left"
     part = PartFile(tmp_path / "p.part")
     assert part.header == header and header.nbytes == 48 and header.plain == {"['s']": "plain"}
     assert [np.asarray(part.shard(e)).tolist() for e in header.shards] == [[[0, 1, 2], [3, 4, 5]], [[6, 7, 8],
@@ -261,3 +276,23 @@ def test_a_durable_checkpoint_carries_the_grain_position_and_json_values(tmp_pat
     assert min(rest) == 8, "resumed after the last step saved"
     assert {**first, **rest} == whole, "the same batches, bit for bit"
     assert resumed_best == best
+
+
+def test_the_files_of_a_driver_that_died_on_this_machine_are_deleted_and_no_others():
+    import socket
+
+    from jaxlaunch.contract.tiers import launch_dir, remove_orphans
+
+    tag = uuid.uuid4().hex[:8]
+    dead, alive = launch_dir(f"{psutil_dead_pid()}-{tag}-{socket.gethostname()}"), launch_dir(
+        f"{os.getpid()}-{tag}-{socket.gethostname()}")
+    elsewhere = launch_dir(f"{psutil_dead_pid()}-{tag}-another-machine")
+    try:
+        for folder in (dead, alive, elsewhere):
+            (folder / "node" / "held").mkdir(parents=True)
+            (folder / "node" / "held" / "1-0-primary.part").write_bytes(bytes(8))
+        assert dead.name in remove_orphans()
+        assert not dead.exists() and alive.exists() and elsewhere.exists()
+    finally:
+        for folder in (dead, alive, elsewhere):
+            shutil.rmtree(folder, ignore_errors=True)
