@@ -241,12 +241,18 @@ class CheckedJob(pydantic.BaseModel):
             if injection.host >= job.max_hosts:
                 raise ConfigError(f"--inject {injection}: host {injection.host} does not exist; the job has at most "
                                   f"{job.max_hosts} hosts (0..{job.max_hosts - 1})")
-            if injection.kind == InjectionKind.KILL_IN_HANDOFF and not job.checkpoint.memory_tier:
+            if injection.kind != InjectionKind.KILL_IN_HANDOFF:
+                continue
+            every = job.checkpoint.save_every
+            if not job.checkpoint.memory_tier:
                 raise ConfigError(f"--inject {injection}: a hand-off exists only with the memory tier; "
-                                  "add --memory-tier")
-            if injection.kind == InjectionKind.KILL_IN_HANDOFF and injection.step % job.checkpoint.save_every:
+                                  "drop --no-memory-tier")
+            if every == "auto":
+                raise ConfigError(f"--inject {injection}: with --save-every auto step {injection.step} may make no "
+                                  "memory save; give --save-every a number")
+            if injection.step % every:
                 raise ConfigError(f"--inject {injection}: step {injection.step} makes no memory save; "
-                                  f"use a multiple of --save-every ({job.checkpoint.save_every})")
+                                  f"use a multiple of --save-every ({every})")
         return self
 
 
