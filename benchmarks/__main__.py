@@ -278,6 +278,9 @@ def run_all(quick: bool, work: pathlib.Path, console: Console, out: pathlib.Path
         *([] if quick else [("goodput_under_chaos", lambda: goodput_under_chaos(work, 1500, 60.0))]),
         *([] if quick else [("goodput_under_chaos_memory_tier", lambda: goodput_under_chaos(
             work, 1500, 60.0, "chaos-memory", ("--memory-tier", "--save-every", "1", "--persist-every", "100")))]),
+        # The defaults: the memory tier on, each tier's cadence chosen from its measured cost.
+        *([] if quick else [("goodput_under_chaos_defaults", lambda: goodput_under_chaos(
+            work, 1500, 60.0, "chaos-defaults", ()))]),
         ("node_removed", lambda: memory_tier.elastic(work)),
         *([] if quick else [("soak", lambda: soak.run(work, _cache(work, "soak"), soak_runs, say=console.print))]),
     ]
@@ -372,6 +375,11 @@ def table(results: dict[str, Any]) -> Table:
         t.add_row("goodput under --chaos 60, memory tier every step", _f(g["goodput"], ".3f"), "", "", "",
                   f"{g['failures']} kills in {g['wall_s']:.0f} s; badput "
                   + ", ".join(f"{k} {v:.1%}" for k, v in g["badput_share"].items() if v >= 0.001))
+    if "goodput_under_chaos_defaults" in results:
+        g = results["goodput_under_chaos_defaults"]
+        t.add_row("goodput under --chaos 60, the defaults", _f(g["goodput"], ".3f"), "", "", "",
+                  f"{g['failures']} kills in {g['wall_s']:.0f} s; badput "
+                  + ", ".join(f"{k} {v:.1%}" for k, v in g["badput_share"].items() if v >= 0.001))
     if "node_removed" in results:
         mem, dur = results["node_removed"]["memory"], results["node_removed"]["durable"]
         t.add_row("node removed -> first step on 1 host, memory / Orbax (s)", _f(mem["first_step_on_fewer_hosts_s"]),
@@ -401,6 +409,15 @@ def table(results: dict[str, Any]) -> Table:
             t.add_row("bytes read per host on a 4 -> 2 restore / its new part (target <= 1.5)",
                       _f(m["restore_4_to_2_bytes_over_new_part"], ".2f"), "", "", "",
                       f"restored from {m['shrink_4_to_2']['restored_tier']}")
+        if "defaults" in m:
+            d = m["defaults"]
+            t.add_row("the defaults: steps/s over durable-only / step over never saving",
+                      _f(m["defaults_steps_per_s_over_durable"]), "", "", _f(m["defaults_step_over_normal"]),
+                      f"cadence {[(c['memory_every'], c['durable_every']) for c in d['cadence']]} (memory, durable)")
+            t.add_row("the defaults: host SIGKILL -> first step / Orbax's", _f(d["recovery_s"]), "",
+                      _f(dur["recovery_s"]), _f(ratio(d["recovery_s"], dur["recovery_s"])),
+                      f"recomputed {d['steps_recomputed']} / {dur['steps_recomputed']}; restored from "
+                      f"{d['restored_tier']}")
     if "soak" in results:
         s, rec = results["soak"], results["soak"]["recovery_s"]
         t.add_row(f"soak: runs under --chaos {s['job']['chaos_mean_s']:g} equal to an uninterrupted run",

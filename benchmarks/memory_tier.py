@@ -141,4 +141,5 @@ def node_removed(work: pathlib.Path, name: str, *args: str, hosts: int = 2, min_
 
 def elastic(work: pathlib.Path) -> dict[str, Any]:
     return {"memory": node_removed(work, "memory", "--memory-tier", "--save-every", "1", "--persist-every", "100"),
-            "durable": node_removed(work, "durable", "--no-memory-tier", "--save-every", "10")}
+            "durable": node_removed(work, "durable", "--no-memory-tier", "--save-every", "10"),
+            "defaults": node_removed(work, "defaults")}
