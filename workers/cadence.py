@@ -160,7 +160,11 @@ def broadcast_from_rank_0(values: list[int]) -> list[int]:
 
     if jax.process_count() == 1:
         return list(values)
-    return [int(v) for v in multihost_utils.broadcast_one_to_all(np.array(values, dtype=np.int32))]
+    # 32 bits (JAX without x64), saturated: an interval past 2**31 - 1 steps is never, and an
+    # OverflowError on rank 0 alone would leave the other hosts waiting in the collective.
+    top = np.iinfo(np.int32).max
+    sent = np.array([min(int(v), top) for v in values], dtype=np.int32)
+    return [int(v) for v in multihost_utils.broadcast_one_to_all(sent)]
 
 
 class CommitWatch:

@@ -95,6 +95,9 @@ class Keeper:
         """The newest step every host handed over whole, as the newest part said."""
         self.parts: dict[tuple[int, int, Role], tuple[Held, pathlib.Path]] = {}
         self.maps: dict[pathlib.Path, PartFile] = {}
+        self.sending: set[pathlib.Path] = set()
+        """Part files streaming to a partner now: one dropped meanwhile is deleted, never reused as a
+        spare that a host's next write would overwrite under the stream."""
         self.listener: replica_stream.ReplicaListener | None = None
 
     def ping(self) -> int:
@@ -173,8 +176,13 @@ class Keeper:
         try:
             with self.lock:
                 path = self.parts[(held.step, held.rank, Role.PRIMARY)][1]
-            address = ray.get(replica_to.address.remote(), timeout=REPLICA_TIMEOUT_S)
-            replica_stream.send(tuple(address), self.secret, path, name)
+                self.sending.add(path)
+            try:
+                address = ray.get(replica_to.address.remote(), timeout=REPLICA_TIMEOUT_S)
+                replica_stream.send(tuple(address), self.secret, path, name)
+            finally:
+                with self.lock:
+                    self.sending.discard(path)
             sent = received = 1  # the partner confirmed the whole file
             refused = ray.get(replica_to.hold_replica.remote(held.to_dict(), name, floor), timeout=REPLICA_TIMEOUT_S)
         except KeyError:
@@ -234,6 +242,9 @@ class Keeper:
         here), and that write is the save's blocking time. Spares count in the budget."""
         _, path = self.parts.pop(key)
         self.maps.pop(path, None)  # no reader maps a dropped part: restores end before saves begin
+        if path in self.sending:
+            path.unlink(missing_ok=True)  # the stream reads its open file to the end
+            return
         try:
             os.rename(path, self.incoming / f"{SPARE_PREFIX}{uuid.uuid4().hex}.part")
         except FileNotFoundError:

@@ -26,6 +26,7 @@ from jaxlaunch.workers.keeper import HandOff, first_line, incoming_name
 from jaxlaunch.workers.part_file import Copies, Index, PartFile, PartHeader, is_key, normal, overlap, write_part
 
 from jaxlaunch.contract import tiers
+from jaxlaunch.contract.protocol import KEEPER_HOLD_GROUP
 from jaxlaunch.contract.tiers import Held
 
 log = logging.getLogger(__name__)
@@ -142,7 +143,10 @@ class MemoryTier:
         import ray
 
         try:
-            asked = self.keeper.hold.remote(step, self.rank, self.num_hosts, name, self.replica_to, floor)
+            # In the keepers' hand-off group: a hand-off waits on the partner keeper, whose other
+            # threads must stay free to take the replica (`KEEPER_HOLD_GROUP`).
+            asked = self.keeper.hold.options(concurrency_group=KEEPER_HOLD_GROUP).remote(
+                step, self.rank, self.num_hosts, name, self.replica_to, floor)
             if fault is not None:
                 fault()
             answer: HandOff = ray.get(asked, timeout=KEEPER_CALL_TIMEOUT_S)

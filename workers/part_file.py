@@ -140,14 +140,19 @@ def write_part(directory: pathlib.Path, name: str, tree: Any, meta: dict[str, An
     blob = pickle.dumps(header, protocol=pickle.HIGHEST_PROTOCOL)
     start = _aligned(_PREAMBLE.size + len(blob))
     temporary = directory / f".{name}.tmp"
-    with open(temporary, "r+b" if _claim_spare(directory, temporary) else "wb") as f:
-        f.write(_PREAMBLE.pack(MAGIC, len(blob)) + blob)
-        for entry, (_, _, value) in zip(entries, live, strict=True):
-            f.seek(start + entry.offset)
-            # A view of the buffer on CPU (a host copy on an accelerator): the write is the copy.
-            f.write(np.ascontiguousarray(np.asarray(value)).reshape(-1).view(np.uint8).data)
-        f.truncate(start + offset)
-    os.rename(temporary, directory / name)
+    try:
+        with open(temporary, "r+b" if _claim_spare(directory, temporary) else "wb") as f:
+            f.write(_PREAMBLE.pack(MAGIC, len(blob)) + blob)
+            for entry, (_, _, value) in zip(entries, live, strict=True):
+                f.seek(start + entry.offset)
+                # A view of the buffer on CPU (a host copy on an accelerator): the write is the copy.
+                f.write(np.ascontiguousarray(np.asarray(value)).reshape(-1).view(np.uint8).data)
+            f.truncate(start + offset)
+        os.rename(temporary, directory / name)
+    except BaseException:
+        # A full tmpfs or a shard that would not convert: no part-sized leftover under a new name each step.
+        temporary.unlink(missing_ok=True)
+        raise
     return header
 
 

@@ -70,6 +70,9 @@ class ReplicaListener:
             with open(temporary, "w+b") as f:
                 f.truncate(nbytes)
                 if nbytes:
+                    # The pages up front: writing into a mapping of a sparse file on a full tmpfs
+                    # kills the process with SIGBUS, while this fails with ENOSPC, a refused replica.
+                    os.posix_fallocate(f.fileno(), 0, nbytes)
                     with mmap.mmap(f.fileno(), nbytes) as target:
                         view, done = memoryview(target), 0
                         try:

@@ -443,7 +443,13 @@ process manager starts a program it never imports for its own use)."""
 KEEPER_PROGRAM = "jaxlaunch.workers.keeper:Keeper"
 """The memory tier's keeper, one per node, which the driver starts by this name as a Ray actor."""
 KEEPER_CONCURRENCY = 4
-"""Calls a keeper serves at once: hosts' hand-offs, replicas from other keepers, index and fetches."""
+"""Calls a keeper serves at once besides hand-offs: replicas from other keepers, index, reads, pings."""
+KEEPER_HOLD_GROUP = "hold"
+"""The keeper's concurrency group for hosts' hand-offs (`Keeper.hold`), which wait on another node's
+keeper: in a group of their own, they never take the threads that keeper's own `hold_replica` and
+`address` need, so two nodes' keepers cannot wait on each other, however many hosts a node runs."""
+KEEPER_HOLDS = 16
+"""Hand-offs a keeper serves at once (one per host of its node at most is in flight; more queue)."""
 MONITOR_GROUP = "monitor"
 """The host actor's concurrency group for polls, stop requests and stack dumps, answered while
 training runs."""

@@ -23,7 +23,13 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from jaxlaunch.contract import events, tiers
-from jaxlaunch.contract.protocol import KEEPER_CONCURRENCY, KEEPER_PROGRAM, CheckpointConfig
+from jaxlaunch.contract.protocol import (
+    KEEPER_CONCURRENCY,
+    KEEPER_HOLD_GROUP,
+    KEEPER_HOLDS,
+    KEEPER_PROGRAM,
+    CheckpointConfig,
+)
 
 log = logging.getLogger(__name__)
 KEEPER_START_TIMEOUT_S = 60.0
@@ -62,7 +68,9 @@ class KeeperPool:
             return {}
         self._drop_dead()
         module, _, name = KEEPER_PROGRAM.partition(":")
-        remote_cls = ray.remote(getattr(importlib.import_module(module), name))
+        # Ray's overloads of ray.remote omit the actor option concurrency_groups, which it documents and takes.
+        remote_cls = ray.remote(concurrency_groups={KEEPER_HOLD_GROUP: KEEPER_HOLDS})(  # type: ignore[call-overload]
+            getattr(importlib.import_module(module), name))
         budget = int(self.cfg.memory_budget_mb * 1e6) if self.cfg.memory_budget_mb is not None else None
         started = {}
         for node in dict.fromkeys(nodes):
