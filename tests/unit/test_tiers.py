@@ -112,6 +112,31 @@ def test_the_keeper_keeps_the_newest_steps_within_its_budget(keeper):
     assert keeper.hold(3, 0, 1, put(keeper, 3, 64), None, floor=2).refused is None, "the floor went back with the run"
 
 
+def test_a_part_dropped_while_it_streams_to_its_replica_is_never_reused_under_the_stream(keeper):
+    """A host's next write reuses a dropped part's file as a spare; one still streaming to the partner
+    keeper would be overwritten under the stream, and the replica would hold another step's bytes."""
+    assert keeper.hold(1, 0, 1, put(keeper, 1, 64), None, floor=0).refused is None
+    streaming = keeper.parts[(1, 0, Role.PRIMARY)][1]
+    keeper.sending.add(streaming)  # as _replicate marks it while the stream reads it
+    with open(streaming, "rb") as stream:  # the sender's open file
+        keeper.forget_after(0)
+        assert not streaming.exists() and spare_bytes(keeper) == 0, "deleted, not made a spare"
+        assert stream.read() == bytes(64), "the stream still reads the whole part"
+
+
+def test_a_failed_part_write_leaves_no_file(tmp_path, monkeypatch):
+    """A write that fails mid-file (a full tmpfs): no part-sized leftover under a new name each step."""
+    from jaxlaunch.workers import part_file
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(part_file.np, "ascontiguousarray", full)
+    with pytest.raises(OSError, match="No space left"):
+        write_part(tmp_path, "p.part", {"x": jnp.arange(3.0)}, {}, {})
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_keeper_deletes_the_files_of_writers_that_died(keeper):
     dead = psutil_dead_pid()
     put(keeper, 7, 64, pid=dead)
