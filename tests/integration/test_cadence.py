@@ -4,7 +4,6 @@ fed by the hosts' reports (never by listing the run directory)."""
 from __future__ import annotations
 
 import math
-import os
 import uuid
 
 from jaxlaunch.launcher.records.runs import RunDir
@@ -45,32 +44,25 @@ def test_the_defaults_choose_a_cadence_from_measurements_and_a_killed_host_resto
     assert "mem ·" in result.stdout and "disk" in result.stdout, "the progress line shows both tiers"
 
 
-def test_a_run_with_the_memory_tier_lists_its_checkpoints_no_more_than_once_per_durable_save():
+def test_a_run_with_the_memory_tier_lists_its_checkpoints_no_more_than_once_per_durable_save(monkeypatch):
     """On an object store every listing is a paid request: between its first step and its end, the
     run lists the checkpoint folder at most once per durable save (the progress line hears the
     commits from the hosts), counted at the S3 emulator."""
     with s3() as emulator:
         bucket = f"jaxlaunch-{uuid.uuid4().hex[:12]}"
         emulator.create_bucket(bucket)
-        old = {k: os.environ.get(k) for k in emulator.env}
-        os.environ.update(emulator.env)
-        try:
-            run_url = f"s3://{bucket}/runs/lm"
-            result = launch("--hosts", "2", *MINIMAL, "--steps", "400", "--persist-every", "100",
-                            "--run-dir", run_url, env=emulator.env)
-            assert result.returncode == 0, result.stdout + result.stderr
-            run = RunDir(run_url)
-            timeline = [e for e in run.events() if isinstance(e, ev.StartupTimeline)]
-            trained_from = min(e.first_step_done for e in timeline if e.first_step_done is not None)
-            trained_until = max(e.time for e in run.events() if isinstance(e, ev.FinalSave))
-            lists = [r for r in emulator.requests if r.lists("runs/lm/checkpoints")
-                     and trained_from <= r.time <= trained_until]
-            durable = [r["step"] for r in run.metric_records() if r.get("checkpoint_tier") == "durable"]
-            assert durable == [100, 200, 300, 400], durable
-            assert len(lists) <= len(durable), [(r.time - trained_from, r.query) for r in lists]
-        finally:
-            for key, value in old.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
+        for key, value in emulator.env.items():
+            monkeypatch.setenv(key, value)  # for this process's readers of the run (RunDir)
+        run_url = f"s3://{bucket}/runs/lm"
+        result = launch("--hosts", "2", *MINIMAL, "--steps", "400", "--persist-every", "100",
+                        "--run-dir", run_url, env=emulator.env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        run = RunDir(run_url)
+        timeline = [e for e in run.events() if isinstance(e, ev.StartupTimeline)]
+        trained_from = min(e.first_step_done for e in timeline if e.first_step_done is not None)
+        trained_until = max(e.time for e in run.events() if isinstance(e, ev.FinalSave))
+        lists = [r for r in emulator.requests if r.lists("runs/lm/checkpoints")
+                 and trained_from <= r.time <= trained_until]
+        durable = [r["step"] for r in run.metric_records() if r.get("checkpoint_tier") == "durable"]
+        assert durable == [100, 200, 300, 400], durable
+        assert len(lists) <= len(durable), [(r.time - trained_from, r.query) for r in lists]
