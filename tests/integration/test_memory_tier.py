@@ -2,6 +2,7 @@
 replica on another node, Orbax behind it. Each restore says which tier it read."""
 
 import os
+import pathlib
 import signal
 
 import psutil
@@ -124,14 +125,13 @@ def test_a_memory_budget_too_small_warns_and_trains_durable_only(minimal_referen
 
 
 def test_a_sigkilled_driver_resumes_from_the_newest_durable_step(minimal_reference, tmp_path):
-    before = launch_dirs()
     run_dir = tmp_path / "run"
     proc = start("--hosts", "2", *MINIMAL, *MEMORY[:-2], "--persist-every", "20", "--steps", "200",
                  "--run-dir", str(run_dir), new_session=True)
     wait_for(lambda: last_step(run_dir) >= 45 and 40 in committed_steps(run_dir), 300, "step 45", proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
-    assert launch_dirs() - before, "the killed driver's keepers left their part files"
+    assert launch_dirs(run_dir), "the killed driver's keepers left their part files"
     wait_for(lambda: not ray_processes_left(run_dir), 60, "the embedded Ray to end with its driver")
     newest = committed_steps(run_dir)[-1]
     resumed = launch("--resume", "--run-dir", str(run_dir))
@@ -139,7 +139,7 @@ def test_a_sigkilled_driver_resumes_from_the_newest_durable_step(minimal_referen
     (restored,) = restores(run_dir)
     assert restored["tier"] == "durable" and restored["step"] == newest and restored["durable_bytes_read"] > 0
     assert trajectory(run_dir) == trajectory(minimal_reference)
-    assert launch_dirs() <= before, "the next launch deleted the part files the killed driver's keepers left"
+    assert not launch_dirs(run_dir), "the next launch deleted the part files the killed driver's keepers left"
 
 
 def test_a_job_that_gives_up_first_writes_its_newest_memory_step_durably_running_no_user_code(minimal_reference,
@@ -283,9 +283,11 @@ def test_a_grain_pipeline_resumes_its_position_exactly_after_a_kill(tmp_path):
     assert summary(killed)["returned"] == summary(reference)["returned"], "the best-loss tracker came back too"
 
 
-def launch_dirs():
-    """The memory tier's folders in this machine's shared memory, of every launch."""
-    return set(launch_dir("any").parent.glob("jaxlaunch-*"))
+def launch_dirs(run_dir: pathlib.Path) -> set[pathlib.Path]:
+    """The memory tier's folders in this machine's shared memory of the run's launches (a launch's
+    folder is named after its driver's process; other launches on the machine are not this test's)."""
+    drivers = {str(e["pid"]) for e in events(run_dir, "launch")}
+    return {d for d in launch_dir("any").parent.glob("jaxlaunch-*") if d.name.split("-")[1] in drivers}
 
 
 @pytest.mark.soak
@@ -296,7 +298,6 @@ def test_a_host_killed_inside_its_hand_off_loses_nothing_and_leaves_no_file(clus
     the part and its replica or not, the restore is whole, from memory, step 74 or 75 (nothing committed
     is lost), the losses are the uninterrupted run's, and no part file outlives the launch
     (`--soak 5` runs it 5 times in a row)."""
-    before = launch_dirs()
     for _ in range(2):
         cluster.add_node(num_cpus=1)
     cluster.wait_for_nodes()
@@ -304,7 +305,7 @@ def test_a_host_killed_inside_its_hand_off_loses_nothing_and_leaves_no_file(clus
     proc = start("--config", str(cluster_config(tmp_path, cluster)), "--hosts", "2", *MINIMAL, *MEMORY,
                  "--inject", "kill_in_handoff@step=75,host=1", "--run-dir", str(run_dir))
     try:
-        wait_for(lambda: any(list(d.glob("*/held/*.part")) for d in launch_dirs() - before), 300,
+        wait_for(lambda: any(list(d.glob("*/held/*.part")) for d in launch_dirs(run_dir)), 300,
                  "part files in shared memory", proc)
         out, err = proc.communicate(timeout=400)
     finally:
@@ -318,7 +319,7 @@ def test_a_host_killed_inside_its_hand_off_loses_nothing_and_leaves_no_file(clus
     assert 74 <= restored["step"] <= 75, restored
     assert not events(run_dir, "memory_fallback") and not events(run_dir, "memory_save_refused")
     assert trajectory(run_dir) == trajectory(minimal_reference), "bit for bit"
-    assert launch_dirs() <= before, "every part file went with the launch"
+    assert not launch_dirs(run_dir), "every part file went with the launch"
     saves = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "memory_copies" in r]
     assert len(saves) > 100 and all(r["memory_copies_on_node"] == 1 and r["memory_copies"] == 3 for r in saves), \
         "each save: the host's write, the replica's send and its receive, nothing more"

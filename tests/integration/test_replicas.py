@@ -38,7 +38,12 @@ def test_a_flipped_bit_names_its_host_and_the_job_restores_a_verified_step(tmp_p
     assert mismatch["step"] == 35, "found at the first check after the flip"
     [started, again] = events(run_dir, "attempt_started")
     assert mismatch["nodes"][FLIPPED_HOST] == started["nodes"][FLIPPED_HOST]
-    [kept] = events(run_dir, "host_replacement")
+    replacements = events(run_dir, "host_replacement")
+    # On a loaded machine a host may also be named a straggler (4 hosts on 2 cores); that is its own
+    # event, with its own straggler record. The dissenter is recorded once.
+    [kept] = [e for e in replacements if e["reason"] == "replica_mismatch"]
+    stragglers = {(e["attempt"], e["host"]) for e in events(run_dir, "straggler")}
+    assert all((e["attempt"], e["host"]) in stragglers for e in replacements if e is not kept), replacements
     assert (kept["host"], kept["reason"], kept["avoided"]) == (FLIPPED_HOST, "replica_mismatch", False), kept
     assert kept["node"] in again["nodes"] and f"host {FLIPPED_HOST} is not replaced" in out
     assert mismatch["restore_from"] == 30
