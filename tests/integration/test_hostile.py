@@ -40,18 +40,23 @@ def assert_refused(result, message: str):
 
 
 def test_a_second_launch_on_a_busy_run_directory_is_refused_naming_the_first(tmp_path):
+    """The first launch trains until the test stops it (a finite one could finish while the second
+    starts on a loaded machine, and the second would then rightly resume it)."""
     run_dir = tmp_path / "run"
-    first = start("--hosts", "2", *MINIMAL, "--steps", "400", "--save-every", "50", "--run-dir", str(run_dir))
+    first = start("--hosts", "2", *MINIMAL, "--steps", "1000000", "--save-every", "50", "--run-dir", str(run_dir))
     try:
         wait_for(lambda: last_step(run_dir) >= 1, 300, "the first launch's first step", first)
         second = launch("--resume", "--hosts", "2", *MINIMAL, "--run-dir", str(run_dir))
         assert_refused(second, f"is in use by the launch of pid {first.pid} on")
+        first.send_signal(signal.SIGTERM)
         out, err = first.communicate(timeout=300)
     finally:
         if first.poll() is None:
             first.kill()
-    assert first.returncode == 0, out + err
-    assert sorted(trajectory(run_dir)) == list(range(1, 401)) and len(events(run_dir, "launch")) == 1
+    assert first.returncode == 143, out + err
+    steps = sorted(trajectory(run_dir))
+    assert steps == list(range(1, steps[-1] + 1)), "the first launch went on undisturbed"
+    assert committed_steps(run_dir)[-1] == steps[-1] and len(events(run_dir, "launch")) == 1
     assert not (run_dir / ".lock").exists(), "released at the end"
 
 
