@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from jaxlaunch.contract import events
 from jaxlaunch.contract.protocol import CheckpointConfig
-from jaxlaunch.contract.schedule import Cadence, CadenceRule, Due, Measured, SaveSchedule
+from jaxlaunch.contract.schedule import Cadence, CadenceRule, Due, Floor, Measured, SaveSchedule, moved
 
 if TYPE_CHECKING:
     from jaxlaunch.workers.memory import MemoryTier
@@ -63,6 +63,8 @@ class SaveCadence:
         self._memory_warm = False
         """This attempt's first memory save was made (its cost, a set-up's, is not counted)."""
         self.chosen: tuple[Measured, Cadence] | None = None
+        self.floor: Floor = (0, 0)
+        """Rank 0's: per tier, the interval its saves were found over their share at (`CadenceRule.choose`)."""
         """Rank 0's: the measurements the cadence in force was chosen from, and the cadence."""
         fixed = self.rule.fixed
         if fixed is not None:
@@ -127,10 +129,15 @@ class SaveCadence:
             now = dataclasses.replace(now, memory_blocking_s=_first(now.memory_blocking_s, before.memory_blocking_s),
                                       durable_blocking_s=_first(now.durable_blocking_s, before.durable_blocking_s))
         next_check = step + max(1, math.ceil(CHECK_EVERY_S / now.step_time_s)) if now.step_time_s > 0 else step + 1
-        why = "the attempt started" if self.chosen is None else self.rule.rechoose(*self.chosen, now)
+        why = "the attempt started" if self.chosen is None else self.rule.rechoose(*self.chosen, now, self.floor)
         if why is None:
             return [0, 0, 0, next_check], None
-        cadence = self.rule.choose(now)
+        if self.chosen is not None:
+            # An interval found over its share is not chosen again (no see-saw), until the steps change.
+            over = self.rule.over_share(self.chosen[1], now)
+            self.floor = (0, 0) if moved(self.chosen[0].step_time_s, now.step_time_s) else \
+                (max(self.floor[0], over[0]), max(self.floor[1], over[1]))
+        cadence = self.rule.choose(now, self.floor)
         unchanged = self.chosen is not None and self.chosen[1].intervals == cadence.intervals
         self.chosen = (now, cadence)
         if unchanged and not why.startswith("Orbax"):

@@ -30,22 +30,19 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jaxlaunch.workers import batch as batch_lib
 from jaxlaunch.workers import extras
-from jaxlaunch.workers.cadence import CommitWatch, Due, SaveCadence, given
-from jaxlaunch.workers.checkpoint import Checkpointer
 from jaxlaunch.workers.faults import FaultHook
-from jaxlaunch.workers.memory import MemoryTier, part_nbytes
+from jaxlaunch.workers.memory import part_nbytes
 from jaxlaunch.workers.progress import HostProgress
 from jaxlaunch.workers.replica_sums import PendingChecksums, flip_bit
 from jaxlaunch.workers.sharding import Rules
 from jaxlaunch.workers.state import Shardings, StateLayout, largest_array
 from jaxlaunch.workers.step_clock import StepClock
 from jaxlaunch.workers.stops import DriverStop
-from jaxlaunch.workers.tiered import TierRestore, restore_newest
+from jaxlaunch.workers.tiered import Saved, TierRestore, Tiers
 
 from jaxlaunch.contract import data_order, events
 from jaxlaunch.contract.layout import RunLayout
 from jaxlaunch.contract.protocol import Ending, HostResult, HostSpec, Phase
-from jaxlaunch.contract.storage import short_of_space
 
 log = logging.getLogger(__name__)
 CARRIED_RECORDS = 256
@@ -57,15 +54,14 @@ class _Loop:
     """What `restore_or_init` sets up for the training loop."""
 
     layout: StateLayout
-    checkpointer: Checkpointer
+    tiers: Tiers
+    """Both checkpoint tiers: which one a step saves to, the saves, the commits."""
     start_step: int
     """The step the state was restored at (0: a fresh state)."""
     last_step: int
     """The newest step reported (or the start step)."""
     step_clock: StepClock
     """Each step's own time, from the readbacks of its result and the previous step's."""
-    cadence: SaveCadence
-    commits: CommitWatch
 
 
 class HostContext:
@@ -106,9 +102,7 @@ class HostContext:
         self._saved_step: int | None = None
         self._stopped_at: int | None = None
         self._armed: int | None = None
-        self._memory: MemoryTier | None = None
         self._extra: dict[str, Any] = {}
-        self._refusal_told = False
         self._risk_told = False
         self._faults = FaultHook(spec.injections, spec.rank, spec.attempt, self._run, self._saving)
         self._checks: list[PendingChecksums] = []
@@ -139,15 +133,8 @@ class HostContext:
             raise RuntimeError("ctx.restore_or_init was called twice: call it once, before the training loop")
         self._progress.enter(Phase.RESTORING)
         layout = StateLayout.of(init, self.mesh, rules, shardings)
-        spec = self._spec
-        checkpointer = Checkpointer(self._run.checkpoints, spec.checkpoint, spec.expect_checkpoint,
-                                    spec.newest_restorable)
-        checkpointer.checkpoint_bytes = layout.num_bytes()
-        self._warn_if_disk_is_short(checkpointer, layout)
-        self._memory = self._start_memory_tier(layout)
-        # After a replica mismatch the memory tier may hold the corrupt copy: only verified durable steps serve.
-        memory = self._memory if spec.newest_restorable is None else None
-        restored = restore_newest(checkpointer, memory, layout, self._progress)
+        tiers = Tiers(self._spec, self._run, layout, self._progress, self.process_index, self.process_count)
+        restored = tiers.restore()
         self._extra = dict(extra or {})
         if restored is None:
             state, step = layout.materialize(init), 0
@@ -169,28 +156,12 @@ class HostContext:
                 array=path, sharding=str(sharding),
                 shard_shape=list(array.addressable_shards[0].data.shape)))
             log.info("restored step %d from %s in %.2f s", step, restored.tier, restored.seconds)
-        if self._memory is not None:
-            self._memory.forget_after(step)
         self._progress.step_done(step)
         self._progress.enter(Phase.COMPILING)
-        cadence = SaveCadence(spec.checkpoint, self._memory is not None, self.process_index, step, self._progress.event)
-        self._loop = _Loop(layout, checkpointer, step, step, StepClock(self._clock), cadence,
-                           CommitWatch(self._memory, checkpointer.is_saving, self.process_index))
+        self._loop = _Loop(layout, tiers, step, step, StepClock(self._clock))
         if extra is None:
             return layout.merge(state), step
         return layout.merge(state), step, self._extra
-
-    def _start_memory_tier(self, layout: StateLayout) -> MemoryTier | None:
-        """The memory tier for this attempt, if it is on and every node's keeper can hold it."""
-        spec = self._spec
-        if not (spec.checkpoint.memory_tier and spec.keepers):
-            return None
-        memory = MemoryTier(spec.keepers, self.process_index, self.process_count, spec.lost_keepers)
-        refused = memory.reserve(part_nbytes(layout.targets()))
-        if refused is not None:
-            log.warning("memory tier off: %s", refused)
-            self._progress.event(events.MemoryTierOff(reason=refused, save_every=given(spec.checkpoint.save_every)))
-        return memory if memory.active else None
 
     def _note_data_order(self, restored: TierRestore) -> None:
         saved_hosts = (restored.meta.get("topology") or {}).get("num_hosts")
@@ -200,11 +171,6 @@ class HostContext:
                         changed, saved_hosts, self.process_count)
             self._progress.event(events.DataOrderChanged(keys=changed, old_hosts=saved_hosts,
                                                          new_hosts=self.process_count, step=restored.step))
-
-    def _warn_if_disk_is_short(self, checkpointer: Checkpointer, layout: StateLayout) -> None:
-        short = short_of_space(checkpointer.directory, layout.num_bytes(), self._spec.checkpoint.max_to_keep + 1)
-        if self.process_index == 0 and short is not None:
-            self._progress.event(events.LowDiskSpace(**dataclasses.asdict(short)))
 
     # -- the loop --------------------------------------------------------------------------------
     def report(self, step: int, **metrics: Any) -> None:
@@ -235,7 +201,7 @@ class HostContext:
             self._progress.event(events.StartupTimeline.from_dict({**self._progress.timeline,
                                                                    "first_step_done": time.time()}))
         self._armed = step
-        self._progress.committed(loop.commits.done())
+        self._progress.committed(loop.tiers.committed())
 
     def maybe_save(self, step: int, state: Any, extra: dict[str, Any] | None = None) -> bool:
         """Saves `state` (in the form restore_or_init returned it) when a save is due: at the cadence
@@ -247,15 +213,14 @@ class HostContext:
         loop = self._require_state("maybe_save")
         if extra is not None:
             self._extra = dict(extra)
-        final = self._stop_agreed(step, loop.checkpointer) or step == self.steps
-        tiers = loop.cadence.due(step, final)
-        in_memory, durable, due = tiers.memory and self._memory is not None, tiers.durable, tiers.any
-        saving = due and self._saved_step != step
-        memory_s = durable_s = None
+        final = self._stop_agreed(step, loop.tiers) or step == self.steps
+        due = loop.tiers.due(step, final)
+        saving = due.any and self._saved_step != step
         if saving:
             self._read_back(upto=step)  # the save waits for this step anyway: its time is its own
             self._progress.enter(Phase.SAVING)  # the replica check below is the save's work, not a hang
-        self._check_replicas(step, state, due)
+        self._check_replicas(step, state, due.any)
+        saved: Saved | None = None
         if saving:
             tree = loop.layout.split(state)
             self._flush_metrics(before=step)
@@ -266,19 +231,8 @@ class HostContext:
             mine = extras.snapshot(self._extra)
             meta = {**self._meta(step), "records": records[-CARRIED_RECORDS:], "shared_extra": extras.shared(mine)}
             self._warn_of_data_order_risk()
-            started = time.perf_counter()
-            if in_memory and self._memory is not None:
-                self._memory.save(step, tree, meta, mine, fault=self._faults.in_handoff(step))
-                memory_s = time.perf_counter() - started
-            if durable:
-                meta["extra"] = extras.gather(mine) if self._extra else []
-                durable_s = loop.checkpointer.save(step, tree, meta)
-            blocked = time.perf_counter() - started
-            loop.commits.started(step, Due(in_memory, durable))
-            if self._memory is not None and self._memory.refused and not self._refusal_told:
-                self._refusal_told = True
-                self._progress.event(events.MemorySaveRefused(step=step, reason=self._memory.refused))
-            if durable and self._memory is None:
+            saved = loop.tiers.save(step, tree, meta, mine, due, fault=self._faults.in_handoff(step))
+            if due.durable and not loop.tiers.memory_on:
                 self._unsaved, self._carried = [], step  # the next checkpoint carries the records after these
             # With the memory tier, its parts carry the newest records whatever the durable tier
             # holds: a restore from memory reads no durable records, and must bring back all a lost
@@ -289,20 +243,17 @@ class HostContext:
             self._saved_step = step
             for record in self._pending:
                 if record["step"] == step:
-                    record["checkpoint_blocking_s"] = blocked
-                    record["checkpoint_tier"] = "durable" if durable else "memory"
-                    if in_memory and self._memory is not None:
-                        record.update(self._memory.copies_record())
-        loop.cadence.after_save(step, Due(in_memory and saving, durable and saving), memory_s, durable_s, final)
+                    record.update(saved.record)
+        loop.tiers.after(step, saved, final)
         self._fire_armed()
-        return due
+        return due.any
 
     def should_stop(self, step: int) -> bool:
         """True on every host at one and the same step after a preemption notice, a stop request or
         a resize, once `maybe_save` saved that step: the function should then return."""
         loop = self._require_state("should_stop")
         self._fire_armed()
-        stop = self._stop_agreed(step, loop.checkpointer)
+        stop = self._stop_agreed(step, loop.tiers)
         if stop:
             if self._saved_step != step:
                 log.warning("should_stop(%d) is True but maybe_save(%d, state) was not called first: the state "
@@ -356,20 +307,18 @@ class HostContext:
             raise RuntimeError(f"ctx.{method} before ctx.restore_or_init: build or restore the state first")
         return self._loop
 
-    def _stop_agreed(self, step: int, checkpointer: Checkpointer) -> bool:
+    def _stop_agreed(self, step: int, tiers: Tiers) -> bool:
         """Asked once per step: the step the driver agreed with every host (a resize, a stop the user
         asked for), or JAX's preemption sync point (after a SIGTERM from outside reached any host,
         every host answers True at the same step)."""
         if self._stop_checked is None or self._stop_checked[0] != step:
-            stop = self._driver_stop.reached(step) or bool(checkpointer.reached_preemption(step))
+            stop = self._driver_stop.reached(step) or tiers.reached_preemption(step)
             self._stop_checked = (step, stop)
         return self._stop_checked[1]
 
     def _saving(self) -> bool:
         """Whether a save is under way: Orbax's in the background, or a memory part's hand-off."""
-        if self._memory is not None and self._memory.handing_off():
-            return True
-        return self._loop is not None and self._loop.checkpointer.is_saving()
+        return self._loop is not None and self._loop.tiers.saving()
 
     def _fire_armed(self) -> None:
         if self._armed is not None:
@@ -391,7 +340,7 @@ class HostContext:
             if timing is None:
                 continue
             record["busy_s"], record["blocked_s"] = timing.busy_s, timing.blocked_s
-            self._loop.cadence.step_time(timing.step_time_s)
+            self._loop.tiers.step_time(timing.step_time_s)
             self._progress.busy(record["step"], timing.busy_s)
             self._faults.observe_busy(timing.busy_s)
             if "tokens" in record and timing.step_time_s > 0:
@@ -433,11 +382,7 @@ class HostContext:
         if self._loop is not None:
             self._progress.enter(Phase.SAVING)
             started = time.perf_counter()
-            if self._memory is not None:
-                self._memory.close()
-            self._loop.checkpointer.wait()
-            self._progress.committed(self._loop.commits.done())
-            self._loop.checkpointer.close()
+            self._loop.tiers.finish()
             self._progress.event(events.FinalSave(seconds=time.perf_counter() - started))
         return self._done(Ending.STOPPED if self._stopped_at is not None else Ending.COMPLETED,
                           self._loop.last_step if self._loop is not None else None, _json_value(returned))

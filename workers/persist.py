@@ -24,13 +24,13 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from jaxlaunch.workers import extras
 from jaxlaunch.workers.checkpoint import Checkpointer
 from jaxlaunch.workers.memory import MemoryTier
 from jaxlaunch.workers.part_file import ArrayEntry, Index, PartHeader
 from jaxlaunch.workers.progress import HostProgress
+from jaxlaunch.workers.tiered import durable_meta
 
-from jaxlaunch.contract import data_order, events
+from jaxlaunch.contract import data_order, events, tiers
 from jaxlaunch.contract.layout import RunLayout
 from jaxlaunch.contract.protocol import Ending, HostResult, HostSpec, Phase
 
@@ -53,7 +53,7 @@ def write_newest(spec: HostSpec, mesh: Mesh, progress: HostProgress) -> HostResu
         durable = checkpointer.steps_from_rank_0()
         held = memory.held()
         step = memory.newest_step(held)
-        if step is None or (durable and step <= durable[0]):
+        if step is None or not tiers.memory_serves(step, durable) or step in durable:
             log.info("memory holds no step newer than durable step %s: nothing to write", durable[:1])
         else:
             restored = memory.restore(step, held, lambda part: saved_targets(part, mesh))
@@ -69,8 +69,7 @@ def write_newest(spec: HostSpec, mesh: Mesh, progress: HostProgress) -> HostResu
             started = time.perf_counter()
             # What a durable save of this step carries: rank 0's metadata (records, topology, the
             # shared non-array state) and every host's own non-array state.
-            meta = {**restored.meta, "extra": extras.gather(restored.extra) if restored.extra else []}
-            checkpointer.save(step, restored.state, meta)
+            checkpointer.save(step, restored.state, durable_meta(restored.meta, restored.extra))
             checkpointer.wait()
             progress.event(events.FinalSave(seconds=time.perf_counter() - started))
             log.info("wrote memory step %d durably", step)

@@ -1,21 +1,169 @@
-"""Restore from the newest complete step of either tier: host memory (`jaxlaunch.workers.memory`)
-or Orbax in the run directory (`jaxlaunch.workers.checkpoint`). Memory wins when its newest committed
-step is at least the newest durable one; any reason memory cannot serve is an event, and the durable
-tier serves instead, from its newest readable step."""
+"""Both checkpoint tiers of one host, owned in one place (`Tiers`): host memory
+(`jaxlaunch.workers.memory`, part files that node-local keepers hold and replicate) and Orbax in the
+run directory (`jaxlaunch.workers.checkpoint`). The owner decides which tier a step saves to (the
+cadence every host agrees on, `jaxlaunch.workers.cadence`), saves, restores the newest complete step
+of either tier with its fallbacks, and says which saves committed. The commit rule itself is pure, in
+`jaxlaunch.contract.tiers`; the give-up persist (`jaxlaunch.workers.persist`) writes what the memory
+tier holds through the same rule and the same durable metadata (`durable_meta`).
+
+Restore: memory wins when its newest committed step is at least the newest durable one
+(`tiers.memory_serves`); any reason memory cannot serve is an event, and the durable tier serves
+instead, from its newest readable step."""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
+import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
 from jaxlaunch.workers import extras
+from jaxlaunch.workers.cadence import CommitWatch, Due, SaveCadence, given
 from jaxlaunch.workers.checkpoint import Checkpointer
-from jaxlaunch.workers.memory import MemoryTier, any_host
+from jaxlaunch.workers.memory import MemoryTier, any_host, part_nbytes
 from jaxlaunch.workers.progress import HostProgress
 from jaxlaunch.workers.state import StateLayout
 
 from jaxlaunch.contract import events, tiers
+from jaxlaunch.contract.layout import RunLayout
+from jaxlaunch.contract.protocol import HostSpec
+from jaxlaunch.contract.storage import short_of_space
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Saved:
+    """What one step's save did: the tiers it wrote, how long it blocked the loop in all and per
+    tier, and the fields it adds to the step's metrics record."""
+
+    tiers: Due
+    blocked_s: float
+    memory_s: float | None
+    durable_s: float | None
+    record: dict[str, Any]
+
+
+class Tiers:
+    """This host's checkpoint tiers for one attempt. Made by `restore_or_init` once the state's
+    layout is known: `restore()` once, then per step `due`, `save` (at a due step) and `after`, and
+    `finish()` at the end. The memory tier is on when the job asks for it and every node's keeper can
+    hold this host's part; a restore after a replica mismatch reads only verified durable steps."""
+
+    def __init__(self, spec: HostSpec, run: RunLayout, layout: StateLayout, progress: HostProgress, rank: int,
+                 num_hosts: int):
+        self._spec, self._layout, self._progress, self.rank = spec, layout, progress, rank
+        self.checkpointer = Checkpointer(run.checkpoints, spec.checkpoint, spec.expect_checkpoint,
+                                         spec.newest_restorable)
+        self.checkpointer.checkpoint_bytes = layout.num_bytes()
+        short = short_of_space(self.checkpointer.directory, layout.num_bytes(), spec.checkpoint.max_to_keep + 1)
+        if rank == 0 and short is not None:
+            progress.event(events.LowDiskSpace(**dataclasses.asdict(short)))
+        self.memory = self._start_memory(num_hosts)
+        self._cadence: SaveCadence | None = None
+        self._commits = CommitWatch(self.memory, self.checkpointer.is_saving, rank)
+        self._refusal_told = False
+
+    def _start_memory(self, num_hosts: int) -> MemoryTier | None:
+        spec = self._spec
+        if not (spec.checkpoint.memory_tier and spec.keepers):
+            return None
+        memory = MemoryTier(spec.keepers, self.rank, num_hosts, spec.lost_keepers)
+        refused = memory.reserve(part_nbytes(self._layout.targets()))
+        if refused is not None:
+            log.warning("memory tier off: %s", refused)
+            self._progress.event(events.MemoryTierOff(reason=refused, save_every=given(spec.checkpoint.save_every)))
+        return memory if memory.active else None
+
+    @property
+    def memory_on(self) -> bool:
+        return self.memory is not None
+
+    # -- restore ---------------------------------------------------------------------------------
+    def restore(self) -> TierRestore | None:
+        """The newest committed step of either tier, restored into the layout's shardings (None:
+        nothing committed). The cadence starts counting from the step restored."""
+        # After a replica mismatch the memory tier may hold the corrupt copy: only verified durable steps serve.
+        memory = self.memory if self._spec.newest_restorable is None else None
+        restored = restore_newest(self.checkpointer, memory, self._layout, self._progress)
+        step = restored.step if restored is not None else 0
+        if self.memory is not None:
+            self.memory.forget_after(step)
+        self._cadence = SaveCadence(self._spec.checkpoint, self.memory is not None, self.rank, step,
+                                    self._progress.event)
+        return restored
+
+    # -- save ------------------------------------------------------------------------------------
+    @property
+    def cadence(self) -> SaveCadence:
+        if self._cadence is None:
+            raise RuntimeError("Tiers.restore() first: the cadence counts from the step restored")
+        return self._cadence
+
+    def due(self, step: int, final: bool) -> Due:
+        """The tiers `step` saves to (`final`: the run's last step or an agreed stop: durable)."""
+        wanted = self.cadence.due(step, final)
+        return Due(wanted.memory and self.memory is not None, wanted.durable)
+
+    def save(self, step: int, tree: Any, meta: dict[str, Any], mine: dict[str, Any], due: Due,
+             fault: Callable[[], None] | None = None) -> Saved:
+        """Saves `tree` (the state's arrays) with `meta` and this host's non-array state `mine` to the
+        tiers in `due`; the durable save also carries every host's `mine` (a collective)."""
+        started = time.perf_counter()
+        memory_s = durable_s = None
+        if due.memory and self.memory is not None:
+            self.memory.save(step, tree, meta, mine, fault=fault)
+            memory_s = time.perf_counter() - started
+        if due.durable:
+            durable_s = self.checkpointer.save(step, tree, durable_meta(meta, mine))
+        blocked = time.perf_counter() - started
+        self._commits.started(step, due)
+        if self.memory is not None and self.memory.refused and not self._refusal_told:
+            self._refusal_told = True
+            self._progress.event(events.MemorySaveRefused(step=step, reason=self.memory.refused))
+        record: dict[str, Any] = {"checkpoint_blocking_s": blocked,
+                                  "checkpoint_tier": "durable" if due.durable else "memory"}
+        if due.memory and self.memory is not None:
+            record.update(self.memory.copies_record())
+        return Saved(due, blocked, memory_s, durable_s, record)
+
+    def after(self, step: int, saved: Saved | None, final: bool) -> None:
+        """Every host, every step, after its save (None: none): the cadence's measurements and, at an
+        agreement step, the cadence every host adopts."""
+        if saved is None:
+            self.cadence.after_save(step, Due(False, False), None, None, final)
+        else:
+            self.cadence.after_save(step, saved.tiers, saved.memory_s, saved.durable_s, final)
+
+    def step_time(self, seconds: float) -> None:
+        self.cadence.step_time(seconds)
+
+    def saving(self) -> bool:
+        """Whether a save is under way: Orbax's in the background, or a memory part's hand-off."""
+        return (self.memory is not None and self.memory.handing_off()) or self.checkpointer.is_saving()
+
+    def committed(self) -> list[tuple[str, int]]:
+        """(tier, step) of each save that committed since the previous call."""
+        return self._commits.done()
+
+    def reached_preemption(self, step: int) -> bool:
+        return bool(self.checkpointer.reached_preemption(step))
+
+    def finish(self) -> None:
+        """At the end: the memory tier's last hand-off and Orbax's pending save are waited for."""
+        if self.memory is not None:
+            self.memory.close()
+        self.checkpointer.wait()
+        self._progress.committed(self._commits.done())
+        self.checkpointer.close()
+
+
+def durable_meta(meta: dict[str, Any], mine: dict[str, Any]) -> dict[str, Any]:
+    """What a durable save carries: rank 0's metadata and every host's own non-array state (a
+    collective when there is any)."""
+    return {**meta, "extra": extras.gather(mine) if mine else []}
 
 
 @dataclasses.dataclass
@@ -43,7 +191,7 @@ def restore_newest(checkpointer: Checkpointer, memory: MemoryTier | None, layout
         newest_durable = durable_steps[0] if durable_steps else 0
         held = memory.held()
         step = memory.newest_step(held)
-        if step is not None and step >= newest_durable:
+        if step is not None and tiers.memory_serves(step, durable_steps):
             error = None
             try:
                 got = memory.restore(step, held, layout.targets())

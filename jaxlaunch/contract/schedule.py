@@ -69,6 +69,11 @@ def _on(step: int, every: int, anchor: int | None) -> bool:
     return step > anchor and (step - anchor) % every == 0
 
 
+Floor = tuple[int, int]
+"""Per tier (memory, durable): the longest interval its saves were found to block over their share
+at (0: none)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Measured:
     """What a host measured: its steps' own time (median) and each tier's blocking time per save
@@ -112,8 +117,10 @@ class CadenceRule:
             return Cadence(None, self.save_every, "--save-every given")
         return None
 
-    def choose(self, measured: Measured) -> Cadence:
-        """The cadence for these measurements (the same values give the same cadence on any host)."""
+    def choose(self, measured: Measured, floor: Floor = (0, 0)) -> Cadence:
+        """The cadence for these measurements (the same values give the same cadence on any host).
+        `floor`: per tier (memory, durable), an interval its saves were found to block over their share
+        at; the tier saves less often than that (0: none found)."""
         step = measured.step_time_s
         reasons = []
         memory_every: int | None = None
@@ -122,7 +129,7 @@ class CadenceRule:
                 memory_every = self.save_every
                 reasons.append(f"memory every {memory_every} (given)")
             else:
-                memory_every = self._every(measured.memory_blocking_s, step)
+                memory_every = max(self._every(measured.memory_blocking_s, step), floor[0] + 1)
                 reasons.append(f"memory every {memory_every}: " + self._why(measured.memory_blocking_s, step))
         given_durable = self.persist_every if self.memory_tier else self.save_every
         if given_durable is not None:
@@ -131,7 +138,7 @@ class CadenceRule:
         else:
             by_age = max(1, math.floor(self.max_age_s / step)) if step > 0 else 1
             blocking = measured.durable_blocking_s
-            by_cost = self._every(blocking, step) if blocking is not None else None
+            by_cost = max(self._every(blocking, step), floor[1] + 1) if blocking is not None else None
             durable_every = min(by_cost, by_age) if by_cost is not None else by_age
             if by_cost is None:
                 why = f"not measured yet, so at most {self.max_age_s:g} s apart"
@@ -143,11 +150,14 @@ class CadenceRule:
             reasons.append(f"durable every {durable_every}: {why}")
         return Cadence(memory_every, durable_every, "; ".join(reasons))
 
-    def rechoose(self, chosen: Measured, cadence: Cadence, now: Measured) -> str | None:
+    def rechoose(self, chosen: Measured, cadence: Cadence, now: Measured, floor: Floor = (0, 0)) -> str | None:
         """Why a cadence chosen from `chosen` no longer fits the measurements `now` (None: it fits):
         the step time moved by more than `RECHOOSE_FACTOR`, a chosen tier's saves block more than
         that factor over their share (a save's blocking includes its wait for the previous hand-off,
-        which one copy alone did not show), or Orbax's first save has been measured since."""
+        which one copy alone did not show), Orbax's first save has been measured since, or a tier's
+        saves now cost so little that it could save `RECHOOSE_FACTOR` times as often (the first
+        measured saves also paid for fresh memory pages) and still stay within its share, above the
+        `floor` it was once found over its share at (so that a cadence never see-saws)."""
         if moved(chosen.step_time_s, now.step_time_s):
             return f"the step time moved from {chosen.step_time_s * 1e3:.1f} ms to {now.step_time_s * 1e3:.1f} ms"
         given_durable = self.persist_every if self.memory_tier else self.save_every
@@ -155,11 +165,26 @@ class CadenceRule:
             return "Orbax's first save was measured"
         tiers = (("memory", cadence.memory_every, now.memory_blocking_s, self.save_every),
                  ("durable", cadence.durable_every, now.durable_blocking_s, given_durable))
-        for name, every, blocking, given in tiers:
-            if given is None and every and blocking is not None and \
-                    blocking / every > RECHOOSE_FACTOR * self.share * now.step_time_s:
-                return f"{name} saves block {blocking * 1e3:.1f} ms every {every} steps, over their share"
+        for (name, every, blocking, _), over in zip(tiers, self.over_share(cadence, now), strict=True):
+            if over:
+                return f"{name} saves block {(blocking or 0.0) * 1e3:.1f} ms every {every} steps, over their share"
+        proposed = self.choose(now, floor)
+        for (name, every, blocking, given), wanted in zip(tiers, proposed.intervals, strict=True):
+            if given is None and every and wanted and blocking is not None and RECHOOSE_FACTOR * wanted <= every:
+                return (f"{name} saves block {blocking * 1e3:.1f} ms now: every {wanted} steps keeps them within "
+                        f"their share, not only every {every}")
         return None
+
+    def over_share(self, cadence: Cadence, now: Measured) -> Floor:
+        """Per tier, the chosen interval if its saves now block more than `RECHOOSE_FACTOR` times
+        their share at it (0: within it, given by the user, or not measured)."""
+        given_durable = self.persist_every if self.memory_tier else self.save_every
+        tiers = ((cadence.memory_every, now.memory_blocking_s, self.save_every),
+                 (cadence.durable_every, now.durable_blocking_s, given_durable))
+        memory, durable = (every if given is None and every and blocking is not None and
+                           blocking / every > RECHOOSE_FACTOR * self.share * now.step_time_s else 0
+                           for every, blocking, given in tiers)
+        return memory, durable
 
     def _every(self, blocking_s: float | None, step_time_s: float) -> int:
         if not blocking_s or step_time_s <= 0:

@@ -102,6 +102,12 @@ def committed_steps(held: list[Held]) -> list[int]:
     return sorted((step for step, parts in by_step.items() if _complete(parts)), reverse=True)
 
 
+def memory_serves(memory_step: int, durable_steps: list[int]) -> bool:
+    """Whether the memory tier's newest committed step is the one to read: at least as new as the
+    newest durable step (`durable_steps`, newest first; the same step: memory reads faster)."""
+    return memory_step >= (durable_steps[0] if durable_steps else 0)
+
+
 def _complete(parts: list[Held]) -> bool:
     counts = {p.num_hosts for p in parts}
     if len(counts) != 1:

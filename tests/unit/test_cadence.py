@@ -32,15 +32,45 @@ def run(cfg: CheckpointConfig, steps: range, step_time, memory_cost, durable_cos
     hosts = [SaveCadence(cfg, True, 0, start, told.append, wire.rank_0),
              SaveCadence(cfg, True, 1, start, told.append, wire.rank_1)]
     saved: list[list[tuple[int, bool, bool]]] = [[], []]
+    cost = memory_cost if callable(memory_cost) else lambda step, since: memory_cost
+    last_memory = [start, start]
     for step in steps:
         for host, scale in zip(hosts, (1.0, 1.5), strict=True):
             host.step_time(step_time(step) * scale)
             due = host.due(step, final=False)
             if due.any:
                 saved[host.rank].append((step, due.memory, due.durable))
-            host.after_save(step, due, memory_cost * scale if due.memory else None,
-                            durable_cost * scale if due.durable else None)
+            memory_s = cost(step, step - last_memory[host.rank]) * scale if due.memory else None
+            if due.memory:
+                last_memory[host.rank] = step
+            host.after_save(step, due, memory_s, durable_cost * scale if due.durable else None)
     return saved, told, wire
+
+
+def test_saves_dear_only_at_first_are_chosen_again_more_often_once_they_are_cheap():
+    """The first measured memory saves write into fresh shared-memory pages (85 ms against 0.78 s
+    steps: every 11 steps); later ones reuse dropped parts' pages (17 ms): the cadence follows."""
+    cfg = CheckpointConfig(persist_max_age_s=600.0)
+    saved, told, _ = run(cfg, range(1, 400), lambda s: 0.78, lambda step, since: 0.085 if step < 40 else 0.017,
+                         durable_cost=0.5)
+    memory = [e.memory_every for e in told]
+    assert memory[0] == 11 and memory[-1] == 3, [e.reason for e in told]
+    assert "memory saves block 17.0 ms now: every 3 steps keeps them within their share" in told[-1].reason
+    assert saved[0] == saved[1]
+
+
+def test_a_cadence_found_over_its_share_is_not_chosen_again_when_a_longer_one_is_cheap():
+    """Every step, a save waits for the previous hand-off (30 ms per 1 s step, over its share); every
+    3 steps it does not (5 ms): the cadence settles at 3 and, once every step was found over its
+    share, does not see-saw back to 1 (600 steps: about 20 agreement steps)."""
+    cfg = CheckpointConfig(persist_max_age_s=600.0)
+    saved, told, _ = run(cfg, range(1, 600), lambda s: 1.0, lambda step, since: 0.03 if since == 1 else 0.005,
+                         durable_cost=0.5)
+    memory = [e.memory_every for e in told if e.memory_every]
+    # The measuring saves (steps 3 and 4) ask for every 3; at 3, 5 ms asks for every step, tried once.
+    assert memory == [3, 1, 3], [e.reason for e in told]
+    assert "over their share" in told[-1].reason
+    assert saved[0] == saved[1]
 
 
 def test_every_host_saves_at_the_same_steps_and_rank_0_alone_tells_the_choice():

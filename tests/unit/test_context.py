@@ -13,6 +13,7 @@ from jaxlaunch.launcher.records.runs import RunDir
 from jaxlaunch.workers.context import HostContext
 from jaxlaunch.workers.progress import HostProgress
 from jaxlaunch.workers.sharding import build_mesh
+from jaxlaunch.workers.tiered import Tiers
 
 from examples import minimal
 from jaxlaunch.contract.events import Restored
@@ -132,12 +133,12 @@ def test_an_injected_exception_fires_after_the_step_is_reported_and_saved(tmp_pa
     ctx, progress = make_ctx(tmp_path, 9, injections=(Injection("exception", step=3, host=0),))
     with pytest.raises(RuntimeError, match="injected exception at step 3"):
         minimal.main(ctx)
-    ctx._loop.checkpointer.wait()
+    ctx._loop.tiers.checkpointer.wait()
     assert RunDir(tmp_path).committed_steps() == [3], "the step's save started before the failure"
     assert progress.phase == Phase.TRAINING and progress.step == 3
     [line] = RunDir(tmp_path).injections()
     assert (line["kind"], line["step"], line["rank"]) == ("exception", 3, 0)
-    ctx._loop.checkpointer.close()
+    ctx._loop.tiers.checkpointer.close()
 
 
 class HeldParts:
@@ -175,7 +176,7 @@ def test_each_memory_part_carries_every_record_a_durable_save_also_carried(tmp_p
     (or still pending then) and lost with rank 0 before the driver read it must come back from the
     memory part."""
     memory = HeldParts()
-    monkeypatch.setattr(HostContext, "_start_memory_tier", lambda self, layout: memory)
+    monkeypatch.setattr(Tiers, "_start_memory", lambda self, num_hosts: memory)
     ctx, progress = make_ctx(tmp_path, 7, save_every=1)
     ctx._spec = dataclasses.replace(ctx._spec, checkpoint=dataclasses.replace(
         ctx._spec.checkpoint, memory_tier=True, persist_every=3))

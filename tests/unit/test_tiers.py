@@ -17,7 +17,7 @@ from jaxlaunch.workers.keeper import Keeper, incoming_name, kept
 from jaxlaunch.workers.memory import PartReader, assemble, part_nbytes
 from jaxlaunch.workers.part_file import PartFile, write_part
 
-from jaxlaunch.contract.tiers import Held, Role, committed_steps, replica_node, sources
+from jaxlaunch.contract.tiers import Held, Role, committed_steps, memory_serves, replica_node, sources
 
 P, R = Role.PRIMARY, Role.REPLICA
 
@@ -321,3 +321,9 @@ def test_the_files_of_a_driver_that_died_on_this_machine_are_deleted_and_no_othe
     finally:
         for folder in (dead, alive, elsewhere):
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_memory_serves_a_restore_when_it_is_at_least_as_new_as_the_durable_tier():
+    assert memory_serves(40, [40, 30]), "the same step: memory reads faster"
+    assert memory_serves(47, [40]) and memory_serves(3, [])
+    assert not memory_serves(39, [40, 30]), "an older memory step never wins"
