@@ -48,8 +48,9 @@ def run(cfg: CheckpointConfig, steps: range, step_time, memory_cost, durable_cos
 
 
 def test_saves_dear_only_at_first_are_chosen_again_more_often_once_they_are_cheap():
-    """The first measured memory saves write into fresh shared-memory pages (85 ms against 0.78 s
-    steps: every 11 steps); later ones reuse dropped parts' pages (17 ms): the cadence follows."""
+    """The first measured memory saves write into fresh shared-memory pages, later ones reuse dropped
+    parts' pages: made-up costs of 85 ms (every 11 steps at 0.78 s steps), then 17 ms. The cadence
+    follows."""
     cfg = CheckpointConfig(persist_max_age_s=600.0)
     saved, told, _ = run(cfg, range(1, 400), lambda s: 0.78, lambda step, since: 0.085 if step < 40 else 0.017,
                          durable_cost=0.5)
