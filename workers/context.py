@@ -216,10 +216,13 @@ class HostContext:
         final = self._stop_agreed(step, loop.tiers) or step == self.steps
         due = loop.tiers.due(step, final)
         saving = due.any and self._saved_step != step
+        checking = time.perf_counter()
         if saving:
             self._read_back(upto=step)  # the save waits for this step anyway: its time is its own
             self._progress.enter(Phase.SAVING)  # the replica check below is the save's work, not a hang
+            checking = time.perf_counter()
         self._check_replicas(step, state, due.any)
+        checked_s = time.perf_counter() - checking
         saved: Saved | None = None
         if saving:
             tree = loop.layout.split(state)
@@ -231,7 +234,8 @@ class HostContext:
             mine = extras.snapshot(self._extra)
             meta = {**self._meta(step), "records": records[-CARRIED_RECORDS:], "shared_extra": extras.shared(mine)}
             self._warn_of_data_order_risk()
-            saved = loop.tiers.save(step, tree, meta, mine, due, fault=self._faults.in_handoff(step))
+            saved = loop.tiers.save(step, tree, meta, mine, due, fault=self._faults.in_handoff(step),
+                                    checked_s=checked_s)
             if due.durable and not loop.tiers.memory_on:
                 self._unsaved, self._carried = [], step  # the next checkpoint carries the records after these
             # With the memory tier, its parts carry the newest records whatever the durable tier

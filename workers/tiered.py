@@ -108,22 +108,26 @@ class Tiers:
         return Due(wanted.memory and self.memory is not None, wanted.durable)
 
     def save(self, step: int, tree: Any, meta: dict[str, Any], mine: dict[str, Any], due: Due,
-             fault: Callable[[], None] | None = None) -> Saved:
+             fault: Callable[[], None] | None = None, checked_s: float = 0.0) -> Saved:
         """Saves `tree` (the state's arrays) with `meta` and this host's non-array state `mine` to the
-        tiers in `due`; the durable save also carries every host's `mine` (a collective)."""
+        tiers in `due`; the durable save also carries every host's `mine` (a collective).
+        `checked_s`: the save's replica check, made just before (the checksums of the state it saves):
+        part of the save's blocking time, so that the cadence keeps check and save together within
+        their share of step time (counted to the memory tier when it saves, else to the durable)."""
         started = time.perf_counter()
         memory_s = durable_s = None
         if due.memory and self.memory is not None:
             self.memory.save(step, tree, meta, mine, fault=fault)
-            memory_s = time.perf_counter() - started
+            memory_s = time.perf_counter() - started + checked_s
         if due.durable:
             durable_s = self.checkpointer.save(step, tree, durable_meta(meta, mine))
-        blocked = time.perf_counter() - started
+            durable_s += 0.0 if memory_s is not None else checked_s
+        blocked = time.perf_counter() - started + checked_s
         self._commits.started(step, due)
         if self.memory is not None and self.memory.refused and not self._refusal_told:
             self._refusal_told = True
             self._progress.event(events.MemorySaveRefused(step=step, reason=self.memory.refused))
-        record: dict[str, Any] = {"checkpoint_blocking_s": blocked,
+        record: dict[str, Any] = {"checkpoint_blocking_s": blocked, "replica_check_s": checked_s,
                                   "checkpoint_tier": "durable" if due.durable else "memory"}
         if due.memory and self.memory is not None:
             record.update(self.memory.copies_record())

@@ -183,3 +183,42 @@ def test_each_memory_part_carries_every_record_a_durable_save_also_carried(tmp_p
     ctx._finish(minimal.main(ctx))
     assert RunDir(tmp_path).committed_steps() == [7, 6, 3], "durable every --persist-every steps and the last"
     assert memory.records == {step: list(range(1, step + 1)) for step in range(1, 8)}
+
+
+def test_a_save_s_replica_check_counts_in_its_blocking_time_and_in_the_cadence(tmp_path, monkeypatch):
+    """At a save step the replica check reads its checksums back at once: time the loop is blocked for
+    the save, so it is in the step record's checkpoint_blocking_s (and replica_check_s alone), and in
+    the cost the cadence keeps within its share."""
+    import time
+
+    from jaxlaunch.workers.cadence import SaveCadence
+
+    memory = HeldParts()
+    monkeypatch.setattr(Tiers, "_start_memory", lambda self, num_hosts: memory)
+    ctx, progress = make_ctx(tmp_path, 7, save_every=1)
+    ctx._spec = dataclasses.replace(ctx._spec, checkpoint=dataclasses.replace(
+        ctx._spec.checkpoint, memory_tier=True, persist_every=3))
+    checks, costs = {}, {}
+    check = ctx._check_replicas
+
+    def timed_check(step, state, due):
+        started = time.perf_counter()
+        check(step, state, due)
+        checks[step] = time.perf_counter() - started
+
+    after_save = SaveCadence.after_save
+
+    def spy(self, step, saved, memory_s, durable_s, final=False):
+        costs[step] = (memory_s, durable_s)
+        after_save(self, step, saved, memory_s, durable_s, final)
+
+    monkeypatch.setattr(ctx, "_check_replicas", timed_check)
+    monkeypatch.setattr(SaveCadence, "after_save", spy)
+    returned = minimal.main(ctx)
+    records = list(progress.drain().records) + list(ctx._finish(returned).final_snapshot.records)
+    saves = {r["step"]: r for r in records if "checkpoint_blocking_s" in r}
+    assert sorted(saves) == list(range(1, 8))
+    for step, record in saves.items():
+        assert checks[step] <= record["replica_check_s"] <= record["checkpoint_blocking_s"], (step, record)
+        memory_s, durable_s = costs[step]
+        assert memory_s is not None and memory_s >= record["replica_check_s"], "the memory tier's cost holds it"
