@@ -101,3 +101,18 @@ def test_numbers_the_user_gave_need_no_agreement():
     cfg = CheckpointConfig(save_every=5, persist_every=10)
     saved, told, wire = run(cfg, range(1, 21), lambda s: 0.1, memory_cost=0.5, durable_cost=5.0)
     assert [s for s, _, _ in saved[0]] == [5, 10, 15, 20] and told == [] and wire.calls == 0
+
+
+def test_the_cadence_is_chosen_again_from_steady_steps_once_whatever_the_factor():
+    """The first choice times 3 steps just after compiling (0.68 s here, 0.42 s once steady): with
+    52 ms saves, every 8 steps would be 1.5 % of steady step time; the next agreement chooses every
+    13 from the steady steps, though the step time moved less than 2x."""
+    cfg = CheckpointConfig(persist_max_age_s=600.0)
+    saved, told, _ = run(cfg, range(1, 200), lambda s: 0.68 if s < 10 else 0.42, memory_cost=0.052,
+                         durable_cost=0.3)
+    assert [e.memory_every for e in told][:2] == [8, 13], [e.reason for e in told]
+    assert "the steps settled at 420.0 ms (from 680.0 ms)" in told[1].reason
+    memory = [s for s, m, _ in saved[0] if m]
+    steady = [b - a for a, b in zip(memory, memory[1:], strict=False) if a > told[1].step]
+    assert steady and set(steady) == {13} and 0.052 / 13 <= 0.01 * 0.42
+    assert saved[0] == saved[1]
