@@ -297,6 +297,7 @@ class Driver:
             attempt.last_step = max(attempt.last_step or 0, *reported)
         if poll.records:
             attempt.last_step = max(attempt.last_step or 0, poll.records[-1]["step"])
+        attempt.memory_committed = poll.committed("memory") or attempt.memory_committed
         for listener in self.listeners:
             listener.on_poll(self, attempt, poll)
         return poll
@@ -424,11 +425,7 @@ class Driver:
             self._avoid(attempt, Replacement(failure.rank, FailureKind.REPLICA_MISMATCH.value))
         self._teardown()
         committed = self.committed_step()
-        # An attempt that committed a newer step than it started from trained well before it
-        # failed: it is no part of a crash loop.
-        progressed = committed is not None and (attempt.latest_committed is None
-                                                or committed > attempt.latest_committed)
-        failure = dataclasses.replace(failure, progressed=progressed)
+        failure = dataclasses.replace(failure, progressed=attempt.progressed(committed))
         self._end(attempt, failure.kind, failure)
         self.failures.append(failure)
         decision = self.policies.restart.decide(self.failures)

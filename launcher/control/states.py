@@ -37,6 +37,16 @@ class Attempt:
     """Failures seen while finding the root cause, by host."""
     cause: Cause | None = None
     results: dict[int, Any] = dataclasses.field(default_factory=dict)
+    memory_committed: int | None = None
+    """The newest memory-tier step every host reported committed in this attempt."""
+
+    def progressed(self, durable: int | None) -> bool:
+        """Whether the attempt committed a newer step than it started from, in either tier (`durable`:
+        the run's newest durable step now): its failure is then no part of a crash loop. With the
+        memory tier, durable saves may be minutes apart while memory commits go on every few steps."""
+        durable_new = durable is not None and (self.latest_committed is None or durable > self.latest_committed)
+        start = self.restored_step if self.restored_step is not None else (self.latest_committed or 0)
+        return durable_new or (self.memory_committed is not None and self.memory_committed > start)
 
     def stepped(self, hosts: Sequence[HostStatus]) -> bool:
         """Every host is training and has reported a step of this attempt (so a stop saves a step

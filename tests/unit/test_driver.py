@@ -81,6 +81,33 @@ def test_a_crash_restarts_the_whole_group_and_backs_off_when_it_repeats():
     assert driver.attempts[2].recovery_time_s is not None
 
 
+def memory_commit_at(step: int, behaviour):
+    """`behaviour`, with every host reporting a memory-tier save of `step` committed at that step."""
+    def reporting(group, i):
+        if i == step:
+            for host in group.hosts:
+                host.heard_committed((("memory", step),))
+        return behaviour(group, i)
+    return reporting
+
+
+def test_a_crash_after_the_attempt_committed_memory_steps_restarts_at_once():
+    """With the memory tier, durable saves may be minutes apart: an attempt whose hosts committed a
+    memory step newer than it started from progressed, so its failure is no crash loop (before, the
+    durable listing alone decided, and a chaos soak's restarts backed off up to 30 s)."""
+    driver, _, clock, _ = make_driver([memory_commit_at(2, dies_at(3)), memory_commit_at(4, dies_at(5)),
+                                       trains_to(6, start=4)])
+    run_until(driver, Relaunching)
+    driver.step()
+    run_until(driver, Running)
+    restarting = run_until(driver, Relaunching)
+    assert restarting.failure.progressed and restarting.decision.backoff_s == 0.0
+    before = clock.now
+    driver.step()
+    assert clock.now == before, "no backoff after progress in memory"
+    assert driver.run() == 0
+
+
 def test_a_crash_after_the_attempt_committed_new_steps_restarts_at_once():
     """Failures are a crash loop only while no new step is committed between them: here the second
     attempt committed step 4 before dying, so its restart does not back off."""
