@@ -3,13 +3,20 @@
 In one process on the CPU, the built-in transformer and its AdamW state (every array treated as
 replicated: the worst case, a purely data-parallel job): the median time of a training step, and of
 one check (dispatching the on-device hash of every shard and reading the checksums back). The cost
-per step at a cadence is one check per `verify_every` steps plus one per save."""
+per step at a cadence is one check per `verify_every` steps plus one per save.
+
+`python -m benchmarks.replica_checks --defaults [PRESET]`: the same cost in a real launch on 2 hosts
+with the defaults (the memory tier on, the cadence chosen from the measured cost), read from the
+step records: each save's `replica_check_s` and its whole blocking time (check and save) over the
+steps since the cadence settled (its last `cadence_chosen` event), against the median step time."""
 
 from __future__ import annotations
 
 import json
+import pathlib
 import statistics
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -54,5 +61,32 @@ def measure(preset: str = "small", batch: int = 8, seq: int = 128, save_every: i
             "share_of_step": per_step_s / step_s, "one_check_share_of_step": check_s / step_s}
 
 
+def at_defaults(work: pathlib.Path, preset: str = "small", steps: int = 130) -> dict[str, Any]:
+    from benchmarks import launches
+
+    run_dir = work / f"replica-checks-{preset}"
+    launches.launch(run_dir, "--model", preset, "--global-batch-size", "4", "--seq-len", "64", "--hosts", "2",
+                    "--steps", str(steps))
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    chosen = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()
+              if '"cadence_chosen"' in line]
+    settled = chosen[-1]
+    step_s = statistics.median(r["step_time_s"] for r in records if r.get("step_time_s"))
+    saves = [r for r in records if r.get("checkpoint_tier") == "memory" and r["step"] > settled["step"]]
+    span = saves[-1]["step"] - settled["step"] if saves else 0
+    return {"preset": preset, "hosts": 2, "steps": steps, "step_s": step_s,
+            "cadence": {"from_step": settled["step"], "memory_every": settled["memory_every"],
+                        "durable_every": settled["durable_every"]},
+            "saves": len(saves), "check_s": [r["replica_check_s"] for r in saves],
+            "save_with_check_s": [r["checkpoint_blocking_s"] for r in saves],
+            "check_share_of_step": sum(r["replica_check_s"] for r in saves) / (span * step_s) if span else None,
+            "save_with_check_share_of_step":
+                sum(r["checkpoint_blocking_s"] for r in saves) / (span * step_s) if span else None}
+
+
 if __name__ == "__main__":
-    print(json.dumps(measure(*sys.argv[1:2]), indent=1))
+    if sys.argv[1:2] == ["--defaults"]:
+        with tempfile.TemporaryDirectory() as tmp:
+            print(json.dumps(at_defaults(pathlib.Path(tmp), *sys.argv[2:3]), indent=1))
+    else:
+        print(json.dumps(measure(*sys.argv[1:2]), indent=1))

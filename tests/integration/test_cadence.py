@@ -33,15 +33,29 @@ def test_the_defaults_choose_a_cadence_from_measurements_and_a_killed_host_resto
     assert f"checkpoint cadence from step 4: memory every {every}" in result.stdout
     (restored,) = events(run_dir, "restored")
     assert restored["tier"] == "memory" and restored["durable_bytes_read"] == 0, restored
-    # The first attempt's memory saves (at its cadence, which a moved step time may have changed on the
-    # way): the newest, or the one before when the kill landed while the newest's part was in flight.
-    saves = sorted(r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")
-                   if r["attempt"] == 1 and r.get("checkpoint_tier") == "memory")
-    assert saves[:2] == [3, 4] and all(b - a <= max(e["memory_every"] for e in chosen)
-                                       for a, b in zip(saves[1:], saves[2:], strict=False)), saves
-    assert restored["step"] in saves[-2:], (restored, saves)
+    # The first attempt's memory saves, from its cadence (which a moved step time may have changed on
+    # the way): the restore reads the newest before the kill, or the one before when the kill landed
+    # while the newest's part was in flight. The step records that reached the driver say the same;
+    # on a loaded machine the newest ones may not have (they come back with the restored part, without
+    # the save's own fields, which are added once it returned).
+    schedule = saves_of(chosen, until=120)
+    recorded = sorted(r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")
+                      if r["attempt"] == 1 and r.get("checkpoint_tier") == "memory")
+    assert recorded[:2] == [3, 4] and set(recorded) <= set(schedule), (recorded, schedule)
+    assert restored["step"] in schedule[-2:], (restored, schedule)
     assert trajectory(run_dir) == trajectory(minimal_reference), "the uninterrupted run's losses"
     assert "mem ·" in result.stdout and "disk" in result.stdout, "the progress line shows both tiers"
+
+
+def saves_of(chosen: list[dict], until: int) -> list[int]:
+    """The memory saves of an attempt that measured at steps 3 and 4: each later one `memory_every`
+    steps after the previous save, by the cadence chosen before it."""
+    saves = [3, 4]
+    for step in range(5, until + 1):
+        every = [e["memory_every"] for e in chosen if e["step"] < step][-1]
+        if step - saves[-1] == every:
+            saves.append(step)
+    return saves
 
 
 def test_a_run_with_the_memory_tier_lists_its_checkpoints_no_more_than_once_per_durable_save(monkeypatch):
