@@ -216,11 +216,10 @@ class HostContext:
         final = self._stop_agreed(step, loop.tiers) or step == self.steps
         due = loop.tiers.due(step, final)
         saving = due.any and self._saved_step != step
-        checking = time.perf_counter()
         if saving:
             self._read_back(upto=step)  # the save waits for this step anyway: its time is its own
             self._progress.enter(Phase.SAVING)  # the replica check below is the save's work, not a hang
-            checking = time.perf_counter()
+        checking = time.perf_counter()
         self._check_replicas(step, state, due.any)
         checked_s = time.perf_counter() - checking
         saved: Saved | None = None
