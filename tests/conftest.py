@@ -1,6 +1,6 @@
-"""Test set-up, before anything is imported: 8 forced CPU devices for the in-process unit tests, and
-gcsfs's plain class (it picks its class when imported; its experimental one asks the tests' GCS
-emulator for an API it lacks, a minute per bucket).
+"""Test set-up, before anything is imported: 8 forced CPU devices for the in-process unit tests, Ray's
+token authentication, and gcsfs's plain class (it picks its class when imported; its experimental one
+asks the tests' GCS emulator for an API it lacks, a minute per bucket).
 
 The soak: a fault scenario marked `@pytest.mark.soak` (taking the `soak_round` argument) runs once in
 the suite, and N times with `--soak N` (`python -m pytest -m soak --soak 5`), which ends with each
@@ -12,6 +12,9 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+# Token authentication, as Ray 2.60 has it by default, for every Ray this session starts or joins (the
+# launches' shared instance, test clusters) and every driver it starts, whatever the tests' order.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
 def pytest_addoption(parser):
@@ -21,6 +24,7 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "soak: a fault scenario that --soak N repeats")
+    config.addinivalue_line("markers", "own_ray: its launches start their own embedded Ray, not the session's")
 
 
 def pytest_generate_tests(metafunc):

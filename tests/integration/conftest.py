@@ -8,6 +8,7 @@ from tests.integration.helpers import (
     DURABLE_ONLY,
     EXAMPLE_RUN,
     MINIMAL,
+    SHARED_RAY,
     SHORT_RUN,
     assert_split_adds_up,
     launch,
@@ -26,6 +27,23 @@ def _reference(tmp_path_factory, name: str, *args: str) -> pathlib.Path:
     assert result.returncode == 0, result.stdout + result.stderr
     assert_split_adds_up(run_dir)
     return run_dir
+
+
+@pytest.fixture(scope="session", autouse=True)
+def shared_ray():
+    """The Ray instance the session's launches share (`helpers.SharedRay`), stopped at its end."""
+    yield SHARED_RAY
+    SHARED_RAY.stop()
+
+
+@pytest.fixture(autouse=True)
+def own_ray_when_marked(request):
+    """A test marked `own_ray` launches as a user without flags does: each launch its own embedded Ray."""
+    shared = SHARED_RAY.enabled
+    if request.node.get_closest_marker("own_ray"):
+        SHARED_RAY.enabled = False
+    yield
+    SHARED_RAY.enabled = shared
 
 
 @pytest.fixture(autouse=True)

@@ -26,17 +26,67 @@ MINIMAL = ("--entry", str(EXAMPLES / "minimal.py"))
 CLASSIFIER = ("--entry", f"{EXAMPLES / 'classifier.py'}:main")
 
 
+class SharedRay:
+    """One Ray instance for the session's launches, started at the first launch that uses it and
+    stopped at the session's end (or, through its lifeline, with the test process).
+
+    A launch starts its own embedded Ray instance by default, about 7 s of a 25-30 s launch on 2 cores
+    to start and stop. Most tests are about the job, not that instance: their launches run with
+    `--address` on this one, the path of any existing cluster (the driver, the hosts, the keepers,
+    the restarts are the same code). A test about the embedded instance itself (its processes, the
+    loss of its node, what fits on it) is marked `own_ray`, and its launches start their own, as a
+    user's launch without flags does. `JAXLAUNCH_TESTS_OWN_RAY=1` gives every launch its own."""
+
+    NUM_CPUS = 8
+    """As the embedded instance of a launch without flags has (`cluster.embedded_num_cpus`)."""
+
+    def __init__(self) -> None:
+        self.enabled = not os.environ.get("JAXLAUNCH_TESTS_OWN_RAY")
+        self._instance: Any = None
+
+    def address(self) -> str:
+        if self._instance is None or not self._instance.alive():
+            from jaxlaunch.launcher.cluster.embedded_ray import EmbeddedRay
+
+            self.stop()
+            self._instance = EmbeddedRay(self.NUM_CPUS)
+            self._instance.start()
+        return self._instance.address
+
+    def stop(self) -> None:
+        if self._instance is not None:
+            self._instance.stop()
+            self._instance = None
+
+
+SHARED_RAY = SharedRay()
+OWN_CLUSTER_FLAGS = ("--address", "--config")
+"""A launch given either names its own cluster (or a config that may)."""
+
+
+def _command(args: tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
+    """`python launch.py ARGS` and its environment: on the shared Ray instance unless the test has its
+    own, the launch names a cluster, or it is a subcommand (`report`)."""
+    command = [sys.executable, str(ROOT / "launch.py"), *args]
+    if (SHARED_RAY.enabled and args and args[0].startswith("-")
+            and not any(a.split("=")[0] in OWN_CLUSTER_FLAGS for a in args)):
+        command += ["--address", SHARED_RAY.address()]  # with the session's RAY_AUTH_MODE (tests/conftest.py)
+    return command, _env()
+
+
 def launch(*args: str, timeout: float = LAUNCH_TIMEOUT_S, env: dict[str, str] | None = None,
            cwd: pathlib.Path = ROOT) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={**_env(), **(env or {})})
+    command, base = _command(args)
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                          env={**base, **(env or {})})
 
 
 def start(*args: str, new_session: bool = False) -> subprocess.Popen:
     """A launch in the background; with `new_session`, in a process group of its own, as a shell,
     Slurm or systemd would start it, so that the test can signal the whole group."""
-    return subprocess.Popen([sys.executable, str(ROOT / "launch.py"), *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=_env(), start_new_session=new_session)
+    command, env = _command(args)
+    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=new_session)
 
 
 def _env() -> dict[str, str]:

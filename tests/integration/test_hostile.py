@@ -142,6 +142,7 @@ def test_a_run_directory_that_vanishes_stops_the_job_with_one_line(tmp_path):
     assert "Traceback" not in err
 
 
+@pytest.mark.own_ray  # no process of the embedded instance is left
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_to_the_whole_process_group_saves_then_resume_is_bit_for_bit(minimal_reference, tmp_path,
                                                                               signum, code):
@@ -160,6 +161,7 @@ def test_a_signal_to_the_whole_process_group_saves_then_resume_is_bit_for_bit(mi
     assert ray_processes_left(run_dir) == []
 
 
+@pytest.mark.own_ray  # the embedded instance ends with its driver
 def test_a_sigkilled_driver_leaves_no_process_behind(tmp_path):
     run_dir = tmp_path / "run"
     proc = start("--hosts", "2", *MINIMAL, "--steps", "400", "--run-dir", str(run_dir), new_session=True)
@@ -172,6 +174,7 @@ def test_a_sigkilled_driver_leaves_no_process_behind(tmp_path):
              "every process of the embedded Ray and every host to end")
 
 
+@pytest.mark.own_ray  # the embedded node is lost
 def test_a_lost_embedded_node_is_restarted_and_the_run_resumes(minimal_reference, tmp_path):
     """The local node's DashboardAgent is SIGKILLed (as an OOM killer might); Ray takes the node
     down. The driver starts a fresh local Ray and resumes from the latest committed step."""
@@ -236,6 +239,7 @@ def test_bad_run_directories(tmp_path, minimal_reference):
     assert tree_snapshot(minimal_reference) == before, "nothing written or deleted"
 
 
+@pytest.mark.own_ray  # what fits on the embedded instance, refused at once
 def test_more_hosts_than_the_cluster_can_place(tmp_path):
     run_dir = tmp_path / "run"
     result = launch("--hosts", "16", "--mesh", "data=-1", "--run-dir", str(run_dir))

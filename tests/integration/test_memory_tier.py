@@ -77,6 +77,7 @@ def open_gate(run_dir, step, proc):
 
 
 
+@pytest.mark.own_ray  # finds the keeper among the embedded instance's processes
 @pytest.mark.soak
 def test_a_dead_keeper_is_restarted_and_the_tier_goes_on(minimal_reference, tmp_path, soak_round):
     """SIGKILL of the keeper (its node up) at step 30, then of a host at step 40: Ray restarts the
@@ -124,6 +125,7 @@ def test_a_memory_budget_too_small_warns_and_trains_durable_only(minimal_referen
     assert trajectory(run_dir) == trajectory(minimal_reference)
 
 
+@pytest.mark.own_ray  # the embedded instance ends with its driver
 def test_a_sigkilled_driver_resumes_from_the_newest_durable_step(minimal_reference, tmp_path):
     run_dir = tmp_path / "run"
     proc = start("--hosts", "2", *MINIMAL, *MEMORY[:-2], "--persist-every", "20", "--steps", "200",
