@@ -28,21 +28,61 @@ def _step_time(metrics: list[dict[str, Any]]) -> float | None:
     return statistics.median(values) if values else None
 
 
+STEADY_FROM = 10
+"""The first step of the window every run's throughput is taken over (compilation, the standby's
+warm-up and the cadence's first measuring saves lie before it)."""
+
+
+def _steady_steps_per_s(metrics: list[dict[str, Any]], until: int) -> float | None:
+    """Attempt 1's steps per second of wall time from step STEADY_FROM to `until`: the same window in
+    every run, saves and all."""
+    at = {m["step"]: m["time"] for m in metrics if m["attempt"] == 1}
+    if STEADY_FROM not in at or until not in at:
+        return None
+    return (until - STEADY_FROM) / (at[until] - at[STEADY_FROM])
+
+
+def _within_run(metrics: list[dict[str, Any]], until: int) -> dict[str, float | None]:
+    """In one run, so that no other run's noise is in it: the time of a step while a save's hand-off
+    runs (the step after a save, whose own time excludes the save's blocking) over a normal step's
+    (steps neither saving nor right after a save), and the share of the window's wall time the saves
+    cost, their blocking plus what the steps after them took beyond a normal step."""
+    steps = {m["step"]: m for m in metrics if m["attempt"] == 1 and STEADY_FROM <= m["step"] <= until}
+    saves = sorted(s for s, m in steps.items() if m.get("checkpoint_tier"))
+    after = [steps[s + 1]["step_time_s"] for s in saves if s + 1 in steps and steps[s + 1].get("step_time_s")]
+    near = {s + d for s in saves for d in (0, 1, 2)}
+    normal = [m["step_time_s"] for s, m in steps.items() if s not in near and m.get("step_time_s")]
+    if not normal or not saves:
+        return {"saves_in_window": len(saves), "during_save_over_normal": None, "save_cost_share": None}
+    typical = statistics.median(normal)
+    blocking = sum(steps[s].get("checkpoint_blocking_s") or 0.0 for s in saves)
+    excess = sum(max(0.0, t - typical) for t in after)
+    wall = steps[max(steps)]["time"] - steps[min(steps)]["time"]
+    return {"saves_in_window": len(saves),
+            "during_save_over_normal": statistics.median(after) / typical if after else None,
+            "save_cost_share": (blocking + excess) / wall if wall > 0 else None}
+
+
 def _median(metrics: list[dict[str, Any]], key: str) -> float | None:
     values = [m[key] for m in metrics if m.get(key) is not None]
     return statistics.median(values) if values else None
 
 
-def _run(work: pathlib.Path, name: str, steps: int, kill_at: int | None, *args: str) -> dict[str, Any]:
+def _run(work: pathlib.Path, name: str, steps: int, kill_at: int | None, *args: str,
+         window_until: int | None = None) -> dict[str, Any]:
     r = launch(work / name, *SMALL, "--steps", str(steps), *args, fault="kill" if kill_at else None,
                fault_step=kill_at)
     out = summarize(r)
     restored = [e for e in r["events"] if e["event"] == "restored"]
     steady = [m for m in r["metrics"] if m["attempt"] == 1]
+    until = window_until or (kill_at - 1 if kill_at else steps - 1)
     return {"steps_per_s": steps_per_second(steady), "step_time_s": _step_time(r["metrics"]),
+            "steady_steps_per_s": _steady_steps_per_s(r["metrics"], until), "window": [STEADY_FROM, until],
+            **_within_run(r["metrics"], until),
             "memory_blocking_s": _blocking(r["metrics"], "memory"), "durable_blocking_s": _blocking(r["metrics"],
                                                                                                    "durable"),
             "recovery_s": out["recovery_s"], "steps_recomputed": out["steps_recomputed"],
+            "recovery_split": out.get("recovery_split"), "detection_s": out.get("detection_s"),
             "restore_s": restored[0]["seconds"] if restored else None,
             "restored_tier": restored[0].get("tier") if restored else None,
             "durable_bytes_read": restored[0].get("durable_bytes_read") if restored else None,
@@ -59,7 +99,8 @@ def _run(work: pathlib.Path, name: str, steps: int, kill_at: int | None, *args: 
 
 def run(work: pathlib.Path, quick: bool) -> dict[str, Any]:
     steps, kill_at = (30, 20) if quick else (60, 45)
-    never = _run(work, "never", steps, None, "--no-memory-tier", "--save-every", str(NEVER))
+    window = kill_at - 1  # every run's throughput over the same steps, before the kill
+    never = _run(work, "never", steps, None, "--no-memory-tier", "--save-every", str(NEVER), window_until=window)
     defaults = _run(work, "defaults", steps, kill_at)
     memory = _run(work, "memory", steps, kill_at, "--memory-tier", "--save-every", "1", "--persist-every", str(NEVER))
     durable = _run(work, "durable", steps, kill_at, "--no-memory-tier", "--save-every", "10")
@@ -69,6 +110,10 @@ def run(work: pathlib.Path, quick: bool) -> dict[str, Any]:
         "never": never, "defaults": defaults, "memory": memory, "durable": durable, "shrink_4_to_2": shrink,
         "defaults_steps_per_s_over_durable": _ratio(defaults["steps_per_s"], durable["steps_per_s"]),
         "defaults_step_over_normal": _ratio(defaults["step_time_s"], never["step_time_s"]),
+        # The same window of steps in each run (STEADY_FROM to the step before the kill).
+        "defaults_steady_steps_per_s_over_never": _ratio(defaults["steady_steps_per_s"], never["steady_steps_per_s"]),
+        "durable_steady_steps_per_s_over_never": _ratio(durable["steady_steps_per_s"], never["steady_steps_per_s"]),
+        "defaults_recovery_over_durable": _ratio(defaults["recovery_s"], durable["recovery_s"]),
         # Targets: 1 copy on the saving node (its write); at most 1.5x its new part read per host.
         "copies_per_save_on_own_node": memory["memory_copies_on_node"],
         "restore_4_to_2_bytes_over_new_part": shrink["restore_bytes_over_new_part"],
@@ -133,8 +178,11 @@ def node_removed(work: pathlib.Path, name: str, *args: str, hosts: int = 2, min_
     later = [m for m in metrics if m["attempt"] > 1]
     restored = next(e for e in events if e["event"] == "restored")
     trained_before = max(m["step"] for m in metrics if m["attempt"] == 1)
+    recomputed = trained_before - restored["step"]
     return {"first_step_on_fewer_hosts_s": later[0]["time"] - r["during"], "hosts_after": later[0]["num_hosts"],
-            "steps_recomputed": trained_before - restored["step"], "restored_tier": restored.get("tier", "durable"),
+            "steps_recomputed": recomputed,
+            # What the steps trained again cost, in the time the first attempt took a step.
+            "recomputed_s": recomputed * (_step_time(metrics) or 0.0), "restored_tier": restored.get("tier", "durable"),
             "durable_bytes_read": restored.get("durable_bytes_read"),
             "restore_bytes_over_new_part": _ratio(restored.get("memory_bytes_read"), restored.get("memory_part_bytes"))}
 

@@ -340,13 +340,17 @@ def _installed(path: pathlib.Path) -> bool:
 def shipped(ref: EntryRef, staging: pathlib.Path) -> tuple[EntryRef, list[str]]:
     """How the hosts of a cluster find the entry: its reference there and the folders to ship (as
     Ray py_modules). A file entry ships its folder (siblings stay importable), under a name of its
-    own in `staging` so it cannot shadow a package of the same name; a module of a local package
-    ships the package; an installed package ships nothing (the nodes must have it). A function sent
-    by value from a script ships the script's folder (what it imports from there travels by name);
-    from a notebook or stdin, nothing more."""
+    own in `staging` (from the entry file's contents) so it cannot shadow a package of the same name;
+    a module of a local package ships the package; an installed package ships nothing (the nodes must
+    have it). A function sent by value from a script ships the script's folder (what it imports from
+    there travels by name); from a notebook or stdin, nothing more."""
     if ref.path is not None:
         folder = pathlib.Path(ref.path).parent
-        name = f"jaxlaunch_entry_{hashlib.sha1(str(folder).encode()).hexdigest()[:10]}"
+        # Named after the entry file's contents, not its folder's path: Ray keeps a shipped folder under
+        # a hash of what is inside it, without its name, so two folders alike in content (two clones of
+        # a project) are one package on the cluster, unpacked under the name the first was shipped with;
+        # a name from the path would leave the second launch's hosts unable to import theirs.
+        name = f"jaxlaunch_entry_{hashlib.sha1(pathlib.Path(ref.path).read_bytes()).hexdigest()[:10]}"
         link = staging / name
         if not link.exists():
             link.symlink_to(folder, target_is_directory=True)

@@ -64,11 +64,13 @@ OWN_CLUSTER_FLAGS = ("--address", "--config")
 """A launch given either names its own cluster (or a config that may)."""
 
 
-def _command(args: tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
+def _command(args: tuple[str, ...], own_env: bool = False) -> tuple[list[str], dict[str, str]]:
     """`python launch.py ARGS` and its environment: on the shared Ray instance unless the test has its
-    own, the launch names a cluster, or it is a subcommand (`report`)."""
+    own, the launch names a cluster, is a subcommand (`report`), or has an environment of its own
+    (`own_env`: an object store's endpoint and credentials, which reach a launch's hosts through its
+    own embedded instance, as on a user's machine; the shared one has the session's)."""
     command = [sys.executable, str(ROOT / "launch.py"), *args]
-    if (SHARED_RAY.enabled and args and args[0].startswith("-")
+    if (SHARED_RAY.enabled and not own_env and args and args[0].startswith("-")
             and not any(a.split("=")[0] in OWN_CLUSTER_FLAGS for a in args)):
         command += ["--address", SHARED_RAY.address()]  # with the session's RAY_AUTH_MODE (tests/conftest.py)
     return command, _env()
@@ -76,7 +78,7 @@ def _command(args: tuple[str, ...]) -> tuple[list[str], dict[str, str]]:
 
 def launch(*args: str, timeout: float = LAUNCH_TIMEOUT_S, env: dict[str, str] | None = None,
            cwd: pathlib.Path = ROOT) -> subprocess.CompletedProcess:
-    command, base = _command(args)
+    command, base = _command(args, own_env=bool(env))
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           env={**base, **(env or {})})
 

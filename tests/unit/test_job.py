@@ -92,6 +92,25 @@ def test_a_file_entry_ships_its_folder_under_a_name_of_its_own(tmp_path):
     assert entry_lib.shipped(entry_lib.parse("json:dumps"), tmp_path) == (entry_lib.parse("json:dumps"), [])
 
 
+def test_folders_alike_in_content_ship_under_one_name(tmp_path):
+    """Ray keeps a shipped folder under a hash of its contents, not of its name: two clones of one
+    project are one package on a cluster, unpacked under the first launch's name. Both launches must
+    name it alike, or the second one's hosts cannot import their entry (found by running the suite's
+    launches on one shared Ray instance)."""
+    staged = []
+    for clone in ("clone-a", "clone-b"):
+        (tmp_path / clone).mkdir()
+        (tmp_path / clone / "train.py").write_text("def main(ctx):\n    return 1\n")
+        staging = tmp_path / f"staging-{clone}"
+        staging.mkdir()
+        staged.append(entry_lib.shipped(entry_lib.parse(f"{tmp_path / clone / 'train.py'}:main"), staging))
+    (first, [folder_a]), (second, [folder_b]) = staged
+    assert first.package == second.package and pathlib.Path(folder_a).name == pathlib.Path(folder_b).name
+    (tmp_path / "clone-b" / "train.py").write_text("def main(ctx):\n    return 2\n")
+    changed, _ = entry_lib.shipped(entry_lib.parse(f"{tmp_path / 'clone-b' / 'train.py'}:main"), tmp_path)
+    assert changed.package != first.package
+
+
 # ---- resume ----------------------------------------------------------------------------------------
 
 def fake_run(path: pathlib.Path, job: JobConfig, fingerprint="abc") -> RunDir:
