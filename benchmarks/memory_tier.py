@@ -69,13 +69,13 @@ def _median(metrics: list[dict[str, Any]], key: str) -> float | None:
 
 
 def _run(work: pathlib.Path, name: str, steps: int, kill_at: int | None, *args: str,
-         window_until: int | None = None) -> dict[str, Any]:
+         until: int) -> dict[str, Any]:
+    """One launch; its throughput and save costs over steps STEADY_FROM to `until`."""
     r = launch(work / name, *SMALL, "--steps", str(steps), *args, fault="kill" if kill_at else None,
                fault_step=kill_at)
     out = summarize(r)
     restored = [e for e in r["events"] if e["event"] == "restored"]
     steady = [m for m in r["metrics"] if m["attempt"] == 1]
-    until = window_until or (kill_at - 1 if kill_at else steps - 1)
     return {"steps_per_s": steps_per_second(steady), "step_time_s": _step_time(r["metrics"]),
             "steady_steps_per_s": _steady_steps_per_s(r["metrics"], until), "window": [STEADY_FROM, until],
             **_within_run(r["metrics"], until),
@@ -100,10 +100,11 @@ def _run(work: pathlib.Path, name: str, steps: int, kill_at: int | None, *args: 
 def run(work: pathlib.Path, quick: bool) -> dict[str, Any]:
     steps, kill_at = (30, 20) if quick else (60, 45)
     window = kill_at - 1  # every run's throughput over the same steps, before the kill
-    never = _run(work, "never", steps, None, "--no-memory-tier", "--save-every", str(NEVER), window_until=window)
-    defaults = _run(work, "defaults", steps, kill_at)
-    memory = _run(work, "memory", steps, kill_at, "--memory-tier", "--save-every", "1", "--persist-every", str(NEVER))
-    durable = _run(work, "durable", steps, kill_at, "--no-memory-tier", "--save-every", "10")
+    never = _run(work, "never", steps, None, "--no-memory-tier", "--save-every", str(NEVER), until=window)
+    defaults = _run(work, "defaults", steps, kill_at, until=window)
+    memory = _run(work, "memory", steps, kill_at, "--memory-tier", "--save-every", "1", "--persist-every", str(NEVER),
+                  until=window)
+    durable = _run(work, "durable", steps, kill_at, "--no-memory-tier", "--save-every", "10", until=window)
     shrink = node_removed(work, "memory-4-to-2", "--memory-tier", "--save-every", "1", "--persist-every", "100",
                           hosts=4, min_hosts=2)
     return {
