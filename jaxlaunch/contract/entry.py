@@ -337,20 +337,25 @@ def _installed(path: pathlib.Path) -> bool:
     return any(path.is_relative_to(root) for root in roots)
 
 
+SHIPPED_ENTRY_PACKAGE = "jaxlaunch_entry_shipped"
+"""The name a file entry's folder is shipped to a cluster under (`shipped`)."""
+
+
 def shipped(ref: EntryRef, staging: pathlib.Path) -> tuple[EntryRef, list[str]]:
     """How the hosts of a cluster find the entry: its reference there and the folders to ship (as
     Ray py_modules). A file entry ships its folder (siblings stay importable), under a name of its
-    own in `staging` (from the entry file's contents) so it cannot shadow a package of the same name;
+    own in `staging` (`SHIPPED_ENTRY_PACKAGE`) so it cannot shadow a package of the same name;
     a module of a local package ships the package; an installed package ships nothing (the nodes must
     have it). A function sent by value from a script ships the script's folder (what it imports from
     there travels by name); from a notebook or stdin, nothing more."""
     if ref.path is not None:
         folder = pathlib.Path(ref.path).parent
-        # Named after the entry file's contents, not its folder's path: Ray keeps a shipped folder under
-        # a hash of what is inside it, without its name, so two folders alike in content (two clones of
-        # a project) are one package on the cluster, unpacked under the name the first was shipped with;
-        # a name from the path would leave the second launch's hosts unable to import theirs.
-        name = f"jaxlaunch_entry_{hashlib.sha1(pathlib.Path(ref.path).read_bytes()).hexdigest()[:10]}"
+        # One name for every shipped folder: Ray keeps a shipped folder under a hash of what is inside
+        # it, without its name, and unpacks it under the name it was first shipped with. Any name that
+        # differs between folders alike in content (two clones of a project; two entries of one folder,
+        # examples/minimal.py and examples/classifier.py) leaves a later launch's hosts unable to import
+        # theirs. A job ships one entry folder, and each job's hosts have their own sys.path.
+        name = SHIPPED_ENTRY_PACKAGE
         link = staging / name
         if not link.exists():
             link.symlink_to(folder, target_is_directory=True)

@@ -93,22 +93,21 @@ def test_a_file_entry_ships_its_folder_under_a_name_of_its_own(tmp_path):
 
 
 def test_folders_alike_in_content_ship_under_one_name(tmp_path):
-    """Ray keeps a shipped folder under a hash of its contents, not of its name: two clones of one
-    project are one package on a cluster, unpacked under the first launch's name. Both launches must
-    name it alike, or the second one's hosts cannot import their entry (found by running the suite's
-    launches on one shared Ray instance)."""
+    """Ray keeps a shipped folder under a hash of its contents, not of its name, unpacked under the
+    name it was first shipped with: two clones of one project, and two entries of one folder
+    (examples/minimal.py, examples/classifier.py), are one package on a cluster. Every launch must name
+    it alike, or a later one's hosts cannot import their entry (found by running the suite's launches
+    on one shared Ray instance)."""
     staged = []
-    for clone in ("clone-a", "clone-b"):
-        (tmp_path / clone).mkdir()
-        (tmp_path / clone / "train.py").write_text("def main(ctx):\n    return 1\n")
-        staging = tmp_path / f"staging-{clone}"
+    for clone, entry in (("clone-a", "train.py"), ("clone-b", "train.py"), ("clone-b", "evaluate.py")):
+        (tmp_path / clone).mkdir(exist_ok=True)
+        for name in ("train.py", "evaluate.py"):
+            (tmp_path / clone / name).write_text(f"def main(ctx):\n    return {name!r}\n")
+        staging = tmp_path / f"staging-{clone}-{entry}"
         staging.mkdir()
-        staged.append(entry_lib.shipped(entry_lib.parse(f"{tmp_path / clone / 'train.py'}:main"), staging))
-    (first, [folder_a]), (second, [folder_b]) = staged
-    assert first.package == second.package and pathlib.Path(folder_a).name == pathlib.Path(folder_b).name
-    (tmp_path / "clone-b" / "train.py").write_text("def main(ctx):\n    return 2\n")
-    changed, _ = entry_lib.shipped(entry_lib.parse(f"{tmp_path / 'clone-b' / 'train.py'}:main"), tmp_path)
-    assert changed.package != first.package
+        ref, [folder] = entry_lib.shipped(entry_lib.parse(f"{tmp_path / clone / entry}:main"), staging)
+        staged.append((ref.package, pathlib.Path(folder).name))
+    assert len(set(staged)) == 1, staged
 
 
 # ---- resume ----------------------------------------------------------------------------------------
