@@ -89,6 +89,9 @@ class HostContext:
         self._driver_stop = driver_stop or DriverStop()
         self._loop: _Loop | None = None
         self._clock = clock
+        self._wall_origin = (time.time(), clock())
+        """A wall time and the clock's reading at the same instant: a readback's wall time is the
+        clock's advance on it (so a test's fake clock moves the records' times too)."""
         self._wait_for = wait_for or _wait_for_device
         """Returns once the values a step reported are computed (a test's fake device replaces it)."""
         self._pending: list[dict[str, Any]] = []
@@ -338,6 +341,9 @@ class HostContext:
                 continue
             self._wait_for(list(record.values()))
             timing = self._loop.step_clock.read()
+            # The record's time is when its step ended (its readback), the end of its step_time_s:
+            # the goodput split lays each step from its time back by its step time.
+            record["time"] = self._wall_now()
             # The first step read in an attempt also paid for compilation: it has no time of its own.
             record["step_time_s"] = None if timing is None else timing.step_time_s
             if timing is None:
@@ -348,6 +354,10 @@ class HostContext:
             self._faults.observe_busy(timing.busy_s)
             if "tokens" in record and timing.step_time_s > 0:
                 record["tokens_per_s"] = float(_to_python(record["tokens"])) / timing.step_time_s
+
+    def _wall_now(self) -> float:
+        wall, at = self._wall_origin
+        return wall + (self._clock() - at)
 
     def _flush_metrics(self, before: int | None = None) -> None:
         """Hands read-back steps' records to the driver (rank 0's; every host's are the same)."""

@@ -5,6 +5,7 @@ import pathlib
 import threading
 
 import jax.numpy as jnp
+import pytest
 from jaxlaunch.workers.context import HostContext
 from jaxlaunch.workers.progress import HostProgress
 from jaxlaunch.workers.sharding import build_mesh
@@ -124,6 +125,11 @@ def test_each_steps_time_and_throughput_are_its_own_under_asynchronous_dispatch(
         assert record["step_time_s"] == DEVICE_SECONDS[step], (step, record)
         assert record["tokens_per_s"] == TOKENS / DEVICE_SECONDS[step], (step, record)
         assert record["busy_s"] + record["blocked_s"] == record["step_time_s"], (step, record)
+    # Each record's time is when its step ended, so the steps laid back from their records' times
+    # tile the run without gaps or overlaps (what the goodput split counts as steps).
+    ends = [records[s]["time"] for s in range(1, ctx.steps + 1)]
+    assert [b - a for a, b in zip(ends, ends[1:], strict=False)] == pytest.approx(
+        [DEVICE_SECONDS[s] for s in range(2, ctx.steps + 1)], abs=1e-6), ends
     assert records[4]["tokens_per_s"] == TOKENS / 7.0 and records[5]["tokens_per_s"] == TOKENS / 1.0, \
         "the slow step's throughput is its own, and the next step's is not inflated by it"
     # Busy: the host's work of queueing the next step; the last step's save waits at once.
