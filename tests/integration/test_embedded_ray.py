@@ -102,9 +102,14 @@ def start_driver() -> tuple[subprocess.Popen[str], dict]:
     )
     line = driver.stdout.readline()
     if not line:
-        driver.kill()
-        pytest.fail(f"driver failed: {driver.communicate(timeout=30)[1][-3000:]}")
+        fail_with_stderr(driver, "driver failed")
     return driver, json.loads(line)
+
+
+def fail_with_stderr(driver: subprocess.Popen[str], why: str) -> None:
+    """Kill the driver and fail the test with the tail of what it wrote to stderr."""
+    driver.kill()
+    pytest.fail(f"{why}: {driver.communicate(timeout=30)[1][-3000:]}")
 
 
 @pytest.fixture
@@ -171,9 +176,7 @@ def test_survives_sigterm_to_the_drivers_process_group():
         try:
             out, err = driver.communicate(timeout=DRIVER_TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            driver.kill()
-            pytest.fail(f"the driver did not stop within {DRIVER_TIMEOUT_S:g} s of the SIGTERM: "
-                        f"{driver.communicate(timeout=30)[1][-3000:]}")
+            fail_with_stderr(driver, f"the driver did not stop within {DRIVER_TIMEOUT_S:g} s of the SIGTERM")
         assert driver.returncode == 0, err[-3000:]
         assert "result 42" in out
         wait_for(lambda: not left_of(started["supervisor"], started["pids"]), GONE_TIMEOUT_S)
