@@ -29,6 +29,15 @@ MIN_SHARE = 2 / 3
 """A straggler stood out in at least this share of the steps looked at."""
 WARMUP_STEPS = 5
 """The first steps each host times in an attempt are passed over (caches and allocators warm up)."""
+MIN_COST_SHARE = 0.2
+"""...and what it makes every host wait, its busy time over its peers' (the median over the steps),
+is at least this share of the step time. A host whose own work is slower but a small part of the
+step (input while the device computes) costs the job little; and on a machine with more processes
+than cores the scheduler alone makes a host's busy time 1.3x its peers' through stretches of 20
+steps: in two 300-step runs of examples/minimal.py on 2 hosts beside one and two busy loops on 2
+cores, with no host slow, rank 0 stood out so in up to 15 of 20 steps, with a median cost of at most
+0.15 of the step in those stretches (0.27 in any stretch). The `slow` injection's factor 3 costs
+about 0.4 of the step of that example."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,17 +51,20 @@ class SlowHost:
 
 
 def find_straggler(busy: Mapping[int, Mapping[int, float]], factor: float, num_steps: int,
-                   min_share: float = MIN_SHARE) -> SlowHost | None:
+                   step_s: Mapping[int, float], min_share: float = MIN_SHARE,
+                   min_cost: float = MIN_COST_SHARE) -> SlowHost | None:
     """The host whose busy time was at least `factor` times its peers' median in most (`min_share`)
-    of the newest `num_steps` steps that every host timed, or None; the one that stands out most if
-    several do. `busy`: rank -> step -> busy seconds. Most, not all: a shared machine's noise hits
-    single steps of any host, and one ordinary step does not make a slow host fast; a burst of a few
-    slow steps (a host starved for a moment) is not a straggler either. A step in which no host
-    worked (every host read its result back at once, before a save) says nothing and is passed over."""
+    of the newest `num_steps` steps that every host timed, and whose excess over its peers was at
+    least `min_cost` of the step time (the median over those steps), or None; the one that stands
+    out most if several do. `busy`: rank -> step -> busy seconds; `step_s`: step -> its time. Most,
+    not all: a shared machine's noise hits single steps of any host, and one ordinary step does not
+    make a slow host fast; a burst of a few slow steps (a host starved for a moment) is not a
+    straggler either. A step in which no host worked (every host read its result back at once,
+    before a save) says nothing and is passed over, as is a step whose time is not known."""
     if len(busy) < 2 or num_steps < 1:
         return None
-    common = sorted(set.intersection(*(set(steps) for steps in busy.values())))
-    window = [s for s in common if statistics.median(b[s] for b in busy.values()) > 0][-num_steps:]
+    common = sorted(set.intersection(*(set(steps) for steps in busy.values())) & set(step_s))
+    window = [s for s in common if statistics.median(b[s] for b in busy.values()) > 0 and step_s[s] > 0][-num_steps:]
     if len(window) < num_steps:
         return None
     found: SlowHost | None = None
@@ -60,6 +72,8 @@ def find_straggler(busy: Mapping[int, Mapping[int, float]], factor: float, num_s
         peers = {s: statistics.median(busy[r][s] for r in busy if r != rank) for s in window}
         slow = [s for s in window if busy[rank][s] >= factor * peers[s]]
         if len(slow) < min_share * num_steps:
+            continue
+        if statistics.median((busy[rank][s] - peers[s]) / step_s[s] for s in window) < min_cost:
             continue
         ratio = statistics.median(busy[rank][s] / peers[s] if peers[s] > 0 else factor for s in window)
         if found is None or ratio > found.factor:
@@ -99,13 +113,15 @@ class StragglerWatch(Listener):
                  tell: Callable[[str], None]):
         self.factor, self.num_steps, self.record, self.tell = factor, num_steps, record, tell
         self.busy: dict[int, dict[int, float]] = {}
+        self.step_s: dict[int, float] = {}
+        """Each step's time, from rank 0's records (every host steps together)."""
         self.all_busy: dict[int, list[float]] = {}
         self.named: set[int] = set()
         self.found: list[events.Straggler] = []
         self.to_leave: Replacement | None = None
 
     def on_attempt_started(self, driver: Driver, started: AttemptStartNotice) -> None:
-        self.busy, self.all_busy, self.named, self.to_leave = {}, {}, set(), None
+        self.busy, self.step_s, self.all_busy, self.named, self.to_leave = {}, {}, {}, set(), None
 
     def replacement(self, attempt: Attempt) -> Replacement | None:
         wanted, self.to_leave = self.to_leave, None
@@ -121,6 +137,11 @@ class StragglerWatch(Listener):
         self.tell(message)
 
     def on_poll(self, driver: Driver, attempt: Attempt, poll: GroupPoll) -> None:
+        for record in poll.records:
+            if isinstance(record.get("step_time_s"), int | float):
+                self.step_s[record["step"]] = record["step_time_s"]
+        for old in sorted(self.step_s)[:-KEPT_STEPS_FACTOR * self.num_steps]:
+            del self.step_s[old]
         if not any(poll.busy.values()):
             return
         for rank, timed in poll.busy.items():
@@ -133,7 +154,7 @@ class StragglerWatch(Listener):
                 del steps[old]
         if len(self.busy) < attempt.num_hosts:
             return
-        found = find_straggler(self.busy, self.factor, self.num_steps)
+        found = find_straggler(self.busy, self.factor, self.num_steps, self.step_s)
         if found is None or found.rank in self.named:
             return
         self.named.add(found.rank)

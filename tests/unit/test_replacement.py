@@ -36,7 +36,7 @@ def slow(rank: int) -> Behaviour:
             return []
         records = obeys(group, i)
         for record in records:
-            group.busy = {r: [(record["step"], 0.03 if r == rank else 0.01)] for r in range(group.num_hosts)}
+            group.busy = {r: [(record["step"], 0.15 if r == rank else 0.05)] for r in range(group.num_hosts)}
         return records
     return behaviour
 
@@ -166,7 +166,7 @@ def test_straggler_action_is_warn_or_replace(value):
 def test_a_replacement_the_hosts_do_not_stop_for_still_restarts_elsewhere_without_a_failure():
     def slow_and_deaf(group: FakeGroup, i: int) -> list[Record]:
         records = group.train(i)  # its loop never calls ctx.should_stop
-        group.busy = {r: [(i, 0.03 if r == SLOW_HOST else 0.01)] for r in range(group.num_hosts)}
+        group.busy = {r: [(i, 0.15 if r == SLOW_HOST else 0.05)] for r in range(group.num_hosts)}
         return records
 
     def from_scratch(group: FakeGroup, i: int) -> list[Record]:

@@ -18,6 +18,15 @@ from jaxlaunch.contract.protocol import (
 
 FACTOR, STEPS = 1.3, 20
 USUAL_S = 0.010
+STEP_S = 0.050
+"""A step's time: a 3x host's excess (20 ms) is 0.4 of it."""
+
+
+def times_of(steps: range, seconds: float = STEP_S) -> dict[int, float]:
+    return {step: seconds for step in steps}
+
+
+TIMES = times_of(range(1, 200))
 
 
 def busy_of(num_hosts: int, steps: range, slow: dict[int, float] | None = None,
@@ -36,33 +45,43 @@ def busy_of(num_hosts: int, steps: range, slow: dict[int, float] | None = None,
 
 def test_a_host_three_times_as_busy_for_twenty_steps_is_named_with_its_factor():
     busy = busy_of(4, range(1, 61), slow={30: 3.0})
-    found = find_straggler(busy, FACTOR, STEPS)
+    found = find_straggler(busy, FACTOR, STEPS, TIMES)
     assert found is not None and found.rank == 1
     assert found.steps == list(range(41, 61)), "the newest 20 steps"
     assert 2.4 < found.factor < 3.6 and found.busy_s > 2 * found.peers_busy_s
 
 
 def test_the_host_must_stay_slow_through_most_of_the_steps_not_one_burst():
-    assert find_straggler(busy_of(4, range(1, 53), slow={40: 3.0}), FACTOR, STEPS) is None, "13 of 20 steps slow"
-    found = find_straggler(busy_of(4, range(1, 54), slow={40: 3.0}), FACTOR, STEPS)
+    assert find_straggler(busy_of(4, range(1, 53), slow={40: 3.0}), FACTOR, STEPS, TIMES) is None, "13 of 20 steps slow"
+    found = find_straggler(busy_of(4, range(1, 54), slow={40: 3.0}), FACTOR, STEPS, TIMES)
     assert found is not None and found.rank == 1, "14 of 20: two thirds"
     busy = busy_of(4, range(1, 61), slow={30: 3.0})
     busy[1][45] = busy[1][55] = USUAL_S  # an ordinary step now and then...
     busy[2][51] *= 10  # ...and a moment in which most of its peers were starved too
     busy[3][51] *= 10
-    found = find_straggler(busy, FACTOR, STEPS)
+    found = find_straggler(busy, FACTOR, STEPS, TIMES)
     assert found is not None and found.rank == 1, "a few ordinary steps do not make a slow host fast"
     starved = busy_of(4, range(1, 61))
     for step in range(45, 53):  # one host starved for 8 steps of a shared machine
         starved[0][step] *= 10
-    assert find_straggler(starved, FACTOR, STEPS) is None
-    assert find_straggler(busy_of(4, range(1, 30)), FACTOR, STEPS) is None, "fewer than 20 steps timed"
+    assert find_straggler(starved, FACTOR, STEPS, TIMES) is None
+    assert find_straggler(busy_of(4, range(1, 30)), FACTOR, STEPS, TIMES) is None, "fewer than 20 steps timed"
 
 
 def test_even_hosts_or_a_mild_slowdown_name_nobody():
-    assert find_straggler(busy_of(4, range(1, 61)), FACTOR, STEPS) is None
-    assert find_straggler(busy_of(4, range(1, 61), slow={1: 1.15}, jitter=0.0), FACTOR, STEPS) is None
-    assert find_straggler(busy_of(1, range(1, 61)), FACTOR, STEPS) is None, "a single host has no peers"
+    assert find_straggler(busy_of(4, range(1, 61)), FACTOR, STEPS, TIMES) is None
+    assert find_straggler(busy_of(4, range(1, 61), slow={1: 1.15}, jitter=0.0), FACTOR, STEPS, TIMES) is None
+    assert find_straggler(busy_of(1, range(1, 61)), FACTOR, STEPS, TIMES) is None, "a single host has no peers"
+
+
+def test_a_host_whose_excess_is_a_small_part_of_the_step_is_not_named():
+    """Twice its peers' busy time, but 10 ms of a 200 ms step: the job loses 5 %. The same host in
+    40 ms steps costs a quarter of each and is named. Steps whose time is not known are passed over."""
+    busy = busy_of(4, range(1, 61), slow={1: 2.0}, jitter=0.0)
+    assert find_straggler(busy, FACTOR, STEPS, times_of(range(1, 61), 0.200)) is None
+    found = find_straggler(busy, FACTOR, STEPS, times_of(range(1, 61), 0.040))
+    assert found is not None and found.rank == 1 and 1.9 < found.factor < 2.1
+    assert find_straggler(busy, FACTOR, STEPS, times_of(range(1, 30))) is None, "20 steps with known times needed"
 
 
 def test_steps_in_which_nobody_worked_say_nothing():
@@ -71,7 +90,7 @@ def test_steps_in_which_nobody_worked_say_nothing():
     for rank in busy:
         for step in (40, 50, 60):
             busy[rank][step] = 0.0
-    found = find_straggler(busy, FACTOR, STEPS)
+    found = find_straggler(busy, FACTOR, STEPS, TIMES)
     assert found is not None and found.rank == 1 and 40 not in found.steps and len(found.steps) == STEPS
 
 
@@ -85,7 +104,8 @@ def test_the_watch_records_the_straggler_once_with_its_node_and_every_hosts_busy
     hosts = [HostStatus(rank) for rank in range(4)]
     for first in range(1, 81, 5):  # a poll every 5 steps
         window = {rank: [(s, busy[rank][s]) for s in range(first, first + 5)] for rank in range(4)}
-        watch.on_poll(None, attempt, GroupPoll(hosts, [], [], {}, [], window))
+        records = [{"step": s, "step_time_s": STEP_S} for s in range(first, first + 5)]
+        watch.on_poll(None, attempt, GroupPoll(hosts, records, [], {}, [], window))
     [straggler] = [e for e in recorded if isinstance(e, events.Straggler)]
     assert (straggler.host, straggler.node, straggler.steps) == (1, "node-b", STEPS)
     assert 30 < straggler.last_step < 30 + 30, "named within 30 steps of the slowdown"
