@@ -176,7 +176,7 @@ Orbax, jax.distributed and a compilation (about 5 s on a warm machine with a cac
 MIN_POLLS_PER_TIMEOUT = 2
 """A watchdog limit spans at least this many of the driver's polls, or a host that is merely between
 two polls counts as silent."""
-NON_NEGATIVE = {"fault": ("max_restarts", "max_preemptions", "backoff_s"), "train": ("seed",)}
+NON_NEGATIVE = {"fault": ("max_restarts", "max_preemptions", "backoff_s", "verify_every"), "train": ("seed",)}
 """Numbers that may be 0; every other number of a section is above 0."""
 
 

@@ -74,6 +74,12 @@ def test_backoff_may_be_zero_but_not_negative_or_nan(value):
         validate(job(**{"fault.backoff_s": value}))
 
 
+def test_verify_every_zero_means_at_save_steps_only_as_its_help_says():
+    validate(job(**{"fault.verify_every": 0}))
+    with pytest.raises(ConfigError, match="fault.verify_every must be a finite number at least 0"):
+        validate(job(**{"fault.verify_every": -1}))
+
+
 def test_step_counts_must_fit_a_step_counter():
     with pytest.raises(ConfigError, match="train.steps must be at most 2147483647"):
         validate(job(**{"train.steps": 10**12}))
