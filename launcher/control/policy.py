@@ -41,7 +41,8 @@ class FaultConfig:
     straggler_factor: float = 1.3
     """A host is a straggler when its busy time per step is at least this many times its peers' median..."""
     straggler_steps: int = 20
-    """...in each of this many steps in a row (steps every host timed; a `straggler` event names it)."""
+    """...in two thirds of the newest this many steps every host timed, and its excess over its peers
+    is at least 0.1 of the step time there (what every host waits for it; a `straggler` event names it)."""
     straggler_action: Literal["warn", "replace"] = flag("warn")
     """What a straggler (and, with 3 or more replicas, a host whose replica disagreed) makes the job do:
     warn, or replace: save at one step and restart on nodes without its node, when the cluster has
