@@ -31,12 +31,12 @@ WARMUP_STEPS = 5
 """The first steps each host times in an attempt are passed over (caches and allocators warm up)."""
 MIN_COST_SHARE = 0.1
 """A straggler also costs the job: what it makes every host wait, its busy time over its peers'
-(the median over the steps), is at least this share of the step time. A host whose own work is slower but a small part of the
-step (input while the device computes) costs the job little, and rank 0, which also serves JAX's
-coordination service and hands the records over, is such a host: 3.8 ms of busy time a step
-against its peers' 1.2-1.5 ms in a 4-host run of examples/minimal.py on 2 cores, 2.5x its peers'
-but 0.05 of its 50 ms steps. The `slow` injection's factor 3 costs about 0.2 of the step there
-(0.4 on 2 hosts)."""
+(the median over the steps), is at least this share of the step time. A host whose own work is
+slower but a small part of the step (input while the device computes) costs the job little, and
+rank 0, which also serves JAX's coordination service and hands the records over, is such a host:
+3.8 ms of busy time a step against its peers' 1.2-1.5 ms in a 4-host run of examples/minimal.py on
+2 cores, 2.5x its peers' but 0.05 of its 50 ms steps. The `slow` injection's factor 3 costs about
+0.2 of the step there (0.4 on 2 hosts)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,8 +139,7 @@ class StragglerWatch(Listener):
         for record in poll.records:
             if isinstance(record.get("step_time_s"), int | float):
                 self.step_s[record["step"]] = record["step_time_s"]
-        for old in sorted(self.step_s)[:-KEPT_STEPS_FACTOR * self.num_steps]:
-            del self.step_s[old]
+        self._keep_newest(self.step_s)
         if not any(poll.busy.values()):
             return
         for rank, timed in poll.busy.items():
@@ -149,8 +148,7 @@ class StragglerWatch(Listener):
                 self.all_busy.setdefault(rank, []).append(seconds)
                 if len(self.all_busy[rank]) > WARMUP_STEPS:
                     steps[step] = seconds
-            for old in sorted(steps)[:-KEPT_STEPS_FACTOR * self.num_steps]:
-                del steps[old]
+            self._keep_newest(steps)
         if len(self.busy) < attempt.num_hosts:
             return
         found = find_straggler(self.busy, self.factor, self.num_steps, self.step_s)
@@ -166,6 +164,11 @@ class StragglerWatch(Listener):
         self.to_leave = Replacement(found.rank, events.EventKind.STRAGGLER.value)
         self.record(event)
         self.tell(straggler_message(event))
+
+    def _keep_newest(self, by_step: dict[int, float]) -> None:
+        """Drops all but the newest KEPT_STEPS_FACTOR * straggler_steps steps."""
+        for old in sorted(by_step)[:-KEPT_STEPS_FACTOR * self.num_steps]:
+            del by_step[old]
 
     def on_attempt_ended(self, driver: Driver, ended: AttemptEndNotice) -> None:
         if not self.all_busy:
