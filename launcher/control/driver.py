@@ -21,6 +21,7 @@ from jaxlaunch.launcher.control.limits import (
     HEAR_OUT_S,
     MAX_MARGIN_DOUBLINGS,
     NODE_WAIT_S,
+    PROPOSALS_PER_ROUND,
     RESIZE_SETTLE_S,
     SECONDARY_GRACE_S,
     STOP_AGREE_S,
@@ -360,18 +361,26 @@ class Driver:
             return state
         if now - state.since > STOP_AGREE_S:
             return self._stop_unheeded(state, f"the hosts did not agree on a step to stop at in {STOP_AGREE_S:g} s")
-        margin = STOP_MARGIN_STEPS * 2 ** min(state.refusals, MAX_MARGIN_DOUBLINGS)
-        proposed = policy.stop_step([h.step for h in poll.hosts], state.passed, margin)
-        answers = group.propose_stop(proposed)
         running = [h.rank for h in poll.hosts if h.rank not in poll.results]
-        if all(rank in answers and answers[rank].accepted for rank in running):
-            missing = set(running) - set(group.confirm_stop(proposed, running))
-            log.info("every host stops at step %d", proposed)
-            return dataclasses.replace(state, proposed=proposed, confirmed=True, unconfirmed=tuple(sorted(missing)))
-        # A host had passed the step (or did not answer): the hosts that accepted it wait there,
-        # and the next round proposes past the furthest host, with a wider margin.
-        passed = max([proposed, *(a.step for a in answers.values() if a.step is not None)])
-        return dataclasses.replace(state, proposed=proposed, passed=passed, refusals=state.refusals + 1)
+        # A proposal every host answered but some refused is followed at once by one past their
+        # answers (fresh, where the poll's steps are a poll old: fast steps outran every proposal
+        # made a poll later, and a stop asked at step 67 was agreed at 136).
+        for _ in range(PROPOSALS_PER_ROUND):
+            margin = STOP_MARGIN_STEPS * 2 ** min(state.refusals, MAX_MARGIN_DOUBLINGS)
+            proposed = policy.stop_step([h.step for h in poll.hosts], state.passed, margin)
+            answers = group.propose_stop(proposed)
+            if all(rank in answers and answers[rank].accepted for rank in running):
+                missing = set(running) - set(group.confirm_stop(proposed, running))
+                log.info("every host stops at step %d", proposed)
+                return dataclasses.replace(state, proposed=proposed, confirmed=True,
+                                           unconfirmed=tuple(sorted(missing)))
+            # A host had passed the step (or did not answer): the hosts that accepted it wait there,
+            # and the next proposal is past the furthest host, with a wider margin.
+            passed = max([proposed, *(a.step for a in answers.values() if a.step is not None)])
+            state = dataclasses.replace(state, proposed=proposed, passed=passed, refusals=state.refusals + 1)
+            if not all(rank in answers for rank in running):
+                break  # a host that did not answer in time may answer at the next poll
+        return state
 
     def _stop_unheeded(self, state: Draining, why: str) -> State:
         """The hosts cannot stop at one saved step: the attempt ends here; its work since the latest

@@ -600,3 +600,18 @@ def test_a_stop_the_hosts_cannot_agree_on_is_resolved_in_bounded_time():
     began = clock.now
     assert driver.run() == 128 + signal.SIGINT
     assert "did not agree" in driver.state.reason and clock.now - began <= STOP_AGREE_S + 1
+
+
+def test_hosts_that_outrun_the_polls_agree_on_a_stop_in_the_round_it_was_asked():
+    """Fast steps put a host a poll's worth of steps past what it reported: the next proposal comes
+    from the hosts' answers at once, not a poll later, when they would have run on again."""
+    driver, log, _, _ = make_driver([ahead_by(1, 25)])
+    driver.step()
+    driver.step()
+    driver.request_stop(signal.SIGINT)
+    draining = driver.step()
+    assert isinstance(draining, Draining) and draining.confirmed, "agreed in the round the stop was asked"
+    proposals = [entry[1] for entry in log if entry[0] == "propose_stop"]
+    # The first, 2 past the step polled, is refused by host 1 (25 further on); the second is 4 past its answer.
+    assert proposals == [proposals[0], proposals[0] - 2 + 25 + 4], "past the answer, not past the poll"
+    assert driver.run() == 128 + signal.SIGINT
