@@ -415,9 +415,15 @@ def table(results: dict[str, Any]) -> Table:
                       _f(m["defaults_steps_per_s_over_durable"]), "", "", _f(m["defaults_step_over_normal"]),
                       f"cadence {[(c['memory_every'], c['durable_every']) for c in d['cadence']]} (memory, durable)")
             t.add_row("the defaults: host SIGKILL -> first step / Orbax's", _f(d["recovery_s"]), "",
-                      _f(dur["recovery_s"]), _f(ratio(d["recovery_s"], dur["recovery_s"])),
-                      f"recomputed {d['steps_recomputed']} / {dur['steps_recomputed']}; restored from "
-                      f"{d['restored_tier']}")
+                      _f(dur["recovery_s"]), _f(m["defaults_recovery_over_durable"]),
+                      f"recomputed {m.get('defaults_steps_recomputed', d['steps_recomputed'])} / "
+                      f"{dur['steps_recomputed']}; restored from {d['restored_tier']}")
+            if "rounds" in m:
+                t.add_row(f"the defaults over {len(m['rounds'])} rounds: steps/s over never saving (median)",
+                          "", "", "", _f(m["defaults_steady_steps_per_s_over_never"]),
+                          f"range {_range(m, 'defaults_steady_steps_per_s_over_never')}; a step during a save / a "
+                          f"normal one {_f(m['defaults_during_save_over_normal'])}; SIGKILL / Orbax's range "
+                          f"{_range(m, 'defaults_recovery_over_durable')}")
     if "soak" in results:
         s, rec = results["soak"], results["soak"]["recovery_s"]
         t.add_row(f"soak: runs under --chaos {s['job']['chaos_mean_s']:g} equal to an uninterrupted run",
@@ -430,6 +436,11 @@ def table(results: dict[str, Any]) -> Table:
                   f"{row['driver_cpu_per_poll_s'] * 1e3:.2f} ms CPU a poll, decision {row['decision_cpu_s'] * 1e3:.1f} "
                   f"ms, {row['record_bytes_per_step']:.0f} B of records a step")
     return t
+
+
+def _range(m: dict[str, Any], key: str) -> str:
+    low_high = m.get(key + "_range")
+    return f"{_f(low_high[0])}-{_f(low_high[1])}" if low_high else "-"
 
 
 def main() -> int:

@@ -114,24 +114,35 @@ def summarize(r: dict[str, Any]) -> dict[str, Any]:
                                                     or (restored and restored[0] == r["committed_then"]))
         failure = next(e for e in events if e["event"] == "failure")
         out["detection_s"] = failure["detection_latency_s"]
-        out["recovery_split"] = startup_split(events, later[0]["attempt"], failure["time"]) if later else None
+        out["recovery_split"] = (recovery_split(events, later[0], r["fault_at"], failure["time"])
+                                 if later else None)
     return out
 
 
-def startup_split(events: list[dict[str, Any]], attempt: int, since: float) -> dict[str, float]:
-    """Where the time from `since` to an attempt's first completed step went, from the hosts'
-    timelines (each phase ends when the slowest host has finished it)."""
+SPLIT = (("processes", "actor_init"), ("host_setup", "initializing"),
+         ("jax_distributed_and_import", "restoring"), ("restore_or_init", "compiling"),
+         ("trace_and_compile", "first_step_done"))
+"""The phases of a host's start, each ending when the slowest host entered the next (its
+`startup_timeline`); `first_step_done` is when the first step was dispatched, not done."""
+
+
+def recovery_split(events: list[dict[str, Any]], first: dict[str, Any], fault_at: float,
+                   failed_at: float) -> dict[str, float]:
+    """Where the time from the fault to the first step's record of the next attempt went, each second
+    once: the phases follow one another (a phase a warm standby had done before is 0), and they add
+    up to the recovery time."""
+    attempt = first["attempt"]
     lines = [e for e in events if e["event"] == "startup_timeline" and e["attempt"] == attempt]
     started = next(e["time"] for e in events if e["event"] == "attempt_started" and e["attempt"] == attempt)
-    last = {key: max(line[key] for line in lines) for key in
-            ("actor_init", "initializing", "restoring", "compiling", "training", "first_step_done")}
-    return {
-        "to_attempt_start": started - since,
-        "processes": last["actor_init"] - started,
-        "jax_distributed_and_import": last["restoring"] - last["initializing"],
-        "restore_or_init": last["compiling"] - last["restoring"],
-        "compile_and_first_step": last["training"] - last["compiling"],
-    }
+    bounds = [("detection", failed_at), ("to_attempt_start", started),
+              *((name, max(line[key] for line in lines)) for name, key in SPLIT),
+              # From the dispatch to the record: the record is written when the step's result is read.
+              ("first_step_execution", first["time"])]
+    split, at = {}, fault_at
+    for name, end in bounds:
+        split[name] = max(0.0, end - at)
+        at = max(at, end)
+    return split
 
 
 def jaxlaunch_job(work: pathlib.Path, name: str, *, steps: int, save_every: int, fault: str | None = None,

@@ -3,7 +3,8 @@ preset on 2 hosts, the defaults (the memory tier, each tier's cadence chosen fro
 save every step in memory vs an asynchronous Orbax save every 10 steps vs no saves, each SIGKILLed at
 the same step (host 1) except the run without saves. The copies of a host's part per save are
 counted, not assumed (the save's `memory_copies*` metrics), and so are the bytes each host reads on a
-4 -> 2 restore from memory against its new part."""
+4 -> 2 restore from memory against its new part. The four runs are made ROUNDS times, each ratio
+taken within a round and its median over the rounds reported with its range."""
 
 from __future__ import annotations
 
@@ -97,33 +98,80 @@ def _run(work: pathlib.Path, name: str, steps: int, kill_at: int | None, *args: 
                                                   restored[0].get("memory_part_bytes")) if restored else None}
 
 
-def run(work: pathlib.Path, quick: bool) -> dict[str, Any]:
-    steps, kill_at = (30, 20) if quick else (60, 45)
+ROUNDS = 3
+"""Rounds of the four runs. On this small, shared machine one run's median step moves by 10 % or more
+from one run to the next, either way: each ratio is taken within a round, and the median over the
+rounds reported with its range."""
+
+
+def _round(work: pathlib.Path, number: int, steps: int, kill_at: int) -> dict[str, Any]:
+    """The four runs once, in an order turned by one each round (a run's place in the order is not
+    what a ratio measures)."""
     window = kill_at - 1  # every run's throughput over the same steps, before the kill
-    never = _run(work, "never", steps, None, "--no-memory-tier", "--save-every", str(NEVER), until=window)
-    defaults = _run(work, "defaults", steps, kill_at, until=window)
-    memory = _run(work, "memory", steps, kill_at, "--memory-tier", "--save-every", "1", "--persist-every", str(NEVER),
-                  until=window)
-    durable = _run(work, "durable", steps, kill_at, "--no-memory-tier", "--save-every", "10", until=window)
-    shrink = node_removed(work, "memory-4-to-2", "--memory-tier", "--save-every", "1", "--persist-every", "100",
-                          hosts=4, min_hosts=2)
+    runs = {
+        "never": lambda: _run(work, f"never-{number}", steps, None, "--no-memory-tier", "--save-every", str(NEVER),
+                              until=window),
+        "defaults": lambda: _run(work, f"defaults-{number}", steps, kill_at, until=window),
+        "memory": lambda: _run(work, f"memory-{number}", steps, kill_at, "--memory-tier", "--save-every", "1",
+                               "--persist-every", str(NEVER), until=window),
+        "durable": lambda: _run(work, f"durable-{number}", steps, kill_at, "--no-memory-tier", "--save-every", "10",
+                                until=window),
+    }
+    names = list(runs)
+    order = names[number % len(names):] + names[:number % len(names)]
+    r = {name: runs[name]() for name in order}
+    never, defaults, memory, durable = r["never"], r["defaults"], r["memory"], r["durable"]
     return {
-        "never": never, "defaults": defaults, "memory": memory, "durable": durable, "shrink_4_to_2": shrink,
+        **r, "order": order,
         "defaults_steps_per_s_over_durable": _ratio(defaults["steps_per_s"], durable["steps_per_s"]),
         "defaults_step_over_normal": _ratio(defaults["step_time_s"], never["step_time_s"]),
         # The same window of steps in each run (STEADY_FROM to the step before the kill).
         "defaults_steady_steps_per_s_over_never": _ratio(defaults["steady_steps_per_s"], never["steady_steps_per_s"]),
         "durable_steady_steps_per_s_over_never": _ratio(durable["steady_steps_per_s"], never["steady_steps_per_s"]),
         "defaults_recovery_over_durable": _ratio(defaults["recovery_s"], durable["recovery_s"]),
-        # Targets: 1 copy on the saving node (its write); at most 1.5x its new part read per host.
-        "copies_per_save_on_own_node": memory["memory_copies_on_node"],
-        "restore_4_to_2_bytes_over_new_part": shrink["restore_bytes_over_new_part"],
         "memory_blocking_over_step": _ratio(memory["memory_blocking_s"], memory["step_time_s"]),
         "memory_steps_per_s_over_never": _ratio(memory["steps_per_s"], never["steps_per_s"]),
         "memory_step_over_normal": _ratio(memory["step_time_s"], never["step_time_s"]),
         "durable_step_over_normal": _ratio(durable["step_time_s"], never["step_time_s"]),
         "restore_memory_over_orbax": _ratio(memory["restore_s"], durable["restore_s"]),
     }
+
+
+RATIOS = ("defaults_steps_per_s_over_durable", "defaults_step_over_normal", "defaults_steady_steps_per_s_over_never",
+          "durable_steady_steps_per_s_over_never", "defaults_recovery_over_durable", "memory_blocking_over_step",
+          "memory_steps_per_s_over_never", "memory_step_over_normal", "durable_step_over_normal",
+          "restore_memory_over_orbax")
+
+
+def run(work: pathlib.Path, quick: bool, rounds: int | None = None) -> dict[str, Any]:
+    steps, kill_at = (30, 20) if quick else (60, 45)
+    rounds = rounds or (1 if quick else ROUNDS)
+    done = [_round(work, number, steps, kill_at) for number in range(rounds)]
+    shrink = node_removed(work, "memory-4-to-2", "--memory-tier", "--save-every", "1", "--persist-every", "100",
+                          hosts=4, min_hosts=2)
+    first = done[0]
+    out: dict[str, Any] = {name: first[name] for name in ("never", "defaults", "memory", "durable")}
+    out["rounds"] = [{k: v for k, v in r.items() if k in RATIOS or k == "order"} | {
+        f"{name}_{key}": r[name][key] for name in ("defaults", "memory", "durable")
+        for key in ("recovery_s", "steps_recomputed", "restored_tier", "during_save_over_normal", "save_cost_share")}
+        for r in done]
+    for key in RATIOS:
+        values = [r[key] for r in done if r[key] is not None]
+        out[key] = statistics.median(values) if values else None
+        out[key + "_range"] = [min(values), max(values)] if values else None
+    out["defaults_during_save_over_normal"] = _median_of(done, "defaults", "during_save_over_normal")
+    out["defaults_save_cost_share"] = _median_of(done, "defaults", "save_cost_share")
+    out["defaults_steps_recomputed"] = [r["defaults"]["steps_recomputed"] for r in done]
+    out["shrink_4_to_2"] = shrink
+    # Targets: 1 copy on the saving node (its write); at most 1.5x its new part read per host.
+    out["copies_per_save_on_own_node"] = _median_of(done, "memory", "memory_copies_on_node")
+    out["restore_4_to_2_bytes_over_new_part"] = shrink["restore_bytes_over_new_part"]
+    return out
+
+
+def _median_of(done: list[dict[str, Any]], run: str, key: str) -> float | None:
+    values = [r[run][key] for r in done if r[run][key] is not None]
+    return statistics.median(values) if values else None
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
