@@ -344,9 +344,8 @@ class Driver:
         return Stopped(signum, f"stopped by {self.stop_name} before training began")
 
     def _drain(self, state: Draining, poll: GroupPoll, now: float) -> State:
-        """One round of agreeing on the stop step: propose a step until every running host accepted
-        one, then make it final; a confirmation that did not arrive is sent again, and a stop the
-        hosts do not agree on or do not obey in time is carried out without them."""
+        """One round of agreeing on the stop step: propose steps until every running host accepted one,
+        make it final (a confirmation lost is sent again); one not agreed or obeyed in time is forced."""
         group = self.running_group
         if state.confirmed:
             stop_at = state.proposed
@@ -362,20 +361,15 @@ class Driver:
         if now - state.since > STOP_AGREE_S:
             return self._stop_unheeded(state, f"the hosts did not agree on a step to stop at in {STOP_AGREE_S:g} s")
         running = [h.rank for h in poll.hosts if h.rank not in poll.results]
-        # A proposal every host answered but some refused is followed at once by one past their
-        # answers (fresh, where the poll's steps are a poll old: fast steps outran every proposal
-        # made a poll later, and a stop asked at step 67 was agreed at 136).
-        for _ in range(PROPOSALS_PER_ROUND):
+        for _ in range(PROPOSALS_PER_ROUND):  # each from the answers before it, not the poll's older steps
             margin = STOP_MARGIN_STEPS * 2 ** min(state.refusals, MAX_MARGIN_DOUBLINGS)
             proposed = policy.stop_step([h.step for h in poll.hosts], state.passed, margin)
             answers = group.propose_stop(proposed)
             if all(rank in answers and answers[rank].accepted for rank in running):
                 missing = set(running) - set(group.confirm_stop(proposed, running))
                 log.info("every host stops at step %d", proposed)
-                return dataclasses.replace(state, proposed=proposed, confirmed=True,
-                                           unconfirmed=tuple(sorted(missing)))
-            # A host had passed the step (or did not answer): the hosts that accepted it wait there,
-            # and the next proposal is past the furthest host, with a wider margin.
+                return dataclasses.replace(state, proposed=proposed, confirmed=True, unconfirmed=tuple(sorted(missing)))
+            # A host had passed it: those that accepted wait there; the next is past the furthest host.
             passed = max([proposed, *(a.step for a in answers.values() if a.step is not None)])
             state = dataclasses.replace(state, proposed=proposed, passed=passed, refusals=state.refusals + 1)
             if not all(rank in answers for rank in running):

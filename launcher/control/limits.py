@@ -19,8 +19,9 @@ STOP_MARGIN_STEPS = 2
 """A proposed stop step is this far past the furthest step known (a host past it says so, and a
 later step is proposed)."""
 PROPOSALS_PER_ROUND = 4
-"""How many proposals one drain round makes, each from the answers to the one before, before it
-waits for the next poll (a host that did not answer may answer then)."""
+"""How many proposals one drain round makes, each past the hosts' answers to the one before, before
+it waits for the next poll. The poll's steps are a poll old: fast steps outran every proposal made a
+poll later (a stop asked at step 67 was agreed at 136)."""
 MAX_MARGIN_DOUBLINGS = 10
 """The margin doubles with each refused proposal (fast steps outrun a poll), at most this many times."""
 STOP_AGREE_S = 60.0
