@@ -157,21 +157,17 @@ def run(work: pathlib.Path, quick: bool, rounds: int | None = None) -> dict[str,
         for r in done]
     for key in RATIOS:
         values = [r[key] for r in done if r[key] is not None]
-        out[key] = statistics.median(values) if values else None
+        out[key] = _median(done, key)
         out[key + "_range"] = [min(values), max(values)] if values else None
-    out["defaults_during_save_over_normal"] = _median_of(done, "defaults", "during_save_over_normal")
-    out["defaults_save_cost_share"] = _median_of(done, "defaults", "save_cost_share")
+    defaults = [r["defaults"] for r in done]
+    out["defaults_during_save_over_normal"] = _median(defaults, "during_save_over_normal")
+    out["defaults_save_cost_share"] = _median(defaults, "save_cost_share")
     out["defaults_steps_recomputed"] = [r["defaults"]["steps_recomputed"] for r in done]
     out["shrink_4_to_2"] = shrink
     # Targets: 1 copy on the saving node (its write); at most 1.5x its new part read per host.
-    out["copies_per_save_on_own_node"] = _median_of(done, "memory", "memory_copies_on_node")
+    out["copies_per_save_on_own_node"] = _median([r["memory"] for r in done], "memory_copies_on_node")
     out["restore_4_to_2_bytes_over_new_part"] = shrink["restore_bytes_over_new_part"]
     return out
-
-
-def _median_of(done: list[dict[str, Any]], run: str, key: str) -> float | None:
-    values = [r[run][key] for r in done if r[run][key] is not None]
-    return statistics.median(values) if values else None
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
