@@ -337,6 +337,21 @@ class HostStatus:
     """Driver clock at which `step` or `phase` last changed."""
     committed: dict[str, int] = dataclasses.field(default_factory=dict)
     """The newest step of each tier whose save this host reported committed in this attempt."""
+    first_reported: int | None = None
+    """The first step this host reported training in this attempt."""
+
+    def heard(self, step: int | None, phase: Phase, now: float) -> None:
+        """A poll's answer: where the host is."""
+        if (step, phase) != (self.step, self.phase):
+            self.step, self.phase, self.last_progress = step, phase, now
+        if self.first_reported is None and phase.started_training and step is not None:
+            self.first_reported = step
+
+    @property
+    def past_first_step(self) -> bool:
+        """It reported a step after its first: that first step's result was read (a host reads a
+        step's result before it reports the next), so its execution, the end of a start-up, is over."""
+        return self.step is not None and self.first_reported is not None and self.step > self.first_reported
 
     def heard_committed(self, saves: tuple[tuple[str, int], ...]) -> None:
         for tier, step in saves:

@@ -142,8 +142,7 @@ class RayWorkerGroup:
                 continue  # the run ref reports the death
             host = self.hosts[rank]
             host.last_heard = now
-            if (snapshot.step, snapshot.phase) != (host.step, host.phase):
-                host.step, host.phase, host.last_progress = snapshot.step, snapshot.phase, now
+            host.heard(snapshot.step, snapshot.phase, now)
             records += snapshot.records
             events += [(rank, e) for e in snapshot.events if rank == 0 or e.per_host]
             busy.setdefault(rank, []).extend(snapshot.busy)
@@ -172,9 +171,8 @@ class RayWorkerGroup:
                 self.hosts[rank].heard_committed(snapshot.committed)
             self.results[rank] = result
         self._refresh_liveness()
-        if (self.standby is not None and not self.replenished
-                and all(h.phase.started_training for h in self.hosts)):
-            # Only once training runs: the spares' imports would slow this group's start-up.
+        if self.standby is not None and not self.replenished and all(h.past_first_step for h in self.hosts):
+            # Only once every first step ran: the spares' imports would slow this group's start-up.
             self.replenished = True
             self.standby.replenish(len(self.actors))
         records.sort(key=lambda r: r["step"])

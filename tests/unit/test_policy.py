@@ -282,3 +282,19 @@ def test_a_stop_step_is_past_every_step_known():
     assert stop_step([10, 12, None], None, 2) == 14, "past the furthest host reported"
     assert stop_step([10, 12], 30, 4) == 34, "past a step a host said it had passed"
     assert stop_step([None, None], None, 2) == 2
+
+
+def test_a_host_is_past_its_first_step_once_it_reports_the_next_one():
+    """A host reports a step when it dispatches it and reads its result before it reports the next:
+    a restart's first step (a new process's longest) is over only then, and the warm standby's imports
+    wait for it on every host (`RayWorkerGroup.poll`)."""
+    host = HostStatus(0)
+    host.heard(None, Phase.RESTORING, 1.0)
+    host.heard(41, Phase.COMPILING, 2.0)  # polled between the first step's dispatch and its phase
+    assert not host.past_first_step
+    host.heard(41, Phase.TRAINING, 3.0)
+    assert not host.past_first_step, "dispatched, not done: training since step 41 is not past it"
+    host.heard(42, Phase.TRAINING, 4.0)
+    assert host.past_first_step and host.first_reported == 41 and host.last_progress == 4.0
+    host.heard(42, Phase.TRAINING, 5.0)
+    assert host.last_progress == 4.0, "no progress without a new step or phase"
