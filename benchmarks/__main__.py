@@ -9,6 +9,7 @@ ratios measured in one run.
 - changes, before and after in the same run: the warm standby group, compiled programs cached by
   every process, one compilation cache per user, checkpoint options, metrics read a step late;
 - checkpoints at disk speed (small and base presets against `dd`), and steps during a save;
+- a restart's first step with XLA's YNNPACK fusions off (the default on cpu) and on, in rounds;
 - restores after a topology change: a checkpoint written by 4 hosts restored on 2, and by 2 on 4,
   against the restores on the same hosts that wrote it;
 - goodput under `--chaos 60`, and the driver at pod scale in simulation;
@@ -35,7 +36,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from benchmarks import launches, memory_tier, peers, pod_scale, procs, soak
+from benchmarks import first_step, launches, memory_tier, peers, pod_scale, procs, soak
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results.json"
@@ -273,6 +274,7 @@ def run_all(quick: bool, work: pathlib.Path, console: Console, out: pathlib.Path
         ("checkpoint_small", lambda: checkpoint_costs("small", 1 if quick else 4, work)),
         *([] if quick else [("checkpoint_base", lambda: checkpoint_costs("base", 3, work))]),
         ("memory_tier", lambda: memory_tier.run(work, quick)),
+        *([] if quick else [("first_step", lambda: first_step.run(work))]),
         ("resharding", lambda: resharding("tiny" if quick else "small", 3 if quick else 5, work)),
         ("pod_scale", pod_scale.run_all),
         *([] if quick else [("goodput_under_chaos", lambda: goodput_under_chaos(work, 1500, 60.0))]),
@@ -337,6 +339,15 @@ def table(results: dict[str, Any]) -> Table:
         without = ch[name]["recovery_s"]
         t.add_row(f"recovery with / without {label}", _f(ch["all_on"]["recovery_s"]), "", "",
                   _f(ratio(ch["all_on"]["recovery_s"], without)), f"without: {_f(without)} s")
+    if "first_step" in results:
+        fs = results["first_step"]
+        for key, label in (("recovery_s", "small, 2 hosts: SIGKILL -> first step"),
+                           ("first_step_execution_s", "small, 2 hosts: a restart's first step's execution"),
+                           ("steady_step_s", "small, 2 hosts: a steady step")):
+            v = fs[key]
+            t.add_row(f"{label}, YNNPACK off / on (s)", _f(v["off"]), "", "", _f(v["off_over_on"]),
+                      f"on: {_f(v['on'])} s; median of {len(fs['rounds']['off'])} rounds; the same final loss: "
+                      f"{fs['same_final_loss']}")
     st = results["per_step_stall"]
     t.add_row("launcher / plain loop steps per s (small, 1 host)", _f(st["launcher_steps_per_s"]), "",
               _f(st["plain_steps_per_s"]), _f(st["launcher_over_plain"], ".3f"),

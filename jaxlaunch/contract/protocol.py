@@ -443,12 +443,22 @@ class Cluster(Protocol):
     def restart(self) -> None: ...
 
 
-def host_env(platform: str, devices_per_host: int) -> dict[str, str]:
+XLA_CPU_NO_YNN = "--xla_cpu_experimental_ynn_fusion_type="
+"""The XLA option (jaxlib 0.10.2) that keeps XLA:CPU from handing operations (dots, reductions) to
+YNNPACK, whose kernels build their pipelines in a program's first execution: the small preset's first
+step took 0.80-0.85 s against 0.23-0.30 s without, its steady steps 0.215-0.241 s against 0.195-0.218 s
+(one process, 2 cores). XLA aborts a process whose XLA_FLAGS holds an option it does not know, so
+`tests/unit/test_compat.py` starts JAX with it."""
+
+
+def host_env(platform: str, devices_per_host: int, ynnpack: bool = False) -> dict[str, str]:
     """Environment variables for a host process. Ray starts each host actor with them, so they are in
-    place before the process imports JAX."""
+    place before the process imports JAX. On cpu, `ynnpack` False turns XLA's YNNPACK fusions off
+    (`XLA_CPU_NO_YNN`)."""
     env = {"JAX_PLATFORMS": platform, "PYTHONUNBUFFERED": "1"}
     if platform == "cpu":
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices_per_host}"
+        flags = [f"--xla_force_host_platform_device_count={devices_per_host}"] + ([] if ynnpack else [XLA_CPU_NO_YNN])
+        env["XLA_FLAGS"] = " ".join(flags)
     return env
 
 

@@ -309,7 +309,7 @@ def create_hosts(cfg: ClusterConfig, pg: PlacementGroup, logs: list[str], attemp
     host_actor = getattr(importlib.import_module(module), name)
     # Ray's overloads of ray.remote omit the actor option concurrency_groups, which it documents and takes.
     remote_cls = ray.remote(concurrency_groups={MONITOR_GROUP: 1})(host_actor)  # type: ignore[call-overload]
-    env = host_env(cfg.platform, cfg.devices_per_host)
+    env = host_env(cfg.platform, cfg.devices_per_host, cfg.ynnpack)
     return [remote_cls.options(
         num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None,
         scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),

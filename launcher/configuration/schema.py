@@ -59,6 +59,11 @@ class ClusterConfig:
     warm_standby: bool = True
     """Keep a spare group of host processes started and warmed up (Python, JAX, Flax and Orbax
     imported) while the cluster has room for one, so a restart skips process start and imports."""
+    ynnpack: bool = False
+    """On cpu: let XLA run dots and reductions with YNNPACK (jaxlib's default). Off, because YNNPACK
+    builds its kernels' pipelines in a program's first execution, which is a restart's first step:
+    measured on the small preset, a first step 3x a steady one with it, about 1x without, steady
+    steps alike."""
     compilation_cache: bool = True
     """Keep compiled programs in JAX's persistent cache, so a restart (and a new run of a program
     compiled before) loads them instead of compiling again."""

@@ -42,3 +42,26 @@ def test_s3_specs_go_to_tensorstore_s_s3_driver_at_today_s_endpoint(monkeypatch)
     spec = tensorstore_utils.build_kvstore_tspec("s3://bucket/run/checkpoints/10/state", "w")
     flat = repr(spec)
     assert "'driver': 's3'" in flat and "gcs" not in flat and "http://127.0.0.1:9" in flat
+
+
+YNN_PROBE = """
+import jax, jax.numpy as jnp
+x = jnp.ones((64, 64))
+print(jax.jit(lambda a: jnp.tanh(a @ a).sum()).lower(x).compile().as_text())
+"""
+
+
+@pytest.mark.parametrize("ynnpack", [False, True])
+def test_a_cpu_host_s_xla_flags_start_jax_and_decide_its_ynnpack_fusions(ynnpack):
+    """`host_env`'s XLA_FLAGS hold `XLA_CPU_NO_YNN`, an option of today's jaxlib: an XLA that no longer
+    knows it aborts every host at start, and one that no longer uses YNNPACK makes it useless."""
+    import os
+    import subprocess
+    import sys
+
+    from jaxlaunch.contract.protocol import host_env
+
+    env = {**os.environ, **host_env("cpu", 2, ynnpack=ynnpack)}
+    done = subprocess.run([sys.executable, "-c", YNN_PROBE], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"JAX did not start with XLA_FLAGS={env['XLA_FLAGS']!r}: {done.stderr[-2000:]}"
+    assert ("__ynn_fusion" in done.stdout) == ynnpack, done.stdout
