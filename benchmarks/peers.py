@@ -33,6 +33,8 @@ import time
 import uuid
 from typing import Any
 
+from jaxlaunch.contract.protocol import host_env
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SEED = 0
 GLOBAL_BATCH = 32
@@ -224,7 +226,8 @@ def _worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """Environment of a JAX host process (Ray worker or subprocess), in place before JAX is imported."""
     path = os.environ.get("PYTHONPATH")
     return {"JAX_PLATFORMS": "cpu", "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo",
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES_PER_HOST}",
+            # jaxlaunch's hosts' XLA options (YNNPACK off): the peers run the same kernels.
+            "XLA_FLAGS": host_env("cpu", DEVICES_PER_HOST)["XLA_FLAGS"],
             "PYTHONPATH": f"{ROOT}{os.pathsep}{path}" if path else str(ROOT), "PYTHONUNBUFFERED": "1",
             **(extra or {})}
 

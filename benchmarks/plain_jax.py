@@ -25,9 +25,11 @@ def main() -> None:
     p.add_argument("--global-batch-size", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=128)
     args = p.parse_args()
-    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
-    os.environ["JAX_PLATFORMS"] = "cpu"
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    from jaxlaunch.contract.protocol import host_env
+
+    os.environ["XLA_FLAGS"] = host_env("cpu", args.devices)["XLA_FLAGS"]  # jaxlaunch's hosts' XLA options
+    os.environ["JAX_PLATFORMS"] = "cpu"
 
     import jax
     from flax import nnx

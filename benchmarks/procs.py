@@ -12,6 +12,8 @@ import sys
 import tempfile
 from typing import Any
 
+from jaxlaunch.contract.protocol import host_env
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -32,7 +34,7 @@ def run(target: str, num_processes: int, devices_per_process: int, args: dict[st
             spec = {"target": target, "args": args, "rank": rank, "num_processes": num_processes,
                     "coordinator": f"127.0.0.1:{port}", "out": f"{tmp}/{rank}.json"}
             penv = {**os.environ, **(env or {}), "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT),
-                    "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}"}
+                    "XLA_FLAGS": host_env("cpu", devices_per_process)["XLA_FLAGS"]}
             procs.append(subprocess.Popen([sys.executable, "-m", "benchmarks.procs", json.dumps(spec)],
                                           env=penv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
         outputs = []
