@@ -352,9 +352,17 @@ REMOVED_KEYS = {"checkpoint": ("save_timeout_s",)}
 save_timeout_s is the one that counts)."""
 
 
+ADDED_KEYS = {"cluster": {"ynnpack": True}}
+"""Keys that runs saved by earlier versions lack, with the value those versions ran with (XLA's
+YNNPACK fusions were on before `cluster.ynnpack` existed): a resume goes on as the run began."""
+
+
 def from_json(data: dict[str, Any]) -> JobConfig:
     """The JobConfig of a run's config.json, also as earlier versions wrote it."""
     data = dict(data)
+    for section, defaults in ADDED_KEYS.items():
+        if isinstance(data.get(section), Mapping):
+            data[section] = {**defaults, **data[section]}
     if data.get("entry") in LEGACY_ENTRIES:
         data["entry"] = LEGACY_ENTRIES[data["entry"]]
     for section, keys in REMOVED_KEYS.items():
@@ -421,9 +429,10 @@ def parse_settings(items: list[str]) -> dict[str, Any]:
 
 # ---- what a resume may change ------------------------------------------------------------------------
 
-RUN_SHAPING = ("entry", "train.seed", "train.schedule_steps")
+RUN_SHAPING = ("entry", "train.seed", "train.schedule_steps", "cluster.ynnpack")
 """Settings that decide what the run computes; with the entry's own settings, a resume keeps them
-unless --allow-change names them."""
+unless --allow-change names them (XLA's kernels decide a loss's last bits: a resume with YNNPACK
+switched is no longer bit for bit the uninterrupted run)."""
 
 
 def _flatten(settings: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -152,6 +152,28 @@ def test_resume_keeps_the_schedule_and_refuses_silent_changes(tmp_path):
         prepare(options(tmp_path, resume=True, schedule_steps=50))
 
 
+def test_a_resume_keeps_the_kernels_the_run_began_with(tmp_path):
+    """XLA's YNNPACK fusions change a loss's last bits: a run saved before `cluster.ynnpack` existed
+    ran with them and resumes with them; switching them on a resume is refused, as any change to
+    what the run computes."""
+    job = started(tmp_path)
+    assert job.cluster.ynnpack is False
+    older = job.to_dict()
+    del older["cluster"]["ynnpack"]
+    run = fake_run(tmp_path / "run", job, prepare(options(tmp_path)).fingerprint)
+    run.save_config(older)
+    assert prepare(options(tmp_path, resume=True)).job.cluster.ynnpack is True
+    run.save_config(job.to_dict())
+    assert prepare(options(tmp_path, resume=True)).job.cluster.ynnpack is False
+    config = tmp_path / "on.yaml"
+    config.write_text(json.dumps({"cluster": {"ynnpack": True}}))
+    with pytest.raises(ConfigError, match=r"would change the run: cluster.ynnpack False -> True; "
+                                          r"pass --allow-change cluster.ynnpack"):
+        prepare(options(tmp_path, resume=True, config_file=str(config)))
+    assert prepare(options(tmp_path, resume=True, config_file=str(config),
+                           allow_change=["cluster.ynnpack"])).job.cluster.ynnpack is True
+
+
 def test_resume_on_other_data_is_refused(tmp_path):
     data = tmp_path / "corpus.txt"
     data.write_text("some text to learn from " * 50)
