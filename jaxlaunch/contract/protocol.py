@@ -347,10 +347,11 @@ class HostStatus:
         if self.first_reported is None and phase.started_training and step is not None:
             self.first_reported = step
 
-    def reported_past(self, steps: int) -> bool:
-        """It reported a step `steps` after its first of this attempt: the results of its first
-        `steps` steps were read (a host reads a step's result before it reports the next)."""
-        return self.step is not None and self.first_reported is not None and self.step - self.first_reported >= steps
+    @property
+    def past_first_step(self) -> bool:
+        """It reported a step after its first: that first step's result was read (a host reads a
+        step's result before it reports the next), so its execution, the end of a start-up, is over."""
+        return self.step is not None and self.first_reported is not None and self.step > self.first_reported
 
     def heard_committed(self, saves: tuple[tuple[str, int], ...]) -> None:
         for tier, step in saves:

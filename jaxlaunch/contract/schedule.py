@@ -14,13 +14,6 @@ from __future__ import annotations
 import dataclasses
 import math
 
-FIRST_CHECK_AFTER_STEPS = 4
-"""The first agreement step, counted from the attempt's start step: the first step read back paid
-for compilation and has no time, so three steps of this attempt have their time by then. The two
-steps before it save, to measure: an attempt's first memory save also pays for setting up the
-transfer (0.31 s against 0.027 s for later ones of the small preset's 60 MB parts), so it is not
-counted. A warm standby's spare processes start only once every host is this many steps past its
-first (`HostStatus.reported_past`): their imports would be in what these steps measure."""
 BLOCKING_SHARE = 0.01
 """The share of step time a tier's saves may block the loop."""
 RECHOOSE_FACTOR = 2.0

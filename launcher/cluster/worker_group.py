@@ -44,7 +44,6 @@ from jaxlaunch.contract.protocol import (
     StopAnswer,
     host_env,
 )
-from jaxlaunch.contract.schedule import FIRST_CHECK_AFTER_STEPS
 
 log = logging.getLogger(__name__)
 ACTOR_CALL_TIMEOUT_S = 120.0
@@ -172,10 +171,8 @@ class RayWorkerGroup:
                 self.hosts[rank].heard_committed(snapshot.committed)
             self.results[rank] = result
         self._refresh_liveness()
-        if self.standby is not None and not self.replenished \
-                and all(h.reported_past(FIRST_CHECK_AFTER_STEPS) for h in self.hosts):
-            # Only once every host's first step (a new process's longest) and the cadence's measuring
-            # saves are done: the spares' imports would slow the start-up and be in the measurements.
+        if self.standby is not None and not self.replenished and all(h.past_first_step for h in self.hosts):
+            # Only once every first step ran: the spares' imports would slow this group's start-up.
             self.replenished = True
             self.standby.replenish(len(self.actors))
         records.sort(key=lambda r: r["step"])

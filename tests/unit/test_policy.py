@@ -20,7 +20,6 @@ from jaxlaunch.launcher.control.policy import (
 from jaxlaunch.workers.runtime import error_kind
 
 from jaxlaunch.contract.protocol import ErrorKind, ExitHow, HostError, HostExit, HostStatus, NodeLiveness, Phase
-from jaxlaunch.contract.schedule import FIRST_CHECK_AFTER_STEPS
 
 NODE_WAIT_S = 30.0
 
@@ -285,23 +284,17 @@ def test_a_stop_step_is_past_every_step_known():
     assert stop_step([None, None], None, 2) == 2
 
 
-def test_a_host_is_past_its_first_steps_once_it_reports_the_one_after():
-    """A host reports a step when it dispatches it and reads its result before it reports the next.
-    The warm standby's imports wait until every host is `FIRST_CHECK_AFTER_STEPS` past its first
-    (`RayWorkerGroup.poll`): a restart's first step (a new process's longest) and the cadence's
-    measuring saves are over only then."""
+def test_a_host_is_past_its_first_step_once_it_reports_the_next_one():
+    """A host reports a step when it dispatches it and reads its result before it reports the next:
+    a restart's first step (a new process's longest) is over only then, and the warm standby's imports
+    wait for it on every host (`RayWorkerGroup.poll`)."""
     host = HostStatus(0)
     host.heard(None, Phase.RESTORING, 1.0)
     host.heard(41, Phase.COMPILING, 2.0)  # polled between the first step's dispatch and its phase
-    assert not host.reported_past(1)
+    assert not host.past_first_step
     host.heard(41, Phase.TRAINING, 3.0)
-    assert not host.reported_past(1), "dispatched, not done: training since step 41 is not past it"
+    assert not host.past_first_step, "dispatched, not done: training since step 41 is not past it"
     host.heard(42, Phase.TRAINING, 4.0)
-    assert host.reported_past(1) and not host.reported_past(FIRST_CHECK_AFTER_STEPS)
-    assert host.first_reported == 41 and host.last_progress == 4.0
-    host.heard(42, Phase.SAVING, 5.0)
-    assert host.last_progress == 5.0, "a new phase is progress"
-    host.heard(42, Phase.SAVING, 6.0)
-    assert host.last_progress == 5.0, "no progress without a new step or phase"
-    host.heard(41 + FIRST_CHECK_AFTER_STEPS, Phase.TRAINING, 7.0)
-    assert host.reported_past(FIRST_CHECK_AFTER_STEPS)
+    assert host.past_first_step and host.first_reported == 41 and host.last_progress == 4.0
+    host.heard(42, Phase.TRAINING, 5.0)
+    assert host.last_progress == 4.0, "no progress without a new step or phase"
