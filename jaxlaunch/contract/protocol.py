@@ -338,7 +338,8 @@ class HostStatus:
     committed: dict[str, int] = dataclasses.field(default_factory=dict)
     """The newest step of each tier whose save this host reported committed in this attempt."""
     first_reported: int | None = None
-    """The first step this host reported training in this attempt."""
+    """The first step the driver heard this host report training in this attempt (a poll may come
+    a few steps late: it is that step or a later one)."""
 
     def heard(self, step: int | None, phase: Phase, now: float) -> None:
         """A poll's answer: where the host is."""

@@ -161,7 +161,8 @@ class FakeGroup:
     def train(self, step: int, loss: float = 1.0) -> list[Record]:
         now = self.clock()
         for h in self.hosts:
-            h.phase, h.step, h.last_heard, h.last_progress = Phase.TRAINING, step, now, now
+            h.heard(step, Phase.TRAINING, now)
+            h.last_heard = now
         return [{"step": step, "time": now, "loss": loss, "step_time_s": POLL_INTERVAL_S, "attempt": self.attempt,
                  "num_hosts": self.num_hosts}]
 
