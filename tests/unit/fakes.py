@@ -162,7 +162,7 @@ class FakeGroup:
         now = self.clock()
         for h in self.hosts:
             h.heard(step, Phase.TRAINING, now)
-            h.last_heard = now
+            h.last_heard = h.last_progress = now  # as before: every call is progress, the same step too
         return [{"step": step, "time": now, "loss": loss, "step_time_s": POLL_INTERVAL_S, "attempt": self.attempt,
                  "num_hosts": self.num_hosts}]
 
