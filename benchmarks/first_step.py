@@ -10,7 +10,7 @@ import pathlib
 import statistics
 from typing import Any
 
-from benchmarks.launches import launch, summarize
+from benchmarks.launches import launch, median, summarize
 from benchmarks.memory_tier import SMALL
 
 ROUNDS = 3
@@ -35,13 +35,9 @@ def run(work: pathlib.Path, rounds: int = ROUNDS) -> dict[str, Any]:
         for name in (("off", "on") if number % 2 == 0 else ("on", "off")):
             runs[name].append(_run(work, f"ynnpack-{name}-{number}", name == "on"))
 
-    def median(name: str, key: str) -> float | None:
-        values = [r[key] for r in runs[name] if r[key] is not None]
-        return statistics.median(values) if values else None
-
     out: dict[str, Any] = {"rounds": runs}
     for key in ("recovery_s", "first_step_execution_s", "steady_step_s"):
-        off, on = median("off", key), median("on", key)
+        off, on = (median([r[key] for r in runs[name]]) for name in ("off", "on"))
         out[key] = {"off": off, "on": on, "off_over_on": off / on if off and on else None}
     out["same_final_loss"] = len({r["final_loss"] for r in runs["off"] + runs["on"]}) == 1
     return out
