@@ -49,6 +49,8 @@ class KeeperPool:
         self.pids: dict[str, int] = {}
         """Each keeper's process, as its latest answer gave it."""
         self.watching: dict[str, ray.ObjectRef] = {}
+        self.starting: dict[str, ray.ObjectRef] = {}
+        """The first answer (process id) of each keeper the latest `ensure` started."""
         self.watched_at = 0.0
         self.lost: list[str] = []
         """Nodes whose keeper was found gone by the latest `ensure` (lost with their node)."""
@@ -62,8 +64,10 @@ class KeeperPool:
         return self.cfg.memory_tier
 
     def ensure(self, nodes: list[str]) -> dict[str, Any]:
-        """A live keeper on each of `nodes`; returns every live keeper (node id -> handle), those of
-        nodes no host runs on now included: they may hold the replicas of a lost node's parts."""
+        """A keeper on each of `nodes`, started (without waiting: `wait_started`) where there is none;
+        returns every keeper (node id -> handle), those of nodes no host runs on now included: they may
+        hold the replicas of a lost node's parts. A keeper's handle takes calls at once (Ray queues them
+        until its process is up), so the hosts start beside the keepers' processes."""
         if not self.enabled:
             return {}
         self._drop_dead()
@@ -80,11 +84,17 @@ class KeeperPool:
                     num_cpus=0, max_concurrency=KEEPER_CONCURRENCY, max_restarts=-1, max_task_retries=0,
                     scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
                 ).remote(node, budget, self.cfg.memory_keep, self.launch_id, self.secret)
-        if started:
-            pids = ray.get([k.ping.remote() for k in started.values()], timeout=KEEPER_START_TIMEOUT_S)
-            self.pids.update(zip(started, pids, strict=True))
-            self.keepers.update(started)
+        self.starting = {node: keeper.ping.remote() for node, keeper in started.items()}
+        self.keepers.update(started)
         return dict(self.keepers)
+
+    def wait_started(self) -> None:
+        """Waits for the keepers `ensure` started to answer (their processes); raises if one did not
+        within `KEEPER_START_TIMEOUT_S`, as a host that did not start does."""
+        starting, self.starting = self.starting, {}
+        if starting:
+            pids = ray.get(list(starting.values()), timeout=KEEPER_START_TIMEOUT_S)
+            self.pids.update(zip(starting, pids, strict=True))
 
     def watch(self, step: int | None) -> list[events.KeeperRestarted]:
         """Without waiting: each keeper found in a new process since the last answer (Ray restarted it
@@ -147,7 +157,7 @@ class KeeperPool:
 
     def forget(self) -> None:
         """Drops the keepers without asking Ray (its Ray instance is gone, and its keepers with it)."""
-        self.keepers, self.pids, self.watching = {}, {}, {}
+        self.keepers, self.pids, self.watching, self.starting = {}, {}, {}, {}
         self._remove_local_files()
 
     def shutdown(self) -> None:
@@ -164,7 +174,7 @@ class KeeperPool:
                 ray.kill(keeper, no_restart=True)
             except Exception as err:  # noqa: BLE001
                 log.debug("kill failed: %s", err)
-        self.keepers, self.pids, self.watching = {}, {}, {}
+        self.keepers, self.pids, self.watching, self.starting = {}, {}, {}, {}
         self._remove_local_files()
 
     def _remove_local_files(self) -> None:

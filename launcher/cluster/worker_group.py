@@ -104,6 +104,8 @@ class RayWorkerGroup:
                                   injections=injections, keepers=keepers,
                                   lost_keepers=tuple(self.keepers.lost) if self.keepers is not None else ())
             self.run_refs[rank] = actor.run.remote(spec)
+        if self.keepers is not None:
+            self.keepers.wait_started()
         return GroupInfo(coordinator, [n.node_id for n in self.node_info], [n.pid for n in self.node_info])
 
     def _take_standby(self, num_hosts: int, logs: list[str], attempt: int) -> bool:
