@@ -263,6 +263,21 @@ def test_a_metric_other_than_loss_is_plotted(tmp_path):
     assert report.write(run.path, show=False).exists()
 
 
+def test_the_report_picture_leaves_the_process_s_plotting_backend_as_it_was(tmp_path):
+    """In a notebook, `jaxlaunch.launch` draws report.png in the user's kernel: their plots must
+    still show inline afterwards."""
+    import matplotlib
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")  # a backend of the user's, as a notebook's inline one is
+    try:
+        picture = report.save_plot(history.load(write_run(tmp_path)), RunDir(tmp_path))
+        assert matplotlib.get_backend() == "svg"
+    finally:
+        matplotlib.use(before)
+    assert pathlib.Path(picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_tensorboard_replaces_recomputed_steps_instead_of_folding_back(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
