@@ -39,6 +39,7 @@ import psutil
 from jaxlaunch.workers import replica_stream
 from jaxlaunch.workers.part_file import Index, PartFile, PartHeader
 
+from jaxlaunch.contract.event_base import first_line
 from jaxlaunch.contract.tiers import Held, Role, launch_dir
 
 log = logging.getLogger(__name__)
@@ -341,12 +342,6 @@ def kept(held: list[Held], keep: int, floor: int) -> set[int]:
     steps = {h.step for h in held}
     settled = sorted((s for s in steps if s <= floor), reverse=True)[:keep]
     return {s for s in steps if s > floor} | set(settled)
-
-
-def first_line(err: BaseException) -> str:
-    """An error in one short line: Ray's own texts run to a screenful."""
-    lines = str(err).strip().splitlines()
-    return f"{type(err).__name__}: {lines[0][:200] if lines else ''}"
 
 
 def _mb(nbytes: int) -> str:

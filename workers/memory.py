@@ -22,10 +22,11 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
-from jaxlaunch.workers.keeper import HandOff, first_line, incoming_name
+from jaxlaunch.workers.keeper import HandOff, incoming_name
 from jaxlaunch.workers.part_file import Copies, Index, PartFile, PartHeader, is_key, normal, overlap, write_part
 
 from jaxlaunch.contract import tiers
+from jaxlaunch.contract.event_base import first_line
 from jaxlaunch.contract.protocol import KEEPER_HOLD_GROUP
 from jaxlaunch.contract.tiers import Held
 

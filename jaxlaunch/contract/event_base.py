@@ -161,3 +161,9 @@ class Event:
 class HostEvent(Event):
     attempt: int | None = None
     rank: int | None = None
+
+
+def first_line(err: BaseException) -> str:
+    """An error in one short line: Ray's own texts run to a screenful."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0][:200] if lines else ''}"

@@ -23,6 +23,7 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from jaxlaunch.contract import events, tiers
+from jaxlaunch.contract.event_base import first_line
 from jaxlaunch.contract.protocol import (
     KEEPER_CONCURRENCY,
     KEEPER_HOLD_GROUP,
@@ -84,17 +85,30 @@ class KeeperPool:
                     num_cpus=0, max_concurrency=KEEPER_CONCURRENCY, max_restarts=-1, max_task_retries=0,
                     scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False),
                 ).remote(node, budget, self.cfg.memory_keep, self.launch_id, self.secret)
-        self.starting = {node: keeper.ping.remote() for node, keeper in started.items()}
+        self.starting.update({node: keeper.ping.remote() for node, keeper in started.items()})
         self.keepers.update(started)
         return dict(self.keepers)
 
     def wait_started(self) -> None:
-        """Waits for the keepers `ensure` started to answer (their processes); raises if one did not
-        within `KEEPER_START_TIMEOUT_S`, as a host that did not start does."""
+        """Waits for the keepers `ensure` started to answer (their processes). One that did not within
+        `KEEPER_START_TIMEOUT_S` is stopped and dropped (a later `ensure` starts another on its node,
+        and none may come up beside it in the same folder), and this raises, as a host that did not
+        start does."""
         starting, self.starting = self.starting, {}
-        if starting:
-            pids = ray.get(list(starting.values()), timeout=KEEPER_START_TIMEOUT_S)
-            self.pids.update(zip(starting, pids, strict=True))
+        if not starting:
+            return
+        ready, _ = ray.wait(list(starting.values()), num_returns=len(starting), timeout=KEEPER_START_TIMEOUT_S)
+        failed = []
+        for node, ref in starting.items():
+            try:
+                if ref not in ready:
+                    raise TimeoutError(f"no answer in {KEEPER_START_TIMEOUT_S:.0f} s")
+                self.pids[node] = ray.get(ref)
+            except Exception as err:  # noqa: BLE001 - said below, with every keeper that did not start
+                failed.append(f"{node[:12]} ({first_line(err)})")
+                self._stop(node)
+        if failed:
+            raise RuntimeError(f"the memory tier's keeper did not start on node(s) {', '.join(failed)}")
 
     def watch(self, step: int | None) -> list[events.KeeperRestarted]:
         """Without waiting: each keeper found in a new process since the last answer (Ray restarted it
@@ -133,10 +147,20 @@ class KeeperPool:
                 ray.get(ref)
             except Exception as err:  # noqa: BLE001 - a keeper lost with its node
                 log.info("the keeper of node %s is gone: %s", node[:12], err)
-                del self.keepers[node]
-                self.pids.pop(node, None)
-                self.watching.pop(node, None)
+                self._stop(node)
                 self.lost.append(node)
+
+    def _stop(self, node: str) -> None:
+        """Drops the keeper of `node`, killing its process if it has one (a keeper that did not answer
+        in time but lives would otherwise come up beside its successor)."""
+        keeper = self.keepers.pop(node)
+        self.pids.pop(node, None)
+        self.watching.pop(node, None)
+        self.starting.pop(node, None)
+        try:
+            ray.kill(keeper, no_restart=True)
+        except Exception as err:  # noqa: BLE001 - gone with its node
+            log.debug("kill failed: %s", err)
 
     def newest_committed(self) -> tuple[int, int] | None:
         """The newest step committed in memory that the live keepers still hold whole, with the number

@@ -32,6 +32,7 @@ from jaxlaunch.launcher.records.runs import RunDir
 from jaxlaunch.launcher.views.tracker_backends import Backend, new_backend
 
 from jaxlaunch.contract import events
+from jaxlaunch.contract.event_base import first_line
 from jaxlaunch.contract.layout import json_bytes
 from jaxlaunch.contract.protocol import ConfigError
 
@@ -216,7 +217,7 @@ class Sender:
                     return
             except Exception as err:  # noqa: BLE001 - a tracker's failure must never reach training
                 log.debug("tracker %s failed", self.name, exc_info=True)
-                self._failed(f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}")
+                self._failed(first_line(err))
                 if closing or self.abandoned:
                     return  # what is unsent stays in metrics.jsonl, past the mark: the next launch sends it
                 with self.cond:

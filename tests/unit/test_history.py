@@ -267,12 +267,17 @@ def test_the_report_picture_leaves_the_process_s_plotting_backend_as_it_was(tmp_
     """In a notebook, `jaxlaunch.launch` draws report.png in the user's kernel: their plots must
     still show inline afterwards."""
     import matplotlib
+    import matplotlib.pyplot as plt
 
     before = matplotlib.get_backend()
     matplotlib.use("svg")  # a backend of the user's, as a notebook's inline one is
+    figures = plt.get_fignums()
+    run = write_run(tmp_path)
+    run.event(events.HostBusy(attempt=2, busy_s=[0.01, 0.03], steps=5, time=1030.0))  # the 3-panel picture
     try:
-        picture = report.save_plot(history.load(write_run(tmp_path)), RunDir(tmp_path))
+        picture = report.save_plot(history.load(run), run)
         assert matplotlib.get_backend() == "svg"
+        assert plt.get_fignums() == figures, "no figure of the report's left open to show in the notebook"
     finally:
         matplotlib.use(before)
     assert pathlib.Path(picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
