@@ -63,11 +63,11 @@ class SaveCadence:
         self._memory_warm = False
         """This attempt's first memory save was made (its cost, a set-up's, is not counted)."""
         self.chosen: tuple[Measured, Cadence] | None = None
+        """Rank 0's: the measurements the cadence in force was chosen from, and the cadence."""
         self.floor: Floor = (0, 0)
+        """Rank 0's: per tier, the interval its saves were found over their share at (`CadenceRule.choose`)."""
         self._settled = False
         """Rank 0's: a choice was made from steady steps (the agreement after the first)."""
-        """Rank 0's: per tier, the interval its saves were found over their share at (`CadenceRule.choose`)."""
-        """Rank 0's: the measurements the cadence in force was chosen from, and the cadence."""
         fixed = self.rule.fixed
         if fixed is not None:
             self.schedule = SaveSchedule(fixed.memory_every, fixed.durable_every)
