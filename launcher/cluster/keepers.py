@@ -51,7 +51,7 @@ class KeeperPool:
         """Each keeper's process, as its latest answer gave it."""
         self.watching: dict[str, ray.ObjectRef] = {}
         self.starting: dict[str, ray.ObjectRef] = {}
-        """The first answer (process id) of each keeper the latest `ensure` started."""
+        """The first answer (process id) asked of each keeper `ensure` started, until `wait_started`."""
         self.watched_at = 0.0
         self.lost: list[str] = []
         """Nodes whose keeper was found gone by the latest `ensure` (lost with their node)."""
@@ -193,12 +193,8 @@ class KeeperPool:
                     ray.get(ref)
                 except Exception as err:  # noqa: BLE001 - a keeper lost with its node: its files went too
                     log.debug("a keeper did not close: %s", err)
-        for keeper in self.keepers.values():
-            try:
-                ray.kill(keeper, no_restart=True)
-            except Exception as err:  # noqa: BLE001
-                log.debug("kill failed: %s", err)
-        self.keepers, self.pids, self.watching, self.starting = {}, {}, {}, {}
+        for node in list(self.keepers):
+            self._stop(node)
         self._remove_local_files()
 
     def _remove_local_files(self) -> None:
