@@ -83,6 +83,17 @@ def test_importing_the_public_package_loads_neither_side():
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
 
 
+def test_the_driver_and_a_keeper_load_no_jax():
+    """The driver names the keeper's class (`launcher.cluster.keepers`) and a keeper maps part files:
+    neither imports JAX, which costs a cold launch about 1.2 s on this machine before the hosts are
+    given their `run` call, and every keeper process as much before it answers."""
+    code = ("import sys\n"
+            "import jaxlaunch.launcher.cli, jaxlaunch.launcher.runner, jaxlaunch.workers.keeper\n"
+            "print(sorted(m for m in ('jax', 'flax', 'optax', 'orbax') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr
+
+
 def test_the_driver_s_decisions_need_no_ray():
     """With `ray` unimportable: every unit test module imports (so every module they use does), and
     the driver's state machine, its policies, records and views run their tests. The rest of the unit

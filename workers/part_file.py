@@ -5,7 +5,10 @@ the only copy), owned from then on by the node's keeper, read back by mapping it
 The file is a small header (the typed `PartHeader`: arrays, shard entries with their byte offsets,
 and the non-array state) and the shards' bytes, each at a 64-byte aligned offset. It is written
 under a temporary name and renamed, so a file under its final name is whole: a host killed
-mid-write leaves only a temporary file, which its keeper deletes."""
+mid-write leaves only a temporary file, which its keeper deletes.
+
+JAX is imported only where a host writes a part: the keeper, and the driver that names its class,
+read part files without loading it."""
 
 from __future__ import annotations
 
@@ -17,7 +20,6 @@ import pickle
 import struct
 from typing import Any
 
-import jax
 import numpy as np
 
 Index = tuple[tuple[int, int], ...]
@@ -104,6 +106,8 @@ def normal(index: tuple[slice, ...], shape: tuple[int, ...]) -> Index:
 
 
 def is_key(x: Any) -> bool:
+    import jax
+
     return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
 
 
@@ -116,6 +120,8 @@ def write_part(directory: pathlib.Path, name: str, tree: Any, meta: dict[str, An
     """Writes this host's part of `tree` (its addressable shards, each global index once, and every
     other leaf) to `directory/name`. Returns once the file is whole: the next step may overwrite or
     donate the device buffers."""
+    import jax
+
     arrays, plain, live = [], {}, []
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         key = jax.tree_util.keystr(path)
