@@ -239,7 +239,7 @@ def goodput_under_chaos(work: pathlib.Path, steps: int, mean_s: float, name: str
     run_dir = work / name
     launches.launch(run_dir, "--hosts", "2", "--steps", str(steps), *saves, "--chaos", str(mean_s),
                     "--max-restarts", "1000", config=_cache(work, name))
-    past = history.load(RunDir(run_dir))
+    past = history.load_history(RunDir(run_dir))
     return {"mean_time_between_failures_s": mean_s, "steps": steps, "wall_s": past.wall_s, "goodput": past.goodput,
             "failures": len(past.failures), "badput_share": {k: v / past.wall_s for k, v in past.badput_s.items()}}
 

@@ -92,7 +92,7 @@ def measure(n: int, work: pathlib.Path) -> dict[str, Any]:
     decision_cpu = time.process_time() - cpu - (groups[0].poll_seconds - poll_cost_before)
     decision_sim = clock() - sim_failed_at
     cpu = time.process_time()
-    past = history.load(run)
+    past = history.load_history(run)
     past.summary(run)
     history_cpu = time.process_time() - cpu
     per_poll = train_cpu / TRAIN_POLLS

@@ -39,7 +39,7 @@ def trajectory(run_dir: pathlib.Path) -> dict[int, Any]:
     from jaxlaunch.launcher.records import history
     from jaxlaunch.launcher.records.runs import RunDir
 
-    return {step: record.get("loss") for step, record in history.load(RunDir(run_dir)).trajectory.items()}
+    return {step: record.get("loss") for step, record in history.load_history(RunDir(run_dir)).trajectory.items()}
 
 
 def recoveries(events: list[dict[str, Any]], metrics: list[dict[str, Any]]) -> list[float | None]:

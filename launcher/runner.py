@@ -185,7 +185,7 @@ def _run_job(prepared: PreparedJob, display: Display | None, exporter: Exporter 
             code = storage_errno(err)
             if code is None:
                 raise
-            raise RunStorageError(storage.describe(run.store.url, code, None)) from err
+            raise RunStorageError(storage.describe_storage_error(run.store.url, code, None)) from err
         finally:
             cluster.shutdown()
     finally:
@@ -298,7 +298,7 @@ def _finish(parts: Assembly, code: int | None) -> tuple[History, dict[str, Any],
     parts.recorder.close()
     parts.live.close()
     run.flush()
-    past = history.load(run)
+    past = history.load_history(run)
     summary = past.summary(run)
     run.write_summary(summary)
     picture = report.save_plot(past, run)

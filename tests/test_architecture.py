@@ -157,3 +157,17 @@ def test_a_name_means_one_thing():
                 classes[node.name].append(name)
     assert {k: v for k, v in classes.items() if len(v) > 1} == {}
     assert {k: v for k, v in files.items() if len(v) > 1} == {}
+
+
+def test_no_public_name_is_defined_in_two_modules():
+    """A class or function at a module's top, public, has one meaning in the package: two modules that
+    each define a `load` (or a `Failure`) are listed. The built-in models are the users' side (their
+    entry's `main` and `check` are names the contract asks for), so they are not counted."""
+    where: dict[str, set[str]] = {}
+    for name, path in modules().items():
+        if name.startswith("jaxlaunch.models"):
+            continue
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, ast.ClassDef | ast.FunctionDef) and not node.name.startswith("_"):
+                where.setdefault(node.name, set()).add(name)
+    assert {n: sorted(m) for n, m in where.items() if len(m) > 1} == {}

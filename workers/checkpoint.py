@@ -2,7 +2,7 @@
 metadata, and restores of the newest readable committed step into today's shardings.
 
 What restore does when a step does not read back:
-- rank 0 alone lists the committed steps (one reader, `jaxlaunch.launcher.records.runs.committed_steps`) and every host
+- rank 0 alone lists the committed steps (one reader, `jaxlaunch.contract.layout.committed_steps`) and every host
   tries the same step, so hosts on storage with lagging listings agree;
 - an error that storage or memory pressure explains (timeouts, permissions, out of memory) is retried
   and, if it persists, fails the attempt: nothing is set aside because of it;
@@ -36,7 +36,7 @@ from jaxlaunch.workers.compat import orbax as orbax_compat
 
 from jaxlaunch.contract.layout import UNREADABLE_DIR, committed_steps
 from jaxlaunch.contract.protocol import CheckpointConfig, ErrorKind
-from jaxlaunch.contract.storage import chain, describe, storage_errno
+from jaxlaunch.contract.storage import chain, describe_storage_error, storage_errno
 from jaxlaunch.contract.store import is_url, open_store
 
 log = logging.getLogger(__name__)
@@ -159,7 +159,7 @@ class Checkpointer:
             code = storage_errno(err)
             if code is None:
                 return
-            raise StorageError(describe(self.owner.directory, code, self.owner.checkpoint_bytes)) from err
+            raise StorageError(describe_storage_error(self.owner.directory, code, self.owner.checkpoint_bytes)) from err
 
     def _storage_errors(self) -> _StorageErrors:
         return Checkpointer._StorageErrors(self)

@@ -144,7 +144,7 @@ class HostActor:
                 return result
             # After jax.distributed: importing the user's module (or unpickling a function sent by
             # value) may already compute with JAX.
-            function = entry_lib.load(spec.entry)
+            function = entry_lib.load_entry(spec.entry)
 
             ctx = HostContext(spec, build_mesh(spec.mesh), self.progress, self.driver_stop)
             log.info("mesh %s; running %s", dict(ctx.mesh.shape), spec.entry)

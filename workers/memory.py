@@ -205,7 +205,7 @@ class MemoryTier:
 
     def newest_step(self, held: list[Held]) -> int | None:
         """Rank 0's newest committed step in memory, the same on every host."""
-        steps = tiers.committed_steps(held) if self.rank == 0 else []
+        steps = tiers.whole_steps(held) if self.rank == 0 else []
         step = steps[0] if steps else -1
         if jax.process_count() > 1:
             step = int(multihost_utils.broadcast_one_to_all(np.array(step, dtype=np.int64)))

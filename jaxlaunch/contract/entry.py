@@ -148,7 +148,7 @@ def sent_by_value(text: str) -> str | None:
     return match["function"].split(".")[-1] if match else None
 
 
-def parse(text: str) -> EntryRef:
+def parse_entry(text: str) -> EntryRef:
     """"file.py:fn" or "package.module:fn" (":fn" defaults to main) as an EntryRef for this machine."""
     function = sent_by_value(text)
     if function is not None:
@@ -207,7 +207,7 @@ def refuse_nested_launch() -> None:
             f"`if __name__ == \"__main__\":`")
 
 
-def load(ref: EntryRef) -> Callable:
+def load_entry(ref: EntryRef) -> Callable:
     """The entry's function, imported (or unpickled) in this process. Raises ConfigError naming what
     went wrong."""
     where = f"--entry {ref}" if ref.payload is None else str(ref)
@@ -296,8 +296,8 @@ def _import_file(path: pathlib.Path, name: str) -> types.ModuleType:
 
 
 def resolve(text: str) -> Entry:
-    ref = parse(text)
-    function = load(ref)
+    ref = parse_entry(text)
+    function = load_entry(ref)
     return Entry(ref, function, getattr(function, ENTRY_SPEC_ATTRIBUTE, None) or EntrySpec())
 
 

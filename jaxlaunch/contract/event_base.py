@@ -102,7 +102,7 @@ class JobStatus(enum.StrEnum):
 
 
 def _parsed(parse: Callable[[Any], Any], default: Any = None) -> Any:
-    """A field whose JSON value (a string) `parse` turns back into its type (an enum)."""
+    """A field whose JSON value (a string) `parse_event` turns back into its type (an enum)."""
     return dataclasses.field(default=default, metadata={"parse": parse})
 
 
@@ -146,7 +146,7 @@ class Event:
 
     @classmethod
     def from_dict(cls, line: Mapping[str, Any]) -> Self:
-        """The event of a line of its own kind (`parse` picks the kind)."""
+        """The event of a line of its own kind (`parse_event` picks the kind)."""
         known = {f.name: f for f in dataclasses.fields(cls) if f.name != "extra"}
         values = {}
         for name, value in line.items():

@@ -3,7 +3,7 @@ writers construct (the driver's recorder and runner, and the hosts, whose events
 and the readers parse (the history, the display, the driver). Plain Python: no Ray, JAX or numpy.
 
 A line of events.jsonl is `event.to_dict()`: `{"event": KIND, "time": WALL_TIME, **fields}`, the format
-of every earlier version too, so `parse` reads old runs: a field an old line lacks is None (or its
+of every earlier version too, so `parse_event` reads old runs: a field an old line lacks is None (or its
 default), a field a newer version added is kept in `extra`, and a line of a kind this version does not
 know parses to None."""
 
@@ -38,13 +38,13 @@ from jaxlaunch.contract.tier_events import (
 
 # The names that readers import from here too: the base's, and the memory tier's events (the event
 # classes below are this module's own).
-__all__ = ["Cause", "Event", "EventKind", "FailureKind", "HostEvent", "JobStatus", "PlannedEnd", "parse", "parse_cause",
-           "CadenceChosen", "KeeperRestarted", "MemoryFallback", "MemoryPersisted",
+__all__ = ["Cause", "Event", "EventKind", "FailureKind", "HostEvent", "JobStatus", "PlannedEnd", "parse_cause",
+           "parse_event", "CadenceChosen", "KeeperRestarted", "MemoryFallback", "MemoryPersisted",
            "MemorySaveRefused", "MemoryTierOff", "PersistingMemory"]
 log = logging.getLogger(__name__)
 
 
-def parse(line: Mapping[str, Any]) -> Event | None:
+def parse_event(line: Mapping[str, Any]) -> Event | None:
     """The typed event of a line of events.jsonl; None (with a warning) for a kind this version does
     not know or a line that lacks what its kind needs."""
     try:

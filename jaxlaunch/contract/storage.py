@@ -46,7 +46,7 @@ def storage_errno(err: BaseException) -> int | None:
     return None
 
 
-def describe(directory: pathlib.Path | str, code: int, checkpoint_bytes: int | None) -> str:
+def describe_storage_error(directory: pathlib.Path | str, code: int, checkpoint_bytes: int | None) -> str:
     """One line: what happened, on which filesystem, its free space, and the size of a checkpoint."""
     size = f"; one checkpoint needs about {checkpoint_bytes / 1e6:,.0f} MB" if checkpoint_bytes else ""
     if is_url(directory):

@@ -93,7 +93,7 @@ class Source:
     role: Role
 
 
-def committed_steps(held: list[Held]) -> list[int]:
+def whole_steps(held: list[Held]) -> list[int]:
     """Steps committed in memory and still readable, newest first: every rank of the step's attempt
     has a committed part, and a copy of it is held by a live keeper (`held` lists only live ones)."""
     by_step: dict[int, list[Held]] = {}

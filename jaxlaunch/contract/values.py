@@ -37,7 +37,7 @@ def _kinds(hint: Any) -> list[Any]:
     return [hint]
 
 
-def describe(hint: Any) -> str:
+def describe_hint(hint: Any) -> str:
     """A type as the user reads it: "int", "bool or 'auto'", "float or None", "a list of str"."""
     return " or ".join(_name(k) for k in _kinds(hint))
 
@@ -62,7 +62,7 @@ def coerce(value: Any, hint: Any, where: str) -> Any:
     try:
         return _adapter(hint).validate_python(value, strict=True)
     except pydantic.ValidationError:
-        raise ConfigError(f"{where} must be {describe(hint)}, got {given!r}") from None
+        raise ConfigError(f"{where} must be {describe_hint(hint)}, got {given!r}") from None
 
 
 def merge_settings(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict[str, Any]:

@@ -174,7 +174,7 @@ class KeeperPool:
                 held += [tiers.Held.from_dict(d) for d in ray.get(keeper.index.remote(), timeout=KEEPER_PING_TIMEOUT_S)]
             except Exception as err:  # noqa: BLE001 - a keeper lost since the ping holds nothing
                 log.info("the keeper of node %s did not answer: %s", node[:12], err)
-        steps = tiers.committed_steps(held)
+        steps = tiers.whole_steps(held)
         if not steps:
             return None
         return steps[0], max(h.num_hosts for h in held if h.step == steps[0])

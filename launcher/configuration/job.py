@@ -73,7 +73,7 @@ def prepare(given: Mapping[str, Any], entry_args: Sequence[str] = (), typed: Job
     fields that differ from the defaults count as given (under `given`); `found`: the entry given as
     a function (`jaxlaunch.launch(main)`), named in `given` by its entry text. Raises ConfigError for
     anything wrong; writes nothing."""
-    by_root, entry_keywords = options_lib.split(given, ROOTS)
+    by_root, entry_keywords = options_lib.split_by_root(given, ROOTS)
     launch = LaunchOptions(**by_root[LaunchOptions])
     changes = changed_fields(typed, JobConfig()) if typed is not None else {}
     typed_settings = changes.pop("config", {})

@@ -26,7 +26,7 @@ from typing import Any
 
 from jaxlaunch.contract.flags import FLAG_KEY, FlagSpec
 from jaxlaunch.contract.protocol import ConfigError
-from jaxlaunch.contract.values import coerce, describe, merge_settings, scalar
+from jaxlaunch.contract.values import coerce, describe_hint, merge_settings, scalar
 
 SUGGESTION_CUTOFF = 0.75
 """How alike (difflib's ratio) a mistyped name and a known one must be to suggest it."""
@@ -164,7 +164,7 @@ def table(*roots: type) -> dict[str, Option]:
     return out
 
 
-def split(given: Mapping[str, Any], roots: Sequence[type]) -> tuple[dict[type, dict[str, Any]], dict[str, Any]]:
+def split_by_root(given: Mapping[str, Any], roots: Sequence[type]) -> tuple[dict[type, dict[str, Any]], dict[str, Any]]:
     """Keywords to typed values by root and path, and the keywords no root declares (left to the entry)."""
     options = table(*roots)
     by_root: dict[type, dict[str, Any]] = {root: {} for root in roots}
@@ -232,7 +232,7 @@ def _text_to(option: Option) -> Callable[[str], Any]:
                 return coerce(candidate, kind, option.flag)
             except ConfigError:
                 continue
-        raise argparse.ArgumentTypeError(f"expected {describe(kind)}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected {describe_hint(kind)}, got {text!r}")
 
-    convert.__name__ = describe(kind)
+    convert.__name__ = describe_hint(kind)
     return convert

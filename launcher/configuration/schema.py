@@ -236,7 +236,7 @@ class CheckedJob(pydantic.BaseModel):
             raise ConfigError(f"fault.max_backoff_s ({job.fault.max_backoff_s:g}) is below fault.backoff_s "
                               f"({job.fault.backoff_s:g}): raise max_backoff_s or lower backoff_s")
         resolve_mesh(job.mesh, job.num_hosts * cluster.devices_per_host)
-        trackers.check(job.tracking.trackers)
+        trackers.check_trackers(job.tracking.trackers)
         port = job.tracking.metrics_port
         if port is not None and not 1 <= port <= MAX_PORT:
             raise ConfigError(f"--metrics-port must be a port number from 1 to {MAX_PORT}, got {port}")

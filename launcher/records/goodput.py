@@ -7,7 +7,7 @@ every instant gets the label of the highest-priority interval that covers it, or
 does. Overlapping time (a warm standby group starting while the group trains, a save inside a
 step's time) is so counted once, and the parts add up to the wall time by construction.
 
-`split(events, metrics)` takes the records of a finished run or of one still running (`until`: the
+`split_wall_time(events, metrics)` takes the records of a finished run or of one still running (`until`: the
 time up to which to count, e.g. now), so a live exporter can show the same numbers as the report."""
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ class Interval:
     category: str
 
 
-def split(evts: Sequence[Event], metrics: Sequence[dict[str, Any]], until: float | None = None) -> Split:
+def split_wall_time(evts: Sequence[Event], metrics: Sequence[dict[str, Any]], until: float | None = None) -> Split:
     """The partition of the wall time of the records so far. `until`: where an unfinished launch's
     time ends (default: its last record)."""
     spans = launch_spans(evts, metrics, until)

@@ -16,7 +16,7 @@ from jaxlaunch.launcher.records.runs import RunDir
 from jaxlaunch.contract import events
 from jaxlaunch.contract.events import Cause, Event, Failure, FailureKind, JobStatus
 
-__all__ = ["BADPUT_LABELS", "AttemptRecord", "History", "load"]
+__all__ = ["BADPUT_LABELS", "AttemptRecord", "History", "load_history"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,7 +117,7 @@ class History:
         }
 
 
-def load(run: RunDir, until: float | None = None) -> History:
+def load_history(run: RunDir, until: float | None = None) -> History:
     """The history of a run directory, of every launch, from this version's records or an older one's.
     `until`: for a launch still running, the time up to which its wall time counts (e.g. now)."""
     evts = run.events()
@@ -129,7 +129,7 @@ def load(run: RunDir, until: float | None = None) -> History:
             recomputed.append(last[record["step"]])
         last[record["step"]] = record
     return History(evts, attempts(evts), {s: last[s] for s in sorted(last)}, recomputed,
-                   goodput.split(evts, metrics, until))
+                   goodput.split_wall_time(evts, metrics, until))
 
 
 def attempts(evts: list[Event]) -> list[AttemptRecord]:

@@ -13,7 +13,7 @@ import pathlib
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from jaxlaunch.launcher.records.goodput import BADPUT_LABELS, PRODUCTIVE, Split
-from jaxlaunch.launcher.records.history import AttemptRecord, History, load
+from jaxlaunch.launcher.records.history import AttemptRecord, History, load_history
 from jaxlaunch.launcher.records.runs import RunDir
 from rich.console import Console
 from rich.measure import Measurement
@@ -202,7 +202,7 @@ def write(run_dir: str | pathlib.Path, console: Console | None = None, show: boo
     """Builds the report of a run directory (a path or a URL), prints it (if `show`) and writes
     report.png beside its records: where it went."""
     run = RunDir(run_dir)
-    report = load(run)
+    report = load_history(run)
     if show:
         print_report(report, console)
     return save_plot(report, run)

@@ -16,8 +16,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from jaxlaunch.contract.events import Event
-from jaxlaunch.contract.events import parse as parse_event
+from jaxlaunch.contract.events import Event, parse_event
 from jaxlaunch.contract.layout import LOCK_NAME, UNREADABLE_DIR, RunLayout, json_bytes, read_records
 from jaxlaunch.contract.protocol import ConfigError
 from jaxlaunch.contract.store import LocalStore, Store

@@ -124,7 +124,7 @@ class LiveMetrics(Listener):
     # -- deriving ----------------------------------------------------------------------------------
     def refresh(self, final: bool = False) -> None:
         started = time.perf_counter()
-        past = history.load(self.run, until=None if final else self.wall_clock())
+        past = history.load_history(self.run, until=None if final else self.wall_clock())
         cost = time.perf_counter() - started
         self.refresh_every_s = max(GOODPUT_REFRESH_S, cost / MAX_REFRESH_SHARE)
         self.refreshed_at = self.clock()

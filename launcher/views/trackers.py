@@ -62,7 +62,7 @@ _STATUS_LINE = {"finished": "finished", "failed": "failed", "stopped": "stopped 
                 "interrupted": "interrupted"}
 
 
-def check(names: Sequence[str]) -> None:
+def check_trackers(names: Sequence[str]) -> None:
     """ConfigError for a tracker that is unknown or whose package is not installed."""
     if not isinstance(names, list | tuple) or not all(isinstance(n, str) for n in names):
         raise ConfigError(f"tracking.trackers must be a list of names ({', '.join(TRACKERS)}), got {names!r}")

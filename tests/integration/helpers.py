@@ -238,7 +238,7 @@ def assert_split_adds_up(run_dir: pathlib.Path) -> None:
     from jaxlaunch.launcher.records import history
     from jaxlaunch.launcher.records.runs import RunDir
 
-    split = history.load(RunDir(run_dir)).split
+    split = history.load_history(RunDir(run_dir)).split
     parts = [split.productive_s, *split.badput_s.values()]
     assert min(parts) >= 0, f"{run_dir}: a negative part {split}"
     assert abs(sum(parts) - split.wall_s) <= SPLIT_TOLERANCE * split.wall_s + 1e-9, f"{run_dir}: {split}"

@@ -56,7 +56,7 @@ def test_a_function_of_main_travels_by_value_and_runs_without_its_script():
     entry = entry_lib.from_callable(defined(CELL))
     assert entry.ref.payload is not None and str(entry.ref).startswith("main (by value, code ")
     # What a host does: unpickle it with nothing of the cell's namespace around.
-    function = entry_lib.load(entry.ref)
+    function = entry_lib.load_entry(entry.ref)
     assert function(None) == entry.function(None)
 
 
@@ -76,8 +76,8 @@ def test_nested_functions_and_lambdas_travel_by_value():
         return main
 
     entry = entry_lib.from_callable(make(21))
-    assert entry_lib.load(entry.ref)(None) == 42
-    assert entry_lib.load(entry_lib.from_callable(lambda ctx: "hi").ref)(None) == "hi"
+    assert entry_lib.load_entry(entry.ref)(None) == 42
+    assert entry_lib.load_entry(entry_lib.from_callable(lambda ctx: "hi").ref)(None) == "hi"
 
 
 def test_a_value_that_cannot_travel_is_named_before_anything_starts(tmp_path):
@@ -162,4 +162,4 @@ def test_a_script_s_function_ships_the_script_s_folder_to_a_cluster(tmp_path, mo
     shipped, folders = entry_lib.shipped(ref, tmp_path / "staging")
     assert shipped.payload == ref.payload and shipped.package.startswith("jaxlaunch_entry_")
     assert pathlib.Path(folders[0]).resolve() == tmp_path
-    assert np.isfinite(entry_lib.load(ref)(None))
+    assert np.isfinite(entry_lib.load_entry(ref)(None))

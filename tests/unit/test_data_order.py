@@ -70,12 +70,12 @@ def test_a_resume_of_an_elastic_pipeline_on_another_host_count_goes_ahead(tmp_pa
 def test_the_event_reads_back_and_reaches_the_summary(tmp_path):
     event = events.DataOrderChanged(keys=["data"], old_hosts=2, new_hosts=1, step=40, attempt=2, rank=0)
     line = json.loads(json.dumps(event.to_dict()))
-    assert events.parse(line) == event
+    assert events.parse_event(line) == event
     assert event.message == "the data order changed at step 40: extra data was saved by 2 host(s) and restored on 1"
     run = RunDir(tmp_path / "run")
     run.create()
     run.event(event)
-    assert history.load(run).summary(run)["data_order_changed"] == [
+    assert history.load_history(run).summary(run)["data_order_changed"] == [
         {"step": 40, "keys": ["data"], "old_hosts": 2, "new_hosts": 1, "attempt": 2}]
 
 

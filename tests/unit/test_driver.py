@@ -499,7 +499,7 @@ def test_the_records_of_a_run_are_derived_from_its_events(tmp_path):
     assert driver.run() == 0
     run.event(events.JobEnded(status=events.JobStatus.FINISHED))
     recorder.close()
-    past = history.load(run)
+    past = history.load_history(run)
     assert [(a.num_hosts, a.cause, a.failed_host, a.restored_step) for a in past.attempts] == [
         (2, "crashed", 1, None), (2, "finished", None, 2)]
     kinds = [e.kind for e in past.events]

@@ -55,7 +55,7 @@ def write_run(tmp_path):
 
 
 def test_the_split_is_a_partition_of_the_wall_time(tmp_path):
-    r = history.load(write_run(tmp_path))
+    r = history.load_history(write_run(tmp_path))
     assert r.wall_s == pytest.approx(21.0)
     # Steps 1, 2, 3 (its last run) and 4; a first step's time is its attempt's typical one.
     assert r.productive_s == pytest.approx(1.0 + 1.0 + 0.5 + 0.5)
@@ -97,7 +97,7 @@ def test_a_hang_is_detection_time_not_other(tmp_path):
     ]:
         run.event(event)
     run.metrics([{"step": s, "step_time_s": 0.5, "attempt": 1, "time": 1.0 + 0.5 * s} for s in range(1, 5)])
-    split = history.load(run).split
+    split = history.load_history(run).split
     assert split.badput_s["downtime"] == pytest.approx(13.5 - 3.0)
     assert split.badput_s["other"] == pytest.approx(0.5), "only the driver's ending after the attempt"
 
@@ -113,7 +113,7 @@ def test_any_records_split_into_parts_that_add_up_to_the_wall_time(raw_events, r
     evts = [events.Launch(time=0.0)]
     for kind, time, seconds in sorted(raw_events, key=lambda e: e[1]):
         fields = {"time": time, "extra": {}}
-        cls = type(events.parse({"event": kind.value, "time": time, "attempt": 1, "step": 1, "host": 0,
+        cls = type(events.parse_event({"event": kind.value, "time": time, "attempt": 1, "step": 1, "host": 0,
                                  "seconds": seconds}))
         names = {f.name for f in dataclasses.fields(cls)}
         for name, value in (("attempt", int(seconds) % 3 + 1), ("step", 1), ("seconds", seconds),
@@ -124,7 +124,7 @@ def test_any_records_split_into_parts_that_add_up_to_the_wall_time(raw_events, r
         evts.append(cls(**fields))
     metrics = [{"step": step, "time": time, "step_time_s": seconds, "checkpoint_blocking_s": blocked,
                 "attempt": attempt} for step, time, seconds, blocked, attempt in raw_metrics]
-    split = goodput.split(evts, metrics)
+    split = goodput.split_wall_time(evts, metrics)
     assert min(split.badput_s.values(), default=0) >= 0 and split.productive_s >= 0
     assert split.productive_s + sum(split.badput_s.values()) == pytest.approx(split.wall_s, abs=1e-6)
 
@@ -136,7 +136,7 @@ def test_a_running_job_s_split_counts_up_to_now(tmp_path):
     for event in later:
         run.event(event)
     run.metrics([{"step": 5, "step_time_s": 0.5, "attempt": 3, "time": 2003.0}])
-    split = goodput.split(run.events(), run.metric_records(), until=2010.0)
+    split = goodput.split_wall_time(run.events(), run.metric_records(), until=2010.0)
     assert split.wall_s == pytest.approx(21.0 + 10.0)
     assert split.productive_s + sum(split.badput_s.values()) == pytest.approx(split.wall_s)
     assert split.badput_s["startup"] == pytest.approx(8.0 + 1.0 + 1.5), "the open attempt's start-up counts"
@@ -144,7 +144,7 @@ def test_a_running_job_s_split_counts_up_to_now(tmp_path):
 
 def test_the_summary_is_a_view_of_the_same_history(tmp_path):
     run = write_run(tmp_path)
-    past = history.load(run)
+    past = history.load_history(run)
     s = past.summary(run)
     assert s["goodput"] == past.goodput and s["attempt_table"] == [a.to_dict() for a in past.attempts]
     assert (s["status"], s["final_step"], s["final_loss"], s["process_count"]) == ("finished", 4, 3.0, 2)
@@ -164,7 +164,7 @@ def test_a_resumed_run_counts_every_launch(tmp_path):
         run.event(event)
     run.metrics([{"step": 5, "loss": 2.9, "step_time_s": None, "attempt": 3, "time": t + 3},
                  {"step": 6, "loss": 2.8, "step_time_s": 1.0, "attempt": 3, "time": t + 4}])
-    past = history.load(run)
+    past = history.load_history(run)
     assert past.wall_s == pytest.approx(21.0 + 6.0), "the time between launches is nobody's"
     assert past.productive_s + sum(past.badput_s.values()) == pytest.approx(past.wall_s)
     assert past.summary(run)["final_step"] == 6 and len(past.attempts) == 3
@@ -185,7 +185,7 @@ def test_the_goodput_bar_shows_every_part_and_ends_at_the_whole(tmp_path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    split = history.load(write_run(tmp_path)).split
+    split = history.load_history(write_run(tmp_path)).split
     fig, bar = plt.subplots()
     report._goodput_bar(bar, split)
     widths = [p.get_width() for p in bar.patches]
@@ -198,9 +198,9 @@ def test_the_goodput_bar_shows_every_part_and_ends_at_the_whole(tmp_path):
 
 def test_an_old_run_reads_into_typed_records_and_its_split_adds_up(tmp_path):
     run = RunDir(shutil.copytree(OLD_RUN, tmp_path / "run"))
-    past = history.load(run)
+    past = history.load_history(run)
     old_summary = json.loads((OLD_RUN / "summary.json").read_text())
-    assert all(e is not None for e in map(events.parse, read_jsonl(OLD_RUN / "events.jsonl")))
+    assert all(e is not None for e in map(events.parse_event, read_jsonl(OLD_RUN / "events.jsonl")))
     keys = ("attempt", "num_hosts", "mesh", "cause", "failed_host", "first_step", "last_step", "restored_step",
             "detection_latency_s", "recovery_time_s", "time_to_first_step_s", "process_count")
     assert [{k: a.to_dict()[k] for k in keys} for a in past.attempts] == [
@@ -232,24 +232,24 @@ def test_every_kind_of_old_line_parses_to_its_type():
         {"event": "compilation_cache_disabled", "attempt": 1, "rank": 0, "reason": "read-only", "time": 1.0},
         {"event": "job_ended", "status": "interrupted", "reason": None, "time": 1.0},
     ]
-    parsed = [events.parse(line) for line in old]
+    parsed = [events.parse_event(line) for line in old]
     assert [e.kind for e in parsed] == [line["event"] for line in old]
     assert [e.to_dict() for e in parsed] == [{**line, **{k: None for k in e.to_dict() if k not in line}}
                                              for line, e in zip(old, parsed, strict=True)]
     assert parsed[-1].status == JobStatus.INTERRUPTED
-    assert set(events.EventKind) == {e.kind for e in map(events.parse, [
+    assert set(events.EventKind) == {e.kind for e in map(events.parse_event, [
         {"event": k.value, "time": 0.0, "attempt": 1, "step": 1, "host": 0, "seconds": 0.0}
         for k in events.EventKind])}, "every kind has its type"
 
 
 def test_a_line_from_a_newer_version_keeps_what_this_one_does_not_know():
     line = {"event": "restored", "time": 5.0, "attempt": 2, "rank": 0, "step": 10, "seconds": 0.1, "warmth": "hot"}
-    restored = events.parse(line)
+    restored = events.parse_event(line)
     assert isinstance(restored, events.Restored) and restored.extra == {"warmth": "hot"}
     assert restored.to_dict()["warmth"] == "hot"
-    assert events.parse({"event": "some_future_kind", "time": 1.0}) is None
-    assert events.parse({"event": "attempt_started", "time": 1.0}) is None, "no attempt number: skipped"
-    assert events.parse({"event": "failure", "attempt": 1, "cause": "gremlins", "time": 1.0}) is None
+    assert events.parse_event({"event": "some_future_kind", "time": 1.0}) is None
+    assert events.parse_event({"event": "attempt_started", "time": 1.0}) is None, "no attempt number: skipped"
+    assert events.parse_event({"event": "failure", "attempt": 1, "cause": "gremlins", "time": 1.0}) is None
 
 
 def test_a_metric_other_than_loss_is_plotted(tmp_path):
@@ -259,7 +259,7 @@ def test_a_metric_other_than_loss_is_plotted(tmp_path):
     run.event(events.JobEnded(time=2.0))
     run.metrics([{"step": 1, "accuracy": 0.5, "step_time_s": 0.1, "time": 1.5},
                  {"step": 2, "accuracy": 0.7, "step_time_s": 0.1, "time": 1.6}])
-    assert report.plotted_metric(history.load(run)) == "accuracy"
+    assert report.plotted_metric(history.load_history(run)) == "accuracy"
     assert report.write(run.path, show=False).exists()
 
 
@@ -275,7 +275,7 @@ def test_the_report_picture_leaves_the_process_s_plotting_backend_as_it_was(tmp_
     run = write_run(tmp_path)
     run.event(events.HostBusy(attempt=2, busy_s=[0.01, 0.03], steps=5, time=1030.0))  # the 3-panel picture
     try:
-        picture = report.save_plot(history.load(run), run)
+        picture = report.save_plot(history.load_history(run), run)
         assert matplotlib.get_backend() == "svg"
         assert plt.get_fignums() == figures, "no figure of the report's left open to show in the notebook"
     finally:

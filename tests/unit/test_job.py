@@ -85,11 +85,11 @@ def test_a_function_object_of_an_importable_module_travels_by_name():
 
 
 def test_a_file_entry_ships_its_folder_under_a_name_of_its_own(tmp_path):
-    ref = entry_lib.parse(str(ROOT / "examples" / "minimal.py"))
+    ref = entry_lib.parse_entry(str(ROOT / "examples" / "minimal.py"))
     shipped_ref, folders = entry_lib.shipped(ref, tmp_path)
     assert shipped_ref.package.startswith("jaxlaunch_entry_") and shipped_ref.function == "main"
     assert pathlib.Path(folders[0]).resolve() == ROOT / "examples"
-    assert entry_lib.shipped(entry_lib.parse("json:dumps"), tmp_path) == (entry_lib.parse("json:dumps"), [])
+    assert entry_lib.shipped(entry_lib.parse_entry("json:dumps"), tmp_path) == (entry_lib.parse_entry("json:dumps"), [])
 
 
 def test_folders_alike_in_content_ship_under_one_name(tmp_path):
@@ -105,7 +105,7 @@ def test_folders_alike_in_content_ship_under_one_name(tmp_path):
             (tmp_path / clone / name).write_text(f"def main(ctx):\n    return {name!r}\n")
         staging = tmp_path / f"staging-{clone}-{entry}"
         staging.mkdir()
-        ref, [folder] = entry_lib.shipped(entry_lib.parse(f"{tmp_path / clone / entry}:main"), staging)
+        ref, [folder] = entry_lib.shipped(entry_lib.parse_entry(f"{tmp_path / clone / entry}:main"), staging)
         staged.append((ref.package, pathlib.Path(folder).name))
     assert len(set(staged)) == 1, staged
 

@@ -11,7 +11,7 @@ from jaxlaunch.launcher.views.live_metrics import Exporter, LiveMetrics
 from jaxlaunch.launcher.views.trackers import restarts_by_cause
 from prometheus_client.parser import text_string_to_metric_families
 
-from jaxlaunch.contract.events import parse
+from jaxlaunch.contract.events import parse_event
 from jaxlaunch.contract.protocol import ConfigError
 
 
@@ -113,7 +113,7 @@ def test_restarts_are_counted_by_the_failure_before_them():
              {"event": "failure", "attempt": 2, "cause": "hung"}, {"event": "job_failed"},
              {"event": "grow", "attempt": 3}, {"event": "failure", "attempt": 4, "cause": "preempted"},
              {"event": "restarting"}]
-    history = [e for e in map(parse, lines) if e is not None]
+    history = [e for e in map(parse_event, lines) if e is not None]
     assert len(history) == len(lines)
     assert restarts_by_cause(history) == {"crashed": 1, "resize": 1, "preempted": 1}
 
@@ -123,8 +123,8 @@ def test_goodput_is_refreshed_at_most_every_interval(tmp_path, monkeypatch):
     now = [0.0]
     live = LiveMetrics(run, lambda: None, None, clock=lambda: now[0], wall_clock=lambda: 1020.0)
     loads = []
-    real = live_metrics.history.load
-    monkeypatch.setattr(live_metrics.history, "load", lambda r, until=None: loads.append(1) or real(r, until))
+    real = live_metrics.history.load_history
+    monkeypatch.setattr(live_metrics.history, "load_history", lambda r, until=None: loads.append(1) or real(r, until))
 
     class Attempt:
         num_hosts, number, last_step = 2, 2, 4

@@ -58,7 +58,7 @@ def parse(argv):
     assert rest == [], rest
     given = vars(args)
     given.pop("verbose")
-    return options.split(given, ROOTS)
+    return options.split_by_root(given, ROOTS)
 
 
 @pytest.mark.parametrize(("argv", "path", "value"), LEGACY_FLAGS)
@@ -109,9 +109,9 @@ def test_a_new_field_is_a_flag_a_keyword_and_a_config_key_with_nothing_else_writ
     p = argparse.ArgumentParser()
     options.add_arguments(p, [Root])
     assert "Serve Prometheus metrics on this port. (default: 9090)" in " ".join(p.format_help().split())
-    by_root, _ = options.split(vars(p.parse_args(["--metrics-port", "81", "--tracker", "wandb"])), [Root])
+    by_root, _ = options.split_by_root(vars(p.parse_args(["--metrics-port", "81", "--tracker", "wandb"])), [Root])
     assert by_root[Root] == {"tracking.metrics_port": 81, "tracking.tracker": "wandb"}
-    assert options.split({"metrics_port": 82}, [Root])[0][Root] == {"tracking.metrics_port": 82}
+    assert options.split_by_root({"metrics_port": 82}, [Root])[0][Root] == {"tracking.metrics_port": 82}
 
 
 def test_a_field_of_a_number_or_a_word_takes_either_from_a_flag_or_a_keyword():
@@ -131,16 +131,17 @@ def test_a_field_of_a_number_or_a_word_takes_either_from_a_flag_or_a_keyword():
     p = argparse.ArgumentParser()
     options.add_arguments(p, [Root])
     for text, value in [("5", 5), ("auto", "auto")]:
-        assert options.split(vars(p.parse_args(["--every-n", text])), [Root])[0][Root] == {"saving.every": value}
-    assert options.split({"every_n": "auto"}, [Root])[0][Root] == {"saving.every": "auto"}
+        given = vars(p.parse_args(["--every-n", text]))
+        assert options.split_by_root(given, [Root])[0][Root] == {"saving.every": value}
+    assert options.split_by_root({"every_n": "auto"}, [Root])[0][Root] == {"saving.every": "auto"}
     with pytest.raises(ConfigError, match="every_n must be int or 'auto', got 'often'"):
-        options.split({"every_n": "often"}, [Root])
+        options.split_by_root({"every_n": "often"}, [Root])
     with pytest.raises(SystemExit):
         p.parse_args(["--every-n", "2.5"])
 
 
 def test_keywords_are_typed_by_their_fields():
-    assert options.split({"hang_timeout": 5, "mesh": "data=-1", "inject": ["kill@step=2"]}, ROOTS)[0] == {
+    assert options.split_by_root({"hang_timeout": 5, "mesh": "data=-1", "inject": ["kill@step=2"]}, ROOTS)[0] == {
         JobConfig: {"watchdog.hang_timeout_s": 5.0, "mesh": {"data": -1}},
         ROOTS[1]: {"inject": (Injection("kill", 2, 0),)}}
     for bad, message in [({"hosts": "2"}, "hosts must be int, got '2'"),
@@ -148,7 +149,7 @@ def test_keywords_are_typed_by_their_fields():
                          ({"resume": "yes"}, "resume must be bool or 'auto'"),
                          ({"address": 3}, "address must be str")]:
         with pytest.raises(ConfigError, match=message):
-            options.split(bad, ROOTS)
+            options.split_by_root(bad, ROOTS)
 
 
 def test_the_built_in_model_s_settings_are_its_entry_s_flags_and_keywords(tmp_path):

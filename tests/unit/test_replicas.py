@@ -67,7 +67,7 @@ def test_the_watch_compares_a_step_once_every_host_sent_it_and_keeps_the_verifie
     assert watch.restore_limit == 20 and "host 1 (node node-1) disagrees" in told[0] == replica_message(event)
     failure = watch.failure(attempt, 5.0)
     assert failure is not None and (failure.kind, failure.rank, failure.step) == (FailureKind.REPLICA_MISMATCH, 1, 30)
-    assert events.parse(event.to_dict()) == event, "the event reads back from events.jsonl"
+    assert events.parse_event(event.to_dict()) == event, "the event reads back from events.jsonl"
 
 
 def test_the_driver_ends_the_attempt_on_a_mismatch_and_restarts_below_it():

@@ -63,7 +63,7 @@ def test_storage_errors_are_named_with_their_filesystem(tmp_path):
     wrapped.__cause__ = OSError(errno.EROFS, "Read-only file system")
     assert storage.storage_errno(wrapped) == errno.EROFS
     assert storage.storage_errno(ValueError("bad shape")) is None
-    line = storage.describe(tmp_path / "gone" / "checkpoints", errno.ENOENT, 5_000_000)
+    line = storage.describe_storage_error(tmp_path / "gone" / "checkpoints", errno.ENOENT, 5_000_000)
     assert "the run directory is gone" in line and "MB free of" in line and "about 5 MB" in line
 
 

@@ -113,7 +113,7 @@ def test_the_watch_records_the_straggler_once_with_its_node_and_every_hosts_busy
     watch.on_attempt_ended(None, type("Ended", (), {"attempt": attempt})())
     [per_host] = [e for e in recorded if isinstance(e, events.HostBusy)]
     assert per_host.busy_s[1] > 1.5 * max(per_host.busy_s[r] for r in (0, 2, 3))
-    assert events.parse(straggler.to_dict()) == straggler, "the event reads back from events.jsonl"
+    assert events.parse_event(straggler.to_dict()) == straggler, "the event reads back from events.jsonl"
 
 
 def test_the_slow_injection_parses_with_its_factor_and_refuses_a_bad_one():

@@ -17,7 +17,7 @@ from jaxlaunch.workers.keeper import Keeper, incoming_name, kept
 from jaxlaunch.workers.memory import PartReader, assemble, part_nbytes
 from jaxlaunch.workers.part_file import PartFile, write_part
 
-from jaxlaunch.contract.tiers import Held, Role, committed_steps, memory_serves, replica_node, sources
+from jaxlaunch.contract.tiers import Held, Role, memory_serves, replica_node, sources, whole_steps
 
 P, R = Role.PRIMARY, Role.REPLICA
 
@@ -30,29 +30,29 @@ def test_a_step_is_committed_only_when_every_part_and_its_replica_are_held():
     held = [part(5, 0, "a", replicated=True), part(5, 1, "b", replicated=True),
             part(6, 0, "a", replicated=True), part(6, 1, "b"),  # rank 1's replica not acknowledged yet
             part(7, 0, "a", replicated=True)]                   # rank 1 never handed over step 7
-    assert committed_steps(held) == [5]
+    assert whole_steps(held) == [5]
 
 
 def test_a_lost_nodes_parts_count_through_their_replicas():
     # Node "b" is gone: only "a"'s keeper answers, with its own part and b's replica.
     held = [part(5, 0, "a", replicated=True), part(5, 1, "a", R)]
-    assert committed_steps(held) == [5]
+    assert whole_steps(held) == [5]
     assert [(s.rank, s.node, s.role) for s in sources(held, 5)] == [(0, "a", P), (1, "a", R)]
 
 
 def test_a_part_whose_primary_and_replica_are_both_gone_leaves_the_step_uncommitted():
     held = [part(5, 0, "c", R)]  # rank 0's replica on c; rank 1's primary and replica are gone
-    assert committed_steps(held) == []
+    assert whole_steps(held) == []
 
 
 def test_parts_of_attempts_of_different_sizes_never_make_a_whole_step():
     held = [part(5, 0, "a", replicated=True), part(5, 1, "b", replicated=True, num_hosts=4)]
-    assert committed_steps(held) == []
+    assert whole_steps(held) == []
 
 
 def test_a_one_node_cluster_commits_its_primaries_alone_and_a_host_reads_its_own_copy():
     held = [part(3, 0, "a", replicated=True), part(3, 1, "a", replicated=True)]
-    assert committed_steps(held) == [3]
+    assert whole_steps(held) == [3]
     both = [part(3, 1, "a", replicated=True), part(3, 1, "b", R)]
     assert sources(both, 3, prefer={1: "b"})[0].node == "b"
 

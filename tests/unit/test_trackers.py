@@ -201,10 +201,10 @@ def test_wandb_offline_one_run_across_a_restart_and_a_resume_each_step_once(tmp_
 
 def test_an_unknown_or_missing_tracker_is_bad_input(monkeypatch):
     with pytest.raises(ConfigError, match="is not one of mlflow, wandb"):
-        trackers.check(["neptune"])
+        trackers.check_trackers(["neptune"])
     monkeypatch.setattr(trackers.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ConfigError, match=r'pip install "jaxlaunch\[wandb\]"'):
-        trackers.check(["wandb"])
+        trackers.check_trackers(["wandb"])
 
 
 def test_the_cli_refuses_a_missing_tracker_package_before_anything(tmp_path, monkeypatch, capsys):
