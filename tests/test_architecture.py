@@ -10,6 +10,8 @@ import pathlib
 import subprocess
 import sys
 
+from jaxlaunch.contract import protocol
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MAX_MODULE_LINES = 500
 FOLDERS = {"jaxlaunch.contract": ROOT / "jaxlaunch" / "contract", "jaxlaunch.launcher": ROOT / "launcher",
@@ -84,11 +86,13 @@ def test_importing_the_public_package_loads_neither_side():
 
 
 def test_the_driver_and_a_keeper_load_no_jax():
-    """The driver names the keeper's class (`launcher.cluster.keepers`) and a keeper maps part files:
-    neither imports JAX, which costs a cold launch about 1.2 s on this machine before the hosts are
-    given their `run` call, and every keeper process as much before it answers."""
+    """The driver names the hosts' and the keepers' classes (their modules are imported to make the
+    actors) and a keeper maps part files: none of these imports JAX, which costs a cold launch about
+    1.2 s on this machine before the hosts are given their `run` call (when the entry's module does
+    not import it at its top), and every keeper process as much before it answers."""
+    programs = [program.partition(":")[0] for program in (protocol.HOST_PROGRAM, protocol.KEEPER_PROGRAM)]
     code = ("import sys\n"
-            "import jaxlaunch.launcher.cli, jaxlaunch.launcher.runner, jaxlaunch.workers.keeper\n"
+            f"import jaxlaunch.launcher.cli, jaxlaunch.launcher.runner, {', '.join(programs)}\n"
             "print(sorted(m for m in ('jax', 'flax', 'optax', 'orbax') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "[]", result.stdout + result.stderr

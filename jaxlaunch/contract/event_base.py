@@ -102,7 +102,7 @@ class JobStatus(enum.StrEnum):
 
 
 def _parsed(parse: Callable[[Any], Any], default: Any = None) -> Any:
-    """A field whose JSON value (a string) `parse_event` turns back into its type (an enum)."""
+    """A field whose JSON value (a string) `parse` turns back into its type (an enum)."""
     return dataclasses.field(default=default, metadata={"parse": parse})
 
 
