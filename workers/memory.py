@@ -23,7 +23,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
 from jaxlaunch.workers.keeper import HandOff, incoming_name
-from jaxlaunch.workers.part_file import Copies, Index, PartFile, PartHeader, is_key, normal, overlap, write_part
+from jaxlaunch.workers.part_file import Copies, Index, PartFile, PartHeader, PartWriter, is_key, normal, overlap
 
 from jaxlaunch.contract import tiers
 from jaxlaunch.contract.event_base import first_line
@@ -80,6 +80,7 @@ class MemoryTier:
         """The copies of this host's part of its newest saves, by step, once their hand-off is done."""
         self.lost: list[str] = list(lost)
         """Nodes whose keeper is gone (found by the driver, or not answering `held()`): lost with their node."""
+        self.writer = PartWriter()
         self._structure: tuple[Any, bytes | None] | None = None
         """The saved state's pytree structure, pickled once: the same at every save of an attempt."""
 
@@ -114,7 +115,7 @@ class MemoryTier:
         assert self.inbox is not None, "reserve() runs before the first save"
         name = incoming_name(step, self.rank, os.getpid())
         try:
-            header = write_part(self.inbox, name, tree, meta, extra, self._pickled_structure(tree))
+            header = self.writer.write(self.inbox, name, tree, meta, extra, self._pickled_structure(tree))
         except OSError as err:  # the keeper restarted and emptied its folder, or the tmpfs is full
             self._refuse(step, f"the part file could not be written ({first_line(err)})")
             self.wait()

@@ -7,8 +7,8 @@ and the non-array state) and the shards' bytes, each at a 64-byte aligned offset
 under a temporary name and renamed, so a file under its final name is whole: a host killed
 mid-write leaves only a temporary file, which its keeper deletes.
 
-JAX is imported only where a host writes a part: the keeper, and the driver that names its class,
-read part files without loading it."""
+JAX is imported only inside the functions that need it (a host's write, `is_key`): the keeper maps
+part files, and the driver names the keeper's class, without loading it."""
 
 from __future__ import annotations
 
@@ -115,45 +115,127 @@ def _aligned(n: int) -> int:
     return -(-n // ALIGN) * ALIGN
 
 
+@dataclasses.dataclass(frozen=True)
+class PartPlan:
+    """What this host's part of a state holds, worked out once for the state's structure, shapes and
+    shardings (the same at every save of an attempt) rather than at every save: the key path of each
+    leaf, the arrays, and the shards this host writes (each global index once) with their offsets."""
+
+    treedef: Any
+    leaves: tuple[tuple[Any, tuple[int, ...], Any] | None, ...]
+    """Per leaf: an array's (sharding, shape, dtype); None for a leaf that is not an array."""
+    keys: tuple[str, ...]
+    """Per leaf: its key path (`jax.tree_util.keystr`)."""
+    arrays: tuple[ArrayEntry, ...]
+    takes: tuple[tuple[int, int, bool], ...]
+    """Per shard written: (leaf, position among the leaf's addressable shards, the leaf is a typed key)."""
+    shards: tuple[ShardEntry, ...]
+    nbytes: int
+    """The data region's bytes (each shard at an aligned offset)."""
+    on_accelerator: bool = False
+    """The shards live on an accelerator: each is copied to the host, all transfers started at once
+    (on CPU a shard's numpy array is its buffer, and there is nothing to start)."""
+
+    @classmethod
+    def of(cls, tree: Any) -> PartPlan:
+        import jax
+
+        flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+        leaves, keys, arrays, takes, shards, offset, on_accelerator = [], [], [], [], [], 0, False
+        for position, (path, leaf) in enumerate(flat):
+            key = jax.tree_util.keystr(path)
+            keys.append(key)
+            if not isinstance(leaf, jax.Array):
+                leaves.append(None)
+                continue
+            leaves.append((leaf.sharding, tuple(leaf.shape), leaf.dtype))
+            on_accelerator = on_accelerator or any(d.platform != "cpu" for d in leaf.sharding.device_set)
+            typed = is_key(leaf)
+            data = jax.random.key_data(leaf) if typed else leaf
+            arrays.append(ArrayEntry(key, tuple(data.shape), str(data.dtype),
+                                     str(jax.random.key_impl(leaf)) if typed else None))
+            seen = set()
+            for which, shard in enumerate(data.addressable_shards):
+                index = normal(shard.index, data.shape)
+                if index not in seen:
+                    seen.add(index)
+                    takes.append((position, which, typed))
+                    nbytes = int(shard.data.nbytes)
+                    shards.append(ShardEntry(key, index, offset, nbytes))
+                    offset += _aligned(nbytes)
+        return cls(treedef, tuple(leaves), tuple(keys), tuple(arrays), tuple(takes), tuple(shards), offset,
+                   on_accelerator)
+
+    def fits(self, leaves: list[Any], treedef: Any) -> bool:
+        """Whether a state with these leaves is laid out as this plan's was."""
+        import jax
+
+        if treedef != self.treedef:
+            return False
+        for leaf, known in zip(leaves, self.leaves, strict=True):
+            if known is None:
+                if isinstance(leaf, jax.Array):
+                    return False
+                continue
+            if not isinstance(leaf, jax.Array):
+                return False
+            sharding, shape, dtype = known
+            if leaf.shape != shape or leaf.dtype != dtype:
+                return False
+            if leaf.sharding is not sharding and leaf.sharding != sharding:
+                return False
+        return True
+
+
+class PartWriter:
+    """Writes one host's parts, keeping the plan of the state it wrote last (`PartPlan`)."""
+
+    def __init__(self) -> None:
+        self.plan: PartPlan | None = None
+
+    def write(self, directory: pathlib.Path, name: str, tree: Any, meta: dict[str, Any],
+              extra: dict[str, Any], structure: bytes | None = None) -> PartHeader:
+        """Writes this host's part of `tree` (its addressable shards, each global index once, and
+        every other leaf) to `directory/name`. Returns once the file is whole: the next step may
+        overwrite or donate the device buffers."""
+        import jax
+
+        leaves, treedef = jax.tree_util.tree_flatten(tree)
+        if self.plan is None or not self.plan.fits(leaves, treedef):
+            self.plan = PartPlan.of(tree)
+        return _write(directory, name, leaves, self.plan, meta, extra, structure)
+
+
 def write_part(directory: pathlib.Path, name: str, tree: Any, meta: dict[str, Any],
                extra: dict[str, Any], structure: bytes | None = None) -> PartHeader:
-    """Writes this host's part of `tree` (its addressable shards, each global index once, and every
-    other leaf) to `directory/name`. Returns once the file is whole: the next step may overwrite or
-    donate the device buffers."""
+    """`PartWriter.write` without a plan kept from an earlier part."""
+    return PartWriter().write(directory, name, tree, meta, extra, structure)
+
+
+def _write(directory: pathlib.Path, name: str, leaves: list[Any], plan: PartPlan, meta: dict[str, Any],
+           extra: dict[str, Any], structure: bytes | None) -> PartHeader:
     import jax
 
-    arrays, plain, live = [], {}, []
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        key = jax.tree_util.keystr(path)
-        if not isinstance(leaf, jax.Array):
-            plain[key] = leaf
-            continue
-        data = jax.random.key_data(leaf) if is_key(leaf) else leaf
-        arrays.append(ArrayEntry(key, tuple(data.shape), str(data.dtype),
-                                 str(jax.random.key_impl(leaf)) if is_key(leaf) else None))
-        seen = set()
-        for shard in data.addressable_shards:
-            index = normal(shard.index, data.shape)
-            if index not in seen:
-                seen.add(index)
-                shard.data.copy_to_host_async()  # a no-op on CPU; on an accelerator all transfers overlap
-                live.append((key, index, shard.data))
-    entries, offset = [], 0
-    for key, index, value in live:
-        entries.append(ShardEntry(key, index, offset, int(value.nbytes)))
-        offset += _aligned(int(value.nbytes))
-    header = PartHeader(tuple(arrays), tuple(entries), plain, meta, extra, structure)
+    plain = {plan.keys[i]: leaf for i, leaf in enumerate(leaves) if plan.leaves[i] is None}
+    live = []
+    for position, which, typed in plan.takes:
+        leaf = leaves[position]
+        data = (jax.random.key_data(leaf) if typed else leaf).addressable_data(which)
+        if plan.on_accelerator:
+            data.copy_to_host_async()  # every transfer started before the first is waited for
+        live.append(data)
+    header = PartHeader(plan.arrays, plan.shards, plain, meta, extra, structure)
     blob = pickle.dumps(header, protocol=pickle.HIGHEST_PROTOCOL)
     start = _aligned(_PREAMBLE.size + len(blob))
     temporary = directory / f".{name}.tmp"
     try:
         with open(temporary, "r+b" if _claim_spare(directory, temporary) else "wb") as f:
             f.write(_PREAMBLE.pack(MAGIC, len(blob)) + blob)
-            for entry, (_, _, value) in zip(entries, live, strict=True):
+            for entry, value in zip(plan.shards, live, strict=True):
                 f.seek(start + entry.offset)
                 # A view of the buffer on CPU (a host copy on an accelerator): the write is the copy.
                 f.write(np.ascontiguousarray(np.asarray(value)).reshape(-1).view(np.uint8).data)
-            f.truncate(start + offset)
+            f.truncate(start + plan.nbytes)
         os.rename(temporary, directory / name)
     except BaseException:
         # A full tmpfs or a shard that would not convert: no part-sized leftover under a new name each step.

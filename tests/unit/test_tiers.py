@@ -15,7 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxlaunch.workers import extras, replica_stream
 from jaxlaunch.workers.keeper import Keeper, incoming_name, kept
 from jaxlaunch.workers.memory import PartReader, assemble, part_nbytes
-from jaxlaunch.workers.part_file import PartFile, write_part
+from jaxlaunch.workers.part_file import PartFile, PartWriter, write_part
 
 from jaxlaunch.contract.tiers import Held, Role, memory_serves, replica_node, sources, whole_steps
 
@@ -239,6 +239,38 @@ def test_a_part_file_is_written_once_from_the_device_buffer_and_maps_back_exactl
     assert part.header == header and header.nbytes == 48 and header.plain == {"['s']": "plain"}
     assert [np.asarray(part.shard(e)).tolist() for e in header.shards] == [[[0, 1, 2], [3, 4, 5]], [[6, 7, 8],
                                                                                                   [9, 10, 11]]]
+
+
+def test_a_writer_lays_out_each_save_of_one_state_once_and_again_when_the_state_changes(tmp_path):
+    """Every save of an attempt writes a state of one layout: the writer works it out at the first and
+    keeps it; each part maps back to its own step's values, whatever the plan was made from. A state of
+    another shape or sharding is laid out afresh, never written by the old plan."""
+    mesh = mesh_of((2,), ("data",))
+    key = jax.device_put(jax.random.key(3), NamedSharding(mesh, PartitionSpec()))
+
+    def state(scale, shape=(4, 3), spec=("data",)):
+        x = jax.device_put(jnp.arange(float(np.prod(shape))).reshape(shape) * scale,
+                           NamedSharding(mesh, PartitionSpec(*spec)))
+        return {"x": x, "k": key, "n": scale}
+
+    writer = PartWriter()
+    writer.write(tmp_path, "a.part", state(1), {}, {})
+    plan = writer.plan
+    header = writer.write(tmp_path, "b.part", state(2), {}, {})
+    assert writer.plan is plan, "the second save of the same layout reuses the plan"
+    part = PartFile(tmp_path / "b.part")
+    assert part.header == header and header.plain == {"['n']": 2}
+    rows = [np.asarray(part.shard(e)).tolist() for e in header.shards if e.path == "['x']"]
+    assert rows == [[[0, 2, 4], [6, 8, 10]], [[12, 14, 16], [18, 20, 22]]]
+    stored_key = next(e for e in header.shards if e.path == "['k']")
+    assert np.array_equal(part.shard(stored_key), jax.random.key_data(key))
+    for changed in (state(3, shape=(6, 2)), state(3, spec=(None, None))):
+        header = writer.write(tmp_path, "c.part", changed, {}, {})
+        assert writer.plan is not plan
+        plan = writer.plan
+        part = PartFile(tmp_path / "c.part")
+        whole = np.concatenate([np.asarray(part.shard(e)) for e in header.shards if e.path == "['x']"])
+        assert np.array_equal(whole, np.asarray(changed["x"])), "each shard once, at its own offset"
 
 
 def test_a_part_that_covers_nothing_is_an_error_not_zeros(tmp_path):
