@@ -51,7 +51,7 @@ REPLICA_TIMEOUT_S = 30.0
 STALE_RECEIVED_S = 4 * replica_stream.STREAM_TIMEOUT_S
 """A received replica its sender never asked to hold by then (the sender died) is deleted."""
 SPARE_PREFIX = "spare-"
-"""A dropped part's file, kept for a host to write its next part into (`part_file.write_part`)."""
+"""A dropped part's file, kept for a host to write its next part into (`part_file.PartWriter`)."""
 IN_FLIGHT_SAVES = 2
 """Steps above the floor a keeper may hold besides its `keep` whole ones: a host's previous save,
 still replicating on another host, and its newest."""

@@ -182,7 +182,8 @@ class PartPlan:
             sharding, shape, dtype = known
             if leaf.shape != shape or leaf.dtype != dtype:
                 return False
-            if leaf.sharding is not sharding and leaf.sharding != sharding:
+            now = leaf.sharding  # a typed key's is made at each read
+            if now is not sharding and now != sharding:
                 return False
         return True
 

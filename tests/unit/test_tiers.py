@@ -246,12 +246,11 @@ def test_a_writer_lays_out_each_save_of_one_state_once_and_again_when_the_state_
     keeps it; each part maps back to its own step's values, whatever the plan was made from. A state of
     another shape or sharding is laid out afresh, never written by the old plan."""
     mesh = mesh_of((2,), ("data",))
-    key = jax.device_put(jax.random.key(3), NamedSharding(mesh, PartitionSpec()))
 
     def state(scale, shape=(4, 3), spec=("data",)):
         x = jax.device_put(jnp.arange(float(np.prod(shape))).reshape(shape) * scale,
                            NamedSharding(mesh, PartitionSpec(*spec)))
-        return {"x": x, "k": key, "n": scale}
+        return {"x": x, "k": jax.device_put(jax.random.key(scale), NamedSharding(mesh, PartitionSpec())), "n": scale}
 
     writer = PartWriter()
     writer.write(tmp_path, "a.part", state(1), {}, {})
@@ -263,7 +262,7 @@ def test_a_writer_lays_out_each_save_of_one_state_once_and_again_when_the_state_
     rows = [np.asarray(part.shard(e)).tolist() for e in header.shards if e.path == "['x']"]
     assert rows == [[[0, 2, 4], [6, 8, 10]], [[12, 14, 16], [18, 20, 22]]]
     stored_key = next(e for e in header.shards if e.path == "['k']")
-    assert np.array_equal(part.shard(stored_key), jax.random.key_data(key))
+    assert np.array_equal(part.shard(stored_key), jax.random.key_data(jax.random.key(2))), "this save's key"
     for changed in (state(3, shape=(6, 2)), state(3, spec=(None, None))):
         header = writer.write(tmp_path, "c.part", changed, {}, {})
         assert writer.plan is not plan
@@ -271,6 +270,9 @@ def test_a_writer_lays_out_each_save_of_one_state_once_and_again_when_the_state_
         part = PartFile(tmp_path / "c.part")
         whole = np.concatenate([np.asarray(part.shard(e)) for e in header.shards if e.path == "['x']"])
         assert np.array_equal(whole, np.asarray(changed["x"])), "each shard once, at its own offset"
+    as_numpy = {**state(4), "x": np.arange(12.0).reshape(4, 3)}  # an array leaf that is no JAX array now
+    header = writer.write(tmp_path, "d.part", as_numpy, {}, {})
+    assert writer.plan is not plan and "['x']" in header.plain and all(e.path != "['x']" for e in header.shards)
 
 
 def test_a_part_that_covers_nothing_is_an_error_not_zeros(tmp_path):
