@@ -133,15 +133,21 @@ class PartPlan:
     nbytes: int
     """The data region's bytes (each shard at an aligned offset)."""
     on_accelerator: bool = False
-    """The shards live on an accelerator: each is copied to the host, all transfers started at once
-    (on CPU a shard's numpy array is its buffer, and there is nothing to start)."""
+    """The process's default backend is an accelerator, where the state lives: each shard is copied to
+    the host, all transfers started at once (on CPU a shard's numpy array is its buffer, and there is
+    nothing to start)."""
 
     @classmethod
     def of(cls, tree: Any) -> PartPlan:
         import jax
 
         flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
-        leaves, keys, arrays, takes, shards, offset, on_accelerator = [], [], [], [], [], 0, False
+        leaves: list[tuple[Any, tuple[int, ...], Any] | None] = []
+        keys: list[str] = []
+        arrays: list[ArrayEntry] = []
+        takes: list[tuple[int, int, bool]] = []
+        shards: list[ShardEntry] = []
+        offset = 0
         for position, (path, leaf) in enumerate(flat):
             key = jax.tree_util.keystr(path)
             keys.append(key)
@@ -149,7 +155,6 @@ class PartPlan:
                 leaves.append(None)
                 continue
             leaves.append((leaf.sharding, tuple(leaf.shape), leaf.dtype))
-            on_accelerator = on_accelerator or any(d.platform != "cpu" for d in leaf.sharding.device_set)
             typed = is_key(leaf)
             data = jax.random.key_data(leaf) if typed else leaf
             arrays.append(ArrayEntry(key, tuple(data.shape), str(data.dtype),
@@ -164,7 +169,7 @@ class PartPlan:
                     shards.append(ShardEntry(key, index, offset, nbytes))
                     offset += _aligned(nbytes)
         return cls(treedef, tuple(leaves), tuple(keys), tuple(arrays), tuple(takes), tuple(shards), offset,
-                   on_accelerator)
+                   on_accelerator=jax.default_backend() != "cpu")
 
     def fits(self, leaves: list[Any], treedef: Any) -> bool:
         """Whether a state with these leaves is laid out as this plan's was."""
