@@ -4,9 +4,12 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import pathlib
+import socket
 import stat
+import time
 
 from jaxlaunch.workers.compat.jax import write_cache_from_every_process
 
@@ -73,19 +76,45 @@ def initialize(*, coordinator_address: str, num_processes: int, process_id: int,
         # Across processes CPU collectives need gloo; within one process XLA's own are faster
         # (measured: 35% more steps per second for a 1-host job).
         jax.config.update("jax_cpu_collectives_implementation", "gloo" if num_processes > 1 else None)
+    deadline = time.monotonic() + timeouts.init_timeout_s
+    if process_id != 0:
+        wait_for_coordinator(coordinator_address, deadline)
     log.info("jax.distributed.initialize(coordinator=%s, num_processes=%d, process_id=%d)",
              coordinator_address, num_processes, process_id)
     jax.distributed.initialize(
         coordinator_address=coordinator_address,
         num_processes=num_processes,
         process_id=process_id,
-        initialization_timeout=timeouts.init_timeout_s,
+        initialization_timeout=max(1, math.ceil(deadline - time.monotonic())),
         heartbeat_timeout_seconds=timeouts.heartbeat_timeout_s,
         shutdown_timeout_seconds=timeouts.shutdown_timeout_s,
         coordinator_bind_address=bind_address,
     )
     log.info("joined: process %d of %d, %d local and %d global devices",
              jax.process_index(), jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+COORDINATOR_POLL_S = 0.005
+"""How often a host tries the coordinator's port while process 0 has not opened it yet."""
+
+
+def wait_for_coordinator(address: str, deadline: float) -> bool:
+    """Whether the coordinator (process 0's `jax.distributed` service) accepts connections at
+    `address` ("host:port") before `deadline` (time.monotonic()). A host that joins before process 0
+    has opened it is refused, and JAX's client then waits out gRPC's reconnect backoff: 1 s after
+    the first refusal, growing with each, measured as a second lost in half the joins of two hosts
+    started at once. Trying a plain TCP connection until one is taken costs milliseconds."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")  # an IPv6 address is written [::1]:port
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            socket.create_connection((host, int(port)), timeout=max(0.1, min(1.0, remaining))).close()
+            return True
+        except OSError:
+            if remaining <= COORDINATOR_POLL_S:
+                return False
+            time.sleep(COORDINATOR_POLL_S)
 
 
 def shutdown() -> None:
