@@ -6,6 +6,7 @@ import threading
 import time
 
 import pytest
+from jaxlaunch.workers import runtime
 from jaxlaunch.workers.runtime import wait_for_coordinator
 
 
@@ -16,14 +17,27 @@ def _bound() -> socket.socket:
     return sock
 
 
-def test_a_host_joins_once_the_coordinator_listens():
+def test_a_host_refused_before_the_coordinator_listens_joins_once_it_does(monkeypatch):
     sock = _bound()
     address = f"127.0.0.1:{sock.getsockname()[1]}"
+    refused = threading.Event()
+    connect = socket.create_connection
+
+    def observed(*args, **kwargs):
+        try:
+            return connect(*args, **kwargs)
+        except OSError:
+            refused.set()
+            raise
+
+    monkeypatch.setattr(runtime.socket, "create_connection", observed)
     joined: list[bool] = []
-    waiter = threading.Thread(target=lambda: joined.append(wait_for_coordinator(address, time.monotonic() + 60)))
+    waiter = threading.Thread(target=lambda: joined.append(wait_for_coordinator(address, time.monotonic() + 60)),
+                              daemon=True)
     try:
         waiter.start()
-        sock.listen()  # process 0 opens its service, whether or not the host tried before
+        assert refused.wait(timeout=60), "the host never tried the closed port"
+        sock.listen()  # process 0 opens its service after the host was refused
         waiter.join(timeout=60)
         assert joined == [True]
     finally:
