@@ -212,12 +212,6 @@ class PartWriter:
         return _write(directory, name, leaves, self.plan, meta, extra, structure)
 
 
-def write_part(directory: pathlib.Path, name: str, tree: Any, meta: dict[str, Any],
-               extra: dict[str, Any], structure: bytes | None = None) -> PartHeader:
-    """`PartWriter.write` without a plan kept from an earlier part."""
-    return PartWriter().write(directory, name, tree, meta, extra, structure)
-
-
 def _write(directory: pathlib.Path, name: str, leaves: list[Any], plan: PartPlan, meta: dict[str, Any],
            extra: dict[str, Any], structure: bytes | None) -> PartHeader:
     import jax

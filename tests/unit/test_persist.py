@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from jaxlaunch.workers import memory, persist
 from jaxlaunch.workers.checkpoint import Checkpointer
-from jaxlaunch.workers.part_file import PartFile, write_part
+from jaxlaunch.workers.part_file import PartFile, PartWriter
 from jaxlaunch.workers.sharding import build_mesh
 from jaxlaunch.workers.state import StateLayout
 
@@ -48,7 +48,7 @@ def plain_shardings(path, leaf):
 def part_of(tree, folder, structure=True):
     """A host's memory part of `tree`, as MemoryTier.save writes it, mapped back as a restore reads it."""
     pickled = cloudpickle.dumps(jax.tree.structure(tree)) if structure else None
-    write_part(folder, "p.part", tree, {}, {}, pickled)
+    PartWriter().write(folder, "p.part", tree, {}, {}, pickled)
     return PartFile(folder / "p.part")
 
 

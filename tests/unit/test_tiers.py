@@ -15,7 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxlaunch.workers import extras, replica_stream
 from jaxlaunch.workers.keeper import Keeper, incoming_name, kept
 from jaxlaunch.workers.memory import PartReader, assemble, part_nbytes
-from jaxlaunch.workers.part_file import PartFile, PartWriter, write_part
+from jaxlaunch.workers.part_file import PartFile, PartWriter
 
 from jaxlaunch.contract.tiers import Held, Role, memory_serves, replica_node, sources, whole_steps
 
@@ -133,7 +133,7 @@ def test_a_failed_part_write_leaves_no_file(tmp_path, monkeypatch):
 
     monkeypatch.setattr(part_file.np, "ascontiguousarray", full)
     with pytest.raises(OSError, match="No space left"):
-        write_part(tmp_path, "p.part", {"x": jnp.arange(3.0)}, {}, {})
+        PartWriter().write(tmp_path, "p.part", {"x": jnp.arange(3.0)}, {}, {})
     assert list(tmp_path.iterdir()) == []
 
 
@@ -187,7 +187,7 @@ def mesh_of(shape, names):
 def as_hosts(tmp_path, tree, num_hosts, owns):
     """One part file of this process's part of `tree`, and `num_hosts` headers that split it as hosts
     of one device each would have held it (`owns(rank, shard)`)."""
-    write_part(tmp_path, "p.part", tree, {"step": 3}, {"rank": 0})
+    PartWriter().write(tmp_path, "p.part", tree, {"step": 3}, {"rank": 0})
     whole = PartFile(tmp_path / "p.part")
     headers = {r: dataclasses.replace(whole.header, shards=tuple(e for e in whole.header.shards if owns(r, e)))
                for r in range(num_hosts)}
@@ -233,7 +233,7 @@ def test_a_part_file_is_written_once_from_the_device_buffer_and_maps_back_exactl
     assert all(np.asarray(s.data).ctypes.data == s.data.unsafe_buffer_pointer() for s in x.addressable_shards), \
         "on CPU a shard's numpy array is its buffer: the file write is the one copy"
     (tmp_path / "spare-1.part").write_bytes(b"\xff" * 10_000)  # a dropped part's file, larger
-    header = write_part(tmp_path, "p.part", {"x": x, "s": "plain"}, {"m": 1}, {"e": 2})
+    header = PartWriter().write(tmp_path, "p.part", {"x": x, "s": "plain"}, {"m": 1}, {"e": 2})
     assert [p.name for p in tmp_path.iterdir()] == ["p.part"], "the spare was reused; no temporary file is left"
     part = PartFile(tmp_path / "p.part")
     assert part.header == header and header.nbytes == 48 and header.plain == {"['s']": "plain"}
