@@ -6,10 +6,12 @@ stopped by SIGINT/SIGTERM after every host saved the same step."""
 
 from __future__ import annotations
 
-import argparse
+import inspect
 import logging
 import sys
+from typing import Annotated, Any
 
+import cyclopts
 from jaxlaunch.launcher.configuration import options as options_lib
 from jaxlaunch.launcher.configuration.job import ROOTS
 from jaxlaunch.launcher.exit_codes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
@@ -19,67 +21,71 @@ from jaxlaunch.contract.entry import BUILTIN_ENTRY
 from jaxlaunch.contract.protocol import ConfigError
 from jaxlaunch.contract.storage import RunStorageError
 
-EPILOG = """After a run: `jaxlaunch report RUN_DIR` prints its attempts and goodput and writes RUN_DIR/report.png.
+DESCRIPTION = "Launch a fault-tolerant multi-host JAX training job on Ray (an embedded local Ray by default)."
+EPILOG = ("After a run: `jaxlaunch report RUN_DIR` prints its attempts and goodput and writes RUN_DIR/report.png."
+          "\n\nEvery flag is also a key of the --config file (by its section: --save-every is checkpoint.save_every)"
+          " and a keyword of jaxlaunch.launch() (save_every=). Flags not given keep the config file's value, and on"
+          " --resume the run's saved one.")
+HELP_FLAGS = ("--help", "-h")
+USAGE = "Usage: jaxlaunch [FLAGS]     (or: jaxlaunch report RUN_DIR)"
+VERBOSE = inspect.Parameter("verbose", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+    bool | None, cyclopts.Parameter(name=["--verbose", "-v"], negative=(), help="driver debug logging",
+                                    show_default=False)])
 
-Every flag is also a key of the --config file (by its section: --save-every is checkpoint.save_every) and a
-keyword of jaxlaunch.launch() (save_every=). Flags not given keep the config file's value, and on --resume the
-run's saved one."""
+
+def report(run_dir: Annotated[str, cyclopts.Parameter(help="the run directory")], /) -> int:
+    """Print a run's report and write report.png."""
+    from jaxlaunch.launcher.records import report as report_lib
+    from jaxlaunch.launcher.records.runs import RunDir
+
+    run = RunDir(run_dir)
+    run.store.check()
+    if not run.has_records():
+        raise ConfigError(f"{run_dir} is not a run directory (no events.jsonl); pass the --run-dir of a launch")
+    print(f"wrote {report_lib.write(run_dir)}")
+    return EXIT_OK
 
 
-def parser(entry_text: str | None = None, add_help: bool = True) -> argparse.ArgumentParser:
-    """The launcher's flags; with `entry_text`, also that entry's declared settings (for --help)."""
-    p = argparse.ArgumentParser(
-        prog="jaxlaunch", allow_abbrev=False, add_help=add_help, epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        usage="jaxlaunch [FLAGS]     (or: jaxlaunch report RUN_DIR)",
-        description="Launch a fault-tolerant multi-host JAX training job on Ray (an embedded local Ray by default).",
-    )
-    options_lib.add_arguments(p, ROOTS)
-    p.add_argument("-v", "--verbose", action="store_true", help="driver debug logging")
+def app(entry_text: str | None = None) -> cyclopts.App:
+    """The command line: a launch (the default command) with the launcher's flags, with `entry_text`
+    that entry's declared settings too (for --help), and `report RUN_DIR`."""
+    params = [*options_lib.parameters(ROOTS), VERBOSE]
+    epilog = EPILOG
     if entry_text is not None:
-        from jaxlaunch.launcher.configuration.job import settings_parser
+        from jaxlaunch.launcher.configuration.job import settings_parameters
 
         from jaxlaunch.contract import entry as entry_lib
 
         try:
-            settings_parser(entry_lib.resolve(entry_text), p)
+            params += settings_parameters(entry_lib.resolve(entry_text))
         except ConfigError as err:
-            p.epilog = f"{EPILOG}\n\n(the entry's settings are not listed: {err})"
-    return p
+            epilog = f"{EPILOG}\n\n(the entry's settings are not listed: {err})"
+    cli = options_lib.quiet_app(name="jaxlaunch", help=DESCRIPTION, help_epilogue=epilog, help_flags=HELP_FLAGS,
+                                help_format="plaintext", usage=USAGE, default_command=options_lib.command(params))
+    cli.command(report, help_epilogue="")
+    return cli
 
 
-def report_main(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="jaxlaunch report", description="Print a run's report and write report.png.")
-    p.add_argument("run_dir", help="the run directory")
-    args = p.parse_args(argv)
-    from jaxlaunch.launcher.records import report
-    from jaxlaunch.launcher.records.runs import RunDir
-
-    try:
-        run = RunDir(args.run_dir)
-        run.store.check()
-    except ConfigError as err:
-        error(str(err))
-        return EXIT_USAGE
-    if not run.has_records():
-        error(f"{args.run_dir} is not a run directory (no events.jsonl); pass the --run-dir of a launch")
-        return EXIT_USAGE
-    path = report.write(args.run_dir)
-    print(f"wrote {path}")
-    return EXIT_OK
+def parse(argv: list[str]) -> tuple[Any, dict[str, Any], list[str]]:
+    """The command, the flags given (by keyword) and the arguments left to the entry's settings."""
+    return options_lib.parse_known(app(), argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["report"]:
-        return report_main(argv[1:])
-    if "-h" in argv or "--help" in argv:
-        parser(vars(parser(add_help=False).parse_known_args(argv)[0]).get("entry", BUILTIN_ENTRY)).parse_args(argv)
-    args, entry_args = parser().parse_known_args(argv)
-    given = vars(args)
-    logging.basicConfig(level=logging.DEBUG if given.pop("verbose") else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if any(word in HELP_FLAGS for word in argv):
+            words = [word for word in argv if word not in HELP_FLAGS]
+            if words[:1] == ["report"]:
+                app().help_print(["report"])
+            else:
+                app(parse(words)[1].get("entry", BUILTIN_ENTRY)).help_print([])
+            return EXIT_OK
+        chosen, given, entry_args = parse(argv)
+        if chosen is report:
+            return report(given["run_dir"])
+        logging.basicConfig(level=logging.DEBUG if given.pop("verbose", False) else logging.WARNING,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         from jaxlaunch.launcher import runner
         from jaxlaunch.launcher.configuration import job
 

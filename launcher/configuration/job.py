@@ -13,14 +13,15 @@ refused unless --allow-change names it."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
+import inspect
 import pathlib
 import re
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Annotated, Any
 
+import cyclopts
 from jaxlaunch.launcher.configuration import options as options_lib
 from jaxlaunch.launcher.configuration.schema import (
     BUILTIN_ENTRY,
@@ -108,19 +109,21 @@ def prepare(given: Mapping[str, Any], entry_args: Sequence[str] = (), typed: Job
 
 # ---- the entry's declared settings as flags and keywords ------------------------------------------------
 
-def settings_parser(entry: entry_lib.Entry, parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """An argument per declared setting of the entry (`seq_len` is --seq-len), unless a launcher flag
+def settings_parameters(entry: entry_lib.Entry) -> list[inspect.Parameter]:
+    """A parameter per declared setting of the entry (`seq_len` is --seq-len), unless a launcher flag
     has its name; values are YAML scalars, typed like the defaults."""
-    parser = parser or argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     taken = set(options_lib.table(*ROOTS))
-    group = parser.add_argument_group(f"settings of {entry.ref} (ctx.config; also --set KEY=VALUE)")
+    group = cyclopts.Group(f"settings of {entry.ref} (ctx.config; also --set KEY=VALUE)", sort_key=len(taken))
+    out = []
     for key, default in (entry.spec.defaults or {}).items():
         if key in taken or not key.isidentifier():
             continue
-        group.add_argument("--" + key.replace("_", "-"), dest=key, default=argparse.SUPPRESS, type=scalar,
-                           metavar=type(default).__name__.upper() if default is not None else "VALUE",
-                           help=f"(default: {default})")
-    return parser
+        spec = cyclopts.Parameter(name="--" + key.replace("_", "-"), group=group, help=f"(default: {default})",
+                                  show_default=False, converter=lambda _, tokens: scalar(tokens[0].value),
+                                  metavar=type(default).__name__.upper() if default is not None else "VALUE")
+        out.append(inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                     annotation=Annotated[Any, spec]))
+    return out
 
 
 def entry_settings(entry: entry_lib.Entry, args: Sequence[str], keywords: Mapping[str, Any]) -> dict[str, Any]:
@@ -131,12 +134,13 @@ def entry_settings(entry: entry_lib.Entry, args: Sequence[str], keywords: Mappin
         known = [*options_lib.table(*ROOTS), *declared]
         raise ConfigError(f"jaxlaunch.launch got unknown option {unknown[0]!r}"
                           f"{options_lib.suggestion(unknown[0], known)}; {_declares(entry)}")
-    parsed, extra = settings_parser(entry).parse_known_args(list(args))
+    app = options_lib.quiet_app(help_flags=(), default_command=options_lib.command(settings_parameters(entry)))
+    _, parsed, extra = options_lib.parse_known(app, args)
     if extra:
         word = next((a.split("=")[0] for a in extra if a.startswith("-")), extra[0])
         known = [o.flag for o in options_lib.table(*ROOTS).values()] + ["--" + k.replace("_", "-") for k in declared]
         raise ConfigError(f"unknown flag {word}{options_lib.suggestion(word, known)}; {_declares(entry)}")
-    return {**keywords, **vars(parsed)}
+    return {**keywords, **parsed}
 
 
 def _declares(entry: entry_lib.Entry) -> str:

@@ -12,7 +12,6 @@ value, or on --resume the run's saved one, in place.
 
 from __future__ import annotations
 
-import argparse
 import ast
 import dataclasses
 import difflib
@@ -22,7 +21,9 @@ import textwrap
 import types
 import typing
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Annotated, Any
+
+import cyclopts
 
 from jaxlaunch.contract.flags import FLAG_KEY, FlagSpec
 from jaxlaunch.contract.protocol import ConfigError
@@ -185,34 +186,38 @@ def suggestion(word: str, known: Sequence[str]) -> str:
 
 # ---- the command line ---------------------------------------------------------------------------------
 
-def add_arguments(parser: argparse.ArgumentParser, roots: Sequence[type]) -> None:
-    """One argument per option, grouped by the section that declares it. Nothing given is absent
-    from the parsed namespace (argparse.SUPPRESS), so that it changes nothing."""
-    groups: dict[str, Any] = {}
+def parameters(roots: Sequence[type]) -> list[inspect.Parameter]:
+    """One keyword-only parameter per option, annotated for cyclopts: its flag, its help with its
+    default, and its group, the section that declares it. An option not given is absent from the
+    bound arguments, so that it changes nothing."""
+    groups: dict[str, cyclopts.Group] = {}
+    out = []
     for option in table(*roots).values():
         if option.section not in groups:
-            groups[option.section] = parser.add_argument_group(option.section)
-        group = groups[option.section]
+            groups[option.section] = cyclopts.Group(option.section, sort_key=len(groups))
         default = option.default_text()
-        help_text = (option.help + (f" (default: {default})" if default is not None else "")).replace("%", "%%")
+        help_text = option.help + (f" (default: {default})" if default is not None else "")
         names = [option.flag] + ([option.spec.short] if option.spec.short else [])
-        kwargs: dict[str, Any] = dict(dest=option.keyword, default=argparse.SUPPRESS, help=help_text)
         kind = option.value_type
+        spec: dict[str, Any] = dict(name=names, group=groups[option.section], help=help_text, show_default=False,
+                                    allow_repeating=True)
         if kind is bool:
-            kwargs["action"] = argparse.BooleanOptionalAction
+            annotation: Any = bool
         elif typing.get_origin(kind) in (typing.Union, types.UnionType) and bool in typing.get_args(kind):
-            # bool | Literal["auto"]: the flag alone is True, or it takes one of the literal values
-            choices = [v for a in typing.get_args(kind) if typing.get_origin(a) is typing.Literal
-                       for v in typing.get_args(a)]
-            kwargs.update(nargs="?", const=True, choices=choices, metavar=option.spec.metavar)
+            annotation = kind  # bool | Literal["auto"]: the flag alone is True, or it takes a literal value
+            spec.update(converter=_text_to(option), metavar=f"[{option.spec.metavar}]", show_choices=False)
         elif typing.get_origin(kind) is typing.Literal:
-            kwargs.update(choices=typing.get_args(kind), metavar=option.spec.metavar)
+            annotation = kind
+        elif option.spec.repeat:
+            annotation = list[str]  # every text, to the field's parser (`Option.convert`)
+            spec.update(metavar=option.spec.metavar or _metavar(option), negative=())
         else:
-            kwargs.update(metavar=option.spec.metavar or _metavar(option),
-                          type=_text_to(option) if not option.spec.repeat and option.spec.parse is None else str)
-            if option.spec.repeat:
-                kwargs["action"] = "append"
-        group.add_argument(*names, **kwargs)
+            annotation = str if option.spec.parse is not None else kind
+            spec.update(metavar=option.spec.metavar or _metavar(option), show_choices=False,
+                        converter=None if option.spec.parse is not None else _text_to(option))
+        out.append(inspect.Parameter(option.keyword, inspect.Parameter.KEYWORD_ONLY, default=None,
+                                     annotation=Annotated[annotation | None, cyclopts.Parameter(**spec)]))
+    return out
 
 
 def _metavar(option: Option) -> str:
@@ -221,18 +226,43 @@ def _metavar(option: Option) -> str:
     return "N" if option.value_type is int else option.keyword.upper()
 
 
-def _text_to(option: Option) -> Callable[[str], Any]:
-    """A flag's text as its field takes it: the text itself, else the YAML scalar it reads as
-    ("5", "0.5", "auto" for `int | Literal["auto"]`), through the one type check."""
+def _text_to(option: Option) -> Callable[[Any, Sequence[Any]], Any]:
+    """A cyclopts converter: a flag's text as its field takes it, the text itself, else the YAML scalar
+    it reads as ("5", "0.5", "auto" for `int | Literal["auto"]`), through the one type check."""
     kind = option.value_type
 
-    def convert(text: str) -> Any:
+    def convert(_: Any, tokens: Sequence[Any]) -> Any:
+        text = tokens[0].value
         for candidate in (text, scalar(text)):
             try:
                 return coerce(candidate, kind, option.flag)
             except ConfigError:
                 continue
-        raise argparse.ArgumentTypeError(f"expected {describe_hint(kind)}, got {text!r}")
+        raise ValueError(f"expected {describe_hint(kind)}, got {text!r}")
 
-    convert.__name__ = describe_hint(kind)
     return convert
+
+
+def command(params: Sequence[inspect.Parameter]) -> Callable[..., dict[str, Any]]:
+    """A function of `params` (keyword-only) that returns what it was given: cyclopts parses into it."""
+    def given(**keywords: Any) -> dict[str, Any]:
+        return keywords
+
+    given.__signature__ = inspect.Signature(list(params))  # type: ignore[attr-defined]
+    return given
+
+
+def parse_known(app: cyclopts.App, tokens: Sequence[str]) -> tuple[Callable[..., Any], dict[str, Any], list[str]]:
+    """The command `tokens` name, the arguments given to it (only those), and the tokens it does not
+    declare; ConfigError with cyclopts' one-line message for a bad value."""
+    try:
+        chosen, bound, unused, _ = app.parse_known_args(list(tokens))
+    except cyclopts.CycloptsError as err:
+        err.verbose = False
+        raise ConfigError(str(err)) from None
+    return chosen, dict(bound.arguments), unused
+
+
+def quiet_app(**kwargs: Any) -> cyclopts.App:
+    """A cyclopts App that raises instead of printing or exiting, for `parse_known`."""
+    return cyclopts.App(exit_on_error=False, print_error=False, version_flags=(), **kwargs)

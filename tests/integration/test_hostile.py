@@ -215,6 +215,11 @@ def test_a_lost_embedded_node_is_restarted_and_the_run_resumes(minimal_reference
     (["--min-hosts", "5"], "--min-hosts"),
     (["--entry", "examples/nothing.py:main"], "no such file"),
     (["--set", "nonsense"], "expected KEY=VALUE"),
+    (["--steps", "1.5"], "Invalid value for --steps: expected int, got '1.5'"),
+    (["--save-every", "often"], "Invalid value for --save-every: expected int or 'auto', got 'often'"),
+    (["--straggler-action", "kill"], 'Invalid value "kill" for --straggler-action. Choose from: "warn", "replace".'),
+    (["--hang-timeout"], "Parameter --hang-timeout requires an argument."),
+    (["--seq-lenght", "64"], "unknown flag --seq-lenght (did you mean --seq-len?)"),
 ])
 def test_bad_input_is_refused_before_anything_runs(tmp_path, args, message):
     run_dir = tmp_path / "run"

@@ -1,7 +1,7 @@
 """Flags, config keys and `jaxlaunch.launch` keywords from one declaration per field."""
 
-import argparse
 import dataclasses
+import io
 import os
 import pathlib
 import subprocess
@@ -9,7 +9,8 @@ import sys
 from typing import Literal
 
 import pytest
-from jaxlaunch.launcher.cli import parser
+import rich.console
+from jaxlaunch.launcher import cli
 from jaxlaunch.launcher.configuration import options
 from jaxlaunch.launcher.configuration.job import ROOTS, prepare
 from jaxlaunch.launcher.configuration.schema import JobConfig, TrainConfig, from_json, load_file
@@ -54,11 +55,17 @@ def get(job, path):
 
 
 def parse(argv):
-    args, rest = parser().parse_known_args(argv)
+    _, given, rest = cli.parse(argv)
     assert rest == [], rest
-    given = vars(args)
-    given.pop("verbose")
     return options.split_by_root(given, ROOTS)
+
+
+def command_line(roots):
+    """A command line of `roots`' options alone: its parse, and its help as text."""
+    app = options.quiet_app(default_command=options.command(options.parameters(roots)), help_format="plaintext")
+    out = io.StringIO()
+    app.help_print([], console=rich.console.Console(file=out, width=200))
+    return (lambda argv: options.parse_known(app, argv)[1]), " ".join(out.getvalue().split())
 
 
 @pytest.mark.parametrize(("argv", "path", "value"), LEGACY_FLAGS)
@@ -76,8 +83,10 @@ def test_the_launch_s_own_flags_keep_their_names():
                       "inject": (Injection("kill", 3, 1), Injection("hang", 5, 0)), "chaos": 30.0}
     assert by_root[JobConfig] == {"config": {"lr": 3e-4, "opt": {"beta": 0.9}}}
     assert parse(["--resume", "auto"])[0][ROOTS[1]] == {"resume": "auto"}
-    with pytest.raises(SystemExit):
-        parser().parse_args(["--resume", "sometimes"])
+    with pytest.raises(ConfigError, match="Invalid value for --resume: expected bool or 'auto', got 'sometimes'"):
+        cli.parse(["--resume", "sometimes"])
+    assert parse(["--steps", "5", "--steps", "7", "--memory-tier", "--no-memory-tier"])[0][JobConfig] == {
+        "train.steps": 7, "checkpoint.memory_tier": False}, "the last of a repeated flag wins, as in argparse"
 
 
 def test_each_flag_is_declared_once_on_a_field_with_its_help_and_default():
@@ -106,10 +115,9 @@ def test_a_new_field_is_a_flag_a_keyword_and_a_config_key_with_nothing_else_writ
 
         tracking: Tracking = dataclasses.field(default_factory=Tracking)
 
-    p = argparse.ArgumentParser()
-    options.add_arguments(p, [Root])
-    assert "Serve Prometheus metrics on this port. (default: 9090)" in " ".join(p.format_help().split())
-    by_root, _ = options.split_by_root(vars(p.parse_args(["--metrics-port", "81", "--tracker", "wandb"])), [Root])
+    parse_root, help_text = command_line([Root])
+    assert "--metrics-port N Serve Prometheus metrics on this port. (default: 9090)" in help_text
+    by_root, _ = options.split_by_root(parse_root(["--metrics-port", "81", "--tracker", "wandb"]), [Root])
     assert by_root[Root] == {"tracking.metrics_port": 81, "tracking.tracker": "wandb"}
     assert options.split_by_root({"metrics_port": 82}, [Root])[0][Root] == {"tracking.metrics_port": 82}
 
@@ -128,16 +136,15 @@ def test_a_field_of_a_number_or_a_word_takes_either_from_a_flag_or_a_keyword():
 
         saving: Saving = dataclasses.field(default_factory=Saving)
 
-    p = argparse.ArgumentParser()
-    options.add_arguments(p, [Root])
+    parse_root, _ = command_line([Root])
     for text, value in [("5", 5), ("auto", "auto")]:
-        given = vars(p.parse_args(["--every-n", text]))
+        given = parse_root(["--every-n", text])
         assert options.split_by_root(given, [Root])[0][Root] == {"saving.every": value}
     assert options.split_by_root({"every_n": "auto"}, [Root])[0][Root] == {"saving.every": "auto"}
     with pytest.raises(ConfigError, match="every_n must be int or 'auto', got 'often'"):
         options.split_by_root({"every_n": "often"}, [Root])
-    with pytest.raises(SystemExit):
-        p.parse_args(["--every-n", "2.5"])
+    with pytest.raises(ConfigError, match="Invalid value for --every-n: expected int or 'auto', got '2.5'"):
+        parse_root(["--every-n", "2.5"])
 
 
 def test_keywords_are_typed_by_their_fields():
@@ -189,17 +196,17 @@ def test_help_shows_every_default_the_entry_s_settings_and_the_report_command():
                           env=env, timeout=60, check=True).stdout
     blocks: dict[str, str] = {}
     for line in text.splitlines():
-        if line.startswith("  --"):
-            name = line.split()[0].rstrip(",")  # a bool flag: "--memory-tier, --no-memory-tier"
-            blocks[name] = line
-        elif line.startswith("    ") and blocks:
-            blocks[name] += " " + line.strip()
+        if line.startswith("│ --"):  # a flag's first line in its group's box; wrapped lines are indented
+            name = line.split()[1]  # a bool flag: "--memory-tier --no-memory-tier"
+            blocks[name] = line.strip("│ ")
+        elif blocks and line.startswith("│  "):
+            blocks[name] += " " + line.strip("│ ")
     for option in options.table(*ROOTS).values():
         assert "default" in blocks[option.flag], f"{option.flag} shows no default: {blocks[option.flag]}"
     flat = " ".join(text.split())
     save_every = flat[flat.index("--save-every"):]
     assert "(default: auto)" in save_every[:save_every.index(" --", 3)]
-    assert "--memory-tier, --no-memory-tier" in text
+    assert "--no-memory-tier" in blocks["--memory-tier"]
     assert "--model STR (default: tiny)" in flat and "--seq-len INT (default: 128)" in flat
     assert "jaxlaunch report RUN_DIR" in flat
 

@@ -223,10 +223,8 @@ def test_flags_set_the_tracking_section(tmp_path):
     from jaxlaunch.launcher import cli
     from jaxlaunch.launcher.configuration import job
 
-    args, rest = cli.parser().parse_known_args(["--tracker", "mlflow,wandb", "--metrics-port", "9100",
-                                                "--run-dir", str(tmp_path / "run"), "--hosts", "1",
-                                                "--mesh", "data=-1"])
-    given = {k: v for k, v in vars(args).items() if k != "verbose"}
+    _, given, rest = cli.parse(["--tracker", "mlflow,wandb", "--metrics-port", "9100", "--run-dir",
+                                str(tmp_path / "run"), "--hosts", "1", "--mesh", "data=-1"])
     prepared = job.prepare(given, rest)
     assert prepared.job.tracking.trackers == ("mlflow", "wandb") and prepared.job.tracking.metrics_port == 9100
     assert job.prepare({"run_dir": str(tmp_path / "run"), "hosts": 1, "mesh": {"data": -1},
