@@ -223,11 +223,11 @@ class HostContext:
             self._read_back(upto=step)  # the save waits for this step anyway: its time is its own
             self._progress.enter(Phase.SAVING)  # the replica check below is the save's work, not a hang
         checking = time.perf_counter()
-        self._check_replicas(step, state, due.any)
+        tree = self._check_replicas(step, state, due.any)
         checked_s = time.perf_counter() - checking
         saved: Saved | None = None
         if saving:
-            tree = loop.layout.split(state)
+            tree = tree if tree is not None else loop.layout.split(state)
             self._flush_metrics(before=step)
             # The checkpoint carries the records since the last save: if this host dies before the
             # driver hears them, a restore still brings every committed step's metrics back.
@@ -278,10 +278,11 @@ class HostContext:
         return batch
 
     # -- inside the launcher -----------------------------------------------------------------------
-    def _check_replicas(self, step: int, state: Any, due: bool) -> None:
+    def _check_replicas(self, step: int, state: Any, due: bool) -> Any:
         """At a save step (before it saves) and every `verify_every` steps: the checksums of the
         state's replicated shards, dispatched now and handed to the driver once read back (a step
-        later; at a save step at once, as the save waits for the step anyway)."""
+        later; at a save step at once, as the save waits for the step anyway). Returns the state's
+        arrays when it checked them (`layout.split`: the save takes the same, not a second split)."""
         loop = self._require_state("maybe_save")
         if self._faults.bitflip_due(step):
             flipped = flip_bit(loop.layout.split(state))
@@ -291,9 +292,12 @@ class HostContext:
                 nnx.update(state, flipped[0])
                 log.warning("bitflip at step %d: flipped a bit of this host's copy of %s", step, flipped[1])
         every = self._spec.verify_every
+        tree = None
         if due or (every and step % every == 0):
-            self._checks.append(PendingChecksums(step, loop.layout.split(state)))
+            tree = loop.layout.split(state)
+            self._checks.append(PendingChecksums(step, tree))
         self._hand_over_checks(upto=step if due else step - 1)
+        return tree
 
     def _hand_over_checks(self, upto: int | None = None) -> None:
         while self._checks and (upto is None or self._checks[0].step <= upto):

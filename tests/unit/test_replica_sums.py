@@ -41,3 +41,25 @@ def test_typed_rng_keys_are_checked_as_their_words():
     state = {"key": jax.random.key(0), "w": jax.numpy.ones((4,))}
     pending = PendingChecksums(10, state, every_shard=True)
     assert [path for path, _ in pending.keys] == ["['key']", "['w']"]
+
+
+def test_a_state_s_arrays_keep_their_shards_in_the_checked_order_however_they_were_made():
+    """The shards to check are found once per layout (who holds which index walks every device) and then
+    taken from each step's arrays by their position among the array's local shards: arrays of one
+    sharding made by a step, by device_put or from single-device arrays in another order must hold
+    their shards in one order, or a later step would hash another copy than its index names."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    mesh = Mesh(np.array(jax.devices()).reshape(2, -1), ("data", "model"))
+    sharding = NamedSharding(mesh, PartitionSpec(None, "model"))
+    values = np.arange(8 * 16, dtype=np.float32).reshape(8, 16)
+    put = jax.device_put(values, sharding)
+    stepped = jax.jit(lambda a: a * 1.0, out_shardings=sharding)(put)
+    pieces = {shard.device: shard.data for shard in put.addressable_shards}
+    rebuilt = jax.make_array_from_single_device_arrays(values.shape, sharding, [pieces[d] for d in reversed(pieces)])
+    for made in (stepped, rebuilt):
+        for local in range(len(put.addressable_shards)):
+            assert made.addressable_data(local).devices() == put.addressable_data(local).devices()
+    first = PendingChecksums(3, {"w": put}, every_shard=True).result()
+    for made in (stepped, rebuilt):
+        assert PendingChecksums(3, {"w": made}, every_shard=True).result() == first
