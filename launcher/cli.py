@@ -29,8 +29,9 @@ EPILOG = ("After a run: `jaxlaunch report RUN_DIR` prints its attempts and goodp
 HELP_FLAGS = ("--help", "-h")
 USAGE = "Usage: jaxlaunch [FLAGS]     (or: jaxlaunch report RUN_DIR)"
 VERBOSE = inspect.Parameter("verbose", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
-    bool | None, cyclopts.Parameter(name=["--verbose", "-v"], negative=(), help="driver debug logging",
-                                    show_default=False)])
+    bool | None, cyclopts.Parameter(name=["--verbose", "-v"], negative=(), allow_repeating=True, show_default=False,
+                                    help="Driver debug logging (default: off).",
+                                    group=cyclopts.Group("output", sort_key=-1))])
 
 
 def report(run_dir: Annotated[str, cyclopts.Parameter(help="the run directory")], /) -> int:
@@ -74,6 +75,13 @@ def parse(argv: list[str]) -> tuple[Any, dict[str, Any], list[str]]:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
+        if "--" in argv:
+            raise ConfigError("jaxlaunch takes nothing after --: give the entry's settings as flags (--seq-len 64) "
+                              "or as --set KEY=VALUE")
+        if argv[:1] == ["report"] and not any(word in HELP_FLAGS for word in argv):
+            if len(argv) != 2 or argv[1].startswith("-"):
+                raise ConfigError("jaxlaunch report takes one argument, a run directory (the --run-dir of a launch)")
+            return report(argv[1])
         if any(word in HELP_FLAGS for word in argv):
             words = [word for word in argv if word not in HELP_FLAGS]
             if words[:1] == ["report"]:
@@ -81,9 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 app(parse(words)[1].get("entry", BUILTIN_ENTRY)).help_print([])
             return EXIT_OK
-        chosen, given, entry_args = parse(argv)
-        if chosen is report:
-            return report(given["run_dir"])
+        _, given, entry_args = parse(argv)
         logging.basicConfig(level=logging.DEBUG if given.pop("verbose", False) else logging.WARNING,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         from jaxlaunch.launcher import runner

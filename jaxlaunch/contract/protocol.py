@@ -42,7 +42,7 @@ class Phase(enum.StrEnum):
 
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
-    """Checkpointing on the hosts: a memory tier (host RAM, every save) and Orbax behind it."""
+    """The hosts' checkpoints: host memory, with Orbax behind it."""
 
     save_every: int | Literal["auto"] = flag("auto", metavar="N|auto")
     """Save every this many steps (to memory with the memory tier), the last step and an agreed stop;

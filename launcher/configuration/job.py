@@ -111,14 +111,17 @@ def prepare(given: Mapping[str, Any], entry_args: Sequence[str] = (), typed: Job
 
 def settings_parameters(entry: entry_lib.Entry) -> list[inspect.Parameter]:
     """A parameter per declared setting of the entry (`seq_len` is --seq-len), unless a launcher flag
-    has its name; values are YAML scalars, typed like the defaults."""
-    taken = set(options_lib.table(*ROOTS))
-    group = cyclopts.Group(f"settings of {entry.ref} (ctx.config; also --set KEY=VALUE)", sort_key=len(taken))
+    or keyword has its name (then only --set KEY=VALUE sets it); values are YAML scalars, typed like
+    the defaults. Given twice, the last value wins, as for the launcher's flags."""
+    options = options_lib.table(*ROOTS)
+    taken = {*options, *(o.flag for o in options.values()), *options_lib.RESERVED_FLAGS}
+    group = cyclopts.Group(f"settings of {entry.ref} (ctx.config; also --set KEY=VALUE)", sort_key=len(options))
     out = []
     for key, default in (entry.spec.defaults or {}).items():
-        if key in taken or not key.isidentifier():
+        name = "--" + key.replace("_", "-")
+        if key in taken or name in taken or not key.isidentifier():
             continue
-        spec = cyclopts.Parameter(name="--" + key.replace("_", "-"), group=group, help=f"(default: {default})",
+        spec = cyclopts.Parameter(name=name, group=group, help=f"(default: {default})", allow_repeating=True,
                                   show_default=False, converter=lambda _, tokens: scalar(tokens[0].value),
                                   metavar=type(default).__name__.upper() if default is not None else "VALUE")
         out.append(inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=None,

@@ -29,6 +29,8 @@ from jaxlaunch.contract.flags import FLAG_KEY, FlagSpec
 from jaxlaunch.contract.protocol import ConfigError
 from jaxlaunch.contract.values import coerce, describe_hint, merge_settings, scalar
 
+RESERVED_FLAGS = ("verbose", "--verbose", "-v", "help", "--help", "-h")
+"""The command line's own flags besides the declared options (`jaxlaunch.launcher.cli`)."""
 SUGGESTION_CUTOFF = 0.75
 """How alike (difflib's ratio) a mistyped name and a known one must be to suggest it."""
 UNIT_SUFFIXES = ("_s",)
@@ -205,7 +207,8 @@ def parameters(roots: Sequence[type]) -> list[inspect.Parameter]:
             annotation: Any = bool
         elif typing.get_origin(kind) in (typing.Union, types.UnionType) and bool in typing.get_args(kind):
             annotation = kind  # bool | Literal["auto"]: the flag alone is True, or it takes a literal value
-            spec.update(converter=_text_to(option), metavar=f"[{option.spec.metavar}]", show_choices=False)
+            spec.update(converter=_text_to(option), show_choices=False, negative=(),
+                        metavar=f"\\[{option.spec.metavar}]")  # escaped: Rich would read [auto] as markup
         elif typing.get_origin(kind) is typing.Literal:
             annotation = kind
         elif option.spec.repeat:

@@ -162,7 +162,7 @@ class LaunchOptions:
     """Run the job in runs/NAME (default: a new runs/<entry>-<YYYYmmdd-HHMMSS>)."""
     resume: bool | Literal["auto"] = flag(False, metavar="auto")
     """Continue the run in --run-dir (default: the newest run of the entry under runs/) from its latest
-    committed step; 'auto' also starts it when there is none."""
+    committed step; `--resume auto` also starts it when there is none (default: off, a new run)."""
     allow_change: tuple[str, ...] = flag((), repeat=True, metavar="KEY")
     """On --resume, accept a change to what the run computes: an entry setting, seed, schedule_steps,
     entry, cluster.ynnpack, the input's fingerprint, or data_order (per-host iterators on another

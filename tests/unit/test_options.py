@@ -232,3 +232,31 @@ def test_every_flag_is_a_typed_keyword_of_launch():
             raise AssertionError(f"{keyword}: {hints[keyword]} does not take the default {option.default!r}") from err
         if option.spec.parse is not None:
             adapter.validate_python("text", strict=True)
+
+
+def test_an_entry_s_setting_given_twice_takes_the_last_and_one_named_like_a_launcher_flag_is_set_by_set(tmp_path):
+    run = {"run_dir": str(tmp_path / "run")}
+    assert prepare(run, ["--seq-len", "64", "--seq-len", "32"]).job.config["seq_len"] == 32
+    entry = tmp_path / "entry.py"
+    entry.write_text("import jaxlaunch\n\n\n@jaxlaunch.entrypoint(defaults={'verbose': False, 'tracker': 'x', "
+                     "'set': 1, 'help': 'h', 'width': 3})\ndef main(ctx):\n    pass\n")
+    from jaxlaunch.launcher.configuration.job import settings_parameters
+
+    from jaxlaunch.contract import entry as entry_lib
+
+    assert [p.name for p in settings_parameters(entry_lib.resolve(f"{entry}:main"))] == ["width"]
+    assert cli.main(["--entry", f"{entry}:main", "--help"]) == 0, "listed without the names the launcher takes"
+    given = prepare({**run, "entry": f"{entry}:main", "config": {"verbose": True}}, ["--width", "5"]).job.config
+    assert given["verbose"] is True and given["width"] == 5
+
+
+def test_report_takes_one_run_directory_and_nothing_after_the_flags_is_taken(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "events.jsonl").write_text("")
+    for argv in (["report", str(run), "stray"], ["report"], ["report", "--steps", "5"], ["--steps", "5", "--", "x"]):
+        assert cli.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: "), err
+    assert not (run / "report.png").exists()
+    assert parse(["--resume"])[0][ROOTS[1]] == {"resume": True} and parse(["-v", "--verbose"])[1] == {"verbose": True}
