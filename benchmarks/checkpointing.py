@@ -16,8 +16,8 @@ from jax.experimental import multihost_utils
 from jaxlaunch.models import training
 from jaxlaunch.models.corpus import Corpus
 from jaxlaunch.models.lm import DEFAULTS, SHARDING_RULES
-from jaxlaunch.workers.batch import global_batch
-from jaxlaunch.workers.checkpoint import Checkpointer
+from jaxlaunch.workers.checkpoints.durable import Checkpointer
+from jaxlaunch.workers.inputs.batch import global_batch
 from jaxlaunch.workers.sharding import build_mesh
 from jaxlaunch.workers.state import StateLayout, largest_array
 

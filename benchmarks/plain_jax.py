@@ -36,7 +36,7 @@ def main() -> None:
     from jaxlaunch.models import training
     from jaxlaunch.models.corpus import Corpus
     from jaxlaunch.models.lm import DEFAULTS, SHARDING_RULES
-    from jaxlaunch.workers.batch import global_batch
+    from jaxlaunch.workers.inputs.batch import global_batch
     from jaxlaunch.workers.sharding import build_mesh
     from jaxlaunch.workers.state import StateLayout
 

@@ -24,7 +24,7 @@ import jax
 import numpy as np
 from flax import nnx
 from jaxlaunch.launcher.control.policy import FaultConfig
-from jaxlaunch.workers.replica_sums import PendingChecksums
+from jaxlaunch.workers.supervision.replica_sums import PendingChecksums
 
 from models.training import make_model_and_optimizer, train_step
 

@@ -35,9 +35,9 @@ if TYPE_CHECKING:
     from jaxlaunch.launcher.configuration.schema import ClusterConfig, JobConfig, LaunchOptions, TrainConfig
     from jaxlaunch.launcher.control.policy import FaultConfig, WatchdogConfig
     from jaxlaunch.launcher.runner import LaunchResult
-    from jaxlaunch.workers.batch import global_batch
     from jaxlaunch.workers.context import HostContext
-    from jaxlaunch.workers.data import batch_fingerprint, elastic_iterator
+    from jaxlaunch.workers.inputs.batch import global_batch
+    from jaxlaunch.workers.inputs.data import batch_fingerprint, elastic_iterator
 
 __all__ = [
     "launch", "LaunchResult", "HostContext", "entrypoint", "global_batch", "ConfigError", "JobConfig",
@@ -51,8 +51,8 @@ _LAZY = {
     "JobConfig": "jaxlaunch.launcher.configuration.schema", "ClusterConfig": "jaxlaunch.launcher.configuration.schema",
     "TrainConfig": "jaxlaunch.launcher.configuration.schema",
     "FaultConfig": "jaxlaunch.launcher.control.policy", "WatchdogConfig": "jaxlaunch.launcher.control.policy",
-    "HostContext": "jaxlaunch.workers.context", "global_batch": "jaxlaunch.workers.batch",
-    "elastic_iterator": "jaxlaunch.workers.data", "batch_fingerprint": "jaxlaunch.workers.data",
+    "HostContext": "jaxlaunch.workers.context", "global_batch": "jaxlaunch.workers.inputs.batch",
+    "elastic_iterator": "jaxlaunch.workers.inputs.data", "batch_fingerprint": "jaxlaunch.workers.inputs.data",
 }
 
 

@@ -28,17 +28,17 @@ import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
-from jaxlaunch.workers import batch as batch_lib
 from jaxlaunch.workers import extras
-from jaxlaunch.workers.faults import FaultHook
-from jaxlaunch.workers.memory import part_nbytes
-from jaxlaunch.workers.progress import HostProgress
-from jaxlaunch.workers.replica_sums import PendingChecksums, flip_bit
+from jaxlaunch.workers.checkpoints.memory import part_nbytes
+from jaxlaunch.workers.checkpoints.tiered import Saved, TierRestore, Tiers
+from jaxlaunch.workers.inputs import batch as batch_lib
 from jaxlaunch.workers.sharding import Rules
 from jaxlaunch.workers.state import Shardings, StateLayout, largest_array
-from jaxlaunch.workers.step_clock import StepClock
-from jaxlaunch.workers.stops import DriverStop
-from jaxlaunch.workers.tiered import Saved, TierRestore, Tiers
+from jaxlaunch.workers.supervision.faults import FaultHook
+from jaxlaunch.workers.supervision.progress import HostProgress
+from jaxlaunch.workers.supervision.replica_sums import PendingChecksums, flip_bit
+from jaxlaunch.workers.supervision.step_clock import StepClock
+from jaxlaunch.workers.supervision.stops import DriverStop
 
 from jaxlaunch.contract import data_order, events
 from jaxlaunch.contract.layout import RunLayout
@@ -208,7 +208,7 @@ class HostContext:
 
     def maybe_save(self, step: int, state: Any, extra: dict[str, Any] | None = None) -> bool:
         """Saves `state` (in the form restore_or_init returned it) when a save is due: at the cadence
-        (`jaxlaunch.workers.cadence`: --save-every to host memory with the memory tier, --persist-every
+        (`jaxlaunch.workers.checkpoints.cadence`: --save-every to host memory with the memory tier, --persist-every
         to Orbax; without the tier every save is durable), at ctx.steps, and at the step every host
         agreed on after a preemption notice, a stop request or a resize. `extra`: the dict that
         restore_or_init returned, with today's values. Returns whether it saved. Call it every step

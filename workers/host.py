@@ -18,8 +18,8 @@ import traceback
 
 import psutil
 import ray
-from jaxlaunch.workers.progress import HostProgress
-from jaxlaunch.workers.stops import DriverStop
+from jaxlaunch.workers.supervision.progress import HostProgress
+from jaxlaunch.workers.supervision.stops import DriverStop
 
 from jaxlaunch.contract import events
 from jaxlaunch.contract.entry import mark_host_process
@@ -104,7 +104,7 @@ class HostActor:
 
     @ray.method(concurrency_group=MONITOR_GROUP)
     def propose_stop(self, step: int) -> StopAnswer:
-        """The driver proposes to save and stop at `step` (`jaxlaunch.workers.stops`)."""
+        """The driver proposes to save and stop at `step` (`jaxlaunch.workers.supervision.stops`)."""
         return self.driver_stop.propose(step)
 
     @ray.method(concurrency_group=MONITOR_GROUP)
@@ -137,7 +137,7 @@ class HostActor:
 
             if spec.persist_only:
                 # The launcher's own program: the user's entry is not imported, nor any of its code run.
-                from jaxlaunch.workers import persist
+                from jaxlaunch.workers.checkpoints import persist
 
                 result = persist.write_newest(spec, build_mesh(spec.mesh), self.progress)
                 runtime.shutdown()

@@ -135,7 +135,7 @@ def error_kind(err: BaseException) -> ErrorKind:
     """What kind of failure an exception on a host is. A collective error is a JAX runtime error that
     a lost peer causes; the user's own exceptions are never taken for one, whatever their text."""
     import jax
-    from jaxlaunch.workers.checkpoint import CheckpointError
+    from jaxlaunch.workers.checkpoints.durable import CheckpointError
 
     from jaxlaunch.contract.storage import chain
 

@@ -85,7 +85,7 @@ class DistributedConfig:
 
 
 class InjectionKind(enum.StrEnum):
-    """A failure to inject (`jaxlaunch.workers.faults` imitates each)."""
+    """A failure to inject (`jaxlaunch.workers.supervision.faults` imitates each)."""
 
     CRASH = "crash"          # the process aborts, as on a segfault
     KILL = "kill"            # SIGKILL, as the out-of-memory killer sends it
@@ -192,9 +192,9 @@ class HostSpec:
     elastic: bool = False
     """The job may change its host count (--min-hosts below --max-hosts)."""
     persist_only: bool = False
-    """A run after a failure the driver gives up on: the launcher's own program (`jaxlaunch.workers.persist`)
-    writes the memory tier's newest step to the run directory with Orbax and ends; the entry is not
-    imported and no user code runs."""
+    """A run after a failure the driver gives up on: the launcher's own program
+    (`jaxlaunch.workers.checkpoints.persist`) writes the memory tier's newest step to the run directory
+    with Orbax and ends; the entry is not imported and no user code runs."""
     verify_every: int = 0
     """Besides every save step, check the replicas every this many steps (0: at save steps only)."""
     newest_restorable: int | None = None
@@ -216,7 +216,7 @@ class HostSnapshot:
     """What the host wants in events.jsonl (a restore, a checkpoint fallback, its start-up timeline)."""
     busy: tuple[tuple[int, float], ...] = ()
     """(step, busy seconds) of each step the host read back since the previous poll, every host: the
-    host-side work between two steps (`jaxlaunch.workers.step_clock`), for the straggler watch."""
+    host-side work between two steps (`jaxlaunch.workers.supervision.step_clock`), for the straggler watch."""
     checksums: tuple[ReplicaChecksums, ...] = ()
     """The checksums of the host's replicated shards at each checked step since the previous poll."""
     committed: tuple[tuple[str, int], ...] = ()
@@ -466,7 +466,7 @@ def host_env(platform: str, devices_per_host: int, ynnpack: bool = False) -> dic
 HOST_PROGRAM = "jaxlaunch.workers.host:HostActor"
 """The host process's program, which the driver starts by this name as a Ray actor (the way a
 process manager starts a program it never imports for its own use)."""
-KEEPER_PROGRAM = "jaxlaunch.workers.keeper:Keeper"
+KEEPER_PROGRAM = "jaxlaunch.workers.checkpoints.keeper:Keeper"
 """The memory tier's keeper, one per node, which the driver starts by this name as a Ray actor."""
 KEEPER_CONCURRENCY = 4
 """Calls a keeper serves at once besides hand-offs: replicas from other keepers, index, reads, pings."""

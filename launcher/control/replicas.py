@@ -1,7 +1,7 @@
 """Replicas that must agree: the hosts' checksums of the shards they hold in common, compared.
 
 Each host reports, at every save step and every `fault.verify_every` steps, a checksum of each shard
-of the state that another host also holds (`jaxlaunch.workers.replica_sums`). Copies of one (array,
+of the state that another host also holds (`jaxlaunch.workers.supervision.replica_sums`). Copies of one (array,
 global index) must be bit for bit the same; when they are not, one copy was silently corrupted.
 `find_mismatch` is the pure rule; `ReplicaWatch` is the driver's listener that feeds it the polls,
 keeps the steps whose replicas agreed, and records what it finds. The driver then restarts from the

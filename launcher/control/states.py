@@ -147,7 +147,7 @@ class Failed:
 class Persisting:
     """The job has given up (`outcome`, its reason kept): first, the memory tier's newest committed
     step, newer than the newest durable one, is written durably by a short run of the hosts that runs
-    the launcher's own program, none of the user's (`jaxlaunch.workers.persist`). The keepers end
+    the launcher's own program, none of the user's (`jaxlaunch.workers.checkpoints.persist`). The keepers end
     with the launcher, and what they held beyond the last durable step would end with them."""
 
     outcome: Failed

@@ -1,5 +1,5 @@
 """Which host makes the others wait: each host's busy time per step (its own work between reading a
-step's result and dispatching the next, `jaxlaunch.workers.step_clock`) against its peers'.
+step's result and dispatching the next, `jaxlaunch.workers.supervision.step_clock`) against its peers'.
 
 In SPMD every host waits for the slowest at each collective, so the slow host's *blocked* time is
 short and everyone else's is long; its *busy* time is what stands out. `find_straggler` is the pure

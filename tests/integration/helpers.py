@@ -200,7 +200,7 @@ def ray_processes_left(run_dir: pathlib.Path) -> list[int]:
 
 
 def final_arrays(run_dir: pathlib.Path, step: int):
-    from jaxlaunch.workers.checkpoint import read_arrays
+    from jaxlaunch.workers.checkpoints.durable import read_arrays
 
     return read_arrays(run_dir / "checkpoints" / str(step))
 

@@ -9,7 +9,7 @@ import psutil
 import pytest
 import ray
 from jaxlaunch.launcher.records.runs import RunDir
-from jaxlaunch.workers.checkpoint import read_arrays
+from jaxlaunch.workers.checkpoints.durable import read_arrays
 from ray.cluster_utils import Cluster
 
 from jaxlaunch.contract.tiers import launch_dir

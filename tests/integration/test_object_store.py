@@ -11,7 +11,7 @@ import uuid
 import numpy as np
 import pytest
 from jaxlaunch.launcher.records.runs import RunDir
-from jaxlaunch.workers.checkpoint import read_arrays
+from jaxlaunch.workers.checkpoints.durable import read_arrays
 
 from jaxlaunch.contract import events
 from tests.integration.helpers import DURABLE_ONLY, SHORT_RUN, assert_no_host_left, launch

@@ -1,7 +1,7 @@
-"""A host's save cadence (`jaxlaunch.workers.cadence`): every host follows rank 0's choice from the same
+"""A host's save cadence (`jaxlaunch.workers.checkpoints.cadence`): every host follows rank 0's choice from the same
 step, whatever each host measured, with a fake broadcast instead of JAX's."""
 
-from jaxlaunch.workers.cadence import FIRST_CHECK_AFTER_STEPS, SaveCadence
+from jaxlaunch.workers.checkpoints.cadence import FIRST_CHECK_AFTER_STEPS, SaveCadence
 
 from jaxlaunch.contract.events import CadenceChosen
 from jaxlaunch.contract.protocol import CheckpointConfig

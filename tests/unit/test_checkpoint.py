@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from jaxlaunch.workers import checkpoint as ckpt
-from jaxlaunch.workers.checkpoint import Checkpointer, NoCheckpointError, StorageError, TransientError
+from jaxlaunch.workers.checkpoints import durable as ckpt
+from jaxlaunch.workers.checkpoints.durable import Checkpointer, NoCheckpointError, StorageError, TransientError
 from jaxlaunch.workers.sharding import build_mesh
 
 from jaxlaunch.contract.layout import committed_steps

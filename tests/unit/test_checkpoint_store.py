@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jaxlaunch.workers.checkpoint import Checkpointer, read_arrays
+from jaxlaunch.workers.checkpoints.durable import Checkpointer, read_arrays
 
 from jaxlaunch.contract.layout import committed_steps
 from jaxlaunch.contract.protocol import CheckpointConfig

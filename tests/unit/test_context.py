@@ -10,10 +10,10 @@ import optax
 import pytest
 from flax import nnx
 from jaxlaunch.launcher.records.runs import RunDir
+from jaxlaunch.workers.checkpoints.tiered import Tiers
 from jaxlaunch.workers.context import HostContext
-from jaxlaunch.workers.progress import HostProgress
 from jaxlaunch.workers.sharding import build_mesh
-from jaxlaunch.workers.tiered import Tiers
+from jaxlaunch.workers.supervision.progress import HostProgress
 
 from examples import minimal
 from jaxlaunch.contract.events import Restored
@@ -191,7 +191,7 @@ def test_a_save_s_replica_check_counts_in_its_blocking_time_and_in_the_cadence(t
     the cost the cadence keeps within its share."""
     import time
 
-    from jaxlaunch.workers.cadence import SaveCadence
+    from jaxlaunch.workers.checkpoints.cadence import SaveCadence
 
     memory = HeldParts()
     monkeypatch.setattr(Tiers, "_start_memory", lambda self, num_hosts: memory)

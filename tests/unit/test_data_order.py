@@ -14,7 +14,7 @@ from jaxlaunch.launcher.configuration.job import prepare
 from jaxlaunch.launcher.records import history
 from jaxlaunch.launcher.records.runs import RunDir
 from jaxlaunch.workers import extras
-from jaxlaunch.workers.data import batch_fingerprint, elastic_iterator
+from jaxlaunch.workers.inputs.data import batch_fingerprint, elastic_iterator
 
 from jaxlaunch.contract import data_order, events
 from jaxlaunch.contract.layout import CHECKPOINT_COMMIT_MARKER

@@ -10,9 +10,9 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
-from jaxlaunch.workers import memory, persist
-from jaxlaunch.workers.checkpoint import Checkpointer
-from jaxlaunch.workers.part_file import PartFile, PartWriter
+from jaxlaunch.workers.checkpoints import memory, persist
+from jaxlaunch.workers.checkpoints.durable import Checkpointer
+from jaxlaunch.workers.checkpoints.part_file import PartFile, PartWriter
 from jaxlaunch.workers.sharding import build_mesh
 from jaxlaunch.workers.state import StateLayout
 

@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxlaunch.workers.replica_sums import PendingChecksums, flip_bit
+from jaxlaunch.workers.supervision.replica_sums import PendingChecksums, flip_bit
 
 
 def test_one_flipped_bit_changes_the_checksum_and_equal_bytes_give_equal_ones():
@@ -25,7 +25,7 @@ def test_a_single_process_holds_no_copy_another_host_holds():
 def test_a_dimension_held_whole_names_the_same_copy_however_jax_writes_it():
     """JAX gives a dimension held whole as slice(None) in a sharding's index map and as slice(0, n) in
     a shard's index (the classifier on an existing cluster raised KeyError '[:]' at its first save)."""
-    from jaxlaunch.workers.replica_sums import _index_text
+    from jaxlaunch.workers.supervision.replica_sums import _index_text
 
     assert _index_text((slice(None), slice(0, 4)), (8, 8)) == _index_text((slice(0, 8), slice(None, 4)), (8, 8))
     assert _index_text((slice(None), slice(4, 8)), (8, 8)) == "[0:8, 4:8]"
@@ -36,7 +36,7 @@ def test_typed_rng_keys_are_checked_as_their_words():
     """An NNX model's Rngs hold typed keys (dtype key<fry>), which have no bits to bitcast: the
     classifier's first save raised ValueError before keys were hashed as their key data."""
     import jax
-    from jaxlaunch.workers.replica_sums import PendingChecksums
+    from jaxlaunch.workers.supervision.replica_sums import PendingChecksums
 
     state = {"key": jax.random.key(0), "w": jax.numpy.ones((4,))}
     pending = PendingChecksums(10, state, every_shard=True)

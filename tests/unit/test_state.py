@@ -13,7 +13,7 @@ from jaxlaunch.models.corpus import Corpus
 from jaxlaunch.models.lm import SHARDING_RULES
 from jaxlaunch.models.transformer import build
 from jaxlaunch.workers import sharding as mesh_lib
-from jaxlaunch.workers.batch import global_batch
+from jaxlaunch.workers.inputs.batch import global_batch
 from jaxlaunch.workers.state import StateLayout, largest_array
 
 

@@ -7,9 +7,9 @@ import threading
 import jax.numpy as jnp
 import pytest
 from jaxlaunch.workers.context import HostContext
-from jaxlaunch.workers.progress import HostProgress
 from jaxlaunch.workers.sharding import build_mesh
-from jaxlaunch.workers.step_clock import StepClock, StepTime
+from jaxlaunch.workers.supervision.progress import HostProgress
+from jaxlaunch.workers.supervision.step_clock import StepClock, StepTime
 
 from jaxlaunch.contract.protocol import CheckpointConfig, DistributedConfig, EntryRef, HostSpec
 

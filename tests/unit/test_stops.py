@@ -3,7 +3,7 @@ at the one that was confirmed."""
 
 import threading
 
-from jaxlaunch.workers.stops import DriverStop
+from jaxlaunch.workers.supervision.stops import DriverStop
 
 
 def run_loop(stop: DriverStop, last: int, stopped: list[int]) -> threading.Thread:

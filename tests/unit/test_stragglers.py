@@ -4,7 +4,7 @@ records it, and the `slow@` injection's form."""
 import pytest
 from jaxlaunch.launcher.control.states import Attempt
 from jaxlaunch.launcher.control.stragglers import StragglerWatch, find_straggler, straggler_message
-from jaxlaunch.workers.faults import FaultHook
+from jaxlaunch.workers.supervision.faults import FaultHook
 
 from jaxlaunch.contract import events
 from jaxlaunch.contract.protocol import (
@@ -127,7 +127,7 @@ def test_the_slow_injection_parses_with_its_factor_and_refuses_a_bad_one():
 
 def test_a_slow_host_stretches_its_own_work_by_the_factor(tmp_path, monkeypatch):
     slept: list[float] = []
-    monkeypatch.setattr("jaxlaunch.workers.faults.time.sleep", slept.append)
+    monkeypatch.setattr("jaxlaunch.workers.supervision.faults.time.sleep", slept.append)
     run = type("Run", (), {"record_injection": lambda self, line: None})()
     hook = FaultHook((Injection.parse("slow@step=3,host=0,factor=3"),), 0, 1, run, lambda: False)
     for step, seconds in ((1, 0.010), (2, 0.012)):

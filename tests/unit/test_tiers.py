@@ -12,10 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from jaxlaunch.workers import extras, replica_stream
-from jaxlaunch.workers.keeper import Keeper, incoming_name, kept
-from jaxlaunch.workers.memory import PartReader, assemble, part_nbytes
-from jaxlaunch.workers.part_file import PartFile, PartWriter
+from jaxlaunch.workers import extras
+from jaxlaunch.workers.checkpoints import replica_stream
+from jaxlaunch.workers.checkpoints.keeper import Keeper, incoming_name, kept
+from jaxlaunch.workers.checkpoints.memory import PartReader, assemble, part_nbytes
+from jaxlaunch.workers.checkpoints.part_file import PartFile, PartWriter
 
 from jaxlaunch.contract.tiers import Held, Role, memory_serves, replica_node, sources, whole_steps
 
@@ -126,7 +127,7 @@ def test_a_part_dropped_while_it_streams_to_its_replica_is_never_reused_under_th
 
 def test_a_failed_part_write_leaves_no_file(tmp_path, monkeypatch):
     """A write that fails mid-file (a full tmpfs): no part-sized leftover under a new name each step."""
-    from jaxlaunch.workers import part_file
+    from jaxlaunch.workers.checkpoints import part_file
 
     def full(*args, **kwargs):
         raise OSError(28, "No space left on device")
@@ -310,8 +311,8 @@ def grain_ctx(run_dir, steps):
     import dataclasses
 
     from jaxlaunch.workers.context import HostContext
-    from jaxlaunch.workers.progress import HostProgress
     from jaxlaunch.workers.sharding import build_mesh
+    from jaxlaunch.workers.supervision.progress import HostProgress
 
     from examples import grain_iter
     from jaxlaunch.contract.protocol import CheckpointConfig, DistributedConfig, EntryRef, HostSpec

@@ -23,7 +23,7 @@ from jaxlaunch.contract.protocol import CheckpointConfig
 from jaxlaunch.contract.schedule import Cadence, CadenceRule, Due, Floor, Measured, SaveSchedule, moved
 
 if TYPE_CHECKING:
-    from jaxlaunch.workers.memory import MemoryTier
+    from jaxlaunch.workers.checkpoints.memory import MemoryTier
 
 FIRST_CHECK_AFTER_STEPS = 4
 """The first agreement step, counted from the attempt's start step: the first step read back paid

@@ -1,9 +1,9 @@
 """Both checkpoint tiers of one host, owned in one place (`Tiers`): host memory
-(`jaxlaunch.workers.memory`, part files that node-local keepers hold and replicate) and Orbax in the
-run directory (`jaxlaunch.workers.checkpoint`). The owner decides which tier a step saves to (the
-cadence every host agrees on, `jaxlaunch.workers.cadence`), saves, restores the newest complete step
+(`jaxlaunch.workers.checkpoints.memory`, part files that node-local keepers hold and replicate) and Orbax in the
+run directory (`jaxlaunch.workers.checkpoints.durable`). The owner decides which tier a step saves to (the
+cadence every host agrees on, `jaxlaunch.workers.checkpoints.cadence`), saves, restores the newest complete step
 of either tier with its fallbacks, and says which saves committed. The commit rule itself is pure, in
-`jaxlaunch.contract.tiers`; the give-up persist (`jaxlaunch.workers.persist`) writes what the memory
+`jaxlaunch.contract.tiers`; the give-up persist (`jaxlaunch.workers.checkpoints.persist`) writes what the memory
 tier holds through the same rule and the same durable metadata (`durable_meta`).
 
 Restore: memory wins when its newest committed step is at least the newest durable one
@@ -20,11 +20,11 @@ from typing import Any
 
 import jax
 from jaxlaunch.workers import extras
-from jaxlaunch.workers.cadence import CommitWatch, Due, SaveCadence, given
-from jaxlaunch.workers.checkpoint import Checkpointer
-from jaxlaunch.workers.memory import MemoryTier, any_host, part_nbytes
-from jaxlaunch.workers.progress import HostProgress
+from jaxlaunch.workers.checkpoints.cadence import CommitWatch, Due, SaveCadence, given
+from jaxlaunch.workers.checkpoints.durable import Checkpointer
+from jaxlaunch.workers.checkpoints.memory import MemoryTier, any_host, part_nbytes
 from jaxlaunch.workers.state import StateLayout
+from jaxlaunch.workers.supervision.progress import HostProgress
 
 from jaxlaunch.contract import events, tiers
 from jaxlaunch.contract.layout import RunLayout

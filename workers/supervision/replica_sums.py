@@ -18,7 +18,7 @@ from typing import Any, cast
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxlaunch.workers.data import _mix, _words
+from jaxlaunch.workers.inputs.data import _mix, _words
 
 from jaxlaunch.contract.protocol import ReplicaChecksums
 

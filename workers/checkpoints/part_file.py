@@ -62,7 +62,7 @@ class PartHeader:
     meta: dict[str, Any]
     extra: dict[str, Any]
     structure: bytes | None = None
-    """The state's pytree structure, pickled (`jaxlaunch.workers.persist` rebuilds the tree from it
+    """The state's pytree structure, pickled (`jaxlaunch.workers.checkpoints.persist` rebuilds the tree from it
     without the user's `init`); None when it could not be pickled."""
 
     @property

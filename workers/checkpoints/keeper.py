@@ -1,10 +1,10 @@
 """The keeper: one process per node, started by the driver, that owns the memory tier's part files in
-its node's shared memory (`jaxlaunch.workers.part_file`), so they outlive the host processes that
+its node's shared memory (`jaxlaunch.workers.checkpoints.part_file`), so they outlive the host processes that
 wrote them without a copy.
 
 A host writes its part of a step into the keeper's `incoming` folder and tells the keeper its name
 (a small Ray call, no array bytes). The keeper adopts the file (a rename) and streams it to the
-keeper of another node (`jaxlaunch.workers.replica_stream`: the one network copy), which adopts it as
+keeper of another node (`jaxlaunch.workers.checkpoints.replica_stream`: the one network copy), which adopts it as
 the replica; the hand-off returns once the replica is held, and a host hands over its next part only
 after its previous one returned, so replication never lags more than one save behind a host.
 
@@ -36,8 +36,8 @@ from typing import Any
 
 import numpy as np
 import psutil
-from jaxlaunch.workers import replica_stream
-from jaxlaunch.workers.part_file import Index, PartFile, PartHeader
+from jaxlaunch.workers.checkpoints import replica_stream
+from jaxlaunch.workers.checkpoints.part_file import Index, PartFile, PartHeader
 
 from jaxlaunch.contract.event_base import first_line
 from jaxlaunch.contract.tiers import Held, Role, launch_dir

@@ -1,7 +1,7 @@
 """The memory tier on a host: each save writes this host's addressable shards (with their global
 indices) and its non-array state once, straight from the device buffers, into a part file in its
-node's shared memory (`jaxlaunch.workers.part_file`), and a background thread tells the node's keeper
-(`jaxlaunch.workers.keeper`), which adopts the file beyond this process and streams a replica to
+node's shared memory (`jaxlaunch.workers.checkpoints.part_file`), and a background thread tells the node's keeper
+(`jaxlaunch.workers.checkpoints.keeper`), which adopts the file beyond this process and streams a replica to
 another node. A restore reads the newest step committed in memory (`jaxlaunch.contract.tiers`) back
 into today's shardings, reading only the bytes it needs: a part on this node by mapping its file,
 another node's by asking its keeper for the sub-boxes of its shards that today's shards overlap."""
@@ -22,8 +22,17 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
-from jaxlaunch.workers.keeper import HandOff, incoming_name
-from jaxlaunch.workers.part_file import Copies, Index, PartFile, PartHeader, PartWriter, is_key, normal, overlap
+from jaxlaunch.workers.checkpoints.keeper import HandOff, incoming_name
+from jaxlaunch.workers.checkpoints.part_file import (
+    Copies,
+    Index,
+    PartFile,
+    PartHeader,
+    PartWriter,
+    is_key,
+    normal,
+    overlap,
+)
 
 from jaxlaunch.contract import tiers
 from jaxlaunch.contract.event_base import first_line
@@ -128,7 +137,7 @@ class MemoryTier:
     def _pickled_structure(self, tree: Any) -> bytes | None:
         """The state's tree structure (what the keys of the part's arrays cannot tell: a list from a
         dict with integer keys, an empty optimizer state): a durable save of the part without the
-        user's `init` (`jaxlaunch.workers.persist`) rebuilds the very tree a durable save writes. As
+        user's `init` (`jaxlaunch.workers.checkpoints.persist`) rebuilds the very tree a durable save writes. As
         bytes, so that no keeper unpickles classes it may not import; None if it cannot be pickled
         (that save then says why it cannot be persisted)."""
         treedef = jax.tree.structure(tree)

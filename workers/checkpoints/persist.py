@@ -24,11 +24,11 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from jaxlaunch.workers.checkpoint import Checkpointer
-from jaxlaunch.workers.memory import MemoryTier
-from jaxlaunch.workers.part_file import ArrayEntry, Index, PartHeader
-from jaxlaunch.workers.progress import HostProgress
-from jaxlaunch.workers.tiered import durable_meta
+from jaxlaunch.workers.checkpoints.durable import Checkpointer
+from jaxlaunch.workers.checkpoints.memory import MemoryTier
+from jaxlaunch.workers.checkpoints.part_file import ArrayEntry, Index, PartHeader
+from jaxlaunch.workers.checkpoints.tiered import durable_meta
+from jaxlaunch.workers.supervision.progress import HostProgress
 
 from jaxlaunch.contract import data_order, events, tiers
 from jaxlaunch.contract.layout import RunLayout

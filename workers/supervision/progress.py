@@ -47,17 +47,17 @@ class HostProgress:
             self._records.append(record)
 
     def busy(self, step: int, seconds: float) -> None:
-        """The host's busy time in `step` (`jaxlaunch.workers.step_clock`), for the straggler watch."""
+        """The host's busy time in `step` (`jaxlaunch.workers.supervision.step_clock`), for the straggler watch."""
         with self._lock:
             self._busy.append((step, seconds))
 
     def checksums(self, checksums: ReplicaChecksums) -> None:
-        """The host's replica checksums at a checked step (`jaxlaunch.workers.replica_sums`)."""
+        """The host's replica checksums at a checked step (`jaxlaunch.workers.supervision.replica_sums`)."""
         with self._lock:
             self._checksums.append(checksums)
 
     def committed(self, saves: list[tuple[str, int]]) -> None:
-        """(tier, step) of this host's saves that committed (`jaxlaunch.workers.cadence.CommitWatch`)."""
+        """(tier, step) of this host's saves that committed (`jaxlaunch.workers.checkpoints.cadence.CommitWatch`)."""
         if saves:
             with self._lock:
                 self._committed += saves

@@ -48,7 +48,7 @@ class FaultHook:
         self.slow_factor: float | None = None
 
     def observe_busy(self, seconds: float) -> None:
-        """A step's busy time on this host (`jaxlaunch.workers.step_clock`)."""
+        """A step's busy time on this host (`jaxlaunch.workers.supervision.step_clock`)."""
         if self.slow_factor is None:
             self.busy_s = [*self.busy_s[-SLOW_BASELINE_STEPS + 1:], seconds]
 
