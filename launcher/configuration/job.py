@@ -112,21 +112,27 @@ def prepare(given: Mapping[str, Any], entry_args: Sequence[str] = (), typed: Job
 def settings_parameters(entry: entry_lib.Entry) -> list[inspect.Parameter]:
     """A parameter per declared setting of the entry (`seq_len` is --seq-len), unless a launcher flag
     or keyword has its name (then only --set KEY=VALUE sets it); values are YAML scalars, typed like
-    the defaults. Given twice, the last value wins, as for the launcher's flags."""
-    options = options_lib.table(*ROOTS)
-    taken = {*options, *(o.flag for o in options.values()), *options_lib.RESERVED_FLAGS}
-    group = cyclopts.Group(f"settings of {entry.ref} (ctx.config; also --set KEY=VALUE)", sort_key=len(options))
+    the defaults. Given twice, the last value wins, as for the launcher's flags. A parameter's own
+    name is `setting_<i>`, the i-th of `_flag_settings` (a setting may be named `lambda`)."""
+    group = cyclopts.Group(f"settings of {entry.ref} (ctx.config; also --set KEY=VALUE)", sort_key=len(ROOTS) * 99)
     out = []
-    for key, default in (entry.spec.defaults or {}).items():
-        name = "--" + key.replace("_", "-")
-        if key in taken or name in taken or not key.isidentifier():
-            continue
-        spec = cyclopts.Parameter(name=name, group=group, help=f"(default: {default})", allow_repeating=True,
-                                  show_default=False, converter=lambda _, tokens: scalar(tokens[0].value),
+    for position, (key, default) in enumerate(_flag_settings(entry)):
+        spec = cyclopts.Parameter(name="--" + key.replace("_", "-"), group=group, help=f"(default: {default})",
+                                  allow_repeating=True, show_default=False,
+                                  converter=lambda _, tokens: scalar(tokens[0].value),
                                   metavar=type(default).__name__.upper() if default is not None else "VALUE")
-        out.append(inspect.Parameter(key, inspect.Parameter.KEYWORD_ONLY, default=None,
+        out.append(inspect.Parameter(f"setting_{position}", inspect.Parameter.KEYWORD_ONLY, default=None,
                                      annotation=Annotated[Any, spec]))
     return out
+
+
+def _flag_settings(entry: entry_lib.Entry) -> list[tuple[str, Any]]:
+    """The entry's declared settings that have a flag of their own: (key, default)."""
+    options = options_lib.table(*ROOTS)
+    taken = {*options, *(o.flag for o in options.values()), *options_lib.RESERVED_FLAGS,
+             *("--no-" + o.flag.removeprefix("--") for o in options.values() if o.value_type is bool)}
+    return [(key, default) for key, default in (entry.spec.defaults or {}).items()
+            if key.isidentifier() and key not in taken and "--" + key.replace("_", "-") not in taken]
 
 
 def entry_settings(entry: entry_lib.Entry, args: Sequence[str], keywords: Mapping[str, Any]) -> dict[str, Any]:
@@ -143,7 +149,8 @@ def entry_settings(entry: entry_lib.Entry, args: Sequence[str], keywords: Mappin
         word = next((a.split("=")[0] for a in extra if a.startswith("-")), extra[0])
         known = [o.flag for o in options_lib.table(*ROOTS).values()] + ["--" + k.replace("_", "-") for k in declared]
         raise ConfigError(f"unknown flag {word}{options_lib.suggestion(word, known)}; {_declares(entry)}")
-    return {**keywords, **parsed}
+    keys = [key for key, _ in _flag_settings(entry)]
+    return {**keywords, **{keys[int(name.removeprefix("setting_"))]: value for name, value in parsed.items()}}
 
 
 def _declares(entry: entry_lib.Entry) -> str:

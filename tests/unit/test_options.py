@@ -239,15 +239,18 @@ def test_an_entry_s_setting_given_twice_takes_the_last_and_one_named_like_a_laun
     assert prepare(run, ["--seq-len", "64", "--seq-len", "32"]).job.config["seq_len"] == 32
     entry = tmp_path / "entry.py"
     entry.write_text("import jaxlaunch\n\n\n@jaxlaunch.entrypoint(defaults={'verbose': False, 'tracker': 'x', "
-                     "'set': 1, 'help': 'h', 'width': 3})\ndef main(ctx):\n    pass\n")
-    from jaxlaunch.launcher.configuration.job import settings_parameters
-
-    from jaxlaunch.contract import entry as entry_lib
-
-    assert [p.name for p in settings_parameters(entry_lib.resolve(f"{entry}:main"))] == ["width"]
-    assert cli.main(["--entry", f"{entry}:main", "--help"]) == 0, "listed without the names the launcher takes"
-    given = prepare({**run, "entry": f"{entry}:main", "config": {"verbose": True}}, ["--width", "5"]).job.config
-    assert given["verbose"] is True and given["width"] == 5
+                     "'set': 1, 'help': 'h', 'no_memory_tier': 0, 'lambda': 0.1, 'width': 3})\n"
+                     "def main(ctx):\n    pass\n")
+    env = {**os.environ, "COLUMNS": "200"}
+    shown = subprocess.run([sys.executable, str(ROOT / "launch.py"), "--entry", f"{entry}:main", "--help"],
+                           capture_output=True, text=True, env=env, timeout=60, check=True).stdout
+    box = shown[shown.index("settings of"):].splitlines()
+    settings = [line.split()[1:3] for line in box if line.startswith("│ --")]
+    assert settings == [["--lambda", "FLOAT"], ["--width", "INT"]], \
+        "verbose, tracker, set, help and no_memory_tier are the launcher's flags: those settings are left to --set"
+    given = prepare({**run, "entry": f"{entry}:main", "config": {"verbose": True}},
+                    ["--width", "5", "--lambda", "0.5"]).job.config
+    assert (given["verbose"], given["width"], given["lambda"]) == (True, 5, 0.5)
 
 
 def test_report_takes_one_run_directory_and_nothing_after_the_flags_is_taken(tmp_path, capsys):

@@ -45,21 +45,28 @@ def test_typed_rng_keys_are_checked_as_their_words():
 
 def test_a_state_s_arrays_keep_their_shards_in_the_checked_order_however_they_were_made():
     """The shards to check are found once per layout (who holds which index walks every device) and then
-    taken from each step's arrays by their position among the array's local shards: arrays of one
-    sharding made by a step, by device_put or from single-device arrays in another order must hold
-    their shards in one order, or a later step would hash another copy than its index names."""
+    taken from each step's arrays by their position among the array's local shards: an array made by a
+    step, by device_put or from single-device arrays in another order, whose copies of one index differ,
+    must give the checksums a plan made from that very array gives."""
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
+    from jaxlaunch.workers.supervision import replica_sums
 
     mesh = Mesh(np.array(jax.devices()).reshape(2, -1), ("data", "model"))
     sharding = NamedSharding(mesh, PartitionSpec(None, "model"))
     values = np.arange(8 * 16, dtype=np.float32).reshape(8, 16)
     put = jax.device_put(values, sharding)
     stepped = jax.jit(lambda a: a * 1.0, out_shardings=sharding)(put)
-    pieces = {shard.device: shard.data for shard in put.addressable_shards}
-    rebuilt = jax.make_array_from_single_device_arrays(values.shape, sharding, [pieces[d] for d in reversed(pieces)])
+    pieces = {shard.device: np.array(shard.data) for shard in put.addressable_shards}
+    for position, device in enumerate(pieces):
+        pieces[device] = pieces[device] + position  # every device's copy differs from its replica's
+    rebuilt = jax.make_array_from_single_device_arrays(
+        values.shape, sharding, [jax.device_put(pieces[d], d) for d in reversed(pieces)])
     for made in (stepped, rebuilt):
-        for local in range(len(put.addressable_shards)):
-            assert made.addressable_data(local).devices() == put.addressable_data(local).devices()
-    first = PendingChecksums(3, {"w": put}, every_shard=True).result()
-    for made in (stepped, rebuilt):
-        assert PendingChecksums(3, {"w": made}, every_shard=True).result() == first
+        expected = {}
+        for shard in made.addressable_shards:  # the first local copy of each index, hashed on its own
+            key = replica_sums._index_text(shard.index, made.shape)
+            expected.setdefault(key, int(replica_sums._hashes([shard.data])[0]))
+        replica_sums._PLANS.clear()
+        PendingChecksums(3, {"w": put}, every_shard=True).result()  # the plan comes from `put`
+        assert {index: value for _, index, value in PendingChecksums(3, {"w": made}, every_shard=True).result().sums} \
+            == expected

@@ -55,7 +55,8 @@ def _replicated_shards(tree: Any, every_shard: bool = False) -> list[tuple[str, 
 
 MAX_PLANS = 8
 _PLANS: dict[Any, tuple[tuple[int, str, str, int], ...]] = {}
-"""`_plan`'s answers by the state's structure, shapes, dtypes and shardings: the same every step."""
+"""`_plan`'s answers by the state's structure, shapes, dtypes and shardings (and `every_shard`): the
+same every step."""
 
 
 def _plan(tree: Any, every_shard: bool) -> tuple[tuple[int, str, str, int], ...]:
