@@ -136,7 +136,7 @@ def _typed_like(default: Any, value: Any, key: str) -> Any:
     try:
         return coerce(value, type(default), key)
     except ConfigError:
-        raise ConfigError(f"--set {key}={value!r}: expected a {type(default).__name__} like its default "
+        raise ConfigError(f"--set {key}={value!r}: expected {type(default).__name__} like its default "
                           f"{default!r}") from None
 
 

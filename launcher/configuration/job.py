@@ -150,7 +150,15 @@ def entry_settings(entry: entry_lib.Entry, args: Sequence[str], keywords: Mappin
         known = [o.flag for o in options_lib.table(*ROOTS).values()] + ["--" + k.replace("_", "-") for k in declared]
         raise ConfigError(f"unknown flag {word}{options_lib.suggestion(word, known)}; {_declares(entry)}")
     keys = [key for key, _ in _flag_settings(entry)]
-    return {**keywords, **{keys[int(name.removeprefix("setting_"))]: value for name, value in parsed.items()}}
+    flags = {keys[int(name.removeprefix("setting_"))]: value for name, value in parsed.items()}
+    for key, value in flags.items():
+        try:
+            entry.settings({key: value})
+        except ConfigError:  # its message names --set; the user typed the setting's flag
+            default = declared[key]
+            raise ConfigError(f"--{key.replace('_', '-')} {value!r}: expected {type(default).__name__} like its "
+                              f"default {default!r}") from None
+    return {**keywords, **flags}
 
 
 def _declares(entry: entry_lib.Entry) -> str:

@@ -220,6 +220,7 @@ def test_a_lost_embedded_node_is_restarted_and_the_run_resumes(minimal_reference
     (["--straggler-action", "kill"], 'Invalid value "kill" for --straggler-action. Choose from: "warn", "replace".'),
     (["--hang-timeout"], "Parameter --hang-timeout requires an argument."),
     (["--seq-lenght", "64"], "unknown flag --seq-lenght (did you mean --seq-len?)"),
+    (["--seq-len", "long"], "--seq-len 'long': expected int like its default 128"),
 ])
 def test_bad_input_is_refused_before_anything_runs(tmp_path, args, message):
     run_dir = tmp_path / "run"

@@ -34,7 +34,7 @@ def test_the_built_in_model_is_the_default_entry_with_its_settings_filled_in(tmp
     (dict(seq_len=999), "exceeds model tiny's max_seq_len 128"),
     (dict(data="/nonexistent"), "no such file or folder"),
     (dict(config={"learnig_rate": 0.1}), "has no setting 'learnig_rate'; its settings are"),
-    (dict(config={"seq_len": "long"}), "expected a int like its default 128"),
+    (dict(config={"seq_len": "long"}), "expected int like its default 128"),
     (dict(config={"learning_rate": float("nan")}), "learning_rate must be a finite number"),
     (dict(chaos=float("nan")), "--chaos must be a finite number"),
     (dict(inject=["kill@step=3,host=9"]), "host 9 does not exist"),
