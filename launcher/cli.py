@@ -26,11 +26,11 @@ EPILOG = ("After a run: `jaxlaunch report RUN_DIR` prints its attempts and goodp
           "\n\nEvery flag is also a key of the --config file (by its section: --save-every is checkpoint.save_every)"
           " and a keyword of jaxlaunch.launch() (save_every=). Flags not given keep the config file's value, and on"
           " --resume the run's saved one.")
-HELP_FLAGS = ("--help", "-h")
+HELP_FLAGS = options_lib.HELP_FLAGS
 USAGE = "Usage: jaxlaunch [FLAGS]     (or: jaxlaunch report RUN_DIR)"
 VERBOSE = inspect.Parameter("verbose", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
-    bool | None, cyclopts.Parameter(name=["--verbose", "-v"], negative=(), allow_repeating=True, show_default=False,
-                                    help="Driver debug logging (default: off).",
+    bool | None, cyclopts.Parameter(name=list(options_lib.VERBOSE_FLAGS), negative=(), allow_repeating=True,
+                                    show_default=False, help="Driver debug logging (default: off).",
                                     group=cyclopts.Group("output", sort_key=-1))])
 
 
@@ -58,7 +58,7 @@ def app(entry_text: str | None = None) -> cyclopts.App:
         from jaxlaunch.contract import entry as entry_lib
 
         try:
-            params += settings_parameters(entry_lib.resolve(entry_text))
+            params += settings_parameters(entry_lib.resolve(entry_text)).values()
         except ConfigError as err:
             epilog = f"{EPILOG}\n\n(the entry's settings are not listed: {err})"
     cli = options_lib.quiet_app(name="jaxlaunch", help=DESCRIPTION, help_epilogue=epilog, help_flags=HELP_FLAGS,
@@ -78,11 +78,12 @@ def main(argv: list[str] | None = None) -> int:
         if "--" in argv:
             raise ConfigError("jaxlaunch takes nothing after --: give the entry's settings as flags (--seq-len 64) "
                               "or as --set KEY=VALUE")
-        if argv[:1] == ["report"] and not any(word in HELP_FLAGS for word in argv):
+        wants_help = any(word in HELP_FLAGS for word in argv)
+        if argv[:1] == ["report"] and not wants_help:
             if len(argv) != 2 or argv[1].startswith("-"):
                 raise ConfigError("jaxlaunch report takes one argument, a run directory (the --run-dir of a launch)")
             return report(argv[1])
-        if any(word in HELP_FLAGS for word in argv):
+        if wants_help:
             words = [word for word in argv if word not in HELP_FLAGS]
             if words[:1] == ["report"]:
                 app().help_print(["report"])

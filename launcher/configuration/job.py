@@ -109,30 +109,26 @@ def prepare(given: Mapping[str, Any], entry_args: Sequence[str] = (), typed: Job
 
 # ---- the entry's declared settings as flags and keywords ------------------------------------------------
 
-def settings_parameters(entry: entry_lib.Entry) -> list[inspect.Parameter]:
-    """A parameter per declared setting of the entry (`seq_len` is --seq-len), unless a launcher flag
-    or keyword has its name (then only --set KEY=VALUE sets it); values are YAML scalars, typed like
-    the defaults. Given twice, the last value wins, as for the launcher's flags. A parameter's own
-    name is `setting_<i>`, the i-th of `_flag_settings` (a setting may be named `lambda`)."""
-    group = cyclopts.Group(f"settings of {entry.ref} (ctx.config; also --set KEY=VALUE)", sort_key=len(ROOTS) * 99)
-    out = []
-    for position, (key, default) in enumerate(_flag_settings(entry)):
-        spec = cyclopts.Parameter(name="--" + key.replace("_", "-"), group=group, help=f"(default: {default})",
-                                  allow_repeating=True, show_default=False,
-                                  converter=lambda _, tokens: scalar(tokens[0].value),
-                                  metavar=type(default).__name__.upper() if default is not None else "VALUE")
-        out.append(inspect.Parameter(f"setting_{position}", inspect.Parameter.KEYWORD_ONLY, default=None,
-                                     annotation=Annotated[Any, spec]))
-    return out
-
-
-def _flag_settings(entry: entry_lib.Entry) -> list[tuple[str, Any]]:
-    """The entry's declared settings that have a flag of their own: (key, default)."""
+def settings_parameters(entry: entry_lib.Entry) -> dict[str, inspect.Parameter]:
+    """A parameter per declared setting of the entry (`seq_len` is --seq-len), by setting, unless a
+    launcher flag or keyword has its name (then only --set KEY=VALUE sets it); values are YAML scalars,
+    typed like the defaults. Given twice, the last value wins, as for the launcher's flags. A
+    parameter's own name is `setting_<i>` (a setting may be named `lambda`)."""
     options = options_lib.table(*ROOTS)
     taken = {*options, *(o.flag for o in options.values()), *options_lib.RESERVED_FLAGS,
              *("--no-" + o.flag.removeprefix("--") for o in options.values() if o.value_type is bool)}
-    return [(key, default) for key, default in (entry.spec.defaults or {}).items()
-            if key.isidentifier() and key not in taken and "--" + key.replace("_", "-") not in taken]
+    group = cyclopts.Group(f"settings of {entry.ref} (ctx.config; also --set KEY=VALUE)", sort_key=len(ROOTS) * 99)
+    out: dict[str, inspect.Parameter] = {}
+    for key, default in (entry.spec.defaults or {}).items():
+        name = "--" + key.replace("_", "-")
+        if not key.isidentifier() or key in taken or name in taken:
+            continue
+        spec = cyclopts.Parameter(name=name, group=group, help=f"(default: {default})", allow_repeating=True,
+                                  show_default=False, converter=lambda _, tokens: scalar(tokens[0].value),
+                                  metavar=type(default).__name__.upper() if default is not None else "VALUE")
+        out[key] = inspect.Parameter(f"setting_{len(out)}", inspect.Parameter.KEYWORD_ONLY, default=None,
+                                     annotation=Annotated[Any, spec])
+    return out
 
 
 def entry_settings(entry: entry_lib.Entry, args: Sequence[str], keywords: Mapping[str, Any]) -> dict[str, Any]:
@@ -143,14 +139,15 @@ def entry_settings(entry: entry_lib.Entry, args: Sequence[str], keywords: Mappin
         known = [*options_lib.table(*ROOTS), *declared]
         raise ConfigError(f"jaxlaunch.launch got unknown option {unknown[0]!r}"
                           f"{options_lib.suggestion(unknown[0], known)}; {_declares(entry)}")
-    app = options_lib.quiet_app(help_flags=(), default_command=options_lib.command(settings_parameters(entry)))
+    params = settings_parameters(entry)
+    app = options_lib.quiet_app(help_flags=(), default_command=options_lib.command(params.values()))
     _, parsed, extra = options_lib.parse_known(app, args)
     if extra:
         word = next((a.split("=")[0] for a in extra if a.startswith("-")), extra[0])
         known = [o.flag for o in options_lib.table(*ROOTS).values()] + ["--" + k.replace("_", "-") for k in declared]
         raise ConfigError(f"unknown flag {word}{options_lib.suggestion(word, known)}; {_declares(entry)}")
-    keys = [key for key, _ in _flag_settings(entry)]
-    flags = {keys[int(name.removeprefix("setting_"))]: value for name, value in parsed.items()}
+    key_of = {param.name: key for key, param in params.items()}
+    flags = {key_of[name]: value for name, value in parsed.items()}
     for key, value in flags.items():
         try:
             entry.settings({key: value})

@@ -20,7 +20,7 @@ import inspect
 import textwrap
 import types
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Annotated, Any
 
 import cyclopts
@@ -29,8 +29,10 @@ from jaxlaunch.contract.flags import FLAG_KEY, FlagSpec
 from jaxlaunch.contract.protocol import ConfigError
 from jaxlaunch.contract.values import coerce, describe_hint, merge_settings, scalar
 
-RESERVED_FLAGS = ("verbose", "--verbose", "-v", "help", "--help", "-h")
-"""The command line's own flags besides the declared options (`jaxlaunch.launcher.cli`)."""
+HELP_FLAGS = ("--help", "-h")
+VERBOSE_FLAGS = ("--verbose", "-v")
+RESERVED_FLAGS = ("help", *HELP_FLAGS, "verbose", *VERBOSE_FLAGS)
+"""The command line's own flags besides the declared options (`jaxlaunch.launcher.cli`), and their keywords."""
 SUGGESTION_CUTOFF = 0.75
 """How alike (difflib's ratio) a mistyped name and a known one must be to suggest it."""
 UNIT_SUFFIXES = ("_s",)
@@ -246,7 +248,7 @@ def _text_to(option: Option) -> Callable[[Any, Sequence[Any]], Any]:
     return convert
 
 
-def command(params: Sequence[inspect.Parameter]) -> Callable[..., dict[str, Any]]:
+def command(params: Iterable[inspect.Parameter]) -> Callable[..., dict[str, Any]]:
     """A function of `params` (keyword-only) that returns what it was given: cyclopts parses into it."""
     def given(**keywords: Any) -> dict[str, Any]:
         return keywords
