@@ -237,7 +237,7 @@ def run_and_remove(cluster, tmp_path, hosts, spare, lose, *args):
     cluster.wait_for_nodes()
     run_dir = tmp_path / "run"
     proc = start("--config", str(cluster_config(tmp_path, cluster)), "--hosts", str(hosts), *GATED, "--set",
-                 f"gates={GATE}", *MEMORY, "--persist-every", "20", "--steps", "1000", *args, "--run-dir", str(run_dir))
+                 f"gates={GATE}", *MEMORY, "--persist-every", "20", "--steps", "60", *args, "--run-dir", str(run_dir))
     try:
         open_gate(run_dir, GATE, proc)
         wait_for(lambda: 20 in committed_steps(run_dir), 300, "the durable step 20", proc)
