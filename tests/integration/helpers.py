@@ -24,6 +24,9 @@ DURABLE_ONLY = ("--no-memory-tier",)
 --save-every step): the memory tier, on by default, would hold those saves in host memory instead."""
 MINIMAL = ("--entry", str(EXAMPLES / "minimal.py"))
 CLASSIFIER = ("--entry", f"{EXAMPLES / 'classifier.py'}:main")
+GATED = ("--entry", f"{ROOT / 'tests' / 'integration' / 'gated.py'}:main")
+"""examples/minimal.py's job with gates (`--set gates=N-M`): rank 0 waits after saving step N until the
+test writes `go-N` in the run directory (`tests/integration/gated.py`)."""
 
 
 class SharedRay:
@@ -247,3 +250,8 @@ def assert_split_adds_up(run_dir: pathlib.Path) -> None:
         s = json.loads(written.read_text())
         total = (s["goodput"] or 0) * s["wall_time_s"] + sum(s["badput_s"].values())
         assert abs(total - s["wall_time_s"]) <= SPLIT_TOLERANCE * s["wall_time_s"] + 1e-9, f"{written}: {s}"
+
+
+def open_gate(run_dir: pathlib.Path, step: int, proc: subprocess.Popen) -> None:
+    """Waits until rank 0 of the gated job stands at the gate of `step` (it wrote `at-STEP`)."""
+    wait_for(lambda: (run_dir / f"at-{step}").exists(), 300, f"the gate at step {step}", proc)

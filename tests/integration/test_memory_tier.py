@@ -16,14 +16,15 @@ from jaxlaunch.contract.tiers import launch_dir
 from tests.integration.helpers import (
     CLASSIFIER,
     EXAMPLES,
+    GATED,
     MINIMAL,
-    ROOT,
     attempts,
     committed_steps,
     events,
     host_pids,
     last_step,
     launch,
+    open_gate,
     ray_processes_left,
     read_jsonl,
     start,
@@ -66,9 +67,6 @@ def test_a_host_killed_with_its_hand_off_in_flight_resumes_from_memory_bit_for_b
     assert trajectory(run_dir) == trajectory(minimal_reference), "bit for bit"
 
 
-GATED = ("--entry", f"{ROOT / 'tests' / 'integration' / 'gated.py'}:main")
-
-
 def keeper_pids(run_dir):
     pids = []
     for pid in ray_processes_left(run_dir):
@@ -78,10 +76,6 @@ def keeper_pids(run_dir):
         except psutil.Error:
             continue
     return pids
-
-
-def open_gate(run_dir, step, proc):
-    wait_for(lambda: (run_dir / f"at-{step}").exists(), 300, f"the gate at step {step}", proc)
 
 
 

@@ -11,12 +11,14 @@ from ray.cluster_utils import Cluster
 
 from tests.integration.helpers import (
     DURABLE_ONLY,
+    GATED,
     MINIMAL,
     assert_no_host_left,
     attempts,
     committed_steps,
     events,
     last_step,
+    open_gate,
     read_jsonl,
     start,
     summary,
@@ -57,18 +59,30 @@ def four_nodes():
     cluster.shutdown()
 
 
+GROW_GATE = 30
+GROWN_STEPS = 100
+
+
 def test_lost_node_shrinks_the_job_and_an_added_node_grows_it_back(four_nodes, minimal_reference, tmp_path):
+    """4 hosts, one per node, held at step 30 (past the durable step 20): a node is removed; the job
+    shrinks to 2 hosts, which come back to step 30 and wait there; a node is added, and once the
+    driver has decided to grow, the gate opens: the 2 hosts save where they stop and the job ends on
+    4 again. (The gate keeps the 2-host attempt alive until the node is back, whatever the speed of
+    its steps, so the job needs no more steps than the scenario.)"""
     cluster, workers = four_nodes
     config = elastic_config(tmp_path, cluster)
     run_dir = tmp_path / "run"
-    proc = start("--config", config, "--hosts", "4", "--min-hosts", "2", *MINIMAL, "--steps", "1000",
-                 "--save-every", "20", *DURABLE_ONLY, "--run-dir", str(run_dir))
+    proc = start("--config", config, "--hosts", "4", "--min-hosts", "2", *GATED, "--set", f"gates={GROW_GATE}",
+                 "--steps", str(GROWN_STEPS), "--save-every", "20", *DURABLE_ONLY, "--run-dir", str(run_dir))
     try:
-        wait_for(lambda: 20 in committed_steps(run_dir), 240, "step 20 committed", proc)
+        open_gate(run_dir, GROW_GATE, proc)
+        assert 20 in committed_steps(run_dir)
         cluster.remove_node(workers[1], allow_graceful=False)
         wait_for(lambda: any(e["num_hosts"] == 2 for e in events(run_dir, "attempt_started")), 120,
                  "a restart on 2 hosts", proc)
         cluster.add_node(num_cpus=1)
+        wait_for(lambda: events(run_dir, "grow"), 120, "the driver's decision to grow", proc)
+        (run_dir / f"go-{GROW_GATE}").write_text("")
         out, err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
@@ -85,8 +99,8 @@ def test_lost_node_shrinks_the_job_and_an_added_node_grows_it_back(four_nodes, m
     assert grow["step"] == table[1]["last_step"], "the resize saved where it stopped: no step recomputed"
     # The global batch is fixed, so only float32 summation order differs from the 2-host run.
     ours, reference = trajectory(run_dir), trajectory(minimal_reference)
-    assert sorted(ours) == list(range(1, 1001))
-    assert max(abs(ours[s] - reference[s]) for s in reference) < 1e-3
+    assert sorted(ours) == list(range(1, GROWN_STEPS + 1))
+    assert max(abs(ours[s] - reference[s]) for s in ours) < 1e-3
     assert_no_host_left(run_dir)
 
 
@@ -158,19 +172,25 @@ def busy_cluster():
     cluster.shutdown()
 
 
+BUSY_GATE = 3
+"""The job waits at this step on the free half of the cluster until it has decided to grow."""
+
+
 def test_a_busy_cluster_is_judged_by_what_is_free_and_the_job_grows_when_it_frees(busy_cluster, tmp_path):
     cluster, holder = busy_cluster
     config = tmp_path / "cluster.yaml"
     config.write_text(f'cluster: {{address: "{cluster.address}", resources_per_host: {{CPU: 1}}, '
                       "placement_timeout_s: 10}\nfault: {grow_check_interval_s: 1.0}\n")
     run_dir = tmp_path / "run"
-    proc = start("--config", str(config), "--hosts", "4", "--min-hosts", "2", *MINIMAL, "--steps", "1500",
-                 "--save-every", "100", "--run-dir", str(run_dir))
+    proc = start("--config", str(config), "--hosts", "4", "--min-hosts", "2", *GATED, "--set", f"gates={BUSY_GATE}",
+                 "--steps", str(GROWN_STEPS), "--save-every", "100", "--run-dir", str(run_dir))
     try:
-        wait_for(lambda: last_step(run_dir) >= 3, 240, "training on the free half", proc)
+        open_gate(run_dir, BUSY_GATE, proc)
         assert events(run_dir, "attempt_started")[0]["num_hosts"] == 2, "2 CPUs are free, not 4"
         assert events(run_dir, "launch")[0]["requested_hosts"] == 4, "the autoscaler was asked for 4 hosts"
         ray.kill(holder)  # the other job ends
+        wait_for(lambda: events(run_dir, "grow"), 120, "the driver's decision to grow", proc)
+        (run_dir / f"go-{BUSY_GATE}").write_text("")  # the 2 hosts go on, to save and stop where they are told
         out, err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
@@ -178,4 +198,4 @@ def test_a_busy_cluster_is_judged_by_what_is_free_and_the_job_grows_when_it_free
     assert proc.returncode == 0, out + err
     table = summary(run_dir)["attempt_table"]
     assert [(a["num_hosts"], a["cause"]) for a in table] == [(2, "resize"), (4, "finished")]
-    assert sorted(trajectory(run_dir)) == list(range(1, 1501))
+    assert sorted(trajectory(run_dir)) == list(range(1, GROWN_STEPS + 1))
