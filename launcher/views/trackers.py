@@ -53,6 +53,11 @@ CLOSE_TIMEOUT_S = 20.0
 """At the end of a launch, how long to wait for the trackers to take the last records."""
 INTERRUPTED_CLOSE_TIMEOUT_S = 3.0
 """The same after a second Ctrl-C, which asked to stop at once."""
+UNANSWERED_CLOSE_TIMEOUT_S = 3.0
+"""The same for a tracker that is down or has answered no call in this launch (an MLflow server that
+is not there: its client retries for minutes): waiting longer sends nothing, and what it has not
+taken stays in metrics.jsonl for the next --resume. (With CLOSE_TIMEOUT_S, every launch beside a
+tracker that was down ended 20 s after its job.)"""
 MAX_PENDING_RECORDS = 100_000
 """Records kept in memory while a tracker is down; past that they are read again from metrics.jsonl
 when it answers."""
@@ -162,7 +167,7 @@ class Sender:
         self.annotation: tuple[dict[str, str], str] | None = None
         self.status: str | None = None
         """Set at the end of the launch: finish the tracker's run with it."""
-        self.started = self.down = self.warned = self.abandoned = False
+        self.started = self.down = self.warned = self.abandoned = self.answered = False
         self.busy_since: float | None = None
         self.cond = threading.Condition()
         self.thread = threading.Thread(target=self._loop, name=f"tracker-{backend.name}", daemon=True)
@@ -193,7 +198,10 @@ class Sender:
             self._failed(f"no answer for {STALL_WARN_S:g} s")
 
     def close(self, status: str, deadline: float) -> int:
-        """Finishes the tracker's run, waiting until `deadline` (clock); returns the steps left unsent."""
+        """Finishes the tracker's run, waiting until `deadline` (clock), or UNANSWERED_CLOSE_TIMEOUT_S
+        if it is down or has not answered yet; returns the steps left unsent."""
+        if self.down or not self.answered:
+            deadline = min(deadline, self.clock() + UNANSWERED_CLOSE_TIMEOUT_S)
         with self.cond:
             self.status = status
             self.cond.notify()
@@ -228,7 +236,9 @@ class Sender:
     def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         self.busy_since = self.clock()
         try:
-            return fn(*args)
+            result = fn(*args)
+            self.answered = True
+            return result
         finally:
             self.busy_since = None
 
