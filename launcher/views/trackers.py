@@ -53,11 +53,14 @@ CLOSE_TIMEOUT_S = 20.0
 """At the end of a launch, how long to wait for the trackers to take the last records."""
 INTERRUPTED_CLOSE_TIMEOUT_S = 3.0
 """The same after a second Ctrl-C, which asked to stop at once."""
-UNANSWERED_CLOSE_TIMEOUT_S = 3.0
-"""The same for a tracker that is down or has answered no call in this launch (an MLflow server that
-is not there: its client retries for minutes): waiting longer sends nothing, and what it has not
-taken stays in metrics.jsonl for the next --resume. (With CLOSE_TIMEOUT_S, every launch beside a
-tracker that was down ended 20 s after its job.)"""
+DOWN_CLOSE_TIMEOUT_S = 3.0
+"""The same for a tracker that is down, or has answered no call within FIRST_ANSWER_S of its first
+(an MLflow server that is not there: its client retries for minutes): waiting longer sends nothing,
+and what it has not taken stays in metrics.jsonl for the next --resume. (With CLOSE_TIMEOUT_S, every
+launch beside a tracker that was not there ended 20 s after its job.)"""
+FIRST_ANSWER_S = 10.0
+"""How long a tracker's first call may take before the end of a launch stops waiting for it (a W&B
+run's start online takes several seconds)."""
 MAX_PENDING_RECORDS = 100_000
 """Records kept in memory while a tracker is down; past that they are read again from metrics.jsonl
 when it answers."""
@@ -169,6 +172,8 @@ class Sender:
         """Set at the end of the launch: finish the tracker's run with it."""
         self.started = self.down = self.warned = self.abandoned = self.answered = False
         self.busy_since: float | None = None
+        self.first_call: float | None = None
+        """When (clock) this launch first called the tracker."""
         self.cond = threading.Condition()
         self.thread = threading.Thread(target=self._loop, name=f"tracker-{backend.name}", daemon=True)
 
@@ -198,10 +203,15 @@ class Sender:
             self._failed(f"no answer for {STALL_WARN_S:g} s")
 
     def close(self, status: str, deadline: float) -> int:
-        """Finishes the tracker's run, waiting until `deadline` (clock), or UNANSWERED_CLOSE_TIMEOUT_S
-        if it is down or has not answered yet; returns the steps left unsent."""
-        if self.down or not self.answered:
-            deadline = min(deadline, self.clock() + UNANSWERED_CLOSE_TIMEOUT_S)
+        """Finishes the tracker's run, waiting until `deadline` (clock), less for a tracker that is
+        down or has not answered its first call (DOWN_CLOSE_TIMEOUT_S, FIRST_ANSWER_S); returns the
+        steps left unsent."""
+        now = self.clock()
+        if self.down:
+            deadline = min(deadline, now + DOWN_CLOSE_TIMEOUT_S)
+        elif not self.answered:  # its first call: under way since `first_call`, or about to be made
+            first = self.first_call if self.first_call is not None else now
+            deadline = min(deadline, max(now + DOWN_CLOSE_TIMEOUT_S, first + FIRST_ANSWER_S))
         with self.cond:
             self.status = status
             self.cond.notify()
@@ -235,6 +245,8 @@ class Sender:
 
     def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         self.busy_since = self.clock()
+        if self.first_call is None:
+            self.first_call = self.busy_since
         try:
             result = fn(*args)
             self.answered = True

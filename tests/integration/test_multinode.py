@@ -65,10 +65,11 @@ GROWN_STEPS = 100
 
 def test_lost_node_shrinks_the_job_and_an_added_node_grows_it_back(four_nodes, minimal_reference, tmp_path):
     """4 hosts, one per node, held at step 30 (past the durable step 20): a node is removed; the job
-    shrinks to 2 hosts, which come back to step 30 and wait there; a node is added, and once the
-    driver has decided to grow, the gate opens: the 2 hosts save where they stop and the job ends on
-    4 again. (The gate keeps the 2-host attempt alive until the node is back, whatever the speed of
-    its steps, so the job needs no more steps than the scenario.)"""
+    shrinks to 2 hosts, which stop at the gate again unless the driver has decided to grow before;
+    a node is added, and once the driver has decided to grow, the gate opens: the 2 hosts save where
+    they are told to stop and the job ends on 4 again. (The gate keeps the 2-host attempt alive until
+    the node is back, whatever the speed of its steps, so the job needs no more steps than the
+    scenario.)"""
     cluster, workers = four_nodes
     config = elastic_config(tmp_path, cluster)
     run_dir = tmp_path / "run"
@@ -76,7 +77,7 @@ def test_lost_node_shrinks_the_job_and_an_added_node_grows_it_back(four_nodes, m
                  "--steps", str(GROWN_STEPS), "--save-every", "20", *DURABLE_ONLY, "--run-dir", str(run_dir))
     try:
         open_gate(run_dir, GROW_GATE, proc)
-        assert 20 in committed_steps(run_dir)
+        wait_for(lambda: 20 in committed_steps(run_dir), 240, "step 20 committed", proc)  # saved asynchronously
         cluster.remove_node(workers[1], allow_graceful=False)
         wait_for(lambda: any(e["num_hosts"] == 2 for e in events(run_dir, "attempt_started")), 120,
                  "a restart on 2 hosts", proc)

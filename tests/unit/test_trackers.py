@@ -3,6 +3,7 @@ mode: one tracker run across launches, each step once, failures as tags and note
 down never stopping the run."""
 
 import json
+import time
 
 import pytest
 from jaxlaunch.launcher.records.recorder import Recorder
@@ -145,11 +146,12 @@ def test_a_tracker_that_is_down_warns_once_and_catches_up(tmp_path, mlflow_env, 
 
 def test_a_tracker_that_never_answers_leaves_its_steps_for_the_next_launch(tmp_path, monkeypatch):
     """A tracker that hangs (an HTTP client retrying for minutes) and has answered nothing in this
-    launch holds up its end for UNANSWERED_CLOSE_TIMEOUT_S only, not CLOSE_TIMEOUT_S (20 s), and
-    says once what happened."""
+    launch holds up its end for FIRST_ANSWER_S from its first call (at least DOWN_CLOSE_TIMEOUT_S),
+    not CLOSE_TIMEOUT_S (20 s), and says once what happened."""
     import threading
 
-    monkeypatch.setattr(trackers, "UNANSWERED_CLOSE_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(trackers, "DOWN_CLOSE_TIMEOUT_S", 0.2)
+    monkeypatch.setattr(trackers, "FIRST_ANSWER_S", 0.2)
     monkeypatch.setattr(trackers, "CLOSE_TIMEOUT_S", 120.0)  # longer than the hang: waiting would outlast it
     release = threading.Event()
 
@@ -169,6 +171,30 @@ def test_a_tracker_that_never_answers_leaves_its_steps_for_the_next_launch(tmp_p
     assert len(warnings) == 2, warnings
     assert "not reachable" in warnings[0] and "3 steps were not sent to mlflow" in warnings[1]
     assert not (run.path / trackers.STATE_FILE).exists()
+
+
+def test_a_tracker_slow_to_answer_its_first_call_still_gets_the_launch_s_records(tmp_path, mlflow_env, request,
+                                                                                monkeypatch):
+    """A tracker whose first call takes longer than DOWN_CLOSE_TIMEOUT_S but answers within
+    FIRST_ANSWER_S (a W&B run's start online) is waited for at the end of a short launch: its run
+    gets every step, with no warning."""
+    monkeypatch.setattr(trackers, "DOWN_CLOSE_TIMEOUT_S", 0.05)
+    monkeypatch.setattr(trackers, "FIRST_ANSWER_S", 10.0)
+
+    class Slow(tracker_backends.Mlflow):
+        def start(self, run_id, name):
+            time.sleep(0.5)  # the slow first answer this test is about, not a synchronisation
+            return super().start(run_id, name)
+
+    run = RunDir(tmp_path / "run")
+    run.create()
+    warnings = []
+    sink = Trackers(run, ["mlflow"], SETTINGS, warnings.append, backends={"mlflow": Slow()})
+    Recorder(run, lambda n: {"data": n}, sinks=[sink]).metrics(records(range(1, 4)))
+    sink.close("finished", {"final_step": 3, "goodput": None})
+    assert warnings == []
+    found = only_run(mlflow_env, request.node.name)
+    assert sorted(m.step for m in mlflow_env.get_metric_history(found.info.run_id, "train/loss")) == [1, 2, 3]
 
 
 def _wait_until(condition, what, timeout=30.0):
