@@ -144,6 +144,17 @@ def test_a_tracker_that_is_down_warns_once_and_catches_up(tmp_path, mlflow_env, 
     assert steps == list(range(1, 13))
 
 
+def three_steps_to(tmp_path, backend):
+    """A launch of 3 steps whose one tracker is `backend`, ended: (its run, the trackers, their warnings)."""
+    run = RunDir(tmp_path / "run")
+    run.create()
+    warnings = []
+    sink = Trackers(run, ["mlflow"], SETTINGS, warnings.append, backends={"mlflow": backend})
+    Recorder(run, lambda n: {"data": n}, sinks=[sink]).metrics(records(range(1, 4)))
+    sink.close("finished", {"final_step": 3, "goodput": None})
+    return run, sink, warnings
+
+
 def test_a_tracker_that_never_answers_leaves_its_steps_for_the_next_launch(tmp_path, monkeypatch):
     """A tracker that hangs (an HTTP client retrying for minutes) and has answered nothing in this
     launch holds up its end for FIRST_ANSWER_S from its first call (at least DOWN_CLOSE_TIMEOUT_S),
@@ -160,12 +171,7 @@ def test_a_tracker_that_never_answers_leaves_its_steps_for_the_next_launch(tmp_p
             release.wait(60)
             raise ConnectionError("gave up")
 
-    run = RunDir(tmp_path / "run")
-    run.create()
-    warnings = []
-    sink = Trackers(run, ["mlflow"], SETTINGS, warnings.append, backends={"mlflow": Hanging()})
-    Recorder(run, lambda n: {"data": n}, sinks=[sink]).metrics(records(range(1, 4)))
-    sink.close("finished", {"final_step": 3, "goodput": None})
+    run, sink, warnings = three_steps_to(tmp_path, Hanging())
     assert sink.senders[0].thread.is_alive(), "the launch ended while the tracker's call still hung"
     release.set()
     assert len(warnings) == 2, warnings
@@ -186,12 +192,7 @@ def test_a_tracker_slow_to_answer_its_first_call_still_gets_the_launch_s_records
             time.sleep(0.5)  # the slow first answer this test is about, not a synchronisation
             return super().start(run_id, name)
 
-    run = RunDir(tmp_path / "run")
-    run.create()
-    warnings = []
-    sink = Trackers(run, ["mlflow"], SETTINGS, warnings.append, backends={"mlflow": Slow()})
-    Recorder(run, lambda n: {"data": n}, sinks=[sink]).metrics(records(range(1, 4)))
-    sink.close("finished", {"final_step": 3, "goodput": None})
+    _, _, warnings = three_steps_to(tmp_path, Slow())
     assert warnings == []
     found = only_run(mlflow_env, request.node.name)
     assert sorted(m.step for m in mlflow_env.get_metric_history(found.info.run_id, "train/loss")) == [1, 2, 3]
