@@ -120,7 +120,7 @@ def settings_parameters(entry: entry_lib.Entry) -> dict[str, inspect.Parameter]:
     group = cyclopts.Group(f"settings of {entry.ref} (ctx.config; also --set KEY=VALUE)", sort_key=len(ROOTS) * 99)
     out: dict[str, inspect.Parameter] = {}
     for key, default in (entry.spec.defaults or {}).items():
-        name = "--" + key.replace("_", "-")
+        name = options_lib.flag_name(key)
         if not key.isidentifier() or key in taken or name in taken:
             continue
         spec = cyclopts.Parameter(name=name, group=group, help=f"(default: {default})", allow_repeating=True,
@@ -144,7 +144,7 @@ def entry_settings(entry: entry_lib.Entry, args: Sequence[str], keywords: Mappin
     _, parsed, extra = options_lib.parse_known(app, args)
     if extra:
         word = next((a.split("=")[0] for a in extra if a.startswith("-")), extra[0])
-        known = [o.flag for o in options_lib.table(*ROOTS).values()] + ["--" + k.replace("_", "-") for k in declared]
+        known = [o.flag for o in options_lib.table(*ROOTS).values()] + [options_lib.flag_name(k) for k in declared]
         raise ConfigError(f"unknown flag {word}{options_lib.suggestion(word, known)}; {_declares(entry)}")
     key_of = {param.name: key for key, param in params.items()}
     flags = {key_of[name]: value for name, value in parsed.items()}
@@ -153,7 +153,7 @@ def entry_settings(entry: entry_lib.Entry, args: Sequence[str], keywords: Mappin
             entry.settings({key: value})
         except ConfigError:  # its message names --set; the user typed the setting's flag
             default = declared[key]
-            raise ConfigError(f"--{key.replace('_', '-')} {value!r}: expected {type(default).__name__} like its "
+            raise ConfigError(f"{options_lib.flag_name(key)} {value!r}: expected {type(default).__name__} like its "
                               f"default {default!r}") from None
     return {**keywords, **flags}
 

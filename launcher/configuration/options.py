@@ -39,6 +39,12 @@ UNIT_SUFFIXES = ("_s",)
 """Unit suffixes of config names that flags and keywords leave out: `hang_timeout_s` is --hang-timeout."""
 
 
+
+def flag_name(name: str) -> str:
+    """The command line's flag of a keyword or setting: `save_every` is --save-every."""
+    return "--" + name.replace("_", "-")
+
+
 @dataclasses.dataclass(frozen=True)
 class Option:
     """One declared field, as a flag and a keyword."""
@@ -58,7 +64,7 @@ class Option:
 
     @property
     def flag(self) -> str:
-        return "--" + (self.spec.cli or self.keyword).replace("_", "-")
+        return flag_name(self.spec.cli or self.keyword)
 
     @property
     def value_type(self) -> Any:

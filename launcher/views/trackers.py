@@ -170,7 +170,7 @@ class Sender:
         self.annotation: tuple[dict[str, str], str] | None = None
         self.status: str | None = None
         """Set at the end of the launch: finish the tracker's run with it."""
-        self.started = self.down = self.warned = self.abandoned = self.answered = False
+        self.started = self.down = self.warned = self.abandoned = False
         self.busy_since: float | None = None
         self.first_call: float | None = None
         """When (clock) this launch first called the tracker."""
@@ -209,7 +209,7 @@ class Sender:
         now = self.clock()
         if self.down:
             deadline = min(deadline, now + DOWN_CLOSE_TIMEOUT_S)
-        elif not self.answered:  # its first call: under way since `first_call`, or about to be made
+        elif not self.started:  # its first call: under way since `first_call`, or about to be made
             first = self.first_call if self.first_call is not None else now
             deadline = min(deadline, max(now + DOWN_CLOSE_TIMEOUT_S, first + FIRST_ANSWER_S))
         with self.cond:
@@ -248,9 +248,7 @@ class Sender:
         if self.first_call is None:
             self.first_call = self.busy_since
         try:
-            result = fn(*args)
-            self.answered = True
-            return result
+            return fn(*args)
         finally:
             self.busy_since = None
 

@@ -199,8 +199,6 @@ def test_a_tracker_slow_to_answer_its_first_call_still_gets_the_launch_s_records
 
 
 def _wait_until(condition, what, timeout=30.0):
-    import time
-
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
