@@ -108,21 +108,24 @@ class Tiers:
         return Due(wanted.memory and self.memory is not None, wanted.durable)
 
     def save(self, step: int, tree: Any, meta: dict[str, Any], mine: dict[str, Any], due: Due,
-             fault: Callable[[], None] | None = None, checked_s: float = 0.0) -> Saved:
+             fault: Callable[[], None] | None = None, checked_s: float = 0.0, split_s: float = 0.0) -> Saved:
         """Saves `tree` (the state's arrays) with `meta` and this host's non-array state `mine` to the
         tiers in `due`; the durable save also carries every host's `mine` (a collective).
         `checked_s`: the save's replica check, made just before (the checksums of the state it saves):
         part of the save's blocking time, so that the cadence keeps check and save together within
-        their share of step time (counted to the memory tier when it saves, else to the durable)."""
+        their share of step time (counted to the memory tier when it saves, else to the durable).
+        `split_s`: taking `tree` out of the state's objects (`StateLayout.split`), also the save's
+        blocking time and counted as the check is, but not in the record's `replica_check_s`."""
         started = time.perf_counter()
+        before = checked_s + split_s
         memory_s = durable_s = None
         if due.memory and self.memory is not None:
             self.memory.save(step, tree, meta, mine, fault=fault)
-            memory_s = time.perf_counter() - started + checked_s
+            memory_s = time.perf_counter() - started + before
         if due.durable:
             durable_s = self.checkpointer.save(step, tree, durable_meta(meta, mine))
-            durable_s += 0.0 if memory_s is not None else checked_s
-        blocked = time.perf_counter() - started + checked_s
+            durable_s += 0.0 if memory_s is not None else before
+        blocked = time.perf_counter() - started + before
         self._commits.started(step, due)
         if self.memory is not None and self.memory.refused and not self._refusal_told:
             self._refusal_told = True
