@@ -184,3 +184,59 @@ def test_user_data_folder(tmp_path):
     (tmp_path / "sub" / "b.txt").write_text("more text " * 20)
     corpus = Corpus.load(str(tmp_path))
     assert corpus.tokens.tobytes() == (tmp_path / "a.txt").read_bytes() + (tmp_path / "sub" / "b.txt").read_bytes()
+
+
+def test_a_save_takes_the_arrays_nnx_split_would_after_steps_and_a_replaced_array():
+    """The save's split reads the objects' pytree once it learnt where each array sits: it must give
+    exactly `nnx.split`'s state (structure and the very arrays) after the optimizer changed them and
+    after the user replaced an array, and take the full split again when the structure changes."""
+    mesh = mesh_lib.build_mesh({"data": -1, "model": 2})
+    layout = StateLayout.of(lm_init, mesh, SHARDING_RULES)
+    model, optimizer = layout.merge(layout.materialize(lm_init))
+
+    def same_as_nnx_split(state):
+        expected = nnx.split((model, optimizer))[1]
+        assert jax.tree.structure(state) == jax.tree.structure(expected)
+        assert all(a is b for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(expected), strict=True))
+
+    same_as_nnx_split(layout.split((model, optimizer)))
+    assert layout._order is not None, "learnt from the first split"
+
+    @nnx.jit
+    def step(model, optimizer):
+        grads = nnx.grad(lambda m: sum(jnp.sum(p ** 2) for p in jax.tree.leaves(nnx.state(m, nnx.Param))))(model)
+        optimizer.update(model, grads)
+
+    before = [np.asarray(x) for x in jax.tree.leaves(layout.split((model, optimizer)))]
+    step(model, optimizer)
+    after = layout.split((model, optimizer))
+    same_as_nnx_split(after)
+    assert any(not np.array_equal(a, np.asarray(b)) for a, b in zip(before, jax.tree.leaves(after), strict=True))
+    embedding = nnx.state(model, nnx.Param)
+    path, variable = next(iter(nnx.to_flat_state(embedding)))
+    replaced = jnp.full(variable.get_value().shape, 7.0, variable.get_value().dtype)
+    nnx.update(model, nnx.from_flat_state([(path, variable.replace(replaced))]))
+    same_as_nnx_split(layout.split((model, optimizer)))
+    with pytest.raises(TypeError, match="structure differs"):
+        layout.split((optimizer, model))
+
+
+def test_variables_sharing_one_array_are_split_by_walking_the_graph():
+    """Two variables made from one array cannot be told apart by identity: the split keeps walking
+    the graph, and each variable's own value is saved once they differ."""
+
+    class Pair(nnx.Module):
+        def __init__(self):
+            zeros = jnp.zeros(3)
+            self.a, self.b = nnx.Param(zeros), nnx.Param(zeros)
+
+    mesh = mesh_lib.build_mesh({"data": -1})
+    layout = StateLayout.of(Pair, mesh)
+    pair = layout.merge(layout.materialize(Pair))
+    pair.a.set_value(pair.b.get_value())  # one array under two names
+    layout.split(pair)
+    assert layout._order is None
+    pair.b.set_value(jnp.ones(3))
+    state = layout.split(pair)
+    assert np.asarray(state["a"].get_value()).tolist() == [0, 0, 0]
+    assert np.asarray(state["b"].get_value()).tolist() == [1, 1, 1]
