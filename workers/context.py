@@ -222,6 +222,7 @@ class HostContext:
         if saving:
             self._read_back(upto=step)  # the save waits for this step anyway: its time is its own
             self._progress.enter(Phase.SAVING)  # the replica check below is the save's work, not a hang
+        self._inject_bitflip(step, state)  # an injected fault, not the check's time
         checking = time.perf_counter()
         tree, split_s = self._check_replicas(step, state, due.any)
         checked_s = time.perf_counter() - checking - split_s
@@ -289,13 +290,6 @@ class HostContext:
         and the seconds that split took (0 without one): taking an NNX state's arrays out of its
         objects is the save's work, not the check's (8 ms of a 10 ms check for the small preset)."""
         loop = self._require_state("maybe_save")
-        if self._faults.bitflip_due(step):
-            flipped = flip_bit(loop.layout.split(state))
-            if flipped is None or not loop.layout.is_nnx:
-                log.warning("bitflip at step %d: no replicated array in an NNX state to flip", step)
-            else:
-                nnx.update(state, flipped[0])
-                log.warning("bitflip at step %d: flipped a bit of this host's copy of %s", step, flipped[1])
         every = self._spec.verify_every
         tree, split_s = None, 0.0
         if due or (every and step % every == 0):
@@ -305,6 +299,18 @@ class HostContext:
             self._checks.append(PendingChecksums(step, tree))
         self._hand_over_checks(upto=step if due else step - 1)
         return tree, split_s
+
+    def _inject_bitflip(self, step: int, state: Any) -> None:
+        """`--inject bitflip` at its step: one bit of this host's copy of a replicated array flips."""
+        if not self._faults.bitflip_due(step):
+            return
+        layout = self._require_state("maybe_save").layout
+        flipped = flip_bit(layout.split(state))
+        if flipped is None or not layout.is_nnx:
+            log.warning("bitflip at step %d: no replicated array in an NNX state to flip", step)
+        else:
+            nnx.update(state, flipped[0])
+            log.warning("bitflip at step %d: flipped a bit of this host's copy of %s", step, flipped[1])
 
     def _hand_over_checks(self, upto: int | None = None) -> None:
         while self._checks and (upto is None or self._checks[0].step <= upto):

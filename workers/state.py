@@ -94,14 +94,18 @@ class StateLayout:
             if not _is_nnx(obj):
                 raise TypeError("ctx.maybe_save got a state without NNX objects, but init() built NNX objects: "
                                 "pass the same objects restore_or_init returned")
-            fast = self._order.split(obj) if self._order is not None else None
+            leaves, objects = jax.tree.flatten(obj)
+            order = self._order
+            known = order is not None and objects == order.objects
+            fast = order.take(leaves) if order is not None and known else None
             if fast is not None:
                 return fast
             graphdef, state = nnx.split(obj)
             if graphdef != self.structure:
                 raise TypeError("ctx.maybe_save got a state whose structure differs from what init() built: "
                                 "pass the same objects restore_or_init returned")
-            self._order = _LeafOrder.learn(obj, state)
+            if not known:
+                self._order = _LeafOrder.learn(leaves, objects, state)
             return state
         if jax.tree.structure(obj) != self.structure:
             raise TypeError(f"ctx.maybe_save got a pytree of structure {jax.tree.structure(obj)}, but init() "
@@ -163,34 +167,32 @@ class _LeafOrder:
     arrays come out of `jax.tree.flatten` (0.6 ms for the small preset's model and optimizer, 231
     arrays) where `nnx.split` walks the graph in Python (6.3 ms, at every save). Learnt from one full
     split: where each of the state's arrays sits among the objects' leaves, by identity. Used only
-    while the objects' pytree structure is the one learnt (same modules, attributes and variables);
-    any other structure takes the full split and its check again."""
+    while the objects' pytree structure is the one learnt (same modules, attributes and variables)
+    and no array appears twice among the leaves (a variable reachable by two paths, tied after the
+    split was learnt, is one entry of nnx.split's state: the full split and its check decide)."""
 
     objects: Any
     """The objects' pytree structure when learnt."""
     state: Any
     """The split state's pytree structure (its nnx.State and variables)."""
-    positions: tuple[int, ...]
-    """Per leaf of the state, its position among the objects' leaves."""
+    positions: tuple[int, ...] | None
+    """Per leaf of the state, its position among the objects' leaves; None when identities cannot
+    tell them apart for this structure (then every save of it takes the full split, learning nothing)."""
 
     @classmethod
-    def learn(cls, obj: Any, state: Any) -> _LeafOrder | None:
-        """None when the identities cannot tell the leaves apart: a leaf that is not a JAX array (a
-        Python number may be shared), or one array under two names (tied or aliased variables)."""
-        leaves, objects = jax.tree.flatten(obj)
+    def learn(cls, leaves: list[Any], objects: Any, state: Any) -> _LeafOrder:
+        """From the objects' leaves and their full split. Not learnable: a leaf that is not a JAX
+        array (a Python number may be shared), or one array under two names (tied or aliased variables)."""
         wanted, structure = jax.tree.flatten(state)
-        if not all(isinstance(x, jax.Array) for x in (*leaves, *wanted)):
-            return None
         where = {id(x): i for i, x in enumerate(leaves)}
-        if len(where) != len(leaves) or len({id(x) for x in wanted}) != len(wanted) or len(wanted) != len(leaves):
-            return None
-        if not all(id(x) in where for x in wanted):
-            return None
-        return cls(objects, structure, tuple(where[id(x)] for x in wanted))
+        learnable = (all(isinstance(x, jax.Array) for x in (*leaves, *wanted)) and len(where) == len(leaves)
+                     and len(wanted) == len(leaves) and len({id(x) for x in wanted}) == len(wanted)
+                     and all(id(x) in where for x in wanted))
+        return cls(objects, structure, tuple(where[id(x)] for x in wanted) if learnable else None)
 
-    def split(self, obj: Any) -> Any:
-        """The state of `obj` as `nnx.split` gives it, or None when `obj`'s structure is not the one learnt."""
-        leaves, objects = jax.tree.flatten(obj)
-        if objects != self.objects:
+    def take(self, leaves: list[Any]) -> Any:
+        """The state from the leaves of objects of the learnt structure, or None (not learnable, or
+        an array that now appears twice)."""
+        if self.positions is None or len({id(x) for x in leaves}) != len(leaves):
             return None
         return jax.tree.unflatten(self.state, [leaves[i] for i in self.positions])
