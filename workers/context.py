@@ -227,11 +227,7 @@ class HostContext:
         tree, split_s = self._check_replicas(step, state, due.any)
         checked_s = time.perf_counter() - checking - split_s
         saved: Saved | None = None
-        if saving:
-            if tree is None:
-                splitting = time.perf_counter()
-                tree = loop.layout.split(state)
-                split_s = time.perf_counter() - splitting
+        if saving:  # a save step is a check step: `tree` is the state's arrays the check split out
             self._flush_metrics(before=step)
             # The checkpoint carries the records since the last save: if this host dies before the
             # driver hears them, a restore still brings every committed step's metrics back.

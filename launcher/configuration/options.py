@@ -39,7 +39,6 @@ UNIT_SUFFIXES = ("_s",)
 """Unit suffixes of config names that flags and keywords leave out: `hang_timeout_s` is --hang-timeout."""
 
 
-
 def flag_name(name: str) -> str:
     """The command line's flag of a keyword or setting: `save_every` is --save-every."""
     return "--" + name.replace("_", "-")
