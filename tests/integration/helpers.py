@@ -63,8 +63,23 @@ class SharedRay:
 
 
 SHARED_RAY = SharedRay()
-OWN_CLUSTER_FLAGS = ("--address", "--config")
-"""A launch given either names its own cluster (or a config that may)."""
+
+
+def _names_a_cluster(args: tuple[str, ...]) -> bool:
+    """Whether the launch names its own cluster: `--address`, or a `--config` file whose
+    `cluster.address` is set (a config of other settings runs on the session's instance)."""
+    import yaml
+
+    for i, arg in enumerate(args):
+        name, _, value = arg.partition("=")
+        if name == "--address":
+            return True
+        if name == "--config":
+            path = value or (args[i + 1] if i + 1 < len(args) else "")
+            loaded = yaml.safe_load(pathlib.Path(path).read_text()) if pathlib.Path(path).is_file() else None
+            if not isinstance(loaded, dict) or (loaded.get("cluster") or {}).get("address") is not None:
+                return True
+    return False
 
 
 def _command(args: tuple[str, ...], own_env: bool = False) -> tuple[list[str], dict[str, str]]:
@@ -73,8 +88,7 @@ def _command(args: tuple[str, ...], own_env: bool = False) -> tuple[list[str], d
     (`own_env`: an object store's endpoint and credentials, which reach a launch's hosts through its
     own embedded instance, as on a user's machine; the shared one has the session's)."""
     command = [sys.executable, str(ROOT / "launch.py"), *args]
-    if (SHARED_RAY.enabled and not own_env and args and args[0].startswith("-")
-            and not any(a.split("=")[0] in OWN_CLUSTER_FLAGS for a in args)):
+    if SHARED_RAY.enabled and not own_env and args and args[0].startswith("-") and not _names_a_cluster(args):
         command += ["--address", SHARED_RAY.address()]  # with the session's RAY_AUTH_MODE (tests/conftest.py)
     return command, _env()
 
