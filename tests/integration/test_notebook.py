@@ -24,6 +24,8 @@ from tests.integration.helpers import (
 KERNEL_TIMEOUT_S = 600
 STOP_AFTER_STEP = 130
 STEPS = 1000
+RESUMED_STEPS = 70
+"""The resumed cell goes this far past the stop (at step 130 or later): to the file's 200 steps at least."""
 
 
 def _cells(run_dir: pathlib.Path) -> list[str]:
@@ -41,8 +43,9 @@ def _cells(run_dir: pathlib.Path) -> list[str]:
         # enough that the stop, not the end, ends it: the example trains 50 steps a second here.
         f"stopped = jaxlaunch.launch(main, resume=True, steps={STEPS}, save_every=100, run_dir=RUN)\n"
         "print('STOPPED', stopped.status, stopped.exit_code, stopped.final_step)",
-        "final = jaxlaunch.launch(main, resume=True, run_dir=RUN)\n"
-        f"assert final.ok and final.final_step == {STEPS}, final\n"
+        # Resumed to 70 steps past the stop: the rest of the stopped call's 1000 would be more of the same.
+        f"final = jaxlaunch.launch(main, resume=True, steps=stopped.final_step + {RESUMED_STEPS}, run_dir=RUN)\n"
+        f"assert final.ok and final.final_step == stopped.final_step + {RESUMED_STEPS}, final\n"
         "final",
         # Refused before anything starts: other code for the run, a value that cannot travel.
         "def main(ctx):\n    return None\n"
@@ -97,7 +100,7 @@ def test_a_notebook_launches_survives_a_kill_stops_with_the_stop_button_and_resu
     assert_no_host_left(run_dir)
     # Bit for bit the file's losses (its 200 steps), and every step once.
     ours = trajectory(run_dir)
-    assert sorted(ours) == list(range(1, STEPS + 1))
+    assert sorted(ours) == list(range(1, int(step) + RESUMED_STEPS + 1))
     assert {s: loss for s, loss in ours.items() if s <= 200} == trajectory(minimal_reference)
     assert summary(run_dir)["entry"].startswith("main (by value, code ")
 
