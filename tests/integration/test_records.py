@@ -2,10 +2,9 @@
 resumes, and the goodput split of a run without a warm standby and of a chaos run adds up (the
 autouse check of conftest.py runs after every test here too)."""
 
-import json
 import shutil
 
-from tests.integration.helpers import EXAMPLE_RUN, MINIMAL, ROOT, attempts, events, launch, summary
+from tests.integration.helpers import MINIMAL, ROOT, attempts, events, launch, summary
 
 OLD_RUN = ROOT / "tests" / "fixtures" / "run_v0_kill"
 
@@ -18,19 +17,6 @@ def test_a_run_written_before_typed_events_resumes(tmp_path):
     assert [(a["attempt"], a["cause"], a["restored_step"]) for a in table] == [
         (1, "crashed", None), (2, "finished", 50), (3, "finished", 150)], "numbered on from the old attempts"
     assert summary(run_dir)["final_step"] == 200 and len(events(run_dir, "launch")) == 2
-
-
-def test_without_a_warm_standby_a_kill_s_split_adds_up(tmp_path):
-    config = tmp_path / "no-standby.yaml"
-    config.write_text(json.dumps({"cluster": {"warm_standby": False}}))
-    run_dir = tmp_path / "run"
-    result = launch("--config", str(config), "--hosts", "2", *MINIMAL, *EXAMPLE_RUN, "--inject",
-                    "kill@step=60,host=1", "--run-dir", str(run_dir))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    s = summary(run_dir)
-    assert [a["cause"] for a in s["attempt_table"]] == ["crashed", "finished"]
-    assert s["badput_s"]["downtime"] > 0 and s["badput_s"]["startup"] > 0
-    assert "total (wall time)" in result.stdout and "100.0%" in result.stdout
 
 
 def test_chaos_split_adds_up(tmp_path):

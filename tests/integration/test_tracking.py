@@ -93,10 +93,15 @@ def scrape(port):
 
 
 def test_the_metrics_endpoint_counts_a_restart_while_the_job_runs(tmp_path):
+    """Without a warm standby (a config file's setting), so that the restart starts its processes
+    cold: what the endpoint shows while it does, and the goodput split of such a restart (its
+    downtime and start-up counted, the printed split adding up to the wall time)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     port, run_dir = free_port(), tmp_path / "run"
-    proc = start(*MINIMAL, *EXAMPLE_RUN, "--hosts", "2", "--inject", "kill@step=60,host=1",
+    config = tmp_path / "no-standby.yaml"
+    config.write_text("cluster: {warm_standby: false}\n")
+    proc = start("--config", str(config), *MINIMAL, *EXAMPLE_RUN, "--hosts", "2", "--inject", "kill@step=60,host=1",
                  "--metrics-port", str(port), "--run-dir", str(run_dir))
     scrapes = []
     deadline = time.monotonic() + SCRAPE_TIMEOUT_S
@@ -108,6 +113,11 @@ def test_the_metrics_endpoint_counts_a_restart_while_the_job_runs(tmp_path):
         time.sleep(0.2)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, out + err
+    s = summary(run_dir)
+    assert [a["cause"] for a in s["attempt_table"]] == ["crashed", "finished"]
+    assert s["badput_s"]["downtime"] > 0 and s["badput_s"]["startup"] > 0
+    assert "total (wall time)" in out and "100.0%" in out
+    assert not list((run_dir / "hosts").glob("standby-*")), "no standby was started"
     restarts = [s.get(("jaxlaunch_restarts_total", (("cause", "crashed"),)), 0) for s in scrapes]
     assert 0 in restarts and 1 in restarts, "the restart was counted while the job ran"
     goodput = [s[("jaxlaunch_goodput_ratio", ())] for s in scrapes if ("jaxlaunch_goodput_ratio", ()) in s]
