@@ -1,7 +1,6 @@
 """The built-in model, a client of the public API like any other: it trains and checkpoints on 2
 hosts, resumes bit for bit, lands in a new layout on fewer hosts, and falls back past a corrupt step."""
 
-import numpy as np
 
 from tests.integration.helpers import (
     SHORT_RUN,
@@ -9,7 +8,6 @@ from tests.integration.helpers import (
     attempts,
     committed_steps,
     events,
-    final_arrays,
     launch,
     read_jsonl,
     signal_after,
@@ -51,10 +49,13 @@ def test_metrics_reach_tensorboard(reference_run):
     assert {"train/learning_rate", "train/tokens_per_s", "train/checkpoint_blocking_s"} <= set(board.Tags()["scalars"])
 
 
-def test_sigterm_saves_on_every_host_and_resume_is_bit_for_bit(reference_run, tmp_path):
+def test_sigterm_saves_on_every_host_and_resume_on_fewer_hosts_lands_in_the_new_layout(reference_run, tmp_path):
+    """SIGTERM to the driver of a 4-host run: every host saves the last step it completed, the driver
+    says how to resume, nothing is left running; resumed on 2 hosts, the state lands in their layout.
+    (Bit for bit after a stop and a resume on the same hosts: tests/integration/test_hostile.py.)"""
     run_dir = tmp_path / "run"
-    proc = start("--hosts", "2", *SHORT_RUN, "--run-dir", str(run_dir))
-    code, out, err = signal_after(proc, run_dir, 12)
+    proc = start("--hosts", "4", *SHORT_RUN, "--run-dir", str(run_dir))
+    code, out, err = signal_after(proc, run_dir, 8)
     assert code == 143, out + err
     stopped_at = max(trajectory(run_dir))
     assert stopped_at < 30
@@ -62,23 +63,9 @@ def test_sigterm_saves_on_every_host_and_resume_is_bit_for_bit(reference_run, tm
     assert "--resume" in out
     assert_no_host_left(run_dir)
 
-    result = launch("--resume", "--run-dir", str(run_dir))
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert [e["step"] for e in events(run_dir, "restored")] == [stopped_at], "no step was lost"
-    assert trajectory(run_dir) == trajectory(reference_run), "losses equal bit for bit"
-    ours, reference = final_arrays(run_dir, 30), final_arrays(reference_run, 30)
-    assert ours.keys() == reference.keys()
-    for key in ours:
-        np.testing.assert_array_equal(ours[key], reference[key], err_msg=key)
-
-
-def test_resume_on_fewer_hosts_lands_in_the_new_layout(reference_run, tmp_path):
-    run_dir = tmp_path / "run"
-    proc = start("--hosts", "4", *SHORT_RUN, "--run-dir", str(run_dir))
-    code, out, err = signal_after(proc, run_dir, 8)
-    assert code == 143, out + err
     result = launch("--resume", "--run-dir", str(run_dir), "--hosts", "2")
     assert result.returncode == 0, result.stdout + result.stderr
+    assert [e["step"] for e in events(run_dir, "restored")] == [stopped_at], "no step was lost"
     restored = events(run_dir, "restored")[0]
     assert restored["saved_topology"]["num_hosts"] == 4 and restored["mesh"] == {"data": 2, "model": 2}
     # The largest array, a (256, 64) embedding sharded (model, data): its shard follows the data axis.
