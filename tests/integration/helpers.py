@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pathlib
@@ -9,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import psutil
@@ -44,8 +46,19 @@ class SharedRay:
     """As the embedded instance of a launch without flags has (`cluster.embedded_num_cpus`)."""
 
     def __init__(self) -> None:
-        self.enabled = not os.environ.get("JAXLAUNCH_TESTS_OWN_RAY")
+        self.wanted = not os.environ.get("JAXLAUNCH_TESTS_OWN_RAY")
+        self.enabled = self.wanted
         self._instance: Any = None
+
+    @contextlib.contextmanager
+    def for_these_launches(self) -> Iterator[None]:
+        """The launches inside run on this instance, also in a test marked `own_ray`: for a launch
+        that is not the test's subject, such as the resume after its embedded instance was lost."""
+        enabled, self.enabled = self.enabled, self.wanted
+        try:
+            yield
+        finally:
+            self.enabled = enabled
 
     def address(self) -> str:
         if self._instance is None or not self._instance.alive():

@@ -3,7 +3,6 @@ group, a SIGKILLed driver, a lost embedded node, bad numbers. Each gets a clear 
 committed is lost."""
 
 import json
-import os
 import signal
 import subprocess
 
@@ -14,12 +13,11 @@ from tests.integration.helpers import (
     DURABLE_ONLY,
     EXAMPLE_RUN,
     MINIMAL,
-    alive,
+    SHARED_RAY,
     assert_no_host_left,
     attempts,
     committed_steps,
     events,
-    host_pids,
     last_step,
     launch,
     ray_processes_left,
@@ -155,23 +153,11 @@ def test_a_signal_to_the_whole_process_group_saves_then_resume_is_bit_for_bit(mi
     stopped_at = max(trajectory(run_dir))
     assert committed_steps(run_dir)[-1] == stopped_at, "every host saved the step it stopped at"
     assert attempts(run_dir)[-1]["cause"] == "stopped"
-    resumed = launch("--resume", "--run-dir", str(run_dir))
+    assert ray_processes_left(run_dir) == []
+    with SHARED_RAY.for_these_launches():
+        resumed = launch("--resume", "--run-dir", str(run_dir))
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert trajectory(run_dir) == trajectory(minimal_reference), "bit for bit"
-    assert ray_processes_left(run_dir) == []
-
-
-@pytest.mark.own_ray  # the embedded instance ends with its driver
-def test_a_sigkilled_driver_leaves_no_process_behind(tmp_path):
-    run_dir = tmp_path / "run"
-    proc = start("--hosts", "2", *MINIMAL, "--steps", "400", "--run-dir", str(run_dir), new_session=True)
-    wait_for(lambda: last_step(run_dir) >= 3, 300, "step 3", proc)
-    assert ray_processes_left(run_dir), "the embedded Ray is running"
-    hosts = host_pids(run_dir)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=60)
-    wait_for(lambda: not ray_processes_left(run_dir) and not any(alive(p) for p in hosts), 30,
-             "every process of the embedded Ray and every host to end")
 
 
 @pytest.mark.own_ray  # the embedded node is lost

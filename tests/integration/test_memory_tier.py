@@ -18,6 +18,8 @@ from tests.integration.helpers import (
     EXAMPLES,
     GATED,
     MINIMAL,
+    SHARED_RAY,
+    alive,
     attempts,
     committed_steps,
     events,
@@ -128,17 +130,23 @@ def test_a_memory_budget_too_small_warns_and_trains_durable_only(minimal_referen
 
 
 @pytest.mark.own_ray  # the embedded instance ends with its driver
-def test_a_sigkilled_driver_resumes_from_the_newest_durable_step(minimal_reference, tmp_path):
+def test_a_sigkilled_driver_leaves_no_process_and_resumes_from_the_newest_durable_step(minimal_reference, tmp_path):
+    """SIGKILL to the launcher's whole process group (the driver cannot clean up): every process of its
+    embedded Ray instance and every host ends with it; the resume reads the newest durable step."""
     run_dir = tmp_path / "run"
     proc = start("--hosts", "2", *MINIMAL, *MEMORY[:-2], "--persist-every", "20", "--steps", "200",
                  "--run-dir", str(run_dir), new_session=True)
     wait_for(lambda: last_step(run_dir) >= 45 and 40 in committed_steps(run_dir), 300, "step 45", proc)
+    assert ray_processes_left(run_dir), "the embedded Ray is running"
+    hosts = host_pids(run_dir)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
     assert launch_dirs(run_dir), "the killed driver's keepers left their part files"
-    wait_for(lambda: not ray_processes_left(run_dir), 60, "the embedded Ray to end with its driver")
+    wait_for(lambda: not ray_processes_left(run_dir) and not any(alive(p) for p in hosts), 60,
+             "every process of the embedded Ray and every host to end with its driver")
     newest = committed_steps(run_dir)[-1]
-    resumed = launch("--resume", "--run-dir", str(run_dir))
+    with SHARED_RAY.for_these_launches():
+        resumed = launch("--resume", "--run-dir", str(run_dir))
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     (restored,) = restores(run_dir)
     assert restored["tier"] == "durable" and restored["step"] == newest and restored["durable_bytes_read"] > 0
