@@ -18,7 +18,6 @@ from tests.integration.helpers import (
     attempts,
     committed_steps,
     events,
-    last_step,
     launch,
     ray_processes_left,
     signal_after,
@@ -35,27 +34,6 @@ def assert_refused(result, message: str):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert message in lines[0], lines[0]
-
-
-def test_a_second_launch_on_a_busy_run_directory_is_refused_naming_the_first(tmp_path):
-    """The first launch trains until the test stops it (a finite one could finish while the second
-    starts on a loaded machine, and the second would then rightly resume it)."""
-    run_dir = tmp_path / "run"
-    first = start("--hosts", "2", *MINIMAL, "--steps", "1000000", "--save-every", "50", "--run-dir", str(run_dir))
-    try:
-        wait_for(lambda: last_step(run_dir) >= 1, 300, "the first launch's first step", first)
-        second = launch("--resume", "--hosts", "2", *MINIMAL, "--run-dir", str(run_dir))
-        assert_refused(second, f"is in use by the launch of pid {first.pid} on")
-        first.send_signal(signal.SIGTERM)
-        out, err = first.communicate(timeout=300)
-    finally:
-        if first.poll() is None:
-            first.kill()
-    assert first.returncode == 143, out + err
-    steps = sorted(trajectory(run_dir))
-    assert steps == list(range(1, steps[-1] + 1)), "the first launch went on undisturbed"
-    assert committed_steps(run_dir)[-1] == steps[-1] and len(events(run_dir, "launch")) == 1
-    assert not (run_dir / ".lock").exists(), "released at the end"
 
 
 def test_torn_records_are_skipped_by_the_report_and_by_resume(minimal_reference, copy_of):

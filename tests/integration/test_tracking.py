@@ -15,11 +15,12 @@ from tests.integration.helpers import (
     MINIMAL,
     SHORT_RUN,
     events,
+    last_step,
     launch,
-    signal_after,
     start,
     summary,
     trajectory,
+    wait_for,
     wandb_history,
 )
 
@@ -34,6 +35,9 @@ def free_port():
 
 
 def test_trackers_keep_one_run_with_each_step_once_across_a_kill_and_a_resume(tmp_path, monkeypatch):
+    """Also, while the first launch runs (past its restart): a second launch on its run directory is
+    refused in one line naming the first, which goes on undisturbed and releases the directory when
+    it stops."""
     from mlflow import MlflowClient
 
     run_dir = tmp_path / "run"
@@ -47,8 +51,19 @@ def test_trackers_keep_one_run_with_each_step_once_across_a_kill_and_a_resume(tm
     proc = start(*MINIMAL, "--steps", str(NEVER_REACHED_STEPS), "--save-every", "20", "--hosts", "2",
                  "--inject", "kill@step=30,host=1", "--tracker", "mlflow", "--tracker", "wandb",
                  "--run-dir", str(run_dir))
-    code, out, err = signal_after(proc, run_dir, 100, signal.SIGTERM)
-    assert code == 143, out + err
+    try:
+        wait_for(lambda: last_step(run_dir) >= 100, 300, "step 100", proc)
+        second = launch("--resume", "--hosts", "2", *MINIMAL, "--run-dir", str(run_dir))
+        assert second.returncode == 2, second.stdout + second.stderr
+        [line] = second.stderr.strip().splitlines()
+        assert line.startswith("error: ") and f"is in use by the launch of pid {proc.pid} on" in line, line
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 143, out + err
+    assert len(events(run_dir, "launch")) == 1 and not (run_dir / ".lock").exists(), "released at the end"
     stopped_at = summary(run_dir)["final_step"]
     end = stopped_at + 40
     resumed = launch("--resume", "--run-dir", str(run_dir), "--steps", str(end))  # the run keeps its trackers
