@@ -14,7 +14,7 @@ from jaxlaunch.launcher.records.runs import RunDir
 from jaxlaunch.workers.checkpoints.durable import read_arrays
 
 from jaxlaunch.contract import events
-from tests.integration.helpers import DURABLE_ONLY, SHORT_RUN, assert_no_host_left, launch
+from tests.integration.helpers import DURABLE_ONLY, SHORT_RUN, SharedRay, assert_no_host_left, launch
 from tests.integration.object_stores import EMULATORS
 
 
@@ -36,11 +36,26 @@ def bucket(request):
                     os.environ[key] = value
 
 
+@pytest.fixture
+def store_cluster(bucket):
+    """A Ray instance whose processes have the emulator's variables, as the nodes of a cluster that
+    reaches the bucket would: the test's launches share it (`--address`) instead of each starting its
+    own (the session's instance does not have them)."""
+    from jaxlaunch.launcher.cluster.embedded_ray import EmbeddedRay
+
+    instance = EmbeddedRay(SharedRay.NUM_CPUS, env=bucket[1])
+    instance.start()
+    try:
+        yield instance.address
+    finally:
+        instance.stop()
+
+
 def trajectory(run: RunDir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in run.metric_records()}
 
 
-def test_a_run_on_the_store_survives_a_kill_resumes_and_equals_a_local_run(bucket, reference_run):
+def test_a_run_on_the_store_survives_a_kill_resumes_and_equals_a_local_run(bucket, store_cluster, reference_run):
     """Host 1 is killed mid-run, the run restores from the store, stops, and a --resume from the URL
     finishes it: losses and final arrays equal the uninterrupted local run bit for bit; the report
     reads the URL; a second launch on the URL while one holds it is refused."""
@@ -49,7 +64,7 @@ def test_a_run_on_the_store_survives_a_kill_resumes_and_equals_a_local_run(bucke
     run = RunDir(run_url)
     try:
         first = launch("--hosts", "2", "--steps", "20", "--schedule-steps", "30", "--save-every", "10", *DURABLE_ONLY,
-                       "--run-dir", run_url, "--inject", "kill@step=15,host=1", env=env)
+                       "--run-dir", run_url, "--inject", "kill@step=15,host=1", "--address", store_cluster, env=env)
         assert first.returncode == 0, first.stdout + first.stderr
         attempts = [e for e in run.events() if isinstance(e, events.AttemptEnded)]
         assert [(a.cause, a.host) for a in attempts] == [("crashed", 1), ("finished", None)]
@@ -65,7 +80,7 @@ def test_a_run_on_the_store_survives_a_kill_resumes_and_equals_a_local_run(bucke
             holder.release()
         assert refused.returncode == 2 and "is in use by the launch of pid" in refused.stderr + refused.stdout
 
-        second = launch("--resume", "--steps", "30", "--run-dir", run_url, env=env)
+        second = launch("--resume", "--steps", "30", "--run-dir", run_url, "--address", store_cluster, env=env)
         assert second.returncode == 0, second.stdout + second.stderr
         assert trajectory(run) == {r["step"]: r["loss"] for r in RunDir(reference_run).metric_records()}
         assert run.committed_steps() == [30, 20, 10]
