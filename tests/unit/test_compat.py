@@ -27,6 +27,13 @@ def test_the_patched_names_are_where_the_patches_expect_them():
     from orbax.checkpoint._src.serialization import tensorstore_utils
 
     assert callable(tensorstore_utils.build_kvstore_tspec)
+    import jax
+    from orbax.checkpoint import type_handlers
+
+    default_array_handler = type_handlers.get_type_handler(jax.Array)
+    assert default_array_handler._array_metadata_store is not None, "Orbax's default handler keeps array metadata"
+    registry = orbax_compat.registry_without_replica_parallel()
+    assert registry.get(jax.Array)._array_metadata_store is default_array_handler._array_metadata_store
     assert hasattr(backend._FileSystemSpecBackend._get_filesystem, "cache_clear")
     assert jax_compat.write_cache_from_every_process(), "JAX's _cache_write changed its signature"
     assert getattr(compiler._cache_write, jax_compat.EVERY_PROCESS_MARK, False)
