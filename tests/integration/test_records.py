@@ -1,6 +1,6 @@
 """A run's records across versions and fault scenarios: a run written before events were typed still
-resumes, and the goodput split of a run without a warm standby and of a chaos run adds up (the
-autouse check of conftest.py runs after every test here too)."""
+resumes, and the goodput split of a chaos run adds up (the autouse check of conftest.py runs after
+every test here too; a run without a warm standby: test_tracking.py's metrics test)."""
 
 import shutil
 
