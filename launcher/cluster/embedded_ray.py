@@ -12,10 +12,13 @@ So this module runs `ray start --head` (not `--block`) in a session of its own, 
 (this file run as a script). The supervisor is a child subreaper, so every Ray process orphaned by the
 exit of `ray start` or of the raylet becomes its child: its process tree is the whole instance. It holds
 the read end of a pipe whose write end only the driver holds; end of file on it means the driver is gone,
-even after a SIGKILL, and then it kills the whole instance and exits. It does the same when the raylet or
-the GCS exits (the node is dead); the driver's `alive()` checks those two itself, so it turns False as
-soon as they are gone (a SIGKILL of the node's `ray::DashboardAgent` takes the raylet down within about
-0.05 s). `EmbeddedRay.stop()` closes the pipe on purpose, and kills whatever is left by the instance's own
+even after a SIGKILL, and then it kills the whole instance and exits. It does the same when the GCS
+exits (the node is dead); when the raylet exits (the node is dead too), it kills every process but the
+GCS, which stays until the driver stops the instance: a call the driver made to the GCS just then
+(creating a placement group or an actor) returns, where with the GCS gone it would block for 60 s
+before Ray ended the driver. The driver's `alive()` checks the raylet and the GCS itself, so it turns
+False as soon as either is gone (a SIGKILL of the node's `ray::DashboardAgent` takes the raylet down
+within about 0.05 s). `EmbeddedRay.stop()` closes the pipe on purpose, and kills whatever is left by the instance's own
 handles (its process tree and its session), never machine-wide: `ray stop` would stop every Ray on the
 machine.
 
@@ -363,6 +366,7 @@ def _supervise(lifeline: int, temp_dir: str, remove_temp_dir: bool, ray_start_ar
     _report({"address": address, "daemons": sorted(daemons.values())})
 
     daemon_pids = set(daemons.values())
+    gcs = daemons["gcs_server"]
     while True:
         readable, _, _ = select.select([lifeline, wake_r], [], [], HEALTH_POLL_S)
         if lifeline in readable and not os.read(lifeline, 1):
@@ -374,6 +378,16 @@ def _supervise(lifeline: int, temp_dir: str, remove_temp_dir: bool, ray_start_ar
                 os.read(wake_r, 512)
         dead = daemon_pids & _reap_children()
         dead |= {pid for pid in daemon_pids - dead if not psutil.pid_exists(pid)}
+        if dead and gcs not in dead and gcs in daemon_pids:
+            # The raylet died: the node is dead, but the GCS is kept until the driver stops the instance
+            # (or dies). A driver's call to the GCS in flight at that moment (creating a placement group
+            # or an actor) then returns, where with the GCS gone it would block for 60 s before Ray
+            # ended the driver.
+            print(f"{time.strftime('%H:%M:%S')} the raylet exited: the node is dead; stopping all but the GCS",
+                  file=sys.stderr, flush=True)
+            _kill_until_gone(lambda: [pid for pid in _instance_pids() if pid != gcs], KILL_TIMEOUT_S, _reap_children)
+            daemon_pids = {gcs}
+            continue
         if dead:
             return teardown(f"node daemon(s) {sorted(dead)} exited: the node is dead")
 

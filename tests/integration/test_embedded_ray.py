@@ -23,6 +23,8 @@ GONE_TIMEOUT_S = 20.0
 """How long the processes of an instance may take to disappear once it is told to go, or its driver dies."""
 DEAD_NODE_TIMEOUT_S = 20.0
 DRIVER_TIMEOUT_S = 150.0
+GCS_CALL_TIMEOUT_S = 40
+"""Less than the 60 s after which Ray ends a driver that cannot reach its GCS."""
 POLL_S = 0.05
 
 # A driver that starts its own instance, prints {"supervisor", "pids"} once the instance works, and waits.
@@ -185,12 +187,43 @@ def test_survives_sigterm_to_the_drivers_process_group():
         kill_left(started["supervisor"], started["pids"])
 
 
-def test_reports_a_dead_node(instance):
-    instance.start()
-    agent = next(
-        proc for proc in map(psutil.Process, instance.pids()) if proc.cmdline()[:1] == ["ray::DashboardAgent"]
-    )
-    agent.kill()  # Ray takes the whole node down
-    wait_for(lambda: not instance.alive(), DEAD_NODE_TIMEOUT_S)
+CALLS_GCS_AFTER_A_LINE = """
+import sys, ray
+from ray.util.placement_group import placement_group
+ray.init(address=sys.argv[1], log_to_driver=False, configure_logging=False)
+print("connected", flush=True)
+sys.stdin.readline()
+for _ in range(3):
+    placement_group([{"CPU": 1}])
+print("created", flush=True)
+ray.shutdown()
+"""
+
+
+def test_reports_a_dead_node_whose_gcs_still_answers_its_driver(instance):
+    """The node's DashboardAgent is SIGKILLed (Ray takes the raylet down): `alive()` turns False, and a
+    driver's call to the GCS made then (creating a placement group, as a driver starting a standby
+    group does) returns. With the GCS torn down at once, such a call blocked until Ray ended the driver
+    60 s later."""
+    address = instance.start()
+    driver = subprocess.Popen([sys.executable, "-c", CALLS_GCS_AFTER_A_LINE, address], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        if driver.stdout.readline().strip() != "connected":
+            fail_with_stderr(driver, "the driver did not connect")
+        agent = next(
+            proc for proc in map(psutil.Process, instance.pids()) if proc.cmdline()[:1] == ["ray::DashboardAgent"]
+        )
+        agent.kill()
+        wait_for(lambda: not instance.alive(), DEAD_NODE_TIMEOUT_S)
+        driver.stdin.write("go\n")
+        driver.stdin.flush()
+        try:
+            out, err = driver.communicate(timeout=GCS_CALL_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            fail_with_stderr(driver, f"the driver's calls to the GCS did not return within {GCS_CALL_TIMEOUT_S} s")
+        assert driver.returncode == 0 and "created" in out.splitlines(), out[-2000:] + err[-3000:]
+    finally:
+        driver.kill()
     instance.stop()
     assert instance.pids() == []

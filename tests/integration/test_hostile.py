@@ -123,9 +123,12 @@ def test_a_run_directory_that_vanishes_stops_the_job_with_one_line(tmp_path):
 def test_a_signal_to_the_whole_process_group_saves_then_resume_is_bit_for_bit(minimal_reference, tmp_path,
                                                                               signum, code):
     """What Slurm's scancel, systemd, a container runtime (SIGTERM) or a terminal's Ctrl-C (SIGINT)
-    send: every process of the launcher's group gets it. Ray lives on until the hosts saved."""
+    send: every process of the launcher's group gets it. Ray lives on until the hosts saved. The
+    command is the same both times, with `--resume auto`, as a requeued batch job's is: it starts the
+    run, then continues it."""
     run_dir = tmp_path / "run"
-    proc = start("--hosts", "2", *MINIMAL, *EXAMPLE_RUN, "--run-dir", str(run_dir), new_session=True)
+    command = ("--hosts", "2", *MINIMAL, *EXAMPLE_RUN, "--resume", "auto", "--run-dir", str(run_dir))
+    proc = start(*command, new_session=True)
     got, out, err = signal_after(proc, run_dir, 30, signum, group=True)
     assert got == code, out + err
     stopped_at = max(trajectory(run_dir))
@@ -133,8 +136,10 @@ def test_a_signal_to_the_whole_process_group_saves_then_resume_is_bit_for_bit(mi
     assert attempts(run_dir)[-1]["cause"] == "stopped"
     assert ray_processes_left(run_dir) == []
     with SHARED_RAY.for_these_launches():
-        resumed = launch("--resume", "--run-dir", str(run_dir))
+        resumed = launch(*command)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert [e["resume"] for e in events(run_dir, "launch")] == [False, True]
+    assert [e["step"] for e in events(run_dir, "restored")] == [stopped_at]
     assert trajectory(run_dir) == trajectory(minimal_reference), "bit for bit"
 
 

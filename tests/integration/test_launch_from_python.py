@@ -7,14 +7,14 @@ import sys
 
 import pytest
 
-from tests.integration.helpers import EXAMPLES, ROOT, _env, attempts, events, launch, summary
+from tests.integration.helpers import EXAMPLES, ROOT, SHARED_RAY, _env, attempts, events, launch, summary
 
 SCRIPT = '''
 import jaxlaunch
 
 {model}
 
-result = jaxlaunch.launch(main, hosts=2, steps=20, save_every=10, run_dir={run_dir!r})
+result = jaxlaunch.launch(main, hosts=2, steps=20, save_every=10, run_dir={run_dir!r}, address={address!r})
 print("RESULT", result.status, result.final_step)
 '''
 
@@ -22,9 +22,12 @@ print("RESULT", result.status, result.final_step)
 @pytest.mark.parametrize("how", ["stdin", "script"])
 def test_a_function_of_main_runs_on_the_hosts_and_the_script_does_not_run_again(tmp_path, how):
     """The launch call at the script's top level, with no guard: the hosts get `main` by value, so
-    the script is never imported there, and the job runs once, in one attempt."""
+    the script is never imported there, and the job runs once, in one attempt. The script starts its
+    own Ray instance, as a user's does; `python -` runs on the session's (the instance is not what
+    differs between the two)."""
     run_dir = tmp_path / "run"
-    source = SCRIPT.format(model=(EXAMPLES / "minimal.py").read_text(), run_dir=str(run_dir))
+    address = SHARED_RAY.address() if how == "stdin" and SHARED_RAY.enabled else None
+    source = SCRIPT.format(model=(EXAMPLES / "minimal.py").read_text(), run_dir=str(run_dir), address=address)
     if how == "stdin":
         command, stdin = [sys.executable, "-"], source
     else:

@@ -228,17 +228,3 @@ def test_an_installed_jaxlaunch_never_shadows_the_user_s_own_packages(tmp_path):
                               "--run-dir", run_dir], cwd=project, capture_output=True, text=True, env=env, timeout=400)
         assert run.returncode == 0, run.stdout + run.stderr
         assert summary(project / run_dir)["final_step"] == 6
-
-
-def test_resume_auto_starts_then_continues(tmp_path):
-    run_dir = tmp_path / "run"
-    first = launch(*MINIMAL, "--hosts", "2", "--steps", "6", "--save-every", "3", "--resume", "auto",
-                   "--run-dir", str(run_dir))
-    assert first.returncode == 0, first.stdout + first.stderr
-    again = launch(*MINIMAL, "--hosts", "2", "--steps", "9", "--save-every", "3", "--resume", "auto",
-                   "--run-dir", str(run_dir))
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert [e["resume"] for e in events(run_dir, "launch")] == [False, True]
-    assert [e["step"] for e in events(run_dir, "restored")] == [6] and summary(run_dir)["final_step"] == 9
-
-
