@@ -165,20 +165,27 @@ def test_when_no_step_was_verified_the_run_starts_afresh_rather_than_fail(saved)
     assert committed_steps(saved) == []
 
 
-def test_a_save_on_cpu_hosts_compiles_no_program(tmp_path, caplog):
-    """Orbax's replica-parallel saving slices replicated arrays with programs JAX compiles at a
-    process's first save (`orbax_compat.registry_without_replica_parallel`): on CPU hosts none is
-    compiled, and the state reads back, its PRNG key included."""
+def test_a_save_slices_only_large_replicated_arrays(tmp_path, caplog):
+    """Orbax's replica-parallel saving slices a replicated array with a program JAX compiles at a
+    process's first save (`orbax_compat.registry_with_small_arrays_whole`): small arrays are written
+    whole (no program compiled for them), a large one is still sliced; the state reads back, its PRNG
+    key included."""
     mesh = build_mesh({"data": 4, "model": 2})
-    tree = {"w": jax.device_put(jnp.arange(48.0).reshape(8, 6), NamedSharding(mesh, P(None, "model"))),
-            "b": jax.device_put(jnp.arange(8.0), NamedSharding(mesh, P())), "key": jax.random.key(3)}
-    c = Checkpointer(tmp_path / "checkpoints", CheckpointConfig(async_save=False))
-    with caplog.at_level("WARNING", logger="jax"), jax.log_compiles():
-        c.save(1, tree, {"step": 1})
-    assert not [r.getMessage() for r in caplog.records if "compil" in r.getMessage().lower()]
-    restored = Checkpointer(tmp_path / "checkpoints", CFG).restore_latest(
-        jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), tree))
+    small = {"w": jax.device_put(jnp.arange(48.0).reshape(8, 6), NamedSharding(mesh, P(None, "model"))),
+             "b": jax.device_put(jnp.arange(8.0), NamedSharding(mesh, P())), "key": jax.random.key(3)}
+    large = {"big": jax.device_put(jnp.ones((4096, 1024)), NamedSharding(mesh, P()))}  # 2 MiB in each of 8 slices
+
+    def compiled_while_saving(tree, step: int) -> list[str]:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="jax"), jax.log_compiles():
+            Checkpointer(tmp_path / str(step), CheckpointConfig(async_save=False)).save(step, tree, {"step": step})
+        return [r.getMessage() for r in caplog.records if "Compiling jit(slice)" in r.getMessage()]
+
+    assert compiled_while_saving(small, 1) == []
+    assert compiled_while_saving(large, 2), "a large replicated array is written in slices"
+    restored = Checkpointer(tmp_path / "1", CFG).restore_latest(
+        jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), small))
     assert restored is not None
     for key in ("w", "b"):
-        np.testing.assert_array_equal(restored.state[key], tree[key])
-    assert jax.random.key_data(restored.state["key"]).tolist() == jax.random.key_data(tree["key"]).tolist()
+        np.testing.assert_array_equal(restored.state[key], small[key])
+    assert jax.random.key_data(restored.state["key"]).tolist() == jax.random.key_data(small["key"]).tolist()

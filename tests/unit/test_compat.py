@@ -32,7 +32,7 @@ def test_the_patched_names_are_where_the_patches_expect_them():
 
     default_array_handler = type_handlers.get_type_handler(jax.Array)
     assert default_array_handler._array_metadata_store is not None, "Orbax's default handler keeps array metadata"
-    registry = orbax_compat.registry_without_replica_parallel()
+    registry = orbax_compat.registry_with_small_arrays_whole()
     assert registry.get(jax.Array)._array_metadata_store is default_array_handler._array_metadata_store
     assert hasattr(backend._FileSystemSpecBackend._get_filesystem, "cache_clear")
     assert jax_compat.write_cache_from_every_process(), "JAX's _cache_write changed its signature"

@@ -113,7 +113,9 @@ class Checkpointer:
         with self._storage_errors():
             self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers={
                 # Compressed or not, a step reads back either way: each array's metadata names its codec.
-                STATE_ITEM: ocp.PyTreeCheckpointHandler(use_compression=cfg.compress, **_cpu_handlers()),
+                STATE_ITEM: ocp.PyTreeCheckpointHandler(
+                    use_compression=cfg.compress,
+                    type_handler_registry=orbax_compat.registry_with_small_arrays_whole()),
                 META_ITEM: ocp.JsonCheckpointHandler()})
 
     # -- saving ----------------------------------------------------------------------------------
@@ -274,14 +276,6 @@ class Checkpointer:
             multihost_utils.sync_global_devices(f"set aside unreadable step {step}")
         self.manager.reload()
         return run.join(target)
-
-
-def _cpu_handlers() -> dict[str, Any]:
-    """On CPU hosts, the state's arrays are saved without Orbax's replica-parallel slicing
-    (`orbax_compat.registry_without_replica_parallel`); elsewhere Orbax's defaults."""
-    if jax.default_backend() != "cpu":
-        return {}
-    return {"type_handler_registry": orbax_compat.registry_without_replica_parallel()}
 
 
 def read_arrays(step_dir: str | pathlib.Path) -> dict[str, np.ndarray]:
