@@ -58,12 +58,12 @@ def ray_cluster(tmp_path_factory):
              f"--dashboard-port={dashboard}", f"--temp-dir={temp}", *common, *node_ports()],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
         _wait_for_nodes(port, 1, env)
-        for _ in range(2):  # the workers join together
+        for count in (2, 3):
             nodes.append(subprocess.Popen([RAY, "start", f"--address=127.0.0.1:{port}", *common, *node_ports()],
                                           env=env,
                                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                           start_new_session=True))
-        _wait_for_nodes(port, 3, env)
+            _wait_for_nodes(port, count, env)
         yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env}
     finally:
         for node in reversed(nodes):
