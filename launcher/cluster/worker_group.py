@@ -277,8 +277,8 @@ class RayWorkerGroup:
         if self.cluster.alive():
             release(self.actors, self.pg)
         else:
-            # The embedded instance died with its node, and the group with it. Ray's calls to a gone
-            # GCS wait, and Ray ends a driver that cannot reach its GCS for 60 s.
+            # The embedded instance died with its node, and the group with it: nothing to release
+            # (its GCS, kept until the instance stops, answers, but goes with the instance).
             log.info("the embedded Ray instance is gone: the group went with it")
         self.actors, self.run_refs, self.poll_refs, self.pg = [], {}, {}, None
 

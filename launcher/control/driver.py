@@ -81,8 +81,7 @@ class Listener:
 
 class Driver:
     def __init__(
-        self,
-        *,
+        self, *,
         cluster: Cluster,
         make_group: Callable[[], WorkerGroup],
         policies: Policies,
@@ -202,6 +201,8 @@ class Driver:
     def _wait(self, state: AwaitingCapacity) -> State:
         if self.stop_signal is not None:
             return Stopped(self.stop_signal, f"stopped by {self.stop_name} while waiting for capacity")
+        if self.cluster.embedded and not self.cluster.alive():
+            return Scheduling(at_most=state.at_most, waiting_since=state.since)  # which starts a new one
         if self.clock() - state.since > self.policies.fault.capacity_timeout_s:
             return self._no_capacity(state.placeable)
         self.sleep(CAPACITY_POLL_S)
@@ -246,8 +247,7 @@ class Driver:
     def _resolve(self, state: ResolvingFailure) -> State:
         attempt = state.attempt
         if not self.cluster.alive():
-            # Its hosts died with it: nothing more is learnt from a Ray whose GCS is gone (and Ray
-            # ends a driver that cannot reach its GCS for 60 s).
+            # Its hosts died with it: nothing more is learnt from a dead node.
             return self._decide(attempt, self._embedded_node_died(attempt))
         poll = self._poll(attempt)
         now = self.clock()

@@ -72,7 +72,8 @@ def test_no_readable_checkpoint_never_means_training_from_scratch(reference_run,
 
 HANG_TRIES = 4
 PEER_LIMIT_S = 20.0
-"""A hang limit longer than host 0's collective takes to fail when host 1 stops (10-20 s here)."""
+"""A hang limit that host 0's collective usually fails within when host 1 stops (it did at 20 s, not
+at 10 s, here); when it does not, the limit doubles."""
 
 
 def _hang_path(failure: dict) -> str:
@@ -86,7 +87,7 @@ def test_every_hang_comes_with_the_hung_hosts_stacks_whichever_path_finds_it(min
     path, found within the limit and a poll, the user's own frames read, the run bit for bit); then the
     built-in model hangs at step 8 with a limit long enough for a peer's error, repeated until both
     paths were taken: while one is missing, the limit moves toward it (shorter for the watchdog, longer
-    for a peer's error), so it ends within HANG_TRIES runs."""
+    for a peer's error), so it ends within HANG_TRIES runs of the built-in model."""
     run_dir = tmp_path / "run"
     result = launch("--hosts", "2", *MINIMAL, *EXAMPLE_RUN, "--run-dir", str(run_dir),
                     "--inject", "hang@step=50,host=1", "--hang-timeout", "5")

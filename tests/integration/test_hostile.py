@@ -1,11 +1,12 @@
-"""Hostile conditions: two launches on one run, torn records, a full disk, signals to the whole process
-group, a SIGKILLed driver, a lost embedded node, bad numbers. Each gets a clear answer, and nothing
-committed is lost."""
+"""Hostile conditions: torn records, a full disk, signals to the whole process group, a lost embedded
+node, bad numbers. Each gets a clear answer, and nothing committed is lost. (Two launches on one run:
+test_tracking.py's trackers test; a SIGKILLed driver's process group: test_memory_tier.py.)"""
 
 import json
 import signal
 import subprocess
 
+import numpy as np
 import psutil
 import pytest
 
@@ -18,6 +19,7 @@ from tests.integration.helpers import (
     attempts,
     committed_steps,
     events,
+    final_arrays,
     launch,
     ray_processes_left,
     signal_after,
@@ -141,6 +143,10 @@ def test_a_signal_to_the_whole_process_group_saves_then_resume_is_bit_for_bit(mi
     assert [e["resume"] for e in events(run_dir, "launch")] == [False, True]
     assert [e["step"] for e in events(run_dir, "restored")] == [stopped_at]
     assert trajectory(run_dir) == trajectory(minimal_reference), "bit for bit"
+    ours, reference = final_arrays(run_dir, 200), final_arrays(minimal_reference, 200)
+    assert ours.keys() == reference.keys()
+    for key in reference:
+        np.testing.assert_array_equal(ours[key], reference[key], err_msg=key)
 
 
 @pytest.mark.own_ray  # the embedded node is lost

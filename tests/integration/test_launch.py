@@ -1,6 +1,6 @@
 """The built-in model, a client of the public API like any other: it trains and checkpoints on 2
-hosts, resumes bit for bit, lands in a new layout on fewer hosts, and falls back past a corrupt step."""
-
+hosts, saves on every host when its driver gets SIGTERM, lands in a new layout on fewer hosts, and
+falls back past a corrupt step."""
 
 from tests.integration.helpers import (
     SHORT_RUN,

@@ -137,8 +137,10 @@ def test_a_resize_always_happens_and_recomputes_no_step(two_nodes, tmp_path, tmp
         wait_for(lambda: time.monotonic() - shrunk_at >= GROW_AFTER_S, GROW_AFTER_S + 1, "the scenario's delay", proc)
         cluster.add_node(num_cpus=1)
 
-        def grown_steps() -> int:  # the third attempt's: the group grown back to 2 hosts
-            return sum(r["attempt"] == 3 for r in read_jsonl(run_dir / "metrics.jsonl"))
+        def grown_steps() -> int:  # those of the group grown back to 2 hosts
+            grown = [e["attempt"] for e in events(run_dir, "attempt_started") if e["attempt"] > 1
+                     and e["num_hosts"] == 2]
+            return sum(r["attempt"] in grown for r in read_jsonl(run_dir / "metrics.jsonl"))
         wait_for(lambda: grown_steps() >= GROWN_STEPS_TRAINED, 240, "steps of the grown group", proc)
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=300)

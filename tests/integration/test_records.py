@@ -25,3 +25,4 @@ def test_chaos_split_adds_up(tmp_path):
                     "--max-restarts", "1", "--run-dir", str(run_dir))  # one restart: enough for the split
     assert result.returncode in (0, 1), result.stdout[-3000:] + result.stderr[-3000:]
     assert events(run_dir, "chaos_kill"), "chaos killed a host"
+    assert len(attempts(run_dir)) == 2, "and the job restarted once"

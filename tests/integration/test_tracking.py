@@ -68,6 +68,7 @@ def test_trackers_keep_one_run_with_each_step_once_across_a_kill_and_a_resume(tm
     end = stopped_at + 40
     resumed = launch("--resume", "--run-dir", str(run_dir), "--steps", str(end))  # the run keeps its trackers
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert events(run_dir, "restored")[-1]["step"] == stopped_at, "the stop's save, untouched by the refused launch"
     expected = trajectory(run_dir)
     assert sorted(expected) == list(range(1, end + 1))
     failure = events(run_dir, "failure")[0]

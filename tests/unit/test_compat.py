@@ -34,6 +34,8 @@ def test_the_patched_names_are_where_the_patches_expect_them():
     assert default_array_handler._array_metadata_store is not None, "Orbax's default handler keeps array metadata"
     registry = orbax_compat.registry_with_small_arrays_whole()
     assert registry.get(jax.Array)._array_metadata_store is default_array_handler._array_metadata_store
+    assert all(registry.get(ty) is type_handlers.get_type_handler(ty)
+               for ty in type_handlers.supported_types() if ty is not jax.Array), "the other handlers are Orbax's"
     assert hasattr(backend._FileSystemSpecBackend._get_filesystem, "cache_clear")
     assert jax_compat.write_cache_from_every_process(), "JAX's _cache_write changed its signature"
     assert getattr(compiler._cache_write, jax_compat.EVERY_PROCESS_MARK, False)

@@ -407,6 +407,20 @@ def test_waits_for_capacity_then_gives_up():
     assert "room for 0 hosts" in driver.state.reason
 
 
+def test_an_embedded_node_that_dies_while_the_job_waits_for_capacity_is_started_again():
+    """Waiting for room on the embedded instance, its node dies: the driver starts a new instance at
+    once rather than wait out the capacity timeout on a dead one."""
+    driver, _, _, cluster = make_driver([dies_at(2), trains_to(5, start=2)],
+                                        fault=FaultConfig(capacity_timeout_s=600.0))
+    run_until(driver, Relaunching)
+    cluster.capacity = 0
+    run_until(driver, AwaitingCapacity)
+    cluster.is_alive = False
+    driver.step()
+    driver.step()
+    assert cluster.restarts == 1 and cluster.is_alive
+
+
 def test_a_placement_that_times_out_shrinks_the_job_and_counts_toward_the_capacity_timeout():
     def never_placed(group, i):
         return []
@@ -443,9 +457,8 @@ def test_an_embedded_node_that_dies_is_restarted_on_the_preemption_budget():
 
 
 def test_an_embedded_node_that_dies_while_a_host_s_death_is_resolved_is_a_lost_node():
-    """Its hosts die with it, and the driver sees their ends first: once the instance is gone, no
-    question about them reaches a Ray that can answer (its GCS is gone, and Ray ends a driver that
-    cannot reach its GCS for 60 s), so the node's death decides."""
+    """Its hosts die with it, and the driver sees their ends first: once the node is dead, no question
+    about them is answered by its Ray, so the node's death decides."""
     def node_dies(group, i):
         if i == 3:
             cluster.is_alive = False

@@ -17,7 +17,7 @@ WRITTEN_FOR = "0.12.8"
 """The orbax-checkpoint release whose `tensorstore_utils.build_kvstore_tspec` this wraps, and whose
 default `ArrayHandler`'s `_array_metadata_store` `registry_with_small_arrays_whole` reads."""
 PATCHED = ("orbax.checkpoint._src.serialization.tensorstore_utils.build_kvstore_tspec, "
-           "ArrayHandler._array_metadata_store")
+           "orbax.checkpoint.type_handlers.ArrayHandler._array_metadata_store")
 REPLICA_SLICE_MIN_BYTES = 1 << 20
 """A replicated array is written in slices from its replicas only where each slice is at least 1 MiB."""
 ROUTES_S3_MARK = "_jaxlaunch_routes_s3"
@@ -71,7 +71,7 @@ def registry_with_small_arrays_whole() -> Any:
     program JAX compiles in each process at its first save (about 20 ms each on CPU). For a small array
     the split saves microseconds per save and the compile costs a first save hundreds of milliseconds:
     measured in a 2-host job of examples/minimal.py (14 arrays, 13.5 kB), its final save blocked
-    0.35 s with every array split against 0.07-0.09 s with none. A large replicated array is still
+    0.35 s with every array split against 0.08-0.11 s with none. A large replicated array is still
     split (the small preset's steady saves blocked 0.13 s split, 0.21 s whole). The new handler keeps
     the default one's array metadata store, which has no public accessor: the one private read here."""
     import jax
