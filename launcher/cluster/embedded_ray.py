@@ -378,7 +378,7 @@ def _supervise(lifeline: int, temp_dir: str, remove_temp_dir: bool, ray_start_ar
                 os.read(wake_r, 512)
         dead = daemon_pids & _reap_children()
         dead |= {pid for pid in daemon_pids - dead if not psutil.pid_exists(pid)}
-        if dead and gcs not in dead and gcs in daemon_pids:
+        if dead and gcs not in dead:
             # The raylet died: the node is dead, but the GCS is kept until the driver stops the instance
             # (or dies). A driver's call to the GCS in flight at that moment (creating a placement group
             # or an actor) then returns, where with the GCS gone it would block for 60 s before Ray

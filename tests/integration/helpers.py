@@ -129,6 +129,14 @@ def _env() -> dict[str, str]:
     return env
 
 
+def assert_refused(result: subprocess.CompletedProcess, message: str) -> None:
+    """Bad input's answer: exit 2 and one line, `error: ...` holding `message`."""
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert message in lines[0], lines[0]
+
+
 def read_jsonl(path: pathlib.Path) -> list[dict[str, Any]]:
     """The records of a JSON-lines file, as the launcher reads them (a torn line is skipped)."""
     from jaxlaunch.contract.layout import read_jsonl as tolerant

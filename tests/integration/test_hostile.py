@@ -16,6 +16,7 @@ from tests.integration.helpers import (
     MINIMAL,
     SHARED_RAY,
     assert_no_host_left,
+    assert_refused,
     attempts,
     committed_steps,
     events,
@@ -29,13 +30,6 @@ from tests.integration.helpers import (
     tree_snapshot,
     wait_for,
 )
-
-
-def assert_refused(result, message: str):
-    assert result.returncode == 2, result.stdout + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert message in lines[0], lines[0]
 
 
 def test_torn_records_are_skipped_by_the_report_and_by_resume(minimal_reference, copy_of):

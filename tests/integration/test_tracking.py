@@ -14,6 +14,7 @@ from tests.integration.helpers import (
     EXAMPLE_RUN,
     MINIMAL,
     SHORT_RUN,
+    assert_refused,
     events,
     last_step,
     launch,
@@ -54,9 +55,7 @@ def test_trackers_keep_one_run_with_each_step_once_across_a_kill_and_a_resume(tm
     try:
         wait_for(lambda: last_step(run_dir) >= 100, 300, "step 100", proc)
         second = launch("--resume", "--hosts", "2", *MINIMAL, "--run-dir", str(run_dir))
-        assert second.returncode == 2, second.stdout + second.stderr
-        [line] = second.stderr.strip().splitlines()
-        assert line.startswith("error: ") and f"is in use by the launch of pid {proc.pid} on" in line, line
+        assert_refused(second, f"is in use by the launch of pid {proc.pid} on")
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=180)
     finally:
