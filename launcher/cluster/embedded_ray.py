@@ -227,6 +227,7 @@ def _ray_start_args(num_cpus: int, temp_dir: str) -> list[str]:
         # client server, so it gets a port too.
         f"--port={ports[0]}", f"--dashboard-port={ports[1]}", f"--dashboard-agent-listen-port={ports[2]}",
         f"--ray-client-server-port={ports[3]}",
+        f"--system-config={json.dumps(ray_compat.HEAD_SYSTEM_CONFIG)}",
     ]
 
 
