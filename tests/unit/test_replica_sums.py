@@ -72,19 +72,21 @@ def test_a_state_s_arrays_keep_their_shards_in_the_checked_order_however_they_we
             == expected
 
 
-def test_many_arrays_are_hashed_in_chunks_of_one_shape_each_as_if_alone():
+def test_many_arrays_are_hashed_in_chunks_of_one_shape_each_as_if_alone(monkeypatch):
     """A state of hundreds of arrays (a big model's) is hashed in chunks of one shape and dtype, each at
-    most CHUNK_SHARDS long: one program over every shard took 35 s of CPU to trace and compile at the
-    first save of 3,300 arrays. Each checksum is still its shard's own."""
+    most CHUNK_SHARDS long and, past its first shard, CHUNK_BYTES large: one program over every shard
+    took 36 s of CPU to trace and compile at the first check of 3,300 arrays. Each checksum is still
+    its shard's own."""
     from jaxlaunch.workers.supervision import replica_sums
 
     tree = {**{f"w{i}": jnp.full((8,), i, jnp.float32) for i in range(150)},
-            **{f"m{i}": jnp.full((4, 4), i, jnp.bfloat16) for i in range(3)}}
-    datas = [data for _, _, data in replica_sums._replicated_shards(tree, every_shard=True)]
-    chunks = replica_sums._chunks(datas)
-    assert sorted(p for chunk in chunks for p in chunk) == list(range(len(datas)))
-    assert all(len(c) <= replica_sums.CHUNK_SHARDS and len({(datas[p].shape, datas[p].dtype) for p in c}) == 1
-               for c in chunks)
-    assert len(chunks) == 4  # 64 + 64 + 22 of one shape, 3 of the other
+            **{f"m{i}": jnp.full((4, 4), i, jnp.bfloat16) for i in range(3)},
+            **{f"big{i}": jnp.full((512, 512), i, jnp.float32) for i in range(6)}}  # 1 MiB each
+    calls = []
+    hashes = replica_sums._hashes
+    monkeypatch.setattr(replica_sums, "_hashes", lambda shards: calls.append(list(shards)) or hashes(shards))
+    sums = PendingChecksums(2, tree, every_shard=True).result().sums
+    assert sorted(len(c) for c in calls) == [2, 3, 4, 22, 64, 64], "64 + 64 + 22 small, 3 of another shape, 4 MiB + 2"
+    assert all(len({(s.shape, s.dtype) for s in c}) == 1 for c in calls)
     alone = {f"['{name}']": int(replica_sums._hash(leaf)) for name, leaf in tree.items()}
-    assert {path: value for path, _, value in PendingChecksums(2, tree, every_shard=True).result().sums} == alone
+    assert {path: value for path, _, value in sums} == alone

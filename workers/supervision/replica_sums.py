@@ -98,11 +98,11 @@ def _hashes(shards: Sequence[jax.Array]) -> jax.Array:
 
 CHUNK_SHARDS = 64
 CHUNK_BYTES = 4 << 20
-"""At most this many shards, and (for more than one) this many bytes, hashed by one call: a program
-per shard of a state hashed in one call took its first save 2.6 s of CPU to trace and compile for 330
-shards, 35 s for 3,300 (a big model's count); in chunks of one shape, 0.4 and 0.7 s, steady saves
-3.2 ms against 2.8 ms and 37 ms against 23 ms (measured in one process, 2 CPU devices). The bytes
-bound what stacking the chunk may copy."""
+"""At most this many shards, and (for more than one) this many bytes, hashed by one call. One
+program over every shard of a state took a process's first check 2.6 s of CPU to trace and compile
+for 330 shards, 36 s for 3,300 (a big model's count); in chunks of one shape, 0.35 and 0.66 s, steady
+checks 2.0 and 21-23 ms either way (one process, 2 CPU devices, the same harness before and after). The
+bytes bound what stacking the chunk may copy."""
 
 
 def _chunks(datas: Sequence[jax.Array]) -> list[list[int]]:
