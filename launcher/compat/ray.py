@@ -12,8 +12,8 @@
   hidden option): Ray's raylet starts idle Python workers for each new driver
   (`prestart_worker_first_driver`); a launch's actors never take them (their runtime environment
   differs), so each launch on the embedded instance paid processes importing Ray for nothing (two
-  per launch on a 2-core machine),
-  about 0.9 s of CPU of a 12-15 s test launch (measured with a process poller)."""
+  per launch on a 2-core machine, about 0.9 s of CPU of a 12-15 s test launch, measured with a
+  process poller)."""
 
 from __future__ import annotations
 
