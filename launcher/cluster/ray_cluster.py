@@ -22,7 +22,7 @@ import ray
 from jaxlaunch.launcher.compat.ray import available_resources_per_node
 from jaxlaunch.launcher.configuration.schema import ClusterConfig
 
-from jaxlaunch.contract.protocol import NodeLiveness
+from jaxlaunch.contract.protocol import ConfigError, NodeLiveness
 from jaxlaunch.contract.store import endpoint_environment
 
 if TYPE_CHECKING:
@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 RAYLET_PROBE_TIMEOUT_S = 1.0
 PROBE_THREADS = 64
+GCS_PROBE_TIMEOUT_S = 10.0
+"""How long an existing cluster's head is given to take a TCP connection before the launch is refused."""
 NODE_ID_LABEL = "ray.io/node-id"
 """The label Ray gives every node, its id: a placement's label selector leaves avoided nodes out by it."""
 
@@ -51,6 +53,27 @@ class Spares(InstanceBound, Protocol):
     def nodes(self) -> set[str]: ...
 
     def shutdown(self) -> None: ...
+
+
+def refuse_if_nothing_answers(address: str | None) -> None:
+    """Bad input, refused at once, when nothing takes a TCP connection at `--address HOST:PORT`.
+
+    Ray 2.60's `ray.init(address=HOST:PORT)` of a cluster that is not there never returns: tried with a
+    head that had stopped, it printed "Failed to connect to GCS" every 5 s for over 10 minutes. "auto",
+    "local" and `ray://` addresses are Ray's to resolve, and a head that takes the connection is Ray's to
+    judge."""
+    if address is None or address in ("auto", "local") or "://" in address:
+        return
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=GCS_PROBE_TIMEOUT_S).close()
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise ConfigError(f"no Ray cluster answers at --address {address} ({reason}): start its head "
+                          "(`ray start --head`), fix the address, or leave --address out to run on an "
+                          "embedded instance") from None
 
 
 class RayCluster:
@@ -79,6 +102,7 @@ class RayCluster:
             address: str | None = self.instance.start()
         else:
             address = self.cfg.address
+            refuse_if_nothing_answers(address)
         ray.init(address=address, log_to_driver=False, configure_logging=False, runtime_env=self.runtime_env)
 
     def shutdown(self) -> None:

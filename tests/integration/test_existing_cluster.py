@@ -12,7 +12,7 @@ import time
 import psutil
 import pytest
 
-from tests.integration.helpers import EXAMPLES, ROOT, events, launch, summary
+from tests.integration.helpers import EXAMPLES, MINIMAL, ROOT, assert_refused, events, launch, summary
 
 RAY = str(pathlib.Path(sys.executable).parent / "ray")
 NODE_START_TIMEOUT_S = 120
@@ -113,3 +113,13 @@ def test_ray_job_submit(ray_cluster, tmp_path):
     assert summary(run_dir)["status"] == "finished" and summary(run_dir)["process_count"] == 2
 
 
+def test_an_address_where_no_cluster_answers_is_refused_at_once_and_leaves_no_run_directory(tmp_path):
+    """Ray's own connection to a head that is not there retries without end (over 10 minutes, a warning
+    every 5 s): the launch refuses it as bad input instead."""
+    with socket.socket() as held:  # bound, never listening: a connection to it is refused
+        held.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{held.getsockname()[1]}"
+        result = launch(*MINIMAL, "--address", address, "--run-dir", str(tmp_path / "run"), timeout=120)
+    assert_refused(result, f"no Ray cluster answers at --address {address}")
+    assert "leave --address out" in result.stderr
+    assert not (tmp_path / "run").exists(), "a refused launch leaves no run directory behind"
