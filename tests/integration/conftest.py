@@ -5,6 +5,7 @@ import pytest
 
 from tests.integration.helpers import (
     CLASSIFIER,
+    DRIVERS,
     DURABLE_ONLY,
     EXAMPLE_RUN,
     MINIMAL,
@@ -33,6 +34,7 @@ def _reference(tmp_path_factory, name: str, *args: str) -> pathlib.Path:
 def shared_ray():
     """The Ray instance the session's launches share (`helpers.SharedRay`), stopped at its end."""
     yield SHARED_RAY
+    DRIVERS.stop()
     SHARED_RAY.stop()
 
 

@@ -15,6 +15,8 @@ from typing import Any
 
 import psutil
 
+from tests.integration.forked import Drivers, ForkedLaunch
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
 LAUNCH_TIMEOUT_S = 420
@@ -76,6 +78,7 @@ class SharedRay:
 
 
 SHARED_RAY = SharedRay()
+DRIVERS = Drivers()
 
 
 def _names_a_cluster(args: tuple[str, ...]) -> bool:
@@ -96,11 +99,11 @@ def _names_a_cluster(args: tuple[str, ...]) -> bool:
 
 
 def _command(args: tuple[str, ...], own_env: bool = False) -> tuple[list[str], dict[str, str]]:
-    """`python launch.py ARGS` and its environment: on the shared Ray instance unless the test has its
+    """`launch.py`'s arguments and environment: on the shared Ray instance unless the test has its
     own, the launch names a cluster, is a subcommand (`report`), or has an environment of its own
     (`own_env`: an object store's endpoint and credentials, which reach a launch's hosts through its
     own embedded instance, as on a user's machine; the shared one has the session's)."""
-    command = [sys.executable, str(ROOT / "launch.py"), *args]
+    command = list(args)
     if SHARED_RAY.enabled and not own_env and args and args[0].startswith("-") and not _names_a_cluster(args):
         command += ["--address", SHARED_RAY.address()]  # with the session's RAY_AUTH_MODE (tests/conftest.py)
     return command, _env()
@@ -108,17 +111,17 @@ def _command(args: tuple[str, ...], own_env: bool = False) -> tuple[list[str], d
 
 def launch(*args: str, timeout: float = LAUNCH_TIMEOUT_S, env: dict[str, str] | None = None,
            cwd: pathlib.Path = ROOT) -> subprocess.CompletedProcess:
+    """`python launch.py ARGS` to its end (its driver forked from one that imported the libraries:
+    `tests/integration/forked.py`)."""
     command, base = _command(args, own_env=bool(env))
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                          env={**base, **(env or {})})
+    return DRIVERS.run(command, cwd, {**base, **(env or {})}, timeout)
 
 
-def start(*args: str, new_session: bool = False) -> subprocess.Popen:
+def start(*args: str, new_session: bool = False) -> ForkedLaunch | subprocess.Popen:
     """A launch in the background; with `new_session`, in a process group of its own, as a shell,
     Slurm or systemd would start it, so that the test can signal the whole group."""
     command, env = _command(args)
-    return subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=new_session)
+    return DRIVERS.start(command, ROOT, env, new_session=new_session)
 
 
 def _env() -> dict[str, str]:
@@ -173,7 +176,7 @@ def committed_steps(run_dir: pathlib.Path) -> list[int]:
     return sorted(RunDir(run_dir).committed_steps())
 
 
-def wait_for(condition, timeout: float, what: str, proc: subprocess.Popen | None = None) -> None:
+def wait_for(condition, timeout: float, what: str, proc: subprocess.Popen | ForkedLaunch | None = None) -> None:
     """Waits until `condition()` holds (checked every 0.2 s), failing with `what` after `timeout`."""
     deadline = time.monotonic() + timeout
     while not condition():
@@ -190,7 +193,7 @@ def last_step(run_dir: pathlib.Path) -> int:
     return records[-1]["step"] if records else 0
 
 
-def signal_after(proc: subprocess.Popen, run_dir: pathlib.Path, step: int, signum: int = signal.SIGTERM,
+def signal_after(proc: subprocess.Popen | ForkedLaunch, run_dir: pathlib.Path, step: int, signum: int = signal.SIGTERM,
                  group: bool = False) -> tuple[int, str, str]:
     """A signal to the driver (or its whole process group) once the run has passed `step`; returns
     the driver's exit code and output."""
@@ -287,6 +290,6 @@ def assert_split_adds_up(run_dir: pathlib.Path) -> None:
         assert abs(total - s["wall_time_s"]) <= SPLIT_TOLERANCE * s["wall_time_s"] + 1e-9, f"{written}: {s}"
 
 
-def open_gate(run_dir: pathlib.Path, step: int, proc: subprocess.Popen) -> None:
+def open_gate(run_dir: pathlib.Path, step: int, proc: subprocess.Popen | ForkedLaunch) -> None:
     """Waits until rank 0 of the gated job stands at the gate of `step` (it wrote `at-STEP`)."""
     wait_for(lambda: (run_dir / f"at-{step}").exists(), 300, f"the gate at step {step}", proc)
