@@ -2,8 +2,14 @@
 hosts, saves on every host when its driver gets SIGTERM, lands in a new layout on fewer hosts, and
 falls back past a corrupt step."""
 
+import subprocess
+import sys
+
 from tests.integration.helpers import (
+    DRIVERS,
+    ROOT,
     SHORT_RUN,
+    _env,
     assert_no_host_left,
     attempts,
     committed_steps,
@@ -92,3 +98,15 @@ def test_a_corrupt_newest_checkpoint_is_set_aside_and_the_previous_one_used(refe
     assert [e["step"] for e in events(run_dir, "restored")] == [20]
     assert summary(run_dir)["final_step"] == 40 and attempts(run_dir)[-1]["cause"] == "finished"
     assert "set it aside" in result.stdout
+
+
+def test_a_forked_driver_answers_as_python_launch_py_does(tmp_path):
+    """The suite's drivers are forked from a server that imported the libraries (`forked.py`): a bad
+    input given both ways gives the same exit code and the same words, and writes nothing either way."""
+    args = ["--hosts", "0", "--run-dir", str(tmp_path / "run")]
+    forked = DRIVERS.run(args, ROOT, _env(), timeout=120)
+    fresh = subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=ROOT, env=_env(),
+                           capture_output=True, text=True, timeout=120)
+    assert forked.returncode == fresh.returncode == 2, forked.stderr + fresh.stderr
+    assert forked.stderr == fresh.stderr and forked.stdout == fresh.stdout
+    assert not (tmp_path / "run").exists()
