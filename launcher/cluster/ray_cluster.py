@@ -56,12 +56,16 @@ class Spares(InstanceBound, Protocol):
 
 
 def refuse_if_nothing_answers(address: str | None) -> None:
-    """Bad input, refused at once, when nothing takes a TCP connection at `--address HOST:PORT`.
+    """Bad input, refused at once, when nothing takes a TCP connection at `--address HOST:PORT` (or, for
+    `--address auto`, at the `RAY_ADDRESS` that Ray would join).
 
     Ray 2.60's `ray.init(address=HOST:PORT)` of a cluster that is not there never returns: tried with a
-    head that had stopped, it printed "Failed to connect to GCS" every 5 s for over 10 minutes. "auto",
-    "local" and `ray://` addresses are Ray's to resolve, and a head that takes the connection is Ray's to
-    judge."""
+    head that had stopped, it printed "Failed to connect to GCS" every 5 s for over 10 minutes. "local",
+    `ray://` addresses and an `auto` that Ray finds by itself are Ray's to resolve (`connect` turns its
+    "no cluster found" into one line), and a head that takes the connection is Ray's to judge."""
+    named = "--address"
+    if address == "auto" and os.environ.get("RAY_ADDRESS"):
+        address, named = os.environ["RAY_ADDRESS"], "--address auto: RAY_ADDRESS"
     if address is None or address in ("auto", "local") or "://" in address:
         return
     host, sep, port = address.rpartition(":")
@@ -71,7 +75,7 @@ def refuse_if_nothing_answers(address: str | None) -> None:
         socket.create_connection((host.strip("[]"), int(port)), timeout=GCS_PROBE_TIMEOUT_S).close()
     except OSError as err:
         reason = err.strerror or type(err).__name__
-        raise ConfigError(f"no Ray cluster answers at --address {address} ({reason}): start its head "
+        raise ConfigError(f"no Ray cluster answers at {named} {address} ({reason}): start its head "
                           "(`ray start --head`), fix the address, or leave --address out to run on an "
                           "embedded instance") from None
 
@@ -103,7 +107,15 @@ class RayCluster:
         else:
             address = self.cfg.address
             refuse_if_nothing_answers(address)
-        ray.init(address=address, log_to_driver=False, configure_logging=False, runtime_env=self.runtime_env)
+        try:
+            ray.init(address=address, log_to_driver=False, configure_logging=False, runtime_env=self.runtime_env)
+        except ConnectionError as err:
+            if self.embedded:
+                raise
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0].rstrip(".")
+            raise ConfigError(f"no Ray cluster to join at --address {address} ({reason}): start its head "
+                              "(`ray start --head`), name it with --address HOST:PORT, or leave --address out "
+                              "to run on an embedded instance") from None
 
     def shutdown(self) -> None:
         try:

@@ -113,13 +113,42 @@ def test_ray_job_submit(ray_cluster, tmp_path):
     assert summary(run_dir)["status"] == "finished" and summary(run_dir)["process_count"] == 2
 
 
-def test_an_address_where_no_cluster_answers_is_refused_at_once_and_leaves_no_run_directory(tmp_path):
+@pytest.mark.parametrize("given", ["host:port", "auto with RAY_ADDRESS"])
+def test_an_address_where_no_cluster_answers_is_refused_at_once_and_leaves_no_run_directory(tmp_path, given):
     """Ray's own connection to a head that is not there retries without end (over 10 minutes, a warning
-    every 5 s): the launch refuses it as bad input instead."""
+    every 5 s): the launch refuses it as bad input instead, whether the address is given or is the
+    RAY_ADDRESS that `--address auto` joins."""
     with socket.socket() as held:  # bound, never listening: a connection to it is refused
         held.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{held.getsockname()[1]}"
-        result = launch(*MINIMAL, "--address", address, "--run-dir", str(tmp_path / "run"), timeout=120)
-    assert_refused(result, f"no Ray cluster answers at --address {address}")
+        if given == "host:port":
+            result = launch(*MINIMAL, "--address", address, "--run-dir", str(tmp_path / "run"), timeout=120)
+        else:
+            result = launch(*MINIMAL, "--address", "auto", "--run-dir", str(tmp_path / "run"), timeout=120,
+                            env={"RAY_ADDRESS": address})
+    named = "--address" if given == "host:port" else "--address auto: RAY_ADDRESS"
+    assert_refused(result, f"no Ray cluster answers at {named} {address}")
     assert "leave --address out" in result.stderr
     assert not (tmp_path / "run").exists(), "a refused launch leaves no run directory behind"
+
+
+def test_auto_without_a_cluster_is_one_line_not_ray_s_traceback(monkeypatch):
+    """`--address auto` where Ray finds no cluster: Ray raises ConnectionError (a traceback and exit 1
+    before); the launch says it in one line (bad input: exit 2, through ConfigError)."""
+    import ray
+    from jaxlaunch.launcher.cluster.ray_cluster import RayCluster
+    from jaxlaunch.launcher.configuration.schema import ClusterConfig
+
+    from jaxlaunch.contract.protocol import ConfigError
+
+    def no_cluster(**_: object) -> None:
+        raise ConnectionError("Could not find any running Ray instance. Please specify the one to connect to "
+                              "by setting `--address` flag or `RAY_ADDRESS` environment variable.")
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "init", no_cluster)
+    with pytest.raises(ConfigError) as refused:
+        RayCluster(ClusterConfig(address="auto"), {}).connect()
+    assert str(refused.value).startswith("no Ray cluster to join at --address auto (Could not find any running "
+                                         "Ray instance): start its head"), refused.value
+    assert "\n" not in str(refused.value)
