@@ -21,7 +21,7 @@ from types import FrameType
 from typing import Any
 
 from jaxlaunch.launcher.cluster.keepers import KeeperPool
-from jaxlaunch.launcher.cluster.ray_cluster import RayCluster, runtime_env
+from jaxlaunch.launcher.cluster.ray_cluster import RayCluster, refuse_if_nothing_answers, runtime_env
 from jaxlaunch.launcher.cluster.worker_group import MakeSpec, RayWorkerGroup, StandbyPool
 from jaxlaunch.launcher.configuration.job import PreparedJob
 from jaxlaunch.launcher.configuration.schema import JobConfig
@@ -136,6 +136,7 @@ def _make_spec(job: JobConfig, run: RunDir, entry_ref: EntryRef, replicas: Repli
 
 
 def run_job(prepared: PreparedJob, display: Display | None = None) -> LaunchResult:
+    refuse_if_nothing_answers(prepared.job.cluster.address)  # bad input: before anything is written
     port = prepared.job.tracking.metrics_port
     exporter = Exporter(port) if port is not None else None  # a port in use is bad input: before anything
     try:

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import ray
-from jaxlaunch.launcher.compat.ray import available_resources_per_node
+from jaxlaunch.launcher.compat.ray import available_resources_per_node, resolved_address
 from jaxlaunch.launcher.configuration.schema import ClusterConfig
 
 from jaxlaunch.contract.protocol import ConfigError, NodeLiveness
@@ -56,21 +56,28 @@ class Spares(InstanceBound, Protocol):
 
 
 def refuse_if_nothing_answers(address: str | None) -> None:
-    """Bad input, refused at once, when nothing takes a TCP connection at `--address HOST:PORT` (or, for
-    `--address auto`, at the `RAY_ADDRESS` that Ray would join).
+    """Bad input, refused before anything is written, when no Ray cluster can be there: `--address auto`
+    that Ray resolves to no cluster, or a HOST:PORT (given, or the one `auto` resolves to: RAY_ADDRESS,
+    the newest `ray start` on this machine) where nothing takes a TCP connection.
 
     Ray 2.60's `ray.init(address=HOST:PORT)` of a cluster that is not there never returns: tried with a
-    head that had stopped, it printed "Failed to connect to GCS" every 5 s for over 10 minutes. "local",
-    `ray://` addresses and an `auto` that Ray finds by itself are Ray's to resolve (`connect` turns its
-    "no cluster found" into one line), and a head that takes the connection is Ray's to judge."""
+    head that had stopped, it printed "Failed to connect to GCS" every 5 s for over 10 minutes. An
+    address that is none of these (no port, an IPv6 host without brackets) was Ray's ValueError traceback.
+    "local" and `ray://` addresses are left to Ray; a head that takes the connection is Ray's to judge."""
+    if address is None or address == "local" or "://" in address:
+        return
     named = "--address"
-    if address == "auto" and os.environ.get("RAY_ADDRESS"):
-        address, named = os.environ["RAY_ADDRESS"], "--address auto: RAY_ADDRESS"
-    if address is None or address in ("auto", "local") or "://" in address:
-        return
+    if address == "auto":
+        try:
+            address, named = resolved_address(address), "--address auto, resolved by Ray to"
+        except ConnectionError as err:
+            raise ConfigError(f"no Ray cluster to join at --address auto ({_first_sentence(err)}): start one "
+                              "(`ray start --head`), name it with --address HOST:PORT, or leave --address out "
+                              "to run on an embedded instance") from None
     host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        return
+    if not sep or not port.isdigit() or not host or (":" in host and not host.startswith("[")):
+        raise ConfigError(f"--address {address} is not an address of a Ray cluster: write HOST:PORT (an IPv6 "
+                          "host in brackets: [::1]:6379), auto, or leave --address out to run on an embedded instance")
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=GCS_PROBE_TIMEOUT_S).close()
     except OSError as err:
@@ -78,6 +85,10 @@ def refuse_if_nothing_answers(address: str | None) -> None:
         raise ConfigError(f"no Ray cluster answers at {named} {address} ({reason}): start its head "
                           "(`ray start --head`), fix the address, or leave --address out to run on an "
                           "embedded instance") from None
+
+
+def _first_sentence(err: Exception) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0].rstrip(".")
 
 
 class RayCluster:
@@ -106,15 +117,13 @@ class RayCluster:
             address: str | None = self.instance.start()
         else:
             address = self.cfg.address
-            refuse_if_nothing_answers(address)
         try:
             ray.init(address=address, log_to_driver=False, configure_logging=False, runtime_env=self.runtime_env)
         except ConnectionError as err:
             if self.embedded:
                 raise
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0].split(". ")[0].rstrip(".")
-            raise ConfigError(f"no Ray cluster to join at --address {address} ({reason}): start its head "
-                              "(`ray start --head`), name it with --address HOST:PORT, or leave --address out "
+            raise ConfigError(f"could not join the Ray cluster at --address {address} ({_first_sentence(err)}): "
+                              "check that it runs and that this machine may reach it, or leave --address out "
                               "to run on an embedded instance") from None
 
     def shutdown(self) -> None:

@@ -13,7 +13,10 @@
   (`prestart_worker_first_driver`); a launch's actors never take them (their runtime environment
   differs), so each launch on the embedded instance paid processes importing Ray for nothing (two
   per launch on a 2-core machine, about 0.9 s of CPU of a 12-15 s test launch, measured with a
-  process poller)."""
+  process poller).
+- The address `ray.init(address="auto")` would join (`ray._private.services.canonicalize_bootstrap_address`:
+  RAY_ADDRESS, the newest `ray start` on this machine, a running GCS), so that a launch can refuse one
+  where nothing answers before `ray.init` retries it for good."""
 
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import os
 WRITTEN_FOR = "2.60.0"
 """The Ray release whose private modules this uses."""
 PATCHED = ("ray._private.state.available_resources_per_node, ray._private.authentication, ray._raylet.Config, "
-           "the system config prestart_worker_first_driver")
+           "the system config prestart_worker_first_driver, ray._private.services.canonicalize_bootstrap_address")
 AUTH_MODE_ENV = "RAY_AUTH_MODE"
 HEAD_SYSTEM_CONFIG = {"prestart_worker_first_driver": False}
 """Ray's system configuration for a head this process starts (a raylet refuses a key it does not know)."""
@@ -46,3 +49,13 @@ def enable_token_auth() -> None:
         # head refuses it, and ray.init fails after 20 s saying only "Failed to connect to Ray cluster".
         Config.initialize("")
     ensure_token_if_auth_enabled(None, create_token_if_missing=True)
+
+
+def resolved_address(address: str) -> str:
+    """HOST:PORT of the cluster `ray.init(address=address)` would join; ConnectionError if Ray finds none."""
+    from ray._private.services import canonicalize_bootstrap_address
+
+    resolved = canonicalize_bootstrap_address(address)
+    if resolved is None:
+        raise ConnectionError("Ray would start a new local instance")
+    return resolved

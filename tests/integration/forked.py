@@ -16,6 +16,7 @@ returncode); exit statuses come from the server, the child's parent, over the se
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -36,23 +37,24 @@ PRELOAD = ("jaxlaunch.launcher.cli", "jaxlaunch.launcher.runner", "ray", "jax", 
            "tensorboardX", "matplotlib.figure", "matplotlib.cm")
 """What a driver of the examples imports before and while it runs (measured with `python -X importtime`)."""
 READY_TIMEOUT_S = 120
+KILLED_TIMEOUT_S = 30
 
 
 # -- the server: one process, a child per launch ----------------------------------------------------
 def serve(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
     """Answer requests until the test process closes the socket and every child has exited. In a forked
     child it returns the child's request and streams, to be run outside every frame of this loop."""
-    children: dict[int, int] = {}  # pidfd -> pid
+    children: dict[int, tuple[int, int]] = {}  # pidfd -> (pid, request id)
     listening = True
     while listening or children:
         readable, _, _ = select.select(([sock] if listening else []) + list(children), [], [])
         for fd in readable:
             if fd in children:
-                pid = children.pop(fd)
+                pid, number = children.pop(fd)
                 os.close(fd)
                 _, status = os.waitpid(pid, 0)
                 if listening:
-                    _send(sock, {"pid": pid, "code": os.waitstatus_to_exitcode(status)})
+                    _send(sock, {"exited": number, "code": os.waitstatus_to_exitcode(status)})
                 continue
             message, fds, _, _ = socket.recv_fds(sock, 1 << 20, 3)
             if not message:
@@ -68,7 +70,7 @@ def serve(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
                 return request, fds
             for received in fds:
                 os.close(received)
-            children[os.pidfd_open(pid)] = pid
+            children[os.pidfd_open(pid)] = (pid, request["id"])
             _send(sock, {"id": request["id"], "pid": pid})
     return None
 
@@ -106,7 +108,7 @@ def main() -> None:
 
 # -- the test's side ---------------------------------------------------------------------------------
 class Server:
-    """One server and the socket to it; the statuses of its children as they come."""
+    """One server and the socket to it; its children's pids and exit statuses, by request, as they come."""
 
     def __init__(self, env: dict[str, str]):
         self.env = env
@@ -122,46 +124,53 @@ class Server:
         self.spawned: dict[int, int] = {}
         self.requests = 0
         if not self._until(lambda: self.ready, READY_TIMEOUT_S):
+            self.proc.kill()
+            self.proc.wait()
             raise RuntimeError(f"the driver server {self.proc.pid} did not import within {READY_TIMEOUT_S} s")
 
     def _pump(self, timeout: float) -> None:
-        """Read what the server sent within `timeout` (0: only what is there)."""
+        """Read every message the server sent, waiting up to `timeout` for the first (0: only what is there)."""
         with self.lock:
-            if not select.select([self.sock], [], [], timeout)[0]:
-                return
-            data = self.sock.recv(1 << 16)
-            if not data:
-                raise RuntimeError(f"the driver server {self.proc.pid} is gone (exit {self.proc.poll()})")
-            message = json.loads(data)
-            if "ready" in message:
-                self.ready = True
-            elif "id" in message:
-                self.spawned[message["id"]] = message["pid"]
-            else:
-                self.statuses[message["pid"]] = message["code"]
+            while select.select([self.sock], [], [], timeout)[0]:
+                timeout = 0
+                data = self.sock.recv(1 << 16)
+                if not data:
+                    raise RuntimeError(f"the driver server {self.proc.pid} is gone (exit {self.proc.wait()})")
+                message = json.loads(data)
+                if "ready" in message:
+                    self.ready = True
+                elif "exited" in message:
+                    self.statuses[message["exited"]] = message["code"]
+                else:
+                    self.spawned[message["id"]] = message["pid"]
 
     def _until(self, done, timeout: float | None) -> bool:
+        """Whether `done()` came true within `timeout` (None: no limit); reads the socket at least once."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not done():
-            remaining = 1.0 if deadline is None else deadline - time.monotonic()
-            if remaining <= 0:
+        while True:
+            remaining = 1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+            self._pump(min(remaining, 1.0) if not done() else 0)
+            if done():
+                return True
+            if deadline is not None and time.monotonic() >= deadline:
                 return False
-            self._pump(min(remaining, 1.0))
-        return True
 
     def fork(self, args: list[str], cwd: pathlib.Path, new_session: bool,
-             streams: tuple[int, int, int]) -> int:
+             streams: tuple[int, int, int]) -> tuple[int, int]:
+        """The request's number and the child's pid."""
         with self.lock:
             self.requests += 1
             number = self.requests
             request = {"id": number, "args": args, "cwd": str(cwd), "new_session": new_session}
             socket.send_fds(self.sock, [json.dumps(request).encode()], list(streams))
-        self._until(lambda: number in self.spawned, READY_TIMEOUT_S)
-        return self.spawned.pop(number)
+        if not self._until(lambda: number in self.spawned, READY_TIMEOUT_S):
+            raise RuntimeError(f"the driver server {self.proc.pid} did not fork within {READY_TIMEOUT_S} s")
+        return number, self.spawned.pop(number)
 
-    def status(self, pid: int, timeout: float | None) -> int | None:
-        self._until(lambda: pid in self.statuses, timeout)
-        return self.statuses.get(pid)
+    def status(self, number: int, timeout: float | None) -> int | None:
+        """Request `number`'s exit code once it exited (-N for signal N), else None after `timeout`."""
+        self._until(lambda: number in self.statuses, timeout)
+        return self.statuses.pop(number, None)
 
     def stop(self) -> None:
         """The server exits once its last child has (a launch still running is the test's to stop)."""
@@ -177,10 +186,14 @@ class ForkedLaunch:
         err_r, err_w = os.pipe()
         stdin = os.dup(0) if _usable(0) else os.open(os.devnull, os.O_RDONLY)  # as subprocess.run inherits it
         try:
-            self.pid = server.fork(args, cwd, new_session, (stdin, out_w, err_w))
+            self.number, self.pid = server.fork(args, cwd, new_session, (stdin, out_w, err_w))
         finally:
             for fd in (stdin, out_w, err_w):
                 os.close(fd)
+        try:  # signals go through it: once the server has reaped the child, its pid may be another's
+            self.pidfd: int | None = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            self.pidfd = None  # exited and reaped already
         self.stdout = os.fdopen(out_r, "r")
         self.stderr = os.fdopen(err_r, "r")
         self.returncode: int | None = None
@@ -189,15 +202,22 @@ class ForkedLaunch:
 
     def poll(self) -> int | None:
         if self.returncode is None:
-            self.returncode = self.server.status(self.pid, 0)
+            self._exited(self.server.status(self.number, 0))
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
         if self.returncode is None:
-            self.returncode = self.server.status(self.pid, timeout)
+            self._exited(self.server.status(self.number, timeout))
             if self.returncode is None:
                 raise subprocess.TimeoutExpired(self.args, timeout or 0)
         return self.returncode
+
+    def _exited(self, code: int | None) -> None:
+        if code is not None:
+            self.returncode = code
+            if self.pidfd is not None:
+                os.close(self.pidfd)
+                self.pidfd = None
 
     def communicate(self, timeout: float | None = None) -> tuple[str, str]:
         if not self._readers:
@@ -215,8 +235,9 @@ class ForkedLaunch:
         return "".join(self._read["stdout"]), "".join(self._read["stderr"])
 
     def send_signal(self, signum: int) -> None:
-        if self.poll() is None:
-            os.kill(self.pid, signum)
+        if self.poll() is None and self.pidfd is not None:
+            with contextlib.suppress(ProcessLookupError):  # exited since: as Popen does
+                signal.pidfd_send_signal(self.pidfd, signum)
 
     def terminate(self) -> None:
         self.send_signal(signal.SIGTERM)
@@ -260,9 +281,10 @@ class Drivers:
         proc = self.start(args, cwd, env)
         try:
             out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired as late:
             proc.kill()
-            proc.communicate()
+            with contextlib.suppress(subprocess.TimeoutExpired):  # a grandchild may hold the pipes
+                late.output, late.stderr = proc.communicate(timeout=KILLED_TIMEOUT_S)
             raise
         assert proc.returncode is not None
         return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)

@@ -126,6 +126,7 @@ def start(*args: str, new_session: bool = False) -> ForkedLaunch | subprocess.Po
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
+    env.pop("PYTEST_CURRENT_TEST", None)  # pytest's, a new value each test: one driver server serves them all
     env.pop("XLA_FLAGS", None)  # the hosts get theirs from the launcher
     env.pop("JAX_PLATFORMS", None)
     env["COLUMNS"] = "200"

@@ -9,6 +9,7 @@ from tests.integration.helpers import (
     DRIVERS,
     ROOT,
     SHORT_RUN,
+    ForkedLaunch,
     _env,
     assert_no_host_left,
     attempts,
@@ -104,9 +105,11 @@ def test_a_forked_driver_answers_as_python_launch_py_does(tmp_path):
     """The suite's drivers are forked from a server that imported the libraries (`forked.py`): a bad
     input given both ways gives the same exit code and the same words, and writes nothing either way."""
     args = ["--hosts", "0", "--run-dir", str(tmp_path / "run")]
-    forked = DRIVERS.run(args, ROOT, _env(), timeout=120)
+    proc = DRIVERS.start(args, ROOT, _env())
+    assert DRIVERS.fresh or isinstance(proc, ForkedLaunch), "the suite's launches are forked"
+    out, err = proc.communicate(timeout=120)
     fresh = subprocess.run([sys.executable, str(ROOT / "launch.py"), *args], cwd=ROOT, env=_env(),
                            capture_output=True, text=True, timeout=120)
-    assert forked.returncode == fresh.returncode == 2, forked.stderr + fresh.stderr
-    assert forked.stderr == fresh.stderr and forked.stdout == fresh.stdout
+    assert proc.returncode == fresh.returncode == 2, err + fresh.stderr
+    assert (out, err) == (fresh.stdout, fresh.stderr)
     assert not (tmp_path / "run").exists()
