@@ -8,7 +8,10 @@ forks a child per launch, which then runs `launch.py` exactly as the interpreter
 its argv, working directory, standard streams, its own session when asked), and exits through the
 interpreter's own exit (atexit handlers included). Nothing of the launch itself is imported before the
 fork, and a child is started only with the environment the server was started with: a module that
-reads the environment when imported reads the same values either way.
+reads the environment when imported reads the same values either way. What the imports write into it
+(RAY_CLIENT_MODE, TF_CPP_MIN_LOG_LEVEL and TPU_SKIP_MDS_QUERY, as in any driver at its start;
+CRC32C_SW_MODE, which tensorboardX sets in a fresh driver at its first TensorBoard write) the children
+have from their start. A child's traceback shows runpy's and this module's frames above launch.py's.
 
 `ForkedLaunch` is what `subprocess.Popen` is to the tests (pid, poll, wait, communicate, signals,
 returncode); exit statuses come from the server, the child's parent, over the server's socket.
