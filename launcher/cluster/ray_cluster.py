@@ -63,14 +63,18 @@ def refuse_if_nothing_answers(address: str | None) -> None:
     Ray 2.60's `ray.init(address=HOST:PORT)` of a cluster that is not there never returns: tried with a
     head that had stopped, it printed "Failed to connect to GCS" every 5 s for over 10 minutes. An
     address that is none of these (no port, an IPv6 host without brackets) was Ray's ValueError traceback.
-    "local" and `ray://` addresses are left to Ray; a head that takes the connection is Ray's to judge."""
+    "local" and `ray://` addresses (given, or in the RAY_ADDRESS that `auto` would use) are left to Ray;
+    a head that takes the connection is Ray's to judge."""
     if address is None or address == "local" or "://" in address:
         return
     named = "--address"
     if address == "auto":
+        told = os.environ.get("RAY_ADDRESS", "")
+        if "://" in told or told == "local":  # Ray Client, a Ray Jobs URL, a new local instance: Ray's to take
+            return
         try:
             address, named = resolved_address(address), "--address auto, resolved by Ray to"
-        except ConnectionError as err:
+        except (ConnectionError, ValueError) as err:
             raise ConfigError(f"no Ray cluster to join at --address auto ({_first_sentence(err)}): start one "
                               "(`ray start --head`), name it with --address HOST:PORT, or leave --address out "
                               "to run on an embedded instance") from None

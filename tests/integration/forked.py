@@ -68,7 +68,8 @@ def serve(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
             sys.stderr.flush()
             pid = os.fork()
             if pid == 0:
-                for own in (sock.fileno(), *children):
+                sock.close()  # through its object, which would otherwise close the number again at exit
+                for own in children:
                     os.close(own)
                 return request, fds
             for received in fds:
@@ -267,10 +268,11 @@ class Drivers:
         self.fresh = bool(os.environ.get("JAXLAUNCH_TESTS_FRESH_DRIVER"))
         self.servers: list[Server] = []
 
-    def start(self, args: list[str], cwd: pathlib.Path, env: dict[str, str],
-              new_session: bool = False) -> ForkedLaunch | subprocess.Popen:
-        server = next((s for s in self.servers if s.env == env), None)
-        if server is None and not self.fresh and len(self.servers) < self.MAX_SERVERS:
+    def start(self, args: list[str], cwd: pathlib.Path, env: dict[str, str], new_session: bool = False,
+              fork: bool = True) -> ForkedLaunch | subprocess.Popen:
+        """A launch; `fork=False` (an environment of the test's own, for one launch) a plain subprocess."""
+        server = next((s for s in self.servers if s.env == env), None) if fork else None
+        if server is None and fork and not self.fresh and len(self.servers) < self.MAX_SERVERS:
             server = Server(env)
             self.servers.append(server)
         if server is None:
@@ -278,10 +280,10 @@ class Drivers:
                                     stderr=subprocess.PIPE, text=True, env=env, start_new_session=new_session)
         return ForkedLaunch(server, args, cwd, new_session)
 
-    def run(self, args: list[str], cwd: pathlib.Path, env: dict[str, str],
-            timeout: float) -> subprocess.CompletedProcess:
+    def run(self, args: list[str], cwd: pathlib.Path, env: dict[str, str], timeout: float,
+            fork: bool = True) -> subprocess.CompletedProcess:
         """As `subprocess.run(..., capture_output=True, text=True, timeout=...)`: killed at the timeout."""
-        proc = self.start(args, cwd, env)
+        proc = self.start(args, cwd, env, fork=fork)
         try:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired as late:

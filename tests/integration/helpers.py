@@ -112,9 +112,9 @@ def _command(args: tuple[str, ...], own_env: bool = False) -> tuple[list[str], d
 def launch(*args: str, timeout: float = LAUNCH_TIMEOUT_S, env: dict[str, str] | None = None,
            cwd: pathlib.Path = ROOT) -> subprocess.CompletedProcess:
     """`python launch.py ARGS` to its end (its driver forked from one that imported the libraries:
-    `tests/integration/forked.py`)."""
+    `tests/integration/forked.py`; with an `env` of the test's own, a plain subprocess)."""
     command, base = _command(args, own_env=bool(env))
-    return DRIVERS.run(command, cwd, {**base, **(env or {})}, timeout)
+    return DRIVERS.run(command, cwd, {**base, **(env or {})}, timeout, fork=not env)
 
 
 def start(*args: str, new_session: bool = False) -> ForkedLaunch | subprocess.Popen:

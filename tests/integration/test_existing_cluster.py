@@ -135,6 +135,20 @@ def test_an_address_where_no_cluster_answers_is_refused_at_once_and_leaves_no_ru
     assert not (tmp_path / "run").exists(), "a refused launch leaves no run directory behind"
 
 
+@pytest.mark.parametrize("told", ["ray://127.0.0.1:1", "http://127.0.0.1:1", "local"])
+def test_auto_leaves_a_ray_address_that_is_not_host_port_to_ray(monkeypatch, told):
+    """A RAY_ADDRESS of Ray Client, of a Ray Jobs URL (as Ray's docs have users export for `ray job
+    submit`) or "local": not probed, not refused (it was a ValueError traceback when resolved here)."""
+    from jaxlaunch.launcher.cluster import ray_cluster
+
+    def resolved(address: str) -> str:
+        raise AssertionError("not resolved here")
+
+    monkeypatch.setenv("RAY_ADDRESS", told)
+    monkeypatch.setattr(ray_cluster, "resolved_address", resolved)
+    assert ray_cluster.refuse_if_nothing_answers("auto") is None
+
+
 def test_auto_without_a_cluster_is_one_line_not_ray_s_traceback(monkeypatch):
     """`--address auto` where Ray finds no cluster: Ray's ConnectionError was a traceback, exit 1 and an
     empty run directory; it is now refused as bad input (ConfigError: one line, exit 2) before the launch
@@ -148,6 +162,7 @@ def test_auto_without_a_cluster_is_one_line_not_ray_s_traceback(monkeypatch):
         raise ConnectionError("Could not find any running Ray instance. Please specify the one to connect to "
                               "by setting `--address` flag or `RAY_ADDRESS` environment variable.")
 
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setattr(ray_cluster, "resolved_address", no_cluster)
     with pytest.raises(ConfigError) as refused:
         ray_cluster.refuse_if_nothing_answers("auto")
