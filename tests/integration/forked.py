@@ -151,13 +151,13 @@ class Server:
     def _until(self, done, timeout: float | None) -> bool:
         """Whether `done()` came true within `timeout` (None: no limit); reads the socket at least once."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            remaining = 1.0 if deadline is None else max(0.0, deadline - time.monotonic())
-            self._pump(min(remaining, 1.0) if not done() else 0)
-            if done():
-                return True
-            if deadline is not None and time.monotonic() >= deadline:
-                return False
+        while not done():
+            remaining = 1.0 if deadline is None else deadline - time.monotonic()
+            if remaining <= 0:
+                self._pump(0)
+                return done()
+            self._pump(min(remaining, 1.0))
+        return True
 
     def fork(self, args: list[str], cwd: pathlib.Path, new_session: bool,
              streams: tuple[int, int, int]) -> tuple[int, int]:
@@ -188,7 +188,10 @@ class ForkedLaunch:
         self.server, self.args = server, [sys.executable, str(LAUNCH), *args]
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
-        stdin = os.dup(0) if _usable(0) else os.open(os.devnull, os.O_RDONLY)  # as subprocess.run inherits it
+        try:
+            stdin = os.dup(0)  # as subprocess.run inherits it
+        except OSError:
+            stdin = os.open(os.devnull, os.O_RDONLY)
         try:
             self.number, self.pid = server.fork(args, cwd, new_session, (stdin, out_w, err_w))
         finally:
@@ -248,14 +251,6 @@ class ForkedLaunch:
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
-
-
-def _usable(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-        return True
-    except OSError:
-        return False
 
 
 class Drivers:
