@@ -98,35 +98,14 @@ def _names_a_cluster(args: tuple[str, ...]) -> bool:
     return False
 
 
-def _config_turns_off_the_standby(args: tuple[str, ...]) -> bool:
-    import yaml
-
-    for i, arg in enumerate(args):
-        name, _, value = arg.partition("=")
-        path = pathlib.Path(value or (args[i + 1] if i + 1 < len(args) else "")) if name == "--config" else None
-        if path is not None and path.is_file():
-            loaded = yaml.safe_load(path.read_text())
-            if isinstance(loaded, dict) and (loaded.get("cluster") or {}).get("warm_standby") is False:
-                return True
-    return False
-
-
-STANDBY_LINGER_S = 120
-"""How long a launch's unused spares wait on the shared instance for the next test's launch, which
-starts on them (`--standby-linger`): a launch's first hosts skip process start and imports."""
-
-
 def _command(args: tuple[str, ...], own_env: bool = False) -> tuple[list[str], dict[str, str]]:
     """`launch.py`'s arguments and environment: on the shared Ray instance unless the test has its
     own, the launch names a cluster, is a subcommand (`report`), or has an environment of its own
     (`own_env`: an object store's endpoint and credentials, which reach a launch's hosts through its
-    own embedded instance, as on a user's machine; the shared one has the session's). On the shared
-    instance, a launch's unused spares linger for the next launch (`STANDBY_LINGER_S`)."""
+    own embedded instance, as on a user's machine; the shared one has the session's)."""
     command = list(args)
     if SHARED_RAY.enabled and not own_env and args and args[0].startswith("-") and not _names_a_cluster(args):
         command += ["--address", SHARED_RAY.address()]  # with the session's RAY_AUTH_MODE (tests/conftest.py)
-        if "--standby-linger" not in args and not _config_turns_off_the_standby(args):
-            command += ["--standby-linger", str(STANDBY_LINGER_S)]
     return command, _env()
 
 
