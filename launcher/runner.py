@@ -22,8 +22,7 @@ from typing import Any
 
 from jaxlaunch.launcher.cluster.keepers import KeeperPool
 from jaxlaunch.launcher.cluster.ray_cluster import RayCluster, refuse_if_nothing_answers, runtime_env
-from jaxlaunch.launcher.cluster.standby import StandbyPool, take_over_lingering
-from jaxlaunch.launcher.cluster.worker_group import MakeSpec, RayWorkerGroup
+from jaxlaunch.launcher.cluster.worker_group import MakeSpec, RayWorkerGroup, StandbyPool
 from jaxlaunch.launcher.configuration.job import PreparedJob
 from jaxlaunch.launcher.configuration.schema import JobConfig
 from jaxlaunch.launcher.control.driver import CAPACITY_POLL_S, Driver
@@ -243,10 +242,7 @@ def _build(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref: En
         steps = run.committed_steps()
         return steps[0] if steps else None
 
-    standby = StandbyPool(cluster, run, job.cluster.standby_linger_s) if job.cluster.warm_standby else None
-    taken = take_over_lingering(cluster, standby)  # earlier launches' lingering spares, before room is counted
-    if taken is not None:
-        run.event(taken)
+    standby = StandbyPool(cluster, run) if job.cluster.warm_standby else None
     cluster.standby = standby
     keepers = KeeperPool(job.checkpoint)
     cluster.keepers = keepers
@@ -294,9 +290,8 @@ def _finish(parts: Assembly, code: int | None) -> tuple[History, dict[str, Any],
     """Whatever happened: every spare host and keeper stopped, the launch's last records written, and
     what derives from them (summary.json, the report picture, the trackers' final state)."""
     run = parts.run
-    left = parts.standby.shelve_or_release() if parts.standby is not None else None
-    if left is not None:
-        run.event(left)
+    if parts.standby is not None:
+        parts.standby.shutdown()
     parts.keepers.shutdown()
     parts.display.stop()
     status = _status(code)

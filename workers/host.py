@@ -15,11 +15,9 @@ import socket
 import sys
 import time
 import traceback
-from typing import Any
 
 import psutil
 import ray
-from jaxlaunch.workers.supervision.lease import Lease
 from jaxlaunch.workers.supervision.progress import HostProgress
 from jaxlaunch.workers.supervision.stops import DriverStop
 
@@ -27,7 +25,6 @@ from jaxlaunch.contract import events
 from jaxlaunch.contract.entry import mark_host_process
 from jaxlaunch.contract.protocol import (
     MONITOR_GROUP,
-    SPARE_ORPHAN_AFTER_S,
     HostError,
     HostResult,
     HostSnapshot,
@@ -48,22 +45,12 @@ def _node_ip() -> str:
 class HostActor:
     def __init__(self, log_path: str, attempt: int, rank: int):
         self.created = psutil.Process().create_time()
-        self.lease: Lease | None = None
-        """A lingering-capable spare's (`jaxlaunch.workers.supervision.lease`); None: Ray ends it with its driver."""
-        self.shelf: tuple[Any, list[Any]] | None = None
-        """A group leader's own placement group and actors while its launch has left them for the next."""
         self._start(log_path, attempt, rank)
 
-    def warm(self, lease: tuple[Any, float] | None = None) -> float:
+    def warm(self) -> float:
         """A spare's warm-up while it waits (a standby group): import what every attempt needs, so
         that taking over skips it. Not the user's module: its import may compute with JAX, which must
-        wait for jax.distributed. Never fails: a problem here shows again in `run`. `lease`: (its
-        placement group, seconds) for a spare that may outlive its launch."""
-        if lease is not None and self.lease is None:
-            from ray.util.placement_group import remove_placement_group
-
-            group, seconds = lease
-            self.lease = Lease(lambda: remove_placement_group(group), seconds)
+        wait for jax.distributed. Never fails: a problem here shows again in `run`."""
         started = time.perf_counter()
         try:
             import flax.nnx  # noqa: F401
@@ -77,34 +64,7 @@ class HostActor:
     def activate(self, log_path: str, attempt: int, rank: int) -> NodeInfo:
         """A spare takes over as a host of an attempt: its output goes to that attempt's log now."""
         self._start(log_path, attempt, rank)
-        if self.lease is not None:
-            self.lease.renew(SPARE_ORPHAN_AFTER_S)  # from now on each poll renews it
         return self.node_info()
-
-    # -- a spare group that may outlive its launch (`jaxlaunch.launcher.cluster.standby`) -----------
-    @ray.method(concurrency_group=MONITOR_GROUP)
-    def renew(self, seconds: float) -> None:
-        if self.lease is not None:
-            self.lease.renew(seconds)
-
-    @ray.method(concurrency_group=MONITOR_GROUP)
-    def shelve(self, group: tuple[Any, list[Any]], seconds: float) -> None:
-        """The group's leader: its launch ended and left the group for the next one, for `seconds`."""
-        self.shelf = group
-        if self.lease is not None:
-            self.lease.renew(seconds)
-
-    @ray.method(concurrency_group=MONITOR_GROUP)
-    def claim(self) -> tuple[Any, list[Any]] | None:
-        """The group's leader: the left group, to one launch only (one call at a time: atomic)."""
-        group, self.shelf = self.shelf, None
-        return group
-
-    @ray.method(concurrency_group=MONITOR_GROUP)
-    def end_if_shelved(self) -> None:
-        """The group's leader: ends the group if no launch holds it."""
-        if self.shelf is not None and self.lease is not None:
-            self.lease.end()
 
     def _start(self, log_path: str, attempt: int, rank: int) -> None:
         self.rank, self.attempt = rank, attempt
@@ -140,8 +100,6 @@ class HostActor:
 
     @ray.method(concurrency_group=MONITOR_GROUP)
     def poll(self) -> HostSnapshot:
-        if self.lease is not None:
-            self.lease.renew(SPARE_ORPHAN_AFTER_S)
         return self.progress.drain()
 
     @ray.method(concurrency_group=MONITOR_GROUP)

@@ -32,8 +32,6 @@ class EventKind(enum.StrEnum):
     HOST_BUSY = "host_busy"
     REPLICA_MISMATCH = "replica_mismatch"
     HOST_REPLACEMENT = "host_replacement"
-    SPARES_TAKEN_OVER = "spares_taken_over"
-    SPARES_LEFT = "spares_left"
     # the driver or a host
     LOW_DISK_SPACE = "low_disk_space"
     # the hosts

@@ -199,27 +199,6 @@ class JobEnded(Event):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class SparesTakenOver(Event):
-    """This launch's spare group is one an earlier launch on the cluster left (`--standby-linger`): its
-    processes, started and warmed up before this launch, become this launch's next hosts."""
-
-    KIND: ClassVar = EventKind.SPARES_TAKEN_OVER
-    num_hosts: int | None = None
-    pids: list[int] = dataclasses.field(default_factory=list)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class SparesLeft(Event):
-    """The launch ended and left its unused spare group on the cluster for the next launch, for
-    `linger_s` seconds (`--standby-linger`)."""
-
-    KIND: ClassVar = EventKind.SPARES_LEFT
-    num_hosts: int | None = None
-    pids: list[int] = dataclasses.field(default_factory=list)
-    linger_s: float | None = None
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
 class Straggler(Event):
     """A host whose busy time per step (its own work between steps) stayed well above its peers' over
     `steps` steps (first_step-last_step): `factor` is the median ratio, `busy_s` and `peers_busy_s` the

@@ -479,9 +479,3 @@ KEEPER_HOLDS = 16
 MONITOR_GROUP = "monitor"
 """The host actor's concurrency group for polls, stop requests and stack dumps, answered while
 training runs."""
-SPARE_HOLD_S = 15.0
-"""A lingering-capable spare group's lease while a driver holds it (`cluster.standby_linger_s`); the
-driver renews it every third of that (`jaxlaunch.workers.supervision.lease`)."""
-SPARE_ORPHAN_AFTER_S = 30.0
-"""A host that took over from such a spare ends its group when no poll came for this long (a driver
-polls every poll interval, about a second, while its group lives)."""

@@ -25,7 +25,6 @@ class LaunchKeywords(TypedDict, total=False):
     address: str | None
     devices_per_host: int
     placement_timeout: float
-    standby_linger: float
     steps: int
     schedule_steps: int | None
     seed: int

@@ -59,13 +59,6 @@ class ClusterConfig:
     warm_standby: bool = True
     """Keep a spare group of host processes started and warmed up (Python, JAX, Flax and Orbax
     imported) while the cluster has room for one, so a restart skips process start and imports."""
-    standby_linger_s: float = flag(0.0, cli="standby_linger", metavar="SECONDS")
-    """On an existing cluster (--address): how long the spare hosts a launch did not use wait, once it
-    ended, for the next launch on that cluster whose hosts would start alike (environment, resources,
-    placement, code, Python), which takes them over as its first hosts, skipping process start and
-    imports; a launch ends the lingering spares it cannot use. Such spares outlive their driver, bound
-    by a lease: a driver killed without cleaning up leaves them for 15 s at most (its hosts taken
-    over from them, 30 s). 0: they end with the launch (default)."""
     ynnpack: bool = False
     """On cpu: let XLA run dots and reductions with YNNPACK (jaxlib's default). Off, because YNNPACK
     builds its kernels' pipelines in a program's first execution, which is a restart's first step:
@@ -189,8 +182,7 @@ Orbax, jax.distributed and a compilation (about 5 s on a warm machine with a cac
 MIN_POLLS_PER_TIMEOUT = 2
 """A watchdog limit spans at least this many of the driver's polls, or a host that is merely between
 two polls counts as silent."""
-NON_NEGATIVE = {"fault": ("max_restarts", "max_preemptions", "backoff_s", "verify_every"), "train": ("seed",),
-                "cluster": ("standby_linger_s",)}
+NON_NEGATIVE = {"fault": ("max_restarts", "max_preemptions", "backoff_s", "verify_every"), "train": ("seed",)}
 """Numbers that may be 0; every other number of a section is above 0."""
 
 
@@ -218,12 +210,6 @@ class CheckedJob(pydantic.BaseModel):
                               f"{cluster.resources_per_host}")
         for where in ("cluster", "checkpoint", "distributed", "watchdog", "fault", "train"):
             _positive_numbers(getattr(job, where), where, NON_NEGATIVE.get(where, ()))
-        if cluster.standby_linger_s and cluster.address is None:
-            raise ConfigError("--standby-linger leaves spares on an existing cluster, and an embedded instance ends "
-                              "with its launch: give --address, or drop --standby-linger")
-        if cluster.standby_linger_s and not cluster.warm_standby:
-            raise ConfigError("--standby-linger leaves the warm standby's spares, and cluster.warm_standby is off: "
-                              "turn it on, or drop --standby-linger")
         if not 1 <= job.min_hosts <= job.num_hosts <= job.max_hosts:
             raise ConfigError(f"need 1 <= --min-hosts ({job.min_hosts}) <= --hosts ({job.num_hosts}) <= "
                               f"--max-hosts ({job.max_hosts})")

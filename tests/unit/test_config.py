@@ -194,11 +194,6 @@ def test_injection_parse_errors(text):
     ({"watchdog.save_timeout_s": 0.1}, "--save-timeout 0.1 is shorter than 2 of the driver's polls"),
     ({"fault.backoff_s": 40.0}, "fault.max_backoff_s \\(30\\) is below fault.backoff_s \\(40\\)"),
     ({"fault.max_hosts": 2}, r"need 1 <= --min-hosts \(4\) <= --hosts \(4\) <= --max-hosts \(2\)"),
-    ({"cluster.standby_linger_s": 60.0}, "--standby-linger leaves spares on an existing cluster, .*: give --address"),
-    ({"cluster.standby_linger_s": 60.0, "cluster.address": "127.0.0.1:6379", "cluster.warm_standby": False},
-     "cluster.warm_standby is off: turn it on, or drop --standby-linger"),
-    ({"cluster.standby_linger_s": -1.0, "cluster.address": "127.0.0.1:6379"},
-     "cluster.standby_linger_s must be a finite number at least 0, got -1"),
 ])
 def test_rules_across_fields_name_the_fix(changes, message):
     with pytest.raises(ConfigError, match=message):
