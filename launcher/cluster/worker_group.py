@@ -6,6 +6,7 @@ This adapter only translates: Ray's objects and errors become the typed contract
 
 from __future__ import annotations
 
+import importlib
 import logging
 import shutil
 import subprocess
@@ -13,18 +14,19 @@ import time
 from typing import Any, Protocol
 
 import ray
-from jaxlaunch.launcher.cluster.host_actors import create_hosts, release
 from jaxlaunch.launcher.cluster.keepers import KeeperPool
 from jaxlaunch.launcher.cluster.ray_cluster import RayCluster
-from jaxlaunch.launcher.cluster.standby import StandbyPool
+from jaxlaunch.launcher.configuration.schema import ClusterConfig
 from jaxlaunch.launcher.records.runs import RunDir
 from ray.actor import ActorHandle
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
-from ray.util.placement_group import PlacementGroup, placement_group
-from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table, remove_placement_group
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from jaxlaunch.contract.events import Event
 from jaxlaunch.contract.protocol import (
+    HOST_PROGRAM,
+    MONITOR_GROUP,
     ErrorKind,
     ExitHow,
     GroupInfo,
@@ -40,6 +42,7 @@ from jaxlaunch.contract.protocol import (
     PlacementError,
     ReplicaChecksums,
     StopAnswer,
+    host_env,
 )
 
 log = logging.getLogger(__name__)
@@ -47,6 +50,7 @@ ACTOR_CALL_TIMEOUT_S = 120.0
 STACK_DUMP_TIMEOUT_S = 20.0
 STOP_CALL_TIMEOUT_S = 5.0
 """How long a stop proposal or confirmation waits for the hosts' monitor threads (they answer at once)."""
+PG_REMOVAL_WAIT_S = 5.0
 NODE_DIED_MARKER = "because its node has died"  # Ray GCS: "The actor died because its node has died."
 
 
@@ -169,8 +173,6 @@ class RayWorkerGroup:
                 self.hosts[rank].heard_committed(snapshot.committed)
             self.results[rank] = result
         self._refresh_liveness()
-        if self.standby is not None:
-            self.standby.renew()
         if self.standby is not None and not self.replenished and all(h.past_first_step for h in self.hosts):
             # Only once every first step ran: the spares' imports would slow this group's start-up.
             self.replenished = True
@@ -279,6 +281,101 @@ class RayWorkerGroup:
             # (its GCS, kept until the instance stops, answers, but goes with the instance).
             log.info("the embedded Ray instance is gone: the group went with it")
         self.actors, self.run_refs, self.poll_refs, self.pg = [], {}, {}, None
+
+
+def release(actors: list[ActorHandle], pg: PlacementGroup | None) -> None:
+    """Kills the actors and removes their placement group, waiting until Ray has freed its resources
+    (it does so asynchronously; the next capacity check must see them free, or it would settle for
+    fewer hosts). Goes on whatever one actor or Ray does."""
+    for actor in actors:
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception as err:  # noqa: BLE001
+            log.debug("kill failed: %s", err)
+    if pg is None:
+        return
+    try:
+        remove_placement_group(pg)
+        deadline = time.monotonic() + PG_REMOVAL_WAIT_S
+        while time.monotonic() < deadline and placement_group_table(pg).get("state") != "REMOVED":
+            time.sleep(0.05)
+    except Exception as err:  # noqa: BLE001
+        log.debug("placement group removal failed: %s", err)
+
+
+def create_hosts(cfg: ClusterConfig, pg: PlacementGroup, logs: list[str], attempt: int) -> list[ActorHandle]:
+    """One host actor per bundle of `pg`, each with the platform's environment."""
+    resources = dict(cfg.resources_per_host)
+    num_cpus, num_gpus = resources.pop("CPU", 0), resources.pop("GPU", 0)
+    module, _, name = HOST_PROGRAM.partition(":")
+    host_actor = getattr(importlib.import_module(module), name)
+    # Ray's overloads of ray.remote omit the actor option concurrency_groups, which it documents and takes.
+    remote_cls = ray.remote(concurrency_groups={MONITOR_GROUP: 1})(host_actor)  # type: ignore[call-overload]
+    env = host_env(cfg.platform, cfg.devices_per_host, cfg.ynnpack)
+    return [remote_cls.options(
+        num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
+        runtime_env={"env_vars": env}, max_restarts=0,
+    ).remote(log_path, attempt, rank) for rank, log_path in enumerate(logs)]
+
+
+class StandbyPool:
+    """A spare group of host processes, placed and warmed up (Python, JAX, Flax, Orbax imported),
+    waiting to take over the next attempt, so that a restart skips process start and imports. It is
+    made only while the cluster has room for it beside the running group, and its hosts count as
+    placeable (they are given up whenever the next attempt needs a different count)."""
+
+    def __init__(self, cluster: RayCluster, run: RunDir):
+        self.cluster, self.run = cluster, run
+        self.pg: PlacementGroup | None = None
+        self.placed: ray.ObjectRef | None = None
+        self.actors: list[ActorHandle] = []
+        self.made = 0
+
+    @property
+    def reserved_hosts(self) -> int:
+        if self.pg is None or not ray.wait([self.placed], timeout=0)[0]:
+            return 0
+        return len(self.actors)
+
+    @property
+    def nodes(self) -> set[str]:
+        """The nodes its spares are placed on (none before they are)."""
+        if self.pg is None or self.reserved_hosts == 0:
+            return set()
+        return set(placement_group_table(self.pg).get("bundles_to_node_id", {}).values())
+
+    def replenish(self, num_hosts: int) -> None:
+        if self.actors or self.cluster.placeable_hosts() < num_hosts:
+            return
+        self.made += 1
+        cfg = self.cluster.cfg
+        self.pg = pg = placement_group([dict(cfg.resources_per_host)] * num_hosts, strategy=cfg.placement_strategy,
+                                       bundle_label_selector=self.cluster.bundle_selectors(num_hosts))
+        self.placed = pg.ready()
+        logs = [str(self.run.hosts / f"standby-{self.made}-rank-{rank}.log") for rank in range(num_hosts)]
+        self.actors = create_hosts(cfg, pg, logs, 0)
+        for actor in self.actors:
+            actor.warm.remote()
+
+    def take(self, num_hosts: int) -> tuple[PlacementGroup, list[ActorHandle]] | None:
+        """The spare group's placement group and actors, if it is ready and of the right size."""
+        if not self.actors:
+            return None
+        pg = self.pg
+        if pg is None or len(self.actors) != num_hosts or self.reserved_hosts == 0:
+            self.shutdown()
+            return None
+        taken, self.pg, self.placed, self.actors = (pg, self.actors), None, None, []
+        return taken
+
+    def forget(self) -> None:
+        """Drops the spare group without asking Ray (its Ray instance is gone)."""
+        self.pg, self.placed, self.actors = None, None, []
+
+    def shutdown(self) -> None:
+        release(self.actors, self.pg)
+        self.pg, self.placed, self.actors = None, None, []
 
 
 def _py_spy_dump(pid: int) -> str:
