@@ -138,6 +138,32 @@ def test_a_failed_part_write_leaves_no_file(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_reservation_prepares_spare_files_for_the_first_saves_within_the_budget():
+    """The first saves of an attempt find spare files whose pages exist, as later ones find dropped
+    parts': keep + 2 per host reserved on the node, within the budget, counting what is held."""
+    from jaxlaunch.workers.checkpoints.keeper import IN_FLIGHT_SAVES, SPARE_HEADER_ROOM
+
+    part = 1 << 20
+    roomy = Keeper("a", budget_bytes=64 << 20, keep=2, launch_id=f"test-{uuid.uuid4().hex[:8]}")
+    tight = Keeper("b", budget_bytes=5 << 20, keep=2, launch_id=f"test-{uuid.uuid4().hex[:8]}")
+    try:
+        for keeper in (roomy, tight):
+            assert keeper.reserve(0, 1, part, part) is None
+            preparing = keeper.preparing
+            if preparing is not None:
+                preparing.join(timeout=60)
+        assert sorted(p.stat().st_size for p in roomy.incoming.glob("spare-*")) == [part + SPARE_HEADER_ROOM] * (
+            2 + IN_FLIGHT_SAVES)
+        assert spare_bytes(tight) <= 5 << 20 and len(list(tight.incoming.glob("spare-*"))) == 2, "within the budget"
+        assert not [p for p in roomy.incoming.iterdir() if not p.name.startswith("spare-")], "only whole spares"
+        PartWriter().write(roomy.incoming, incoming_name(1, 0, os.getpid()), {"x": jnp.zeros(part // 4)}, {}, {})
+        assert len(list(roomy.incoming.glob("spare-*"))) == 1 + IN_FLIGHT_SAVES, "the first save took one"
+        assert roomy.hold(1, 0, 1, incoming_name(1, 0, os.getpid()), None).refused is None
+    finally:
+        roomy.close()
+        tight.close()
+
+
 def test_a_keeper_deletes_the_files_of_writers_that_died(keeper):
     dead = psutil_dead_pid()
     put(keeper, 7, 64, pid=dead)

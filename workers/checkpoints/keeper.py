@@ -52,6 +52,8 @@ STALE_RECEIVED_S = 4 * replica_stream.STREAM_TIMEOUT_S
 """A received replica its sender never asked to hold by then (the sender died) is deleted."""
 SPARE_PREFIX = "spare-"
 """A dropped part's file, kept for a host to write its next part into (`part_file.PartWriter`)."""
+SPARE_HEADER_ROOM = 1 << 20
+"""Room a prepared spare has beyond a part's arrays, for its header (the write truncates to its size)."""
 IN_FLIGHT_SAVES = 2
 """Steps above the floor a keeper may hold besides its `keep` whole ones: a host's previous save,
 still replicating on another host, and its newest."""
@@ -92,6 +94,9 @@ class Keeper:
         self.reserve_bytes = int(memory.total * RAM_RESERVE_FRACTION)
         self.lock = threading.Lock()
         self.reserved: dict[int, int] = {}
+        self.part_sizes: dict[int, int] = {}
+        """The size of each reserved host's own part on this node (0: not told)."""
+        self.preparing: threading.Thread | None = None
         self.floor = -1
         """The newest step every host handed over whole, as the newest part said."""
         self.parts: dict[tuple[int, int, Role], tuple[Held, pathlib.Path]] = {}
@@ -119,14 +124,67 @@ class Keeper:
                                                                ray.util.get_node_ip_address())
             return self.listener.address
 
-    def reserve(self, rank: int, num_hosts: int, step_bytes: int) -> str | None:
+    def reserve(self, rank: int, num_hosts: int, step_bytes: int, part_bytes: int = 0) -> str | None:
         """A host of an attempt of `num_hosts` will hand over parts of `step_bytes` a step (its own
         and the replica it causes another node to take, about as much as this node takes from
-        others): why `keep` steps of every host reserved here cannot be held, or None."""
+        others): why `keep` steps of every host reserved here cannot be held, or None. With its own
+        part's size (`part_bytes`), the keeper then prepares spare files for its first saves, in the
+        background (`prepare_spares`)."""
         with self.lock:
             self.reserved = {r: b for r, b in self.reserved.items() if r < num_hosts}
             self.reserved[rank] = step_bytes
-            return self.fits(sum(self.reserved.values()))
+            self.part_sizes = {r: b for r, b in self.part_sizes.items() if r < num_hosts} | {rank: part_bytes}
+            refused = self.fits(sum(self.reserved.values()))
+            start = refused is None and part_bytes > 0 and self.preparing is None
+            if start:
+                self.preparing = threading.Thread(target=self.prepare_spares, name="prepare-spares", daemon=True)
+        if start:
+            assert self.preparing is not None
+            self.preparing.start()
+        return refused
+
+    def prepare_spares(self) -> None:
+        """Spare files in this node's shared memory, their pages allocated (`posix_fallocate`), for the
+        saves of the hosts reserved here that no dropped part serves yet: their first `keep` +
+        `IN_FLIGHT_SAVES` each. A save's write is its blocking time, and writing into a tmpfs file's
+        pages is about twice as fast as into new ones (60 MB: 13 against 28 ms, an idle machine); the
+        cadence is chosen from the first saves. Within the budget, counting what is held; a host that
+        takes a spare before it is whole never sees it (it is renamed into place when whole)."""
+        while True:
+            with self.lock:
+                spares = self._spare_sizes()
+                size = max(self.part_sizes.values(), default=0)
+                wanted = (self.keep + IN_FLIGHT_SAVES) * len(self.part_sizes) - len(spares) - sum(
+                    1 for role in (k[2] for k in self.parts) if role == Role.PRIMARY)
+                used = sum(h.nbytes for h, _ in self.parts.values()) + sum(spares)
+                if size <= 0 or wanted <= 0 or used + size + SPARE_HEADER_ROOM > self.budget:
+                    self.preparing = None  # under the lock: a reservation after this starts another
+                    return
+                name = uuid.uuid4().hex
+            # The keeper's pid in the name: a sweep takes it for a live writer's file.
+            temporary = self.incoming / f".prepare-{name}-{os.getpid()}.part"
+            try:
+                fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                try:
+                    os.posix_fallocate(fd, 0, size + SPARE_HEADER_ROOM)
+                finally:
+                    os.close(fd)
+                os.rename(temporary, self.incoming / f"{SPARE_PREFIX}{name}.part")
+            except OSError as err:  # a full tmpfs: the saves write new files, as before
+                temporary.unlink(missing_ok=True)
+                log.info("no spare file prepared (%s)", first_line(err))
+                with self.lock:
+                    self.preparing = None
+                return
+
+    def _spare_sizes(self) -> list[int]:
+        sizes = []
+        for path in self.incoming.glob(f"{SPARE_PREFIX}*"):
+            try:
+                sizes.append(path.stat().st_size)
+            except FileNotFoundError:
+                continue  # a host claimed it
+        return sizes
 
     def fits(self, step_bytes: int) -> str | None:
         """Why `keep` steps of `step_bytes` (this node's parts and the replicas it takes, together)

@@ -101,7 +101,7 @@ class MemoryTier:
 
         step_bytes = nbytes * (2 if self.replica_to is not None else 1)
         try:
-            reason, inbox = ray.get([self.keeper.reserve.remote(self.rank, self.num_hosts, step_bytes),
+            reason, inbox = ray.get([self.keeper.reserve.remote(self.rank, self.num_hosts, step_bytes, nbytes),
                                      self.keeper.inbox.remote()], timeout=KEEPER_CALL_TIMEOUT_S)
             self.inbox = pathlib.Path(inbox)
         except Exception as err:  # noqa: BLE001 - no keeper: no memory tier, said in the event
