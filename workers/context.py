@@ -362,7 +362,7 @@ class HostContext:
             if timing is None:
                 continue
             record["busy_s"], record["blocked_s"] = timing.busy_s, timing.blocked_s
-            self._loop.tiers.step_time(timing.step_time_s)
+            self._loop.tiers.step_time(timing.step_time_s, record["step"])
             self._progress.busy(record["step"], timing.busy_s)
             self._faults.observe_busy(timing.busy_s)
             if "tokens" in record and timing.step_time_s > 0:

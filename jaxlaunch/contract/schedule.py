@@ -2,11 +2,12 @@
 measured cost, written once as pure values (no Ray, JAX or clock), so that the host context asks
 them and the tests drive them with made-up measurements.
 
-The cadence rule (`choose`): a tier saves as often as keeps its measured blocking time at or below
-`BLOCKING_SHARE` (1 %) of step time: every step when a save blocks for less than a hundredth of a
-step, every k steps otherwise; durable saves are also never more than `max_age_s` apart, which
-bounds what a SIGKILL of the driver (whose keepers hold the memory tier) can cost. A number the user
-gave wins over the rule.
+The cadence rule (`choose`): a tier saves as often as keeps its measured cost at or below
+`BLOCKING_SHARE` (1 %) of step time: every step when a save costs less than a hundredth of a step,
+every k steps otherwise. A save's cost is its blocking time; a memory save's also what the step
+after it took beyond a normal step (its hand-off and replica run beside that step). Durable saves
+are also never more than `max_age_s` apart, which bounds what a SIGKILL of the driver (whose keepers
+hold the memory tier) can cost. A number the user gave wins over the rule.
 """
 
 from __future__ import annotations
@@ -77,11 +78,18 @@ at (0: none)."""
 @dataclasses.dataclass(frozen=True)
 class Measured:
     """What a host measured: its steps' own time (median) and each tier's blocking time per save
-    (None: no save of that tier measured yet)."""
+    (None: no save of that tier measured yet), and how much longer the step after a memory save took
+    than a normal step (median; 0 until both were measured)."""
 
     step_time_s: float
     memory_blocking_s: float | None = None
     durable_blocking_s: float | None = None
+    memory_slowdown_s: float = 0.0
+
+    @property
+    def memory_cost_s(self) -> float | None:
+        """What a memory save costs the loop: its blocking time and its slowdown of the next step."""
+        return None if self.memory_blocking_s is None else self.memory_blocking_s + self.memory_slowdown_s
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,8 +137,9 @@ class CadenceRule:
                 memory_every = self.save_every
                 reasons.append(f"memory every {memory_every} (given)")
             else:
-                memory_every = max(self._every(measured.memory_blocking_s, step), floor[0] + 1)
-                reasons.append(f"memory every {memory_every}: " + self._why(measured.memory_blocking_s, step))
+                memory_every = max(self._every(measured.memory_cost_s, step), floor[0] + 1)
+                reasons.append(f"memory every {memory_every}: " + self._why(
+                    measured.memory_blocking_s, step, measured.memory_slowdown_s))
         given_durable = self.persist_every if self.memory_tier else self.save_every
         if given_durable is not None:
             durable_every = given_durable
@@ -163,15 +172,15 @@ class CadenceRule:
         given_durable = self.persist_every if self.memory_tier else self.save_every
         if given_durable is None and chosen.durable_blocking_s is None and now.durable_blocking_s is not None:
             return "Orbax's first save was measured"
-        tiers = (("memory", cadence.memory_every, now.memory_blocking_s, self.save_every),
+        tiers = (("memory", cadence.memory_every, now.memory_cost_s, self.save_every),
                  ("durable", cadence.durable_every, now.durable_blocking_s, given_durable))
-        for (name, every, blocking, _), over in zip(tiers, self.over_share(cadence, now), strict=True):
+        for (name, every, cost, _), over in zip(tiers, self.over_share(cadence, now), strict=True):
             if over:
-                return f"{name} saves block {(blocking or 0.0) * 1e3:.1f} ms every {every} steps, over their share"
+                return f"{name} saves cost {(cost or 0.0) * 1e3:.1f} ms every {every} steps, over their share"
         proposed = self.choose(now, floor)
-        for (name, every, blocking, given), wanted in zip(tiers, proposed.intervals, strict=True):
-            if given is None and every and wanted and blocking is not None and RECHOOSE_FACTOR * wanted <= every:
-                return (f"{name} saves block {blocking * 1e3:.1f} ms now: every {wanted} steps keeps them within "
+        for (name, every, cost, given), wanted in zip(tiers, proposed.intervals, strict=True):
+            if given is None and every and wanted and cost is not None and RECHOOSE_FACTOR * wanted <= every:
+                return (f"{name} saves cost {cost * 1e3:.1f} ms now: every {wanted} steps keeps them within "
                         f"their share, not only every {every}")
         return None
 
@@ -179,7 +188,7 @@ class CadenceRule:
         """Per tier, the chosen interval if its saves now block more than `RECHOOSE_FACTOR` times
         their share at it (0: within it, given by the user, or not measured)."""
         given_durable = self.persist_every if self.memory_tier else self.save_every
-        tiers = ((cadence.memory_every, now.memory_blocking_s, self.save_every),
+        tiers = ((cadence.memory_every, now.memory_cost_s, self.save_every),
                  (cadence.durable_every, now.durable_blocking_s, given_durable))
         memory, durable = (every if given is None and every and blocking is not None and
                            blocking / every > RECHOOSE_FACTOR * self.share * now.step_time_s else 0
@@ -191,10 +200,11 @@ class CadenceRule:
             return 1
         return max(1, math.ceil(blocking_s / (self.share * step_time_s) - 1e-9))
 
-    def _why(self, blocking_s: float | None, step_time_s: float) -> str:
+    def _why(self, blocking_s: float | None, step_time_s: float, slowdown_s: float = 0.0) -> str:
         if blocking_s is None:
             return "not measured"
-        return (f"a save blocks {blocking_s * 1e3:.1f} ms against {step_time_s * 1e3:.1f} ms steps, "
+        slows = f" and slows the next step by {slowdown_s * 1e3:.1f} ms" if slowdown_s > 0 else ""
+        return (f"a save blocks {blocking_s * 1e3:.1f} ms{slows} against {step_time_s * 1e3:.1f} ms steps, "
                 f"at most {self.share:.0%} of step time")
 
 

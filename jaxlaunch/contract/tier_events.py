@@ -100,6 +100,9 @@ class CadenceChosen(HostEvent):
     """Median of the newest steps' own time."""
     memory_blocking_s: float | None = None
     """Median blocking time of a memory save (None: not measured, or no memory tier)."""
+    memory_slowdown_s: float | None = None
+    """How much longer the step after a memory save took than a normal step (median; 0: not measured
+    yet; None: no memory tier). A memory save's cost is its blocking time and this."""
     durable_blocking_s: float | None = None
     """Median blocking time of an Orbax save (None: not measured yet)."""
     memory_every: int | None = None

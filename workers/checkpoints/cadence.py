@@ -38,6 +38,8 @@ UNCHOSEN = 2**40
 for another reason (the first measuring save, the last step, an agreed stop)."""
 STEP_WINDOW = 20
 COST_WINDOW = 5
+MIN_SLOWDOWN_SAMPLES = 3
+"""Steps after a memory save, and normal steps, a slowdown is measured from."""
 
 Broadcast = Callable[[list[int]], list[int]]
 """Rank 0's list of ints, on every host (a collective: every host calls it at the same step)."""
@@ -59,6 +61,12 @@ class SaveCadence:
         self._step_times: collections.deque[float] = collections.deque(maxlen=STEP_WINDOW)
         self._costs: dict[str, collections.deque[float]] = {
             tier: collections.deque(maxlen=COST_WINDOW) for tier in ("memory", "durable")}
+        self._saved: dict[int, Due] = {}
+        """The newest steps that saved, and to which tiers (to tell the steps after them)."""
+        self._after_memory: collections.deque[float] = collections.deque(maxlen=COST_WINDOW)
+        """Times of steps right after a memory save (its hand-off and replica run beside them)."""
+        self._normal: collections.deque[float] = collections.deque(maxlen=STEP_WINDOW)
+        """Times of steps neither saving nor within two steps after a save."""
         self._durable_measured = False
         self._memory_warm = False
         """This attempt's first memory save was made (its cost, a set-up's, is not counted)."""
@@ -88,8 +96,22 @@ class SaveCadence:
     def due(self, step: int, final: bool) -> Due:
         return self.schedule.due(step, final)
 
-    def step_time(self, seconds: float) -> None:
+    def step_time(self, seconds: float, step: int | None = None) -> None:
+        """A step's own time (`step`: which one, to tell a step after a save from a normal one)."""
         self._step_times.append(seconds)
+        if step is None:
+            return
+        if step - 1 in self._saved and self._saved[step - 1].memory:
+            self._after_memory.append(seconds)
+        elif not any(step - d in self._saved for d in (0, 1, 2)):
+            self._normal.append(seconds)
+
+    def slowdown(self) -> float:
+        """How much longer a step right after a memory save took than a normal one (medians; 0 until
+        there are `MIN_SLOWDOWN_SAMPLES` of each)."""
+        if len(self._after_memory) < MIN_SLOWDOWN_SAMPLES or len(self._normal) < MIN_SLOWDOWN_SAMPLES:
+            return 0.0
+        return max(0.0, statistics.median(self._after_memory) - statistics.median(self._normal))
 
     def after_save(self, step: int, saved: Due, memory_s: float | None, durable_s: float | None,
                    final: bool = False) -> None:
@@ -100,6 +122,8 @@ class SaveCadence:
             return  # maybe_save called again at a step: its save and agreement were made
         self._last_step = step
         self.schedule = self.schedule.after(step, saved)
+        if saved.any:
+            self._saved = {s: d for s, d in self._saved.items() if s > step - 3} | {step: saved}
         first_durable = False
         if saved.memory and memory_s is not None:
             if self._memory_warm:
@@ -125,11 +149,12 @@ class SaveCadence:
         if not self._step_times:
             return [0, 0, 0, step + 1], None  # no step timed yet (the attempt is that short): next step
         now = Measured(statistics.median(self._step_times), _median(self._costs["memory"]),
-                       _median(self._costs["durable"]))
+                       _median(self._costs["durable"]), self.slowdown())
         if self.chosen is not None:  # a tier not saved since the last choice keeps its last cost
             before = self.chosen[0]
             now = dataclasses.replace(now, memory_blocking_s=_first(now.memory_blocking_s, before.memory_blocking_s),
-                                      durable_blocking_s=_first(now.durable_blocking_s, before.durable_blocking_s))
+                                      durable_blocking_s=_first(now.durable_blocking_s, before.durable_blocking_s),
+                                      memory_slowdown_s=now.memory_slowdown_s or before.memory_slowdown_s)
         next_check = step + max(1, math.ceil(CHECK_EVERY_S / now.step_time_s)) if now.step_time_s > 0 else step + 1
         if self.chosen is None:
             why: str | None = "the attempt started"
@@ -159,6 +184,7 @@ class SaveCadence:
             costs.clear()  # measured under the old cadence (a hand-off's wait depends on it)
         event = events.CadenceChosen(
             step=step, step_time_s=now.step_time_s, memory_blocking_s=now.memory_blocking_s,
+            memory_slowdown_s=now.memory_slowdown_s if self.schedule.memory_every is not None else None,
             durable_blocking_s=now.durable_blocking_s, memory_every=cadence.memory_every,
             durable_every=cadence.durable_every, max_age_s=self.rule.max_age_s, reason=f"{why}: {cadence.reason}")
         return [1, cadence.memory_every or 0, cadence.durable_every, next_check], event

@@ -144,8 +144,8 @@ class Tiers:
         else:
             self.cadence.after_save(step, saved.tiers, saved.memory_s, saved.durable_s, final)
 
-    def step_time(self, seconds: float) -> None:
-        self.cadence.step_time(seconds)
+    def step_time(self, seconds: float, step: int | None = None) -> None:
+        self.cadence.step_time(seconds, step)
 
     def saving(self) -> bool:
         """Whether a save is under way: Orbax's in the background, or a memory part's hand-off."""
