@@ -138,9 +138,10 @@ def test_a_failed_part_write_leaves_no_file(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_reservation_prepares_spare_files_for_the_first_saves_within_the_budget():
-    """The first saves of an attempt find spare files whose pages exist, as later ones find dropped
-    parts': keep + 2 per host reserved on the node, within the budget, counting what is held."""
+def test_a_tier_that_is_on_gets_spare_files_for_its_first_saves_within_the_budget():
+    """Once every host agreed the tier is on (`prepare`), the first saves find spare files whose pages
+    exist, as later ones find dropped parts': keep + 2 per host reserved on the node, within the
+    budget. A reservation alone (the tier may still be off) prepares nothing."""
     from jaxlaunch.workers.checkpoints.keeper import IN_FLIGHT_SAVES, SPARE_HEADER_ROOM
 
     part = 1 << 20
@@ -149,19 +150,29 @@ def test_a_reservation_prepares_spare_files_for_the_first_saves_within_the_budge
     try:
         for keeper in (roomy, tight):
             assert keeper.reserve(0, 1, part, part) is None
+            assert list(keeper.incoming.iterdir()) == [], "nothing before the tier is agreed on"
+            keeper.prepare()
             preparing = keeper.preparing
             if preparing is not None:
                 preparing.join(timeout=60)
-        assert sorted(p.stat().st_size for p in roomy.incoming.glob("spare-*")) == [part + SPARE_HEADER_ROOM] * (
-            2 + IN_FLIGHT_SAVES)
+        spares = list(roomy.incoming.glob("spare-*"))
+        assert len(spares) == 2 + IN_FLIGHT_SAVES and not [p for p in roomy.incoming.iterdir() if p not in spares]
+        assert all(p.stat().st_blocks * 512 >= part + SPARE_HEADER_ROOM for p in spares), "their pages exist"
         assert spare_bytes(tight) <= 5 << 20 and len(list(tight.incoming.glob("spare-*"))) == 2, "within the budget"
-        assert not [p for p in roomy.incoming.iterdir() if not p.name.startswith("spare-")], "only whole spares"
         PartWriter().write(roomy.incoming, incoming_name(1, 0, os.getpid()), {"x": jnp.zeros(part // 4)}, {}, {})
         assert len(list(roomy.incoming.glob("spare-*"))) == 1 + IN_FLIGHT_SAVES, "the first save took one"
         assert roomy.hold(1, 0, 1, incoming_name(1, 0, os.getpid()), None).refused is None
     finally:
         roomy.close()
         tight.close()
+
+
+def test_a_keeper_closed_while_it_prepares_spares_leaves_nothing():
+    keeper = Keeper("c", budget_bytes=1 << 30, keep=8, launch_id=f"test-{uuid.uuid4().hex[:8]}")
+    assert keeper.reserve(0, 1, 8 << 20, 8 << 20) is None
+    keeper.prepare()
+    keeper.close()
+    assert keeper.preparing is None and not keeper.dir.parent.exists()
 
 
 def test_a_keeper_deletes_the_files_of_writers_that_died(keeper):

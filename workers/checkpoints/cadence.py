@@ -66,7 +66,7 @@ class SaveCadence:
         self._after_memory: collections.deque[float] = collections.deque(maxlen=COST_WINDOW)
         """Times of steps right after a memory save (its hand-off and replica run beside them)."""
         self._normal: collections.deque[float] = collections.deque(maxlen=STEP_WINDOW)
-        """Times of steps neither saving nor within two steps after a save."""
+        """Times of steps not within two steps after a save (a save step's own time ends before its save)."""
         self._durable_measured = False
         self._memory_warm = False
         """This attempt's first memory save was made (its cost, a set-up's, is not counted)."""
@@ -103,14 +103,15 @@ class SaveCadence:
             return
         if step - 1 in self._saved and self._saved[step - 1].memory:
             self._after_memory.append(seconds)
-        elif not any(step - d in self._saved for d in (0, 1, 2)):
+        elif not any(step - d in self._saved for d in (1, 2)):
             self._normal.append(seconds)
 
-    def slowdown(self) -> float:
-        """How much longer a step right after a memory save took than a normal one (medians; 0 until
-        there are `MIN_SLOWDOWN_SAMPLES` of each)."""
+    def slowdown(self) -> float | None:
+        """How much longer a step right after a memory save took than a normal one (medians); None
+        until there are `MIN_SLOWDOWN_SAMPLES` of each, which memory saves every step or every other
+        step never leave room for (their cost is then their blocking, or the slowdown measured last)."""
         if len(self._after_memory) < MIN_SLOWDOWN_SAMPLES or len(self._normal) < MIN_SLOWDOWN_SAMPLES:
-            return 0.0
+            return None
         return max(0.0, statistics.median(self._after_memory) - statistics.median(self._normal))
 
     def after_save(self, step: int, saved: Due, memory_s: float | None, durable_s: float | None,
@@ -148,13 +149,14 @@ class SaveCadence:
         """Rank 0's decision: [changed, memory_every, durable_every, next agreement step]."""
         if not self._step_times:
             return [0, 0, 0, step + 1], None  # no step timed yet (the attempt is that short): next step
+        slowdown = self.slowdown()
         now = Measured(statistics.median(self._step_times), _median(self._costs["memory"]),
-                       _median(self._costs["durable"]), self.slowdown())
+                       _median(self._costs["durable"]), slowdown or 0.0)
         if self.chosen is not None:  # a tier not saved since the last choice keeps its last cost
             before = self.chosen[0]
             now = dataclasses.replace(now, memory_blocking_s=_first(now.memory_blocking_s, before.memory_blocking_s),
                                       durable_blocking_s=_first(now.durable_blocking_s, before.durable_blocking_s),
-                                      memory_slowdown_s=now.memory_slowdown_s or before.memory_slowdown_s)
+                                      memory_slowdown_s=_first(slowdown, before.memory_slowdown_s) or 0.0)
         next_check = step + max(1, math.ceil(CHECK_EVERY_S / now.step_time_s)) if now.step_time_s > 0 else step + 1
         if self.chosen is None:
             why: str | None = "the attempt started"

@@ -97,6 +97,9 @@ class Keeper:
         self.part_sizes: dict[int, int] = {}
         """The size of each reserved host's own part on this node (0: not told)."""
         self.preparing: threading.Thread | None = None
+        self.preparing_bytes = 0
+        """The spare file being prepared now (it counts in the budget before it is one)."""
+        self.closed = False
         self.floor = -1
         """The newest step every host handed over whole, as the newest part said."""
         self.parts: dict[tuple[int, int, Role], tuple[Held, pathlib.Path]] = {}
@@ -127,55 +130,62 @@ class Keeper:
     def reserve(self, rank: int, num_hosts: int, step_bytes: int, part_bytes: int = 0) -> str | None:
         """A host of an attempt of `num_hosts` will hand over parts of `step_bytes` a step (its own
         and the replica it causes another node to take, about as much as this node takes from
-        others): why `keep` steps of every host reserved here cannot be held, or None. With its own
-        part's size (`part_bytes`), the keeper then prepares spare files for its first saves, in the
-        background (`prepare_spares`)."""
+        others): why `keep` steps of every host reserved here cannot be held, or None. `part_bytes`:
+        the size of its own part, for `prepare`."""
         with self.lock:
             self.reserved = {r: b for r, b in self.reserved.items() if r < num_hosts}
             self.reserved[rank] = step_bytes
             self.part_sizes = {r: b for r, b in self.part_sizes.items() if r < num_hosts} | {rank: part_bytes}
-            refused = self.fits(sum(self.reserved.values()))
-            start = refused is None and part_bytes > 0 and self.preparing is None
-            if start:
-                self.preparing = threading.Thread(target=self.prepare_spares, name="prepare-spares", daemon=True)
-        if start:
-            assert self.preparing is not None
-            self.preparing.start()
-        return refused
+            return self.fits(sum(self.reserved.values()))
 
-    def prepare_spares(self) -> None:
+    def prepare(self) -> None:
+        """Once every host agreed the tier is on: prepares spare files in the background (`_prepare`)."""
+        with self.lock:
+            if self.preparing is not None or self.closed:
+                return
+            self.preparing = threading.Thread(target=self._prepare, name="prepare-spares", daemon=True)
+            self.preparing.start()
+
+    def _prepare(self) -> None:
         """Spare files in this node's shared memory, their pages allocated (`posix_fallocate`), for the
         saves of the hosts reserved here that no dropped part serves yet: their first `keep` +
         `IN_FLIGHT_SAVES` each. A save's write is its blocking time, and writing into a tmpfs file's
         pages is about twice as fast as into new ones (60 MB: 13 against 28 ms, an idle machine); the
-        cadence is chosen from the first saves. Within the budget, counting what is held; a host that
-        takes a spare before it is whole never sees it (it is renamed into place when whole)."""
-        while True:
-            with self.lock:
-                spares = self._spare_sizes()
-                size = max(self.part_sizes.values(), default=0)
-                wanted = (self.keep + IN_FLIGHT_SAVES) * len(self.part_sizes) - len(spares) - sum(
-                    1 for role in (k[2] for k in self.parts) if role == Role.PRIMARY)
-                used = sum(h.nbytes for h, _ in self.parts.values()) + sum(spares)
-                if size <= 0 or wanted <= 0 or used + size + SPARE_HEADER_ROOM > self.budget:
-                    self.preparing = None  # under the lock: a reservation after this starts another
-                    return
-                name = uuid.uuid4().hex
-            # The keeper's pid in the name: a sweep takes it for a live writer's file.
-            temporary = self.incoming / f".prepare-{name}-{os.getpid()}.part"
-            try:
-                fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-                try:
-                    os.posix_fallocate(fd, 0, size + SPARE_HEADER_ROOM)
-                finally:
-                    os.close(fd)
-                os.rename(temporary, self.incoming / f"{SPARE_PREFIX}{name}.part")
-            except OSError as err:  # a full tmpfs: the saves write new files, as before
-                temporary.unlink(missing_ok=True)
-                log.info("no spare file prepared (%s)", first_line(err))
+        cadence is chosen from the first saves. Within the budget and the node's available RAM,
+        counting what is held (a held part, dropped, becomes a spare too); a host never takes a spare
+        before it is whole (it is renamed into place then)."""
+        try:
+            while True:
                 with self.lock:
-                    self.preparing = None
-                return
+                    spares = self._spare_sizes()
+                    size = max(self.part_sizes.values(), default=0) + SPARE_HEADER_ROOM
+                    wanted = (self.keep + IN_FLIGHT_SAVES) * len(self.part_sizes) - len(spares) - len(self.parts)
+                    used = sum(h.nbytes for h, _ in self.parts.values()) + sum(spares)
+                    available = psutil.virtual_memory().available - self.reserve_bytes
+                    if (self.closed or size <= SPARE_HEADER_ROOM or wanted <= 0 or used + size > self.budget
+                            or size > available):
+                        return
+                    name = uuid.uuid4().hex
+                    self.preparing_bytes = size
+                # The keeper's pid in the name: a sweep takes it for a live writer's file.
+                temporary = self.incoming / f".prepare-{name}-{os.getpid()}.part"
+                try:
+                    fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                    try:
+                        os.posix_fallocate(fd, 0, size)
+                    finally:
+                        os.close(fd)
+                    os.rename(temporary, self.incoming / f"{SPARE_PREFIX}{name}.part")
+                except OSError as err:  # a full tmpfs, or the keeper closed: the saves write new files
+                    temporary.unlink(missing_ok=True)
+                    log.info("no spare file prepared (%s)", first_line(err))
+                    return
+                finally:
+                    with self.lock:
+                        self.preparing_bytes = 0
+        finally:
+            with self.lock:
+                self.preparing = None
 
     def _spare_sizes(self) -> list[int]:
         sizes = []
@@ -280,7 +290,7 @@ class Keeper:
         if held.step not in steps:
             return f"step {held.step} is older than the {self.keep} steps held"
         total = sum(h.nbytes for k, h in after.items() if k[0] in steps)
-        self._delete_spares(keep_bytes=self.budget - total)
+        self._delete_spares(keep_bytes=self.budget - total - self.preparing_bytes)
         available = psutil.virtual_memory().available - self.reserve_bytes
         if total > self.budget:
             return (f"holding step {held.step} would take {_mb(total)} on node {self.node[:12]}, over "
@@ -381,6 +391,11 @@ class Keeper:
 
     def close(self) -> None:
         """Deletes this keeper's folder, and the launch's when no other keeper of this node has one."""
+        with self.lock:
+            self.closed = True  # no spare is prepared from now on
+            preparing = self.preparing
+        if preparing is not None:
+            preparing.join(timeout=30)
         with self.lock:
             if self.listener is not None:
                 self.listener.close()

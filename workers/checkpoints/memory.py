@@ -107,6 +107,8 @@ class MemoryTier:
         except Exception as err:  # noqa: BLE001 - no keeper: no memory tier, said in the event
             reason = f"this node's keeper did not answer: {type(err).__name__}: {err}"
         self.active = not any_host(reason is not None)
+        if self.active:
+            self.keeper.prepare.remote()  # spare files for the first saves, made in the background
         return reason
 
     # -- saving -----------------------------------------------------------------------------------
