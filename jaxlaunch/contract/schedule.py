@@ -185,20 +185,20 @@ class CadenceRule:
         return None
 
     def over_share(self, cadence: Cadence, now: Measured) -> Floor:
-        """Per tier, the chosen interval if its saves now block more than `RECHOOSE_FACTOR` times
+        """Per tier, the chosen interval if its saves now cost more than `RECHOOSE_FACTOR` times
         their share at it (0: within it, given by the user, or not measured)."""
         given_durable = self.persist_every if self.memory_tier else self.save_every
         tiers = ((cadence.memory_every, now.memory_cost_s, self.save_every),
                  (cadence.durable_every, now.durable_blocking_s, given_durable))
-        memory, durable = (every if given is None and every and blocking is not None and
-                           blocking / every > RECHOOSE_FACTOR * self.share * now.step_time_s else 0
-                           for every, blocking, given in tiers)
+        memory, durable = (every if given is None and every and cost is not None and
+                           cost / every > RECHOOSE_FACTOR * self.share * now.step_time_s else 0
+                           for every, cost, given in tiers)
         return memory, durable
 
-    def _every(self, blocking_s: float | None, step_time_s: float) -> int:
-        if not blocking_s or step_time_s <= 0:
+    def _every(self, cost_s: float | None, step_time_s: float) -> int:
+        if not cost_s or step_time_s <= 0:
             return 1
-        return max(1, math.ceil(blocking_s / (self.share * step_time_s) - 1e-9))
+        return max(1, math.ceil(cost_s / (self.share * step_time_s) - 1e-9))
 
     def _why(self, blocking_s: float | None, step_time_s: float, slowdown_s: float = 0.0) -> str:
         if blocking_s is None:

@@ -65,12 +65,11 @@ def refuse_if_nothing_answers(address: str | None) -> None:
     address that is none of these (no port, an IPv6 host without brackets) was Ray's ValueError traceback.
     "local" and `ray://` addresses (given, or in the RAY_ADDRESS that `auto` would use) are left to Ray;
     a head that takes the connection is Ray's to judge."""
-    if address is None or address == "local" or "://" in address:
+    if address is None or _ray_takes(address):
         return
     named = "--address"
     if address == "auto":
-        told = os.environ.get("RAY_ADDRESS", "")
-        if "://" in told or told == "local":  # Ray Client, a Ray Jobs URL, a new local instance: Ray's to take
+        if _ray_takes(os.environ.get("RAY_ADDRESS", "")):
             return
         try:
             address, named = resolved_address(address), "--address auto, resolved by Ray to"
@@ -89,6 +88,11 @@ def refuse_if_nothing_answers(address: str | None) -> None:
         raise ConfigError(f"no Ray cluster answers at {named} {address} ({reason}): start its head "
                           "(`ray start --head`), fix the address, or leave --address out to run on an "
                           "embedded instance") from None
+
+
+def _ray_takes(address: str) -> bool:
+    """An address Ray resolves itself: Ray Client's, a Ray Jobs URL (`://`), or a new local instance."""
+    return address == "local" or "://" in address
 
 
 def _first_sentence(err: Exception) -> str:

@@ -149,14 +149,14 @@ class SaveCadence:
         """Rank 0's decision: [changed, memory_every, durable_every, next agreement step]."""
         if not self._step_times:
             return [0, 0, 0, step + 1], None  # no step timed yet (the attempt is that short): next step
-        slowdown = self.slowdown()
+        before = self.chosen[0] if self.chosen is not None else None
+        # A cost not measured since the last choice (no save of the tier, no room for a slowdown) keeps its last value.
+        slowdown = _first(self.slowdown(), before.memory_slowdown_s if before is not None else None)
         now = Measured(statistics.median(self._step_times), _median(self._costs["memory"]),
                        _median(self._costs["durable"]), slowdown or 0.0)
-        if self.chosen is not None:  # a tier not saved since the last choice keeps its last cost
-            before = self.chosen[0]
+        if before is not None:
             now = dataclasses.replace(now, memory_blocking_s=_first(now.memory_blocking_s, before.memory_blocking_s),
-                                      durable_blocking_s=_first(now.durable_blocking_s, before.durable_blocking_s),
-                                      memory_slowdown_s=_first(slowdown, before.memory_slowdown_s) or 0.0)
+                                      durable_blocking_s=_first(now.durable_blocking_s, before.durable_blocking_s))
         next_check = step + max(1, math.ceil(CHECK_EVERY_S / now.step_time_s)) if now.step_time_s > 0 else step + 1
         if self.chosen is None:
             why: str | None = "the attempt started"

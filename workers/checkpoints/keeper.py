@@ -93,9 +93,8 @@ class Keeper:
         self.budget = budget_bytes if budget_bytes is not None else int(memory.available * DEFAULT_BUDGET_FRACTION)
         self.reserve_bytes = int(memory.total * RAM_RESERVE_FRACTION)
         self.lock = threading.Lock()
-        self.reserved: dict[int, int] = {}
-        self.part_sizes: dict[int, int] = {}
-        """The size of each reserved host's own part on this node (0: not told)."""
+        self.reserved: dict[int, tuple[int, int]] = {}
+        """Each reserved host's bytes a step (its part and the replica it causes) and its own part's size."""
         self.preparing: threading.Thread | None = None
         self.preparing_bytes = 0
         """The spare file being prepared now (it counts in the budget before it is one)."""
@@ -133,10 +132,8 @@ class Keeper:
         others): why `keep` steps of every host reserved here cannot be held, or None. `part_bytes`:
         the size of its own part, for `prepare`."""
         with self.lock:
-            self.reserved = {r: b for r, b in self.reserved.items() if r < num_hosts}
-            self.reserved[rank] = step_bytes
-            self.part_sizes = {r: b for r, b in self.part_sizes.items() if r < num_hosts} | {rank: part_bytes}
-            return self.fits(sum(self.reserved.values()))
+            self.reserved = {r: b for r, b in self.reserved.items() if r < num_hosts} | {rank: (step_bytes, part_bytes)}
+            return self.fits(sum(step for step, _ in self.reserved.values()))
 
     def prepare(self) -> None:
         """Once every host agreed the tier is on: prepares spare files in the background (`_prepare`)."""
@@ -157,10 +154,10 @@ class Keeper:
         try:
             while True:
                 with self.lock:
-                    spares = self._spare_sizes()
-                    size = max(self.part_sizes.values(), default=0) + SPARE_HEADER_ROOM
-                    wanted = (self.keep + IN_FLIGHT_SAVES) * len(self.part_sizes) - len(spares) - len(self.parts)
-                    used = sum(h.nbytes for h, _ in self.parts.values()) + sum(spares)
+                    spares = self._spares()
+                    size = max((part for _, part in self.reserved.values()), default=0) + SPARE_HEADER_ROOM
+                    wanted = (self.keep + IN_FLIGHT_SAVES) * len(self.reserved) - len(spares) - len(self.parts)
+                    used = sum(h.nbytes for h, _ in self.parts.values()) + sum(size for size, _ in spares)
                     available = psutil.virtual_memory().available - self.reserve_bytes
                     if (self.closed or size <= SPARE_HEADER_ROOM or wanted <= 0 or used + size > self.budget
                             or size > available):
@@ -187,14 +184,15 @@ class Keeper:
             with self.lock:
                 self.preparing = None
 
-    def _spare_sizes(self) -> list[int]:
-        sizes = []
+    def _spares(self) -> list[tuple[int, pathlib.Path]]:
+        """The spare files (size, path), smallest first."""
+        spares = []
         for path in self.incoming.glob(f"{SPARE_PREFIX}*"):
             try:
-                sizes.append(path.stat().st_size)
+                spares.append((path.stat().st_size, path))
             except FileNotFoundError:
                 continue  # a host claimed it
-        return sizes
+        return sorted(spares)
 
     def fits(self, step_bytes: int) -> str | None:
         """Why `keep` steps of `step_bytes` (this node's parts and the replicas it takes, together)
@@ -321,13 +319,7 @@ class Keeper:
 
     def _delete_spares(self, keep_bytes: int) -> None:
         """Deletes spare files until they take at most `keep_bytes`, the largest first."""
-        spares = []
-        for path in self.incoming.glob(f"{SPARE_PREFIX}*"):
-            try:
-                spares.append((path.stat().st_size, path))
-            except FileNotFoundError:
-                continue  # a host claimed it
-        spares.sort()
+        spares = self._spares()
         while spares and sum(size for size, _ in spares) > max(keep_bytes, 0):
             spares.pop()[1].unlink(missing_ok=True)
 
