@@ -55,7 +55,7 @@ class MemoryPersisted(Event):
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class KeeperRestarted(Event):
     """A memory-tier keeper's process died while its node stayed up, and Ray started a new one there:
-    it holds nothing of the steps before, and the tier goes on from the next save."""
+    it takes over the parts the earlier one held (their files outlive it), and the tier goes on."""
 
     KIND: ClassVar = EventKind.KEEPER_RESTARTED
     node: str | None = None
@@ -68,7 +68,7 @@ class KeeperRestarted(Event):
     @property
     def message(self) -> str:
         return (f"the memory tier's keeper on node {(self.node or '?')[:12]} died (process {self.old_pid}); a new one "
-                f"(process {self.pid}) holds the saves from the next one on")
+                f"(process {self.pid}) took over the parts it held")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -146,4 +146,6 @@ class MemoryFallback(HostEvent):
 
     @property
     def message(self) -> str:
+        if self.durable_step is None:
+            return f"not restoring from memory: {self.reason}"
         return f"restoring from the durable tier, not memory: {self.reason}"

@@ -89,7 +89,8 @@ def spare_bytes(keeper):
 
 
 def held_files(keeper):
-    return sorted(p.name for p in keeper.held_dir.iterdir())
+    """The part files it holds (each has its record beside it, `<part>.json`)."""
+    return sorted(p.name for p in keeper.held_dir.iterdir() if p.suffix == ".part")
 
 
 def test_the_keeper_keeps_the_newest_steps_within_its_budget(keeper):
@@ -111,6 +112,40 @@ def test_the_keeper_keeps_the_newest_steps_within_its_budget(keeper):
     assert 0 < spare_bytes(keeper) <= 256 - 2 * 64, "dropped parts' files are kept for reuse, within the budget"
     keeper.forget_after(2)
     assert keeper.hold(3, 0, 1, put(keeper, 3, 64), None, floor=2).refused is None, "the floor went back with the run"
+
+
+def test_a_restarted_keeper_takes_over_what_its_earlier_process_held():
+    """Ray restarts a dead keeper on its node with the same arguments. The part files outlive the
+    process: the new one holds the same steps, bit for bit, and goes on keeping by the floor. A part
+    whose record was never written (killed between its two renames), a torn record and the replicas
+    being received (their streams died with it) are deleted."""
+    launch = f"test-{uuid.uuid4().hex[:8]}"
+    dead = Keeper("a", budget_bytes=256, keep=2, launch_id=launch)
+    for step in range(3):
+        payload = bytes([step]) * 64
+        name = incoming_name(step, 0, os.getpid())
+        (pathlib.Path(dead.inbox()) / name).write_bytes(payload)
+        assert dead.hold(step, 0, 1, name, None, floor=step - 2).refused is None
+    held = sorted(dead.index(), key=lambda h: h["step"])
+    files = {p.name: p.read_bytes() for p in dead.held_dir.glob("*.part")}
+    (dead.held_dir / "3-0-primary.part").write_bytes(bytes(64))  # renamed in, its record not yet written
+    (dead.held_dir / "9-0-primary.part").write_bytes(bytes(64))
+    (dead.held_dir / "9-0-primary.json").write_text('{"step": 9, "ra')  # torn
+    (dead.received / ".stream.part").write_bytes(bytes(8))
+    again = Keeper("a", budget_bytes=256, keep=2, launch_id=launch)  # what dead's restart runs
+    try:
+        assert sorted(again.index(), key=lambda h: h["step"]) == held
+        assert whole_steps([Held.from_dict(h) for h in again.index()]) == [2, 1, 0], "one node: committed alone"
+        assert {p.name: p.read_bytes() for p in again.held_dir.glob("*.part")} == files, "the same bytes"
+        assert sorted(p.name for p in again.held_dir.iterdir() if p.suffix == ".json") == \
+            [f"{s}-0-primary.json" for s in range(3)]
+        assert not list(again.received.iterdir())
+        assert again.hold(3, 0, 1, put(again, 3, 64), None, floor=2).refused is None
+        assert sorted({h["step"] for h in again.index()}) == [1, 2, 3], "keeps by the floor, as before"
+        assert not (again.held_dir / "0-0-primary.json").exists(), "a dropped part's record goes with it"
+    finally:
+        again.close()
+    assert not again.dir.parent.exists()
 
 
 def test_a_part_dropped_while_it_streams_to_its_replica_is_never_reused_under_the_stream(keeper):

@@ -16,15 +16,18 @@ file deleted: a refusal leaves the step uncommitted in memory, never a node out 
 the floor, not by what this keeper's own parts look like, means no keeper drops the newest step that
 is whole across all keepers.
 
-A keeper whose process dies is restarted by Ray on its node (the driver says so), empty: it deletes
-its folder's files of the earlier process; the tier goes on from the next save, and what the other
-keepers hold of earlier steps still counts. `close` deletes its folder; the driver asks for it at
-the end of the launch.
+A keeper whose process dies is restarted by Ray on its node (the driver says so) and takes over what
+the earlier process held: each held part has a record beside its file (`<part>.json`, written whole
+by a rename once the part is held, rewritten when its replica is), so a part without one was never
+held and is deleted, as are the replicas still being received (their streams died with it). The
+files outlive the process, so a keeper's death loses no step; the tier goes on from the next save.
+`close` deletes its folder; the driver asks for it at the end of the launch.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import pathlib
@@ -84,13 +87,17 @@ class Keeper:
     def __init__(self, node: str, budget_bytes: int | None, keep: int, launch_id: str = "", secret: str = ""):
         self.node, self.keep, self.secret = node, keep, secret
         self.dir = launch_dir(launch_id or f"local{os.getpid()}") / node
-        # An earlier process of this keeper held these; a restarted keeper starts empty.
-        shutil.rmtree(self.dir, ignore_errors=True)
         self.incoming, self.received, self.held_dir = self.dir / "incoming", self.dir / "received", self.dir / "held"
+        # A restarted keeper: the replicas its predecessor was receiving will never be asked for.
+        shutil.rmtree(self.received, ignore_errors=True)
         for folder in (self.incoming, self.received, self.held_dir):
-            folder.mkdir(parents=True)
+            folder.mkdir(parents=True, exist_ok=True)
+        self.parts: dict[tuple[int, int, Role], tuple[Held, pathlib.Path]] = self._adopt()
         memory = psutil.virtual_memory()
-        self.budget = budget_bytes if budget_bytes is not None else int(memory.available * DEFAULT_BUDGET_FRACTION)
+        # What an earlier process holds is no longer available: the budget it started with counted it so.
+        adopted = sum(h.nbytes for h, _ in self.parts.values()) + sum(size for size, _ in self._spares())
+        self.budget = budget_bytes if budget_bytes is not None else \
+            int((memory.available + adopted) * DEFAULT_BUDGET_FRACTION)
         self.reserve_bytes = int(memory.total * RAM_RESERVE_FRACTION)
         self.lock = threading.Lock()
         self.reserved: dict[int, tuple[int, int]] = {}
@@ -100,13 +107,42 @@ class Keeper:
         """The spare file being prepared now (it counts in the budget before it is one)."""
         self.closed = False
         self.floor = -1
-        """The newest step every host handed over whole, as the newest part said."""
-        self.parts: dict[tuple[int, int, Role], tuple[Held, pathlib.Path]] = {}
+        """The newest step every host handed over whole, as the newest part said (an adopted part is
+        kept until a hand-off says it)."""
         self.maps: dict[pathlib.Path, PartFile] = {}
         self.sending: set[pathlib.Path] = set()
         """Part files streaming to a partner now: one dropped meanwhile is deleted, never reused as a
         spare that a host's next write would overwrite under the stream."""
         self.listener: replica_stream.ReplicaListener | None = None
+
+    def _adopt(self) -> dict[tuple[int, int, Role], tuple[Held, pathlib.Path]]:
+        """The parts an earlier process of this keeper held (none for a new one): each file whose
+        record is whole and whose size matches it. A file without a record (its keeper died between
+        the two renames), or one that does not match, was never held, and is deleted."""
+        parts: dict[tuple[int, int, Role], tuple[Held, pathlib.Path]] = {}
+        for record in self.held_dir.glob("*.json"):
+            path = record.with_suffix(".part")
+            try:
+                held = dataclasses.replace(Held.from_dict(json.loads(record.read_text())), node=self.node)
+                if path.stat().st_size == held.nbytes and path.name == _held_name(held):
+                    parts[(held.step, held.rank, held.role)] = (held, path)
+                    continue
+            except (OSError, ValueError, TypeError, KeyError) as err:
+                log.warning("not taken over: %s (%s)", record.name, first_line(err))
+            record.unlink(missing_ok=True)
+        for path in self.held_dir.iterdir():
+            if path.suffix != ".json" and path not in {p for _, p in parts.values()}:
+                path.unlink(missing_ok=True)  # a record being written (a leftover) or a part never held
+        if parts:
+            log.info("took over %d part(s) of steps %s from this keeper's earlier process", len(parts),
+                     sorted({k[0] for k in parts}))
+        return parts
+
+    def _record(self, held: Held, path: pathlib.Path) -> None:
+        """Writes the record of a held part beside its file, whole (a rename): what a restarted keeper takes over."""
+        temporary = path.with_name(f".{path.stem}.json.tmp")
+        temporary.write_text(json.dumps(held.to_dict()))
+        os.rename(temporary, path.with_suffix(".json"))
 
     def ping(self) -> int:
         """This keeper's process id: another one after Ray restarted it."""
@@ -263,6 +299,7 @@ class Keeper:
             key = (held.step, held.rank, Role.PRIMARY)
             if key in self.parts and self.parts[key][0] == held:
                 self.parts[key] = (dataclasses.replace(held, replicated=True), self.parts[key][1])
+                self._record(*self.parts[key])
         return HandOff(None, sent, received)
 
     def _store(self, held: Held, source: pathlib.Path, floor: int) -> str | None:
@@ -273,9 +310,10 @@ class Keeper:
             if refused is not None:
                 source.unlink(missing_ok=True)
                 return refused
-            path = self.held_dir / f"{held.step}-{held.rank}-{held.role}.part"
+            path = self.held_dir / _held_name(held)
             os.rename(source, path)
             self.maps.pop(path, None)  # a part of the same name from before the run went back
+            self._record(held, path)
             self.parts[(held.step, held.rank, held.role)] = (held, path)
             self._drop_unkept()
             return None
@@ -309,6 +347,7 @@ class Keeper:
         here), and that write is the save's blocking time. Spares count in the budget."""
         _, path = self.parts.pop(key)
         self.maps.pop(path, None)  # no reader maps a dropped part: restores end before saves begin
+        path.with_suffix(".json").unlink(missing_ok=True)  # first: a restarted keeper never takes it over
         if path in self.sending:
             path.unlink(missing_ok=True)  # the stream reads its open file to the end
             return
@@ -397,6 +436,10 @@ class Keeper:
                 self.dir.parent.rmdir()
             except OSError:
                 pass  # another node's keeper on this machine (a test cluster) still has its folder
+
+
+def _held_name(held: Held) -> str:
+    return f"{held.step}-{held.rank}-{held.role}.part"
 
 
 def kept(held: list[Held], keep: int, floor: int) -> set[int]:

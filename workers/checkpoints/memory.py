@@ -88,7 +88,9 @@ class MemoryTier:
         self.copies: dict[int, Copies] = {}
         """The copies of this host's part of its newest saves, by step, once their hand-off is done."""
         self.lost: list[str] = list(lost)
-        """Nodes whose keeper is gone (found by the driver, or not answering `held()`): lost with their node."""
+        """Nodes whose keeper is gone (found by the driver, or not answering `held()`)."""
+        self.lost_alive: list[str] = []
+        """Of those, the nodes Ray still lists alive at `held()` (their keeper died, its node did not)."""
         self.writer = PartWriter()
         self._structure: tuple[Any, bytes | None] | None = None
         """The saved state's pytree structure, pickled once: the same at every save of an attempt."""
@@ -199,20 +201,40 @@ class MemoryTier:
 
     # -- restoring --------------------------------------------------------------------------------
     def held(self) -> list[Held]:
-        """What every live keeper holds (a lost node's keeper is gone with it)."""
+        """What every live keeper holds (a lost node's keeper is gone with it). A keeper whose process
+        died is asked again until `KEEPER_CALL_TIMEOUT_S`: Ray restarts it on its node, and the new
+        process holds what the earlier one did."""
         import ray
+        from ray.exceptions import ActorUnavailableError
 
-        refs = {node: k.index.remote() for node, k in self.keepers.items()}
-        ready, _ = ray.wait(list(refs.values()), num_returns=len(refs), timeout=KEEPER_CALL_TIMEOUT_S)
-        out, self.lost = [], list(self.lost_before)
-        for node, ref in refs.items():
-            try:
-                if ref not in ready:
-                    raise TimeoutError("no answer")
-                out += [Held.from_dict(d) for d in ray.get(ref)]
-            except Exception as err:  # noqa: BLE001 - a keeper lost with its node holds nothing
-                log.info("the keeper of node %s did not answer: %s", node[:12], err)
-                self.lost.append(node)
+        deadline = time.monotonic() + KEEPER_CALL_TIMEOUT_S
+        out: list[Held] = []
+        asking, lost, wait_s = dict(self.keepers), [n for n in self.lost_before if n not in self.keepers], 0.1
+        while asking:
+            refs = {node: k.index.remote() for node, k in asking.items()}
+            ready, _ = ray.wait(list(refs.values()), num_returns=len(refs),
+                                timeout=max(0.0, deadline - time.monotonic()))
+            again = {}
+            for node, ref in refs.items():
+                try:
+                    if ref not in ready:
+                        raise TimeoutError("no answer")
+                    out += [Held.from_dict(d) for d in ray.get(ref)]
+                except ActorUnavailableError as err:
+                    if time.monotonic() + wait_s >= deadline:
+                        log.info("the keeper of node %s did not come back: %s", node[:12], first_line(err))
+                        lost.append(node)
+                    else:
+                        again[node] = asking[node]  # its process died; Ray is starting another on its node
+                except Exception as err:  # noqa: BLE001 - a keeper lost with its node holds nothing
+                    log.info("the keeper of node %s did not answer: %s", node[:12], err)
+                    lost.append(node)
+            asking = again
+            if asking:
+                time.sleep(wait_s)  # a back-off between asks of a restarting actor, not a synchronisation
+                wait_s = min(2 * wait_s, 2.0)
+        self.lost = lost
+        self.lost_alive = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] in lost] if lost else []
         return out
 
     def newest_step(self, held: list[Held]) -> int | None:

@@ -22,7 +22,7 @@ import jax
 from jaxlaunch.workers import extras
 from jaxlaunch.workers.checkpoints.cadence import CommitWatch, Due, SaveCadence, given
 from jaxlaunch.workers.checkpoints.durable import Checkpointer
-from jaxlaunch.workers.checkpoints.memory import MemoryTier, any_host, part_nbytes
+from jaxlaunch.workers.checkpoints.memory import KEEPER_CALL_TIMEOUT_S, MemoryTier, any_host, part_nbytes
 from jaxlaunch.workers.state import StateLayout
 from jaxlaunch.workers.supervision.progress import HostProgress
 
@@ -211,7 +211,7 @@ def restore_newest(checkpointer: Checkpointer, memory: MemoryTier | None, layout
                 step=step, durable_step=newest_durable or None,
                 reason=f"memory step {step} did not read back: {error or 'another host could not'}"))
         else:
-            why = _why_not_whole(held, newest_durable, memory.lost)
+            why = _why_not_whole(held, newest_durable, memory.lost, memory.lost_alive)
             if why is not None:
                 progress.event(events.MemoryFallback(step=None, durable_step=newest_durable or None, reason=why))
     restored = checkpointer.restore_latest(layout.targets(), check_structure=layout.mismatch)
@@ -224,19 +224,26 @@ def restore_newest(checkpointer: Checkpointer, memory: MemoryTier | None, layout
     return TierRestore(restored.step, restored.state, restored.meta, mine, "durable", restored.seconds, read, 0, [])
 
 
-def _why_not_whole(held: list[tiers.Held], newest_durable: int, lost: list[str]) -> str | None:
+def _why_not_whole(held: list[tiers.Held], newest_durable: int, lost: list[str], alive: list[str]) -> str | None:
     """Why the keepers hold no step newer than the durable tier's newest, when they held one (or
-    keepers were lost): None when memory simply has nothing newer."""
+    keepers were lost): None when memory simply has nothing newer. `alive`: the lost keepers' nodes
+    that Ray still lists (their keeper died and did not come back in time; the others went with their nodes)."""
     newer = sorted({h.step for h in held if h.step > newest_durable}, reverse=True)
-    gone = f"; the keepers of {len(lost)} node(s) did not answer (gone with their nodes)" if lost else ""
+    gone = len(set(lost) - set(alive))
+    said = [f"the keepers of {gone} node(s) are gone with their nodes"] if gone else []
+    if alive:
+        said.append(f"the keepers of {len(alive)} node(s) that are up did not answer in {KEEPER_CALL_TIMEOUT_S:.0f} s")
+    lost_keepers = f"; {' and '.join(said)}" if said else ""
+    durable = f"restoring durable step {newest_durable}" if newest_durable else \
+        "starting from a fresh state (no durable step)"
     if newer:
         step = newer[0]
         parts = [h for h in held if h.step == step]
         have = {h.rank for h in parts if h.role == tiers.Role.REPLICA or h.replicated}
         missing = sorted(set(range(max(h.num_hosts for h in parts))) - have)
-        return (f"memory step {step} is not whole: no committed copy of rank(s) {missing} is held{gone}; "
-                f"restoring durable step {newest_durable or 'none'}")
+        return (f"memory step {step} is not whole: no committed copy of rank(s) {missing} is held{lost_keepers}; "
+                f"{durable}")
     if lost:
-        return f"no step newer than durable step {newest_durable or 'none'} is held in memory{gone}"
+        newer_than = f" newer than durable step {newest_durable}" if newest_durable else ""
+        return f"no step{newer_than} is held in memory{lost_keepers}; {durable}"
     return None
-
