@@ -55,7 +55,7 @@ class MemoryPersisted(Event):
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class KeeperRestarted(Event):
     """A memory-tier keeper's process died while its node stayed up, and Ray started a new one there:
-    it takes over the parts the earlier one held (their files outlive it), and the tier goes on."""
+    it takes over the part files the earlier one held whole (they outlive it), and the tier goes on."""
 
     KIND: ClassVar = EventKind.KEEPER_RESTARTED
     node: str | None = None
@@ -68,7 +68,7 @@ class KeeperRestarted(Event):
     @property
     def message(self) -> str:
         return (f"the memory tier's keeper on node {(self.node or '?')[:12]} died (process {self.old_pid}); a new one "
-                f"(process {self.pid}) took over the parts it held")
+                f"(process {self.pid}) took over the part files it left whole")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

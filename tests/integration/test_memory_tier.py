@@ -107,7 +107,7 @@ def test_a_dead_keeper_is_restarted_and_the_tier_goes_on(minimal_reference, tmp_
     assert proc.returncode == 0, out + err
     (restarted,) = events(run_dir, "keeper_restarted")
     assert restarted["old_pid"] == keeper and restarted["pid"] not in (None, keeper), restarted
-    assert "took over the parts it held" in " ".join(out.split() + err.split()), "said on the console"
+    assert "took over the part files it left whole" in " ".join(out.split() + err.split()), "said on the console"
     refused = events(run_dir, "memory_save_refused")
     assert all(len(e["reason"]) < 300 for e in refused), refused
     taken_over, went_on = restores(run_dir)

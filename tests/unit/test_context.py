@@ -16,6 +16,7 @@ from jaxlaunch.workers.sharding import build_mesh
 from jaxlaunch.workers.supervision.progress import HostProgress
 
 from examples import minimal
+from jaxlaunch.contract import events
 from jaxlaunch.contract.events import Restored
 from jaxlaunch.contract.protocol import (
     CheckpointConfig,
@@ -144,7 +145,7 @@ def test_an_injected_exception_fires_after_the_step_is_reported_and_saved(tmp_pa
 class HeldParts:
     """The memory tier's host side, as the host context uses it, keeping what each part carries."""
 
-    refused, lost = None, []
+    refused, lost, lost_alive = None, [], []
 
     def __init__(self):
         self.records = {}
@@ -183,6 +184,21 @@ def test_each_memory_part_carries_every_record_a_durable_save_also_carried(tmp_p
     ctx._finish(minimal.main(ctx))
     assert RunDir(tmp_path).committed_steps() == [7, 6, 3], "durable every --persist-every steps and the last"
     assert memory.records == {step: list(range(1, step + 1)) for step in range(1, 8)}
+
+
+def test_a_keeper_that_cannot_drop_the_steps_after_the_restored_one_turns_the_tier_off_for_the_attempt(
+        tmp_path, monkeypatch):
+    """A keeper that did not drop the steps past the restored one (its node up: restarting for a
+    minute, or stuck) keeps steps of a history the run left, which a later restore would read as this
+    run's: the attempt saves durably only, and says so."""
+    memory = HeldParts()
+    memory.forget_after = lambda step: f"the keeper(s) of node(s) abc did not drop the steps after {step}"
+    monkeypatch.setattr(Tiers, "_start_memory", lambda self, num_hosts: memory)
+    result, records, told = run(tmp_path, 7, save_every=1)
+    off = [e for e in told if isinstance(e, events.MemoryTierOff)]
+    assert len(off) == 1 and "did not drop the steps after 0" in off[0].reason, told
+    assert memory.records == {}, "no memory save"
+    assert RunDir(tmp_path).committed_steps() == [7, 6, 5, 4, 3], "durable at every --save-every step"
 
 
 @pytest.mark.parametrize("memory_tier", [True, False])

@@ -141,8 +141,11 @@ class Keeper:
     def _record(self, held: Held, path: pathlib.Path) -> None:
         """Writes the record of a held part beside its file, whole (a rename): what a restarted keeper takes over."""
         temporary = path.with_name(f".{path.stem}.json.tmp")
-        temporary.write_text(json.dumps(held.to_dict()))
-        os.rename(temporary, path.with_suffix(".json"))
+        try:
+            temporary.write_text(json.dumps(held.to_dict()))
+            os.rename(temporary, path.with_suffix(".json"))
+        finally:
+            temporary.unlink(missing_ok=True)
 
     def ping(self) -> int:
         """This keeper's process id: another one after Ray restarted it."""
@@ -299,7 +302,11 @@ class Keeper:
             key = (held.step, held.rank, Role.PRIMARY)
             if key in self.parts and self.parts[key][0] == held:
                 self.parts[key] = (dataclasses.replace(held, replicated=True), self.parts[key][1])
-                self._record(*self.parts[key])
+                try:
+                    self._record(*self.parts[key])
+                except OSError as err:  # its record still says not replicated: a restart counts the replica alone
+                    log.warning("the record of step %d rank %d was not rewritten: %s", held.step, held.rank,
+                                first_line(err))
         return HandOff(None, sent, received)
 
     def _store(self, held: Held, source: pathlib.Path, floor: int) -> str | None:
@@ -311,9 +318,15 @@ class Keeper:
                 source.unlink(missing_ok=True)
                 return refused
             path = self.held_dir / _held_name(held)
+            path.with_suffix(".json").unlink(missing_ok=True)  # a part of that name from before the run went back
             os.rename(source, path)
-            self.maps.pop(path, None)  # a part of the same name from before the run went back
-            self._record(held, path)
+            self.maps.pop(path, None)
+            try:
+                self._record(held, path)
+            except OSError as err:  # a full tmpfs: not held, and nothing left untracked
+                self.parts.pop((held.step, held.rank, held.role), None)
+                path.unlink(missing_ok=True)
+                return f"step {held.step}'s record could not be written ({first_line(err)})"
             self.parts[(held.step, held.rank, held.role)] = (held, path)
             self._drop_unkept()
             return None

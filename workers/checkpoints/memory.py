@@ -201,41 +201,48 @@ class MemoryTier:
 
     # -- restoring --------------------------------------------------------------------------------
     def held(self) -> list[Held]:
-        """What every live keeper holds (a lost node's keeper is gone with it). A keeper whose process
-        died is asked again until `KEEPER_CALL_TIMEOUT_S`: Ray restarts it on its node, and the new
-        process holds what the earlier one did."""
+        """What every live keeper holds (a lost node's keeper is gone with it; a restarting one is asked
+        again, and holds what its earlier process did)."""
+        answers, failed = self._ask_keepers(lambda keeper: keeper.index.remote())
+        for node, why in failed.items():
+            log.info("the keeper of node %s did not answer: %s", node[:12], why)
+        self.lost = [n for n in self.lost_before if n not in self.keepers] + list(failed)
+        self.lost_alive = sorted(set(self.lost) & _alive_nodes()) if self.lost else []
+        return [Held.from_dict(d) for node in answers for d in answers[node]]
+
+    def _ask_keepers(self, call: Callable[[Any], Any]) -> tuple[dict[str, Any], dict[str, str]]:
+        """Each keeper's answer to `call` (its handle -> an ObjectRef), and why each that gave none did
+        not. A keeper whose process died is asked again until `KEEPER_CALL_TIMEOUT_S`: Ray restarts it
+        on its node, and the new process takes over the part files the earlier one held."""
         import ray
         from ray.exceptions import ActorUnavailableError
 
         deadline = time.monotonic() + KEEPER_CALL_TIMEOUT_S
-        out: list[Held] = []
-        asking, lost, wait_s = dict(self.keepers), [n for n in self.lost_before if n not in self.keepers], 0.1
+        answers: dict[str, Any] = {}
+        failed: dict[str, str] = {}
+        asking, wait_s = dict(self.keepers), 0.1
         while asking:
-            refs = {node: k.index.remote() for node, k in asking.items()}
+            refs = {node: call(keeper) for node, keeper in asking.items()}
             ready, _ = ray.wait(list(refs.values()), num_returns=len(refs),
                                 timeout=max(0.0, deadline - time.monotonic()))
             again = {}
             for node, ref in refs.items():
                 try:
                     if ref not in ready:
-                        raise TimeoutError("no answer")
-                    out += [Held.from_dict(d) for d in ray.get(ref)]
+                        raise TimeoutError(f"no answer in {KEEPER_CALL_TIMEOUT_S:.0f} s")
+                    answers[node] = ray.get(ref)
                 except ActorUnavailableError as err:
-                    if time.monotonic() + wait_s >= deadline:
-                        log.info("the keeper of node %s did not come back: %s", node[:12], first_line(err))
-                        lost.append(node)
-                    else:
+                    if time.monotonic() + wait_s < deadline:
                         again[node] = asking[node]  # its process died; Ray is starting another on its node
-                except Exception as err:  # noqa: BLE001 - a keeper lost with its node holds nothing
-                    log.info("the keeper of node %s did not answer: %s", node[:12], err)
-                    lost.append(node)
+                    else:
+                        failed[node] = f"still restarting after {KEEPER_CALL_TIMEOUT_S:.0f} s ({first_line(err)})"
+                except Exception as err:  # noqa: BLE001 - gone with its node, or stopped by the driver
+                    failed[node] = first_line(err)
             asking = again
             if asking:
                 time.sleep(wait_s)  # a back-off between asks of a restarting actor, not a synchronisation
                 wait_s = min(2 * wait_s, 2.0)
-        self.lost = lost
-        self.lost_alive = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] in lost] if lost else []
-        return out
+        return answers, failed
 
     def newest_step(self, held: list[Held]) -> int | None:
         """Rank 0's newest committed step in memory, the same on every host."""
@@ -284,16 +291,31 @@ class MemoryTier:
         return MemoryRestore(step, state, reader.header(0).meta, reader.header(own).extra or {},
                              list(by_rank.values()), time.perf_counter() - start, reader.bytes_read)
 
-    def forget_after(self, step: int) -> None:
-        """Waited for: no host saves a step past `step` before the keepers forgot the old ones, since
-        rank 0 enters the next step's collectives only after this returns."""
-        import ray
+    def forget_after(self, step: int) -> str | None:
+        """Rank 0 has every keeper drop the steps after `step` (the run goes on from it): why a keeper
+        on a node that is up did not, or None (on the other ranks too). Waited for: no host saves a
+        step past `step` before the keepers forgot the old ones, since rank 0 enters the next step's
+        collectives only after this returns. A keeper that missed it would keep, and a restart of it
+        take over, steps of a history the run left (a keeper gone with its node took its files along)."""
+        if self.rank != 0:
+            return None
+        _, failed = self._ask_keepers(lambda keeper: keeper.forget_after.remote(step))
+        stuck = {node: why for node, why in failed.items() if node in _alive_nodes()} if failed else {}
+        if not stuck:
+            return None
+        return (f"the keeper(s) of node(s) {', '.join(n[:12] for n in stuck)} did not drop the steps after {step} "
+                f"({'; '.join(stuck.values())[:200]})")
 
-        if self.rank == 0:
-            try:
-                ray.get([k.forget_after.remote(step) for k in self.keepers.values()], timeout=KEEPER_CALL_TIMEOUT_S)
-            except Exception as err:  # noqa: BLE001 - a keeper gone holds nothing to forget
-                log.info("a keeper did not forget the steps after %d: %s", step, first_line(err))
+
+def _alive_nodes() -> set[str]:
+    """The nodes Ray lists alive (none known when it cannot be asked)."""
+    import ray
+
+    try:
+        return {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    except Exception as err:  # noqa: BLE001 - said as unknown: every node not answering counts as gone
+        log.info("Ray's node list could not be read: %s", first_line(err))
+        return set()
 
 
 class PartReader:

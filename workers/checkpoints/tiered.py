@@ -22,7 +22,7 @@ import jax
 from jaxlaunch.workers import extras
 from jaxlaunch.workers.checkpoints.cadence import CommitWatch, Due, SaveCadence, given
 from jaxlaunch.workers.checkpoints.durable import Checkpointer
-from jaxlaunch.workers.checkpoints.memory import KEEPER_CALL_TIMEOUT_S, MemoryTier, any_host, part_nbytes
+from jaxlaunch.workers.checkpoints.memory import MemoryTier, any_host, part_nbytes
 from jaxlaunch.workers.state import StateLayout
 from jaxlaunch.workers.supervision.progress import HostProgress
 
@@ -90,7 +90,16 @@ class Tiers:
         restored = restore_newest(self.checkpointer, memory, self._layout, self._progress)
         step = restored.step if restored is not None else 0
         if self.memory is not None:
-            self.memory.forget_after(step)
+            stuck = self.memory.forget_after(step)
+            if any_host(stuck is not None):
+                # Its held steps past `step` stay, and would be read as this run's: no memory saves this attempt.
+                if stuck is not None:
+                    log.warning("memory tier off: %s", stuck)
+                    self._progress.event(events.MemoryTierOff(reason=stuck,
+                                                              save_every=given(self._spec.checkpoint.save_every)))
+                self.memory.close()
+                self.memory = None
+                self._commits = CommitWatch(None, self.checkpointer.is_saving, self.rank)
         self._cadence = SaveCadence(self._spec.checkpoint, self.memory is not None, self.rank, step,
                                     self._progress.event)
         return restored
@@ -232,7 +241,7 @@ def _why_not_whole(held: list[tiers.Held], newest_durable: int, lost: list[str],
     gone = len(set(lost) - set(alive))
     said = [f"the keepers of {gone} node(s) are gone with their nodes"] if gone else []
     if alive:
-        said.append(f"the keepers of {len(alive)} node(s) that are up did not answer in {KEEPER_CALL_TIMEOUT_S:.0f} s")
+        said.append(f"the keepers of {len(alive)} node(s) that are up did not answer")
     lost_keepers = f"; {' and '.join(said)}" if said else ""
     durable = f"restoring durable step {newest_durable}" if newest_durable else \
         "starting from a fresh state (no durable step)"
