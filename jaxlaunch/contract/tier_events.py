@@ -73,8 +73,8 @@ class KeeperRestarted(Event):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MemoryTierOff(HostEvent):
-    """The memory tier was asked for but cannot serve this attempt (a keeper cannot hold a host's part):
-    every save is durable."""
+    """The memory tier was asked for but cannot serve this attempt (a keeper cannot hold a host's part,
+    or one on a node that is up did not drop the steps after the restored one): every save is durable."""
 
     KIND: ClassVar = EventKind.MEMORY_TIER_OFF
     PER_HOST: ClassVar = True

@@ -299,7 +299,10 @@ class MemoryTier:
         take over, steps of a history the run left (a keeper gone with its node took its files along)."""
         if self.rank != 0:
             return None
-        _, failed = self._ask_keepers(lambda keeper: keeper.forget_after.remote(step))
+        try:
+            _, failed = self._ask_keepers(lambda keeper: keeper.forget_after.remote(step))
+        except Exception as err:  # noqa: BLE001 - said, and agreed on by every host (they wait for rank 0)
+            return f"the keepers could not be asked to drop the steps after {step} ({first_line(err)})"
         stuck = {node: why for node, why in failed.items() if node in _alive_nodes()} if failed else {}
         if not stuck:
             return None
