@@ -123,15 +123,16 @@ class Keeper:
         for record in self.held_dir.glob("*.json"):
             path = record.with_suffix(".part")
             try:
-                held = dataclasses.replace(Held.from_dict(json.loads(record.read_text())), node=self.node)
+                held = Held.from_dict(json.loads(record.read_text()))
                 if path.stat().st_size == held.nbytes and path.name == _held_name(held):
                     parts[(held.step, held.rank, held.role)] = (held, path)
                     continue
             except (OSError, ValueError, TypeError, KeyError) as err:
                 log.warning("not taken over: %s (%s)", record.name, first_line(err))
             record.unlink(missing_ok=True)
+        taken = {path for _, path in parts.values()}
         for path in self.held_dir.iterdir():
-            if path.suffix != ".json" and path not in {p for _, p in parts.values()}:
+            if path.suffix != ".json" and path not in taken:
                 path.unlink(missing_ok=True)  # a record being written (a leftover) or a part never held
         if parts:
             log.info("took over %d part(s) of steps %s from this keeper's earlier process", len(parts),
