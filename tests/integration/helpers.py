@@ -222,10 +222,27 @@ def alive(pid: int) -> bool:
 def assert_no_host_left(run_dir: pathlib.Path) -> None:
     """Every host process the run started is gone."""
     for pid in host_pids(run_dir):
-        if not alive(pid):
+        try:
+            proc = psutil.Process(pid)
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            cmdline = " ".join(proc.cmdline())  # a pid reused by another program is not ours
+        except psutil.NoSuchProcess:
             continue
-        cmdline = " ".join(psutil.Process(pid).cmdline())  # a pid reused by another program is not ours
         assert "HostActor" not in cmdline and "ray::" not in cmdline, f"host process {pid} is still running"
+
+
+def dashboard_agent(pids) -> psutil.Process:
+    """The Ray dashboard agent among `pids`; a process that ends while they are read (Ray's workers
+    come and go) is passed over."""
+    for pid in pids:
+        try:
+            proc = psutil.Process(pid)
+            if proc.name() == "ray::DashboardAgent" or "DashboardAgent" in " ".join(proc.cmdline()):
+                return proc
+        except psutil.NoSuchProcess:
+            continue
+    raise AssertionError(f"no dashboard agent among {sorted(pids)}")
 
 
 def ray_processes_left(run_dir: pathlib.Path) -> list[int]:

@@ -15,7 +15,7 @@ import psutil
 import pytest
 from jaxlaunch.launcher.cluster.embedded_ray import EmbeddedRay
 
-from tests.integration.helpers import ROOT
+from tests.integration.helpers import ROOT, dashboard_agent
 
 pytestmark = pytest.mark.timeout(180)
 NUM_CPUS = 2
@@ -211,10 +211,7 @@ def test_reports_a_dead_node_whose_gcs_still_answers_its_driver(instance):
     try:
         if driver.stdout.readline().strip() != "connected":
             fail_with_stderr(driver, "the driver did not connect")
-        agent = next(
-            proc for proc in map(psutil.Process, instance.pids()) if proc.cmdline()[:1] == ["ray::DashboardAgent"]
-        )
-        agent.kill()
+        dashboard_agent(instance.pids()).kill()
         wait_for(lambda: not instance.alive(), DEAD_NODE_TIMEOUT_S)
         driver.stdin.write("go\n")
         driver.stdin.flush()

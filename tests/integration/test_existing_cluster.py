@@ -2,6 +2,7 @@
 authentication on): the launcher ships a user's entry to it, runs there with --address, and runs as
 a Ray Job. The cluster is stopped through its own processes, never with a machine-wide `ray stop`."""
 
+import contextlib
 import os
 import pathlib
 import socket
@@ -68,7 +69,8 @@ def ray_cluster(tmp_path_factory):
     finally:
         for node in reversed(nodes):
             for proc in session_processes(node.pid):
-                proc.kill()
+                with contextlib.suppress(psutil.NoSuchProcess):  # gone since listed: its parent's end took it
+                    proc.kill()
             node.wait(timeout=60)
         deadline = time.monotonic() + 30
         while any(session_processes(n.pid) for n in nodes) and time.monotonic() < deadline:

@@ -7,7 +7,6 @@ import signal
 import subprocess
 
 import numpy as np
-import psutil
 import pytest
 
 from tests.integration.helpers import (
@@ -19,6 +18,7 @@ from tests.integration.helpers import (
     assert_refused,
     attempts,
     committed_steps,
+    dashboard_agent,
     events,
     final_arrays,
     launch,
@@ -152,10 +152,7 @@ def test_a_lost_embedded_node_is_restarted_and_the_run_resumes(minimal_reference
                  "--max-restarts", "0")
     try:
         wait_for(lambda: 20 in committed_steps(run_dir), 300, "step 20 committed", proc)
-        agents = [p for p in map(psutil.Process, ray_processes_left(run_dir)) if "DashboardAgent" in " ".join(
-            p.cmdline()) or p.name() == "ray::DashboardAgent"]
-        assert agents, "the embedded node's dashboard agent"
-        agents[0].kill()
+        dashboard_agent(ray_processes_left(run_dir)).kill()
         out, err = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
