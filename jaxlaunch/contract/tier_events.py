@@ -81,6 +81,10 @@ class MemoryTierOff(HostEvent):
     reason: str | None = None
     save_every: int | None = None
     """The durable tier's interval from now on (steps)."""
+    kept_after: int | None = None
+    """The step restored, when the cause is a keeper (its node up) that did not drop the steps after
+    it: the driver has the keepers drop them before it starts another attempt or reads memory to
+    persist it."""
 
     @property
     def message(self) -> str:

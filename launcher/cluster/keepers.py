@@ -17,6 +17,7 @@ import logging
 import secrets
 import shutil
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import ray
@@ -55,6 +56,9 @@ class KeeperPool:
         self.watched_at = 0.0
         self.lost: list[str] = []
         """Nodes whose keeper was found gone by the latest `ensure` (lost with their node)."""
+        self.kept_after: int | None = None
+        """A step restored whose later steps a keeper on a node that is up did not drop (`kept_after`
+        of a `MemoryTierOff`): until every keeper has, no attempt starts and no persist reads them."""
         if self.enabled:
             removed = tiers.remove_orphans()
             if removed:
@@ -87,7 +91,43 @@ class KeeperPool:
                 ).remote(node, budget, self.cfg.memory_keep, self.launch_id, self.secret)
         self.starting.update({node: keeper.ping.remote() for node, keeper in started.items()})
         self.keepers.update(started)
+        if self.kept_after is not None:  # before any host of the attempt can read what they hold
+            stuck = self._drop_left_behind()
+            if stuck:
+                for node in stuck:
+                    self._stop(node)  # its successor takes its files over, then drops them (its calls queue)
+                raise RuntimeError(f"the memory tier's keeper(s) of node(s) {', '.join(n[:12] for n in stuck)} "
+                                   f"did not drop the steps after {self.kept_after}, which the run left "
+                                   f"({'; '.join(stuck.values())[:200]})")
         return dict(self.keepers)
+
+    def heard(self, host_events: Iterable[events.Event]) -> None:
+        """Notes, from the hosts' events, a keeper on a node that is up that did not drop the steps
+        after the one restored (rank 0's `MemoryTierOff`)."""
+        for event in host_events:
+            if isinstance(event, events.MemoryTierOff) and event.kept_after is not None:
+                step = event.kept_after
+                self.kept_after = step if self.kept_after is None else min(self.kept_after, step)
+
+    def _drop_left_behind(self) -> dict[str, str]:
+        """Has every keeper drop the steps after `kept_after` (a keeper just started does so once it has
+        taken its predecessor's files over); returns those that did not (node -> why), forgetting
+        `kept_after` when none."""
+        assert self.kept_after is not None
+        asked = {node: k.forget_after.remote(self.kept_after) for node, k in self.keepers.items()}
+        ready, _ = ray.wait(list(asked.values()), num_returns=len(asked), timeout=KEEPER_START_TIMEOUT_S)
+        stuck = {}
+        for node, ref in asked.items():
+            try:
+                if ref not in ready:
+                    raise TimeoutError(f"no answer in {KEEPER_START_TIMEOUT_S:.0f} s")
+                ray.get(ref)
+            except Exception as err:  # noqa: BLE001 - said by the caller, with every keeper that did not
+                stuck[node] = first_line(err)
+        if not stuck:
+            log.info("every keeper dropped the steps after %d", self.kept_after)
+            self.kept_after = None
+        return stuck
 
     def wait_started(self) -> None:
         """Waits for the keepers `ensure` started to answer (their processes). One that did not within
@@ -168,8 +208,12 @@ class KeeperPool:
         if not self.enabled or not self.keepers:
             return None
         self._drop_dead()
+        stuck = self._drop_left_behind() if self.kept_after is not None else {}
         held = []
         for node, keeper in self.keepers.items():
+            if node in stuck:
+                log.info("not reading the keeper of node %s: it holds steps the run left (%s)", node[:12], stuck[node])
+                continue
             try:
                 held += [tiers.Held.from_dict(d) for d in ray.get(keeper.index.remote(), timeout=KEEPER_PING_TIMEOUT_S)]
             except Exception as err:  # noqa: BLE001 - a keeper lost since the ping holds nothing

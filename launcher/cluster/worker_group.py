@@ -182,6 +182,7 @@ class RayWorkerGroup:
         notices: list[Event] = []
         if self.keepers is not None:
             notices += self.keepers.watch(max(reported) if reported else None)
+            self.keepers.heard(event for _, event in events)
         return GroupPoll(self.hosts, records, events, dict(self.results), list(self.exits.values()), busy,
                          notices=notices, checksums=checksums)
 

@@ -197,6 +197,7 @@ def test_a_keeper_that_cannot_drop_the_steps_after_the_restored_one_turns_the_ti
     result, records, told = run(tmp_path, 7, save_every=1)
     off = [e for e in told if isinstance(e, events.MemoryTierOff)]
     assert len(off) == 1 and "did not drop the steps after 0" in off[0].reason, told
+    assert off[0].kept_after == 0, "the driver has the keepers drop them before another attempt reads them"
     assert memory.records == {}, "no memory save"
     assert RunDir(tmp_path).committed_steps() == [7, 6, 5, 4, 3], "durable at every --save-every step"
 

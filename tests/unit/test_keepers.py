@@ -3,6 +3,7 @@ keepers, so a keeper late past its start timeout is found after the hosts' run c
 
 import pytest
 
+from jaxlaunch.contract.events import MemoryTierOff
 from jaxlaunch.contract.protocol import CheckpointConfig
 
 
@@ -24,3 +25,106 @@ def test_a_keeper_that_does_not_start_in_time_is_stopped_dropped_and_fails_the_g
     assert pool.keepers == {"node-a": "keeper A"}, "the next ensure starts a keeper on node-b only"
     assert pool.pids == {"node-a": 4242}, "the keeper that answered is watched for restarts"
     pool.wait_started()  # nothing left starting: no wait, no error
+
+
+NODE_A, NODE_B = "a" * 56, "b" * 56  # as Ray writes node ids (its scheduling strategy checks them)
+
+
+class Ref:
+    def __init__(self, value=None, ready=True):
+        self.value, self.ready = value, ready
+
+
+class Call:
+    def __init__(self, answer):
+        self.answer = answer
+
+    def remote(self, *args):
+        return self.answer(*args)
+
+
+class FakeKeeper:
+    """A keeper that holds `held` (Held records) and drops the steps after a `forget_after` it answers;
+    `stuck`: its process is up but does not answer (a forget asked of it waits past any timeout)."""
+
+    def __init__(self, held, stuck=False):
+        self.held, self.stuck = list(held), stuck
+        self.ping = Call(lambda: Ref(1234))
+        self.index = Call(lambda: Ref([h.to_dict() for h in self.held]))
+        self.forget_after = Call(self._forget)
+
+    def _forget(self, step):
+        if self.stuck:
+            return Ref(ready=False)
+        self.held = [h for h in self.held if h.step <= step]
+        return Ref()
+
+
+def part(step, node):
+    from jaxlaunch.contract.tiers import Held, Role
+
+    return Held(step=step, rank=0, num_hosts=1, node=node, role=Role.PRIMARY, nbytes=8, replicated=True)
+
+
+@pytest.fixture
+def fake_ray(monkeypatch):
+    from jaxlaunch.launcher.cluster import keepers
+
+    killed, started = [], {}
+
+    class Factory:
+        def options(self, **_):
+            return self
+
+        def remote(self, node, *_):
+            # A keeper started on a node takes over its predecessor's files: what that one held.
+            started[node] = FakeKeeper(started.pop(node, []))
+            return started[node]
+
+    def wait(refs, num_returns, timeout):
+        return [r for r in refs if r.ready], [r for r in refs if not r.ready]
+
+    monkeypatch.setattr(keepers.ray, "wait", wait)
+    monkeypatch.setattr(keepers.ray, "get", lambda ref, timeout=None: ref.value)
+    monkeypatch.setattr(keepers.ray, "kill", lambda keeper, no_restart: killed.append(keeper))
+    monkeypatch.setattr(keepers.ray, "remote", lambda **_: lambda cls: Factory())
+    return keepers, killed, started
+
+
+def test_no_attempt_starts_while_a_keeper_holds_steps_the_run_left(fake_ray):
+    """Rank 0 could not have a keeper (its node up) drop the steps after the one restored, so that
+    attempt saved durably only; the next attempt must not read those steps as this run's: the driver
+    has every keeper drop them before any host is told where the keepers are, and a keeper that still
+    does not is replaced, the start failing until its successor (taking its files over) drops them."""
+    keepers, killed, started = fake_ray
+    pool = keepers.KeeperPool(CheckpointConfig(memory_tier=False))
+    pool.cfg = CheckpointConfig(memory_tier=True)  # on, without sweeping this machine's shared memory
+    stuck = FakeKeeper([part(s, NODE_B) for s in (28, 29, 35)], stuck=True)
+    pool.keepers = {NODE_A: FakeKeeper([part(29, NODE_A)]), NODE_B: stuck}
+    # Two attempts' rank 0 said so (the earlier step counts); a tier off for want of room says nothing of it.
+    pool.heard([MemoryTierOff(reason="stuck", kept_after=35), MemoryTierOff(reason="no room"),
+                MemoryTierOff(reason="stuck", kept_after=29)])
+
+    left = r"node\(s\) bbbbbbbbbbbb did not drop the steps after 29, which the run left"
+    with pytest.raises(RuntimeError, match=left):
+        pool.ensure([NODE_A, NODE_B])
+    assert killed == [stuck], "replaced"
+    assert pool.kept_after == 29, "still owed"
+    started[NODE_B] = stuck.held  # what the stopped keeper left in node-b's shared memory
+
+    handles = pool.ensure([NODE_A, NODE_B])
+    assert pool.kept_after is None
+    assert [h.step for h in handles[NODE_B].held] == [28, 29], "its successor dropped the left steps"
+    assert pool.newest_committed() == (29, 1)
+
+
+def test_a_persist_never_reads_a_keeper_that_holds_steps_the_run_left(fake_ray):
+    keepers, killed, _ = fake_ray
+    pool = keepers.KeeperPool(CheckpointConfig(memory_tier=False))
+    pool.cfg = CheckpointConfig(memory_tier=True)
+    pool.keepers = {NODE_A: FakeKeeper([part(29, NODE_A)]),
+                    NODE_B: FakeKeeper([part(35, NODE_B)], stuck=True)}
+    assert pool.newest_committed() == (35, 1), "as it was: the left step 35 read as the newest"
+    pool.heard([MemoryTierOff(reason="stuck", kept_after=29)])
+    assert pool.newest_committed() == (29, 1), "the keeper that did not drop it is not read"
+    assert pool.kept_after == 29 and not killed

@@ -95,7 +95,7 @@ class Tiers:
                 # Its held steps past `step` stay, and would be read as this run's: no memory saves this attempt.
                 if stuck is not None:
                     log.warning("memory tier off: %s", stuck)
-                    self._progress.event(events.MemoryTierOff(reason=stuck,
+                    self._progress.event(events.MemoryTierOff(reason=stuck, kept_after=step,
                                                               save_every=given(self._spec.checkpoint.save_every)))
                 self.memory.close()
                 self.memory = None
