@@ -58,7 +58,8 @@ class KeeperPool:
         """Nodes whose keeper was found gone by the latest `ensure` (lost with their node)."""
         self.kept_after: int | None = None
         """A step restored whose later steps a keeper on a node that is up did not drop (`kept_after`
-        of a `MemoryTierOff`): until every keeper has, no attempt starts and no persist reads them."""
+        of a `MemoryTierOff`): before the next attempt's hosts or a persist read the keepers, each drops
+        them or is replaced (`_drop_left_behind`)."""
         if self.enabled:
             removed = tiers.remove_orphans()
             if removed:
@@ -76,6 +77,14 @@ class KeeperPool:
         if not self.enabled:
             return {}
         self._drop_dead()
+        if self.kept_after is not None:  # before any host of the attempt is told where the keepers are
+            self._drop_left_behind()
+        self._start(nodes)
+        return dict(self.keepers)
+
+    def _start(self, nodes: list[str]) -> None:
+        """A keeper on each of `nodes` that has none. A new keeper starts empty: one the driver stopped
+        left files that are not the run's to read (Ray's restart of a keeper takes them over)."""
         module, _, name = KEEPER_PROGRAM.partition(":")
         # Ray's overloads of ray.remote omit the actor option concurrency_groups, which it documents and takes.
         remote_cls = ray.remote(concurrency_groups={KEEPER_HOLD_GROUP: KEEPER_HOLDS})(  # type: ignore[call-overload]
@@ -91,15 +100,6 @@ class KeeperPool:
                 ).remote(node, budget, self.cfg.memory_keep, self.launch_id, self.secret)
         self.starting.update({node: keeper.ping.remote() for node, keeper in started.items()})
         self.keepers.update(started)
-        if self.kept_after is not None:  # before any host of the attempt can read what they hold
-            stuck = self._drop_left_behind()
-            if stuck:
-                for node in stuck:
-                    self._stop(node)  # its successor takes its files over, then drops them (its calls queue)
-                raise RuntimeError(f"the memory tier's keeper(s) of node(s) {', '.join(n[:12] for n in stuck)} "
-                                   f"did not drop the steps after {self.kept_after}, which the run left "
-                                   f"({'; '.join(stuck.values())[:200]})")
-        return dict(self.keepers)
 
     def heard(self, host_events: Iterable[events.Event]) -> None:
         """Notes, from the hosts' events, a keeper on a node that is up that did not drop the steps
@@ -109,25 +109,24 @@ class KeeperPool:
                 step = event.kept_after
                 self.kept_after = step if self.kept_after is None else min(self.kept_after, step)
 
-    def _drop_left_behind(self) -> dict[str, str]:
-        """Has every keeper drop the steps after `kept_after` (a keeper just started does so once it has
-        taken its predecessor's files over); returns those that did not (node -> why), forgetting
-        `kept_after` when none."""
+    def _drop_left_behind(self) -> None:
+        """Has every keeper drop the steps after `kept_after`; one that does not within
+        `KEEPER_START_TIMEOUT_S` is stopped (a keeper started later on its node starts empty). Then no
+        keeper holds them."""
         assert self.kept_after is not None
         asked = {node: k.forget_after.remote(self.kept_after) for node, k in self.keepers.items()}
         ready, _ = ray.wait(list(asked.values()), num_returns=len(asked), timeout=KEEPER_START_TIMEOUT_S)
-        stuck = {}
         for node, ref in asked.items():
             try:
                 if ref not in ready:
                     raise TimeoutError(f"no answer in {KEEPER_START_TIMEOUT_S:.0f} s")
                 ray.get(ref)
-            except Exception as err:  # noqa: BLE001 - said by the caller, with every keeper that did not
-                stuck[node] = first_line(err)
-        if not stuck:
-            log.info("every keeper dropped the steps after %d", self.kept_after)
-            self.kept_after = None
-        return stuck
+            except Exception as err:  # noqa: BLE001 - replaced: what it holds is not read
+                log.warning("the keeper of node %s did not drop the steps after %d, which the run left (%s): "
+                            "replaced, empty", node[:12], self.kept_after, first_line(err))
+                self._stop(node)
+        log.info("no keeper holds the steps after %d any more", self.kept_after)
+        self.kept_after = None
 
     def wait_started(self) -> None:
         """Waits for the keepers `ensure` started to answer (their processes). One that did not within
@@ -208,12 +207,10 @@ class KeeperPool:
         if not self.enabled or not self.keepers:
             return None
         self._drop_dead()
-        stuck = self._drop_left_behind() if self.kept_after is not None else {}
+        if self.kept_after is not None:
+            self._drop_left_behind()
         held = []
         for node, keeper in self.keepers.items():
-            if node in stuck:
-                log.info("not reading the keeper of node %s: it holds steps the run left (%s)", node[:12], stuck[node])
-                continue
             try:
                 held += [tiers.Held.from_dict(d) for d in ray.get(keeper.index.remote(), timeout=KEEPER_PING_TIMEOUT_S)]
             except Exception as err:  # noqa: BLE001 - a keeper lost since the ping holds nothing

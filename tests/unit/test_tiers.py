@@ -114,11 +114,14 @@ def test_the_keeper_keeps_the_newest_steps_within_its_budget(keeper):
     assert keeper.hold(3, 0, 1, put(keeper, 3, 64), None, floor=2).refused is None, "the floor went back with the run"
 
 
-def test_a_restarted_keeper_takes_over_what_its_earlier_process_held():
+def test_a_restarted_keeper_takes_over_what_its_earlier_process_held(monkeypatch):
     """Ray restarts a dead keeper on its node with the same arguments. The part files outlive the
     process: the new one holds the same steps, bit for bit, and goes on keeping by the floor. A part
     whose record was never written (killed between its two renames), a torn record and the replicas
     being received (their streams died with it) are deleted."""
+    from jaxlaunch.workers.checkpoints import keeper as keeper_module
+
+    monkeypatch.setattr(keeper_module, "_restarted", lambda: True)  # as Ray's restart of the actor says
     launch = f"test-{uuid.uuid4().hex[:8]}"
     dead = Keeper("a", budget_bytes=256, keep=2, launch_id=launch)
     for step in range(3):
@@ -146,6 +149,22 @@ def test_a_restarted_keeper_takes_over_what_its_earlier_process_held():
     finally:
         again.close()
     assert not again.dir.parent.exists()
+
+
+def test_a_keeper_started_in_place_of_a_stopped_one_takes_over_nothing():
+    """The driver stops a keeper that does not answer and starts another on its node: the stopped one
+    may have missed the drop of steps the run left (restarting or stuck meanwhile), so its successor,
+    a new actor rather than Ray's restart of it, deletes what it left."""
+    launch = f"test-{uuid.uuid4().hex[:8]}"
+    stopped = Keeper("a", budget_bytes=256, keep=2, launch_id=launch)
+    name = incoming_name(5, 0, os.getpid())
+    (pathlib.Path(stopped.inbox()) / name).write_bytes(bytes(64))
+    assert stopped.hold(5, 0, 1, name, None, floor=4).refused is None
+    successor = Keeper("a", budget_bytes=256, keep=2, launch_id=launch)
+    try:
+        assert successor.index() == [] and not list(successor.held_dir.iterdir())
+    finally:
+        successor.close()
 
 
 def test_a_part_dropped_while_it_streams_to_its_replica_is_never_reused_under_the_stream(keeper):

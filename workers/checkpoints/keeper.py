@@ -21,7 +21,8 @@ the earlier process held: each held part has a record beside its file (`<part>.j
 by a rename once the part is held, rewritten when its replica is), so a part without one was never
 held and is deleted, as are the replicas still being received (their streams died with it). The
 files outlive the process, so a keeper's death loses no step; the tier goes on from the next save.
-`close` deletes its folder; the driver asks for it at the end of the launch.
+A keeper the driver starts anew on a node, in place of one it stopped (gone silent: it may have
+missed the drop of steps the run left), takes nothing over: it deletes the folder. `close` deletes its folder; the driver asks for it at the end of the launch.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ import shutil
 import threading
 import time
 import uuid
+import warnings
 from typing import Any
 
 import numpy as np
@@ -79,6 +81,18 @@ def incoming_name(step: int, rank: int, pid: int) -> str:
     return f"{step}-{rank}-{pid}.part"
 
 
+def _restarted() -> bool:
+    """Whether Ray restarted this keeper's actor after its process died (its node up): only then is
+    what its folder holds its own to take over."""
+    import ray
+
+    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
+        return False  # not an actor (a test's keeper; asked without Ray, Ray would start an instance)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # Ray's own use of RuntimeContext.actor_id
+        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+
+
 class Keeper:
     """One node's memory tier. Methods are called by the hosts (inbox, hold, header, read_box, index),
     by other keepers (address, hold_replica) and by the driver (ping, close); several at once (a
@@ -88,6 +102,10 @@ class Keeper:
         self.node, self.keep, self.secret = node, keep, secret
         self.dir = launch_dir(launch_id or f"local{os.getpid()}") / node
         self.incoming, self.received, self.held_dir = self.dir / "incoming", self.dir / "received", self.dir / "held"
+        if not _restarted():
+            # Started anew by the driver, in place of a keeper it stopped (one that did not answer, so may
+            # have missed the drop of steps the run left): what that one left is not this run's to take over.
+            shutil.rmtree(self.dir, ignore_errors=True)
         # A restarted keeper: the replicas its predecessor was receiving will never be asked for.
         shutil.rmtree(self.received, ignore_errors=True)
         for folder in (self.incoming, self.received, self.held_dir):
@@ -116,7 +134,7 @@ class Keeper:
         self.listener: replica_stream.ReplicaListener | None = None
 
     def _adopt(self) -> dict[tuple[int, int, Role], tuple[Held, pathlib.Path]]:
-        """The parts an earlier process of this keeper held (none for a new one): each file whose
+        """The parts an earlier process of this actor held (none for a new one): each file whose
         record is whole and whose size matches it. A file without a record (its keeper died between
         the two renames), or one that does not match, was never held, and is deleted."""
         parts: dict[tuple[int, int, Role], tuple[Held, pathlib.Path]] = {}
