@@ -453,3 +453,28 @@ def test_memory_serves_a_restore_when_it_is_at_least_as_new_as_the_durable_tier(
     assert memory_serves(40, [40, 30]), "the same step: memory reads faster"
     assert memory_serves(47, [40]) and memory_serves(3, [])
     assert not memory_serves(39, [40, 30]), "an older memory step never wins"
+
+
+@pytest.mark.parametrize("nodes, says", [
+    ([{"NodeID": "n1", "Alive": True}], "did not drop the steps after 7"),
+    ([{"NodeID": "n1", "Alive": False}], None),  # gone with its node: its files went too
+    (RuntimeError("the GCS did not answer"), "did not drop the steps after 7"),  # unknown: counted up
+])
+def test_rank_0_says_a_keeper_missed_the_drop_unless_its_node_is_known_gone(monkeypatch, nodes, says):
+    """A keeper that did not drop the steps after the restored one makes the attempt save durably only;
+    only a keeper Ray lists dead is passed over. When Ray cannot list its nodes, a keeper that did not
+    answer counts as one whose node is up (the safe side: no step of the history the run left read)."""
+    import ray
+    from jaxlaunch.workers.checkpoints.memory import MemoryTier
+
+    def listed():
+        if isinstance(nodes, Exception):
+            raise nodes
+        return nodes
+
+    monkeypatch.setattr(ray, "nodes", listed)
+    tier = object.__new__(MemoryTier)  # rank 0's, without Ray's runtime
+    tier.rank = 0
+    monkeypatch.setattr(tier, "_ask_keepers", lambda call: ({}, {"n1": "no answer in 60 s"}), raising=False)
+    said = tier.forget_after(7)
+    assert (said is None) if says is None else (says in said), said

@@ -22,7 +22,8 @@ by a rename once the part is held, rewritten when its replica is), so a part wit
 held and is deleted, as are the replicas still being received (their streams died with it). The
 files outlive the process, so a keeper's death loses no step; the tier goes on from the next save.
 A keeper the driver starts anew on a node, in place of one it stopped (gone silent: it may have
-missed the drop of steps the run left), takes nothing over: it deletes the folder. `close` deletes its folder; the driver asks for it at the end of the launch.
+missed the drop of steps the run left), takes nothing over: it deletes the folder. `close` deletes
+its folder; the driver asks for it at the end of the launch.
 """
 
 from __future__ import annotations

@@ -207,7 +207,7 @@ class MemoryTier:
         for node, why in failed.items():
             log.info("the keeper of node %s did not answer: %s", node[:12], why)
         self.lost = [n for n in self.lost_before if n not in self.keepers] + list(failed)
-        self.lost_alive = sorted(set(self.lost) & _alive_nodes()) if self.lost else []
+        self.lost_alive = sorted(set(self.lost) & (_alive_nodes() or set())) if self.lost else []
         return [Held.from_dict(d) for node in answers for d in answers[node]]
 
     def _ask_keepers(self, call: Callable[[Any], Any]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -303,22 +303,24 @@ class MemoryTier:
             _, failed = self._ask_keepers(lambda keeper: keeper.forget_after.remote(step))
         except Exception as err:  # noqa: BLE001 - said, and agreed on by every host (they wait for rank 0)
             return f"the keepers could not be asked to drop the steps after {step} ({first_line(err)})"
-        stuck = {node: why for node, why in failed.items() if node in _alive_nodes()} if failed else {}
+        alive = _alive_nodes() if failed else set()
+        # A keeper gone with its node took its files along; when Ray cannot say, every one counts as up.
+        stuck = {node: why for node, why in failed.items() if alive is None or node in alive}
         if not stuck:
             return None
         return (f"the keeper(s) of node(s) {', '.join(n[:12] for n in stuck)} did not drop the steps after {step} "
                 f"({'; '.join(stuck.values())[:200]})")
 
 
-def _alive_nodes() -> set[str]:
-    """The nodes Ray lists alive (none known when it cannot be asked)."""
+def _alive_nodes() -> set[str] | None:
+    """The nodes Ray lists alive; None when it cannot be asked."""
     import ray
 
     try:
         return {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-    except Exception as err:  # noqa: BLE001 - said as unknown: every node not answering counts as gone
+    except Exception as err:  # noqa: BLE001 - unknown: each caller says which way it errs
         log.info("Ray's node list could not be read: %s", first_line(err))
-        return set()
+        return None
 
 
 class PartReader:
