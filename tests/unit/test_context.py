@@ -145,7 +145,7 @@ def test_an_injected_exception_fires_after_the_step_is_reported_and_saved(tmp_pa
 class HeldParts:
     """The memory tier's host side, as the host context uses it, keeping what each part carries."""
 
-    refused, lost, lost_alive = None, [], []
+    refused, lost, lost_alive, active = None, [], [], True
 
     def __init__(self):
         self.records = {}
@@ -200,6 +200,30 @@ def test_a_keeper_that_cannot_drop_the_steps_after_the_restored_one_turns_the_ti
     assert off[0].kept_after == 0, "the driver has the keepers drop them before another attempt reads them"
     assert memory.records == {}, "no memory save"
     assert RunDir(tmp_path).committed_steps() == [7, 6, 5, 4, 3], "durable at every --save-every step"
+
+
+@pytest.mark.parametrize("drops", [True, False])
+def test_an_attempt_whose_keepers_cannot_hold_its_parts_still_has_them_drop_the_steps_it_left(
+        tmp_path, monkeypatch, drops):
+    """The keepers refused this attempt's parts (a keeper not answering, no room): the tier is off, but
+    the keepers may hold an earlier attempt's steps past the one restored, which a later attempt with
+    the tier on would read as this run's. The restore has them dropped, or tells the driver it could
+    not (`kept_after`)."""
+    memory = HeldParts()
+    memory.active = False
+    asked = []
+
+    def forget_after(step):
+        asked.append(step)
+        return None if drops else f"the keeper(s) of node(s) abc did not drop the steps after {step}"
+
+    memory.forget_after = forget_after
+    monkeypatch.setattr(Tiers, "_start_memory", lambda self, num_hosts: memory)
+    result, records, told = run(tmp_path, 7, save_every=1)
+    assert asked == [0], "a fresh start: every held step is another history's"
+    off = [e for e in told if isinstance(e, events.MemoryTierOff)]
+    assert [e.kept_after for e in off] == ([] if drops else [0]), told
+    assert memory.records == {}, "no memory save"
 
 
 @pytest.mark.parametrize("memory_tier", [True, False])

@@ -61,12 +61,16 @@ class Tiers:
         short = short_of_space(self.checkpointer.directory, layout.num_bytes(), spec.checkpoint.max_to_keep + 1)
         if rank == 0 and short is not None:
             progress.event(events.LowDiskSpace(**dataclasses.asdict(short)))
-        self.memory = self._start_memory(num_hosts)
+        self._keepers = self._start_memory(num_hosts)
+        """The memory tier, also when its keepers cannot hold this attempt's parts: they may hold steps
+        of earlier attempts past the one restored, which the restore has them drop."""
+        self.memory = self._keepers if self._keepers is not None and self._keepers.active else None
         self._cadence: SaveCadence | None = None
         self._commits = CommitWatch(self.memory, self.checkpointer.is_saving, rank)
         self._refusal_told = False
 
     def _start_memory(self, num_hosts: int) -> MemoryTier | None:
+        """The memory tier when the job asks for it: `active` when every keeper can hold its host's part."""
         spec = self._spec
         if not (spec.checkpoint.memory_tier and spec.keepers):
             return None
@@ -75,7 +79,7 @@ class Tiers:
         if refused is not None:
             log.warning("memory tier off: %s", refused)
             self._progress.event(events.MemoryTierOff(reason=refused, save_every=given(spec.checkpoint.save_every)))
-        return memory if memory.active else None
+        return memory
 
     @property
     def memory_on(self) -> bool:
@@ -89,17 +93,19 @@ class Tiers:
         memory = self.memory if self._spec.newest_restorable is None else None
         restored = restore_newest(self.checkpointer, memory, self._layout, self._progress)
         step = restored.step if restored is not None else 0
-        if self.memory is not None:
-            stuck = self.memory.forget_after(step)
+        if self._keepers is not None:  # the tier on or not: the steps past `step` are not this run's
+            stuck = self._keepers.forget_after(step)
             if any_host(stuck is not None):
-                # Its held steps past `step` stay, and would be read as this run's: no memory saves this attempt.
+                # Its held steps past `step` stay, and would be read as this run's: no memory saves this
+                # attempt, and the driver has the keepers drop them before another attempt reads them.
                 if stuck is not None:
                     log.warning("memory tier off: %s", stuck)
                     self._progress.event(events.MemoryTierOff(reason=stuck, kept_after=step,
                                                               save_every=given(self._spec.checkpoint.save_every)))
-                self.memory.close()
-                self.memory = None
-                self._commits = CommitWatch(None, self.checkpointer.is_saving, self.rank)
+                if self.memory is not None:
+                    self.memory.close()
+                    self.memory = None
+                    self._commits = CommitWatch(None, self.checkpointer.is_saving, self.rank)
         self._cadence = SaveCadence(self._spec.checkpoint, self.memory is not None, self.rank, step,
                                     self._progress.event)
         return restored
