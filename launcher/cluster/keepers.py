@@ -21,6 +21,7 @@ from collections.abc import Iterable
 from typing import Any
 
 import ray
+from ray.exceptions import ActorUnavailableError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from jaxlaunch.contract import events, tiers
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 KEEPER_START_TIMEOUT_S = 60.0
 KEEPER_PING_TIMEOUT_S = 5.0
 KEEPER_CLOSE_TIMEOUT_S = 10.0
+KEEPER_RETRY_S = 0.5
+"""Between asks of a keeper that Ray is restarting."""
 KEEPER_WATCH_INTERVAL_S = 1.0
 """How often `watch` asks the keepers for their process: a dead one is restarted by Ray at once,
 this only bounds how late the driver says so."""
@@ -176,18 +179,38 @@ class KeeperPool:
         return found
 
     def _drop_dead(self) -> None:
+        """Drops the keepers that do not answer: at once one whose node Ray lists dead or that does not
+        answer in `KEEPER_PING_TIMEOUT_S`; one on a node that is up after `KEEPER_START_TIMEOUT_S`,
+        since Ray may be restarting it (its process died, with a host's perhaps), and its restart takes
+        over what it held where a keeper started in its place would start empty."""
         self.lost = []
-        pings = {node: k.ping.remote() for node, k in self.keepers.items()}
-        ready, _ = ray.wait(list(pings.values()), num_returns=len(pings), timeout=KEEPER_PING_TIMEOUT_S)
-        for node, ref in pings.items():
-            try:
-                if ref not in ready:
-                    raise TimeoutError("no answer")
-                ray.get(ref)
-            except Exception as err:  # noqa: BLE001 - a keeper lost with its node
-                log.info("the keeper of node %s is gone: %s", node[:12], err)
-                self._stop(node)
-                self.lost.append(node)
+        deadline = time.monotonic() + KEEPER_START_TIMEOUT_S
+        asking, timeout_s, alive = dict(self.keepers), KEEPER_PING_TIMEOUT_S, None
+        while asking:
+            pings = {node: k.ping.remote() for node, k in asking.items()}
+            ready, _ = ray.wait(list(pings.values()), num_returns=len(pings), timeout=timeout_s)
+            again = {}
+            for node, ref in pings.items():
+                try:
+                    if ref not in ready:
+                        raise TimeoutError("no answer")
+                    ray.get(ref)
+                except (TimeoutError, ActorUnavailableError) as err:
+                    alive = _alive_nodes() if alive is None else alive
+                    if node in alive and time.monotonic() < deadline:
+                        again[node] = asking[node]  # restarting on its node, or busy: asked again
+                    else:
+                        self._gone(node, err)
+                except Exception as err:  # noqa: BLE001 - a keeper lost with its node
+                    self._gone(node, err)
+            asking, timeout_s = again, max(0.0, min(KEEPER_PING_TIMEOUT_S, deadline - time.monotonic()))
+            if asking:
+                time.sleep(KEEPER_RETRY_S)  # a back-off between asks of a restarting actor, not a synchronisation
+
+    def _gone(self, node: str, err: Exception) -> None:
+        log.info("the keeper of node %s is gone: %s", node[:12], first_line(err))
+        self._stop(node)
+        self.lost.append(node)
 
     def _stop(self, node: str) -> None:
         """Drops the keeper of `node`, killing its process if it has one (a keeper that did not answer
@@ -245,3 +268,12 @@ class KeeperPool:
         if self.enabled:
             shutil.rmtree(tiers.launch_dir(self.launch_id), ignore_errors=True)
 
+
+def _alive_nodes() -> set[str]:
+    """The nodes Ray lists alive; none when it cannot be asked (a keeper not answering then counts as
+    gone, as before Ray could be asked)."""
+    try:
+        return {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    except Exception as err:  # noqa: BLE001 - said, and erring toward replacing the keeper
+        log.info("Ray's node list could not be read: %s", first_line(err))
+        return set()

@@ -47,11 +47,16 @@ class FakeKeeper:
     """A keeper that holds `held` (Held records) and drops the steps after a `forget_after` it answers;
     `stuck`: its process is up but does not answer (a forget asked of it waits past any timeout)."""
 
-    def __init__(self, held, stuck=False):
-        self.held, self.stuck = list(held), stuck
-        self.ping = Call(lambda: Ref(1234))
+    def __init__(self, held, stuck=False, restarting=0):
+        self.held, self.stuck, self.restarting = list(held), stuck, restarting
+        self.ping = Call(self._ping)
         self.index = Call(lambda: Ref([h.to_dict() for h in self.held]))
         self.forget_after = Call(self._forget)
+
+    def _ping(self):
+        """No answer while Ray restarts its process (`restarting` asks), then its process id."""
+        self.restarting -= 1
+        return Ref(1234, ready=self.restarting < 0)
 
     def _forget(self, step):
         if self.stuck:
@@ -86,6 +91,9 @@ def fake_ray(monkeypatch):
     monkeypatch.setattr(keepers.ray, "get", lambda ref, timeout=None: ref.value)
     monkeypatch.setattr(keepers.ray, "kill", lambda keeper, no_restart: killed.append(keeper))
     monkeypatch.setattr(keepers.ray, "remote", lambda **_: lambda cls: Factory())
+    monkeypatch.setattr(keepers.ray, "nodes", lambda: [{"NodeID": NODE_A, "Alive": True},
+                                                       {"NodeID": NODE_B, "Alive": False}])
+    monkeypatch.setattr(keepers, "KEEPER_RETRY_S", 0.0)
     pool = keepers.KeeperPool(CheckpointConfig(memory_tier=False))
     pool.cfg = CheckpointConfig(memory_tier=True)  # on, without sweeping this machine's shared memory
     return pool, killed
@@ -120,3 +128,19 @@ def test_a_persist_never_reads_a_keeper_that_holds_steps_the_run_left(fake_ray):
     pool.heard([MemoryTierOff(reason="stuck", kept_after=29)])
     assert pool.newest_committed() == (29, 1), "the keeper that did not drop it is not read"
     assert killed == [stuck] and pool.kept_after is None
+
+
+def test_a_keeper_that_ray_is_restarting_is_waited_for_and_one_on_a_dead_node_replaced(fake_ray):
+    """At an attempt's start a keeper that does not answer at once may be Ray's restart of it (its
+    process died, perhaps with a host): its restart takes over the steps it held, where a keeper
+    started in its place would start empty, so it is waited for while its node is up. One whose node
+    Ray lists dead is replaced at once."""
+    pool, killed = fake_ray
+    restarting = FakeKeeper([part(s, NODE_A) for s in (29, 30)], restarting=3)
+    on_dead_node = FakeKeeper([part(30, NODE_B)], restarting=10**6)
+    pool.keepers = {NODE_A: restarting, NODE_B: on_dead_node}
+
+    handles = pool.ensure([NODE_A, NODE_B])
+    assert handles[NODE_A] is restarting and killed == [on_dead_node]
+    assert pool.lost == [NODE_B]
+    assert pool.newest_committed() == (30, 1), "the steps its restart took over are read"

@@ -121,7 +121,7 @@ def test_a_restarted_keeper_takes_over_what_its_earlier_process_held(monkeypatch
     being received (their streams died with it) are deleted."""
     from jaxlaunch.workers.checkpoints import keeper as keeper_module
 
-    monkeypatch.setattr(keeper_module, "_restarted", lambda: True)  # as Ray's restart of the actor says
+    monkeypatch.setattr(keeper_module, "_actor_id", lambda: "a1")  # the same actor: Ray's restart of it
     launch = f"test-{uuid.uuid4().hex[:8]}"
     dead = Keeper("a", budget_bytes=256, keep=2, launch_id=launch)
     for step in range(3):
@@ -151,15 +151,19 @@ def test_a_restarted_keeper_takes_over_what_its_earlier_process_held(monkeypatch
     assert not again.dir.parent.exists()
 
 
-def test_a_keeper_started_in_place_of_a_stopped_one_takes_over_nothing():
+def test_a_keeper_started_in_place_of_a_stopped_one_takes_over_nothing(monkeypatch):
     """The driver stops a keeper that does not answer and starts another on its node: the stopped one
     may have missed the drop of steps the run left (restarting or stuck meanwhile), so its successor,
     a new actor rather than Ray's restart of it, deletes what it left."""
+    from jaxlaunch.workers.checkpoints import keeper as keeper_module
+
     launch = f"test-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setattr(keeper_module, "_actor_id", lambda: "a1")
     stopped = Keeper("a", budget_bytes=256, keep=2, launch_id=launch)
     name = incoming_name(5, 0, os.getpid())
     (pathlib.Path(stopped.inbox()) / name).write_bytes(bytes(64))
     assert stopped.hold(5, 0, 1, name, None, floor=4).refused is None
+    monkeypatch.setattr(keeper_module, "_actor_id", lambda: "a2")  # another actor, on the same node
     successor = Keeper("a", budget_bytes=256, keep=2, launch_id=launch)
     try:
         assert successor.index() == [] and not list(successor.held_dir.iterdir())

@@ -37,7 +37,6 @@ import shutil
 import threading
 import time
 import uuid
-import warnings
 from typing import Any
 
 import numpy as np
@@ -82,16 +81,13 @@ def incoming_name(step: int, rank: int, pid: int) -> str:
     return f"{step}-{rank}-{pid}.part"
 
 
-def _restarted() -> bool:
-    """Whether Ray restarted this keeper's actor after its process died (its node up): only then is
-    what its folder holds its own to take over."""
+def _actor_id() -> str | None:
+    """This keeper's Ray actor, the same across Ray's restarts of it (a local call); None outside one."""
     import ray
 
-    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:
-        return False  # not an actor (a test's keeper; asked without Ray, Ray would start an instance)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # Ray's own use of RuntimeContext.actor_id
-        return bool(ray.get_runtime_context().was_current_actor_reconstructed)
+    if not ray.is_initialized():
+        return None  # a test's keeper (asked without Ray, Ray would start an instance)
+    return ray.get_runtime_context().get_actor_id()
 
 
 class Keeper:
@@ -103,14 +99,18 @@ class Keeper:
         self.node, self.keep, self.secret = node, keep, secret
         self.dir = launch_dir(launch_id or f"local{os.getpid()}") / node
         self.incoming, self.received, self.held_dir = self.dir / "incoming", self.dir / "received", self.dir / "held"
-        if not _restarted():
-            # Started anew by the driver, in place of a keeper it stopped (one that did not answer, so may
-            # have missed the drop of steps the run left): what that one left is not this run's to take over.
+        actor = _actor_id()
+        mark = self.dir / f".keeper-{actor}" if actor is not None else None
+        if mark is None or not mark.exists():
+            # Not Ray's restart of this actor: one the driver started in place of a keeper it stopped (one
+            # that did not answer, so may have missed the drop of steps the run left). Nothing here is its own.
             shutil.rmtree(self.dir, ignore_errors=True)
         # A restarted keeper: the replicas its predecessor was receiving will never be asked for.
         shutil.rmtree(self.received, ignore_errors=True)
         for folder in (self.incoming, self.received, self.held_dir):
             folder.mkdir(parents=True, exist_ok=True)
+        if mark is not None:
+            mark.touch()  # once the folder is this actor's: a restart of it takes over what it holds
         self.parts: dict[tuple[int, int, Role], tuple[Held, pathlib.Path]] = self._adopt()
         memory = psutil.virtual_memory()
         # What an earlier process holds is no longer available: the budget it started with counted it so.
