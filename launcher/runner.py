@@ -244,7 +244,7 @@ def _build(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref: En
 
     standby = StandbyPool(cluster, run) if job.cluster.warm_standby else None
     cluster.standby = standby
-    keepers = KeeperPool(job.checkpoint)
+    keepers = KeeperPool(job.checkpoint, cluster.nodes_liveness)
     cluster.keepers = keepers
     trackers = Trackers(run, job.tracking.trackers, job.to_dict(),
                         lambda text: display.message(f"[yellow]warning: {escape(text)}[/yellow]")

@@ -17,7 +17,7 @@ import logging
 import secrets
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import ray
@@ -32,6 +32,7 @@ from jaxlaunch.contract.protocol import (
     KEEPER_HOLDS,
     KEEPER_PROGRAM,
     CheckpointConfig,
+    NodeLiveness,
 )
 
 log = logging.getLogger(__name__)
@@ -46,8 +47,11 @@ this only bounds how late the driver says so."""
 
 
 class KeeperPool:
-    def __init__(self, cfg: CheckpointConfig):
+    def __init__(self, cfg: CheckpointConfig, liveness: Callable[[list[str]], dict[str, NodeLiveness]]):
         self.cfg = cfg
+        self.liveness = liveness
+        """The cluster's word on nodes (`RayCluster.nodes_liveness`): a keeper not answering on a node
+        that is not dead may be restarting."""
         self.launch_id = tiers.new_launch_id()
         self.secret = secrets.token_hex(16)
         self.keepers: dict[str, Any] = {}
@@ -196,7 +200,7 @@ class KeeperPool:
                         raise TimeoutError("no answer")
                     ray.get(ref)
                 except (TimeoutError, ActorUnavailableError) as err:
-                    alive = _alive_nodes() if alive is None else alive
+                    alive = self._not_dead() if alive is None else alive
                     if node in alive and time.monotonic() < deadline:
                         again[node] = asking[node]  # restarting on its node, or busy: asked again
                     else:
@@ -206,6 +210,15 @@ class KeeperPool:
             asking, timeout_s = again, max(0.0, min(KEEPER_PING_TIMEOUT_S, deadline - time.monotonic()))
             if asking:
                 time.sleep(KEEPER_RETRY_S)  # a back-off between asks of a restarting actor, not a synchronisation
+
+    def _not_dead(self) -> set[str]:
+        """The keepers' nodes the cluster does not know to be dead; none when it cannot be asked (a
+        keeper not answering then counts as gone)."""
+        try:
+            return {n for n, how in self.liveness(list(self.keepers)).items() if how != NodeLiveness.DEAD}
+        except Exception as err:  # noqa: BLE001 - said, and erring toward replacing the keeper
+            log.info("the nodes' liveness could not be read: %s", first_line(err))
+            return set()
 
     def _gone(self, node: str, err: Exception) -> None:
         log.info("the keeper of node %s is gone: %s", node[:12], first_line(err))
@@ -267,13 +280,3 @@ class KeeperPool:
         theirs to clear: their keepers' `close`.)"""
         if self.enabled:
             shutil.rmtree(tiers.launch_dir(self.launch_id), ignore_errors=True)
-
-
-def _alive_nodes() -> set[str]:
-    """The nodes Ray lists alive; none when it cannot be asked (a keeper not answering then counts as
-    gone, as before Ray could be asked)."""
-    try:
-        return {n["NodeID"] for n in ray.nodes() if n["Alive"]}
-    except Exception as err:  # noqa: BLE001 - said, and erring toward replacing the keeper
-        log.info("Ray's node list could not be read: %s", first_line(err))
-        return set()

@@ -4,13 +4,13 @@ keepers, so a keeper late past its start timeout is found after the hosts' run c
 import pytest
 
 from jaxlaunch.contract.events import MemoryTierOff
-from jaxlaunch.contract.protocol import CheckpointConfig
+from jaxlaunch.contract.protocol import CheckpointConfig, NodeLiveness
 
 
 def test_a_keeper_that_does_not_start_in_time_is_stopped_dropped_and_fails_the_group_start(monkeypatch):
     from jaxlaunch.launcher.cluster import keepers  # imports Ray (this module must import without it)
 
-    pool = keepers.KeeperPool(CheckpointConfig(memory_tier=False))  # no orphan sweep of this machine
+    pool = keepers.KeeperPool(CheckpointConfig(memory_tier=False), lambda nodes: {})  # no orphan sweep here
     # As `ensure` leaves them: two keepers started, their first pings asked.
     pool.keepers = {"node-a": "keeper A", "node-b": "keeper B"}
     pool.starting = {"node-a": "ping A", "node-b": "ping B"}
@@ -91,10 +91,9 @@ def fake_ray(monkeypatch):
     monkeypatch.setattr(keepers.ray, "get", lambda ref, timeout=None: ref.value)
     monkeypatch.setattr(keepers.ray, "kill", lambda keeper, no_restart: killed.append(keeper))
     monkeypatch.setattr(keepers.ray, "remote", lambda **_: lambda cls: Factory())
-    monkeypatch.setattr(keepers.ray, "nodes", lambda: [{"NodeID": NODE_A, "Alive": True},
-                                                       {"NodeID": NODE_B, "Alive": False}])
     monkeypatch.setattr(keepers, "KEEPER_RETRY_S", 0.0)
-    pool = keepers.KeeperPool(CheckpointConfig(memory_tier=False))
+    liveness = {NODE_A: NodeLiveness.ALIVE, NODE_B: NodeLiveness.DEAD}
+    pool = keepers.KeeperPool(CheckpointConfig(memory_tier=False), lambda nodes: {n: liveness[n] for n in nodes})
     pool.cfg = CheckpointConfig(memory_tier=True)  # on, without sweeping this machine's shared memory
     return pool, killed
 
