@@ -75,6 +75,9 @@ class Held:
     nbytes: int
     replicated: bool = False
     """For a primary: the replica's keeper acknowledged its copy (or the cluster has one node)."""
+    attempt: int = 0
+    """The attempt that saved the step: a step of an earlier attempt past the step a later one
+    restored belongs to a history the run left (`LeftHistory`)."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -115,6 +118,30 @@ def _complete(parts: list[Held]) -> bool:
     (num_hosts,) = counts
     committed = {p.rank for p in parts if p.role == Role.REPLICA or p.replicated}
     return committed == set(range(num_hosts))
+
+
+def kept(held: list[Held], keep: int, floor: int) -> set[int]:
+    """The steps a keeper keeps: every step above `floor` (the newest step every host handed over
+    whole; above it, only saves whose hand-off may still be in flight somewhere) and the newest
+    `keep` at or below it. A step is never dropped for newer ones that may yet fail to replicate
+    (their partner node lost mid-copy): those are above the floor."""
+    steps = {h.step for h in held}
+    settled = sorted((s for s in steps if s <= floor), reverse=True)[:keep]
+    return {s for s in steps if s > floor} | set(settled)
+
+
+@dataclasses.dataclass(frozen=True)
+class LeftHistory:
+    """Attempt `attempt` restored `step`: every step after it that an earlier attempt saved is of a
+    history the run left, whenever its part reaches a keeper (a replica still streaming, or a dead
+    host's hand-off that Ray delivers late, arrives after the drop)."""
+
+    attempt: int
+    step: int
+
+    def holds(self, part: Held) -> bool:
+        """Whether `part` is of that left history."""
+        return part.attempt < self.attempt and part.step > self.step
 
 
 def sources(held: list[Held], step: int, prefer: dict[int, str] | None = None) -> list[Source]:

@@ -63,10 +63,10 @@ class KeeperPool:
         self.watched_at = 0.0
         self.lost: list[str] = []
         """Nodes whose keeper was found gone by the latest `ensure` (lost with their node)."""
-        self.kept_after: int | None = None
-        """A step restored whose later steps a keeper on a node that is up did not drop (`kept_after`
-        of a `MemoryTierOff`): before the next attempt's hosts or a persist read the keepers, each drops
-        them or is replaced (`_drop_left_behind`)."""
+        self.left: list[tiers.LeftHistory] = []
+        """Steps restored whose later steps a keeper on a node that is up did not drop (`kept_after` of a
+        `MemoryTierOff`, with its attempt): before the next attempt's hosts or a persist read the
+        keepers, each drops them or is replaced (`_drop_left_behind`)."""
         if self.enabled:
             removed = tiers.remove_orphans()
             if removed:
@@ -84,7 +84,7 @@ class KeeperPool:
         if not self.enabled:
             return {}
         self._drop_dead()
-        if self.kept_after is not None:  # before any host of the attempt is told where the keepers are
+        if self.left:  # before any host of the attempt is told where the keepers are
             self._drop_left_behind()
         self._start(nodes)
         return dict(self.keepers)
@@ -108,32 +108,33 @@ class KeeperPool:
         self.starting.update({node: keeper.ping.remote() for node, keeper in started.items()})
         self.keepers.update(started)
 
-    def heard(self, host_events: Iterable[events.Event]) -> None:
-        """Notes, from the hosts' events, a keeper on a node that is up that did not drop the steps
-        after the one restored (rank 0's `MemoryTierOff`)."""
+    def heard(self, host_events: Iterable[events.Event], attempt: int) -> None:
+        """Notes, from the hosts' events of `attempt`, a keeper on a node that is up that did not drop
+        the steps after the one restored (rank 0's `MemoryTierOff`)."""
         for event in host_events:
             if isinstance(event, events.MemoryTierOff) and event.kept_after is not None:
-                step = event.kept_after
-                self.kept_after = step if self.kept_after is None else min(self.kept_after, step)
+                self.left.append(tiers.LeftHistory(attempt, event.kept_after))
 
     def _drop_left_behind(self) -> None:
-        """Has every keeper drop the steps after `kept_after`; one that does not within
-        `KEEPER_START_TIMEOUT_S` is stopped (a keeper started later on its node starts empty). Then no
-        keeper holds them."""
-        assert self.kept_after is not None
-        asked = {node: k.forget_after.remote(self.kept_after) for node, k in self.keepers.items()}
-        ready, _ = ray.wait(list(asked.values()), num_returns=len(asked), timeout=KEEPER_START_TIMEOUT_S)
-        for node, ref in asked.items():
+        """Has every keeper drop what each of `left` left (and refuse it from now on); one that does
+        not within `KEEPER_START_TIMEOUT_S` is stopped (a keeper started later on its node starts
+        empty). Then no keeper holds them."""
+        left, self.left = self.left, []
+        asked = {node: [k.forget_after.remote(x.step, x.attempt) for x in left] for node, k in self.keepers.items()}
+        refs = [ref for node_refs in asked.values() for ref in node_refs]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=KEEPER_START_TIMEOUT_S)
+        steps = ", ".join(str(x.step) for x in left)
+        for node, node_refs in asked.items():
             try:
-                if ref not in ready:
-                    raise TimeoutError(f"no answer in {KEEPER_START_TIMEOUT_S:.0f} s")
-                ray.get(ref)
+                for ref in node_refs:
+                    if ref not in ready:
+                        raise TimeoutError(f"no answer in {KEEPER_START_TIMEOUT_S:.0f} s")
+                    ray.get(ref)
             except Exception as err:  # noqa: BLE001 - replaced: what it holds is not read
-                log.warning("the keeper of node %s did not drop the steps after %d, which the run left (%s): "
-                            "replaced, empty", node[:12], self.kept_after, first_line(err))
+                log.warning("the keeper of node %s did not drop the steps after %s, which the run left (%s): "
+                            "replaced, empty", node[:12], steps, first_line(err))
                 self._stop(node)
-        log.info("no keeper holds the steps after %d any more", self.kept_after)
-        self.kept_after = None
+        log.info("no keeper holds the steps after %s any more", steps)
 
     def wait_started(self) -> None:
         """Waits for the keepers `ensure` started to answer (their processes). One that did not within
@@ -243,7 +244,7 @@ class KeeperPool:
         if not self.enabled or not self.keepers:
             return None
         self._drop_dead()
-        if self.kept_after is not None:
+        if self.left:
             self._drop_left_behind()
         held = []
         for node, keeper in self.keepers.items():

@@ -80,10 +80,13 @@ class RayWorkerGroup:
         self.results: dict[int, HostResult] = {}
         self.exits: dict[int, HostExit] = {}
         self.node_info: list[NodeInfo] = []
+        self.attempt = 0
+        """The attempt `start` started (the hosts' events are of it)."""
 
     # -- start -----------------------------------------------------------------------------------
     def start(self, num_hosts: int, attempt: int, injections: tuple[Injection, ...] = ()) -> GroupInfo:
         cfg = self.cluster.cfg
+        self.attempt = attempt
         logs = [str(self.run.host_log(attempt, rank, self.logs_as)) for rank in range(num_hosts)]
         if not self._take_standby(num_hosts, logs, attempt):
             self.pg = pg = placement_group([dict(cfg.resources_per_host)] * num_hosts, strategy=cfg.placement_strategy,
@@ -182,7 +185,7 @@ class RayWorkerGroup:
         notices: list[Event] = []
         if self.keepers is not None:
             notices += self.keepers.watch(max(reported) if reported else None)
-            self.keepers.heard(event for _, event in events)
+            self.keepers.heard((event for _, event in events), self.attempt)
         return GroupPoll(self.hosts, records, events, dict(self.results), list(self.exits.values()), busy,
                          notices=notices, checksums=checksums)
 

@@ -142,3 +142,25 @@ def test_the_slowdown_of_the_step_after_a_memory_save_is_measured_and_counted():
     steps = sorted(memory_saves)
     gaps = {b - a for a, b in zip(steps, steps[1:], strict=False) if a > slowed.step}
     assert gaps == {10}, "the host saves at that cadence"
+
+
+def test_a_refused_memory_save_leaves_the_later_commits_of_the_attempt_reported():
+    """A keeper restarted by Ray refuses the save whose file went with its folder's emptying; the
+    tier goes on, and each later save that commits is reported (the progress line's memory step, and
+    the attempt's progress that keeps a failure after it out of the crash-loop back-off)."""
+    from jaxlaunch.workers.checkpoints.cadence import CommitWatch, Due
+
+    class Memory:
+        refused: str | None = None
+        refused_steps: set[int] = set()
+
+        def handing_off(self):
+            return False
+
+    memory = Memory()
+    watch = CommitWatch(memory, saving=lambda: False, rank=0)  # type: ignore[arg-type]
+    watch.started(10, Due(memory=True, durable=False))
+    memory.refused, memory.refused_steps = "the part file of step 10 is gone", {10}
+    assert watch.done() == [], "a refused save is not committed"
+    watch.started(11, Due(memory=True, durable=False))
+    assert watch.done() == [("memory", 11)]

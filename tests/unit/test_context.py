@@ -146,6 +146,7 @@ class HeldParts:
     """The memory tier's host side, as the host context uses it, keeping what each part carries."""
 
     refused, lost, lost_alive, active = None, [], [], True
+    refused_steps: set[int] = set()
 
     def __init__(self):
         self.records = {}
@@ -200,6 +201,27 @@ def test_a_keeper_that_cannot_drop_the_steps_after_the_restored_one_turns_the_ti
     assert off[0].kept_after == 0, "the driver has the keepers drop them before another attempt reads them"
     assert memory.records == {}, "no memory save"
     assert RunDir(tmp_path).committed_steps() == [7, 6, 5, 4, 3], "durable at every --save-every step"
+
+
+def test_a_missed_drop_is_told_even_when_a_peer_dies_while_rank_0_waits_for_the_keepers(tmp_path, monkeypatch):
+    """Rank 0 waits up to a minute for a stuck keeper to drop the steps it left while the other hosts
+    wait in the collective that follows; a host that dies meanwhile fails that collective on rank 0.
+    The driver must still hear `kept_after`, or the stuck keeper's steps stay readable."""
+    from jaxlaunch.workers.checkpoints import tiered
+
+    memory = HeldParts()
+    memory.forget_after = lambda step: f"the keeper(s) of node(s) abc did not drop the steps after {step}"
+    monkeypatch.setattr(Tiers, "_start_memory", lambda self, num_hosts: memory)
+
+    def peer_died(flag):
+        raise RuntimeError("gloo: connection reset by peer")
+
+    monkeypatch.setattr(tiered, "any_host", peer_died)
+    ctx, progress = make_ctx(tmp_path, 7, save_every=1)
+    with pytest.raises(RuntimeError, match="reset by peer"):
+        minimal.main(ctx)
+    off = [e for e in progress.drain().events if isinstance(e, events.MemoryTierOff)]
+    assert [e.kept_after for e in off] == [0]
 
 
 @pytest.mark.parametrize("drops", [True, False])

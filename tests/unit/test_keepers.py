@@ -49,6 +49,7 @@ class FakeKeeper:
 
     def __init__(self, held, stuck=False, restarting=0):
         self.held, self.stuck, self.restarting = list(held), stuck, restarting
+        self.asked: list[tuple[int, int]] = []
         self.ping = Call(self._ping)
         self.index = Call(lambda: Ref([h.to_dict() for h in self.held]))
         self.forget_after = Call(self._forget)
@@ -58,10 +59,11 @@ class FakeKeeper:
         self.restarting -= 1
         return Ref(1234, ready=self.restarting < 0)
 
-    def _forget(self, step):
+    def _forget(self, step, attempt):
+        self.asked.append((step, attempt))
         if self.stuck:
             return Ref(ready=False)
-        self.held = [h for h in self.held if h.step <= step]
+        self.held = [h for h in self.held if h.step <= step or h.attempt >= attempt]
         return Ref()
 
 
@@ -108,14 +110,15 @@ def test_no_attempt_reads_a_keeper_that_holds_steps_the_run_left(fake_ray):
     came_back = FakeKeeper([part(s, NODE_A) for s in (29, 33)])
     pool.keepers = {NODE_A: came_back, NODE_B: stuck}
     # Two attempts' rank 0 said so (the earlier step counts); a tier off for want of room says nothing of it.
-    pool.heard([MemoryTierOff(reason="stuck", kept_after=35), MemoryTierOff(reason="no room"),
-                MemoryTierOff(reason="stuck", kept_after=29)])
+    pool.heard([MemoryTierOff(reason="stuck", kept_after=35), MemoryTierOff(reason="no room")], attempt=2)
+    pool.heard([MemoryTierOff(reason="stuck", kept_after=29)], attempt=3)
 
     handles = pool.ensure([NODE_A, NODE_B])
     assert killed == [stuck], "replaced"
     assert handles[NODE_A] is came_back and [h.step for h in came_back.held] == [29]
+    assert came_back.asked == [(35, 2), (29, 3)], "each drop with the attempt that went on from it"
     assert handles[NODE_B] is not stuck and handles[NODE_B].held == []
-    assert pool.kept_after is None
+    assert pool.left == []
     assert pool.newest_committed() == (29, 1)
 
 
@@ -124,9 +127,9 @@ def test_a_persist_never_reads_a_keeper_that_holds_steps_the_run_left(fake_ray):
     stuck = FakeKeeper([part(35, NODE_B)], stuck=True)
     pool.keepers = {NODE_A: FakeKeeper([part(29, NODE_A)]), NODE_B: stuck}
     assert pool.newest_committed() == (35, 1), "as it was: the left step 35 read as the newest"
-    pool.heard([MemoryTierOff(reason="stuck", kept_after=29)])
+    pool.heard([MemoryTierOff(reason="stuck", kept_after=29)], attempt=2)
     assert pool.newest_committed() == (29, 1), "the keeper that did not drop it is not read"
-    assert killed == [stuck] and pool.kept_after is None
+    assert killed == [stuck] and pool.left == []
 
 
 def test_a_keeper_that_ray_is_restarting_is_waited_for_and_one_on_a_dead_node_replaced(fake_ray):

@@ -14,11 +14,11 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxlaunch.workers import extras
 from jaxlaunch.workers.checkpoints import replica_stream
-from jaxlaunch.workers.checkpoints.keeper import Keeper, incoming_name, kept
+from jaxlaunch.workers.checkpoints.keeper import Keeper, incoming_name
 from jaxlaunch.workers.checkpoints.memory import PartReader, assemble, part_nbytes
 from jaxlaunch.workers.checkpoints.part_file import PartFile, PartWriter
 
-from jaxlaunch.contract.tiers import Held, Role, memory_serves, replica_node, sources, whole_steps
+from jaxlaunch.contract.tiers import Held, Role, kept, memory_serves, replica_node, sources, whole_steps
 
 P, R = Role.PRIMARY, Role.REPLICA
 
@@ -106,12 +106,13 @@ def test_the_keeper_keeps_the_newest_steps_within_its_budget(keeper):
     assert not mine(keeper), "a refused part's file is deleted"
     assert spare_bytes(keeper) == 0, "the budget is full: no dropped part's file is kept"
     assert keeper.reserve(0, 1, 10**15) is not None, "a reservation the node cannot hold is refused"
-    keeper.forget_after(2)
+    keeper.forget_after(2, attempt=1)
     assert {h["step"] for h in keeper.index()} == {2} and held_files(keeper) == ["2-0-primary.part"]
-    keeper.hold(3, 0, 1, put(keeper, 3, 64), None, floor=2)
+    keeper.hold(3, 0, 1, put(keeper, 3, 64), None, floor=2, attempt=1)
     assert 0 < spare_bytes(keeper) <= 256 - 2 * 64, "dropped parts' files are kept for reuse, within the budget"
-    keeper.forget_after(2)
-    assert keeper.hold(3, 0, 1, put(keeper, 3, 64), None, floor=2).refused is None, "the floor went back with the run"
+    keeper.forget_after(2, attempt=2)
+    assert keeper.hold(3, 0, 1, put(keeper, 3, 64), None, floor=2, attempt=2).refused is None, \
+        "the floor went back with the run"
 
 
 def test_a_restarted_keeper_takes_over_what_its_earlier_process_held(monkeypatch):
@@ -171,6 +172,54 @@ def test_a_keeper_started_in_place_of_a_stopped_one_takes_over_nothing(monkeypat
         successor.close()
 
 
+def test_a_part_of_a_history_the_run_left_is_never_held_whenever_it_arrives(monkeypatch):
+    """Attempt 1 saved step 26 and died; attempt 2 restored step 20, and its keepers dropped the
+    steps after it. A replica of step 26 still streaming then, or a dead host's hand-off that Ray
+    delivers late, arrives after the drop: held, it would make step 26 whole again, and a later
+    restore would read attempt 1's step as this run's. Refused, also by Ray's restart of the keeper;
+    attempt 2's own saves past step 20 are held."""
+    from jaxlaunch.workers.checkpoints import keeper as keeper_module
+
+    monkeypatch.setattr(keeper_module, "_actor_id", lambda: "b1")
+    launch = f"test-{uuid.uuid4().hex[:8]}"
+    keeper = Keeper("b", budget_bytes=4096, keep=2, launch_id=launch)
+
+    def late_replica(on, step, attempt):
+        name = f"{step}-1-{uuid.uuid4().hex}.part"
+        (on.received / name).write_bytes(bytes(64))  # what the stream wrote
+        sent = Held(step, 1, 2, "a", P, 64, replicated=False, attempt=attempt)
+        return on.hold_replica(sent.to_dict(), name, floor=step - 2), on.received / name
+
+    assert keeper.hold(20, 0, 2, put(keeper, 20, 64), None, floor=18, attempt=1).refused is None
+    keeper.forget_after(20, attempt=2)
+    refused, streamed = late_replica(keeper, 26, attempt=1)
+    assert refused == "step 26 of attempt 1 is of a history the run left: attempt 2 went on from step 20"
+    assert not streamed.exists(), "its file is deleted"
+    assert "history the run left" in keeper.hold(26, 0, 2, put(keeper, 26, 64), None, floor=20, attempt=1).refused
+    assert keeper.hold(26, 0, 2, put(keeper, 26, 64), None, floor=20, attempt=2).refused is None
+    assert late_replica(keeper, 26, attempt=2)[0] is None, "attempt 2's own replica"
+    assert sorted((h["step"], h["attempt"]) for h in keeper.index()) == [(20, 1), (26, 2), (26, 2)]
+    restarted = Keeper("b", budget_bytes=4096, keep=2, launch_id=launch)  # what Ray's restart of it runs
+    try:
+        assert "history the run left" in late_replica(restarted, 27, attempt=1)[0]
+        assert sorted((h["step"], h["attempt"]) for h in restarted.index()) == [(20, 1), (26, 2), (26, 2)]
+    finally:
+        restarted.close()
+
+
+def test_a_keeper_reserves_room_for_the_hosts_of_the_newest_attempt_only():
+    """Ranks are placed anew each attempt: rank 0 ran on this node in attempt 1, rank 1 does in
+    attempt 2. Counting rank 0 too would ask twice the room and turn the tier off for nothing."""
+    keeper = Keeper("a", budget_bytes=1200, keep=2, launch_id=f"test-{uuid.uuid4().hex[:8]}")
+    try:
+        assert keeper.reserve(0, 1, 200) is None  # 2 kept + 2 in flight: 800 bytes
+        assert keeper.reserve(1, 2, 200) is None, "rank 0 of attempt 1 is not a host of attempt 2"
+        assert keeper.reserve(0, 1, 200) is None and set(keeper.reserved) == {1}, "a late call of attempt 1"
+        assert "its budget is" in keeper.reserve(0, 2, 200), "two hosts of attempt 2 on this node: 1,600 bytes"
+    finally:
+        keeper.close()
+
+
 def test_a_part_dropped_while_it_streams_to_its_replica_is_never_reused_under_the_stream(keeper):
     """A host's next write reuses a dropped part's file as a spare; one still streaming to the partner
     keeper would be overwritten under the stream, and the replica would hold another step's bytes."""
@@ -178,7 +227,7 @@ def test_a_part_dropped_while_it_streams_to_its_replica_is_never_reused_under_th
     streaming = keeper.parts[(1, 0, Role.PRIMARY)][1]
     keeper.sending.add(streaming)  # as _replicate marks it while the stream reads it
     with open(streaming, "rb") as stream:  # the sender's open file
-        keeper.forget_after(0)
+        keeper.forget_after(0, attempt=1)
         assert not streaming.exists() and spare_bytes(keeper) == 0, "deleted, not made a spare"
         assert stream.read() == bytes(64), "the stream still reads the whole part"
 

@@ -236,7 +236,7 @@ class CommitWatch:
         """(tier, step) of each watched save that has committed since the previous call."""
         out = []
         if self._step is not None and self._memory is not None and not self._memory.handing_off():
-            if not self._memory.refused:
+            if self._step not in self._memory.refused_steps:
                 out.append(("memory", self._step))
             self._step = None
         if self._durable is not None and not self._saving():

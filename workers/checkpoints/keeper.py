@@ -24,12 +24,16 @@ files outlive the process, so a keeper's death loses no step; the tier goes on f
 A keeper the driver starts anew on a node, in place of one it stopped (gone silent: it may have
 missed the drop of steps the run left), takes nothing over: it deletes the folder. `close` deletes
 its folder; the driver asks for it at the end of the launch.
+
+A drop (`forget_after`) is also a rule the keeper keeps, on file beside the parts: a part of an
+earlier attempt past the step restored is refused whenever it arrives (a replica that was still
+streaming, a dead host's hand-off that Ray delivers late), so no restore reads a step of a history
+the run left.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import pathlib
@@ -41,11 +45,11 @@ from typing import Any
 
 import numpy as np
 import psutil
-from jaxlaunch.workers.checkpoints import replica_stream
+from jaxlaunch.workers.checkpoints import keeper_files, replica_stream
 from jaxlaunch.workers.checkpoints.part_file import Index, PartFile, PartHeader
 
 from jaxlaunch.contract.event_base import first_line
-from jaxlaunch.contract.tiers import Held, Role, launch_dir
+from jaxlaunch.contract.tiers import Held, LeftHistory, Role, kept, launch_dir
 
 log = logging.getLogger(__name__)
 RAM_RESERVE_FRACTION = 0.1
@@ -99,19 +103,12 @@ class Keeper:
         self.node, self.keep, self.secret = node, keep, secret
         self.dir = launch_dir(launch_id or f"local{os.getpid()}") / node
         self.incoming, self.received, self.held_dir = self.dir / "incoming", self.dir / "received", self.dir / "held"
-        actor = _actor_id()
-        mark = self.dir / f".keeper-{actor}" if actor is not None else None
-        if mark is None or not mark.exists():
-            # Not Ray's restart of this actor: one the driver started in place of a keeper it stopped (one
-            # that did not answer, so may have missed the drop of steps the run left). Nothing here is its own.
-            shutil.rmtree(self.dir, ignore_errors=True)
-        # A restarted keeper: the replicas its predecessor was receiving will never be asked for.
-        shutil.rmtree(self.received, ignore_errors=True)
-        for folder in (self.incoming, self.received, self.held_dir):
-            folder.mkdir(parents=True, exist_ok=True)
-        if mark is not None:
-            mark.touch()  # once the folder is this actor's: a restart of it takes over what it holds
-        self.parts: dict[tuple[int, int, Role], tuple[Held, pathlib.Path]] = self._adopt()
+        # Not Ray's restart of this actor: one the driver started in place of a keeper it stopped (one that
+        # did not answer, so may have missed the drop of steps the run left). Nothing in the folder is its own.
+        keeper_files.claim(self.dir, _actor_id(), (self.incoming, self.received, self.held_dir))
+        self.left: list[LeftHistory] = keeper_files.read_left(self.dir, self.held_dir)
+        """The drops asked of this keeper (and its earlier processes): what they left is never held again."""
+        self.parts: keeper_files.Parts = keeper_files.take_over(self.held_dir, self.left)
         memory = psutil.virtual_memory()
         # What an earlier process holds is no longer available: the budget it started with counted it so.
         adopted = sum(h.nbytes for h, _ in self.parts.values()) + sum(size for size, _ in self._spares())
@@ -120,7 +117,9 @@ class Keeper:
         self.reserve_bytes = int(memory.total * RAM_RESERVE_FRACTION)
         self.lock = threading.Lock()
         self.reserved: dict[int, tuple[int, int]] = {}
-        """Each reserved host's bytes a step (its part and the replica it causes) and its own part's size."""
+        """Each host of the newest attempt that reserved here: its bytes a step (its part and the replica it
+        causes) and its own part's size. Ranks are placed anew each attempt: an earlier one's are dropped."""
+        self.attempt = -1
         self.preparing: threading.Thread | None = None
         self.preparing_bytes = 0
         """The spare file being prepared now (it counts in the budget before it is one)."""
@@ -133,39 +132,6 @@ class Keeper:
         """Part files streaming to a partner now: one dropped meanwhile is deleted, never reused as a
         spare that a host's next write would overwrite under the stream."""
         self.listener: replica_stream.ReplicaListener | None = None
-
-    def _adopt(self) -> dict[tuple[int, int, Role], tuple[Held, pathlib.Path]]:
-        """The parts an earlier process of this actor held (none for a new one): each file whose
-        record is whole and whose size matches it. A file without a record (its keeper died between
-        the two renames), or one that does not match, was never held, and is deleted."""
-        parts: dict[tuple[int, int, Role], tuple[Held, pathlib.Path]] = {}
-        for record in self.held_dir.glob("*.json"):
-            path = record.with_suffix(".part")
-            try:
-                held = Held.from_dict(json.loads(record.read_text()))
-                if path.stat().st_size == held.nbytes and path.name == _held_name(held):
-                    parts[(held.step, held.rank, held.role)] = (held, path)
-                    continue
-            except (OSError, ValueError, TypeError, KeyError) as err:
-                log.warning("not taken over: %s (%s)", record.name, first_line(err))
-            record.unlink(missing_ok=True)
-        taken = {path for _, path in parts.values()}
-        for path in self.held_dir.iterdir():
-            if path.suffix != ".json" and path not in taken:
-                path.unlink(missing_ok=True)  # a record being written (a leftover) or a part never held
-        if parts:
-            log.info("took over %d part(s) of steps %s from this keeper's earlier process", len(parts),
-                     sorted({k[0] for k in parts}))
-        return parts
-
-    def _record(self, held: Held, path: pathlib.Path) -> None:
-        """Writes the record of a held part beside its file, whole (a rename): what a restarted keeper takes over."""
-        temporary = path.with_name(f".{path.stem}.json.tmp")
-        try:
-            temporary.write_text(json.dumps(held.to_dict()))
-            os.rename(temporary, path.with_suffix(".json"))
-        finally:
-            temporary.unlink(missing_ok=True)
 
     def ping(self) -> int:
         """This keeper's process id: another one after Ray restarted it."""
@@ -185,13 +151,16 @@ class Keeper:
                                                                ray.util.get_node_ip_address())
             return self.listener.address
 
-    def reserve(self, rank: int, num_hosts: int, step_bytes: int, part_bytes: int = 0) -> str | None:
-        """A host of an attempt of `num_hosts` will hand over parts of `step_bytes` a step (its own
-        and the replica it causes another node to take, about as much as this node takes from
-        others): why `keep` steps of every host reserved here cannot be held, or None. `part_bytes`:
+    def reserve(self, rank: int, attempt: int, step_bytes: int, part_bytes: int = 0) -> str | None:
+        """Host `rank` of `attempt` will hand over parts of `step_bytes` a step (its own and the
+        replica it causes another node to take, about as much as this node takes from others): why
+        `keep` steps of every host of the attempt reserved here cannot be held, or None. `part_bytes`:
         the size of its own part, for `prepare`."""
         with self.lock:
-            self.reserved = {r: b for r, b in self.reserved.items() if r < num_hosts} | {rank: (step_bytes, part_bytes)}
+            if attempt > self.attempt:
+                self.attempt, self.reserved = attempt, {}
+            if attempt == self.attempt:  # else a late call of a host of an ended attempt
+                self.reserved[rank] = (step_bytes, part_bytes)
             return self.fits(sum(step for step, _ in self.reserved.values()))
 
     def prepare(self) -> None:
@@ -270,17 +239,18 @@ class Keeper:
 
     # -- holding ---------------------------------------------------------------------------------
     def hold(self, step: int, rank: int, num_hosts: int, name: str, replica_to: Any | None,
-             floor: int = -1) -> HandOff:
-        """Adopts a host's part file `name` (in `inbox()`) as its primary and has `replica_to` (another
-        node's keeper; None on a one-node cluster) hold a copy. `floor`: the newest step every host
-        handed over whole."""
+             floor: int = -1, attempt: int = 0) -> HandOff:
+        """Adopts a host's part file `name` (in `inbox()`) of `step`, saved by `attempt`, as its primary
+        and has `replica_to` (another node's keeper; None on a one-node cluster) hold a copy. `floor`:
+        the newest step every host handed over whole."""
         self._sweep()
         source = self.incoming / pathlib.Path(name).name
         try:
             nbytes = source.stat().st_size
         except FileNotFoundError:
             return HandOff(f"the part file of step {step} is gone (this keeper restarted since it was written)")
-        held = Held(step, rank, num_hosts, self.node, Role.PRIMARY, nbytes, replicated=replica_to is None)
+        held = Held(step, rank, num_hosts, self.node, Role.PRIMARY, nbytes, replicated=replica_to is None,
+                    attempt=attempt)
         refused = self._store(held, source, floor)
         if refused is not None or replica_to is None:
             return HandOff(refused)
@@ -323,7 +293,7 @@ class Keeper:
             if key in self.parts and self.parts[key][0] == held:
                 self.parts[key] = (dataclasses.replace(held, replicated=True), self.parts[key][1])
                 try:
-                    self._record(*self.parts[key])
+                    keeper_files.record(*self.parts[key])
                 except OSError as err:  # its record still says not replicated: a restart counts the replica alone
                     log.warning("the record of step %d rank %d was not rewritten: %s", held.step, held.rank,
                                 first_line(err))
@@ -337,12 +307,12 @@ class Keeper:
             if refused is not None:
                 source.unlink(missing_ok=True)
                 return refused
-            path = self.held_dir / _held_name(held)
+            path = self.held_dir / keeper_files.held_name(held)
             path.with_suffix(".json").unlink(missing_ok=True)  # a part of that name from before the run went back
             os.rename(source, path)
             self.maps.pop(path, None)
             try:
-                self._record(held, path)
+                keeper_files.record(held, path)
             except OSError as err:  # a full tmpfs: not held, and nothing left untracked
                 self.parts.pop((held.step, held.rank, held.role), None)
                 path.unlink(missing_ok=True)
@@ -352,6 +322,10 @@ class Keeper:
             return None
 
     def _refusal(self, held: Held, floor: int) -> str | None:
+        left = next((left for left in self.left if left.holds(held)), None)
+        if left is not None:
+            return (f"step {held.step} of attempt {held.attempt} is of a history the run left: attempt "
+                    f"{left.attempt} went on from step {left.step}")
         self.floor = max(self.floor, floor)
         key = (held.step, held.rank, held.role)
         after = {k: h for k, (h, _) in self.parts.items() if k != key} | {key: held}
@@ -445,13 +419,17 @@ class Keeper:
             return None
         return part.contiguous_box(part.header.shards[shard], box)
 
-    def forget_after(self, step: int) -> None:
-        """Drops steps newer than `step`: the run continues from `step`, and a newer step held from
-        before is not part of its history any more."""
+    def forget_after(self, step: int, attempt: int) -> None:
+        """Attempt `attempt` goes on from `step`: drops the steps after it that earlier attempts saved,
+        and refuses any that arrives later (`LeftHistory`). Raises when the rule could not be put on
+        file (a full tmpfs): a restart of this keeper would forget it."""
+        left = LeftHistory(attempt, step)
         with self.lock:
+            self.left = [*self.left, left]
             self.floor = min(self.floor, step)
-            for key in [k for k in self.parts if k[0] > step]:
+            for key in [k for k, (h, _) in self.parts.items() if left.holds(h)]:
                 self._delete(key)
+            keeper_files.save_left(self.dir, self.left)
 
     def close(self) -> None:
         """Deletes this keeper's folder, and the launch's when no other keeper of this node has one."""
@@ -469,20 +447,6 @@ class Keeper:
                 self.dir.parent.rmdir()
             except OSError:
                 pass  # another node's keeper on this machine (a test cluster) still has its folder
-
-
-def _held_name(held: Held) -> str:
-    return f"{held.step}-{held.rank}-{held.role}.part"
-
-
-def kept(held: list[Held], keep: int, floor: int) -> set[int]:
-    """The steps a keeper keeps: every step above `floor` (the newest step every host handed over
-    whole; above it, only saves whose hand-off may still be in flight somewhere) and the newest
-    `keep` at or below it. A step is never dropped for newer ones that may yet fail to replicate
-    (their partner node lost mid-copy): those are above the floor."""
-    steps = {h.step for h in held}
-    settled = sorted((s for s in steps if s <= floor), reverse=True)[:keep]
-    return {s for s in steps if s > floor} | set(settled)
 
 
 def _mb(nbytes: int) -> str:

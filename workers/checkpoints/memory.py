@@ -70,16 +70,20 @@ class MemoryRestore:
 class MemoryTier:
     """One host's side of the memory tier for one attempt."""
 
-    def __init__(self, keepers: dict[str, Any], rank: int, num_hosts: int, lost: tuple[str, ...] = ()):
+    def __init__(self, keepers: dict[str, Any], rank: int, num_hosts: int, attempt: int, lost: tuple[str, ...] = ()):
         import ray
 
         self.keepers, self.rank, self.num_hosts, self.lost_before = keepers, rank, num_hosts, list(lost)
+        self.attempt = attempt
         self.node = ray.get_runtime_context().get_node_id()
         self.keeper = keepers[self.node]
         partner = tiers.replica_node(self.node, list(keepers))
         self.replica_to = keepers[partner] if partner is not None else None
         self.active = True
         self.refused: str | None = None
+        """The first refusal of the attempt (said once, in an event)."""
+        self.refused_steps: set[int] = set()
+        """The steps of the newest saves whose hand-off was refused (not committed in memory)."""
         self.inbox: pathlib.Path | None = None
         self.sender = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="memory-tier")
         self.in_flight: concurrent.futures.Future | None = None
@@ -103,7 +107,7 @@ class MemoryTier:
 
         step_bytes = nbytes * (2 if self.replica_to is not None else 1)
         try:
-            reason, inbox = ray.get([self.keeper.reserve.remote(self.rank, self.num_hosts, step_bytes, nbytes),
+            reason, inbox = ray.get([self.keeper.reserve.remote(self.rank, self.attempt, step_bytes, nbytes),
                                      self.keeper.inbox.remote()], timeout=KEEPER_CALL_TIMEOUT_S)
             self.inbox = pathlib.Path(inbox)
         except Exception as err:  # noqa: BLE001 - no keeper: no memory tier, said in the event
@@ -161,7 +165,7 @@ class MemoryTier:
             # In the keepers' hand-off group: a hand-off waits on the partner keeper, whose other
             # threads must stay free to take the replica (`KEEPER_HOLD_GROUP`).
             asked = self.keeper.hold.options(concurrency_group=KEEPER_HOLD_GROUP).remote(
-                step, self.rank, self.num_hosts, name, self.replica_to, floor)
+                step, self.rank, self.num_hosts, name, self.replica_to, floor, self.attempt)
             if fault is not None:
                 fault()
             answer: HandOff = ray.get(asked, timeout=KEEPER_CALL_TIMEOUT_S)
@@ -174,6 +178,8 @@ class MemoryTier:
             self._refuse(step, answer.refused)
 
     def _refuse(self, step: int, reason: str) -> None:
+        # A new set, not a change to the one the training thread may be reading; the newest saves only.
+        self.refused_steps = {s for s in self.refused_steps if s >= step - 2} | {step}
         if self.refused is None:
             self.refused = reason
             log.warning("the memory tier did not hold step %d (%s); the durable tier goes on", step, reason)
@@ -300,7 +306,7 @@ class MemoryTier:
         if self.rank != 0:
             return None
         try:
-            _, failed = self._ask_keepers(lambda keeper: keeper.forget_after.remote(step))
+            _, failed = self._ask_keepers(lambda keeper: keeper.forget_after.remote(step, self.attempt))
         except Exception as err:  # noqa: BLE001 - said, and agreed on by every host (they wait for rank 0)
             return f"the keepers could not be asked to drop the steps after {step} ({first_line(err)})"
         alive = _alive_nodes() if failed else set()

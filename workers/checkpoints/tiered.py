@@ -74,7 +74,7 @@ class Tiers:
         spec = self._spec
         if not (spec.checkpoint.memory_tier and spec.keepers):
             return None
-        memory = MemoryTier(spec.keepers, self.rank, num_hosts, spec.lost_keepers)
+        memory = MemoryTier(spec.keepers, self.rank, num_hosts, spec.attempt, spec.lost_keepers)
         refused = memory.reserve(part_nbytes(self._layout.targets()))
         if refused is not None:
             log.warning("memory tier off: %s", refused)
@@ -95,13 +95,14 @@ class Tiers:
         step = restored.step if restored is not None else 0
         if self._keepers is not None:  # the tier on or not: the steps past `step` are not this run's
             stuck = self._keepers.forget_after(step)
-            if any_host(stuck is not None):
-                # Its held steps past `step` stay, and would be read as this run's: no memory saves this
-                # attempt, and the driver has the keepers drop them before another attempt reads them.
-                if stuck is not None:
-                    log.warning("memory tier off: %s", stuck)
-                    self._progress.event(events.MemoryTierOff(reason=stuck, kept_after=step,
-                                                              save_every=given(self._spec.checkpoint.save_every)))
+            if stuck is not None:
+                # Its held steps past `step` stay, and would be read as this run's: the driver has the keepers
+                # drop them before another attempt reads them. Said before the collective below, which a
+                # host that died meanwhile would fail.
+                log.warning("memory tier off: %s", stuck)
+                self._progress.event(events.MemoryTierOff(reason=stuck, kept_after=step,
+                                                          save_every=given(self._spec.checkpoint.save_every)))
+            if any_host(stuck is not None):  # no memory saves this attempt
                 if self.memory is not None:
                     self.memory.close()
                     self.memory = None

@@ -1,0 +1,103 @@
+"""What of a keeper outlives its process, on file in its node's shared memory: its folder, marked as
+its actor's; a record beside each part it holds; and the drops it was asked for (`LeftHistory`).
+
+Ray restarts a keeper whose process died as the same actor, and the new process takes these over
+(`claim`, `read_left`, `take_over`). A keeper the driver starts in place of one it stopped is another
+actor: it finds no mark of its own and deletes the folder, since the one it replaces may have missed
+a drop. Each file is written whole (`write_whole`: a rename), so a process killed mid-write leaves
+either the old file or the new one."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import shutil
+
+from jaxlaunch.contract.event_base import first_line
+from jaxlaunch.contract.tiers import Held, LeftHistory, Role
+
+log = logging.getLogger(__name__)
+LEFT_FILE = "left.json"
+"""The drops asked of a keeper, in its folder: a restart of it keeps refusing what they left."""
+
+Parts = dict[tuple[int, int, Role], tuple[Held, pathlib.Path]]
+
+
+def claim(folder: pathlib.Path, actor: str | None, subfolders: tuple[pathlib.Path, ...]) -> None:
+    """Makes `folder` this keeper's: kept when it holds the mark of `actor` (Ray's restart of it),
+    else emptied first. The replicas an earlier process was receiving are deleted either way: their
+    streams died with it, and nobody will ask for them."""
+    mark = folder / f".keeper-{actor}" if actor is not None else None
+    if mark is None or not mark.exists():
+        shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(folder / "received", ignore_errors=True)
+    for sub in subfolders:
+        sub.mkdir(parents=True, exist_ok=True)
+    if mark is not None:
+        mark.touch()  # once the folder is this actor's: a restart of it takes over what it holds
+
+
+def write_whole(path: pathlib.Path, text: str) -> None:
+    """`text` as the file `path`, under a temporary name first, then renamed into place."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        temporary.write_text(text)
+        os.rename(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def held_name(held: Held) -> str:
+    return f"{held.step}-{held.rank}-{held.role}.part"
+
+
+def record(held: Held, path: pathlib.Path) -> None:
+    """The record of a held part, beside its file: what a restarted keeper takes over."""
+    write_whole(path.with_suffix(".json"), json.dumps(held.to_dict()))
+
+
+def save_left(folder: pathlib.Path, left: list[LeftHistory]) -> None:
+    write_whole(folder / LEFT_FILE, json.dumps([dataclasses.asdict(x) for x in left]))
+
+
+def read_left(folder: pathlib.Path, held_dir: pathlib.Path) -> list[LeftHistory]:
+    """The drops an earlier process of this actor was asked for (none in a new folder). When their
+    record is unreadable, nothing it ruled on is taken over: the held parts are deleted."""
+    try:
+        return [LeftHistory(**d) for d in json.loads((folder / LEFT_FILE).read_text())]
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, TypeError) as err:
+        log.warning("the record of the drops asked is unreadable (%s): nothing is taken over", first_line(err))
+        shutil.rmtree(held_dir, ignore_errors=True)
+        held_dir.mkdir(parents=True, exist_ok=True)
+        return []
+
+
+def take_over(held_dir: pathlib.Path, left: list[LeftHistory]) -> Parts:
+    """The parts an earlier process of this actor held (none for a new one): each file whose record
+    is whole, whose size matches it and that no drop left. A file without a record (its keeper died
+    between the two renames), or one that does not match, was never held, and is deleted."""
+    parts: Parts = {}
+    for path_of_record in held_dir.glob("*.json"):
+        path = path_of_record.with_suffix(".part")
+        try:
+            held = Held.from_dict(json.loads(path_of_record.read_text()))
+            if path.stat().st_size == held.nbytes and path.name == held_name(held) and \
+                    not any(drop.holds(held) for drop in left):
+                parts[(held.step, held.rank, held.role)] = (held, path)
+                continue
+        except (OSError, ValueError, TypeError, KeyError) as err:
+            log.warning("not taken over: %s (%s)", path_of_record.name, first_line(err))
+        path_of_record.unlink(missing_ok=True)
+    taken = {path for _, path in parts.values()}
+    for path in held_dir.iterdir():
+        if path.suffix != ".json" and path not in taken:
+            path.unlink(missing_ok=True)  # a record being written (a leftover) or a part never held
+    if parts:
+        log.info("took over %d part(s) of steps %s from this keeper's earlier process", len(parts),
+                 sorted({k[0] for k in parts}))
+    return parts
