@@ -63,6 +63,8 @@ class KeeperPool:
         self.watched_at = 0.0
         self.lost: list[str] = []
         """Nodes whose keeper was found gone by the latest `ensure` (lost with their node)."""
+        self.stopped: set[str] = set()
+        """Nodes whose keeper the driver killed (it never deleted its folder) and started none since."""
         self.left: list[tiers.LeftHistory] = []
         """Steps restored whose later steps a keeper on a node that is up did not drop (`kept_after` of a
         `MemoryTierOff`, with its attempt): before the next attempt's hosts or a persist read the
@@ -107,6 +109,7 @@ class KeeperPool:
                 ).remote(node, budget, self.cfg.memory_keep, self.launch_id, self.secret)
         self.starting.update({node: keeper.ping.remote() for node, keeper in started.items()})
         self.keepers.update(started)
+        self.stopped -= set(started)  # a keeper started anew empties the folder its node's last one left
 
     def heard(self, host_events: Iterable[events.Event], attempt: int) -> None:
         """Notes, from the hosts' events of `attempt`, a keeper on a node that is up that did not drop
@@ -230,6 +233,7 @@ class KeeperPool:
         """Drops the keeper of `node`, killing its process if it has one (a keeper that did not answer
         in time but lives would otherwise come up beside its successor)."""
         keeper = self.keepers.pop(node)
+        self.stopped.add(node)
         self.pids.pop(node, None)
         self.watching.pop(node, None)
         self.starting.pop(node, None)
@@ -259,10 +263,11 @@ class KeeperPool:
 
     def forget(self) -> None:
         """Drops the keepers without asking Ray (its Ray instance is gone, and its keepers with it)."""
-        self.keepers, self.pids, self.watching, self.starting = {}, {}, {}, {}
+        self.keepers, self.pids, self.watching, self.starting, self.stopped = {}, {}, {}, {}, set()
         self._remove_local_files()
 
     def shutdown(self) -> None:
+        self._start_on_stopped()
         if self.keepers:
             closing = [k.close.remote() for k in self.keepers.values()]
             ready, _ = ray.wait(closing, num_returns=len(closing), timeout=KEEPER_CLOSE_TIMEOUT_S)
@@ -274,6 +279,21 @@ class KeeperPool:
         for node in list(self.keepers):
             self._stop(node)
         self._remove_local_files()
+
+    def _start_on_stopped(self) -> None:
+        """A keeper on each node that is up whose keeper the driver killed and did not replace (a stuck
+        one, its node no longer running hosts): it empties the folder the killed one left, and the
+        shutdown's `close` deletes it. Another node's shared memory is reached only through a process
+        there."""
+        if not self.enabled or not self.stopped:
+            return
+        try:
+            up = [n for n, how in self.liveness(sorted(self.stopped)).items() if how != NodeLiveness.DEAD]
+        except Exception as err:  # noqa: BLE001 - said; their folders stay, as a dead node's do
+            log.info("the nodes' liveness could not be read: %s", first_line(err))
+            return
+        self._start(up)
+        self.starting = {}  # not waited for: the shutdown's close waits for them
 
     def _remove_local_files(self) -> None:
         """The launch's part files on this machine, whatever its keepers managed: a keeper killed

@@ -53,6 +53,12 @@ class FakeKeeper:
         self.ping = Call(self._ping)
         self.index = Call(lambda: Ref([h.to_dict() for h in self.held]))
         self.forget_after = Call(self._forget)
+        self.closed = False
+        self.close = Call(self._close)
+
+    def _close(self):
+        self.closed = True
+        return Ref()
 
     def _ping(self):
         """No answer while Ray restarts its process (`restarting` asks), then its process id."""
@@ -77,14 +83,15 @@ def part(step, node):
 def fake_ray(monkeypatch):
     from jaxlaunch.launcher.cluster import keepers
 
-    killed = []
+    killed, started = [], []
 
     class Factory:
         def options(self, **_):
             return self
 
         def remote(self, node, *_):
-            return FakeKeeper([])  # a keeper the driver starts holds nothing: it deletes what its node's held
+            started.append((node, FakeKeeper([])))  # holds nothing: it deletes what its node's last keeper held
+            return started[-1][1]
 
     def wait(refs, num_returns, timeout):
         return [r for r in refs if r.ready], [r for r in refs if not r.ready]
@@ -97,7 +104,7 @@ def fake_ray(monkeypatch):
     liveness = {NODE_A: NodeLiveness.ALIVE, NODE_B: NodeLiveness.DEAD}
     pool = keepers.KeeperPool(CheckpointConfig(memory_tier=False), lambda nodes: {n: liveness[n] for n in nodes})
     pool.cfg = CheckpointConfig(memory_tier=True)  # on, without sweeping this machine's shared memory
-    return pool, killed
+    return pool, killed, started
 
 
 def test_no_attempt_reads_a_keeper_that_holds_steps_the_run_left(fake_ray):
@@ -105,7 +112,7 @@ def test_no_attempt_reads_a_keeper_that_holds_steps_the_run_left(fake_ray):
     attempt saved durably only; the next attempt must not read those steps as this run's: before any
     host is told where the keepers are, the driver has every keeper drop them, and replaces one that
     still does not with an empty one."""
-    pool, killed = fake_ray
+    pool, killed, _ = fake_ray
     stuck = FakeKeeper([part(s, NODE_B) for s in (28, 29, 35)], stuck=True)
     came_back = FakeKeeper([part(s, NODE_A) for s in (29, 33)])
     pool.keepers = {NODE_A: came_back, NODE_B: stuck}
@@ -123,7 +130,7 @@ def test_no_attempt_reads_a_keeper_that_holds_steps_the_run_left(fake_ray):
 
 
 def test_a_persist_never_reads_a_keeper_that_holds_steps_the_run_left(fake_ray):
-    pool, killed = fake_ray
+    pool, killed, _ = fake_ray
     stuck = FakeKeeper([part(35, NODE_B)], stuck=True)
     pool.keepers = {NODE_A: FakeKeeper([part(29, NODE_A)]), NODE_B: stuck}
     assert pool.newest_committed() == (35, 1), "as it was: the left step 35 read as the newest"
@@ -137,7 +144,7 @@ def test_a_keeper_that_ray_is_restarting_is_waited_for_and_one_on_a_dead_node_re
     process died, perhaps with a host): its restart takes over the steps it held, where a keeper
     started in its place would start empty, so it is waited for while its node is up. One whose node
     Ray lists dead is replaced at once."""
-    pool, killed = fake_ray
+    pool, killed, _ = fake_ray
     restarting = FakeKeeper([part(s, NODE_A) for s in (29, 30)], restarting=3)
     on_dead_node = FakeKeeper([part(30, NODE_B)], restarting=10**6)
     pool.keepers = {NODE_A: restarting, NODE_B: on_dead_node}
@@ -146,3 +153,25 @@ def test_a_keeper_that_ray_is_restarting_is_waited_for_and_one_on_a_dead_node_re
     assert handles[NODE_A] is restarting and killed == [on_dead_node]
     assert pool.lost == [NODE_B]
     assert pool.newest_committed() == (30, 1), "the steps its restart took over are read"
+
+
+def test_a_killed_keeper_s_folder_goes_by_the_launch_s_end_when_no_keeper_replaced_it(fake_ray):
+    """The driver kills a stuck keeper (it never deletes its folder in shared memory) and no host runs
+    on its node any more, so no keeper is started there again: at the end a keeper is started on
+    that node to empty the folder, and closed with the others. Not on a node Ray lists dead."""
+    pool, killed, started = fake_ray
+    stuck = FakeKeeper([part(35, NODE_A)], stuck=True)
+    pool.keepers = {NODE_A: stuck, NODE_B: FakeKeeper([part(29, NODE_B)])}
+    pool.liveness = lambda nodes: {n: NodeLiveness.ALIVE for n in nodes}
+    pool.heard([MemoryTierOff(reason="stuck", kept_after=29)], attempt=2)
+    pool.ensure([NODE_B])  # the next attempt runs on node B only
+    assert killed == [stuck] and NODE_A not in pool.keepers and started == []
+    pool.shutdown()
+    assert [node for node, _ in started] == [NODE_A] and started[0][1].closed, "its folder is emptied and deleted"
+
+    pool, killed, started = fake_ray  # the same pool, ended; a node Ray lists dead took its memory along
+    pool.keepers, pool.stopped = {}, {NODE_B}
+    pool.liveness = lambda nodes: {n: NodeLiveness.DEAD for n in nodes}
+    started.clear()
+    pool.shutdown()
+    assert started == []

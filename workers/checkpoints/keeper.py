@@ -63,6 +63,8 @@ SPARE_PREFIX = "spare-"
 """A dropped part's file, kept for a host to write its next part into (`part_file.PartWriter`)."""
 SPARE_HEADER_ROOM = 1 << 20
 """Room a prepared spare has beyond a part's arrays, for its header (the write truncates to its size)."""
+CLOSE_WAIT_S = 2.0
+"""How long `close` waits for a spare being prepared before it deletes the folder."""
 IN_FLIGHT_SAVES = 2
 """Steps above the floor a keeper may hold besides its `keep` whole ones: a host's previous save,
 still replicating on another host, and its newest."""
@@ -191,17 +193,22 @@ class Keeper:
                             or size > available):
                         return
                     name = uuid.uuid4().hex
+                    # The keeper's pid in the name: a sweep takes it for a live writer's file. Made under the
+                    # lock: once `close` marked the keeper closed, no file appears in its folder.
+                    temporary = self.incoming / f".prepare-{name}-{os.getpid()}.part"
+                    try:
+                        fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+                    except OSError as err:
+                        log.info("no spare file prepared (%s)", first_line(err))
+                        return
                     self.preparing_bytes = size
-                # The keeper's pid in the name: a sweep takes it for a live writer's file.
-                temporary = self.incoming / f".prepare-{name}-{os.getpid()}.part"
                 try:
-                    fd = os.open(temporary, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
                     try:
                         os.posix_fallocate(fd, 0, size)
                     finally:
                         os.close(fd)
                     os.rename(temporary, self.incoming / f"{SPARE_PREFIX}{name}.part")
-                except OSError as err:  # a full tmpfs, or the keeper closed: the saves write new files
+                except OSError as err:  # a full tmpfs, or closed (its folder gone): saves write new files
                     temporary.unlink(missing_ok=True)
                     log.info("no spare file prepared (%s)", first_line(err))
                     return
@@ -437,7 +444,9 @@ class Keeper:
             self.closed = True  # no spare is prepared from now on
             preparing = self.preparing
         if preparing is not None:
-            preparing.join(timeout=30)
+            # Not longer than the driver waits for `close`: a spare being allocated now has its file
+            # deleted with the folder below, and the thread then ends on its own (its rename fails).
+            preparing.join(timeout=CLOSE_WAIT_S)
         with self.lock:
             if self.listener is not None:
                 self.listener.close()
