@@ -98,6 +98,22 @@ def test_a_corrupt_step_is_set_aside_once_an_older_one_reads(saved):
     assert not (saved / "3").exists() and "unreadable_checkpoints/3-" in aside["moved_to"]
 
 
+def test_only_steps_newer_than_memory_s_are_tried_and_unreadable_ones_set_aside(saved):
+    """The memory tier holds step 1 whole: durable steps 2 and 3 serve only if one reads back; when
+    neither does, both are set aside (moved, never deleted), and step 1 is not read here."""
+    from jaxlaunch.workers.checkpoints.durable import NoneNewerReadBack
+
+    mesh = build_mesh({"data": -1})
+    corrupt(saved, 3)
+    assert Checkpointer(saved, CFG).restore_latest(targets(mesh), newer_than=1).step == 2
+    corrupt(saved, 2)
+    with pytest.raises(NoneNewerReadBack) as none:
+        Checkpointer(saved, CFG).restore_latest(targets(mesh), newer_than=1)
+    assert [a["step"] for a in none.value.set_aside] == [2]
+    assert all(pathlib.Path(a["moved_to"]).is_dir() for a in none.value.set_aside)
+    assert sorted(p.name for p in saved.iterdir() if p.name.isdigit()) == ["1"]
+
+
 def test_when_no_step_reads_nothing_moves_and_the_run_stops(saved):
     for step in (1, 2, 3):
         corrupt(saved, step)

@@ -531,3 +531,76 @@ def test_rank_0_says_a_keeper_missed_the_drop_unless_its_node_is_known_gone(monk
     monkeypatch.setattr(tier, "_ask_keepers", lambda call: ({}, {"n1": "no answer in 60 s"}), raising=False)
     said = tier.forget_after(7)
     assert (said is None) if says is None else (says in said), said
+
+
+class Durable:
+    """A durable tier with committed steps 100 and 80, whose step 100 does not read back (or does)."""
+
+    def __init__(self, newest_reads: bool):
+        self.newest_reads, self.tried = newest_reads, []
+
+    def steps_from_rank_0(self):
+        return [100, 80]
+
+    def restore_latest(self, targets, check_structure=None, newer_than=None):
+        from jaxlaunch.workers.checkpoints.durable import DurableRestore, NoneNewerReadBack
+
+        self.tried.append(newer_than)
+        if self.newest_reads:
+            return DurableRestore(100, {"w": 100}, {}, [], 0.1)
+        corrupt = [{"step": 100, "error": "corrupt", "moved_to": "unreadable_checkpoints/100"}]
+        if newer_than is not None:
+            raise NoneNewerReadBack(corrupt)
+        return DurableRestore(80, {"w": 80}, {}, corrupt, 0.1)
+
+    class store:
+        @staticmethod
+        def size(step):
+            return 1
+
+
+class Memory:
+    """The memory tier holding step 90 whole."""
+
+    lost, lost_alive = [], []
+
+    def held(self):
+        return []
+
+    def newest_step(self, held):
+        return 90
+
+    def restore(self, step, held, targets):
+        from jaxlaunch.workers.checkpoints.memory import MemoryRestore
+
+        return MemoryRestore(step, {"w": step}, {}, {}, [], 0.01, 0)
+
+
+class Layout:
+    mismatch = None
+
+    def targets(self):
+        return {"w": None}
+
+
+@pytest.mark.parametrize("newest_reads", [False, True])
+def test_an_unreadable_newest_durable_step_leaves_memory_s_newer_step_to_serve(newest_reads):
+    """Durable steps 100 and 80, memory step 90 whole. Durable 100 serves when it reads back; when it
+    does not, memory's 90 is newer than anything left, where falling back to durable 80 would lose
+    ten steps (and the restore's drop then deletes memory's 90)."""
+    from jaxlaunch.workers.checkpoints.tiered import restore_newest
+    from jaxlaunch.workers.supervision.progress import HostProgress
+
+    from jaxlaunch.contract.events import CheckpointFallback
+
+    durable, progress = Durable(newest_reads), HostProgress()
+    restored = restore_newest(durable, Memory(), Layout(), progress)
+    told = progress.drain().events
+    if newest_reads:
+        assert (restored.tier, restored.step, restored.state) == ("durable", 100, {"w": 100})
+        assert told == ()
+    else:
+        assert (restored.tier, restored.step, restored.state) == ("memory", 90, {"w": 90})
+        assert [(e.step, e.moved_to) for e in told if isinstance(e, CheckpointFallback)] == \
+            [(100, "unreadable_checkpoints/100")], "set aside, and said"
+    assert durable.tried == [90], "only the durable steps newer than memory's were tried"

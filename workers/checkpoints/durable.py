@@ -65,6 +65,14 @@ class NoCheckpointError(CheckpointError):
     kind = ErrorKind.NO_CHECKPOINT
 
 
+class NoneNewerReadBack(Exception):
+    """`restore_latest(newer_than=...)`: none of the steps newer than that read back; each was set aside."""
+
+    def __init__(self, set_aside: list[dict[str, Any]]):
+        super().__init__(f"{len(set_aside)} newer step(s) did not read back")
+        self.set_aside = set_aside
+
+
 def is_transient(err: BaseException) -> bool:
     """Errors that memory or storage pressure explain, which a retry may clear."""
     for e in chain(err):
@@ -167,13 +175,16 @@ class Checkpointer:
         return Checkpointer._StorageErrors(self)
 
     # -- restoring -------------------------------------------------------------------------------
-    def restore_latest(self, targets: Any,
-                       check_structure: Callable[[Any], str | None] | None = None) -> DurableRestore | None:
+    def restore_latest(self, targets: Any, check_structure: Callable[[Any], str | None] | None = None,
+                       newer_than: int | None = None) -> DurableRestore | None:
         """The newest committed step that reads back, restored into `targets` (ShapeDtypeStructs
         with today's shardings, so a step written by any number of hosts lands in today's layout).
         None on a fresh run. `check_structure(tree_metadata)` returns why a step's state cannot fit
-        the targets (a different model), or None."""
+        the targets (a different model), or None. `newer_than`: only steps after it are tried (the
+        memory tier holds it whole); raises `NoneNewerReadBack` when none of them reads back."""
         steps = self.steps_from_rank_0()
+        if newer_than is not None:
+            steps = [s for s in steps if s > newer_than]
         limit = self.newest_restorable
         unverified = [{"step": s, "error": f"not verified: the replicas disagreed after step {limit}",
                        "moved_to": str(self._set_aside(s))} for s in steps if limit is not None and s > limit]
@@ -193,6 +204,8 @@ class Checkpointer:
                 return DurableRestore(step, restored[STATE_ITEM], dict(restored[META_ITEM]), set_aside,
                                 time.perf_counter() - start)
             failed.append({"step": step, "error": error})
+        if newer_than is not None:
+            raise NoneNewerReadBack(unverified + [dict(f, moved_to=str(self._set_aside(f["step"]))) for f in failed])
         if failed or (self.expect_checkpoint and not steps and not unverified):
             listing = ", ".join(f"{f['step']} ({f['error'][:160]})" for f in failed) or "none is left"
             raise NoCheckpointError(

@@ -21,7 +21,7 @@ from typing import Any
 import jax
 from jaxlaunch.workers import extras
 from jaxlaunch.workers.checkpoints.cadence import CommitWatch, Due, SaveCadence, given
-from jaxlaunch.workers.checkpoints.durable import Checkpointer
+from jaxlaunch.workers.checkpoints.durable import Checkpointer, DurableRestore, NoneNewerReadBack
 from jaxlaunch.workers.checkpoints.memory import MemoryTier, any_host, part_nbytes
 from jaxlaunch.workers.state import StateLayout
 from jaxlaunch.workers.supervision.progress import HostProgress
@@ -211,9 +211,21 @@ def restore_newest(checkpointer: Checkpointer, memory: MemoryTier | None, layout
                    progress: HostProgress) -> TierRestore | None:
     if memory is not None:
         durable_steps = checkpointer.steps_from_rank_0()
-        newest_durable = durable_steps[0] if durable_steps else 0
         held = memory.held()
         step = memory.newest_step(held)
+        if step is not None and not tiers.memory_serves(step, durable_steps):
+            # Durable is newer; but if none of its newer steps reads back, memory's whole step beats
+            # the older durable ones (the newer ones are set aside, as any unreadable step is).
+            try:
+                newer = checkpointer.restore_latest(layout.targets(), layout.mismatch, newer_than=step)
+            except NoneNewerReadBack as none:
+                for aside in none.set_aside:
+                    progress.event(events.CheckpointFallback(**aside))
+                durable_steps = [s for s in durable_steps if s <= step]
+            else:
+                _say_why_not(held, durable_steps, memory, progress)
+                return _durable(newer, checkpointer, progress)
+        newest_durable = durable_steps[0] if durable_steps else 0
         if step is not None and tiers.memory_serves(step, durable_steps):
             error = None
             try:
@@ -227,10 +239,20 @@ def restore_newest(checkpointer: Checkpointer, memory: MemoryTier | None, layout
                 step=step, durable_step=newest_durable or None,
                 reason=f"memory step {step} did not read back: {error or 'another host could not'}"))
         else:
-            why = _why_not_whole(held, newest_durable, memory.lost, memory.lost_alive)
-            if why is not None:
-                progress.event(events.MemoryFallback(step=None, durable_step=newest_durable or None, reason=why))
-    restored = checkpointer.restore_latest(layout.targets(), check_structure=layout.mismatch)
+            _say_why_not(held, durable_steps, memory, progress)
+    return _durable(checkpointer.restore_latest(layout.targets(), check_structure=layout.mismatch),
+                    checkpointer, progress)
+
+
+def _say_why_not(held: list[tiers.Held], durable_steps: list[int], memory: MemoryTier, progress: HostProgress) -> None:
+    """The event of why memory does not serve, when there is more to say than that durable is newer."""
+    newest_durable = durable_steps[0] if durable_steps else 0
+    why = _why_not_whole(held, newest_durable, memory.lost, memory.lost_alive)
+    if why is not None:
+        progress.event(events.MemoryFallback(step=None, durable_step=newest_durable or None, reason=why))
+
+
+def _durable(restored: DurableRestore | None, checkpointer: Checkpointer, progress: HostProgress) -> TierRestore | None:
     if restored is None:
         return None
     for aside in restored.set_aside:
