@@ -186,7 +186,9 @@ def _run_job(prepared: PreparedJob, display: Display | None, exporter: Exporter 
             code = storage_errno(err)
             if code is None:
                 raise
-            raise RunStorageError(storage.describe_storage_error(run.store.url, code, None)) from err
+            # The file that failed, when the error names one: a full /dev/shm is not a full run directory.
+            where = next((e.filename for e in storage.chain(err) if isinstance(e, OSError) and e.filename), None)
+            raise RunStorageError(storage.describe_storage_error(where or run.store.url, code, None)) from err
         finally:
             cluster.shutdown()
     finally:

@@ -7,6 +7,7 @@ goodput, summary.json and report.png are all derived from these records (`jaxlau
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import pathlib
 import random
@@ -37,6 +38,22 @@ from jaxlaunch.contract.protocol import GroupPoll
 if TYPE_CHECKING:
     from tensorboardX import SummaryWriter
 
+log = logging.getLogger(__name__)
+
+
+def summary_writer(directory: str, **options: Any) -> SummaryWriter | None:
+    """TensorBoard's writer in `directory`, or None, said, when it cannot be made: its queue needs a
+    semaphore in /dev/shm, which a full /dev/shm refuses. TensorBoard's files are a view of the
+    records (metrics.jsonl and events.jsonl are written as always): the run goes on without them."""
+    from tensorboardX import SummaryWriter
+
+    try:
+        return SummaryWriter(directory, **options)
+    except OSError as err:
+        log.warning("no TensorBoard file in %s for this launch (%s); metrics.jsonl and events.jsonl are "
+                    "written as always", directory, err)
+        return None
+
 TENSORBOARD_SKIP = ("step", "time", "attempt", "num_hosts")
 
 
@@ -50,20 +67,25 @@ class TensorBoard:
         self.last_step = last_step
         """The newest step already written, by this launch or an earlier one of the run."""
         self.files = 0
+        self.off = False
+        """No writer could be made (`summary_writer`): none is tried again this launch."""
 
     def write(self, records: list[dict[str, Any]]) -> None:
-        from tensorboardX import SummaryWriter
-
         for record in records:
             step = record["step"]
+            if self.off:
+                return
             if self.writer is None or step <= self.last_step:
                 if self.writer is not None:
                     self.writer.close()
                 self.files += 1
                 # A file name of its own: two writers within one second would share one.
-                self.writer = SummaryWriter(str(self.directory), flush_secs=10,
-                                            filename_suffix=f".{os.getpid()}.{self.files}",
-                                            purge_step=step if self.last_step >= step else None)
+                self.writer = summary_writer(str(self.directory), flush_secs=10,
+                                             filename_suffix=f".{os.getpid()}.{self.files}",
+                                             purge_step=step if self.last_step >= step else None)
+                if self.writer is None:
+                    self.off = True
+                    return
             for key, value in record.items():
                 if key not in TENSORBOARD_SKIP and isinstance(value, int | float) and not isinstance(value, bool):
                     self.writer.add_scalar(f"train/{key}", value, step)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from jaxlaunch.launcher.control.driver import Driver, Listener
 from jaxlaunch.launcher.control.states import Attempt, Draining, ResolvingFailure, Running, State
 from jaxlaunch.launcher.records import history
+from jaxlaunch.launcher.records.recorder import summary_writer
 from jaxlaunch.launcher.records.runs import RunDir
 from jaxlaunch.launcher.views.trackers import restarts_by_cause
 
@@ -95,6 +96,7 @@ class LiveMetrics(Listener):
         never goes back, so a recomputed step does not fold the curve."""
         self.written_step = self.high_step
         self.writer: SummaryWriter | None = None
+        self.tensorboard_off = False
 
     # -- the driver's listener ------------------------------------------------------------------------
     def on_poll(self, driver: Driver, attempt: Attempt, poll: GroupPoll) -> None:
@@ -142,12 +144,15 @@ class LiveMetrics(Listener):
             self._tensorboard(past.goodput, past.badput_s)
 
     def _tensorboard(self, goodput: float, badput: dict[str, float]) -> None:
-        from tensorboardX import SummaryWriter
-
         if self.writer is None:
+            if self.tensorboard_off:
+                return
             # A run of its own: the training curves' writer purges steps on a restart, and its
             # purge would take these points with it.
-            self.writer = SummaryWriter(f"{self.run.tensorboard_dir}/goodput", flush_secs=10)
+            self.writer = summary_writer(f"{self.run.tensorboard_dir}/goodput", flush_secs=10)
+            if self.writer is None:
+                self.tensorboard_off = True
+                return
         self.writer.add_scalar("goodput/ratio", goodput, self.high_step)
         for kind, seconds in badput.items():
             self.writer.add_scalar(f"badput_seconds/{kind}", seconds, self.high_step)

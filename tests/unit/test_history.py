@@ -294,3 +294,25 @@ def test_tensorboard_replaces_recomputed_steps_instead_of_folding_back(tmp_path)
     events.Reload()
     points = [(e.step, e.value) for e in events.Scalars("train/loss")]
     assert points == [(1, 9.0), (2, 8.0), (3, 17.0), (4, 16.0), (5, 15.0), (6, 14.0), (7, 13.0)]
+
+
+def test_a_full_dev_shm_leaves_the_run_without_tensorboard_files_and_says_so(tmp_path, monkeypatch, caplog):
+    """TensorBoard's writer needs a semaphore in /dev/shm; a full /dev/shm refuses it. The driver went
+    down with it ("the filesystem is full" naming the run directory, which was not): TensorBoard's
+    files are a view of the records, and the run goes on without them."""
+    import tensorboardX
+
+    from jaxlaunch.launcher.records import recorder
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tensorboardX, "SummaryWriter", full)
+    board = TensorBoard(tmp_path / "tb")
+    with caplog.at_level("WARNING", logger=recorder.__name__):
+        board.write([{"step": 1, "loss": 1.0}])
+        board.write([{"step": 2, "loss": 0.5}])
+    board.close()
+    assert [r.getMessage() for r in caplog.records if "no TensorBoard file" in r.getMessage()] == [
+        f"no TensorBoard file in {tmp_path / 'tb'} for this launch ([Errno 28] No space left on device); "
+        "metrics.jsonl and events.jsonl are written as always"], "said once"
