@@ -145,7 +145,7 @@ def test_an_injected_exception_fires_after_the_step_is_reported_and_saved(tmp_pa
 class HeldParts:
     """The memory tier's host side, as the host context uses it, keeping what each part carries."""
 
-    refused, lost, lost_alive, active = None, [], [], True
+    refused, refused_step, lost, lost_alive, active = None, None, [], [], True
     refused_steps: set[int] = set()
 
     def __init__(self):
@@ -156,6 +156,9 @@ class HeldParts:
 
     def newest_step(self, held):
         return None
+
+    def whole_steps(self, held, at_most=None):
+        return []
 
     def save(self, step, tree, meta, extra, fault=None):
         self.records[step] = [r["step"] for r in meta["records"]]
@@ -185,6 +188,24 @@ def test_each_memory_part_carries_every_record_a_durable_save_also_carried(tmp_p
     ctx._finish(minimal.main(ctx))
     assert RunDir(tmp_path).committed_steps() == [7, 6, 3], "durable every --persist-every steps and the last"
     assert memory.records == {step: list(range(1, step + 1)) for step in range(1, 8)}
+
+
+def test_a_refused_memory_save_is_told_with_the_step_refused(tmp_path, monkeypatch):
+    """A hand-off runs in the background: its refusal is known at a later save, and the event names the
+    step whose part was refused, not the step at which it was noticed."""
+    memory = HeldParts()
+    saves = memory.save
+
+    def save(step, tree, meta, extra, fault=None):
+        saves(step, tree, meta, extra, fault)
+        if step == 3:  # step 2's hand-off came back refused while step 3 trained: seen at step 3's save
+            memory.refused, memory.refused_step, memory.refused_steps = "the part file of step 2 is gone", 2, {2}
+
+    memory.save = save
+    monkeypatch.setattr(Tiers, "_start_memory", lambda self, num_hosts: memory)
+    result, records, told = run(tmp_path, 4, save_every=1)
+    assert [(e.step, e.reason) for e in told if isinstance(e, events.MemorySaveRefused)] == \
+        [(2, "the part file of step 2 is gone")]
 
 
 def test_a_keeper_that_cannot_drop_the_steps_after_the_restored_one_turns_the_tier_off_for_the_attempt(

@@ -301,7 +301,6 @@ def test_a_full_dev_shm_leaves_the_run_without_tensorboard_files_and_says_so(tmp
     down with it ("the filesystem is full" naming the run directory, which was not): TensorBoard's
     files are a view of the records, and the run goes on without them."""
     import tensorboardX
-
     from jaxlaunch.launcher.records import recorder
 
     def full(*args, **kwargs):

@@ -560,19 +560,25 @@ class Durable:
 
 
 class Memory:
-    """The memory tier holding step 90 whole."""
+    """The memory tier holding `steps` whole (newest first); those in `unreadable` do not read back."""
 
     lost, lost_alive = [], []
+
+    def __init__(self, steps=(90,), unreadable=()):
+        self.steps, self.unreadable, self.tried = list(steps), set(unreadable), []
 
     def held(self):
         return []
 
-    def newest_step(self, held):
-        return 90
+    def whole_steps(self, held, at_most=None):
+        return [s for s in self.steps if at_most is None or s <= at_most]
 
     def restore(self, step, held, targets):
         from jaxlaunch.workers.checkpoints.memory import MemoryRestore
 
+        self.tried.append(step)
+        if step in self.unreadable:
+            raise ValueError(f"{step}-1-primary.part is not a memory-tier part file")
         return MemoryRestore(step, {"w": step}, {}, {}, [], 0.01, 0)
 
 
@@ -604,3 +610,48 @@ def test_an_unreadable_newest_durable_step_leaves_memory_s_newer_step_to_serve(n
         assert [(e.step, e.moved_to) for e in told if isinstance(e, CheckpointFallback)] == \
             [(100, "unreadable_checkpoints/100")], "set aside, and said"
     assert durable.tried == [90], "only the durable steps newer than memory's were tried"
+
+
+class NoDurable(Durable):
+    def __init__(self):
+        super().__init__(newest_reads=True)
+
+    def steps_from_rank_0(self):
+        return []
+
+    def restore_latest(self, targets, check_structure=None, newer_than=None):
+        self.tried.append(newer_than)
+        return None
+
+
+def test_a_memory_step_that_does_not_read_back_leaves_the_next_committed_one_to_serve():
+    """A part of memory step 50 is unreadable (a torn or flipped header): step 40, also whole in
+    memory, serves, where the run restarted from scratch; the event names the host and the error."""
+    from jaxlaunch.workers.checkpoints.tiered import restore_newest
+    from jaxlaunch.workers.supervision.progress import HostProgress
+
+    from jaxlaunch.contract.events import MemoryFallback
+
+    memory, progress = Memory(steps=[50, 40], unreadable={50}), HostProgress()
+    restored = restore_newest(NoDurable(), memory, Layout(), progress)
+    assert (restored.tier, restored.step) == ("memory", 40) and memory.tried == [50, 40]
+    [fallback] = [e for e in progress.drain().events if isinstance(e, MemoryFallback)]
+    assert fallback.step == 50 and fallback.reason == (
+        "memory step 50 did not read back on host(s) [0]: ValueError: 50-1-primary.part is not a memory-tier "
+        "part file; restoring memory step 40")
+
+    memory, progress = Memory(steps=[50], unreadable={50}), HostProgress()
+    assert restore_newest(NoDurable(), memory, Layout(), progress) is None
+    [fallback] = [e for e in progress.drain().events if isinstance(e, MemoryFallback)]
+    assert fallback.reason.endswith("; restoring a fresh state (no durable step)"), "a fresh start is said"
+
+
+def test_after_a_replica_mismatch_memory_serves_its_newest_step_whose_replicas_agreed():
+    """The replicas disagreed at step 60; step 50's agreed. Memory holds 60 (perhaps the corrupt copy)
+    and 50: 50 serves, as the driver said it would, where the run restarted from scratch."""
+    from jaxlaunch.workers.checkpoints.tiered import restore_newest
+    from jaxlaunch.workers.supervision.progress import HostProgress
+
+    memory = Memory(steps=[60, 50])
+    restored = restore_newest(NoDurable(), memory, Layout(), HostProgress(), at_most=50)
+    assert (restored.tier, restored.step) == ("memory", 50) and memory.tried == [50], "60 is never read"

@@ -41,6 +41,9 @@ from jaxlaunch.contract.tiers import Held
 
 log = logging.getLogger(__name__)
 KEEPER_CALL_TIMEOUT_S = 60.0
+WHOLE_STEPS_TRIED = 4
+"""A restore tries the newest committed memory steps in turn, at most this many (a keeper keeps
+`--memory-keep` whole steps and the saves in flight)."""
 
 
 def part_nbytes(targets: Any) -> int:
@@ -81,7 +84,8 @@ class MemoryTier:
         self.replica_to = keepers[partner] if partner is not None else None
         self.active = True
         self.refused: str | None = None
-        """The first refusal of the attempt (said once, in an event)."""
+        """The first refusal of the attempt (said once, in an event), of step `refused_step`."""
+        self.refused_step: int | None = None
         self.refused_steps: set[int] = set()
         """The steps of the newest saves whose hand-off was refused (not committed in memory)."""
         self.inbox: pathlib.Path | None = None
@@ -181,7 +185,7 @@ class MemoryTier:
         # A new set, not a change to the one the training thread may be reading; the newest saves only.
         self.refused_steps = {s for s in self.refused_steps if s >= step - 2} | {step}
         if self.refused is None:
-            self.refused = reason
+            self.refused, self.refused_step = reason, step
             log.warning("the memory tier did not hold step %d (%s); the durable tier goes on", step, reason)
 
     def copies_record(self) -> dict[str, int]:
@@ -252,11 +256,18 @@ class MemoryTier:
 
     def newest_step(self, held: list[Held]) -> int | None:
         """Rank 0's newest committed step in memory, the same on every host."""
-        steps = tiers.whole_steps(held) if self.rank == 0 else []
-        step = steps[0] if steps else -1
+        steps = self.whole_steps(held)
+        return steps[0] if steps else None
+
+    def whole_steps(self, held: list[Held], at_most: int | None = None) -> list[int]:
+        """Rank 0's committed steps in memory (up to `at_most`), newest first, the same on every host:
+        the newest `WHOLE_STEPS_TRIED`, the ones a restore tries in turn."""
+        steps = [s for s in tiers.whole_steps(held) if at_most is None or s <= at_most] if self.rank == 0 else []
+        sent = np.full(WHOLE_STEPS_TRIED, -1, dtype=np.int64)
+        sent[:len(steps[:WHOLE_STEPS_TRIED])] = steps[:WHOLE_STEPS_TRIED]
         if jax.process_count() > 1:
-            step = int(multihost_utils.broadcast_one_to_all(np.array(step, dtype=np.int64)))
-        return None if step < 0 else step
+            sent = multihost_utils.broadcast_one_to_all(sent)
+        return [int(s) for s in sent if s >= 0]
 
     def restore(self, step: int, held: list[Held], targets: Any) -> MemoryRestore:
         """`step` from the keepers into `targets` (ShapeDtypeStructs with today's shardings), or into
@@ -402,6 +413,14 @@ def _owned(data: np.ndarray) -> np.ndarray:
     """`data` in memory of its own: on CPU, JAX may make an aligned array the device buffer without a
     copy, and a donated buffer in a read-only mapping of a part file would be written by the next step."""
     return data if data.flags.writeable and data.flags.owndata else np.array(data)
+
+
+def failed_ranks(flag: bool) -> list[int]:
+    """The ranks whose flag is set, known on every host."""
+    if jax.process_count() == 1:
+        return [0] if flag else []
+    flags = multihost_utils.process_allgather(np.array([flag]))
+    return [int(r) for r in np.flatnonzero(np.asarray(flags).reshape(-1))]
 
 
 def any_host(flag: bool) -> bool:

@@ -22,7 +22,7 @@ import jax
 from jaxlaunch.workers import extras
 from jaxlaunch.workers.checkpoints.cadence import CommitWatch, Due, SaveCadence, given
 from jaxlaunch.workers.checkpoints.durable import Checkpointer, DurableRestore, NoneNewerReadBack
-from jaxlaunch.workers.checkpoints.memory import MemoryTier, any_host, part_nbytes
+from jaxlaunch.workers.checkpoints.memory import MemoryTier, any_host, failed_ranks, part_nbytes
 from jaxlaunch.workers.state import StateLayout
 from jaxlaunch.workers.supervision.progress import HostProgress
 
@@ -89,9 +89,10 @@ class Tiers:
     def restore(self) -> TierRestore | None:
         """The newest committed step of either tier, restored into the layout's shardings (None:
         nothing committed). The cadence starts counting from the step restored."""
-        # After a replica mismatch the memory tier may hold the corrupt copy: only verified durable steps serve.
-        memory = self.memory if self._spec.newest_restorable is None else None
-        restored = restore_newest(self.checkpointer, memory, self._layout, self._progress)
+        # After a replica mismatch only steps whose replicas agreed serve, from either tier: a newer one may
+        # hold the corrupt copy.
+        restored = restore_newest(self.checkpointer, self.memory, self._layout, self._progress,
+                                  at_most=self._spec.newest_restorable)
         step = restored.step if restored is not None else 0
         if self._keepers is not None:  # the tier on or not: the steps past `step` are not this run's
             stuck = self._keepers.forget_after(step)
@@ -145,7 +146,9 @@ class Tiers:
         self._commits.started(step, due)
         if self.memory is not None and self.memory.refused and not self._refusal_told:
             self._refusal_told = True
-            self._progress.event(events.MemorySaveRefused(step=step, reason=self.memory.refused))
+            refused = self.memory.refused_step
+            self._progress.event(events.MemorySaveRefused(step=step if refused is None else refused,
+                                                          reason=self.memory.refused))
         record: dict[str, Any] = {"checkpoint_blocking_s": blocked, "replica_check_s": checked_s,
                                   "checkpoint_tier": "durable" if due.durable else "memory"}
         if due.memory and self.memory is not None:
@@ -208,37 +211,47 @@ class TierRestore:
 
 
 def restore_newest(checkpointer: Checkpointer, memory: MemoryTier | None, layout: StateLayout,
-                   progress: HostProgress) -> TierRestore | None:
+                   progress: HostProgress, at_most: int | None = None) -> TierRestore | None:
+    """The newest committed step of either tier (`at_most`: after a replica mismatch, the newest step
+    whose replicas agreed; durable steps past it are set aside), restored. Memory's committed steps
+    are tried newest first while they are at least as new as the durable tier's newest readable one;
+    a step of either tier that does not read back leaves the next one to serve, and is said."""
     if memory is not None:
         durable_steps = checkpointer.steps_from_rank_0()
         held = memory.held()
-        step = memory.newest_step(held)
-        if step is not None and not tiers.memory_serves(step, durable_steps):
+        steps = memory.whole_steps(held, at_most)
+        if steps and not tiers.memory_serves(steps[0], durable_steps):
             # Durable is newer; but if none of its newer steps reads back, memory's whole step beats
             # the older durable ones (the newer ones are set aside, as any unreadable step is).
             try:
-                newer = checkpointer.restore_latest(layout.targets(), layout.mismatch, newer_than=step)
+                newer = checkpointer.restore_latest(layout.targets(), layout.mismatch, newer_than=steps[0])
             except NoneNewerReadBack as none:
                 for aside in none.set_aside:
                     progress.event(events.CheckpointFallback(**aside))
-                durable_steps = [s for s in durable_steps if s <= step]
+                durable_steps = [s for s in durable_steps if s <= steps[0]]
             else:
                 _say_why_not(held, durable_steps, memory, progress)
                 return _durable(newer, checkpointer, progress)
         newest_durable = durable_steps[0] if durable_steps else 0
-        if step is not None and tiers.memory_serves(step, durable_steps):
+        serving = [s for s in steps if tiers.memory_serves(s, durable_steps)]
+        for i, step in enumerate(serving):
             error = None
             try:
                 got = memory.restore(step, held, layout.targets())
-            except Exception as err:  # noqa: BLE001 - every host agrees below; the durable tier serves
-                error = f"{type(err).__name__}: {err}"[:500]
-            if not any_host(error is not None):
+            except Exception as err:  # noqa: BLE001 - every host agrees below; another step serves
+                error = f"{type(err).__name__}: {err}"[:400]
+                log.warning("memory step %d did not read back: %s", step, error)
+            failed = failed_ranks(error is not None)
+            if not failed:
                 return TierRestore(got.step, got.state, got.meta, got.extra, "memory", got.seconds, 0,
-                                got.bytes_fetched, [s.rank for s in got.sources if s.role == tiers.Role.REPLICA])
+                                   got.bytes_fetched, [s.rank for s in got.sources if s.role == tiers.Role.REPLICA])
+            then = f"memory step {serving[i + 1]}" if i + 1 < len(serving) else \
+                f"durable step {newest_durable}" if newest_durable else "a fresh state (no durable step)"
             progress.event(events.MemoryFallback(
                 step=step, durable_step=newest_durable or None,
-                reason=f"memory step {step} did not read back: {error or 'another host could not'}"))
-        else:
+                reason=f"memory step {step} did not read back on host(s) {failed}: "
+                       f"{error or 'see their logs'}; restoring {then}"))
+        if not serving:
             _say_why_not(held, durable_steps, memory, progress)
     return _durable(checkpointer.restore_latest(layout.targets(), check_structure=layout.mismatch),
                     checkpointer, progress)
