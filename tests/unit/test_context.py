@@ -145,7 +145,7 @@ def test_an_injected_exception_fires_after_the_step_is_reported_and_saved(tmp_pa
 class HeldParts:
     """The memory tier's host side, as the host context uses it, keeping what each part carries."""
 
-    refused, refused_step, lost, lost_alive, active = None, None, [], [], True
+    refused, refused_step, lost, lost_alive, replaced, active = None, None, [], [], [], True
     refused_steps: set[int] = set()
 
     def __init__(self):

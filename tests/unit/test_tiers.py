@@ -562,7 +562,7 @@ class Durable:
 class Memory:
     """The memory tier holding `steps` whole (newest first); those in `unreadable` do not read back."""
 
-    lost, lost_alive = [], []
+    lost, lost_alive, replaced = [], [], []
 
     def __init__(self, steps=(90,), unreadable=()):
         self.steps, self.unreadable, self.tried = list(steps), set(unreadable), []
@@ -655,3 +655,23 @@ def test_after_a_replica_mismatch_memory_serves_its_newest_step_whose_replicas_a
     memory = Memory(steps=[60, 50])
     restored = restore_newest(NoDurable(), memory, Layout(), HostProgress(), at_most=50)
     assert (restored.tier, restored.step) == ("memory", 50) and memory.tried == [50], "60 is never read"
+
+
+def test_a_restart_after_a_keeper_was_replaced_empty_says_its_steps_are_gone(monkeypatch):
+    """The driver stopped a keeper that did not answer for a minute (its node up) and started another
+    on its node, empty: the steps it held are gone. The restart said nothing and trained from step 1."""
+    from jaxlaunch.workers.checkpoints import memory as memory_module
+    from jaxlaunch.workers.checkpoints.tiered import restore_newest
+    from jaxlaunch.workers.supervision.progress import HostProgress
+
+    from jaxlaunch.contract.events import MemoryFallback
+
+    tier = object.__new__(memory_module.MemoryTier)  # its __init__ asks Ray for this node
+    tier.keepers, tier.lost_before, tier.rank = {"node-a": "the new keeper"}, ["node-a"], 0
+    monkeypatch.setattr(tier, "_ask_keepers", lambda call: ({"node-a": []}, {}))
+    monkeypatch.setattr(memory_module, "_alive_nodes", lambda: {"node-a"})
+    progress = HostProgress()
+    assert restore_newest(NoDurable(), tier, Layout(), progress) is None
+    assert [e.reason for e in progress.drain().events if isinstance(e, MemoryFallback)] == [
+        "no step is held in memory; the keepers of 1 node(s) stopped answering and were replaced, empty; "
+        "starting from a fresh state (no durable step)"]

@@ -99,6 +99,9 @@ class MemoryTier:
         """Nodes whose keeper is gone (found by the driver, or not answering `held()`)."""
         self.lost_alive: list[str] = []
         """Of those, the nodes Ray still lists alive at `held()` (their keeper died, its node did not)."""
+        self.replaced: list[str] = []
+        """Nodes whose keeper the driver stopped (it did not answer) and started anew, empty, since the
+        previous attempt: what it held is gone."""
         self.writer = PartWriter()
         self._structure: tuple[Any, bytes | None] | None = None
         """The saved state's pytree structure, pickled once: the same at every save of an attempt."""
@@ -218,6 +221,7 @@ class MemoryTier:
             log.info("the keeper of node %s did not answer: %s", node[:12], why)
         self.lost = [n for n in self.lost_before if n not in self.keepers] + list(failed)
         self.lost_alive = sorted(set(self.lost) & (_alive_nodes() or set())) if self.lost else []
+        self.replaced = [n for n in self.lost_before if n in self.keepers and n not in failed]
         return [Held.from_dict(d) for node in answers for d in answers[node]]
 
     def _ask_keepers(self, call: Callable[[Any], Any]) -> tuple[dict[str, Any], dict[str, str]]:

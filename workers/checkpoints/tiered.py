@@ -260,7 +260,7 @@ def restore_newest(checkpointer: Checkpointer, memory: MemoryTier | None, layout
 def _say_why_not(held: list[tiers.Held], durable_steps: list[int], memory: MemoryTier, progress: HostProgress) -> None:
     """The event of why memory does not serve, when there is more to say than that durable is newer."""
     newest_durable = durable_steps[0] if durable_steps else 0
-    why = _why_not_whole(held, newest_durable, memory.lost, memory.lost_alive)
+    why = _why_not_whole(held, newest_durable, memory.lost, memory.lost_alive, memory.replaced)
     if why is not None:
         progress.event(events.MemoryFallback(step=None, durable_step=newest_durable or None, reason=why))
 
@@ -275,7 +275,8 @@ def _durable(restored: DurableRestore | None, checkpointer: Checkpointer, progre
     return TierRestore(restored.step, restored.state, restored.meta, mine, "durable", restored.seconds, read, 0, [])
 
 
-def _why_not_whole(held: list[tiers.Held], newest_durable: int, lost: list[str], alive: list[str]) -> str | None:
+def _why_not_whole(held: list[tiers.Held], newest_durable: int, lost: list[str], alive: list[str],
+                   replaced: list[str]) -> str | None:
     """Why the keepers hold no step newer than the durable tier's newest, when they held one (or
     keepers were lost): None when memory simply has nothing newer. `alive`: the lost keepers' nodes
     that Ray still lists (their keeper died and did not come back in time; the others went with their nodes)."""
@@ -284,6 +285,8 @@ def _why_not_whole(held: list[tiers.Held], newest_durable: int, lost: list[str],
     said = [f"the keepers of {gone} node(s) are gone with their nodes"] if gone else []
     if alive:
         said.append(f"the keepers of {len(alive)} node(s) that are up did not answer")
+    if replaced:
+        said.append(f"the keepers of {len(replaced)} node(s) stopped answering and were replaced, empty")
     lost_keepers = f"; {' and '.join(said)}" if said else ""
     durable = f"restoring durable step {newest_durable}" if newest_durable else \
         "starting from a fresh state (no durable step)"
@@ -294,7 +297,7 @@ def _why_not_whole(held: list[tiers.Held], newest_durable: int, lost: list[str],
         missing = sorted(set(range(max(h.num_hosts for h in parts))) - have)
         return (f"memory step {step} is not whole: no committed copy of rank(s) {missing} is held{lost_keepers}; "
                 f"{durable}")
-    if lost:
+    if lost or replaced:
         newer_than = f" newer than durable step {newest_durable}" if newest_durable else ""
         return f"no step{newer_than} is held in memory{lost_keepers}; {durable}"
     return None
