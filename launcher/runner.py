@@ -25,8 +25,9 @@ from jaxlaunch.launcher.cluster.ray_cluster import RayCluster, refuse_if_nothing
 from jaxlaunch.launcher.cluster.worker_group import MakeSpec, RayWorkerGroup, StandbyPool
 from jaxlaunch.launcher.configuration.job import PreparedJob
 from jaxlaunch.launcher.configuration.schema import JobConfig
-from jaxlaunch.launcher.control.driver import CAPACITY_POLL_S, Driver
+from jaxlaunch.launcher.control.driver import Driver
 from jaxlaunch.launcher.control.fault_plan import FaultPlan, injection_log
+from jaxlaunch.launcher.control.limits import CAPACITY_POLL_S
 from jaxlaunch.launcher.control.persisting import MemoryPersist
 from jaxlaunch.launcher.control.policy import Policies, RestartPolicy, ScalingPolicy, Watchdog
 from jaxlaunch.launcher.control.replicas import ReplicaWatch

@@ -14,20 +14,8 @@ import signal
 import time
 from collections.abc import Callable, Sequence
 
-from jaxlaunch.launcher.control import persisting, policy
+from jaxlaunch.launcher.control import limits, persisting, policy
 from jaxlaunch.launcher.control.fault_plan import FaultPlan
-from jaxlaunch.launcher.control.limits import (
-    CAPACITY_POLL_S,
-    HEAR_OUT_S,
-    MAX_MARGIN_DOUBLINGS,
-    NODE_WAIT_S,
-    PROPOSALS_PER_ROUND,
-    RESIZE_SETTLE_S,
-    SECONDARY_GRACE_S,
-    STOP_AGREE_S,
-    STOP_MARGIN_STEPS,
-    UNRESPONSIVE_AFTER_S,
-)
 from jaxlaunch.launcher.control.persisting import MemoryPersist
 from jaxlaunch.launcher.control.policy import Action, Diagnosis, FailureKind, Policies
 from jaxlaunch.launcher.control.states import (
@@ -160,7 +148,7 @@ class Driver:
     # -- states ----------------------------------------------------------------------------------
     def _schedule(self, state: Scheduling) -> State:
         if self.stop_signal is not None:
-            return Stopped(self.stop_signal, f"stopped by {self.stop_name} before the group started")
+            return self._stop_unsaved("before the group started")
         if self.cluster.embedded and not self.cluster.alive():
             self.cluster.restart()
         now = self.clock()
@@ -169,9 +157,9 @@ class Driver:
         placeable = self.cluster.placeable_hosts()
         num_hosts = self.policies.scaling.choose(placeable, state.at_most)
         if state.prefer is not None and (num_hosts or 0) < state.prefer:
-            until = state.prefer_until or now + RESIZE_SETTLE_S
+            until = state.prefer_until or now + limits.RESIZE_SETTLE_S
             if now < until:
-                self.sleep(CAPACITY_POLL_S)
+                self.sleep(limits.CAPACITY_POLL_S)
                 return Scheduling(state.at_most, state.waiting_since, state.prefer, until)
         if num_hosts is None:
             return AwaitingCapacity(state.waiting_since or now, placeable, state.at_most)
@@ -200,12 +188,12 @@ class Driver:
 
     def _wait(self, state: AwaitingCapacity) -> State:
         if self.stop_signal is not None:
-            return Stopped(self.stop_signal, f"stopped by {self.stop_name} while waiting for capacity")
+            return self._stop_unsaved("while waiting for capacity")
         if self.cluster.embedded and not self.cluster.alive():
             return Scheduling(at_most=state.at_most, waiting_since=state.since)  # which starts a new one
         if self.clock() - state.since > self.policies.fault.capacity_timeout_s:
             return self._no_capacity(state.placeable)
-        self.sleep(CAPACITY_POLL_S)
+        self.sleep(limits.CAPACITY_POLL_S)
         placeable = self.cluster.placeable_hosts()
         if self.policies.scaling.choose(placeable, state.at_most) is not None:
             return Scheduling(at_most=state.at_most, waiting_since=state.since)
@@ -227,10 +215,10 @@ class Driver:
             return self._finished(state, poll, now)
         if self.stop_signal is not None and isinstance(state, Running):
             return self._forward_stop(state, poll, now, self.stop_signal)
-        hung = self.policies.watchdog.hung(poll.hosts, now, UNRESPONSIVE_AFTER_S)
+        hung = self.policies.watchdog.hung(poll.hosts, now, limits.UNRESPONSIVE_AFTER_S)
         if hung is not None:
             host, limit = hung
-            what = "stopped answering" if now - host.last_heard > UNRESPONSIVE_AFTER_S else "made no progress"
+            what = "stopped answering" if now - host.last_heard > limits.UNRESPONSIVE_AFTER_S else "made no progress"
             return self._decide(attempt, Diagnosis(
                 FailureKind.HUNG, host.rank, f"{what} for {now - host.last_progress:.1f} s in phase "
                 f"{host.phase.value} (limit {limit:g} s)", attempt.last_step, now, host.last_progress))
@@ -256,7 +244,8 @@ class Driver:
             return state  # a host is gone and its node's health is not known yet
         failures = list(attempt.failures.values())
         ended = set(attempt.failures) | set(poll.results)
-        if policy.keep_listening(failures, len(ended), len(poll.hosts), now, SECONDARY_GRACE_S, HEAR_OUT_S):
+        if policy.keep_listening(failures, len(ended), len(poll.hosts), now, limits.SECONDARY_GRACE_S,
+                                 limits.HEAR_OUT_S):
             return state
         # A lost node's host may not be reported yet when the collective errors and aborts it caused
         # are: ask whether any host's node is gone before blaming anyone.
@@ -265,7 +254,7 @@ class Driver:
                 attempt.failures[rank] = Diagnosis(FailureKind.NODE_LOST, rank, "the host's node is gone (its raylet "
                                                  "does not answer)", poll.hosts[rank].step, now)
         failures = list(attempt.failures.values())
-        failure = policy.blame(failures, poll.hosts, now, UNRESPONSIVE_AFTER_S)
+        failure = policy.blame(failures, poll.hosts, now, limits.UNRESPONSIVE_AFTER_S)
         if failure.failed_at is None or failure.kind == FailureKind.CRASHED:
             fired_at = self.faults.fired_at(attempt.number)
             failure = dataclasses.replace(failure, failed_at=fired_at or failure.failed_at)
@@ -273,7 +262,7 @@ class Driver:
 
     def _restart(self, state: Relaunching) -> State:
         if self.stop_signal is not None:
-            return Stopped(self.stop_signal, f"stopped by {self.stop_name} after a failure")
+            return self._stop_unsaved("after a failure")
         if state.failure.kind == FailureKind.NODE_LOST and self.cluster.embedded:
             self.cluster.restart()  # the embedded instance is one node: losing it loses Ray
         self.sleep(state.decision.backoff_s)
@@ -309,7 +298,7 @@ class Driver:
         for exit in poll.exits:
             if exit.rank in attempt.failures:
                 continue
-            failure = policy.classify(exit, now, NODE_WAIT_S)
+            failure = policy.classify(exit, now, limits.NODE_WAIT_S)
             if failure is None:
                 undecided += 1
             else:
@@ -341,7 +330,7 @@ class Driver:
         if all(h.phase.started_training for h in poll.hosts):
             return state  # the first step is under way: stop after it
         self._end(attempt, PlannedEnd.STOPPED)  # not training yet: there is nothing new to save
-        return Stopped(signum, f"stopped by {self.stop_name} before training began")
+        return self._stop_unsaved("before training began")
 
     def _drain(self, state: Draining, poll: GroupPoll, now: float) -> State:
         """One round of agreeing on the stop step: propose steps until every running host accepted one,
@@ -358,11 +347,12 @@ class Driver:
                 return self._stop_unheeded(state, f"host {past[0]} went past step {stop_at} without "
                                                   "stopping (its loop does not call ctx.should_stop)")
             return state
-        if now - state.since > STOP_AGREE_S:
-            return self._stop_unheeded(state, f"the hosts did not agree on a step to stop at in {STOP_AGREE_S:g} s")
+        if now - state.since > limits.STOP_AGREE_S:
+            return self._stop_unheeded(state, f"the hosts did not agree on a step to stop at in "
+                                              f"{limits.STOP_AGREE_S:g} s")
         running = [h.rank for h in poll.hosts if h.rank not in poll.results]
-        for _ in range(PROPOSALS_PER_ROUND):  # each from the answers before it, not the poll's older steps
-            margin = STOP_MARGIN_STEPS * 2 ** min(state.refusals, MAX_MARGIN_DOUBLINGS)
+        for _ in range(limits.PROPOSALS_PER_ROUND):  # each from the answers before it, not the poll's older steps
+            margin = limits.STOP_MARGIN_STEPS * 2 ** min(state.refusals, limits.MAX_MARGIN_DOUBLINGS)
             proposed = policy.stop_step([h.step for h in poll.hosts], state.passed, margin)
             answers = group.propose_stop(proposed)
             if all(rank in answers and answers[rank].accepted for rank in running):
@@ -385,8 +375,7 @@ class Driver:
         if state.reason != DrainReason.STOP:
             return Scheduling(prefer=state.target_hosts)
         assert self.stop_signal is not None, "a stop drain is a stop the user asked for"
-        return Stopped(self.stop_signal, f"stopped by {self.stop_name}: {why}; the latest committed step is "
-                                         f"{committed}")
+        return self._stop_unsaved(f"with no save at one step ({why}); the latest committed step is {committed}")
 
     def _grow_target(self, attempt: Attempt, now: float) -> int | None:
         if attempt.num_hosts >= self.policies.scaling.max_hosts:
@@ -440,12 +429,23 @@ class Driver:
                                    self.clock())
         return Relaunching(failure, decision)
 
+    def _stop_unsaved(self, why: str) -> State:
+        """A stop at which the hosts saved no step together: the memory tier's newest step, when newer
+        than the durable tier's, is first written durably (Persisting); else it ends with the keepers."""
+        assert self.stop_signal is not None, "a stop the user asked for"
+        stopped = Stopped(self.stop_signal, f"stopped by {self.stop_name} {why}")
+        if self.persist is None:
+            return stopped
+        attempt = self.attempts[-1].number if self.attempts else self.attempt_offset
+        return persisting.plan(self.persist, stopped, attempt, self.committed_step(), self.cluster.placeable_hosts,
+                               self.clock())
+
     def _persist(self, state: Persisting) -> State:
         """One step of writing the memory step durably: start the hosts, then poll them until they end,
         fail or run out of time; a stop request ends it at once. The job fails after it either way,
         for the reason it gave up."""
         assert self.persist is not None, "only a driver with the memory tier persists"
-        if self.stop_signal is not None:
+        if self.stop_signal is not None and isinstance(state.outcome, Failed):  # a stop's persist: a 2nd signal
             return self._persisted(state, f"interrupted by {self.stop_name}")
         if not state.started:
             self.group = self.persist.make_group()
@@ -457,7 +457,7 @@ class Driver:
         over, reason = persisting.judge(self.running_group.poll(), state, self.clock(), self.persist.timeout_s)
         return self._persisted(state, reason) if over else state
 
-    def _persisted(self, state: Persisting, reason: str | None) -> Failed:
+    def _persisted(self, state: Persisting, reason: str | None) -> Failed | Stopped:
         assert self.persist is not None, "only a driver with the memory tier persists"
         self._teardown()
         return persisting.ended(state.outcome, persisting.result(state, reason, self.committed_step(),

@@ -1,13 +1,14 @@
-"""The driver's Persisting state, decided and judged: whether a job that gives up has a memory step to
-write durably first, on how many hosts, and what came of it (`MemoryPersisted`). Pure functions of
-what the driver hands them; the driver starts, polls and tears down the hosts."""
+"""The driver's Persisting state, decided and judged: whether a job that gives up, or stops without a
+save at one step, has a memory step to write durably first, on how many hosts, and what came of it
+(`MemoryPersisted`). Pure functions of what the driver hands them; the driver starts, polls and tears
+down the hosts."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
 
-from jaxlaunch.launcher.control.states import Failed, Persisting
+from jaxlaunch.launcher.control.states import Failed, Persisting, Stopped
 
 from jaxlaunch.contract.events import MemoryPersisted
 from jaxlaunch.contract.protocol import GroupPoll, WorkerGroup
@@ -22,7 +23,7 @@ def _nothing() -> None:
 
 @dataclasses.dataclass(frozen=True)
 class MemoryPersist:
-    """What the driver needs to write the memory tier's newest step durably before a job fails."""
+    """What the driver needs to write the memory tier's newest step durably before a job fails or stops."""
 
     newest: Callable[[], tuple[int, int] | None]
     """The memory tier's newest committed step and how many hosts saved it; None when none is held."""
@@ -36,9 +37,9 @@ class MemoryPersist:
     timeout_s: float = PERSIST_TIMEOUT_S
 
 
-def plan(persist: MemoryPersist, outcome: Failed, attempt: int, durable: int | None,
-         placeable: Callable[[], int], now: float) -> Persisting | Failed:
-    """Persisting when memory holds a step newer than the durable tier's, else the job fails at once."""
+def plan(persist: MemoryPersist, outcome: Failed | Stopped, attempt: int, durable: int | None,
+         placeable: Callable[[], int], now: float) -> Persisting | Failed | Stopped:
+    """Persisting when memory holds a step newer than the durable tier's, else the job ends at once."""
     newest = persist.newest()
     if newest is None or (durable is not None and newest[0] <= durable):
         return outcome
@@ -75,6 +76,6 @@ def result(state: Persisting, reason: str | None, durable_now: int | None, step_
                            bytes=step_bytes(state.step) if persisted else None)
 
 
-def ended(outcome: Failed, persisted: MemoryPersisted) -> Failed:
-    """The job's failure, its reason first, with what became of the memory step."""
+def ended(outcome: Failed | Stopped, persisted: MemoryPersisted) -> Failed | Stopped:
+    """The job's end (failure or stop), its reason first, with what became of the memory step."""
     return dataclasses.replace(outcome, reason=f"{outcome.reason}; {persisted.message}", persisted=persisted)

@@ -145,12 +145,13 @@ class Failed:
 
 @dataclasses.dataclass(frozen=True)
 class Persisting:
-    """The job has given up (`outcome`, its reason kept): first, the memory tier's newest committed
-    step, newer than the newest durable one, is written durably by a short run of the hosts that runs
-    the launcher's own program, none of the user's (`jaxlaunch.workers.checkpoints.persist`). The keepers end
-    with the launcher, and what they held beyond the last durable step would end with them."""
+    """The job has given up or is stopping without a save at one step (`outcome`, its reason kept):
+    first, the memory tier's newest committed step, newer than the newest durable one, is written
+    durably by a short run of the hosts that runs the launcher's own program, none of the user's
+    (`jaxlaunch.workers.checkpoints.persist`). The keepers end with the launcher, and what they held
+    beyond the last durable step would end with them."""
 
-    outcome: Failed
+    outcome: Failed | Stopped
     attempt: int
     """The failed attempt's number (the hosts' logs are `persist-N-rank-R.log`)."""
     step: int
@@ -165,6 +166,8 @@ class Persisting:
 class Stopped:
     signal: int
     reason: str
+    persisted: MemoryPersisted | None = None
+    """What became of the memory tier's newest step, when the stop saved none at one step."""
 
 
 State = (Scheduling | AwaitingCapacity | Running | Draining | ResolvingFailure | Relaunching | Persisting | Finished

@@ -181,6 +181,8 @@ class Recorder(Listener):
                 self.event(new.persisted)
             self.event(events.JobFailed(reason=new.reason))
         elif isinstance(new, Stopped):
+            if new.persisted is not None:
+                self.event(new.persisted)
             self.event(events.JobStopped(reason=new.reason, signal=driver.stop_name))
 
     def on_attempt_ended(self, driver: Driver, ended: AttemptEndNotice) -> None:

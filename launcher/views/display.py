@@ -18,6 +18,7 @@ from jaxlaunch.launcher.control.states import (
     AwaitingCapacity,
     Draining,
     DrainReason,
+    Failed,
     Persisting,
     Relaunching,
     Running,
@@ -162,8 +163,11 @@ class ConsoleView(Listener):
                 d.message(f"{driver.stop_name}: saving a checkpoint on every host, then stopping "
                           f"(again to stop at once)")
         elif isinstance(new, Persisting) and not isinstance(old, Persisting):
-            d.message(f"the job gives up ({escape(new.outcome.reason)}); first writing memory step {new.step} "
-                      f"to durable storage on {new.num_hosts} host(s)")
+            failed = isinstance(new.outcome, Failed)
+            ends = "the job gives up" if failed else "stopping"
+            again = "" if failed else f" ({driver.stop_name} again to stop at once)"
+            d.message(f"{ends} ({escape(new.outcome.reason)}); first writing memory step {new.step} to durable "
+                      f"storage on {new.num_hosts} host(s){again}")
         if isinstance(new, Relaunching):
             d.message(f"restarting in {new.decision.backoff_s:.1f} s: {new.decision.reason}")
 

@@ -4,7 +4,8 @@ transition, and the records a run leaves."""
 import signal
 
 import pytest
-from jaxlaunch.launcher.control.driver import HEAR_OUT_S, STOP_AGREE_S, Listener
+from jaxlaunch.launcher.control.driver import Listener
+from jaxlaunch.launcher.control.limits import HEAR_OUT_S, STOP_AGREE_S
 from jaxlaunch.launcher.control.persisting import PERSIST_TIMEOUT_S, MemoryPersist
 from jaxlaunch.launcher.control.policy import FailureKind, FaultConfig, WatchdogConfig
 from jaxlaunch.launcher.control.states import (
@@ -367,6 +368,52 @@ def test_stop_before_training_stops_at_once():
     driver.request_stop(signal.SIGINT)
     assert driver.run() == 128 + signal.SIGINT
     assert "before training began" in driver.state.reason
+
+
+def test_a_stop_before_training_began_first_writes_memory_s_newer_step_durably(tmp_path):
+    """Ctrl-C while a restarted attempt starts (no step trained, so no save at one step): the keepers
+    end with the launch, and the memory steps past the newest durable one with them; `--resume` then
+    trained from step 1. The stop first writes memory's newest step durably, and says so."""
+    run = RunDir(tmp_path)
+    run.create()
+    recorder = Recorder(run, lambda n: {"data": n})
+    durable = [None]
+
+    def writes(group, i):
+        durable[0] = 90
+        group.finish(90, Ending.STOPPED)
+
+    def starting(group, i):
+        return []
+
+    driver, log, clock, cluster = make_driver([starting], listeners=[recorder])
+    seen = with_memory(driver, log, clock, cluster, writes, (90, 2), durable)
+    driver.step()
+    driver.request_stop(signal.SIGINT)
+    assert driver.run() == 128 + signal.SIGINT
+    recorder.close()
+    assert seen.seen[-2:] == ["Persisting", "Stopped"]
+    stopped = driver.state
+    assert stopped.reason.startswith("stopped by SIGINT before training began") and stopped.persisted.persisted
+    assert (stopped.persisted.step, stopped.persisted.durable_step) == (90, None)
+    kinds = [e.kind for e in run.events()]
+    assert kinds[-3:] == ["persisting_memory", "memory_persisted", "job_stopped"], kinds
+
+
+def test_the_signal_that_stopped_the_job_does_not_interrupt_its_persist():
+    """A stop's persist runs under the stop that asked for it; the runner turns a second signal into
+    an immediate stop (KeyboardInterrupt), as for any stop."""
+    def starting(group, i):
+        return []
+
+    driver, log, clock, cluster = make_driver([starting])
+    with_memory(driver, log, clock, cluster, lambda group, i: None, (90, 2), [80])
+    driver.step()
+    driver.request_stop(signal.SIGTERM)
+    run_until(driver, Persisting)
+    driver.step()  # its hosts start
+    driver.step()
+    assert isinstance(driver.state, Persisting) and cluster.held == 2
 
 
 def test_preemption_notice_from_outside_restarts_on_the_preemption_budget():
