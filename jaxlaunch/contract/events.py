@@ -29,6 +29,7 @@ from jaxlaunch.contract.event_base import (
 from jaxlaunch.contract.tier_events import (
     CadenceChosen,
     KeeperRestarted,
+    MemoryCopyCorrupt,
     MemoryFallback,
     MemoryPersisted,
     MemorySaveRefused,
@@ -39,7 +40,7 @@ from jaxlaunch.contract.tier_events import (
 # The names that readers import from here too: the base's, and the memory tier's events (the event
 # classes below are this module's own).
 __all__ = ["Cause", "Event", "EventKind", "FailureKind", "HostEvent", "JobStatus", "PlannedEnd", "parse_cause",
-           "parse_event", "CadenceChosen", "KeeperRestarted", "MemoryFallback", "MemoryPersisted",
+           "parse_event", "CadenceChosen", "KeeperRestarted", "MemoryCopyCorrupt", "MemoryFallback", "MemoryPersisted",
            "MemorySaveRefused", "MemoryTierOff", "PersistingMemory"]
 log = logging.getLogger(__name__)
 

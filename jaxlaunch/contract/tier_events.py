@@ -9,7 +9,7 @@ from typing import ClassVar
 from jaxlaunch.contract.event_base import Event, EventKind, HostEvent
 
 __all__ = ["PersistingMemory", "MemoryPersisted", "KeeperRestarted",
-           "MemoryTierOff", "CadenceChosen", "MemorySaveRefused", "MemoryFallback"]
+           "MemoryTierOff", "CadenceChosen", "MemorySaveRefused", "MemoryFallback", "MemoryCopyCorrupt"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -138,8 +138,8 @@ class MemorySaveRefused(HostEvent):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MemoryFallback(HostEvent):
-    """Memory could not serve the restore (a step not whole, or one that did not read back): the durable
-    tier served instead."""
+    """Memory's newest step could not serve the restore (not whole, or it did not read back): an older
+    memory step, the durable tier or a fresh state served instead, as `reason` ends by saying."""
 
     KIND: ClassVar = EventKind.MEMORY_FALLBACK
     step: int | None = None
@@ -150,6 +150,23 @@ class MemoryFallback(HostEvent):
 
     @property
     def message(self) -> str:
+        if self.step is not None:
+            return f"memory tier: {self.reason}"
         if self.durable_step is None:
             return f"not restoring from memory: {self.reason}"
         return f"restoring from the durable tier, not memory: {self.reason}"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MemoryCopyCorrupt(HostEvent):
+    """A held copy of a memory part no longer matched the digest its keeper took when it held it (a
+    flipped bit, a torn page): it was not read, and another copy of the part served."""
+
+    KIND: ClassVar = EventKind.MEMORY_COPY_CORRUPT
+    PER_HOST: ClassVar = True
+    step: int | None = None
+    reason: str | None = None
+
+    @property
+    def message(self) -> str:
+        return f"a memory copy was not read: {self.reason}; another copy of the part served"

@@ -75,6 +75,9 @@ class Held:
     nbytes: int
     replicated: bool = False
     """For a primary: the replica's keeper acknowledged its copy (or the cluster has one node)."""
+    digest: str | None = None
+    """Of the part's whole file (xxh3-64, hex), taken by the keeper that first held it: a copy whose
+    file no longer matches it (a flipped bit, a torn page, a bad replica stream) is never read."""
     attempt: int = 0
     """The attempt that saved the step: a step of an earlier attempt past the step a later one
     restored belongs to a history the run left (`LeftHistory`)."""
@@ -144,16 +147,21 @@ class LeftHistory:
         return part.attempt < self.attempt and part.step > self.step
 
 
-def sources(held: list[Held], step: int, prefer: dict[int, str] | None = None) -> list[Source]:
-    """For a committed `step`: one copy per rank, the primary when it is held, else its replica;
-    `prefer` (rank -> node) picks the copy on a given node when there is one (a host's own)."""
+def copies(held: list[Held], step: int, prefer: dict[int, str] | None = None) -> dict[int, list[Source]]:
+    """For a committed `step`: every held copy of each rank's part, the one to read first first: on the
+    node `prefer` gives for the rank (a host's own), else the primary, else the replica."""
     prefer = prefer or {}
-    chosen: dict[int, Held] = {}
-    for part in sorted((p for p in held if p.step == step), key=lambda p: p.role != Role.PRIMARY):
-        best = chosen.get(part.rank)
-        if best is None or (part.node == prefer.get(part.rank) and best.node != prefer.get(part.rank)):
-            chosen[part.rank] = part
-    return [Source(rank, p.node, p.role) for rank, p in sorted(chosen.items())]
+    by_rank: dict[int, list[Source]] = {}
+    order = sorted((p for p in held if p.step == step),
+                   key=lambda p: (p.node != prefer.get(p.rank), p.role != Role.PRIMARY, p.node))
+    for part in order:
+        by_rank.setdefault(part.rank, []).append(Source(part.rank, part.node, part.role))
+    return dict(sorted(by_rank.items()))
+
+
+def sources(held: list[Held], step: int, prefer: dict[int, str] | None = None) -> list[Source]:
+    """For a committed `step`: one copy per rank, the first of `copies`."""
+    return [found[0] for found in copies(held, step, prefer).values()]
 
 
 def replica_node(own: str, nodes: list[str]) -> str | None:

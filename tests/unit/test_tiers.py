@@ -675,3 +675,74 @@ def test_a_restart_after_a_keeper_was_replaced_empty_says_its_steps_are_gone(mon
     assert [e.reason for e in progress.drain().events if isinstance(e, MemoryFallback)] == [
         "no step is held in memory; the keepers of 1 node(s) stopped answering and were replaced, empty; "
         "starting from a fresh state (no durable step)"]
+
+
+class Remote:
+    """A keeper as the hosts hold it: `handle.method.remote(...)` gives the answer (`ray.get` is patched
+    to return it as it is)."""
+
+    def __init__(self, keeper):
+        self.keeper = keeper
+
+    def __getattr__(self, name):
+        import types
+
+        return types.SimpleNamespace(remote=getattr(self.keeper, name))
+
+
+def flip_a_bit(path):
+    """One bit of the first shard's data (a stored weight) flipped in place."""
+    part = PartFile(path)
+    where = part.start + part.header.shards[0].offset + 1
+    part.map.close()
+    with open(path, "r+b") as f:
+        f.seek(where)
+        byte = f.read(1)
+        f.seek(where)
+        f.write(bytes([byte[0] ^ 0x10]))
+
+
+def test_a_memory_copy_whose_bytes_changed_is_never_read_and_the_part_s_other_copy_serves(monkeypatch):
+    """A bit flips in a held part file (RAM, a stray write): the restore read it and trained on the
+    wrong state. Each keeper takes a digest of a part when it first holds it, checks a replica against
+    it on arrival, and checks its copy again before a restore reads it: a changed copy is passed over
+    (and said), the other copy of the part serves; with none intact the step does not serve."""
+    import ray
+    from jaxlaunch.workers.checkpoints.memory import MemoryTier
+
+    monkeypatch.setattr(ray, "get", lambda ref, timeout=None: ref)
+    launch = f"test-{uuid.uuid4().hex[:8]}"
+    a = Keeper("a", budget_bytes=1 << 20, keep=2, launch_id=launch)
+    b = Keeper("b", budget_bytes=1 << 20, keep=2, launch_id=launch)
+    try:
+        sharding = NamedSharding(mesh_of((2,), ("data",)), PartitionSpec("data"))
+        x = jax.device_put(jnp.arange(12.0).reshape(4, 3), sharding)
+        name = incoming_name(1, 0, os.getpid())
+        PartWriter().write(a.incoming, name, {"w": x}, {"m": 1}, {})
+        assert a.hold(1, 0, 1, name, None, floor=0).refused is None
+        [record] = a.index()
+        primary = a.parts[(1, 0, Role.PRIMARY)][1]
+        shutil.copy(primary, b.received / "streamed.part")
+        flip_a_bit(b.received / "streamed.part")  # a bad stream
+        assert "arrived changed" in b.hold_replica(record, "streamed.part")
+        shutil.copy(primary, b.received / "streamed.part")
+        assert b.hold_replica(record, "streamed.part") is None
+        assert a.check(1, 0, "primary") is None and b.check(1, 0, "replica") is None
+
+        flip_a_bit(primary)
+        tier = object.__new__(MemoryTier)  # its __init__ asks Ray for this node
+        tier.keepers, tier.rank, tier.node = {"a": Remote(a), "b": Remote(b)}, 0, "a"
+        held = [Held.from_dict(h) for keeper in (a, b) for h in keeper.index()]
+        targets = {"w": jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)}
+        got = tier.restore(1, held, targets)
+        assert np.array_equal(np.asarray(got.state["w"]), np.asarray(x)), "bit for bit, from the replica"
+        assert [(s.node, s.role) for s in got.sources] == [("b", Role.REPLICA)]
+        [said] = got.passed_over
+        assert said.startswith("the primary of rank 0's part of step 1 on node a changed since it was held")
+
+        flip_a_bit(b.parts[(1, 0, Role.REPLICA)][1])
+        with pytest.raises(RuntimeError, match="no copy of rank 0's part of memory step 1 is intact"):
+            tier.restore(1, held, targets)
+    finally:
+        a.close()
+        b.close()

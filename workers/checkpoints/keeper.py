@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import psutil
 from jaxlaunch.workers.checkpoints import keeper_files, replica_stream
-from jaxlaunch.workers.checkpoints.part_file import Index, PartFile, PartHeader
+from jaxlaunch.workers.checkpoints.part_file import Index, PartFile, PartHeader, digest
 
 from jaxlaunch.contract.event_base import first_line
 from jaxlaunch.contract.tiers import Held, LeftHistory, Role, kept, launch_dir
@@ -253,11 +253,11 @@ class Keeper:
         self._sweep()
         source = self.incoming / pathlib.Path(name).name
         try:
-            nbytes = source.stat().st_size
+            nbytes, taken = source.stat().st_size, digest(source)
         except FileNotFoundError:
             return HandOff(f"the part file of step {step} is gone (this keeper restarted since it was written)")
         held = Held(step, rank, num_hosts, self.node, Role.PRIMARY, nbytes, replicated=replica_to is None,
-                    attempt=attempt)
+                    digest=taken, attempt=attempt)
         refused = self._store(held, source, floor)
         if refused is not None or replica_to is None:
             return HandOff(refused)
@@ -269,6 +269,11 @@ class Keeper:
         source = self.received / pathlib.Path(name).name
         if not source.exists():
             return f"the streamed replica of step {copy.step} rank {copy.rank} is not here (its keeper restarted)"
+        arrived = digest(source) if copy.digest is not None else None
+        if arrived != copy.digest:
+            source.unlink(missing_ok=True)
+            return (f"the replica of step {copy.step} rank {copy.rank} arrived changed (digest {arrived}, "
+                    f"sent {copy.digest})")
         return self._store(copy, source, floor)
 
     def _replicate(self, held: Held, replica_to: Any, floor: int) -> HandOff:
@@ -412,6 +417,25 @@ class Keeper:
             if path not in self.maps:
                 self.maps[path] = PartFile(path)
             return self.maps[path]
+
+    def check(self, step: int, rank: int, role: str) -> str | None:
+        """Why this held copy may not be read (its file no longer matches the digest taken when it was
+        first held: a flipped bit, a torn page), or None. Asked before a restore reads a part."""
+        with self.lock:
+            entry = self.parts.get((step, rank, Role(role)))
+        if entry is None:
+            return f"the {role} of rank {rank}'s part of step {step} is no longer held on node {self.node[:12]}"
+        held, path = entry
+        try:
+            now = digest(path) if held.digest is not None else None
+        except OSError as err:
+            return f"the {role} of rank {rank}'s part of step {step} on node {self.node[:12]} is unreadable " \
+                   f"({first_line(err)})"
+        if now != held.digest:
+            log.warning("the %s of rank %d's part of step %d changed since it was held", role, rank, step)
+            return (f"the {role} of rank {rank}'s part of step {step} on node {self.node[:12]} changed since it was "
+                    f"held (digest {now}, held {held.digest})")
+        return None
 
     def header(self, step: int, rank: int, role: str) -> tuple[str, PartHeader] | None:
         """A held part's file and header (no array bytes): a host on this node maps the file itself."""

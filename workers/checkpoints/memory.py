@@ -68,6 +68,8 @@ class MemoryRestore:
     seconds: float
     bytes_fetched: int
     """Bytes of held parts this host read: mapped on its node or fetched from other nodes' keepers."""
+    passed_over: list[str] = dataclasses.field(default_factory=list)
+    """Why each copy this host did not read was not intact (another copy of the same part served)."""
 
 
 class MemoryTier:
@@ -283,12 +285,32 @@ class MemoryTier:
         num_saved = max(h.num_hosts for h in held if h.step == step)
         # On other host counts, host r takes the non-array state of saved rank r % num_saved.
         own = self.rank % num_saved
-        by_rank = {s.rank: s for s in tiers.sources(held, step, prefer={own: self.node})}
-        if set(by_rank) != set(range(num_saved)):
+        found = tiers.copies(held, step, prefer={own: self.node})
+        if set(found) != set(range(num_saved)):
             raise RuntimeError(f"memory step {step} is no longer whole in the keepers")
+        by_rank: dict[int, tiers.Source] = {}
+        passed_over: list[str] = []
+
+        def source(rank: int) -> tiers.Source:
+            """The first copy of `rank`'s part (this node's, the primary, the replica) whose keeper finds
+            its file as it was held, checked when this host first reads the part."""
+            if rank not in by_rank:
+                problems = []
+                for copy in found[rank]:
+                    problem = ray.get(self.keepers[copy.node].check.remote(step, rank, str(copy.role)),
+                                      timeout=KEEPER_CALL_TIMEOUT_S)
+                    if problem is None:
+                        by_rank[rank] = copy
+                        break
+                    problems.append(problem)
+                passed_over.extend(problems)
+                if rank not in by_rank:
+                    raise RuntimeError(f"no copy of rank {rank}'s part of memory step {step} is intact: "
+                                       f"{'; '.join(problems)}")
+            return by_rank[rank]
 
         def keeper_of(rank: int) -> Any:
-            return self.keepers[by_rank[rank].node]
+            return self.keepers[source(rank).node]
 
         def locate(rank: int) -> tuple[PartHeader, PartFile | None]:
             got = ray.get(keeper_of(rank).header.remote(step, rank, str(by_rank[rank].role)),
@@ -305,12 +327,12 @@ class MemoryTier:
                 raise RuntimeError(f"the keeper no longer holds rank {rank}'s part of memory step {step}")
             return data
 
-        reader = PartReader(own, sorted(by_rank), locate, remote_box)
+        reader = PartReader(own, sorted(found), locate, remote_box)
         if callable(targets):
             targets = targets(reader.header(own))
         state = assemble(targets, reader)
         return MemoryRestore(step, state, reader.header(0).meta, reader.header(own).extra or {},
-                             list(by_rank.values()), time.perf_counter() - start, reader.bytes_read)
+                             list(by_rank.values()), time.perf_counter() - start, reader.bytes_read, passed_over)
 
     def forget_after(self, step: int) -> str | None:
         """Rank 0 has every keeper drop the steps after `step` (the run goes on from it): why a keeper

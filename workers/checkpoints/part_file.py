@@ -101,6 +101,17 @@ class Copies:
                 "memory_bytes": self.nbytes * self.total, "memory_part_bytes": self.nbytes}
 
 
+def digest(path: str | os.PathLike[str]) -> str:
+    """xxh3-64 (hex) of a whole part file, header and shards: about 20 GB/s, so a 60 MB part in 3 ms."""
+    import xxhash
+
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            return xxhash.xxh3_64_hexdigest(b"")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            return xxhash.xxh3_64_hexdigest(mapped)
+
+
 def normal(index: tuple[slice, ...], shape: tuple[int, ...]) -> Index:
     return tuple(s.indices(n)[:2] for s, n in zip(index, shape, strict=True))
 

@@ -243,6 +243,8 @@ def restore_newest(checkpointer: Checkpointer, memory: MemoryTier | None, layout
                 log.warning("memory step %d did not read back: %s", step, error)
             failed = failed_ranks(error is not None)
             if not failed:
+                for reason in got.passed_over:
+                    progress.event(events.MemoryCopyCorrupt(step=step, reason=reason))
                 return TierRestore(got.step, got.state, got.meta, got.extra, "memory", got.seconds, 0,
                                    got.bytes_fetched, [s.rank for s in got.sources if s.role == tiers.Role.REPLICA])
             then = f"memory step {serving[i + 1]}" if i + 1 < len(serving) else \
