@@ -47,8 +47,10 @@ class MemoryPersisted(Event):
     @property
     def message(self) -> str:
         if self.persisted:
+            before = f"the newest durable step was {self.durable_step}" if self.durable_step is not None else \
+                "there was no durable step"
             return (f"memory step {self.step} written to durable storage in {self.seconds:.1f} s before the "
-                    f"launcher ended (the newest durable step was {self.durable_step})")
+                    f"launcher ended ({before})")
         return f"memory step {self.step} could not be written to durable storage: {self.reason}"
 
 

@@ -245,6 +245,19 @@ def test_a_missed_drop_is_told_even_when_a_peer_dies_while_rank_0_waits_for_the_
     assert [e.kept_after for e in off] == [0]
 
 
+def test_an_attempt_whose_keepers_cannot_hold_its_parts_still_restores_what_they_hold(tmp_path, monkeypatch):
+    """/dev/shm filled up before a restart: the keepers cannot hold this attempt's parts, so it saves
+    durably only; the steps they hold from the attempt before are still the run's newest, and the
+    restart must read them rather than train from step 1."""
+    memory = HeldParts()
+    memory.active = False
+    asked = []
+    memory.whole_steps = lambda held, at_most=None: asked.append(at_most) or []
+    monkeypatch.setattr(Tiers, "_start_memory", lambda self, num_hosts: memory)
+    run(tmp_path, 3, save_every=1)
+    assert asked == [None], "the keepers were asked for their committed steps"
+
+
 @pytest.mark.parametrize("drops", [True, False])
 def test_an_attempt_whose_keepers_cannot_hold_its_parts_still_has_them_drop_the_steps_it_left(
         tmp_path, monkeypatch, drops):

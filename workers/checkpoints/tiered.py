@@ -91,7 +91,9 @@ class Tiers:
         nothing committed). The cadence starts counting from the step restored."""
         # After a replica mismatch only steps whose replicas agreed serve, from either tier: a newer one may
         # hold the corrupt copy.
-        restored = restore_newest(self.checkpointer, self.memory, self._layout, self._progress,
+        # Read also when the keepers cannot hold this attempt's parts (the tier is off for its saves): the
+        # steps they hold from earlier attempts are still this run's newest.
+        restored = restore_newest(self.checkpointer, self._keepers, self._layout, self._progress,
                                   at_most=self._spec.newest_restorable)
         step = restored.step if restored is not None else 0
         if self._keepers is not None:  # the tier on or not: the steps past `step` are not this run's
