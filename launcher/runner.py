@@ -272,7 +272,8 @@ def _build(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref: En
         return dataclasses.replace(make_spec(**kwargs), persist_only=True)
 
     persist = MemoryPersist(
-        newest=keepers.newest_committed,
+        # After a replica mismatch, not a step past the newest whose replicas agreed: it may hold the corrupt copy.
+        newest=lambda: keepers.newest_committed(at_most=replicas.restore_limit),
         make_group=lambda: RayWorkerGroup(cluster, run, persist_spec, job.watchdog.poll_interval_s, None, keepers,
                                           logs_as="persist"),
         step_bytes=run.checkpoint_bytes,

@@ -14,12 +14,12 @@ __all__ = ["PersistingMemory", "MemoryPersisted", "KeeperRestarted",
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PersistingMemory(Event):
-    """The job gave up, and before it fails the driver writes the memory tier's newest step durably:
+    """The job gave up or stops unsaved, and before it ends the driver writes memory's newest step durably:
     a short run of the hosts that runs the launcher's own program, not the entry."""
 
     KIND: ClassVar = EventKind.PERSISTING_MEMORY
     attempt: int
-    """The failed attempt (its hosts' logs are `persist-N-rank-R.log`)."""
+    """The newest attempt (its hosts' logs are `persist-N-rank-R.log`)."""
     step: int
     durable_step: int | None = None
     num_hosts: int | None = None
@@ -27,7 +27,7 @@ class PersistingMemory(Event):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MemoryPersisted(Event):
-    """Before the launcher gave up on a failed job: the memory tier's newest committed step, newer than
+    """Before a job that gave up or stopped unsaved ended: the memory tier's newest committed step, newer than
     the newest durable one, written to the run directory (or why it could not be)."""
 
     KIND: ClassVar = EventKind.MEMORY_PERSISTED

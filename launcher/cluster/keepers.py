@@ -137,6 +137,7 @@ class KeeperPool:
                 log.warning("the keeper of node %s did not drop the steps after %s, which the run left (%s): "
                             "replaced, empty", node[:12], steps, first_line(err))
                 self._stop(node)
+                self.lost.append(node)  # what it held is gone: the next restore says so
         log.info("no keeper holds the steps after %s any more", steps)
 
     def wait_started(self) -> None:
@@ -242,9 +243,9 @@ class KeeperPool:
         except Exception as err:  # noqa: BLE001 - gone with its node
             log.debug("kill failed: %s", err)
 
-    def newest_committed(self) -> tuple[int, int] | None:
-        """The newest step committed in memory that the live keepers still hold whole, with the number
-        of hosts that saved it; None when there is none."""
+    def newest_committed(self, at_most: int | None = None) -> tuple[int, int] | None:
+        """The newest step committed in memory (up to `at_most`) that the live keepers still hold whole,
+        with the number of hosts that saved it; None when there is none."""
         if not self.enabled or not self.keepers:
             return None
         self._drop_dead()
@@ -256,7 +257,7 @@ class KeeperPool:
                 held += [tiers.Held.from_dict(d) for d in ray.get(keeper.index.remote(), timeout=KEEPER_PING_TIMEOUT_S)]
             except Exception as err:  # noqa: BLE001 - a keeper lost since the ping holds nothing
                 log.info("the keeper of node %s did not answer: %s", node[:12], err)
-        steps = tiers.whole_steps(held)
+        steps = [s for s in tiers.whole_steps(held) if at_most is None or s <= at_most]
         if not steps:
             return None
         return steps[0], max(h.num_hosts for h in held if h.step == steps[0])

@@ -434,16 +434,16 @@ class Driver:
         than the durable tier's, is first written durably (Persisting); else it ends with the keepers."""
         assert self.stop_signal is not None, "a stop the user asked for"
         stopped = Stopped(self.stop_signal, f"stopped by {self.stop_name} {why}")
-        if self.persist is None:
-            return stopped
+        if self.persist is None or (self.cluster.embedded and not self.cluster.alive()):
+            return stopped  # (a lost embedded instance took its keepers, and their steps, along)
         attempt = self.attempts[-1].number if self.attempts else self.attempt_offset
         return persisting.plan(self.persist, stopped, attempt, self.committed_step(), self.cluster.placeable_hosts,
                                self.clock())
 
     def _persist(self, state: Persisting) -> State:
         """One step of writing the memory step durably: start the hosts, then poll them until they end,
-        fail or run out of time; a stop request ends it at once. The job fails after it either way,
-        for the reason it gave up."""
+        fail or run out of time; a stop request ends a give-up's at once. The job fails or stops after it
+        either way, for its own reason."""
         assert self.persist is not None, "only a driver with the memory tier persists"
         if self.stop_signal is not None and isinstance(state.outcome, Failed):  # a stop's persist: a 2nd signal
             return self._persisted(state, f"interrupted by {self.stop_name}")

@@ -100,17 +100,21 @@ def test_a_corrupt_step_is_set_aside_once_an_older_one_reads(saved):
 
 def test_only_steps_newer_than_memory_s_are_tried_and_unreadable_ones_set_aside(saved):
     """The memory tier holds step 1 whole: durable steps 2 and 3 serve only if one reads back; when
-    neither does, both are set aside (moved, never deleted), and step 1 is not read here."""
+    neither does, nothing is moved until the memory step served (a durable restore of the older steps
+    would try them again), then each is set aside (moved, never deleted); step 1 is not read here."""
     from jaxlaunch.workers.checkpoints.durable import NoneNewerReadBack
 
     mesh = build_mesh({"data": -1})
     corrupt(saved, 3)
     assert Checkpointer(saved, CFG).restore_latest(targets(mesh), newer_than=1).step == 2
     corrupt(saved, 2)
+    checkpointer = Checkpointer(saved, CFG)
     with pytest.raises(NoneNewerReadBack) as none:
-        Checkpointer(saved, CFG).restore_latest(targets(mesh), newer_than=1)
-    assert [a["step"] for a in none.value.set_aside] == [2]
-    assert all(pathlib.Path(a["moved_to"]).is_dir() for a in none.value.set_aside)
+        checkpointer.restore_latest(targets(mesh), newer_than=1)
+    assert [a["step"] for a in none.value.failed] == [2] and none.value.set_aside == []
+    assert sorted(p.name for p in saved.iterdir() if p.name.isdigit()) == ["1", "2"], "nothing moved yet"
+    [aside] = checkpointer.set_aside_failed(none.value.failed)
+    assert pathlib.Path(aside["moved_to"]).is_dir() and "could not" not in aside["error"]
     assert sorted(p.name for p in saved.iterdir() if p.name.isdigit()) == ["1"]
 
 

@@ -126,7 +126,9 @@ def test_no_attempt_reads_a_keeper_that_holds_steps_the_run_left(fake_ray):
     assert came_back.asked == [(35, 2), (29, 3)], "each drop with the attempt that went on from it"
     assert handles[NODE_B] is not stuck and handles[NODE_B].held == []
     assert pool.left == []
+    assert pool.lost == [NODE_B], "the next restore names the keeper replaced empty"
     assert pool.newest_committed() == (29, 1)
+    assert pool.newest_committed(at_most=28) is None, "after a replica mismatch, nothing past the verified step"
 
 
 def test_a_persist_never_reads_a_keeper_that_holds_steps_the_run_left(fake_ray):

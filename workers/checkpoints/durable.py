@@ -66,11 +66,13 @@ class NoCheckpointError(CheckpointError):
 
 
 class NoneNewerReadBack(Exception):
-    """`restore_latest(newer_than=...)`: none of the steps newer than that read back; each was set aside."""
+    """`restore_latest(newer_than=...)`: none of the steps newer than that read back. `failed`: each
+    with its error, not moved yet (`set_aside_failed` moves them once an older step serves);
+    `set_aside`: unverified steps (after a replica mismatch), moved unread as always."""
 
-    def __init__(self, set_aside: list[dict[str, Any]]):
-        super().__init__(f"{len(set_aside)} newer step(s) did not read back")
-        self.set_aside = set_aside
+    def __init__(self, failed: list[dict[str, Any]], set_aside: list[dict[str, Any]]):
+        super().__init__(f"{len(failed) + len(set_aside)} newer step(s) did not read back")
+        self.failed, self.set_aside = failed, set_aside
 
 
 def is_transient(err: BaseException) -> bool:
@@ -182,13 +184,10 @@ class Checkpointer:
         None on a fresh run. `check_structure(tree_metadata)` returns why a step's state cannot fit
         the targets (a different model), or None. `newer_than`: only steps after it are tried (the
         memory tier holds it whole); raises `NoneNewerReadBack` when none of them reads back."""
+        unverified = self.set_aside_unverified()
         steps = self.steps_from_rank_0()
         if newer_than is not None:
             steps = [s for s in steps if s > newer_than]
-        limit = self.newest_restorable
-        unverified = [{"step": s, "error": f"not verified: the replicas disagreed after step {limit}",
-                       "moved_to": str(self._set_aside(s))} for s in steps if limit is not None and s > limit]
-        steps = steps[len(unverified):]
         failed: list[dict[str, Any]] = []
         for step in steps:
             start = time.perf_counter()
@@ -205,13 +204,26 @@ class Checkpointer:
                                 time.perf_counter() - start)
             failed.append({"step": step, "error": error})
         if newer_than is not None:
-            raise NoneNewerReadBack(unverified + [dict(f, moved_to=str(self._set_aside(f["step"]))) for f in failed])
+            raise NoneNewerReadBack(failed, unverified)
         if failed or (self.expect_checkpoint and not steps and not unverified):
             listing = ", ".join(f"{f['step']} ({f['error'][:160]})" for f in failed) or "none is left"
             raise NoCheckpointError(
                 f"this run has committed checkpoints but none can be restored: {listing}. Everything is kept in "
                 f"{self.directory}; repair or copy back a step and --resume, or start a new --run-dir")
         return None
+
+    def set_aside_unverified(self) -> list[dict[str, Any]]:
+        """After a replica mismatch: the committed steps past the newest verified one (`newest_restorable`),
+        moved unread to `unreadable_checkpoints/` (they may hold the corrupt copy), whichever tier serves."""
+        limit = self.newest_restorable
+        if limit is None:
+            return []
+        return [{"step": s, "error": f"not verified: the replicas disagreed after step {limit}",
+                 "moved_to": str(self._set_aside(s))} for s in self.steps_from_rank_0() if s > limit]
+
+    def set_aside_failed(self, failed: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Moves steps that did not read back to `unreadable_checkpoints/` (an older step served)."""
+        return [dict(f, moved_to=str(self._set_aside(f["step"]))) for f in failed]
 
     def _structure_problem(self, step: int, check: Callable[[Any], str | None]) -> str | None:
         try:

@@ -63,8 +63,7 @@ SPARE_PREFIX = "spare-"
 """A dropped part's file, kept for a host to write its next part into (`part_file.PartWriter`)."""
 SPARE_HEADER_ROOM = 1 << 20
 """Room a prepared spare has beyond a part's arrays, for its header (the write truncates to its size)."""
-CLOSE_WAIT_S = 2.0
-"""How long `close` waits for a spare being prepared before it deletes the folder."""
+CLOSE_WAIT_S = 2.0  # how long `close` waits for a spare being prepared before it deletes the folder
 IN_FLIGHT_SAVES = 2
 """Steps above the floor a keeper may hold besides its `keep` whole ones: a host's previous save,
 still replicating on another host, and its newest."""
@@ -130,6 +129,7 @@ class Keeper:
         """The newest step every host handed over whole, as the newest part said (an adopted part is
         kept until a hand-off says it)."""
         self.maps: dict[pathlib.Path, PartFile] = {}
+        self.checked: dict[pathlib.Path, int] = {}  # the attempt whose restore last found a part intact
         self.sending: set[pathlib.Path] = set()
         """Part files streaming to a partner now: one dropped meanwhile is deleted, never reused as a
         spare that a host's next write would overwrite under the stream."""
@@ -207,7 +207,10 @@ class Keeper:
                         os.posix_fallocate(fd, 0, size)
                     finally:
                         os.close(fd)
-                    os.rename(temporary, self.incoming / f"{SPARE_PREFIX}{name}.part")
+                    with self.lock:  # not once closed: its rmtree may be under way
+                        if self.closed:
+                            raise OSError("the keeper closed")
+                        os.rename(temporary, self.incoming / f"{SPARE_PREFIX}{name}.part")
                 except OSError as err:  # a full tmpfs, or closed (its folder gone): saves write new files
                     temporary.unlink(missing_ok=True)
                     log.info("no spare file prepared (%s)", first_line(err))
@@ -323,6 +326,7 @@ class Keeper:
             path.with_suffix(".json").unlink(missing_ok=True)  # a part of that name from before the run went back
             os.rename(source, path)
             self.maps.pop(path, None)
+            self.checked.pop(path, None)
             try:
                 keeper_files.record(held, path)
             except OSError as err:  # a full tmpfs: not held, and nothing left untracked
@@ -365,7 +369,8 @@ class Keeper:
         a tmpfs file already has is about 4 times as fast as into new ones (60 MB: 15 vs 60-80 ms
         here), and that write is the save's blocking time. Spares count in the budget."""
         _, path = self.parts.pop(key)
-        self.maps.pop(path, None)  # no reader maps a dropped part: restores end before saves begin
+        self.maps.pop(path, None)
+        self.checked.pop(path, None)  # no reader maps a dropped part: restores end before saves begin
         path.with_suffix(".json").unlink(missing_ok=True)  # first: a restarted keeper never takes it over
         if path in self.sending:
             path.unlink(missing_ok=True)  # the stream reads its open file to the end
@@ -418,14 +423,17 @@ class Keeper:
                 self.maps[path] = PartFile(path)
             return self.maps[path]
 
-    def check(self, step: int, rank: int, role: str) -> str | None:
+    def check(self, step: int, rank: int, role: str, attempt: int = 0) -> str | None:
         """Why this held copy may not be read (its file no longer matches the digest taken when it was
-        first held: a flipped bit, a torn page), or None. Asked before a restore reads a part."""
+        first held: a flipped bit, a torn page), or None. Asked before a restore reads a part; hashed
+        once per attempt's restore (its hosts all ask for the parts they read)."""
         with self.lock:
             entry = self.parts.get((step, rank, Role(role)))
         if entry is None:
             return f"the {role} of rank {rank}'s part of step {step} is no longer held on node {self.node[:12]}"
         held, path = entry
+        if self.checked.get(path) == attempt:
+            return None
         try:
             now = digest(path) if held.digest is not None else None
         except OSError as err:
@@ -435,6 +443,7 @@ class Keeper:
             log.warning("the %s of rank %d's part of step %d changed since it was held", role, rank, step)
             return (f"the {role} of rank {rank}'s part of step {step} on node {self.node[:12]} changed since it was "
                     f"held (digest {now}, held {held.digest})")
+        self.checked[path] = attempt
         return None
 
     def header(self, step: int, rank: int, role: str) -> tuple[str, PartHeader] | None:
@@ -452,15 +461,20 @@ class Keeper:
 
     def forget_after(self, step: int, attempt: int) -> None:
         """Attempt `attempt` goes on from `step`: drops the steps after it that earlier attempts saved,
-        and refuses any that arrives later (`LeftHistory`). Raises when the rule could not be put on
-        file (a full tmpfs): a restart of this keeper would forget it."""
+        and refuses any that arrives later (`LeftHistory`). The rule is also put on file for a restart
+        of this keeper; on a full tmpfs it is kept in this process only, said (a failed drop would have
+        the keepers replaced, empty, losing the step just restored)."""
         left = LeftHistory(attempt, step)
         with self.lock:
             self.left = [*self.left, left]
             self.floor = min(self.floor, step)
             for key in [k for k, (h, _) in self.parts.items() if left.holds(h)]:
                 self._delete(key)
-            keeper_files.save_left(self.dir, self.left)
+            try:
+                keeper_files.save_left(self.dir, self.left)
+            except OSError as err:
+                log.warning("the drop of the steps after %d is not on file (%s): a restart of this keeper "
+                            "would not refuse them", step, first_line(err))
 
     def close(self) -> None:
         """Deletes this keeper's folder, and the launch's when no other keeper of this node has one."""

@@ -13,6 +13,7 @@ import dataclasses
 import logging
 import os
 import pathlib
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -89,6 +90,7 @@ class MemoryTier:
         """The first refusal of the attempt (said once, in an event), of step `refused_step`."""
         self.refused_step: int | None = None
         self.refused_steps: set[int] = set()
+        self.refusing = threading.Lock()
         """The steps of the newest saves whose hand-off was refused (not committed in memory)."""
         self.inbox: pathlib.Path | None = None
         self.sender = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="memory-tier")
@@ -187,10 +189,11 @@ class MemoryTier:
             self._refuse(step, answer.refused)
 
     def _refuse(self, step: int, reason: str) -> None:
-        # A new set, not a change to the one the training thread may be reading; the newest saves only.
-        self.refused_steps = {s for s in self.refused_steps if s >= step - 2} | {step}
-        if self.refused is None:
-            self.refused, self.refused_step = reason, step
+        with self.refusing:  # the training thread (a write that failed) and the hand-off thread both refuse
+            # A new set, not a change to the one the training thread may be reading; the newest saves only.
+            self.refused_steps = {s for s in self.refused_steps if s >= step - 2} | {step}
+            if self.refused is None:
+                self.refused, self.refused_step = reason, step
             log.warning("the memory tier did not hold step %d (%s); the durable tier goes on", step, reason)
 
     def copies_record(self) -> dict[str, int]:
@@ -297,8 +300,12 @@ class MemoryTier:
             if rank not in by_rank:
                 problems = []
                 for copy in found[rank]:
-                    problem = ray.get(self.keepers[copy.node].check.remote(step, rank, str(copy.role)),
-                                      timeout=KEEPER_CALL_TIMEOUT_S)
+                    try:
+                        problem = ray.get(self.keepers[copy.node].check.remote(step, rank, str(copy.role),
+                                                                               self.attempt),
+                                          timeout=KEEPER_CALL_TIMEOUT_S)
+                    except Exception as err:  # noqa: BLE001 - its keeper is gone or stuck: the other copy serves
+                        problem = f"the keeper of node {copy.node[:12]} did not check its copy ({first_line(err)})"
                     if problem is None:
                         by_rank[rank] = copy
                         break
@@ -332,7 +339,9 @@ class MemoryTier:
             targets = targets(reader.header(own))
         state = assemble(targets, reader)
         return MemoryRestore(step, state, reader.header(0).meta, reader.header(own).extra or {},
-                             list(by_rank.values()), time.perf_counter() - start, reader.bytes_read, passed_over)
+                             # A rank not read (this host's own part covered it): the copy it would have read.
+                             [by_rank.get(r, copies[0]) for r, copies in found.items()],
+                             time.perf_counter() - start, reader.bytes_read, passed_over)
 
     def forget_after(self, step: int) -> str | None:
         """Rank 0 has every keeper drop the steps after `step` (the run goes on from it): why a keeper

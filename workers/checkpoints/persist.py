@@ -52,12 +52,16 @@ def write_newest(spec: HostSpec, mesh: Mesh, progress: HostProgress) -> HostResu
     try:
         durable = checkpointer.steps_from_rank_0()
         held = memory.held()
-        step = memory.newest_step(held)
+        # After a replica mismatch, not a step past the newest whose replicas agreed.
+        whole = memory.whole_steps(held, spec.newest_restorable)
+        step = whole[0] if whole else None
         if step is None or not tiers.memory_serves(step, durable) or step in durable:
             log.info("memory holds no step newer than durable step %s: nothing to write", durable[:1])
         else:
             restored = memory.restore(step, held, lambda part: saved_targets(part, mesh))
             log.info("restored memory step %d in %.2f s", step, restored.seconds)
+            for reason in restored.passed_over:
+                log.warning("a memory copy was not read: %s; another copy of the part served", reason)
             saved_hosts = (restored.meta.get("topology") or {}).get("num_hosts") or num_hosts
             per_host = data_order.per_host_keys(restored.extra)
             if saved_hosts > num_hosts and per_host:

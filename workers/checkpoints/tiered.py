@@ -7,8 +7,8 @@ of either tier with its fallbacks, and says which saves committed. The commit ru
 tier holds through the same rule and the same durable metadata (`durable_meta`).
 
 Restore: memory wins when its newest committed step is at least the newest durable one
-(`tiers.memory_serves`); any reason memory cannot serve is an event, and the durable tier serves
-instead, from its newest readable step."""
+(`tiers.memory_serves`); any reason a memory step cannot serve is an event, and the next committed
+memory step serves while it is still as new, else the durable tier's newest readable step."""
 
 from __future__ import annotations
 
@@ -50,7 +50,8 @@ class Tiers:
     """This host's checkpoint tiers for one attempt. Made by `restore_or_init` once the state's
     layout is known: `restore()` once, then per step `due`, `save` (at a due step) and `after`, and
     `finish()` at the end. The memory tier is on when the job asks for it and every node's keeper can
-    hold this host's part; a restore after a replica mismatch reads only verified durable steps."""
+    hold this host's part (a restore reads what they hold either way); a restore after a replica
+    mismatch reads only steps of either tier up to the newest verified one."""
 
     def __init__(self, spec: HostSpec, run: RunLayout, layout: StateLayout, progress: HostProgress, rank: int,
                  num_hosts: int):
@@ -219,9 +220,16 @@ def restore_newest(checkpointer: Checkpointer, memory: MemoryTier | None, layout
     are tried newest first while they are at least as new as the durable tier's newest readable one;
     a step of either tier that does not read back leaves the next one to serve, and is said."""
     if memory is not None:
+        # After a replica mismatch nothing past the newest verified step serves: such durable steps are
+        # set aside whichever tier serves (a later restore would read them), memory's are not read.
+        for aside in checkpointer.set_aside_unverified():
+            progress.event(events.CheckpointFallback(**aside))
         durable_steps = checkpointer.steps_from_rank_0()
         held = memory.held()
+        if at_most is not None:
+            held = [h for h in held if h.step <= at_most]
         steps = memory.whole_steps(held, at_most)
+        unreadable: list[dict[str, Any]] = []
         if steps and not tiers.memory_serves(steps[0], durable_steps):
             # Durable is newer; but if none of its newer steps reads back, memory's whole step beats
             # the older durable ones (the newer ones are set aside, as any unreadable step is).
@@ -230,6 +238,7 @@ def restore_newest(checkpointer: Checkpointer, memory: MemoryTier | None, layout
             except NoneNewerReadBack as none:
                 for aside in none.set_aside:
                     progress.event(events.CheckpointFallback(**aside))
+                unreadable = none.failed  # moved once a memory step served (else the durable restore retries them)
                 durable_steps = [s for s in durable_steps if s <= steps[0]]
             else:
                 _say_why_not(held, durable_steps, memory, progress)
@@ -245,6 +254,8 @@ def restore_newest(checkpointer: Checkpointer, memory: MemoryTier | None, layout
                 log.warning("memory step %d did not read back: %s", step, error)
             failed = failed_ranks(error is not None)
             if not failed:
+                for aside in checkpointer.set_aside_failed(unreadable):
+                    progress.event(events.CheckpointFallback(**aside))
                 for reason in got.passed_over:
                     progress.event(events.MemoryCopyCorrupt(step=step, reason=reason))
                 return TierRestore(got.step, got.state, got.meta, got.extra, "memory", got.seconds, 0,
