@@ -753,3 +753,16 @@ def test_a_memory_copy_whose_bytes_changed_is_never_read_and_the_part_s_other_co
     finally:
         a.close()
         b.close()
+
+
+def test_the_memory_steps_a_restore_tries_are_the_newest_committed_up_to_the_verified_step():
+    """Rank 0's list (every host gets the same one): committed steps only, newest first, none past
+    `at_most` (after a replica mismatch, the newest step whose replicas agreed)."""
+    from jaxlaunch.workers.checkpoints.memory import MemoryTier
+
+    tier = object.__new__(MemoryTier)  # its __init__ asks Ray for this node
+    tier.rank = 0
+    held = [part(s, r, "a", replicated=True) for s in (30, 40, 50, 60) for r in (0, 1)] + [part(70, 0, "a")]
+    assert tier.whole_steps(held) == [60, 50, 40, 30], "step 70 is not committed"
+    assert tier.whole_steps(held, at_most=55) == [50, 40, 30]
+    assert tier.newest_step(held) == 60
