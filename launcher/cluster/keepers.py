@@ -205,7 +205,7 @@ class KeeperPool:
                         raise TimeoutError("no answer")
                     ray.get(ref)
                 except (TimeoutError, ActorUnavailableError) as err:
-                    alive = self._not_dead() if alive is None else alive
+                    alive = self._not_dead(list(self.keepers)) if alive is None else alive
                     if node in alive and time.monotonic() < deadline:
                         again[node] = asking[node]  # restarting on its node, or busy: asked again
                     else:
@@ -216,11 +216,11 @@ class KeeperPool:
             if asking:
                 time.sleep(KEEPER_RETRY_S)  # a back-off between asks of a restarting actor, not a synchronisation
 
-    def _not_dead(self) -> set[str]:
-        """The keepers' nodes the cluster does not know to be dead; none when it cannot be asked (a
-        keeper not answering then counts as gone)."""
+    def _not_dead(self, nodes: list[str]) -> set[str]:
+        """Of `nodes`, those the cluster does not know to be dead; none when it cannot be asked (a
+        keeper not answering then counts as gone; a stopped keeper's folder stays, as a dead node's)."""
         try:
-            return {n for n, how in self.liveness(list(self.keepers)).items() if how != NodeLiveness.DEAD}
+            return {n for n, how in self.liveness(nodes).items() if how != NodeLiveness.DEAD}
         except Exception as err:  # noqa: BLE001 - said, and erring toward replacing the keeper
             log.info("the nodes' liveness could not be read: %s", first_line(err))
             return set()
@@ -288,12 +288,7 @@ class KeeperPool:
         there."""
         if not self.enabled or not self.stopped:
             return
-        try:
-            up = [n for n, how in self.liveness(sorted(self.stopped)).items() if how != NodeLiveness.DEAD]
-        except Exception as err:  # noqa: BLE001 - said; their folders stay, as a dead node's do
-            log.info("the nodes' liveness could not be read: %s", first_line(err))
-            return
-        self._start(up)
+        self._start(sorted(self._not_dead(sorted(self.stopped))))
         self.starting = {}  # not waited for: the shutdown's close waits for them
 
     def _remove_local_files(self) -> None:

@@ -214,7 +214,7 @@ class Driver:
         if poll.finished:
             return self._finished(state, poll, now)
         if self.stop_signal is not None and isinstance(state, Running):
-            return self._forward_stop(state, poll, now, self.stop_signal)
+            return self._forward_stop(state, poll, now)
         hung = self.policies.watchdog.hung(poll.hosts, now, limits.UNRESPONSIVE_AFTER_S)
         if hung is not None:
             host, limit = hung
@@ -323,7 +323,7 @@ class Driver:
         return self._decide(attempt, Diagnosis(FailureKind.PREEMPTED, None, f"preemption notice; saved step {step}",
                                              step, now, self.faults.fired_at(attempt.number)))
 
-    def _forward_stop(self, state: Running, poll: GroupPoll, now: float, signum: int) -> State:
+    def _forward_stop(self, state: Running, poll: GroupPoll, now: float) -> State:
         attempt = state.attempt
         if attempt.stepped(poll.hosts):
             return self._drain(Draining(attempt, DrainReason.STOP, now), poll, now)

@@ -90,8 +90,8 @@ class MemoryTier:
         """The first refusal of the attempt (said once, in an event), of step `refused_step`."""
         self.refused_step: int | None = None
         self.refused_steps: set[int] = set()
-        self.refusing = threading.Lock()
         """The steps of the newest saves whose hand-off was refused (not committed in memory)."""
+        self.refusing = threading.Lock()
         self.inbox: pathlib.Path | None = None
         self.sender = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="memory-tier")
         self.in_flight: concurrent.futures.Future | None = None
@@ -460,6 +460,4 @@ def failed_ranks(flag: bool) -> list[int]:
 
 def any_host(flag: bool) -> bool:
     """Whether any host's flag is set, known on every host."""
-    if jax.process_count() == 1:
-        return flag
-    return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))
+    return bool(failed_ranks(flag))
