@@ -16,7 +16,7 @@ import pytest
 from tests.integration.helpers import EXAMPLES, MINIMAL, ROOT, assert_refused, events, launch, summary
 
 RAY = str(pathlib.Path(sys.executable).parent / "ray")
-NODE_START_TIMEOUT_S = 120
+NODE_START_TIMEOUT_S = 180
 
 
 def free_port() -> int:
@@ -46,25 +46,27 @@ def session_processes(sid: int) -> list[psutil.Process]:
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory):
     """Head plus two workers, each offering one `host` slot, each `ray start --block` in a session of
-    its own: stopping the cluster is killing those sessions."""
+    its own: stopping the cluster is killing those sessions. Each node's `ray start` output is kept
+    in the cluster's temp folder, for the message if the cluster does not come up."""
     env = {**os.environ, "RAY_AUTH_MODE": "token"}
     temp = tmp_path_factory.mktemp("ray")
     port, dashboard = free_port(), free_port()
     common = ["--num-cpus=1", '--resources={"host": 1}', "--node-ip-address=127.0.0.1", "--disable-usage-stats",
               "--block"]
-    nodes = []
+    nodes: list[subprocess.Popen] = []
+
+    def start_node(name: str, args: list[str]) -> None:
+        with open(temp / f"{name}.out", "wb") as out:
+            nodes.append(subprocess.Popen([RAY, "start", *args, *common, *node_ports()], env=env,
+                                          stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+
     try:
-        nodes.append(subprocess.Popen(
-            [RAY, "start", "--head", f"--port={port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
-             f"--dashboard-port={dashboard}", f"--temp-dir={temp}", *common, *node_ports()],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
-        _wait_for_nodes(port, 1, env)
+        start_node("head", ["--head", f"--port={port}", "--include-dashboard=true", "--dashboard-host=127.0.0.1",
+                            f"--dashboard-port={dashboard}", f"--temp-dir={temp}"])
+        _wait_for_nodes(port, 1, env, nodes, temp)
         for count in (2, 3):
-            nodes.append(subprocess.Popen([RAY, "start", f"--address=127.0.0.1:{port}", *common, *node_ports()],
-                                          env=env,
-                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                          start_new_session=True))
-            _wait_for_nodes(port, count, env)
+            start_node(f"worker-{count}", [f"--address=127.0.0.1:{port}"])
+            _wait_for_nodes(port, count, env, nodes, temp)
         yield {"address": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dashboard}", "env": env}
     finally:
         for node in reversed(nodes):
@@ -78,16 +80,44 @@ def ray_cluster(tmp_path_factory):
         assert not any(session_processes(n.pid) for n in nodes), "the test cluster's processes are gone"
 
 
-def _wait_for_nodes(port: int, count: int, env) -> None:
+PROBE_TIMEOUT_S = 30
+"""One probe of the cluster (a Ray driver connecting and listing the nodes). A probe that does not
+answer in time is asked again until the cluster's deadline: once, in CI's suite on 2 cores, a probe's
+driver could not reach the head's GCS for 60 s (why is not known: a cluster that does not come up now
+fails with the nodes' output and the GCS log)."""
+
+
+def _wait_for_nodes(port: int, count: int, env, nodes: list[subprocess.Popen], temp: pathlib.Path) -> None:
     code = (f"import ray; ray.init(address='127.0.0.1:{port}', logging_level='ERROR'); "
             f"print(sum(n['Alive'] for n in ray.nodes()))")
     deadline = time.monotonic() + NODE_START_TIMEOUT_S
+    last = "no probe answered"
     while time.monotonic() < deadline:
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+        if any(node.poll() is not None for node in nodes):
+            raise AssertionError(f"a node of the test cluster exited while waiting for {count} nodes\n"
+                                 + _cluster_output(temp))
+        try:
+            out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                 timeout=PROBE_TIMEOUT_S)
+        except subprocess.TimeoutExpired as late:
+            last = f"a probe did not answer in {PROBE_TIMEOUT_S} s: {_text(late.stderr)[-1500:]}"
+            continue
         if out.returncode == 0 and out.stdout.strip().splitlines()[-1:] == [str(count)]:
             return
+        last = f"a probe answered {out.returncode}: {out.stdout[-500:]}{out.stderr[-1500:]}"
         time.sleep(1)
-    raise AssertionError(f"the test cluster did not reach {count} nodes")
+    raise AssertionError(f"the test cluster did not reach {count} nodes in {NODE_START_TIMEOUT_S} s ({last})\n"
+                         + _cluster_output(temp))
+
+
+def _text(output: bytes | str | None) -> str:
+    return output.decode(errors="replace") if isinstance(output, bytes) else output or ""
+
+
+def _cluster_output(temp: pathlib.Path) -> str:
+    """Each node's `ray start` output and the head's GCS log, their last lines."""
+    files = sorted(temp.glob("*.out")) + sorted(temp.glob("session_latest/logs/gcs_server.*"))
+    return "\n".join(f"--- {path.name}:\n{path.read_text(errors='replace')[-2000:]}" for path in files)
 
 
 def test_a_user_entry_is_shipped_to_distinct_nodes_of_an_existing_cluster(ray_cluster, tmp_path):
