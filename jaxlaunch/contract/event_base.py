@@ -44,7 +44,7 @@ class EventKind(enum.StrEnum):
     MEMORY_SAVE_REFUSED = "memory_save_refused"
     CADENCE_CHOSEN = "cadence_chosen"
     MEMORY_FALLBACK = "memory_fallback"
-    MEMORY_COPY_CORRUPT = "memory_copy_corrupt"
+    MEMORY_COPY_PASSED_OVER = "memory_copy_passed_over"
     DATA_ORDER_CHANGED = "data_order_changed"
     DATA_ORDER_AT_RISK = "data_order_at_risk"
 

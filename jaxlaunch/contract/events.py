@@ -29,7 +29,7 @@ from jaxlaunch.contract.event_base import (
 from jaxlaunch.contract.tier_events import (
     CadenceChosen,
     KeeperRestarted,
-    MemoryCopyCorrupt,
+    MemoryCopyPassedOver,
     MemoryFallback,
     MemoryPersisted,
     MemorySaveRefused,
@@ -40,8 +40,8 @@ from jaxlaunch.contract.tier_events import (
 # The names that readers import from here too: the base's, and the memory tier's events (the event
 # classes below are this module's own).
 __all__ = ["Cause", "Event", "EventKind", "FailureKind", "HostEvent", "JobStatus", "PlannedEnd", "parse_cause",
-           "parse_event", "CadenceChosen", "KeeperRestarted", "MemoryCopyCorrupt", "MemoryFallback", "MemoryPersisted",
-           "MemorySaveRefused", "MemoryTierOff", "PersistingMemory"]
+           "parse_event", "CadenceChosen", "KeeperRestarted", "MemoryCopyPassedOver", "MemoryFallback",
+           "MemoryPersisted", "MemorySaveRefused", "MemoryTierOff", "PersistingMemory"]
 log = logging.getLogger(__name__)
 
 

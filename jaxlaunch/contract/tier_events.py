@@ -9,7 +9,7 @@ from typing import ClassVar
 from jaxlaunch.contract.event_base import Event, EventKind, HostEvent
 
 __all__ = ["PersistingMemory", "MemoryPersisted", "KeeperRestarted",
-           "MemoryTierOff", "CadenceChosen", "MemorySaveRefused", "MemoryFallback", "MemoryCopyCorrupt"]
+           "MemoryTierOff", "CadenceChosen", "MemorySaveRefused", "MemoryFallback", "MemoryCopyPassedOver"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -160,11 +160,12 @@ class MemoryFallback(HostEvent):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class MemoryCopyCorrupt(HostEvent):
-    """A held copy of a memory part no longer matched the digest its keeper took when it held it (a
-    flipped bit, a torn page): it was not read, and another copy of the part served."""
+class MemoryCopyPassedOver(HostEvent):
+    """A held copy of a memory part was passed over by a restore, and another copy of the part served:
+    its file no longer matched the digest its keeper took when it held it (a flipped bit, a torn
+    page), could not be read, or was no longer held. `reason` says which."""
 
-    KIND: ClassVar = EventKind.MEMORY_COPY_CORRUPT
+    KIND: ClassVar = EventKind.MEMORY_COPY_PASSED_OVER
     PER_HOST: ClassVar = True
     step: int | None = None
     reason: str | None = None

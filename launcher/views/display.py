@@ -199,7 +199,7 @@ class ConsoleView(Listener):
             elif isinstance(event, events.DataOrderAtRisk) and self.risk_told:
                 continue  # each attempt's hosts warn alike: once per launch
             elif isinstance(event, events.LowDiskSpace | events.CompilationCacheDisabled | events.MemoryTierOff
-                            | events.MemorySaveRefused | events.MemoryFallback | events.MemoryCopyCorrupt
+                            | events.MemorySaveRefused | events.MemoryFallback | events.MemoryCopyPassedOver
                             | events.DataOrderChanged
                             | events.DataOrderAtRisk):
                 self.risk_told = self.risk_told or isinstance(event, events.DataOrderAtRisk)

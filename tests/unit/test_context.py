@@ -154,9 +154,6 @@ class HeldParts:
     def held(self):
         return []
 
-    def newest_step(self, held):
-        return None
-
     def whole_steps(self, held, at_most=None):
         return []
 

@@ -570,8 +570,9 @@ class Memory:
 
     lost, lost_alive, replaced = [], [], []
 
-    def __init__(self, steps=(90,), unreadable=()):
+    def __init__(self, steps=(90,), unreadable=(), passed_over=()):
         self.steps, self.unreadable, self.tried = list(steps), set(unreadable), []
+        self.passed_over = list(passed_over)
 
     def held(self):
         return []
@@ -585,7 +586,7 @@ class Memory:
         self.tried.append(step)
         if step in self.unreadable:
             raise ValueError(f"{step}-1-primary.part is not a memory-tier part file")
-        return MemoryRestore(step, {"w": step}, {}, {}, [], 0.01, 0)
+        return MemoryRestore(step, {"w": step}, {}, {}, [], 0.01, 0, self.passed_over)
 
 
 class Layout:
@@ -650,6 +651,23 @@ def test_a_memory_step_that_does_not_read_back_leaves_the_next_committed_one_to_
     assert restore_newest(NoDurable(), memory, Layout(), progress) is None
     [fallback] = [e for e in progress.drain().events if isinstance(e, MemoryFallback)]
     assert fallback.reason.endswith("; restoring a fresh state (no durable step)"), "a fresh start is said"
+
+
+def test_a_restore_that_passed_over_a_copy_says_which_and_why():
+    """The primary of a part changed since it was held, and its replica served: the restore says which
+    copy it passed over and why (`memory_copy_passed_over`), once per copy, at the step that served."""
+    from jaxlaunch.workers.checkpoints.tiered import restore_newest
+    from jaxlaunch.workers.supervision.progress import HostProgress
+
+    from jaxlaunch.contract.events import MemoryCopyPassedOver
+
+    why = "the primary of rank 1's part of step 90 on node a changed since it was held (digest 1, held 2)"
+    progress = HostProgress()
+    restored = restore_newest(NoDurable(), Memory(passed_over=[why]), Layout(), progress)
+    assert (restored.tier, restored.step) == ("memory", 90)
+    said = [e for e in progress.drain().events if isinstance(e, MemoryCopyPassedOver)]
+    assert [(e.step, e.reason) for e in said] == [(90, why)]
+    assert said[0].message == f"a memory copy was not read: {why}; another copy of the part served"
 
 
 def test_after_a_replica_mismatch_memory_serves_its_newest_step_whose_replicas_agreed():
@@ -765,4 +783,3 @@ def test_the_memory_steps_a_restore_tries_are_the_newest_committed_up_to_the_ver
     held = [part(s, r, "a", replicated=True) for s in (30, 40, 50, 60) for r in (0, 1)] + [part(70, 0, "a")]
     assert tier.whole_steps(held) == [60, 50, 40, 30], "step 70 is not committed"
     assert tier.whole_steps(held, at_most=55) == [50, 40, 30]
-    assert tier.newest_step(held) == 60

@@ -70,7 +70,7 @@ class MemoryRestore:
     bytes_fetched: int
     """Bytes of held parts this host read: mapped on its node or fetched from other nodes' keepers."""
     passed_over: list[str] = dataclasses.field(default_factory=list)
-    """Why each copy this host did not read was not intact (another copy of the same part served)."""
+    """Why each copy this host passed over was not read (another copy of the same part served)."""
 
 
 class MemoryTier:
@@ -262,11 +262,6 @@ class MemoryTier:
                 time.sleep(wait_s)  # a back-off between asks of a restarting actor, not a synchronisation
                 wait_s = min(2 * wait_s, 2.0)
         return answers, failed
-
-    def newest_step(self, held: list[Held]) -> int | None:
-        """Rank 0's newest committed step in memory, the same on every host."""
-        steps = self.whole_steps(held)
-        return steps[0] if steps else None
 
     def whole_steps(self, held: list[Held], at_most: int | None = None) -> list[int]:
         """Rank 0's committed steps in memory (up to `at_most`), newest first, the same on every host:

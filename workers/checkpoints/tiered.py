@@ -257,7 +257,7 @@ def restore_newest(checkpointer: Checkpointer, memory: MemoryTier | None, layout
                 for aside in checkpointer.set_aside_failed(unreadable):
                     progress.event(events.CheckpointFallback(**aside))
                 for reason in got.passed_over:
-                    progress.event(events.MemoryCopyCorrupt(step=step, reason=reason))
+                    progress.event(events.MemoryCopyPassedOver(step=step, reason=reason))
                 return TierRestore(got.step, got.state, got.meta, got.extra, "memory", got.seconds, 0,
                                    got.bytes_fetched, [s.rank for s in got.sources if s.role == tiers.Role.REPLICA])
             then = f"memory step {serving[i + 1]}" if i + 1 < len(serving) else \
