@@ -38,9 +38,11 @@ class SaveSchedule:
     """Which tier saves at a step. `memory_every` None: no memory tier, every save is durable.
 
     A tier without an anchor saves at the multiples of its interval (a number the user gave: saves at
-    10, 20, ...). A chosen cadence counts from the tier's previous save (its anchor), so that a new
-    interval, or a save at an agreed stop, starts afresh and the durable age bound holds across a
-    change of cadence."""
+    10, 20, ...). A chosen cadence counts from the tier's previous save (its anchor): a tier saves
+    once its interval has passed since then, so that a new interval, or a save at an agreed stop,
+    starts afresh, and a shorter interval chosen, or an anchor older than the interval (the durable
+    tier's newest step, behind a memory step restored), saves at once: the durable age bound holds
+    across a change of cadence and a restart."""
 
     memory_every: int | None
     durable_every: int
@@ -67,7 +69,7 @@ class SaveSchedule:
 def _on(step: int, every: int, anchor: int | None) -> bool:
     if anchor is None:
         return step % every == 0
-    return step > anchor and (step - anchor) % every == 0
+    return step - anchor >= every
 
 
 Floor = tuple[int, int]
@@ -161,7 +163,8 @@ class CadenceRule:
 
     def rechoose(self, chosen: Measured, cadence: Cadence, now: Measured, floor: Floor = (0, 0)) -> str | None:
         """Why a cadence chosen from `chosen` no longer fits the measurements `now` (None: it fits):
-        the step time moved by more than `RECHOOSE_FACTOR`, a chosen tier's saves block more than
+        the step time moved by more than `RECHOOSE_FACTOR`, the durable saves drifted more than the age
+        bound apart (steps slower by less than that factor), a chosen tier's saves block more than
         that factor over their share (a save's blocking includes its wait for the previous hand-off,
         which one copy alone did not show), Orbax's first save has been measured since, or a tier's
         saves now cost so little that it could save `RECHOOSE_FACTOR` times as often (the first
@@ -172,6 +175,9 @@ class CadenceRule:
         given_durable = self.persist_every if self.memory_tier else self.save_every
         if given_durable is None and chosen.durable_blocking_s is None and now.durable_blocking_s is not None:
             return "Orbax's first save was measured"
+        if given_durable is None and cadence.durable_every * now.step_time_s > self.max_age_s:
+            return (f"durable saves every {cadence.durable_every} steps of {now.step_time_s * 1e3:.1f} ms are more "
+                    f"than {self.max_age_s:g} s apart (checkpoint.persist_max_age_s)")
         tiers = (("memory", cadence.memory_every, now.memory_cost_s, self.save_every),
                  ("durable", cadence.durable_every, now.durable_blocking_s, given_durable))
         for (name, every, cost, _), over in zip(tiers, self.over_share(cadence, now), strict=True):

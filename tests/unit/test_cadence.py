@@ -26,13 +26,14 @@ class Lockstep:
         return sent
 
 
-def run(cfg: CheckpointConfig, steps: range, step_time, memory_cost, durable_cost, start: int = 0):
+def run(cfg: CheckpointConfig, steps: range, step_time, memory_cost, durable_cost, start: int = 0,
+        durable_step: int | None = None):
     """Both hosts through `steps`; host 1 measures 1.5x host 0's times. Returns each host's saves and
     rank 0's events."""
     told: list[CadenceChosen] = []
     wire = Lockstep()
-    hosts = [SaveCadence(cfg, True, 0, start, told.append, wire.rank_0),
-             SaveCadence(cfg, True, 1, start, told.append, wire.rank_1)]
+    hosts = [SaveCadence(cfg, True, 0, start, told.append, wire.rank_0, durable_step=durable_step),
+             SaveCadence(cfg, True, 1, start, told.append, wire.rank_1, durable_step=durable_step)]
     saved: list[list[tuple[int, bool, bool]]] = [[], []]
     cost = memory_cost if callable(memory_cost) else lambda step, since: memory_cost
     last_memory = [start, start]
@@ -97,6 +98,25 @@ def test_the_cadence_is_chosen_again_once_orbax_is_measured_and_when_the_steps_s
     durable = [s for s, _, d in saved[0] if d]
     assert all(b - a <= 200 for a, b in zip(durable, durable[1:], strict=False)), "never more than 20 s apart"
     assert saved[0] == saved[1]
+
+
+def test_after_a_restore_from_memory_the_durable_age_counts_from_the_newest_durable_step():
+    """Memory step 500 restored, 0.1 s steps, durable saves at most 20 s (200 steps) apart. With the
+    newest durable step at 400, the next durable save is at 600, not 700 (200 steps after the step
+    restored); with it at 100, at the first agreement. Counted from the step restored, a host crashing
+    every 30 s would keep the durable tier where it was for good, and a SIGKILL of the driver would
+    lose all since."""
+    cfg = CheckpointConfig(persist_max_age_s=20.0)
+
+    def durable_saves(durable_step):
+        saved, _, _ = run(cfg, range(501, 900), lambda s: 0.1, memory_cost=0.004, durable_cost=0.5, start=500,
+                          durable_step=durable_step)
+        assert saved[0] == saved[1]
+        return [s for s, _, d in saved[0] if d]
+
+    assert durable_saves(400) == [600, 800]
+    assert durable_saves(100) == [500 + FIRST_CHECK_AFTER_STEPS + 1, 705], "overdue: at once, once chosen"
+    assert durable_saves(500) == [700], "restored from the durable tier: 200 steps on"
 
 
 def test_numbers_the_user_gave_need_no_agreement():

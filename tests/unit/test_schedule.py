@@ -1,5 +1,7 @@
 """The save schedule and the cadence rule (`jaxlaunch.contract.schedule`), as pure values."""
 
+import dataclasses
+
 import pytest
 
 from jaxlaunch.contract.schedule import CadenceRule, Due, Measured, SaveSchedule, moved
@@ -25,6 +27,14 @@ def test_a_chosen_cadence_counts_from_the_previous_save_so_an_agreed_stop_restar
     schedule = SaveSchedule(memory_every=3, durable_every=6, memory_anchor=10, durable_anchor=10)
     assert saves(schedule, range(11, 24), final=14) == [
         (13, "mem"), (14, "disk"), (16, "mem"), (19, "mem"), (20, "disk"), (22, "mem")]
+
+
+def test_an_interval_already_passed_since_the_anchor_saves_at_once():
+    """Durable every 80 from step 80, re-chosen at step 140 as every 50: the next save is at 141, not
+    at 180 (a 100-step gap where 50 were chosen); the same for an anchor older than the interval."""
+    schedule = SaveSchedule(memory_every=None, durable_every=50, durable_anchor=80)
+    assert saves(schedule, range(141, 250)) == [(141, "disk"), (191, "disk"), (241, "disk")]
+    assert SaveSchedule(memory_every=None, durable_every=50, durable_anchor=80).due(129).durable is False
 
 
 def test_the_first_save_measures_memory_with_the_tier_and_orbax_without():
@@ -112,6 +122,21 @@ def test_saves_that_got_cheap_are_chosen_again_more_often_but_never_at_an_interv
     assert AUTO.over_share(AUTO.choose(Measured(1.0, 0.005, 0.1)), Measured(1.0, 0.03, 0.1)) == (1, 0)
     assert AUTO.rechoose(Measured(1.0, 0.03, 0.1), every_3, Measured(1.0, 0.005, 0.1), floor=(1, 0)) is None
     assert AUTO.rechoose(Measured(1.0, 0.03, 0.1), every_3, Measured(1.0, 0.005, 0.1)) is not None, "no floor: it would"
+
+
+def test_durable_saves_drifted_past_the_age_bound_are_chosen_again_though_the_steps_moved_less_than_2x():
+    """Chosen at 1.0 s steps: durable every 600 steps (by age; by cost 3000). The steps slow to 1.9 s, less
+    than 2x: 600 steps are now 1140 s, over the 600 s bound, and the cadence is chosen again (315)."""
+    chosen = Measured(step_time_s=1.0, memory_blocking_s=0.004, durable_blocking_s=30.0)
+    cadence = AUTO.choose(chosen)
+    assert cadence.durable_every == 600
+    now = dataclasses.replace(chosen, step_time_s=1.9)
+    assert not moved(1.0, 1.9)
+    why = AUTO.rechoose(chosen, cadence, now)
+    assert why == ("durable saves every 600 steps of 1900.0 ms are more than 600 s apart "
+                   "(checkpoint.persist_max_age_s)")
+    assert AUTO.choose(now).durable_every == 315
+    assert "apart" not in (AUTO.rechoose(chosen, cadence, chosen) or ""), "within the bound: not for age"
 
 
 def test_a_memory_save_costs_its_blocking_and_its_slowdown_of_the_next_step():

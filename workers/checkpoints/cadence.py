@@ -51,10 +51,13 @@ def given(value: int | str) -> int | None:
 
 class SaveCadence:
     """Which tier saves at each step of one attempt on this host (`due`), measured from the host's
-    own steps and saves (`step_time`, `after_save`) and agreed with every other host."""
+    own steps and saves (`step_time`, `after_save`) and agreed with every other host. `start_step`:
+    the step restored; `durable_step`: the durable tier's newest step then (0: none; None: as
+    `start_step`), from which a chosen durable interval counts."""
 
     def __init__(self, cfg: CheckpointConfig, memory_tier: bool, rank: int, start_step: int,
-                 tell: Callable[[events.HostEvent], None], broadcast: Broadcast | None = None):
+                 tell: Callable[[events.HostEvent], None], broadcast: Broadcast | None = None,
+                 durable_step: int | None = None):
         self.rule = CadenceRule(memory_tier, given(cfg.save_every), given(cfg.persist_every), cfg.persist_max_age_s)
         self.rank, self._tell, self._broadcast = rank, tell, broadcast or broadcast_from_rank_0
         self._last_step = start_step
@@ -89,7 +92,10 @@ class SaveCadence:
         self.schedule = SaveSchedule(
             memory_every, durable_given or UNCHOSEN,
             memory_anchor=None if not memory_tier or rule.save_every is not None else start_step,
-            durable_anchor=None if durable_given is not None else start_step,
+            # From the durable tier's newest step, not a newer memory step restored: the age bound
+            # counts from the last durable save across restarts (0: none yet).
+            durable_anchor=None if durable_given is not None else
+            (start_step if durable_step is None else min(durable_step, start_step)),
             measure_at=((first - 1, first) if memory_tier else (first,)) if measure else ())
         self.next_check = first
 

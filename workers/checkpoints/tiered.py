@@ -112,7 +112,7 @@ class Tiers:
                     self.memory = None
                     self._commits = CommitWatch(None, self.checkpointer.is_saving, self.rank)
         self._cadence = SaveCadence(self._spec.checkpoint, self.memory is not None, self.rank, step,
-                                    self._progress.event)
+                                    self._progress.event, durable_step=restored.durable_step if restored else None)
         return restored
 
     # -- save ------------------------------------------------------------------------------------
@@ -211,6 +211,9 @@ class TierRestore:
     """Bytes this host fetched from keepers."""
     replicas: list[int]
     """Ranks whose part came from its replica (their own node's keeper was gone)."""
+    durable_step: int = 0
+    """The durable tier's newest step at or before the one restored (0: none): the durable cadence
+    counts from it."""
 
 
 def restore_newest(checkpointer: Checkpointer, memory: MemoryTier | None, layout: StateLayout,
@@ -259,7 +262,8 @@ def restore_newest(checkpointer: Checkpointer, memory: MemoryTier | None, layout
                 for reason in got.passed_over:
                     progress.event(events.MemoryCopyPassedOver(step=step, reason=reason))
                 return TierRestore(got.step, got.state, got.meta, got.extra, "memory", got.seconds, 0,
-                                   got.bytes_fetched, [s.rank for s in got.sources if s.role == tiers.Role.REPLICA])
+                                   got.bytes_fetched, [s.rank for s in got.sources if s.role == tiers.Role.REPLICA],
+                                   durable_step=newest_durable)
             then = f"memory step {serving[i + 1]}" if i + 1 < len(serving) else \
                 f"durable step {newest_durable}" if newest_durable else "a fresh state (no durable step)"
             progress.event(events.MemoryFallback(
@@ -287,7 +291,8 @@ def _durable(restored: DurableRestore | None, checkpointer: Checkpointer, progre
         progress.event(events.CheckpointFallback(**aside))
     mine = extras.of_rank(restored.meta.get("extra"), jax.process_index())
     read = checkpointer.store.size(str(restored.step))
-    return TierRestore(restored.step, restored.state, restored.meta, mine, "durable", restored.seconds, read, 0, [])
+    return TierRestore(restored.step, restored.state, restored.meta, mine, "durable", restored.seconds, read, 0, [],
+                       durable_step=restored.step)
 
 
 def _why_not_whole(held: list[tiers.Held], newest_durable: int, lost: list[str], alive: list[str],
