@@ -422,31 +422,30 @@ class Driver:
         self.failures.append(failure)
         decision = self.policies.restart.decide(self.failures)
         if decision.action == Action.STOP:
-            failed = Failed(decision.reason, failure)
-            if self.persist is None:
-                return failed
-            return persisting.plan(self.persist, failed, attempt.number, committed, self.cluster.placeable_hosts,
-                                   self.clock())
+            return self._persist_first(Failed(decision.reason, failure))
         return Relaunching(failure, decision)
 
     def _stop_unsaved(self, why: str) -> State:
-        """A stop at which the hosts saved no step together: the memory tier's newest step, when newer
-        than the durable tier's, is first written durably (Persisting); else it ends with the keepers."""
+        """A stop at which the hosts saved no step together."""
         assert self.stop_signal is not None, "a stop the user asked for"
-        stopped = Stopped(self.stop_signal, f"stopped by {self.stop_name} {why}")
+        return self._persist_first(Stopped(self.stop_signal, f"stopped by {self.stop_name} {why}"))
+
+    def _persist_first(self, outcome: Failed | Stopped) -> State:
+        """The job's end, after the memory tier's newest step, when newer than the durable tier's, was
+        written durably (Persisting); else it ends with the keepers."""
         if self.persist is None or (self.cluster.embedded and not self.cluster.alive()):
-            return stopped  # (a lost embedded instance took its keepers, and their steps, along)
+            return outcome  # (a lost embedded instance took its keepers, and their steps, along)
         attempt = self.attempts[-1].number if self.attempts else self.attempt_offset
-        return persisting.plan(self.persist, stopped, attempt, self.committed_step(), self.cluster.placeable_hosts,
-                               self.clock())
+        return persisting.plan(self.persist, outcome, attempt, self.committed_step(), self.cluster.placeable_hosts,
+                               self.clock(), stop_asked=isinstance(outcome, Failed) and self.stop_signal is not None)
 
     def _persist(self, state: Persisting) -> State:
         """One step of writing the memory step durably: start the hosts, then poll them until they end,
-        fail or run out of time; a stop request ends a give-up's at once. The job fails or stops after it
+        fail or run out of time; a stop asked during a give-up's ends it at once. The job fails or stops after it
         either way, for its own reason."""
         assert self.persist is not None, "only a driver with the memory tier persists"
-        if self.stop_signal is not None and isinstance(state.outcome, Failed):  # a stop's persist: a 2nd signal
-            return self._persisted(state, f"interrupted by {self.stop_name}")
+        if self.stop_signal is not None and isinstance(state.outcome, Failed) and not state.stop_asked:
+            return self._persisted(state, f"interrupted by {self.stop_name}")  # (a stop's persist: a 2nd signal)
         if not state.started:
             self.group = self.persist.make_group()
             try:
@@ -474,9 +473,10 @@ class Driver:
     def _embedded_node_died(self, attempt: Attempt) -> Diagnosis:
         return Diagnosis(FailureKind.NODE_LOST, None, "the embedded Ray node died", attempt.last_step, self.clock())
 
-    def _no_capacity(self, placeable: int) -> Failed:
-        return Failed(f"the cluster had room for {placeable} hosts for {self.policies.fault.capacity_timeout_s:g} "
-                      f"s; at least {self.policies.scaling.min_hosts} are needed")
+    def _no_capacity(self, placeable: int) -> State:
+        return self._persist_first(Failed(f"the cluster had room for {placeable} hosts for "
+                                          f"{self.policies.fault.capacity_timeout_s:g} s; at least "
+                                          f"{self.policies.scaling.min_hosts} are needed"))
 
     def _end(self, attempt: Attempt, cause: Cause, failure: Diagnosis | None = None) -> None:
         attempt.cause = cause

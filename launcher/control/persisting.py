@@ -13,8 +13,9 @@ from jaxlaunch.launcher.control.states import Failed, Persisting, Stopped
 from jaxlaunch.contract.events import MemoryPersisted
 from jaxlaunch.contract.protocol import GroupPoll, WorkerGroup
 
-PERSIST_TIMEOUT_S = 300.0
-"""How long the hosts get to restore the step and write it."""
+PERSIST_TIMEOUT_S = 900.0
+"""How long the hosts get to start, restore the step and write it, unless the job says (its startup
+and save timeouts together, `runner`)."""
 
 
 def _nothing() -> None:
@@ -35,21 +36,26 @@ class MemoryPersist:
     """Called once there is a step to write, before the hosts are counted (the job's warm standby
     gives up its room to them)."""
     timeout_s: float = PERSIST_TIMEOUT_S
+    fits: Callable[[int], bool] = lambda num_hosts: True
+    """Whether the job's mesh can be built on a host count (the persist runs no user code: only the
+    mesh counts, not the entry's own check)."""
 
 
 def plan(persist: MemoryPersist, outcome: Failed | Stopped, attempt: int, durable: int | None,
-         placeable: Callable[[], int], now: float) -> Persisting | Failed | Stopped:
-    """Persisting when memory holds a step newer than the durable tier's, else the job ends at once."""
+         placeable: Callable[[], int], now: float, stop_asked: bool = False) -> Persisting | Failed | Stopped:
+    """Persisting when memory holds a step newer than the durable tier's, else the job ends at once.
+    `stop_asked`: a stop was asked before a give-up (`Persisting.stop_asked`)."""
     newest = persist.newest()
     if newest is None or (durable is not None and newest[0] <= durable):
         return outcome
     step, saved_hosts = newest
     persist.before()
-    num_hosts = min(saved_hosts, placeable())
+    room = min(saved_hosts, placeable())
+    num_hosts = next((n for n in range(room, 0, -1) if persist.fits(n)), 0)
     if num_hosts < 1:
-        return ended(outcome, MemoryPersisted(step=step, durable_step=durable,
-                                              reason="the cluster has no room for a host"))
-    return Persisting(outcome, attempt, step, durable, num_hosts, now)
+        why = "the cluster has no room for a host" if room < 1 else f"the mesh fits no host count up to {room}"
+        return ended(outcome, MemoryPersisted(step=step, durable_step=durable, reason=why))
+    return Persisting(outcome, attempt, step, durable, num_hosts, now, stop_asked=stop_asked)
 
 
 def judge(poll: GroupPoll, state: Persisting, now: float, timeout_s: float) -> tuple[bool, str | None]:

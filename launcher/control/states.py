@@ -160,6 +160,9 @@ class Persisting:
     num_hosts: int
     since: float
     started: bool = False
+    stop_asked: bool = False
+    """A stop was asked before it began (the give-up came while the hosts drained for it): the stop
+    does not end it, a second signal does (at once, as always)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -235,6 +235,29 @@ def test_a_stop_while_persisting_ends_it_cleanly_and_the_job_fails_for_its_own_r
     assert log[-1] == ("shutdown", 3) and cluster.held == 0, "its processes are stopped"
 
 
+def test_a_give_up_that_comes_after_a_stop_was_asked_still_persists_the_memory_step():
+    """Ctrl-C once; while the hosts drain for it, the last restart's host dies and the job gives up:
+    the memory step is written all the same (the stop asked for a save, and a restart would have
+    persisted it). Only a signal that comes during the persist ends it."""
+    durable = [3]
+
+    def writes(group, i):
+        durable[0] = 5
+        group.finish(5, Ending.STOPPED)
+
+    driver, log, clock, cluster = make_driver([dies_at(2) for _ in range(3)])
+    with_memory(driver, log, clock, cluster, writes, (5, 2), durable)
+    for _ in range(10_000):
+        if len(driver.attempts) == 3 and isinstance(driver.state, Running):
+            break
+        driver.step()
+    driver.request_stop(signal.SIGINT)
+    assert driver.run() == 1
+    failed = driver.state
+    assert isinstance(failed, Failed) and failed.reason.startswith("restart budget"), failed
+    assert failed.persisted.persisted and failed.persisted.step == 5, failed.persisted
+
+
 def test_a_persist_with_no_room_for_a_host_fails_with_the_reason():
     def dies_and_the_room_goes(group, i):
         group.cluster.capacity = 0  # the room went to another job
@@ -452,6 +475,30 @@ def test_waits_for_capacity_then_gives_up():
     assert isinstance(run_until(driver, AwaitingCapacity), AwaitingCapacity)
     assert driver.run() == 1
     assert "room for 0 hosts" in driver.state.reason
+
+
+def test_a_job_that_gives_up_waiting_for_capacity_persists_its_memory_step_on_hosts_its_mesh_fits():
+    """4 hosts, at least 4; a node is lost and 3 fit for the whole capacity timeout: the job gives up,
+    but first writes memory step 5 (newer than durable 3) durably, on 2 hosts: the 3 placeable ones
+    would not divide its mesh."""
+    durable = [3]
+
+    def writes(group, i):
+        durable[0] = 5
+        group.finish(5, Ending.STOPPED)
+
+    driver, log, clock, cluster = make_driver([dies_at(2)], hosts=4, fault=FaultConfig(capacity_timeout_s=10.0))
+    driver.committed_step = lambda: durable[0]
+    driver.persist = MemoryPersist(newest=lambda: (5, 4), make_group=lambda: FakeGroup(clock, writes, log, cluster),
+                                   step_bytes=lambda step: 1000 + step, fits=lambda n: n % 2 == 0)
+    run_until(driver, Relaunching)
+    cluster.capacity = 3
+    assert driver.run() == 1
+    failed = driver.state
+    assert "room for 3 hosts" in failed.reason
+    done = failed.persisted
+    assert (done.step, done.num_hosts, done.persisted) == (5, 2, True), done
+    assert log[-2:] == [("start", 1, 2), ("shutdown", 1)], log[-3:]
 
 
 def test_an_embedded_node_that_dies_while_the_job_waits_for_capacity_is_started_again():
