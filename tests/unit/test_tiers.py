@@ -756,6 +756,7 @@ def test_a_memory_copy_whose_bytes_changed_is_never_read_and_the_part_s_other_co
         flip_a_bit(primary)
         tier = object.__new__(MemoryTier)  # its __init__ asks Ray for this node
         tier.keepers, tier.rank, tier.node, tier.attempt = {"a": Remote(a), "b": Remote(b)}, 0, "a", 2
+        tier.reading = "restore-2"
         held = [Held.from_dict(h) for keeper in (a, b) for h in keeper.index()]
         targets = {"w": jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)}
         got = tier.restore(1, held, targets)
@@ -765,7 +766,8 @@ def test_a_memory_copy_whose_bytes_changed_is_never_read_and_the_part_s_other_co
         assert said.startswith("the primary of rank 0's part of step 1 on node a changed since it was held")
 
         flip_a_bit(b.parts[(1, 0, Role.REPLICA)][1])
-        tier.attempt = 3  # the next attempt's restore (a copy found intact is hashed once per attempt's restore)
+        # A copy found intact is hashed once per reading: the same attempt's give-up persist hashes again.
+        tier.reading = "persist-2"
         with pytest.raises(RuntimeError, match="no copy of rank 0's part of memory step 1 is intact"):
             tier.restore(1, held, targets)
     finally:

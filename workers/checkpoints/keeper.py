@@ -129,7 +129,7 @@ class Keeper:
         """The newest step every host handed over whole, as the newest part said (an adopted part is
         kept until a hand-off says it)."""
         self.maps: dict[pathlib.Path, PartFile] = {}
-        self.checked: dict[pathlib.Path, int] = {}  # the attempt whose restore last found a part intact
+        self.checked: dict[pathlib.Path, str] = {}  # the reading (an attempt's restore) that last found a part intact
         self.sending: set[pathlib.Path] = set()
         """Part files streaming to a partner now: one dropped meanwhile is deleted, never reused as a
         spare that a host's next write would overwrite under the stream."""
@@ -423,16 +423,16 @@ class Keeper:
                 self.maps[path] = PartFile(path)
             return self.maps[path]
 
-    def check(self, step: int, rank: int, role: str, attempt: int = 0) -> str | None:
+    def check(self, step: int, rank: int, role: str, reading: str = "") -> str | None:
         """Why this held copy may not be read (its file no longer matches the digest taken when it was
         first held: a flipped bit, a torn page), or None. Asked before a restore reads a part; hashed
-        once per attempt's restore (its hosts all ask for the parts they read)."""
+        once per `reading` (an attempt's restore, or a persist: its hosts all ask for what they read)."""
         with self.lock:
             entry = self.parts.get((step, rank, Role(role)))
         if entry is None:
             return f"the {role} of rank {rank}'s part of step {step} is no longer held on node {self.node[:12]}"
         held, path = entry
-        if self.checked.get(path) == attempt:
+        if reading and self.checked.get(path) == reading:
             return None
         try:
             now = digest(path) if held.digest is not None else None
@@ -443,7 +443,7 @@ class Keeper:
             log.warning("the %s of rank %d's part of step %d changed since it was held", role, rank, step)
             return (f"the {role} of rank {rank}'s part of step {step} on node {self.node[:12]} changed since it was "
                     f"held (digest {now}, held {held.digest})")
-        self.checked[path] = attempt
+        self.checked[path] = reading
         return None
 
     def header(self, step: int, rank: int, role: str) -> tuple[str, PartHeader] | None:

@@ -76,11 +76,15 @@ class MemoryRestore:
 class MemoryTier:
     """One host's side of the memory tier for one attempt."""
 
-    def __init__(self, keepers: dict[str, Any], rank: int, num_hosts: int, attempt: int, lost: tuple[str, ...] = ()):
+    def __init__(self, keepers: dict[str, Any], rank: int, num_hosts: int, attempt: int, lost: tuple[str, ...] = (),
+                 reading: str = "restore"):
         import ray
 
         self.keepers, self.rank, self.num_hosts, self.lost_before = keepers, rank, num_hosts, list(lost)
         self.attempt = attempt
+        self.reading = f"{reading}-{attempt}"
+        """What its keepers hash a copy once for (`Keeper.check`): a persist after a restore of the same
+        attempt hashes again."""
         self.node = ray.get_runtime_context().get_node_id()
         self.keeper = keepers[self.node]
         partner = tiers.replica_node(self.node, list(keepers))
@@ -297,7 +301,7 @@ class MemoryTier:
                 for copy in found[rank]:
                     try:
                         problem = ray.get(self.keepers[copy.node].check.remote(step, rank, str(copy.role),
-                                                                               self.attempt),
+                                                                               self.reading),
                                           timeout=KEEPER_CALL_TIMEOUT_S)
                     except Exception as err:  # noqa: BLE001 - its keeper is gone or stuck: the other copy serves
                         problem = f"the keeper of node {copy.node[:12]} did not check its copy ({first_line(err)})"

@@ -47,7 +47,7 @@ def write_newest(spec: HostSpec, mesh: Mesh, progress: HostProgress) -> HostResu
     progress.enter(Phase.RESTORING)
     rank, num_hosts = jax.process_index(), jax.process_count()
     checkpointer = Checkpointer(RunLayout(spec.run_dir).checkpoints, spec.checkpoint)
-    memory = MemoryTier(spec.keepers, rank, num_hosts, spec.attempt, spec.lost_keepers)
+    memory = MemoryTier(spec.keepers, rank, num_hosts, spec.attempt, spec.lost_keepers, reading="persist")
     written = None
     try:
         durable = checkpointer.steps_from_rank_0()
