@@ -19,6 +19,10 @@ BLOCKING_SHARE = 0.01
 """The share of step time a tier's saves may block the loop."""
 RECHOOSE_FACTOR = 2.0
 """The cadence is chosen again when the step time moved by more than this factor either way."""
+AGE_OVERRUN = 1.1
+"""Durable saves drifted apart by slower steps are chosen again once they would be this factor past
+the age bound: a bound met to the step would be chosen again at almost every agreement of a job whose
+steps slow down gradually."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,8 +167,8 @@ class CadenceRule:
 
     def rechoose(self, chosen: Measured, cadence: Cadence, now: Measured, floor: Floor = (0, 0)) -> str | None:
         """Why a cadence chosen from `chosen` no longer fits the measurements `now` (None: it fits):
-        the step time moved by more than `RECHOOSE_FACTOR`, the durable saves drifted more than the age
-        bound apart (steps slower by less than that factor), a chosen tier's saves block more than
+        the step time moved by more than `RECHOOSE_FACTOR`, the durable saves drifted `AGE_OVERRUN` past
+        the age bound (steps slower by less than that factor), a chosen tier's saves block more than
         that factor over their share (a save's blocking includes its wait for the previous hand-off,
         which one copy alone did not show), Orbax's first save has been measured since, or a tier's
         saves now cost so little that it could save `RECHOOSE_FACTOR` times as often (the first
@@ -175,7 +179,8 @@ class CadenceRule:
         given_durable = self.persist_every if self.memory_tier else self.save_every
         if given_durable is None and chosen.durable_blocking_s is None and now.durable_blocking_s is not None:
             return "Orbax's first save was measured"
-        if given_durable is None and cadence.durable_every * now.step_time_s > self.max_age_s:
+        if (given_durable is None and cadence.durable_every > 1
+                and cadence.durable_every * now.step_time_s > self.max_age_s * AGE_OVERRUN):
             return (f"durable saves every {cadence.durable_every} steps of {now.step_time_s * 1e3:.1f} ms are more "
                     f"than {self.max_age_s:g} s apart (checkpoint.persist_max_age_s)")
         tiers = (("memory", cadence.memory_every, now.memory_cost_s, self.save_every),
@@ -192,13 +197,16 @@ class CadenceRule:
 
     def over_share(self, cadence: Cadence, now: Measured) -> Floor:
         """Per tier, the chosen interval if its saves now cost more than `RECHOOSE_FACTOR` times
-        their share at it (0: within it, given by the user, or not measured)."""
+        their share at it (0: within it, given by the user, not measured, or durable saves at the
+        age bound already)."""
         given_durable = self.persist_every if self.memory_tier else self.save_every
         tiers = ((cadence.memory_every, now.memory_cost_s, self.save_every),
                  (cadence.durable_every, now.durable_blocking_s, given_durable))
         memory, durable = (every if given is None and every and cost is not None and
                            cost / every > RECHOOSE_FACTOR * self.share * now.step_time_s else 0
                            for every, cost, given in tiers)
+        if durable and now.step_time_s > 0 and durable >= math.floor(self.max_age_s / now.step_time_s):
+            durable = 0  # the age bound holds it there: no longer interval may be chosen
         return memory, durable
 
     def _every(self, cost_s: float | None, step_time_s: float) -> int:

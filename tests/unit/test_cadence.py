@@ -119,6 +119,24 @@ def test_after_a_restore_from_memory_the_durable_age_counts_from_the_newest_dura
     assert durable_saves(500) == [700], "restored from the durable tier: 200 steps on"
 
 
+def test_steps_slowing_gradually_keep_the_durable_saves_near_the_age_bound_without_a_choice_per_agreement():
+    """Orbax's saves (30 s) are over their share at any interval the 600 s bound allows, so the bound
+    holds the durable interval; the steps slow from 1.0 s to 1.3 s over 20,000 steps (less than 2x).
+    The interval is chosen again only when saves would be 10 % past the bound (it was chosen again at
+    almost every agreement, one step shorter each time, or never, letting saves drift 30 % apart)."""
+    cfg = CheckpointConfig(persist_max_age_s=600.0)
+
+    def step_time(step):
+        return 1.0 + 0.3 * step / 20000
+
+    saved, told, _ = run(cfg, range(1, 20000), step_time, memory_cost=0.004, durable_cost=30.0)
+    assert len(told) <= 5, [(e.step, e.durable_every, e.reason) for e in told]
+    assert sum("more than 600 s apart" in e.reason for e in told) >= 2
+    durable = [s for s, _, d in saved[0] if d]
+    assert max((b - a) * step_time(b) for a, b in zip(durable, durable[1:], strict=False)) <= 1.1 * 600
+    assert saved[0] == saved[1]
+
+
 def test_numbers_the_user_gave_need_no_agreement():
     cfg = CheckpointConfig(save_every=5, persist_every=10)
     saved, told, wire = run(cfg, range(1, 21), lambda s: 0.1, memory_cost=0.5, durable_cost=5.0)

@@ -611,9 +611,11 @@ def test_an_unreadable_newest_durable_step_leaves_memory_s_newer_step_to_serve(n
     told = progress.drain().events
     if newest_reads:
         assert (restored.tier, restored.step, restored.state) == ("durable", 100, {"w": 100})
+        assert restored.durable_step == 100
         assert told == ()
     else:
         assert (restored.tier, restored.step, restored.state) == ("memory", 90, {"w": 90})
+        assert restored.durable_step == 80, "the durable cadence counts from the newest durable step left"
         assert [(e.step, e.moved_to) for e in told if isinstance(e, CheckpointFallback)] == \
             [(100, "unreadable_checkpoints/100")], "set aside, and said"
     assert durable.tried == [90], "only the durable steps newer than memory's were tried"
@@ -642,6 +644,7 @@ def test_a_memory_step_that_does_not_read_back_leaves_the_next_committed_one_to_
     memory, progress = Memory(steps=[50, 40], unreadable={50}), HostProgress()
     restored = restore_newest(NoDurable(), memory, Layout(), progress)
     assert (restored.tier, restored.step) == ("memory", 40) and memory.tried == [50, 40]
+    assert restored.durable_step == 0, "no durable step: the durable cadence counts from step 0"
     [fallback] = [e for e in progress.drain().events if isinstance(e, MemoryFallback)]
     assert fallback.step == 50 and fallback.reason == (
         "memory step 50 did not read back on host(s) [0]: ValueError: 50-1-primary.part is not a memory-tier "

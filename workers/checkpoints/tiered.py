@@ -89,7 +89,8 @@ class Tiers:
     # -- restore ---------------------------------------------------------------------------------
     def restore(self) -> TierRestore | None:
         """The newest committed step of either tier, restored into the layout's shardings (None:
-        nothing committed). The cadence starts counting from the step restored."""
+        nothing committed). The cadence starts from the step restored, its durable interval counting
+        from the durable tier's newest step."""
         # After a replica mismatch only steps whose replicas agreed serve, from either tier: a newer one may
         # hold the corrupt copy.
         # Read also when the keepers cannot hold this attempt's parts (the tier is off for its saves): the
