@@ -280,7 +280,7 @@ def _build(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref: En
         # The job ends: its spare hosts' room serves the persisting run.
         before=standby.shutdown if standby is not None else lambda: None,
         timeout_s=job.watchdog.startup_timeout_s + job.watchdog.save_timeout_s,
-        fits=lambda n: _mesh_fits(job, n))
+        fits=lambda n: _mesh_or_none(job, n) is not None)
 
     driver = Driver(
         cluster=cluster,
@@ -352,23 +352,24 @@ def _warn_if_disk_is_short(run: RunDir, job: JobConfig, display: Display) -> Non
         display.message(f"[yellow]warning: {short.message}[/yellow]")
 
 
-def _mesh_fits(job: JobConfig, num_hosts: int) -> bool:
+def _mesh_or_none(job: JobConfig, num_hosts: int) -> dict[str, int] | None:
+    """The job's mesh on `num_hosts`, or None when it does not divide their devices."""
     try:
-        job.mesh_for(num_hosts)
+        return job.mesh_for(num_hosts)
     except ConfigError:
-        return False
-    return True
+        return None
 
 
 def _fits(job: JobConfig, entry: entry_lib.Entry, num_hosts: int) -> bool:
     """Whether the job can run on `num_hosts`: the mesh divides its devices, and the entry's own check
     accepts it; an entry without a check is run only on host counts that divide --max-hosts, so that
     a batch split evenly over the most hosts splits evenly over fewer too."""
-    if not _mesh_fits(job, num_hosts):
+    mesh = _mesh_or_none(job, num_hosts)
+    if mesh is None:
         return False
     if entry.spec.check is None:
         return job.max_hosts % num_hosts == 0
-    return entry.fits(job.config, job.mesh_for(num_hosts))
+    return entry.fits(job.config, mesh)
 
 
 def _package_to_ship(staging: pathlib.Path) -> str:

@@ -151,7 +151,7 @@ class CadenceRule:
             durable_every = given_durable
             reasons.append(f"durable every {durable_every} (given)")
         else:
-            by_age = max(1, math.floor(self.max_age_s / step)) if step > 0 else 1
+            by_age = self._by_age(step)
             blocking = measured.durable_blocking_s
             by_cost = max(self._every(blocking, step), floor[1] + 1) if blocking is not None else None
             durable_every = min(by_cost, by_age) if by_cost is not None else by_age
@@ -205,9 +205,13 @@ class CadenceRule:
         memory, durable = (every if given is None and every and cost is not None and
                            cost / every > RECHOOSE_FACTOR * self.share * now.step_time_s else 0
                            for every, cost, given in tiers)
-        if durable and now.step_time_s > 0 and durable >= math.floor(self.max_age_s / now.step_time_s):
+        if durable and now.step_time_s > 0 and durable >= self._by_age(now.step_time_s):
             durable = 0  # the age bound holds it there: no longer interval may be chosen
         return memory, durable
+
+    def _by_age(self, step_time_s: float) -> int:
+        """The longest durable interval the age bound allows at this step time."""
+        return max(1, math.floor(self.max_age_s / step_time_s)) if step_time_s > 0 else 1
 
     def _every(self, cost_s: float | None, step_time_s: float) -> int:
         if not cost_s or step_time_s <= 0:

@@ -422,21 +422,21 @@ class Driver:
         self.failures.append(failure)
         decision = self.policies.restart.decide(self.failures)
         if decision.action == Action.STOP:
-            return self._persist_first(Failed(decision.reason, failure))
+            return self._persist_first(Failed(decision.reason, failure), committed)
         return Relaunching(failure, decision)
 
     def _stop_unsaved(self, why: str) -> State:
         """A stop at which the hosts saved no step together."""
         assert self.stop_signal is not None, "a stop the user asked for"
-        return self._persist_first(Stopped(self.stop_signal, f"stopped by {self.stop_name} {why}"))
+        return self._persist_first(Stopped(self.stop_signal, f"stopped by {self.stop_name} {why}"),
+                                   self.committed_step())
 
-    def _persist_first(self, outcome: Failed | Stopped) -> State:
-        """The job's end, after the memory tier's newest step, when newer than the durable tier's, was
-        written durably (Persisting); else it ends with the keepers."""
+    def _persist_first(self, outcome: Failed | Stopped, committed: int | None) -> State:
+        """The job's end, after memory's newest step, if newer than durable `committed`, was written durably."""
         if self.persist is None or (self.cluster.embedded and not self.cluster.alive()):
             return outcome  # (a lost embedded instance took its keepers, and their steps, along)
         attempt = self.attempts[-1].number if self.attempts else self.attempt_offset
-        return persisting.plan(self.persist, outcome, attempt, self.committed_step(), self.cluster.placeable_hosts,
+        return persisting.plan(self.persist, outcome, attempt, committed, self.cluster.placeable_hosts,
                                self.clock(), stop_asked=isinstance(outcome, Failed) and self.stop_signal is not None)
 
     def _persist(self, state: Persisting) -> State:
@@ -476,7 +476,7 @@ class Driver:
     def _no_capacity(self, placeable: int) -> State:
         return self._persist_first(Failed(f"the cluster had room for {placeable} hosts for "
                                           f"{self.policies.fault.capacity_timeout_s:g} s; at least "
-                                          f"{self.policies.scaling.min_hosts} are needed"))
+                                          f"{self.policies.scaling.min_hosts} are needed"), self.committed_step())
 
     def _end(self, attempt: Attempt, cause: Cause, failure: Diagnosis | None = None) -> None:
         attempt.cause = cause

@@ -61,7 +61,7 @@ def write_newest(spec: HostSpec, mesh: Mesh, progress: HostProgress) -> HostResu
             restored = memory.restore(step, held, lambda part: saved_targets(part, mesh))
             log.info("restored memory step %d in %.2f s", step, restored.seconds)
             for reason in restored.passed_over:
-                log.warning("a memory copy was not read: %s; another copy of the part served", reason)
+                log.warning(events.MemoryCopyPassedOver(step=step, reason=reason).message)
             saved_hosts = (restored.meta.get("topology") or {}).get("num_hosts") or num_hosts
             per_host = data_order.per_host_keys(restored.extra)
             if saved_hosts > num_hosts and per_host:
