@@ -25,6 +25,8 @@ def pytest_addoption(parser):
 def pytest_configure(config):
     config.addinivalue_line("markers", "soak: a fault scenario that --soak N repeats")
     config.addinivalue_line("markers", "own_ray: its launches start their own embedded Ray, not the session's")
+    config.addinivalue_line("markers", "standby: its launches keep the warm standby (users' default); others' run "
+                                       "without it (tests/integration/helpers.WarmStandby)")
 
 
 def pytest_generate_tests(metafunc):

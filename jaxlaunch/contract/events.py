@@ -94,6 +94,8 @@ class AttemptStarted(Event):
     coordinator: str | None = None
     nodes: list[str] = dataclasses.field(default_factory=list)
     pids: list[int] = dataclasses.field(default_factory=list)
+    on_standby: bool = False
+    """The warm standby's spares took the group over (see `GroupInfo.on_standby`)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

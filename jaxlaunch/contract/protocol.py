@@ -402,6 +402,8 @@ class GroupInfo:
     coordinator: str
     nodes: list[str]
     pids: list[int]
+    on_standby: bool = False
+    """Whether the warm standby's spare processes took this group over (no process start, no imports)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -88,7 +88,8 @@ class RayWorkerGroup:
         cfg = self.cluster.cfg
         self.attempt = attempt
         logs = [str(self.run.host_log(attempt, rank, self.logs_as)) for rank in range(num_hosts)]
-        if not self._take_standby(num_hosts, logs, attempt):
+        on_standby = self._take_standby(num_hosts, logs, attempt)
+        if not on_standby:
             self.pg = pg = placement_group([dict(cfg.resources_per_host)] * num_hosts, strategy=cfg.placement_strategy,
                                            bundle_label_selector=self.cluster.bundle_selectors(num_hosts))
             ready, _ = ray.wait([pg.ready()], timeout=cfg.placement_timeout_s)
@@ -109,7 +110,8 @@ class RayWorkerGroup:
             self.run_refs[rank] = actor.run.remote(spec)
         if self.keepers is not None:
             self.keepers.wait_started()
-        return GroupInfo(coordinator, [n.node_id for n in self.node_info], [n.pid for n in self.node_info])
+        return GroupInfo(coordinator, [n.node_id for n in self.node_info], [n.pid for n in self.node_info],
+                         on_standby)
 
     def _take_standby(self, num_hosts: int, logs: list[str], attempt: int) -> bool:
         """Whether the spare group took over (placed, its processes started and warmed up)."""

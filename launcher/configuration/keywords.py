@@ -25,6 +25,7 @@ class LaunchKeywords(TypedDict, total=False):
     address: str | None
     devices_per_host: int
     placement_timeout: float
+    warm_standby: bool
     steps: int
     schedule_steps: int | None
     seed: int

@@ -159,7 +159,7 @@ class Recorder(Listener):
             attempt=a.number, num_hosts=a.num_hosts, mesh=self.mesh_for(a.num_hosts),
             latest_committed_step=a.latest_committed, injections=[str(i) for i in started.injections],
             coordinator=group.coordinator if group else None, nodes=group.nodes if group else [],
-            pids=group.pids if group else []))
+            pids=group.pids if group else [], on_standby=group.on_standby if group else False))
 
     def on_transition(self, driver: Driver, old: State, new: State) -> None:
         if isinstance(new, AwaitingCapacity) and not isinstance(old, AwaitingCapacity):

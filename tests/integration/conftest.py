@@ -11,6 +11,7 @@ from tests.integration.helpers import (
     MINIMAL,
     SHARED_RAY,
     SHORT_RUN,
+    WARM_STANDBY,
     assert_split_adds_up,
     launch,
 )
@@ -46,6 +47,15 @@ def own_ray_when_marked(request):
         SHARED_RAY.enabled = False
     yield
     SHARED_RAY.enabled = shared
+
+
+@pytest.fixture(autouse=True)
+def warm_standby_when_marked(request):
+    """A test marked `standby` launches with the warm standby, as users do; the others without it
+    (`helpers.WarmStandby`)."""
+    WARM_STANDBY.wanted = request.node.get_closest_marker("standby") is not None
+    yield
+    WARM_STANDBY.wanted = False
 
 
 @pytest.fixture(autouse=True)

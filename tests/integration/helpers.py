@@ -78,6 +78,27 @@ class SharedRay:
 
 
 SHARED_RAY = SharedRay()
+
+
+class WarmStandby:
+    """Whether the current test's launches keep the warm standby (`--warm-standby`, the users' default).
+
+    A spare group costs every attempt about 2 s of CPU per spare for its imports, beside the group it
+    stands by for; on these 2 cores that was a fifth of a short launch's CPU, spent by every test whose
+    launches never take the spares over. A test whose subject is a restart as users get it (a host
+    killed, hung, lost with its node, replaced; a restore from the memory tier) is marked `standby`;
+    the others' launches run with `--no-warm-standby`, the path a restart also takes when the cluster
+    has no room for spares. Launches made outside a test (a session's reference runs) have none."""
+
+    def __init__(self) -> None:
+        self.wanted = False
+
+    def flags(self, args: tuple[str, ...]) -> list[str]:
+        given = any(a.partition("=")[0] in ("--warm-standby", "--no-warm-standby") for a in args)
+        return [] if self.wanted or given else ["--no-warm-standby"]
+
+
+WARM_STANDBY = WarmStandby()
 DRIVERS = Drivers()
 
 
@@ -104,6 +125,8 @@ def _command(args: tuple[str, ...], own_env: bool = False) -> tuple[list[str], d
     (`own_env`: an object store's endpoint and credentials, which reach a launch's hosts through its
     own embedded instance, as on a user's machine; the shared one has the session's)."""
     command = list(args)
+    if args and args[0].startswith("-"):
+        command += WARM_STANDBY.flags(args)
     if SHARED_RAY.enabled and not own_env and args and args[0].startswith("-") and not _names_a_cluster(args):
         command += ["--address", SHARED_RAY.address()]  # with the session's RAY_AUTH_MODE (tests/conftest.py)
     return command, _env()

@@ -6,18 +6,22 @@ from __future__ import annotations
 import math
 import uuid
 
+import pytest
 from jaxlaunch.launcher.records.runs import RunDir
 
 from jaxlaunch.contract import events as ev
 from tests.integration.helpers import MINIMAL, events, launch, read_jsonl, trajectory
 from tests.integration.object_stores import s3
 
+pytestmark = pytest.mark.standby  # a killed host restores from memory onto the warm standby
+
 
 def test_the_defaults_choose_a_cadence_from_measurements_and_a_killed_host_restores_from_memory(
         minimal_reference, tmp_path):
-    """No --save-every, no --memory-tier: rank 0 measures its steps and a first memory save, chooses
-    each tier's interval (printed, and a `cadence_chosen` event), every host saves at those steps, and
-    a host killed at step 120 comes back from host memory with the uninterrupted run's losses."""
+    """No --save-every, no --memory-tier, no --no-warm-standby: rank 0 measures its steps and a first
+    memory save, chooses each tier's interval (printed, and a `cadence_chosen` event), every host saves
+    at those steps, and a host killed at step 120 comes back from host memory, on the warm standby's
+    processes, with the uninterrupted run's losses."""
     run_dir = tmp_path / "run"
     result = launch("--hosts", "2", *MINIMAL, "--steps", "200", "--inject", "kill@step=120,host=1",
                     "--run-dir", str(run_dir))
@@ -35,6 +39,8 @@ def test_the_defaults_choose_a_cadence_from_measurements_and_a_killed_host_resto
     assert f"checkpoint cadence from step 4: memory every {every}" in result.stdout
     (restored,) = events(run_dir, "restored")
     assert restored["tier"] == "memory" and restored["durable_bytes_read"] == 0, restored
+    started = [e["on_standby"] for e in events(run_dir, "attempt_started")]
+    assert started == [False, True], f"the warm standby took the restart over: {started}"
     # The first attempt's memory saves, from its cadence (which a moved step time may have changed on
     # the way): the restore reads the newest before the kill, or the one before when the kill landed
     # while the newest's part was in flight. The step records that reached the driver say the same;

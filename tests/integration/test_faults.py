@@ -4,6 +4,7 @@ says what happened."""
 import re
 import shutil
 
+import pytest
 from jaxlaunch.launcher.records.runs import RunDir
 
 from tests.integration.helpers import (
@@ -19,6 +20,8 @@ from tests.integration.helpers import (
     trajectory,
     tree_snapshot,
 )
+
+pytestmark = pytest.mark.standby  # every failure's restart as users get it: onto the warm standby
 
 
 def test_a_save_cut_short_is_never_restored(minimal_reference, tmp_path):

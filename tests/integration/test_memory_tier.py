@@ -35,6 +35,8 @@ from tests.integration.helpers import (
     wait_for,
 )
 
+pytestmark = pytest.mark.standby  # restores from memory land on the spares beside their node's keeper
+
 MEMORY = ("--memory-tier", "--save-every", "1", "--persist-every", "50", "--steps", "200")
 HEALTH = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000, "health_check_timeout_ms": 1000,
           "health_check_failure_threshold": 3}

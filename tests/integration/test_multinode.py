@@ -27,6 +27,8 @@ from tests.integration.helpers import (
     wait_for,
 )
 
+pytestmark = pytest.mark.standby  # the spares are given up and made again as the host count changes
+
 FAST_HEALTH_CHECKS = {
     # A node killed without warning is declared dead within a few seconds.
     "health_check_initial_delay_ms": 0, "health_check_period_ms": 1000,

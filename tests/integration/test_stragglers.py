@@ -16,6 +16,8 @@ from tests.integration.helpers import (
     trajectory,
 )
 
+pytestmark = pytest.mark.standby  # a straggler's replacement as users get it, with the warm standby
+
 SLOW_FROM_STEP = 40
 DETECT_WITHIN_STEPS = 30
 
