@@ -403,7 +403,8 @@ class GroupInfo:
     nodes: list[str]
     pids: list[int]
     on_standby: bool = False
-    """Whether the warm standby's spare processes took this group over (no process start, no imports)."""
+    """Whether the warm standby's spare processes took this group over (placed and started before;
+    their imports may still have been under way)."""
 
 
 @dataclasses.dataclass(frozen=True)

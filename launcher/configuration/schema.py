@@ -59,8 +59,9 @@ class ClusterConfig:
     warm_standby: bool = flag(True)
     """Keep a spare group of host processes started and warmed up (Python, JAX, Flax and Orbax
     imported) while the cluster has room for one, so a restart skips process start and imports
-    (--no-warm-standby: a restart starts fresh processes; the spares' imports, about 2 s of CPU each
-    per attempt, no longer run beside the training)."""
+    (--no-warm-standby: a restart starts fresh processes; the spares' imports, about 2 s of CPU per
+    spare each time a group is made, at the start and after each restart, no longer run beside the
+    training)."""
     ynnpack: bool = False
     """On cpu: let XLA run dots and reductions with YNNPACK (jaxlib's default). Off, because YNNPACK
     builds its kernels' pipelines in a program's first execution, which is a restart's first step:

@@ -94,29 +94,39 @@ class WarmStandby:
         self.wanted = False
 
     def flags(self, args: tuple[str, ...]) -> list[str]:
+        """Nothing when the launch decides itself (the flag, or a --config file's `cluster.warm_standby`);
+        else the flag, also `--warm-standby` when marked: a resume keeps the run's saved value, and a
+        session's reference run, resumed by a marked test, saved it off."""
         given = any(a.partition("=")[0] in ("--warm-standby", "--no-warm-standby") for a in args)
-        return [] if self.wanted or given else ["--no-warm-standby"]
+        if given or "warm_standby" in (_config_file(args).get("cluster") or {}):
+            return []
+        return ["--warm-standby" if self.wanted else "--no-warm-standby"]
 
 
 WARM_STANDBY = WarmStandby()
 DRIVERS = Drivers()
 
 
-def _names_a_cluster(args: tuple[str, ...]) -> bool:
-    """Whether the launch names its own cluster: `--address`, or a `--config` file whose
-    `cluster.address` is set (a config of other settings runs on the session's instance)."""
+def _config_file(args: tuple[str, ...]) -> dict[str, Any]:
+    """The launch's `--config` file, read ({} without one; {"": None} for one that is not a mapping)."""
     import yaml
 
     for i, arg in enumerate(args):
         name, _, value = arg.partition("=")
-        if name == "--address":
-            return True
         if name == "--config":
             path = value or (args[i + 1] if i + 1 < len(args) else "")
             loaded = yaml.safe_load(pathlib.Path(path).read_text()) if pathlib.Path(path).is_file() else None
-            if not isinstance(loaded, dict) or (loaded.get("cluster") or {}).get("address") is not None:
-                return True
-    return False
+            return loaded if isinstance(loaded, dict) else {"": None}
+    return {}
+
+
+def _names_a_cluster(args: tuple[str, ...]) -> bool:
+    """Whether the launch names its own cluster: `--address`, or a `--config` file whose
+    `cluster.address` is set (a config of other settings runs on the session's instance)."""
+    if any(arg.partition("=")[0] == "--address" for arg in args):
+        return True
+    config = _config_file(args)
+    return bool(config) and ("" in config or (config.get("cluster") or {}).get("address") is not None)
 
 
 def _command(args: tuple[str, ...], own_env: bool = False) -> tuple[list[str], dict[str, str]]:

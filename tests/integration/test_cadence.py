@@ -20,10 +20,10 @@ def test_the_defaults_choose_a_cadence_from_measurements_and_a_killed_host_resto
         minimal_reference, tmp_path):
     """No --save-every, no --memory-tier, no --no-warm-standby: rank 0 measures its steps and a first
     memory save, chooses each tier's interval (printed, and a `cadence_chosen` event), every host saves
-    at those steps, and a host killed at step 120 comes back from host memory, on the warm standby's
+    at those steps, and a host killed at step 180 comes back from host memory, on the warm standby's
     processes, with the uninterrupted run's losses."""
     run_dir = tmp_path / "run"
-    result = launch("--hosts", "2", *MINIMAL, "--steps", "200", "--inject", "kill@step=120,host=1",
+    result = launch("--hosts", "2", *MINIMAL, "--steps", "200", "--inject", "kill@step=180,host=1",
                     "--run-dir", str(run_dir))
     assert result.returncode == 0, result.stdout + result.stderr
     chosen = [e for e in events(run_dir, "cadence_chosen") if e["attempt"] == 1]
@@ -39,6 +39,8 @@ def test_the_defaults_choose_a_cadence_from_measurements_and_a_killed_host_resto
     assert f"checkpoint cadence from step 4: memory every {every}" in result.stdout
     (restored,) = events(run_dir, "restored")
     assert restored["tier"] == "memory" and restored["durable_bytes_read"] == 0, restored
+    # The spares are made once both hosts were heard past their first step; 180 steps leave them
+    # time to be placed on a loaded machine (at 120, about a second after, they were).
     started = [e["on_standby"] for e in events(run_dir, "attempt_started")]
     assert started == [False, True], f"the warm standby took the restart over: {started}"
     # The first attempt's memory saves, from its cadence (which a moved step time may have changed on
@@ -46,7 +48,7 @@ def test_the_defaults_choose_a_cadence_from_measurements_and_a_killed_host_resto
     # while the newest's part was in flight. The step records that reached the driver say the same;
     # on a loaded machine the newest ones may not have (they come back with the restored part, without
     # the save's own fields, which are added once it returned).
-    schedule = saves_of(chosen, until=120)
+    schedule = saves_of(chosen, until=180)
     recorded = sorted(r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")
                       if r["attempt"] == 1 and r.get("checkpoint_tier") == "memory")
     assert recorded[:2] == [3, 4] and set(recorded) <= set(schedule), (recorded, schedule)

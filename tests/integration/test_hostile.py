@@ -115,6 +115,7 @@ def test_a_run_directory_that_vanishes_stops_the_job_with_one_line(tmp_path):
 
 
 @pytest.mark.own_ray  # no process of the embedded instance is left
+@pytest.mark.standby  # nor a spare's
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_to_the_whole_process_group_saves_then_resume_is_bit_for_bit(minimal_reference, tmp_path,
                                                                               signum, code):
@@ -144,6 +145,7 @@ def test_a_signal_to_the_whole_process_group_saves_then_resume_is_bit_for_bit(mi
 
 
 @pytest.mark.own_ray  # the embedded node is lost
+@pytest.mark.standby  # with its spares (StandbyPool.forget)
 def test_a_lost_embedded_node_is_restarted_and_the_run_resumes(minimal_reference, tmp_path):
     """The local node's DashboardAgent is SIGKILLed (as an OOM killer might); Ray takes the node
     down. The driver starts a fresh local Ray and resumes from the latest committed step."""
