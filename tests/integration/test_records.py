@@ -21,8 +21,11 @@ def test_a_run_written_before_typed_events_resumes(tmp_path):
 
 def test_chaos_split_adds_up(tmp_path):
     run_dir = tmp_path / "run"
-    result = launch("--hosts", "2", *MINIMAL, "--steps", "600", "--save-every", "20", "--chaos", "3",
-                    "--max-restarts", "1", "--run-dir", str(run_dir))  # one restart: enough for the split
+    # Chaos's first gap (seeded by --seed 0) is 1.86 mean gaps: 0.93 s here, so the kill comes at the
+    # first poll after both hosts stepped, however fast the machine trains (with a 3 s mean, 5.6 s
+    # could outlast a 600-step run). One restart is enough for the split.
+    result = launch("--hosts", "2", *MINIMAL, "--steps", "600", "--save-every", "20", "--chaos", "0.5",
+                    "--max-restarts", "1", "--run-dir", str(run_dir))
     assert result.returncode in (0, 1), result.stdout[-3000:] + result.stderr[-3000:]
     assert events(run_dir, "chaos_kill"), "chaos killed a host"
     assert len(attempts(run_dir)) == 2, "and the job restarted once"
