@@ -93,12 +93,12 @@ class WarmStandby:
     def __init__(self) -> None:
         self.wanted = False
 
-    def flags(self, args: tuple[str, ...]) -> list[str]:
-        """Nothing when the launch decides itself (the flag, or a --config file's `cluster.warm_standby`);
+    def flags(self, args: tuple[str, ...], config: dict[str, Any] | None) -> list[str]:
+        """Nothing when the launch decides itself (the flag, or its --config file's `cluster.warm_standby`);
         else the flag, also `--warm-standby` when marked: a resume keeps the run's saved value, and a
         session's reference run, resumed by a marked test, saved it off."""
         given = any(a.partition("=")[0] in ("--warm-standby", "--no-warm-standby") for a in args)
-        if given or "warm_standby" in (_config_file(args).get("cluster") or {}):
+        if given or "warm_standby" in ((config or {}).get("cluster") or {}):
             return []
         return ["--warm-standby" if self.wanted else "--no-warm-standby"]
 
@@ -107,8 +107,8 @@ WARM_STANDBY = WarmStandby()
 DRIVERS = Drivers()
 
 
-def _config_file(args: tuple[str, ...]) -> dict[str, Any]:
-    """The launch's `--config` file, read ({} without one; {"": None} for one that is not a mapping)."""
+def _config_file(args: tuple[str, ...]) -> dict[str, Any] | None:
+    """The launch's `--config` file, read: {} without one, None for one missing or not a mapping."""
     import yaml
 
     for i, arg in enumerate(args):
@@ -116,17 +116,16 @@ def _config_file(args: tuple[str, ...]) -> dict[str, Any]:
         if name == "--config":
             path = value or (args[i + 1] if i + 1 < len(args) else "")
             loaded = yaml.safe_load(pathlib.Path(path).read_text()) if pathlib.Path(path).is_file() else None
-            return loaded if isinstance(loaded, dict) else {"": None}
+            return loaded if isinstance(loaded, dict) else None
     return {}
 
 
-def _names_a_cluster(args: tuple[str, ...]) -> bool:
-    """Whether the launch names its own cluster: `--address`, or a `--config` file whose
+def _names_a_cluster(args: tuple[str, ...], config: dict[str, Any] | None) -> bool:
+    """Whether the launch names its own cluster: `--address`, or a `--config` file (`config`) whose
     `cluster.address` is set (a config of other settings runs on the session's instance)."""
     if any(arg.partition("=")[0] == "--address" for arg in args):
         return True
-    config = _config_file(args)
-    return bool(config) and ("" in config or (config.get("cluster") or {}).get("address") is not None)
+    return config is None or (config.get("cluster") or {}).get("address") is not None
 
 
 def _command(args: tuple[str, ...], own_env: bool = False) -> tuple[list[str], dict[str, str]]:
@@ -135,9 +134,11 @@ def _command(args: tuple[str, ...], own_env: bool = False) -> tuple[list[str], d
     (`own_env`: an object store's endpoint and credentials, which reach a launch's hosts through its
     own embedded instance, as on a user's machine; the shared one has the session's)."""
     command = list(args)
-    if args and args[0].startswith("-"):
-        command += WARM_STANDBY.flags(args)
-    if SHARED_RAY.enabled and not own_env and args and args[0].startswith("-") and not _names_a_cluster(args):
+    if not args or not args[0].startswith("-"):
+        return command, _env()  # a subcommand (`report`)
+    config = _config_file(args)
+    command += WARM_STANDBY.flags(args, config)
+    if SHARED_RAY.enabled and not own_env and not _names_a_cluster(args, config):
         command += ["--address", SHARED_RAY.address()]  # with the session's RAY_AUTH_MODE (tests/conftest.py)
     return command, _env()
 
