@@ -43,14 +43,19 @@ class MemoryPersisted(Event):
     """Why it was not persisted; None when it was."""
     bytes: int | None = None
     """The durable step's size in the run directory, once written."""
+    newest_step: int | None = None
+    """Memory's newest committed step, when it did not read back and the older `step` was written."""
+    passed_over: list[str] = dataclasses.field(default_factory=list)
+    """Why each memory step newer than `step` did not serve."""
 
     @property
     def message(self) -> str:
         if self.persisted:
             before = f"the newest durable step was {self.durable_step}" if self.durable_step is not None else \
                 "there was no durable step"
+            newer = f"; memory step {self.newest_step} did not read back" if self.newest_step is not None else ""
             return (f"memory step {self.step} written to durable storage in {self.seconds:.1f} s before the "
-                    f"launcher ended ({before})")
+                    f"launcher ended ({before}{newer})")
         return f"memory step {self.step} could not be written to durable storage: {self.reason}"
 
 

@@ -440,9 +440,8 @@ class Driver:
                                self.clock(), stop_asked=isinstance(outcome, Failed) and self.stop_signal is not None)
 
     def _persist(self, state: Persisting) -> State:
-        """One step of writing the memory step durably: start the hosts, then poll them until they end,
-        fail or run out of time; a stop asked during a give-up's ends it at once. The job fails or stops after it
-        either way, for its own reason."""
+        """One step of writing the memory step durably: start the hosts, then poll them until they end, fail
+        or run out of time (a stop asked during a give-up's ends it at once); the job then ends for its own reason."""
         assert self.persist is not None, "only a driver with the memory tier persists"
         if self.stop_signal is not None and isinstance(state.outcome, Failed) and not state.stop_asked:
             return self._persisted(state, f"interrupted by {self.stop_name}")  # (a stop's persist: a 2nd signal)
@@ -453,7 +452,8 @@ class Driver:
             except Exception as err:  # noqa: BLE001 - the failure that ended the job stays its reason
                 return self._persisted(state, f"its hosts did not start: {type(err).__name__}: {err}"[:500])
             return dataclasses.replace(state, started=True)
-        over, reason = persisting.judge(self.running_group.poll(), state, self.clock(), self.persist.timeout_s)
+        state = persisting.heard(poll := self.running_group.poll(), state)
+        over, reason = persisting.judge(poll, state, self.clock(), self.persist.timeout_s)
         return self._persisted(state, reason) if over else state
 
     def _persisted(self, state: Persisting, reason: str | None) -> Failed | Stopped:

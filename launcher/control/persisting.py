@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from jaxlaunch.launcher.control.states import Failed, Persisting, Stopped
 
-from jaxlaunch.contract.events import MemoryPersisted
+from jaxlaunch.contract.events import MemoryFallback, MemoryPersisted
 from jaxlaunch.contract.protocol import GroupPoll, WorkerGroup
 
 PERSIST_TIMEOUT_S = 900.0
@@ -58,6 +58,16 @@ def plan(persist: MemoryPersist, outcome: Failed | Stopped, attempt: int, durabl
     return Persisting(outcome, attempt, step, durable, num_hosts, now, stop_asked=stop_asked)
 
 
+def heard(poll: GroupPoll, state: Persisting) -> Persisting:
+    """The state with what its hosts said in `poll`: the memory steps they passed over (rank 0's
+    `memory_fallback`) and, once they returned, the step they wrote (their `final_step`)."""
+    passed = tuple(e.reason for _, e in poll.events if isinstance(e, MemoryFallback) and e.reason)
+    written = next((r.final_step for _, r in sorted(poll.results.items()) if r.final_step is not None), state.written)
+    if not passed and written == state.written:
+        return state
+    return dataclasses.replace(state, passed_over=state.passed_over + passed, written=written)
+
+
 def judge(poll: GroupPoll, state: Persisting, now: float, timeout_s: float) -> tuple[bool, str | None]:
     """(whether the run is over, why the step was not written if it is known to have failed)."""
     if poll.exits:
@@ -73,13 +83,16 @@ def judge(poll: GroupPoll, state: Persisting, now: float, timeout_s: float) -> t
 
 def result(state: Persisting, reason: str | None, durable_now: int | None, step_bytes: Callable[[int], int | None],
            now: float) -> MemoryPersisted:
-    """What came of the run: persisted only if the step is now the newest committed durable step."""
-    persisted = reason is None and durable_now == state.step
+    """What came of the run: persisted only if the step the hosts wrote (memory's newest, or an older
+    one when the newest did not read back) is now the newest committed durable step."""
+    step = state.written if state.written is not None else state.step
+    persisted = reason is None and durable_now == step
     if reason is None and not persisted:
-        reason = "the hosts ended without a committed save of the step"
-    return MemoryPersisted(step=state.step, durable_step=state.durable_step, num_hosts=state.num_hosts,
+        reason = "; ".join(state.passed_over)[:500] or "the hosts ended without a committed save of the step"
+    return MemoryPersisted(step=step, durable_step=state.durable_step, num_hosts=state.num_hosts,
                            seconds=now - state.since, persisted=persisted, reason=reason,
-                           bytes=step_bytes(state.step) if persisted else None)
+                           bytes=step_bytes(step) if persisted else None,
+                           newest_step=state.step if step != state.step else None, passed_over=list(state.passed_over))
 
 
 def ended(outcome: Failed | Stopped, persisted: MemoryPersisted) -> Failed | Stopped:

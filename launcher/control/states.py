@@ -163,6 +163,11 @@ class Persisting:
     stop_asked: bool = False
     """A stop was asked before it began (the give-up came while the hosts drained for it): the stop
     does not end it, a second signal does (at once, as always)."""
+    written: int | None = None
+    """The step the hosts wrote (their results' `final_step`): `step`, or an older memory step when
+    `step` did not read back."""
+    passed_over: tuple[str, ...] = ()
+    """Why each newer memory step the hosts passed over did not serve (rank 0's `memory_fallback`)."""
 
 
 @dataclasses.dataclass(frozen=True)

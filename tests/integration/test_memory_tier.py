@@ -10,6 +10,7 @@ import pytest
 import ray
 from jaxlaunch.launcher.records.runs import RunDir
 from jaxlaunch.workers.checkpoints.durable import read_arrays
+from jaxlaunch.workers.checkpoints.part_file import PartFile
 from ray.cluster_utils import Cluster
 
 from jaxlaunch.contract.tiers import launch_dir
@@ -159,24 +160,43 @@ def test_a_sigkilled_driver_leaves_no_process_and_resumes_from_the_newest_durabl
     assert not launch_dirs(run_dir), "the next launch deleted the part files the killed driver's keepers left"
 
 
-def test_a_job_that_gives_up_first_writes_its_newest_memory_step_durably_running_no_user_code(minimal_reference,
-                                                                                               tmp_path):
+def test_a_job_that_gives_up_first_writes_its_newest_intact_memory_step_durably_running_no_user_code(
+        minimal_reference, tmp_path):
     """The job fails for good at step 75 (no restart budget): before it fails, the driver's Persisting
-    state runs the launcher's own host program, which writes memory step 74 or 75 with Orbax; the entry
-    is called only by the attempt's hosts. The resume reads that step like any durable one."""
+    state runs the launcher's own host program, which writes a memory step with Orbax; the entry is
+    called only by the attempt's hosts. A bit of host 1's part of step 75, memory's newest, flipped
+    while it was held (its only copy on this one node): the persist passes it over, says why, and writes
+    step 74. The resume reads that step like any durable one."""
     run_dir = tmp_path / "run"
-    failed = launch("--hosts", "2", *GATED, *MEMORY, "--max-restarts", "0", "--inject", "kill@step=75,host=1",
-                    "--run-dir", str(run_dir))
-    assert failed.returncode == 1, failed.stdout + failed.stderr
+    proc = start("--hosts", "2", *GATED, "--set", "gates=75", *MEMORY, "--max-restarts", "0",
+                 "--run-dir", str(run_dir))
+    try:
+        open_gate(run_dir, 75, proc)
+        newest = [f"*/held/75-{rank}-primary.json" for rank in (0, 1)]
+        wait_for(lambda: all(any(d.glob(n)) for d in launch_dirs(run_dir) for n in newest), 300,
+                 "both parts of step 75 held", proc)
+        (held,) = [p for d in launch_dirs(run_dir) for p in d.glob("*/held/75-1-primary.part")]
+        flip_a_stored_bit(held)
+        os.kill(host_pids(run_dir, 1)[1], signal.SIGKILL)
+        out, err = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, out + err
     ending = ("failure", "attempt_ended", "persisting_memory", "memory_persisted", "job_failed")
     assert [e["event"] for e in events(run_dir) if e["event"] in ending] == list(ending), "the persist is its own state"
     (persisting,) = events(run_dir, "persisting_memory")
     (persisted,) = events(run_dir, "memory_persisted")
-    assert persisted["persisted"] and persisted["durable_step"] == 50 and 74 <= persisted["step"] <= 75, persisted
-    assert (persisting["step"], persisting["durable_step"], persisting["num_hosts"]) == (persisted["step"], 50, 2)
+    assert persisted["persisted"] and persisted["durable_step"] == 50 and persisted["step"] == 74, persisted
+    assert persisted["newest_step"] == 75 and len(persisted["passed_over"]) == 1, persisted
+    assert persisted["passed_over"][0].startswith("memory step 75 did not read back on host(s) [1]: ")
+    assert "the primary of rank 1's part of step 75" in persisted["passed_over"][0]
+    assert "changed since it was held" in persisted["passed_over"][0]
+    assert (persisting["step"], persisting["durable_step"], persisting["num_hosts"]) == (75, 50, 2)
     assert persisted["bytes"] == RunDir(run_dir).checkpoint_bytes(persisted["step"]) > 0
     assert committed_steps(run_dir)[-1] == persisted["step"], "the memory step is the newest committed durable step"
-    assert f"memory step {persisted['step']} written to durable storage" in " ".join(failed.stderr.split())
+    said = " ".join(err.split())
+    assert "memory step 74 written to durable storage" in said and "memory step 75 did not read back" in said
     (job_failed,) = events(run_dir, "job_failed")
     assert job_failed["reason"].startswith("restart budget"), "the failure stays the job's reason"
     # No user code in the persist: the entry ran in the attempt's 2 host processes, and nowhere else.
@@ -189,6 +209,7 @@ def test_a_job_that_gives_up_first_writes_its_newest_memory_step_durably_running
     assert run.checkpoint_meta(persisted["step"])["topology"] == run.checkpoint_meta(50)["topology"]
     assert read_arrays(run_dir / "checkpoints" / str(persisted["step"])).keys() == read_arrays(
         run_dir / "checkpoints" / "50").keys()
+    (run_dir / "go-75").write_text("")  # the resume passes the gate
     resumed = launch("--resume", "--run-dir", str(run_dir))
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     restored = restores(run_dir)[-1]
@@ -308,6 +329,18 @@ def test_a_grain_pipeline_resumes_its_position_exactly_after_a_kill(tmp_path):
     assert restored["tier"] == "memory" and 36 <= restored["step"] <= 37, restored
     assert trajectory(killed) == trajectory(reference), "the same batches, bit for bit"
     assert summary(killed)["returned"] == summary(reference)["returned"], "the best-loss tracker came back too"
+
+
+def flip_a_stored_bit(path: pathlib.Path) -> None:
+    """One bit of a held part file's first stored array flipped in place (a RAM fault, a stray write)."""
+    part = PartFile(path)
+    where = part.start + part.header.shards[0].offset
+    part.map.close()
+    with open(path, "r+b") as f:
+        f.seek(where)
+        byte = f.read(1)
+        f.seek(where)
+        f.write(bytes([byte[0] ^ 0x10]))
 
 
 def launch_dirs(run_dir: pathlib.Path) -> set[pathlib.Path]:

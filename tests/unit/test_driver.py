@@ -186,6 +186,38 @@ def test_the_persist_is_recorded_as_its_own_events_between_the_failure_and_the_j
     assert done.persisted and done.bytes == 1005 and done.seconds > 0
 
 
+def test_a_persist_whose_newest_memory_step_did_not_read_back_records_the_older_step_it_wrote():
+    """Memory's newest step 6 failed its check on the persist's hosts, which wrote step 5 instead (the
+    host program's own fallback): the job's end names step 5 as persisted, and step 6 with why it was not."""
+    durable = [3]
+    why = "memory step 6 did not read back on host(s) [1]: RuntimeError: no copy is intact; writing memory step 5"
+
+    def writes_older(group, i):
+        if i == 1:
+            group.events.append((0, events.MemoryFallback(step=6, durable_step=3, reason=why)))
+            return
+        durable[0] = 5
+        group.finish(5, Ending.STOPPED)
+
+    driver, log, clock, cluster = make_driver([dies_at(2) for _ in range(3)])
+    with_memory(driver, log, clock, cluster, writes_older, (6, 2), durable)
+    assert driver.run() == 1
+    done = driver.state.persisted
+    assert (done.step, done.newest_step, done.persisted, done.bytes, done.passed_over) == (5, 6, True, 1005, [why])
+    assert "memory step 5 written to durable storage" in done.message
+    assert done.message.endswith("(the newest durable step was 3; memory step 6 did not read back)")
+
+    durable[0] = 3
+    driver, log, clock, cluster = make_driver([dies_at(2) for _ in range(3)])
+    nothing = why.replace("writing memory step 5", "no older memory step newer than durable step 3 to write")
+    with_memory(driver, log, clock, cluster, lambda group, i: (
+        group.events.append((0, events.MemoryFallback(step=6, durable_step=3, reason=nothing))) if i == 1
+        else group.finish(None, Ending.STOPPED)), (6, 2), durable)
+    assert driver.run() == 1
+    done = driver.state.persisted
+    assert (done.step, done.persisted, done.reason) == (6, False, nothing), "the hosts' own account"
+
+
 def test_a_job_that_gives_up_with_nothing_newer_in_memory_fails_at_once():
     driver, log, clock, cluster = make_driver([dies_at(2) for _ in range(3)])
     seen = with_memory(driver, log, clock, cluster, trains_to(1), (3, 2), [3])

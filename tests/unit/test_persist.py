@@ -1,6 +1,8 @@
 """The give-up persist's host program in one process: a memory part written durably without the
 user's init, restored through the normal durable restore with the user's targets."""
 
+import os
+
 import cloudpickle
 import jax
 import jax.numpy as jnp
@@ -112,3 +114,56 @@ def test_a_part_without_a_structure_says_why(tmp_path):
     part = part_of({"w": jnp.zeros(2)}, tmp_path, structure=False)
     with pytest.raises(RuntimeError, match="no state structure"):
         persist.saved_targets(part.header, build_mesh({"data": -1}))
+
+
+def test_a_persist_whose_newest_memory_step_does_not_read_back_writes_the_next_older_one(monkeypatch):
+    """Memory holds steps 1 and 2 whole, but a bit of step 2's only copy flipped since its keeper held it:
+    the give-up persist restores step 1 (bit for bit) and says why step 2 did not serve, where it wrote
+    nothing and memory's newer-than-durable steps ended with the launcher. With step 1 flipped too,
+    nothing is restored, and that is said too."""
+    import uuid
+
+    import ray
+    from jaxlaunch.workers.checkpoints.keeper import Keeper, incoming_name
+    from jaxlaunch.workers.supervision.progress import HostProgress
+
+    from jaxlaunch.contract.events import MemoryFallback
+    from jaxlaunch.contract.tiers import Held, Role
+    from tests.unit.test_tiers import Remote, flip_a_bit
+
+    monkeypatch.setattr(ray, "get", lambda ref, timeout=None: ref)
+    mesh = build_mesh({"data": -1})
+    keeper = Keeper("a", budget_bytes=1 << 20, keep=3, launch_id=f"test-{uuid.uuid4().hex[:8]}")
+    try:
+        saved = {}
+        for step in (1, 2):
+            saved[step] = {"w": jax.device_put(jnp.arange(32.0).reshape(8, 4) * step, NamedSharding(mesh, P("data"))),
+                           "b": [jnp.full(3, float(step))]}
+            name = incoming_name(step, 0, os.getpid())
+            PartWriter().write(keeper.incoming, name, saved[step], {"step": step}, {},
+                               cloudpickle.dumps(jax.tree.structure(saved[step])))
+            assert keeper.hold(step, 0, 1, name, None, floor=step - 1).refused is None
+        flip_a_bit(keeper.parts[(2, 0, Role.PRIMARY)][1])
+        tier = object.__new__(memory.MemoryTier)  # its __init__ asks Ray for this node
+        tier.keepers, tier.rank, tier.node, tier.attempt, tier.reading = {"a": Remote(keeper)}, 0, "a", 1, "persist-1"
+        held = [Held.from_dict(h) for h in keeper.index()]
+        steps = tier.whole_steps(held)
+        assert steps == [2, 1]
+
+        progress = HostProgress()
+        restored = persist.newest_intact(tier, steps, held, mesh, progress, None)
+        assert restored is not None and restored.step == 1
+        assert jax.tree.structure(restored.state) == jax.tree.structure(saved[1])
+        for got, want in zip(jax.tree.leaves(restored.state), jax.tree.leaves(saved[1]), strict=True):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        [said] = [e for e in progress.drain().events if isinstance(e, MemoryFallback)]
+        assert said.step == 2 and said.reason.startswith("memory step 2 did not read back on host(s) [0]: ")
+        assert "changed since it was held" in said.reason and said.reason.endswith("; writing memory step 1")
+
+        flip_a_bit(keeper.parts[(1, 0, Role.PRIMARY)][1])
+        tier.reading = "persist-2"  # a copy found intact is hashed once per reading
+        assert persist.newest_intact(tier, steps, held, mesh, progress, 0) is None
+        said = [e for e in progress.drain().events if isinstance(e, MemoryFallback)]
+        assert [e.step for e in said] == [2, 1] and said[-1].reason.endswith("; no older memory step to write")
+    finally:
+        keeper.close()

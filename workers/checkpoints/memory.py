@@ -23,6 +23,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding, PartitionSpec
+from jaxlaunch.workers.checkpoints.agree import any_host
 from jaxlaunch.workers.checkpoints.keeper import HandOff, incoming_name
 from jaxlaunch.workers.checkpoints.part_file import (
     Copies,
@@ -71,6 +72,25 @@ class MemoryRestore:
     """Bytes of held parts this host read: mapped on its node or fetched from other nodes' keepers."""
     passed_over: list[str] = dataclasses.field(default_factory=list)
     """Why each copy this host passed over was not read (another copy of the same part served)."""
+
+
+@dataclasses.dataclass
+class OpenStep:
+    """A memory step being restored on this host (`MemoryTier.open`)."""
+
+    step: int
+    reader: PartReader
+    found: dict[int, list[tiers.Source]]
+    """Each saved rank's held copies, the ones to try first first."""
+    read_from: dict[int, tiers.Source]
+    """The copy of each rank's part this host checked and reads."""
+    passed_over: list[str]
+    started: float
+
+    @property
+    def header(self) -> PartHeader:
+        """This host's own part's header (its structure, arrays and shards)."""
+        return self.reader.header(self.reader.own)
 
 
 class MemoryTier:
@@ -278,9 +298,13 @@ class MemoryTier:
         return [int(s) for s in sent if s >= 0]
 
     def restore(self, step: int, held: list[Held], targets: Any) -> MemoryRestore:
-        """`step` from the keepers into `targets` (ShapeDtypeStructs with today's shardings), or into
-        `targets(part)` when it is a function of this host's own part (its arrays, structure and
-        shards), for a restore that knows the state only from what was saved."""
+        """`step` from the keepers into `targets` (ShapeDtypeStructs with today's shardings)."""
+        return self.read(self.open(step, held), targets)
+
+    def open(self, step: int, held: list[Held]) -> OpenStep:
+        """`step`'s parts ready to read, this host's own part's copy checked and its header read: what
+        can fail on one host alone before the state's layout is known (`read` reads the arrays), so that
+        a caller whose targets take a collective (the give-up persist) has every host agree first."""
         import ray
 
         start = time.perf_counter()
@@ -334,13 +358,17 @@ class MemoryTier:
             return data
 
         reader = PartReader(own, sorted(found), locate, remote_box)
-        if callable(targets):
-            targets = targets(reader.header(own))
+        reader.header(own)
+        return OpenStep(step, reader, found, by_rank, passed_over, start)
+
+    def read(self, opened: OpenStep, targets: Any) -> MemoryRestore:
+        """The opened step's state in `targets`, reading only what today's shards need."""
+        reader = opened.reader
         state = assemble(targets, reader)
-        return MemoryRestore(step, state, reader.header(0).meta, reader.header(own).extra or {},
-                             # A rank not read (this host's own part covered it): the copy it would have read.
-                             [by_rank.get(r, copies[0]) for r, copies in found.items()],
-                             time.perf_counter() - start, reader.bytes_read, passed_over)
+        # A rank not read (this host's own part covered it): the copy it would have read.
+        sources = [opened.read_from.get(r, copies[0]) for r, copies in opened.found.items()]
+        return MemoryRestore(opened.step, state, reader.header(0).meta, reader.header(reader.own).extra or {},
+                             sources, time.perf_counter() - opened.started, reader.bytes_read, opened.passed_over)
 
     def forget_after(self, step: int) -> str | None:
         """Rank 0 has every keeper drop the steps after `step` (the run goes on from it): why a keeper
@@ -447,16 +475,3 @@ def _owned(data: np.ndarray) -> np.ndarray:
     """`data` in memory of its own: on CPU, JAX may make an aligned array the device buffer without a
     copy, and a donated buffer in a read-only mapping of a part file would be written by the next step."""
     return data if data.flags.writeable and data.flags.owndata else np.array(data)
-
-
-def failed_ranks(flag: bool) -> list[int]:
-    """The ranks whose flag is set, known on every host."""
-    if jax.process_count() == 1:
-        return [0] if flag else []
-    flags = multihost_utils.process_allgather(np.array([flag]))
-    return [int(r) for r in np.flatnonzero(np.asarray(flags).reshape(-1))]
-
-
-def any_host(flag: bool) -> bool:
-    """Whether any host's flag is set, known on every host."""
-    return bool(failed_ranks(flag))

@@ -24,8 +24,9 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jaxlaunch.workers.checkpoints.agree import host_errors
 from jaxlaunch.workers.checkpoints.durable import Checkpointer
-from jaxlaunch.workers.checkpoints.memory import MemoryTier
+from jaxlaunch.workers.checkpoints.memory import MemoryRestore, MemoryTier, OpenStep
 from jaxlaunch.workers.checkpoints.part_file import ArrayEntry, Index, PartHeader
 from jaxlaunch.workers.checkpoints.tiered import durable_meta
 from jaxlaunch.workers.supervision.progress import HostProgress
@@ -41,9 +42,10 @@ the replicated spec and the fallback are tried."""
 
 
 def write_newest(spec: HostSpec, mesh: Mesh, progress: HostProgress) -> HostResult:
-    """Every host calls this at once: the memory tier's newest committed step, when it is newer than
-    the newest durable step, restored from the keepers and saved with Orbax. Its `final_step` is the
-    step written, or None when there was nothing newer."""
+    """Every host calls this at once: the memory tier's newest committed step that reads back, when
+    it is newer than the newest durable step, restored from the keepers and saved with Orbax (a step
+    whose copies of a part all fail their check leaves the next older one to serve, as a restore's
+    does). Its `final_step` is the step written, or None when there was nothing newer to write."""
     progress.enter(Phase.RESTORING)
     rank, num_hosts = jax.process_index(), jax.process_count()
     checkpointer = Checkpointer(RunLayout(spec.run_dir).checkpoints, spec.checkpoint)
@@ -53,12 +55,13 @@ def write_newest(spec: HostSpec, mesh: Mesh, progress: HostProgress) -> HostResu
         durable = checkpointer.steps_from_rank_0()
         held = memory.held()
         # After a replica mismatch, not a step past the newest whose replicas agreed.
-        whole = memory.whole_steps(held, spec.newest_restorable)
-        step = whole[0] if whole else None
-        if step is None or not tiers.memory_serves(step, durable) or step in durable:
-            log.info("memory holds no step newer than durable step %s: nothing to write", durable[:1])
+        steps = [s for s in memory.whole_steps(held, spec.newest_restorable)
+                 if tiers.memory_serves(s, durable) and s not in durable]
+        restored = newest_intact(memory, steps, held, mesh, progress, durable[0] if durable else None)
+        if restored is None:
+            log.info("memory holds no step newer than durable step %s that reads back: nothing to write", durable[:1])
         else:
-            restored = memory.restore(step, held, lambda part: saved_targets(part, mesh))
+            step = restored.step
             log.info("restored memory step %d in %.2f s", step, restored.seconds)
             for reason in restored.passed_over:
                 log.warning(events.MemoryCopyPassedOver(step=step, reason=reason).message)
@@ -86,12 +89,54 @@ def write_newest(spec: HostSpec, mesh: Mesh, progress: HostProgress) -> HostResu
                       num_devices=jax.device_count(), mesh=dict(mesh.shape), final_snapshot=progress.drain())
 
 
+def newest_intact(memory: MemoryTier, steps: list[int], held: list[tiers.Held], mesh: Mesh, progress: HostProgress,
+                  durable_step: int | None) -> MemoryRestore | None:
+    """The newest of `steps` (memory's whole steps newer than the durable tier's, newest first, the
+    same on every host) that reads back on every host, restored into the shardings that saved it;
+    None when none does. A step passed over is said (`memory_fallback`, rank 0's reaches the driver).
+    Every host agrees before each collective: a copy that fails its check on one host (a flipped
+    bit, a torn file) would otherwise leave the others waiting in `saved_targets`."""
+    for i, step in enumerate(steps):
+        opened: OpenStep | None = None
+        restored: MemoryRestore | None = None
+        error = None
+        try:
+            opened = memory.open(step, held)
+            structure_of(opened.header)
+        except Exception as err:  # noqa: BLE001 - every host agrees below; an older step serves
+            error = f"{type(err).__name__}: {err}"
+        errors = host_errors(error)
+        if not errors:
+            assert opened is not None
+            targets = saved_targets(opened.header, mesh)  # a collective, entered by every host
+            try:
+                restored = memory.read(opened, targets)
+            except Exception as err:  # noqa: BLE001 - as above
+                error = f"{type(err).__name__}: {err}"
+            errors = host_errors(error)
+        if not errors:
+            return restored
+        failed = sorted(errors)
+        log.warning("memory step %d did not read back on host(s) %s: %s", step, failed, errors[failed[0]])
+        then = f"writing memory step {steps[i + 1]}" if i + 1 < len(steps) else \
+            f"no older memory step newer than durable step {durable_step} to write" if durable_step else \
+            "no older memory step to write"
+        progress.event(events.MemoryFallback(step=step, durable_step=durable_step, reason=(
+            f"memory step {step} did not read back on host(s) {failed}: {errors[failed[0]]}; {then}")))
+    return None
+
+
+def structure_of(part: PartHeader) -> Any:
+    """The state's pytree structure, as the part's host saved it."""
+    if part.structure is None:
+        raise RuntimeError("the memory part carries no state structure (it could not be pickled when saved)")
+    return pickle.loads(part.structure)
+
+
 def saved_targets(part: PartHeader, mesh: Mesh) -> Any:
     """The state's tree as the part's host saved it, each array a ShapeDtypeStruct with the sharding
     that wrote it (every host agrees on it), each other leaf as it was saved."""
-    if part.structure is None:
-        raise RuntimeError("the memory part carries no state structure (it could not be pickled when saved)")
-    treedef = pickle.loads(part.structure)
+    treedef = structure_of(part)
     arrays: dict[str, ArrayEntry] = {a.path: a for a in part.arrays}
     indices: dict[str, set[Index]] = {}
     for shard in part.shards:

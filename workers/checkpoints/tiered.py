@@ -20,9 +20,10 @@ from typing import Any
 
 import jax
 from jaxlaunch.workers import extras
+from jaxlaunch.workers.checkpoints.agree import any_host, host_errors
 from jaxlaunch.workers.checkpoints.cadence import CommitWatch, Due, SaveCadence, given
 from jaxlaunch.workers.checkpoints.durable import Checkpointer, DurableRestore, NoneNewerReadBack
-from jaxlaunch.workers.checkpoints.memory import MemoryTier, any_host, failed_ranks, part_nbytes
+from jaxlaunch.workers.checkpoints.memory import MemoryTier, part_nbytes
 from jaxlaunch.workers.state import StateLayout
 from jaxlaunch.workers.supervision.progress import HostProgress
 
@@ -256,7 +257,8 @@ def restore_newest(checkpointer: Checkpointer, memory: MemoryTier | None, layout
             except Exception as err:  # noqa: BLE001 - every host agrees below; another step serves
                 error = f"{type(err).__name__}: {err}"[:400]
                 log.warning("memory step %d did not read back: %s", step, error)
-            failed = failed_ranks(error is not None)
+            errors = host_errors(error)
+            failed = sorted(errors)
             if not failed:
                 for aside in checkpointer.set_aside_failed(unreadable):
                     progress.event(events.CheckpointFallback(**aside))
@@ -269,8 +271,8 @@ def restore_newest(checkpointer: Checkpointer, memory: MemoryTier | None, layout
                 f"durable step {newest_durable}" if newest_durable else "a fresh state (no durable step)"
             progress.event(events.MemoryFallback(
                 step=step, durable_step=newest_durable or None,
-                reason=f"memory step {step} did not read back on host(s) {failed}: "
-                       f"{error or 'see their logs'}; restoring {then}"))
+                reason=f"memory step {step} did not read back on host(s) {failed}: {errors[failed[0]]}; "
+                       f"restoring {then}"))
         if not serving:
             _say_why_not(held, durable_steps, memory, progress)
     return _durable(checkpointer.restore_latest(layout.targets(), check_structure=layout.mismatch),
