@@ -8,6 +8,7 @@ from tests.integration.helpers import (
     DRIVERS,
     DURABLE_ONLY,
     EXAMPLE_RUN,
+    GRAIN,
     MINIMAL,
     SHARED_RAY,
     SHORT_RUN,
@@ -86,6 +87,12 @@ def minimal_reference(tmp_path_factory) -> pathlib.Path:
 def classifier_reference(tmp_path_factory) -> pathlib.Path:
     """examples/classifier.py, uninterrupted on 2 hosts for 200 steps (checkpoints every 20)."""
     return _reference(tmp_path_factory, "classifier", *CLASSIFIER, *EXAMPLE_RUN)
+
+
+@pytest.fixture(scope="session")
+def grain_reference(tmp_path_factory) -> pathlib.Path:
+    """examples/grain_iter.py (per-host Grain iterators), uninterrupted on 2 hosts for 60 steps."""
+    return _reference(tmp_path_factory, "grain", *GRAIN, "--steps", "60")
 
 
 @pytest.fixture

@@ -16,8 +16,9 @@ from ray.cluster_utils import Cluster
 from jaxlaunch.contract.tiers import launch_dir
 from tests.integration.helpers import (
     CLASSIFIER,
-    EXAMPLES,
     GATED,
+    GATED_GRAIN,
+    GRAIN,
     MINIMAL,
     SHARED_RAY,
     alive,
@@ -317,18 +318,54 @@ def test_a_shard_lost_with_its_replica_falls_back_to_durable_with_an_event(clust
     assert "gone with their nodes" in fallback["reason"] and fallback["durable_step"] == restored["step"], fallback
 
 
-def test_a_grain_pipeline_resumes_its_position_exactly_after_a_kill(tmp_path):
-    grain_run = ("--entry", f"{EXAMPLES / 'grain_iter.py'}:main", "--hosts", "2", "--steps", "60", "--memory-tier",
-                 "--save-every", "1", "--persist-every", "25")
-    reference, killed = tmp_path / "reference", tmp_path / "killed"
-    first = launch(*grain_run, "--run-dir", str(reference))
-    assert first.returncode == 0, first.stdout + first.stderr
-    second = launch(*grain_run, "--inject", "kill@step=37,host=0", "--run-dir", str(killed))
+def test_a_grain_pipeline_resumes_its_position_exactly_after_a_kill(grain_reference, tmp_path):
+    killed = tmp_path / "killed"
+    second = launch(*GRAIN, "--hosts", "2", "--steps", "60", "--memory-tier", "--save-every", "1",
+                    "--persist-every", "25", "--inject", "kill@step=37,host=0", "--run-dir", str(killed))
     assert second.returncode == 0, second.stdout + second.stderr
     (restored,) = restores(killed)
     assert restored["tier"] == "memory" and 36 <= restored["step"] <= 37, restored
-    assert trajectory(killed) == trajectory(reference), "the same batches, bit for bit"
-    assert summary(killed)["returned"] == summary(reference)["returned"], "the best-loss tracker came back too"
+    assert trajectory(killed) == trajectory(grain_reference), "the same batches, bit for bit"
+    assert summary(killed)["returned"] == summary(grain_reference)["returned"], "the best-loss tracker came back too"
+
+
+def test_a_give_up_persisted_on_fewer_hosts_keeps_every_host_s_iterator_position(cluster, grain_reference, tmp_path):
+    """A Grain job with per-host iterators, on 2 nodes, loses the node of host 1 at step 35 (durable
+    step 20) and cannot go on (`--min-hosts 2`): the persist runs on the one host left and writes
+    memory step 35 with both hosts' iterator positions (host 1's part from its replica), where it
+    refused to, and lost 15 steps. A resume on 2 nodes sees the uninterrupted run's batches."""
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
+    cluster.wait_for_nodes()
+    run_dir, config = tmp_path / "run", cluster_config(tmp_path, cluster)
+    proc = start("--config", str(config), "--hosts", "2", "--min-hosts", "2", "--capacity-timeout", "5",
+                 *GATED_GRAIN, "--set", f"gates={GATE}", *MEMORY, "--persist-every", "20", "--steps", "60",
+                 "--max-restarts", "1", "--run-dir", str(run_dir))
+    try:
+        open_gate(run_dir, GATE, proc)
+        copies = [f"*/held/{GATE}-{rank}-{role}.json" for rank in (0, 1) for role in ("primary", "replica")]
+        wait_for(lambda: 20 in committed_steps(run_dir) and all(
+            any(p for d in launch_dirs(run_dir) for p in d.glob(c)) for c in copies), 300,
+            f"step {GATE} held whole, with its replicas", proc)
+        cluster.remove_node(next(n for n in nodes if n.node_id == node_of_rank(run_dir, 1)), allow_graceful=False)
+        out, err = proc.communicate(timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, out + err
+    (persisting,) = events(run_dir, "persisting_memory")
+    (persisted,) = events(run_dir, "memory_persisted")
+    assert (persisting["num_hosts"], persisted["step"], persisted["durable_step"]) == (1, GATE, 20), persisted
+    assert persisted["persisted"], persisted
+    assert [sorted(e) for e in RunDir(run_dir).checkpoint_meta(GATE)["extra"]] == [["best", "data"]] * 2, \
+        "both saved hosts' iterator positions"
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    (run_dir / f"go-{GATE}").write_text("")  # the resume passes the gate
+    resumed = launch("--resume", "--config", str(config), "--run-dir", str(run_dir))
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    restored = restores(run_dir)[-1]
+    assert (restored["tier"], restored["step"]) == ("durable", GATE), restored
+    assert trajectory(run_dir) == trajectory(grain_reference), "each host's own batches, bit for bit"
 
 
 def flip_a_stored_bit(path: pathlib.Path) -> None:

@@ -140,7 +140,7 @@ def test_a_persist_whose_newest_memory_step_does_not_read_back_writes_the_next_o
             saved[step] = {"w": jax.device_put(jnp.arange(32.0).reshape(8, 4) * step, NamedSharding(mesh, P("data"))),
                            "b": [jnp.full(3, float(step))]}
             name = incoming_name(step, 0, os.getpid())
-            PartWriter().write(keeper.incoming, name, saved[step], {"step": step}, {},
+            PartWriter().write(keeper.incoming, name, saved[step], {"step": step}, {"best": {"value": step}},
                                cloudpickle.dumps(jax.tree.structure(saved[step])))
             assert keeper.hold(step, 0, 1, name, None, floor=step - 1).refused is None
         flip_a_bit(keeper.parts[(2, 0, Role.PRIMARY)][1])
@@ -156,6 +156,8 @@ def test_a_persist_whose_newest_memory_step_does_not_read_back_writes_the_next_o
         assert jax.tree.structure(restored.state) == jax.tree.structure(saved[1])
         for got, want in zip(jax.tree.leaves(restored.state), jax.tree.leaves(saved[1]), strict=True):
             np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+        assert restored.extras == {0: {"best": {"value": 1}}}, "the non-array state of the ranks this host writes"
+        assert persist.saved_extras(restored.extras) == [{"best": {"value": 1}}]
         [said] = [e for e in progress.drain().events if isinstance(e, MemoryFallback)]
         assert said.step == 2 and said.reason.startswith("memory step 2 did not read back on host(s) [0]: ")
         assert "changed since it was held" in said.reason and said.reason.endswith("; writing memory step 1")

@@ -72,6 +72,8 @@ class MemoryRestore:
     """Bytes of held parts this host read: mapped on its node or fetched from other nodes' keepers."""
     passed_over: list[str] = dataclasses.field(default_factory=list)
     """Why each copy this host passed over was not read (another copy of the same part served)."""
+    extras: dict[int, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    """A give-up persist's: the non-array state of each saved rank this host writes (`checkpoints.persist`)."""
 
 
 @dataclasses.dataclass

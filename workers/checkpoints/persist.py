@@ -1,7 +1,8 @@
 """The give-up persist on a host: the launcher's own program, not the user's. After the driver gave up
 on a job, a short run of the hosts writes the memory tier's newest committed step with Orbax, so that
 a `--resume` reads it like any durable step: the same tree, the same metadata, records and
-non-array state as a durable save of that step.
+non-array state as a durable save of that step (on fewer hosts than saved it too: each writing host
+brings the non-array state, a per-host iterator's position, of the saved ranks it stands for).
 
 No user code runs (the entry is not even imported): the state is rebuilt from what the memory tier
 saved. Each part carries the state's pytree structure (what the arrays' paths cannot tell: a list
@@ -24,14 +25,14 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jaxlaunch.workers import extras
 from jaxlaunch.workers.checkpoints.agree import host_errors
 from jaxlaunch.workers.checkpoints.durable import Checkpointer
 from jaxlaunch.workers.checkpoints.memory import MemoryRestore, MemoryTier, OpenStep
 from jaxlaunch.workers.checkpoints.part_file import ArrayEntry, Index, PartHeader
-from jaxlaunch.workers.checkpoints.tiered import durable_meta
 from jaxlaunch.workers.supervision.progress import HostProgress
 
-from jaxlaunch.contract import data_order, events, tiers
+from jaxlaunch.contract import events, tiers
 from jaxlaunch.contract.layout import RunLayout
 from jaxlaunch.contract.protocol import Ending, HostResult, HostSpec, Phase
 
@@ -65,18 +66,12 @@ def write_newest(spec: HostSpec, mesh: Mesh, progress: HostProgress) -> HostResu
             log.info("restored memory step %d in %.2f s", step, restored.seconds)
             for reason in restored.passed_over:
                 log.warning(events.MemoryCopyPassedOver(step=step, reason=reason).message)
-            saved_hosts = (restored.meta.get("topology") or {}).get("num_hosts") or num_hosts
-            per_host = data_order.per_host_keys(restored.extra)
-            if saved_hosts > num_hosts and per_host:
-                # A durable step carries each saving host's own iterator position; fewer hosts hold
-                # fewer of them, and a resume would silently read other shards' positions.
-                raise RuntimeError(f"memory step {step} holds per-host iterators ({', '.join(per_host)}) of "
-                                   f"{saved_hosts} hosts, and only {num_hosts} could run to write it")
             progress.enter(Phase.SAVING)
             started = time.perf_counter()
             # What a durable save of this step carries: rank 0's metadata (records, topology, the
-            # shared non-array state) and every host's own non-array state.
-            checkpointer.save(step, restored.state, durable_meta(restored.meta, restored.extra))
+            # shared non-array state) and every saved host's own non-array state, also when fewer
+            # hosts write it (each brings those of the saved ranks it stands for).
+            checkpointer.save(step, restored.state, {**restored.meta, "extra": saved_extras(restored.extras)})
             checkpointer.wait()
             progress.event(events.FinalSave(seconds=time.perf_counter() - started))
             log.info("wrote memory step %d durably", step)
@@ -111,6 +106,10 @@ def newest_intact(memory: MemoryTier, steps: list[int], held: list[tiers.Held], 
             targets = saved_targets(opened.header, mesh)  # a collective, entered by every host
             try:
                 restored = memory.read(opened, targets)
+                # Host r of n stands for saved ranks r, r + n, ...: their own non-array state (a
+                # per-host iterator's position) goes into the durable step as theirs.
+                restored.extras = {k: opened.reader.header(k).extra or {} for k in opened.reader.ranks
+                                   if k % jax.process_count() == jax.process_index()}
             except Exception as err:  # noqa: BLE001 - as above
                 error = f"{type(err).__name__}: {err}"
             errors = host_errors(error)
@@ -124,6 +123,14 @@ def newest_intact(memory: MemoryTier, steps: list[int], held: list[tiers.Held], 
         progress.event(events.MemoryFallback(step=step, durable_step=durable_step, reason=(
             f"memory step {step} did not read back on host(s) {failed}: {errors[failed[0]]}; {then}")))
     return None
+
+
+def saved_extras(mine: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every saved rank's non-array state, rank by rank, from what each host brings (a collective):
+    the list a durable save by the hosts that saved the step writes (none: an empty list)."""
+    everyone = extras.gather({str(rank): extra for rank, extra in mine.items()})
+    by_rank = {int(rank): extra for host in everyone for rank, extra in host.items()}
+    return [by_rank[rank] for rank in range(len(by_rank))] if any(by_rank.values()) else []
 
 
 def structure_of(part: PartHeader) -> Any:
