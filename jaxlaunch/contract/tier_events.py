@@ -27,8 +27,8 @@ class PersistingMemory(Event):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MemoryPersisted(Event):
-    """Before a job that gave up or stopped unsaved ended: the memory tier's newest committed step, newer than
-    the newest durable one, written to the run directory (or why it could not be)."""
+    """Before a job that gave up or stopped unsaved ended: the memory tier's newest committed step that read
+    back, newer than the newest durable one, written to the run directory (or why it could not be)."""
 
     KIND: ClassVar = EventKind.MEMORY_PERSISTED
     step: int
@@ -44,16 +44,18 @@ class MemoryPersisted(Event):
     bytes: int | None = None
     """The durable step's size in the run directory, once written."""
     newest_step: int | None = None
-    """Memory's newest committed step, when it did not read back and the older `step` was written."""
+    """Memory's newest committed step when the driver planned the persist, when the hosts wrote the older
+    `step` instead (why: `passed_over`)."""
     passed_over: list[str] = dataclasses.field(default_factory=list)
-    """Why each memory step newer than `step` did not serve."""
+    """Why each memory step the hosts tried before `step` did not serve (empty: they tried none)."""
 
     @property
     def message(self) -> str:
         if self.persisted:
             before = f"the newest durable step was {self.durable_step}" if self.durable_step is not None else \
                 "there was no durable step"
-            newer = f"; memory step {self.newest_step} did not read back" if self.newest_step is not None else ""
+            newer = "" if self.newest_step is None else f"; memory step {self.newest_step} did not read back" \
+                if self.passed_over else f"; memory step {self.newest_step} was not whole on the persist's hosts"
             return (f"memory step {self.step} written to durable storage in {self.seconds:.1f} s before the "
                     f"launcher ended ({before}{newer})")
         return f"memory step {self.step} could not be written to durable storage: {self.reason}"

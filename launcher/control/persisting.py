@@ -88,11 +88,13 @@ def result(state: Persisting, reason: str | None, durable_now: int | None, step_
     step = state.written if state.written is not None else state.step
     persisted = reason is None and durable_now == step
     if reason is None and not persisted:
-        reason = "; ".join(state.passed_over)[:500] or "the hosts ended without a committed save of the step"
+        # The hosts' own account first when they wrote nothing (no step newer than durable read back).
+        reason = "; ".join(state.passed_over) if state.written is None and state.passed_over else \
+            "; ".join([f"the hosts ended without a committed save of step {step}", *state.passed_over])
     return MemoryPersisted(step=step, durable_step=state.durable_step, num_hosts=state.num_hosts,
-                           seconds=now - state.since, persisted=persisted, reason=reason,
+                           seconds=now - state.since, persisted=persisted, reason=reason[:500] if reason else None,
                            bytes=step_bytes(step) if persisted else None,
-                           newest_step=state.step if step != state.step else None, passed_over=list(state.passed_over))
+                           newest_step=state.step if step < state.step else None, passed_over=list(state.passed_over))
 
 
 def ended(outcome: Failed | Stopped, persisted: MemoryPersisted) -> Failed | Stopped:

@@ -4,20 +4,19 @@ already opened). A test acts on a quiet job at a known step, without sleeping. E
 entry adds a line to `entry-calls` in the run directory (attempt, rank, process id): a test counts
 where user code ran.
 
-`main`: examples/minimal.py's job; `grain`: examples/grain_iter.py's (per-host Grain iterators)."""
+`main`: examples/minimal.py's job (`gated_grain.py`: examples/grain_iter.py's)."""
 
 import os
 import pathlib
 import time
 
-import jaxlaunch
-from examples import grain_iter, minimal
+from examples import minimal
 
 GATE_POLL_S = 0.05
 
 
 class Gated:
-    """The job's host context, with a gate after the save of each step of `gates`."""
+    """The job's host context, with a gate after each step of `gates` (once it saved, unless the job stops there)."""
 
     def __init__(self, ctx):
         self._ctx = ctx
@@ -31,15 +30,16 @@ class Gated:
         self._loss = metrics.get("loss")
         return self._ctx.report(step, **metrics)
 
-    def maybe_save(self, step, *args, **kwargs):
-        saved = self._ctx.maybe_save(step, *args, **kwargs)
+    def should_stop(self, step):
+        """After the step's save, as the job asks whether to stop: a gate where it goes on."""
+        stop = self._ctx.should_stop(step)
         run_dir = pathlib.Path(self._ctx.run_dir)
-        if step in self._gates and self._ctx.process_index == 0 and not (run_dir / f"go-{step}").exists():
+        if not stop and step in self._gates and self._ctx.process_index == 0 and not (run_dir / f"go-{step}").exists():
             float(self._loss)  # the step is computed (its save's copy waited for it too)
             (run_dir / f"at-{step}").write_text("")
             while not (run_dir / f"go-{step}").exists():
                 time.sleep(GATE_POLL_S)
-        return saved
+        return stop
 
 
 def gated(entry):
@@ -52,5 +52,3 @@ def gated(entry):
 
 
 main = gated(minimal.main)
-grain = jaxlaunch.entrypoint(defaults={**grain_iter.SETTINGS, "gates": ""}, check=grain_iter.check)(
-    gated(grain_iter.main))

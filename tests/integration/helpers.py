@@ -31,7 +31,7 @@ CLASSIFIER = ("--entry", f"{EXAMPLES / 'classifier.py'}:main")
 GATED = ("--entry", f"{ROOT / 'tests' / 'integration' / 'gated.py'}:main")
 """examples/minimal.py's job with gates (`--set gates=N-M`): rank 0 waits after saving step N until the
 test writes `go-N` in the run directory (`tests/integration/gated.py`)."""
-GATED_GRAIN = ("--entry", f"{ROOT / 'tests' / 'integration' / 'gated.py'}:grain")
+GATED_GRAIN = ("--entry", f"{ROOT / 'tests' / 'integration' / 'gated_grain.py'}:main")
 """examples/grain_iter.py's job (per-host Grain iterators) with the same gates."""
 GRAIN = ("--entry", f"{EXAMPLES / 'grain_iter.py'}:main")
 
@@ -101,7 +101,7 @@ class WarmStandby:
         else the flag, also `--warm-standby` when marked: a resume keeps the run's saved value, and a
         session's reference run, resumed by a marked test, saved it off."""
         given = any(a.partition("=")[0] in ("--warm-standby", "--no-warm-standby") for a in args)
-        if given or "warm_standby" in ((config or {}).get("cluster") or {}):
+        if given or "warm_standby" in _cluster_section(config):
             return []
         return ["--warm-standby" if self.wanted else "--no-warm-standby"]
 
@@ -128,7 +128,14 @@ def _names_a_cluster(args: tuple[str, ...], config: dict[str, Any] | None) -> bo
     `cluster.address` is set (a config of other settings runs on the session's instance)."""
     if any(arg.partition("=")[0] == "--address" for arg in args):
         return True
-    return config is None or (config.get("cluster") or {}).get("address") is not None
+    return config is None or _cluster_section(config).get("address") is not None
+
+
+def _cluster_section(config: dict[str, Any] | None) -> dict[str, Any]:
+    """A `--config` file's `cluster:` settings ({} when it has none, or they are not a mapping: the
+    launch itself says why and exits 2)."""
+    section = (config or {}).get("cluster")
+    return section if isinstance(section, dict) else {}
 
 
 def _command(args: tuple[str, ...], own_env: bool = False) -> tuple[list[str], dict[str, str]]:

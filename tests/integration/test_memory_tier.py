@@ -161,8 +161,9 @@ def test_a_sigkilled_driver_leaves_no_process_and_resumes_from_the_newest_durabl
     assert not launch_dirs(run_dir), "the next launch deleted the part files the killed driver's keepers left"
 
 
+@pytest.mark.soak
 def test_a_job_that_gives_up_first_writes_its_newest_intact_memory_step_durably_running_no_user_code(
-        minimal_reference, tmp_path):
+        minimal_reference, tmp_path, soak_round):
     """The job fails for good at step 75 (no restart budget): before it fails, the driver's Persisting
     state runs the launcher's own host program, which writes a memory step with Orbax; the entry is
     called only by the attempt's hosts. A bit of host 1's part of step 75, memory's newest, flipped
@@ -329,7 +330,9 @@ def test_a_grain_pipeline_resumes_its_position_exactly_after_a_kill(grain_refere
     assert summary(killed)["returned"] == summary(grain_reference)["returned"], "the best-loss tracker came back too"
 
 
-def test_a_give_up_persisted_on_fewer_hosts_keeps_every_host_s_iterator_position(cluster, grain_reference, tmp_path):
+@pytest.mark.soak
+def test_a_give_up_persisted_on_fewer_hosts_keeps_every_host_s_iterator_position(cluster, grain_reference, tmp_path,
+                                                                                   soak_round):
     """A Grain job with per-host iterators, on 2 nodes, loses the node of host 1 at step 35 (durable
     step 20) and cannot go on (`--min-hosts 2`): the persist runs on the one host left and writes
     memory step 35 with both hosts' iterator positions (host 1's part from its replica), where it

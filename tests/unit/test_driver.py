@@ -243,7 +243,7 @@ def test_a_persist_whose_hosts_end_without_the_step_committed_says_so():
     driver, log, clock, cluster = make_driver([dies_at(2) for _ in range(3)])
     with_memory(driver, log, clock, cluster, lambda group, i: group.finish(5, Ending.STOPPED), (5, 2), [3])
     assert driver.run() == 1
-    assert driver.state.persisted.reason == "the hosts ended without a committed save of the step"
+    assert driver.state.persisted.reason == "the hosts ended without a committed save of step 5"
 
 
 def test_a_persist_that_runs_out_of_time_is_ended():

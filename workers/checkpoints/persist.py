@@ -1,8 +1,9 @@
 """The give-up persist on a host: the launcher's own program, not the user's. After the driver gave up
-on a job, a short run of the hosts writes the memory tier's newest committed step with Orbax, so that
-a `--resume` reads it like any durable step: the same tree, the same metadata, records and
-non-array state as a durable save of that step (on fewer hosts than saved it too: each writing host
-brings the non-array state, a per-host iterator's position, of the saved ranks it stands for).
+on a job, a short run of the hosts writes the memory tier's newest committed step that reads back
+(`newest_intact`) with Orbax, so that a `--resume` reads it like any durable step: the same tree, the
+same metadata, records and non-array state as a durable save of that step (on fewer hosts than saved
+it too: each writing host brings the non-array state, a per-host iterator's position, of the saved
+ranks it stands for).
 
 No user code runs (the entry is not even imported): the state is rebuilt from what the memory tier
 saved. Each part carries the state's pytree structure (what the arrays' paths cannot tell: a list
@@ -14,6 +15,7 @@ array then serves, reassembled from the parts as any memory restore on another t
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import pickle
@@ -97,15 +99,15 @@ def newest_intact(memory: MemoryTier, steps: list[int], held: list[tiers.Held], 
         error = None
         try:
             opened = memory.open(step, held)
-            structure_of(opened.header)
+            layout = SavedLayout.of(opened.header, mesh)
         except Exception as err:  # noqa: BLE001 - every host agrees below; an older step serves
             error = f"{type(err).__name__}: {err}"
         errors = host_errors(error)
         if not errors:
             assert opened is not None
-            targets = saved_targets(opened.header, mesh)  # a collective, entered by every host
+            agreed = layout.agreed()  # a collective, entered by every host
             try:
-                restored = memory.read(opened, targets)
+                restored = memory.read(opened, layout.targets(agreed))
                 # Host r of n stands for saved ranks r, r + n, ...: their own non-array state (a
                 # per-host iterator's position) goes into the durable step as theirs.
                 restored.extras = {k: opened.reader.header(k).extra or {} for k in opened.reader.ranks
@@ -143,30 +145,55 @@ def structure_of(part: PartHeader) -> Any:
 def saved_targets(part: PartHeader, mesh: Mesh) -> Any:
     """The state's tree as the part's host saved it, each array a ShapeDtypeStruct with the sharding
     that wrote it (every host agrees on it), each other leaf as it was saved."""
-    treedef = structure_of(part)
-    arrays: dict[str, ArrayEntry] = {a.path: a for a in part.arrays}
-    indices: dict[str, set[Index]] = {}
-    for shard in part.shards:
-        indices.setdefault(shard.path, set()).add(tuple(shard.index))
-    candidates = {key: _candidates(info.shape, info.key_impl is not None, mesh) for key, info in arrays.items()}
-    mine = np.array([_indices(arrays[k].shape, spec, mesh) == indices.get(k, set())
-                     for k, specs in candidates.items() for spec in specs], dtype=bool)
-    agreed = mine
-    if jax.process_count() > 1 and mine.size:
-        agreed = np.all(multihost_utils.process_allgather(mine).reshape(-1, mine.size), axis=0)
-    chosen, at = {}, 0
-    for key, specs in candidates.items():
-        matches = [spec for spec, ok in zip(specs, agreed[at:at + len(specs)], strict=True) if ok]
-        at += len(specs)
-        chosen[key] = matches[0] if matches else _most_sharded(specs, arrays[key].shape, mesh)
-    leaves: list[Any] = []
-    for path, _ in jax.tree_util.tree_flatten_with_path(jax.tree.unflatten(treedef, [0] * treedef.num_leaves))[0]:
-        key = jax.tree_util.keystr(path)
-        if key not in arrays:
-            leaves.append(key)  # not an array: the memory restore hands back the saved value
-            continue
-        leaves.append(_target(arrays[key], NamedSharding(mesh, chosen[key])))
-    return jax.tree.unflatten(treedef, leaves)
+    layout = SavedLayout.of(part, mesh)
+    return layout.targets(layout.agreed())
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedLayout:
+    """What a host's own part says of the sharding of each array that saved it: the candidate specs
+    on today's mesh, and which of them give this host the shards it held. `of` and `targets` are this
+    host's own work (they may fail on one host alone); `agreed` is a collective between them."""
+
+    part: PartHeader
+    mesh: Mesh
+    treedef: Any
+    arrays: dict[str, ArrayEntry]
+    candidates: dict[str, list[PartitionSpec]]
+    mine: np.ndarray
+
+    @classmethod
+    def of(cls, part: PartHeader, mesh: Mesh) -> SavedLayout:
+        treedef = structure_of(part)
+        arrays: dict[str, ArrayEntry] = {a.path: a for a in part.arrays}
+        indices: dict[str, set[Index]] = {}
+        for shard in part.shards:
+            indices.setdefault(shard.path, set()).add(tuple(shard.index))
+        candidates = {key: _candidates(info.shape, info.key_impl is not None, mesh) for key, info in arrays.items()}
+        mine = np.array([_indices(arrays[k].shape, spec, mesh) == indices.get(k, set())
+                         for k, specs in candidates.items() for spec in specs], dtype=bool)
+        return cls(part, mesh, treedef, arrays, candidates, mine)
+
+    def agreed(self) -> np.ndarray:
+        """Which candidates give every host the shards it held (a collective)."""
+        if jax.process_count() > 1 and self.mine.size:
+            return np.all(multihost_utils.process_allgather(self.mine).reshape(-1, self.mine.size), axis=0)
+        return self.mine
+
+    def targets(self, agreed: np.ndarray) -> Any:
+        chosen, at = {}, 0
+        for key, specs in self.candidates.items():
+            matches = [spec for spec, ok in zip(specs, agreed[at:at + len(specs)], strict=True) if ok]
+            at += len(specs)
+            chosen[key] = matches[0] if matches else _most_sharded(specs, self.arrays[key].shape, self.mesh)
+        treedef, leaves = self.treedef, list[Any]()
+        for path, _ in jax.tree_util.tree_flatten_with_path(jax.tree.unflatten(treedef, [0] * treedef.num_leaves))[0]:
+            key = jax.tree_util.keystr(path)
+            if key not in self.arrays:
+                leaves.append(key)  # not an array: the memory restore hands back the saved value
+                continue
+            leaves.append(_target(self.arrays[key], NamedSharding(self.mesh, chosen[key])))
+        return jax.tree.unflatten(treedef, leaves)
 
 
 def _target(info: ArrayEntry, sharding: NamedSharding) -> jax.ShapeDtypeStruct:
