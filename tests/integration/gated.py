@@ -4,7 +4,7 @@ already opened). A test acts on a quiet job at a known step, without sleeping. E
 entry adds a line to `entry-calls` in the run directory (attempt, rank, process id): a test counts
 where user code ran.
 
-`main`: examples/minimal.py's job (`gated_grain.py`: examples/grain_iter.py's)."""
+`main`: examples/minimal.py's job (`gated_examples.py`: others')."""
 
 import os
 import pathlib

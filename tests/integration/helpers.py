@@ -31,8 +31,10 @@ CLASSIFIER = ("--entry", f"{EXAMPLES / 'classifier.py'}:main")
 GATED = ("--entry", f"{ROOT / 'tests' / 'integration' / 'gated.py'}:main")
 """examples/minimal.py's job with gates (`--set gates=N-M`): rank 0 waits after saving step N until the
 test writes `go-N` in the run directory (`tests/integration/gated.py`)."""
-GATED_GRAIN = ("--entry", f"{ROOT / 'tests' / 'integration' / 'gated_grain.py'}:main")
+GATED_GRAIN = ("--entry", f"{ROOT / 'tests' / 'integration' / 'gated_examples.py'}:grain")
 """examples/grain_iter.py's job (per-host Grain iterators) with the same gates."""
+GATED_CLASSIFIER = ("--entry", f"{ROOT / 'tests' / 'integration' / 'gated_examples.py'}:classifier")
+"""examples/classifier.py's job (a hidden layer split over the mesh's `model` axis) with the same gates."""
 GRAIN = ("--entry", f"{EXAMPLES / 'grain_iter.py'}:main")
 
 
