@@ -10,7 +10,6 @@ import pytest
 import ray
 from jaxlaunch.launcher.records.runs import RunDir
 from jaxlaunch.workers.checkpoints.durable import read_arrays
-from jaxlaunch.workers.checkpoints.part_file import PartFile
 from ray.cluster_utils import Cluster
 
 from jaxlaunch.contract.tiers import launch_dir
@@ -36,6 +35,7 @@ from tests.integration.helpers import (
     trajectory,
     wait_for,
 )
+from tests.unit.test_tiers import flip_a_bit
 
 pytestmark = pytest.mark.standby  # restores from memory land on the spares beside their node's keeper
 
@@ -180,7 +180,7 @@ def test_a_job_that_gives_up_first_writes_its_newest_intact_memory_step_durably_
         wait_for(lambda: all(any(d.glob(n)) for d in launch_dirs(run_dir) for n in newest), 300,
                  "both parts of step 75 held", proc)
         (held,) = [p for d in launch_dirs(run_dir) for p in d.glob("*/held/75-1-primary.part")]
-        flip_a_stored_bit(held)
+        flip_a_bit(held)
         os.kill(host_pids(run_dir, 1)[1], signal.SIGKILL)
         out, err = proc.communicate(timeout=400)
     finally:
@@ -355,18 +355,6 @@ def test_a_give_up_persisted_on_fewer_hosts_keeps_every_host_s_iterator_position
     restored = restores(run_dir)[-1]
     assert (restored["tier"], restored["step"]) == ("durable", GATE), restored
     assert trajectory(run_dir) == trajectory(grain_reference), "each host's own batches, bit for bit"
-
-
-def flip_a_stored_bit(path: pathlib.Path) -> None:
-    """One bit of a held part file's first stored array flipped in place (a RAM fault, a stray write)."""
-    part = PartFile(path)
-    where = part.start + part.header.shards[0].offset
-    part.map.close()
-    with open(path, "r+b") as f:
-        f.seek(where)
-        byte = f.read(1)
-        f.seek(where)
-        f.write(bytes([byte[0] ^ 0x10]))
 
 
 def launch_dirs(run_dir: pathlib.Path) -> set[pathlib.Path]:
