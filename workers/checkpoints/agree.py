@@ -1,5 +1,5 @@
 """What every host of a job learns from every other at once (each is a collective: every host calls
-it at the same point): whether any host's flag is set, which ones, and what each host's error was."""
+it at the same point): what each host's error was, and whether any host's flag is set."""
 
 from __future__ import annotations
 
@@ -27,14 +27,8 @@ def host_errors(error: str | None) -> dict[int, str]:
     return {rank: bytes(row[1:]).rstrip(b"\0").decode(errors="ignore") for rank, row in enumerate(rows) if row[0]}
 
 
-def failed_ranks(flag: bool) -> list[int]:
-    """The ranks whose flag is set, known on every host."""
-    if jax.process_count() == 1:
-        return [0] if flag else []
-    flags = multihost_utils.process_allgather(np.array([flag]))
-    return [int(r) for r in np.flatnonzero(np.asarray(flags).reshape(-1))]
-
-
 def any_host(flag: bool) -> bool:
     """Whether any host's flag is set, known on every host."""
-    return bool(failed_ranks(flag))
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.any(multihost_utils.process_allgather(np.array([flag]))))

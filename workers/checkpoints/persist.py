@@ -92,7 +92,7 @@ def newest_intact(memory: MemoryTier, steps: list[int], held: list[tiers.Held], 
     same on every host) that reads back on every host, restored into the shardings that saved it;
     None when none does. A step passed over is said (`memory_fallback`, rank 0's reaches the driver).
     Every host agrees before each collective: a copy that fails its check on one host (a flipped
-    bit, a torn file) would otherwise leave the others waiting in `saved_targets`."""
+    bit, a torn file) would otherwise leave the others waiting in `SavedLayout.agreed`."""
     for i, step in enumerate(steps):
         opened: OpenStep | None = None
         restored: MemoryRestore | None = None
@@ -155,7 +155,6 @@ class SavedLayout:
     on today's mesh, and which of them give this host the shards it held. `of` and `targets` are this
     host's own work (they may fail on one host alone); `agreed` is a collective between them."""
 
-    part: PartHeader
     mesh: Mesh
     treedef: Any
     arrays: dict[str, ArrayEntry]
@@ -172,7 +171,7 @@ class SavedLayout:
         candidates = {key: _candidates(info.shape, info.key_impl is not None, mesh) for key, info in arrays.items()}
         mine = np.array([_indices(arrays[k].shape, spec, mesh) == indices.get(k, set())
                          for k, specs in candidates.items() for spec in specs], dtype=bool)
-        return cls(part, mesh, treedef, arrays, candidates, mine)
+        return cls(mesh, treedef, arrays, candidates, mine)
 
     def agreed(self) -> np.ndarray:
         """Which candidates give every host the shards it held (a collective)."""
