@@ -123,13 +123,17 @@ def _complete(parts: list[Held]) -> bool:
     return committed == set(range(num_hosts))
 
 
-def kept(held: list[Held], keep: int, floor: int) -> set[int]:
-    """The steps a keeper keeps: every step above `floor` (the newest step every host handed over
-    whole; above it, only saves whose hand-off may still be in flight somewhere) and the newest
-    `keep` at or below it. A step is never dropped for newer ones that may yet fail to replicate
-    (their partner node lost mid-copy): those are above the floor."""
+def kept(held: list[Held], keep: int, floor: int, not_whole: frozenset[tuple[int, int]] = frozenset()) -> set[int]:
+    """The steps a keeper keeps: every step above `floor` (the newest step every host handed over;
+    above it, only saves whose hand-off may still be in flight somewhere) and the newest `keep` at or
+    below it that are whole. A step is never dropped for newer ones that may yet fail to replicate
+    (their partner node lost mid-copy): those are above the floor. `not_whole`: (attempt, step) of
+    saves some host's hand-off or write failed for (a refusal anywhere, told to every keeper before
+    that host hands over its next save): handed over, yet not whole, so they count for nothing at or
+    below the floor, and are dropped there."""
     steps = {h.step for h in held}
-    settled = sorted((s for s in steps if s <= floor), reverse=True)[:keep]
+    broken = {h.step for h in held if (h.attempt, h.step) in not_whole}
+    settled = sorted((s for s in steps if s <= floor and s not in broken), reverse=True)[:keep]
     return {s for s in steps if s > floor} | set(settled)
 
 

@@ -325,6 +325,54 @@ def test_a_keeper_keeps_the_newest_steps_every_host_handed_over_and_all_newer_on
     assert kept(held, 2, floor=-1) == {5, 6, 7, 8, 9}, "before any floor: nothing is known whole"
 
 
+def test_a_step_some_host_could_not_hand_over_counts_for_nothing_at_or_below_the_floor():
+    # Steps 4 and 5 were handed over by every host, but a keeper refused host 1's part of both: the floor
+    # passing them says nothing of their being whole, and steps 2 and 3 are the newest whole ones.
+    held = [part(s, 0, "a", replicated=True) for s in range(1, 8)]
+    assert kept(held, 2, floor=5) == {4, 5, 6, 7}
+    assert kept(held, 2, floor=5, not_whole=frozenset({(0, 4), (0, 5)})) == {2, 3, 6, 7}
+    assert kept(held, 2, floor=5, not_whole=frozenset({(1, 4), (1, 5)})) == {4, 5, 6, 7}, "another attempt's"
+
+
+def test_a_node_that_refuses_its_parts_never_leaves_the_other_keepers_without_a_whole_step(monkeypatch):
+    """Two nodes, a host on each. From step 4 node b refuses host 1's parts (its budget was outgrown);
+    host 0's saves go on and its floor passes the steps host 1 could not hand over. Host 1 tells every
+    keeper as it goes on, so node a keeps the newest whole steps (2 and 3) instead of dropping them
+    for steps that are not whole; told nothing, it would hold no whole step at all by step 7. Ray's
+    restart of a keeper keeps what it was told."""
+    from jaxlaunch.workers.checkpoints import keeper as keeper_module
+
+    monkeypatch.setattr(keeper_module, "_actor_id", lambda: "k1")  # the same actor across the restart below
+    launch = f"test-{uuid.uuid4().hex[:8]}"
+    a, b = (Keeper(n, budget_bytes=4 * 64, keep=2, launch_id=launch) for n in ("a", "b"))
+    try:
+        for step in range(1, 10):
+            for rank, keeper, nbytes in ((0, a, 64), (1, b, 64 if step < 4 else 4 * 64)):
+                name = incoming_name(step, rank, os.getpid())
+                (pathlib.Path(keeper.inbox()) / name).write_bytes(bytes(nbytes))
+                handed = keeper.hold(step, rank, 2, name, None, floor=step - 2)
+                if handed.refused is not None:  # what the host does (`MemoryTier._refuse`)
+                    assert rank == 1 and step >= 4 and "over its budget" in handed.refused, handed
+                    for told in (a, b):
+                        told.mark_not_whole(0, step)
+            held = [Held.from_dict(h) for h in a.index() + b.index()]
+            assert whole_steps(held)[:1] == [min(step, 3)], (step, sorted(h.step for h in held))
+        assert sorted({h["step"] for h in a.index()}) == [2, 3, 8, 9], "within its budget: 2 whole, 2 in flight"
+        restarted = Keeper("a", budget_bytes=4 * 64, keep=2, launch_id=launch)  # what Ray's restart of a runs
+        assert restarted.not_whole == {(0, s) for s in range(4, 10)}
+        assert sorted({h["step"] for h in restarted.index()}) == [2, 3, 8, 9]
+    finally:
+        a.close()
+        b.close()
+
+
+def test_a_keeper_s_spare_files_stay_within_its_budget_beside_what_it_holds(keeper):
+    for step in range(8):
+        assert keeper.hold(step, 0, 1, put(keeper, step, 64), None, floor=step - 2).refused is None
+        held = sum(h["nbytes"] for h in keeper.index())
+        assert held + spare_bytes(keeper) <= keeper.budget, (step, held, spare_bytes(keeper))
+
+
 def mesh_of(shape, names):
     return Mesh(np.array(jax.devices()[:int(np.prod(shape))]).reshape(shape), names)
 
@@ -654,6 +702,41 @@ def test_a_memory_step_that_does_not_read_back_leaves_the_next_committed_one_to_
     assert restore_newest(NoDurable(), memory, Layout(), progress) is None
     [fallback] = [e for e in progress.drain().events if isinstance(e, MemoryFallback)]
     assert fallback.reason.endswith("; restoring a fresh state (no durable step)"), "a fresh start is said"
+
+
+def test_a_memory_step_another_host_could_not_read_is_let_go_before_the_next_one_is_read(monkeypatch):
+    """Memory step 50 read back here but not on host 1: this host lets its copy of step 50 go before it
+    reads step 40 (and before a durable step), rather than hold two states on its devices."""
+    import gc
+    import weakref
+
+    from jaxlaunch.workers.checkpoints import tiered
+    from jaxlaunch.workers.checkpoints.memory import MemoryRestore
+    from jaxlaunch.workers.supervision.progress import HostProgress
+
+    class State:
+        pass
+
+    alive: dict[int, list[int]] = {}
+    earlier: list[weakref.ref] = []
+
+    class Holding(Memory):
+        def restore(self, step, held, targets):
+            gc.collect()
+            alive[step] = [i for i, ref in enumerate(earlier) if ref() is not None]
+            state = State()
+            earlier.append(weakref.ref(state))
+            return MemoryRestore(step, {"w": state}, {}, {}, [], 0.01, 0, [])
+
+    class Checking(NoDurable):
+        def restore_latest(self, targets, check_structure=None, newer_than=None):
+            gc.collect()
+            alive["durable"] = [i for i, ref in enumerate(earlier) if ref() is not None]
+            return None
+
+    monkeypatch.setattr(tiered, "host_errors", lambda error: {1: "ValueError: torn"})
+    assert tiered.restore_newest(Checking(), Holding(steps=[50, 40]), Layout(), HostProgress()) is None
+    assert alive == {50: [], 40: [], "durable": []}, alive
 
 
 def test_a_restore_that_passed_over_a_copy_says_which_and_why():

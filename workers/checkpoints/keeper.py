@@ -12,9 +12,10 @@ Each part carries the host's `floor`: the newest step every host is known to hav
 (primary and replica). A keeper keeps every step above the newest floor it has seen (the last two
 saves at most) and the newest `keep` at or below it, within its budget, checked against the node's
 available RAM and the free space of its shared memory; a part that would not fit is refused and its
-file deleted: a refusal leaves the step uncommitted in memory, never a node out of memory. Keeping by
-the floor, not by what this keeper's own parts look like, means no keeper drops the newest step that
-is whole across all keepers.
+file deleted: a refusal leaves the step uncommitted in memory, never a node out of memory. A host
+whose hand-off was refused (or write failed) tells every keeper so before its next hand-off
+(`mark_not_whole`): before any floor reaches that step. Keeping by the floor and those marks, not by
+this keeper's own parts, means no keeper drops the newest step that is whole across all keepers.
 
 A keeper whose process dies is restarted by Ray on its node (the driver says so) and takes over what
 the earlier process held: each held part has a record beside its file (`<part>.json`, written whole
@@ -39,13 +40,13 @@ import os
 import pathlib
 import shutil
 import threading
-import time
 import uuid
 from typing import Any
 
 import numpy as np
 import psutil
 from jaxlaunch.workers.checkpoints import keeper_files, replica_stream
+from jaxlaunch.workers.checkpoints.keeper_files import SPARE_PREFIX
 from jaxlaunch.workers.checkpoints.part_file import Index, PartFile, PartHeader, digest
 
 from jaxlaunch.contract.event_base import first_line
@@ -59,8 +60,6 @@ DEFAULT_BUDGET_FRACTION = 0.25
 REPLICA_TIMEOUT_S = 30.0
 STALE_RECEIVED_S = 4 * replica_stream.STREAM_TIMEOUT_S
 """A received replica its sender never asked to hold by then (the sender died) is deleted."""
-SPARE_PREFIX = "spare-"
-"""A dropped part's file, kept for a host to write its next part into (`part_file.PartWriter`)."""
 SPARE_HEADER_ROOM = 1 << 20
 """Room a prepared spare has beyond a part's arrays, for its header (the write truncates to its size)."""
 CLOSE_WAIT_S = 2.0  # how long `close` waits for a spare being prepared before it deletes the folder
@@ -110,6 +109,7 @@ class Keeper:
         self.left: list[LeftHistory] = keeper_files.read_left(self.dir, self.held_dir)
         """The drops asked of this keeper (and its earlier processes): what they left is never held again."""
         self.parts: keeper_files.Parts = keeper_files.take_over(self.held_dir, self.left)
+        self.not_whole = keeper_files.read_not_whole(self.dir)  # (attempt, step): `mark_not_whole`
         memory = psutil.virtual_memory()
         # What an earlier process holds is no longer available: the budget it started with counted it so.
         adopted = sum(h.nbytes for h, _ in self.parts.values()) + sum(size for size, _ in self._spares())
@@ -126,8 +126,8 @@ class Keeper:
         """The spare file being prepared now (it counts in the budget before it is one)."""
         self.closed = False
         self.floor = -1
-        """The newest step every host handed over whole, as the newest part said (an adopted part is
-        kept until a hand-off says it)."""
+        """The newest step every host handed over, as the newest part said (an adopted part is kept until
+        a hand-off says it); whole unless marked (`not_whole`)."""
         self.maps: dict[pathlib.Path, PartFile] = {}
         self.checked: dict[pathlib.Path, str] = {}  # the reading (an attempt's restore) that last found a part intact
         self.sending: set[pathlib.Path] = set()
@@ -252,7 +252,7 @@ class Keeper:
              floor: int = -1, attempt: int = 0) -> HandOff:
         """Adopts a host's part file `name` (in `inbox()`) of `step`, saved by `attempt`, as its primary
         and has `replica_to` (another node's keeper; None on a one-node cluster) hold a copy. `floor`:
-        the newest step every host handed over whole."""
+        the newest step every host handed over."""
         self._sweep()
         source = self.incoming / pathlib.Path(name).name
         try:
@@ -345,7 +345,7 @@ class Keeper:
         self.floor = max(self.floor, floor)
         key = (held.step, held.rank, held.role)
         after = {k: h for k, (h, _) in self.parts.items() if k != key} | {key: held}
-        steps = kept(list(after.values()), self.keep, self.floor)
+        steps = kept(list(after.values()), self.keep, self.floor, frozenset(self.not_whole))
         if held.step not in steps:
             return f"step {held.step} is older than the {self.keep} steps held"
         total = sum(h.nbytes for k, h in after.items() if k[0] in steps)
@@ -360,9 +360,27 @@ class Keeper:
         return None
 
     def _drop_unkept(self) -> None:
-        steps = kept([h for h, _ in self.parts.values()], self.keep, self.floor)
+        steps = kept([h for h, _ in self.parts.values()], self.keep, self.floor, frozenset(self.not_whole))
         for old in [k for k in self.parts if k[0] not in steps]:
             self._delete(old)
+        self._trim_spares()
+
+    def mark_not_whole(self, attempt: int, step: int) -> None:
+        """A host's save of `step` in `attempt` is not committed in memory (its hand-off was refused, or
+        its write failed): never counted as a whole step the floor has passed. On file for a restart."""
+        with self.lock:
+            oldest = min((h.step for h, _ in self.parts.values()), default=step)
+            self.not_whole = {(a, s) for a, s in self.not_whole if s >= oldest} | {(attempt, step)}
+            try:
+                keeper_files.save_not_whole(self.dir, self.not_whole)
+            except OSError as err:
+                log.warning("the mark of step %d as not whole is not on file (%s)", step, first_line(err))
+            self._drop_unkept()
+
+    def _trim_spares(self) -> None:
+        """Dropped parts' files stay spares only as far as the budget has room beside the parts held."""
+        held = sum(h.nbytes for h, _ in self.parts.values())
+        self._delete_spares(keep_bytes=self.budget - held - self.preparing_bytes)
 
     def _delete(self, key: tuple[int, int, Role]) -> None:
         """Drops a part. Its file becomes a spare that a host's next write reuses: writing into pages
@@ -387,26 +405,7 @@ class Keeper:
             spares.pop()[1].unlink(missing_ok=True)
 
     def _sweep(self) -> None:
-        """Deletes the leftovers of writers that died: a host's part file (whole or not) whose process
-        is gone, and a received replica its sender never asked to hold."""
-        for path in self.incoming.iterdir():
-            if path.name.startswith(SPARE_PREFIX):
-                continue
-            try:
-                pid = int(path.name.lstrip(".").split(".")[0].split("-")[-1])
-            except ValueError:
-                pid = -1
-            if not psutil.pid_exists(pid):
-                path.unlink(missing_ok=True)
-        stale = time.time() - STALE_RECEIVED_S
-        for path in self.received.iterdir():
-            if path.name.startswith("."):
-                continue  # still being received: a broken stream deletes its own file
-            try:
-                if path.stat().st_mtime < stale:
-                    path.unlink(missing_ok=True)
-            except FileNotFoundError:
-                continue
+        keeper_files.sweep(self.incoming, self.received, STALE_RECEIVED_S)
 
     # -- reading ---------------------------------------------------------------------------------
     def index(self) -> list[dict[str, Any]]:
@@ -470,6 +469,7 @@ class Keeper:
             self.floor = min(self.floor, step)
             for key in [k for k, (h, _) in self.parts.items() if left.holds(h)]:
                 self._delete(key)
+            self._trim_spares()
             try:
                 keeper_files.save_left(self.dir, self.left)
             except OSError as err:

@@ -1,5 +1,6 @@
 """What of a keeper outlives its process, on file in its node's shared memory: its folder, marked as
-its actor's; a record beside each part it holds; and the drops it was asked for (`LeftHistory`).
+its actor's; a record beside each part it holds; the drops it was asked for (`LeftHistory`); and the
+saves that some host's hand-off failed for (`NOT_WHOLE_FILE`).
 
 Ray restarts a keeper whose process died as the same actor, and the new process takes these over
 (`claim`, `read_left`, `take_over`). A keeper the driver starts in place of one it stopped is another
@@ -15,6 +16,7 @@ import logging
 import os
 import pathlib
 import shutil
+import time
 
 from jaxlaunch.contract.event_base import first_line
 from jaxlaunch.contract.tiers import Held, LeftHistory, Role
@@ -22,6 +24,11 @@ from jaxlaunch.contract.tiers import Held, LeftHistory, Role
 log = logging.getLogger(__name__)
 LEFT_FILE = "left.json"
 """The drops asked of a keeper, in its folder: a restart of it keeps refusing what they left."""
+
+NOT_WHOLE_FILE = "not_whole.json"
+"""The (attempt, step) of saves that are not whole though handed over: a restart keeps not counting them."""
+SPARE_PREFIX = "spare-"
+"""A dropped part's file, kept for a host to write its next part into (`part_file.PartWriter`)."""
 
 Parts = dict[tuple[int, int, Role], tuple[Held, pathlib.Path]]
 
@@ -101,3 +108,42 @@ def take_over(held_dir: pathlib.Path, left: list[LeftHistory]) -> Parts:
         log.info("took over %d part(s) of steps %s from this keeper's earlier process", len(parts),
                  sorted({k[0] for k in parts}))
     return parts
+
+
+def read_not_whole(folder: pathlib.Path) -> set[tuple[int, int]]:
+    try:
+        return {(int(a), int(s)) for a, s in json.loads((folder / NOT_WHOLE_FILE).read_text())}
+    except FileNotFoundError:
+        return set()
+    except (OSError, ValueError, TypeError) as err:
+        log.warning("the record of the saves that are not whole is unreadable (%s)", first_line(err))
+        return set()
+
+
+def save_not_whole(folder: pathlib.Path, marks: set[tuple[int, int]]) -> None:
+    write_whole(folder / NOT_WHOLE_FILE, json.dumps(sorted(marks)))
+
+
+def sweep(incoming: pathlib.Path, received: pathlib.Path, stale_s: float) -> None:
+    """Deletes the leftovers of writers that died: a host's part file (whole or not) whose process
+    is gone, and a received replica its sender never asked to hold within `stale_s`."""
+    import psutil
+
+    for path in incoming.iterdir():
+        if path.name.startswith(SPARE_PREFIX):
+            continue
+        try:
+            pid = int(path.name.lstrip(".").split(".")[0].split("-")[-1])
+        except ValueError:
+            pid = -1
+        if not psutil.pid_exists(pid):
+            path.unlink(missing_ok=True)
+    stale = time.time() - stale_s
+    for path in received.iterdir():
+        if path.name.startswith("."):
+            continue  # still being received: a broken stream deletes its own file
+        try:
+            if path.stat().st_mtime < stale:
+                path.unlink(missing_ok=True)
+        except FileNotFoundError:
+            continue

@@ -163,8 +163,9 @@ class MemoryTier:
         lags more than one save.
 
         The floor sent with the part: this host's save before the previous one. Every host has handed
-        that one over whole, because the write of `step` above waited for `step`'s computation, whose
-        collectives every host entered only after its own previous save, which waited for that one.
+        that one over, because the write of `step` above waited for `step`'s computation, whose
+        collectives every host entered only after its own previous save, which waited for that one;
+        and a host whose hand-off or write failed told every keeper before it went on (`_refuse`).
         `fault`: an injected failure, set off once the keeper was asked to hold the part."""
         assert self.inbox is not None, "reserve() runs before the first save"
         name = incoming_name(step, self.rank, os.getpid())
@@ -215,12 +216,26 @@ class MemoryTier:
             self._refuse(step, answer.refused)
 
     def _refuse(self, step: int, reason: str) -> None:
+        """Step `step` is not committed in memory: said, and told to every keeper (`Keeper.mark_not_whole`)
+        before this host goes on, so none counts it as a whole step a floor passed."""
+        import ray
+
         with self.refusing:  # the training thread (a write that failed) and the hand-off thread both refuse
             # A new set, not a change to the one the training thread may be reading; the newest saves only.
             self.refused_steps = {s for s in self.refused_steps if s >= step - 2} | {step}
             if self.refused is None:
                 self.refused, self.refused_step = reason, step
             log.warning("the memory tier did not hold step %d (%s); the durable tier goes on", step, reason)
+        marks = {node: keeper.mark_not_whole.remote(self.attempt, step) for node, keeper in self.keepers.items()}
+        ready, _ = ray.wait(list(marks.values()), num_returns=len(marks), timeout=KEEPER_CALL_TIMEOUT_S)
+        for node, mark in marks.items():
+            try:
+                if mark not in ready:
+                    raise TimeoutError(f"no answer within {KEEPER_CALL_TIMEOUT_S:g} s")
+                ray.get(mark)
+            except Exception as err:  # noqa: BLE001 - a keeper gone holds nothing to keep
+                log.warning("the keeper of node %s was not told step %d is not whole: %s", node[:12], step,
+                            first_line(err))
 
     def copies_record(self) -> dict[str, int]:
         """For a save's metrics: the copies of this host's part that the newest save whose hand-off is

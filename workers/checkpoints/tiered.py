@@ -251,7 +251,7 @@ def restore_newest(checkpointer: Checkpointer, memory: MemoryTier | None, layout
         newest_durable = durable_steps[0] if durable_steps else 0
         serving = [s for s in steps if tiers.memory_serves(s, durable_steps)]
         for i, step in enumerate(serving):
-            error = None
+            error, got = None, None
             try:
                 got = memory.restore(step, held, layout.targets())
             except Exception as err:  # noqa: BLE001 - every host agrees below; another step serves
@@ -260,6 +260,7 @@ def restore_newest(checkpointer: Checkpointer, memory: MemoryTier | None, layout
             errors = host_errors(error)
             failed = sorted(errors)
             if not failed:
+                assert got is not None  # no host failed, this one included
                 for aside in checkpointer.set_aside_failed(unreadable):
                     progress.event(events.CheckpointFallback(**aside))
                 for reason in got.passed_over:
@@ -267,6 +268,7 @@ def restore_newest(checkpointer: Checkpointer, memory: MemoryTier | None, layout
                 return TierRestore(got.step, got.state, got.meta, got.extra, "memory", got.seconds, 0,
                                    got.bytes_fetched, [s.rank for s in got.sources if s.role == tiers.Role.REPLICA],
                                    durable_step=newest_durable)
+            del got  # on the hosts that read it: not held on the device while another step is read
             then = f"memory step {serving[i + 1]}" if i + 1 < len(serving) else \
                 f"durable step {newest_durable}" if newest_durable else "a fresh state (no durable step)"
             progress.event(events.MemoryFallback(
