@@ -43,7 +43,10 @@ def report(run_dir: Annotated[str, cyclopts.Parameter(help="the run directory")]
     run.store.check()
     if not run.has_records():
         raise ConfigError(f"{run_dir} is not a run directory (no events.jsonl); pass the --run-dir of a launch")
-    print(f"wrote {report_lib.write(run_dir)}")
+    try:
+        print(f"wrote {report_lib.write(run_dir)}")
+    except IsADirectoryError as err:  # a folder where the report or a record should be: a run made by hand
+        raise ConfigError(f"{run_dir}: {err.filename} is a folder, not a run's file; remove or rename it") from None
     return EXIT_OK
 
 

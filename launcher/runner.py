@@ -154,7 +154,10 @@ def _run_job(prepared: PreparedJob, display: Display | None, exporter: Exporter 
     display = display or Display()
     if prepared.announce:
         display.message(prepared.announce, soft_wrap=True)
-    run.store.makedirs()
+    try:
+        run.store.makedirs()
+    except OSError as err:  # a folder that cannot be made here (under /proc, a full disk)
+        raise ConfigError(f"--run-dir {job.run_dir}: {err.strerror or err}; choose another --run-dir") from None
     lock = run.lock()
     try:
         lock.acquire()

@@ -110,6 +110,8 @@ class Entry:
             self.spec.check(settings, mesh)
         except (ValueError, TypeError) as err:
             raise ConfigError(f"{self.ref}: {err}") from None
+        except Exception as err:  # noqa: BLE001 - the entry's own check failed: its settings are unusable
+            raise ConfigError(f"{self.ref}: its check of the settings raised {type(err).__name__}: {err}") from None
 
     def fits(self, settings: dict[str, Any], mesh: dict[str, int]) -> bool:
         try:
@@ -128,9 +130,16 @@ class Entry:
 
 
 def _typed_like(default: Any, value: Any, key: str) -> Any:
-    """A setting's value typed like its default (`--set name=123` is the text "123" for a text setting)."""
+    """A setting's value typed like its default (`--set name=123` is the text "123" for a text setting);
+    a mapping's given keys merged into its default's, each typed like its own default."""
     if default is None or value is None:
         return value
+    if isinstance(default, Mapping) and isinstance(value, Mapping) and default:
+        unknown = sorted(set(value) - set(default))
+        if unknown:
+            raise ConfigError(f"--set {key}.{unknown[0]}: setting {key!r} has no key {unknown[0]!r}; its keys are "
+                              f"{', '.join(sorted(map(str, default)))}")
+        return {**default, **{k: _typed_like(default[k], v, f"{key}.{k}") for k, v in value.items()}}
     if isinstance(default, str) and isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)
     try:
@@ -160,6 +169,8 @@ def parse_entry(text: str) -> EntryRef:
         raise ConfigError(f"--entry {text!r}: expected path/to/file.py:function or package.module:function")
     if target.endswith(".py") or os.sep in target:
         path = pathlib.Path(target).expanduser().absolute()
+        if path.suffix != ".py":
+            raise ConfigError(f"--entry {text!r}: {path.name} is not a Python file (.py): name the .py file")
         if not path.is_file():
             raise ConfigError(f"--entry {text!r}: no such file {path}")
         return EntryRef(module=path.stem, function=function, path=str(path))

@@ -54,8 +54,12 @@ def parse_jsonl(text: str, where: str) -> list[dict[str, Any]]:
         except ValueError:
             log.warning("%s line %d is torn or not JSON; skipped it", where, number)
             continue
-        if isinstance(record, dict):
-            records.append(record)
+        if not isinstance(record, dict):
+            continue
+        if isinstance(record.get("time", 0.0), bool) or not isinstance(record.get("time", 0.0), int | float):
+            log.warning("%s line %d has a time that is not a number (%r); skipped it", where, number, record["time"])
+            continue
+        records.append(record)
     return records
 
 

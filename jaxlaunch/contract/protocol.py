@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from collections.abc import Sequence
 from typing import Any, Literal, Protocol
 
@@ -126,8 +127,8 @@ class Injection:
         if injection.step < 1 or injection.host < 0 or injection.times < 1:
             raise ConfigError(f"--inject {text!r}: step and times must be at least 1, host at least 0")
         slow = injection.kind == InjectionKind.SLOW
-        if slow != ("factor" in fields) or (slow and injection.factor <= 1.0):
-            raise ConfigError(f"--inject {text!r}: factor=F (above 1) goes with slow, and only with it")
+        if slow != ("factor" in fields) or (slow and not 1.0 < injection.factor < math.inf):
+            raise ConfigError(f"--inject {text!r}: factor=F (a finite number above 1) goes with slow, and only with it")
         return injection
 
     def __str__(self) -> str:

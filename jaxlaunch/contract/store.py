@@ -106,11 +106,15 @@ class LocalStore(Store):
         path = self._p(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with tmp.open("wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        try:
+            with tmp.open("wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)  # a full disk, a folder in the file's place: no leftover
+            raise
 
     def create(self, key: str, data: bytes) -> bool:
         path = self._p(key)
@@ -178,6 +182,8 @@ class LocalStore(Store):
 
     def check(self) -> None:
         p = self.root
+        if p.is_symlink() and not p.exists():
+            raise ConfigError(f"--run-dir {p} is a symbolic link to nothing (or a loop): choose another --run-dir")
         if p.exists() and not p.is_dir():
             raise ConfigError(f"--run-dir {p} is a file, not a directory: choose another --run-dir")
         existing = p if p.exists() else next((a for a in p.parents if a.exists()), None)

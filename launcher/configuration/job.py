@@ -82,7 +82,13 @@ def prepare(given: Mapping[str, Any], entry_args: Sequence[str] = (), typed: Job
     set_flags = merge_settings(typed_settings, changes.pop("config", {}))
     file_data = read_yaml(launch.config_file) if launch.config_file is not None else {}
     entry_text = changes.get("entry") or file_data.get("entry") or BUILTIN_ENTRY
-    run_dir, announce = _run_dir(changes.pop("run_dir", None), launch, str(entry_text))
+    if file_data.get("resume"):
+        raise ConfigError(f"--config {launch.config_file}: resume is not a setting of a file; pass --resume")
+    from_file = file_data.get("run_dir")
+    if from_file is not None and not isinstance(from_file, str):
+        raise ConfigError(f"--config {launch.config_file}: run_dir must be a path, got {from_file!r}")
+    flag_dir = changes.pop("run_dir", None)
+    run_dir, announce = _run_dir(from_file if flag_dir is None else flag_dir, launch, str(entry_text))
     run = RunDir(run_dir)
     check_run_path(run_dir, bool(launch.resume))
     resume = _resume_mode(launch.resume, run)
@@ -188,6 +194,11 @@ def runs_of(name: str, root: pathlib.Path = RUNS_ROOT) -> list[pathlib.Path]:
 
 def _run_dir(given: str | None, launch: LaunchOptions, entry_text: str) -> tuple[str, str]:
     """The run directory, and the line that says where it is."""
+    if given is not None and not given.strip():
+        raise ConfigError("--run-dir is empty: name a folder for the run, or leave it out for runs/<entry>-<time>")
+    if launch.name is not None and (not launch.name.strip() or launch.name in (".", "..") or "/" in launch.name):
+        raise ConfigError(f"--name {launch.name!r}: a run's name is one folder under {RUNS_ROOT}/; for another "
+                          f"place pass --run-dir")
     if given is None and launch.name is not None:
         given = str(RUNS_ROOT / launch.name)
     if given is not None:
@@ -263,8 +274,12 @@ def _refuse_data_order_change(run: RunDir, num_hosts: int) -> None:
     if not steps:
         return
     meta = run.checkpoint_meta(steps[0]) or {}
-    saved_hosts = (meta.get("topology") or {}).get("num_hosts")
-    parts = meta.get("extra") or {}
-    keys = data_order.changed_keys(parts[0] if isinstance(parts, list) else parts, saved_hosts, num_hosts)
+    topology = meta.get("topology") if isinstance(meta, dict) else None
+    saved_hosts = topology.get("num_hosts") if isinstance(topology, dict) else None
+    parts = meta.get("extra") if isinstance(meta, dict) else None
+    first = parts[0] if isinstance(parts, list) and parts else parts
+    if not isinstance(first, dict) or not isinstance(saved_hosts, int):
+        return  # a step whose record is not a launcher's: its restore says what is wrong with it
+    keys = data_order.changed_keys(first, saved_hosts, num_hosts)
     if keys and saved_hosts is not None:
         raise ConfigError(data_order.resume_refusal(keys, int(saved_hosts), num_hosts))

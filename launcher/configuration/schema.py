@@ -32,6 +32,11 @@ PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 PLATFORMS = ("cpu", "cuda", "tpu")
 MAX_STEPS = 2**31 - 1
 """Optimizer step counters are int32."""
+MAX_SECONDS = 10**9
+"""Any duration's bound (31 years): Ray and JAX take durations as integer milliseconds or seconds."""
+MAX_INT = 2**63 - 1
+"""Any integer setting's bound: a 64-bit signed integer (a seed above it overflows JAX's)."""
+MAX_CONFIG_BYTES = 16 * 2**20
 MAX_PORT = 65535
 
 __all__ = ["ConfigError", "ClusterConfig", "TrainConfig", "JobConfig", "LaunchOptions", "load_file", "override",
@@ -266,7 +271,8 @@ class CheckedJob(pydantic.BaseModel):
 
 
 def _positive_numbers(section: Any, where: str, allow_zero: tuple[str, ...] = ()) -> None:
-    """Every int and float field of a section is a finite number above 0 (or at least 0)."""
+    """Every int and float field of a section is a finite number above 0 (or at least 0), a duration
+    (`*_s`) at most `MAX_SECONDS` and an int at most `MAX_INT` (what JAX, Ray and the seed take)."""
     for f in dataclasses.fields(section):
         value = getattr(section, f.name)
         if isinstance(value, bool) or not isinstance(value, int | float):
@@ -275,6 +281,10 @@ def _positive_numbers(section: Any, where: str, allow_zero: tuple[str, ...] = ()
         if not math.isfinite(value) or not low_ok:
             bound = "at least 0" if f.name in allow_zero else "above 0"
             raise ConfigError(f"{where}.{f.name} must be a finite number {bound}, got {value}")
+        most = MAX_SECONDS if f.name.endswith("_s") else MAX_INT if isinstance(value, int) else None
+        if most is not None and value > most:
+            unit = " seconds (31 years)" if most == MAX_SECONDS else ""
+            raise ConfigError(f"{where}.{f.name} must be at most {most:,}{unit}, got {value:,}")
 
 
 def validate(job: JobConfig, launch: LaunchOptions | None = None) -> None:
@@ -322,14 +332,23 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """The raw mapping of a cluster config file (its `launcher:` section if it has one)."""
     p = pathlib.Path(path)
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        with p.open("rb") as f:
+            raw = f.read(MAX_CONFIG_BYTES + 1)  # /dev/zero, a pipe: never more than a settings file takes
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"--config {path}: over {MAX_CONFIG_BYTES // 2**20} MiB, not a settings file")
+        data = yaml.safe_load(raw.decode()) or {}
     except OSError as err:
         raise ConfigError(f"--config {path}: {err.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--config {path}: not a text file (not UTF-8)") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"--config {path}: not valid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"--config {path}: expected a mapping of settings, got {type(data).__name__}")
-    return data.get("launcher", data)
+    section = data.get("launcher", data)
+    if not isinstance(section, dict):
+        raise ConfigError(f"--config {path}: launcher: must be a mapping of settings, got {section!r}")
+    return section
 
 
 def apply(job: JobConfig, data: Mapping[str, Any], where: str) -> JobConfig:

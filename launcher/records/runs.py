@@ -170,10 +170,14 @@ class RunDir(RunLayout):
             data = json.loads(self.store.read("config.json"))
         except FileNotFoundError:
             return None
-        except ValueError:
-            raise ConfigError(f"{self.store.join('config.json')} is not valid JSON; restore it from a backup or "
+        except (ValueError, OSError) as err:
+            what = "is not valid JSON" if isinstance(err, ValueError) else f"cannot be read ({err.strerror or err})"
+            raise ConfigError(f"{self.store.join('config.json')} {what}; restore it from a backup or "
                               f"start a new --run-dir") from None
-        return data if isinstance(data, dict) else None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{self.store.join('config.json')} holds {type(data).__name__}, not a run's settings; "
+                              f"restore it from a backup or start a new --run-dir")
+        return data
 
     # -- the lock --------------------------------------------------------------------------------
     def lock(self) -> RunLock:

@@ -44,6 +44,10 @@ def test_the_built_in_model_is_the_default_entry_with_its_settings_filled_in(tmp
     (dict(inject=["kill_in_handoff@step=3,host=0"], memory_tier=True, save_every=2),
      "step 3 makes no memory save; use a multiple of --save-every (2)"),
     (dict(entry="examples/minimal.py:main", model="small"), "unknown option 'model'; "),
+    (dict(placement_timeout=1e308), "cluster.placement_timeout_s must be at most 1,000,000,000 seconds"),
+    (dict(seed=2**63), "train.seed must be at most 9,223,372,036,854,775,807, got 9,223,372,036,854,775,808"),
+    (dict(inject=["slow@step=3,host=0,factor=nan"]), "factor=F (a finite number above 1) goes with slow"),
+    (dict(inject=["slow@step=3,host=0,factor=inf"]), "factor=F (a finite number above 1) goes with slow"),
 ])
 def test_bad_settings_are_refused_with_the_fix(tmp_path, changes, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -210,6 +214,10 @@ def test_directories_that_cannot_hold_a_run(tmp_path):
         prepare(dict(run_dir=str(tmp_path / "notarun"), resume=True))
     with pytest.raises(ConfigError, match="is not empty: pass --resume"):
         prepare(dict(run_dir=str(tmp_path / "notarun")))
+    (tmp_path / "dangling").symlink_to(tmp_path / "gone")
+    with pytest.raises(ConfigError, match="is a symbolic link to nothing"):
+        prepare(dict(run_dir=str(tmp_path / "dangling")))
+    (tmp_path / "dangling").unlink()
     if os.geteuid() != 0:
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
@@ -248,3 +256,81 @@ def test_resume_without_a_run_dir_continues_the_newest_run_of_the_entry(tmp_path
                                           r"minimal-20261129-110000\); pass the --run-dir of the run"):
         prepare({"resume": True, "entry": f"{ROOT / 'examples' / 'classifier.py'}:main"})
     assert prepare({"resume": "auto", "entry": f"{ROOT / 'examples' / 'classifier.py'}:main"}).job.resume is False
+
+
+def test_a_nested_setting_given_in_part_keeps_its_other_keys_and_each_key_is_checked(tmp_path):
+    entry = tmp_path / "nested.py"
+    entry.write_text("import jaxlaunch\n\n"
+                     "@jaxlaunch.entrypoint(defaults={'opt': {'lr': 0.1, 'beta': 0.9}, 'name': 'a'})\n"
+                     "def main(ctx):\n    pass\n")
+    given = options(tmp_path, entry=f"{entry}:main")
+    settings = prepare({**given, "config": {"opt": {"lr": 0.5}}}).job.config
+    assert settings == {"opt": {"lr": 0.5, "beta": 0.9}, "name": "a"}
+    with pytest.raises(ConfigError, match="--set opt.nosuch: setting 'opt' has no key 'nosuch'; its keys are beta, lr"):
+        prepare({**given, "config": {"opt": {"nosuch": 1}}})
+    with pytest.raises(ConfigError, match="--set opt.lr='abc': expected float like its default 0.1"):
+        prepare({**given, "config": {"opt": {"lr": "abc"}}})
+
+
+def test_an_entry_whose_check_raises_anything_is_refused_in_one_line(tmp_path):
+    entry = tmp_path / "checks.py"
+    entry.write_text("import jaxlaunch\n\n"
+                     "@jaxlaunch.entrypoint(defaults={'n': 0}, check=lambda settings, mesh: 1 / settings['n'])\n"
+                     "def main(ctx):\n    pass\n")
+    with pytest.raises(ConfigError, match="its check of the settings raised ZeroDivisionError: division by zero"):
+        prepare(options(tmp_path, entry=f"{entry}:main"))
+    (tmp_path / "other.txt").write_text("def main(ctx):\n    pass\n")
+    with pytest.raises(ConfigError, match=r"other.txt is not a Python file \(.py\): name the .py file"):
+        prepare(options(tmp_path, entry=f"{tmp_path / 'other.txt'}:main"))
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"launcher: 5\n", "launcher: must be a mapping of settings, got 5"),
+    (b"launcher:\n", "launcher: must be a mapping of settings, got None"),
+    (b"steps: \xff\xfe\n", "not a text file (not UTF-8)"),
+    (b"resume: true\n", "resume is not a setting of a file; pass --resume"),
+    (b"run_dir: 5\n", "run_dir must be a path, got 5"),
+    (b"distributed: {heartbeat_timeout_s: 99999999999999999999}\n",
+     "distributed.heartbeat_timeout_s must be at most 1,000,000,000 seconds (31 years), "
+     "got 99,999,999,999,999,999,999"),
+])
+def test_a_config_file_that_cannot_be_read_as_settings_is_refused_in_one_line(tmp_path, content, message):
+    config = tmp_path / "job.yaml"
+    config.write_bytes(content)
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        prepare(options(tmp_path, config_file=str(config)))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_config_file_s_run_dir_is_the_run_s_unless_a_flag_names_another(tmp_path):
+    config = tmp_path / "job.yaml"
+    config.write_text(f"run_dir: {tmp_path / 'from-file'}\n")
+    assert prepare({"config_file": str(config)}).job.run_dir == str(tmp_path / "from-file")
+    assert prepare(options(tmp_path, config_file=str(config))).job.run_dir == str(tmp_path / "run")
+    with pytest.raises(ConfigError, match="over 16 MiB, not a settings file"):
+        prepare(options(tmp_path, config_file="/dev/zero"))
+
+
+def test_a_resume_of_a_run_whose_config_is_not_a_file_of_settings_is_refused_in_one_line(tmp_path):
+    run = tmp_path / "run"
+    (run / "config.json").mkdir(parents=True)
+    with pytest.raises(ConfigError, match="config.json cannot be read .*; restore it from a backup"):
+        prepare(options(tmp_path, resume=True))
+    (run / "config.json").rmdir()
+    (run / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="config.json holds list, not a run's settings; restore it from a backup"):
+        prepare(options(tmp_path, resume=True))
+    assert sorted(p.name for p in run.iterdir()) == ["config.json"], "nothing written"
+
+
+@pytest.mark.parametrize(("given", "message"), [
+    (dict(run_dir=""), "--run-dir is empty: name a folder for the run"),
+    (dict(name=""), "--name '': a run's name is one folder under runs/"),
+    (dict(name="../../escape"), "--name '../../escape': a run's name is one folder under runs/"),
+    (dict(name=".."), "--name '..': a run's name is one folder under runs/"),
+])
+def test_a_run_name_or_folder_that_names_no_folder_of_its_own_is_refused(tmp_path, monkeypatch, given, message):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=message):
+        prepare(given)
+    assert list(tmp_path.iterdir()) == []

@@ -24,6 +24,22 @@ def test_a_torn_line_is_skipped_with_a_warning_and_the_rest_is_kept(tmp_path, ca
     assert "line 2 is torn" in caplog.text
 
 
+def test_a_line_whose_time_is_not_a_number_is_skipped_and_a_report_of_the_rest_is_written(tmp_path, caplog):
+    from jaxlaunch.launcher import cli
+
+    path = tmp_path / "events.jsonl"
+    path.write_text('{"event": "launch", "time": 1}\n{"event": "launch", "time": null}\n'
+                    '{"event": "job_ended", "time": "yesterday"}\n')
+    with caplog.at_level(logging.WARNING):
+        assert read_jsonl(path) == [{"event": "launch", "time": 1}]
+    assert "line 2 has a time that is not a number (None)" in caplog.text
+    assert cli.main(["report", str(tmp_path)]) == 0 and (tmp_path / "report.png").is_file()
+    (tmp_path / "report.png").unlink()
+    (tmp_path / "report.png").mkdir()
+    assert cli.main(["report", str(tmp_path)]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["events.jsonl", "report.png"], "no temporary file left"
+
+
 def test_appending_after_a_torn_line_starts_a_new_line(tmp_path):
     run = RunDir(tmp_path)
     run.events_path.write_text('{"event": "launch", "time": 1}\n{"event": "torn')
