@@ -28,7 +28,7 @@ from typing import Any, TypeVar, overload
 
 from jaxlaunch.contract import by_value
 from jaxlaunch.contract.protocol import ConfigError, EntryRef
-from jaxlaunch.contract.values import coerce
+from jaxlaunch.contract.values import as_setting, coerce
 
 DEFAULT_FUNCTION = "main"
 BUILTIN_ENTRY = "jaxlaunch.models.lm:main"
@@ -93,7 +93,7 @@ class Entry:
         """The entry's settings: its defaults with `given` over them, checked and typed against them."""
         defaults = self.spec.defaults
         if defaults is None:
-            return dict(given)
+            return as_setting(dict(given), None)
         unknown = sorted(set(given) - set(defaults))
         if unknown:
             raise ConfigError(f"--set {unknown[0]}: {self.ref} has no setting {unknown[0]!r}; its settings are "
@@ -132,6 +132,7 @@ class Entry:
 def _typed_like(default: Any, value: Any, key: str) -> Any:
     """A setting's value typed like its default (`--set name=123` is the text "123" for a text setting);
     a mapping's given keys merged into its default's, each typed like its own default."""
+    value = as_setting(value, default)
     if default is None or value is None:
         return value
     if isinstance(default, Mapping) and isinstance(value, Mapping) and default:

@@ -90,3 +90,18 @@ def scalar(text: str) -> Any:
         except ValueError:
             return value
     return value
+
+
+class Given(str):
+    """A command line's text for an entry's setting (`--set KEY=TEXT`, `--KEY TEXT`), typed once the
+    setting's default is known (`as_setting`): a text setting keeps it as written ("1.10", "007"),
+    any other reads it as a YAML scalar."""
+
+
+def as_setting(value: Any, default: Any) -> Any:
+    """`value` with every `Given` in it made the value it stands for next to `default`."""
+    if isinstance(value, Given):
+        return str(value) if isinstance(default, str) else scalar(value)
+    if isinstance(value, Mapping):
+        return {k: as_setting(v, default.get(k) if isinstance(default, Mapping) else None) for k, v in value.items()}
+    return value

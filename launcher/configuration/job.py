@@ -42,7 +42,7 @@ from jaxlaunch.launcher.records.runs import RunDir
 from jaxlaunch.contract import data_order, events
 from jaxlaunch.contract import entry as entry_lib
 from jaxlaunch.contract.protocol import ConfigError, Injection
-from jaxlaunch.contract.values import scalar
+from jaxlaunch.contract.values import Given
 
 RUNS_ROOT = pathlib.Path("runs")
 """Where runs go without --run-dir (relative to the working directory, as Ray's ~/ray_results)."""
@@ -117,9 +117,10 @@ def prepare(given: Mapping[str, Any], entry_args: Sequence[str] = (), typed: Job
 
 def settings_parameters(entry: entry_lib.Entry) -> dict[str, inspect.Parameter]:
     """A parameter per declared setting of the entry (`seq_len` is --seq-len), by setting, unless a
-    launcher flag or keyword has its name (then only --set KEY=VALUE sets it); values are YAML scalars,
-    typed like the defaults. Given twice, the last value wins, as for the launcher's flags. A
-    parameter's own name is `setting_<i>` (a setting may be named `lambda`)."""
+    launcher flag or keyword has its name (then only --set KEY=VALUE sets it); values are as written
+    for a text setting, else YAML scalars, typed like the defaults. Given twice, the last value wins,
+    as for the launcher's flags. A parameter's own name is `setting_<i>` (a setting may be named
+    `lambda`)."""
     options = options_lib.table(*ROOTS)
     taken = {*options, *(o.flag for o in options.values()), *options_lib.RESERVED_FLAGS,
              *("--no-" + o.flag.removeprefix("--") for o in options.values() if o.value_type is bool)}
@@ -130,7 +131,7 @@ def settings_parameters(entry: entry_lib.Entry) -> dict[str, inspect.Parameter]:
         if not key.isidentifier() or key in taken or name in taken:
             continue
         spec = cyclopts.Parameter(name=name, group=group, help=f"(default: {default})", allow_repeating=True,
-                                  show_default=False, converter=lambda _, tokens: scalar(tokens[0].value),
+                                  show_default=False, converter=lambda _, tokens: Given(tokens[0].value),
                                   metavar=type(default).__name__.upper() if default is not None else "VALUE")
         out[key] = inspect.Parameter(f"setting_{len(out)}", inspect.Parameter.KEYWORD_ONLY, default=None,
                                      annotation=Annotated[Any, spec])

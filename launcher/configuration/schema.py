@@ -26,7 +26,7 @@ from jaxlaunch.contract.flags import flag
 from jaxlaunch.contract.mesh import resolve_mesh
 from jaxlaunch.contract.protocol import CheckpointConfig, ConfigError, DistributedConfig, Injection, InjectionKind
 from jaxlaunch.contract.store import open_store
-from jaxlaunch.contract.values import coerce, merge_settings, scalar
+from jaxlaunch.contract.values import Given, coerce, merge_settings
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 PLATFORMS = ("cpu", "cuda", "tpu")
@@ -120,8 +120,9 @@ class JobConfig:
     """The function every host runs: "path/to/file.py:function" or "package.module:function"."""
     config: dict[str, Any] = flag(default_factory=dict, cli="set", metavar="KEY=VALUE", repeat=True,
                                   parse=lambda text: parse_settings([text]))
-    """The entry's own settings (`ctx.config`): the YAML `config:` section, --set KEY=VALUE (a YAML
-    scalar; repeatable) and the flags of an entry's declared settings (default: the entry's defaults)."""
+    """The entry's own settings (`ctx.config`): the YAML `config:` section, --set KEY=VALUE (as
+    written for a text setting, else a YAML scalar; repeatable) and the flags of an entry's declared
+    settings (default: the entry's defaults)."""
     num_hosts: int = flag(4, name="hosts", metavar="N")
     """JAX processes, one per Ray host slot."""
     mesh: dict[str, int] = flag(default_factory=lambda: {"data": -1, "model": 2}, metavar="AXIS=SIZE,...",
@@ -434,14 +435,14 @@ def parse_mesh(text: str) -> dict[str, int]:
 
 
 def parse_settings(items: list[str]) -> dict[str, Any]:
-    """`--set key=value` flags as a mapping; values are YAML scalars (3, 0.1, true, text), and a
-    dotted key sets a nested value."""
+    """`--set key=value` flags as a mapping; values are the text as given (`Given`: a text setting keeps
+    it, any other reads a YAML scalar: 3, 0.1, true), and a dotted key sets a nested value."""
     out: dict[str, Any] = {}
     for item in items:
         key, sep, text = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set learning_rate=0.001")
-        value = scalar(text)
+        value = Given(text)  # typed by the entry's setting (`jaxlaunch.contract.values.as_setting`)
         *parents, leaf = key.strip().split(".")
         node = out
         for name in parents:

@@ -22,6 +22,7 @@ from jaxlaunch.launcher.configuration.schema import (
 
 from jaxlaunch.contract.mesh import resolve_mesh
 from jaxlaunch.contract.protocol import Injection
+from jaxlaunch.contract.values import as_setting
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "cluster_configs"
 
@@ -143,9 +144,13 @@ def test_override_only_applies_given_values():
     assert dataclasses.replace(k, train=j.train) == j
 
 
-def test_settings_from_set_flags_are_typed_yaml_scalars():
-    assert parse_settings(["lr=3e-4", "name=abc", "layers=4", "flag=true", "opt.beta=0.9", "empty="]) == {
+def test_settings_from_set_flags_are_yaml_scalars_but_a_text_setting_keeps_the_text_as_written():
+    given = parse_settings(["lr=3e-4", "name=abc", "layers=4", "flag=true", "opt.beta=0.9", "empty="])
+    assert as_setting(given, None) == {
         "lr": 3e-4, "name": "abc", "layers": 4, "flag": True, "opt": {"beta": 0.9}, "empty": ""}
+    texts = parse_settings(["version=1.10", "name=007", "tag=true", "layers=4", "opt.beta=0.90"])
+    assert as_setting(texts, {"version": "1.0", "name": "x", "tag": "t", "layers": 1, "opt": {"beta": 0.5}}) == {
+        "version": "1.10", "name": "007", "tag": "true", "layers": 4, "opt": {"beta": 0.9}}
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         parse_settings(["novalue"])
     assert merge_settings({"a": 1, "o": {"x": 1, "y": 2}}, {"o": {"y": 3}}) == {"a": 1, "o": {"x": 1, "y": 3}}

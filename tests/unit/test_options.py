@@ -81,7 +81,7 @@ def test_the_launch_s_own_flags_keep_their_names():
     launch = by_root[ROOTS[1]]
     assert launch == {"config_file": "c.yaml", "name": "exp", "resume": True, "allow_change": ("seed", "seq_len"),
                       "inject": (Injection("kill", 3, 1), Injection("hang", 5, 0)), "chaos": 30.0}
-    assert by_root[JobConfig] == {"config": {"lr": 3e-4, "opt": {"beta": 0.9}}}
+    assert by_root[JobConfig] == {"config": {"lr": "3e-4", "opt": {"beta": "0.9"}}}, "as written: the entry types it"
     assert parse(["--resume", "auto"])[0][ROOTS[1]] == {"resume": "auto"}
     with pytest.raises(ConfigError, match="Invalid value for --resume: expected bool or 'auto', got 'sometimes'"):
         cli.parse(["--resume", "sometimes"])
