@@ -100,7 +100,11 @@ def prepare(given: Mapping[str, Any], entry_args: Sequence[str] = (), typed: Job
     validate(job, launch)
     entry = found if found is not None and str(found.ref) == job.entry else entry_lib.resolve(job.entry)
     declared = entry_settings(entry, entry_args, entry_keywords)
-    settings = entry.settings(merge_settings(merge_settings(job.config, declared), set_flags))
+    kept = job.config
+    if saved is not None and entry.spec.defaults is not None:
+        # A setting the entry no longer has: left out, a change of the run `_refuse_silent_changes` names.
+        kept = {k: v for k, v in kept.items() if k in entry.spec.defaults}
+    settings = entry.settings(merge_settings(merge_settings(kept, declared), set_flags))
     job = dataclasses.replace(job, config=settings)
     if not resume and job.train.schedule_steps is None:
         job = override(job, **{"train.schedule_steps": job.train.steps})

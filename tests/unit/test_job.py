@@ -334,3 +334,21 @@ def test_a_run_name_or_folder_that_names_no_folder_of_its_own_is_refused(tmp_pat
     with pytest.raises(ConfigError, match=message):
         prepare(given)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_resume_after_the_entry_dropped_a_setting_names_it_and_goes_on_once_allowed(tmp_path, monkeypatch):
+    import sys
+
+    entry = tmp_path / "train.py"
+    entry.write_text("import jaxlaunch\n\n@jaxlaunch.entrypoint(defaults={'lr': 0.1, 'old': 5})\n"
+                     "def main(ctx):\n    pass\n")
+    first = prepare(options(tmp_path, entry=f"{entry}:main"))
+    fake_run(tmp_path / "run", first.job, first.fingerprint)
+    entry.write_text("import jaxlaunch\n\n@jaxlaunch.entrypoint(defaults={'lr': 0.1})\n"
+                     "def main(ctx):\n    pass\n")
+    for name in [n for n in sys.modules if n.startswith("_jaxlaunch_entry_train_")]:
+        monkeypatch.delitem(sys.modules, name)  # the entry's file as a new process imports it
+    with pytest.raises(ConfigError, match="--resume would change the run: old 5 -> None; pass --allow-change old"):
+        prepare(options(tmp_path, entry=f"{entry}:main", resume=True))
+    resumed = prepare(options(tmp_path, entry=f"{entry}:main", resume=True, allow_change=["old"]))
+    assert resumed.job.config == {"lr": 0.1}
