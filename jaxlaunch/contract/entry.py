@@ -96,7 +96,8 @@ class Entry:
             return as_setting(dict(given), None)
         unknown = sorted(set(given) - set(defaults))
         if unknown:
-            raise ConfigError(f"--set {unknown[0]}: {self.ref} has no setting {unknown[0]!r}; its settings are "
+            raise ConfigError(f"{self.ref} has no setting {unknown[0]!r} (set by --set, --config or a keyword); "
+                              f"its settings are "
                               f"{', '.join(sorted(defaults))}")
         out = dict(defaults)
         for key, value in given.items():

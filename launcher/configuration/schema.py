@@ -228,9 +228,10 @@ class CheckedJob(pydantic.BaseModel):
                 raise ConfigError(f"train.{name} must be at most {MAX_STEPS} (a 32-bit step counter), got {value}")
         every, persist = checkpoint.save_every, checkpoint.persist_every
         if checkpoint.memory_tier and isinstance(every, int) and isinstance(persist, int) and persist % every:
+            lower = persist // every * every
+            fits = " or ".join(str(n) for n in (lower, lower + every) if n >= every)
             raise ConfigError(f"with the memory tier, --persist-every {persist} must be a multiple of --save-every "
-                              f"{every} (a durable save is one of the saves): pass --persist-every "
-                              f"{max(every, persist // every * every)} or {(persist // every + 1) * every}")
+                              f"{every} (a durable save is one of the saves): pass --persist-every {fits}")
         if watchdog.startup_timeout_s < MIN_STARTUP_TIMEOUT_S:
             raise ConfigError(f"--startup-timeout {watchdog.startup_timeout_s:g} is too short to start JAX on a "
                               f"host: pass at least {MIN_STARTUP_TIMEOUT_S:g} seconds")
@@ -253,6 +254,9 @@ class CheckedJob(pydantic.BaseModel):
         if chaos is not None and not (chaos > 0 and math.isfinite(chaos)):
             raise ConfigError(f"--chaos must be a finite number of seconds above 0, got {chaos}")
         for injection in self.launch.inject:
+            if injection.step > job.train.steps:
+                raise ConfigError(f"--inject {injection}: step {injection.step} is after the run's last step "
+                                  f"(--steps {job.train.steps}), so it would never happen")
             if injection.host >= job.max_hosts:
                 raise ConfigError(f"--inject {injection}: host {injection.host} does not exist; the job has at most "
                                   f"{job.max_hosts} hosts (0..{job.max_hosts - 1})")
@@ -332,6 +336,8 @@ def _from_dict(cls: type, data: Mapping[str, Any], where: str, base: Any = None)
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """The raw mapping of a cluster config file (its `launcher:` section if it has one)."""
     p = pathlib.Path(path)
+    if not str(path).strip():
+        raise ConfigError("--config is empty: name a YAML file of settings (cluster_configs/ has examples)")
     try:
         with p.open("rb") as f:
             raw = f.read(MAX_CONFIG_BYTES + 1)  # /dev/zero, a pipe: never more than a settings file takes
@@ -429,9 +435,12 @@ def parse_mesh(text: str) -> dict[str, int]:
     """'data=-1,model=2' -> {'data': -1, 'model': 2}."""
     try:
         pairs = [item.split("=") for item in text.split(",") if item]
-        return {name.strip(): int(size) for name, size in pairs}
+        mesh = {name.strip(): int(size) for name, size in pairs}
     except ValueError:
         raise ConfigError(f"--mesh {text!r} is not of the form data=-1,model=2") from None
+    if len(mesh) < len(pairs):
+        raise ConfigError(f"--mesh {text!r} names an axis twice: give each axis once")
+    return mesh
 
 
 def parse_settings(items: list[str]) -> dict[str, Any]:

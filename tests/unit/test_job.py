@@ -33,7 +33,8 @@ def test_the_built_in_model_is_the_default_entry_with_its_settings_filled_in(tmp
     (dict(global_batch_size=30), "not divisible by the data-parallel size 4"),
     (dict(seq_len=999), "exceeds model tiny's max_seq_len 128"),
     (dict(data="/nonexistent"), "no such file or folder"),
-    (dict(config={"learnig_rate": 0.1}), "has no setting 'learnig_rate'; its settings are"),
+    (dict(config={"learnig_rate": 0.1}), "has no setting 'learnig_rate' (set by --set, --config or a keyword); "
+     "its settings are"),
     (dict(config={"seq_len": "long"}), "expected int like its default 128"),
     (dict(config={"learning_rate": float("nan")}), "learning_rate must be a finite number"),
     (dict(chaos=float("nan")), "--chaos must be a finite number"),
@@ -45,6 +46,13 @@ def test_the_built_in_model_is_the_default_entry_with_its_settings_filled_in(tmp
      "step 3 makes no memory save; use a multiple of --save-every (2)"),
     (dict(entry="examples/minimal.py:main", model="small"), "unknown option 'model'; "),
     (dict(placement_timeout=1e308), "cluster.placement_timeout_s must be at most 1,000,000,000 seconds"),
+    (dict(steps=10, inject=["kill@step=11,host=0"]), "step 11 is after the run's last step (--steps 10)"),
+    (dict(mesh="data=2,data=8"), "--mesh 'data=2,data=8' names an axis twice"),
+    (dict(name="x", run_dir="/tmp/x"), "--name and --run-dir both name the run's folder: pass one of them"),
+    (dict(allow_change=["seed"]), "--allow-change accepts a change on --resume, and this launch starts a run"),
+    (dict(memory_tier=True, save_every=10, persist_every=5), "must be a multiple of --save-every 10 .*: "
+     "pass --persist-every 10$"),
+    (dict(config_file=""), "--config is empty: name a YAML file"),
     (dict(seed=2**63), "train.seed must be at most 9,223,372,036,854,775,807, got 9,223,372,036,854,775,808"),
     (dict(inject=["slow@step=3,host=0,factor=nan"]), "factor=F (a finite number above 1) goes with slow"),
     (dict(inject=["slow@step=3,host=0,factor=inf"]), "factor=F (a finite number above 1) goes with slow"),
