@@ -154,6 +154,7 @@ def _run_job(prepared: PreparedJob, display: Display | None, exporter: Exporter 
     display = display or Display()
     if prepared.announce:
         display.message(prepared.announce, soft_wrap=True)
+    made = _first_missing(run.path)  # the folders this launch makes: removed again if it is refused
     try:
         run.store.makedirs()
     except OSError as err:  # a folder that cannot be made here (under /proc, a full disk)
@@ -163,7 +164,7 @@ def _run_job(prepared: PreparedJob, display: Display | None, exporter: Exporter 
         lock.acquire()
     except ConfigError:
         if prepared.fresh_dir:
-            _remove_if_empty(run.path)
+            _remove_if_empty(run.path, made)
         raise
     staging = tempfile.TemporaryDirectory(prefix="jaxlaunch-ship-")
     try:
@@ -182,7 +183,7 @@ def _run_job(prepared: PreparedJob, display: Display | None, exporter: Exporter 
             cluster.shutdown()
             if prepared.fresh_dir:
                 lock.release()
-                _remove_if_empty(run.path)
+                _remove_if_empty(run.path, made)
             raise
         try:
             return _drive(prepared, run, cluster, host_ref, display, lock, exporter)
@@ -398,7 +399,21 @@ def _package_folder(name: str) -> pathlib.Path:
     return pathlib.Path(spec.origin).parent
 
 
-def _remove_if_empty(path: pathlib.Path | str) -> None:
+def _first_missing(path: pathlib.Path | str) -> pathlib.Path | None:
+    """The outermost folder of a local `path` that does not exist yet (None: an object store's)."""
+    if not isinstance(path, pathlib.Path):
+        return None
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    return missing[-1] if missing else None
+
+
+def _remove_if_empty(path: pathlib.Path | str, made: pathlib.Path | None = None) -> None:
+    """Removes the run's folder if empty, and the empty folders above it up to `made`, which this launch made."""
     if isinstance(path, pathlib.Path):  # an object store has no folders to leave behind
-        with contextlib.suppress(OSError):
-            path.rmdir()
+        for folder in (path, *path.parents):
+            if made is None and folder != path:
+                break
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+            if folder == made or folder.exists():
+                break

@@ -137,3 +137,21 @@ def test_a_lock_not_refreshed_for_long_is_stale_on_any_host(tmp_path):
     lock.acquire()
     assert lock.took_over["host"] == "another-machine"
     lock.release()
+
+
+def test_a_refused_launch_removes_the_folders_it_made_and_none_it_found(tmp_path):
+    from jaxlaunch.launcher import runner
+
+    run = tmp_path / "nest" / "a" / "b" / "run"
+    made = runner._first_missing(run)
+    assert made == tmp_path / "nest"
+    run.mkdir(parents=True)
+    runner._remove_if_empty(run, made)
+    assert list(tmp_path.iterdir()) == [], "nest/a/b, made for the run, are gone with it"
+    (tmp_path / "kept" / "a").mkdir(parents=True)
+    (tmp_path / "kept" / "note").write_text("the user's")
+    run = tmp_path / "kept" / "a" / "run"
+    made = runner._first_missing(run)
+    run.mkdir()
+    runner._remove_if_empty(run, made)
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["a", "note"], "folders found are left"
