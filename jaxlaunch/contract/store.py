@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import logging
 import os
 import pathlib
 import shutil
@@ -255,6 +256,12 @@ class ObjectStore(Store):
         self.fs.rm(objects)
 
     def check(self) -> None:
+        # The clients log each retry of an unreachable store as an error with its traceback (gcsfs: about
+        # 50 lines): the one line below says it all.
+        quiet = [logging.getLogger(name) for name in ("gcsfs", "s3fs", "aiobotocore", "botocore")]
+        levels = [logger.level for logger in quiet]
+        for logger in quiet:
+            logger.setLevel(logging.CRITICAL)
         try:
             self.fs.ls(self.bucket, detail=False)
         except FileNotFoundError:
@@ -263,6 +270,9 @@ class ObjectStore(Store):
         except Exception as err:  # noqa: BLE001 - credentials and endpoints fail in many types: all said in one line
             raise ConfigError(f"--run-dir {self.url}: cannot list bucket {self.bucket} ({_one_line(err)}); "
                               f"{_CREDENTIALS[self.scheme]}") from None
+        finally:
+            for logger, level in zip(quiet, levels, strict=True):
+                logger.setLevel(level)
 
 
 _CREDENTIALS = {

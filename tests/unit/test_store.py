@@ -189,3 +189,20 @@ def test_a_host_is_started_pointed_at_the_gcs_emulator_and_keeps_a_user_s_own_ad
     own = {"TENSORSTORE_GCS_HTTP_URL": "http://gcs.internal:8080", "STORAGE_EMULATOR_HOST": "127.0.0.1:3333"}
     assert host_storage_environment(own)["TENSORSTORE_GCS_HTTP_URL"] == "http://gcs.internal:8080", \
         "the user's own setting is never touched"
+
+
+def test_an_unreachable_store_is_one_line_without_the_client_s_retry_logs(caplog):
+    import logging
+
+    from jaxlaunch.contract.protocol import ConfigError
+    from jaxlaunch.contract.store import ObjectStore
+
+    class Unreachable:
+        def ls(self, path, detail=False):
+            logging.getLogger("gcsfs").error("retry 3 of 6: connect call failed\nTraceback ...")
+            raise OSError("Cannot connect to host 127.0.0.1:1")
+
+    with caplog.at_level(logging.DEBUG), pytest.raises(ConfigError, match="cannot list bucket b .*Cannot connect"):
+        ObjectStore("gs://b/run", fs=Unreachable()).check()
+    assert not [r for r in caplog.records if r.name == "gcsfs"], caplog.text
+    assert logging.getLogger("gcsfs").level == logging.NOTSET, "the client's logging is as it was"
