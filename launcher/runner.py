@@ -179,9 +179,10 @@ def _run_job(prepared: PreparedJob, display: Display | None, exporter: Exporter 
             cluster.connect()
             cluster.request_hosts(job.max_hosts)
             wait_for_capacity(cluster, job)
-        except ConfigError:
+        except BaseException as err:
+            # Refused, failed or Ctrl-C: the embedded instance stopped, the autoscaler's request withdrawn.
             cluster.shutdown()
-            if prepared.fresh_dir:
+            if isinstance(err, ConfigError) and prepared.fresh_dir:
                 lock.release()
                 _remove_if_empty(run.path, made)
             raise

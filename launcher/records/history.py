@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 from jaxlaunch.launcher.records import goodput
@@ -104,7 +105,7 @@ class History:
             "returned": result.returned if result else None,
             "attempts": len(self.attempts),
             "attempt_table": [a.to_dict() for a in self.attempts],
-            "restarts_by_cause": dict(Counter(str(e.cause) for e in self.failures)),
+            "restarts_by_cause": dict(restarts_by_cause(self.events)),
             "cold_start_s": self.attempts[0].time_to_first_step_s if self.attempts else None,
             "goodput": self.goodput,
             "badput_s": self.badput_s,
@@ -159,3 +160,21 @@ def attempts(evts: list[Event]) -> list[AttemptRecord]:
 
 def is_failure(cause: Cause | None) -> bool:
     return isinstance(cause, FailureKind)
+
+
+def restarts_by_cause(history: Sequence[Event]) -> Counter[str]:
+    """Restarts of the group by what caused them: the failure before each restart, "resize", or
+    "replace" (a straggler's node left)."""
+    restarts: Counter[str] = Counter()
+    cause = None
+    for e in history:
+        if isinstance(e, events.Failure):
+            cause = e.cause
+        elif isinstance(e, events.Restarting) and cause is not None:
+            restarts[str(cause)] += 1
+            cause = None
+        elif isinstance(e, events.Grow):
+            restarts["resize"] += 1
+        elif isinstance(e, events.HostReplacement) and e.avoided and e.reason == events.EventKind.STRAGGLER:
+            restarts["replace"] += 1
+    return restarts

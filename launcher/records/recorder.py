@@ -198,14 +198,15 @@ class Recorder(Listener):
             if failure.rank is not None and failure.traceback and failure.kind == events.FailureKind.HUNG:
                 with self.run.host_log(a.number, failure.rank).open("a") as log:
                     log.write(f"\n--- the driver found this host hung; its stacks ---\n{failure.traceback}\n")
-        result = next(iter(a.results.values()), None)
+        result = next(iter(a.results.values()), None)  # the group's shape: every host's says the same
+        first = a.results.get(0)  # what the function returned: rank 0's, whichever host ended first
         self.event(events.AttemptEnded(
             attempt=a.number, num_hosts=a.num_hosts, cause=ended.cause,
             host=failure.rank if failure is not None else None, first_step=a.first_step, last_step=a.last_step,
             restored_step=a.restored_step, detection_latency_s=latency, recovery_time_s=a.recovery_time_s,
             time_to_first_step_s=a.time_to_first_step_s, duration_s=driver.clock() - a.started_at,
             **({"process_count": result.process_count, "num_devices": result.num_devices, "mesh": result.mesh,
-                "returned": result.returned} if result is not None else {}),
+                "returned": first.returned if first is not None else None} if result is not None else {}),
         ))
 
 

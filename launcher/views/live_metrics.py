@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING
 from jaxlaunch.launcher.control.driver import Driver, Listener
 from jaxlaunch.launcher.control.states import Attempt, Draining, ResolvingFailure, Running, State
 from jaxlaunch.launcher.records import history
+from jaxlaunch.launcher.records.history import restarts_by_cause
 from jaxlaunch.launcher.records.recorder import summary_writer
 from jaxlaunch.launcher.records.runs import RunDir
-from jaxlaunch.launcher.views.trackers import restarts_by_cause
 
 from jaxlaunch.contract.protocol import ConfigError, GroupPoll
 

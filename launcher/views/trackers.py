@@ -24,10 +24,10 @@ import json
 import logging
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from jaxlaunch.launcher.records.history import restarts_by_cause
 from jaxlaunch.launcher.records.runs import RunDir
 from jaxlaunch.launcher.views.tracker_backends import Backend, new_backend
 
@@ -113,24 +113,6 @@ def note_line(event: events.Event) -> str | None:
         case events.JobStopped(reason=reason):
             return f"{at} stopped: {reason}"
     return None
-
-
-def restarts_by_cause(history: Sequence[events.Event]) -> Counter[str]:
-    """Restarts of the group by what caused them: the failure before each restart, "resize", or
-    "replace" (a straggler's node left)."""
-    restarts: Counter[str] = Counter()
-    cause = None
-    for e in history:
-        if isinstance(e, events.Failure):
-            cause = e.cause
-        elif isinstance(e, events.Restarting) and cause is not None:
-            restarts[str(cause)] += 1
-            cause = None
-        elif isinstance(e, events.Grow):
-            restarts["resize"] += 1
-        elif isinstance(e, events.HostReplacement) and e.avoided and e.reason == events.EventKind.STRAGGLER:
-            restarts["replace"] += 1
-    return restarts
 
 
 def tags_and_notes(history: Sequence[events.Event], status: str = "running") -> tuple[dict[str, str], str]:

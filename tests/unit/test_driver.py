@@ -754,3 +754,24 @@ def test_hosts_that_outrun_the_polls_agree_on_a_stop_in_the_round_it_was_asked()
     # The first, 2 past the step polled, is refused by host 1 (25 further on); the second is 4 past its answer.
     assert proposals == [proposals[0], proposals[0] - 2 + 25 + 4], "past the answer, not past the poll"
     assert driver.run() == 128 + signal.SIGINT
+
+
+def test_what_the_function_returned_is_rank_0_s_whichever_host_ended_first(tmp_path):
+    import dataclasses
+
+    run = RunDir(tmp_path)
+    run.create()
+    recorder = Recorder(run, lambda n: {"data": n})
+
+    def ends_rank_1_first(group, i):
+        if i < 3:
+            return group.train(i + 1)
+        group.finish(3)
+        group.results = {r: dataclasses.replace(group.results[r], returned={"rank": r}) for r in (1, 0)}
+        return []
+
+    driver, _, _, _ = make_driver([ends_rank_1_first], listeners=[recorder])
+    assert driver.run() == 0
+    recorder.close()
+    [ended] = [e for e in run.events() if isinstance(e, events.AttemptEnded)]
+    assert ended.returned == {"rank": 0}

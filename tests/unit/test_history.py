@@ -35,6 +35,7 @@ def write_run(tmp_path):
                        failed_at=t + 8.5, time=t + 9),
         events.AttemptEnded(attempt=1, cause=FailureKind.CRASHED, host=2, first_step=1, last_step=3,
                             time_to_first_step_s=5.0, duration_s=8.0, detection_latency_s=0.5, time=t + 9),
+        events.Restarting(reason="host 2 crashed", backoff_s=0.0, time=t + 9),
         events.WaitingForCapacity(time=t + 10),
         events.AttemptStarted(attempt=2, num_hosts=2, mesh={"data": 2}, time=t + 14),
         events.Restored(attempt=2, step=2, seconds=0.5, time=t + 16),
@@ -315,3 +316,19 @@ def test_a_full_dev_shm_leaves_the_run_without_tensorboard_files_and_says_so(tmp
     assert [r.getMessage() for r in caplog.records if "no TensorBoard file" in r.getMessage()] == [
         f"no TensorBoard file in {tmp_path / 'tb'} for this launch ([Errno 28] No space left on device); "
         "metrics.jsonl and events.jsonl are written as always"], "said once"
+
+
+def test_restarts_by_cause_counts_restarts_not_the_failure_that_ended_the_job(tmp_path):
+    """The restart budget spent on two crashes, a third ends the job: two restarts, as the trackers
+    and the Prometheus counter say, not three."""
+    run = RunDir(tmp_path)
+    run.create()
+    t = 1000.0
+    for n in (1, 2, 3):
+        run.event(events.AttemptStarted(attempt=n, num_hosts=2, mesh={"data": 2}, time=t + 10 * n))
+        run.event(events.Failure(attempt=n, cause=FailureKind.CRASHED, host=1, step=3, time=t + 10 * n + 5))
+        run.event(events.AttemptEnded(attempt=n, cause=FailureKind.CRASHED, host=1, time=t + 10 * n + 5))
+        if n < 3:
+            run.event(events.Restarting(reason="host 1 crashed", backoff_s=1.0, time=t + 10 * n + 6))
+    run.event(events.JobEnded(status=JobStatus.FAILED, time=t + 40))
+    assert history.load_history(run).summary(run)["restarts_by_cause"] == {"crashed": 2}

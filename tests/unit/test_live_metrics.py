@@ -5,10 +5,10 @@ import urllib.error
 import urllib.request
 
 import pytest
+from jaxlaunch.launcher.records.history import restarts_by_cause
 from jaxlaunch.launcher.records.runs import RunDir
 from jaxlaunch.launcher.views import live_metrics
 from jaxlaunch.launcher.views.live_metrics import Exporter, LiveMetrics
-from jaxlaunch.launcher.views.trackers import restarts_by_cause
 from prometheus_client.parser import text_string_to_metric_families
 
 from jaxlaunch.contract.events import parse_event

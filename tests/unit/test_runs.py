@@ -155,3 +155,36 @@ def test_a_refused_launch_removes_the_folders_it_made_and_none_it_found(tmp_path
     run.mkdir()
     runner._remove_if_empty(run, made)
     assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["a", "note"], "folders found are left"
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, ConnectionError])
+def test_a_launch_stopped_while_it_joins_ray_or_waits_for_capacity_stops_what_it_started(tmp_path, monkeypatch, stop):
+    """Ctrl-C during the capacity wait (or a failed join of an embedded instance): the Ray instance
+    it started is stopped and the autoscaler's request withdrawn (`RayCluster.shutdown`)."""
+    from jaxlaunch.launcher import runner
+    from jaxlaunch.launcher.configuration.job import prepare
+
+    calls = []
+
+    class Cluster:
+        def __init__(self, cfg, env):
+            pass
+
+        def connect(self):
+            calls.append("connect")
+
+        def request_hosts(self, n):
+            calls.append(f"request {n}")
+
+        def shutdown(self):
+            calls.append("shutdown")
+
+    def wait(cluster, job):
+        raise stop()
+
+    monkeypatch.setattr(runner, "RayCluster", Cluster)
+    monkeypatch.setattr(runner, "wait_for_capacity", wait)
+    prepared = prepare({"run_dir": str(tmp_path / "run"), "hosts": 1, "mesh": "data=-1"})
+    with pytest.raises(stop):
+        runner._run_job(prepared, None, None)
+    assert calls == ["connect", "request 1", "shutdown"]
