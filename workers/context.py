@@ -410,7 +410,10 @@ class HostContext:
             started = time.perf_counter()
             self._loop.tiers.finish()
             self._progress.event(events.FinalSave(seconds=time.perf_counter() - started))
-        return self._done(Ending.STOPPED if self._stopped_at is not None else Ending.COMPLETED,
+        # A stop agreed at the last step ends a run that trained every step: completed, not stopped
+        # (the driver would restart a preempted one, or start a resized one, for nothing).
+        stopped = self._stopped_at is not None and self._stopped_at < self.steps
+        return self._done(Ending.STOPPED if stopped else Ending.COMPLETED,
                           self._loop.last_step if self._loop is not None else None, _json_value(returned))
 
     def _done(self, ending: Ending, final_step: int | None, returned: Any = None) -> HostResult:

@@ -330,3 +330,13 @@ def test_a_save_s_replica_check_counts_in_its_blocking_time_and_in_the_cadence(t
         memory_s, durable_s = costs[step]
         cost = memory_s if memory_tier else durable_s
         assert cost is not None and checked + split_time <= cost <= record["checkpoint_blocking_s"], (step, costs[step])
+
+
+
+@pytest.mark.parametrize("stop_at", [4, 6])
+def test_a_stop_agreed_at_the_last_step_ends_the_run_completed(tmp_path, stop_at):
+    ctx, progress = make_ctx(tmp_path, 6)
+    assert ctx._driver_stop.propose(stop_at).accepted and ctx._driver_stop.confirm(stop_at)
+    result = ctx._finish(minimal.main(ctx))
+    assert result.final_step == stop_at and stop_at in RunDir(tmp_path).committed_steps()
+    assert result.ending == (Ending.COMPLETED if stop_at == 6 else Ending.STOPPED)
