@@ -83,11 +83,17 @@ def judge(poll: GroupPoll, state: Persisting, now: float, timeout_s: float) -> t
 
 def result(state: Persisting, reason: str | None, durable_now: int | None, step_bytes: Callable[[int], int | None],
            now: float) -> MemoryPersisted:
-    """What came of the run: persisted only if the step the hosts wrote (memory's newest, or an older
-    one when the newest did not read back) is now the newest committed durable step."""
+    """What came of the run, from the durable listing: persisted when a step newer than the durable
+    one before it (memory's newest, or an older one when the newest did not read back) is now the
+    newest committed durable step, whatever ended the run after its commit (a signal, a host lost in
+    the shutdown, the time limit)."""
     step = state.written if state.written is not None else state.step
-    persisted = reason is None and durable_now == step
-    if reason is None and not persisted:
+    before = state.durable_step if state.durable_step is not None else -1
+    persisted = durable_now is not None and before < durable_now <= state.step
+    if persisted:
+        assert durable_now is not None
+        step, reason = durable_now, None
+    elif reason is None:
         # The hosts' own account first when they wrote nothing (no step newer than durable read back).
         reason = "; ".join(state.passed_over) if state.written is None and state.passed_over else \
             "; ".join([f"the hosts ended without a committed save of step {step}", *state.passed_over])

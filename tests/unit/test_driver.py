@@ -246,6 +246,26 @@ def test_a_persist_whose_hosts_end_without_the_step_committed_says_so():
     assert driver.state.persisted.reason == "the hosts ended without a committed save of step 5"
 
 
+def test_a_persist_interrupted_after_its_step_was_committed_is_recorded_as_written():
+    """The hosts committed step 5 durably and are still closing (their shutdown barrier) when a signal
+    comes: step 5 is persisted, and said so; a resume restores it."""
+    durable = [3]
+
+    def commits(group, i):
+        durable[0] = 5  # committed; the hosts have not returned yet
+
+    driver, log, clock, cluster = make_driver([dies_at(2) for _ in range(3)])
+    with_memory(driver, log, clock, cluster, commits, (5, 2), durable)
+    run_until(driver, Persisting)
+    driver.step()  # its hosts start
+    driver.step()  # step 5 committed
+    driver.request_stop(signal.SIGINT)
+    driver.step()
+    persisted = driver.state.persisted
+    assert (persisted.persisted, persisted.step, persisted.reason) == (True, 5, None), persisted
+    assert "memory step 5 written to durable storage" in driver.state.reason, driver.state.reason
+
+
 def test_a_persist_that_runs_out_of_time_is_ended():
     driver, log, clock, cluster = make_driver([dies_at(2) for _ in range(3)])
     with_memory(driver, log, clock, cluster, lambda group, i: None, (5, 2), [3])
