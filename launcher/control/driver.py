@@ -81,9 +81,8 @@ class Driver:
         sleep: Callable[[float], None] = time.sleep,
         persist: MemoryPersist | None = None,
     ):
-        self.cluster, self.make_group, self.policies = cluster, make_group, policies
-        self.persist = persist
-        """With the memory tier: how a job that gives up first writes what only memory holds (Persisting)."""
+        self.cluster, self.make_group, self.policies, self.persist = cluster, make_group, policies, persist
+        """`persist`, with the memory tier: how a job that gives up first writes what only memory holds (Persisting)."""
         self.committed_step = committed_step
         self.faults = faults or FaultPlan()
         self.listeners = list(listeners)
@@ -282,7 +281,8 @@ class Driver:
                 restored = attempt.restored_step if attempt.restored_step is not None else attempt.latest_committed
                 attempt.first_step = (restored or 0) + 1
                 attempt.time_to_first_step_s = now - attempt.started_at
-                if self.failures:
+                before = self.attempts[-2].cause if len(self.attempts) > 1 else None
+                if self.failures and isinstance(before, FailureKind):  # a resize or replacement is no recovery
                     attempt.recovery_time_s = now - self.failures[-1].detected_at
             attempt.last_step = max(attempt.last_step or 0, *reported)
         if poll.records:

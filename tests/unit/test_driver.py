@@ -518,6 +518,9 @@ def test_restart_shrinks_to_what_fits_and_grows_back():
     assert driver.run() == 0
     assert [(a.num_hosts, a.cause) for a in driver.attempts] == [(4, "crashed"), (2, "resize"), (4, "finished")]
     assert [f.kind for f in driver.failures] == [FailureKind.CRASHED], "growing is not a failure"
+    recovered = [a.recovery_time_s for a in driver.attempts]
+    assert recovered[0] is None and recovered[1] is not None and recovered[2] is None, \
+        "the growth is planned: no recovery time, let alone one from the crash before it"
 
 
 def test_waits_for_capacity_then_gives_up():
