@@ -214,7 +214,7 @@ class Driver:
             return self._finished(state, poll, now)
         if self.stop_signal is not None and isinstance(state, Running):
             return self._forward_stop(state, poll, now)
-        hung = self.policies.watchdog.hung(poll.hosts, now, limits.UNRESPONSIVE_AFTER_S)
+        hung = self.policies.watchdog.hung(poll.hosts, now, limits.UNRESPONSIVE_AFTER_S, poll.results)
         if hung is not None:
             host, limit = hung
             what = "stopped answering" if now - host.last_heard > limits.UNRESPONSIVE_AFTER_S else "made no progress"
@@ -253,7 +253,7 @@ class Driver:
                 attempt.failures[rank] = Diagnosis(FailureKind.NODE_LOST, rank, "the host's node is gone (its raylet "
                                                  "does not answer)", poll.hosts[rank].step, now)
         failures = list(attempt.failures.values())
-        failure = policy.blame(failures, poll.hosts, now, limits.UNRESPONSIVE_AFTER_S)
+        failure = policy.blame(failures, poll.hosts, now, limits.UNRESPONSIVE_AFTER_S, poll.results)
         if failure.failed_at is None or failure.kind == FailureKind.CRASHED:
             fired_at = self.faults.fired_at(attempt.number)
             failure = dataclasses.replace(failure, failed_at=fired_at or failure.failed_at)

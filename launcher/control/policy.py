@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Literal
 
 from jaxlaunch.contract.events import FailureKind
@@ -210,20 +210,23 @@ def likely_fix(failure: Diagnosis) -> str:
     return "fix the error in your entry's code above; run it with plain python to see it at once"
 
 
-def blame(failures: Sequence[Diagnosis], hosts: Sequence[HostStatus], now: float, silent_after_s: float) -> Diagnosis:
+def blame(failures: Sequence[Diagnosis], hosts: Sequence[HostStatus], now: float, silent_after_s: float,
+          returned: Collection[int] = ()) -> Diagnosis:
     """The failure to record: the root cause among those seen, unless a host had stopped answering
-    before them (the others then failed because of its silence: it hung)."""
+    before it (the others then failed because of its silence: it hung). A host that returned is
+    not silent (no one polls it), nor is one that went quiet only after the root cause."""
     everywhere = entry_error(failures, len(hosts))
     if everywhere is not None:
         return everywhere
     first = primary_failure(failures)
-    failed = {f.rank for f in failures}
-    silent = [h for h in hosts if now - h.last_heard > silent_after_s and h.rank not in failed]
+    failed = {f.rank for f in failures} | set(returned)
+    at = first.failed_at if first.failed_at is not None else first.detected_at
+    silent = [h for h in hosts if at - h.last_heard > silent_after_s and h.rank not in failed]
     if silent and not first.kind.is_fatal:
         host = min(silent, key=lambda h: h.last_heard)
         return Diagnosis(FailureKind.HUNG, host.rank,
-                       f"stopped answering {now - host.last_heard:.1f} s before host {first.rank} failed "
-                       f"({first.message})", first.step, now, host.last_heard)
+                         f"stopped answering {at - host.last_heard:.1f} s before host {first.rank} failed "
+                         f"({first.message})", first.step, now, host.last_heard)
     return first
 
 
@@ -347,17 +350,18 @@ class Watchdog:
             return self.cfg.hang_timeout_s
         return self.cfg.startup_timeout_s
 
-    def hung(self, hosts: Sequence[HostStatus], now: float,
-             silent_after_s: float) -> tuple[HostStatus, float] | None:
+    def hung(self, hosts: Sequence[HostStatus], now: float, silent_after_s: float,
+             returned: Collection[int] = ()) -> tuple[HostStatus, float] | None:
         """(the host to blame, the limit it broke) once any host is past its limit, or None.
 
         A stopped host also stalls every other host in the next collective, often a moment before
         its own limit runs out; the one to blame is the host that stopped answering polls, or else
-        the one furthest behind."""
+        the one furthest behind. A host that returned (`returned`) is polled no more: never blamed."""
+        hosts = [h for h in hosts if h.rank not in returned]
         late = [h for h in hosts if now - h.last_progress > self.limit(h.phase)]
         if not late:
             return None
         silent = [h for h in hosts if now - h.last_heard > silent_after_s]
         culprit = min(silent or late, key=lambda h: (h.last_heard if silent else 0.0,
                                                      h.step if h.step is not None else -1, h.last_progress))
-        return culprit, self.limit(late[0].phase)
+        return culprit, self.limit(culprit.phase if culprit in late else late[0].phase)

@@ -125,6 +125,24 @@ def test_blame_falls_on_a_host_that_went_silent_before_the_others_failed():
     assert blame([collective], hosts, now=100.0, silent_after_s=3.0) is collective
 
 
+def test_a_host_quiet_only_since_the_root_cause_or_one_that_returned_is_never_blamed_as_hung():
+    # Host 1's node was lost at t=90; the driver decides at t=120 (after the node wait). Host 0 stopped
+    # answering at t=91, after the loss and because of it: the lost node is the cause.
+    lost = Diagnosis(FailureKind.NODE_LOST, 1, "the host's node is gone", 10, detected_at=120.0, failed_at=90.0)
+    hosts = [HostStatus(0, last_heard=91.0), HostStatus(1, last_heard=89.5)]
+    assert blame([lost], hosts, now=120.0, silent_after_s=2.0) is lost
+    # Host 0 returned at t=100 (its last word); host 1 raised at t=103.
+    crash = failure(FailureKind.EXCEPTION, rank=1, at=103.0, message="ValueError: bad")
+    hosts = [HostStatus(0, last_heard=100.0), HostStatus(1, last_heard=103.0)]
+    assert blame([crash], hosts, now=104.0, silent_after_s=2.0, returned={0}) is crash
+    # Host 0 returned; host 1 is stuck in its final save past the limit: host 1 is the hung one.
+    dog = Watchdog(WatchdogConfig(hang_timeout_s=5, save_timeout_s=50))
+    done = HostStatus(0, Phase.TRAINING, step=9, last_heard=100, last_progress=100)
+    saving = HostStatus(1, Phase.SAVING, step=9, last_heard=700, last_progress=100)
+    host, limit = dog.hung([done, saving], now=701, silent_after_s=2, returned={0})
+    assert (host.rank, limit) == (1, 50)
+
+
 # ---- restarts --------------------------------------------------------------------------------------
 
 def test_restart_within_budget_then_stop():
