@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import heapq
+import math
 import statistics
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -143,7 +144,7 @@ def intervals(evts: Sequence[Event], metrics: Sequence[dict[str, Any]]) -> list[
     for e in evts:
         if isinstance(e, events.Restored) and e.seconds:
             marks.append(Interval(e.time - e.seconds, e.time, "restore"))
-        elif isinstance(e, events.FinalSave):
+        elif isinstance(e, events.FinalSave | events.MemoryPersisted) and e.seconds:  # a give-up's persist too
             marks.append(Interval(e.time - e.seconds, e.time, "checkpoint"))
         elif isinstance(e, events.AttemptStarted):
             marks += _attempt_intervals(e, ended.get(e.attempt), failures.get(e.attempt), steps)
@@ -222,16 +223,30 @@ def _scheduled_at(started: events.AttemptStarted, ended: events.AttemptEnded | N
 def _between_attempts(evts: Sequence[Event], ended: dict[int, events.AttemptEnded]) -> list[Interval]:
     """Before a launch's first attempt: start-up. After an attempt that did not finish, until the next
     one is scheduled: downtime (backoff, scheduling), or waiting for capacity from the moment the
-    driver said so."""
-    marks = []
+    driver said so. With no next attempt, a restart under way (its wait for capacity, a give-up for
+    lack of it, a launch still waiting) and a launch's start-up last until the driver gives up or the
+    launch ends; the driver's own ending after an attempt it does not restart is `other`."""
+    marks: list[Interval] = []
     launch_at = end_at = waiting_at = None
+    restarting = False
+
+    def close(at: float) -> None:
+        pending = ((launch_at, "startup"), (end_at if restarting else None, "downtime"), (waiting_at, "capacity_wait"))
+        marks.extend(Interval(since, at, category) for since, category in pending if since is not None)
+
     for e in evts:
         if isinstance(e, events.Launch):
-            launch_at, end_at, waiting_at = e.time, None, None
+            close(e.time)
+            launch_at, end_at, waiting_at, restarting = e.time, None, None, False
         elif isinstance(e, events.AttemptEnded) and e.cause != PlannedEnd.FINISHED:
-            end_at, waiting_at = e.time, None
+            end_at, waiting_at, restarting = e.time, None, False
+        elif isinstance(e, events.Restarting):
+            restarting = True
         elif isinstance(e, events.WaitingForCapacity):
             waiting_at = e.time
+        elif isinstance(e, events.PersistingMemory | events.JobFailed | events.JobStopped | events.JobEnded):
+            close(e.time)  # the driver gave up waiting, or ended
+            launch_at = end_at = waiting_at = None
         elif isinstance(e, events.AttemptStarted):
             scheduled = _scheduled_at(e, ended.get(e.attempt))
             if launch_at is not None:
@@ -241,4 +256,6 @@ def _between_attempts(evts: Sequence[Event], ended: dict[int, events.AttemptEnde
             if waiting_at is not None:
                 marks.append(Interval(waiting_at, scheduled, "capacity_wait"))
             launch_at = end_at = waiting_at = None
+            restarting = False
+    close(math.inf)  # each interval counts only within its launch's span
     return marks

@@ -332,3 +332,28 @@ def test_restarts_by_cause_counts_restarts_not_the_failure_that_ended_the_job(tm
             run.event(events.Restarting(reason="host 1 crashed", backoff_s=1.0, time=t + 10 * n + 6))
     run.event(events.JobEnded(status=JobStatus.FAILED, time=t + 40))
     assert history.load_history(run).summary(run)["restarts_by_cause"] == {"crashed": 2}
+
+
+def test_a_wait_for_capacity_that_ends_the_job_and_a_give_up_s_persist_are_their_own_time(tmp_path):
+    """After the last attempt failed, 300 s of waiting for capacity, then 100 s writing memory's step
+    durably: capacity wait and checkpoint time, not the driver's `other`; and so while it still waits."""
+    run = RunDir(tmp_path)
+    run.create()
+    for event in [
+        events.Launch(time=0.0), events.AttemptStarted(attempt=1, time=1.0),
+        events.Failure(attempt=1, cause=FailureKind.CRASHED, host=1, failed_at=3.0, time=3.5),
+        events.AttemptEnded(attempt=1, cause=FailureKind.CRASHED, duration_s=2.5, time=3.5),
+        events.Restarting(reason="host 1 crashed", backoff_s=0.0, time=3.5),
+        events.WaitingForCapacity(time=4.0),
+        events.PersistingMemory(attempt=1, step=4, durable_step=2, num_hosts=1, time=304.0),
+        events.MemoryPersisted(step=4, durable_step=2, num_hosts=1, seconds=100.0, persisted=True, time=404.0),
+        events.JobEnded(status=JobStatus.FAILED, time=404.5),
+    ]:
+        run.event(event)
+    run.metrics([{"step": s, "step_time_s": 0.5, "attempt": 1, "time": 1.0 + 0.5 * s} for s in range(1, 5)])
+    split = history.load_history(run).split
+    assert split.badput_s["capacity_wait"] == pytest.approx(300.0)
+    assert split.badput_s["checkpoint"] == pytest.approx(100.0)
+    assert split.badput_s["other"] == pytest.approx(0.5), "only the driver's ending after the persist"
+    live = goodput.split_wall_time(run.events()[:6], run.metric_records(), until=104.0)
+    assert live.badput_s["capacity_wait"] == pytest.approx(100.0), "counted while it waits"
