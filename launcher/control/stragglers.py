@@ -8,6 +8,7 @@ rule; `StragglerWatch` is the driver's listener that feeds it the polls and reco
 from __future__ import annotations
 
 import dataclasses
+import random
 import statistics
 from collections.abc import Callable, Mapping
 
@@ -29,6 +30,9 @@ MIN_SHARE = 2 / 3
 """A straggler stood out in at least this share of the steps looked at."""
 WARMUP_STEPS = 5
 """The first steps each host times in an attempt are passed over (caches and allocators warm up)."""
+BUSY_SAMPLE = 4096
+"""Each host's busy times an attempt's median (`host_busy`) is taken from: all of them up to this
+many steps, then a uniform sample of this many (a driver's memory stays bounded in a long run)."""
 MIN_COST_SHARE = 0.1
 """A straggler also costs the job: what it makes every host wait, its busy time over its peers'
 (the median over the steps), is at least this share of the step time. A host whose own work is
@@ -115,12 +119,16 @@ class StragglerWatch(Listener):
         self.step_s: dict[int, float] = {}
         """Each step's time, from rank 0's records (every host steps together)."""
         self.all_busy: dict[int, list[float]] = {}
+        """Per host, its busy times of this attempt: all, or a uniform sample of `BUSY_SAMPLE` (`timed`)."""
+        self.timed: dict[int, int] = {}
+        """Per host, how many steps it timed in this attempt."""
+        self.sampling = random.Random(0)
         self.named: set[int] = set()
         self.found: list[events.Straggler] = []
         self.to_leave: Replacement | None = None
 
     def on_attempt_started(self, driver: Driver, started: AttemptStartNotice) -> None:
-        self.busy, self.step_s, self.all_busy, self.named, self.to_leave = {}, {}, {}, set(), None
+        self.busy, self.step_s, self.all_busy, self.timed, self.named, self.to_leave = {}, {}, {}, {}, set(), None
 
     def replacement(self, attempt: Attempt) -> Replacement | None:
         wanted, self.to_leave = self.to_leave, None
@@ -145,8 +153,8 @@ class StragglerWatch(Listener):
         for rank, timed in poll.busy.items():
             steps = self.busy.setdefault(rank, {})
             for step, seconds in timed:
-                self.all_busy.setdefault(rank, []).append(seconds)
-                if len(self.all_busy[rank]) > WARMUP_STEPS:
+                self._sample(rank, seconds)
+                if self.timed[rank] > WARMUP_STEPS:
                     steps[step] = seconds
             self._keep_newest(steps)
         if len(self.busy) < attempt.num_hosts:
@@ -165,6 +173,15 @@ class StragglerWatch(Listener):
         self.record(event)
         self.tell(straggler_message(event))
 
+    def _sample(self, rank: int, seconds: float) -> None:
+        """Reservoir sampling (Vitter's algorithm R): every timed step equally likely to be in the sample."""
+        n = self.timed[rank] = self.timed.get(rank, 0) + 1
+        sample = self.all_busy.setdefault(rank, [])
+        if len(sample) < BUSY_SAMPLE:
+            sample.append(seconds)
+        elif (slot := self.sampling.randrange(n)) < BUSY_SAMPLE:
+            sample[slot] = seconds
+
     def _keep_newest(self, by_step: dict[int, float]) -> None:
         """Drops all but the newest KEPT_STEPS_FACTOR * straggler_steps steps."""
         for old in sorted(by_step)[:-KEPT_STEPS_FACTOR * self.num_steps]:
@@ -177,4 +194,4 @@ class StragglerWatch(Listener):
         self.record(events.HostBusy(
             attempt=ended.attempt.number,
             busy_s=[statistics.median(self.all_busy[r]) if self.all_busy.get(r) else None for r in ranks],
-            steps=max(len(v) for v in self.all_busy.values())))
+            steps=max(self.timed.values())))

@@ -138,3 +138,25 @@ def test_a_slow_host_stretches_its_own_work_by_the_factor(tmp_path, monkeypatch)
     hook.observe_busy(0.033)  # its own stretched steps do not move its usual time
     hook.at_step(4)
     assert slept == pytest.approx([2 * 0.011, 2 * 0.011])
+
+
+def test_the_watch_s_memory_of_busy_times_stays_bounded_and_its_median_is_the_hosts(monkeypatch):
+    """20,000 steps of 2 hosts (host 1 twice as busy from the start), the sample capped at 1,000: the
+    driver keeps 1,000 busy times a host, and the attempt's median is each host's within 5 %."""
+    from jaxlaunch.launcher.control import stragglers
+
+    monkeypatch.setattr(stragglers, "BUSY_SAMPLE", 1000)
+    recorded: list[events.Event] = []
+    watch = StragglerWatch(FACTOR, STEPS, recorded.append, lambda _: None)
+    attempt = Attempt(number=1, num_hosts=2, mesh={}, started_at=0.0, latest_committed=None)
+    hosts = [HostStatus(rank) for rank in range(2)]
+    busy = busy_of(2, range(1, 20_001), slow={1: 2.0})
+    for first in range(1, 20_001, 100):
+        window = {rank: [(s, busy[rank][s]) for s in range(first, first + 100)] for rank in range(2)}
+        watch.on_poll(None, attempt, GroupPoll(hosts, [], [], {}, [], window))
+    assert [len(watch.all_busy[r]) for r in range(2)] == [1000, 1000]
+    watch.on_attempt_ended(None, type("Ended", (), {"attempt": attempt})())
+    [per_host] = [e for e in recorded if isinstance(e, events.HostBusy)]
+    exact = [sorted(busy[r].values())[10_000] for r in range(2)]
+    assert per_host.steps == 20_000
+    assert all(abs(m - e) <= 0.05 * e for m, e in zip(per_host.busy_s, exact, strict=True)), (per_host.busy_s, exact)
