@@ -262,7 +262,7 @@ def _build(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref: En
     listeners: list[Any] = [recorder, live, ConsoleView(display, run, job.train.steps, job.checkpoint.memory_tier)]
     if prepared.chaos_mean_s:
         listeners.append(Chaos(prepared.chaos_mean_s, job.train.seed, recorder.event))
-    replicas = ReplicaWatch(recorder.event, lambda text: display.message(f"[red]{escape(text)}[/red]"))
+    replicas = ReplicaWatch(recorder.event, lambda text: display.message(f"[red]{escape(text)}[/red]"), run.events())
     listeners.append(replicas)
     make_spec = _make_spec(job, run, host_ref, replicas)
     listeners.append(StragglerWatch(job.fault.straggler_factor, job.fault.straggler_steps, recorder.event,

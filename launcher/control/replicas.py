@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 from jaxlaunch.launcher.control.driver import Driver, Listener
 from jaxlaunch.launcher.control.policy import Diagnosis
@@ -66,6 +66,19 @@ def replica_message(event: events.ReplicaMismatch) -> str:
             f"Silent data corruption: restarting from {restore}, the newest step whose replicas agreed")
 
 
+def unresolved_limit(past: Sequence[events.Event]) -> int | None:
+    """The newest step a resume may restore after the run's last replica mismatch, if no later attempt
+    restored under it and trained (the launch ended on the mismatch, or stopped before); else None."""
+    mismatches = [e for e in past if isinstance(e, events.ReplicaMismatch)]
+    if not mismatches:
+        return None
+    last = mismatches[-1]
+    if any(isinstance(e, events.Restored | events.AttemptEnded) and (e.attempt or 0) > last.attempt
+           and (isinstance(e, events.Restored) or e.first_step is not None) for e in past):
+        return None  # a later attempt restored under the limit (or trained from a fresh start)
+    return last.restore_from if last.restore_from is not None else last.step - 1
+
+
 class ReplicaWatch(Listener):
     """The driver's listener that compares each checked step's checksums once every host sent them.
     `mismatch` is the first disagreement of the attempt (the driver ends the attempt on it);
@@ -73,14 +86,17 @@ class ReplicaWatch(Listener):
     at most (newer committed steps are set aside); it holds until an attempt has restored and
     trained, and is None otherwise (every committed step may be restored)."""
 
-    def __init__(self, record: Callable[[events.Event], None], tell: Callable[[str], None]):
+    def __init__(self, record: Callable[[events.Event], None], tell: Callable[[str], None],
+                 past: Sequence[events.Event] = ()):
         self.record, self.tell = record, tell
         self.pending: dict[int, dict[int, ReplicaChecksums]] = {}
         """step -> rank -> checksums, until every host's arrived."""
         self.verified: set[int] = set()
         """The steps whose replicas agreed, over the whole job."""
         self.mismatch: Mismatch | None = None
-        self.restore_limit: int | None = None
+        self.restore_limit: int | None = unresolved_limit(past)
+        """From the run's earlier launches (`past`, its events) too: a mismatch its launch ended on,
+        before any attempt restored under its limit, still bars the unverified steps on --resume."""
 
     def on_attempt_started(self, driver: Driver, started: AttemptStartNotice) -> None:
         self.pending, self.mismatch = {}, None

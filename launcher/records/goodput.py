@@ -232,7 +232,9 @@ def _between_attempts(evts: Sequence[Event], ended: dict[int, events.AttemptEnde
 
     def close(at: float) -> None:
         pending = ((launch_at, "startup"), (end_at if restarting else None, "downtime"), (waiting_at, "capacity_wait"))
-        marks.extend(Interval(since, at, category) for since, category in pending if since is not None)
+        for since, category in pending:
+            if since is not None:
+                marks.append(Interval(since, at, category))
 
     for e in evts:
         if isinstance(e, events.Launch):

@@ -105,3 +105,16 @@ def test_the_bitflip_injection_parses_without_a_factor():
     injection = Injection.parse("bitflip@step=40,host=2")
     assert (injection.kind, injection.step, injection.host) == (InjectionKind.BITFLIP, 40, 2)
     assert str(injection) == "bitflip@step=40,host=2"
+
+
+def test_a_mismatch_a_launch_ended_on_still_bars_its_unverified_steps_on_resume():
+    """The launch ended on a mismatch at step 30 (budget spent) with step 30 committed durably: a
+    --resume restores step 20 at most, the newest whose replicas agreed, until an attempt has
+    restored under that limit."""
+    mismatch = events.ReplicaMismatch(attempt=2, step=30, array="w", index="[0:4]", hosts=[0, 1], nodes=["a", "b"],
+                                      checksums=[1, 2], restore_from=20)
+    ended = events.AttemptEnded(attempt=2, cause=FailureKind.REPLICA_MISMATCH, first_step=11, last_step=30)
+    assert ReplicaWatch(print, print, [mismatch, ended]).restore_limit == 20
+    restored = events.Restored(attempt=3, step=20, seconds=0.1)
+    assert ReplicaWatch(print, print, [mismatch, ended, restored]).restore_limit is None, "the next launch applied it"
+    assert ReplicaWatch(print, print, [ended]).restore_limit is None
