@@ -158,6 +158,8 @@ def _run_job(prepared: PreparedJob, display: Display | None, exporter: Exporter 
     try:
         run.store.makedirs()
     except OSError as err:  # a folder that cannot be made here (under /proc, a full disk)
+        if prepared.fresh_dir:
+            _remove_if_empty(run.path, made)  # the parents it did make
         raise ConfigError(f"--run-dir {job.run_dir}: {err.strerror or err}; choose another --run-dir") from None
     lock = run.lock()
     try:

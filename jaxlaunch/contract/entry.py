@@ -139,8 +139,8 @@ def _typed_like(default: Any, value: Any, key: str) -> Any:
     if isinstance(default, Mapping) and isinstance(value, Mapping) and default:
         unknown = sorted(set(value) - set(default))
         if unknown:
-            raise ConfigError(f"--set {key}.{unknown[0]}: setting {key!r} has no key {unknown[0]!r}; its keys are "
-                              f"{', '.join(sorted(map(str, default)))}")
+            raise ConfigError(f"{key}.{unknown[0]}: setting {key!r} has no key {unknown[0]!r} (set by --set, --config "
+                              f"or a keyword); its keys are {', '.join(sorted(map(str, default)))}")
         return {**default, **{k: _typed_like(default[k], v, f"{key}.{k}") for k, v in value.items()}}
     if isinstance(default, str) and isinstance(value, int | float) and not isinstance(value, bool):
         return str(value)

@@ -107,8 +107,9 @@ def prepare(given: Mapping[str, Any], entry_args: Sequence[str] = (), typed: Job
     declared = entry_settings(entry, entry_args, entry_keywords)
     kept = job.config
     if saved is not None and entry.spec.defaults is not None:
-        # A setting the entry no longer has: left out, a change of the run `_refuse_silent_changes` names.
-        kept = {k: v for k, v in kept.items() if k in entry.spec.defaults}
+        # A saved setting the entry no longer has (a nested key too): left out, a change of the run that
+        # `_refuse_silent_changes` names. One the --config file gives is checked as any other.
+        kept = merge_settings(_without_gone(saved.config, entry.spec.defaults), file_data.get("config") or {})
     settings = entry.settings(merge_settings(merge_settings(kept, declared), set_flags))
     job = dataclasses.replace(job, config=settings)
     if not resume and job.train.schedule_steps is None:
@@ -120,6 +121,12 @@ def prepare(given: Mapping[str, Any], entry_args: Sequence[str] = (), typed: Job
         if data_order.ALLOW_KEY not in launch.allow_change:
             _refuse_data_order_change(run, job.num_hosts)
     return PreparedJob(job, entry, fingerprint, launch.inject, launch.chaos, not run.exists(), announce)
+
+
+def _without_gone(saved: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """The saved settings the entry still declares, nested mappings key by key."""
+    return {k: _without_gone(v, defaults[k]) if isinstance(v, Mapping) and isinstance(defaults[k], Mapping)
+            and defaults[k] else v for k, v in saved.items() if k in defaults}
 
 
 # ---- the entry's declared settings as flags and keywords ------------------------------------------------

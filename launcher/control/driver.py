@@ -251,7 +251,7 @@ class Driver:
         for rank in self.running_group.lost_hosts():
             if rank not in attempt.failures:
                 attempt.failures[rank] = Diagnosis(FailureKind.NODE_LOST, rank, "the host's node is gone (its raylet "
-                                                 "does not answer)", poll.hosts[rank].step, now)
+                                                 "is silent)", poll.hosts[rank].step, now, poll.hosts[rank].last_heard)
         failures = list(attempt.failures.values())
         failure = policy.blame(failures, poll.hosts, now, limits.UNRESPONSIVE_AFTER_S, poll.results)
         if failure.failed_at is None or failure.kind == FailureKind.CRASHED:

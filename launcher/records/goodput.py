@@ -241,7 +241,8 @@ def _between_attempts(evts: Sequence[Event], ended: dict[int, events.AttemptEnde
             close(e.time)
             launch_at, end_at, waiting_at, restarting = e.time, None, None, False
         elif isinstance(e, events.AttemptEnded) and e.cause != PlannedEnd.FINISHED:
-            end_at, waiting_at, restarting = e.time, None, False
+            # A resize or a replacement restarts at once (no `restarting` event says so); a failure if decided so.
+            end_at, waiting_at, restarting = e.time, None, e.cause in (PlannedEnd.RESIZE, PlannedEnd.REPLACE)
         elif isinstance(e, events.Restarting):
             restarting = True
         elif isinstance(e, events.WaitingForCapacity):

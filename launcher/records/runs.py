@@ -170,10 +170,13 @@ class RunDir(RunLayout):
             data = json.loads(self.store.read("config.json"))
         except FileNotFoundError:
             return None
-        except (ValueError, OSError) as err:
-            what = "is not valid JSON" if isinstance(err, ValueError) else f"cannot be read ({err.strerror or err})"
+        except (ValueError, IsADirectoryError) as err:
+            what = "is not valid JSON" if isinstance(err, ValueError) else "is a folder"
             raise ConfigError(f"{self.store.join('config.json')} {what}; restore it from a backup or "
                               f"start a new --run-dir") from None
+        except OSError as err:  # permissions, the store's network: nothing wrong with the run itself
+            raise ConfigError(f"{self.store.join('config.json')} cannot be read ({err.strerror or err}); check "
+                              f"that this machine may read the run directory, then resume again") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{self.store.join('config.json')} holds {type(data).__name__}, not a run's settings; "
                               f"restore it from a backup or start a new --run-dir")

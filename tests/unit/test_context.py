@@ -332,7 +332,6 @@ def test_a_save_s_replica_check_counts_in_its_blocking_time_and_in_the_cadence(t
         assert cost is not None and checked + split_time <= cost <= record["checkpoint_blocking_s"], (step, costs[step])
 
 
-
 @pytest.mark.parametrize("stop_at", [4, 6])
 def test_a_stop_agreed_at_the_last_step_ends_the_run_completed(tmp_path, stop_at):
     ctx, progress = make_ctx(tmp_path, 6)

@@ -357,3 +357,12 @@ def test_a_wait_for_capacity_that_ends_the_job_and_a_give_up_s_persist_are_their
     assert split.badput_s["other"] == pytest.approx(0.5), "only the driver's ending after the persist"
     live = goodput.split_wall_time(run.events()[:6], run.metric_records(), until=104.0)
     assert live.badput_s["capacity_wait"] == pytest.approx(100.0), "counted while it waits"
+
+
+def test_the_gap_of_a_resize_is_downtime_while_the_next_group_is_scheduled():
+    evts = [events.Launch(time=0.0), events.AttemptStarted(attempt=1, time=1.0),
+            events.AttemptEnded(attempt=1, cause=events.PlannedEnd.RESIZE, duration_s=9.0, time=10.0)]
+    metrics = [{"step": s, "step_time_s": 1.0, "attempt": 1, "time": 1.0 + s} for s in range(1, 9)]
+    live = goodput.split_wall_time(evts, metrics, until=13.0)
+    # From the last step (at 9) through the drain to now: teardown, then scheduling the next group.
+    assert live.badput_s["downtime"] == pytest.approx(4.0) and live.badput_s["other"] == pytest.approx(0.0)

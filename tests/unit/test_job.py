@@ -274,7 +274,7 @@ def test_a_nested_setting_given_in_part_keeps_its_other_keys_and_each_key_is_che
     given = options(tmp_path, entry=f"{entry}:main")
     settings = prepare({**given, "config": {"opt": {"lr": 0.5}}}).job.config
     assert settings == {"opt": {"lr": 0.5, "beta": 0.9}, "name": "a"}
-    with pytest.raises(ConfigError, match="--set opt.nosuch: setting 'opt' has no key 'nosuch'; its keys are beta, lr"):
+    with pytest.raises(ConfigError, match="opt.nosuch: setting 'opt' has no key 'nosuch' .*; its keys are beta, lr"):
         prepare({**given, "config": {"opt": {"nosuch": 1}}})
     with pytest.raises(ConfigError, match="--set opt.lr='abc': expected float like its default 0.1"):
         prepare({**given, "config": {"opt": {"lr": "abc"}}})
@@ -322,7 +322,7 @@ def test_a_config_file_s_run_dir_is_the_run_s_unless_a_flag_names_another(tmp_pa
 def test_a_resume_of_a_run_whose_config_is_not_a_file_of_settings_is_refused_in_one_line(tmp_path):
     run = tmp_path / "run"
     (run / "config.json").mkdir(parents=True)
-    with pytest.raises(ConfigError, match="config.json cannot be read .*; restore it from a backup"):
+    with pytest.raises(ConfigError, match="config.json is a folder; restore it from a backup"):
         prepare(options(tmp_path, resume=True))
     (run / "config.json").rmdir()
     (run / "config.json").write_text("[1, 2]")
@@ -360,3 +360,25 @@ def test_a_resume_after_the_entry_dropped_a_setting_names_it_and_goes_on_once_al
         prepare(options(tmp_path, entry=f"{entry}:main", resume=True))
     resumed = prepare(options(tmp_path, entry=f"{entry}:main", resume=True, allow_change=["old"]))
     assert resumed.job.config == {"lr": 0.1}
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("config: {lrr: 0.2}\n")
+    with pytest.raises(ConfigError, match="has no setting 'lrr'"):
+        prepare(options(tmp_path, entry=f"{entry}:main", resume=True, allow_change=["old"], config_file=str(typo)))
+
+
+def test_a_resume_after_the_entry_dropped_a_nested_key_names_it_too(tmp_path, monkeypatch):
+    import sys
+
+    entry = tmp_path / "nest.py"
+    entry.write_text("import jaxlaunch\n\n@jaxlaunch.entrypoint(defaults={'opt': {'lr': 0.1, 'beta': 0.9}})\n"
+                     "def main(ctx):\n    pass\n")
+    first = prepare(options(tmp_path, entry=f"{entry}:main"))
+    fake_run(tmp_path / "run", first.job, first.fingerprint)
+    entry.write_text("import jaxlaunch\n\n@jaxlaunch.entrypoint(defaults={'opt': {'lr': 0.1}})\n"
+                     "def main(ctx):\n    pass\n")
+    for name in [n for n in sys.modules if n.startswith("_jaxlaunch_entry_nest_")]:
+        monkeypatch.delitem(sys.modules, name)
+    with pytest.raises(ConfigError, match="would change the run: opt.beta 0.9 -> None; pass --allow-change opt.beta"):
+        prepare(options(tmp_path, entry=f"{entry}:main", resume=True))
+    resumed = prepare(options(tmp_path, entry=f"{entry}:main", resume=True, allow_change=["opt.beta"]))
+    assert resumed.job.config == {"opt": {"lr": 0.1}}

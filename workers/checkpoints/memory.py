@@ -43,6 +43,8 @@ from jaxlaunch.contract.tiers import Held
 
 log = logging.getLogger(__name__)
 KEEPER_CALL_TIMEOUT_S = 60.0
+MARK_TIMEOUT_S = 30.0
+"""How long a refusal's mark (`_refuse`) waits for the keepers, a restarting one included."""
 WHOLE_STEPS_TRIED = 4
 """A restore tries the newest committed memory steps in turn, at most this many (a keeper keeps
 `--memory-keep` whole steps and the saves in flight)."""
@@ -218,24 +220,19 @@ class MemoryTier:
     def _refuse(self, step: int, reason: str) -> None:
         """Step `step` is not committed in memory: said, and told to every keeper (`Keeper.mark_not_whole`)
         before this host goes on, so none counts it as a whole step a floor passed."""
-        import ray
-
         with self.refusing:  # the training thread (a write that failed) and the hand-off thread both refuse
             # A new set, not a change to the one the training thread may be reading; the newest saves only.
             self.refused_steps = {s for s in self.refused_steps if s >= step - 2} | {step}
             if self.refused is None:
                 self.refused, self.refused_step = reason, step
             log.warning("the memory tier did not hold step %d (%s); the durable tier goes on", step, reason)
-        marks = {node: keeper.mark_not_whole.remote(self.attempt, step) for node, keeper in self.keepers.items()}
-        ready, _ = ray.wait(list(marks.values()), num_returns=len(marks), timeout=KEEPER_CALL_TIMEOUT_S)
-        for node, mark in marks.items():
-            try:
-                if mark not in ready:
-                    raise TimeoutError(f"no answer within {KEEPER_CALL_TIMEOUT_S:g} s")
-                ray.get(mark)
-            except Exception as err:  # noqa: BLE001 - a keeper gone holds nothing to keep
-                log.warning("the keeper of node %s was not told step %d is not whole: %s", node[:12], step,
-                            first_line(err))
+        try:  # a restarting keeper is asked again once Ray restarted it; a keeper gone holds nothing
+            _, failed = self._ask_keepers(lambda keeper: keeper.mark_not_whole.remote(self.attempt, step),
+                                          MARK_TIMEOUT_S)
+        except Exception as err:  # noqa: BLE001 - never fail a save over the mark of one that failed
+            failed = {"every node": first_line(err)}
+        for node, why in failed.items():
+            log.warning("the keeper of node %s was not told step %d is not whole: %s", node[:12], step, why)
 
     def copies_record(self) -> dict[str, int]:
         """For a save's metrics: the copies of this host's part that the newest save whose hand-off is
@@ -270,14 +267,15 @@ class MemoryTier:
         self.replaced = [n for n in self.lost_before if n in self.keepers and n not in failed]
         return [Held.from_dict(d) for node in answers for d in answers[node]]
 
-    def _ask_keepers(self, call: Callable[[Any], Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    def _ask_keepers(self, call: Callable[[Any], Any],
+                     timeout_s: float = KEEPER_CALL_TIMEOUT_S) -> tuple[dict[str, Any], dict[str, str]]:
         """Each keeper's answer to `call` (its handle -> an ObjectRef), and why each that gave none did
-        not. A keeper whose process died is asked again until `KEEPER_CALL_TIMEOUT_S`: Ray restarts it
-        on its node, and the new process takes over the part files the earlier one held."""
+        not. A keeper whose process died is asked again until `timeout_s`: Ray restarts it on its node,
+        and the new process takes over the part files the earlier one held."""
         import ray
         from ray.exceptions import ActorUnavailableError
 
-        deadline = time.monotonic() + KEEPER_CALL_TIMEOUT_S
+        deadline = time.monotonic() + timeout_s
         answers: dict[str, Any] = {}
         failed: dict[str, str] = {}
         asking, wait_s = dict(self.keepers), 0.1
@@ -289,13 +287,13 @@ class MemoryTier:
             for node, ref in refs.items():
                 try:
                     if ref not in ready:
-                        raise TimeoutError(f"no answer in {KEEPER_CALL_TIMEOUT_S:.0f} s")
+                        raise TimeoutError(f"no answer in {timeout_s:.0f} s")
                     answers[node] = ray.get(ref)
                 except ActorUnavailableError as err:
                     if time.monotonic() + wait_s < deadline:
                         again[node] = asking[node]  # its process died; Ray is starting another on its node
                     else:
-                        failed[node] = f"still restarting after {KEEPER_CALL_TIMEOUT_S:.0f} s ({first_line(err)})"
+                        failed[node] = f"still restarting after {timeout_s:.0f} s ({first_line(err)})"
                 except Exception as err:  # noqa: BLE001 - gone with its node, or stopped by the driver
                     failed[node] = first_line(err)
             asking = again
