@@ -344,41 +344,35 @@ def test_a_run_name_or_folder_that_names_no_folder_of_its_own_is_refused(tmp_pat
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_resume_after_the_entry_dropped_a_setting_names_it_and_goes_on_once_allowed(tmp_path, monkeypatch):
+def entry_changed_after_a_run(tmp_path, monkeypatch, before, after) -> str:
+    """A run of an entry declaring `before`, whose file now declares `after`: its --entry text."""
     import sys
 
     entry = tmp_path / "train.py"
-    entry.write_text("import jaxlaunch\n\n@jaxlaunch.entrypoint(defaults={'lr': 0.1, 'old': 5})\n"
-                     "def main(ctx):\n    pass\n")
+    entry.write_text(f"import jaxlaunch\n\n@jaxlaunch.entrypoint(defaults={before!r})\ndef main(ctx):\n    pass\n")
     first = prepare(options(tmp_path, entry=f"{entry}:main"))
     fake_run(tmp_path / "run", first.job, first.fingerprint)
-    entry.write_text("import jaxlaunch\n\n@jaxlaunch.entrypoint(defaults={'lr': 0.1})\n"
-                     "def main(ctx):\n    pass\n")
+    entry.write_text(f"import jaxlaunch\n\n@jaxlaunch.entrypoint(defaults={after!r})\ndef main(ctx):\n    pass\n")
     for name in [n for n in sys.modules if n.startswith("_jaxlaunch_entry_train_")]:
         monkeypatch.delitem(sys.modules, name)  # the entry's file as a new process imports it
+    return f"{entry}:main"
+
+
+def test_a_resume_after_the_entry_dropped_a_setting_names_it_and_goes_on_once_allowed(tmp_path, monkeypatch):
+    entry = entry_changed_after_a_run(tmp_path, monkeypatch, {"lr": 0.1, "old": 5}, {"lr": 0.1})
     with pytest.raises(ConfigError, match="--resume would change the run: old 5 -> None; pass --allow-change old"):
-        prepare(options(tmp_path, entry=f"{entry}:main", resume=True))
-    resumed = prepare(options(tmp_path, entry=f"{entry}:main", resume=True, allow_change=["old"]))
+        prepare(options(tmp_path, entry=entry, resume=True))
+    resumed = prepare(options(tmp_path, entry=entry, resume=True, allow_change=["old"]))
     assert resumed.job.config == {"lr": 0.1}
     typo = tmp_path / "typo.yaml"
     typo.write_text("config: {lrr: 0.2}\n")
     with pytest.raises(ConfigError, match="has no setting 'lrr'"):
-        prepare(options(tmp_path, entry=f"{entry}:main", resume=True, allow_change=["old"], config_file=str(typo)))
+        prepare(options(tmp_path, entry=entry, resume=True, allow_change=["old"], config_file=str(typo)))
 
 
 def test_a_resume_after_the_entry_dropped_a_nested_key_names_it_too(tmp_path, monkeypatch):
-    import sys
-
-    entry = tmp_path / "nest.py"
-    entry.write_text("import jaxlaunch\n\n@jaxlaunch.entrypoint(defaults={'opt': {'lr': 0.1, 'beta': 0.9}})\n"
-                     "def main(ctx):\n    pass\n")
-    first = prepare(options(tmp_path, entry=f"{entry}:main"))
-    fake_run(tmp_path / "run", first.job, first.fingerprint)
-    entry.write_text("import jaxlaunch\n\n@jaxlaunch.entrypoint(defaults={'opt': {'lr': 0.1}})\n"
-                     "def main(ctx):\n    pass\n")
-    for name in [n for n in sys.modules if n.startswith("_jaxlaunch_entry_nest_")]:
-        monkeypatch.delitem(sys.modules, name)
+    entry = entry_changed_after_a_run(tmp_path, monkeypatch, {"opt": {"lr": 0.1, "beta": 0.9}}, {"opt": {"lr": 0.1}})
     with pytest.raises(ConfigError, match="would change the run: opt.beta 0.9 -> None; pass --allow-change opt.beta"):
-        prepare(options(tmp_path, entry=f"{entry}:main", resume=True))
-    resumed = prepare(options(tmp_path, entry=f"{entry}:main", resume=True, allow_change=["opt.beta"]))
+        prepare(options(tmp_path, entry=entry, resume=True))
+    resumed = prepare(options(tmp_path, entry=entry, resume=True, allow_change=["opt.beta"]))
     assert resumed.job.config == {"opt": {"lr": 0.1}}
