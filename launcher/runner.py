@@ -241,7 +241,8 @@ def _build(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref: En
     if lock.took_over:
         display.message(f"[yellow]took over the lock of a launch that died (pid {lock.took_over.get('pid')} on "
                         f"{lock.took_over.get('host')})[/yellow]")
-    attempt_offset = sum(isinstance(e, events.AttemptStarted) for e in run.events())
+    past = run.events()  # the run's earlier launches: read once
+    attempt_offset = sum(isinstance(e, events.AttemptStarted) for e in past)
     run.event(events.Launch(
         num_hosts=job.num_hosts, resume=job.resume, entry=str(entry.ref), steps=job.train.steps,
         fingerprint=prepared.fingerprint, cluster=cluster.describe(), pid=os.getpid(),
@@ -264,7 +265,7 @@ def _build(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref: En
     listeners: list[Any] = [recorder, live, ConsoleView(display, run, job.train.steps, job.checkpoint.memory_tier)]
     if prepared.chaos_mean_s:
         listeners.append(Chaos(prepared.chaos_mean_s, job.train.seed, recorder.event))
-    replicas = ReplicaWatch(recorder.event, lambda text: display.message(f"[red]{escape(text)}[/red]"), run.events())
+    replicas = ReplicaWatch(recorder.event, lambda text: display.message(f"[red]{escape(text)}[/red]"), past)
     listeners.append(replicas)
     make_spec = _make_spec(job, run, host_ref, replicas)
     listeners.append(StragglerWatch(job.fault.straggler_factor, job.fault.straggler_steps, recorder.event,
@@ -413,10 +414,9 @@ def _first_missing(path: pathlib.Path | str) -> pathlib.Path | None:
 def _remove_if_empty(path: pathlib.Path | str, made: pathlib.Path | None = None) -> None:
     """Removes the run's folder if empty, and the empty folders above it up to `made`, which this launch made."""
     if isinstance(path, pathlib.Path):  # an object store has no folders to leave behind
+        last = made if made is not None else path
         for folder in (path, *path.parents):
-            if made is None and folder != path:
-                break
             with contextlib.suppress(OSError):
                 folder.rmdir()
-            if folder == made or folder.exists():
+            if folder == last or folder.exists():
                 break

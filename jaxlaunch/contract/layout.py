@@ -56,8 +56,9 @@ def parse_jsonl(text: str, where: str) -> list[dict[str, Any]]:
             continue
         if not isinstance(record, dict):
             continue
-        if isinstance(record.get("time", 0.0), bool) or not isinstance(record.get("time", 0.0), int | float):
-            log.warning("%s line %d has a time that is not a number (%r); skipped it", where, number, record["time"])
+        time = record.get("time", 0.0)
+        if isinstance(time, bool) or not isinstance(time, int | float):
+            log.warning("%s line %d has a time that is not a number (%r); skipped it", where, number, time)
             continue
         records.append(record)
     return records

@@ -20,6 +20,7 @@ import shutil
 import socket
 import tempfile
 import uuid
+from collections.abc import Set as AbstractSet
 
 SHM_ROOT = pathlib.Path("/dev/shm")
 """Node-local shared memory (tmpfs): a file there outlives the process that wrote it, with no copy."""
@@ -123,7 +124,7 @@ def _complete(parts: list[Held]) -> bool:
     return committed == set(range(num_hosts))
 
 
-def kept(held: list[Held], keep: int, floor: int, not_whole: frozenset[tuple[int, int]] = frozenset()) -> set[int]:
+def kept(held: list[Held], keep: int, floor: int, not_whole: AbstractSet[tuple[int, int]] = frozenset()) -> set[int]:
     """The steps a keeper keeps: every step above `floor` (the newest step every host handed over;
     above it, only saves whose hand-off may still be in flight somewhere) and the newest `keep` at or
     below it that are whole. A step is never dropped for newer ones that may yet fail to replicate

@@ -90,8 +90,6 @@ def prepare(given: Mapping[str, Any], entry_args: Sequence[str] = (), typed: Job
     flag_dir = changes.pop("run_dir", None)
     if flag_dir is not None and launch.name is not None:
         raise ConfigError("--name and --run-dir both name the run's folder: pass one of them")
-    if launch.allow_change and not launch.resume:
-        raise ConfigError("--allow-change accepts a change on --resume, and this launch starts a run: drop it")
     given_dir = flag_dir if flag_dir is not None else None if launch.name is not None else from_file
     run_dir, announce = _run_dir(given_dir, launch, str(entry_text))
     run = RunDir(run_dir)

@@ -250,6 +250,8 @@ class CheckedJob(pydantic.BaseModel):
         port = job.tracking.metrics_port
         if port is not None and not 1 <= port <= MAX_PORT:
             raise ConfigError(f"--metrics-port must be a port number from 1 to {MAX_PORT}, got {port}")
+        if self.launch.allow_change and not self.launch.resume:
+            raise ConfigError("--allow-change accepts a change on --resume, and this launch starts a run: drop it")
         chaos = self.launch.chaos
         if chaos is not None and not (chaos > 0 and math.isfinite(chaos)):
             raise ConfigError(f"--chaos must be a finite number of seconds above 0, got {chaos}")

@@ -89,10 +89,9 @@ def result(state: Persisting, reason: str | None, durable_now: int | None, step_
     the shutdown, the time limit)."""
     step = state.written if state.written is not None else state.step
     before = state.durable_step if state.durable_step is not None else -1
-    persisted = durable_now is not None and before < durable_now <= state.step
-    if persisted:
-        assert durable_now is not None
-        step, reason = durable_now, None
+    persisted = False
+    if durable_now is not None and before < durable_now <= state.step:
+        step, reason, persisted = durable_now, None, True
     elif reason is None:
         # The hosts' own account first when they wrote nothing (no step newer than durable read back).
         reason = "; ".join(state.passed_over) if state.written is None and state.passed_over else \

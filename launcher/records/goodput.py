@@ -230,15 +230,15 @@ def _between_attempts(evts: Sequence[Event], ended: dict[int, events.AttemptEnde
     launch_at = end_at = waiting_at = None
     restarting = False
 
-    def close(at: float) -> None:
-        pending = ((launch_at, "startup"), (end_at if restarting else None, "downtime"), (waiting_at, "capacity_wait"))
+    def close(at: float, downtime: bool) -> None:
+        pending = ((launch_at, "startup"), (end_at if downtime else None, "downtime"), (waiting_at, "capacity_wait"))
         for since, category in pending:
             if since is not None:
                 marks.append(Interval(since, at, category))
 
     for e in evts:
         if isinstance(e, events.Launch):
-            close(e.time)
+            close(e.time, restarting)
             launch_at, end_at, waiting_at, restarting = e.time, None, None, False
         elif isinstance(e, events.AttemptEnded) and e.cause != PlannedEnd.FINISHED:
             # A resize or a replacement restarts at once (no `restarting` event says so); a failure if decided so.
@@ -248,17 +248,11 @@ def _between_attempts(evts: Sequence[Event], ended: dict[int, events.AttemptEnde
         elif isinstance(e, events.WaitingForCapacity):
             waiting_at = e.time
         elif isinstance(e, events.PersistingMemory | events.JobFailed | events.JobStopped | events.JobEnded):
-            close(e.time)  # the driver gave up waiting, or ended
+            close(e.time, restarting)  # the driver gave up waiting, or ended
             launch_at = end_at = waiting_at = None
         elif isinstance(e, events.AttemptStarted):
-            scheduled = _scheduled_at(e, ended.get(e.attempt))
-            if launch_at is not None:
-                marks.append(Interval(launch_at, scheduled, "startup"))
-            if end_at is not None:
-                marks.append(Interval(end_at, scheduled, "downtime"))
-            if waiting_at is not None:
-                marks.append(Interval(waiting_at, scheduled, "capacity_wait"))
+            close(_scheduled_at(e, ended.get(e.attempt)), downtime=True)
             launch_at = end_at = waiting_at = None
             restarting = False
-    close(math.inf)  # each interval counts only within its launch's span
+    close(math.inf, restarting)  # each interval counts only within its launch's span
     return marks

@@ -345,7 +345,7 @@ class Keeper:
         self.floor = max(self.floor, floor)
         key = (held.step, held.rank, held.role)
         after = {k: h for k, (h, _) in self.parts.items() if k != key} | {key: held}
-        steps = kept(list(after.values()), self.keep, self.floor, frozenset(self.not_whole))
+        steps = kept(list(after.values()), self.keep, self.floor, self.not_whole)
         if held.step not in steps:
             return f"step {held.step} is older than the {self.keep} steps held"
         total = sum(h.nbytes for k, h in after.items() if k[0] in steps)
@@ -360,7 +360,7 @@ class Keeper:
         return None
 
     def _drop_unkept(self) -> None:
-        steps = kept([h for h, _ in self.parts.values()], self.keep, self.floor, frozenset(self.not_whole))
+        steps = kept([h for h, _ in self.parts.values()], self.keep, self.floor, self.not_whole)
         for old in [k for k in self.parts if k[0] not in steps]:
             self._delete(old)
         self._trim_spares()

@@ -21,6 +21,7 @@ import struct
 from typing import Any
 
 import numpy as np
+from jaxlaunch.workers.checkpoints.keeper_files import SPARE_PREFIX
 
 Index = tuple[tuple[int, int], ...]
 """A shard's global index: (start, stop) per dimension."""
@@ -258,7 +259,7 @@ def _write(directory: pathlib.Path, name: str, leaves: list[Any], plan: PartPlan
 def _claim_spare(directory: pathlib.Path, temporary: pathlib.Path) -> bool:
     """Takes one of the keeper's spare files (a dropped part's) as `temporary`: a rename, atomic, so
     two hosts never take the same one."""
-    for spare in directory.glob("spare-*"):
+    for spare in directory.glob(f"{SPARE_PREFIX}*"):
         try:
             os.rename(spare, temporary)
             return True
