@@ -26,7 +26,7 @@ from jaxlaunch.contract.flags import flag
 from jaxlaunch.contract.mesh import resolve_mesh
 from jaxlaunch.contract.protocol import CheckpointConfig, ConfigError, DistributedConfig, Injection, InjectionKind
 from jaxlaunch.contract.store import open_store
-from jaxlaunch.contract.values import Given, coerce, merge_settings
+from jaxlaunch.contract.values import Given, coerce, load_yaml, merge_settings
 
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 PLATFORMS = ("cpu", "cuda", "tpu")
@@ -345,7 +345,7 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
             raw = f.read(MAX_CONFIG_BYTES + 1)  # /dev/zero, a pipe: never more than a settings file takes
         if len(raw) > MAX_CONFIG_BYTES:
             raise ConfigError(f"--config {path}: over {MAX_CONFIG_BYTES // 2**20} MiB, not a settings file")
-        data = yaml.safe_load(raw.decode()) or {}
+        data = load_yaml(raw.decode()) or {}
     except OSError as err:
         raise ConfigError(f"--config {path}: {err.strerror}") from None
     except UnicodeDecodeError:

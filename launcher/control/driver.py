@@ -83,9 +83,7 @@ class Driver:
     ):
         self.cluster, self.make_group, self.policies, self.persist = cluster, make_group, policies, persist
         """`persist`, with the memory tier: how a job that gives up first writes what only memory holds (Persisting)."""
-        self.committed_step = committed_step
-        self.faults = faults or FaultPlan()
-        self.listeners = list(listeners)
+        self.committed_step, self.faults, self.listeners = committed_step, faults or FaultPlan(), list(listeners)
         self.clock, self.sleep = clock, sleep
         self.state: State = Scheduling()
         self.group: WorkerGroup | None = None
@@ -264,8 +262,10 @@ class Driver:
             return self._stop_unsaved("after a failure")
         if state.failure.kind == FailureKind.NODE_LOST and self.cluster.embedded:
             self.cluster.restart()  # the embedded instance is one node: losing it loses Ray
-        self.sleep(state.decision.backoff_s)
-        return Scheduling()
+        deadline = self.clock() + state.decision.backoff_s  # up to 30 s: a stop asked during it ends it
+        while self.stop_signal is None and (left := deadline - self.clock()) > 0:
+            self.sleep(min(left, limits.STOP_POLL_S))
+        return Scheduling() if self.stop_signal is None else self._stop_unsaved("during a restart's back-off")
 
     # -- inside RUNNING --------------------------------------------------------------------------
     def _poll(self, attempt: Attempt) -> GroupPoll:

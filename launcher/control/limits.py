@@ -1,6 +1,8 @@
 """The control loop's named waits and margins (`jaxlaunch.launcher.control.driver` uses them)."""
 
 CAPACITY_POLL_S = 1.0
+STOP_POLL_S = 0.1
+"""How often a restart's back-off looks for a stop the user asked for (a signal does not end a sleep)."""
 RESIZE_SETTLE_S = 10.0
 """After a resize, how long to wait for the old group's resources to show as free again."""
 SECONDARY_GRACE_S = 8.0

@@ -28,7 +28,7 @@ from jaxlaunch.launcher.records.runs import RunDir
 
 from jaxlaunch.contract import events
 from jaxlaunch.contract.protocol import Ending, ErrorKind, Injection, NodeLiveness
-from tests.unit.fakes import FakeGroup, dies_at, make_driver, obeys, trains_to
+from tests.unit.fakes import Clock, FakeGroup, dies_at, make_driver, obeys, trains_to
 
 
 def run_until(driver, state_type, limit=10_000):
@@ -433,6 +433,30 @@ def test_stop_signal_saves_on_every_host_then_stops():
     assert driver.run() == 128 + signal.SIGTERM
     assert ("confirm_stop", draining.proposed) in log and isinstance(driver.state, Stopped)
     assert f"after saving step {draining.proposed}" in driver.state.reason
+
+
+def test_a_stop_during_a_long_back_off_ends_it_at_once():
+    """A crash loop backs off up to 30 s; a Ctrl-C then must not wait it out (a signal handler that
+    only sets a flag does not end Python's sleep, so the driver looks for the stop as it waits)."""
+    class StopsDuringSleep(Clock):
+        def sleep(self, seconds):
+            super().sleep(seconds)
+            if self.now >= stop_at and driver.stop_signal is None:
+                driver.request_stop(signal.SIGINT)
+
+    stop_at = float("inf")
+    clock = StopsDuringSleep()
+    driver, _, _, _ = make_driver([dies_at(3), dies_at(2), dies_at(2)], clock=clock,
+                                  fault=FaultConfig(max_restarts=5, backoff_s=20, max_backoff_s=30))
+    run_until(driver, Relaunching)
+    driver.step()
+    restarting = run_until(driver, Relaunching)
+    assert restarting.decision.backoff_s == 20.0, "the second failure in a row backs off"
+    stop_at = clock.now + 1.0
+    before = clock.now
+    assert driver.run() == 128 + signal.SIGINT
+    assert clock.now - before <= 1.0 + 0.1 + 1e-9, "the stop ended the back-off within a tenth of a second"
+    assert "during a restart's back-off" in driver.state.reason and len(driver.attempts) == 2
 
 
 def test_stop_before_training_stops_at_once():

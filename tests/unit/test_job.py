@@ -301,6 +301,8 @@ def test_an_entry_whose_check_raises_anything_is_refused_in_one_line(tmp_path):
     (b"distributed: {heartbeat_timeout_s: 99999999999999999999}\n",
      "distributed.heartbeat_timeout_s must be at most 1,000,000,000 seconds (31 years), "
      "got 99,999,999,999,999,999,999"),
+    (b"steps: 100\nsave_every: 5\nsteps: 10\n", "not valid YAML (the key 'steps' is given twice (line 3): keep one)"),
+    (b"config:\n  lr: 0.1\n  lr: 0.5\n", "not valid YAML (the key 'lr' is given twice (line 3): keep one)"),
 ])
 def test_a_config_file_that_cannot_be_read_as_settings_is_refused_in_one_line(tmp_path, content, message):
     config = tmp_path / "job.yaml"
