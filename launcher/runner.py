@@ -16,7 +16,7 @@ import signal
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
 
@@ -82,9 +82,10 @@ class LaunchResult:
         return notebook.to_markdown(self.summary, self.reason, self.run_dir)
 
 
-def wait_for_capacity(cluster: RayCluster, job: JobConfig) -> None:
+def wait_for_capacity(cluster: RayCluster, job: JobConfig, waiting: Callable[[], None] = lambda: None) -> None:
     """ConfigError (bad input, nothing written yet) when the cluster cannot place the hosts: at once on
-    the embedded cluster, after the placement timeout on an existing one."""
+    the embedded cluster, after the placement timeout on an existing one (`waiting` is told once, as
+    that wait begins)."""
     deadline = time.monotonic() + (0 if cluster.embedded else job.cluster.placement_timeout_s)
     while True:
         placeable = cluster.placeable_hosts()
@@ -92,6 +93,8 @@ def wait_for_capacity(cluster: RayCluster, job: JobConfig) -> None:
             return
         if time.monotonic() >= deadline:
             raise ConfigError(cluster.placement_message(job.num_hosts, placeable, waited=not cluster.embedded))
+        waiting()
+        waiting = lambda: None  # noqa: E731 - told once
         time.sleep(CAPACITY_POLL_S)
 
 
@@ -152,8 +155,14 @@ def _run_job(prepared: PreparedJob, display: Display | None, exporter: Exporter 
     assert job.run_dir is not None, "prepare() names the run directory"
     run = RunDir(job.run_dir)
     display = display or Display()
-    if prepared.announce:
-        display.message(prepared.announce, soft_wrap=True)
+
+    said: list[str] = []
+
+    def announce() -> None:  # once the launch waits or is not refused (a refusal is one line, of its own)
+        if prepared.announce and not said:
+            said.append(prepared.announce)
+            display.message(prepared.announce, soft_wrap=True)
+
     made = _first_missing(run.path)  # the folders this launch makes: removed again if it is refused
     try:
         run.store.makedirs()
@@ -180,7 +189,8 @@ def _run_job(prepared: PreparedJob, display: Display | None, exporter: Exporter 
         try:
             cluster.connect()
             cluster.request_hosts(job.max_hosts)
-            wait_for_capacity(cluster, job)
+            wait_for_capacity(cluster, job, waiting=announce)
+            announce()
         except BaseException as err:
             # Refused, failed or Ctrl-C: the embedded instance stopped, the autoscaler's request withdrawn.
             cluster.shutdown()

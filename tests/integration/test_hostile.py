@@ -219,7 +219,7 @@ def test_more_hosts_than_the_cluster_can_place(tmp_path):
     result = launch("--hosts", "16", "--mesh", "data=-1", "--run-dir", str(run_dir))
     assert_refused(result, "cannot place 16 hosts")
     assert "room for 8" in result.stderr and "--hosts 8" in result.stderr
-    assert not run_dir.exists()
+    assert not run_dir.exists() and str(run_dir) not in result.stdout, "no word of a run directory it removed"
 
 
 def test_a_long_final_save_is_progress_not_a_hang(tmp_path):

@@ -78,7 +78,8 @@ def test_a_run_on_the_store_survives_a_kill_resumes_and_equals_a_local_run(bucke
             refused = launch("--resume", "--run-dir", run_url, env=env, timeout=120)
         finally:
             holder.release()
-        assert refused.returncode == 2 and "is in use by the launch of pid" in refused.stderr + refused.stdout
+        assert refused.returncode == 2 and "is in use by the launch of pid" in refused.stderr
+        assert "resuming" not in refused.stdout, "a refused launch says one line, the refusal"
 
         second = launch("--resume", "--steps", "30", "--run-dir", run_url, "--address", store_cluster, env=env)
         assert second.returncode == 0, second.stdout + second.stderr

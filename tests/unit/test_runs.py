@@ -179,7 +179,7 @@ def test_a_launch_stopped_while_it_joins_ray_or_waits_for_capacity_stops_what_it
         def shutdown(self):
             calls.append("shutdown")
 
-    def wait(cluster, job):
+    def wait(cluster, job, waiting):
         raise stop()
 
     monkeypatch.setattr(runner, "RayCluster", Cluster)
