@@ -6,13 +6,14 @@ goodput, summary.json and report.png are all derived from these records (`jaxlau
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import logging
 import os
 import pathlib
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 from jaxlaunch.launcher.control.driver import Driver, Listener
@@ -105,14 +106,47 @@ class Sink(Protocol):
     def on_records(self, records: list[dict[str, Any]]) -> None: ...
 
 
+class StepRanges:
+    """A set of step numbers held as sorted, disjoint ranges [first, last]: a run records its steps
+    mostly in order, so a few ranges hold them however long it runs (a set held an int per step)."""
+
+    def __init__(self, steps: Iterable[int] = ()) -> None:
+        self.firsts: list[int] = []
+        self.lasts: list[int] = []
+        self.update(steps)
+
+    def __contains__(self, step: object) -> bool:
+        i = bisect.bisect_right(self.firsts, step) - 1 if isinstance(step, int) else -1
+        return i >= 0 and step <= self.lasts[i]  # type: ignore[operator]
+
+    def update(self, steps: Iterable[int]) -> None:
+        for step in steps:
+            i = bisect.bisect_right(self.firsts, step) - 1
+            if i >= 0 and step <= self.lasts[i] + 1:
+                self.lasts[i] = max(self.lasts[i], step)  # in range i, or just past it
+            elif i + 1 < len(self.firsts) and step == self.firsts[i + 1] - 1:
+                i += 1
+                self.firsts[i] = step  # just before the next range
+            else:
+                i += 1
+                self.firsts.insert(i, step)
+                self.lasts.insert(i, step)
+            if i + 1 < len(self.firsts) and self.lasts[i] + 1 >= self.firsts[i + 1]:  # it now touches the next
+                self.lasts[i] = max(self.lasts[i], self.lasts.pop(i + 1))
+                del self.firsts[i + 1]
+
+    def newest(self) -> int:
+        return self.lasts[-1] if self.lasts else -1
+
+
 class Recorder(Listener):
     def __init__(self, run: RunDir, mesh_for: Callable[[int], dict[str, int]],
                  wall_clock: Callable[[], float] = time.time, sinks: Sequence[Sink] = ()):
         self.run, self.mesh_for, self.wall_clock = run, mesh_for, wall_clock
         self.sinks = list(sinks)
         """Told every event and metric record written (`on_event`, `on_records`): the trackers."""
-        self.recorded_steps = {r["step"] for r in run.metric_records() if isinstance(r.get("step"), int)}
-        self.tensorboard = TensorBoard(run.tensorboard_dir, max(self.recorded_steps, default=-1))
+        self.recorded_steps = StepRanges(r["step"] for r in run.metric_records() if isinstance(r.get("step"), int))
+        self.tensorboard = TensorBoard(run.tensorboard_dir, self.recorded_steps.newest())
         self.risk_written = False
         """This launch wrote its data_order_at_risk warning."""
 
