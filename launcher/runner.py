@@ -319,6 +319,10 @@ def _finish(parts: Assembly, code: int | None) -> tuple[History, dict[str, Any],
     parts.keepers.shutdown()
     parts.display.stop()
     status = _status(code)
+    spans = {a.number: (a.first_step, a.last_step) for a in parts.driver.attempts}
+    for injection, why in parts.driver.faults.not_fired(spans):  # a fault drill that did not happen is said
+        run.event(events.InjectionNotFired(injection=str(injection), reason=why))
+        parts.display.message(f"[yellow]warning: --inject {injection} did not go off: {escape(why)}[/yellow]")
     run.event(events.JobEnded(status=status, reason=getattr(parts.driver.state, "reason", None)))
     parts.recorder.close()
     parts.live.close()

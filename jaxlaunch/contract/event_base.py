@@ -32,6 +32,7 @@ class EventKind(enum.StrEnum):
     HOST_BUSY = "host_busy"
     REPLICA_MISMATCH = "replica_mismatch"
     HOST_REPLACEMENT = "host_replacement"
+    INJECTION_NOT_FIRED = "injection_not_fired"
     # the driver or a host
     LOW_DISK_SPACE = "low_disk_space"
     # the hosts

@@ -202,6 +202,15 @@ class JobEnded(Event):
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class InjectionNotFired(Event):
+    """An `--inject` fault that had not gone off (as often as asked) when the launch ended, and why."""
+
+    KIND: ClassVar = EventKind.INJECTION_NOT_FIRED
+    injection: str = ""
+    reason: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class Straggler(Event):
     """A host whose busy time per step (its own work between steps) stayed well above its peers' over
     `steps` steps (first_step-last_step): `factor` is the median ratio, `busy_s` and `peers_busy_s` the

@@ -133,7 +133,8 @@ class Injection:
 
     def __str__(self) -> str:
         factor = f",factor={self.factor:g}" if self.kind == InjectionKind.SLOW else ""
-        return f"{self.kind}@step={self.step},host={self.host}{factor}"
+        times = f",times={self.times}" if self.times != 1 else ""
+        return f"{self.kind}@step={self.step},host={self.host}{times}{factor}"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from jaxlaunch.contract.protocol import Injection
+from jaxlaunch.contract.protocol import Injection, InjectionKind
 
 Fired = Callable[[int], list[tuple[Injection, float]]]
 """The injections that went off in an attempt (by number), each with its time on the driver's clock."""
@@ -47,6 +47,39 @@ class FaultPlan:
         for injection, _ in self._went_off(attempt):
             if injection in self._left:
                 self._left[injection] -= 1
+
+    def not_fired(self, spans: dict[int, tuple[int | None, int | None]]) -> list[tuple[Injection, str]]:
+        """At the end of a launch: each injection with firings left, and why, from the attempts that
+        ran (by number, each with its first and last step). A fault drill that never happened is said,
+        not passed over as a fault survived."""
+        out = []
+        for injection, left in self._left.items():
+            if left <= 0:
+                continue
+            step, host = injection.step, injection.host
+            carried = [a for a, injections in self._carried.items()
+                       if injection in injections and all(i != injection for i, _ in self._went_off(a))]
+            why = []
+            for a in carried:
+                first, last = spans.get(a, (None, None))
+                if first is not None and first > step:
+                    why.append(f"attempt {a} began at step {first}, past it")
+                elif last is None or last < step:
+                    why.append(f"attempt {a} ended at step {last or 0}, before it")
+                elif injection.kind == InjectionKind.KILL_IN_HANDOFF:
+                    why.append(f"attempt {a} made no memory hand-off at step {step} on host {host}")
+                else:
+                    why.append(f"attempt {a} trained step {step} on host {host} and it did not go off")
+            fired_in = [a for a in self._carried if any(i == injection for i, _ in self._went_off(a))]
+            if not why and fired_in and max(fired_in) == max(self._carried):
+                why.append(f"the launch ended after attempt {max(fired_in)}")
+            elif not why:
+                why.append(f"no attempt trained step {step} with a host {host} (each began past that step, or had "
+                           "fewer hosts)")
+            went = injection.times - left
+            times = f"it went off {went} of {injection.times} times; " if went else ""
+            out.append((injection, times + "; ".join(why)))
+        return out
 
     def _went_off(self, attempt: int) -> list[tuple[Injection, float]]:
         return self._fired(attempt) if self._carried.get(attempt) else []

@@ -54,6 +54,10 @@ def test_budget_spent_exits_1_with_the_attempt_table(tmp_path):
     assert "restart budget spent" in result.stderr
     assert "attempts" in result.stdout, "the attempt table"
     assert [a["cause"] for a in attempts(run_dir)] == ["crashed", "crashed"]
+    not_fired = events(run_dir, "injection_not_fired")
+    assert [(e["injection"], e["reason"]) for e in not_fired] == [
+        ("crash@step=4,host=1,times=10", "it went off 2 of 10 times; the launch ended after attempt 2")]
+    assert "warning: --inject crash@step=4,host=1,times=10 did not go off" in result.stdout
 
 
 def test_no_readable_checkpoint_never_means_training_from_scratch(reference_run, copy_of):

@@ -656,6 +656,33 @@ def test_an_injection_is_spent_once_it_went_off_whatever_the_driver_saw_of_the_s
     assert driver.failures[0].failed_at == 1000.5, "detection is timed from the moment it went off"
 
 
+def test_an_injection_that_never_went_off_is_named_with_why_when_the_launch_ends():
+    """A fault drill that did not happen is no fault survived: the launch ends naming each injection
+    with firings left, and what each attempt that carried it did instead."""
+    kill, twice = Injection("kill", step=2, host=1), Injection("exception", step=2, host=1, times=2)
+    late, absent = Injection("kill", step=9, host=0), Injection("kill", step=4, host=3)
+    handoff, skipped = Injection("kill_in_handoff", step=4, host=0), Injection("crash", step=2, host=0)
+
+    def restores_from_memory(group, i):  # a memory step newer than the durable one the driver knew
+        if i == 1:
+            group.restored(2)
+        return trains_to(5, start=2)(group, i)
+    driver, _, _, _ = make_driver([dies_at(2), restores_from_memory], injections=[kill, twice, late, absent, handoff,
+                                                                                 skipped],
+                                  fired=lambda attempt: [(kill, 1000.5), (twice, 1000.5)] if attempt == 1 else [])
+    assert driver.run() == 0
+    spans = {a.number: (a.first_step, a.last_step) for a in driver.attempts}
+    assert spans == {1: (1, 1), 2: (3, 5)}
+    assert str(twice) == "exception@step=2,host=1,times=2", "as the user wrote it"
+    assert dict(driver.faults.not_fired(spans)) == {
+        twice: "it went off 1 of 2 times; attempt 2 began at step 3, past it",
+        late: "attempt 1 ended at step 1, before it; attempt 2 ended at step 5, before it",
+        absent: "no attempt trained step 4 with a host 3 (each began past that step, or had fewer hosts)",
+        handoff: "attempt 1 ended at step 1, before it; attempt 2 made no memory hand-off at step 4 on host 0",
+        skipped: "attempt 1 ended at step 1, before it; attempt 2 began at step 3, past it",
+    }
+
+
 def test_chaos_kills_a_random_training_host_and_detection_is_timed_from_the_kill():
     kills = []
 
