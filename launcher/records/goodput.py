@@ -137,8 +137,26 @@ class _Steps:
     last_end: dict[int, float] = dataclasses.field(default_factory=dict)
 
 
+def thrown_away(evts: Sequence[Event], metrics: Sequence[dict[str, Any]]) -> list[bool]:
+    """For each record: whether its computation was thrown away, because a later attempt went on from
+    an earlier step (restored one, or began from scratch), whether or not the step was trained again
+    (a job stopped after a rollback never trains the lost steps: they are no part of its result)."""
+    began: dict[int, int] = {}
+    """Each attempt's starting point: the step it restored (its first record's step, less one)."""
+    for r in metrics:
+        attempt = r.get("attempt") or 0
+        began[attempt] = min(began.get(attempt, r["step"] - 1), r["step"] - 1)
+    for e in evts:
+        if isinstance(e, events.Restored) and e.attempt is not None:
+            began[e.attempt] = min(began.get(e.attempt, e.step), e.step)
+    rolled_back_to, lowest = {}, math.inf
+    for attempt in sorted(began, reverse=True):
+        rolled_back_to[attempt], lowest = lowest, min(lowest, began[attempt])
+    return [r["step"] > rolled_back_to.get(r.get("attempt") or 0, math.inf) for r in metrics]
+
+
 def intervals(evts: Sequence[Event], metrics: Sequence[dict[str, Any]]) -> list[Interval]:
-    marks, steps = _step_intervals(metrics)
+    marks, steps = _step_intervals(metrics, evts)
     ended = {e.attempt: e for e in evts if isinstance(e, events.AttemptEnded)}
     failures = {e.attempt: e for e in evts if isinstance(e, events.Failure)}
     for e in evts:
@@ -179,18 +197,19 @@ def _attempt_intervals(started: events.AttemptStarted, ended: events.AttemptEnde
     return marks
 
 
-def _step_intervals(metrics: Sequence[dict[str, Any]]) -> tuple[list[Interval], _Steps]:
+def _step_intervals(metrics: Sequence[dict[str, Any]], evts: Sequence[Event]) -> tuple[list[Interval], _Steps]:
     """Each step's computation, from its record's time back by its step time (a first step, which
     also compiled, by its attempt's typical step time), productive if it is the step's last
-    computation, recompute if a failure threw it away; and each blocking save, right after the
-    step it saved (the next step's report-to-report time holds it)."""
+    computation and no rollback threw it away, recompute if one did; and each blocking save, right
+    after the step it saved (the next step's report-to-report time holds it)."""
     typical = typical_step_times(metrics)
     timed = [r for r in metrics if isinstance(r.get("step"), int) and isinstance(r.get("time"), int | float)]
-    last_of_step = {r["step"]: i for i, r in enumerate(timed)}
+    lost = thrown_away(evts, timed)
+    last_of_step = {r["step"]: i for i, r in enumerate(timed) if not lost[i]}
     marks, steps = [], _Steps()
     for i, r in enumerate(timed):
         start, attempt = r["time"] - step_time(r, typical), r.get("attempt", 0)
-        marks.append(Interval(start, r["time"], PRODUCTIVE if last_of_step[r["step"]] == i else "recompute"))
+        marks.append(Interval(start, r["time"], PRODUCTIVE if last_of_step.get(r["step"]) == i else "recompute"))
         steps.first_start[attempt] = min(steps.first_start.get(attempt, start), start)
         steps.last_end[attempt] = max(steps.last_end.get(attempt, r["time"]), r["time"])
         blocked = r.get("checkpoint_blocking_s")

@@ -125,7 +125,10 @@ def load_history(run: RunDir, until: float | None = None) -> History:
     metrics = [r for r in run.metric_records() if isinstance(r.get("step"), int)]
     last: dict[int, dict[str, Any]] = {}
     recomputed = []
-    for record in metrics:
+    for record, lost in zip(metrics, goodput.thrown_away(evts, metrics), strict=True):
+        if lost:  # a later attempt went on from an earlier step: no part of the run's result
+            recomputed.append(record)
+            continue
         if record["step"] in last:
             recomputed.append(last[record["step"]])
         last[record["step"]] = record

@@ -145,8 +145,11 @@ class Recorder(Listener):
         self.run, self.mesh_for, self.wall_clock = run, mesh_for, wall_clock
         self.sinks = list(sinks)
         """Told every event and metric record written (`on_event`, `on_records`): the trackers."""
-        self.recorded_steps = StepRanges(r["step"] for r in run.metric_records() if isinstance(r.get("step"), int))
-        self.tensorboard = TensorBoard(run.tensorboard_dir, self.recorded_steps.newest())
+        self.recorded: dict[int, StepRanges] = {}
+        """The steps metrics.jsonl holds, by the attempt that trained them (each trains a step once)."""
+        self._note([r for r in run.metric_records() if isinstance(r.get("step"), int)])
+        self.tensorboard = TensorBoard(run.tensorboard_dir, max((r.newest() for r in self.recorded.values()),
+                                                                default=-1))
         self.risk_written = False
         """This launch wrote its data_order_at_risk warning."""
 
@@ -172,8 +175,10 @@ class Recorder(Listener):
             self._write_event(dataclasses.replace(event, attempt=attempt.number, rank=rank))
             if isinstance(event, events.Restored) and event.records:
                 # Records of committed steps that never reached the driver (the host died first):
-                # the checkpoint carried them, so the run's trajectory has no hole.
-                self.metrics([r for r in event.records if r["step"] not in self.recorded_steps])
+                # the checkpoint carried them, so the run's trajectory has no hole. A step recorded
+                # by another attempt is not this one: that attempt's branch was rolled back.
+                self.metrics([r for r in event.records
+                              if r["step"] not in self.recorded.get(r.get("attempt") or 0, StepRanges())])
         for notice in poll.notices:
             self.event(notice)
         self.metrics(poll.records)
@@ -182,9 +187,13 @@ class Recorder(Listener):
         if records:
             self.run.metrics(records)
             self.tensorboard.write(records)
-            self.recorded_steps.update(r["step"] for r in records)
+            self._note(records)
             for sink in self.sinks:
                 sink.on_records(records)
+
+    def _note(self, records: list[dict[str, Any]]) -> None:
+        for r in records:
+            self.recorded.setdefault(r.get("attempt") or 0, StepRanges()).update([r["step"]])
 
     # -- transitions -----------------------------------------------------------------------------
     def on_attempt_started(self, driver: Driver, started: AttemptStartNotice) -> None:

@@ -28,7 +28,7 @@ from jaxlaunch.launcher.records.runs import RunDir
 
 from jaxlaunch.contract import events
 from jaxlaunch.contract.protocol import Ending, ErrorKind, Injection, NodeLiveness
-from tests.unit.fakes import Clock, FakeGroup, dies_at, make_driver, obeys, trains_to
+from tests.unit.fakes import POLL_INTERVAL_S, Clock, FakeGroup, dies_at, make_driver, obeys, trains_to
 
 
 def run_until(driver, state_type, limit=10_000):
@@ -720,6 +720,61 @@ def test_the_records_of_a_run_are_derived_from_its_events(tmp_path):
     assert sorted(past.trajectory) == [1, 2, 3, 4, 5]
     summary = past.summary(run)
     assert summary["restarts_by_cause"] == {"crashed": 1} and summary["final_step"] == 5
+
+
+def test_a_rolled_back_branch_is_no_part_of_the_run_s_result_and_the_true_branch_s_records_are_kept(tmp_path):
+    """Attempt 1 trains to step 20 and dies; attempt 2 restores step 10, trains to 15 (the driver hears
+    11-13; its rank 0 dies before 14-15 are handed over) and dies; attempt 3 restores 15, whose save
+    carried attempt 2's records, and the job ends there. The run's result is attempt 2's branch: its
+    records of 14-15 are written although attempt 1 recorded those steps, and attempt 1's 11-20 are
+    thrown-away work, not the final step and loss, nor productive time."""
+    run, clock = RunDir(tmp_path), Clock()
+    run.create()
+    run.event(events.Launch(time=clock()))
+    recorder = Recorder(run, lambda n: {"data": n}, wall_clock=clock)
+
+    first_records = []
+
+    def first(group, i):
+        if i <= 20:
+            first_records.extend(group.train(i, loss=100.0 + i))
+            return first_records[-1:]
+        group.die(1, step=20)
+        return []
+
+    saved = []
+
+    def second(group, i):
+        if i == 1:
+            group.restored(10)
+        if i <= 5:
+            records = group.train(10 + i, loss=200.0 + 10 + i)
+            saved.extend(records)  # step 15's save carries the records since the last save
+            return records if i <= 3 else []  # 14-15: rank 0 died before handing them over
+        group.die(0, step=15)
+        return []
+
+    def third(group, i):
+        if i == 1:
+            carried = tuple(first_records[5:10] + saved)  # steps 6-10 of attempt 1, 11-15 of attempt 2
+            group.events.append((0, events.Restored(time=group.clock(), step=15, seconds=0.1, records=carried)))
+            return []
+        group.finish(15)
+        return []
+
+    driver, _, _, _ = make_driver([first, second, third], listeners=[recorder], clock=clock)
+    assert driver.run() == 0
+    run.event(events.JobEnded(status=events.JobStatus.FINISHED, time=clock()))
+    recorder.close()
+    past = history.load_history(run)
+    assert sorted(past.trajectory) == list(range(1, 16)), "steps 16-20 were rolled back and never trained again"
+    assert {s: past.trajectory[s]["attempt"] for s in range(11, 16)} == dict.fromkeys(range(11, 16), 2)
+    assert [past.trajectory[s]["loss"] for s in (10, 14, 15)] == [110.0, 214.0, 215.0]
+    summary = past.summary(run)
+    assert (summary["final_step"], summary["final_loss"]) == (15, 215.0)
+    thrown = sorted((r["attempt"], r["step"]) for r in past.recomputed)
+    assert thrown == [(1, s) for s in range(11, 21)], "attempt 1's steps past the rollback, and nothing else"
+    assert past.productive_s == pytest.approx(15 * POLL_INTERVAL_S), "each step of the result once"
 
 
 def test_listeners_are_told_when_each_attempt_starts_and_how_it_ended():
