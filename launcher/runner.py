@@ -307,6 +307,13 @@ def _build(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref: En
         policies=policies, committed_step=committed, faults=faults, attempt_offset=attempt_offset,
         listeners=listeners, persist=persist if keepers.enabled else None,
     )
+
+    def lock_lost(holder: dict[str, Any]) -> None:  # its refreshes failed for a minute: another launch took it
+        display.message(f"[red]the lock of {escape(run.store.url)} was taken by the launch of pid {holder.get('pid')} "
+                        f"on {holder.get('host')}: every host saves and this launch stops[/red]")
+        driver.request_stop(signal.SIGTERM)
+
+    lock.on_lost = lock_lost
     return Assembly(prepared, run, display, driver, recorder, live, trackers, standby, keepers)
 
 

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import abc
 import contextlib
+import errno
 import logging
 import os
 import pathlib
 import shutil
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -120,6 +122,27 @@ class LocalStore(Store):
     def create(self, key: str, data: bytes) -> bool:
         path = self._p(key)
         path.parent.mkdir(parents=True, exist_ok=True)
+        # Written whole under a name of its own, then linked into place (link fails if the name exists):
+        # a reader never finds it empty, and a disk that fills leaves no empty object behind.
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.new")
+        try:
+            with tmp.open("wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        except OSError as err:
+            if err.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                raise
+            return self._create_in_place(path, data)  # a filesystem without hard links
+        finally:
+            tmp.unlink(missing_ok=True)
+        return True
+
+    @staticmethod
+    def _create_in_place(path: pathlib.Path, data: bytes) -> bool:
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:

@@ -4,7 +4,6 @@ any cluster starts."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import logging
@@ -190,12 +189,16 @@ class RunDir(RunLayout):
 class RunLock:
     """Held for the life of a launch, so two launches never share a run directory.
 
-    The lock is an object created only if none exists (O_EXCL on POSIX, the object store's
+    The lock is an object created only if none exists (a hard link on POSIX, the object store's
     conditional create), naming its holder (host, pid, start time); a thread rewrites it every
-    LOCK_REFRESH_S. A second launch is refused with the holder's name, unless the holder is dead: a
-    pid gone on this host, or a lock not refreshed for LOCK_STALE_S on any host (shared storage,
-    where a pid means nothing). A stale lock is taken over by one launch only: it must first create
-    the takeover object named after that holder, which only one of several racing launches can."""
+    LOCK_REFRESH_S. A second launch is refused with the holder's name, unless the holder is dead: its
+    pid gone on this host (a live one keeps its lock however old: a stopped or sleeping launch), or,
+    from another host, a lock not refreshed for LOCK_STALE_S (shared storage, where a pid means
+    nothing). A stale lock is taken over by one launch only: it must first create a takeover object
+    named after that holder (one of several racing launches can), then find the lock still the very one
+    it judged dead before it deletes it; a takeover object its maker left (it died mid-takeover) is
+    passed over once stale. A launch whose lock another took (its refreshes failed for LOCK_STALE_S)
+    finds out at its next refresh, and is told (`on_lost`) rather than writing over the new holder."""
 
     def __init__(self, store: Store):
         self.store = store
@@ -204,22 +207,25 @@ class RunLock:
         self._thread: threading.Thread | None = None
         self._me: bytes = b""
         self.took_over: dict[str, Any] | None = None
+        self.lost: dict[str, Any] | None = None
+        """Who holds the lock now, once this launch found it taken (None while it holds it)."""
+        self.on_lost: Callable[[dict[str, Any]], None] = lambda holder: None
 
-    def holder(self) -> dict[str, Any] | None:
+    def _read(self) -> bytes | None:
         try:
-            return json.loads(self.store.read(LOCK_NAME))
+            return self.store.read(LOCK_NAME)
         except FileNotFoundError:
             return None
-        except ValueError:
-            return {}  # being written, or torn: judged by its age alone
+
+    def holder(self) -> dict[str, Any] | None:
+        raw = self._read()
+        return None if raw is None else _parsed(raw)
 
     def _holder_dead(self, holder: dict[str, Any]) -> bool:
-        written = self.store.modified(LOCK_NAME)
-        if written is None or time.time() - written > LOCK_STALE_S:
-            return True
         if holder.get("host") == socket.gethostname() and holder.get("pid"):
             return not _process_alive(holder["pid"], holder.get("process_started"))
-        return False
+        written = self.store.modified(LOCK_NAME)
+        return written is None or time.time() - written > LOCK_STALE_S
 
     def acquire(self) -> None:
         import psutil
@@ -232,36 +238,79 @@ class RunLock:
                 self._thread = threading.Thread(target=self._refresh, name="run-lock", daemon=True)
                 self._thread.start()
                 return
-            holder = self.holder()
-            if holder is None:
+            raw = self._read()
+            if raw is None:
                 continue
+            holder = _parsed(raw)
             if not self._holder_dead(holder):
-                since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
-                raise ConfigError(
-                    f"run directory {self.store.url} is in use by the launch of pid {holder.get('pid')} on "
-                    f"{holder.get('host')} since {since}; wait for it to end, or choose another --run-dir"
-                ) from None
-            takeover = f"{LOCK_NAME}.takeover-{holder.get('token', 'unknown')}"
-            if self.store.create(takeover, self._me):
-                self.store.delete(LOCK_NAME)
-                self.store.delete(takeover)
-                self.took_over = holder
+                raise ConfigError(_in_use(self.store.url, holder, self.store.modified(LOCK_NAME)))
+            self._take_over(raw, holder)
         raise ConfigError(f"run directory {self.store.url}: could not take its lock {self.store.join(LOCK_NAME)}; "
                           f"another launch keeps taking it")
 
+    def _take_over(self, raw: bytes, holder: dict[str, Any]) -> None:
+        """Deletes the dead holder's lock `raw` if this launch wins the right to (then `acquire` creates its own)."""
+        prefix = f"{LOCK_NAME}.takeover-{holder.get('token', 'unknown')}"
+        for k in range(8):
+            takeover = prefix if k == 0 else f"{prefix}-{k}"
+            if self.store.create(takeover, self._me):
+                break
+            made = self.store.modified(takeover)
+            if made is not None and time.time() - made <= LOCK_STALE_S:
+                return  # another launch is taking it over now: its new lock decides
+        else:
+            return
+        try:
+            # Still the lock judged dead, and still dead: no other launch's lock is ever deleted.
+            if self._read() == raw and self._holder_dead(holder):
+                self.store.delete(LOCK_NAME)
+                self.took_over = holder
+                for name in self.store.list():
+                    if name.startswith(prefix) and name != takeover:
+                        self.store.delete(name)  # left by launches that died mid-takeover of this lock
+        finally:
+            self.store.delete(takeover)
+
     def _refresh(self) -> None:
         while not self._stop.wait(LOCK_REFRESH_S):
-            with contextlib.suppress(Exception):  # storage hiccups: the next refresh tries again
+            try:
+                raw = self._read()
+                if raw != self._me:  # taken by a launch that judged this one dead, or deleted
+                    self.lost = _parsed(raw) if raw is not None else {}
+                    log.error("the lock of run directory %s was taken: %s", self.store.url, self.lost)
+                    self.on_lost(self.lost)
+                    return
                 if isinstance(self.store, LocalStore):
                     self.store.touch(LOCK_NAME)
                 else:
                     self.store.write(LOCK_NAME, self._me)
+            except Exception as err:  # noqa: BLE001 - storage hiccups: the next refresh tries again
+                log.warning("refreshing the run directory's lock failed: %s", err)
 
     def release(self) -> None:
         self._stop.set()
-        holder = self.holder()
-        if holder and holder.get("token") == self.token:
+        if self._thread is not None:
+            self._thread.join(LOCK_REFRESH_S)  # a refresh in flight must not write the lock back after this
+        if self._read() == self._me:
             self.store.delete(LOCK_NAME)
+
+
+def _parsed(raw: bytes) -> dict[str, Any]:
+    try:
+        holder = json.loads(raw)
+    except ValueError:
+        return {}  # torn, or not a lock: judged by its age alone
+    return holder if isinstance(holder, dict) else {}
+
+
+def _in_use(url: str, holder: dict[str, Any], written: float | None) -> str:
+    if not holder.get("pid"):
+        age = f"{time.time() - written:.0f} s ago" if written is not None else "just now"
+        return (f"run directory {url} has a lock that names no launch (written {age}); it counts as a dead "
+                f"launch's {LOCK_STALE_S:.0f} s after that: try again then, or choose another --run-dir")
+    since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("since", 0)))
+    return (f"run directory {url} is in use by the launch of pid {holder.get('pid')} on {holder.get('host')} "
+            f"since {since}; wait for it to end, or choose another --run-dir")
 
 
 def _process_alive(pid: int, started: float | None) -> bool:

@@ -6,9 +6,11 @@ import os
 import pathlib
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
+from jaxlaunch.launcher.records import runs
 from jaxlaunch.launcher.records.runs import LOCK_STALE_S, RunDir
 
 from jaxlaunch.contract import events
@@ -137,6 +139,40 @@ def test_a_lock_not_refreshed_for_long_is_stale_on_any_host(tmp_path):
     lock.acquire()
     assert lock.took_over["host"] == "another-machine"
     lock.release()
+
+
+def test_a_live_launch_on_this_host_keeps_its_lock_however_old(tmp_path):
+    """A launch stopped with Ctrl-Z, or on a laptop that slept, has not refreshed its lock for minutes:
+    its pid is alive on this host, so it still holds the run (before, age alone let another take it)."""
+    first = RunDir(tmp_path).lock()
+    first.acquire()
+    try:
+        old = time.time() - LOCK_STALE_S - 60
+        os.utime(tmp_path / ".lock", (old, old))
+        with pytest.raises(ConfigError, match=rf"in use by the launch of pid {os.getpid()}"):
+            RunDir(tmp_path).lock().acquire()
+    finally:
+        first.release()
+
+
+def test_a_launch_whose_lock_was_taken_is_told_and_writes_nothing_over_the_new_holder(tmp_path, monkeypatch):
+    monkeypatch.setattr(runs, "LOCK_REFRESH_S", 0.01)
+    told = threading.Event()
+    lock = RunDir(tmp_path).lock()
+    lock.on_lost = lambda holder: told.set()
+    lock.acquire()
+    theirs = json.dumps({"host": "another-machine", "pid": 9, "since": 1.0, "token": "theirs"}).encode()
+    (tmp_path / ".lock").write_bytes(theirs)  # taken by a launch that judged this one dead
+    assert told.wait(30), "the refresh found the lock taken"
+    lock.release()
+    assert lock.lost["token"] == "theirs" and (tmp_path / ".lock").read_bytes() == theirs
+
+
+def test_a_lock_that_names_no_launch_is_said_so(tmp_path):
+    (tmp_path / ".lock").write_bytes(b"")
+    with pytest.raises(ConfigError, match="has a lock that names no launch \\(written 0 s ago\\); it counts as a "
+                                          "dead launch's 60 s after that"):
+        RunDir(tmp_path).lock().acquire()
 
 
 def test_a_refused_launch_removes_the_folders_it_made_and_none_it_found(tmp_path):

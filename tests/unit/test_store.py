@@ -117,8 +117,10 @@ def test_the_lock_refuses_a_second_launch_and_a_stale_one_is_taken_over_once(roo
     try:
         with pytest.raises(ConfigError, match="is in use by the launch of pid"):
             RunDir(url).lock().acquire()
-        # The holder stopped refreshing a minute ago (its machine died): two launches race for it.
+        # The holder stopped refreshing a minute ago (its machine died): two launches on another
+        # machine race for it (on the holder's own machine its live pid keeps it, however old).
         real_time = runs.time.time
+        monkeypatch.setattr(runs.socket, "gethostname", lambda: "another-machine")
         monkeypatch.setattr(runs.time, "time", lambda: real_time() + runs.LOCK_STALE_S + 5)
         racer_a, racer_b = RunDir(url).lock(), RunDir(url).lock()
         racer_a.acquire()
@@ -130,6 +132,53 @@ def test_the_lock_refuses_a_second_launch_and_a_stale_one_is_taken_over_once(roo
         assert not racer_a.store.exists(".lock")
     finally:
         first._stop.set()
+
+
+def _a_dead_machine_s_lock(url: str, monkeypatch) -> bytes:
+    """A lock left by a launch on a machine that died: this test's launches run on another machine,
+    a minute and more after its last refresh."""
+    raw = json.dumps({"host": "dead-machine", "pid": 7, "since": 0, "token": "dead"}).encode()
+    open_store(url).write(".lock", raw)
+    real_time = runs.time.time
+    monkeypatch.setattr(runs.socket, "gethostname", lambda: "another-machine")
+    monkeypatch.setattr(runs.time, "time", lambda: real_time() + runs.LOCK_STALE_S + 5)
+    return raw
+
+
+def test_a_launch_that_judged_a_lock_dead_before_another_took_it_over_never_deletes_the_new_one(root, monkeypatch):
+    """Launches A and B both read the dead machine's lock; A takes it over and holds the run; B's takeover,
+    a moment later, must find the lock no longer the one it judged dead (before, B deleted A's lock and
+    both launches wrote the same checkpoints)."""
+    url = root()
+    stale = _a_dead_machine_s_lock(url, monkeypatch)
+    a, b = RunDir(url).lock(), RunDir(url).lock()
+    assert b._read() == stale  # B looks at the lock first ...
+    a.acquire()  # ... A takes it over ...
+    try:
+        b._take_over(stale, runs._parsed(stale))  # ... then B goes on with what it saw
+        assert a.holder()["token"] == a.token and a.took_over["token"] == "dead"
+        with pytest.raises(ConfigError, match="is in use by the launch of pid"):
+            b.acquire()
+        assert a.holder()["token"] == a.token
+    finally:
+        a.release()
+
+
+def test_a_takeover_left_by_a_launch_that_died_during_it_does_not_lock_the_run_for_good(root, monkeypatch):
+    url = root()
+    _a_dead_machine_s_lock(url, monkeypatch)
+    store = open_store(url)
+    store.write(".lock.takeover-dead", b"{}")  # its maker died before deleting the dead lock
+    runs_time = runs.time.time
+    monkeypatch.setattr(store, "modified", lambda key: runs_time() - 2 * runs.LOCK_STALE_S)
+    lock = RunDir(url).lock()
+    lock.store = store
+    lock.acquire()
+    try:
+        assert lock.took_over["token"] == "dead"
+        assert not [n for n in store.list() if "takeover" in n], "the leftover is cleared with the dead lock"
+    finally:
+        lock.release()
 
 
 def test_committed_steps_need_the_store_s_commit_marker(root):
