@@ -151,7 +151,7 @@ class HostActor:
             result = ctx._finish(function(ctx))
             runtime.shutdown()
             return result
-        except Exception as err:
+        except (Exception, SystemExit) as err:  # sys.exit() in the entry (argparse, absl) is its error too
             text = traceback.format_exc()
             log.error("host failed:\n%s", text)
             kind = runtime.error_kind(err)

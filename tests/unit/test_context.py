@@ -339,3 +339,29 @@ def test_a_stop_agreed_at_the_last_step_ends_the_run_completed(tmp_path, stop_at
     result = ctx._finish(minimal.main(ctx))
     assert result.final_step == stop_at and stop_at in RunDir(tmp_path).committed_steps()
     assert result.ending == (Ending.COMPLETED if stop_at == 6 else Ending.STOPPED)
+
+
+def test_sys_exit_in_the_entry_is_the_entry_s_error_not_a_crash(tmp_path, monkeypatch):
+    """argparse or absl in `main(ctx)` ends with SystemExit: the driver must get the entry's error
+    (it stops the job, with the traceback), not a dead process (restarted until the budget is spent)."""
+    from jaxlaunch.workers import host, runtime
+    from jaxlaunch.workers.supervision.stops import DriverStop
+
+    from jaxlaunch.contract import entry as entry_lib
+    from jaxlaunch.contract.protocol import ErrorKind, HostError
+
+    ctx, _ = make_ctx(tmp_path, 4)
+    spec = ctx._spec
+    monkeypatch.setattr(runtime, "initialize", lambda **kwargs: None)
+    monkeypatch.setattr(runtime, "shutdown", lambda: None)
+
+    def main(ctx):
+        raise SystemExit("error: unrecognized arguments: --lr")
+
+    monkeypatch.setattr(entry_lib, "load_entry", lambda ref: main)
+    actor = object.__new__(host.HostActor)  # without Ray: the actor's own code only
+    actor.progress, actor.driver_stop = HostProgress(), DriverStop()
+    with pytest.raises(HostError) as raised:
+        actor.run(spec)
+    assert raised.value.kind == ErrorKind.USER and raised.value.exception_type == "SystemExit"
+    assert "unrecognized arguments: --lr" in raised.value.message
