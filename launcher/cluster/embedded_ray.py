@@ -101,6 +101,8 @@ class EmbeddedRay:
         self._proc: subprocess.Popen[bytes] | None = None
         self._lifeline: int | None = None
         self._daemons: list[psutil.Process] = []
+        self._started_at: float | None = None
+        """When the supervisor's process was created: a process with its pid made later is another's."""
 
     @property
     def supervisor_pid(self) -> int | None:
@@ -132,6 +134,8 @@ class EmbeddedRay:
                 )
         finally:
             os.close(read_end)
+        with contextlib.suppress(psutil.Error):
+            self._started_at = psutil.Process(self._proc.pid).create_time()
         try:
             ready = self._await_ready()
         except BaseException:
@@ -202,6 +206,12 @@ class EmbeddedRay:
         also holds a process that left the session)."""
         if self._proc is None:
             return []
+        with contextlib.suppress(psutil.Error):
+            now_there = psutil.Process(self._proc.pid).create_time()
+            if self._started_at is not None and abs(now_there - self._started_at) > 1:
+                # The pid was given to a new process: Linux reuses no pid still some session's id, so
+                # none of this instance's processes is left, and that session is another's.
+                return []
         found = set(_session_members(self._proc.pid))
         with contextlib.suppress(psutil.Error):
             supervisor = psutil.Process(self._proc.pid)

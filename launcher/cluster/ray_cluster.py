@@ -139,11 +139,13 @@ class RayCluster:
             if self._requested and ray.is_initialized():
                 self.request_hosts(0)
         finally:
-            if ray.is_initialized():
-                ray.shutdown()
-            if self.instance is not None:
-                self.instance.stop()
-                self.instance = None
+            try:
+                if ray.is_initialized():
+                    ray.shutdown()
+            finally:  # a Ctrl-C during Ray's shutdown still stops the instance this launch started
+                if self.instance is not None:
+                    self.instance.stop()
+                    self.instance = None
 
     def alive(self) -> bool:
         """False once the embedded instance's node is gone (an existing cluster is not ours to judge)."""
@@ -160,20 +162,28 @@ class RayCluster:
         self.connect()
 
     # -- capacity --------------------------------------------------------------------------------
-    def placeable_hosts(self, avoiding: Sequence[str] = ()) -> int:
-        """Hosts that fit in what the alive nodes have free now, on nodes neither avoided nor in `avoiding`."""
-        need = self.cfg.resources_per_host
-        total = 0
+    def placeable_hosts(self, avoiding: Sequence[str] = (), held: Sequence[str] = ()) -> int:
+        """Hosts one placement could put on the alive nodes neither avoided nor in `avoiding`: in what
+        they have free now, the spares' room, and `held`, the nodes of this job's running hosts (one
+        host's room each, once it restarts), as the placement strategy allows: one host a node under
+        STRICT_SPREAD, one node's worth under STRICT_PACK."""
+        need, left_out = self.cfg.resources_per_host, {*self.avoided, *avoiding}
+        room: dict[str, int] = {}
         for node, free in available_resources_per_node().items():
-            if node in self.avoided or node in avoiding:
-                continue
-            fit = min((math.floor(free.get(k, 0) / v + 1e-9) for k, v in need.items()), default=0)
-            total += min(fit, 1) if self.cfg.placement_strategy == "STRICT_SPREAD" else fit
-        standby = self.standby
+            room[node] = min((math.floor(free.get(k, 0) / v + 1e-9) for k, v in need.items()), default=0)
+        for node in held:
+            room[node] = room.get(node, 0) + 1
         # Spares on a node left out are no room (the standby is given up when a node is avoided).
-        if standby is not None and not (avoiding and standby.nodes & set(avoiding)):
-            total += standby.reserved_hosts
-        return total
+        spares, spare_nodes = (self.standby.reserved_hosts, self.standby.nodes) if self.standby else (0, set())
+        if spares and not (avoiding and spare_nodes & set(avoiding)):
+            for node in spare_nodes:
+                room[node] = room.get(node, 0) + spares // len(spare_nodes)
+        room = {node: n for node, n in room.items() if node not in left_out}
+        if self.cfg.placement_strategy == "STRICT_SPREAD":
+            return sum(n >= 1 for n in room.values())
+        if self.cfg.placement_strategy == "STRICT_PACK":
+            return max(room.values(), default=0)
+        return sum(room.values())
 
     def avoid(self, node: str) -> None:
         """Places no host on `node` from now on. Spares placed there would count as room on it: the

@@ -383,8 +383,8 @@ class Driver:
         if now - self._last_grow_check < self.policies.fault.grow_check_interval_s:
             return None
         self._last_grow_check = now
-        # The hosts this job holds come back when it restarts.
-        target = self.policies.scaling.choose(self.cluster.placeable_hosts() + attempt.num_hosts)
+        held = attempt.group.nodes if attempt.group else ()  # the hosts this job holds come back when it restarts
+        target = self.policies.scaling.choose(self.cluster.placeable_hosts(held=held))
         return target if target is not None and target > attempt.num_hosts else None
 
     def _leave_straggler(self, attempt: Attempt) -> bool:
@@ -399,7 +399,7 @@ class Driver:
         without it; the listeners hear either way. Asked while the attempt still holds its nodes."""
         nodes = attempt.group.nodes if attempt.group is not None else []
         node = nodes[wanted.host] if wanted.host < len(nodes) else None
-        room = self.cluster.placeable_hosts(avoiding=(node,)) + sum(n != node for n in nodes) if node else 0
+        room = self.cluster.placeable_hosts(avoiding=(node,), held=[n for n in nodes if n != node]) if node else 0
         avoided = node is not None and self.policies.scaling.can_leave_node(attempt.num_hosts, room)
         if avoided and node is not None:
             self.cluster.avoid(node)

@@ -79,8 +79,8 @@ class FakeCluster:
         """Every group started on it, in order."""
         self.avoided: list[str] = []
 
-    def placeable_hosts(self, avoiding: Sequence[str] = ()) -> int:
-        return max(0, self.capacity - self.held)
+    def placeable_hosts(self, avoiding: Sequence[str] = (), held: Sequence[str] = ()) -> int:
+        return max(0, self.capacity - self.held) + len(held)
 
     def avoid(self, node: str) -> None:
         """Each fake node holds one host: an avoided one is a host's room fewer."""

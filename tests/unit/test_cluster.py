@@ -1,0 +1,62 @@
+"""The Ray layer's own bookkeeping, without a Ray instance: what a launch stops, and what it may not."""
+
+import os
+import types
+
+import psutil
+import pytest
+
+# The Ray layer's modules import Ray: imported in each test, so this module imports without it
+# (`tests/test_architecture.py`).
+
+
+def test_a_ctrl_c_during_ray_s_shutdown_still_stops_the_embedded_instance(monkeypatch):
+    """A second press of a notebook's stop button during `ray.shutdown()`: the GCS, the raylet and the
+    agents this launch started must not live on in the kernel."""
+    from jaxlaunch.launcher.cluster import ray_cluster
+
+    stopped = []
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ray_cluster, "ray", types.SimpleNamespace(is_initialized=lambda: True, shutdown=interrupted))
+    cluster = object.__new__(ray_cluster.RayCluster)  # without connecting
+    cluster._requested = False
+    cluster.instance = types.SimpleNamespace(stop=lambda: stopped.append("stop"))
+    with pytest.raises(KeyboardInterrupt):
+        cluster.shutdown()
+    assert stopped == ["stop"] and cluster.instance is None
+
+
+def test_an_instance_whose_supervisor_pid_went_to_another_process_kills_nothing(monkeypatch):
+    """The supervisor exited and was reaped; its pid now belongs to a process made later (here, this
+    one), which may lead a session of its own: stopping the instance must not kill that session."""
+    from jaxlaunch.launcher.cluster import embedded_ray
+    instance = embedded_ray.EmbeddedRay(num_cpus=1)
+    instance._proc = types.SimpleNamespace(pid=os.getpid(), returncode=0)
+    instance._started_at = psutil.Process().create_time() - 100.0  # the supervisor was made long before
+    monkeypatch.setattr(embedded_ray, "_session_members", lambda sid: [sid, 424242])
+    assert instance.pids() == []
+    instance._started_at = psutil.Process().create_time()  # the same process: its session is the instance's
+    assert instance.pids() == [os.getpid(), 424242]
+
+
+@pytest.mark.parametrize(("strategy", "room"), [("PACK", 8), ("SPREAD", 8), ("STRICT_SPREAD", 2), ("STRICT_PACK", 4)])
+def test_the_room_for_a_restart_is_what_one_placement_of_the_strategy_could_take(monkeypatch, strategy, room):
+    """Two nodes of 4 CPUs, a 1-CPU host on each running, a spare on each: a STRICT_SPREAD group fits
+    2 hosts (one a node), a STRICT_PACK group 4 (one node). Counting each node's free room and then the
+    hosts held on top said 4 and 8: the driver drained to grow, found room for 2 again, and did so
+    forever."""
+    from jaxlaunch.launcher.cluster import ray_cluster
+    from jaxlaunch.launcher.configuration.schema import ClusterConfig
+
+    free = {"a": {"CPU": 2.0}, "b": {"CPU": 2.0}}  # of 4 each: one host and one spare on each
+    monkeypatch.setattr(ray_cluster, "available_resources_per_node", lambda: free)
+    cluster = object.__new__(ray_cluster.RayCluster)
+    cluster.cfg = ClusterConfig(resources_per_host={"CPU": 1.0}, placement_strategy=strategy)
+    cluster.avoided = []
+    cluster.standby = types.SimpleNamespace(reserved_hosts=2, nodes={"a", "b"})
+    assert cluster.placeable_hosts(held=["a", "b"]) == room
+    # Leaving node b out (a straggler's): its spare goes too, and node a holds 3 hosts' room.
+    assert cluster.placeable_hosts(avoiding=("b",), held=["a"]) == (1 if strategy == "STRICT_SPREAD" else 3)
