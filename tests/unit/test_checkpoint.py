@@ -155,6 +155,27 @@ def test_a_transient_error_is_retried_and_never_sets_anything_aside(saved, monke
     assert (saved / "3").is_dir() and not (saved.parent / "unreadable_checkpoints").exists()
 
 
+def test_a_step_is_read_once_more_before_it_is_called_corrupt_after_transient_errors(saved, monkeypatch):
+    """Flaky storage: three timeouts, then a short read, then the step reads. The one more read a
+    non-transient error gets is its own, not what the timeouts' retries left (before: corrupt after one
+    read, set aside, and the steps since trained again)."""
+    monkeypatch.setattr(ckpt, "TRANSIENT_BACKOFF_S", 0.0)
+    c = Checkpointer(saved, CFG)
+    real, calls = c.manager.restore, []
+
+    def flaky(step, args):
+        calls.append(step)
+        if len(calls) <= 3:
+            raise TimeoutError("storage did not answer")
+        if len(calls) == 4:
+            raise ValueError("short read of chunk 7")
+        return real(step, args=args)
+
+    monkeypatch.setattr(c.manager, "restore", flaky)
+    assert c.restore_latest(targets(build_mesh({"data": -1}))).step == 3 and calls == [3] * 5
+    assert not (saved.parent / "unreadable_checkpoints").exists()
+
+
 def test_a_full_disk_is_named_with_its_filesystem_free_space_and_checkpoint_size(tmp_path, monkeypatch):
     c = Checkpointer(tmp_path / "checkpoints", CFG)
     c.checkpoint_bytes = 120_000_000
@@ -177,6 +198,17 @@ def test_after_a_replica_mismatch_steps_newer_than_the_verified_one_are_set_asid
     assert restored is not None and restored.step == 1
     assert [(f["step"], "not verified" in f["error"]) for f in restored.set_aside] == [(3, True), (2, True)]
     assert committed_steps(saved) == [1], "a corrupt step can never be restored later, and can be saved anew"
+
+
+def test_when_no_verified_step_reads_the_message_says_where_every_step_now_is(saved):
+    corrupt(saved, 1)
+    c = Checkpointer(saved, CFG, expect_checkpoint=True, newest_restorable=1)
+    with pytest.raises(NoCheckpointError) as raised:
+        c.restore_latest(targets(build_mesh({"data": -1})))
+    assert f"Everything is kept in {saved}, and the steps past the replicas' mismatch (3, 2) in " \
+           f"{saved.parent}/unreadable_checkpoints/" in str(raised.value)
+    with pytest.raises(NoCheckpointError, match="and the steps set aside before in .*unreadable_checkpoints/"):
+        Checkpointer(saved, CFG, expect_checkpoint=True).restore_latest(targets(build_mesh({"data": -1})))
 
 
 def test_when_no_step_was_verified_the_run_starts_afresh_rather_than_fail(saved):

@@ -207,9 +207,16 @@ class Checkpointer:
             raise NoneNewerReadBack(failed, unverified)
         if failed or (self.expect_checkpoint and not steps and not unverified):
             listing = ", ".join(f"{f['step']} ({f['error'][:160]})" for f in failed) or "none is left"
+            parent = str(self.directory).rstrip("/").rsplit("/", 1)[0]
+            kept = f"Everything is kept in {self.directory}"
+            if unverified:  # moved by this very call: the replicas disagreed after the step they read
+                moved = ", ".join(str(u["step"]) for u in unverified)
+                kept += f", and the steps past the replicas' mismatch ({moved}) in {parent}/{UNREADABLE_DIR}/"
+            elif open_store(parent).exists(UNREADABLE_DIR):
+                kept += f", and the steps set aside before in {parent}/{UNREADABLE_DIR}/"
             raise NoCheckpointError(
-                f"this run has committed checkpoints but none can be restored: {listing}. Everything is kept in "
-                f"{self.directory}; repair or copy back a step and --resume, or start a new --run-dir")
+                f"this run has committed checkpoints but none can be restored: {listing}. {kept}; repair or copy "
+                f"back a step and --resume, or start a new --run-dir")
         return None
 
     def set_aside_unverified(self) -> list[dict[str, Any]]:
@@ -257,10 +264,10 @@ class Checkpointer:
         """("ok", restored, None) or ("corrupt", None, error), the same on every host; raises
         TransientError when retries did not clear a transient error. Every decision is made from
         outcomes gathered from all hosts, so the hosts never part ways."""
-        failures = 0
+        failures = transients = 0  # each with a budget of its own: retries of one never spend the other's
         # Each array read straight into its target's sharding, shape and dtype.
         restore_args = ocp.checkpoint_utils.construct_restore_args(targets)
-        for attempt in range(TRANSIENT_RETRIES + 1):
+        while True:
             restored, error, transient = None, None, False
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(**{
@@ -278,16 +285,16 @@ class Checkpointer:
                 return "ok", restored, None
             error = error or "another host could not read it"
             if np.any(codes == 2):
-                if attempt == TRANSIENT_RETRIES:
-                    raise TransientError(f"restoring checkpoint step {step} failed {attempt + 1} times with a "
+                if transients == TRANSIENT_RETRIES:
+                    raise TransientError(f"restoring checkpoint step {step} failed {transients + 1} times with a "
                                          f"transient error: {error}")
-                time.sleep(TRANSIENT_BACKOFF_S * 2**attempt)
+                time.sleep(TRANSIENT_BACKOFF_S * 2**transients)
+                transients += 1
                 continue
             # Corrupt data fails again when read again; anything else gets one more try.
             failures += 1
             if failures == 2:
                 return "corrupt", None, error
-        return "corrupt", None, error
 
     def _set_aside(self, step: int) -> str:
         """Moves an unreadable step beside checkpoints/ (never deletes it), so it is not tried again
