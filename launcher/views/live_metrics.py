@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from jaxlaunch.launcher.control.driver import Driver, Listener
-from jaxlaunch.launcher.control.states import Attempt, Draining, ResolvingFailure, Running, State
+from jaxlaunch.launcher.control.states import Attempt, AttemptStartNotice, Draining, ResolvingFailure, Running, State
 from jaxlaunch.launcher.records import history
 from jaxlaunch.launcher.records.history import restarts_by_cause
 from jaxlaunch.launcher.records.recorder import summary_writer
@@ -117,6 +117,10 @@ class LiveMetrics(Listener):
             self.high_step = max(self.high_step, attempt.last_step)
         if self.refreshed_at is None or self.clock() - self.refreshed_at >= self.refresh_every_s:
             self.refresh()
+
+    def on_attempt_started(self, driver: Driver, started: AttemptStartNotice) -> None:
+        if self.exporter is not None:  # a host of an earlier attempt (more hosts before a shrink) is gone
+            self.exporter.host_busy_seconds.clear()
 
     def on_transition(self, driver: Driver, old: State, new: State) -> None:
         if self.exporter is not None:

@@ -133,6 +133,11 @@ def tags_and_notes(history: Sequence[events.Event], status: str = "running") -> 
     return tags, notes
 
 
+def _told(event: events.Event) -> bool:
+    """Whether the trackers' tags or notes read the event: a line of the notes, or a restart counted."""
+    return note_line(event) is not None or isinstance(event, events.HostReplacement)
+
+
 # ---- delivery ------------------------------------------------------------------------------------
 
 class Sender:
@@ -291,7 +296,7 @@ class Trackers:
         self.run, self.warn, self.clock = run, warn, clock
         self.lock = threading.Lock()
         self.state: dict[str, dict[str, Any]] = self._load()
-        self.events: list[events.Event] = [e for e in run.events() if note_line(e) is not None]
+        self.events: list[events.Event] = [e for e in run.events() if _told(e)]
         params = flat_settings(settings)
         self.senders = []
         for name in names:
@@ -327,7 +332,7 @@ class Trackers:
             sender.check_stall()
 
     def on_event(self, event: events.Event) -> None:
-        if note_line(event) is None:
+        if not _told(event):
             return
         self.events.append(event)
         for sender in self.senders:

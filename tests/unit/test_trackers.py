@@ -2,6 +2,7 @@
 mode: one tracker run across launches, each step once, failures as tags and notes, a tracker that is
 down never stopping the run."""
 
+import dataclasses
 import json
 import time
 
@@ -268,3 +269,20 @@ def test_a_config_file_names_trackers_as_a_list_or_one_name():
         apply(JobConfig(), {"tracking": {"trackers": [3]}, "mesh": {"data": -1}}, "job.yaml")
     with pytest.raises(ConfigError, match="tracking.trackers.0: input should be a valid string, got 3"):
         validate(JobConfig(tracking=TrackingConfig(trackers=(3,))))  # type: ignore[arg-type]
+
+
+def test_a_straggler_s_replacement_is_a_restart_in_the_trackers_tags_as_in_the_summary(tmp_path):
+    """summary.json counted {"replace": 1}; MLflow and W&B showed jaxlaunch.restarts 0, since the
+    trackers kept only the events their notes print."""
+    from jaxlaunch.launcher.records.history import restarts_by_cause
+
+    run = RunDir(tmp_path)
+    run.create()
+    replaced = events.HostReplacement(attempt=1, host=1, node="n1", reason=events.EventKind.STRAGGLER, avoided=True)
+    run.event(events.Launch(time=1.0))
+    run.event(dataclasses.replace(replaced, time=2.0))
+    sink = Trackers(run, [], SETTINGS, lambda text: None)  # an earlier launch's replacement, read back
+    sink.on_event(dataclasses.replace(replaced, attempt=2, time=3.0))  # and one of this launch
+    tags, _ = trackers.tags_and_notes(sink.events)
+    assert restarts_by_cause(run.events() + [replaced]) == {"replace": 2}
+    assert (tags["jaxlaunch.restarts"], tags["jaxlaunch.restarts.replace"]) == ("2", "2")
