@@ -146,13 +146,16 @@ class ConsoleView(Listener):
         self.committed = CommittedSteps()
         """From what the hosts report: the progress line lists no checkpoints."""
         self.last_record: dict[str, Any] | None = None
+        """The running attempt's newest record (None until it trains: the step shown is where it starts)."""
+        self.start_step = 0
         self.risk_told = False
 
     def on_transition(self, driver: Driver, old: State, new: State) -> None:
         d = self.display
         if isinstance(new, Running) and not isinstance(old, Running):
             self.committed.heard(durable=new.attempt.latest_committed)  # the driver listed it to start the attempt
-            d.start(new.attempt.latest_committed or 0, self.total_steps)
+            self.last_record, self.start_step = None, new.attempt.latest_committed or 0  # not the last attempt's
+            d.start(self.start_step, self.total_steps)
         elif isinstance(new, AwaitingCapacity) and not isinstance(old, AwaitingCapacity):
             d.message(f"waiting for capacity: room for {new.placeable} hosts, at least "
                       f"{driver.policies.scaling.min_hosts} needed")
@@ -194,8 +197,9 @@ class ConsoleView(Listener):
                                      f"one[/yellow]")
             elif isinstance(event, events.CadenceChosen):
                 self.display.message(escape(event.message))
-            elif isinstance(event, events.Restored) and event.tier == "memory":
-                self.committed.heard(memory=event.step)
+            elif isinstance(event, events.Restored):
+                self.committed.restored(event.step, event.tier)
+                self.start_step = event.step
             elif isinstance(event, events.DataOrderAtRisk) and self.risk_told:
                 continue  # each attempt's hosts warn alike: once per launch
             elif isinstance(event, events.LowDiskSpace | events.CompilationCacheDisabled | events.MemoryTierOff
@@ -211,7 +215,7 @@ class ConsoleView(Listener):
         if poll.records:
             self.last_record = poll.records[-1]
         steps = [h.step for h in poll.hosts if h.step is not None]
-        step = self.last_record["step"] if self.last_record else (max(steps) if steps else 0)
+        step = self.last_record["step"] if self.last_record else (max(steps) if steps else self.start_step)
         self.committed.heard(memory=poll.committed("memory"), durable=poll.committed("durable"))
         self.display.update(step, self.last_record, attempt.num_hosts, self.committed.line(self.memory_tier))
 
@@ -226,7 +230,7 @@ class ConsoleView(Listener):
 
 class CommittedSteps:
     """The newest committed step of each tier, as the hosts reported their saves (and the driver's
-    listing at an attempt's start): never lower than before, across attempts."""
+    listing at an attempt's start): lower only where a restore dropped the newer steps."""
 
     def __init__(self) -> None:
         self.memory: int | None = None
@@ -237,6 +241,15 @@ class CommittedSteps:
             self.memory = max(memory, self.memory or memory)
         if durable is not None:
             self.durable = max(durable, self.durable or durable)
+
+    def restored(self, step: int, tier: str | None) -> None:
+        """An attempt restored `step` from `tier`: what memory held past it was dropped, and a durable
+        restore took the newest durable step that read back (newer ones were set aside)."""
+        if tier == "memory":
+            self.memory = step
+        else:
+            self.memory = None if self.memory is not None and self.memory > step else self.memory
+            self.durable = step
 
     def line(self, memory_tier: bool) -> str:
         def shown(step: int | None) -> str:

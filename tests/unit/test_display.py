@@ -13,7 +13,7 @@ from jaxlaunch.launcher.records.runs import RunDir
 from jaxlaunch.launcher.views.display import ConsoleView, Display
 from rich.console import Console
 
-from jaxlaunch.contract.events import FailureKind, PlannedEnd
+from jaxlaunch.contract.events import FailureKind, PlannedEnd, Restored
 from jaxlaunch.contract.protocol import GroupPoll, HostStatus, Phase
 
 
@@ -57,6 +57,38 @@ def test_without_the_memory_tier_the_line_shows_the_durable_step_and_keeps_it_ac
     view.on_transition(None, None, Running(second))
     view.on_poll(None, second, GroupPoll([HostStatus(0, Phase.TRAINING, 10)], [{"step": 10, "loss": 1.0}], [], {}, []))
     assert out.getvalue().splitlines()[-1] == "step 10/10  loss 1.0000  hosts 1  ckpt 4"
+
+
+class Shown(Display):
+    """What the progress line is given at each poll."""
+
+    def __init__(self) -> None:
+        super().__init__(console()[0])
+        self.shown: list[tuple[int, float | None, str]] = []
+
+    def update(self, step, record, hosts, checkpoint):
+        self.shown.append((step, record.get("loss") if record else None, checkpoint))
+
+
+@pytest.mark.parametrize(("tier", "checkpoint"), [("memory", "110 mem · 100 disk"), ("durable", "- mem · 100 disk")])
+def test_after_a_restart_the_line_shows_the_step_the_new_attempt_restored_and_what_the_tiers_still_hold(
+        tmp_path, tier, checkpoint):
+    """Attempt 1 reached step 120 (memory 120, disk 100) and failed; attempt 2 restores 110 from memory,
+    or 100 from disk when memory's steps were not whole. Until it trains, the line shows where it
+    starts, not the dead attempt's step 120 and loss, and no memory step the restore dropped."""
+    shown = Shown()
+    view = ConsoleView(shown, RunDir(tmp_path / "run"), 200, memory_tier=True)
+    first = Attempt(number=1, num_hosts=2, mesh={"data": 2}, started_at=0.0, latest_committed=None)
+    view.on_transition(None, None, Running(first))
+    hosts = [HostStatus(rank, Phase.TRAINING, 120, committed={"memory": 120, "durable": 100}) for rank in range(2)]
+    view.on_poll(None, first, GroupPoll(hosts, [{"step": 120, "loss": 0.5}], [], {}, []))
+    assert shown.shown[-1] == (120, 0.5, "120 mem · 100 disk")
+    second = Attempt(number=2, num_hosts=2, mesh={"data": 2}, started_at=1.0, latest_committed=100)
+    view.on_transition(None, None, Running(second))
+    step = 110 if tier == "memory" else 100
+    restored = [(0, Restored(time=2.0, step=step, seconds=0.1, tier=tier))]
+    view.on_poll(None, second, GroupPoll([HostStatus(r, Phase.RESTORING) for r in range(2)], [], restored, {}, []))
+    assert shown.shown[-1] == (step, None, checkpoint)
 
 
 ATTEMPTS = [
