@@ -180,8 +180,8 @@ def _attempt_intervals(started: events.AttemptStarted, ended: events.AttemptEnde
     marks = []
     scheduled = _scheduled_at(started, ended)
     first = steps.first_start.get(started.attempt)
-    if ended is None:
-        return [Interval(scheduled, first, "startup")] if first is not None else []
+    if ended is None:  # running: starting up until its first step, however long that is so far
+        return [Interval(scheduled, first if first is not None else math.inf, "startup")]
     end = ended.time
     startup_end = first if first is not None else end
     marks.append(Interval(scheduled, startup_end, "startup"))

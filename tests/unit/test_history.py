@@ -143,6 +143,17 @@ def test_a_running_job_s_split_counts_up_to_now(tmp_path):
     assert split.badput_s["startup"] == pytest.approx(8.0 + 1.0 + 1.5), "the open attempt's start-up counts"
 
 
+def test_an_attempt_still_starting_up_is_start_up_time_while_the_job_runs(tmp_path):
+    """A live exporter at t+60 of an attempt started at t+1 that has trained no step yet: 59 s of
+    start-up (before, "other" until its first step, then all of it start-up at once)."""
+    run = RunDir(tmp_path)
+    run.create()
+    for event in (events.Launch(time=0.0), events.AttemptStarted(attempt=1, time=1.0)):
+        run.event(event)
+    split = goodput.split_wall_time(run.events(), run.metric_records(), until=60.0)
+    assert (split.badput_s["startup"], split.badput_s["other"]) == (pytest.approx(60.0), 0.0)
+
+
 def test_the_summary_is_a_view_of_the_same_history(tmp_path):
     run = write_run(tmp_path)
     past = history.load_history(run)
