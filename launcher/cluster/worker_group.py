@@ -230,11 +230,10 @@ class RayWorkerGroup:
                 self.exits[rank] = HostExit(rank, exit.how, exit.at, exit.step, exit.detail, node=node,
                                             since=exit.since)
 
-    def lost_hosts(self) -> list[int]:
-        """Hosts whose node is gone now (by Ray's word or a refused raylet), whether or not their
-        ending was reported yet."""
-        ranks = [rank for rank in range(len(self.node_info)) if rank not in self.results]
-        return [rank for rank, node in self._liveness(ranks).items() if node == NodeLiveness.DEAD]
+    def hosts_nodes(self) -> dict[int, NodeLiveness]:
+        """Each host's node now (gone by Ray's word or a refused raylet, alive, or not answering),
+        whether or not its ending was reported yet; a host that returned is left out."""
+        return self._liveness([rank for rank in range(len(self.node_info)) if rank not in self.results])
 
     # -- interventions ---------------------------------------------------------------------------
     def propose_stop(self, step: int) -> dict[int, StopAnswer]:

@@ -41,7 +41,7 @@ from jaxlaunch.launcher.control.states import (
 
 from jaxlaunch.contract import events
 from jaxlaunch.contract.events import Cause, PlannedEnd
-from jaxlaunch.contract.protocol import Cluster, Ending, GroupPoll, Injection, PlacementError, WorkerGroup
+from jaxlaunch.contract.protocol import Cluster, Ending, GroupPoll, Injection, NodeLiveness, PlacementError, WorkerGroup
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +55,11 @@ class Listener:
     def on_attempt_ended(self, driver: Driver, ended: AttemptEndNotice) -> None: ...
 
     def failure(self, attempt: Attempt, now: float) -> Diagnosis | None:
-        """What the listener found wrong with a running attempt that no host knows (replicas that
-        disagree): the driver ends the attempt on it as on a host's failure."""
+        """A failure of the running attempt no host knows (replicas disagree): it ends as on a host's."""
         return None
 
     def replacement(self, attempt: Attempt) -> Replacement | None:
-        """A host of the running attempt that the job should leave (a straggler), each found once;
-        asked only under `fault.straggler_action: replace`."""
+        """A host the job should leave (a straggler), each found once; asked under `straggler_action: replace`."""
         return None
 
     def on_replacement(self, driver: Driver, notice: ReplacementNotice) -> None: ...
@@ -245,13 +243,16 @@ class Driver:
                                  limits.HEAR_OUT_S):
             return state
         # A lost node's host may not be reported yet when the collective errors and aborts it caused
-        # are: ask whether any host's node is gone before blaming anyone.
-        for rank in self.running_group.lost_hosts():
-            if rank not in attempt.failures:
-                attempt.failures[rank] = Diagnosis(FailureKind.NODE_LOST, rank, "the host's node is gone (its raylet "
-                                                 "is silent)", poll.hosts[rank].step, now, poll.hosts[rank].last_heard)
-        failures = list(attempt.failures.values())
-        failure = policy.blame(failures, poll.hosts, now, limits.UNRESPONSIVE_AFTER_S, poll.results)
+        # are: ask whether any host's node is gone, or does not answer, before blaming anyone.
+        nodes = self.running_group.hosts_nodes()
+        for rank in (r for r, node in nodes.items() if node == NodeLiveness.DEAD and r not in attempt.failures):
+            attempt.failures[rank] = Diagnosis(FailureKind.NODE_LOST, rank, "the host's node is gone (its raylet "
+                                             "is silent)", poll.hosts[rank].step, now, poll.hosts[rank].last_heard)
+        failure = policy.blame(list(attempt.failures.values()), poll.hosts, now, limits.UNRESPONSIVE_AFTER_S,
+                               poll.results, {r for r, node in nodes.items() if node == NodeLiveness.UNKNOWN},
+                               limits.NODE_WAIT_S)
+        if failure is None:
+            return state  # a silent host's node does not answer either: lost or not, Ray says within NODE_WAIT_S
         if failure.failed_at is None or failure.kind == FailureKind.CRASHED:
             fired_at = self.faults.fired_at(attempt.number)
             failure = dataclasses.replace(failure, failed_at=fired_at or failure.failed_at)
@@ -463,8 +464,7 @@ class Driver:
                                                                  self.persist.step_bytes, self.clock()))
 
     def _with_stacks(self, failure: Diagnosis, rank: int) -> Diagnosis:
-        """A hung or silent host's Python stacks, read before the group is torn down (a deadlocked
-        collective usually shows as a peer's error first)."""
+        """A hung or silent host's Python stacks, read before the group is torn down (its peers may fail first)."""
         stacks = self.group.dump_stacks(rank) if self.group is not None else None
         if not stacks:
             return failure

@@ -211,10 +211,12 @@ def likely_fix(failure: Diagnosis) -> str:
 
 
 def blame(failures: Sequence[Diagnosis], hosts: Sequence[HostStatus], now: float, silent_after_s: float,
-          returned: Collection[int] = ()) -> Diagnosis:
+          returned: Collection[int] = (), unsure: Collection[int] = (), node_wait_s: float = 0.0) -> Diagnosis | None:
     """The failure to record: the root cause among those seen, unless a host had stopped answering
-    before it (the others then failed because of its silence: it hung). A host that returned is
-    not silent (no one polls it), nor is one that went quiet only after the root cause."""
+    before it (the others then failed because of its silence: it hung, or, when its node does not
+    answer either (`unsure`), its node was lost: None while it may still be declared so, for up to
+    `node_wait_s` of silence). A host that returned is not silent (no one polls it), nor is one that
+    went quiet only after the root cause."""
     everywhere = entry_error(failures, len(hosts))
     if everywhere is not None:
         return everywhere
@@ -224,6 +226,11 @@ def blame(failures: Sequence[Diagnosis], hosts: Sequence[HostStatus], now: float
     silent = [h for h in hosts if at - h.last_heard > silent_after_s and h.rank not in failed]
     if silent and not first.kind.is_fatal:
         host = min(silent, key=lambda h: h.last_heard)
+        if host.rank in unsure:  # a powered-off or cut-off node: Ray declares it dead only after its health checks
+            if now - host.last_heard < node_wait_s:
+                return None
+            return Diagnosis(FailureKind.NODE_LOST, host.rank, f"the host and its node stopped answering for "
+                             f"{now - host.last_heard:.0f} s", first.step, now, host.last_heard)
         return Diagnosis(FailureKind.HUNG, host.rank,
                          f"stopped answering {at - host.last_heard:.1f} s before host {first.rank} failed "
                          f"({first.message})", first.step, now, host.last_heard)

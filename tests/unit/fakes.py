@@ -125,6 +125,8 @@ class FakeGroup:
         """Hosts that stopped answering polls (a stopped process); the others answer every poll."""
         self.lost: list[int] = []
         """Hosts whose node is gone, reported or not."""
+        self.unsure: set[int] = set()
+        """Hosts whose node does not answer (powered off, cut off), not yet declared dead."""
         self.checksums: dict[int, list[ReplicaChecksums]] = {}
         """rank -> replica checksums to report at the next poll."""
         self.busy: dict[int, list[tuple[int, float]]] = {}
@@ -208,8 +210,10 @@ class FakeGroup:
         self.log.append(("dump_stacks", rank))
         return f'Thread 1 (idle): "MainThread"\n    train (user.py:{rank})'
 
-    def lost_hosts(self) -> list[int]:
-        return list(self.lost)
+    def hosts_nodes(self) -> dict[int, NodeLiveness]:
+        return {h.rank: NodeLiveness.DEAD if h.rank in self.lost else
+                NodeLiveness.UNKNOWN if h.rank in self.unsure else NodeLiveness.ALIVE
+                for h in self.hosts if h.rank not in self.results}
 
     def shutdown(self) -> None:
         self.cluster.held -= self.num_hosts

@@ -5,7 +5,7 @@ import signal
 
 import pytest
 from jaxlaunch.launcher.control.driver import Listener
-from jaxlaunch.launcher.control.limits import HEAR_OUT_S, STOP_AGREE_S
+from jaxlaunch.launcher.control.limits import HEAR_OUT_S, NODE_WAIT_S, SECONDARY_GRACE_S, STOP_AGREE_S
 from jaxlaunch.launcher.control.persisting import PERSIST_TIMEOUT_S, MemoryPersist
 from jaxlaunch.launcher.control.policy import FailureKind, FaultConfig, WatchdogConfig
 from jaxlaunch.launcher.control.states import (
@@ -804,6 +804,35 @@ def test_a_host_blamed_as_hung_through_a_peers_failure_has_its_stacks_taken_befo
     assert (failure.kind, failure.rank) == (FailureKind.HUNG, 1) and "before host 0 failed" in failure.message
     assert "user.py:1" in failure.traceback
     assert log.index(("dump_stacks", 1)) < log.index(("shutdown", 1)), "read before the group is torn down"
+
+
+@pytest.mark.parametrize("declared_dead_after_s", [15.0, None])
+def test_a_host_gone_silent_with_its_node_is_a_lost_node_not_a_hang(declared_dead_after_s):
+    """Host 1's node powers off: the host and its raylet go silent; 10 s later host 0's collective fails
+    (JAX's heartbeat). Ray declares the node dead after its health checks (here 15 s), or never
+    answers for it: either way the node was lost (the preemption budget, no wait for stacks the node
+    cannot send), not a hang of host 1 (before: hung, at 18 s, after a 20 s wait for its stacks)."""
+    def powered_off(group, i):
+        if i <= 2:
+            return group.train(i)
+        group.silent.add(1)
+        group.unsure.add(1)
+        silent_s = (i - 2) * POLL_INTERVAL_S
+        if silent_s == 10.0:
+            group.raise_(0, kind=ErrorKind.COLLECTIVE, message="JaxRuntimeError: Gloo AllGather timed out", step=2)
+        if declared_dead_after_s is not None and silent_s >= declared_dead_after_s:
+            group.lost.append(1)
+        return []
+    driver, log, _, _ = make_driver([powered_off, trains_to(4, start=2)],
+                                    fault=FaultConfig(max_restarts=0, max_preemptions=1),
+                                    watchdog=WatchdogConfig(hang_timeout_s=60.0))
+    failure = run_until(driver, Relaunching).failure
+    assert (failure.kind, failure.rank) == (FailureKind.NODE_LOST, 1), failure
+    assert ("dump_stacks", 1) not in log
+    silent_for = failure.detected_at - failure.failed_at
+    # Decided once the peers' errors were heard out, and Ray said the node is dead or 30 s of silence passed.
+    assert silent_for == pytest.approx(max(declared_dead_after_s or NODE_WAIT_S, 10.0 + SECONDARY_GRACE_S), abs=0.5)
+    assert driver.run() == 0
 
 
 def ahead_by(rank, steps):
