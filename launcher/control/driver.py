@@ -88,8 +88,7 @@ class Driver:
         self.attempts: list[Attempt] = []
         self.failures: list[Diagnosis] = []
         self.stop_signal: int | None = None
-        self.attempt_offset = attempt_offset
-        """Attempts are numbered across launches of one run, so host logs and records never collide."""
+        self.attempt_offset = attempt_offset  # numbered across a run's launches: logs and records never collide
         self._last_grow_check = clock()
 
     # -- running ---------------------------------------------------------------------------------
@@ -176,8 +175,9 @@ class Driver:
             return Scheduling(at_most=shrink, waiting_since=state.waiting_since or now)
         except Exception as err:  # noqa: BLE001 - a host died while the group was starting
             self._started(attempt, injections)
-            return self._decide(attempt, Diagnosis(FailureKind.CRASHED, None, f"the group did not start: {err}",
-                                                 committed, self.clock(), None))
+            lost = self.cluster.embedded and not self.cluster.alive()  # the node died under it: a lost node
+            return self._decide(attempt, self._embedded_node_died(attempt) if lost else Diagnosis(
+                FailureKind.CRASHED, None, f"the group did not start: {err}", committed, self.clock(), None))
         self._started(attempt, injections)
         return Running(attempt)
 

@@ -135,6 +135,9 @@ class FakeGroup:
     def start(self, num_hosts: int, attempt: int, injections: tuple[Injection, ...] = ()) -> GroupInfo:
         if getattr(self.behaviour, "placement_fails", False):
             raise PlacementError("placement timed out")
+        if getattr(self.behaviour, "node_dies_at_start", False):
+            self.cluster.is_alive = False
+            raise RuntimeError("The actor died because its node has died.")
         self.num_hosts, self.attempt = num_hosts, attempt
         self.cluster.held += num_hosts
         self.hosts = [HostStatus(r, last_heard=self.clock(), last_progress=self.clock()) for r in range(num_hosts)]

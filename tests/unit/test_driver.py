@@ -835,6 +835,18 @@ def test_a_host_gone_silent_with_its_node_is_a_lost_node_not_a_hang(declared_dea
     assert driver.run() == 0
 
 
+def test_the_embedded_node_dying_while_a_group_starts_is_a_lost_node_and_said():
+    """The embedded instance's node died under a starting group: the preemption budget, and a
+    failure that says so (before: a crash of no host, and a silent restart of Ray at the next schedule)."""
+    def starting(group, i):
+        return []
+    starting.node_dies_at_start = True
+    driver, _, _, cluster = make_driver([starting, trains_to(3)], fault=FaultConfig(max_restarts=0, max_preemptions=1))
+    failure = run_until(driver, Relaunching).failure
+    assert (failure.kind, failure.message) == (FailureKind.NODE_LOST, "the embedded Ray node died")
+    assert driver.run() == 0 and cluster.restarts == 1
+
+
 def ahead_by(rank, steps):
     """A host whose loop runs `steps` past the step it last reported (polls are late)."""
     def behaviour(group, i):
