@@ -116,6 +116,16 @@ class HostActor:
         """SIGKILL to this process (chaos testing)."""
         os.kill(os.getpid(), signal.SIGKILL)
 
+    def disconnect(self) -> None:
+        """Once every host of the group returned, all at once: leaves jax.distributed cleanly, so that
+        no peer's coordination client aborts (and logs a fatal error) as the group is torn down."""
+        from jaxlaunch.workers import runtime
+
+        try:
+            runtime.shutdown()
+        except Exception as err:  # noqa: BLE001 - the group is ending either way
+            logging.getLogger(__name__).warning("leaving jax.distributed failed: %s", err)
+
     def run(self, spec: HostSpec) -> HostResult:
         from jaxlaunch.workers import runtime
 
@@ -139,18 +149,16 @@ class HostActor:
                 # The launcher's own program: the user's entry is not imported, nor any of its code run.
                 from jaxlaunch.workers.checkpoints import persist
 
-                result = persist.write_newest(spec, build_mesh(spec.mesh), self.progress)
-                runtime.shutdown()
-                return result
+                return persist.write_newest(spec, build_mesh(spec.mesh), self.progress)
             # After jax.distributed: importing the user's module (or unpickling a function sent by
             # value) may already compute with JAX.
             function = entry_lib.load_entry(spec.entry)
 
             ctx = HostContext(spec, build_mesh(spec.mesh), self.progress, self.driver_stop)
             log.info("mesh %s; running %s", dict(ctx.mesh.shape), spec.entry)
-            result = ctx._finish(function(ctx))
-            runtime.shutdown()
-            return result
+            # No jax.distributed.shutdown() here: its barrier aborts a host whose peers return over
+            # `shutdown_timeout_s` later (rank 0's evaluation after training); `disconnect` does it.
+            return ctx._finish(function(ctx))
         except (Exception, SystemExit) as err:  # sys.exit() in the entry (argparse, absl) is its error too
             text = traceback.format_exc()
             log.error("host failed:\n%s", text)

@@ -51,6 +51,9 @@ STACK_DUMP_TIMEOUT_S = 20.0
 STOP_CALL_TIMEOUT_S = 5.0
 """How long a stop proposal or confirmation waits for the hosts' monitor threads (they answer at once)."""
 PG_REMOVAL_WAIT_S = 5.0
+DISCONNECT_TIMEOUT_S = 15.0
+"""How long the hosts of a group that every host returned from may take to leave jax.distributed
+together (its shutdown barrier, a moment when all of them call it) before they are killed anyway."""
 NODE_DIED_MARKER = "because its node has died"  # Ray GCS: "The actor died because its node has died."
 
 
@@ -278,8 +281,14 @@ class RayWorkerGroup:
 
     # -- teardown --------------------------------------------------------------------------------
     def shutdown(self) -> None:
-        """Kills every actor of the group and frees its placement group; safe to call twice."""
+        """Kills every actor of the group and frees its placement group; safe to call twice. A group
+        whose every host returned first leaves jax.distributed, all hosts at once (its barrier)."""
         if self.cluster.alive():
+            if self.actors and len(self.results) == len(self.actors):
+                try:
+                    ray.get([actor.disconnect.remote() for actor in self.actors], timeout=DISCONNECT_TIMEOUT_S)
+                except Exception as err:  # noqa: BLE001 - the processes are killed next either way
+                    log.info("the hosts did not all leave jax.distributed: %s", err)
             release(self.actors, self.pg)
         else:
             # The embedded instance died with its node, and the group with it: nothing to release

@@ -159,6 +159,33 @@ def test_a_user_file_outside_the_project_runs_on_4_hosts(tmp_path):
     assert committed_steps(run_dir) == [6, 12]
 
 
+def test_rank_0_s_own_work_after_training_never_fails_the_finished_job(tmp_path):
+    """Rank 0 evaluates for a while after the loop; host 1 returns at once. JAX's shutdown barrier
+    (`distributed.shutdown_timeout_s`, 1 s here, 10 s by default) aborted host 1 as it left: a
+    finished job became a crash and was trained again. The hosts now leave together once all returned."""
+    entry = tmp_path / "evaluates.py"
+    entry.write_text(
+        "import time\n"
+        "import jax.numpy as jnp\n"
+        "def main(ctx):\n"
+        "    state, start = ctx.restore_or_init(lambda: {'w': jnp.zeros((4,))})\n"
+        "    for step in range(start + 1, ctx.steps + 1):\n"
+        "        ctx.report(step)\n"
+        "        ctx.maybe_save(step, state)\n"
+        "    if ctx.process_index == 0:\n"
+        "        time.sleep(4)  # rank 0's own work after training: an evaluation, an export\n"
+        "    return {'rank': ctx.process_index}\n")
+    config = tmp_path / "job.yaml"
+    config.write_text("distributed:\n  shutdown_timeout_s: 1\n")
+    run_dir = tmp_path / "run"
+    result = launch("--entry", f"{entry}:main", "--hosts", "2", "--steps", "3", "--config", str(config),
+                    *DURABLE_ONLY, "--run-dir", str(run_dir))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert [a["cause"] for a in attempts(run_dir)] == ["finished"] and summary(run_dir)["returned"] == {"rank": 0}
+    logs = "".join(path.read_text(errors="replace") for path in (run_dir / "hosts").glob("*.log"))
+    assert "Terminating process" not in logs and "Shutdown barrier has failed" not in logs
+
+
 def test_an_exception_in_user_code_reaches_the_terminal_and_twice_stops_the_job(tmp_path):
     project = user_project(tmp_path)
     run_dir = tmp_path / "run"
