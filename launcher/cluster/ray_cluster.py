@@ -52,6 +52,9 @@ class Spares(InstanceBound, Protocol):
     @property
     def nodes(self) -> set[str]: ...
 
+    @property
+    def per_node(self) -> dict[str, int]: ...
+
     def shutdown(self) -> None: ...
 
 
@@ -173,11 +176,10 @@ class RayCluster:
             room[node] = min((math.floor(free.get(k, 0) / v + 1e-9) for k, v in need.items()), default=0)
         for node in held:
             room[node] = room.get(node, 0) + 1
-        # Spares on a node left out are no room (the standby is given up when a node is avoided).
-        spares, spare_nodes = (self.standby.reserved_hosts, self.standby.nodes) if self.standby else (0, set())
-        if spares and not (avoiding and spare_nodes & set(avoiding)):
-            for node in spare_nodes:
-                room[node] = room.get(node, 0) + spares // len(spare_nodes)
+        # The spares' room (on a node left out, none: the standby is given up when a node is avoided,
+        # which frees the rest of its room).
+        for node, spares in (self.standby.per_node if self.standby is not None else {}).items():
+            room[node] = room.get(node, 0) + spares
         room = {node: n for node, n in room.items() if node not in left_out}
         if self.cfg.placement_strategy == "STRICT_SPREAD":
             return sum(n >= 1 for n in room.values())

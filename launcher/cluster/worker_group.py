@@ -6,6 +6,7 @@ This adapter only translates: Ray's objects and errors become the typed contract
 
 from __future__ import annotations
 
+import collections
 import importlib
 import logging
 import shutil
@@ -355,9 +356,14 @@ class StandbyPool:
     @property
     def nodes(self) -> set[str]:
         """The nodes its spares are placed on (none before they are)."""
+        return set(self.per_node)
+
+    @property
+    def per_node(self) -> dict[str, int]:
+        """How many spares each node holds (none before they are placed)."""
         if self.pg is None or self.reserved_hosts == 0:
-            return set()
-        return set(placement_group_table(self.pg).get("bundles_to_node_id", {}).values())
+            return {}
+        return dict(collections.Counter(placement_group_table(self.pg).get("bundles_to_node_id", {}).values()))
 
     def replenish(self, num_hosts: int) -> None:
         if self.actors or self.cluster.placeable_hosts() < num_hosts:

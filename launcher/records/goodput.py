@@ -165,13 +165,16 @@ def intervals(evts: Sequence[Event], metrics: Sequence[dict[str, Any]]) -> list[
         elif isinstance(e, events.FinalSave | events.MemoryPersisted) and e.seconds:  # a give-up's persist too
             marks.append(Interval(e.time - e.seconds, e.time, "checkpoint"))
         elif isinstance(e, events.AttemptStarted):
-            marks += _attempt_intervals(e, ended.get(e.attempt), failures.get(e.attempt), steps)
+            # An attempt never ended (the driver was killed) lasts at most until the next launch.
+            launch_after = min((x.time for x in evts if isinstance(x, events.Launch) and x.time > e.time),
+                               default=math.inf)
+            marks += _attempt_intervals(e, ended.get(e.attempt), failures.get(e.attempt), steps, launch_after)
     marks += _between_attempts(evts, ended)
     return marks
 
 
 def _attempt_intervals(started: events.AttemptStarted, ended: events.AttemptEnded | None,
-                       failure: events.Failure | None, steps: _Steps) -> list[Interval]:
+                       failure: events.Failure | None, steps: _Steps, until: float = math.inf) -> list[Interval]:
     """From scheduling the group to its first step: start-up (placement, processes, JAX, restore,
     compile). In an attempt that did not finish, from its last step (or the failure, where known) to
     its end: detection and teardown (a hang's watchdog wait is detection); a failure known to come
@@ -180,8 +183,8 @@ def _attempt_intervals(started: events.AttemptStarted, ended: events.AttemptEnde
     marks = []
     scheduled = _scheduled_at(started, ended)
     first = steps.first_start.get(started.attempt)
-    if ended is None:  # running: starting up until its first step, however long that is so far
-        return [Interval(scheduled, first if first is not None else math.inf, "startup")]
+    if ended is None:  # running (or its launch was killed): starting up until its first step
+        return [Interval(scheduled, first if first is not None else until, "startup")]
     end = ended.time
     startup_end = first if first is not None else end
     marks.append(Interval(scheduled, startup_end, "startup"))

@@ -56,7 +56,10 @@ def test_the_room_for_a_restart_is_what_one_placement_of_the_strategy_could_take
     cluster = object.__new__(ray_cluster.RayCluster)
     cluster.cfg = ClusterConfig(resources_per_host={"CPU": 1.0}, placement_strategy=strategy)
     cluster.avoided = []
-    cluster.standby = types.SimpleNamespace(reserved_hosts=2, nodes={"a", "b"})
+    cluster.standby = types.SimpleNamespace(per_node={"a": 1, "b": 1})
     assert cluster.placeable_hosts(held=["a", "b"]) == room
-    # Leaving node b out (a straggler's): its spare goes too, and node a holds 3 hosts' room.
-    assert cluster.placeable_hosts(avoiding=("b",), held=["a"]) == (1 if strategy == "STRICT_SPREAD" else 3)
+    # Leaving node b out (a straggler's): its spare goes too; node a holds 4 hosts' room (its spare's
+    # too: the standby is given up when a node is avoided).
+    assert cluster.placeable_hosts(avoiding=("b",), held=["a"]) == (1 if strategy == "STRICT_SPREAD" else 4)
+    cluster.standby = types.SimpleNamespace(per_node={"a": 2, "b": 1})  # three spares on two nodes: all count
+    assert cluster.placeable_hosts(held=["a", "b"]) == {"STRICT_SPREAD": 2, "STRICT_PACK": 5}.get(strategy, 9)

@@ -152,6 +152,15 @@ def test_an_attempt_still_starting_up_is_start_up_time_while_the_job_runs(tmp_pa
         run.event(event)
     split = goodput.split_wall_time(run.events(), run.metric_records(), until=60.0)
     assert (split.badput_s["startup"], split.badput_s["other"]) == (pytest.approx(60.0), 0.0)
+    # The driver was killed then; a --resume at t+100 runs an attempt whose steps leave gaps: those are
+    # the new launch's, not the dead attempt's start-up.
+    run.event(events.Launch(time=100.0))
+    run.event(events.AttemptStarted(attempt=2, time=101.0))
+    run.metrics([{"step": s, "step_time_s": 1.0, "attempt": 2, "time": 105.0 + 2 * s} for s in range(1, 4)])
+    run.event(events.AttemptEnded(attempt=2, cause="finished", time=112.0))
+    run.event(events.JobEnded(status=events.JobStatus.FINISHED, time=112.0))
+    split = goodput.split_wall_time(run.events(), run.metric_records())
+    assert split.badput_s["other"] == pytest.approx(2.0 + 1.0), "the gaps between the new launch's steps, and its end"
 
 
 def test_the_summary_is_a_view_of_the_same_history(tmp_path):
