@@ -25,12 +25,13 @@ from jaxlaunch.launcher.cluster.ray_cluster import RayCluster, refuse_if_nothing
 from jaxlaunch.launcher.cluster.worker_group import MakeSpec, RayWorkerGroup, StandbyPool
 from jaxlaunch.launcher.configuration.job import PreparedJob
 from jaxlaunch.launcher.configuration.schema import JobConfig
-from jaxlaunch.launcher.control.driver import Driver
+from jaxlaunch.launcher.control.driver import Driver, Listener
 from jaxlaunch.launcher.control.fault_plan import FaultPlan, injection_log
 from jaxlaunch.launcher.control.limits import CAPACITY_POLL_S
 from jaxlaunch.launcher.control.persisting import MemoryPersist
 from jaxlaunch.launcher.control.policy import Policies, RestartPolicy, ScalingPolicy, Watchdog
 from jaxlaunch.launcher.control.replicas import ReplicaWatch
+from jaxlaunch.launcher.control.states import Attempt, State
 from jaxlaunch.launcher.control.stragglers import StragglerWatch
 from jaxlaunch.launcher.exit_codes import EXIT_FAILED, EXIT_OK
 from jaxlaunch.launcher.records import history, report
@@ -46,7 +47,7 @@ from rich.markup import escape
 from jaxlaunch.contract import entry as entry_lib
 from jaxlaunch.contract import events, storage
 from jaxlaunch.contract.events import JobStatus
-from jaxlaunch.contract.protocol import ConfigError, EntryRef, HostSpec, Injection
+from jaxlaunch.contract.protocol import ConfigError, EntryRef, GroupPoll, HostSpec, Injection
 from jaxlaunch.contract.storage import RunStorageError, storage_errno
 
 
@@ -231,14 +232,35 @@ class Assembly:
 
 def _drive(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref: EntryRef, display: Display,
            lock: RunLock, exporter: Exporter | None) -> LaunchResult:
+    lock.check()  # taken while this launch joined Ray or waited for room: nothing written yet
     parts = _build(prepared, run, cluster, host_ref, display, lock, exporter)
     code = None
     try:
         with stop_signals(parts.driver):
             code = parts.driver.run()
     finally:
-        past, summary, picture = _finish(parts, code)
+        if parts.standby is not None:
+            parts.standby.shutdown()
+        parts.keepers.shutdown()
+        parts.display.stop()
+        if lock.lost is None:  # a launch whose lock another took writes nothing more into the run
+            past, summary, picture = _finish(parts, code)
+    lock.check()
     return _tell(parts, code, past, summary, picture)
+
+
+class LockWatch(Listener):
+    """Ends the launch at once, with no save, when another launch took the run's lock (RunLockLost from
+    the driver's loop: its group is torn down as on a second Ctrl-C)."""
+
+    def __init__(self, lock: RunLock) -> None:
+        self.lock = lock
+
+    def on_transition(self, driver: Driver, old: State, new: State) -> None:
+        self.lock.check()
+
+    def on_poll(self, driver: Driver, attempt: Attempt, poll: GroupPoll) -> None:
+        self.lock.check()
 
 
 def _build(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref: EntryRef, display: Display,
@@ -272,7 +294,8 @@ def _build(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref: En
                         ) if job.tracking.trackers else None
     recorder = Recorder(run, job.mesh_for, sinks=[trackers] if trackers is not None else [])
     live = LiveMetrics(run, committed, exporter)
-    listeners: list[Any] = [recorder, live, ConsoleView(display, run, job.train.steps, job.checkpoint.memory_tier)]
+    listeners: list[Any] = [LockWatch(lock), recorder, live,
+                            ConsoleView(display, run, job.train.steps, job.checkpoint.memory_tier)]
     if prepared.chaos_mean_s:
         listeners.append(Chaos(prepared.chaos_mean_s, job.train.seed, recorder.event))
     replicas = ReplicaWatch(recorder.event, lambda text: display.message(f"[red]{escape(text)}[/red]"), past)
@@ -307,24 +330,13 @@ def _build(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref: En
         policies=policies, committed_step=committed, faults=faults, attempt_offset=attempt_offset,
         listeners=listeners, persist=persist if keepers.enabled else None,
     )
-
-    def lock_lost(holder: dict[str, Any]) -> None:  # its refreshes failed for a minute: another launch took it
-        display.message(f"[red]the lock of {escape(run.store.url)} was taken by the launch of pid {holder.get('pid')} "
-                        f"on {holder.get('host')}: every host saves and this launch stops[/red]")
-        driver.request_stop(signal.SIGTERM)
-
-    lock.on_lost = lock_lost
     return Assembly(prepared, run, display, driver, recorder, live, trackers, standby, keepers)
 
 
 def _finish(parts: Assembly, code: int | None) -> tuple[History, dict[str, Any], pathlib.Path | str]:
-    """Whatever happened: every spare host and keeper stopped, the launch's last records written, and
+    """Whatever happened (every spare host and keeper stopped): the launch's last records written, and
     what derives from them (summary.json, the report picture, the trackers' final state)."""
     run = parts.run
-    if parts.standby is not None:
-        parts.standby.shutdown()
-    parts.keepers.shutdown()
-    parts.display.stop()
     status = _status(code)
     spans = {a.number: (a.first_step, a.last_step) for a in parts.driver.attempts}
     for injection, why in parts.driver.faults.not_fired(spans):  # a fault drill that did not happen is said

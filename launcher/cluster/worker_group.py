@@ -18,6 +18,7 @@ import ray
 from jaxlaunch.launcher.cluster.keepers import KeeperPool
 from jaxlaunch.launcher.cluster.ray_cluster import RayCluster
 from jaxlaunch.launcher.configuration.schema import ClusterConfig
+from jaxlaunch.launcher.control.limits import UNANSWERED_CONFIRM_S
 from jaxlaunch.launcher.records.runs import RunDir
 from ray.actor import ActorHandle
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
@@ -83,6 +84,8 @@ class RayWorkerGroup:
         self.hosts: list[HostStatus] = []
         self.results: dict[int, HostResult] = {}
         self.exits: dict[int, HostExit] = {}
+        self._unknown_since: dict[int, float] = {}
+        """Each host whose node does not answer: since when (monotonic), across asks."""
         self.node_info: list[NodeInfo] = []
         self.attempt = 0
         """The attempt `start` started (the hosts' events are of it)."""
@@ -234,10 +237,22 @@ class RayWorkerGroup:
                 self.exits[rank] = HostExit(rank, exit.how, exit.at, exit.step, exit.detail, node=node,
                                             since=exit.since)
 
-    def hosts_nodes(self) -> dict[int, NodeLiveness]:
+    def hosts_nodes(self, lost_after_s: float) -> dict[int, NodeLiveness]:
         """Each host's node now (gone by Ray's word or a refused raylet, alive, or not answering),
-        whether or not its ending was reported yet; a host that returned is left out."""
-        return self._liveness([rank for rank in range(len(self.node_info)) if rank not in self.results])
+        whether or not its ending was reported yet; a host that returned is left out. A node counts
+        as gone once its host has been silent for `lost_after_s` and the node has not answered any
+        ask for UNANSWERED_CONFIRM_S (one probe that timed out on a busy machine is no lost node)."""
+        now = time.monotonic()
+        nodes = self._liveness([rank for rank in range(len(self.node_info)) if rank not in self.results])
+        for rank, node in nodes.items():
+            if node != NodeLiveness.UNKNOWN:
+                self._unknown_since.pop(rank, None)
+                continue
+            since = self._unknown_since.setdefault(rank, now)
+            silent_since = min(since, self.hosts[rank].last_heard) if rank < len(self.hosts) else since
+            if now - since >= UNANSWERED_CONFIRM_S and now - silent_since >= lost_after_s:
+                nodes[rank] = NodeLiveness.DEAD
+        return nodes
 
     # -- interventions ---------------------------------------------------------------------------
     def propose_stop(self, step: int) -> dict[int, StopAnswer]:

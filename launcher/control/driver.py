@@ -244,15 +244,14 @@ class Driver:
             return state
         # A lost node's host may not be reported yet when the collective errors and aborts it caused
         # are: ask whether any host's node is gone, or does not answer, before blaming anyone.
-        nodes = self.running_group.hosts_nodes()
+        nodes = self.running_group.hosts_nodes(limits.NODE_WAIT_S)
         for rank in (r for r, node in nodes.items() if node == NodeLiveness.DEAD and r not in attempt.failures):
             attempt.failures[rank] = Diagnosis(FailureKind.NODE_LOST, rank, "the host's node is gone (its raylet "
                                              "is silent)", poll.hosts[rank].step, now, poll.hosts[rank].last_heard)
         failure = policy.blame(list(attempt.failures.values()), poll.hosts, now, limits.UNRESPONSIVE_AFTER_S,
-                               poll.results, {r for r, node in nodes.items() if node == NodeLiveness.UNKNOWN},
-                               limits.NODE_WAIT_S)
+                               poll.results, {r for r, node in nodes.items() if node == NodeLiveness.UNKNOWN})
         if failure is None:
-            return state  # a silent host's node does not answer either: lost or not, Ray says within NODE_WAIT_S
+            return state  # a silent host's node does not answer either: lost (Ray, or NODE_WAIT_S, says) or not
         if failure.failed_at is None or failure.kind == FailureKind.CRASHED:
             fired_at = self.faults.fired_at(attempt.number)
             failure = dataclasses.replace(failure, failed_at=fired_at or failure.failed_at)

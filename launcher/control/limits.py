@@ -17,6 +17,9 @@ hung (a stopped process stalls the others, which the coordination service then f
 NODE_WAIT_S = 30.0
 """How long a dead or unreachable host's node may stay of unknown health before it counts as lost
 (Ray's default health checks declare a silent node dead after about 15 s)."""
+UNANSWERED_CONFIRM_S = 5.0
+"""...and a silent host's node counts as lost (its host silent for NODE_WAIT_S) only once it did not
+answer any ask for this long: one probe that timed out on a busy machine is no lost node."""
 STOP_MARGIN_STEPS = 2
 """A proposed stop step is this far past the furthest step known (a host past it says so, and a
 later step is proposed)."""

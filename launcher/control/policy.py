@@ -211,12 +211,12 @@ def likely_fix(failure: Diagnosis) -> str:
 
 
 def blame(failures: Sequence[Diagnosis], hosts: Sequence[HostStatus], now: float, silent_after_s: float,
-          returned: Collection[int] = (), unsure: Collection[int] = (), node_wait_s: float = 0.0) -> Diagnosis | None:
+          returned: Collection[int] = (), unsure: Collection[int] = ()) -> Diagnosis | None:
     """The failure to record: the root cause among those seen, unless a host had stopped answering
-    before it (the others then failed because of its silence: it hung, or, when its node does not
-    answer either (`unsure`), its node was lost: None while it may still be declared so, for up to
-    `node_wait_s` of silence). A host that returned is not silent (no one polls it), nor is one that
-    went quiet only after the root cause."""
+    before it (the others then failed because of its silence: it hung; or None while its node does
+    not answer either (`unsure`): the node may be lost, which the group says within its wait). A
+    host that returned is not silent (no one polls it), nor is one that went quiet only after the
+    root cause."""
     everywhere = entry_error(failures, len(hosts))
     if everywhere is not None:
         return everywhere
@@ -227,10 +227,7 @@ def blame(failures: Sequence[Diagnosis], hosts: Sequence[HostStatus], now: float
     if silent and not first.kind.is_fatal:
         host = min(silent, key=lambda h: h.last_heard)
         if host.rank in unsure:  # a powered-off or cut-off node: Ray declares it dead only after its health checks
-            if now - host.last_heard < node_wait_s:
-                return None
-            return Diagnosis(FailureKind.NODE_LOST, host.rank, f"the host and its node stopped answering for "
-                             f"{now - host.last_heard:.0f} s", first.step, now, host.last_heard)
+            return None
         return Diagnosis(FailureKind.HUNG, host.rank,
                          f"stopped answering {at - host.last_heard:.1f} s before host {first.rank} failed "
                          f"({first.message})", first.step, now, host.last_heard)

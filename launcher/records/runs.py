@@ -18,6 +18,7 @@ from typing import Any
 from jaxlaunch.contract.events import Event, parse_event
 from jaxlaunch.contract.layout import LOCK_NAME, UNREADABLE_DIR, RunLayout, json_bytes, read_records
 from jaxlaunch.contract.protocol import ConfigError
+from jaxlaunch.contract.storage import RunStorageError
 from jaxlaunch.contract.store import LocalStore, Store
 
 log = logging.getLogger(__name__)
@@ -186,6 +187,10 @@ class RunDir(RunLayout):
         return RunLock(self.store)
 
 
+class RunLockLost(RunStorageError):
+    """Another launch took this launch's run directory: its lock's refreshes failed for LOCK_STALE_S."""
+
+
 class RunLock:
     """Held for the life of a launch, so two launches never share a run directory.
 
@@ -198,7 +203,7 @@ class RunLock:
     named after that holder (one of several racing launches can), then find the lock still the very one
     it judged dead before it deletes it; a takeover object its maker left (it died mid-takeover) is
     passed over once stale. A launch whose lock another took (its refreshes failed for LOCK_STALE_S)
-    finds out at its next refresh, and is told (`on_lost`) rather than writing over the new holder."""
+    finds out at its next refresh, writes nothing over the new holder's, and `check` raises RunLockLost."""
 
     def __init__(self, store: Store):
         self.store = store
@@ -208,8 +213,16 @@ class RunLock:
         self._me: bytes = b""
         self.took_over: dict[str, Any] | None = None
         self.lost: dict[str, Any] | None = None
-        """Who holds the lock now, once this launch found it taken (None while it holds it)."""
-        self.on_lost: Callable[[dict[str, Any]], None] = lambda holder: None
+        """Who holds the lock now, once this launch found it taken ({} when it was deleted; None while held)."""
+
+    def check(self) -> None:
+        """RunLockLost once another launch took the lock: this launch must stop at once, writing nothing more."""
+        if self.lost is None:
+            return
+        who = (f"taken by the launch of pid {self.lost.get('pid')} on {self.lost.get('host')}" if self.lost.get("pid")
+               else "deleted")
+        raise RunLockLost(f"the lock of run directory {self.store.url} was {who} (this launch's refreshes of it failed "
+                          f"for {LOCK_STALE_S:.0f} s): this launch stopped at once, saving and writing nothing more")
 
     def _read(self) -> bytes | None:
         try:
@@ -278,7 +291,6 @@ class RunLock:
                 if raw != self._me:  # taken by a launch that judged this one dead, or deleted
                     self.lost = _parsed(raw) if raw is not None else {}
                     log.error("the lock of run directory %s was taken: %s", self.store.url, self.lost)
-                    self.on_lost(self.lost)
                     return
                 if isinstance(self.store, LocalStore):
                     self.store.touch(LOCK_NAME)

@@ -13,6 +13,7 @@ from typing import Any
 
 from jaxlaunch.launcher.control.driver import Driver, Listener
 from jaxlaunch.launcher.control.fault_plan import FaultPlan, Fired
+from jaxlaunch.launcher.control.limits import UNANSWERED_CONFIRM_S
 from jaxlaunch.launcher.control.policy import (
     FaultConfig,
     Policies,
@@ -127,6 +128,7 @@ class FakeGroup:
         """Hosts whose node is gone, reported or not."""
         self.unsure: set[int] = set()
         """Hosts whose node does not answer (powered off, cut off), not yet declared dead."""
+        self.unsure_since: dict[int, float] = {}
         self.checksums: dict[int, list[ReplicaChecksums]] = {}
         """rank -> replica checksums to report at the next poll."""
         self.busy: dict[int, list[tuple[int, float]]] = {}
@@ -213,10 +215,19 @@ class FakeGroup:
         self.log.append(("dump_stacks", rank))
         return f'Thread 1 (idle): "MainThread"\n    train (user.py:{rank})'
 
-    def hosts_nodes(self) -> dict[int, NodeLiveness]:
-        return {h.rank: NodeLiveness.DEAD if h.rank in self.lost else
-                NodeLiveness.UNKNOWN if h.rank in self.unsure else NodeLiveness.ALIVE
-                for h in self.hosts if h.rank not in self.results}
+    def hosts_nodes(self, lost_after_s: float) -> dict[int, NodeLiveness]:
+        """As the Ray group's (`RayWorkerGroup.hosts_nodes`), with `lost` and `unsure` for Ray's answers."""
+        now, nodes = self.clock(), {}
+        for h in (h for h in self.hosts if h.rank not in self.results):
+            if h.rank in self.lost:
+                nodes[h.rank] = NodeLiveness.DEAD
+            elif h.rank in self.unsure:
+                since = self.unsure_since.setdefault(h.rank, now)
+                gone = now - since >= UNANSWERED_CONFIRM_S and now - min(since, h.last_heard) >= lost_after_s
+                nodes[h.rank] = NodeLiveness.DEAD if gone else NodeLiveness.UNKNOWN
+            else:
+                nodes[h.rank] = NodeLiveness.ALIVE
+        return nodes
 
     def shutdown(self) -> None:
         self.cluster.held -= self.num_hosts

@@ -63,3 +63,27 @@ def test_the_room_for_a_restart_is_what_one_placement_of_the_strategy_could_take
     assert cluster.placeable_hosts(avoiding=("b",), held=["a"]) == (1 if strategy == "STRICT_SPREAD" else 4)
     cluster.standby = types.SimpleNamespace(per_node={"a": 2, "b": 1})  # three spares on two nodes: all count
     assert cluster.placeable_hosts(held=["a", "b"]) == {"STRICT_SPREAD": 2, "STRICT_PACK": 5}.get(strategy, 9)
+
+
+def test_a_silent_host_s_node_counts_as_lost_only_once_it_went_on_not_answering(monkeypatch):
+    """Host 1 has been silent for 40 s (a stopped process) and one probe of its node timed out on a busy
+    machine: that is no lost node (a hang, with its stacks). Only a node that goes on not answering
+    for 5 s, its host silent for the 30 s wait, counts as gone."""
+    from jaxlaunch.launcher.cluster import worker_group
+
+    from jaxlaunch.contract.protocol import HostStatus, NodeLiveness
+
+    group = object.__new__(worker_group.RayWorkerGroup)  # without Ray: its bookkeeping only
+    group.node_info, group.results, group._unknown_since = [None, None], {}, {}
+    group.hosts = [HostStatus(0, last_heard=100.0), HostStatus(1, last_heard=60.0)]
+    answers = {0: NodeLiveness.ALIVE, 1: NodeLiveness.UNKNOWN}
+    monkeypatch.setattr(group, "_liveness", lambda ranks: {r: answers[r] for r in ranks})
+    now = [100.0]
+    monkeypatch.setattr(worker_group.time, "monotonic", lambda: now[0])
+    seen = []
+    for t, answer in ((100.0, NodeLiveness.UNKNOWN), (104.0, NodeLiveness.UNKNOWN), (105.0, NodeLiveness.UNKNOWN),
+                      (106.0, NodeLiveness.ALIVE), (107.0, NodeLiveness.UNKNOWN), (111.0, NodeLiveness.UNKNOWN)):
+        now[0], answers[1] = t, answer
+        seen.append(group.hosts_nodes(30.0)[1])
+    assert seen == [NodeLiveness.UNKNOWN, NodeLiveness.UNKNOWN, NodeLiveness.DEAD,
+                    NodeLiveness.ALIVE, NodeLiveness.UNKNOWN, NodeLiveness.UNKNOWN], "each run of not answering anew"

@@ -6,12 +6,11 @@ import os
 import pathlib
 import subprocess
 import sys
-import threading
 import time
 
 import pytest
 from jaxlaunch.launcher.records import runs
-from jaxlaunch.launcher.records.runs import LOCK_STALE_S, RunDir
+from jaxlaunch.launcher.records.runs import LOCK_STALE_S, RunDir, RunLockLost
 
 from jaxlaunch.contract import events
 from jaxlaunch.contract.layout import committed_steps, read_jsonl
@@ -155,17 +154,37 @@ def test_a_live_launch_on_this_host_keeps_its_lock_however_old(tmp_path):
         first.release()
 
 
-def test_a_launch_whose_lock_was_taken_is_told_and_writes_nothing_over_the_new_holder(tmp_path, monkeypatch):
+def test_a_launch_whose_lock_was_taken_finds_out_and_writes_nothing_over_the_new_holder(tmp_path, monkeypatch):
     monkeypatch.setattr(runs, "LOCK_REFRESH_S", 0.01)
-    told = threading.Event()
     lock = RunDir(tmp_path).lock()
-    lock.on_lost = lambda holder: told.set()
     lock.acquire()
     theirs = json.dumps({"host": "another-machine", "pid": 9, "since": 1.0, "token": "theirs"}).encode()
     (tmp_path / ".lock").write_bytes(theirs)  # taken by a launch that judged this one dead
-    assert told.wait(30), "the refresh found the lock taken"
+    lock._thread.join(30)  # the refresh that finds it taken ends the refreshing
+    assert not lock._thread.is_alive()
+    with pytest.raises(RunLockLost, match="was taken by the launch of pid 9 on another-machine"):
+        lock.check()
     lock.release()
-    assert lock.lost["token"] == "theirs" and (tmp_path / ".lock").read_bytes() == theirs
+    assert (tmp_path / ".lock").read_bytes() == theirs, "neither refreshed over nor released"
+
+
+def test_a_launch_whose_lock_another_took_stops_at_once_with_no_save(tmp_path):
+    """The driver's loop ends on the loss at its next poll: the group torn down, no stop agreed (so no
+    save into the run the other launch now holds), and RunLockLost for the command line (exit 1)."""
+    from jaxlaunch.launcher.runner import LockWatch
+
+    from tests.unit.fakes import make_driver, trains_to
+
+    lock = RunDir(tmp_path).lock()
+
+    def taken_at_3(group, i):
+        if i == 3:
+            lock.lost = {"host": "another-machine", "pid": 9}
+        return trains_to(10)(group, i)
+    driver, log, _, _ = make_driver([taken_at_3], listeners=[LockWatch(lock)])
+    with pytest.raises(RunLockLost, match="stopped at once, saving and writing nothing more"):
+        driver.run()
+    assert log == [("start", 1, 2), ("shutdown", 1)] and driver.attempts[0].last_step <= 3
 
 
 def test_a_lock_that_names_no_launch_is_said_so(tmp_path):
