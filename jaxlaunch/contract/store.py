@@ -20,6 +20,7 @@ import os
 import pathlib
 import shutil
 import threading
+import typing
 from collections.abc import Mapping
 from typing import Any
 
@@ -92,6 +93,13 @@ class Store(abc.ABC):
         credentials, a file where the folder should be)."""
 
 
+def _fill(f: typing.BinaryIO, data: bytes) -> None:
+    """Writes `data` to a new file and waits until it is on disk."""
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+
+
 class LocalStore(Store):
     """A folder on a POSIX filesystem (a local disk, or NFS shared by every node)."""
 
@@ -105,31 +113,33 @@ class LocalStore(Store):
     def read(self, key: str) -> bytes:
         return self._p(key).read_bytes()
 
-    def write(self, key: str, data: bytes) -> None:
+    def _staged(self, key: str, data: bytes) -> tuple[pathlib.Path, pathlib.Path]:
+        """The object's path (its folder made), and `data` written whole, on disk, under a name of this
+        writer's own beside it (removed if that fails: a full disk leaves no leftover)."""
         path = self._p(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
             with tmp.open("wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+                _fill(f, data)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return path, tmp
+
+    def write(self, key: str, data: bytes) -> None:
+        path, tmp = self._staged(key, data)
+        try:
             os.replace(tmp, path)
         except BaseException:
-            tmp.unlink(missing_ok=True)  # a full disk, a folder in the file's place: no leftover
+            tmp.unlink(missing_ok=True)  # a folder in the file's place: no leftover
             raise
 
     def create(self, key: str, data: bytes) -> bool:
-        path = self._p(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         # Written whole under a name of its own, then linked into place (link fails if the name exists):
         # a reader never finds it empty, and a disk that fills leaves no empty object behind.
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.new")
+        path, tmp = self._staged(key, data)
         try:
-            with tmp.open("wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
             os.link(tmp, path)
         except FileExistsError:
             return False
@@ -148,9 +158,7 @@ class LocalStore(Store):
         except FileExistsError:
             return False
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+            _fill(f, data)
         return True
 
     def append(self, key: str, data: bytes) -> None:

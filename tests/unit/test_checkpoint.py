@@ -132,18 +132,24 @@ def test_a_run_with_history_never_starts_from_scratch(tmp_path):
             targets(build_mesh({"data": -1})))
 
 
-def test_a_transient_error_is_retried_and_never_sets_anything_aside(saved, monkeypatch):
+def flaky(saved, monkeypatch, errors):
+    """A checkpointer whose reads raise `errors` one after the other, then read; and the steps it read."""
     monkeypatch.setattr(ckpt, "TRANSIENT_BACKOFF_S", 0.0)
     c = Checkpointer(saved, CFG)
     real, calls = c.manager.restore, []
 
-    def flaky(step, args):
+    def restore(step, args):
         calls.append(step)
-        if len(calls) <= 2:
-            raise TimeoutError("storage did not answer")
+        if len(calls) <= len(errors):
+            raise errors[len(calls) - 1]
         return real(step, args=args)
 
-    monkeypatch.setattr(c.manager, "restore", flaky)
+    monkeypatch.setattr(c.manager, "restore", restore)
+    return c, calls
+
+
+def test_a_transient_error_is_retried_and_never_sets_anything_aside(saved, monkeypatch):
+    c, calls = flaky(saved, monkeypatch, [TimeoutError("storage did not answer")] * 2)
     assert c.restore_latest(targets(build_mesh({"data": -1}))).step == 3 and calls == [3, 3, 3]
 
     def always(step, args):
@@ -159,19 +165,7 @@ def test_a_step_is_read_once_more_before_it_is_called_corrupt_after_transient_er
     """Flaky storage: three timeouts, then a short read, then the step reads. The one more read a
     non-transient error gets is its own, not what the timeouts' retries left (before: corrupt after one
     read, set aside, and the steps since trained again)."""
-    monkeypatch.setattr(ckpt, "TRANSIENT_BACKOFF_S", 0.0)
-    c = Checkpointer(saved, CFG)
-    real, calls = c.manager.restore, []
-
-    def flaky(step, args):
-        calls.append(step)
-        if len(calls) <= 3:
-            raise TimeoutError("storage did not answer")
-        if len(calls) == 4:
-            raise ValueError("short read of chunk 7")
-        return real(step, args=args)
-
-    monkeypatch.setattr(c.manager, "restore", flaky)
+    c, calls = flaky(saved, monkeypatch, [TimeoutError("storage did not answer")] * 3 + [ValueError("short read")])
     assert c.restore_latest(targets(build_mesh({"data": -1}))).step == 3 and calls == [3] * 5
     assert not (saved.parent / "unreadable_checkpoints").exists()
 

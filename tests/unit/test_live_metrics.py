@@ -138,44 +138,35 @@ def test_goodput_is_refreshed_at_most_every_interval(tmp_path, monkeypatch):
     assert len(loads) == 2
 
 
-def test_each_hosts_busy_time_is_served_by_host(tmp_path, free_port):
-    from jaxlaunch.launcher.control.states import Attempt
-
-    from jaxlaunch.contract.protocol import GroupPoll, HostStatus
-
-    run = write_run(tmp_path / "run")
-    exporter = Exporter(free_port)
-    try:
-        live = LiveMetrics(run, lambda: 2, exporter, wall_clock=lambda: 1020.0)
-        attempt = Attempt(number=2, num_hosts=2, mesh={}, started_at=0.0, latest_committed=None, last_step=5)
-        busy = {0: [(4, 0.002), (5, 0.003)], 1: [(4, 0.009), (5, 0.012)]}
-        live.on_poll(None, attempt, GroupPoll([HostStatus(0), HostStatus(1)], [], [], {}, [], busy))
-        got = scrape(free_port)
-    finally:
-        exporter.close()
-    assert got[("jaxlaunch_host_busy_seconds", (("host", "0"),))] == 0.003
-    assert got[("jaxlaunch_host_busy_seconds", (("host", "1"),))] == 0.012, "the newest step's, by host"
-
-
-def test_a_host_the_job_no_longer_has_is_no_longer_served(tmp_path, free_port):
-    """After a shrink from 4 hosts to 2, hosts 2 and 3 kept their last busy time on the endpoint."""
+def served_busy(tmp_path, port, polls):
+    """The endpoint's busy time by host after `polls` of (attempt number, its host count, busy times by
+    host); an attempt other than the first is told as started before its poll."""
     from jaxlaunch.launcher.control.states import Attempt, AttemptStartNotice
 
     from jaxlaunch.contract.protocol import GroupPoll, HostStatus
 
-    run = write_run(tmp_path / "run")
-    exporter = Exporter(free_port)
+    exporter = Exporter(port)
     try:
-        live = LiveMetrics(run, lambda: 2, exporter, wall_clock=lambda: 1020.0)
-        four = Attempt(number=2, num_hosts=4, mesh={}, started_at=0.0, latest_committed=None, last_step=5)
-        live.on_poll(None, four, GroupPoll([HostStatus(r) for r in range(4)], [], [], {}, [],
-                                           {r: [(5, 0.01)] for r in range(4)}))
-        two = Attempt(number=3, num_hosts=2, mesh={}, started_at=0.0, latest_committed=None, last_step=6)
-        live.on_attempt_started(None, AttemptStartNotice(two, ()))
-        live.on_poll(None, two, GroupPoll([HostStatus(r) for r in range(2)], [], [], {}, [],
-                                          {r: [(6, 0.02)] for r in range(2)}))
-        got = scrape(free_port)
+        live = LiveMetrics(write_run(tmp_path / "run"), lambda: 2, exporter, wall_clock=lambda: 1020.0)
+        for i, (number, hosts, busy) in enumerate(polls):
+            attempt = Attempt(number=number, num_hosts=hosts, mesh={}, started_at=0.0, latest_committed=None,
+                              last_step=5)
+            if i and number != polls[i - 1][0]:
+                live.on_attempt_started(None, AttemptStartNotice(attempt, ()))
+            live.on_poll(None, attempt, GroupPoll([HostStatus(r) for r in range(hosts)], [], [], {}, [], busy))
+        got = scrape(port)
     finally:
         exporter.close()
-    served = {labels: value for (name, labels), value in got.items() if name == "jaxlaunch_host_busy_seconds"}
-    assert served == {(("host", "0"),): 0.02, (("host", "1"),): 0.02}
+    return {dict(labels)["host"]: value for (name, labels), value in got.items()
+            if name == "jaxlaunch_host_busy_seconds"}
+
+
+def test_each_hosts_busy_time_is_served_by_host(tmp_path, free_port):
+    busy = {0: [(4, 0.002), (5, 0.003)], 1: [(4, 0.009), (5, 0.012)]}
+    assert served_busy(tmp_path, free_port, [(2, 2, busy)]) == {"0": 0.003, "1": 0.012}, "the newest step's, by host"
+
+
+def test_a_host_the_job_no_longer_has_is_no_longer_served(tmp_path, free_port):
+    """After a shrink from 4 hosts to 2, hosts 2 and 3 kept their last busy time on the endpoint."""
+    polls = [(2, 4, {r: [(5, 0.01)] for r in range(4)}), (3, 2, {r: [(6, 0.02)] for r in range(2)})]
+    assert served_busy(tmp_path, free_port, polls) == {"0": 0.02, "1": 0.02}
