@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from jaxlaunch.launcher.records.goodput import thrown_away
 from jaxlaunch.launcher.records.history import restarts_by_cause
 from jaxlaunch.launcher.records.runs import RunDir
 from jaxlaunch.launcher.views.tracker_backends import Backend, new_backend
@@ -321,9 +322,11 @@ class Trackers:
             self.run.store.write(STATE_FILE, json_bytes(self.state))
 
     def _unsent(self, logged_step: int) -> list[dict[str, Any]]:
-        """The run's records past `logged_step`, each step's last computation."""
-        last = {r["step"]: r for r in self.run.metric_records()
-                if isinstance(r.get("step"), int) and r["step"] > logged_step}
+        """The run's records past `logged_step`: each step's last computation that is the run's result
+        (a step a rollback threw away, and no attempt trained again, is not sent)."""
+        records = [r for r in self.run.metric_records() if isinstance(r.get("step"), int)]
+        lost = thrown_away(self.run.events(), records)
+        last = {r["step"]: r for r, gone in zip(records, lost, strict=True) if not gone and r["step"] > logged_step}
         return [last[s] for s in sorted(last)]
 
     def on_records(self, records: list[dict[str, Any]]) -> None:

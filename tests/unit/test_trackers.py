@@ -286,3 +286,16 @@ def test_a_straggler_s_replacement_is_a_restart_in_the_trackers_tags_as_in_the_s
     tags, _ = trackers.tags_and_notes(sink.events)
     assert restarts_by_cause(run.events() + [replaced]) == {"replace": 2}
     assert (tags["jaxlaunch.restarts"], tags["jaxlaunch.restarts.replace"]) == ("2", "2")
+
+
+def test_a_later_launch_sends_the_run_s_result_not_the_steps_a_rollback_threw_away(tmp_path):
+    """Attempt 1 trained to step 8, attempt 2 restored step 5 and was stopped at 6 before the tracker
+    got anything: the next launch sends steps 1-6, step 6 of attempt 2, and not attempt 1's 7-8."""
+    run = RunDir(tmp_path)
+    run.create()
+    run.event(events.Launch(time=1.0))
+    run.metrics([{"step": s, "loss": 10.0 - s, "attempt": 1, "time": 1.0 + s} for s in range(1, 9)])
+    run.event(events.Restored(step=5, attempt=2, time=20.0))
+    run.metrics([{"step": 6, "loss": 0.5, "attempt": 2, "time": 21.0}])
+    sink = Trackers(run, [], SETTINGS, lambda text: None)
+    assert [(r["step"], r["attempt"]) for r in sink._unsent(0)] == [(s, 1) for s in range(1, 6)] + [(6, 2)]
