@@ -31,7 +31,7 @@ from jaxlaunch.launcher.control.limits import CAPACITY_POLL_S
 from jaxlaunch.launcher.control.persisting import MemoryPersist
 from jaxlaunch.launcher.control.policy import Policies, RestartPolicy, ScalingPolicy, Watchdog
 from jaxlaunch.launcher.control.replicas import ReplicaWatch
-from jaxlaunch.launcher.control.states import Attempt, State
+from jaxlaunch.launcher.control.states import Attempt, AttemptEndNotice, AttemptStartNotice, ReplacementNotice, State
 from jaxlaunch.launcher.control.stragglers import StragglerWatch
 from jaxlaunch.launcher.exit_codes import EXIT_FAILED, EXIT_OK
 from jaxlaunch.launcher.records import history, report
@@ -245,21 +245,36 @@ def _drive(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref: En
         parts.display.stop()
         if lock.lost is None:  # a launch whose lock another took writes nothing more into the run
             past, summary, picture = _finish(parts, code)
+        elif parts.trackers is not None:
+            parts.trackers.abandon()
     lock.check()
     return _tell(parts, code, past, summary, picture)
 
 
 class LockWatch(Listener):
     """Ends the launch at once, with no save, when another launch took the run's lock (RunLockLost from
-    the driver's loop: its group is torn down as on a second Ctrl-C)."""
+    the driver's loop: its group is torn down as on a second Ctrl-C). The first listener: it looks
+    before every step and before any other listener writes a record."""
 
     def __init__(self, lock: RunLock) -> None:
         self.lock = lock
+
+    def before_step(self, driver: Driver) -> None:
+        self.lock.check()
 
     def on_transition(self, driver: Driver, old: State, new: State) -> None:
         self.lock.check()
 
     def on_poll(self, driver: Driver, attempt: Attempt, poll: GroupPoll) -> None:
+        self.lock.check()
+
+    def on_attempt_started(self, driver: Driver, started: AttemptStartNotice) -> None:
+        self.lock.check()
+
+    def on_attempt_ended(self, driver: Driver, ended: AttemptEndNotice) -> None:
+        self.lock.check()
+
+    def on_replacement(self, driver: Driver, notice: ReplacementNotice) -> None:
         self.lock.check()
 
 

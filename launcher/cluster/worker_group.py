@@ -249,7 +249,7 @@ class RayWorkerGroup:
                 self._unknown_since.pop(rank, None)
                 continue
             since = self._unknown_since.setdefault(rank, now)
-            silent_since = min(since, self.hosts[rank].last_heard) if rank < len(self.hosts) else since
+            silent_since = self.hosts[rank].last_heard if rank < len(self.hosts) else since
             if now - since >= UNANSWERED_CONFIRM_S and now - silent_since >= lost_after_s:
                 nodes[rank] = NodeLiveness.DEAD
         return nodes

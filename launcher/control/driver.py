@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 class Listener:
     """What the driver tells the recorder, the display and chaos; each overrides what it needs."""
 
+    def before_step(self, driver: Driver) -> None: ...
     def on_transition(self, driver: Driver, old: State, new: State) -> None: ...
     def on_poll(self, driver: Driver, attempt: Attempt, poll: GroupPoll) -> None: ...
     def on_attempt_started(self, driver: Driver, started: AttemptStartNotice) -> None: ...
@@ -104,6 +105,8 @@ class Driver:
         return 0 if isinstance(self.state, Finished) else 1
 
     def step(self) -> State:
+        for listener in self.listeners:
+            listener.before_step(self)
         match state := self.state:
             case Scheduling():
                 new = self._schedule(state)
@@ -176,7 +179,7 @@ class Driver:
         except Exception as err:  # noqa: BLE001 - a host died while the group was starting
             self._started(attempt, injections)
             lost = self.cluster.embedded and not self.cluster.alive()  # the node died under it: a lost node
-            return self._decide(attempt, self._embedded_node_died(attempt) if lost else Diagnosis(
+            return self._decide(attempt, policy.embedded_node_died(None, self.clock()) if lost else Diagnosis(
                 FailureKind.CRASHED, None, f"the group did not start: {err}", committed, self.clock(), None))
         self._started(attempt, injections)
         return Running(attempt)
@@ -197,7 +200,7 @@ class Driver:
     def _watch(self, state: Running | Draining) -> State:
         attempt = state.attempt
         if not self.cluster.alive():
-            return self._decide(attempt, self._embedded_node_died(attempt))
+            return self._decide(attempt, policy.embedded_node_died(attempt.last_step, self.clock()))
         poll = self._poll(attempt)
         now = self.clock()
         if poll.exits:
@@ -231,7 +234,7 @@ class Driver:
         attempt = state.attempt
         if not self.cluster.alive():
             # Its hosts died with it: nothing more is learnt from a dead node.
-            return self._decide(attempt, self._embedded_node_died(attempt))
+            return self._decide(attempt, policy.embedded_node_died(attempt.last_step, self.clock()))
         poll = self._poll(attempt)
         now = self.clock()
         undecided = self._classify(attempt, poll, now)
@@ -468,9 +471,6 @@ class Driver:
         if not stacks:
             return failure
         return dataclasses.replace(failure, traceback=f"Python stacks of host {rank}:\n{stacks}")
-
-    def _embedded_node_died(self, attempt: Attempt) -> Diagnosis:
-        return Diagnosis(FailureKind.NODE_LOST, None, "the embedded Ray node died", attempt.last_step, self.clock())
 
     def _no_capacity(self, placeable: int) -> State:
         return self._persist_first(Failed(f"the cluster had room for {placeable} hosts for "

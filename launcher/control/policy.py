@@ -210,6 +210,10 @@ def likely_fix(failure: Diagnosis) -> str:
     return "fix the error in your entry's code above; run it with plain python to see it at once"
 
 
+def embedded_node_died(step: int | None, now: float) -> Diagnosis:
+    return Diagnosis(FailureKind.NODE_LOST, None, "the embedded Ray node died", step, now)
+
+
 def blame(failures: Sequence[Diagnosis], hosts: Sequence[HostStatus], now: float, silent_after_s: float,
           returned: Collection[int] = (), unsure: Collection[int] = ()) -> Diagnosis | None:
     """The failure to record: the root cause among those seen, unless a host had stopped answering

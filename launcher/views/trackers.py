@@ -296,6 +296,7 @@ class Trackers:
                  backends: Mapping[str, Backend] | None = None, clock: Callable[[], float] = time.monotonic):
         self.run, self.warn, self.clock = run, warn, clock
         self.lock = threading.Lock()
+        self.abandoned = False
         self.state: dict[str, dict[str, Any]] = self._load()
         self.events: list[events.Event] = [e for e in run.events() if _told(e)]
         params = flat_settings(settings)
@@ -316,8 +317,14 @@ class Trackers:
         except (FileNotFoundError, ValueError):
             return {}
 
+    def abandon(self) -> None:
+        """Another launch holds the run now: this one writes nothing more into it."""
+        self.abandoned = True
+
     def _save(self, name: str, entry: dict[str, Any]) -> None:
         with self.lock:
+            if self.abandoned:
+                return
             self.state[name] = entry
             self.run.store.write(STATE_FILE, json_bytes(self.state))
 

@@ -223,7 +223,7 @@ class FakeGroup:
                 nodes[h.rank] = NodeLiveness.DEAD
             elif h.rank in self.unsure:
                 since = self.unsure_since.setdefault(h.rank, now)
-                gone = now - since >= UNANSWERED_CONFIRM_S and now - min(since, h.last_heard) >= lost_after_s
+                gone = now - since >= UNANSWERED_CONFIRM_S and now - h.last_heard >= lost_after_s
                 nodes[h.rank] = NodeLiveness.DEAD if gone else NodeLiveness.UNKNOWN
             else:
                 nodes[h.rank] = NodeLiveness.ALIVE

@@ -87,3 +87,6 @@ def test_a_silent_host_s_node_counts_as_lost_only_once_it_went_on_not_answering(
         seen.append(group.hosts_nodes(30.0)[1])
     assert seen == [NodeLiveness.UNKNOWN, NodeLiveness.UNKNOWN, NodeLiveness.DEAD,
                     NodeLiveness.ALIVE, NodeLiveness.UNKNOWN, NodeLiveness.UNKNOWN], "each run of not answering anew"
+    group.hosts[1].last_heard = 149.5  # a host that answers polls is no lost node, whatever its raylet's probes
+    now[0], answers[1] = 150.0, NodeLiveness.UNKNOWN
+    assert group.hosts_nodes(30.0)[1] == NodeLiveness.UNKNOWN

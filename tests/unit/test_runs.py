@@ -187,6 +187,25 @@ def test_a_launch_whose_lock_another_took_stops_at_once_with_no_save(tmp_path):
     assert log == [("start", 1, 2), ("shutdown", 1)] and driver.attempts[0].last_step <= 3
 
 
+def test_a_launch_whose_lock_is_taken_while_it_waits_for_room_stops_at_its_next_step(tmp_path):
+    """Waiting for capacity makes no poll and no transition for minutes: the lock is looked at before
+    every step of the driver's loop."""
+    from jaxlaunch.launcher.control.states import AwaitingCapacity
+    from jaxlaunch.launcher.runner import LockWatch
+
+    from tests.unit.fakes import make_driver, trains_to
+
+    lock = RunDir(tmp_path).lock()
+    driver, log, _, _ = make_driver([trains_to(3)], placeable=0, listeners=[LockWatch(lock)])
+    for _ in range(5):
+        driver.step()
+    assert isinstance(driver.state, AwaitingCapacity)
+    lock.lost = {}  # deleted
+    with pytest.raises(RunLockLost, match="was deleted"):
+        driver.step()
+    assert log == []
+
+
 def test_a_lock_that_names_no_launch_is_said_so(tmp_path):
     (tmp_path / ".lock").write_bytes(b"")
     with pytest.raises(ConfigError, match="has a lock that names no launch \\(written 0 s ago\\); it counts as a "
