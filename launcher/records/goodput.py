@@ -12,6 +12,7 @@ time up to which to count, e.g. now), so a live exporter can show the same numbe
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import heapq
 import math
@@ -159,6 +160,7 @@ def intervals(evts: Sequence[Event], metrics: Sequence[dict[str, Any]]) -> list[
     marks, steps = _step_intervals(metrics, evts)
     ended = {e.attempt: e for e in evts if isinstance(e, events.AttemptEnded)}
     failures = {e.attempt: e for e in evts if isinstance(e, events.Failure)}
+    launches = sorted(e.time for e in evts if isinstance(e, events.Launch))
     for e in evts:
         if isinstance(e, events.Restored) and e.seconds:
             marks.append(Interval(e.time - e.seconds, e.time, "restore"))
@@ -166,8 +168,8 @@ def intervals(evts: Sequence[Event], metrics: Sequence[dict[str, Any]]) -> list[
             marks.append(Interval(e.time - e.seconds, e.time, "checkpoint"))
         elif isinstance(e, events.AttemptStarted):
             # An attempt never ended (the driver was killed) lasts at most until the next launch.
-            launch_after = min((x.time for x in evts if isinstance(x, events.Launch) and x.time > e.time),
-                               default=math.inf)
+            after = bisect.bisect_right(launches, e.time)
+            launch_after = launches[after] if after < len(launches) else math.inf
             marks += _attempt_intervals(e, ended.get(e.attempt), failures.get(e.attempt), steps, launch_after)
     marks += _between_attempts(evts, ended)
     return marks
