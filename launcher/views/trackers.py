@@ -174,12 +174,27 @@ class Sender:
 
     def add(self, records: list[dict[str, Any]]) -> None:
         with self.cond:
+            began: dict[int, int] = {}
+            for record in records:
+                attempt = record.get("attempt") or 0
+                began[attempt] = min(began.get(attempt, record["step"] - 1), record["step"] - 1)
+            for attempt, step in began.items():
+                self._roll_back(attempt, step)
             for record in records:
                 if record["step"] > self.logged_step:
                     self.pending[record["step"]] = record  # a recomputed step replaces its unsent first run
             if len(self.pending) > MAX_PENDING_RECORDS:
                 self.pending.clear()
                 self.overflowed = True
+
+    def roll_back(self, attempt: int, step: int) -> None:
+        """Attempt `attempt` went on from `step` (restored it): an earlier attempt's unsent records past
+        it were thrown away, and are never sent (those already sent stay: a tracker takes a step once)."""
+        with self.cond:
+            self._roll_back(attempt, step)
+
+    def _roll_back(self, attempt: int, step: int) -> None:
+        self.pending = {s: r for s, r in self.pending.items() if s <= step or (r.get("attempt") or 0) >= attempt}
 
     def annotate(self, tags: dict[str, str], notes: str) -> None:
         with self.cond:
@@ -342,6 +357,9 @@ class Trackers:
             sender.check_stall()
 
     def on_event(self, event: events.Event) -> None:
+        if isinstance(event, events.Restored) and event.attempt is not None:
+            for sender in self.senders:
+                sender.roll_back(event.attempt, event.step)
         if not _told(event):
             return
         self.events.append(event)

@@ -299,3 +299,60 @@ def test_a_later_launch_sends_the_run_s_result_not_the_steps_a_rollback_threw_aw
     run.metrics([{"step": 6, "loss": 0.5, "attempt": 2, "time": 21.0}])
     sink = Trackers(run, [], SETTINGS, lambda text: None)
     assert [(r["step"], r["attempt"]) for r in sink._unsent(0)] == [(s, 1) for s in range(1, 6)] + [(6, 2)]
+
+
+class Remembering:
+    """A tracker kept in memory that is down until `up` is set: what it took, step by step."""
+
+    name = "mlflow"
+
+    def __init__(self):
+        import threading
+
+        self.up, self.logged, self.status = threading.Event(), [], None
+
+    def new_id(self):
+        return "run-1"
+
+    def start(self, run_id, name):
+        return run_id
+
+    def log_params(self, params):
+        pass
+
+    def log(self, records):
+        if not self.up.is_set():
+            raise ConnectionError("Connection refused")
+        self.logged += [(r["step"], r["attempt"]) for r in records]
+
+    def annotate(self, tags, notes):
+        pass
+
+    def finish(self, status):
+        self.status = status
+
+
+@pytest.mark.parametrize("restored", [True, False], ids=["restored", "began-anew"])
+def test_a_rollback_in_this_launch_never_sends_the_unsent_steps_it_threw_away(tmp_path, monkeypatch, restored):
+    """Attempt 1 trained to step 8 while the tracker was down; attempt 2 restored step 5 (or began anew
+    from step 0) and was stopped at step 6. The tracker, back up, gets the run's result: attempt 2's
+    steps, never attempt 1's 7-8 that summary.json and a --resume know nothing of."""
+    monkeypatch.setattr(trackers, "RETRY_INTERVAL_S", 0.02)
+    monkeypatch.setattr(trackers, "SEND_INTERVAL_S", 0.02)
+    run = RunDir(tmp_path)
+    run.create()
+    run.event(events.Launch(time=1.0))
+    backend = Remembering()
+    sink = Trackers(run, ["mlflow"], SETTINGS, lambda text: None, backends={"mlflow": backend})
+    recorder = Recorder(run, lambda n: {"data": n}, sinks=[sink])
+    recorder.metrics(records(range(1, 9), attempt=1))
+    _wait_until(lambda: sink.senders[0].down, "the tracker found down")
+    start = 5 if restored else 0
+    if restored:
+        recorder.event(events.Restored(step=5, attempt=2, rank=0))
+    recorder.metrics(records(range(start + 1, 7), attempt=2))
+    backend.up.set()
+    recorder.close()
+    sink.close("stopped", {"final_step": 6, "goodput": None})
+    expected = [(s, 1) for s in range(1, start + 1)] + [(s, 2) for s in range(start + 1, 7)]
+    assert backend.logged == expected and backend.status == "stopped"
