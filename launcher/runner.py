@@ -245,8 +245,8 @@ def _drive(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref: En
         parts.display.stop()
         if lock.lost is None:  # a launch whose lock another took writes nothing more into the run
             past, summary, picture = _finish(parts, code)
-        elif parts.trackers is not None:
-            parts.trackers.abandon()
+        else:
+            _abandon(parts)
     lock.check()
     return _tell(parts, code, past, summary, picture)
 
@@ -346,6 +346,15 @@ def _build(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref: En
         listeners=listeners, persist=persist if keepers.enabled else None,
     )
     return Assembly(prepared, run, display, driver, recorder, live, trackers, standby, keepers)
+
+
+def _abandon(parts: Assembly) -> None:
+    """Another launch took the run: this one's writers are closed (a launch from Python goes on in its
+    process), and nothing more is written into the run."""
+    if parts.trackers is not None:
+        parts.trackers.abandon()
+    parts.recorder.abandon()
+    parts.live.abandon()
 
 
 def _finish(parts: Assembly, code: int | None) -> tuple[History, dict[str, Any], pathlib.Path | str]:

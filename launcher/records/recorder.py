@@ -156,6 +156,12 @@ class Recorder(Listener):
     def close(self) -> None:
         self.tensorboard.close()
 
+    def abandon(self) -> None:
+        """Another launch holds the run now: this one's TensorBoard file is closed now (its thread
+        would otherwise flush it on its own, at any time), and nothing more is recorded."""
+        self.tensorboard.close()
+        self.tensorboard.off = True
+
     def event(self, event: events.Event) -> None:
         """Writes a driver's event, at the recorder's clock."""
         self._write_event(dataclasses.replace(event, time=self.wall_clock()))

@@ -162,6 +162,13 @@ class LiveMetrics(Listener):
             self.writer.add_scalar(f"badput_seconds/{kind}", seconds, self.high_step)
         self.written_step = self.high_step
 
+    def abandon(self) -> None:
+        """Another launch holds the run now: no final numbers; TensorBoard's file closed now."""
+        self.tensorboard_off = True
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
     def close(self) -> None:
         """The final numbers (from the finished records), then TensorBoard's file closed."""
         try:

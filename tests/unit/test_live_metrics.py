@@ -170,3 +170,27 @@ def test_a_host_the_job_no_longer_has_is_no_longer_served(tmp_path, free_port):
     """After a shrink from 4 hosts to 2, hosts 2 and 3 kept their last busy time on the endpoint."""
     polls = [(2, 4, {r: [(5, 0.01)] for r in range(4)}), (3, 2, {r: [(6, 0.02)] for r in range(2)})]
     assert served_busy(tmp_path, free_port, polls) == {"0": 0.02, "1": 0.02}
+
+
+def test_a_launch_whose_lock_another_took_closes_its_tensorboard_writers(tmp_path):
+    """A launch from Python goes on in its process after RunLockLost: its TensorBoard writers' threads,
+    left open, flushed into the run the other launch holds whenever their timer said."""
+    import threading
+    import time
+
+    from jaxlaunch.launcher.records.recorder import Recorder
+
+    run = write_run(tmp_path)
+    before = set(threading.enumerate())
+    recorder = Recorder(run, lambda n: {"data": n})
+    recorder.metrics([{"step": 9, "loss": 1.0, "attempt": 2, "time": 1100.0}])
+    live = LiveMetrics(run, lambda: 9, None)
+    live.refresh(final=True)
+    assert set(threading.enumerate()) - before, "no TensorBoard writer was opened"
+    recorder.abandon()
+    live.abandon()
+    recorder.metrics([{"step": 10, "loss": 1.0, "attempt": 2, "time": 1101.0}])  # none is reopened
+    deadline = time.monotonic() + 30
+    while set(threading.enumerate()) - before:
+        assert time.monotonic() < deadline, [t.name for t in set(threading.enumerate()) - before]
+        time.sleep(0.01)
