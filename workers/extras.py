@@ -10,6 +10,7 @@ on every host whatever the host count."""
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import sys
 from typing import Any
@@ -26,13 +27,23 @@ def _stateful(value: Any) -> bool:
 
 
 def _elastic(value: Any) -> bool:
-    """Grain's ElasticIterator: its state is the same on every host and valid on any host count. (A
-    value cannot be one unless the user's code imported Grain.)"""
+    """Grain's ElasticIterator, or the iterator `iter()` of one returns (`for batch in it`): its state
+    is the same on every host and valid on any host count. (A value cannot be one unless the user's
+    code imported Grain.)"""
     if "grain" not in sys.modules:
         return False
+    return isinstance(value, _elastic_types())
+
+
+@functools.cache
+def _elastic_types() -> tuple[type, ...]:
+    """ElasticIterator and the class of what `iter()` of one returns (a class Grain does not export:
+    found through the public API, from an iterator over one example that reads nothing)."""
+    import grain
     from grain.experimental import ElasticIterator
 
-    return isinstance(value, ElasticIterator)
+    one = ElasticIterator(grain.MapDataset.range(1), 1, grain.sharding.ShardOptions(shard_index=0, shard_count=1))
+    return ElasticIterator, type(iter(one))
 
 
 def snapshot(extra: dict[str, Any]) -> dict[str, Any]:

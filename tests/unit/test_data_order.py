@@ -94,6 +94,18 @@ def test_an_elastic_iterator_is_saved_as_global_and_json_values_come_from_rank_0
     assert got["best"] == 0.25 and fresh.get_state() == {"global_next_index": 8}
 
 
+def test_the_iterator_of_an_elastic_iterator_is_global_too():
+    """`for batch in it` (or `iter(it)`) gives the iterator Grain keeps inside an ElasticIterator, of a
+    class of its own: its state is the ElasticIterator's, valid on any host count. Taken as a host's
+    own, it made a resume on another host count refused and an elastic job warned for nothing."""
+    batches = iter(elastic_iterator(examples(), 8))
+    next(batches)
+    mine = extras.snapshot({"data": batches})
+    assert mine["data"] == {"state": {"global_next_index": 8}, "scope": "global"}
+    assert extras.per_host_names({"data": batches}) == []
+    assert data_order.changed_keys(mine, 2, 1) == []
+
+
 def test_a_per_host_iterator_comes_from_the_host_s_own_part():
     it = iter(examples().to_iter_dataset())
     next(it)
