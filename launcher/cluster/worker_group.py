@@ -105,8 +105,6 @@ class RayWorkerGroup:
                                                                     waited=True))
             self.actors = create_hosts(cfg, pg, logs, attempt)
             self.node_info = ray.get([a.node_info.remote() for a in self.actors], timeout=ACTOR_CALL_TIMEOUT_S)
-        now = time.monotonic()
-        self.hosts = [HostStatus(rank, last_heard=now, last_progress=now) for rank in range(num_hosts)]
         address: ray.ObjectRef[str] = self.actors[0].reserve_coordinator_address.remote()
         coordinator = ray.get(address, timeout=ACTOR_CALL_TIMEOUT_S)
         keepers = self.keepers.ensure([n.node_id for n in self.node_info]) if self.keepers is not None else {}
@@ -117,6 +115,9 @@ class RayWorkerGroup:
             self.run_refs[rank] = actor.run.remote(spec)
         if self.keepers is not None:
             self.keepers.wait_started()
+        # The start-up clock runs from here: the keepers' start (and drops) above is no host's start-up.
+        now = time.monotonic()
+        self.hosts = [HostStatus(rank, last_heard=now, last_progress=now) for rank in range(num_hosts)]
         return GroupInfo(coordinator, [n.node_id for n in self.node_info], [n.pid for n in self.node_info],
                          on_standby)
 
