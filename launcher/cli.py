@@ -23,8 +23,10 @@ from jaxlaunch.contract.storage import RunStorageError
 
 DESCRIPTION = "Launch a fault-tolerant multi-host JAX training job on Ray (an embedded local Ray by default)."
 EPILOG = ("After a run: `jaxlaunch report RUN_DIR` prints its attempts and goodput and writes RUN_DIR/report.png."
-          "\n\nEvery flag is also a key of the --config file (by its section: --save-every is checkpoint.save_every)"
-          " and a keyword of jaxlaunch.launch() (save_every=). Flags not given keep the config file's value, and on"
+          "\n\nEvery setting's flag is also a key of the --config file (by its section: --save-every is"
+          " checkpoint.save_every) and a keyword of jaxlaunch.launch() (save_every=); the launch's own flags"
+          " (--config, --name, --resume, --allow-change, --inject, --chaos) are keywords only (config_file=, name=,"
+          " ...), not keys. Flags not given keep the config file's value, and on"
           " --resume the run's saved one.")
 HELP_FLAGS = options_lib.HELP_FLAGS
 USAGE = "Usage: jaxlaunch [FLAGS]     (or: jaxlaunch report RUN_DIR)"

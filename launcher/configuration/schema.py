@@ -177,8 +177,8 @@ class LaunchOptions:
     entry, cluster.ynnpack, the input's fingerprint, or data_order (per-host iterators on another
     host count) (repeatable; default: none)."""
     inject: tuple[Injection, ...] = flag((), repeat=True, parse=Injection.parse, metavar="KIND@step=N,host=I")
-    """Inject a failure after a reported step: crash, kill, hang, exception or preempt (repeatable;
-    ,times=K; default: none)."""
+    """Inject a failure after a reported step: crash, kill, hang, exception, preempt, slow (,factor=F),
+    bitflip or kill_in_handoff (repeatable; ,times=K; default: none)."""
     chaos: float | None = flag(None, metavar="MEAN_SECONDS")
     """SIGKILL a random host at random times, MEAN_SECONDS apart on average (default: off)."""
 
