@@ -201,13 +201,52 @@ def test_when_no_verified_step_reads_the_message_says_where_every_step_now_is(sa
         c.restore_latest(targets(build_mesh({"data": -1})))
     assert f"Everything is kept in {saved}, and the steps past the replicas' mismatch (3, 2) in " \
            f"{saved.parent}/unreadable_checkpoints/" in str(raised.value)
-    with pytest.raises(NoCheckpointError, match="and the steps set aside before in .*unreadable_checkpoints/"):
+    with pytest.raises(NoCheckpointError, match="and the steps set aside in .*unreadable_checkpoints/"):
         Checkpointer(saved, CFG, expect_checkpoint=True).restore_latest(targets(build_mesh({"data": -1})))
 
 
 def test_when_no_step_was_verified_the_run_starts_afresh_rather_than_fail(saved):
     c = Checkpointer(saved, CFG, expect_checkpoint=True, newest_restorable=0)
     assert c.restore_latest(targets(build_mesh({"data": -1}))) is None
+    assert committed_steps(saved) == []
+
+
+class _NoMemoryStep:
+    """The memory tier holding nothing at or below the replicas' limit."""
+
+    lost, lost_alive, replaced = [], [], []
+
+    def held(self):
+        return []
+
+    def whole_steps(self, held, at_most=None):
+        return []
+
+
+@pytest.mark.parametrize("memory_tier", [False, True], ids=["durable-only", "memory-tier"])
+def test_a_mismatch_before_any_verified_step_restarts_afresh_with_every_step_set_aside_and_said(saved,
+                                                                                                 memory_tier):
+    """The replicas disagreed at the first check, so no step is verified (the limit is below step 1).
+    Either tier's restore starts from a fresh state, the newest whose replicas agreed, and says where
+    each step went. Before, with the memory tier on the job stopped (no_checkpoint, exit 1), and
+    without it the steps moved with no event."""
+    from jaxlaunch.workers.checkpoints.tiered import restore_newest
+    from jaxlaunch.workers.supervision.progress import HostProgress
+
+    from jaxlaunch.contract.events import CheckpointFallback
+
+    class Layout:
+        mismatch = None
+
+        def targets(self):
+            return targets(build_mesh({"data": -1}))
+
+    checkpointer = Checkpointer(saved, CFG, expect_checkpoint=True, newest_restorable=0)
+    progress = HostProgress()
+    assert restore_newest(checkpointer, _NoMemoryStep() if memory_tier else None, Layout(), progress, at_most=0) \
+        is None
+    moved = [e for e in progress.drain().events if isinstance(e, CheckpointFallback)]
+    assert sorted(e.step for e in moved) == [1, 2, 3] and all(pathlib.Path(e.moved_to).is_dir() for e in moved)
     assert committed_steps(saved) == []
 
 

@@ -582,24 +582,36 @@ def test_rank_0_says_a_keeper_missed_the_drop_unless_its_node_is_known_gone(monk
 
 
 class Durable:
-    """A durable tier with committed steps 100 and 80, whose step 100 does not read back (or does)."""
+    """A durable tier with committed steps (newest first) that read back or not: by default 100 and 80,
+    whose step 100 does not read back (or does)."""
 
-    def __init__(self, newest_reads: bool):
-        self.newest_reads, self.tried = newest_reads, []
+    def __init__(self, newest_reads: bool = False, readable: dict[int, bool] | None = None):
+        self.readable = readable if readable is not None else {100: newest_reads, 80: True}
+        self.tried, self.read = [], []
+        """`newer_than` of each call; each step read."""
 
     def steps_from_rank_0(self):
-        return [100, 80]
+        return sorted(self.readable, reverse=True)
 
-    def restore_latest(self, targets, check_structure=None, newer_than=None):
-        from jaxlaunch.workers.checkpoints.durable import DurableRestore, NoneNewerReadBack
+    def restore_latest(self, targets, check_structure=None, newer_than=None, failed_before=()):
+        """As the real one: the newest step past `newer_than` not in `failed_before` that reads back."""
+        from jaxlaunch.workers.checkpoints.durable import DurableRestore, NoCheckpointError, NoneNewerReadBack
 
         self.tried.append(newer_than)
-        if self.newest_reads:
-            return DurableRestore(100, {"w": 100}, {}, [], 0.1)
-        corrupt = [{"step": 100, "error": "corrupt"}]
+        skip = {f["step"] for f in failed_before}
+        failed = []
+        for step in self.steps_from_rank_0():
+            if step in skip or (newer_than is not None and step <= newer_than):
+                continue
+            self.read.append(step)
+            if self.readable[step]:
+                return DurableRestore(step, {"w": step}, {}, self.set_aside_failed([*failed_before, *failed]), 0.1)
+            failed.append({"step": step, "error": "corrupt"})
         if newer_than is not None:
-            raise NoneNewerReadBack(corrupt, [])
-        return DurableRestore(80, {"w": 80}, {}, self.set_aside_failed(corrupt), 0.1)
+            raise NoneNewerReadBack(failed, [])
+        if failed_before or failed:
+            raise NoCheckpointError("none can be restored")
+        return None
 
     def set_aside_unverified(self):
         return []
@@ -669,6 +681,46 @@ def test_an_unreadable_newest_durable_step_leaves_memory_s_newer_step_to_serve(n
     assert durable.tried == [90], "only the durable steps newer than memory's were tried"
 
 
+@pytest.mark.parametrize("older_durable", [True, False], ids=["durable-80-too", "no-older-durable"])
+def test_memory_steps_older_than_an_unreadable_durable_step_still_serve(older_durable):
+    """Memory holds 100 and 90 whole; 100 does not read back, and durable step 95 (the newest durable)
+    does not either. Memory's 90 is the newest step that reads: before, a memory step older than the
+    durable tier's newest was never tried, and the job restored durable 80 (ten steps trained again,
+    memory's 90 dropped) or, with no older durable step, stopped with no_checkpoint."""
+    from jaxlaunch.workers.checkpoints.tiered import restore_newest
+    from jaxlaunch.workers.supervision.progress import HostProgress
+
+    from jaxlaunch.contract.events import CheckpointFallback, MemoryFallback
+
+    durable = Durable(readable={95: False, 80: True} if older_durable else {95: False})
+    memory, progress = Memory(steps=[100, 90], unreadable={100}), HostProgress()
+    restored = restore_newest(durable, memory, Layout(), progress)
+    assert (restored.tier, restored.step, restored.state) == ("memory", 90, {"w": 90})
+    assert memory.tried == [100, 90] and durable.read == [95], "80 is older than memory's 90: never read"
+    assert restored.durable_step == (80 if older_durable else 0), "the durable cadence counts from a readable step"
+    told = progress.drain().events
+    assert [(e.step, e.moved_to) for e in told if isinstance(e, CheckpointFallback)] == \
+        [(95, "unreadable_checkpoints/95")]
+    [fallback] = [e for e in told if isinstance(e, MemoryFallback)]
+    assert fallback.step == 100 and fallback.reason.endswith("; restoring durable step 95")
+
+
+def test_durable_steps_between_unreadable_memory_steps_are_tried_in_order():
+    """Memory 100 and 90 and durable 95 and 92 (none past 95 reads but 92): the newest that reads is
+    durable 92, tried after memory 100 and durable 95 failed, before memory 90."""
+    from jaxlaunch.workers.checkpoints.tiered import restore_newest
+    from jaxlaunch.workers.supervision.progress import HostProgress
+
+    from jaxlaunch.contract.events import CheckpointFallback
+
+    durable = Durable(readable={95: False, 92: True, 80: True})
+    memory, progress = Memory(steps=[100, 90], unreadable={100}), HostProgress()
+    restored = restore_newest(durable, memory, Layout(), progress)
+    assert (restored.tier, restored.step) == ("durable", 92)
+    assert memory.tried == [100] and durable.read == [95, 92]
+    assert [e.step for e in progress.drain().events if isinstance(e, CheckpointFallback)] == [95]
+
+
 class NoDurable(Durable):
     def __init__(self):
         super().__init__(newest_reads=True)
@@ -676,7 +728,7 @@ class NoDurable(Durable):
     def steps_from_rank_0(self):
         return []
 
-    def restore_latest(self, targets, check_structure=None, newer_than=None):
+    def restore_latest(self, targets, check_structure=None, newer_than=None, failed_before=()):
         self.tried.append(newer_than)
         return None
 
@@ -729,7 +781,7 @@ def test_a_memory_step_another_host_could_not_read_is_let_go_before_the_next_one
             return MemoryRestore(step, {"w": state}, {}, {}, [], 0.01, 0, [])
 
     class Checking(NoDurable):
-        def restore_latest(self, targets, check_structure=None, newer_than=None):
+        def restore_latest(self, targets, check_structure=None, newer_than=None, failed_before=()):
             gc.collect()
             alive["durable"] = [i for i, ref in enumerate(earlier) if ref() is not None]
             return None

@@ -23,7 +23,7 @@ import logging
 import pathlib
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Self
 
 import jax
@@ -178,14 +178,19 @@ class Checkpointer:
 
     # -- restoring -------------------------------------------------------------------------------
     def restore_latest(self, targets: Any, check_structure: Callable[[Any], str | None] | None = None,
-                       newer_than: int | None = None) -> DurableRestore | None:
+                       newer_than: int | None = None, failed_before: Sequence[dict[str, Any]] = ()
+                       ) -> DurableRestore | None:
         """The newest committed step that reads back, restored into `targets` (ShapeDtypeStructs
         with today's shardings, so a step written by any number of hosts lands in today's layout).
-        None on a fresh run. `check_structure(tree_metadata)` returns why a step's state cannot fit
-        the targets (a different model), or None. `newer_than`: only steps after it are tried (the
-        memory tier holds it whole); raises `NoneNewerReadBack` when none of them reads back."""
+        None on a fresh run, or when a replica mismatch left no verified step (a fresh state is then
+        the newest whose replicas agreed). `check_structure(tree_metadata)` returns why a step's state
+        cannot fit the targets (a different model), or None. `newer_than`: only steps after it are
+        tried (the memory tier holds it whole); raises `NoneNewerReadBack` when none of them reads back.
+        `failed_before`: steps of this restore that did not read back already ({"step", "error"}): not
+        tried again, set aside with this call's own once a step serves, listed when none does."""
         unverified = self.set_aside_unverified()
-        steps = self.steps_from_rank_0()
+        skip = {f["step"] for f in failed_before}
+        steps = [s for s in self.steps_from_rank_0() if s not in skip]
         if newer_than is not None:
             steps = [s for s in steps if s > newer_than]
         failed: list[dict[str, Any]] = []
@@ -199,13 +204,15 @@ class Checkpointer:
                         f"builds ({mismatch}); restore the code that wrote it, or start a new --run-dir")
             outcome, restored, error = self._try_step(step, targets)
             if outcome == "ok":
-                set_aside = unverified + [dict(f, moved_to=str(self._set_aside(f["step"]))) for f in failed]
+                set_aside = unverified + self.set_aside_failed([*failed_before, *failed])
                 return DurableRestore(step, restored[STATE_ITEM], dict(restored[META_ITEM]), set_aside,
-                                time.perf_counter() - start)
+                                      time.perf_counter() - start)
             failed.append({"step": step, "error": error})
         if newer_than is not None:
             raise NoneNewerReadBack(failed, unverified)
-        if failed or (self.expect_checkpoint and not steps and not unverified):
+        failed = [*failed_before, *failed]
+        # A replica mismatch that left no verified step (`newest_restorable` set): a fresh state serves.
+        if failed or (self.expect_checkpoint and not steps and self.newest_restorable is None):
             listing = ", ".join(f"{f['step']} ({f['error'][:160]})" for f in failed) or "none is left"
             parent = str(self.directory).rstrip("/").rsplit("/", 1)[0]
             kept = f"Everything is kept in {self.directory}"
@@ -213,7 +220,7 @@ class Checkpointer:
                 moved = ", ".join(str(u["step"]) for u in unverified)
                 kept += f", and the steps past the replicas' mismatch ({moved}) in {parent}/{UNREADABLE_DIR}/"
             elif open_store(parent).exists(UNREADABLE_DIR):
-                kept += f", and the steps set aside before in {parent}/{UNREADABLE_DIR}/"
+                kept += f", and the steps set aside in {parent}/{UNREADABLE_DIR}/"
             raise NoCheckpointError(
                 f"this run has committed checkpoints but none can be restored: {listing}. {kept}; repair or copy "
                 f"back a step and --resume, or start a new --run-dir")

@@ -221,64 +221,71 @@ class TierRestore:
 def restore_newest(checkpointer: Checkpointer, memory: MemoryTier | None, layout: StateLayout,
                    progress: HostProgress, at_most: int | None = None) -> TierRestore | None:
     """The newest committed step of either tier (`at_most`: after a replica mismatch, the newest step
-    whose replicas agreed; durable steps past it are set aside), restored. Memory's committed steps
-    are tried newest first while they are at least as new as the durable tier's newest readable one;
-    a step of either tier that does not read back leaves the next one to serve, and is said."""
-    if memory is not None:
-        # After a replica mismatch nothing past the newest verified step serves: such durable steps are
-        # set aside whichever tier serves (a later restore would read them), memory's are not read.
-        for aside in checkpointer.set_aside_unverified():
-            progress.event(events.CheckpointFallback(**aside))
-        durable_steps = checkpointer.steps_from_rank_0()
-        held = memory.held()
-        if at_most is not None:
-            held = [h for h in held if h.step <= at_most]
-        steps = memory.whole_steps(held, at_most)
-        unreadable: list[dict[str, Any]] = []
-        if steps and not tiers.memory_serves(steps[0], durable_steps):
-            # Durable is newer; but if none of its newer steps reads back, memory's whole step beats
-            # the older durable ones (the newer ones are set aside, as any unreadable step is).
+    whose replicas agreed; durable steps past it are set aside, and with no such step a fresh state
+    serves), restored. The two tiers' steps are tried newest first, memory's first at a step both
+    hold; a step of either tier that does not read back leaves the next one to serve, and is said
+    (the durable ones are set aside once a step served)."""
+    # After a replica mismatch nothing past the newest verified step serves: such durable steps are set
+    # aside whichever tier serves (a later restore would read them), memory's are not read.
+    for aside in checkpointer.set_aside_unverified():
+        progress.event(events.CheckpointFallback(**aside))
+    if memory is None:
+        return _durable(checkpointer.restore_latest(layout.targets(), check_structure=layout.mismatch),
+                        checkpointer, progress)
+    durable_steps = checkpointer.steps_from_rank_0()
+    held = memory.held()
+    if at_most is not None:
+        held = [h for h in held if h.step <= at_most]
+    steps = memory.whole_steps(held, at_most)
+    if not steps:
+        _say_why_not(held, durable_steps, memory, progress)
+    unreadable: list[dict[str, Any]] = []
+    """Durable steps of this restore that did not read back: set aside once a step serves."""
+    for i, step in enumerate(steps):
+        untried = [s for s in durable_steps if s not in {f["step"] for f in unreadable}]
+        if untried and not tiers.memory_serves(step, untried):
+            # Durable is newer; but if none of its newer steps reads back, this memory step beats the older ones.
             try:
-                newer = checkpointer.restore_latest(layout.targets(), layout.mismatch, newer_than=steps[0])
+                newer = checkpointer.restore_latest(layout.targets(), layout.mismatch, newer_than=step,
+                                                    failed_before=unreadable)
             except NoneNewerReadBack as none:
                 for aside in none.set_aside:
                     progress.event(events.CheckpointFallback(**aside))
-                unreadable = none.failed  # moved once a memory step served (else the durable restore retries them)
-                durable_steps = [s for s in durable_steps if s <= steps[0]]
+                unreadable += none.failed
             else:
-                _say_why_not(held, durable_steps, memory, progress)
+                assert newer is not None  # with newer_than, a step restored or NoneNewerReadBack
+                if i == 0:
+                    _say_why_not(held, [newer.step], memory, progress)
                 return _durable(newer, checkpointer, progress)
-        newest_durable = durable_steps[0] if durable_steps else 0
-        serving = [s for s in steps if tiers.memory_serves(s, durable_steps)]
-        for i, step in enumerate(serving):
-            error, got = None, None
-            try:
-                got = memory.restore(step, held, layout.targets())
-            except Exception as err:  # noqa: BLE001 - every host agrees below; another step serves
-                error = f"{type(err).__name__}: {err}"[:400]
-                log.warning("memory step %d did not read back: %s", step, error)
-            errors = host_errors(error)
-            failed = sorted(errors)
-            if not failed:
-                assert got is not None  # no host failed, this one included
-                for aside in checkpointer.set_aside_failed(unreadable):
-                    progress.event(events.CheckpointFallback(**aside))
-                for reason in got.passed_over:
-                    progress.event(events.MemoryCopyPassedOver(step=step, reason=reason))
-                return TierRestore(got.step, got.state, got.meta, got.extra, "memory", got.seconds, 0,
-                                   got.bytes_fetched, [s.rank for s in got.sources if s.role == tiers.Role.REPLICA],
-                                   durable_step=newest_durable)
-            del got  # on the hosts that read it: not held on the device while another step is read
-            then = f"memory step {serving[i + 1]}" if i + 1 < len(serving) else \
-                f"durable step {newest_durable}" if newest_durable else "a fresh state (no durable step)"
-            progress.event(events.MemoryFallback(
-                step=step, durable_step=newest_durable or None,
-                reason=f"memory step {step} did not read back on host(s) {failed}: {errors[failed[0]]}; "
-                       f"restoring {then}"))
-        if not serving:
-            _say_why_not(held, durable_steps, memory, progress)
-    return _durable(checkpointer.restore_latest(layout.targets(), check_structure=layout.mismatch),
-                    checkpointer, progress)
+        error, got = None, None
+        try:
+            got = memory.restore(step, held, layout.targets())
+        except Exception as err:  # noqa: BLE001 - every host agrees below; another step serves
+            error = f"{type(err).__name__}: {err}"[:400]
+            log.warning("memory step %d did not read back: %s", step, error)
+        errors = host_errors(error)
+        failed = sorted(errors)
+        durable_below = max((s for s in durable_steps if s <= step and s not in {f["step"] for f in unreadable}),
+                            default=0)
+        if not failed:
+            assert got is not None  # no host failed, this one included
+            for aside in checkpointer.set_aside_failed(unreadable):
+                progress.event(events.CheckpointFallback(**aside))
+            for reason in got.passed_over:
+                progress.event(events.MemoryCopyPassedOver(step=step, reason=reason))
+            return TierRestore(got.step, got.state, got.meta, got.extra, "memory", got.seconds, 0,
+                               got.bytes_fetched, [s.rank for s in got.sources if s.role == tiers.Role.REPLICA],
+                               durable_step=durable_below)
+        del got  # on the hosts that read it: not held on the device while another step is read
+        following = steps[i + 1] if i + 1 < len(steps) else None
+        then = f"memory step {following}" if following is not None and following >= durable_below else \
+            f"durable step {durable_below}" if durable_below else "a fresh state (no durable step)"
+        progress.event(events.MemoryFallback(
+            step=step, durable_step=durable_below or None,
+            reason=f"memory step {step} did not read back on host(s) {failed}: {errors[failed[0]]}; "
+                   f"restoring {then}"))
+    return _durable(checkpointer.restore_latest(layout.targets(), check_structure=layout.mismatch,
+                                                failed_before=unreadable), checkpointer, progress)
 
 
 def _say_why_not(held: list[tiers.Held], durable_steps: list[int], memory: MemoryTier, progress: HostProgress) -> None:
