@@ -31,6 +31,7 @@ from jax.sharding import NamedSharding
 from jaxlaunch.workers import extras
 from jaxlaunch.workers.checkpoints.memory import part_nbytes
 from jaxlaunch.workers.checkpoints.tiered import Saved, TierRestore, Tiers
+from jaxlaunch.workers.compat import jax as jax_compat
 from jaxlaunch.workers.inputs import batch as batch_lib
 from jaxlaunch.workers.sharding import Rules
 from jaxlaunch.workers.state import Shardings, StateLayout, largest_array
@@ -74,7 +75,8 @@ class HostContext:
 
     def __init__(self, spec: HostSpec, mesh: jax.sharding.Mesh, progress: HostProgress,
                  driver_stop: DriverStop | None = None, clock: Callable[[], float] = time.perf_counter,
-                 wait_for: Callable[[list[Any]], None] | None = None):
+                 wait_for: Callable[[list[Any]], None] | None = None,
+                 ready: Callable[[list[Any]], bool] | None = None):
         self.mesh = mesh
         self.process_index = jax.process_index()
         self.process_count = jax.process_count()
@@ -93,6 +95,8 @@ class HostContext:
         """A wall time and the clock's reading at the same instant: a readback's wall time is the
         clock's advance on it (so a test's fake clock moves the records' times too)."""
         self._wait_for = wait_for or _wait_for_device
+        self._ready = ready or jax_compat.ready
+        """Whether `_wait_for` of these values would return at once (a test's fake device has its own)."""
         """Returns once the values a step reported are computed (a test's fake device replaces it)."""
         self._pending: list[dict[str, Any]] = []
         """Records of reported steps not handed to the driver yet (every host keeps its own, whose JAX
@@ -198,6 +202,9 @@ class HostContext:
         self._read_back(upto=step - 1)
         self._flush_metrics(before=step)
         self._pending.append(record)
+        if self._ready(list(record.values())):
+            # Its result is in already (a loop that read its loss itself): its time ends now, not with the next.
+            self._read_back(upto=step)
         self._progress.step_done(step)
         if first:
             self._progress.enter(Phase.TRAINING)
@@ -425,6 +432,8 @@ class HostContext:
 
 def _wait_for_device(values: list[Any]) -> None:
     jax.block_until_ready([v for v in values if isinstance(v, jax.Array)])
+
+
 
 
 def _to_python(value: Any) -> Any:

@@ -38,6 +38,8 @@ def test_the_patched_names_are_where_the_patches_expect_them():
                for ty in type_handlers.supported_types() if ty is not jax.Array), "the other handlers are Orbax's"
     assert hasattr(backend._FileSystemSpecBackend._get_filesystem, "cache_clear")
     assert jax_compat.write_cache_from_every_process(), "JAX's _cache_write changed its signature"
+    computed = jax.block_until_ready(jax.numpy.ones(3))
+    assert computed.is_ready() and jax_compat.ready([computed, 1.0]), "jaxlib's arrays lost is_ready"
     assert getattr(compiler._cache_write, jax_compat.EVERY_PROCESS_MARK, False)
 
 

@@ -119,6 +119,28 @@ def test_misuse_is_a_clear_error(tmp_path):
     ctx._finish(None)
 
 
+def test_a_loop_that_reads_its_loss_has_each_step_stamped_at_its_own_end(tmp_path):
+    """A loop that reads its loss itself (`float(loss)`, or a print) has each step's result in hand at
+    its `report`: the step's record is stamped then. It was stamped at the next step's report, a step
+    late, so a run's first step and a recovery's first step seemed to end a whole step later."""
+    import jax
+    from jaxlaunch.workers.context import HostContext
+
+    spec = dataclasses.replace(make_ctx(tmp_path, 4)[0]._spec)
+    now = [100.0]
+    ctx = HostContext(spec, build_mesh(spec.mesh), progress := HostProgress(), clock=lambda: now[0])
+    wall = ctx._wall_origin[0]
+    ctx.restore_or_init(lambda: {"w": jnp.zeros(2)})
+    for step in (1, 2, 3, 4):
+        now[0] += 1.0  # the step's work
+        loss = jax.block_until_ready(jnp.float32(1.0 / step))  # read by the loop itself
+        ctx.report(step, loss=loss)
+    result = ctx._finish(None)
+    records = list(progress.drain().records) + list(result.final_snapshot.records)
+    assert [r["time"] - wall for r in records] == pytest.approx([1.0, 2.0, 3.0, 4.0]), "each step's own end"
+    assert [r["step_time_s"] for r in records] == [None, 1.0, 1.0, 1.0]
+
+
 def test_tokens_give_a_throughput_and_nan_is_kept(tmp_path):
     ctx, progress = make_ctx(tmp_path, 3)
     ctx.restore_or_init(lambda: {"w": jnp.zeros(2)})

@@ -87,6 +87,9 @@ class FakeDevice:
         result.step = step
         return result
 
+    def ready(self, values: list) -> bool:
+        return all(self.clock.now >= self.done_at[v.step] for v in values if isinstance(v, Result))
+
     def wait_for(self, values: list) -> None:
         for value in values:
             if isinstance(value, Result):
@@ -107,7 +110,8 @@ def test_each_steps_time_and_throughput_are_its_own_under_asynchronous_dispatch(
         checkpoint=CheckpointConfig(save_every=100, async_save=True))
     (tmp_path / "hosts").mkdir()
     progress = HostProgress()
-    ctx = HostContext(spec, build_mesh(spec.mesh), progress, clock=clock, wait_for=device.wait_for)
+    ctx = HostContext(spec, build_mesh(spec.mesh), progress, clock=clock, wait_for=device.wait_for,
+                      ready=device.ready)
 
     state, start = ctx.restore_or_init(lambda: jnp.zeros(()))
     for step in range(start + 1, ctx.steps + 1):

@@ -1,7 +1,9 @@
-"""JAX: every process writes its own compiled programs to the persistent compilation cache.
+"""JAX: what no public API of JAX serves.
 
-JAX has no public setting for which processes write the cache; `jax._src.compiler._cache_write` is
-wrapped."""
+- Every process writes its own compiled programs to the persistent compilation cache: JAX has no
+  public setting for which processes write the cache; `jax._src.compiler._cache_write` is wrapped.
+- Whether an array's value is computed yet, without waiting for it (`ready`): `jax.Array` declares
+  no such method; jaxlib's array class has `is_ready()`."""
 
 from __future__ import annotations
 
@@ -11,8 +13,8 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 WRITTEN_FOR = "0.10.2"
-"""The jax release whose `jax._src.compiler._cache_write` this wraps."""
-PATCHED = "jax._src.compiler._cache_write"
+"""The jax release whose `jax._src.compiler._cache_write` this wraps (and whose arrays have `is_ready`)."""
+PATCHED = "jax._src.compiler._cache_write, jaxlib's ArrayImpl.is_ready"
 EVERY_PROCESS_MARK = "_jaxlaunch_every_process"
 """Marks JAX's cache writer once replaced (on the function object, which JAX's module holds)."""
 
@@ -53,3 +55,11 @@ def write_cache_from_every_process() -> bool:
     setattr(cache_write, EVERY_PROCESS_MARK, True)
     compiler._cache_write = cache_write
     return True
+
+
+def ready(values: Sequence[Any]) -> bool:
+    """Whether every JAX array among `values` is computed already (waiting for them would return at
+    once); False for an array without `is_ready` (then it is read back a step later, as before)."""
+    import jax
+
+    return all(getattr(v, "is_ready", lambda: False)() for v in values if isinstance(v, jax.Array))
