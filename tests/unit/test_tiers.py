@@ -373,6 +373,28 @@ def test_a_keeper_s_spare_files_stay_within_its_budget_beside_what_it_holds(keep
         assert held + spare_bytes(keeper) <= keeper.budget, (step, held, spare_bytes(keeper))
 
 
+def test_a_save_s_copies_are_counted_from_the_bytes_each_copy_moved(tmp_path, monkeypatch):
+    """On CPU the write reads each shard's buffer in place: one copy of the arrays on the node, counted
+    from the bytes written. A shard the write could not read in place (an accelerator's, moved to the
+    host first) counts its host copy too; the replica's stream counts the file's bytes sent and received."""
+    from jaxlaunch.workers.checkpoints import part_file
+    from jaxlaunch.workers.checkpoints.part_file import Copies
+
+    tree = {"w": jax.device_put(jnp.arange(64.0), NamedSharding(mesh_of((4,), ("data",)), PartitionSpec("data"))),
+            "b": jnp.ones(5, jnp.int32)}
+    writer = PartWriter()
+    header = writer.write(tmp_path, "p.part", tree, {}, {})
+    assert header.nbytes == 64 * 4 + 5 * 4 and writer.copied_bytes == header.nbytes
+    assert writer.file_bytes == (tmp_path / "p.part").stat().st_size > header.nbytes
+    copies = Copies(header.nbytes, writer.file_bytes, writer.copied_bytes, writer.file_bytes, writer.file_bytes)
+    assert copies.to_record() == {"memory_copies": 3.0, "memory_copies_on_node": 1.0,
+                                  "memory_bytes": header.nbytes + 2 * writer.file_bytes,
+                                  "memory_part_bytes": header.nbytes}
+    monkeypatch.setattr(part_file, "_in_place", lambda shard, host: False)  # as on an accelerator
+    writer.write(tmp_path, "q.part", tree, {}, {})
+    assert writer.copied_bytes == 2 * header.nbytes, "the host copy and the write"
+
+
 def mesh_of(shape, names):
     return Mesh(np.array(jax.devices()[:int(np.prod(shape))]).reshape(shape), names)
 

@@ -74,10 +74,10 @@ class HandOff:
 
     refused: str | None
     """Why the step is not committed here, or None once the primary and its replica are held."""
-    sent: int = 0
-    """Network copies of the part (1 when a replica was streamed)."""
-    received: int = 0
-    """Copies into the replica node's shared memory (1 once the partner confirmed the whole file)."""
+    sent_bytes: int = 0
+    """Bytes of the part file streamed to the replica's node (what the stream sent)."""
+    received_bytes: int = 0
+    """Bytes of it written into the replica node's shared memory (once the partner confirmed them all)."""
 
 
 def incoming_name(step: int, rank: int, pid: int) -> str:
@@ -290,11 +290,11 @@ class Keeper:
                 self.sending.add(path)
             try:
                 address = ray.get(replica_to.address.remote(), timeout=REPLICA_TIMEOUT_S)
-                replica_stream.send(tuple(address), self.secret, path, name)
+                sent = replica_stream.send(tuple(address), self.secret, path, name)
             finally:
                 with self.lock:
                     self.sending.discard(path)
-            sent = received = 1  # the partner confirmed the whole file
+            received = sent  # the partner confirmed it wrote every byte sent
             refused = ray.get(replica_to.hold_replica.remote(held.to_dict(), name, floor), timeout=REPLICA_TIMEOUT_S)
         except KeyError:
             refused = "its primary was dropped before it was replicated (the run went back)"

@@ -180,7 +180,8 @@ class MemoryTier:
         self.wait()
         floor = self.handed[-2] if len(self.handed) >= 2 else -1
         self.handed = self.handed[-1:] + [step]
-        self.in_flight = self.sender.submit(self._hand_off, step, name, header.nbytes, floor, fault)
+        copied = Copies(header.nbytes, self.writer.file_bytes, on_node_bytes=self.writer.copied_bytes)
+        self.in_flight = self.sender.submit(self._hand_off, step, name, copied, floor, fault)
 
     def _pickled_structure(self, tree: Any) -> bytes | None:
         """The state's tree structure (what the keys of the part's arrays cannot tell: a list from a
@@ -198,7 +199,7 @@ class MemoryTier:
             self._structure = (treedef, pickled)
         return self._structure[1]
 
-    def _hand_off(self, step: int, name: str, nbytes: int, floor: int, fault: Callable[[], None] | None) -> None:
+    def _hand_off(self, step: int, name: str, written: Copies, floor: int, fault: Callable[[], None] | None) -> None:
         import ray
 
         try:
@@ -213,7 +214,8 @@ class MemoryTier:
             answer = HandOff(f"this node's keeper did not answer ({first_line(err)}); the driver restarts a dead one")
         # A new dict, not a change to the one the training thread may be reading.
         self.copies = {**{s: c for s, c in self.copies.items() if s >= step - 1},
-                       step: Copies(nbytes, written=1, sent=answer.sent, received=answer.received)}
+                       step: dataclasses.replace(written, sent_bytes=answer.sent_bytes,
+                                                 received_bytes=answer.received_bytes)}
         if answer.refused is not None:
             self._refuse(step, answer.refused)
 

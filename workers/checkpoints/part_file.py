@@ -76,30 +76,36 @@ class PartHeader:
 
 @dataclasses.dataclass(frozen=True)
 class Copies:
-    """The copies of one host's part of one save, counted where they happen."""
+    """The bytes of one host's part of one save copied, counted where each copy happens."""
 
     nbytes: int
-    """The part's bytes."""
-    written: int = 0
-    """Into the saving node's shared memory (the host's write): the one copy on its own node."""
-    sent: int = 0
-    """From the saving node to the replica's node (the network)."""
-    received: int = 0
-    """Into the replica node's shared memory."""
+    """The part's array bytes."""
+    file_bytes: int = 0
+    """The part file's bytes (its header, then the arrays'): what a replica stream sends."""
+    on_node_bytes: int = 0
+    """Copied on the saving node: the host's write into shared memory, plus any host copy it needed
+    first (an accelerator's device-to-host transfer; none on CPU, where the write reads the buffer)."""
+    sent_bytes: int = 0
+    """Sent from the saving node to the replica's node (the network; `sendfile` from the file's pages,
+    no copy in the keeper's memory)."""
+    received_bytes: int = 0
+    """Written into the replica node's shared memory, once the partner confirmed the whole file."""
 
     @property
-    def total(self) -> int:
-        return self.written + self.sent + self.received
+    def total(self) -> float:
+        """Copies of the part: the arrays' bytes copied on the node per array byte, plus the file's
+        bytes sent and received per file byte."""
+        moved = (self.sent_bytes + self.received_bytes) / self.file_bytes if self.file_bytes else 0.0
+        return self.on_own_node + moved
 
     @property
-    def on_own_node(self) -> int:
-        """Copies made on the saving node. A send is `sendfile` from the file's pages to the socket
-        (no copy in the keeper's memory), counted as the network copy, not here."""
-        return self.written
+    def on_own_node(self) -> float:
+        return self.on_node_bytes / self.nbytes if self.nbytes else 0.0
 
-    def to_record(self) -> dict[str, int]:
-        return {"memory_copies": self.total, "memory_copies_on_node": self.on_own_node,
-                "memory_bytes": self.nbytes * self.total, "memory_part_bytes": self.nbytes}
+    def to_record(self) -> dict[str, Any]:
+        return {"memory_copies": round(self.total, 4), "memory_copies_on_node": round(self.on_own_node, 4),
+                "memory_bytes": self.on_node_bytes + self.sent_bytes + self.received_bytes,
+                "memory_part_bytes": self.nbytes}
 
 
 def digest(path: str | os.PathLike[str]) -> str:
@@ -210,6 +216,8 @@ class PartWriter:
 
     def __init__(self) -> None:
         self.plan: PartPlan | None = None
+        self.copied_bytes = self.file_bytes = 0
+        """The bytes the last `write` copied on this node (`Copies.on_node_bytes`), and its file's size."""
 
     def write(self, directory: pathlib.Path, name: str, tree: Any, meta: dict[str, Any],
               extra: dict[str, Any], structure: bytes | None = None) -> PartHeader:
@@ -221,11 +229,16 @@ class PartWriter:
         leaves, treedef = jax.tree_util.tree_flatten(tree)
         if self.plan is None or not self.plan.fits(leaves, treedef):
             self.plan = PartPlan.of(tree)
-        return _write(directory, name, leaves, self.plan, meta, extra, structure)
+        header, self.copied_bytes, self.file_bytes = _write(directory, name, leaves, self.plan, meta, extra,
+                                                            structure)
+        return header
 
 
 def _write(directory: pathlib.Path, name: str, leaves: list[Any], plan: PartPlan, meta: dict[str, Any],
-           extra: dict[str, Any], structure: bytes | None) -> PartHeader:
+           extra: dict[str, Any], structure: bytes | None) -> tuple[PartHeader, int, int]:
+    """The part written; the bytes of its shards copied on the way (the file's, and a host copy for
+    each shard whose bytes the write could not read in place, told by the buffers' addresses); the
+    file's size."""
     import jax
 
     plain = {plan.keys[i]: leaf for i, leaf in enumerate(leaves) if plan.leaves[i] is None}
@@ -240,20 +253,32 @@ def _write(directory: pathlib.Path, name: str, leaves: list[Any], plan: PartPlan
     blob = pickle.dumps(header, protocol=pickle.HIGHEST_PROTOCOL)
     start = _aligned(_PREAMBLE.size + len(blob))
     temporary = directory / f".{name}.tmp"
+    copied = 0
     try:
         with open(temporary, "r+b" if _claim_spare(directory, temporary) else "wb") as f:
             f.write(_PREAMBLE.pack(MAGIC, len(blob)) + blob)
             for entry, value in zip(plan.shards, live, strict=True):
                 f.seek(start + entry.offset)
                 # A view of the buffer on CPU (a host copy on an accelerator): the write is the copy.
-                f.write(np.ascontiguousarray(np.asarray(value)).reshape(-1).view(np.uint8).data)
+                host = np.ascontiguousarray(np.asarray(value))
+                copied += f.write(host.reshape(-1).view(np.uint8).data) or 0
+                if not _in_place(value, host):
+                    copied += host.nbytes
             f.truncate(start + plan.nbytes)
         os.rename(temporary, directory / name)
     except BaseException:
         # A full tmpfs or a shard that would not convert: no part-sized leftover under a new name each step.
         temporary.unlink(missing_ok=True)
         raise
-    return header
+    return header, copied, start + plan.nbytes
+
+
+def _in_place(shard: Any, host: np.ndarray) -> bool:
+    """Whether `host` is the shard's own buffer (a CPU array read in place), not a copy of it."""
+    try:
+        return bool(shard.unsafe_buffer_pointer() == host.__array_interface__["data"][0])
+    except Exception:  # noqa: BLE001 - a buffer without a host address (an accelerator's): a copy
+        return False
 
 
 def _claim_spare(directory: pathlib.Path, temporary: pathlib.Path) -> bool:
