@@ -148,11 +148,13 @@ def recovery_split(events: list[dict[str, Any]], first: dict[str, Any], fault_at
 def jaxlaunch_job(work: pathlib.Path, name: str, *, steps: int, save_every: int, fault: str | None = None,
                   fault_step: int | None = None, hosts: int = 2, extra: tuple[str, ...] = (),
                   config: dict[str, Any] | None = None, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """The built-in tiny model on `hosts` hosts, as the peers run it: a data-parallel mesh, and each
-    step's loss read on the host at once, so that a step's record, like theirs, is written once the
-    step is done (the built-in loop reads it a step later; `per_step_stall` measures that)."""
+    """The built-in tiny model on `hosts` hosts, as the peers run it: a data-parallel mesh, each step's
+    loss read on the host at once, so that a step's record, like theirs, is written once the step is
+    done (the built-in loop reads it a step later; `per_step_stall` measures that), and an Orbax save
+    to disk every `save_every` steps, as theirs (`--no-memory-tier`: the memory tier's own comparison
+    is the `memory_tier` section)."""
     args = ("--hosts", str(hosts), "--steps", str(steps), "--save-every", str(save_every), "--mesh", "data=-1",
-            "--hang-timeout", "5", "--entry", SYNCED_ENTRY, *extra)
+            "--hang-timeout", "5", "--no-memory-tier", "--entry", SYNCED_ENTRY, *extra)
     r = launch(work / name, *args, config=config, env=env, fault=fault, fault_step=fault_step)
     return {**summarize(r), "wall_s": r["ended"] - r["started"]}
 

@@ -399,9 +399,9 @@ def ray_train(work: pathlib.Path, *, steps: int, save_every: int, hosts: int = 2
         controller_log = _controller_events(session_dir)
         ray.shutdown()
         _kill_left_over(run)
-    return _ray_result(run, t_init=t_init, t_ready=t_ready, t_fit=t_fit, outcome=outcome, abandoned=abandoned,
-                       injector=injector, fault=fault, recover_timeout_s=recover_timeout_s,
-                       controller_log=controller_log)
+    return {**_ray_result(run, t_init=t_init, t_ready=t_ready, t_fit=t_fit, outcome=outcome, abandoned=abandoned,
+                          injector=injector, fault=fault, recover_timeout_s=recover_timeout_s,
+                          controller_log=controller_log), "t_init": t_init}
 
 
 class _Injector(threading.Thread):
@@ -600,5 +600,29 @@ def _result(**fields: Any) -> dict[str, Any]:
     return {**out, **{key: fields.pop(key, None) for key in details}, **fields}
 
 
+def ray_train_fresh(work: pathlib.Path, **kwargs: Any) -> dict[str, Any]:
+    """`ray_train` in a fresh Python process, timed from before that process starts, as jaxlaunch's
+    launches and plain JAX's processes are: `cold_start_from_process_s` includes the interpreter's
+    start and the imports of Ray, Ray Train and JAX (the in-process `cold_start_with_ray_s` starts
+    after them)."""
+    started = time.time()
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.peers", "--ray-train",
+                           json.dumps({"work": str(work), **kwargs})],
+                          cwd=ROOT, capture_output=True, text=True, check=False)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(_RESULT_MARK)]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"Ray Train's process exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-4000:]}")
+    result = json.loads(lines[-1][len(_RESULT_MARK):])
+    result["cold_start_from_process_s"] = result["t_init"] + result["cold_start_with_ray_s"] - started
+    return result
+
+
+_RESULT_MARK = "RAY_TRAIN_RESULT "
+
+
 if __name__ == "__main__":
-    _plain_process(json.loads(sys.argv[1]))
+    if sys.argv[1] == "--ray-train":
+        given = json.loads(sys.argv[2])
+        print(_RESULT_MARK + json.dumps(ray_train(pathlib.Path(given.pop("work")), **given)), flush=True)
+    else:
+        _plain_process(json.loads(sys.argv[1]))
