@@ -95,9 +95,9 @@ class HostContext:
         """A wall time and the clock's reading at the same instant: a readback's wall time is the
         clock's advance on it (so a test's fake clock moves the records' times too)."""
         self._wait_for = wait_for or _wait_for_device
+        """Returns once the values a step reported are computed (a test's fake device replaces it)."""
         self._ready = ready or jax_compat.ready
         """Whether `_wait_for` of these values would return at once (a test's fake device has its own)."""
-        """Returns once the values a step reported are computed (a test's fake device replaces it)."""
         self._pending: list[dict[str, Any]] = []
         """Records of reported steps not handed to the driver yet (every host keeps its own, whose JAX
         values it reads back to time the step; rank 0's go to the driver)."""
@@ -198,12 +198,16 @@ class HostContext:
             if isinstance(value, jax.Array) and self.process_index == 0:
                 value.copy_to_host_async()
             record[name] = value
+        # Every earlier step read back already: this one too, if its result is in (a loop that read its
+        # loss itself), so that its time ends now, not with the next step. Once a step was left for the
+        # next report, every later one is too: read alternately now and a step late, one step would take
+        # two steps' time and the next none.
+        caught_up = not any(r["step"] < step and "step_time_s" not in r for r in self._pending)
         # The previous step's result, read now that this step is queued behind it: its own time.
         self._read_back(upto=step - 1)
         self._flush_metrics(before=step)
         self._pending.append(record)
-        if self._ready(list(record.values())):
-            # Its result is in already (a loop that read its loss itself): its time ends now, not with the next.
+        if caught_up and self._ready(list(record.values())):
             self._read_back(upto=step)
         self._progress.step_done(step)
         if first:

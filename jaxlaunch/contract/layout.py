@@ -7,7 +7,8 @@ rank 0 lists committed steps with the same function. The directory is a local pa
 
     RUN_DIR/config.json  events.jsonl  metrics.jsonl  summary.json  report.png  .lock
             events/<seq>.jsonl  metrics/<seq>.jsonl      (segments: object stores write no appends)
-            checkpoints/<step>/  unreadable_checkpoints/<step>-<time>/  hosts/injections/  tensorboard/
+            checkpoints/<step>/  unreadable_checkpoints/<step>-<time>[-unverified]/  hosts/injections/
+            tensorboard/
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ CHECKPOINT_COMMIT_MARKER = "_CHECKPOINT_METADATA"
 OBJECT_STORE_COMMIT_MARKER = "commit_success.txt"
 """Orbax's marker of a step committed in place (no rename on an object store): its COMMIT_SUCCESS_FILE."""
 UNREADABLE_DIR = "unreadable_checkpoints"
+UNVERIFIED_SUFFIX = "-unverified"
+"""Ends the name of a step set aside unread after a replica mismatch (it may hold the corrupt copy):
+no history a restore must find, unlike a step that did not read back (the newest state whose
+replicas agreed may be a fresh one)."""
 LOCK_NAME = ".lock"
 INJECTIONS_DIR = "hosts/injections"
 

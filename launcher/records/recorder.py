@@ -157,8 +157,9 @@ class Recorder(Listener):
         self.tensorboard.close()
 
     def abandon(self) -> None:
-        """Another launch holds the run now: this one's TensorBoard file is closed now (its thread
-        would otherwise flush it on its own, at any time), and nothing more is recorded."""
+        """Another launch holds the run now: this one's TensorBoard file is closed now, with the scalars
+        it buffered (its thread would flush them on its own timer, and outlive a launch from Python),
+        and no other is opened. The driver's loop writes no record after a loss (`LockWatch`)."""
         self.tensorboard.close()
         self.tensorboard.off = True
 

@@ -16,7 +16,14 @@ from collections.abc import Callable
 from typing import Any
 
 from jaxlaunch.contract.events import Event, parse_event
-from jaxlaunch.contract.layout import LOCK_NAME, UNREADABLE_DIR, RunLayout, json_bytes, read_records
+from jaxlaunch.contract.layout import (
+    LOCK_NAME,
+    UNREADABLE_DIR,
+    UNVERIFIED_SUFFIX,
+    RunLayout,
+    json_bytes,
+    read_records,
+)
 from jaxlaunch.contract.protocol import ConfigError
 from jaxlaunch.contract.storage import RunStorageError
 from jaxlaunch.contract.store import LocalStore, Store
@@ -117,8 +124,11 @@ class RunDir(RunLayout):
 
     # -- checkpoints -----------------------------------------------------------------------------
     def has_history(self) -> bool:
-        """Whether the run ever committed a step (kept, or set aside as unreadable)."""
-        return bool(self.committed_steps()) or bool(self.store.list(UNREADABLE_DIR))
+        """Whether the run holds a committed step a restore must find: kept, or set aside because it did
+        not read back. Steps set aside unread after a replica mismatch are not (their run's newest state
+        whose replicas agreed may be a fresh one)."""
+        return bool(self.committed_steps()) or any(not name.endswith(UNVERIFIED_SUFFIX)
+                                                   for name in self.store.list(UNREADABLE_DIR))
 
     def checkpoint_meta(self, step: int) -> dict[str, Any] | None:
         try:

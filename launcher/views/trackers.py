@@ -200,6 +200,12 @@ class Sender:
         with self.cond:
             self.annotation = (tags, notes)
 
+    def stop(self) -> None:
+        """Sends nothing more, finishing no run: the thread ends after the call it is in, if any."""
+        with self.cond:
+            self.abandoned = True
+            self.cond.notify()
+
     def check_stall(self) -> None:
         since = self.busy_since
         if since is not None and self.clock() - since > STALL_WARN_S:
@@ -229,8 +235,10 @@ class Sender:
     def _loop(self) -> None:
         while True:
             with self.cond:
-                self.cond.wait_for(lambda: self.status is not None, SEND_INTERVAL_S)
+                self.cond.wait_for(lambda: self.status is not None or self.abandoned, SEND_INTERVAL_S)
                 closing = self.status is not None
+                if self.abandoned:
+                    return
             try:
                 self._deliver()
                 if closing:
@@ -242,7 +250,7 @@ class Sender:
                 if closing or self.abandoned:
                     return  # what is unsent stays in metrics.jsonl, past the mark: the next launch sends it
                 with self.cond:
-                    self.cond.wait_for(lambda: self.status is not None, RETRY_INTERVAL_S)
+                    self.cond.wait_for(lambda: self.status is not None or self.abandoned, RETRY_INTERVAL_S)
             if self.abandoned:
                 return
 
@@ -333,8 +341,11 @@ class Trackers:
             return {}
 
     def abandon(self) -> None:
-        """Another launch holds the run now: this one writes nothing more into it."""
+        """Another launch holds the run now: this one writes nothing more into it, and its senders
+        stop (the other launch sends the run's records from the mark it finds)."""
         self.abandoned = True
+        for sender in self.senders:
+            sender.stop()
 
     def _save(self, name: str, entry: dict[str, Any]) -> None:
         with self.lock:

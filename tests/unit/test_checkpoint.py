@@ -248,6 +248,12 @@ def test_a_mismatch_before_any_verified_step_restarts_afresh_with_every_step_set
     moved = [e for e in progress.drain().events if isinstance(e, CheckpointFallback)]
     assert sorted(e.step for e in moved) == [1, 2, 3] and all(pathlib.Path(e.moved_to).is_dir() for e in moved)
     assert committed_steps(saved) == []
+    # The fresh attempt trained (the limit is resolved) and was killed before its first save: the next
+    # restart starts afresh again. The unverified steps are no history a restore must find.
+    from jaxlaunch.launcher.records.runs import RunDir
+
+    again = Checkpointer(saved, CFG, expect_checkpoint=RunDir(saved.parent).has_history())
+    assert restore_newest(again, _NoMemoryStep() if memory_tier else None, Layout(), HostProgress()) is None
 
 
 def test_a_save_slices_only_large_replicated_arrays(tmp_path, caplog):

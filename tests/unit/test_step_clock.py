@@ -141,3 +141,30 @@ def test_each_steps_time_and_throughput_are_its_own_under_asynchronous_dispatch(
     busy = dict(result.final_snapshot.busy)
     assert {s: busy[s] for s in range(2, ctx.steps)} == dict.fromkeys(range(2, ctx.steps), HOST_SECONDS), \
         "every host tells the driver its busy time per step"
+
+
+def test_steps_read_late_once_stay_read_late_so_that_no_step_takes_another_s_time(tmp_path: pathlib.Path):
+    """Steps whose device time alternates between none and a second: the first is in at its report and
+    read then; the second is not, so it is read at the next report, and from then on every step is,
+    even one already in at its own report. Read now when in and late when not, a step in just after
+    the previous one was read would show 0 s, and the previous one both steps' time."""
+    clock = FakeClock()
+    device = FakeDevice(clock)
+    seconds = {1: 0.0, 2: 1.0, 3: 0.0, 4: 1.0, 5: 0.0, 6: 1.0, 7: 0.0}
+    spec = HostSpec(
+        entry=EntryRef("examples.minimal", "main"), config={}, run_dir=str(tmp_path), attempt=1, rank=0,
+        num_hosts=1, coordinator_address="127.0.0.1:1", mesh={"data": -1}, steps=len(seconds),
+        schedule_steps=len(seconds), seed=0, platform="cpu", distributed=DistributedConfig(),
+        checkpoint=CheckpointConfig(save_every=100, async_save=True))
+    (tmp_path / "hosts").mkdir()
+    ctx = HostContext(spec, build_mesh(spec.mesh), HostProgress(), clock=clock, wait_for=device.wait_for,
+                      ready=device.ready)
+    state, start = ctx.restore_or_init(lambda: jnp.zeros(()))
+    for step in range(start + 1, ctx.steps + 1):
+        clock.advance(HOST_SECONDS)
+        ctx.report(step, loss=device.dispatch(step, seconds[step]))
+        ctx.maybe_save(step, state)
+    records = {r["step"]: r for r in ctx._finish(None).final_snapshot.records}
+    # From each readback to the next: step 2 also holds its own queueing; a step of no device time, the
+    # host's work until the next readback.
+    assert [records[s]["step_time_s"] for s in range(2, 7)] == pytest.approx([1.25, 0.25, 1.0, 0.25, 1.0])

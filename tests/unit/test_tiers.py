@@ -724,7 +724,7 @@ def test_memory_steps_older_than_an_unreadable_durable_step_still_serve(older_du
     assert [(e.step, e.moved_to) for e in told if isinstance(e, CheckpointFallback)] == \
         [(95, "unreadable_checkpoints/95")]
     [fallback] = [e for e in told if isinstance(e, MemoryFallback)]
-    assert fallback.step == 100 and fallback.reason.endswith("; restoring durable step 95")
+    assert fallback.step == 100 and fallback.reason.endswith("; next: durable step 95")
 
 
 def test_durable_steps_between_unreadable_memory_steps_are_tried_in_order():
@@ -770,12 +770,12 @@ def test_a_memory_step_that_does_not_read_back_leaves_the_next_committed_one_to_
     [fallback] = [e for e in progress.drain().events if isinstance(e, MemoryFallback)]
     assert fallback.step == 50 and fallback.reason == (
         "memory step 50 did not read back on host(s) [0]: ValueError: 50-1-primary.part is not a memory-tier "
-        "part file; restoring memory step 40")
+        "part file; next: memory step 40")
 
     memory, progress = Memory(steps=[50], unreadable={50}), HostProgress()
     assert restore_newest(NoDurable(), memory, Layout(), progress) is None
     [fallback] = [e for e in progress.drain().events if isinstance(e, MemoryFallback)]
-    assert fallback.reason.endswith("; restoring a fresh state (no durable step)"), "a fresh start is said"
+    assert fallback.reason.endswith("; next: a fresh state (no durable step)"), "a fresh start is said"
 
 
 def test_a_memory_step_another_host_could_not_read_is_let_go_before_the_next_one_is_read(monkeypatch):

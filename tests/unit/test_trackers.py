@@ -356,3 +356,21 @@ def test_a_rollback_in_this_launch_never_sends_the_unsent_steps_it_threw_away(tm
     sink.close("stopped", {"final_step": 6, "goodput": None})
     expected = [(s, 1) for s in range(1, start + 1)] + [(s, 2) for s in range(start + 1, 7)]
     assert backend.logged == expected and backend.status == "stopped"
+
+
+def test_a_launch_whose_lock_another_took_stops_sending_to_its_trackers(tmp_path, monkeypatch):
+    """Another launch holds the run, and sends its records to the same tracker run from the mark it
+    finds: this launch's senders stop at once (their threads end), and send nothing more."""
+    monkeypatch.setattr(trackers, "SEND_INTERVAL_S", 0.02)
+    run = RunDir(tmp_path)
+    run.create()
+    backend = Remembering()
+    backend.up.set()
+    sink = Trackers(run, ["mlflow"], SETTINGS, lambda text: None, backends={"mlflow": backend})
+    sink.on_records(records(range(1, 4)))
+    _wait_until(lambda: sink.senders[0].logged_step == 3, "the first steps sent")
+    sink.abandon()
+    sink.senders[0].thread.join(30)
+    assert not sink.senders[0].thread.is_alive(), "the sender's thread outlived the loss of the lock"
+    sink.on_records(records(range(4, 6)))
+    assert backend.logged == [(1, 1), (2, 1), (3, 1)] and backend.status is None, "nothing more, no run finished"

@@ -34,7 +34,7 @@ from jax.experimental import multihost_utils
 from jaxlaunch.workers.compat import etils as etils_compat
 from jaxlaunch.workers.compat import orbax as orbax_compat
 
-from jaxlaunch.contract.layout import UNREADABLE_DIR, committed_steps
+from jaxlaunch.contract.layout import UNREADABLE_DIR, UNVERIFIED_SUFFIX, committed_steps
 from jaxlaunch.contract.protocol import CheckpointConfig, ErrorKind
 from jaxlaunch.contract.storage import chain, describe_storage_error, storage_errno
 from jaxlaunch.contract.store import is_url, open_store
@@ -233,7 +233,7 @@ class Checkpointer:
         if limit is None:
             return []
         return [{"step": s, "error": f"not verified: the replicas disagreed after step {limit}",
-                 "moved_to": str(self._set_aside(s))} for s in self.steps_from_rank_0() if s > limit]
+                 "moved_to": str(self._set_aside(s, unverified=True))} for s in self.steps_from_rank_0() if s > limit]
 
     def set_aside_failed(self, failed: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Moves steps that did not read back to `unreadable_checkpoints/` (an older step served)."""
@@ -303,12 +303,12 @@ class Checkpointer:
             if failures == 2:
                 return "corrupt", None, error
 
-    def _set_aside(self, step: int) -> str:
-        """Moves an unreadable step beside checkpoints/ (never deletes it), so it is not tried again
-        and training can save that step anew."""
+    def _set_aside(self, step: int, unverified: bool = False) -> str:
+        """Moves an unreadable step (or an `unverified` one) beside checkpoints/ (never deletes it), so it
+        is not tried again and training can save that step anew."""
         parent, name = str(self.directory).rstrip("/").rsplit("/", 1)
         run = open_store(parent)
-        target = f"{UNREADABLE_DIR}/{step}-{int(time.time())}"
+        target = f"{UNREADABLE_DIR}/{step}-{int(time.time())}{UNVERIFIED_SUFFIX if unverified else ''}"
         if jax.process_index() == 0:
             run.move(f"{name}/{step}", target)
         if jax.process_count() > 1:

@@ -6,9 +6,10 @@ of either tier with its fallbacks, and says which saves committed. The commit ru
 `jaxlaunch.contract.tiers`; the give-up persist (`jaxlaunch.workers.checkpoints.persist`) writes what the memory
 tier holds through the same rule and the same durable metadata (`durable_meta`).
 
-Restore: memory wins when its newest committed step is at least the newest durable one
-(`tiers.memory_serves`); any reason a memory step cannot serve is an event, and the next committed
-memory step serves while it is still as new, else the durable tier's newest readable step."""
+Restore: the two tiers' committed steps are tried newest first, memory's first at a step both hold
+(`tiers.memory_serves`); any reason a memory step cannot serve is an event, and a step of either
+tier that does not read back leaves the next newest of either to serve (durable ones are set aside
+once a step served), else a fresh state."""
 
 from __future__ import annotations
 
@@ -283,7 +284,7 @@ def restore_newest(checkpointer: Checkpointer, memory: MemoryTier | None, layout
         progress.event(events.MemoryFallback(
             step=step, durable_step=durable_below or None,
             reason=f"memory step {step} did not read back on host(s) {failed}: {errors[failed[0]]}; "
-                   f"restoring {then}"))
+                   f"next: {then}"))
     return _durable(checkpointer.restore_latest(layout.targets(), check_structure=layout.mismatch,
                                                 failed_before=unreadable), checkpointer, progress)
 
