@@ -123,7 +123,9 @@ SPLIT = (("processes", "actor_init"), ("host_setup", "initializing"),
          ("jax_distributed_and_import", "restoring"), ("restore_or_init", "compiling"),
          ("trace_and_compile", "first_step_done"))
 """The phases of a host's start, each ending when the slowest host entered the next (its
-`startup_timeline`); `first_step_done` is when the first step was dispatched, not done."""
+`startup_timeline`); `first_step_done` is the first step's `ctx.report`: its dispatch in a loop that
+reads its loss a step later (the built-in one), its end in one that reads it at once (the peers'
+job), where `trace_and_compile` then holds the first step's execution too."""
 
 
 def recovery_split(events: list[dict[str, Any]], first: dict[str, Any], fault_at: float,
