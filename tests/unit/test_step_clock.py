@@ -96,6 +96,18 @@ class FakeDevice:
                 self.clock.now = max(self.clock.now, self.done_at[value.step])
 
 
+def context_on(device: FakeDevice, tmp_path: pathlib.Path, steps: int) -> HostContext:
+    """A one-host context of `steps` steps whose clock and device are the fake ones."""
+    spec = HostSpec(
+        entry=EntryRef("examples.minimal", "main"), config={}, run_dir=str(tmp_path), attempt=1, rank=0,
+        num_hosts=1, coordinator_address="127.0.0.1:1", mesh={"data": -1}, steps=steps, schedule_steps=steps,
+        seed=0, platform="cpu", distributed=DistributedConfig(),
+        checkpoint=CheckpointConfig(save_every=100, async_save=True))
+    (tmp_path / "hosts").mkdir()
+    return HostContext(spec, build_mesh(spec.mesh), HostProgress(), clock=device.clock, wait_for=device.wait_for,
+                       ready=device.ready)
+
+
 def test_each_steps_time_and_throughput_are_its_own_under_asynchronous_dispatch(tmp_path: pathlib.Path):
     """The host queues each step and reports it long before the device finished it. Each record still
     shows its own step's time: the slow step 4 is slow in its own record (not step 5's, as timing
@@ -103,15 +115,7 @@ def test_each_steps_time_and_throughput_are_its_own_under_asynchronous_dispatch(
     same time."""
     clock = FakeClock()
     device = FakeDevice(clock)
-    spec = HostSpec(
-        entry=EntryRef("examples.minimal", "main"), config={}, run_dir=str(tmp_path), attempt=1, rank=0,
-        num_hosts=1, coordinator_address="127.0.0.1:1", mesh={"data": -1}, steps=len(DEVICE_SECONDS),
-        schedule_steps=len(DEVICE_SECONDS), seed=0, platform="cpu", distributed=DistributedConfig(),
-        checkpoint=CheckpointConfig(save_every=100, async_save=True))
-    (tmp_path / "hosts").mkdir()
-    progress = HostProgress()
-    ctx = HostContext(spec, build_mesh(spec.mesh), progress, clock=clock, wait_for=device.wait_for,
-                      ready=device.ready)
+    ctx = context_on(device, tmp_path, len(DEVICE_SECONDS))
 
     state, start = ctx.restore_or_init(lambda: jnp.zeros(()))
     for step in range(start + 1, ctx.steps + 1):
@@ -151,14 +155,7 @@ def test_steps_read_late_once_stay_read_late_so_that_no_step_takes_another_s_tim
     clock = FakeClock()
     device = FakeDevice(clock)
     seconds = {1: 0.0, 2: 1.0, 3: 0.0, 4: 1.0, 5: 0.0, 6: 1.0, 7: 0.0}
-    spec = HostSpec(
-        entry=EntryRef("examples.minimal", "main"), config={}, run_dir=str(tmp_path), attempt=1, rank=0,
-        num_hosts=1, coordinator_address="127.0.0.1:1", mesh={"data": -1}, steps=len(seconds),
-        schedule_steps=len(seconds), seed=0, platform="cpu", distributed=DistributedConfig(),
-        checkpoint=CheckpointConfig(save_every=100, async_save=True))
-    (tmp_path / "hosts").mkdir()
-    ctx = HostContext(spec, build_mesh(spec.mesh), HostProgress(), clock=clock, wait_for=device.wait_for,
-                      ready=device.ready)
+    ctx = context_on(device, tmp_path, len(seconds))
     state, start = ctx.restore_or_init(lambda: jnp.zeros(()))
     for step in range(start + 1, ctx.steps + 1):
         clock.advance(HOST_SECONDS)
