@@ -438,8 +438,6 @@ def _wait_for_device(values: list[Any]) -> None:
     jax.block_until_ready([v for v in values if isinstance(v, jax.Array)])
 
 
-
-
 def _to_python(value: Any) -> Any:
     if isinstance(value, jax.Array | np.ndarray | np.generic):
         array = np.asarray(value)

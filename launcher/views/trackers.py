@@ -153,6 +153,8 @@ class Sender:
         self.save, self.reread, self.warn, self.clock = save, reread, warn, clock
         self.logged_step: int = self.state.get("logged_step", 0)
         self.pending: dict[int, dict[str, Any]] = {}
+        self.newest_attempt = 0
+        """The newest attempt whose records were added (its first one rolled the earlier ones back)."""
         self.overflowed = False
         """Pending records were dropped from memory: read them again from metrics.jsonl."""
         self.annotation: tuple[dict[str, str], str] | None = None
@@ -174,12 +176,11 @@ class Sender:
 
     def add(self, records: list[dict[str, Any]]) -> None:
         with self.cond:
-            began: dict[int, int] = {}
             for record in records:
                 attempt = record.get("attempt") or 0
-                began[attempt] = min(began.get(attempt, record["step"] - 1), record["step"] - 1)
-            for attempt, step in began.items():
-                self._roll_back(attempt, step)
+                if attempt > self.newest_attempt:  # a later attempt went on from the step before its first
+                    self.newest_attempt = attempt
+                    self._roll_back(attempt, record["step"] - 1)
             for record in records:
                 if record["step"] > self.logged_step:
                     self.pending[record["step"]] = record  # a recomputed step replaces its unsent first run

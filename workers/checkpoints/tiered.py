@@ -242,8 +242,9 @@ def restore_newest(checkpointer: Checkpointer, memory: MemoryTier | None, layout
         _say_why_not(held, durable_steps, memory, progress)
     unreadable: list[dict[str, Any]] = []
     """Durable steps of this restore that did not read back: set aside once a step serves."""
+    untried = durable_steps
+    """The durable steps not tried yet (every one newer than the memory step at hand was)."""
     for i, step in enumerate(steps):
-        untried = [s for s in durable_steps if s not in {f["step"] for f in unreadable}]
         if untried and not tiers.memory_serves(step, untried):
             # Durable is newer; but if none of its newer steps reads back, this memory step beats the older ones.
             try:
@@ -253,6 +254,7 @@ def restore_newest(checkpointer: Checkpointer, memory: MemoryTier | None, layout
                 for aside in none.set_aside:
                     progress.event(events.CheckpointFallback(**aside))
                 unreadable += none.failed
+                untried = [s for s in untried if s <= step]
             else:
                 assert newer is not None  # with newer_than, a step restored or NoneNewerReadBack
                 if i == 0:
@@ -266,8 +268,7 @@ def restore_newest(checkpointer: Checkpointer, memory: MemoryTier | None, layout
             log.warning("memory step %d did not read back: %s", step, error)
         errors = host_errors(error)
         failed = sorted(errors)
-        durable_below = max((s for s in durable_steps if s <= step and s not in {f["step"] for f in unreadable}),
-                            default=0)
+        durable_below = untried[0] if untried else 0
         if not failed:
             assert got is not None  # no host failed, this one included
             for aside in checkpointer.set_aside_failed(unreadable):
