@@ -155,6 +155,8 @@ class Sender:
         self.pending: dict[int, dict[str, Any]] = {}
         self.newest_attempt = 0
         """The newest attempt whose records were added (its first one rolled the earlier ones back)."""
+        self.rollbacks: dict[int, int] = {}
+        """Attempt -> the step it went on from: an earlier attempt's records past it were thrown away."""
         self.overflowed = False
         """Pending records were dropped from memory: read them again from metrics.jsonl."""
         self.annotation: tuple[dict[str, str], str] | None = None
@@ -182,7 +184,7 @@ class Sender:
                     self.newest_attempt = attempt
                     self._roll_back(attempt, record["step"] - 1)
             for record in records:
-                if record["step"] > self.logged_step:
+                if record["step"] > self.logged_step and not self._thrown_away(record):
                     self.pending[record["step"]] = record  # a recomputed step replaces its unsent first run
             if len(self.pending) > MAX_PENDING_RECORDS:
                 self.pending.clear()
@@ -195,7 +197,13 @@ class Sender:
             self._roll_back(attempt, step)
 
     def _roll_back(self, attempt: int, step: int) -> None:
-        self.pending = {s: r for s, r in self.pending.items() if s <= step or (r.get("attempt") or 0) >= attempt}
+        self.rollbacks[attempt] = min(step, self.rollbacks.get(attempt, step))
+        self.pending = {s: r for s, r in self.pending.items() if not self._thrown_away(r)}
+
+    def _thrown_away(self, record: dict[str, Any]) -> bool:
+        """A record of an attempt that a later one rolled back past its step (also one arriving late)."""
+        attempt = record.get("attempt") or 0
+        return any(later > attempt and record["step"] > step for later, step in self.rollbacks.items())
 
     def annotate(self, tags: dict[str, str], notes: str) -> None:
         with self.cond:

@@ -358,6 +358,21 @@ def test_a_rollback_in_this_launch_never_sends_the_unsent_steps_it_threw_away(tm
     assert backend.logged == expected and backend.status == "stopped"
 
 
+def test_an_earlier_attempt_s_record_arriving_after_the_rollback_is_never_sent(tmp_path, monkeypatch):
+    """Attempt 2 began anew from step 0 while attempt 1's step 3 was still on its way: step 3 of
+    attempt 1, arriving in the same batch after attempt 2's first record, is thrown-away work too."""
+    monkeypatch.setattr(trackers, "SEND_INTERVAL_S", 0.02)
+    run = RunDir(tmp_path)
+    run.create()
+    backend = Remembering()
+    sink = Trackers(run, ["mlflow"], SETTINGS, lambda text: None, backends={"mlflow": backend})
+    sink.on_records(records(range(1, 3), attempt=1) + records([1], attempt=2) + records([3], attempt=1)
+                    + records([2], attempt=2))
+    backend.up.set()
+    sink.close("stopped", {"final_step": 2, "goodput": None})
+    assert backend.logged == [(1, 2), (2, 2)]
+
+
 def test_a_launch_whose_lock_another_took_stops_sending_to_its_trackers(tmp_path, monkeypatch):
     """Another launch holds the run, and sends its records to the same tracker run from the mark it
     finds: this launch's senders stop at once (their threads end), and send nothing more."""
