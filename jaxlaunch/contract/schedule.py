@@ -123,12 +123,17 @@ class CadenceRule:
     share: float = BLOCKING_SHARE
 
     @property
+    def given_durable(self) -> int | None:
+        return given_durable(self.memory_tier, self.save_every, self.persist_every)
+
+    @property
     def fixed(self) -> Cadence | None:
         """The cadence when the user fixed every interval that applies (nothing to measure)."""
         if self.memory_tier and self.save_every is not None and self.persist_every is not None:
             return Cadence(self.save_every, self.persist_every, "--save-every and --persist-every given")
-        if not self.memory_tier and self.save_every is not None:
-            return Cadence(None, self.save_every, "--save-every given")
+        if not self.memory_tier and self.given_durable is not None:
+            flag = "--save-every" if self.save_every is not None else "--persist-every"
+            return Cadence(None, self.given_durable, f"{flag} given")
         return None
 
     def choose(self, measured: Measured, floor: Floor = (0, 0)) -> Cadence:
@@ -146,7 +151,7 @@ class CadenceRule:
                 memory_every = max(self._every(measured.memory_cost_s, step), floor[0] + 1)
                 reasons.append(f"memory every {memory_every}: " + self._why(
                     measured.memory_blocking_s, step, measured.memory_slowdown_s))
-        given_durable = self.persist_every if self.memory_tier else self.save_every
+        given_durable = self.given_durable
         if given_durable is not None:
             durable_every = given_durable
             reasons.append(f"durable every {durable_every} (given)")
@@ -176,7 +181,7 @@ class CadenceRule:
         `floor` it was once found over its share at (so that a cadence never see-saws)."""
         if moved(chosen.step_time_s, now.step_time_s):
             return f"the step time moved from {chosen.step_time_s * 1e3:.1f} ms to {now.step_time_s * 1e3:.1f} ms"
-        given_durable = self.persist_every if self.memory_tier else self.save_every
+        given_durable = self.given_durable
         if given_durable is None and chosen.durable_blocking_s is None and now.durable_blocking_s is not None:
             return "Orbax's first save was measured"
         if (given_durable is None and cadence.durable_every > 1
@@ -199,7 +204,7 @@ class CadenceRule:
         """Per tier, the chosen interval if its saves now cost more than `RECHOOSE_FACTOR` times
         their share at it (0: within it, given by the user, not measured, or durable saves at the
         age bound already)."""
-        given_durable = self.persist_every if self.memory_tier else self.save_every
+        given_durable = self.given_durable
         tiers = ((cadence.memory_every, now.memory_cost_s, self.save_every),
                  (cadence.durable_every, now.durable_blocking_s, given_durable))
         memory, durable = (every if given is None and every and cost is not None and
@@ -224,6 +229,15 @@ class CadenceRule:
         slows = f" and slows the next step by {slowdown_s * 1e3:.1f} ms" if slowdown_s > 0 else ""
         return (f"a save blocks {blocking_s * 1e3:.1f} ms{slows} against {step_time_s * 1e3:.1f} ms steps, "
                 f"at most {self.share:.0%} of step time")
+
+
+def given_durable(memory_tier: bool, save_every: int | None, persist_every: int | None) -> int | None:
+    """The durable interval the user gave (None: chosen from the measurements). With the memory tier,
+    --persist-every's; without it every save is durable: --save-every's, else --persist-every's (a
+    tier the keepers could not hold turns off for an attempt, and the user's durable number holds)."""
+    if memory_tier:
+        return persist_every
+    return save_every if save_every is not None else persist_every
 
 
 def moved(decided_step_time_s: float, step_time_s: float, factor: float = RECHOOSE_FACTOR) -> bool:

@@ -3,7 +3,7 @@ step, whatever each host measured, with a fake broadcast instead of JAX's."""
 
 import math
 
-from jaxlaunch.workers.checkpoints.cadence import FIRST_CHECK_AFTER_STEPS, SaveCadence
+from jaxlaunch.workers.checkpoints.cadence import FIRST_CHECK_AFTER_STEPS, MAX_CHECK_STEPS, SaveCadence
 
 from jaxlaunch.contract.events import CadenceChosen
 from jaxlaunch.contract.protocol import CheckpointConfig
@@ -17,6 +17,7 @@ class Lockstep:
         self.calls = 0
 
     def rank_0(self, values):
+        assert self.sent is None, "rank 1 skipped an agreement step rank 0 reached"
         self.sent, self.calls = list(values), self.calls + 1
         return list(values)
 
@@ -47,6 +48,7 @@ def run(cfg: CheckpointConfig, steps: range, step_time, memory_cost, durable_cos
             if due.memory:
                 last_memory[host.rank] = step
             host.after_save(step, due, memory_s, durable_cost * scale if due.durable else None)
+    assert wire.sent is None, "rank 1 skipped rank 0's last agreement step"
     return saved, told, wire
 
 
@@ -86,7 +88,8 @@ def test_every_host_saves_at_the_same_steps_and_rank_0_alone_tells_the_choice():
     assert (first.step, first.memory_every, first.durable_every) == (4, 4, 6000), "4 ms against 1 ms of 0.1 s"
     assert first.durable_blocking_s is None and "not measured yet" in first.reason
     assert [s for s, memory, _ in saved[0] if memory][:5] == [3, 4, 8, 12, 16]
-    assert wire.calls <= 1 + 399 // 300 + 1, "a broadcast only at agreement steps (about every 30 s of steps)"
+    assert wire.calls <= 1 + 399 // MAX_CHECK_STEPS + 1, \
+        "a broadcast only at agreement steps (about every 30 s of steps, at most MAX_CHECK_STEPS apart)"
 
 
 def test_the_cadence_is_chosen_again_once_orbax_is_measured_and_when_the_steps_slow_down():
@@ -155,6 +158,50 @@ def test_the_cadence_is_chosen_again_from_steady_steps_once_whatever_the_factor(
     memory = [s for s, m, _ in saved[0] if m]
     steady = [b - a for a, b in zip(memory, memory[1:], strict=False) if a > told[1].step]
     assert steady and set(steady) == {13} and 0.052 / 13 <= 0.01 * 0.42
+    assert saved[0] == saved[1]
+
+
+def test_a_durable_number_given_never_chooses_memory_before_memory_was_measured():
+    """`--persist-every 2` with memory saves left to the rule: Orbax's save at step 2, before the
+    measuring memory saves, is no agreement step (it chose memory every step, "not measured", for the
+    next 30 s of training: 50 ms saves against 0.1 s steps, every 50 once measured)."""
+    cfg = CheckpointConfig(persist_every=2, persist_max_age_s=600.0)
+    saved, told, _ = run(cfg, range(1, 200), lambda s: 0.1, memory_cost=0.05, durable_cost=0.3)
+    assert [(e.step, e.memory_every, e.durable_every) for e in told][:1] == [(FIRST_CHECK_AFTER_STEPS, 50, 2)]
+    assert all("not measured" not in e.reason for e in told), [e.reason for e in told]
+    assert [s for s, m, _ in saved[0] if m][:3] == [3, 4, 54]
+    assert saved[0] == saved[1]
+
+
+def test_steps_slowing_sharply_right_after_an_agreement_keep_durable_saves_near_the_age_bound():
+    """50 ms steps, then 2 s steps from step 3,000: the next agreement was 30 s of the fast steps (600
+    steps) away, so the durable interval chosen by the 600 s bound for 50 ms steps (12,000 steps) held
+    for 600 slow steps, and the first durable save came 1,360 s into them. Agreements are at most
+    MAX_CHECK_STEPS apart."""
+    cfg = CheckpointConfig(persist_max_age_s=600.0)
+
+    def step_time(step):
+        return 0.05 if step < 3000 else 2.0
+
+    saved, told, _ = run(cfg, range(1, 4000), step_time, memory_cost=0.004, durable_cost=0.5)
+    durable = [0] + [s for s, _, d in saved[0] if d]
+    gaps = [sum(step_time(s) for s in range(a + 1, b + 1)) for a, b in zip(durable, durable[1:], strict=False)]
+    assert max(gaps) <= 600 + MAX_CHECK_STEPS * 2.0, (durable, [round(g) for g in gaps])
+    assert any("the step time moved" in e.reason for e in told)
+    assert saved[0] == saved[1]
+
+
+def test_after_a_restart_with_durable_saves_overdue_the_cadence_still_settles_on_steady_steps():
+    """Restarted at step 1,000 with no durable step: Orbax saves at once after the first agreement,
+    and its agreement came before steady steps. It used up the one choice from steady steps, keeping
+    memory every 9 (chosen from 0.68 s steps just after compiling) instead of every 14 for 0.42 s
+    steps, and said "the steps settled" for what was Orbax's first save."""
+    cfg = CheckpointConfig(persist_max_age_s=600.0)
+    saved, told, _ = run(cfg, range(1001, 1300), lambda s: 0.68 if s < 1010 else 0.42, memory_cost=0.058,
+                         durable_cost=0.3, start=1000, durable_step=0)
+    assert "Orbax's first save was measured" in told[1].reason, [e.reason for e in told]
+    settled = [e for e in told if "the steps settled at 420.0 ms" in e.reason]
+    assert settled and settled[0].memory_every == 14, [(e.step, e.memory_every, e.reason) for e in told]
     assert saved[0] == saved[1]
 
 

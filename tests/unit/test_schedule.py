@@ -4,7 +4,7 @@ import dataclasses
 
 import pytest
 
-from jaxlaunch.contract.schedule import CadenceRule, Due, Measured, SaveSchedule, moved
+from jaxlaunch.contract.schedule import Cadence, CadenceRule, Due, Measured, SaveSchedule, moved
 
 
 def saves(schedule: SaveSchedule, steps: range, final: int | None = None) -> list[tuple[int, str]]:
@@ -83,7 +83,11 @@ def test_numbers_the_user_gave_win():
     assert CadenceRule(True, 7, None, 600.0).fixed is None, "persist_every is auto: measured"
     durable_only = CadenceRule(memory_tier=False, save_every=None, persist_every=70, max_age_s=600.0)
     assert durable_only.choose(Measured(1.0, None, 2.0)).memory_every is None
-    assert durable_only.choose(Measured(1.0, None, 2.0)).durable_every == 200, "persist_every is unused without it"
+    assert durable_only.choose(Measured(1.0, None, 2.0)).durable_every == 70, \
+        "without the tier (off for an attempt, or --no-memory-tier), the user's durable number holds"
+    assert durable_only.fixed == Cadence(None, 70, "--persist-every given")
+    assert CadenceRule(False, 9, 70, 600.0).fixed.durable_every == 9, "every save is durable: --save-every's"
+    assert CadenceRule(False, None, None, 600.0).choose(Measured(1.0, None, 2.0)).durable_every == 200
 
 
 @pytest.mark.parametrize(("before", "after", "expected"), [

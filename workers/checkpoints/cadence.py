@@ -33,6 +33,10 @@ transfer (0.31 s against 0.027 s for later ones of the small preset's 60 MB part
 counted."""
 CHECK_EVERY_S = 30.0
 """About how much training lies between two agreement steps after the first (a broadcast each)."""
+MAX_CHECK_STEPS = 100
+"""At most this many steps between agreements: steps that slow down by a large factor right after one
+(10 ms to 6 s) reach the next within 100 of the slow steps, not 30 s of the fast ones apart (3,000
+steps, 5 hours), so that durable saves stay near `checkpoint.persist_max_age_s` apart."""
 UNCHOSEN = 2**40
 """An interval that never comes round: a tier whose cadence is not chosen yet saves only when due
 for another reason (the first measuring save, the last step, an agreed stop)."""
@@ -86,7 +90,7 @@ class SaveCadence:
             return
         rule, first = self.rule, start_step + FIRST_CHECK_AFTER_STEPS
         memory_every = (rule.save_every or UNCHOSEN) if memory_tier else None
-        durable_given = rule.persist_every if memory_tier else rule.save_every
+        durable_given = rule.given_durable
         # The first saves measure the tier with the unknown cost: memory with the tier, else Orbax.
         measure = rule.save_every is None if memory_tier else durable_given is None
         self.schedule = SaveSchedule(
@@ -138,10 +142,13 @@ class SaveCadence:
             self._memory_warm = True
         if saved.durable and durable_s is not None:
             self._costs["durable"].append(durable_s)
-            first_durable, self._durable_measured = not self._durable_measured, True
+            # Orbax's first measured save chooses the durable interval, if the rule chooses it.
+            first_durable = not self._durable_measured and self.rule.given_durable is None
+            self._durable_measured = True
         if final or self.next_check is None or not (step >= self.next_check or first_durable):
             return
-        proposal, event = self._propose(step) if self.rank == 0 else ([0, 0, 0, 0], None)
+        scheduled = step >= self.next_check
+        proposal, event = self._propose(step, scheduled) if self.rank == 0 else ([0, 0, 0, 0], None)
         changed, memory_every, durable_every, next_check = self._broadcast(proposal)
         self.next_check = next_check
         if changed:
@@ -151,8 +158,10 @@ class SaveCadence:
         if event is not None:
             self._tell(event)
 
-    def _propose(self, step: int) -> tuple[list[int], events.CadenceChosen | None]:
-        """Rank 0's decision: [changed, memory_every, durable_every, next agreement step]."""
+    def _propose(self, step: int, scheduled: bool = True) -> tuple[list[int], events.CadenceChosen | None]:
+        """Rank 0's decision: [changed, memory_every, durable_every, next agreement step]. `scheduled`
+        False: an agreement for Orbax's first measured save, between the scheduled ones (which it
+        leaves where they were)."""
         if not self._step_times:
             return [0, 0, 0, step + 1], None  # no step timed yet (the attempt is that short): next step
         before = self.chosen[0] if self.chosen is not None else None
@@ -163,10 +172,15 @@ class SaveCadence:
         if before is not None:
             now = dataclasses.replace(now, memory_blocking_s=_first(now.memory_blocking_s, before.memory_blocking_s),
                                       durable_blocking_s=_first(now.durable_blocking_s, before.durable_blocking_s))
-        next_check = step + max(1, math.ceil(CHECK_EVERY_S / now.step_time_s)) if now.step_time_s > 0 else step + 1
+        if not scheduled and self.next_check is not None:
+            next_check = self.next_check
+        elif now.step_time_s > 0:
+            next_check = step + max(1, min(MAX_CHECK_STEPS, math.ceil(CHECK_EVERY_S / now.step_time_s)))
+        else:
+            next_check = step + 1
         if self.chosen is None:
             why: str | None = "the attempt started"
-        elif not self._settled:
+        elif not self._settled and scheduled:
             # The first choice timed 3 steps just after compiling, often slower than the steady ones
             # (0.68 s against 0.42 s in a small-preset run): the next agreement chooses from steady
             # steps whatever the factor, and the 2x rule holds from then on.

@@ -30,7 +30,8 @@ from jaxlaunch.workers.supervision.progress import HostProgress
 
 from jaxlaunch.contract import events, tiers
 from jaxlaunch.contract.layout import RunLayout
-from jaxlaunch.contract.protocol import HostSpec
+from jaxlaunch.contract.protocol import CheckpointConfig, HostSpec
+from jaxlaunch.contract.schedule import given_durable
 from jaxlaunch.contract.storage import short_of_space
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class Tiers:
         refused = memory.reserve(part_nbytes(self._layout.targets()))
         if refused is not None:
             log.warning("memory tier off: %s", refused)
-            self._progress.event(events.MemoryTierOff(reason=refused, save_every=given(spec.checkpoint.save_every)))
+            self._progress.event(events.MemoryTierOff(reason=refused, save_every=_durable_given(spec.checkpoint)))
         return memory
 
     @property
@@ -108,7 +109,7 @@ class Tiers:
                 # host that died meanwhile would fail.
                 log.warning("memory tier off: %s", stuck)
                 self._progress.event(events.MemoryTierOff(reason=stuck, kept_after=step,
-                                                          save_every=given(self._spec.checkpoint.save_every)))
+                                                          save_every=_durable_given(self._spec.checkpoint)))
             if any_host(stuck is not None):  # no memory saves this attempt
                 if self.memory is not None:
                     self.memory.close()
@@ -335,3 +336,8 @@ def _why_not_whole(held: list[tiers.Held], newest_durable: int, lost: list[str],
         newer_than = f" newer than durable step {newest_durable}" if newest_durable else ""
         return f"no step{newer_than} is held in memory{lost_keepers}; {durable}"
     return None
+
+
+def _durable_given(cfg: CheckpointConfig) -> int | None:
+    """The durable interval of an attempt whose memory tier is off: the user's number, if any."""
+    return given_durable(False, given(cfg.save_every), given(cfg.persist_every))
