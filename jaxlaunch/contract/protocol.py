@@ -54,7 +54,8 @@ class CheckpointConfig:
     persist_every: int | Literal["auto"] = flag("auto", metavar="N|auto")
     """With the memory tier: a durable (Orbax) save every this many steps, and at the last step and
     at an agreed stop; auto: as often as keeps Orbax's measured blocking at or below 1 % of step
-    time, and at most persist_max_age_s apart. Without it, unused: every save is durable."""
+    time, and at most persist_max_age_s apart. Without it every save is durable: at a numeric
+    save_every, else at this."""
     persist_max_age_s: float = 600.0
     """With an auto durable cadence: the most seconds of training between two durable saves (what a
     SIGKILL of the driver, which ends the memory tier's keepers, can cost)."""
