@@ -194,6 +194,9 @@ def _importing(ref: EntryRef) -> Iterator[None]:
         _loading.pop()
 
 
+ENTRY_MODULE_PREFIX = "_jaxlaunch_entry_"
+"""A file entry's module name starts with this (then its stem and a hash of its path)."""
+
 _host_rank: int | None = None
 """This process's rank when it is a host of a running job (`mark_host_process`)."""
 
@@ -271,6 +274,21 @@ def _module(ref: EntryRef) -> types.ModuleType:
     return importlib.import_module(ref.module)
 
 
+def import_for_unpickling(ref: EntryRef, missing: str) -> bool:
+    """Makes module `missing` importable, which unpickling a value of the entry's code asks for (a
+    pytree class of its state): the entry's folder goes on the path (its sibling modules), and the
+    entry file itself is imported under its own name (its top level only: no function of it is
+    called). False: the module is none of the entry's."""
+    if ref.payload is not None or (ref.path is None and ref.package is None):
+        return False
+    _add_to_path(_folder(ref))
+    if missing.startswith(ENTRY_MODULE_PREFIX):
+        with _importing(ref):
+            if _module(ref).__name__ != missing:
+                return False
+    return True
+
+
 def _checked(function: Any, ref: EntryRef, where: str) -> Callable:
     if not callable(function):
         raise ConfigError(f"{where}: {ref.function} is not a function")
@@ -292,7 +310,7 @@ def _import_file(path: pathlib.Path, name: str) -> types.ModuleType:
     folder = str(path.parent)
     if folder not in sys.path:
         sys.path.insert(0, folder)
-    unique = f"_jaxlaunch_entry_{name}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
+    unique = f"{ENTRY_MODULE_PREFIX}{name}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
     if unique in sys.modules:
         return sys.modules[unique]
     spec = importlib.util.spec_from_file_location(unique, path)

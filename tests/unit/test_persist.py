@@ -2,6 +2,8 @@
 user's init, restored through the normal durable restore with the user's targets."""
 
 import os
+import sys
+import textwrap
 
 import cloudpickle
 import jax
@@ -18,7 +20,8 @@ from jaxlaunch.workers.checkpoints.part_file import PartFile, PartWriter
 from jaxlaunch.workers.sharding import build_mesh
 from jaxlaunch.workers.state import StateLayout
 
-from jaxlaunch.contract.protocol import CheckpointConfig
+from jaxlaunch.contract import entry as entry_lib
+from jaxlaunch.contract.protocol import CheckpointConfig, EntryRef
 
 CFG = CheckpointConfig(async_save=False)
 
@@ -169,3 +172,46 @@ def test_a_persist_whose_newest_memory_step_does_not_read_back_writes_the_next_o
         assert [e.step for e in said] == [2, 1] and said[-1].reason.endswith("; no older memory step to write")
     finally:
         keeper.close()
+
+
+STATE_CLASS = textwrap.dedent("""
+    import dataclasses
+
+    import jax
+
+
+    @jax.tree_util.register_dataclass
+    @dataclasses.dataclass
+    class TrainState:
+        params: dict
+        step: jax.Array
+    """)
+
+
+@pytest.mark.parametrize("where", ["entry-file", "module-beside-it"])
+def test_a_state_class_of_the_job_s_own_code_is_found_by_the_persist(tmp_path, monkeypatch, where):
+    """A dataclass state defined in the entry file (or a module beside it): its structure names the
+    entry's module, which a persist process (that never imported the entry) could not find, so no
+    memory step could be written at a give-up. The persist finds it where the hosts did."""
+    folder = tmp_path / "job"
+    folder.mkdir()
+    if where == "entry-file":
+        (folder / "train.py").write_text(STATE_CLASS + "\n\ndef main(ctx):\n    pass\n")
+    else:
+        (folder / "mystate.py").write_text(STATE_CLASS)
+        (folder / "train.py").write_text("from mystate import TrainState\n\n\ndef main(ctx):\n    pass\n")
+    ref = EntryRef(module="train", function="main", path=str(folder / "train.py"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    cls = entry_lib.load_entry(ref).__globals__["TrainState"]
+    tree = cls({"w": jnp.arange(4.0)}, jnp.array(7))
+    part = part_of(tree, tmp_path)
+    # As in a persist process, which imported none of the job's code.
+    for name in [cls.__module__, *(n for n in sys.modules if n.startswith(entry_lib.ENTRY_MODULE_PREFIX + "train"))]:
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(folder)])
+    with pytest.raises(ModuleNotFoundError):
+        persist.structure_of(part.header)
+    treedef = persist.structure_of(part.header, ref)
+    rebuilt = jax.tree.unflatten(treedef, jax.tree.leaves(tree))
+    assert type(rebuilt).__name__ == "TrainState" and type(rebuilt) is not cls
+    assert int(rebuilt.step) == 7 and np.array_equal(rebuilt.params["w"], np.arange(4.0))

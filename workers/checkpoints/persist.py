@@ -34,9 +34,10 @@ from jaxlaunch.workers.checkpoints.memory import MemoryRestore, MemoryTier, Open
 from jaxlaunch.workers.checkpoints.part_file import ArrayEntry, Index, PartHeader
 from jaxlaunch.workers.supervision.progress import HostProgress
 
+from jaxlaunch.contract import entry as entry_lib
 from jaxlaunch.contract import events, tiers
 from jaxlaunch.contract.layout import RunLayout
-from jaxlaunch.contract.protocol import Ending, HostResult, HostSpec, Phase
+from jaxlaunch.contract.protocol import Ending, EntryRef, HostResult, HostSpec, Phase
 
 log = logging.getLogger(__name__)
 MAX_SPECS = 4096
@@ -60,7 +61,7 @@ def write_newest(spec: HostSpec, mesh: Mesh, progress: HostProgress) -> HostResu
         # After a replica mismatch, not a step past the newest whose replicas agreed.
         steps = [s for s in memory.whole_steps(held, spec.newest_restorable)
                  if tiers.memory_serves(s, durable) and s not in durable]
-        restored = newest_intact(memory, steps, held, mesh, progress, durable[0] if durable else None)
+        restored = newest_intact(memory, steps, held, mesh, progress, durable[0] if durable else None, spec.entry)
         if restored is None:
             log.info("memory holds no step newer than durable step %s that reads back: nothing to write", durable[:1])
         else:
@@ -87,19 +88,20 @@ def write_newest(spec: HostSpec, mesh: Mesh, progress: HostProgress) -> HostResu
 
 
 def newest_intact(memory: MemoryTier, steps: list[int], held: list[tiers.Held], mesh: Mesh, progress: HostProgress,
-                  durable_step: int | None) -> MemoryRestore | None:
+                  durable_step: int | None, entry: EntryRef | None = None) -> MemoryRestore | None:
     """The newest of `steps` (memory's whole steps newer than the durable tier's, newest first, the
     same on every host) that reads back on every host, restored into the shardings that saved it;
     None when none does. A step passed over is said (`memory_fallback`, rank 0's reaches the driver).
     Every host agrees before each collective: a copy that fails its check on one host (a flipped
-    bit, a torn file) would otherwise leave the others waiting in `SavedLayout.agreed`."""
+    bit, a torn file) would otherwise leave the others waiting in `SavedLayout.agreed`. `entry`: the
+    job's, whose modules a pytree class of the state may come from (`structure_of`)."""
     for i, step in enumerate(steps):
         opened: OpenStep | None = None
         restored: MemoryRestore | None = None
         error = None
         try:
             opened = memory.open(step, held)
-            layout = SavedLayout.of(opened.header, mesh)
+            layout = SavedLayout.of(opened.header, mesh, entry)
         except Exception as err:  # noqa: BLE001 - every host agrees below; an older step serves
             error = f"{type(err).__name__}: {err}"
         errors = host_errors(error)
@@ -135,17 +137,29 @@ def saved_extras(mine: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
     return [by_rank[rank] for rank in range(len(by_rank))] if any(by_rank.values()) else []
 
 
-def structure_of(part: PartHeader) -> Any:
-    """The state's pytree structure, as the part's host saved it."""
+def structure_of(part: PartHeader, entry: EntryRef | None = None) -> Any:
+    """The state's pytree structure, as the part's host saved it. A pytree class of the state that
+    the job's own code defines (a dataclass in the entry file, or in a module beside it) is found
+    where the hosts found it: `entry`'s folder on the path and, for a class of the entry file, the
+    file imported under its name (its top level only, as unpickling any class imports its module)."""
     if part.structure is None:
         raise RuntimeError("the memory part carries no state structure (it could not be pickled when saved)")
-    return pickle.loads(part.structure)
+    asked: set[str] = set()
+    while True:
+        try:
+            return pickle.loads(part.structure)
+        except ModuleNotFoundError as err:
+            if entry is None or not err.name or err.name in asked or not entry_lib.import_for_unpickling(
+                    entry, err.name):
+                raise
+            asked.add(err.name)
+            log.info("the state's structure names module %s of the entry %s: imported it", err.name, entry)
 
 
-def saved_targets(part: PartHeader, mesh: Mesh) -> Any:
+def saved_targets(part: PartHeader, mesh: Mesh, entry: EntryRef | None = None) -> Any:
     """The state's tree as the part's host saved it, each array a ShapeDtypeStruct with the sharding
     that wrote it (every host agrees on it), each other leaf as it was saved."""
-    layout = SavedLayout.of(part, mesh)
+    layout = SavedLayout.of(part, mesh, entry)
     return layout.targets(layout.agreed())
 
 
@@ -162,8 +176,8 @@ class SavedLayout:
     mine: np.ndarray
 
     @classmethod
-    def of(cls, part: PartHeader, mesh: Mesh) -> SavedLayout:
-        treedef = structure_of(part)
+    def of(cls, part: PartHeader, mesh: Mesh, entry: EntryRef | None = None) -> SavedLayout:
+        treedef = structure_of(part, entry)
         arrays: dict[str, ArrayEntry] = {a.path: a for a in part.arrays}
         indices: dict[str, set[Index]] = {}
         for shard in part.shards:
