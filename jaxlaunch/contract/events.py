@@ -247,10 +247,12 @@ class HostReplacement(Event):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ReplicaMismatch(Event):
-    """Copies of one replicated array's shard (`array` at global `index`) differ between hosts at
-    `step`: silent corruption. `hosts`/`nodes`: the hosts holding a copy, and their nodes; `culprit`:
-    the host that disagrees with the majority (with 3 or more copies), or None. `restore_from`: the
-    newest step whose replicas agreed, which the next attempt restores at most."""
+    """Copies of one replicated array's shard (`array` at global `index`) differ at `step`: silent
+    corruption. `hosts`/`nodes`/`checksums`: each copy's host, node and checksum (a host holds a copy
+    per device that has one); `culprit`: the host of the copy that disagrees with the majority (3 or
+    more copies), or the one host whose own copies differ, else None. `restore_from`: the newest step
+    the next attempt restores at most: the newest step whose replicas agreed, or (`checked` False:
+    none was checked before the mismatch in this launch) the step before it."""
 
     KIND: ClassVar = EventKind.REPLICA_MISMATCH
     attempt: int
@@ -262,6 +264,7 @@ class ReplicaMismatch(Event):
     checksums: list[int] = dataclasses.field(default_factory=list)
     culprit: int | None = None
     restore_from: int | None = None
+    checked: bool = True
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

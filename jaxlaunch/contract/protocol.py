@@ -229,8 +229,9 @@ class HostSnapshot:
 
 @dataclasses.dataclass(frozen=True)
 class ReplicaChecksums:
-    """One host's checksums at one step of its shards that another host also holds: (array path,
-    global index, 32-bit checksum of the shard's bytes). Copies of one (path, index) must agree."""
+    """One host's checksums at one step of its copies of shards that another device also holds:
+    (array path, global index, 32-bit checksum of the copy's bytes), one per local copy (a host holds
+    a replicated shard once per device). Copies of one (path, index) must agree."""
 
     step: int
     sums: tuple[tuple[str, str, int], ...]

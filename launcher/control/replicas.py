@@ -1,8 +1,9 @@
 """Replicas that must agree: the hosts' checksums of the shards they hold in common, compared.
 
-Each host reports, at every save step and every `fault.verify_every` steps, a checksum of each shard
-of the state that another host also holds (`jaxlaunch.workers.supervision.replica_sums`). Copies of one (array,
-global index) must be bit for bit the same; when they are not, one copy was silently corrupted.
+Each host reports, at every save step and every `fault.verify_every` steps, a checksum of each of its
+copies of a shard of the state that another device also holds (`jaxlaunch.workers.supervision.replica_sums`).
+Copies of one (array, global index) must be bit for bit the same; when they are not, one copy was
+silently corrupted.
 `find_mismatch` is the pure rule; `ReplicaWatch` is the driver's listener that feeds it the polls,
 keeps the steps whose replicas agreed, and records what it finds. The driver then restarts from the
 newest verified step (`restore_limit`)."""
@@ -28,42 +29,57 @@ class Mismatch:
     array: str
     index: str
     hosts: list[int]
-    """Every host holding a copy, by rank."""
+    """The host of every copy, by rank (a host holds one copy per device that has one)."""
     checksums: list[int]
-    """Each of those hosts' checksum, in the same order."""
+    """Each copy's checksum, in the same order."""
     culprit: int | None
-    """The host whose copy differs from the majority's (with 3 or more copies and one clear
-    majority); None with 2 copies or no majority: which copy is wrong cannot be told."""
+    """The host of the one copy that differs from the majority's (3 or more copies, one clear
+    majority), or else the one host whose own copies differ; None otherwise (2 copies on 2 hosts, no
+    majority): which copy is wrong cannot be told."""
 
 
 def find_mismatch(step: int, sums: Mapping[int, ReplicaChecksums]) -> Mismatch | None:
     """The first (array, index) whose copies differ among the hosts' checksums at `step`
     (rank -> that host's checksums), or None when every copy agrees."""
-    copies: dict[tuple[str, str], dict[int, int]] = {}
+    copies: dict[tuple[str, str], list[tuple[int, int]]] = {}
     for rank in sorted(sums):
         for array, index, value in sums[rank].sums:
-            copies.setdefault((array, index), {})[rank] = value
-    for (array, index), by_rank in copies.items():
-        if len(set(by_rank.values())) < 2:
+            copies.setdefault((array, index), []).append((rank, value))
+    for (array, index), held in copies.items():
+        values = [value for _, value in held]
+        if len(set(values)) < 2:
             continue
-        ranks = sorted(by_rank)
-        counts = Counter(by_rank.values()).most_common()
+        ranks = [rank for rank, _ in held]
+        counts = Counter(values).most_common()
         culprit = None
-        if len(ranks) >= 3 and counts[0][1] > len(ranks) / 2:
-            odd = [r for r in ranks if by_rank[r] != counts[0][0]]
+        if len(held) >= 3 and counts[0][1] > len(held) / 2:
+            odd = [rank for rank, value in held if value != counts[0][0]]
             culprit = odd[0] if len(odd) == 1 else None
-        return Mismatch(step, array, index, ranks, [by_rank[r] for r in ranks], culprit)
+        if culprit is None:  # a host whose own copies differ holds a wrong one, whatever the others hold
+            split = sorted({r for r in ranks if len({v for rank, v in held if rank == r}) > 1})
+            culprit = split[0] if len(split) == 1 else None
+        return Mismatch(step, array, index, ranks, values, culprit)
     return None
 
 
 def replica_message(event: events.ReplicaMismatch) -> str:
     """The line the user reads on the terminal."""
-    who = (f"host {event.culprit} (node {event.nodes[event.hosts.index(event.culprit)]}) disagrees with the other "
-           f"{len(event.hosts) - 1}" if event.culprit is not None
-           else f"hosts {', '.join(map(str, event.hosts))} disagree and no majority tells which copy is right")
-    restore = f"step {event.restore_from}" if event.restore_from else "a fresh start (no step was verified)"
+    copies = f"{len(event.hosts)} copies on {len(set(event.hosts))} host(s)"
+    who = (f"host {event.culprit} (node {event.nodes[event.hosts.index(event.culprit)]}) holds the copy that "
+           f"disagrees ({copies})" if event.culprit is not None
+           else f"hosts {', '.join(map(str, sorted(set(event.hosts))))} disagree and no majority tells which copy "
+                f"is right ({copies})")
+    if not event.restore_from:
+        restore = "restarting from a fresh start: no earlier step " + (
+            "was verified" if event.checked else "was checked in this launch")
+    elif event.checked:
+        restore = (f"restoring the newest saved step at or before step {event.restore_from}, the newest step "
+                   f"whose replicas agreed")
+    else:
+        restore = (f"restoring the newest saved step before step {event.step} (no earlier step was checked in "
+                   f"this launch)")
     return (f"replica mismatch at step {event.step}: the copies of {event.array}{event.index} differ; {who}. "
-            f"Silent data corruption: restarting from {restore}, the newest step whose replicas agreed")
+            f"Silent data corruption: {restore}")
 
 
 def unresolved_limit(past: Sequence[events.Event]) -> int | None:
@@ -130,11 +146,12 @@ class ReplicaWatch(Listener):
         self.mismatch = found
         # No step verified before it in this job (a resumed run): any step before the mismatch may be
         # restored, and no step at or after it.
-        self.restore_limit = max((s for s in self.verified if s < found.step), default=found.step - 1)
+        agreed = [s for s in self.verified if s < found.step]
+        self.restore_limit = max(agreed, default=found.step - 1)
         nodes = attempt.group.nodes if attempt.group is not None else []
         event = events.ReplicaMismatch(
             attempt=attempt.number, step=found.step, array=found.array, index=found.index, hosts=found.hosts,
             nodes=[nodes[r] if r < len(nodes) else None for r in found.hosts], checksums=found.checksums,
-            culprit=found.culprit, restore_from=self.restore_limit)
+            culprit=found.culprit, restore_from=self.restore_limit, checked=bool(agreed))
         self.record(event)
         self.tell(replica_message(event))

@@ -192,9 +192,10 @@ class ConsoleView(Listener):
     def on_poll(self, driver: Driver, attempt: Attempt, poll: GroupPoll) -> None:
         for _, event in poll.events:
             if isinstance(event, events.CheckpointFallback):
-                self.display.message(f"[yellow]checkpoint step {event.step} is unreadable; set it aside "
-                                     f"in {escape(str(event.moved_to))} and fell back to an older "
-                                     f"one[/yellow]")
+                why = (event.error or "unreadable").splitlines()[0] if (event.error or "").strip() else "unreadable"
+                self.display.message(f"[yellow]checkpoint step {event.step} set aside in "
+                                     f"{escape(str(event.moved_to))} ({escape(why)}); an older one "
+                                     f"serves[/yellow]")
             elif isinstance(event, events.CadenceChosen):
                 self.display.message(escape(event.message))
             elif isinstance(event, events.Restored):

@@ -34,7 +34,9 @@ def test_a_flipped_bit_names_its_host_and_the_job_restores_a_verified_step(tmp_p
     run_dir = tmp_path / "run"
     out = _run_with_flip(run_dir, 33, "--straggler-action", "replace")
     [mismatch] = events(run_dir, "replica_mismatch")
-    assert mismatch["culprit"] == FLIPPED_HOST and mismatch["hosts"] == [0, 1, 2, 3]
+    # A copy per device: the flip is in one of host 2's two copies, and the other 7 outvote it.
+    assert mismatch["culprit"] == FLIPPED_HOST and mismatch["hosts"] == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert sorted(mismatch["checksums"]).count(mismatch["checksums"][0]) == 7
     assert mismatch["step"] == 35, "found at the first check after the flip"
     [started, again] = events(run_dir, "attempt_started")
     assert mismatch["nodes"][FLIPPED_HOST] == started["nodes"][FLIPPED_HOST]

@@ -17,9 +17,29 @@ def test_one_flipped_bit_changes_the_checksum_and_equal_bytes_give_equal_ones():
     assert [a[2] == b[2] for a, b in zip(first.sums, changed.sums, strict=True)].count(False) == 1
 
 
-def test_a_single_process_holds_no_copy_another_host_holds():
+def test_an_array_on_one_device_has_no_copy_to_check():
     assert PendingChecksums(1, {"w": jnp.ones((4, 4))}).result().sums == ()
-    assert flip_bit({"w": jnp.ones((4, 4))}) is None, "nothing replicated across hosts: nothing to flip"
+    assert flip_bit({"w": jnp.ones((4, 4))}) is None, "nothing replicated: nothing to flip"
+
+
+def test_a_bit_flipped_on_one_device_of_a_host_is_seen_and_names_the_host():
+    """A parameter replicated on this host's 8 devices: each copy is hashed, so a bit flipped in one
+    device's copy alone differs from the other 7 (only the first local copy was hashed: a flip on any
+    other device, and any corruption with one host, went unseen)."""
+    from jax.sharding import NamedSharding, PartitionSpec
+    from jaxlaunch.launcher.control.replicas import find_mismatch
+
+    mesh = jax.make_mesh((jax.device_count(),), ("data",))
+    tree = {"w": jax.device_put(jnp.arange(16.0), NamedSharding(mesh, PartitionSpec()))}
+    clean = PendingChecksums(4, tree).result()
+    assert len(clean.sums) == jax.device_count() and find_mismatch(4, {0: clean}) is None
+    flipped, path = flip_bit(tree)
+    assert path == "['w']"
+    for number, shard in enumerate(flipped["w"].addressable_shards):
+        assert np.array_equal(shard.data, tree["w"].addressable_shards[number].data) == (number != 0)
+    found = find_mismatch(4, {0: PendingChecksums(4, flipped).result()})
+    assert found is not None and found.culprit == 0 and found.hosts == [0] * jax.device_count()
+    assert found.checksums.count(found.checksums[1]) == jax.device_count() - 1
 
 
 def test_a_dimension_held_whole_names_the_same_copy_however_jax_writes_it():
@@ -62,14 +82,13 @@ def test_a_state_s_arrays_keep_their_shards_in_the_checked_order_however_they_we
     rebuilt = jax.make_array_from_single_device_arrays(
         values.shape, sharding, [jax.device_put(pieces[d], d) for d in reversed(pieces)])
     for made in (stepped, rebuilt):
-        expected = {}
-        for shard in made.addressable_shards:  # the first local copy of each index, hashed on its own
-            key = replica_sums._index_text(shard.index, made.shape)
-            expected.setdefault(key, int(replica_sums._hash(shard.data)))
+        # Every local copy of each index, hashed on its own, in the array's order of local shards.
+        expected = [(replica_sums._index_text(shard.index, made.shape), int(replica_sums._hash(shard.data)))
+                    for shard in made.addressable_shards]
         replica_sums._PLANS.clear()
         PendingChecksums(3, {"w": put}, every_shard=True).result()  # the plan comes from `put`
-        assert {index: value for _, index, value in PendingChecksums(3, {"w": made}, every_shard=True).result().sums} \
-            == expected
+        sums = PendingChecksums(3, {"w": made}, every_shard=True).result().sums
+        assert [(index, value) for _, index, value in sums] == expected
 
 
 def test_many_arrays_are_hashed_in_chunks_of_one_shape_each_as_if_alone(monkeypatch):

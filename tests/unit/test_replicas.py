@@ -35,6 +35,34 @@ def test_two_copies_that_differ_name_no_culprit_nor_does_a_split_vote():
     assert split is not None and split.culprit is None
 
 
+def test_copies_on_each_device_of_a_host_are_compared_too():
+    """A host holds a copy per device: with 2 hosts of 2 devices, one bad copy is outvoted 3 to 1 and
+    its host named; a host whose own copies differ is named whatever the others hold."""
+    two_each = {0: ReplicaChecksums(10, ((KERNEL, "[:]", 5), (KERNEL, "[:]", 5))),
+                1: ReplicaChecksums(10, ((KERNEL, "[:]", 5), (KERNEL, "[:]", 6)))}
+    found = find_mismatch(10, two_each)
+    assert found is not None and found.culprit == 1 and found.hosts == [0, 0, 1, 1]
+    assert found.checksums == [5, 5, 5, 6]
+    no_majority = {0: ReplicaChecksums(10, ((KERNEL, "[:]", 5), (KERNEL, "[:]", 5))),
+                   1: ReplicaChecksums(10, ((KERNEL, "[:]", 6), (KERNEL, "[:]", 7)))}
+    assert find_mismatch(10, no_majority).culprit == 1
+    alone = {0: ReplicaChecksums(10, ((KERNEL, "[:]", 5), (KERNEL, "[:]", 6)))}
+    assert find_mismatch(10, alone).culprit == 0, "one host: its own copies differ"
+
+
+def test_the_message_says_which_step_is_restored_at_most():
+    """The newest verified step is often a `--verify-every` step that was never saved: the step
+    restored is the newest saved one at or before it. With no step checked before the mismatch in
+    this launch (a resumed run), the limit is the step before it, which no check agreed on."""
+    event = events.ReplicaMismatch(attempt=1, step=40, array="w", index="[:]", hosts=[0, 1, 2], nodes=["a", "b", "c"],
+                                   checksums=[1, 1, 2], culprit=2, restore_from=35)
+    assert "restoring the newest saved step at or before step 35, the newest step whose replicas agreed" \
+        in replica_message(event)
+    unchecked = replica_message(events.ReplicaMismatch(**{**event.__dict__, "restore_from": 39, "checked": False}))
+    assert "restoring the newest saved step before step 40 (no earlier step was checked in this launch)" in unchecked
+    assert "replicas agreed" not in unchecked
+
+
 def test_only_copies_of_the_same_global_index_are_compared():
     # Hosts 0-1 hold rows 0:8 and hosts 2-3 rows 8:16 of a kernel sharded over two host pairs.
     held = {0: sums(10, 1, index="[0:8, :]"), 1: sums(10, 1, index="[0:8, :]"),
@@ -64,7 +92,8 @@ def test_the_watch_compares_a_step_once_every_host_sent_it_and_keeps_the_verifie
     [event] = recorded
     assert isinstance(event, events.ReplicaMismatch)
     assert (event.step, event.culprit, event.nodes[1], event.restore_from) == (30, 1, "node-1", 20)
-    assert watch.restore_limit == 20 and "host 1 (node node-1) disagrees" in told[0] == replica_message(event)
+    assert watch.restore_limit == 20
+    assert "host 1 (node node-1) holds the copy that disagrees" in told[0] == replica_message(event)
     failure = watch.failure(attempt, 5.0)
     assert failure is not None and (failure.kind, failure.rank, failure.step) == (FailureKind.REPLICA_MISMATCH, 1, 30)
     assert events.parse_event(event.to_dict()) == event, "the event reads back from events.jsonl"

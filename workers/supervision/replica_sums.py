@@ -1,18 +1,20 @@
 """Checksums of the shards that several hosts hold, to find a copy that silent corruption changed.
 
-A shard is checked when another process holds a copy of the same global index (a replicated
-parameter, or one sharded over fewer devices than the mesh has). Each host hashes one local copy of
-each such index on the device (a jitted, bit-exact hash of the shard's bytes, in chunks of one shape
-and dtype) and reads back one uint32 per shard: no collective, so the step is never made to wait for
-another host. The driver compares the copies (`jaxlaunch.launcher.control.replicas`).
+A shard is checked when another device holds a copy of the same global index (a replicated
+parameter, or one sharded over fewer devices than the mesh has), on this host or another. Each host
+hashes every local copy of each such index on its device (a jitted, bit-exact hash of the shard's
+bytes, in chunks of one shape and dtype) and reads back one uint32 per copy: no collective, so the
+step is never made to wait for another host. The driver compares the copies
+(`jaxlaunch.launcher.control.replicas`): a copy corrupted on any device is seen, also with one host.
 
-`flip_bit` is the `bitflip` injection: one bit of this host's copy of one replicated array."""
+`flip_bit` is the `bitflip` injection: one bit of one device's copy of one replicated array."""
 
 from __future__ import annotations
 
+import collections
 import logging
 from collections.abc import Sequence
-from typing import Any, cast
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,8 +35,9 @@ def _index_text(index: Index, shape: tuple[int, ...]) -> str:
 
 
 def _replicated_shards(tree: Any, every_shard: bool = False) -> list[tuple[str, str, jax.Array]]:
-    """(path, global index, this host's first local copy) of every shard another process also holds
-    (`every_shard`: of every shard, as if the whole state were replicated: the benchmark's worst case)."""
+    """(path, global index, a local copy) of every copy on this host of a shard another device also
+    holds, in the order of the array's local shards (`every_shard`: of every shard, as if the whole
+    state were replicated: the benchmark's worst case)."""
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     layout = (treedef, every_shard, tuple((leaf.shape, leaf.dtype, leaf.sharding) if isinstance(leaf, jax.Array)
                                           else None for leaf in leaves))
@@ -44,11 +47,15 @@ def _replicated_shards(tree: Any, every_shard: bool = False) -> list[tuple[str, 
         while len(_PLANS) > MAX_PLANS:
             del _PLANS[next(iter(_PLANS))]
     found = []
+    local_shards: dict[int, Any] = {}
     for position, path, index, local in plan:  # leaves of one layout keep their local shards in one order
-        leaf = leaves[position]
-        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-            leaf = jax.random.key_data(leaf)  # a typed RNG key (nnx.Rngs) is hashed as its uint32 words
-        found.append((path, index, leaf.addressable_data(local)))
+        if position not in local_shards:
+            leaf = leaves[position]
+            if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+                leaf = jax.random.key_data(leaf)  # a typed RNG key (nnx.Rngs) is hashed as its uint32 words
+            # Each device's own copy: `addressable_data` gives one copy for all of a fully replicated array.
+            local_shards = {position: leaf.addressable_shards}
+        found.append((path, index, local_shards[position][local].data))
     return found
 
 
@@ -63,22 +70,17 @@ def _plan(tree: Any, every_shard: bool) -> tuple[tuple[int, str, str, int], ...]
     check: worked out once per layout, as finding who holds which index walks every device of every
     array (a quarter of a small state's save, measured on examples/minimal.py)."""
     found = []
-    me = jax.process_index()
     for position, (path, leaf) in enumerate(jax.tree_util.tree_flatten_with_path(tree)[0]):
         if not isinstance(leaf, jax.Array) or leaf.size == 0:
             continue
         if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
             leaf = jax.random.key_data(leaf)
-        holders: dict[str, set[int]] = {}
-        for device, index in leaf.sharding.devices_indices_map(leaf.shape).items():
-            holders.setdefault(_index_text(index, leaf.shape), set()).add(cast(Any, device).process_index)
-        seen: set[str] = set()
+        holders = collections.Counter(_index_text(index, leaf.shape)
+                                      for index in leaf.sharding.devices_indices_map(leaf.shape).values())
         for local, shard in enumerate(leaf.addressable_shards):
             key = _index_text(shard.index, leaf.shape)
-            if key in seen or (not every_shard and len(holders[key] - {me}) == 0):
-                continue
-            seen.add(key)
-            found.append((position, jax.tree_util.keystr(path), key, local))
+            if every_shard or holders[key] > 1:
+                found.append((position, jax.tree_util.keystr(path), key, local))
     return tuple(found)
 
 
@@ -141,9 +143,9 @@ class PendingChecksums:
 
 
 def flip_bit(tree: Any) -> tuple[Any, str] | None:
-    """`tree` with the lowest bit of the first element of this host's copies of its first replicated
-    floating-point array flipped (the other hosts' copies are untouched), and that array's path; None
-    when no array is replicated across hosts."""
+    """`tree` with the lowest bit of the first element of this host's first local copy of its first
+    replicated floating-point array flipped (every other copy, on this host's other devices and on
+    other hosts, untouched), and that array's path; None when no array is replicated."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
     replicated = {path for path, _, _ in _replicated_shards(tree)}
     for position, (path, leaf) in enumerate(leaves):
@@ -151,10 +153,11 @@ def flip_bit(tree: Any) -> tuple[Any, str] | None:
         if name not in replicated or not jnp.issubdtype(leaf.dtype, jnp.floating):
             continue
         local = []
-        for shard in leaf.addressable_shards:
+        for number, shard in enumerate(leaf.addressable_shards):
             data = np.array(shard.data)
-            flat = data.reshape(-1).view(np.dtype(f"uint{8 * data.dtype.itemsize}"))
-            flat[0] ^= 1
+            if number == 0:
+                flat = data.reshape(-1).view(np.dtype(f"uint{8 * data.dtype.itemsize}"))
+                flat[0] ^= 1
             local.append(jax.device_put(data, shard.device))
         flipped = jax.make_array_from_single_device_arrays(leaf.shape, leaf.sharding, local)
         new = [v for _, v in leaves]
