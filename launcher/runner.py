@@ -21,7 +21,12 @@ from types import FrameType
 from typing import Any
 
 from jaxlaunch.launcher.cluster.keepers import KeeperPool
-from jaxlaunch.launcher.cluster.ray_cluster import RayCluster, refuse_if_nothing_answers, runtime_env
+from jaxlaunch.launcher.cluster.ray_cluster import (
+    RayCluster,
+    refuse_if_connected,
+    refuse_if_nothing_answers,
+    runtime_env,
+)
 from jaxlaunch.launcher.cluster.worker_group import MakeSpec, RayWorkerGroup, StandbyPool
 from jaxlaunch.launcher.configuration.job import PreparedJob
 from jaxlaunch.launcher.configuration.schema import JobConfig
@@ -141,7 +146,8 @@ def _make_spec(job: JobConfig, run: RunDir, entry_ref: EntryRef, replicas: Repli
 
 
 def run_job(prepared: PreparedJob, display: Display | None = None) -> LaunchResult:
-    refuse_if_nothing_answers(prepared.job.cluster.address)  # bad input: before anything is written
+    refuse_if_connected()  # bad input: before anything is written
+    refuse_if_nothing_answers(prepared.job.cluster.address)
     port = prepared.job.tracking.metrics_port
     exporter = Exporter(port) if port is not None else None  # a port in use is bad input: before anything
     try:
@@ -178,14 +184,15 @@ def _run_job(prepared: PreparedJob, display: Display | None, exporter: Exporter 
         if prepared.fresh_dir:
             _remove_if_empty(run.path, made)
         raise
-    staging = tempfile.TemporaryDirectory(prefix="jaxlaunch-ship-")
-    try:
+    with contextlib.ExitStack() as cleanup:  # whatever fails from here (a full /tmp, a Ctrl-C), the lock goes
+        cleanup.callback(lock.release)
         py_modules: list[str] = []
         if job.cluster.address is None:  # the hosts run on this machine, with this Python
             host_ref = entry.ref
         else:
-            host_ref, shipped = entry_lib.shipped(entry.ref, pathlib.Path(staging.name))
-            py_modules = [_package_to_ship(pathlib.Path(staging.name)), *shipped]
+            staging = pathlib.Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="jaxlaunch-ship-")))
+            host_ref, shipped = entry_lib.shipped(entry.ref, staging)
+            py_modules = [_package_to_ship(staging), *shipped]
         cluster = RayCluster(job.cluster, runtime_env(job.cluster.address is None, py_modules))
         try:
             cluster.connect()
@@ -210,9 +217,6 @@ def _run_job(prepared: PreparedJob, display: Display | None, exporter: Exporter 
             raise RunStorageError(storage.describe_storage_error(where or run.store.url, code, None)) from err
         finally:
             cluster.shutdown()
-    finally:
-        staging.cleanup()
-        lock.release()
 
 
 @dataclasses.dataclass
@@ -235,19 +239,26 @@ def _drive(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref: En
     lock.check()  # taken while this launch joined Ray or waited for room: nothing written yet
     parts = _build(prepared, run, cluster, host_ref, display, lock, exporter)
     code = None
-    try:
-        with stop_signals(parts.driver):
-            code = parts.driver.run()
-    finally:
-        if parts.standby is not None:
-            parts.standby.shutdown()
-        parts.keepers.shutdown()
-        parts.display.stop()
+    finished: list[tuple[History, dict[str, Any], pathlib.Path | str]] = []
+
+    def finish() -> None:
         if lock.lost is None:  # a launch whose lock another took writes nothing more into the run
-            past, summary, picture = _finish(parts, code)
+            finished.append(_finish(parts, code))
         else:
             _abandon(parts)
+
+    # Each step of the teardown runs whatever an earlier one raised (a Ctrl-C in the keepers' close, a
+    # lost connection): the records are finished, the display and the trackers' threads stopped.
+    with contextlib.ExitStack() as teardown:
+        teardown.callback(finish)
+        teardown.callback(parts.display.stop)
+        teardown.callback(parts.keepers.shutdown)
+        if parts.standby is not None:
+            teardown.callback(parts.standby.shutdown)
+        with stop_signals(parts.driver):
+            code = parts.driver.run()
     lock.check()
+    past, summary, picture = finished[0]
     return _tell(parts, code, past, summary, picture)
 
 

@@ -268,18 +268,24 @@ class KeeperPool:
         self._remove_local_files()
 
     def shutdown(self) -> None:
-        self._start_on_stopped()
-        if self.keepers:
-            closing = [k.close.remote() for k in self.keepers.values()]
-            ready, _ = ray.wait(closing, num_returns=len(closing), timeout=KEEPER_CLOSE_TIMEOUT_S)
-            for ref in ready:
-                try:
-                    ray.get(ref)
-                except Exception as err:  # noqa: BLE001 - a keeper lost with its node: its files went too
-                    log.debug("a keeper did not close: %s", err)
-        for node in list(self.keepers):
-            self._stop(node)
-        self._remove_local_files()
+        """Every keeper closed (its files deleted) and stopped, this node's folders removed; also when
+        asking them fails (Ray gone, a Ctrl-C): the rest still runs."""
+        try:
+            self._start_on_stopped()
+            if self.keepers:
+                closing = [k.close.remote() for k in self.keepers.values()]
+                ready, _ = ray.wait(closing, num_returns=len(closing), timeout=KEEPER_CLOSE_TIMEOUT_S)
+                for ref in ready:
+                    try:
+                        ray.get(ref)
+                    except Exception as err:  # noqa: BLE001 - a keeper lost with its node: its files went too
+                        log.debug("a keeper did not close: %s", err)
+        finally:
+            try:
+                for node in list(self.keepers):
+                    self._stop(node)
+            finally:
+                self._remove_local_files()
 
     def _start_on_stopped(self) -> None:
         """A keeper on each node that is up whose keeper the driver killed and did not replace (a stuck

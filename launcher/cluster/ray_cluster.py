@@ -93,6 +93,17 @@ def refuse_if_nothing_answers(address: str | None) -> None:
                           "embedded instance") from None
 
 
+def refuse_if_connected() -> None:
+    """Bad input, refused before anything is written: Ray already initialized in this process (the
+    user's own `ray.init`, or another launch still running in it). Joining it would fail in `ray.init`
+    after the run directory was made, and the failed launch's `ray.shutdown` would cut the connection
+    the other one trains through."""
+    if ray.is_initialized():
+        raise ConfigError("Ray is already initialized in this process (your ray.init, or another launch still "
+                          "running in it): a launch connects on its own; call ray.shutdown() first (pass that "
+                          "cluster's address as --address / address=), or launch from another process")
+
+
 def _ray_takes(address: str) -> bool:
     """An address Ray resolves itself: Ray Client's, a Ray Jobs URL (`://`), or a new local instance."""
     return address == "local" or "://" in address
@@ -109,6 +120,8 @@ class RayCluster:
         self.embedded = cfg.address is None
         self.instance: EmbeddedRay | None = None
         self._requested = False
+        self._connected = False
+        """This launch's own `ray.init` succeeded: its `ray.shutdown` is this launch's to call."""
         self.standby: Spares | None = None
         """The spare group (`worker_group.StandbyPool`), whose hosts count as placeable."""
         self.keepers: InstanceBound | None = None
@@ -130,6 +143,7 @@ class RayCluster:
             address = self.cfg.address
         try:
             ray.init(address=address, log_to_driver=False, configure_logging=False, runtime_env=self.runtime_env)
+            self._connected = True
         except ConnectionError as err:
             if self.embedded:
                 raise
@@ -143,7 +157,8 @@ class RayCluster:
                 self.request_hosts(0)
         finally:
             try:
-                if ray.is_initialized():
+                if self._connected and ray.is_initialized():
+                    self._connected = False
                     ray.shutdown()
             finally:  # a Ctrl-C during Ray's shutdown still stops the instance this launch started
                 if self.instance is not None:

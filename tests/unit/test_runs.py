@@ -262,3 +262,69 @@ def test_a_launch_stopped_while_it_joins_ray_or_waits_for_capacity_stops_what_it
     with pytest.raises(stop):
         runner._run_job(prepared, None, None)
     assert calls == ["connect", "request 1", "shutdown"]
+
+
+def test_ray_already_initialized_in_this_process_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """The user's own ray.init, or another launch still running in this process: the launch's ray.init
+    failed after the run directory was made, and its ray.shutdown cut the other one's connection (a
+    launch in a thread then lost its actors mid-training, with no summary)."""
+    from jaxlaunch.launcher import runner
+    from jaxlaunch.launcher.cluster import ray_cluster
+    from jaxlaunch.launcher.configuration.job import prepare
+
+    shutdowns = []
+    monkeypatch.setattr(ray_cluster.ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(ray_cluster.ray, "shutdown", lambda: shutdowns.append(1))
+    prepared = prepare({"run_dir": str(tmp_path / "run"), "hosts": 1, "mesh": "data=-1"})
+    with pytest.raises(ConfigError, match="Ray is already initialized in this process"):
+        runner.run_job(prepared)
+    assert not (tmp_path / "run").exists() and shutdowns == []
+
+
+def test_a_launch_that_fails_between_taking_the_lock_and_joining_ray_releases_the_lock(tmp_path, monkeypatch):
+    """A full /tmp when the code to ship is staged: the lock stayed held, and refreshed, for the life of
+    the process, so the next launch of the run in it (a notebook's) was refused naming its own pid."""
+    import tempfile
+
+    from jaxlaunch.launcher import runner
+    from jaxlaunch.launcher.configuration.job import prepare
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", full)
+    prepared = prepare({"run_dir": str(tmp_path / "run"), "hosts": 1, "mesh": "data=-1", "address": "local"})
+    with pytest.raises(OSError, match="No space left"):
+        runner._run_job(prepared, None, None)
+    lock = RunDir(tmp_path / "run").lock()
+    lock.acquire()  # not "in use by the launch of pid <this one>"
+    lock.release()
+
+
+def test_every_step_of_the_teardown_runs_whatever_an_earlier_one_raised(tmp_path, monkeypatch):
+    """A Ctrl-C in the keepers' close (the notebook's stop button): the display was left running, and
+    no summary, report or job_ended was written, nor the trackers closed."""
+    import types
+
+    from jaxlaunch.launcher import runner
+
+    calls = []
+
+    def step(name, raises=None):
+        def run():
+            calls.append(name)
+            if raises is not None:
+                raise raises
+        return run
+
+    parts = types.SimpleNamespace(
+        driver=types.SimpleNamespace(run=lambda: calls.append("run") or 0, stop=lambda *a: None),
+        standby=types.SimpleNamespace(shutdown=step("standby")),
+        keepers=types.SimpleNamespace(shutdown=step("keepers", KeyboardInterrupt())),
+        display=types.SimpleNamespace(stop=step("display")))
+    lock = types.SimpleNamespace(lost=None, check=lambda: None)
+    monkeypatch.setattr(runner, "_build", lambda *args: parts)
+    monkeypatch.setattr(runner, "_finish", lambda parts, code: calls.append(f"finish {code}"))
+    with pytest.raises(KeyboardInterrupt):
+        runner._drive(None, None, None, None, None, lock, None)
+    assert calls == ["run", "standby", "keepers", "display", "finish 0"]
