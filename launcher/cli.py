@@ -14,7 +14,14 @@ from typing import Annotated, Any
 import cyclopts
 from jaxlaunch.launcher.configuration import options as options_lib
 from jaxlaunch.launcher.configuration.job import ROOTS
-from jaxlaunch.launcher.exit_codes import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
+from jaxlaunch.launcher.exit_codes import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_TERMINATED,
+    EXIT_USAGE,
+    Terminated,
+)
 from jaxlaunch.launcher.views.display import error
 
 from jaxlaunch.contract.entry import BUILTIN_ENTRY
@@ -102,13 +109,14 @@ def main(argv: list[str] | None = None) -> int:
         from jaxlaunch.launcher.configuration import job
 
         prepared = job.prepare(given, entry_args)
-        return runner.run_job(prepared).exit_code
+        with runner.sigterm_unwinds():
+            return runner.run_job(prepared).exit_code
     except ConfigError as err:
         error(str(err))
         return EXIT_USAGE
     except RunStorageError as err:
         error(str(err))
         return EXIT_FAILED
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         error("interrupted; every host process was stopped")
-        return EXIT_INTERRUPTED
+        return EXIT_TERMINATED if isinstance(err, Terminated) else EXIT_INTERRUPTED

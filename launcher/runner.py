@@ -38,7 +38,7 @@ from jaxlaunch.launcher.control.policy import Policies, RestartPolicy, ScalingPo
 from jaxlaunch.launcher.control.replicas import ReplicaWatch
 from jaxlaunch.launcher.control.states import Attempt, AttemptEndNotice, AttemptStartNotice, ReplacementNotice, State
 from jaxlaunch.launcher.control.stragglers import StragglerWatch
-from jaxlaunch.launcher.exit_codes import EXIT_FAILED, EXIT_OK
+from jaxlaunch.launcher.exit_codes import EXIT_FAILED, EXIT_OK, Terminated
 from jaxlaunch.launcher.records import history, report
 from jaxlaunch.launcher.records.history import AttemptRecord, History
 from jaxlaunch.launcher.records.recorder import Chaos, Recorder
@@ -102,6 +102,25 @@ def wait_for_capacity(cluster: RayCluster, job: JobConfig, waiting: Callable[[],
         waiting()
         waiting = lambda: None  # noqa: E731 - told once
         time.sleep(CAPACITY_POLL_S)
+
+
+@contextlib.contextmanager
+def sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM raises `Terminated` in the main thread while the launch runs (its default, ending the
+    process at once, left the run's lock and the code staged for a cluster). Inside the driver's loop
+    `stop_signals` takes it over."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextlib.contextmanager

@@ -328,3 +328,26 @@ def test_every_step_of_the_teardown_runs_whatever_an_earlier_one_raised(tmp_path
     with pytest.raises(KeyboardInterrupt):
         runner._drive(None, None, None, None, None, lock, None)
     assert calls == ["run", "standby", "keepers", "display", "finish 0"]
+
+
+def test_sigterm_while_a_launch_starts_or_ends_unwinds_it_and_exits_143(tmp_path, monkeypatch):
+    """Outside the driver's loop (joining Ray, the records at the end) SIGTERM took Python's default:
+    the process ended at once (-15, not 143), the run's lock and the code staged for a cluster left
+    behind. It now unwinds the launch as a Ctrl-C does, and the handler before it is back after."""
+    import signal
+
+    from jaxlaunch.launcher import cli, runner
+
+    unwound = []
+
+    def run_job(prepared):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise AssertionError("SIGTERM did not stop the launch")
+        finally:
+            unwound.append(True)
+
+    monkeypatch.setattr(runner, "run_job", run_job)
+    before = signal.getsignal(signal.SIGTERM)
+    assert cli.main(["--run-dir", str(tmp_path / "run"), "--hosts", "1"]) == 143
+    assert unwound == [True] and signal.getsignal(signal.SIGTERM) is before
