@@ -194,6 +194,8 @@ def _importing(ref: EntryRef) -> Iterator[None]:
         _loading.pop()
 
 
+_VERSION = "__jaxlaunch_file_version__"
+"""A file entry's module's attribute: the file's (mtime, size) when it was imported."""
 ENTRY_MODULE_PREFIX = "_jaxlaunch_entry_"
 """A file entry's module name starts with this (then its stem and a hash of its path)."""
 
@@ -311,17 +313,24 @@ def _import_file(path: pathlib.Path, name: str) -> types.ModuleType:
     if folder not in sys.path:
         sys.path.insert(0, folder)
     unique = f"{ENTRY_MODULE_PREFIX}{name}_{hashlib.sha1(str(path).encode()).hexdigest()[:8]}"
-    if unique in sys.modules:
-        return sys.modules[unique]
+    stat = path.stat()
+    version = (stat.st_mtime_ns, stat.st_size)
+    loaded = sys.modules.get(unique)
+    if loaded is not None and getattr(loaded, _VERSION, None) == version:
+        return loaded  # edited since (a notebook's next launch): imported again, as the hosts will
     spec = importlib.util.spec_from_file_location(unique, path)
     if spec is None or spec.loader is None:
         raise ConfigError(f"--entry: {path} cannot be imported as a Python module")
     module = importlib.util.module_from_spec(spec)
+    setattr(module, _VERSION, version)
     sys.modules[unique] = module
     try:
         spec.loader.exec_module(module)
     except BaseException:
-        del sys.modules[unique]
+        if loaded is not None:
+            sys.modules[unique] = loaded
+        else:
+            del sys.modules[unique]
         raise
     return module
 

@@ -378,3 +378,18 @@ def test_a_resume_after_the_entry_dropped_a_nested_key_names_it_too(tmp_path, mo
         prepare(options(tmp_path, entry=entry, resume=True))
     resumed = prepare(options(tmp_path, entry=entry, resume=True, allow_change=["opt.beta"]))
     assert resumed.job.config == {"opt": {"lr": 0.1}}
+
+
+def test_a_file_entry_edited_between_two_launches_in_one_process_is_imported_again(tmp_path):
+    """A notebook launches train.py, then the user adds a setting to it and launches again: the
+    driver kept the first import (its declared settings and check) while the hosts
+    imported the new file, and `b` was refused as no setting of the entry."""
+    entry = tmp_path / "train.py"
+    source = "import jaxlaunch\n\n\n@jaxlaunch.entrypoint(defaults={DEFAULTS})\ndef main(ctx):\n    pass\n"
+    entry.write_text(source.replace("DEFAULTS", "'a': 1"))
+    first = prepare({"entry": f"{entry}:main", "run_dir": str(tmp_path / "run1")})
+    assert first.job.config == {"a": 1}
+    entry.write_text(source.replace("DEFAULTS", "'a': 1, 'b': 2"))
+    os.utime(entry, ns=(entry.stat().st_atime_ns, entry.stat().st_mtime_ns + 1_000_000))  # a later edit
+    second = prepare({"entry": f"{entry}:main", "run_dir": str(tmp_path / "run2"), "config": {"b": 3}})
+    assert second.job.config == {"a": 1, "b": 3}
