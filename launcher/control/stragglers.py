@@ -2,7 +2,7 @@
 step's result and dispatching the next, `jaxlaunch.workers.supervision.step_clock`) against its peers'.
 
 In SPMD every host waits for the slowest at each collective, so the slow host's *blocked* time is
-short and everyone else's is long; its *busy* time is what stands out. `find_straggler` is the pure
+short and everyone else's is long; its *busy* time is what stands out. `find_stragglers` is the pure
 rule; `StragglerWatch` is the driver's listener that feeds it the polls and records what it finds."""
 
 from __future__ import annotations
@@ -56,21 +56,30 @@ class SlowHost:
 def find_straggler(busy: Mapping[int, Mapping[int, float]], factor: float, num_steps: int,
                    step_s: Mapping[int, float], min_share: float = MIN_SHARE,
                    min_cost: float = MIN_COST_SHARE) -> SlowHost | None:
-    """The host whose busy time was at least `factor` times its peers' median in most (`min_share`)
+    """The straggler that stands out most (`find_stragglers`), or None."""
+    found = find_stragglers(busy, factor, num_steps, step_s, min_share, min_cost)
+    return found[0] if found else None
+
+
+def find_stragglers(busy: Mapping[int, Mapping[int, float]], factor: float, num_steps: int,
+                    step_s: Mapping[int, float], min_share: float = MIN_SHARE,
+                    min_cost: float = MIN_COST_SHARE) -> list[SlowHost]:
+    """Every host whose busy time was at least `factor` times its peers' median in most (`min_share`)
     of the newest `num_steps` steps that every host timed, and whose excess over its peers was at
-    least `min_cost` of the step time (the median over those steps), or None; the one that stands
-    out most if several do. `busy`: rank -> step -> busy seconds; `step_s`: step -> its time. Most,
-    not all: a shared machine's noise hits single steps of any host, and one ordinary step does not
-    make a slow host fast; a burst of a few slow steps (a host starved for a moment) is not a
-    straggler either. A step in which no host worked (every host read its result back at once,
-    before a save) says nothing and is passed over, as is a step whose time is not known."""
+    least `min_cost` of the step time (the median over those steps), the one that stands out most
+    first (each is told: naming only the worst hid a second slow host for the whole attempt).
+    `busy`: rank -> step -> busy seconds; `step_s`: step -> its time. Most, not all: a shared
+    machine's noise hits single steps of any host, and one ordinary step does not make a slow host
+    fast; a burst of a few slow steps (a host starved for a moment) is not a straggler either. A step
+    in which no host worked (every host read its result back at once, before a save) says nothing
+    and is passed over, as is a step whose time is not known."""
     if len(busy) < 2 or num_steps < 1:
-        return None
+        return []
     common = sorted(set.intersection(*(set(steps) for steps in busy.values())) & set(step_s))
     window = [s for s in common if statistics.median(b[s] for b in busy.values()) > 0 and step_s[s] > 0][-num_steps:]
     if len(window) < num_steps:
-        return None
-    found: SlowHost | None = None
+        return []
+    found: list[SlowHost] = []
     for rank in sorted(busy):
         peers = {s: statistics.median(busy[r][s] for r in busy if r != rank) for s in window}
         slow = [s for s in window if busy[rank][s] >= factor * peers[s]]
@@ -79,10 +88,9 @@ def find_straggler(busy: Mapping[int, Mapping[int, float]], factor: float, num_s
         if statistics.median((busy[rank][s] - peers[s]) / step_s[s] for s in window) < min_cost:
             continue
         ratio = statistics.median(busy[rank][s] / peers[s] if peers[s] > 0 else factor for s in window)
-        if found is None or ratio > found.factor:
-            found = SlowHost(rank, ratio, window, statistics.median(busy[rank][s] for s in window),
-                              statistics.median(peers.values()))
-    return found
+        found.append(SlowHost(rank, ratio, window, statistics.median(busy[rank][s] for s in window),
+                              statistics.median(peers.values())))
+    return sorted(found, key=lambda host: -host.factor)
 
 
 def straggler_message(event: events.Straggler) -> str:
@@ -159,19 +167,20 @@ class StragglerWatch(Listener):
             self._keep_newest(steps)
         if len(self.busy) < attempt.num_hosts:
             return
-        found = find_straggler(self.busy, self.factor, self.num_steps, self.step_s)
-        if found is None or found.rank in self.named:
-            return
-        self.named.add(found.rank)
         nodes = attempt.group.nodes if attempt.group is not None else []
-        event = events.Straggler(attempt=attempt.number, host=found.rank,
-                                 node=nodes[found.rank] if found.rank < len(nodes) else None,
-                                 factor=found.factor, first_step=found.steps[0], last_step=found.steps[-1],
-                                 steps=len(found.steps), busy_s=found.busy_s, peers_busy_s=found.peers_busy_s)
-        self.found.append(event)
-        self.to_leave = Replacement(found.rank, events.EventKind.STRAGGLER.value)
-        self.record(event)
-        self.tell(straggler_message(event))
+        for found in find_stragglers(self.busy, self.factor, self.num_steps, self.step_s):
+            if found.rank in self.named:
+                continue
+            self.named.add(found.rank)
+            event = events.Straggler(attempt=attempt.number, host=found.rank,
+                                     node=nodes[found.rank] if found.rank < len(nodes) else None,
+                                     factor=found.factor, first_step=found.steps[0], last_step=found.steps[-1],
+                                     steps=len(found.steps), busy_s=found.busy_s, peers_busy_s=found.peers_busy_s)
+            self.found.append(event)
+            if self.to_leave is None:  # one host left at a time, the slowest first
+                self.to_leave = Replacement(found.rank, events.EventKind.STRAGGLER.value)
+            self.record(event)
+            self.tell(straggler_message(event))
 
     def _sample(self, rank: int, seconds: float) -> None:
         """Reservoir sampling (Vitter's algorithm R): every timed step equally likely to be in the sample."""

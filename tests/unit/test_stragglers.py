@@ -116,6 +116,26 @@ def test_the_watch_records_the_straggler_once_with_its_node_and_every_hosts_busy
     assert events.parse_event(straggler.to_dict()) == straggler, "the event reads back from events.jsonl"
 
 
+def test_two_slow_hosts_are_each_named_and_the_slowest_left_first():
+    """Hosts 1 (3.2x) and 2 (3x) of 4: only the worst was ever named, and host 2 stayed hidden for the
+    whole attempt. Each is named once; under `replace` the slowest is offered to leave first."""
+    recorded: list[events.Event] = []
+    told: list[str] = []
+    watch = StragglerWatch(FACTOR, STEPS, recorded.append, told.append)
+    attempt = Attempt(number=1, num_hosts=4, mesh={}, started_at=0.0, latest_committed=None,
+                      group=GroupInfo("c:1", ["node-a", "node-b", "node-c", "node-d"], [1, 2, 3, 4]))
+    busy = busy_of(4, range(1, 81), slow={30: 3.2})
+    busy[2] = {s: seconds * (3.0 if s >= 30 else 1.0) for s, seconds in busy[2].items()}
+    hosts = [HostStatus(rank) for rank in range(4)]
+    for first in range(1, 81, 5):
+        window = {rank: [(s, busy[rank][s]) for s in range(first, first + 5)] for rank in range(4)}
+        records = [{"step": s, "step_time_s": STEP_S} for s in range(first, first + 5)]
+        watch.on_poll(None, attempt, GroupPoll(hosts, records, [], {}, [], window))
+    named = [e.host for e in recorded if isinstance(e, events.Straggler)]
+    assert sorted(named) == [1, 2] and len(told) == 2
+    assert watch.replacement(attempt).host == 1
+
+
 def test_the_slow_injection_parses_with_its_factor_and_refuses_a_bad_one():
     slow = Injection.parse("slow@step=10,host=1,factor=3")
     assert (slow.kind, slow.step, slow.host, slow.factor) == (InjectionKind.SLOW, 10, 1, 3.0)
