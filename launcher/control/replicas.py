@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from jaxlaunch.launcher.control.driver import Driver, Listener
 from jaxlaunch.launcher.control.policy import Diagnosis
-from jaxlaunch.launcher.control.states import Attempt, AttemptStartNotice
+from jaxlaunch.launcher.control.states import Attempt, AttemptEndNotice, AttemptStartNotice
 
 from jaxlaunch.contract import events
 from jaxlaunch.contract.events import FailureKind
@@ -116,6 +116,18 @@ class ReplicaWatch(Listener):
 
     def on_attempt_started(self, driver: Driver, started: AttemptStartNotice) -> None:
         self.pending, self.mismatch = {}, None
+
+    def on_attempt_ended(self, driver: Driver, ended: AttemptEndNotice) -> None:
+        """A step whose checksums did not all arrive before the attempt ended (a host died first) is
+        still compared among those that did: copies that disagree bar it from the next restore (it
+        was restored unchecked, and a durable copy written from the corrupt host would have spread)."""
+        if self.mismatch is None:
+            for step in sorted(self.pending):
+                found = find_mismatch(step, self.pending[step])
+                if found is not None:
+                    self._found(ended.attempt, found)
+                    break
+        self.pending = {}
 
     def on_poll(self, driver: Driver, attempt: Attempt, poll: GroupPoll) -> None:
         if self.mismatch is None and any(h.phase.started_training for h in poll.hosts):

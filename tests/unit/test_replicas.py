@@ -136,6 +136,27 @@ def test_the_bitflip_injection_parses_without_a_factor():
     assert str(injection) == "bitflip@step=40,host=2"
 
 
+def test_copies_that_disagree_among_the_checksums_in_when_the_attempt_ended_bar_their_step():
+    """Host 3 died before it sent step 30's checksums; hosts 1 and 2 disagree already. The partial
+    checksums were dropped with the attempt, and the next one restored step 30 unchecked."""
+    from jaxlaunch.launcher.control.states import AttemptEndNotice
+
+    recorded: list[events.Event] = []
+    watch = ReplicaWatch(recorded.append, lambda text: None)
+    attempt, hosts = _attempt(), [HostStatus(r) for r in range(4)]
+    watch.on_poll(None, attempt, GroupPoll(hosts, [], [], {}, [], checksums={r: [sums(20, 1)] for r in range(4)}))
+    partial = {0: [sums(30, 1)], 1: [sums(30, 2)], 2: [sums(30, 1)]}
+    watch.on_poll(None, attempt, GroupPoll(hosts, [], [], {}, [], checksums=partial))
+    assert recorded == [] and watch.restore_limit is None, "host 3's checksums of step 30 not in yet"
+    watch.on_attempt_ended(None, AttemptEndNotice(attempt, FailureKind.CRASHED))
+    [event] = recorded
+    assert (event.step, event.culprit, event.restore_from) == (30, 1, 20) and watch.restore_limit == 20
+    agreeing = ReplicaWatch(recorded.append, lambda text: None)
+    agreeing.on_poll(None, attempt, GroupPoll(hosts, [], [], {}, [], checksums={0: [sums(40, 1)], 1: [sums(40, 1)]}))
+    agreeing.on_attempt_ended(None, AttemptEndNotice(attempt, FailureKind.CRASHED))
+    assert agreeing.restore_limit is None and len(recorded) == 1, "copies that agree bar nothing"
+
+
 def test_a_mismatch_a_launch_ended_on_still_bars_its_unverified_steps_on_resume():
     """The launch ended on a mismatch at step 30 (budget spent) with step 30 committed durably: a
     --resume restores step 20 at most, the newest whose replicas agreed, until an attempt has
