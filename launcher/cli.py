@@ -107,9 +107,10 @@ def main(argv: list[str] | None = None) -> int:
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         from jaxlaunch.launcher import runner
         from jaxlaunch.launcher.configuration import job
+        from jaxlaunch.launcher.control import signals
 
         prepared = job.prepare(given, entry_args)
-        with runner.sigterm_unwinds():
+        with signals.sigterm_unwinds():
             return runner.run_job(prepared).exit_code
     except ConfigError as err:
         error(str(err))

@@ -12,12 +12,9 @@ import importlib.util
 import os
 import pathlib
 import shutil
-import signal
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
-from types import FrameType
+from collections.abc import Callable
 from typing import Any
 
 from jaxlaunch.launcher.cluster.keepers import KeeperPool
@@ -36,9 +33,10 @@ from jaxlaunch.launcher.control.limits import CAPACITY_POLL_S
 from jaxlaunch.launcher.control.persisting import MemoryPersist
 from jaxlaunch.launcher.control.policy import Policies, RestartPolicy, ScalingPolicy, Watchdog
 from jaxlaunch.launcher.control.replicas import ReplicaWatch
+from jaxlaunch.launcher.control.signals import stop_signals
 from jaxlaunch.launcher.control.states import Attempt, AttemptEndNotice, AttemptStartNotice, ReplacementNotice, State
 from jaxlaunch.launcher.control.stragglers import StragglerWatch
-from jaxlaunch.launcher.exit_codes import EXIT_FAILED, EXIT_OK, Terminated
+from jaxlaunch.launcher.exit_codes import EXIT_FAILED, EXIT_OK
 from jaxlaunch.launcher.records import history, report
 from jaxlaunch.launcher.records.history import AttemptRecord, History
 from jaxlaunch.launcher.records.recorder import Chaos, Recorder
@@ -102,47 +100,6 @@ def wait_for_capacity(cluster: RayCluster, job: JobConfig, waiting: Callable[[],
         waiting()
         waiting = lambda: None  # noqa: E731 - told once
         time.sleep(CAPACITY_POLL_S)
-
-
-@contextlib.contextmanager
-def sigterm_unwinds() -> Iterator[None]:
-    """SIGTERM raises `Terminated` in the main thread while the launch runs (its default, ending the
-    process at once, left the run's lock and the code staged for a cluster). Inside the driver's loop
-    `stop_signals` takes it over."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        raise Terminated
-
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
-def stop_signals(driver: Driver) -> Iterator[None]:
-    """SIGINT and SIGTERM ask the driver for a clean stop (every host saves); a second one stops at
-    once (KeyboardInterrupt, and the teardown kills every host). Only the main thread can take
-    signals; elsewhere (a launch from a user's thread) they keep their handlers."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def handler(signum: int, frame: FrameType | None) -> None:
-        if driver.stop_signal is not None:
-            raise KeyboardInterrupt
-        driver.request_stop(signum)
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 def _make_spec(job: JobConfig, run: RunDir, entry_ref: EntryRef, replicas: ReplicaWatch) -> MakeSpec:

@@ -12,13 +12,16 @@ the driver too).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
+import fcntl
 import os
 import pathlib
 import shutil
 import socket
 import tempfile
+import time
 import uuid
 from collections.abc import Set as AbstractSet
 
@@ -41,7 +44,9 @@ def new_launch_id() -> str:
 
 def remove_orphans() -> list[str]:
     """Deletes the part-file folders on this machine of launches whose driver, on this machine, is
-    gone; returns their names. Another machine's driver is not this one's to judge."""
+    gone and none of whose keepers lives (a driver in another pid namespace, a container sharing this
+    machine's name and /dev/shm, looks gone by its pid); returns their names. Another machine's driver
+    is not this one's to judge: its keepers' own folders go with `sweep_dead_keepers`."""
     removed = []
     for folder in launch_dir("any").parent.glob("jaxlaunch-*"):
         parts = folder.name.removeprefix("jaxlaunch-").split("-", 2)
@@ -50,10 +55,80 @@ def remove_orphans() -> list[str]:
         try:
             os.kill(int(parts[0]), 0)
         except ProcessLookupError:
+            if any(keeper_alive(mark) for mark in folder.glob(f"{ALIVE_PREFIX}*")):
+                continue
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder.name)
         except PermissionError:
             continue  # alive, another user's
+    return removed
+
+
+ALIVE_PREFIX = ".keeper-alive-"
+"""A keeper's mark in its launch's folder, `.keeper-alive-<node>`, locked (flock) while it lives."""
+ORPHAN_AFTER_S = 600.0
+"""A node's folder whose keeper is gone is another launch's to delete once its mark is this old: its
+keeper touches the mark while it lives (`touch_alive`), and Ray restarts a dead keeper, which takes
+its files over, within seconds."""
+
+
+def hold_alive(launch_folder: pathlib.Path, node: str) -> int:
+    """Marks this process as the live keeper of `node`'s folder in `launch_folder`: an exclusive flock
+    on its mark, which the kernel drops with the process (in any pid namespace). The mark is locked
+    before it is in place (a rename), so no sweep finds it free while its keeper lives. Returns the
+    descriptor, to keep open for the process's life."""
+    launch_folder.mkdir(parents=True, exist_ok=True)
+    temporary = launch_folder / f"{ALIVE_PREFIX}{node}.{os.getpid()}.tmp"
+    fd = os.open(temporary, os.O_CREAT | os.O_RDWR, 0o600)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.rename(temporary, launch_folder / f"{ALIVE_PREFIX}{node}")
+    return fd
+
+
+def touch_alive(launch_folder: pathlib.Path, node: str) -> None:
+    with contextlib.suppress(OSError):
+        os.utime(launch_folder / f"{ALIVE_PREFIX}{node}")
+
+
+def keeper_alive(mark: pathlib.Path) -> bool:
+    """Whether a live process holds `mark`'s lock (a mark that is gone, or a temporary one, is no keeper)."""
+    if mark.name.endswith(".tmp"):
+        return False
+    try:
+        fd = os.open(mark, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+def sweep_dead_keepers(own: pathlib.Path, now: float | None = None) -> list[str]:
+    """Deletes, on this node, the folders of other launches' keepers that are gone (their mark free
+    and untouched for `ORPHAN_AFTER_S`), and a launch's folder once nothing is left in it; returns
+    what it deleted. A driver SIGKILLed on another machine left them; no driver deletes another
+    machine's files."""
+    now = time.time() if now is None else now
+    removed = []
+    for folder in launch_dir("any").parent.glob("jaxlaunch-*"):
+        if folder == own:
+            continue
+        for mark in folder.glob(f"{ALIVE_PREFIX}*"):
+            node = mark.name.removeprefix(ALIVE_PREFIX)
+            try:
+                if node.endswith(".tmp") or now - mark.stat().st_mtime < ORPHAN_AFTER_S or keeper_alive(mark):
+                    continue
+            except OSError:
+                continue
+            shutil.rmtree(folder / node, ignore_errors=True)
+            mark.unlink(missing_ok=True)
+            removed.append(f"{folder.name}/{node}")
+        with contextlib.suppress(OSError):
+            folder.rmdir()  # only when empty
     return removed
 
 

@@ -22,7 +22,7 @@ def test_a_ctrl_c_during_ray_s_shutdown_still_stops_the_embedded_instance(monkey
 
     monkeypatch.setattr(ray_cluster, "ray", types.SimpleNamespace(is_initialized=lambda: True, shutdown=interrupted))
     cluster = object.__new__(ray_cluster.RayCluster)  # without connecting
-    cluster._requested = False
+    cluster._requested, cluster._connected = False, True
     cluster.instance = types.SimpleNamespace(stop=lambda: stopped.append("stop"))
     with pytest.raises(KeyboardInterrupt):
         cluster.shutdown()

@@ -5,6 +5,7 @@ import dataclasses
 import os
 import pathlib
 import shutil
+import time
 import uuid
 
 import jax
@@ -570,6 +571,52 @@ def test_the_files_of_a_driver_that_died_on_this_machine_are_deleted_and_no_othe
     finally:
         for folder in (dead, alive, elsewhere):
             shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_launch_whose_keeper_lives_is_never_taken_for_a_dead_driver_s(tmp_path, monkeypatch):
+    """A driver in another pid namespace (a container sharing this machine's name and /dev/shm) looks
+    dead by its pid: its live keepers' files were deleted. A keeper holds its mark's lock while it
+    lives, and the kernel drops the lock with its process."""
+    import socket
+
+    from jaxlaunch.contract import tiers
+
+    monkeypatch.setattr(tiers, "SHM_ROOT", tmp_path)
+    folder = tiers.launch_dir(f"{psutil_dead_pid()}-abcd1234-{socket.gethostname()}")
+    fd = tiers.hold_alive(folder, "node-a")
+    (folder / "node-a" / "held").mkdir(parents=True)
+    try:
+        assert tiers.remove_orphans() == [] and (folder / "node-a" / "held").is_dir()
+    finally:
+        os.close(fd)  # the keeper's process ends
+    assert tiers.remove_orphans() == [folder.name] and not folder.exists()
+
+
+def test_a_keeper_deletes_other_launches_folders_on_its_node_whose_keeper_is_long_gone(tmp_path, monkeypatch):
+    """A driver SIGKILLed on another machine leaves its keepers' files on every node until reboot: no
+    driver deletes another machine's files. A keeper starting on the node deletes those whose keeper
+    is gone (its mark free) and has not touched its mark for ORPHAN_AFTER_S (Ray restarts a dead keeper,
+    which takes its files over, within seconds)."""
+    from jaxlaunch.contract import tiers
+
+    monkeypatch.setattr(tiers, "SHM_ROOT", tmp_path)
+    gone, recent, live, own = (tiers.launch_dir(f"1-{name}-elsewhere") for name in ("gone", "recent", "live", "own"))
+    fds = [tiers.hold_alive(folder, "node-a") for folder in (gone, recent, live, own)]
+    for folder in (gone, recent, live, own):
+        (folder / "node-a" / "held").mkdir(parents=True)
+    os.close(fds[0])
+    os.close(fds[1])
+    old = time.time() - tiers.ORPHAN_AFTER_S - 1
+    for folder in (gone, live, own):
+        os.utime(folder / f"{tiers.ALIVE_PREFIX}node-a", (old, old))
+    try:
+        assert tiers.sweep_dead_keepers(own) == [f"{gone.name}/node-a"]
+        assert not gone.exists() and recent.exists() and live.exists() and own.exists()
+        assert not tiers.keeper_alive(recent / f"{tiers.ALIVE_PREFIX}node-a")
+        assert tiers.keeper_alive(live / f"{tiers.ALIVE_PREFIX}node-a")
+    finally:
+        for fd in fds[2:]:
+            os.close(fd)
 
 
 def test_memory_serves_a_restore_when_it_is_at_least_as_new_as_the_durable_tier():

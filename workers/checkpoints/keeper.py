@@ -46,7 +46,6 @@ from typing import Any
 import numpy as np
 import psutil
 from jaxlaunch.workers.checkpoints import keeper_files, replica_stream
-from jaxlaunch.workers.checkpoints.keeper_files import SPARE_PREFIX
 from jaxlaunch.workers.checkpoints.part_file import Index, PartFile, PartHeader, digest
 
 from jaxlaunch.contract.event_base import first_line
@@ -64,8 +63,7 @@ SPARE_HEADER_ROOM = 1 << 20
 """Room a prepared spare has beyond a part's arrays, for its header (the write truncates to its size)."""
 CLOSE_WAIT_S = 2.0  # how long `close` waits for a spare being prepared before it deletes the folder
 IN_FLIGHT_SAVES = 2
-"""Steps above the floor a keeper may hold besides its `keep` whole ones: a host's previous save,
-still replicating on another host, and its newest."""
+"""Steps above the floor a keeper holds besides its `keep` whole ones: a previous save (replicating) and the newest."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,6 +100,7 @@ class Keeper:
     def __init__(self, node: str, budget_bytes: int | None, keep: int, launch_id: str = "", secret: str = ""):
         self.node, self.keep, self.secret = node, keep, secret
         self.dir = launch_dir(launch_id or f"local{os.getpid()}") / node
+        self.alive = keeper_files.Alive(self.dir.parent, node)  # before the folder: no sweep takes it
         self.incoming, self.received, self.held_dir = self.dir / "incoming", self.dir / "received", self.dir / "held"
         # Not Ray's restart of this actor: one the driver started in place of a keeper it stopped (one that
         # did not answer, so may have missed the drop of steps the run left). Nothing in the folder is its own.
@@ -137,6 +136,7 @@ class Keeper:
 
     def ping(self) -> int:
         """This keeper's process id: another one after Ray restarted it."""
+        self.alive.touch()
         return os.getpid()
 
     def inbox(self) -> str:
@@ -210,7 +210,7 @@ class Keeper:
                     with self.lock:  # not once closed: its rmtree may be under way
                         if self.closed:
                             raise OSError("the keeper closed")
-                        os.rename(temporary, self.incoming / f"{SPARE_PREFIX}{name}.part")
+                        os.rename(temporary, self.incoming / f"{keeper_files.SPARE_PREFIX}{name}.part")
                 except OSError as err:  # a full tmpfs, or closed (its folder gone): saves write new files
                     temporary.unlink(missing_ok=True)
                     log.info("no spare file prepared (%s)", first_line(err))
@@ -225,7 +225,7 @@ class Keeper:
     def _spares(self) -> list[tuple[int, pathlib.Path]]:
         """The spare files (size, path), smallest first."""
         spares = []
-        for path in self.incoming.glob(f"{SPARE_PREFIX}*"):
+        for path in self.incoming.glob(f"{keeper_files.SPARE_PREFIX}*"):
             try:
                 spares.append((path.stat().st_size, path))
             except FileNotFoundError:
@@ -394,7 +394,7 @@ class Keeper:
             path.unlink(missing_ok=True)  # the stream reads its open file to the end
             return
         try:
-            os.rename(path, self.incoming / f"{SPARE_PREFIX}{uuid.uuid4().hex}.part")
+            os.rename(path, self.incoming / f"{keeper_files.SPARE_PREFIX}{uuid.uuid4().hex}.part")
         except FileNotFoundError:
             pass
 
@@ -490,10 +490,7 @@ class Keeper:
                 self.listener.close()
             self.parts, self.maps = {}, {}
             shutil.rmtree(self.dir, ignore_errors=True)
-            try:
-                self.dir.parent.rmdir()
-            except OSError:
-                pass  # another node's keeper on this machine (a test cluster) still has its folder
+            self.alive.release()  # and the launch's folder, unless another node's keeper here (a test cluster) has one
 
 
 def _mb(nbytes: int) -> str:

@@ -18,6 +18,7 @@ import pathlib
 import shutil
 import time
 
+from jaxlaunch.contract import tiers
 from jaxlaunch.contract.event_base import first_line
 from jaxlaunch.contract.tiers import Held, LeftHistory, Role
 
@@ -147,3 +148,38 @@ def sweep(incoming: pathlib.Path, received: pathlib.Path, stale_s: float) -> Non
                 path.unlink(missing_ok=True)
         except FileNotFoundError:
             continue
+
+
+TOUCH_EVERY_S = 60.0
+
+
+class Alive:
+    """This keeper's mark in its launch's folder, locked for the process's life (`tiers.hold_alive`) and
+    touched at most every TOUCH_EVERY_S when the driver pings it. At start, the folders of other
+    launches' keepers on this node that are gone (a driver SIGKILLed on another machine left them) are
+    deleted (`tiers.sweep_dead_keepers`)."""
+
+    def __init__(self, launch_folder: pathlib.Path, node: str):
+        self.launch_folder, self.node = launch_folder, node
+        self.fd = tiers.hold_alive(launch_folder, node)
+        self.touched = time.monotonic()
+        swept = tiers.sweep_dead_keepers(launch_folder)
+        if swept:
+            log.info("deleted the memory-tier files of other launches' keepers that are gone: %s", swept)
+
+    def release(self) -> None:
+        """The mark deleted, the lock dropped, and the launch's folder removed if nothing else is in it."""
+        if self.fd < 0:
+            return
+        (self.launch_folder / f"{tiers.ALIVE_PREFIX}{self.node}").unlink(missing_ok=True)
+        os.close(self.fd)
+        self.fd = -1
+        try:
+            self.launch_folder.rmdir()
+        except OSError:
+            pass
+
+    def touch(self) -> None:
+        if time.monotonic() - self.touched >= TOUCH_EVERY_S:
+            self.touched = time.monotonic()
+            tiers.touch_alive(self.launch_folder, self.node)
