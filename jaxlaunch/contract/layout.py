@@ -13,6 +13,7 @@ rank 0 lists committed steps with the same function. The directory is a local pa
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -145,4 +146,7 @@ class RunLayout:
 
 
 def _slug(url: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "_" for c in url)
+    """A folder name for `url`: readable, and with a hash of the whole URL, so that two runs whose URLs
+    read alike (s3://b/x_y and s3://b/x/y) never share their host logs."""
+    readable = "".join(c if c.isalnum() or c in "-_." else "_" for c in url)
+    return f"{readable}-{hashlib.sha1(url.encode()).hexdigest()[:8]}"

@@ -255,3 +255,12 @@ def test_an_unreachable_store_is_one_line_without_the_client_s_retry_logs(caplog
         ObjectStore("gs://b/run", fs=Unreachable()).check()
     assert not [r for r in caplog.records if r.name == "gcsfs"], caplog.text
     assert logging.getLogger("gcsfs").level == logging.NOTSET, "the client's logging is as it was"
+
+
+def test_two_urls_that_read_alike_keep_their_host_logs_apart():
+    """s3://b/x_y and s3://b/x/y both read `s3___b_x_y`: their runs' host logs, kept on this machine
+    (an object store has no appends), went to one folder and overwrote each other."""
+    from jaxlaunch.contract.layout import _slug
+
+    assert _slug("s3://b/x_y") != _slug("s3://b/x/y")
+    assert _slug("s3://b/x_y").startswith("s3___b_x_y-") and _slug("s3://b/x_y") == _slug("s3://b/x_y")
