@@ -146,7 +146,8 @@ class HostActor:
             from jaxlaunch.workers.sharding import build_mesh
 
             if spec.persist_only:
-                # The launcher's own program: the user's entry is not imported, nor any of its code run.
+                # The launcher's own program: no function of the user's entry is called, and its file
+                # is imported only if the state's pytree holds a class of it (`persist.structure_of`).
                 from jaxlaunch.workers.checkpoints import persist
 
                 return persist.write_newest(spec, build_mesh(spec.mesh), self.progress)

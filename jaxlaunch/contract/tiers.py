@@ -96,6 +96,8 @@ def keeper_alive(mark: pathlib.Path) -> bool:
         return False
     try:
         fd = os.open(mark, os.O_RDONLY)
+    except PermissionError:
+        return True  # another user's keeper (a /dev/shm shared between users): not this one's to judge
     except OSError:
         return False
     try:
@@ -125,7 +127,10 @@ def sweep_dead_keepers(own: pathlib.Path, now: float | None = None) -> list[str]
             except OSError:
                 continue
             shutil.rmtree(folder / node, ignore_errors=True)
-            mark.unlink(missing_ok=True)
+            try:
+                mark.unlink(missing_ok=True)
+            except OSError:
+                continue  # a folder this process may not write in: another user's
             removed.append(f"{folder.name}/{node}")
         with contextlib.suppress(OSError):
             folder.rmdir()  # only when empty

@@ -9,13 +9,16 @@ autoscaler for the hosts' resources, and withdraws the request when the job ends
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import math
 import os
+import signal
 import socket
 import sys
 import sysconfig
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
 import ray
@@ -104,6 +107,19 @@ def refuse_if_connected() -> None:
                           "cluster's address as --address / address=), or launch from another process")
 
 
+@contextlib.contextmanager
+def _sigterm_kept() -> Iterator[None]:
+    """`ray.init` (2.60) puts a SIGTERM handler of its own in the main thread (`sys.exit(15)`): the
+    launch's own (`signals.sigterm_unwinds`: unwind, exit 143) goes back after it."""
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
 def _ray_takes(address: str) -> bool:
     """An address Ray resolves itself: Ray Client's, a Ray Jobs URL (`://`), or a new local instance."""
     return address == "local" or "://" in address
@@ -142,14 +158,18 @@ class RayCluster:
         else:
             address = self.cfg.address
         try:
-            ray.init(address=address, log_to_driver=False, configure_logging=False, runtime_env=self.runtime_env)
-            self._connected = True
+            with _sigterm_kept():
+                ray.init(address=address, log_to_driver=False, configure_logging=False, runtime_env=self.runtime_env)
         except ConnectionError as err:
             if self.embedded:
                 raise
             raise ConfigError(f"could not join the Ray cluster at --address {address} ({_first_sentence(err)}): "
                               "check that it runs and that this machine may reach it, or leave --address out "
                               "to run on an embedded instance") from None
+        finally:
+            # Ray was not initialized before (`refuse_if_connected`): a connection there now is this
+            # launch's, also when ray.init was interrupted after it connected.
+            self._connected = ray.is_initialized()
 
     def shutdown(self) -> None:
         try:

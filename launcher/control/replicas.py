@@ -33,9 +33,9 @@ class Mismatch:
     checksums: list[int]
     """Each copy's checksum, in the same order."""
     culprit: int | None
-    """The host of the one copy that differs from the majority's (3 or more copies, one clear
-    majority), or else the one host whose own copies differ; None otherwise (2 copies on 2 hosts, no
-    majority): which copy is wrong cannot be told."""
+    """The one host whose copies differ from the majority's (3 or more copies, one clear majority),
+    or else the one host whose own copies differ; None otherwise (2 copies on 2 hosts, no majority,
+    several hosts outvoted): which copy is wrong cannot be told."""
 
 
 def find_mismatch(step: int, sums: Mapping[int, ReplicaChecksums]) -> Mismatch | None:
@@ -53,8 +53,8 @@ def find_mismatch(step: int, sums: Mapping[int, ReplicaChecksums]) -> Mismatch |
         counts = Counter(values).most_common()
         culprit = None
         if len(held) >= 3 and counts[0][1] > len(held) / 2:
-            odd = [rank for rank, value in held if value != counts[0][0]]
-            culprit = odd[0] if len(odd) == 1 else None
+            odd = {rank for rank, value in held if value != counts[0][0]}
+            culprit = odd.pop() if len(odd) == 1 else None  # one host's copies (one or all of them) outvoted
         if culprit is None:  # a host whose own copies differ holds a wrong one, whatever the others hold
             split = sorted({r for r in ranks if len({v for rank, v in held if rank == r}) > 1})
             culprit = split[0] if len(split) == 1 else None
@@ -62,21 +62,24 @@ def find_mismatch(step: int, sums: Mapping[int, ReplicaChecksums]) -> Mismatch |
     return None
 
 
-def replica_message(event: events.ReplicaMismatch) -> str:
-    """The line the user reads on the terminal."""
+def replica_message(event: events.ReplicaMismatch, ended: bool = False) -> str:
+    """The line the user reads on the terminal (`ended`: found once its attempt had ended, which may
+    not be restarted: the next restore, a restart's or a --resume's, is bounded)."""
     copies = f"{len(event.hosts)} copies on {len(set(event.hosts))} host(s)"
     who = (f"host {event.culprit} (node {event.nodes[event.hosts.index(event.culprit)]}) holds the copy that "
            f"disagrees ({copies})" if event.culprit is not None
-           else f"hosts {', '.join(map(str, sorted(set(event.hosts))))} disagree and no majority tells which copy "
-                f"is right ({copies})")
+           else f"hosts {', '.join(map(str, sorted(set(event.hosts))))} disagree and no one host's copies can be "
+                f"told wrong ({copies})")
+    restores = "the next restore (a restart's, or a --resume's) takes" if ended else "restoring"
     if not event.restore_from:
-        restore = "restarting from a fresh start: no earlier step " + (
+        restore = ("the next attempt (a restart, or a --resume) starts afresh" if ended else
+                   "restarting from a fresh start") + ": no earlier step " + (
             "was verified" if event.checked else "was checked in this launch")
     elif event.checked:
-        restore = (f"restoring the newest saved step at or before step {event.restore_from}, the newest step "
+        restore = (f"{restores} the newest saved step at or before step {event.restore_from}, the newest step "
                    f"whose replicas agreed")
     else:
-        restore = (f"restoring the newest saved step before step {event.step} (no earlier step was checked in "
+        restore = (f"{restores} the newest saved step before step {event.step} (no earlier step was checked in "
                    f"this launch)")
     return (f"replica mismatch at step {event.step}: the copies of {event.array}{event.index} differ; {who}. "
             f"Silent data corruption: {restore}")
@@ -125,7 +128,7 @@ class ReplicaWatch(Listener):
             for step in sorted(self.pending):
                 found = find_mismatch(step, self.pending[step])
                 if found is not None:
-                    self._found(ended.attempt, found)
+                    self._found(ended.attempt, found, ended=True)
                     break
         self.pending = {}
 
@@ -154,7 +157,7 @@ class ReplicaWatch(Listener):
                          f"{blame} of {where} disagreed at step {found.step} (silent data corruption); restoring "
                          f"step {self.restore_limit or 'none'} or older", found.step, now)
 
-    def _found(self, attempt: Attempt, found: Mismatch) -> None:
+    def _found(self, attempt: Attempt, found: Mismatch, ended: bool = False) -> None:
         self.mismatch = found
         # No step verified before it in this job (a resumed run): any step before the mismatch may be
         # restored, and no step at or after it.
@@ -166,4 +169,4 @@ class ReplicaWatch(Listener):
             nodes=[nodes[r] if r < len(nodes) else None for r in found.hosts], checksums=found.checksums,
             culprit=found.culprit, restore_from=self.restore_limit, checked=bool(agreed))
         self.record(event)
-        self.tell(replica_message(event))
+        self.tell(replica_message(event, ended))

@@ -90,3 +90,48 @@ def test_a_silent_host_s_node_counts_as_lost_only_once_it_went_on_not_answering(
     group.hosts[1].last_heard = 149.5  # a host that answers polls is no lost node, whatever its raylet's probes
     now[0], answers[1] = 150.0, NodeLiveness.UNKNOWN
     assert group.hosts_nodes(30.0)[1] == NodeLiveness.UNKNOWN
+
+
+def test_ray_s_own_sigterm_handler_gives_way_to_the_launch_s_after_it_connects(monkeypatch):
+    """ray.init puts a SIGTERM handler of its own in the main thread (sys.exit(15)): a SIGTERM while
+    the launch waited for room or wrote its records exited 15 with no line, not 143. The launch's
+    handler is back once ray.init returned; and a connection made before ray.init was interrupted is
+    still this launch's to shut down."""
+    import signal
+
+    from jaxlaunch.launcher.cluster import ray_cluster
+    from jaxlaunch.launcher.configuration.schema import ClusterConfig
+
+    connected, shutdowns = [], []
+
+    def ray_s_handler(signum, frame):
+        raise SystemExit(signum)
+
+    def init(**kwargs):
+        signal.signal(signal.SIGTERM, ray_s_handler)
+        connected.append(True)
+
+    def interrupted_init(**kwargs):
+        connected.append(True)
+        raise KeyboardInterrupt  # after Ray marked itself connected
+
+    def ours(signum, frame):
+        pass
+
+    fake = types.SimpleNamespace(init=init, is_initialized=lambda: bool(connected),
+                                 shutdown=lambda: shutdowns.append(1))
+    monkeypatch.setattr(ray_cluster, "ray", fake)
+    previous = signal.signal(signal.SIGTERM, ours)
+    try:
+        cluster = ray_cluster.RayCluster(ClusterConfig(address="127.0.0.1:6379"), {})
+        cluster.connect()
+        assert signal.getsignal(signal.SIGTERM) is ours
+        connected.clear()
+        fake.init = interrupted_init
+        cluster = ray_cluster.RayCluster(ClusterConfig(address="127.0.0.1:6379"), {})
+        with pytest.raises(KeyboardInterrupt):
+            cluster.connect()
+        cluster.shutdown()
+        assert shutdowns == [1], "the connection made before the interrupt is shut down"
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -48,6 +48,8 @@ def test_copies_on_each_device_of_a_host_are_compared_too():
     assert find_mismatch(10, no_majority).culprit == 1
     alone = {0: ReplicaChecksums(10, ((KERNEL, "[:]", 5), (KERNEL, "[:]", 6)))}
     assert find_mismatch(10, alone).culprit == 0, "one host: its own copies differ"
+    four_each = {r: ReplicaChecksums(10, ((KERNEL, "[:]", 9 if r == 2 else 5),) * 4) for r in range(3)}
+    assert find_mismatch(10, four_each).culprit == 2, "every copy of one host outvoted 8 to 4"
 
 
 def test_the_message_says_which_step_is_restored_at_most():

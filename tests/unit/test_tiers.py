@@ -614,6 +614,9 @@ def test_a_keeper_deletes_other_launches_folders_on_its_node_whose_keeper_is_lon
         assert not gone.exists() and recent.exists() and live.exists() and own.exists()
         assert not tiers.keeper_alive(recent / f"{tiers.ALIVE_PREFIX}node-a")
         assert tiers.keeper_alive(live / f"{tiers.ALIVE_PREFIX}node-a")
+        with monkeypatch.context() as m:  # another user's mark, which this process may not open
+            m.setattr(tiers.os, "open", lambda *a: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
+            assert tiers.keeper_alive(recent / f"{tiers.ALIVE_PREFIX}node-a"), "not this user's to judge"
     finally:
         for fd in fds[2:]:
             os.close(fd)
