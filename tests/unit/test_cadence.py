@@ -191,6 +191,14 @@ def test_steps_slowing_sharply_right_after_an_agreement_keep_durable_saves_near_
     assert saved[0] == saved[1]
 
 
+def test_very_fast_steps_agree_at_most_once_a_second():
+    """1 ms steps: 100 steps between agreements would be a broadcast (about 1 ms) every 0.1 s, 1 % of
+    step time on its own; they are at least MIN_CHECK_S of steps apart."""
+    cfg = CheckpointConfig(persist_max_age_s=600.0)
+    _, _, wire = run(cfg, range(1, 5001), lambda s: 0.001, memory_cost=0.00001, durable_cost=0.01)
+    assert wire.calls <= 1 + 5000 // 1000 + 1, wire.calls
+
+
 def test_after_a_restart_with_durable_saves_overdue_the_cadence_still_settles_on_steady_steps():
     """Restarted at step 1,000 with no durable step: Orbax saves at once after the first agreement,
     and its agreement came before steady steps. It used up the one choice from steady steps, keeping
