@@ -94,18 +94,24 @@ def test_steps_in_which_nobody_worked_say_nothing():
     assert found is not None and found.rank == 1 and 40 not in found.steps and len(found.steps) == STEPS
 
 
-def test_the_watch_records_the_straggler_once_with_its_node_and_every_hosts_busy_time():
+def watched(busy: dict[int, dict[int, float]]):
+    """A watch of 4 hosts on nodes a-d fed `busy` for steps 1-80, a poll every 5 steps: (the watch,
+    the attempt, what it recorded, what it told)."""
     recorded: list[events.Event] = []
     told: list[str] = []
     watch = StragglerWatch(FACTOR, STEPS, recorded.append, told.append)
     attempt = Attempt(number=1, num_hosts=4, mesh={}, started_at=0.0, latest_committed=None,
                       group=GroupInfo("c:1", ["node-a", "node-b", "node-c", "node-d"], [1, 2, 3, 4]))
-    busy = busy_of(4, range(1, 81), slow={30: 3.0})
     hosts = [HostStatus(rank) for rank in range(4)]
-    for first in range(1, 81, 5):  # a poll every 5 steps
+    for first in range(1, 81, 5):
         window = {rank: [(s, busy[rank][s]) for s in range(first, first + 5)] for rank in range(4)}
         records = [{"step": s, "step_time_s": STEP_S} for s in range(first, first + 5)]
         watch.on_poll(None, attempt, GroupPoll(hosts, records, [], {}, [], window))
+    return watch, attempt, recorded, told
+
+
+def test_the_watch_records_the_straggler_once_with_its_node_and_every_hosts_busy_time():
+    watch, attempt, recorded, told = watched(busy_of(4, range(1, 81), slow={30: 3.0}))
     [straggler] = [e for e in recorded if isinstance(e, events.Straggler)]
     assert (straggler.host, straggler.node, straggler.steps) == (1, "node-b", STEPS)
     assert 30 < straggler.last_step < 30 + 30, "named within 30 steps of the slowdown"
@@ -119,18 +125,9 @@ def test_the_watch_records_the_straggler_once_with_its_node_and_every_hosts_busy
 def test_two_slow_hosts_are_each_named_and_the_slowest_left_first():
     """Hosts 1 (3.2x) and 2 (3x) of 4: only the worst was ever named, and host 2 stayed hidden for the
     whole attempt. Each is named once; under `replace` the slowest is offered to leave first."""
-    recorded: list[events.Event] = []
-    told: list[str] = []
-    watch = StragglerWatch(FACTOR, STEPS, recorded.append, told.append)
-    attempt = Attempt(number=1, num_hosts=4, mesh={}, started_at=0.0, latest_committed=None,
-                      group=GroupInfo("c:1", ["node-a", "node-b", "node-c", "node-d"], [1, 2, 3, 4]))
     busy = busy_of(4, range(1, 81), slow={30: 3.2})
     busy[2] = {s: seconds * (3.0 if s >= 30 else 1.0) for s, seconds in busy[2].items()}
-    hosts = [HostStatus(rank) for rank in range(4)]
-    for first in range(1, 81, 5):
-        window = {rank: [(s, busy[rank][s]) for s in range(first, first + 5)] for rank in range(4)}
-        records = [{"step": s, "step_time_s": STEP_S} for s in range(first, first + 5)]
-        watch.on_poll(None, attempt, GroupPoll(hosts, records, [], {}, [], window))
+    watch, attempt, recorded, told = watched(busy)
     named = [e.host for e in recorded if isinstance(e, events.Straggler)]
     assert sorted(named) == [1, 2] and len(told) == 2
     assert watch.replacement(attempt).host == 1
