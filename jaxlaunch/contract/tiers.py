@@ -68,8 +68,12 @@ ALIVE_PREFIX = ".keeper-alive-"
 """A keeper's mark in its launch's folder, `.keeper-alive-<node>`, locked (flock) while it lives."""
 ORPHAN_AFTER_S = 600.0
 """A node's folder whose keeper is gone is another launch's to delete once its mark is this old: its
-keeper touches the mark while it lives (`touch_alive`), and Ray restarts a dead keeper, which takes
+keeper touches the mark while it lives (`keeper_files.Alive.touch`), and Ray restarts a dead keeper, which takes
 its files over, within seconds."""
+
+
+def alive_mark(launch_folder: pathlib.Path, node: str) -> pathlib.Path:
+    return launch_folder / f"{ALIVE_PREFIX}{node}"
 
 
 def hold_alive(launch_folder: pathlib.Path, node: str) -> int:
@@ -81,13 +85,8 @@ def hold_alive(launch_folder: pathlib.Path, node: str) -> int:
     temporary = launch_folder / f"{ALIVE_PREFIX}{node}.{os.getpid()}.tmp"
     fd = os.open(temporary, os.O_CREAT | os.O_RDWR, 0o600)
     fcntl.flock(fd, fcntl.LOCK_EX)
-    os.rename(temporary, launch_folder / f"{ALIVE_PREFIX}{node}")
+    os.rename(temporary, alive_mark(launch_folder, node))
     return fd
-
-
-def touch_alive(launch_folder: pathlib.Path, node: str) -> None:
-    with contextlib.suppress(OSError):
-        os.utime(launch_folder / f"{ALIVE_PREFIX}{node}")
 
 
 def keeper_alive(mark: pathlib.Path) -> bool:

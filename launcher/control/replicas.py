@@ -50,13 +50,16 @@ def find_mismatch(step: int, sums: Mapping[int, ReplicaChecksums]) -> Mismatch |
         if len(set(values)) < 2:
             continue
         ranks = [rank for rank, _ in held]
+        by_rank: dict[int, set[int]] = {}
+        for rank, value in held:
+            by_rank.setdefault(rank, set()).add(value)
         counts = Counter(values).most_common()
         culprit = None
         if len(held) >= 3 and counts[0][1] > len(held) / 2:
-            odd = {rank for rank, value in held if value != counts[0][0]}
-            culprit = odd.pop() if len(odd) == 1 else None  # one host's copies (one or all of them) outvoted
+            odd = [rank for rank, seen in by_rank.items() if seen != {counts[0][0]}]
+            culprit = odd[0] if len(odd) == 1 else None  # one host's copies (one or all of them) outvoted
         if culprit is None:  # a host whose own copies differ holds a wrong one, whatever the others hold
-            split = sorted({r for r in ranks if len({v for rank, v in held if rank == r}) > 1})
+            split = [rank for rank, seen in by_rank.items() if len(seen) > 1]
             culprit = split[0] if len(split) == 1 else None
         return Mismatch(step, array, index, ranks, values, culprit)
     return None

@@ -53,14 +53,6 @@ class SlowHost:
     peers_busy_s: float
 
 
-def find_straggler(busy: Mapping[int, Mapping[int, float]], factor: float, num_steps: int,
-                   step_s: Mapping[int, float], min_share: float = MIN_SHARE,
-                   min_cost: float = MIN_COST_SHARE) -> SlowHost | None:
-    """The straggler that stands out most (`find_stragglers`), or None."""
-    found = find_stragglers(busy, factor, num_steps, step_s, min_share, min_cost)
-    return found[0] if found else None
-
-
 def find_stragglers(busy: Mapping[int, Mapping[int, float]], factor: float, num_steps: int,
                     step_s: Mapping[int, float], min_share: float = MIN_SHARE,
                     min_cost: float = MIN_COST_SHARE) -> list[SlowHost]:

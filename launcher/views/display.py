@@ -192,7 +192,7 @@ class ConsoleView(Listener):
     def on_poll(self, driver: Driver, attempt: Attempt, poll: GroupPoll) -> None:
         for _, event in poll.events:
             if isinstance(event, events.CheckpointFallback):
-                why = (event.error or "unreadable").splitlines()[0] if (event.error or "").strip() else "unreadable"
+                why = next(iter((event.error or "").strip().splitlines()), "unreadable")
                 self.display.message(f"[yellow]checkpoint step {event.step} set aside in "
                                      f"{escape(str(event.moved_to))} ({escape(why)}); an older one "
                                      f"serves[/yellow]")

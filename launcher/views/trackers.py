@@ -153,8 +153,6 @@ class Sender:
         self.save, self.reread, self.warn, self.clock = save, reread, warn, clock
         self.logged_step: int = self.state.get("logged_step", 0)
         self.pending: dict[int, dict[str, Any]] = {}
-        self.newest_attempt = 0
-        """The newest attempt whose records were added (its first one rolled the earlier ones back)."""
         self.rollbacks: dict[int, int] = {}
         """Attempt -> the step it went on from: an earlier attempt's records past it were thrown away."""
         self.overflowed = False
@@ -180,8 +178,7 @@ class Sender:
         with self.cond:
             for record in records:
                 attempt = record.get("attempt") or 0
-                if attempt > self.newest_attempt:  # a later attempt went on from the step before its first
-                    self.newest_attempt = attempt
+                if attempt > max(self.rollbacks, default=0):  # a later attempt went on from the step before its first
                     self._roll_back(attempt, record["step"] - 1)
             for record in records:
                 if record["step"] > self.logged_step and not self._thrown_away(record):

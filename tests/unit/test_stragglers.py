@@ -3,7 +3,7 @@ records it, and the `slow@` injection's form."""
 
 import pytest
 from jaxlaunch.launcher.control.states import Attempt
-from jaxlaunch.launcher.control.stragglers import StragglerWatch, find_straggler, straggler_message
+from jaxlaunch.launcher.control.stragglers import StragglerWatch, find_stragglers, straggler_message
 from jaxlaunch.workers.supervision.faults import FaultHook
 
 from jaxlaunch.contract import events
@@ -27,6 +27,11 @@ def times_of(steps: range, seconds: float = STEP_S) -> dict[int, float]:
 
 
 TIMES = times_of(range(1, 200))
+
+
+def find_straggler(*args):
+    """The straggler that stands out most, or None."""
+    return next(iter(find_stragglers(*args)), None)
 
 
 def busy_of(num_hosts: int, steps: range, slow: dict[int, float] | None = None,

@@ -10,6 +10,7 @@ either the old file or the new one."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -171,7 +172,7 @@ class Alive:
         """The mark deleted, the lock dropped, and the launch's folder removed if nothing else is in it."""
         if self.fd < 0:
             return
-        (self.launch_folder / f"{tiers.ALIVE_PREFIX}{self.node}").unlink(missing_ok=True)
+        tiers.alive_mark(self.launch_folder, self.node).unlink(missing_ok=True)
         os.close(self.fd)
         self.fd = -1
         try:
@@ -182,4 +183,5 @@ class Alive:
     def touch(self) -> None:
         if time.monotonic() - self.touched >= TOUCH_EVERY_S:
             self.touched = time.monotonic()
-            tiers.touch_alive(self.launch_folder, self.node)
+            with contextlib.suppress(OSError):
+                os.utime(tiers.alive_mark(self.launch_folder, self.node))

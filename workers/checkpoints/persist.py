@@ -156,10 +156,10 @@ def structure_of(part: PartHeader, entry: EntryRef | None = None) -> Any:
             log.info("the state's structure names module %s of the entry %s: imported it", err.name, entry)
 
 
-def saved_targets(part: PartHeader, mesh: Mesh, entry: EntryRef | None = None) -> Any:
+def saved_targets(part: PartHeader, mesh: Mesh) -> Any:
     """The state's tree as the part's host saved it, each array a ShapeDtypeStruct with the sharding
     that wrote it (every host agrees on it), each other leaf as it was saved."""
-    layout = SavedLayout.of(part, mesh, entry)
+    layout = SavedLayout.of(part, mesh)
     return layout.targets(layout.agreed())
 
 

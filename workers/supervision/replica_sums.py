@@ -46,17 +46,10 @@ def _replicated_shards(tree: Any, every_shard: bool = False) -> list[tuple[str, 
         plan = _PLANS[layout] = _plan(tree, every_shard)
         while len(_PLANS) > MAX_PLANS:
             del _PLANS[next(iter(_PLANS))]
-    found = []
-    local_shards: dict[int, Any] = {}
-    for position, path, index, local in plan:  # leaves of one layout keep their local shards in one order
-        if position not in local_shards:
-            leaf = leaves[position]
-            if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-                leaf = jax.random.key_data(leaf)  # a typed RNG key (nnx.Rngs) is hashed as its uint32 words
-            # Each device's own copy: `addressable_data` gives one copy for all of a fully replicated array.
-            local_shards = {position: leaf.addressable_shards}
-        found.append((path, index, local_shards[position][local].data))
-    return found
+    # Leaves of one layout keep their local shards in one order. Each device's own copy: `addressable_data`
+    # gives one copy for all of a fully replicated array.
+    shards = {position: _hashable(leaves[position]).addressable_shards for position in {entry[0] for entry in plan}}
+    return [(path, index, shards[position][local].data) for position, path, index, local in plan]
 
 
 MAX_PLANS = 8
@@ -73,8 +66,7 @@ def _plan(tree: Any, every_shard: bool) -> tuple[tuple[int, str, str, int], ...]
     for position, (path, leaf) in enumerate(jax.tree_util.tree_flatten_with_path(tree)[0]):
         if not isinstance(leaf, jax.Array) or leaf.size == 0:
             continue
-        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-            leaf = jax.random.key_data(leaf)
+        leaf = _hashable(leaf)
         holders = collections.Counter(_index_text(index, leaf.shape)
                                       for index in leaf.sharding.devices_indices_map(leaf.shape).values())
         for local, shard in enumerate(leaf.addressable_shards):
@@ -82,6 +74,11 @@ def _plan(tree: Any, every_shard: bool) -> tuple[tuple[int, str, str, int], ...]
             if every_shard or holders[key] > 1:
                 found.append((position, jax.tree_util.keystr(path), key, local))
     return tuple(found)
+
+
+def _hashable(leaf: jax.Array) -> jax.Array:
+    """A typed RNG key (nnx.Rngs) as its uint32 key data, which has bits to hash; any other array as it is."""
+    return jax.random.key_data(leaf) if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key) else leaf
 
 
 def _hash(shard: jax.Array) -> jax.Array:
