@@ -281,7 +281,11 @@ def _build(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref: En
         num_hosts=job.num_hosts, resume=job.resume, entry=str(entry.ref), steps=job.train.steps,
         fingerprint=prepared.fingerprint, cluster=cluster.describe(), pid=os.getpid(),
         ray_supervisor=cluster.instance.supervisor_pid if cluster.instance is not None else None,
-        requested_hosts=None if cluster.embedded else job.max_hosts))
+        requested_hosts=None if cluster.embedded else job.max_hosts, entry_code=prepared.entry_code,
+        changes={name: list(pair) for name, pair in prepared.changes.items()}))
+    if prepared.changes:
+        display.message("this --resume changes the run (--allow-change): " + "; ".join(
+            f"{name} {old!r} -> {new!r}" for name, (old, new) in prepared.changes.items()), soft_wrap=True)
 
     def committed() -> int | None:
         steps = run.committed_steps()

@@ -41,13 +41,14 @@ def changed_keys(saved: Mapping[str, Any] | None, saved_hosts: int | None, num_h
     return per_host_keys(saved)
 
 
-def resume_refusal(keys: list[str], saved_hosts: int, num_hosts: int) -> str:
-    """The one line that refuses a `--resume` on another host count over per-host iterator states."""
+def resume_refusal(keys: list[str], saved_hosts: int, num_hosts: int, fix: str | None = None) -> str:
+    """The one line that refuses a `--resume` on another host count over per-host iterator states;
+    `fix`: what to resume with instead (default --hosts with the saved count)."""
     names = ", ".join(repr(k) for k in keys)
     return (f"--resume on {num_hosts} host(s) would change the data order: extra {names} holds each host's own "
             f"position in its shard, saved by {saved_hosts} host(s), which cannot be split or merged; resume with "
-            f"--hosts {saved_hosts}, or pass --allow-change {ALLOW_KEY} to accept it (an elastic pipeline, "
-            f"jaxlaunch.elastic_iterator, resumes exactly on any host count)")
+            f"{fix or f'--hosts {saved_hosts}'}, or pass --allow-change {ALLOW_KEY} to accept it (an elastic "
+            f"pipeline, jaxlaunch.elastic_iterator, resumes exactly on any host count)")
 
 
 def risk_warning(keys: list[str]) -> str:

@@ -170,7 +170,7 @@ def parse_entry(text: str) -> EntryRef:
     if not target or not function.isidentifier():
         raise ConfigError(f"--entry {text!r}: expected path/to/file.py:function or package.module:function")
     if target.endswith(".py") or os.sep in target:
-        path = pathlib.Path(target).expanduser().absolute()
+        path = pathlib.Path(os.path.normpath(pathlib.Path(target).expanduser().absolute()))
         if path.suffix != ".py":
             raise ConfigError(f"--entry {text!r}: {path.name} is not a Python file (.py): name the .py file")
         if not path.is_file():
@@ -339,6 +339,28 @@ def resolve(text: str) -> Entry:
     ref = parse_entry(text)
     function = load_entry(ref)
     return Entry(ref, function, getattr(function, ENTRY_SPEC_ATTRIBUTE, None) or EntrySpec())
+
+
+CODE_DIGEST_CHARS = 12
+
+
+def code_digest(ref: EntryRef) -> str | None:
+    """A hash of the entry's own file (the file given, or the module's), compared on --resume so that
+    an edited entry does not train on silently; None for a function sent by value (its fingerprint
+    is part of its name) or a module without a file. The files the entry imports are not covered."""
+    if ref.payload is not None:
+        return None
+    path = ref.path
+    if path is None:
+        try:
+            spec = importlib.util.find_spec(ref.module)
+        except (ImportError, ValueError):
+            return None
+        path = spec.origin if spec is not None and spec.has_location else None
+    try:
+        return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()[:CODE_DIGEST_CHARS] if path else None
+    except OSError:
+        return None
 
 
 def from_callable(function: Callable) -> Entry:

@@ -79,6 +79,10 @@ class Launch(Event):
     ray_supervisor: int | None = None
     """The session of the embedded Ray instance's processes (None on an existing cluster)."""
     requested_hosts: int | None = None
+    entry_code: str | None = None
+    """A hash of the entry's file (`entry.code_digest`), to refuse a silent edit on --resume."""
+    changes: dict[str, list[Any]] = dataclasses.field(default_factory=dict)
+    """What this --resume changed about the run, accepted by --allow-change: name -> [before, after]."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -64,6 +64,10 @@ class PreparedJob:
     """The run directory did not exist before this launch (remove it if the launch is refused)."""
     announce: str = ""
     """The line that says, at the start, where the run is."""
+    entry_code: str | None = None
+    """A hash of the entry's file (`entry.code_digest`)."""
+    changes: Mapping[str, tuple[Any, Any]] = dataclasses.field(default_factory=dict)
+    """What this --resume changes about the run, accepted by --allow-change: name -> (before, after)."""
 
 
 def prepare(given: Mapping[str, Any], entry_args: Sequence[str] = (), typed: JobConfig | None = None,
@@ -96,12 +100,20 @@ def prepare(given: Mapping[str, Any], entry_args: Sequence[str] = (), typed: Job
     check_run_path(run_dir, bool(launch.resume))
     resume = _resume_mode(launch.resume, run)
     saved = _saved_job(run) if resume else None
+    launches = [e for e in run.events() if isinstance(e, events.Launch)] if saved is not None else []
     job = saved or JobConfig()
+    if launches and launches[-1].entry and "entry" not in changes and "entry" not in file_data \
+            and entry_lib.sent_by_value(launches[-1].entry) is None:
+        # The file the run's last launch found, wherever this one starts: a run written before entries
+        # were saved resolved kept a relative path, which another working directory would find elsewhere.
+        job = dataclasses.replace(job, entry=launches[-1].entry)
     if launch.config_file is not None:
         job = apply(job, file_data, launch.config_file)
     job = override(job, run_dir=run_dir, resume=resume, **changes)
     validate(job, launch)
     entry = found if found is not None and str(found.ref) == job.entry else entry_lib.resolve(job.entry)
+    if entry.ref.payload is None:
+        job = dataclasses.replace(job, entry=str(entry.ref))  # saved resolved: the same file from any folder
     declared = entry_settings(entry, entry_args, entry_keywords)
     kept = job.config
     if saved is not None and entry.spec.defaults is not None:
@@ -114,11 +126,20 @@ def prepare(given: Mapping[str, Any], entry_args: Sequence[str] = (), typed: Job
         job = override(job, **{"train.schedule_steps": job.train.steps})
     entry.check(settings, job.mesh_for(job.num_hosts))
     fingerprint = entry.fingerprint(settings)
+    code = entry_lib.code_digest(entry.ref)
+    accepted: dict[str, tuple[Any, Any]] = {}
     if saved is not None:
-        _refuse_silent_changes(run, saved, job, fingerprint, launch.allow_change)
+        _refuse_steps_behind(run, job)
+        accepted = _refuse_silent_changes(launches[-1] if launches else None, saved, job, fingerprint, code,
+                                          launch.allow_change)
         if data_order.ALLOW_KEY not in launch.allow_change:
-            _refuse_data_order_change(run, job.num_hosts)
-    return PreparedJob(job, entry, fingerprint, launch.inject, launch.chaos, not run.exists(), announce)
+            for hosts in _first_host_counts(saved, job):
+                _refuse_data_order_change(run, hosts, None if hosts == job.num_hosts else
+                                          f"--max-hosts {saved.max_hosts} and --min-hosts {saved.min_hosts} "
+                                          f"(this launch's range {job.min_hosts}-{job.max_hosts} may start on "
+                                          f"{hosts})")
+    return PreparedJob(job, entry, fingerprint, launch.inject, launch.chaos, not run.exists(), announce,
+                       code, accepted)
 
 
 def _without_gone(saved: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
@@ -265,12 +286,21 @@ def _saved_job(run: RunDir) -> JobConfig:
                           f"start a new --run-dir") from None
 
 
-def _refuse_silent_changes(run: RunDir, saved: JobConfig, job: JobConfig, fingerprint: Any,
-                           allowed: Sequence[str]) -> None:
+def _refuse_silent_changes(last: events.Launch | None, saved: JobConfig, job: JobConfig, fingerprint: Any,
+                           code: str | None, allowed: Sequence[str]) -> dict[str, tuple[Any, Any]]:
+    """Refuses a change to what the run computes unless `allowed` names it; returns the changes
+    accepted. The entry is compared as the file or module it resolved to (the run's last launch
+    recorded it), and by its file's content."""
     changes = run_changes(saved, job)
-    launches = [e for e in run.events() if isinstance(e, events.Launch)]
-    old_print = launches[-1].fingerprint if launches else None
-    if launches and fingerprint != old_print and (old_print is not None or fingerprint is not None):
+    old_entry = last.entry if last is not None and last.entry else saved.entry
+    changes.pop("entry", None)
+    if old_entry != job.entry:
+        changes = {"entry": (old_entry, job.entry), **changes}
+    elif last is not None and last.entry_code is not None and code is not None and last.entry_code != code:
+        changes = {"entry": (f"{old_entry} (file {last.entry_code})", f"{job.entry} (file {code}, edited)"),
+                   **changes}
+    old_print = last.fingerprint if last is not None else None
+    if last is not None and fingerprint != old_print and (old_print is not None or fingerprint is not None):
         changes["fingerprint"] = (old_print, fingerprint)
     refused = {k: v for k, v in changes.items() if k not in allowed}
     if refused:
@@ -280,9 +310,28 @@ def _refuse_silent_changes(run: RunDir, saved: JobConfig, job: JobConfig, finger
         more = f" (and {', '.join(list(refused)[1:])})" if len(refused) > 1 else ""
         raise ConfigError(f"--resume would change the run: {what}{more}; pass --allow-change {first} to accept "
                           f"it, or leave it out to continue unchanged")
+    return changes
 
 
-def _refuse_data_order_change(run: RunDir, num_hosts: int) -> None:
+def _refuse_steps_behind(run: RunDir, job: JobConfig) -> None:
+    """A --resume to fewer steps than the run has committed would train nothing and rewrite the run's
+    length for the next --resume."""
+    steps = run.committed_steps()
+    if steps and job.train.steps < steps[0]:
+        raise ConfigError(f"--resume --steps {job.train.steps}: the run has already committed step {steps[0]}; "
+                          f"pass --steps above {steps[0]} to train on, or leave --steps out")
+
+
+def _first_host_counts(saved: JobConfig, job: JobConfig) -> list[int]:
+    """The host counts this launch's first attempt may take that the run's saved range did not offer
+    (the largest that fits and is free, up to --max-hosts), and --hosts: a per-host data position
+    cannot follow any of them."""
+    before = range(saved.min_hosts, saved.max_hosts + 1)
+    wider = [n for n in range(job.min_hosts, job.max_hosts + 1) if n not in before and n != job.num_hosts]
+    return [job.num_hosts, *wider]
+
+
+def _refuse_data_order_change(run: RunDir, num_hosts: int, fix: str | None = None) -> None:
     """Per-host iterator states of the newest committed step cannot be split or merged over another
     host count: refused, naming them (`jaxlaunch.contract.data_order`)."""
     steps = run.committed_steps()
@@ -297,4 +346,4 @@ def _refuse_data_order_change(run: RunDir, num_hosts: int) -> None:
         return  # a step whose record is not a launcher's: its restore says what is wrong with it
     keys = data_order.changed_keys(first, saved_hosts, num_hosts)
     if keys and saved_hosts is not None:
-        raise ConfigError(data_order.resume_refusal(keys, int(saved_hosts), num_hosts))
+        raise ConfigError(data_order.resume_refusal(keys, int(saved_hosts), num_hosts, fix))

@@ -133,3 +133,17 @@ def test_the_fingerprint_depends_on_the_rows_not_their_order_or_sharding():
     swapped = x.copy()
     swapped[3, [0, 1]] = swapped[3, [1, 0]]
     assert int(batch_fingerprint((swapped, y))) != value, "the position inside a row counts"
+
+
+def test_a_resume_whose_host_range_could_start_it_on_another_count_is_refused_unless_allowed(tmp_path):
+    """--max-hosts would let the first attempt start on as many hosts as are free: the refusal covers
+    every count the wider range adds, not only --hosts."""
+    saved_run(tmp_path, 2, PER_HOST)
+    resume = {"run_dir": str(tmp_path / "run"), "resume": True}
+    with pytest.raises(ConfigError, match=r"^--resume on \d host\(s\) would change the data order: .* resume with "
+                                          r"--max-hosts 2 and --min-hosts 2 \(this launch's range 2-4 may start on "
+                                          r"\d\), or pass --allow-change data_order"):
+        prepare({**resume, "hosts": 2, "max_hosts": 4})
+    assert prepare({**resume, "max_hosts": 4, "allow_change": ["data_order"]}).job.max_hosts == 4
+    saved_run(tmp_path / "elastic", 2, ELASTIC)
+    assert prepare({"run_dir": str(tmp_path / "elastic" / "run"), "resume": True, "max_hosts": 4}).job.max_hosts == 4

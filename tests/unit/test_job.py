@@ -12,6 +12,7 @@ from jaxlaunch.launcher.records.runs import RunDir
 
 from jaxlaunch.contract import entry as entry_lib
 from jaxlaunch.contract import events
+from jaxlaunch.contract.layout import CHECKPOINT_COMMIT_MARKER
 from jaxlaunch.contract.protocol import ConfigError
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -64,7 +65,8 @@ def test_bad_settings_are_refused_with_the_fix(tmp_path, changes, message):
 
 def test_a_user_entry_without_declared_settings_takes_any(tmp_path):
     job = prepare(options(tmp_path, entry=str(ROOT / "examples" / "minimal.py"), config={"anything": 3})).job
-    assert job.config == {"anything": 3} and job.entry.endswith("minimal.py")
+    assert job.config == {"anything": 3}
+    assert job.entry == f"{ROOT / 'examples' / 'minimal.py'}:main", "saved resolved: the same file from any folder"
 
 
 def test_entries_that_cannot_run_are_refused_before_anything_starts(tmp_path):
@@ -393,3 +395,69 @@ def test_a_file_entry_edited_between_two_launches_in_one_process_is_imported_aga
     os.utime(entry, ns=(entry.stat().st_atime_ns, entry.stat().st_mtime_ns + 1_000_000))  # a later edit
     second = prepare({"entry": f"{entry}:main", "run_dir": str(tmp_path / "run2"), "config": {"b": 3}})
     assert second.job.config == {"a": 1, "b": 3}
+
+
+def launched(path: pathlib.Path, prepared) -> RunDir:
+    """A run directory as a launch of `prepared` leaves it (`runner`: config.json and the launch event)."""
+    run = RunDir(path)
+    run.create()
+    run.save_config(prepared.job.to_dict())
+    run.event(events.Launch(entry=str(prepared.entry.ref), entry_code=prepared.entry_code,
+                            fingerprint=prepared.fingerprint))
+    return run
+
+
+def entry_file(folder: pathlib.Path, body: str = "    return None\n") -> pathlib.Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "train.py"
+    path.write_text(f"def main(ctx):\n{body}")
+    return path
+
+
+def test_a_resume_from_another_folder_runs_the_file_the_run_started_with(tmp_path, monkeypatch):
+    first = entry_file(tmp_path / "project")
+    entry_file(tmp_path / "elsewhere", "    raise SystemExit('the wrong file')\n")
+    monkeypatch.chdir(tmp_path / "project")
+    run = launched(tmp_path / "run", prepare(options(tmp_path, entry="train.py")))
+    # A run written before entries were saved resolved kept the text as given, relative.
+    run.save_config({**run.load_config(), "entry": "train.py"})
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert prepare(options(tmp_path, resume=True)).job.entry == f"{first}:main"
+    for same in (str(first), f"{first}:main", "../project/train.py:main"):
+        assert prepare(options(tmp_path, resume=True, entry=same)).job.entry == f"{first}:main", same
+    with pytest.raises(ConfigError, match=r"would change the run: entry '.*project/train.py:main' -> "
+                                          r"'.*elsewhere/train.py:main'; pass --allow-change entry"):
+        prepare(options(tmp_path, resume=True, entry="train.py"))
+
+
+def test_an_edited_entry_file_is_refused_on_resume_and_an_accepted_edit_is_returned_to_be_recorded(tmp_path):
+    path = entry_file(tmp_path / "project")
+    launched(tmp_path / "run", prepare(options(tmp_path, entry=str(path))))
+    assert not prepare(options(tmp_path, resume=True)).changes, "unchanged: nothing to record"
+    path.write_text("def main(ctx):\n    return 1  # edited\n")
+    with pytest.raises(ConfigError, match=r"would change the run: entry '.*train.py:main \(file [0-9a-f]{12}\)' -> "
+                                          r"'.*train.py:main \(file [0-9a-f]{12}, edited\)'; pass --allow-change entry"):
+        prepare(options(tmp_path, resume=True))
+    accepted = prepare(options(tmp_path, resume=True, allow_change=["entry"]))
+    assert list(accepted.changes) == ["entry"] and accepted.changes["entry"][1].endswith(", edited)")
+
+
+def test_a_change_accepted_on_resume_is_returned_to_be_recorded_before_and_after(tmp_path):
+    launched(tmp_path / "run", prepare(options(tmp_path, seed=0)))
+    accepted = prepare(options(tmp_path, resume=True, seed=1, allow_change=["seed"]))
+    assert dict(accepted.changes) == {"seed": (0, 1)}
+    back = events.parse_event(json.loads(json.dumps(events.Launch(changes={"seed": [0, 1]}).to_dict())))
+    assert back.changes == {"seed": [0, 1]}, "the launch event carries it"
+
+
+def test_a_resume_to_fewer_steps_than_the_run_committed_is_refused_and_rewrites_nothing(tmp_path):
+    run = launched(tmp_path / "run", prepare(options(tmp_path, steps=100)))
+    step = tmp_path / "run" / "checkpoints" / "60"
+    step.mkdir(parents=True)
+    (step / CHECKPOINT_COMMIT_MARKER).write_text("{}")
+    before = run.config_path.read_bytes()
+    with pytest.raises(ConfigError, match=r"^--resume --steps 30: the run has already committed step 60; pass "
+                                          r"--steps above 60 to train on, or leave --steps out$"):
+        prepare(options(tmp_path, resume=True, steps=30))
+    assert run.config_path.read_bytes() == before
+    assert prepare(options(tmp_path, resume=True, steps=60)).job.train.steps == 60
