@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from jaxlaunch.launcher.records import goodput
@@ -132,12 +132,26 @@ def load_history(run: RunDir, until: float | None = None) -> History:
         if record["step"] in last:
             recomputed.append(last[record["step"]])
         last[record["step"]] = record
-    return History(evts, attempts(evts), {s: last[s] for s in sorted(last)}, recomputed,
-                   goodput.split_wall_time(evts, metrics, until))
+    return History(evts, attempts(evts, reached_steps(metrics, run.injections())), {s: last[s] for s in sorted(last)},
+                   recomputed, goodput.split_wall_time(evts, metrics, until))
 
 
-def attempts(evts: list[Event]) -> list[AttemptRecord]:
-    """The attempt table of a run's events."""
+def reached_steps(metrics: Sequence[Mapping[str, Any]], injections: Sequence[Mapping[str, Any]]) -> dict[int, int]:
+    """Per attempt, the newest step a record shows it reached: its metric records (also those a later
+    attempt's restore brought back, from a checkpoint the driver never heard of before the host
+    died) and the failures it injected. The driver's own view ends at its last poll, which steps of
+    milliseconds outrun."""
+    reached: dict[int, int] = {}
+    for record in (*metrics, *injections):
+        attempt, step = record.get("attempt"), record.get("step")
+        if isinstance(attempt, int) and isinstance(step, int):
+            reached[attempt] = max(step, reached.get(attempt, step))
+    return reached
+
+
+def attempts(evts: list[Event], reached: Mapping[int, int] | None = None) -> list[AttemptRecord]:
+    """The attempt table of a run's events; `reached`: per attempt, a step its records show it
+    reached (`reached_steps`), which a step the driver last saw, or a failure's, is never behind."""
     rows: dict[int, dict[str, Any]] = {}
     for e in evts:
         number = getattr(e, "attempt", None)
@@ -158,6 +172,15 @@ def attempts(evts: list[Event]) -> list[AttemptRecord]:
                        returned=e.returned)
             if e.mesh:
                 row["mesh"] = e.mesh
+    for number, step in (reached or {}).items():
+        row = rows.get(number)
+        if row is None or "ended" not in row:
+            continue  # an attempt still running: its records are what the live view shows
+        row["last_step"] = max(step, row.get("last_step") or step)
+        if row.get("failed_step") is not None:
+            row["failed_step"] = max(step, row["failed_step"])
+        if row.get("first_step") is None and step > (row.get("restored_step") or 0):
+            row["first_step"] = (row.get("restored_step") or 0) + 1
     return [AttemptRecord(**rows[n]) for n in sorted(rows)]
 
 

@@ -409,3 +409,29 @@ def test_the_recorder_holds_a_few_ranges_however_many_steps_a_run_records():
     recorded.update(range(1_000_101, 1_000_201))  # records of a later launch; 1,000,001-1,000,100 never came
     assert list(zip(recorded.firsts, recorded.lasts, strict=True)) == [(1, 1_000_000), (1_000_101, 1_000_200)]
     assert 1_000_050 not in recorded and 1_000_150 in recorded and 0 not in recorded
+
+
+def test_an_attempt_s_steps_and_its_failure_s_step_are_what_its_records_show_not_the_driver_s_last_poll(tmp_path):
+    """Steps of milliseconds outrun the driver's polls: it last saw step 3, yet the host had saved
+    step 24 (whose records a restore brought back) and killed itself at step 30."""
+    run = RunDir(tmp_path)
+    run.create()
+    t = 1000.0
+    for event in [
+        events.Launch(time=t),
+        events.AttemptStarted(attempt=1, num_hosts=2, time=t + 1),
+        events.Failure(attempt=1, cause=FailureKind.CRASHED, host=0, step=3, time=t + 3),
+        events.AttemptEnded(attempt=1, cause=FailureKind.CRASHED, host=0, first_step=1, last_step=3, time=t + 3),
+        events.AttemptStarted(attempt=2, num_hosts=2, time=t + 4),
+        events.Restored(attempt=2, step=24, seconds=0.1, time=t + 5),
+    ]:
+        run.event(event)
+    run.metrics([{"step": s, "loss": 1.0, "attempt": 1, "time": t + 2} for s in range(1, 25)]
+                + [{"step": s, "loss": 1.0, "attempt": 2, "time": t + 6} for s in range(25, 31)])
+    run.record_injection({"kind": "kill", "attempt": 1, "rank": 0, "step": 30, "time": t + 2.5})
+    first, second = history.load_history(run).attempts
+    assert (first.first_step, first.last_step, first.failed_step) == (1, 30, 30)
+    assert (second.first_step, second.last_step) == (None, None), "a running attempt is the live view's"
+    out = Console(record=True, width=120)
+    report.print_attempts([first], out)
+    assert "1..30" in out.export_text()
