@@ -24,6 +24,7 @@ from jaxlaunch.launcher.exit_codes import (
 )
 from jaxlaunch.launcher.views.display import error
 
+from jaxlaunch.contract import events, layout
 from jaxlaunch.contract.entry import BUILTIN_ENTRY
 from jaxlaunch.contract.protocol import ConfigError
 from jaxlaunch.contract.storage import RunStorageError
@@ -52,6 +53,15 @@ def report(run_dir: Annotated[str, cyclopts.Parameter(help="the run directory")]
     run.store.check()
     if not run.has_records():
         raise ConfigError(f"{run_dir} is not a run directory (no events.jsonl); pass the --run-dir of a launch")
+    quiet = logging.getLogger(layout.__name__)  # a file of noise is one line, not a warning per torn line
+    level, _ = quiet.level, quiet.setLevel(logging.ERROR)
+    try:
+        launched = any(isinstance(e, events.Launch) for e in run.events())
+    finally:
+        quiet.setLevel(level)
+    if not launched:
+        raise ConfigError(f"{run_dir} is not a run directory (its events.jsonl records no launch); pass the --run-dir "
+                          f"of a launch")
     try:
         print(f"wrote {report_lib.write(run_dir)}")
     except IsADirectoryError as err:  # a folder where the report or a record should be: a run made by hand

@@ -41,6 +41,20 @@ def test_a_line_whose_time_is_not_a_number_is_skipped_and_a_report_of_the_rest_i
     assert sorted(p.name for p in tmp_path.iterdir()) == ["events.jsonl", "report.png"], "no temporary file left"
 
 
+@pytest.mark.parametrize("content", [b"", bytes(range(256)) * 8, b'{"event": "zzz", "time": 1}\nnot json\n'])
+def test_a_report_of_a_folder_whose_events_record_no_launch_is_one_line_and_writes_nothing(tmp_path, capsys,
+                                                                                           content):
+    from jaxlaunch.launcher import cli
+
+    (tmp_path / "events.jsonl").write_bytes(content)
+    assert cli.main(["report", str(tmp_path)]) == 2
+    out = capsys.readouterr()
+    assert (out.out + out.err).strip().splitlines() == [
+        f"error: {tmp_path} is not a run directory (its events.jsonl records no launch); pass the --run-dir of "
+        f"a launch"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["events.jsonl"]
+
+
 def test_appending_after_a_torn_line_starts_a_new_line(tmp_path):
     run = RunDir(tmp_path)
     run.events_path.write_text('{"event": "launch", "time": 1}\n{"event": "torn')
