@@ -54,7 +54,8 @@ def report(run_dir: Annotated[str, cyclopts.Parameter(help="the run directory")]
     if not run.has_records():
         raise ConfigError(f"{run_dir} is not a run directory (no events.jsonl); pass the --run-dir of a launch")
     quiet = logging.getLogger(layout.__name__)  # a file of noise is one line, not a warning per torn line
-    level, _ = quiet.level, quiet.setLevel(logging.ERROR)
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         launched = any(isinstance(e, events.Launch) for e in run.events())
     finally:

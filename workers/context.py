@@ -17,6 +17,7 @@ Every host runs the same function; the calls that touch checkpoints (`restore_or
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
 import numbers
@@ -409,6 +410,15 @@ class HostContext:
             "topology": {"num_hosts": self.process_count, "num_devices": jax.device_count(),
                          "mesh": dict(self.mesh.shape)},
         }
+
+    def _after_error(self) -> None:
+        """After the user's function raised: the reported steps whose results are in go to the driver
+        as after a return (the steps that led to the error); a step still computing is left, as the
+        error may have left the device waiting in a collective for good."""
+        ready = list(itertools.takewhile(lambda r: self._ready(list(r.values())), self._pending))
+        if ready:
+            self._read_back(upto=ready[-1]["step"])
+            self._flush_metrics(before=ready[-1]["step"] + 1)
 
     def _finish(self, returned: Any) -> HostResult:
         """After the user's function returned: the last records, the wait for pending saves."""

@@ -132,6 +132,7 @@ class HostActor:
         from jaxlaunch.contract import entry as entry_lib
 
         log = logging.getLogger(__name__)
+        ctx = None
         try:
             self.progress.enter(Phase.INITIALIZING)
             if spec.compilation_cache:
@@ -163,6 +164,11 @@ class HostActor:
         except (Exception, SystemExit) as err:  # sys.exit() in the entry (argparse, absl) is its error too
             text = traceback.format_exc()
             log.error("host failed:\n%s", text)
+            if ctx is not None:
+                try:
+                    ctx._after_error()
+                except Exception as late:  # noqa: BLE001 - the error to report is the user's
+                    log.warning("the records of the steps before the error were not sent: %s", late)
             kind = runtime.error_kind(err)
             raise HostError(spec.rank, self.progress.step, kind, type(err).__name__, str(err), text,
                             self.progress.phase) from None

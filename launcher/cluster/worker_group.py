@@ -36,6 +36,7 @@ from jaxlaunch.contract.protocol import (
     HostError,
     HostExit,
     HostResult,
+    HostSnapshot,
     HostSpec,
     HostStatus,
     Injection,
@@ -49,6 +50,8 @@ from jaxlaunch.contract.protocol import (
 
 log = logging.getLogger(__name__)
 ACTOR_CALL_TIMEOUT_S = 120.0
+LAST_POLL_TIMEOUT_S = 10.0
+"""For the records a host holds after its code raised: a live process answers in milliseconds."""
 STACK_DUMP_TIMEOUT_S = 20.0
 STOP_CALL_TIMEOUT_S = 5.0
 """How long a stop proposal or confirmation waits for the hosts' monitor threads (they answer at once)."""
@@ -171,20 +174,20 @@ class RayWorkerGroup:
                 result: HostResult = ray.get(ref)
             except Exception as err:  # noqa: BLE001 - every way a host can end is translated
                 self.exits[rank] = self._exit(rank, err, now)
-                continue
-            snapshots = [result.final_snapshot]
-            if rank in self.poll_refs:  # a poll in flight may hold records drained before the end
-                try:
-                    snapshots.insert(0, ray.get(self.poll_refs.pop(rank), timeout=ACTOR_CALL_TIMEOUT_S))
-                except Exception as err:  # noqa: BLE001
-                    log.debug("last poll of host %d lost: %s", rank, err)
+                if self.exits[rank].how != ExitHow.RAISED:
+                    continue
+                # The process lives on after its code raised: the records of its last steps, made
+                # since the last poll, are the ones that show what led to the error.
+                snapshots = self._last_polls(rank, self.actors[rank].poll.remote())
+            else:
+                snapshots = [*self._last_polls(rank), result.final_snapshot]
+                self.results[rank] = result
             for snapshot in snapshots:
                 records += snapshot.records
                 events += [(rank, e) for e in snapshot.events if rank == 0 or e.per_host]
                 busy.setdefault(rank, []).extend(snapshot.busy)
                 checksums.setdefault(rank, []).extend(snapshot.checksums)
                 self.hosts[rank].heard_committed(snapshot.committed)
-            self.results[rank] = result
         self._refresh_liveness()
         if self.standby is not None and not self.replenished and all(h.past_first_step for h in self.hosts):
             # Only once every first step ran: the spares' imports would slow this group's start-up.
@@ -198,6 +201,18 @@ class RayWorkerGroup:
             self.keepers.heard((event for _, event in events), self.attempt)
         return GroupPoll(self.hosts, records, events, dict(self.results), list(self.exits.values()), busy,
                          notices=notices, checksums=checksums)
+
+    def _last_polls(self, rank: int, *more: ray.ObjectRef) -> list[HostSnapshot]:
+        """A host's poll in flight as it ended (it may hold records drained before the end), then `more`
+        (answered at once by a live process: its monitor group does not wait for the training thread)."""
+        refs = [self.poll_refs.pop(rank)] if rank in self.poll_refs else []
+        snapshots = []
+        for ref in (*refs, *more):
+            try:
+                snapshots.append(ray.get(ref, timeout=ACTOR_CALL_TIMEOUT_S if ref in refs else LAST_POLL_TIMEOUT_S))
+            except Exception as err:  # noqa: BLE001
+                log.debug("last poll of host %d lost: %s", rank, err)
+        return snapshots
 
     def _exit(self, rank: int, err: Exception, now: float) -> HostExit:
         step = self.hosts[rank].step

@@ -173,9 +173,9 @@ def attempts(evts: list[Event], reached: Mapping[int, int] | None = None) -> lis
             if e.mesh:
                 row["mesh"] = e.mesh
     for number, step in (reached or {}).items():
-        row = rows.get(number)
-        if row is None or "ended" not in row:
+        if "ended" not in rows.get(number, {}):
             continue  # an attempt still running: its records are what the live view shows
+        row = rows[number]
         row["last_step"] = max(step, row.get("last_step") or step)
         if row.get("failed_step") is not None:
             row["failed_step"] = max(step, row["failed_step"])

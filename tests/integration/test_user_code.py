@@ -24,6 +24,7 @@ from tests.integration.helpers import (
     host_pids,
     last_step,
     launch,
+    read_jsonl,
     signal_after,
     start,
     summary,
@@ -203,6 +204,32 @@ def test_an_exception_in_user_code_reaches_the_terminal_and_twice_stops_the_job(
     failure = events(run_dir, "failure")[0]
     assert failure["message"] == "RuntimeError: reading my data timed out (UNAVAILABLE)"
     assert "train.py" in failure["traceback"]
+
+
+def test_the_records_of_the_steps_before_an_exception_reach_the_run_however_fast_the_steps(tmp_path):
+    """Steps of microseconds raise at step 150, far between two of the driver's polls: the records of
+    every step up to it are the run's (a loss that went wrong before the error is seen), and the
+    attempt table says where each attempt got."""
+    entry = tmp_path / "diverges.py"
+    entry.write_text(
+        "import jax.numpy as jnp\n\n\n"
+        "def main(ctx):\n"
+        "    state, start = ctx.restore_or_init(lambda: {'loss': jnp.zeros(())})\n"
+        "    loss = state['loss']\n"
+        "    for step in range(start + 1, ctx.steps + 1):\n"
+        "        loss = loss + 1.0\n"
+        "        ctx.report(step, loss=loss)\n"
+        "        if step == 150:\n"
+        "            raise FloatingPointError(f'the loss diverged at step {step}')\n")
+    run_dir = tmp_path / "run"
+    result = launch("--entry", str(entry), "--hosts", "2", "--steps", "400", "--run-dir", str(run_dir))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "the same exception at step 150 on two attempts" in result.stderr, result.stderr
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    for attempt in (1, 2):
+        steps = sorted(r["step"] for r in records if r["attempt"] == attempt)
+        assert steps == list(range(1, 151)), (attempt, steps[-3:])
+    assert [(a["first_step"], a["last_step"]) for a in attempts(run_dir)] == [(1, 150), (1, 150)]
 
 
 def test_the_user_s_own_pytest_with_jaxlaunch_launch(tmp_path):

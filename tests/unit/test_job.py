@@ -435,8 +435,9 @@ def test_an_edited_entry_file_is_refused_on_resume_and_an_accepted_edit_is_retur
     launched(tmp_path / "run", prepare(options(tmp_path, entry=str(path))))
     assert not prepare(options(tmp_path, resume=True)).changes, "unchanged: nothing to record"
     path.write_text("def main(ctx):\n    return 1  # edited\n")
-    with pytest.raises(ConfigError, match=r"would change the run: entry '.*train.py:main \(file [0-9a-f]{12}\)' -> "
-                                          r"'.*train.py:main \(file [0-9a-f]{12}, edited\)'; pass --allow-change entry"):
+    with pytest.raises(ConfigError, match=r"would change the run: entry '.*train.py:main \(file [0-9a-f]{12}\)' "
+                                          r"-> '.*train.py:main \(file [0-9a-f]{12}, edited\)'; pass "
+                                          r"--allow-change entry"):
         prepare(options(tmp_path, resume=True))
     accepted = prepare(options(tmp_path, resume=True, allow_change=["entry"]))
     assert list(accepted.changes) == ["entry"] and accepted.changes["entry"][1].endswith(", edited)")
