@@ -18,11 +18,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import json
 import logging
 import numbers
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -458,10 +457,23 @@ def _to_python(value: Any) -> Any:
 
 
 def _json_value(value: Any) -> Any:
-    """What a function returned, if it is plain data the driver can show."""
-    try:
-        json.dumps(value, allow_nan=True)
+    """What a function returned, as plain data the driver can show: JAX and NumPy scalars as Python
+    numbers, mappings and sequences item by item, and anything else named in its place (never
+    dropped without a word)."""
+    if value is None or isinstance(value, bool | str | int | float):
         return value
-    except (TypeError, ValueError):
-        return None
+    if isinstance(value, Mapping):
+        return {k if isinstance(k, str | int | float | bool) or k is None else repr(k): _json_value(v)
+                for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_value(v) for v in value]
+    shape = getattr(value, "shape", None)
+    if isinstance(value, jax.Array | np.ndarray | np.generic | numbers.Real) and not shape:
+        try:
+            return _to_python(value)
+        except Exception:  # noqa: BLE001 - e.g. a scalar other processes hold: named instead
+            pass
+    kind = "jax.Array" if isinstance(value, jax.Array) else f"{type(value).__module__}.{type(value).__qualname__}"
+    dtype = getattr(value, "dtype", None)
+    return f"<not plain data: {kind}{f' {dtype}{list(shape)}' if shape is not None and dtype is not None else ''}>"
 

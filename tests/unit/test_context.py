@@ -387,3 +387,14 @@ def test_sys_exit_in_the_entry_is_the_entry_s_error_not_a_crash(tmp_path, monkey
         actor.run(spec)
     assert raised.value.kind == ErrorKind.USER and raised.value.exception_type == "SystemExit"
     assert "unrecognized arguments: --lr" in raised.value.message
+
+
+def test_what_the_function_returns_reaches_the_driver_as_plain_data_and_nothing_is_dropped_silently(tmp_path):
+    """A final loss as a JAX scalar is a number; what is not plain data is named in its place (it
+    came back as None, the whole value lost without a word)."""
+    ctx, _ = make_ctx(tmp_path, 1)
+    returned = {"loss": jnp.float32(0.5), "steps": np.int64(3), "table": np.ones(3), 7: [jnp.ones((2, 2)), ("a", None)],
+                "model": object()}
+    assert ctx._finish(returned).returned == {
+        "loss": 0.5, "steps": 3, "table": "<not plain data: numpy.ndarray float64[3]>",
+        7: ["<not plain data: jax.Array float32[2, 2]>", ["a", None]], "model": "<not plain data: builtins.object>"}
