@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import math
 import numbers
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -456,24 +457,30 @@ def _to_python(value: Any) -> Any:
     return value
 
 
-def _json_value(value: Any) -> Any:
-    """What a function returned, as plain data the driver can show: JAX and NumPy scalars as Python
-    numbers, mappings and sequences item by item, and anything else named in its place (never
-    dropped without a word)."""
-    if value is None or isinstance(value, bool | str | int | float):
+def _json_value(value: Any, seen: frozenset[int] = frozenset()) -> Any:
+    """What a function returned, as plain data the driver can write: JAX and NumPy scalars as Python
+    numbers (not finite: None, as in metrics.jsonl), mappings and sequences item by item, and anything
+    else named in its place (never dropped without a word)."""
+    if value is None or isinstance(value, bool | str | int):
         return value
-    if isinstance(value, Mapping):
-        return {k if isinstance(k, str | int | float | bool) or k is None else repr(k): _json_value(v)
-                for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_value(v) for v in value]
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping | list | tuple):
+        if id(value) in seen:
+            return "<not plain data: it contains itself>"
+        inner = seen | {id(value)}
+        if isinstance(value, Mapping):
+            return {k if isinstance(k, str | int | float | bool) or k is None else repr(k): _json_value(v, inner)
+                    for k, v in value.items()}
+        return [_json_value(v, inner) for v in value]
     shape = getattr(value, "shape", None)
     if isinstance(value, jax.Array | np.ndarray | np.generic | numbers.Real) and not shape:
         try:
-            return _to_python(value)
+            number = _to_python(value)
         except Exception:  # noqa: BLE001 - e.g. a scalar other processes hold: named instead
-            pass
+            number = None
+        if isinstance(number, bool | int | float):
+            return _json_value(number)
     kind = "jax.Array" if isinstance(value, jax.Array) else f"{type(value).__module__}.{type(value).__qualname__}"
     dtype = getattr(value, "dtype", None)
     return f"<not plain data: {kind}{f' {dtype}{list(shape)}' if shape is not None and dtype is not None else ''}>"
-

@@ -159,18 +159,43 @@ def sent_by_value(text: str) -> str | None:
     return match["function"].split(".")[-1] if match else None
 
 
+def _split(text: str) -> tuple[str, str, pathlib.Path | None]:
+    """An entry's text as (target, function, the file's absolute path for a file entry). A path with
+    ".." is resolved as the system opens it (through symbolic links), others are kept as written."""
+    target, _, function = text.rpartition(":") if ":" in text else (text, ":", DEFAULT_FUNCTION)
+    if not (target.endswith(".py") or os.sep in target):
+        return target, function or DEFAULT_FUNCTION, None
+    path = pathlib.Path(target).expanduser()
+    return target, function or DEFAULT_FUNCTION, path.resolve() if ".." in path.parts else path.absolute()
+
+
+def canonical(text: str) -> str:
+    """An entry's text as `str(EntryRef)` names the same entry (an absolute path, the function
+    named), without looking for it: a run's entry as an older version recorded it compares equal."""
+    text = LEGACY_ENTRIES.get(text, text)
+    if sent_by_value(text) is not None:
+        return text
+    target, function, path = _split(text)
+    return f"{path if path is not None else target}:{function}"
+
+
+def found_here(text: str) -> bool:
+    """Whether an entry's canonical text names something this machine may load: a file that exists,
+    or a module (found when loaded)."""
+    _, _, path = _split(text)
+    return path is None or path.is_file()
+
+
 def parse_entry(text: str) -> EntryRef:
     """"file.py:fn" or "package.module:fn" (":fn" defaults to main) as an EntryRef for this machine."""
     function = sent_by_value(text)
     if function is not None:
         raise ConfigError(f"this run's entry, {text}, was sent from Python (a notebook, a script or stdin); "
                           f"continue it from there: jaxlaunch.launch({function}, resume=True, run_dir=...)")
-    target, _, function = text.rpartition(":") if ":" in text else (text, ":", DEFAULT_FUNCTION)
-    function = function or DEFAULT_FUNCTION
+    target, function, path = _split(text)
     if not target or not function.isidentifier():
         raise ConfigError(f"--entry {text!r}: expected path/to/file.py:function or package.module:function")
-    if target.endswith(".py") or os.sep in target:
-        path = pathlib.Path(os.path.normpath(pathlib.Path(target).expanduser().absolute()))
+    if path is not None:
         if path.suffix != ".py":
             raise ConfigError(f"--entry {text!r}: {path.name} is not a Python file (.py): name the .py file")
         if not path.is_file():

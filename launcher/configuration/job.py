@@ -102,11 +102,12 @@ def prepare(given: Mapping[str, Any], entry_args: Sequence[str] = (), typed: Job
     saved = _saved_job(run) if resume else None
     launches = [e for e in run.events() if isinstance(e, events.Launch)] if saved is not None else []
     job = saved or JobConfig()
-    if launches and launches[-1].entry and "entry" not in changes and "entry" not in file_data \
-            and entry_lib.sent_by_value(launches[-1].entry) is None:
+    last_entry = entry_lib.canonical(launches[-1].entry) if launches and launches[-1].entry else None
+    if last_entry is not None and "entry" not in changes and "entry" not in file_data \
+            and entry_lib.sent_by_value(last_entry) is None and entry_lib.found_here(last_entry):
         # The file the run's last launch found, wherever this one starts: a run written before entries
         # were saved resolved kept a relative path, which another working directory would find elsewhere.
-        job = dataclasses.replace(job, entry=launches[-1].entry)
+        job = dataclasses.replace(job, entry=last_entry)
     if launch.config_file is not None:
         job = apply(job, file_data, launch.config_file)
     job = override(job, run_dir=run_dir, resume=resume, **changes)
@@ -129,7 +130,8 @@ def prepare(given: Mapping[str, Any], entry_args: Sequence[str] = (), typed: Job
     code = entry_lib.code_digest(entry.ref)
     accepted: dict[str, tuple[Any, Any]] = {}
     if saved is not None:
-        _refuse_steps_behind(run, job)
+        if "train.steps" in changes or "steps" in (file_data.get("train") or {}):
+            _refuse_steps_behind(run, job)
         accepted = _refuse_silent_changes(launches[-1] if launches else None, saved, job, fingerprint, code,
                                           launch.allow_change)
         if data_order.ALLOW_KEY not in launch.allow_change:
@@ -292,12 +294,13 @@ def _refuse_silent_changes(last: events.Launch | None, saved: JobConfig, job: Jo
     accepted. The entry is compared as the file or module it resolved to (the run's last launch
     recorded it), and by its file's content."""
     changes = run_changes(saved, job)
-    old_entry = last.entry if last is not None and last.entry else saved.entry
+    old_entry = entry_lib.canonical(last.entry if last is not None and last.entry else saved.entry)
+    old_code = last.entry_code if last is not None else None
     changes.pop("entry", None)
-    if old_entry != job.entry:
+    if old_entry != job.entry and (old_code is None or old_code != code):  # a moved copy of the file is the same
         changes = {"entry": (old_entry, job.entry), **changes}
-    elif last is not None and last.entry_code is not None and code is not None and last.entry_code != code:
-        changes = {"entry": (f"{old_entry} (file {last.entry_code})", f"{job.entry} (file {code}, edited)"),
+    elif old_code is not None and code is not None and old_code != code:
+        changes = {"entry": (f"{old_entry} (file {old_code})", f"{job.entry} (file {code}, edited)"),
                    **changes}
     old_print = last.fingerprint if last is not None else None
     if last is not None and fingerprint != old_print and (old_print is not None or fingerprint is not None):
@@ -319,7 +322,7 @@ def _refuse_steps_behind(run: RunDir, job: JobConfig) -> None:
     steps = run.committed_steps()
     if steps and job.train.steps < steps[0]:
         raise ConfigError(f"--resume --steps {job.train.steps}: the run has already committed step {steps[0]}; "
-                          f"pass --steps above {steps[0]} to train on, or leave --steps out")
+                          f"pass --steps {steps[0]} or more, or leave --steps out")
 
 
 def _first_host_counts(saved: JobConfig, job: JobConfig) -> list[int]:
@@ -327,8 +330,18 @@ def _first_host_counts(saved: JobConfig, job: JobConfig) -> list[int]:
     (the largest that fits and is free, up to --max-hosts), and --hosts: a per-host data position
     cannot follow any of them."""
     before = range(saved.min_hosts, saved.max_hosts + 1)
-    wider = [n for n in range(job.min_hosts, job.max_hosts + 1) if n not in before and n != job.num_hosts]
+    wider = [n for n in range(job.min_hosts, job.max_hosts + 1)
+             if n not in before and n != job.num_hosts and _mesh_fits(job, n)]
     return [job.num_hosts, *wider]
+
+
+def _mesh_fits(job: JobConfig, num_hosts: int) -> bool:
+    """Whether the job's mesh divides `num_hosts` hosts' devices (the scaling policy's rule)."""
+    try:
+        job.mesh_for(num_hosts)
+    except ConfigError:
+        return False
+    return True
 
 
 def _refuse_data_order_change(run: RunDir, num_hosts: int, fix: str | None = None) -> None:

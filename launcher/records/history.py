@@ -136,6 +136,11 @@ def load_history(run: RunDir, until: float | None = None) -> History:
                    recomputed, goodput.split_wall_time(evts, metrics, until))
 
 
+DIED_UNSEEN = (FailureKind.CRASHED, FailureKind.NODE_LOST, FailureKind.PREEMPTED)
+"""Failures whose step is the driver's last poll of the host (it said nothing as it ended); others
+name their own step (the exception's, the hang's last progress, the replicas' check)."""
+
+
 def reached_steps(metrics: Sequence[Mapping[str, Any]], injections: Sequence[Mapping[str, Any]]) -> dict[int, int]:
     """Per attempt, the newest step a record shows it reached: its metric records (also those a later
     attempt's restore brought back, from a checkpoint the driver never heard of before the host
@@ -177,7 +182,7 @@ def attempts(evts: list[Event], reached: Mapping[int, int] | None = None) -> lis
             continue  # an attempt still running: its records are what the live view shows
         row = rows[number]
         row["last_step"] = max(step, row.get("last_step") or step)
-        if row.get("failed_step") is not None:
+        if row.get("failed_step") is not None and row.get("cause") in DIED_UNSEEN:
             row["failed_step"] = max(step, row["failed_step"])
         if row.get("first_step") is None and step > (row.get("restored_step") or 0):
             row["first_step"] = (row.get("restored_step") or 0) + 1

@@ -10,6 +10,7 @@ import optax
 import pytest
 from flax import nnx
 from jaxlaunch.launcher.records.runs import RunDir
+from jaxlaunch.workers import context
 from jaxlaunch.workers.checkpoints.tiered import Tiers
 from jaxlaunch.workers.context import HostContext
 from jaxlaunch.workers.sharding import build_mesh
@@ -398,3 +399,8 @@ def test_what_the_function_returns_reaches_the_driver_as_plain_data_and_nothing_
     assert ctx._finish(returned).returned == {
         "loss": 0.5, "steps": 3, "table": "<not plain data: numpy.ndarray float64[3]>",
         7: ["<not plain data: jax.Array float32[2, 2]>", ["a", None]], "model": "<not plain data: builtins.object>"}
+    looped: dict = {"loss": jnp.float32(float("nan")), "z": np.complex64(1j)}
+    looped["again"] = looped
+    assert json.dumps(context._json_value(looped), allow_nan=False) == json.dumps(
+        {"loss": None, "z": "<not plain data: numpy.complex64 complex64[]>",
+         "again": "<not plain data: it contains itself>"}), "what the run's records can hold"

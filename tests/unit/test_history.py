@@ -435,3 +435,19 @@ def test_an_attempt_s_steps_and_its_failure_s_step_are_what_its_records_show_not
     out = Console(record=True, width=120)
     report.print_attempts([first], out)
     assert "1..30" in out.export_text()
+
+
+def test_a_failure_that_names_its_own_step_keeps_it_whatever_the_attempt_reached(tmp_path):
+    """Replicas found to disagree at step 40 while the hosts went on to step 100: the failure is at 40."""
+    run = RunDir(tmp_path)
+    run.create()
+    for event in [
+        events.AttemptStarted(attempt=1, num_hosts=2, time=1.0),
+        events.Failure(attempt=1, cause=FailureKind.REPLICA_MISMATCH, host=1, step=40, time=3.0),
+        events.AttemptEnded(attempt=1, cause=FailureKind.REPLICA_MISMATCH, host=1, first_step=1, last_step=90,
+                            time=3.0),
+    ]:
+        run.event(event)
+    run.metrics([{"step": s, "loss": 1.0, "attempt": 1, "time": 2.0} for s in range(1, 101)])
+    (row,) = history.load_history(run).attempts
+    assert (row.last_step, row.failed_step) == (100, 40)

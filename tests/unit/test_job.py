@@ -458,7 +458,39 @@ def test_a_resume_to_fewer_steps_than_the_run_committed_is_refused_and_rewrites_
     (step / CHECKPOINT_COMMIT_MARKER).write_text("{}")
     before = run.config_path.read_bytes()
     with pytest.raises(ConfigError, match=r"^--resume --steps 30: the run has already committed step 60; pass "
-                                          r"--steps above 60 to train on, or leave --steps out$"):
+                                          r"--steps 60 or more, or leave --steps out$"):
         prepare(options(tmp_path, resume=True, steps=30))
     assert run.config_path.read_bytes() == before
     assert prepare(options(tmp_path, resume=True, steps=60)).job.train.steps == 60
+
+
+def test_entries_as_older_versions_recorded_them_resume_unchanged(tmp_path):
+    """The built-in model's old name, a path with "..", and a checkout moved elsewhere (the file the
+    run recorded is gone, the same file is here): none of them is a change of the entry."""
+    builtin = prepare({"run_dir": str(tmp_path / "builtin" / "run")})
+    old_builtin = launched(tmp_path / "builtin" / "run", builtin)
+    old_builtin.save_config({**old_builtin.load_config(), "entry": "models.lm:main"})
+    old_builtin.event(events.Launch(entry="models.lm:main", fingerprint=builtin.fingerprint))
+    assert prepare({"run_dir": str(tmp_path / "builtin" / "run"), "resume": True}).job.entry == entry_lib.BUILTIN_ENTRY
+
+    path = entry_file(tmp_path / "project")
+    run = launched(tmp_path / "run", prepare(options(tmp_path, entry=str(path))))
+    run.event(events.Launch(entry=f"{tmp_path}/elsewhere/../project/train.py:main",
+                            entry_code=entry_lib.code_digest(entry_lib.parse_entry(str(path)))))
+    assert not prepare(options(tmp_path, resume=True)).changes
+
+    run.event(events.Launch(entry=f"{tmp_path}/gone/train.py:main",
+                            entry_code=entry_lib.code_digest(entry_lib.parse_entry(str(path)))))
+    moved = prepare(options(tmp_path, resume=True, entry=str(path)))
+    assert moved.job.entry == f"{path}:main" and not moved.changes, "the same file in its new place"
+
+
+def test_a_plain_resume_of_a_run_whose_saved_length_is_behind_its_checkpoints_goes_on(tmp_path):
+    """A run an older version let shrink its --steps below its committed step: a --resume that gives
+    no --steps is not refused for what the user did not ask."""
+    run = launched(tmp_path / "run", prepare(options(tmp_path, steps=30)))
+    step = tmp_path / "run" / "checkpoints" / "60"
+    step.mkdir(parents=True)
+    (step / CHECKPOINT_COMMIT_MARKER).write_text("{}")
+    assert prepare(options(tmp_path, resume=True)).job.train.steps == 30
+    assert run.committed_steps() == [60]
