@@ -294,7 +294,10 @@ def _refuse_silent_changes(last: events.Launch | None, saved: JobConfig, job: Jo
     accepted. The entry is compared as the file or module it resolved to (the run's last launch
     recorded it), and by its file's content."""
     changes = run_changes(saved, job)
-    old_entry = entry_lib.canonical(last.entry if last is not None and last.entry else saved.entry)
+    recorded = entry_lib.canonical(last.entry) if last is not None and last.entry else None
+    # A file recorded on another machine or in a checkout since moved: the run's saved text, found here.
+    old_entry = recorded if recorded is not None and entry_lib.found_here(recorded) else entry_lib.canonical(
+        saved.entry)
     old_code = last.entry_code if last is not None else None
     changes.pop("entry", None)
     if old_entry != job.entry and (old_code is None or old_code != code):  # a moved copy of the file is the same

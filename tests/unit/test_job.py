@@ -494,3 +494,16 @@ def test_a_plain_resume_of_a_run_whose_saved_length_is_behind_its_checkpoints_go
     (step / CHECKPOINT_COMMIT_MARKER).write_text("{}")
     assert prepare(options(tmp_path, resume=True)).job.train.steps == 30
     assert run.committed_steps() == [60]
+
+
+def test_a_run_recorded_on_another_machine_before_entries_were_hashed_resumes_with_its_saved_text(tmp_path,
+                                                                                                   monkeypatch):
+    """tests/fixtures/run_v0_kill's case: the launch event names a path of the machine that wrote it,
+    and config.json the entry as typed, relative: found here, it is the run's entry."""
+    path = entry_file(tmp_path / "project")
+    monkeypatch.chdir(tmp_path / "project")
+    run = launched(tmp_path / "run", prepare(options(tmp_path, entry="train.py")))
+    run.save_config({**run.load_config(), "entry": "train.py:main"})
+    run.event(events.Launch(entry="/work/another-machine/train.py:main"))
+    resumed = prepare(options(tmp_path, resume=True))
+    assert resumed.job.entry == f"{path}:main" and not resumed.changes
