@@ -130,16 +130,13 @@ def prepare(given: Mapping[str, Any], entry_args: Sequence[str] = (), typed: Job
     code = entry_lib.code_digest(entry.ref)
     accepted: dict[str, tuple[Any, Any]] = {}
     if saved is not None:
+        committed = run.committed_steps()
         if "train.steps" in changes or "steps" in (file_data.get("train") or {}):
-            _refuse_steps_behind(run, job)
+            _refuse_steps_behind(committed, job)
         accepted = _refuse_silent_changes(launches[-1] if launches else None, saved, job, fingerprint, code,
                                           launch.allow_change)
-        if data_order.ALLOW_KEY not in launch.allow_change:
-            for hosts in _first_host_counts(saved, job):
-                _refuse_data_order_change(run, hosts, None if hosts == job.num_hosts else
-                                          f"--max-hosts {saved.max_hosts} and --min-hosts {saved.min_hosts} "
-                                          f"(this launch's range {job.min_hosts}-{job.max_hosts} may start on "
-                                          f"{hosts})")
+        if data_order.ALLOW_KEY not in launch.allow_change and committed:
+            _refuse_data_order_change(run.checkpoint_meta(committed[0]), saved, job)
     return PreparedJob(job, entry, fingerprint, launch.inject, launch.chaos, not run.exists(), announce,
                        code, accepted)
 
@@ -319,10 +316,9 @@ def _refuse_silent_changes(last: events.Launch | None, saved: JobConfig, job: Jo
     return changes
 
 
-def _refuse_steps_behind(run: RunDir, job: JobConfig) -> None:
-    """A --resume to fewer steps than the run has committed would train nothing and rewrite the run's
-    length for the next --resume."""
-    steps = run.committed_steps()
+def _refuse_steps_behind(steps: Sequence[int], job: JobConfig) -> None:
+    """A --resume to fewer steps than the run has committed (`steps`, newest first) would train
+    nothing and rewrite the run's length for the next --resume."""
     if steps and job.train.steps < steps[0]:
         raise ConfigError(f"--resume --steps {job.train.steps}: the run has already committed step {steps[0]}; "
                           f"pass --steps {steps[0]} or more, or leave --steps out")
@@ -347,19 +343,20 @@ def _mesh_fits(job: JobConfig, num_hosts: int) -> bool:
     return True
 
 
-def _refuse_data_order_change(run: RunDir, num_hosts: int, fix: str | None = None) -> None:
-    """Per-host iterator states of the newest committed step cannot be split or merged over another
-    host count: refused, naming them (`jaxlaunch.contract.data_order`)."""
-    steps = run.committed_steps()
-    if not steps:
-        return
-    meta = run.checkpoint_meta(steps[0]) or {}
+def _refuse_data_order_change(meta: Any, saved: JobConfig, job: JobConfig) -> None:
+    """Per-host iterator states of the newest committed step (`meta`, its record) cannot be split or
+    merged over another host count: a host count this launch's first attempt may take that differs
+    from the step's is refused, naming them (`jaxlaunch.contract.data_order`)."""
     topology = meta.get("topology") if isinstance(meta, dict) else None
     saved_hosts = topology.get("num_hosts") if isinstance(topology, dict) else None
     parts = meta.get("extra") if isinstance(meta, dict) else None
     first = parts[0] if isinstance(parts, list) and parts else parts
     if not isinstance(first, dict) or not isinstance(saved_hosts, int):
         return  # a step whose record is not a launcher's: its restore says what is wrong with it
-    keys = data_order.changed_keys(first, saved_hosts, num_hosts)
-    if keys and saved_hosts is not None:
-        raise ConfigError(data_order.resume_refusal(keys, int(saved_hosts), num_hosts, fix))
+    for hosts in _first_host_counts(saved, job):
+        keys = data_order.changed_keys(first, saved_hosts, hosts)
+        if keys:
+            fix = None if hosts == job.num_hosts else (
+                f"--max-hosts {saved.max_hosts} and --min-hosts {saved.min_hosts} (this launch's range "
+                f"{job.min_hosts}-{job.max_hosts} may start on {hosts})")
+            raise ConfigError(data_order.resume_refusal(keys, saved_hosts, hosts, fix))
