@@ -8,6 +8,9 @@ scenario's success rate."""
 
 import collections
 import os
+import subprocess
+
+import pytest
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -46,3 +49,23 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     for scenario, counts in sorted(outcomes.items()):
         runs = sum(counts.values())
         terminalreporter.write_line(f"{counts['passed']}/{runs} passed  {scenario}")
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A tmpfs of a few MB for a run directory, unmounted afterwards."""
+    mount = tmp_path / "small"
+    mount.mkdir()
+    mounted = []
+
+    def make(size_bytes: int):
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(mount)],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            pytest.skip(f"mounting a small tmpfs needs privileges this machine lacks: {result.stderr.strip()}")
+        mounted.append(mount)
+        return mount
+
+    yield make
+    for m in mounted:
+        subprocess.run(["umount", "-l", str(m)], check=False)

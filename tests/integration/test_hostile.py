@@ -4,7 +4,6 @@ test_tracking.py's trackers test; a SIGKILLed driver's process group: test_memor
 
 import json
 import signal
-import subprocess
 
 import numpy as np
 import pytest
@@ -44,26 +43,6 @@ def test_torn_records_are_skipped_by_the_report_and_by_resume(minimal_reference,
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert sorted(trajectory(run_dir)) == list(range(1, 204))
     assert json.loads((run_dir / "summary.json").read_text())["final_step"] == 203
-
-
-@pytest.fixture
-def small_filesystem(tmp_path):
-    """A tmpfs of a few MB for a run directory, unmounted afterwards."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    mounted = []
-
-    def make(size_bytes: int):
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes}", "tmpfs", str(mount)],
-                                capture_output=True, text=True)
-        if result.returncode != 0:
-            pytest.skip(f"mounting a small tmpfs needs privileges this machine lacks: {result.stderr.strip()}")
-        mounted.append(mount)
-        return mount
-
-    yield make
-    for m in mounted:
-        subprocess.run(["umount", "-l", str(m)], check=False)
 
 
 BIG_STATE = """

@@ -256,6 +256,7 @@ class MemoryTier:
     def close(self) -> None:
         self.wait()
         self.sender.shutdown()
+        self.writer.close()
 
     # -- restoring --------------------------------------------------------------------------------
     def held(self) -> list[Held]:

@@ -212,10 +212,12 @@ class PartPlan:
 
 
 class PartWriter:
-    """Writes one host's parts, keeping the plan of the state it wrote last (`PartPlan`)."""
+    """Writes one host's parts, keeping the plan of the state it wrote last (`PartPlan`) and the
+    mappings of the files it wrote (`FileMaps`). `close` releases the mappings."""
 
     def __init__(self) -> None:
         self.plan: PartPlan | None = None
+        self.maps = FileMaps()
         self.copied_bytes = self.file_bytes = 0
         """The bytes the last `write` copied on this node (`Copies.on_node_bytes`), and its file's size."""
 
@@ -230,12 +232,15 @@ class PartWriter:
         if self.plan is None or not self.plan.fits(leaves, treedef):
             self.plan = PartPlan.of(tree)
         header, self.copied_bytes, self.file_bytes = _write(directory, name, leaves, self.plan, meta, extra,
-                                                            structure)
+                                                            structure, self.maps)
         return header
+
+    def close(self) -> None:
+        self.maps.close()
 
 
 def _write(directory: pathlib.Path, name: str, leaves: list[Any], plan: PartPlan, meta: dict[str, Any],
-           extra: dict[str, Any], structure: bytes | None) -> tuple[PartHeader, int, int]:
+           extra: dict[str, Any], structure: bytes | None, maps: FileMaps) -> tuple[PartHeader, int, int]:
     """The part written; the bytes of its shards copied on the way (the file's, and a host copy for
     each shard whose bytes the write could not read in place, told by the buffers' addresses); the
     file's size."""
@@ -252,25 +257,119 @@ def _write(directory: pathlib.Path, name: str, leaves: list[Any], plan: PartPlan
     header = PartHeader(plan.arrays, plan.shards, plain, meta, extra, structure)
     blob = pickle.dumps(header, protocol=pickle.HIGHEST_PROTOCOL)
     start = _aligned(_PREAMBLE.size + len(blob))
+    total = start + plan.nbytes
     temporary = directory / f".{name}.tmp"
     copied = 0
+    maps.release_deleted()  # before a file is claimed: pages the keeper freed are free again
     try:
-        with open(temporary, "r+b" if _claim_spare(directory, temporary) else "wb") as f:
-            f.write(_PREAMBLE.pack(MAGIC, len(blob)) + blob)
+        _claim_spare(directory, temporary, prefer=maps.inodes())
+        fd = os.open(temporary, os.O_RDWR | os.O_CREAT, 0o666)  # the spare claimed, or a new file
+        try:
+            target = maps.writable(fd, total)
+            _put(fd, target, 0, np.frombuffer(_PREAMBLE.pack(MAGIC, len(blob)) + blob, np.uint8))
             for entry, value in zip(plan.shards, live, strict=True):
-                f.seek(start + entry.offset)
-                # A view of the buffer on CPU (a host copy on an accelerator): the write is the copy.
+                # A view of the buffer on CPU (a host copy on an accelerator): this copy is the one.
                 host = np.ascontiguousarray(np.asarray(value))
-                copied += f.write(host.reshape(-1).view(np.uint8).data) or 0
+                copied += _put(fd, target, start + entry.offset, host)
                 if not _in_place(value, host):
                     copied += host.nbytes
-            f.truncate(start + plan.nbytes)
+        finally:
+            os.close(fd)
         os.rename(temporary, directory / name)
     except BaseException:
         # A full tmpfs or a shard that would not convert: no part-sized leftover under a new name each step.
         temporary.unlink(missing_ok=True)
+        maps.release_deleted()
         raise
-    return header, copied, start + plan.nbytes
+    return header, copied, total
+
+
+def _put(fd: int, target: mmap.mmap | None, offset: int, host: np.ndarray) -> int:
+    """Copies `host` (contiguous) into the file at `offset`: through its mapping when there is one
+    (no view of it outlives the call: a mapping with views cannot be closed), else by `pwrite`."""
+    data = host.reshape(-1).view(np.uint8)
+    if target is not None:
+        if data.nbytes:
+            np.copyto(np.frombuffer(target, np.uint8, data.nbytes, offset), data)
+        return data.nbytes
+    done, view = 0, data.data
+    while done < data.nbytes:  # a write moves at most about 2 GiB
+        done += os.pwrite(fd, view[done:], offset + done)
+    return data.nbytes
+
+
+class FileMaps:
+    """The part files this host wrote, kept open while they live, and mapped once written again. The
+    keeper turns a dropped part's file into a spare (a rename), and a host takes the spares it wrote
+    before first (`_claim_spare`), so that in the steady state a save copies into pages this process
+    has mapped already: 60 MB in 6.3 ms here, against 15-16 ms through `write` into the same
+    allocated pages or through a new mapping of them (setting up 15,000 page table entries is most of
+    the cost), and 30 ms into a new file. A file's first write of this host goes by `pwrite`; its
+    second makes the mapping (as dear as a `pwrite`), kept for the later ones.
+
+    A file is mapped only with all its pages allocated (`posix_fallocate`, which fails with ENOSPC on
+    a full tmpfs, where touching a hole in a mapping would kill the process with SIGBUS), and only at
+    the size it had when this host wrote it. An open file keeps its pages after the keeper deleted it
+    (link count 0): those are let go at the next write, before it claims a file, and at `close`; at
+    most `MAX_MAPS` files are kept."""
+
+    MAX_MAPS = 8
+
+    def __init__(self) -> None:
+        self._maps: dict[tuple[int, int], tuple[int, int, mmap.mmap | None]] = {}
+        """(device, inode) -> (an open descriptor of the file, its size when written, its mapping once made)."""
+
+    def inodes(self) -> set[tuple[int, int]]:
+        return set(self._maps)
+
+    def writable(self, fd: int, size: int) -> mmap.mmap | None:
+        """A writable mapping of the open file `fd`, `size` bytes long, when this host wrote the file
+        before at that size: the mapping kept for it, or a new one made once. Else None: the file is
+        made `size` bytes long, to be written by `pwrite` (a new mapping costs more than that), and
+        is mapped when this host claims it again."""
+        stat = os.fstat(fd)
+        key = (stat.st_dev, stat.st_ino)
+        kept = self._maps.pop(key, None)
+        if kept is not None and kept[1] == size == stat.st_size:
+            mapping = kept[2]
+            if mapping is None:
+                os.posix_fallocate(fd, 0, size)  # every page there, whoever wrote the file last
+                mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+            self._maps[key] = (kept[0], size, mapping)  # the newest used last
+        else:
+            if kept is not None:
+                self._close(kept)
+            if stat.st_size != size:
+                os.ftruncate(fd, size)
+            mapping = None
+            self._maps[key] = (os.dup(fd), size, None)
+        while len(self._maps) > self.MAX_MAPS:
+            self._release(next(iter(self._maps)))
+        return mapping
+
+    def release_deleted(self) -> None:
+        for key, (fd, _, _) in list(self._maps.items()):
+            try:
+                gone = os.fstat(fd).st_nlink == 0
+            except OSError:
+                gone = True
+            if gone:
+                self._release(key)
+
+    def _release(self, key: tuple[int, int]) -> None:
+        kept = self._maps.pop(key, None)
+        if kept is not None:
+            self._close(kept)
+
+    @staticmethod
+    def _close(kept: tuple[int, int, mmap.mmap | None]) -> None:
+        if kept[2] is not None:
+            kept[2].close()
+        os.close(kept[0])
+
+    def close(self) -> None:
+        for key in list(self._maps):
+            self._release(key)
 
 
 def _in_place(shard: Any, host: np.ndarray) -> bool:
@@ -281,10 +380,18 @@ def _in_place(shard: Any, host: np.ndarray) -> bool:
         return False
 
 
-def _claim_spare(directory: pathlib.Path, temporary: pathlib.Path) -> bool:
-    """Takes one of the keeper's spare files (a dropped part's) as `temporary`: a rename, atomic, so
-    two hosts never take the same one."""
+def _claim_spare(directory: pathlib.Path, temporary: pathlib.Path, prefer: set[tuple[int, int]]) -> bool:
+    """Takes one of the keeper's spare files (a dropped part's) as `temporary`, one whose (device,
+    inode) is in `prefer` first (a file this host has mapped): a rename, atomic, so two hosts never
+    take the same one."""
+    spares = []
     for spare in directory.glob(f"{SPARE_PREFIX}*"):
+        try:
+            stat = spare.stat()
+        except FileNotFoundError:
+            continue  # another host took it
+        spares.append(((stat.st_dev, stat.st_ino) not in prefer, spare))
+    for _, spare in sorted(spares, key=lambda s: s[0]):
         try:
             os.rename(spare, temporary)
             return True

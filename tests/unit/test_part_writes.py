@@ -1,0 +1,121 @@
+"""A host's memory-tier part files as the keeper's spares rotate them: each part maps back to its own
+save's values whatever file it was written into, a file the host wrote before is written again
+through the mapping it kept (the copy into pages already mapped, `part_file.FileMaps`), a file the
+keeper deleted is let go, and a full tmpfs refuses a save rather than kill the host."""
+
+import os
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jaxlaunch.workers.checkpoints.keeper_files import SPARE_PREFIX
+from jaxlaunch.workers.checkpoints.part_file import PartFile, PartWriter
+
+
+def state(scale, rows=64):
+    mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
+    x = jax.device_put(jnp.arange(rows * 256.0).reshape(rows, 256) * scale, NamedSharding(mesh, PartitionSpec("data")))
+    return {"x": x, "n": scale}
+
+
+def values(path):
+    part = PartFile(path)
+    rows = [np.asarray(part.shard(e)) for e in part.header.shards]
+    return np.concatenate(rows), part.header.plain["['n']"]
+
+
+def drop(path, directory):
+    """What the keeper does with a dropped part: its file becomes a spare."""
+    spare = directory / f"{SPARE_PREFIX}{path.stem}.part"
+    os.rename(path, spare)
+    return spare
+
+
+def mapped(directory):
+    """The files of `directory` this process maps, each with whether it was deleted."""
+    found = []
+    for line in pathlib.Path("/proc/self/maps").read_text().splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].startswith(str(directory)):
+            found.append(fields[5])
+    return found
+
+
+def test_a_host_writes_the_spares_it_wrote_before_through_its_kept_mapping_each_part_its_own_values(tmp_path):
+    writer = PartWriter()
+    writer.write(tmp_path, "1.part", state(1), {}, {})
+    inode = (tmp_path / "1.part").stat().st_ino
+    drop(tmp_path / "1.part", tmp_path)
+    (tmp_path / f"{SPARE_PREFIX}other.part").write_bytes(b"\0" * 200_000)  # another host's, larger
+    for step in range(2, 6):
+        writer.write(tmp_path, f"{step}.part", state(step), {}, {})
+        assert (tmp_path / f"{step}.part").stat().st_ino == inode, "the host's own spare is taken first"
+        got, n = values(tmp_path / f"{step}.part")
+        assert n == step and np.array_equal(got, np.asarray(state(step)["x"])), step
+        assert mapped(tmp_path) == [str(tmp_path / f"{step}.part")], "written through the mapping kept"
+        drop(tmp_path / f"{step}.part", tmp_path)
+    writer.close()
+    assert mapped(tmp_path) == []
+
+
+def test_a_file_of_another_size_or_another_host_s_is_written_whole_and_mapped_only_at_its_own_size(tmp_path):
+    """A spare resized by another host's part, or a state of another size: the bytes read back are
+    the new save's, never a mapping of the old size (past the file's end, SIGBUS)."""
+    writer = PartWriter()
+    writer.write(tmp_path, "1.part", state(1), {}, {})
+    drop(tmp_path / "1.part", tmp_path)
+    writer.write(tmp_path, "2.part", state(2), {}, {})  # mapped now
+    spare = drop(tmp_path / "2.part", tmp_path)
+    other = PartWriter()  # another host on the node takes it, for a smaller part
+    other.write(tmp_path, "3.part", state(3, rows=8), {}, {})
+    assert not spare.exists()
+    got, n = values(tmp_path / "3.part")
+    assert n == 3 and np.array_equal(got, np.asarray(state(3, rows=8)["x"]))
+    drop(tmp_path / "3.part", tmp_path)
+    for step, rows in ((4, 64), (5, 64), (6, 128), (7, 128)):
+        writer.write(tmp_path, f"{step}.part", state(step, rows), {}, {})
+        got, n = values(tmp_path / f"{step}.part")
+        assert n == step and np.array_equal(got, np.asarray(state(step, rows)["x"])), step
+        drop(tmp_path / f"{step}.part", tmp_path)
+    writer.close()
+    other.close()
+
+
+def test_a_file_the_keeper_deleted_is_let_go_at_the_host_s_next_write(tmp_path):
+    """A file the host keeps open holds its pages after the keeper deleted it for its budget: the
+    host's next save lets it go, before it takes any memory of its own."""
+    writer = PartWriter()
+    for step in (1, 2):
+        writer.write(tmp_path, f"{step}.part", state(step), {}, {})
+        spare = drop(tmp_path / f"{step}.part", tmp_path)
+    assert mapped(tmp_path) == [str(spare)]
+    spare.unlink()  # the keeper's budget trims its spares
+    assert mapped(tmp_path) == [f"{spare} (deleted)"]
+    writer.write(tmp_path, "3.part", state(3), {}, {})
+    assert mapped(tmp_path) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["3.part"]
+    writer.close()
+
+
+def test_a_full_tmpfs_refuses_a_save_with_enospc_and_a_spare_already_written_still_takes_one(small_filesystem):
+    """The host writes into its kept mapping only pages the tmpfs has given it: a full tmpfs fails a
+    save that needs more (the memory tier refuses that step; the durable tier goes on) and kills no
+    process; the spares it has keep taking saves of their size."""
+    mount = small_filesystem(2_000_000)
+    writer = PartWriter()
+    for step in (1, 2):
+        writer.write(mount, f"{step}.part", state(step), {}, {})  # 64 KB
+        drop(mount / f"{step}.part", mount)
+    with open(mount / "filler", "wb", buffering=0) as f, pytest.raises(OSError, match="No space left"):
+        while True:
+            f.write(b"\1" * 65536)
+    writer.write(mount, "3.part", state(3), {}, {})
+    got, n = values(mount / "3.part")
+    assert n == 3 and np.array_equal(got, np.asarray(state(3)["x"]))
+    drop(mount / "3.part", mount)
+    with pytest.raises(OSError, match="No space left"):
+        writer.write(mount, "4.part", state(4, rows=256), {}, {})  # larger than any spare
+    assert [p.name for p in mount.iterdir()] == ["filler"], "no part-sized leftover"
+    writer.close()
