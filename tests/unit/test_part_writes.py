@@ -61,6 +61,27 @@ def test_a_host_writes_the_spares_it_wrote_before_through_its_kept_mapping_each_
     assert mapped(tmp_path) == []
 
 
+def test_a_large_part_whose_header_grows_a_little_from_save_to_save_keeps_its_file_s_size_and_mapping(tmp_path):
+    """A save's header carries the records since the last save, a few hundred bytes more or less each
+    time: a large part's file keeps its size (`part_file.file_size`), so the host keeps writing it
+    through the one mapping, and each part reads back as its own save."""
+    writer = PartWriter()
+    sizes = []
+    for step in range(1, 7):
+        meta = {"records": [{"step": s, "loss": 1.0 / (s + 1)} for s in range(step * 7)]}  # grows each save
+        writer.write(tmp_path, f"{step}.part", state(step, rows=1024), meta, {})  # 1 MiB of arrays
+        part = tmp_path / f"{step}.part"
+        sizes.append(part.stat().st_size)
+        got, n = values(part)
+        assert n == step and np.array_equal(got, np.asarray(state(step, rows=1024)["x"]))
+        assert PartFile(part).header.meta == meta
+        if step >= 2:
+            assert mapped(tmp_path) == [str(part)], step
+        drop(part, tmp_path)
+    assert len(set(sizes)) == 1, sizes
+    writer.close()
+
+
 def test_a_file_of_another_size_or_another_host_s_is_written_whole_and_mapped_only_at_its_own_size(tmp_path):
     """A spare resized by another host's part, or a state of another size: the bytes read back are
     the new save's, never a mapping of the old size (past the file's end, SIGBUS)."""
