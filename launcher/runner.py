@@ -102,7 +102,8 @@ def wait_for_capacity(cluster: RayCluster, job: JobConfig, waiting: Callable[[],
         time.sleep(CAPACITY_POLL_S)
 
 
-def _make_spec(job: JobConfig, run: RunDir, entry_ref: EntryRef, replicas: ReplicaWatch) -> MakeSpec:
+def _make_spec(job: JobConfig, run: RunDir, entry_ref: EntryRef, replicas: ReplicaWatch,
+               entry_code: str | None) -> MakeSpec:
     expect_checkpoint = run.has_history()
 
     def make(*, attempt: int, rank: int, num_hosts: int, coordinator_address: str,
@@ -116,7 +117,7 @@ def _make_spec(job: JobConfig, run: RunDir, entry_ref: EntryRef, replicas: Repli
             compilation_cache_dir=job.cluster.compilation_cache_dir,
             expect_checkpoint=expect_checkpoint or run.has_history(), injections=tuple(injections),
             keepers=dict(keepers or {}), lost_keepers=tuple(lost_keepers), elastic=job.min_hosts < job.max_hosts,
-            verify_every=job.fault.verify_every, newest_restorable=replicas.restore_limit)
+            verify_every=job.fault.verify_every, newest_restorable=replicas.restore_limit, entry_code=entry_code)
 
     return make
 
@@ -306,7 +307,7 @@ def _build(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref: En
         listeners.append(Chaos(prepared.chaos_mean_s, job.train.seed, recorder.event))
     replicas = ReplicaWatch(recorder.event, lambda text: display.message(f"[red]{escape(text)}[/red]"), past)
     listeners.append(replicas)
-    make_spec = _make_spec(job, run, host_ref, replicas)
+    make_spec = _make_spec(job, run, host_ref, replicas, prepared.entry_code)
     listeners.append(StragglerWatch(job.fault.straggler_factor, job.fault.straggler_steps, recorder.event,
                                     lambda text: display.message(f"[yellow]warning: {escape(text)}[/yellow]")))
     policies = Policies(RestartPolicy(job.fault),

@@ -44,6 +44,10 @@ class LaunchInsideHostError(RuntimeError):
     """`jaxlaunch.launch` was called inside a host process of a running job."""
 
 
+class EntryChangedError(ConfigError):
+    """The entry's file differs from the one the run was launched with: a host would run other code."""
+
+
 @dataclasses.dataclass(frozen=True)
 class EntrySpec:
     """What an entry declares about itself (all optional)."""
@@ -250,9 +254,11 @@ def refuse_nested_launch() -> None:
             f"`if __name__ == \"__main__\":`")
 
 
-def load_entry(ref: EntryRef) -> Callable:
+def load_entry(ref: EntryRef, code: str | None = None) -> Callable:
     """The entry's function, imported (or unpickled) in this process. Raises ConfigError naming what
-    went wrong."""
+    went wrong. `code`: the hash of the entry's file when the run was launched (`code_digest`); a
+    file imported that hashes otherwise now (edited since, and imported by a restart) raises
+    EntryChangedError: the run would go on with other code, silently."""
     where = f"--entry {ref}" if ref.payload is None else str(ref)
     module = function = None
     try:
@@ -271,6 +277,7 @@ def load_entry(ref: EntryRef) -> Callable:
         raise ConfigError(f"{where}: importing it raised {type(err).__name__}: "
                           f"{str(err).splitlines()[0] if str(err) else ''}") from None
     if module is not None:
+        _refuse_edited(module, code, where)
         function = getattr(module, ref.function, None)
         if function is None:
             names = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
@@ -278,6 +285,15 @@ def load_entry(ref: EntryRef) -> Callable:
             raise ConfigError(f"{where}: {module.__name__} has no function {ref.function!r}"
                               + (f"; it has {', '.join(names[:8])}" if names else ""))
     return _checked(function, ref, where)
+
+
+def _refuse_edited(module: types.ModuleType, code: str | None, where: str) -> None:
+    path = getattr(module, "__file__", None)
+    now = _file_digest(path) if code is not None and path else None
+    if now is not None and now != code:
+        raise EntryChangedError(
+            f"{where}: its file {path} changed since the run was launched, so the hosts would now run other "
+            "code than the run trained with")
 
 
 def _folder(ref: EntryRef) -> pathlib.Path | None:
@@ -382,8 +398,12 @@ def code_digest(ref: EntryRef) -> str | None:
         except (ImportError, ValueError):
             return None
         path = spec.origin if spec is not None and spec.has_location else None
+    return _file_digest(path) if path else None
+
+
+def _file_digest(path: str | os.PathLike[str]) -> str | None:
     try:
-        return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()[:CODE_DIGEST_CHARS] if path else None
+        return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()[:CODE_DIGEST_CHARS]
     except OSError:
         return None
 

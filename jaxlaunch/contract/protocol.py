@@ -203,6 +203,9 @@ class HostSpec:
     newest_restorable: int | None = None
     """After a replica mismatch: the newest step whose replicas agreed. Committed steps newer than it
     are set aside, never restored (None: every committed step may be restored)."""
+    entry_code: str | None = None
+    """The hash of the entry's file when the run was launched (`entry.code_digest`): a host that
+    imports a file edited since refuses to run it (`entry.load_entry`)."""
 
 
 # ---- what comes back --------------------------------------------------------------------------------

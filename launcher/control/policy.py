@@ -200,6 +200,9 @@ def likely_fix(failure: Diagnosis) -> str:
     if failure.exception_type == "LaunchInsideHostError" or "calls jaxlaunch.launch when it is imported" in message:
         return ("call jaxlaunch.launch only on the driver: put the call under `if __name__ == \"__main__\":` in "
                 "the file the hosts import")
+    if failure.exception_type == "EntryChangedError":
+        return ("resume with --resume --allow-change entry to train on with the edited file, or put the file back "
+                "as it was and --resume")
     if failure.exception_type in ("ModuleNotFoundError", "ImportError") or "cannot import" in message:
         return ("make that module importable where the hosts run: install it, or keep it next to your entry file "
                 "(on this machine the hosts see the driver's sys.path; on a cluster the entry's folder is shipped)")

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from tests.integration.helpers import (
     CLASSIFIER,
@@ -124,6 +125,7 @@ def main(ctx):
 '''
 HELPERS = '''
 import numpy as np
+import pytest
 from flax import nnx
 
 
@@ -230,6 +232,61 @@ def test_the_records_of_the_steps_before_an_exception_reach_the_run_however_fast
         steps = sorted(r["step"] for r in records if r["attempt"] == attempt)
         assert steps == list(range(1, 151)), (attempt, steps[-3:])
     assert [(a["first_step"], a["last_step"]) for a in attempts(run_dir)] == [(1, 150), (1, 150)]
+
+
+SELF_EDITING = """
+import pathlib
+import re
+
+VERSION = 1
+
+
+def main(ctx):
+    def init():
+        model = MLP(nnx.Rngs(ctx.seed))
+        return model, nnx.Optimizer(model, optax.adam(1e-2), wrt=nnx.Param)
+
+    (model, optimizer), start = ctx.restore_or_init(init)
+    for step in range(start + 1, ctx.steps + 1):
+        x, y = ctx.global_batch(rows, step, batch_size=64)
+        ctx.report(step, loss=train_step(model, optimizer, x, y))
+        ctx.maybe_save(step, (model, optimizer))
+        if step == 6 and ctx.attempt == 1 and ctx.process_index == 1:  # every host imported it; before the kill
+            path = pathlib.Path(__file__)
+            path.write_text(re.sub(r"^VERSION = 1$", "VERSION = 2", path.read_text(), flags=re.M))
+    return {"version": VERSION}
+"""
+
+
+@pytest.mark.own_ray  # the embedded Ray, as a user runs it: its hosts import the file itself (a cluster's, a copy)
+def test_an_entry_file_edited_during_the_run_is_refused_at_the_restart_and_resumed_only_when_allowed(tmp_path):
+    """examples/minimal.py's job, its entry file edited while the job runs (here by the job itself,
+    before a kill): the restart would import other code, so every host refuses it before its first
+    step, and the job stops naming `--allow-change entry`, its newest memory step written durably. A
+    plain resume is refused; one that allows the change trains on from that step with the edited
+    code, and the change is recorded."""
+    entry, run_dir = tmp_path / "train.py", tmp_path / "run"
+    entry.write_text((EXAMPLES / "minimal.py").read_text().replace("def main(ctx):", "def example(ctx):")
+                     + SELF_EDITING)
+    args = ("--entry", str(entry), "--hosts", "2", "--steps", "40", "--save-every", "4", "--run-dir", str(run_dir))
+    result = launch(*args, "--inject", "kill@step=10,host=1")
+    assert result.returncode == 1, result.stdout + result.stderr
+    first, second = attempts(run_dir)
+    assert (first["cause"], first["failed_host"]) == ("crashed", 1)
+    assert second["cause"] == "exception" and "changed since the run was launched" in second["message"], second
+    assert "fix: resume with --resume --allow-change entry" in events(run_dir, "job_failed")[-1]["reason"]
+    committed = committed_steps(run_dir)
+    assert committed and max(committed) == 8, committed
+
+    refused = launch("--resume", "--run-dir", str(run_dir))
+    assert refused.returncode == 2 and "--allow-change entry" in refused.stderr, refused.stdout + refused.stderr
+    assert committed_steps(run_dir) == committed
+
+    resumed = launch("--resume", "--run-dir", str(run_dir), "--allow-change", "entry")
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert events(run_dir, "restored")[-1]["step"] == 8
+    assert "entry" in events(run_dir, "launch")[-1]["changes"]
+    assert summary(run_dir)["final_step"] == 40 and attempts(run_dir)[-1]["returned"] == {"version": 2}
 
 
 def test_the_user_s_own_pytest_with_jaxlaunch_launch(tmp_path):

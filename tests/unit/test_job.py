@@ -443,6 +443,24 @@ def test_an_edited_entry_file_is_refused_on_resume_and_an_accepted_edit_is_retur
     assert list(accepted.changes) == ["entry"] and accepted.changes["entry"][1].endswith(", edited)")
 
 
+def test_a_host_refuses_an_entry_file_edited_since_the_launch_and_the_driver_names_the_fix(tmp_path):
+    """A restart's hosts import the entry file again: one edited since the launch (its hash is not the
+    launch's) is refused before any of its code runs, and the driver's line names the two ways on."""
+    from jaxlaunch.launcher.control import policy
+
+    from jaxlaunch.contract.event_base import FailureKind
+
+    path = entry_file(tmp_path / "project", "    return 'launched'\n")
+    ref = entry_lib.parse_entry(str(path))
+    launched_code = entry_lib.code_digest(ref)
+    assert entry_lib.load_entry(ref, launched_code)(None) == "launched"
+    path.write_text("def main(ctx):\n    return 'edited'\n")
+    with pytest.raises(entry_lib.EntryChangedError, match=rf"{path} changed since the run was launched"):
+        entry_lib.load_entry(ref, launched_code)
+    failure = policy.Diagnosis(FailureKind.EXCEPTION, 0, "EntryChangedError: the file changed")
+    assert "--resume --allow-change entry" in policy.likely_fix(failure)
+
+
 def test_a_change_accepted_on_resume_is_returned_to_be_recorded_before_and_after(tmp_path):
     launched(tmp_path / "run", prepare(options(tmp_path, seed=0)))
     accepted = prepare(options(tmp_path, resume=True, seed=1, allow_change=["seed"]))
