@@ -164,12 +164,16 @@ def _run_job(prepared: PreparedJob, display: Display | None, exporter: Exporter 
     with contextlib.ExitStack() as cleanup:  # whatever fails from here (a full /tmp, a Ctrl-C), the lock goes
         cleanup.callback(lock.release)
         py_modules: list[str] = []
+        # The hosts compare the entry's file with the one hashed here when it is the same file, or a copy
+        # shipped with the job; a package installed on a cluster's nodes may be another version of it.
+        entry_code = prepared.entry_code
         if job.cluster.address is None:  # the hosts run on this machine, with this Python
             host_ref = entry.ref
         else:
             staging = pathlib.Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="jaxlaunch-ship-")))
             host_ref, shipped = entry_lib.shipped(entry.ref, staging)
             py_modules = [_package_to_ship(staging), *shipped]
+            entry_code = entry_code if shipped else None
         cluster = RayCluster(job.cluster, runtime_env(job.cluster.address is None, py_modules))
         try:
             cluster.connect()
@@ -184,7 +188,7 @@ def _run_job(prepared: PreparedJob, display: Display | None, exporter: Exporter 
                 _remove_if_empty(run.path, made)
             raise
         try:
-            return _drive(prepared, run, cluster, host_ref, display, lock, exporter)
+            return _drive(prepared, run, cluster, host_ref, display, lock, exporter, entry_code)
         except OSError as err:
             code = storage_errno(err)
             if code is None:
@@ -212,9 +216,9 @@ class Assembly:
 
 
 def _drive(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref: EntryRef, display: Display,
-           lock: RunLock, exporter: Exporter | None) -> LaunchResult:
+           lock: RunLock, exporter: Exporter | None, entry_code: str | None) -> LaunchResult:
     lock.check()  # taken while this launch joined Ray or waited for room: nothing written yet
-    parts = _build(prepared, run, cluster, host_ref, display, lock, exporter)
+    parts = _build(prepared, run, cluster, host_ref, display, lock, exporter, entry_code)
     code = None
     finished: list[tuple[History, dict[str, Any], pathlib.Path | str]] = []
 
@@ -267,8 +271,10 @@ class LockWatch(Listener):
 
 
 def _build(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref: EntryRef, display: Display,
-           lock: RunLock, exporter: Exporter | None) -> Assembly:
-    """The run's first records of this launch, and the driver with its listeners, group and policies."""
+           lock: RunLock, exporter: Exporter | None, entry_code: str | None) -> Assembly:
+    """The run's first records of this launch, and the driver with its listeners, group and policies.
+    `entry_code`: the entry file's hash for the hosts to check the file they import against (None:
+    they import a copy of their own)."""
     job, entry = prepared.job, prepared.entry
     run.create()
     run.save_config(job.to_dict())
@@ -307,7 +313,7 @@ def _build(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref: En
         listeners.append(Chaos(prepared.chaos_mean_s, job.train.seed, recorder.event))
     replicas = ReplicaWatch(recorder.event, lambda text: display.message(f"[red]{escape(text)}[/red]"), past)
     listeners.append(replicas)
-    make_spec = _make_spec(job, run, host_ref, replicas, prepared.entry_code)
+    make_spec = _make_spec(job, run, host_ref, replicas, entry_code)
     listeners.append(StragglerWatch(job.fault.straggler_factor, job.fault.straggler_steps, recorder.event,
                                     lambda text: display.message(f"[yellow]warning: {escape(text)}[/yellow]")))
     policies = Policies(RestartPolicy(job.fault),

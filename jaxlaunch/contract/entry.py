@@ -257,13 +257,16 @@ def refuse_nested_launch() -> None:
 def load_entry(ref: EntryRef, code: str | None = None) -> Callable:
     """The entry's function, imported (or unpickled) in this process. Raises ConfigError naming what
     went wrong. `code`: the hash of the entry's file when the run was launched (`code_digest`); a
-    file imported that hashes otherwise now (edited since, and imported by a restart) raises
-    EntryChangedError: the run would go on with other code, silently."""
+    file that hashes otherwise now (edited since, and imported again by a restart) raises
+    EntryChangedError before it is imported, so none of its code runs: the run would go on with
+    other code, silently."""
     where = f"--entry {ref}" if ref.payload is None else str(ref)
     module = function = None
     try:
         with _importing(ref):
             if ref.payload is None:
+                if code is not None:
+                    _refuse_edited(_module_file(ref), code, where)
                 module = _module(ref)
             else:
                 _add_to_path(_folder(ref))
@@ -277,7 +280,6 @@ def load_entry(ref: EntryRef, code: str | None = None) -> Callable:
         raise ConfigError(f"{where}: importing it raised {type(err).__name__}: "
                           f"{str(err).splitlines()[0] if str(err) else ''}") from None
     if module is not None:
-        _refuse_edited(module, code, where)
         function = getattr(module, ref.function, None)
         if function is None:
             names = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
@@ -287,9 +289,8 @@ def load_entry(ref: EntryRef, code: str | None = None) -> Callable:
     return _checked(function, ref, where)
 
 
-def _refuse_edited(module: types.ModuleType, code: str | None, where: str) -> None:
-    path = getattr(module, "__file__", None)
-    now = _file_digest(path) if code is not None and path else None
+def _refuse_edited(path: str | os.PathLike[str] | None, code: str, where: str) -> None:
+    now = _file_digest(path) if path else None
     if now is not None and now != code:
         raise EntryChangedError(
             f"{where}: its file {path} changed since the run was launched, so the hosts would now run other "
@@ -315,6 +316,17 @@ def _module(ref: EntryRef) -> types.ModuleType:
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # as `python -m` would
     return importlib.import_module(ref.module)
+
+
+def _module_file(ref: EntryRef) -> str | os.PathLike[str] | None:
+    """The file `_module` imports, found without running it (a module's packages are imported)."""
+    folder = _folder(ref)
+    if folder is not None:
+        return folder / f"{ref.module}.py"
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    spec = importlib.util.find_spec(ref.module)
+    return spec.origin if spec is not None and spec.has_location else None
 
 
 def import_for_unpickling(ref: EntryRef, missing: str) -> bool:

@@ -139,4 +139,63 @@ def test_a_full_tmpfs_refuses_a_save_with_enospc_and_a_spare_already_written_sti
     with pytest.raises(OSError, match="No space left"):
         writer.write(mount, "4.part", state(4, rows=256), {}, {})  # larger than any spare
     assert [p.name for p in mount.iterdir()] == ["filler"], "no part-sized leftover"
+    held = [os.readlink(f) for f in pathlib.Path("/proc/self/fd").iterdir() if f.is_symlink()]
+    assert not [f for f in held if f.startswith(str(mount))], "nothing of the failed save kept open: its pages free"
     writer.close()
+
+
+HOLES = """
+import os, pathlib, sys
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jaxlaunch.workers.checkpoints.part_file import PartWriter
+
+mount = pathlib.Path(sys.argv[1])
+mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
+
+
+def state(rows):
+    x = jax.device_put(jnp.ones((rows, 256)), NamedSharding(mesh, PartitionSpec("data")))
+    return {"x": x}
+
+
+def spare(name):
+    os.rename(mount / name, mount / "spare-f.part")
+
+
+a, b, c = PartWriter(), PartWriter(), PartWriter()
+a.write(mount, "1.part", state(1100), {}, {})
+spare("1.part")
+a.write(mount, "2.part", state(1100), {}, {})  # A maps the file, 1.1 MiB
+spare("2.part")
+b.write(mount, "3.part", state(8), {}, {})  # B's small part: the file's end freed
+spare("3.part")
+c.write(mount, "4.part", state(1090), {}, {})  # C's: the same rounded size, its last 60 kB never written
+spare("4.part")
+with open(mount / "filler", "wb", buffering=0) as f:
+    try:
+        while True:
+            f.write(b"1" * 4096)
+    except OSError:
+        pass
+try:
+    a.write(mount, "5.part", state(1100), {}, {})
+    print("written")
+except OSError as err:
+    print("refused", err.errno)
+"""
+
+
+def test_a_kept_mapping_of_a_file_another_host_left_with_holes_on_a_full_tmpfs_refuses_the_save_not_the_process(
+        small_filesystem):
+    """Host A kept its mapping of a file; host B wrote a smaller part into it (its end freed), host C
+    one of the same rounded size that writes less (its end a hole); the tmpfs is full when A writes it
+    again: A's save fails with ENOSPC (the tier refuses that step), where touching the hole through
+    its mapping would have killed A's process with SIGBUS."""
+    import subprocess
+    import sys
+
+    mount = small_filesystem(4_000_000)
+    done = subprocess.run([sys.executable, "-c", HOLES, str(mount)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert done.stdout.split() == ["refused", "28"], done.stdout

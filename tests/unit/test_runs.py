@@ -340,7 +340,7 @@ def test_every_step_of_the_teardown_runs_whatever_an_earlier_one_raised(tmp_path
     monkeypatch.setattr(runner, "_build", lambda *args: parts)
     monkeypatch.setattr(runner, "_finish", lambda parts, code: calls.append(f"finish {code}"))
     with pytest.raises(KeyboardInterrupt):
-        runner._drive(None, None, None, None, None, lock, None)
+        runner._drive(None, None, None, None, None, lock, None, None)
     assert calls == ["run", "standby", "keepers", "display", "finish 0"]
 
 

@@ -212,6 +212,7 @@ class MemoryTier:
             answer: HandOff = ray.get(asked, timeout=KEEPER_CALL_TIMEOUT_S)
         except Exception as err:  # noqa: BLE001 - the step is not committed in memory; durable goes on
             answer = HandOff(f"this node's keeper did not answer ({first_line(err)}); the driver restarts a dead one")
+        self.writer.release_deleted()  # spares the keeper deleted to take this part: free now, not at the next save
         # A new dict, not a change to the one the training thread may be reading.
         self.copies = {**{s: c for s, c in self.copies.items() if s >= step - 1},
                        step: dataclasses.replace(written, sent_bytes=answer.sent_bytes,

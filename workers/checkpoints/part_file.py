@@ -18,6 +18,7 @@ import os
 import pathlib
 import pickle
 import struct
+import threading
 from typing import Any
 
 import numpy as np
@@ -246,6 +247,10 @@ class PartWriter:
                                                             structure, self.maps)
         return header
 
+    def release_deleted(self) -> None:
+        """Lets go of the files the keeper deleted since (`FileMaps`): their pages are free again."""
+        self.maps.release_deleted()
+
     def close(self) -> None:
         self.maps.close()
 
@@ -330,51 +335,59 @@ class FileMaps:
     def __init__(self) -> None:
         self._maps: dict[tuple[int, int], tuple[int, int, mmap.mmap | None]] = {}
         """(device, inode) -> (an open descriptor of the file, its size when written, its mapping once made)."""
+        self._lock = threading.Lock()
+        """The training thread writes; the hand-off thread lets go of what the keeper deleted meanwhile."""
 
     def inodes(self) -> set[tuple[int, int]]:
-        return set(self._maps)
+        with self._lock:
+            return set(self._maps)
 
     def writable(self, fd: int, size: int) -> mmap.mmap | None:
         """A writable mapping of the open file `fd`, made `size` bytes long, when this host wrote the
         file before: the mapping kept for it, or a new one when the file has another size now. Else
         None: the file is made `size` bytes long, to be written by `pwrite` (mapping it would cost
-        more than that), and kept, to be mapped when this host claims it again."""
+        more than that), and kept, to be mapped when this host claims it again. What fails (ENOSPC)
+        leaves nothing of the file kept."""
         stat = os.fstat(fd)
         key = (stat.st_dev, stat.st_ino)
-        kept = self._maps.pop(key, None)
-        if kept is not None and kept[2] is not None and kept[1] == size == stat.st_size:
-            mapping: mmap.mmap | None = kept[2]
-            self._maps[key] = kept  # the newest used last
-        elif kept is not None:
-            if kept[2] is not None:
-                kept[2].close()
-            if stat.st_size != size:
-                os.ftruncate(fd, size)
-            os.posix_fallocate(fd, 0, size)  # every page there, whoever wrote the file last
-            mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
-            self._maps[key] = (kept[0], size, mapping)
-        else:
-            if stat.st_size != size:
-                os.ftruncate(fd, size)
-            mapping = None
-            self._maps[key] = (os.dup(fd), size, None)
-        while len(self._maps) > self.MAX_MAPS:
-            self._release(next(iter(self._maps)))
+        with self._lock:
+            kept = self._maps.pop(key, None)
+            try:
+                if kept is not None and kept[2] is not None and kept[1] == size == stat.st_size:
+                    mapping: mmap.mmap | None = kept[2]
+                    if stat.st_blocks * 512 < size:  # holes: another host made the file this size, writing less
+                        os.posix_fallocate(fd, 0, size)
+                elif kept is not None:
+                    if kept[2] is not None:
+                        kept[2].close()
+                        kept = (kept[0], kept[1], None)
+                    if stat.st_size != size:
+                        os.ftruncate(fd, size)
+                    os.posix_fallocate(fd, 0, size)  # every page there, whoever wrote the file last
+                    mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+                else:
+                    if stat.st_size != size:
+                        os.ftruncate(fd, size)
+                    mapping = None
+                    kept = (os.dup(fd), size, None)
+            except BaseException:
+                if kept is not None:
+                    self._close(kept)
+                raise
+            self._maps[key] = (kept[0], size, mapping)  # the newest used last
+            while len(self._maps) > self.MAX_MAPS:
+                self._close(self._maps.pop(next(iter(self._maps))))
         return mapping
 
     def release_deleted(self) -> None:
-        for key, (fd, _, _) in list(self._maps.items()):
-            try:
-                gone = os.fstat(fd).st_nlink == 0
-            except OSError:
-                gone = True
-            if gone:
-                self._release(key)
-
-    def _release(self, key: tuple[int, int]) -> None:
-        kept = self._maps.pop(key, None)
-        if kept is not None:
-            self._close(kept)
+        with self._lock:
+            for key, (fd, _, _) in list(self._maps.items()):
+                try:
+                    gone = os.fstat(fd).st_nlink == 0
+                except OSError:
+                    gone = True
+                if gone:
+                    self._close(self._maps.pop(key))
 
     @staticmethod
     def _close(kept: tuple[int, int, mmap.mmap | None]) -> None:
@@ -383,8 +396,9 @@ class FileMaps:
         os.close(kept[0])
 
     def close(self) -> None:
-        for key in list(self._maps):
-            self._release(key)
+        with self._lock:
+            while self._maps:
+                self._close(self._maps.popitem()[1])
 
 
 def _in_place(shard: Any, host: np.ndarray) -> bool:
