@@ -209,18 +209,22 @@ def test_an_exception_in_user_code_reaches_the_terminal_and_twice_stops_the_job(
 
 
 def test_the_records_of_the_steps_before_an_exception_reach_the_run_however_fast_the_steps(tmp_path):
-    """Steps of microseconds raise at step 150, far between two of the driver's polls: the records of
+    """Steps of a millisecond raise at step 150, far between two of the driver's polls: the records of
     every step up to it are the run's (a loss that went wrong before the error is seen), and the
-    attempt table says where each attempt got."""
+    attempt table says where each attempt got. The hosts keep in step (a barrier each step, as a
+    training step's all-reduce would): without one, a host far behind the other could be torn down
+    before it reached step 150, once the other's error was heard out."""
     entry = tmp_path / "diverges.py"
     entry.write_text(
-        "import jax.numpy as jnp\n\n\n"
+        "import jax.numpy as jnp\n"
+        "from jax.experimental import multihost_utils\n\n\n"
         "def main(ctx):\n"
         "    state, start = ctx.restore_or_init(lambda: {'loss': jnp.zeros(())})\n"
         "    loss = state['loss']\n"
         "    for step in range(start + 1, ctx.steps + 1):\n"
         "        loss = loss + 1.0\n"
         "        ctx.report(step, loss=loss)\n"
+        "        multihost_utils.sync_global_devices('step')  # in step, as a gradient's all-reduce keeps hosts\n"
         "        if step == 150:\n"
         "            raise FloatingPointError(f'the loss diverged at step {step}')\n")
     run_dir = tmp_path / "run"

@@ -199,3 +199,32 @@ def test_a_kept_mapping_of_a_file_another_host_left_with_holes_on_a_full_tmpfs_r
     done = subprocess.run([sys.executable, "-c", HOLES, str(mount)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
     assert done.stdout.split() == ["refused", "28"], done.stdout
+
+
+def test_a_part_file_deleted_under_its_write_fails_the_save_with_an_os_error_not_the_host(tmp_path, monkeypatch):
+    """A keeper that empties its folder (one started in place of another) deletes a part file a host is
+    writing, and the host's hand-off thread lets go of deleted files meanwhile: the write goes on into
+    its mapping, and the save fails with an OSError (the tier refuses that step) rather than an error
+    that would end the user's training loop."""
+    from jaxlaunch.workers.checkpoints import part_file
+
+    writer = PartWriter()
+    for step in (1, 2):
+        writer.write(tmp_path, f"{step}.part", state(step), {}, {})
+        drop(tmp_path / f"{step}.part", tmp_path)  # the third write goes through the kept mapping
+    put, calls = part_file._put, []
+
+    def emptied_meanwhile(fd, target, offset, host):
+        if not calls:
+            for path in tmp_path.iterdir():
+                path.unlink()
+            writer.release_deleted()  # as the hand-off thread does
+        calls.append(target is not None)
+        return put(fd, target, offset, host)
+
+    monkeypatch.setattr(part_file, "_put", emptied_meanwhile)
+    with pytest.raises(FileNotFoundError):
+        writer.write(tmp_path, "3.part", state(3), {}, {})
+    assert calls and all(calls), "written through the mapping"
+    assert list(tmp_path.iterdir()) == [] and mapped(tmp_path) == []
+    writer.close()

@@ -12,6 +12,7 @@ part files, and the driver names the keeper's class, without loading it."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import mmap
 import os
@@ -290,6 +291,7 @@ def _write(directory: pathlib.Path, name: str, leaves: list[Any], plan: PartPlan
                 if not _in_place(value, host):
                     copied += host.nbytes
         finally:
+            maps.written()
             os.close(fd)
         os.rename(temporary, directory / name)
     except BaseException:
@@ -337,6 +339,9 @@ class FileMaps:
         """(device, inode) -> (an open descriptor of the file, its size when written, its mapping once made)."""
         self._lock = threading.Lock()
         """The training thread writes; the hand-off thread lets go of what the keeper deleted meanwhile."""
+        self._writing: tuple[int, int] | None = None
+        """The file being written now: never let go under the write (a keeper that emptied its folder
+        deletes it), which would unmap the pages being copied into."""
 
     def inodes(self) -> set[tuple[int, int]]:
         with self._lock:
@@ -375,13 +380,21 @@ class FileMaps:
                     self._close(kept)
                 raise
             self._maps[key] = (kept[0], size, mapping)  # the newest used last
+            self._writing = key
             while len(self._maps) > self.MAX_MAPS:
                 self._close(self._maps.pop(next(iter(self._maps))))
         return mapping
 
+    def written(self) -> None:
+        """The file `writable` gave is written (or its write failed)."""
+        with self._lock:
+            self._writing = None
+
     def release_deleted(self) -> None:
         with self._lock:
             for key, (fd, _, _) in list(self._maps.items()):
+                if key == self._writing:
+                    continue
                 try:
                     gone = os.fstat(fd).st_nlink == 0
                 except OSError:
@@ -392,7 +405,8 @@ class FileMaps:
     @staticmethod
     def _close(kept: tuple[int, int, mmap.mmap | None]) -> None:
         if kept[2] is not None:
-            kept[2].close()
+            with contextlib.suppress(BufferError):  # a view still held (a traceback's): unmapped once it goes
+                kept[2].close()
         os.close(kept[0])
 
     def close(self) -> None:
