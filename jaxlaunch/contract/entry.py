@@ -325,7 +325,10 @@ def _module_file(ref: EntryRef) -> str | os.PathLike[str] | None:
         return folder / f"{ref.module}.py"
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
-    spec = importlib.util.find_spec(ref.module)
+    try:
+        spec = importlib.util.find_spec(ref.module)
+    except (ImportError, ValueError):
+        return None  # the import itself then fails as it always did, or finds what it finds
     return spec.origin if spec is not None and spec.has_location else None
 
 

@@ -458,10 +458,13 @@ def test_a_host_refuses_an_entry_file_edited_since_the_launch_and_the_driver_nam
     with pytest.raises(entry_lib.EntryChangedError, match=rf"{path} changed since the run was launched"):
         entry_lib.load_entry(ref, launched_code)
     marker = tmp_path / "ran"
-    path.write_text(f"open({str(marker)!r}, 'w').close()\ndef main(ctx):\n    return (\n")  # half-edited
+    path.write_text(f"open({str(marker)!r}, 'w').close()\ndef main(ctx):\n    return 'edited'\n")
     with pytest.raises(entry_lib.EntryChangedError):
         entry_lib.load_entry(ref, launched_code)
     assert not marker.exists(), "refused before any of the edited file ran"
+    path.write_text("def main(ctx):\n    return (\n")  # saved half-edited: refused as edited, not as broken
+    with pytest.raises(entry_lib.EntryChangedError):
+        entry_lib.load_entry(ref, launched_code)
     failure = policy.Diagnosis(FailureKind.EXCEPTION, 0, "EntryChangedError: the file changed")
     assert "--resume --allow-change entry" in policy.likely_fix(failure)
 

@@ -212,7 +212,10 @@ class MemoryTier:
             answer: HandOff = ray.get(asked, timeout=KEEPER_CALL_TIMEOUT_S)
         except Exception as err:  # noqa: BLE001 - the step is not committed in memory; durable goes on
             answer = HandOff(f"this node's keeper did not answer ({first_line(err)}); the driver restarts a dead one")
-        self.writer.release_deleted()  # spares the keeper deleted to take this part: free now, not at the next save
+        try:  # spares the keeper deleted to take this part: free now, not at the next save
+            self.writer.release_deleted()
+        except OSError as err:  # never fail a save over it: the next write tries again
+            log.warning("the part files the keeper deleted were not let go: %s", first_line(err))
         # A new dict, not a change to the one the training thread may be reading.
         self.copies = {**{s: c for s, c in self.copies.items() if s >= step - 1},
                        step: dataclasses.replace(written, sent_bytes=answer.sent_bytes,

@@ -291,8 +291,10 @@ def _write(directory: pathlib.Path, name: str, leaves: list[Any], plan: PartPlan
                 if not _in_place(value, host):
                     copied += host.nbytes
         finally:
-            maps.written()
-            os.close(fd)
+            try:
+                maps.written()
+            finally:
+                os.close(fd)
         os.rename(temporary, directory / name)
     except BaseException:
         # A full tmpfs or a shard that would not convert: no part-sized leftover under a new name each step.
@@ -364,7 +366,7 @@ class FileMaps:
                         os.posix_fallocate(fd, 0, size)
                 elif kept is not None:
                     if kept[2] is not None:
-                        kept[2].close()
+                        _unmap(kept[2])
                         kept = (kept[0], kept[1], None)
                     if stat.st_size != size:
                         os.ftruncate(fd, size)
@@ -405,14 +407,18 @@ class FileMaps:
     @staticmethod
     def _close(kept: tuple[int, int, mmap.mmap | None]) -> None:
         if kept[2] is not None:
-            with contextlib.suppress(BufferError):  # a view still held (a traceback's): unmapped once it goes
-                kept[2].close()
+            _unmap(kept[2])
         os.close(kept[0])
 
     def close(self) -> None:
         with self._lock:
             while self._maps:
                 self._close(self._maps.popitem()[1])
+
+
+def _unmap(mapping: mmap.mmap) -> None:
+    with contextlib.suppress(BufferError):  # a view still held: unmapped once it goes
+        mapping.close()
 
 
 def _in_place(shard: Any, host: np.ndarray) -> bool:
