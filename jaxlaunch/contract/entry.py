@@ -313,9 +313,13 @@ def _module(ref: EntryRef) -> types.ModuleType:
     folder = _folder(ref)
     if folder is not None:
         return _import_file(folder / f"{ref.module}.py", ref.module)
+    _cwd_on_path()
+    return importlib.import_module(ref.module)
+
+
+def _cwd_on_path() -> None:
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # as `python -m` would
-    return importlib.import_module(ref.module)
 
 
 def _module_file(ref: EntryRef) -> str | os.PathLike[str] | None:
@@ -323,8 +327,7 @@ def _module_file(ref: EntryRef) -> str | os.PathLike[str] | None:
     folder = _folder(ref)
     if folder is not None:
         return folder / f"{ref.module}.py"
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    _cwd_on_path()
     try:
         spec = importlib.util.find_spec(ref.module)
     except (ImportError, ValueError):
@@ -406,13 +409,7 @@ def code_digest(ref: EntryRef) -> str | None:
     is part of its name) or a module without a file. The files the entry imports are not covered."""
     if ref.payload is not None:
         return None
-    path = ref.path
-    if path is None:
-        try:
-            spec = importlib.util.find_spec(ref.module)
-        except (ImportError, ValueError):
-            return None
-        path = spec.origin if spec is not None and spec.has_location else None
+    path = _module_file(ref)
     return _file_digest(path) if path else None
 
 

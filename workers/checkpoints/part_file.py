@@ -331,8 +331,8 @@ class FileMaps:
     a full tmpfs, where touching a hole in a mapping would kill the process with SIGBUS), and mapped
     again when its size changed (another host's part, or a header a quantum longer: `file_size`
     rounds large parts' sizes so that this is rare). An open file keeps its pages after the keeper deleted it
-    (link count 0): those are let go at the next write, before it claims a file, and at `close`; at
-    most `MAX_MAPS` files are kept."""
+    (link count 0): those are let go at the end of each hand-off, at the next write before it claims
+    a file, and at `close` (never the file being written); at most `MAX_MAPS` files are kept."""
 
     MAX_MAPS = 8
 
@@ -429,10 +429,10 @@ def _in_place(shard: Any, host: np.ndarray) -> bool:
         return False
 
 
-def _claim_spare(directory: pathlib.Path, temporary: pathlib.Path, prefer: set[tuple[int, int]]) -> bool:
+def _claim_spare(directory: pathlib.Path, temporary: pathlib.Path, prefer: set[tuple[int, int]]) -> None:
     """Takes one of the keeper's spare files (a dropped part's) as `temporary`, one whose (device,
     inode) is in `prefer` first (a file this host has mapped): a rename, atomic, so two hosts never
-    take the same one."""
+    take the same one. None left: the write makes a new file."""
     spares = []
     for spare in directory.glob(f"{SPARE_PREFIX}*"):
         try:
@@ -443,10 +443,9 @@ def _claim_spare(directory: pathlib.Path, temporary: pathlib.Path, prefer: set[t
     for _, spare in sorted(spares, key=lambda s: s[0]):
         try:
             os.rename(spare, temporary)
-            return True
+            return
         except FileNotFoundError:
             continue  # another host took it
-    return False
 
 
 class PartFile:
