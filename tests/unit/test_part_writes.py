@@ -1,6 +1,6 @@
 """A host's memory-tier part files as the keeper's spares rotate them: each part maps back to its own
 save's values whatever file it was written into, a file the host wrote before is written again
-through the mapping it kept (the copy into pages already mapped, `part_file.FileMaps`), a file the
+through the mapping it kept (the copy into pages already mapped, `file_maps.FileMaps`), a file the
 keeper deleted is let go, and a full tmpfs refuses a save rather than kill the host."""
 
 import os
@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxlaunch.workers.checkpoints.keeper_files import SPARE_PREFIX
-from jaxlaunch.workers.checkpoints.part_file import PartFile, PartWriter
+from jaxlaunch.workers.checkpoints.part_file import PartFile, PartWriter, digest
 
 
 def state(scale, rows=64):
@@ -56,9 +56,37 @@ def test_a_host_writes_the_spares_it_wrote_before_through_its_kept_mapping_each_
         got, n = values(tmp_path / f"{step}.part")
         assert n == step and np.array_equal(got, np.asarray(state(step)["x"])), step
         assert mapped(tmp_path) == [str(tmp_path / f"{step}.part")], "written through the mapping kept"
+        assert writer.digest(writer.file_key) == digest(tmp_path / f"{step}.part"), "hashed as the keeper would"
         drop(tmp_path / f"{step}.part", tmp_path)
     writer.close()
     assert mapped(tmp_path) == []
+
+
+def test_the_host_hashes_a_part_through_its_mapping_as_the_keeper_hashes_the_file_and_never_a_file_let_go(tmp_path):
+    """The keeper checks a part against the digest taken when it was handed over (a flipped bit is
+    passed over at a restore): the host's hash of what it wrote through its mapping is the whole file's,
+    padding included; a file written by `pwrite` (no mapping yet), or
+    deleted and let go, has none here, and the keeper hashes it."""
+    writer = PartWriter()
+    writer.write(tmp_path, "1.part", state(1, rows=1024), {}, {})
+    assert writer.digest(writer.file_key) is None, "its first write went by pwrite"
+    drop(tmp_path / "1.part", tmp_path)
+    writer.write(tmp_path, "2.part", state(2, rows=1024), {}, {})  # into the same file, through its mapping
+    part = tmp_path / "2.part"
+    host = writer.digest(writer.file_key)
+    assert host is not None and host == digest(part)
+    start = PartFile(part).start
+    with open(part, "r+b") as f:  # a bit flipped after the hand-off: the two digests part
+        f.seek(start + 5)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 1]))
+    assert digest(part) != host
+    key = writer.file_key
+    part.unlink()
+    writer.release_deleted()
+    assert writer.digest(key) is None
+    writer.close()
 
 
 def test_a_large_part_whose_header_grows_a_little_from_save_to_save_keeps_its_file_s_size_and_mapping(tmp_path):
@@ -228,3 +256,72 @@ def test_a_part_file_deleted_under_its_write_fails_the_save_with_an_os_error_not
     assert calls and all(calls), "written through the mapping"
     assert list(tmp_path.iterdir()) == [] and mapped(tmp_path) == []
     writer.close()
+
+
+def test_the_training_thread_writes_while_the_hand_off_thread_hashes_drops_and_lets_go_and_no_part_is_wrong(tmp_path):
+    """Both threads of a host at once, as `MemoryTier` runs them: the training thread writes each
+    save, claiming spares, while the hand-off thread hashes the part before through the mapping, acts
+    the keeper (the part two saves back becomes a spare; now and then every spare, and a write's
+    temporary file, are deleted, as by a keeper that emptied its folder) and lets go of deleted files.
+    Every save either reads back as its own values with the host's digest the file's, or failed
+    because its file was deleted under it (the memory tier refuses that step); nothing else is
+    raised, and no file is left open at the end."""
+    import queue
+    import threading
+
+    from jaxlaunch.workers.checkpoints.part_file import PartFile as Part
+
+    writer, handed, finished, problems, refused = PartWriter(), queue.Queue(), queue.Queue(), [], []
+    counts = {"hashed": 0, "emptied": 0}
+
+    def keeper():
+        while (item := handed.get()) is not None:
+            step, key = item
+            path = tmp_path / f"{step}.part"
+            try:
+                host = writer.digest(key)
+                counts["hashed"] += host is not None
+                if host is not None and host != digest(path):
+                    problems.append(f"step {step}: the host's digest is not the file's")
+                part = Part(path)
+                got = np.concatenate([np.asarray(part.shard(e)) for e in part.header.shards])
+                if not np.array_equal(got, np.asarray(state(step, rows=1024)["x"])):
+                    problems.append(f"step {step} reads back another save's values")
+                part.map.close()
+                if (tmp_path / f"{step - 2}.part").exists():
+                    drop(tmp_path / f"{step - 2}.part", tmp_path)
+                if step % 7 == 0:  # a keeper that emptied its folder: spares, and a write's temporary file
+                    counts["emptied"] += 1
+                    for p in tmp_path.glob("*"):
+                        if p.name.startswith((SPARE_PREFIX, ".")):
+                            p.unlink(missing_ok=True)
+                writer.release_deleted()
+            except Exception as err:  # noqa: BLE001 - reported below, with the step
+                problems.append(f"step {step}: {err!r}")
+            finished.put(step)
+
+    thread = threading.Thread(target=keeper)
+    thread.start()
+    in_flight = False
+    try:
+        for step in range(1, 61):
+            try:
+                writer.write(tmp_path, f"{step}.part", state(step, rows=1024), {}, {})
+            except FileNotFoundError:
+                refused.append(step)  # its temporary file was deleted under the write
+                continue
+            if in_flight:  # as `MemoryTier.save`: written, then the previous hand-off waited for
+                finished.get()
+            handed.put((step, writer.file_key))
+            in_flight = True
+    finally:
+        handed.put(None)
+        thread.join()
+    writer.close()
+    assert problems == []
+    # 29-46 of the 60 saves were hashed through the mapping here (the others went by `pwrite`, into
+    # files made new after the folder was emptied, or were refused).
+    assert counts["hashed"] >= 15 and counts["emptied"] >= 8, counts
+    assert len(refused) <= counts["emptied"], refused
+    held = [os.readlink(f) for f in pathlib.Path("/proc/self/fd").iterdir() if f.is_symlink()]
+    assert not [f for f in held if f.startswith(str(tmp_path))] and mapped(tmp_path) == []

@@ -14,10 +14,11 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxlaunch.workers import extras
+from jaxlaunch.workers.checkpoints import keeper as keeper_module
 from jaxlaunch.workers.checkpoints import replica_stream
 from jaxlaunch.workers.checkpoints.keeper import Keeper, incoming_name
 from jaxlaunch.workers.checkpoints.memory import PartReader, assemble, part_nbytes
-from jaxlaunch.workers.checkpoints.part_file import PartFile, PartWriter
+from jaxlaunch.workers.checkpoints.part_file import PartFile, PartWriter, digest
 
 from jaxlaunch.contract.tiers import Held, Role, kept, memory_serves, replica_node, sources, whole_steps
 
@@ -983,6 +984,28 @@ def test_a_memory_copy_whose_bytes_changed_is_never_read_and_the_part_s_other_co
     finally:
         a.close()
         b.close()
+
+
+def test_a_part_held_with_its_host_s_digest_is_checked_against_it(monkeypatch):
+    """The host hashes its part through its own mapping and hands the digest over with the file: the
+    keeper keeps that digest (hashing nothing), and a bit flipped after the hand-off is caught."""
+    keeper = Keeper("a", budget_bytes=1 << 20, keep=2, launch_id=f"test-{uuid.uuid4().hex[:8]}")
+    try:
+        sharding = NamedSharding(mesh_of((2,), ("data",)), PartitionSpec("data"))
+        x = jax.device_put(jnp.arange(12.0).reshape(4, 3), sharding)
+        name = incoming_name(1, 0, os.getpid())
+        PartWriter().write(keeper.incoming, name, {"w": x}, {}, {})
+        host = digest(keeper.incoming / name)
+        hashed = []
+        monkeypatch.setattr(keeper_module, "digest", lambda path: hashed.append(path) or digest(path))
+        assert keeper.hold(1, 0, 1, name, None, floor=0, part_digest=host).refused is None
+        assert hashed == [], "the keeper took the host's digest"
+        held, path = keeper.parts[(1, 0, Role.PRIMARY)]
+        assert held.digest == host and keeper.check(1, 0, "primary") is None
+        flip_a_bit(path)
+        assert "changed since it was held" in keeper.check(1, 0, "primary", reading="after the flip")
+    finally:
+        keeper.close()
 
 
 def test_the_memory_steps_a_restore_tries_are_the_newest_committed_up_to_the_verified_step():

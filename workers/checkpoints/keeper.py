@@ -249,14 +249,15 @@ class Keeper:
 
     # -- holding ---------------------------------------------------------------------------------
     def hold(self, step: int, rank: int, num_hosts: int, name: str, replica_to: Any | None,
-             floor: int = -1, attempt: int = 0) -> HandOff:
+             floor: int = -1, attempt: int = 0, part_digest: str | None = None) -> HandOff:
         """Adopts a host's part file `name` (in `inbox()`) of `step`, saved by `attempt`, as its primary
         and has `replica_to` (another node's keeper; None on a one-node cluster) hold a copy. `floor`:
-        the newest step every host handed over."""
+        the newest step every host handed over. `part_digest`: the file's `digest`, taken by the host
+        once written (else taken here)."""
         self._sweep()
         source = self.incoming / pathlib.Path(name).name
         try:
-            nbytes, taken = source.stat().st_size, digest(source)
+            nbytes, taken = source.stat().st_size, part_digest or digest(source)
         except FileNotFoundError:
             return HandOff(f"the part file of step {step} is gone (this keeper restarted since it was written)")
         held = Held(step, rank, num_hosts, self.node, Role.PRIMARY, nbytes, replicated=replica_to is None,

@@ -181,7 +181,7 @@ class MemoryTier:
         floor = self.handed[-2] if len(self.handed) >= 2 else -1
         self.handed = self.handed[-1:] + [step]
         copied = Copies(header.nbytes, self.writer.file_bytes, on_node_bytes=self.writer.copied_bytes)
-        self.in_flight = self.sender.submit(self._hand_off, step, name, copied, floor, fault)
+        self.in_flight = self.sender.submit(self._hand_off, step, name, copied, floor, fault, self.writer.file_key)
 
     def _pickled_structure(self, tree: Any) -> bytes | None:
         """The state's tree structure (what the keys of the part's arrays cannot tell: a list from a
@@ -199,14 +199,15 @@ class MemoryTier:
             self._structure = (treedef, pickled)
         return self._structure[1]
 
-    def _hand_off(self, step: int, name: str, written: Copies, floor: int, fault: Callable[[], None] | None) -> None:
+    def _hand_off(self, step: int, name: str, written: Copies, floor: int, fault: Callable[[], None] | None,
+                  file_key: tuple[int, int] | None) -> None:
         import ray
 
         try:
-            # In the keepers' hand-off group: a hand-off waits on the partner keeper, whose other
-            # threads must stay free to take the replica (`KEEPER_HOLD_GROUP`).
+            taken = self.writer.digest(file_key)  # through this host's mapping: a third of a keeper's hash
+            # The hand-off group: it waits on the partner keeper, whose other threads take the replica.
             asked = self.keeper.hold.options(concurrency_group=KEEPER_HOLD_GROUP).remote(
-                step, self.rank, self.num_hosts, name, self.replica_to, floor, self.attempt)
+                step, self.rank, self.num_hosts, name, self.replica_to, floor, self.attempt, taken)
             if fault is not None:
                 fault()
             answer: HandOff = ray.get(asked, timeout=KEEPER_CALL_TIMEOUT_S)

@@ -12,18 +12,16 @@ part files, and the driver names the keeper's class, without loading it."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import mmap
 import os
 import pathlib
 import pickle
 import struct
-import threading
 from typing import Any
 
 import numpy as np
-from jaxlaunch.workers.checkpoints.keeper_files import SPARE_PREFIX
+from jaxlaunch.workers.checkpoints.file_maps import FileMaps, claim_spare
 
 Index = tuple[tuple[int, int], ...]
 """A shard's global index: (start, stop) per dimension."""
@@ -115,7 +113,9 @@ class Copies:
 
 
 def digest(path: str | os.PathLike[str]) -> str:
-    """xxh3-64 (hex) of a whole part file, header and shards: about 20 GB/s, so a 60 MB part in 3 ms."""
+    """xxh3-64 (hex) of a whole part file, header and shards. 60 MB took 8-9 ms of CPU here through a
+    new mapping (setting up its page table is most of that), 2.3-3 ms through one the process holds
+    (`FileMaps.digest`)."""
     import xxhash
 
     with open(path, "rb") as f:
@@ -233,6 +233,8 @@ class PartWriter:
         self.maps = FileMaps()
         self.copied_bytes = self.file_bytes = 0
         """The bytes the last `write` copied on this node (`Copies.on_node_bytes`), and its file's size."""
+        self.file_key: tuple[int, int] | None = None
+        """The (device, inode) of the file the last `write` wrote."""
 
     def write(self, directory: pathlib.Path, name: str, tree: Any, meta: dict[str, Any],
               extra: dict[str, Any], structure: bytes | None = None) -> PartHeader:
@@ -244,9 +246,14 @@ class PartWriter:
         leaves, treedef = jax.tree_util.tree_flatten(tree)
         if self.plan is None or not self.plan.fits(leaves, treedef):
             self.plan = PartPlan.of(tree)
-        header, self.copied_bytes, self.file_bytes = _write(directory, name, leaves, self.plan, meta, extra,
-                                                            structure, self.maps)
+        header, self.copied_bytes, self.file_bytes, self.file_key = _write(
+            directory, name, leaves, self.plan, meta, extra, structure, self.maps)
         return header
+
+    def digest(self, key: tuple[int, int] | None) -> str | None:
+        """`digest` of the file a `write` wrote (its `file_key`), through this host's mapping of it;
+        None if it has none (its first write here went by `pwrite`)."""
+        return None if key is None else self.maps.digest(key)
 
     def release_deleted(self) -> None:
         """Lets go of the files the keeper deleted since (`FileMaps`): their pages are free again."""
@@ -257,10 +264,11 @@ class PartWriter:
 
 
 def _write(directory: pathlib.Path, name: str, leaves: list[Any], plan: PartPlan, meta: dict[str, Any],
-           extra: dict[str, Any], structure: bytes | None, maps: FileMaps) -> tuple[PartHeader, int, int]:
+           extra: dict[str, Any], structure: bytes | None,
+           maps: FileMaps) -> tuple[PartHeader, int, int, tuple[int, int] | None]:
     """The part written; the bytes of its shards copied on the way (the file's, and a host copy for
     each shard whose bytes the write could not read in place, told by the buffers' addresses); the
-    file's size."""
+    file's size; its (device, inode)."""
     import jax
 
     plain = {plan.keys[i]: leaf for i, leaf in enumerate(leaves) if plan.leaves[i] is None}
@@ -279,7 +287,7 @@ def _write(directory: pathlib.Path, name: str, leaves: list[Any], plan: PartPlan
     copied = 0
     maps.release_deleted()  # before a file is claimed: pages the keeper freed are free again
     try:
-        _claim_spare(directory, temporary, prefer=maps.inodes())
+        claim_spare(directory, temporary, prefer=maps.inodes())
         fd = os.open(temporary, os.O_RDWR | os.O_CREAT, 0o666)  # the spare claimed, or a new file
         try:
             target = maps.writable(fd, total)
@@ -292,7 +300,7 @@ def _write(directory: pathlib.Path, name: str, leaves: list[Any], plan: PartPlan
                     copied += host.nbytes
         finally:
             try:
-                maps.written()
+                key = maps.written()
             finally:
                 os.close(fd)
         os.rename(temporary, directory / name)
@@ -301,7 +309,7 @@ def _write(directory: pathlib.Path, name: str, leaves: list[Any], plan: PartPlan
         temporary.unlink(missing_ok=True)
         maps.release_deleted()
         raise
-    return header, copied, total
+    return header, copied, total, key
 
 
 def _put(fd: int, target: mmap.mmap | None, offset: int, host: np.ndarray) -> int:
@@ -318,134 +326,12 @@ def _put(fd: int, target: mmap.mmap | None, offset: int, host: np.ndarray) -> in
     return data.nbytes
 
 
-class FileMaps:
-    """The part files this host wrote, kept open while they live, and mapped once written again. The
-    keeper turns a dropped part's file into a spare (a rename), and a host takes the spares it wrote
-    before first (`_claim_spare`), so that in the steady state a save copies into pages this process
-    has mapped already: 60 MB in 6.3 ms here, against 15-16 ms through `write` into the same
-    allocated pages or through a new mapping of them (setting up 15,000 page table entries is most of
-    the cost), and 30 ms into a new file. A file's first write of this host goes by `pwrite`; its
-    second makes the mapping (as dear as a `pwrite`), kept for the later ones.
-
-    A file is mapped only with all its pages allocated (`posix_fallocate`, which fails with ENOSPC on
-    a full tmpfs, where touching a hole in a mapping would kill the process with SIGBUS), and mapped
-    again when its size changed (another host's part, or a header a quantum longer: `file_size`
-    rounds large parts' sizes so that this is rare). An open file keeps its pages after the keeper deleted it
-    (link count 0): those are let go at the end of each hand-off, at the next write before it claims
-    a file, and at `close` (never the file being written); at most `MAX_MAPS` files are kept."""
-
-    MAX_MAPS = 8
-
-    def __init__(self) -> None:
-        self._maps: dict[tuple[int, int], tuple[int, int, mmap.mmap | None]] = {}
-        """(device, inode) -> (an open descriptor of the file, its size when written, its mapping once made)."""
-        self._lock = threading.Lock()
-        """The training thread writes; the hand-off thread lets go of what the keeper deleted meanwhile."""
-        self._writing: tuple[int, int] | None = None
-        """The file being written now: never let go under the write (a keeper that emptied its folder
-        deletes it), which would unmap the pages being copied into."""
-
-    def inodes(self) -> set[tuple[int, int]]:
-        with self._lock:
-            return set(self._maps)
-
-    def writable(self, fd: int, size: int) -> mmap.mmap | None:
-        """A writable mapping of the open file `fd`, made `size` bytes long, when this host wrote the
-        file before: the mapping kept for it, or a new one when the file has another size now. Else
-        None: the file is made `size` bytes long, to be written by `pwrite` (mapping it would cost
-        more than that), and kept, to be mapped when this host claims it again. What fails (ENOSPC)
-        leaves nothing of the file kept."""
-        stat = os.fstat(fd)
-        key = (stat.st_dev, stat.st_ino)
-        with self._lock:
-            kept = self._maps.pop(key, None)
-            try:
-                if kept is not None and kept[2] is not None and kept[1] == size == stat.st_size:
-                    mapping: mmap.mmap | None = kept[2]
-                    if stat.st_blocks * 512 < size:  # holes: another host made the file this size, writing less
-                        os.posix_fallocate(fd, 0, size)
-                elif kept is not None:
-                    if kept[2] is not None:
-                        _unmap(kept[2])
-                        kept = (kept[0], kept[1], None)
-                    if stat.st_size != size:
-                        os.ftruncate(fd, size)
-                    os.posix_fallocate(fd, 0, size)  # every page there, whoever wrote the file last
-                    mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
-                else:
-                    if stat.st_size != size:
-                        os.ftruncate(fd, size)
-                    mapping = None
-                    kept = (os.dup(fd), size, None)
-            except BaseException:
-                if kept is not None:
-                    self._close(kept)
-                raise
-            self._maps[key] = (kept[0], size, mapping)  # the newest used last
-            self._writing = key
-            while len(self._maps) > self.MAX_MAPS:
-                self._close(self._maps.pop(next(iter(self._maps))))
-        return mapping
-
-    def written(self) -> None:
-        """The file `writable` gave is written (or its write failed)."""
-        with self._lock:
-            self._writing = None
-
-    def release_deleted(self) -> None:
-        with self._lock:
-            for key, (fd, _, _) in list(self._maps.items()):
-                if key == self._writing:
-                    continue
-                try:
-                    gone = os.fstat(fd).st_nlink == 0
-                except OSError:
-                    gone = True
-                if gone:
-                    self._close(self._maps.pop(key))
-
-    @staticmethod
-    def _close(kept: tuple[int, int, mmap.mmap | None]) -> None:
-        if kept[2] is not None:
-            _unmap(kept[2])
-        os.close(kept[0])
-
-    def close(self) -> None:
-        with self._lock:
-            while self._maps:
-                self._close(self._maps.popitem()[1])
-
-
-def _unmap(mapping: mmap.mmap) -> None:
-    with contextlib.suppress(BufferError):  # a view still held: unmapped once it goes
-        mapping.close()
-
-
 def _in_place(shard: Any, host: np.ndarray) -> bool:
     """Whether `host` is the shard's own buffer (a CPU array read in place), not a copy of it."""
     try:
         return bool(shard.unsafe_buffer_pointer() == host.__array_interface__["data"][0])
     except Exception:  # noqa: BLE001 - a buffer without a host address (an accelerator's): a copy
         return False
-
-
-def _claim_spare(directory: pathlib.Path, temporary: pathlib.Path, prefer: set[tuple[int, int]]) -> None:
-    """Takes one of the keeper's spare files (a dropped part's) as `temporary`, one whose (device,
-    inode) is in `prefer` first (a file this host has mapped): a rename, atomic, so two hosts never
-    take the same one. None left: the write makes a new file."""
-    spares = []
-    for spare in directory.glob(f"{SPARE_PREFIX}*"):
-        try:
-            stat = spare.stat()
-        except FileNotFoundError:
-            continue  # another host took it
-        spares.append(((stat.st_dev, stat.st_ino) not in prefer, spare))
-    for _, spare in sorted(spares, key=lambda s: s[0]):
-        try:
-            os.rename(spare, temporary)
-            return
-        except FileNotFoundError:
-            continue  # another host took it
 
 
 class PartFile:
