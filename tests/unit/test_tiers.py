@@ -994,7 +994,9 @@ def test_a_part_held_with_its_host_s_digest_is_checked_against_it(monkeypatch):
         sharding = NamedSharding(mesh_of((2,), ("data",)), PartitionSpec("data"))
         x = jax.device_put(jnp.arange(12.0).reshape(4, 3), sharding)
         name = incoming_name(1, 0, os.getpid())
-        PartWriter().write(keeper.incoming, name, {"w": x}, {}, {})
+        writer = PartWriter()
+        writer.write(keeper.incoming, name, {"w": x}, {}, {})
+        writer.close()
         host = digest(keeper.incoming / name)
         hashed = []
         monkeypatch.setattr(keeper_module, "digest", lambda path: hashed.append(path) or digest(path))

@@ -207,7 +207,7 @@ class MemoryTier:
             taken = self.writer.digest(file_key)  # through this host's mapping: a third of a keeper's hash
             # The hand-off group: it waits on the partner keeper, whose other threads take the replica.
             asked = self.keeper.hold.options(concurrency_group=KEEPER_HOLD_GROUP).remote(
-                step, self.rank, self.num_hosts, name, self.replica_to, floor, self.attempt, taken)
+                step, self.rank, self.num_hosts, name, self.replica_to, floor, self.attempt, part_digest=taken)
             if fault is not None:
                 fault()
             answer: HandOff = ray.get(asked, timeout=KEEPER_CALL_TIMEOUT_S)
