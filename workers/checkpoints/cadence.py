@@ -202,6 +202,11 @@ class SaveCadence:
             self.floor = (0, 0) if moved(self.chosen[0].step_time_s, now.step_time_s) else \
                 (max(self.floor[0], over[0]), max(self.floor[1], over[1]))
         cadence = self.rule.choose(now, self.floor)
+        if self.chosen is None or moved(self.chosen[0].step_time_s, now.step_time_s):
+            # Steps just after compiling (those after the measuring saves among them), or at another
+            # speed: no slowdown the next choice measures is to be taken from them.
+            self._after_memory.clear()
+            self._normal.clear()
         unchanged = self.chosen is not None and self.chosen[1].intervals == cadence.intervals
         self.chosen = (now, cadence)
         if unchanged and not why.startswith("Orbax"):
