@@ -262,14 +262,15 @@ def test_a_refused_memory_save_leaves_the_later_commits_of_the_attempt_reported(
 def test_steps_just_after_compiling_are_not_taken_for_the_slowdown_of_a_memory_save():
     """The first saves, which measure the memory tier's cost, fall in the slow steps just after
     compiling (0.96 s here, 0.56 s once steady) and are dear (109 ms: their files are new), so the
-    first choice saves every 12 steps. Saves of 27 ms that slow the next steady step by 25 ms cost
-    52 ms, so every 10 steps keeps them within 1 % of 0.56 s steps. Counting the slow steps after the
-    measuring saves as a save's slowdown (225 ms) chose every 45 from the steady steps (a benchmark
-    run chose every 42 on 0.56 s steps and recomputed 11-17 steps after a kill)."""
+    first choice saves every 12 steps. Counting the slow steps after the measuring saves as a save's
+    slowdown (225 ms) chose every 45 from the steady steps (a benchmark run chose every 42 on 0.56 s
+    steps and recomputed 11-17 steps after a kill). Saves of 27 ms that slow the next steady step by
+    25 ms cost 52 ms: every 10 steps keeps them within 1 % of 0.56 s steps, chosen once 3 steady steps
+    after a save were timed (the choice from steady steps, with 2, counts the blocking alone)."""
     told: list[CadenceChosen] = []
     host = SaveCadence(CheckpointConfig(persist_max_age_s=600.0), True, 0, 0, told.append, list)
     memory_saves: set[int] = set()
-    for step in range(1, 200):
+    for step in range(1, 300):
         slower = 0.025 if step - 1 in memory_saves else 0.0
         if step > 1:
             host.step_time((0.96 if step <= 6 else 0.56) + slower, step)
@@ -279,9 +280,10 @@ def test_steps_just_after_compiling_are_not_taken_for_the_slowdown_of_a_memory_s
         cost = 0.109 if step <= FIRST_CHECK_AFTER_STEPS else 0.027
         host.after_save(step, due, cost if due.memory else None, 0.3 if due.durable else None)
     assert told[0].memory_every == 12, told[0].reason
-    settled = told[1]
-    assert "the steps settled at 560.0 ms" in settled.reason
-    assert abs(settled.memory_slowdown_s - 0.025) < 1e-9, settled.reason
-    assert settled.memory_every == math.ceil(0.052 / (0.01 * 0.56)) == 10, settled.reason
+    assert "the steps settled at 560.0 ms" in told[1].reason and told[1].memory_every <= 10, told[1].reason
+    assert all(e.memory_slowdown_s < 0.025 + 1e-9 for e in told), [e.reason for e in told]
+    last = told[-1]
+    assert abs(last.memory_slowdown_s - 0.025) < 1e-9, last.reason
+    assert last.memory_every == math.ceil(0.052 / (0.01 * 0.56)) == 10, last.reason
     steps = sorted(memory_saves)
-    assert {b - a for a, b in zip(steps, steps[1:], strict=False) if a > settled.step} == {10}
+    assert {b - a for a, b in zip(steps, steps[1:], strict=False) if a > last.step} == {10}

@@ -76,6 +76,8 @@ class SaveCadence:
         self._after_memory: collections.deque[float] = collections.deque(maxlen=COST_WINDOW)
         """Times of steps right after a memory save (its hand-off and replica run beside them)."""
         self._normal: collections.deque[float] = collections.deque(maxlen=STEP_WINDOW)
+        self._slowdown_from = start_step
+        """Steps after this one measure the slowdown (moved on when its samples are dropped)."""
         """Times of steps not within two steps after a save (a save step's own time ends before its save)."""
         self._durable_measured = False
         self._memory_warm = False
@@ -113,6 +115,8 @@ class SaveCadence:
         """A step's own time (`step`: which one, to tell a step after a save from a normal one)."""
         self._step_times.append(seconds)
         if step is None:
+            return
+        if step - 1 <= self._slowdown_from:
             return
         if step - 1 in self._saved and self._saved[step - 1].memory:
             self._after_memory.append(seconds)
@@ -194,6 +198,8 @@ class SaveCadence:
                 f"the steps settled at {now.step_time_s * 1e3:.1f} ms (from {self.chosen[0].step_time_s * 1e3:.1f} ms)"
         else:
             why = self.rule.rechoose(*self.chosen, now, self.floor)
+            if why is None and self.chosen[0].memory_slowdown_s == 0.0 and (self.slowdown() or 0.0) > 0.0:
+                why = "the step after a memory save was measured slower"  # too few of them at the last choice
         if why is None:
             return [0, 0, 0, next_check], None
         if self.chosen is not None:
@@ -203,10 +209,11 @@ class SaveCadence:
                 (max(self.floor[0], over[0]), max(self.floor[1], over[1]))
         cadence = self.rule.choose(now, self.floor)
         if self.chosen is None or moved(self.chosen[0].step_time_s, now.step_time_s):
-            # Steps just after compiling (those after the measuring saves among them), or at another
-            # speed: no slowdown the next choice measures is to be taken from them.
+            # Steps just after compiling (those after the measuring saves among them, the one after
+            # this step too), or at another speed: the next choice's slowdown is not taken from them.
             self._after_memory.clear()
             self._normal.clear()
+            self._slowdown_from = step
         unchanged = self.chosen is not None and self.chosen[1].intervals == cadence.intervals
         self.chosen = (now, cadence)
         if unchanged and not why.startswith("Orbax"):
