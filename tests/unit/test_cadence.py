@@ -213,21 +213,27 @@ def test_after_a_restart_with_durable_saves_overdue_the_cadence_still_settles_on
     assert saved[0] == saved[1]
 
 
-def test_the_slowdown_of_the_step_after_a_memory_save_is_measured_and_counted():
-    """A 25 ms save whose next step takes 25 ms longer (its hand-off beside it) costs 50 ms: with 0.5 s
-    steps, every 10 steps keeps it within 1 %; its blocking alone gave every 5. The first step read
-    back has no time of its own (it paid for compiling), as in a run."""
+def one_host_slowed(steps: range, step_time, memory_cost, slowdown: float = 0.025):
+    """One host through `steps`, each step right after a memory save `slowdown` slower (its hand-off
+    beside it); the first step read back has no time of its own (it paid for compiling), as in a run.
+    Returns rank 0's events and the steps that saved to memory."""
     told: list[CadenceChosen] = []
     host = SaveCadence(CheckpointConfig(persist_max_age_s=600.0), True, 0, 0, told.append, list)
     memory_saves: set[int] = set()
-    for step in range(1, 500):
-        slower = 0.025 if step - 1 in memory_saves else 0.0
+    for step in steps:
         if step > 1:
-            host.step_time(0.5 + slower, step)
+            host.step_time(step_time(step) + (slowdown if step - 1 in memory_saves else 0.0), step)
         due = host.due(step, final=False)
         if due.memory:
             memory_saves.add(step)
-        host.after_save(step, due, 0.025 if due.memory else None, 0.3 if due.durable else None)
+        host.after_save(step, due, memory_cost(step) if due.memory else None, 0.3 if due.durable else None)
+    return told, memory_saves
+
+
+def test_the_slowdown_of_the_step_after_a_memory_save_is_measured_and_counted():
+    """A 25 ms save whose next step takes 25 ms longer (its hand-off beside it) costs 50 ms: with 0.5 s
+    steps, every 10 steps keeps it within 1 %; its blocking alone gave every 5."""
+    told, memory_saves = one_host_slowed(range(1, 500), lambda step: 0.5, lambda step: 0.025)
     assert told[0].memory_every == 5 and told[0].memory_slowdown_s == 0.0, "not measured at the first choice"
     slowed = told[-1]
     assert abs(slowed.memory_slowdown_s - 0.025) < 1e-9 and "slows the next step by 25.0 ms" in slowed.reason
@@ -267,18 +273,8 @@ def test_steps_just_after_compiling_are_not_taken_for_the_slowdown_of_a_memory_s
     steps and recomputed 11-17 steps after a kill). Saves of 27 ms that slow the next steady step by
     25 ms cost 52 ms: every 10 steps keeps them within 1 % of 0.56 s steps, chosen once 3 steady steps
     after a save were timed (the choice from steady steps, with 2, counts the blocking alone)."""
-    told: list[CadenceChosen] = []
-    host = SaveCadence(CheckpointConfig(persist_max_age_s=600.0), True, 0, 0, told.append, list)
-    memory_saves: set[int] = set()
-    for step in range(1, 300):
-        slower = 0.025 if step - 1 in memory_saves else 0.0
-        if step > 1:
-            host.step_time((0.96 if step <= 6 else 0.56) + slower, step)
-        due = host.due(step, final=False)
-        if due.memory:
-            memory_saves.add(step)
-        cost = 0.109 if step <= FIRST_CHECK_AFTER_STEPS else 0.027
-        host.after_save(step, due, cost if due.memory else None, 0.3 if due.durable else None)
+    told, memory_saves = one_host_slowed(range(1, 300), lambda step: 0.96 if step <= 6 else 0.56,
+                                         lambda step: 0.109 if step <= FIRST_CHECK_AFTER_STEPS else 0.027)
     assert told[0].memory_every == 12, told[0].reason
     assert "the steps settled at 560.0 ms" in told[1].reason and told[1].memory_every <= 10, told[1].reason
     assert all(e.memory_slowdown_s < 0.025 + 1e-9 for e in told), [e.reason for e in told]
