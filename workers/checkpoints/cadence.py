@@ -76,9 +76,11 @@ class SaveCadence:
         self._after_memory: collections.deque[float] = collections.deque(maxlen=COST_WINDOW)
         """Times of steps right after a memory save (its hand-off and replica run beside them)."""
         self._normal: collections.deque[float] = collections.deque(maxlen=STEP_WINDOW)
+        """Times of steps not within two steps after a save (a save step's own time ends before its save)."""
         self._slowdown_from = start_step
         """Steps after this one measure the slowdown (moved on when its samples are dropped)."""
-        """Times of steps not within two steps after a save (a save step's own time ends before its save)."""
+        self._slowdown_measured = False
+        """Rank 0's: the choice in force counted a slowdown measured since its samples were last dropped."""
         self._durable_measured = False
         self._memory_warm = False
         """This attempt's first memory save was made (its cost, a set-up's, is not counted)."""
@@ -198,8 +200,9 @@ class SaveCadence:
                 f"the steps settled at {now.step_time_s * 1e3:.1f} ms (from {self.chosen[0].step_time_s * 1e3:.1f} ms)"
         else:
             why = self.rule.rechoose(*self.chosen, now, self.floor)
-            if why is None and self.chosen[0].memory_slowdown_s == 0.0 and (self.slowdown() or 0.0) > 0.0:
-                why = "the step after a memory save was measured slower"  # too few of them at the last choice
+            if why is None and not self._slowdown_measured and self.slowdown() is not None \
+                    and self.rule.save_every is None:  # too few steps after a save were timed at the last choice
+                why = "the steps right after memory saves were timed"
         if why is None:
             return [0, 0, 0, next_check], None
         if self.chosen is not None:
@@ -214,6 +217,11 @@ class SaveCadence:
             self._after_memory.clear()
             self._normal.clear()
             self._slowdown_from = step
+        elif (cadence.memory_every or UNCHOSEN) <= 2:
+            # No normal step between such saves: none timed before is compared with the steps after them.
+            self._after_memory.clear()
+            self._normal.clear()
+        self._slowdown_measured = self.slowdown() is not None
         unchanged = self.chosen is not None and self.chosen[1].intervals == cadence.intervals
         self.chosen = (now, cadence)
         if unchanged and not why.startswith("Orbax"):
