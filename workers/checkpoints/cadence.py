@@ -205,22 +205,21 @@ class SaveCadence:
                 why = "the steps right after memory saves were timed"
         if why is None:
             return [0, 0, 0, next_check], None
+        sped = self.chosen is not None and moved(self.chosen[0].step_time_s, now.step_time_s)
         if self.chosen is not None:
             # An interval found over its share is not chosen again (no see-saw), until the steps change.
             over = self.rule.over_share(self.chosen[1], now)
-            self.floor = (0, 0) if moved(self.chosen[0].step_time_s, now.step_time_s) else \
-                (max(self.floor[0], over[0]), max(self.floor[1], over[1]))
+            self.floor = (0, 0) if sped else (max(self.floor[0], over[0]), max(self.floor[1], over[1]))
         cadence = self.rule.choose(now, self.floor)
-        if self.chosen is None or moved(self.chosen[0].step_time_s, now.step_time_s):
-            # Steps just after compiling (those after the measuring saves among them, the one after
-            # this step too), or at another speed: the next choice's slowdown is not taken from them.
+        # The next choice's slowdown is not taken from steps just after compiling (those after the
+        # measuring saves among them, the one after this step too) or at another speed, nor, with saves
+        # every step or every other step (no normal step between them), from steps timed before.
+        first = self.chosen is None or sped
+        if first or (cadence.memory_every or UNCHOSEN) <= 2:
             self._after_memory.clear()
             self._normal.clear()
+        if first:
             self._slowdown_from = step
-        elif (cadence.memory_every or UNCHOSEN) <= 2:
-            # No normal step between such saves: none timed before is compared with the steps after them.
-            self._after_memory.clear()
-            self._normal.clear()
         self._slowdown_measured = self.slowdown() is not None
         unchanged = self.chosen is not None and self.chosen[1].intervals == cadence.intervals
         self.chosen = (now, cadence)
