@@ -117,7 +117,8 @@ def _make_spec(job: JobConfig, run: RunDir, entry_ref: EntryRef, replicas: Repli
             compilation_cache_dir=job.cluster.compilation_cache_dir,
             expect_checkpoint=expect_checkpoint or run.has_history(), injections=tuple(injections),
             keepers=dict(keepers or {}), lost_keepers=tuple(lost_keepers), elastic=job.min_hosts < job.max_hosts,
-            verify_every=job.fault.verify_every, newest_restorable=replicas.restore_limit, entry_code=entry_code)
+            verify_every=job.fault.verify_every, newest_restorable=replicas.restore_limit, entry_code=entry_code,
+            pending_save_wait_s=min(job.watchdog.hang_timeout_s, job.watchdog.save_timeout_s) / 2)
 
     return make
 

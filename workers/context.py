@@ -411,14 +411,21 @@ class HostContext:
                          "mesh": dict(self.mesh.shape)},
         }
 
-    def _after_error(self) -> None:
+    def _after_error(self, save_wait_s: float = 0.0) -> None:
         """After the user's function raised: the reported steps whose results are in go to the driver
         as after a return (the steps that led to the error); a step still computing is left, as the
-        error may have left the device waiting in a collective for good."""
+        error may have left the device waiting in a collective for good. A save in flight is waited
+        for up to `save_wait_s` (`Tiers.settle`; 0 after a lost peer's error, whose barrier never ends)."""
         ready = list(itertools.takewhile(lambda r: self._ready(list(r.values())), self._pending))
         if ready:
             self._read_back(upto=ready[-1]["step"])
             self._flush_metrics(before=ready[-1]["step"] + 1)
+        if save_wait_s > 0 and self._loop is not None and self._loop.tiers.saving():
+            self._progress.enter(Phase.SAVING)  # a save's wait, not a hang
+            started = time.perf_counter()
+            ended = self._loop.tiers.settle(save_wait_s)
+            self._progress.event(events.FinalSave(seconds=time.perf_counter() - started, after_error=True,
+                                                  ended=ended is not False))
 
     def _finish(self, returned: Any) -> HostResult:
         """After the user's function returned: the last records, the wait for pending saves."""

@@ -25,6 +25,7 @@ from jaxlaunch.contract import events
 from jaxlaunch.contract.entry import mark_host_process
 from jaxlaunch.contract.protocol import (
     MONITOR_GROUP,
+    ErrorKind,
     HostError,
     HostResult,
     HostSnapshot,
@@ -164,14 +165,14 @@ class HostActor:
         except (Exception, SystemExit) as err:  # sys.exit() in the entry (argparse, absl) is its error too
             text = traceback.format_exc()
             log.error("host failed:\n%s", text)
+            kind, phase = runtime.error_kind(err), self.progress.phase
             if ctx is not None:
-                try:
-                    ctx._after_error()
+                try:  # a save in flight commits first, unless a lost peer's barrier would never end
+                    ctx._after_error(0.0 if kind == ErrorKind.COLLECTIVE else spec.pending_save_wait_s)
                 except Exception as late:  # noqa: BLE001 - the error to report is the user's
                     log.warning("the records of the steps before the error were not sent: %s", late)
-            kind = runtime.error_kind(err)
             raise HostError(spec.rank, self.progress.step, kind, type(err).__name__, str(err), text,
-                            self.progress.phase) from None
+                            phase) from None
         except BaseException:
             log.error("host stopped:\n%s", traceback.format_exc())
             raise

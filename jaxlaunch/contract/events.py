@@ -352,10 +352,21 @@ class StartupTimeline(HostEvent):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class FinalSave(HostEvent):
-    """After the user's function returned: the wait for the pending saves."""
+    """After the user's function returned: the wait for the pending saves. After it raised
+    (`after_error`): the wait for a save in flight, which the host's limit may cut short (`ended`)."""
 
     KIND: ClassVar = EventKind.FINAL_SAVE
     seconds: float
+    after_error: bool = False
+    ended: bool = True
+    """False: the save outlasted the host's limit after the error, and was left."""
+
+    @property
+    def message(self) -> str:
+        if self.ended:
+            return f"the pending saves ended in {self.seconds:.1f} s"
+        return (f"a save in flight when the entry raised had not ended after {self.seconds:.1f} s and was left "
+                f"(the restart reads the newest committed step)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -203,6 +203,8 @@ class ConsoleView(Listener):
                 self.start_step = event.step
             elif isinstance(event, events.DataOrderAtRisk) and self.risk_told:
                 continue  # each attempt's hosts warn alike: once per launch
+            elif isinstance(event, events.FinalSave) and not event.ended:
+                self.display.message(f"[yellow]warning: {escape(event.message)}[/yellow]")
             elif isinstance(event, events.LowDiskSpace | events.CompilationCacheDisabled | events.MemoryTierOff
                             | events.MemorySaveRefused | events.MemoryFallback | events.MemoryCopyPassedOver
                             | events.DataOrderChanged

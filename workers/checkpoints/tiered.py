@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -29,6 +30,7 @@ from jaxlaunch.workers.state import StateLayout
 from jaxlaunch.workers.supervision.progress import HostProgress
 
 from jaxlaunch.contract import events, tiers
+from jaxlaunch.contract.event_base import first_line
 from jaxlaunch.contract.layout import RunLayout
 from jaxlaunch.contract.protocol import CheckpointConfig, HostSpec
 from jaxlaunch.contract.schedule import given_durable
@@ -183,6 +185,33 @@ class Tiers:
 
     def reached_preemption(self, step: int) -> bool:
         return bool(self.checkpointer.reached_preemption(step))
+
+    def settle(self, limit_s: float) -> bool | None:
+        """After the entry raised: the memory tier's hand-off and Orbax's save in flight, waited for up
+        to `limit_s`, so that a save asked for before the error commits rather than dies with the
+        process (None: none was in flight; True: each ended, committed or failed, as its own log says;
+        False: one outlasted the limit, and the host goes on without it)."""
+        if not self.saving():
+            return None
+        ended = threading.Event()
+
+        def wait() -> None:
+            try:
+                if self.memory is not None:
+                    self.memory.wait()
+                self.checkpointer.wait()
+            except Exception as err:  # noqa: BLE001 - the error to report is the entry's
+                log.warning("the save in flight when the entry raised failed: %s", first_line(err))
+            finally:
+                ended.set()
+
+        # A thread, so that the wait has a limit: Orbax's has none, and a peer gone stops its barrier.
+        threading.Thread(target=wait, name="jaxlaunch-settle-saves", daemon=True).start()
+        if not ended.wait(limit_s):
+            log.warning("a save in flight when the entry raised did not end within %g s: left", limit_s)
+            return False
+        self._progress.committed(self._commits.done())
+        return True
 
     def finish(self) -> None:
         """At the end: the memory tier's last hand-off and Orbax's pending save are waited for."""
