@@ -362,6 +362,10 @@ class FinalSave(HostEvent):
     """False: the save outlasted the host's limit after the error, and was left."""
 
     @property
+    def per_host(self) -> bool:
+        return self.after_error  # the host that raised is often not rank 0
+
+    @property
     def message(self) -> str:
         if self.ended:
             return f"the pending saves ended in {self.seconds:.1f} s"

@@ -190,7 +190,7 @@ class ConsoleView(Listener):
             self._log_tail(ended.attempt.number, failure.rank)
 
     def on_poll(self, driver: Driver, attempt: Attempt, poll: GroupPoll) -> None:
-        for _, event in poll.events:
+        for rank, event in poll.events:
             if isinstance(event, events.CheckpointFallback):
                 why = next(iter((event.error or "").strip().splitlines()), "unreadable")
                 self.display.message(f"[yellow]checkpoint step {event.step} set aside in "
@@ -204,7 +204,7 @@ class ConsoleView(Listener):
             elif isinstance(event, events.DataOrderAtRisk) and self.risk_told:
                 continue  # each attempt's hosts warn alike: once per launch
             elif isinstance(event, events.FinalSave) and not event.ended:
-                self.display.message(f"[yellow]warning: {escape(event.message)}[/yellow]")
+                self.display.message(f"[yellow]warning: host {rank}: {escape(event.message)}[/yellow]")
             elif isinstance(event, events.LowDiskSpace | events.CompilationCacheDisabled | events.MemoryTierOff
                             | events.MemorySaveRefused | events.MemoryFallback | events.MemoryCopyPassedOver
                             | events.DataOrderChanged

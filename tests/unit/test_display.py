@@ -13,7 +13,7 @@ from jaxlaunch.launcher.records.runs import RunDir
 from jaxlaunch.launcher.views.display import ConsoleView, Display
 from rich.console import Console
 
-from jaxlaunch.contract.events import FailureKind, PlannedEnd, Restored
+from jaxlaunch.contract.events import FailureKind, FinalSave, PlannedEnd, Restored
 from jaxlaunch.contract.protocol import GroupPoll, HostStatus, Phase
 
 
@@ -57,6 +57,20 @@ def test_without_the_memory_tier_the_line_shows_the_durable_step_and_keeps_it_ac
     view.on_transition(None, None, Running(second))
     view.on_poll(None, second, GroupPoll([HostStatus(0, Phase.TRAINING, 10)], [{"step": 10, "loss": 1.0}], [], {}, []))
     assert out.getvalue().splitlines()[-1] == "step 10/10  loss 1.0000  hosts 1  ckpt 4"
+
+
+def test_a_save_left_after_the_entry_raised_is_a_warning_naming_its_host(tmp_path):
+    """Only the wait that was cut short is said: a save that ended is no news."""
+    term, out = console(width=200)
+    view = ConsoleView(Display(term), RunDir(tmp_path / "run"), 10, memory_tier=False)
+    attempt = Attempt(number=1, num_hosts=2, mesh={"data": 2}, started_at=0.0, latest_committed=None)
+    view.on_transition(None, None, Running(attempt))
+    hosts = [HostStatus(rank, Phase.SAVING, 4) for rank in range(2)]
+    said = [(0, FinalSave(seconds=0.4, after_error=True)), (1, FinalSave(seconds=30.0, after_error=True, ended=False))]
+    view.on_poll(None, attempt, GroupPoll(hosts, [], said, {}, []))
+    [warning] = [line for line in out.getvalue().splitlines() if "warning" in line]
+    assert warning.startswith("warning: host 1: a save in flight when the entry raised had not ended after 30.0 s")
+    assert FinalSave(seconds=1.0, after_error=True).per_host and not FinalSave(seconds=1.0).per_host
 
 
 class Shown(Display):
