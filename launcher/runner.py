@@ -14,7 +14,7 @@ import pathlib
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from jaxlaunch.launcher.cluster.keepers import KeeperPool
@@ -103,7 +103,7 @@ def wait_for_capacity(cluster: RayCluster, job: JobConfig, waiting: Callable[[],
 
 
 def _make_spec(job: JobConfig, run: RunDir, entry_ref: EntryRef, replicas: ReplicaWatch,
-               entry_code: str | None) -> MakeSpec:
+               entry_code: str | None, entry_imports: Mapping[str, str]) -> MakeSpec:
     expect_checkpoint = run.has_history()
 
     def make(*, attempt: int, rank: int, num_hosts: int, coordinator_address: str,
@@ -118,6 +118,7 @@ def _make_spec(job: JobConfig, run: RunDir, entry_ref: EntryRef, replicas: Repli
             expect_checkpoint=expect_checkpoint or run.has_history(), injections=tuple(injections),
             keepers=dict(keepers or {}), lost_keepers=tuple(lost_keepers), elastic=job.min_hosts < job.max_hosts,
             verify_every=job.fault.verify_every, newest_restorable=replicas.restore_limit, entry_code=entry_code,
+            entry_imports=dict(entry_imports) if entry_code is not None else {},
             pending_save_wait_s=min(job.watchdog.hang_timeout_s, job.watchdog.save_timeout_s) / 2)
 
     return make
@@ -290,6 +291,7 @@ def _build(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref: En
         fingerprint=prepared.fingerprint, cluster=cluster.describe(), pid=os.getpid(),
         ray_supervisor=cluster.instance.supervisor_pid if cluster.instance is not None else None,
         requested_hosts=None if cluster.embedded else job.max_hosts, entry_code=prepared.entry_code,
+        entry_imports=dict(prepared.entry_imports),
         changes={name: list(pair) for name, pair in prepared.changes.items()}))
     if prepared.changes:
         display.message("this --resume changes the run (--allow-change): " + "; ".join(
@@ -314,7 +316,7 @@ def _build(prepared: PreparedJob, run: RunDir, cluster: RayCluster, host_ref: En
         listeners.append(Chaos(prepared.chaos_mean_s, job.train.seed, recorder.event))
     replicas = ReplicaWatch(recorder.event, lambda text: display.message(f"[red]{escape(text)}[/red]"), past)
     listeners.append(replicas)
-    make_spec = _make_spec(job, run, host_ref, replicas, entry_code)
+    make_spec = _make_spec(job, run, host_ref, replicas, entry_code, prepared.entry_imports)
     listeners.append(StragglerWatch(job.fault.straggler_factor, job.fault.straggler_steps, recorder.event,
                                     lambda text: display.message(f"[yellow]warning: {escape(text)}[/yellow]")))
     policies = Policies(RestartPolicy(job.fault),

@@ -155,7 +155,7 @@ class HostActor:
                 return persist.write_newest(spec, build_mesh(spec.mesh), self.progress)
             # After jax.distributed: importing the user's module (or unpickling a function sent by
             # value) may already compute with JAX.
-            function = entry_lib.load_entry(spec.entry, spec.entry_code)
+            function = entry_lib.load_entry(spec.entry, spec.entry_code, spec.entry_imports)
 
             ctx = HostContext(spec, build_mesh(spec.mesh), self.progress, self.driver_stop)
             log.info("mesh %s; running %s", dict(ctx.mesh.shape), spec.entry)

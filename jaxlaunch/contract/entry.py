@@ -26,7 +26,7 @@ import types
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar, overload
 
-from jaxlaunch.contract import by_value
+from jaxlaunch.contract import by_value, entry_code
 from jaxlaunch.contract.protocol import ConfigError, EntryRef
 from jaxlaunch.contract.values import as_setting, coerce
 
@@ -254,19 +254,19 @@ def refuse_nested_launch() -> None:
             f"`if __name__ == \"__main__\":`")
 
 
-def load_entry(ref: EntryRef, code: str | None = None) -> Callable:
+def load_entry(ref: EntryRef, code: str | None = None, imports: Mapping[str, str] | None = None) -> Callable:
     """The entry's function, imported (or unpickled) in this process. Raises ConfigError naming what
-    went wrong. `code`: the hash of the entry's file when the run was launched (`code_digest`); a
-    file that hashes otherwise now (edited since, and imported again by a restart) raises
-    EntryChangedError before it is imported, so none of its code runs: the run would go on with
-    other code, silently."""
+    went wrong. `code`: the hash of the entry's file when the run was launched (`code_digest`), and
+    `imports` those of the project's files it imports (`imports_digest`); a file that hashes otherwise
+    now (edited since, and imported again by a restart) raises EntryChangedError before the entry is
+    imported, so none of its code runs: the run would go on with other code, silently."""
     where = f"--entry {ref}" if ref.payload is None else str(ref)
     module = function = None
     try:
         with _importing(ref):
             if ref.payload is None:
-                if code is not None:
-                    _refuse_edited(_module_file(ref), code, where)
+                if code is not None or imports:
+                    _refuse_edited(_module_file(ref), ref, code, imports or {}, where)
                 module = _module(ref)
             else:
                 _add_to_path(_folder(ref))
@@ -289,12 +289,12 @@ def load_entry(ref: EntryRef, code: str | None = None) -> Callable:
     return _checked(function, ref, where)
 
 
-def _refuse_edited(path: str | os.PathLike[str] | None, code: str, where: str) -> None:
-    now = _file_digest(path) if path else None
-    if now is not None and now != code:
-        raise EntryChangedError(
-            f"{where}: its file {path} changed since the run was launched, so the hosts would now run other "
-            "code than the run trained with")
+def _refuse_edited(path: str | os.PathLike[str] | None, ref: EntryRef, code: str | None,
+                   imports: Mapping[str, str], where: str) -> None:
+    changed = entry_code.changed(path, ref.module, code, imports) if path is not None else None
+    if changed is not None:
+        raise EntryChangedError(f"{where}: {changed} since the run was launched, so the hosts would now run "
+                                "other code than the run trained with")
 
 
 def _folder(ref: EntryRef) -> pathlib.Path | None:
@@ -400,24 +400,27 @@ def resolve(text: str) -> Entry:
     return Entry(ref, function, getattr(function, ENTRY_SPEC_ATTRIBUTE, None) or EntrySpec())
 
 
-CODE_DIGEST_CHARS = 12
-
-
 def code_digest(ref: EntryRef) -> str | None:
     """A hash of the entry's own file (the file given, or the module's), compared on --resume so that
     an edited entry does not train on silently; None for a function sent by value (its fingerprint
-    is part of its name) or a module without a file. The files the entry imports are not covered."""
+    is part of its name) or a module without a file. The files it imports: `imports_digest`."""
     if ref.payload is not None:
         return None
     path = _module_file(ref)
-    return _file_digest(path) if path else None
+    return entry_code.file_digest(path) if path else None
 
 
-def _file_digest(path: str | os.PathLike[str]) -> str | None:
-    try:
-        return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()[:CODE_DIGEST_CHARS]
-    except OSError:
-        return None
+def imports_digest(ref: EntryRef) -> dict[str, str]:
+    """The hashes of the project's files the entry imports (`entry_code.local_imports`), by their path
+    from the folder the entry is imported from; empty for a function sent by value."""
+    path = _module_file(ref) if ref.payload is None else None
+    if path is None:
+        return {}
+    return entry_code.local_imports(path, entry_code.import_root(path, ref.module), exclude=(_OWN_PACKAGE,))
+
+
+_OWN_PACKAGE = pathlib.Path(__file__).resolve().parents[1]
+"""jaxlaunch's own files, which an entry in a checkout of it imports from under its folder."""
 
 
 def from_callable(function: Callable) -> Entry:

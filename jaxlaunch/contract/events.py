@@ -81,6 +81,9 @@ class Launch(Event):
     requested_hosts: int | None = None
     entry_code: str | None = None
     """A hash of the entry's file (`entry.code_digest`), to refuse a silent edit on --resume."""
+    entry_imports: dict[str, str] | None = None
+    """The hashes of the project's files the entry imports (`entry.imports_digest`); None in a run
+    launched before they were kept."""
     changes: dict[str, list[Any]] = dataclasses.field(default_factory=dict)
     """What this --resume changed about the run, accepted by --allow-change: name -> [before, after]."""
 

@@ -206,6 +206,9 @@ class HostSpec:
     entry_code: str | None = None
     """The hash of the entry's file when the run was launched (`entry.code_digest`): a host that
     imports a file edited since refuses to run it (`entry.load_entry`)."""
+    entry_imports: dict[str, str] = dataclasses.field(default_factory=dict)
+    """The hashes of the project's files the entry imports (`entry.imports_digest`), checked as the
+    entry's own file is."""
     pending_save_wait_s: float = 30.0
     """After the entry raised: how long a save in flight may take to commit before the host reports the
     error (half the driver's hang limit: the other hosts, stalled meanwhile, are judged by it)."""

@@ -66,6 +66,8 @@ class PreparedJob:
     """The line that says, at the start, where the run is."""
     entry_code: str | None = None
     """A hash of the entry's file (`entry.code_digest`)."""
+    entry_imports: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    """The hashes of the project's files the entry imports (`entry.imports_digest`)."""
     changes: Mapping[str, tuple[Any, Any]] = dataclasses.field(default_factory=dict)
     """What this --resume changes about the run, accepted by --allow-change: name -> (before, after)."""
 
@@ -127,18 +129,18 @@ def prepare(given: Mapping[str, Any], entry_args: Sequence[str] = (), typed: Job
         job = override(job, **{"train.schedule_steps": job.train.steps})
     entry.check(settings, job.mesh_for(job.num_hosts))
     fingerprint = entry.fingerprint(settings)
-    code = entry_lib.code_digest(entry.ref)
+    code, imports = entry_lib.code_digest(entry.ref), entry_lib.imports_digest(entry.ref)
     accepted: dict[str, tuple[Any, Any]] = {}
     if saved is not None:
         committed = run.committed_steps()
         if "train.steps" in changes or "steps" in (file_data.get("train") or {}):
             _refuse_steps_behind(committed, job)
         accepted = _refuse_silent_changes(launches[-1] if launches else None, saved, job, fingerprint, code,
-                                          launch.allow_change)
+                                          launch.allow_change, imports)
         if data_order.ALLOW_KEY not in launch.allow_change and committed:
             _refuse_data_order_change(run.checkpoint_meta(committed[0]), saved, job)
     return PreparedJob(job, entry, fingerprint, launch.inject, launch.chaos, not run.exists(), announce,
-                       code, accepted)
+                       entry_code=code, entry_imports=imports, changes=accepted)
 
 
 def _without_gone(saved: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
@@ -286,10 +288,11 @@ def _saved_job(run: RunDir) -> JobConfig:
 
 
 def _refuse_silent_changes(last: events.Launch | None, saved: JobConfig, job: JobConfig, fingerprint: Any,
-                           code: str | None, allowed: Sequence[str]) -> dict[str, tuple[Any, Any]]:
+                           code: str | None, allowed: Sequence[str],
+                           imports: Mapping[str, str] | None = None) -> dict[str, tuple[Any, Any]]:
     """Refuses a change to what the run computes unless `allowed` names it; returns the changes
     accepted. The entry is compared as the file or module it resolved to (the run's last launch
-    recorded it), and by its file's content."""
+    recorded it), by its file's content, and by the content of the project's files it imports."""
     changes = run_changes(saved, job)
     recorded = entry_lib.canonical(last.entry) if last is not None and last.entry else None
     # A file recorded on another machine or in a checkout since moved: the run's saved text, found here.
@@ -302,6 +305,11 @@ def _refuse_silent_changes(last: events.Launch | None, saved: JobConfig, job: Jo
     elif old_code is not None and code is not None and old_code != code:
         changes = {"entry": (f"{old_entry} (file {old_code})", f"{job.entry} (file {code}, edited)"),
                    **changes}
+    elif last is not None and last.entry_imports is not None and last.entry_imports != dict(imports or {}):
+        before, now = last.entry_imports, dict(imports or {})
+        names = sorted(name for name in {*before, *now} if before.get(name) != now.get(name))
+        changes = {"entry": (old_entry, f"{job.entry} (the file{'s' if len(names) > 1 else ''} it imports "
+                                        f"{', '.join(names)} changed)"), **changes}
     old_print = last.fingerprint if last is not None else None
     if last is not None and fingerprint != old_print and (old_print is not None or fingerprint is not None):
         changes["fingerprint"] = (old_print, fingerprint)

@@ -242,7 +242,9 @@ SELF_EDITING = """
 import pathlib
 import re
 
-VERSION = 1
+from job_version import VERSION
+
+EDITED = False
 
 
 def main(ctx):
@@ -257,7 +259,8 @@ def main(ctx):
         ctx.maybe_save(step, (model, optimizer))
         if step == 6 and ctx.attempt == 1 and ctx.process_index == 1:  # every host imported it; before the kill
             path = pathlib.Path(__file__)
-            path.write_text(re.sub(r"^VERSION = 1$", "VERSION = 2", path.read_text(), flags=re.M))
+            path.write_text(re.sub(r"^EDITED = False$", "EDITED = True", path.read_text(), flags=re.M))
+            (path.parent / "job_version.py").write_text("VERSION = 2\\n")  # a file it imports
     return {"version": VERSION}
 """
 
@@ -272,12 +275,14 @@ def test_an_entry_file_edited_during_the_run_is_refused_at_the_restart_and_resum
     entry, run_dir = tmp_path / "train.py", tmp_path / "run"
     entry.write_text((EXAMPLES / "minimal.py").read_text().replace("def main(ctx):", "def example(ctx):")
                      + SELF_EDITING)
+    (tmp_path / "job_version.py").write_text("VERSION = 1\n")
     args = ("--entry", str(entry), "--hosts", "2", "--steps", "40", "--save-every", "4", "--run-dir", str(run_dir))
     result = launch(*args, "--inject", "kill@step=10,host=1")
     assert result.returncode == 1, result.stdout + result.stderr
     first, second = attempts(run_dir)
     assert (first["cause"], first["failed_host"]) == ("crashed", 1)
-    assert second["cause"] == "exception" and "changed since the run was launched" in second["message"], second
+    assert second["cause"] == "exception" and f"its files {entry}, {tmp_path / 'job_version.py'} changed since the " \
+        "run was launched" in second["message"], second
     assert "fix: resume with --resume --allow-change entry" in events(run_dir, "job_failed")[-1]["reason"]
     committed = committed_steps(run_dir)
     assert committed and max(committed) == 8, committed

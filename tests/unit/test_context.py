@@ -381,7 +381,7 @@ def test_sys_exit_in_the_entry_is_the_entry_s_error_not_a_crash(tmp_path, monkey
     def main(ctx):
         raise SystemExit("error: unrecognized arguments: --lr")
 
-    monkeypatch.setattr(entry_lib, "load_entry", lambda ref, code=None: main)
+    monkeypatch.setattr(entry_lib, "load_entry", lambda ref, code=None, imports=None: main)
     actor = object.__new__(host.HostActor)  # without Ray: the actor's own code only
     actor.progress, actor.driver_stop = HostProgress(), DriverStop()
     with pytest.raises(HostError) as raised:

@@ -46,7 +46,7 @@ def run_host(tmp_path, monkeypatch, main, **spec_fields):
     spec = dataclasses.replace(make_ctx(tmp_path, 6, save_every=3)[0]._spec, **spec_fields)
     monkeypatch.setattr(runtime, "initialize", lambda **kwargs: None)
     monkeypatch.setattr(runtime, "shutdown", lambda: None)
-    monkeypatch.setattr(entry_lib, "load_entry", lambda ref, code=None: main)
+    monkeypatch.setattr(entry_lib, "load_entry", lambda ref, code=None, imports=None: main)
     asked: list[tuple[HostContext, float]] = []
     after_error = HostContext._after_error
 

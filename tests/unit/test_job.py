@@ -403,7 +403,7 @@ def launched(path: pathlib.Path, prepared) -> RunDir:
     run.create()
     run.save_config(prepared.job.to_dict())
     run.event(events.Launch(entry=str(prepared.entry.ref), entry_code=prepared.entry_code,
-                            fingerprint=prepared.fingerprint))
+                            entry_imports=dict(prepared.entry_imports), fingerprint=prepared.fingerprint))
     return run
 
 

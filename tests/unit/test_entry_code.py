@@ -1,0 +1,94 @@
+"""The project's files an entry imports are part of the code a run trains with: found in the source,
+hashed at the launch, checked by every host before it imports the entry, and compared on --resume."""
+
+import pathlib
+
+import pytest
+from jaxlaunch.launcher.configuration.job import prepare
+
+from jaxlaunch.contract import entry as entry_lib
+from jaxlaunch.contract import entry_code, events
+from jaxlaunch.contract.protocol import ConfigError
+from tests.unit.test_job import launched, options
+
+
+def project(root: pathlib.Path, tag: str) -> pathlib.Path:
+    """A project whose entry imports a sibling module, a package's modules (one only inside its
+    function, one through the sibling), an installed library and the standard library; `tag` keeps
+    its module names apart from other tests' in this process."""
+    files = {
+        "train.py": (f"import json\nimport numpy as np\nimport model_{tag}\nfrom lib_{tag} import data\n\n\n"
+                     f"def main(ctx):\n    from lib_{tag}.extra import thing\n    return thing\n"),
+        f"model_{tag}.py": f"from lib_{tag} import layers\n",
+        f"lib_{tag}/__init__.py": "",
+        f"lib_{tag}/data.py": "from . import helpers\n",
+        f"lib_{tag}/helpers.py": "",
+        f"lib_{tag}/layers.py": "",
+        f"lib_{tag}/extra.py": "thing = 'launched'\n",
+        f"lib_{tag}/unused.py": "",
+        "notes.py": "",
+    }
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root / "train.py"
+
+
+def test_the_files_an_entry_imports_are_found_in_its_source_and_only_those(tmp_path):
+    path = project(tmp_path / "p", "a")
+    found = entry_lib.imports_digest(entry_lib.parse_entry(str(path)))
+    assert sorted(found) == ["lib_a/__init__.py", "lib_a/data.py", "lib_a/extra.py", "lib_a/helpers.py",
+                             "lib_a/layers.py", "model_a.py"]
+    assert found["model_a.py"] == entry_code.file_digest(tmp_path / "p" / "model_a.py")
+
+
+def test_a_module_entry_of_a_package_finds_its_relative_imports_from_the_package_s_folder(tmp_path, monkeypatch):
+    package = tmp_path / "src" / "proj_b"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "train.py").write_text("from . import model\nfrom .sub.deep import net\n\n\ndef main(ctx):\n    pass\n")
+    (package / "model.py").write_text("from .. import proj_b\n")
+    (package / "sub").mkdir()
+    (package / "sub" / "__init__.py").write_text("")
+    (package / "sub" / "deep.py").write_text("")
+    monkeypatch.chdir(tmp_path / "src")
+    found = entry_lib.imports_digest(entry_lib.parse_entry("proj_b.train:main"))
+    assert sorted(found) == ["proj_b/__init__.py", "proj_b/model.py", "proj_b/sub/__init__.py", "proj_b/sub/deep.py"]
+
+
+def test_a_host_refuses_an_entry_whose_imported_file_was_edited_before_any_of_it_runs(tmp_path):
+    path = project(tmp_path / "p", "c")
+    ref = entry_lib.parse_entry(str(path))
+    code, imports = entry_lib.code_digest(ref), entry_lib.imports_digest(ref)
+    assert entry_lib.load_entry(ref, code, imports)(None) == "launched"
+    (tmp_path / "p" / "notes.py").write_text("# not imported: no change of the run\n")
+    (tmp_path / "p" / "lib_c" / "unused.py").write_text("# nor this\n")
+    assert entry_lib.load_entry(ref, code, imports)(None) == "launched"
+    marker = tmp_path / "ran"
+    path.write_text(f"open({str(marker)!r}, 'w').close()\n" + path.read_text())
+    code = entry_lib.code_digest(ref)  # the entry's own file as launched; the file it imports edited below
+    (tmp_path / "p" / "lib_c" / "layers.py").write_text("width = 2\n")
+    with pytest.raises(entry_lib.EntryChangedError,
+                       match=r"the file it imports .*lib_c/layers.py changed since the run was launched"):
+        entry_lib.load_entry(ref, code, imports)
+    assert not marker.exists(), "refused before any of the entry ran"
+    (tmp_path / "p" / "lib_c" / "helpers.py").unlink()
+    with pytest.raises(entry_lib.EntryChangedError, match=r"the files it imports .*helpers.py, .*layers.py changed"):
+        entry_lib.load_entry(ref, code, imports)
+
+
+def test_a_resume_after_an_imported_file_was_edited_is_refused_unless_allowed_and_names_the_file(tmp_path):
+    path = project(tmp_path / "p", "d")
+    run = launched(tmp_path / "run", prepare(options(tmp_path, entry=str(path))))
+    assert not prepare(options(tmp_path, resume=True)).changes, "unchanged: nothing to record"
+    (tmp_path / "p" / "lib_d" / "layers.py").write_text("width = 2\n")
+    with pytest.raises(ConfigError, match=r"would change the run: entry '.*train.py:main' -> '.*train.py:main \(the "
+                                          r"file it imports lib_d/layers.py changed\)'; pass --allow-change entry"):
+        prepare(options(tmp_path, resume=True))
+    accepted = prepare(options(tmp_path, resume=True, allow_change=["entry"]))
+    assert list(accepted.changes) == ["entry"] and accepted.entry_imports["lib_d/layers.py"] == \
+        entry_code.file_digest(tmp_path / "p" / "lib_d" / "layers.py")
+    # A run launched before the imports were kept: its launch recorded none, so none is a change.
+    run.event(events.Launch(entry=str(accepted.entry.ref), entry_code=accepted.entry_code))
+    (tmp_path / "p" / "lib_d" / "layers.py").write_text("width = 3\n")
+    assert not prepare(options(tmp_path, resume=True)).changes
