@@ -414,8 +414,8 @@ def imports_digest(ref: EntryRef) -> dict[str, str]:
     """The hashes of the project's files the entry imports (`entry_code.local_imports`), by their path
     from the folder the entry is imported from; empty for a function sent by value."""
     path = _module_file(ref) if ref.payload is None else None
-    if path is None:
-        return {}
+    if path is None or _installed(pathlib.Path(path).resolve()):
+        return {}  # an installed package: what it imports is installed too, and not the run's to compare
     return entry_code.local_imports(path, entry_code.import_root(path, ref.module), exclude=(_OWN_PACKAGE,))
 
 

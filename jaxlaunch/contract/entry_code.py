@@ -33,8 +33,13 @@ def import_root(module_file: str | os.PathLike[str], module: str) -> pathlib.Pat
     """The folder a module named `module` (dotted) in `module_file` is imported from: the file's own
     folder for a top-level module (a file entry), the folder above its top package otherwise."""
     path = pathlib.Path(module_file).resolve()
-    depth = len(module.split(".")) - (0 if path.name == "__init__.py" else 1)
-    return path.parents[depth]
+    parts = module.split(".")
+    package = path.name == "__init__.py"
+    depth = len(parts) - (0 if package else 1)
+    root = path.parents[depth] if depth < len(path.parents) else path.parent
+    expected = root.joinpath(*parts, "__init__.py") if package else root.joinpath(*parts[:-1], f"{parts[-1]}.py")
+    # A package whose folders are not named as its modules (an editable install's mapping): its own folder.
+    return root if expected.resolve() == path else path.parent
 
 
 def local_imports(entry_file: str | os.PathLike[str], root: pathlib.Path,

@@ -92,3 +92,14 @@ def test_a_resume_after_an_imported_file_was_edited_is_refused_unless_allowed_an
     run.event(events.Launch(entry=str(accepted.entry.ref), entry_code=accepted.entry_code))
     (tmp_path / "p" / "lib_d" / "layers.py").write_text("width = 3\n")
     assert not prepare(options(tmp_path, resume=True)).changes
+
+
+def test_an_installed_module_or_one_of_a_mapped_package_looks_no_further_than_its_own_folder(tmp_path):
+    """An installed module (its imports are installed too: not walked, whatever their number), and the
+    built-in model, whose package maps `jaxlaunch.models` onto a folder of another name in a checkout."""
+    installed = entry_lib.parse_entry("optax.contrib._sam:sam")
+    assert entry_lib.imports_digest(installed) == {}
+    builtin = entry_lib.parse_entry(entry_lib.BUILTIN_ENTRY)
+    origin = pathlib.Path(entry_lib._module_file(builtin)).resolve()
+    named_as_modules = origin.parts[-3:] == ("jaxlaunch", "models", "lm.py")  # installed: site-packages above
+    assert entry_code.import_root(origin, builtin.module) == (origin.parents[2] if named_as_modules else origin.parent)
