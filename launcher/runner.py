@@ -105,6 +105,11 @@ def wait_for_capacity(cluster: RayCluster, job: JobConfig, waiting: Callable[[],
 def _make_spec(job: JobConfig, run: RunDir, entry_ref: EntryRef, replicas: ReplicaWatch,
                entry_code: str | None, entry_imports: Mapping[str, str]) -> MakeSpec:
     expect_checkpoint = run.has_history()
+    imports = dict(entry_imports) if entry_code is not None else {}
+    if job.cluster.address is not None and entry_ref.path is None and entry_ref.package is None:
+        # A module of a local package: the package alone travels; what sits beside it is the nodes' own.
+        top = entry_ref.module.split(".")[0]
+        imports = {name: digest for name, digest in imports.items() if name.split("/")[0] == top}
 
     def make(*, attempt: int, rank: int, num_hosts: int, coordinator_address: str,
              injections: tuple[Injection, ...], keepers: dict[str, Any] | None = None,
@@ -118,7 +123,7 @@ def _make_spec(job: JobConfig, run: RunDir, entry_ref: EntryRef, replicas: Repli
             expect_checkpoint=expect_checkpoint or run.has_history(), injections=tuple(injections),
             keepers=dict(keepers or {}), lost_keepers=tuple(lost_keepers), elastic=job.min_hosts < job.max_hosts,
             verify_every=job.fault.verify_every, newest_restorable=replicas.restore_limit, entry_code=entry_code,
-            entry_imports=dict(entry_imports) if entry_code is not None else {},
+            entry_imports=imports,
             pending_save_wait_s=min(job.watchdog.hang_timeout_s, job.watchdog.save_timeout_s) / 2)
 
     return make

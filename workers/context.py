@@ -415,15 +415,17 @@ class HostContext:
         """After the user's function raised: the reported steps whose results are in go to the driver
         as after a return (the steps that led to the error); a step still computing is left, as the
         error may have left the device waiting in a collective for good. A save in flight is waited
-        for up to `save_wait_s` (`Tiers.settle`; 0 after a lost peer's error, whose barrier never ends)."""
+        for up to `save_wait_s` (`Tiers.settle`; 0 after a lost peer's error, whose barrier never ends),
+        less the time since this host's last step: the other hosts, stalled as long, are judged by it."""
         ready = list(itertools.takewhile(lambda r: self._ready(list(r.values())), self._pending))
         if ready:
             self._read_back(upto=ready[-1]["step"])
             self._flush_metrics(before=ready[-1]["step"] + 1)
-        if save_wait_s > 0 and self._loop is not None and self._loop.tiers.saving():
+        limit = save_wait_s - self._progress.still_for()
+        if limit > 0 and self._loop is not None and self._loop.tiers.saving():
             self._progress.enter(Phase.SAVING)  # a save's wait, not a hang
             started = time.perf_counter()
-            ended = self._loop.tiers.settle(save_wait_s)
+            ended = self._loop.tiers.settle(limit)
             self._progress.event(events.FinalSave(seconds=time.perf_counter() - started, after_error=True,
                                                   ended=ended is not False))
 

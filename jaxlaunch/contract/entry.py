@@ -20,6 +20,7 @@ import inspect
 import os
 import pathlib
 import re
+import site
 import sys
 import sysconfig
 import types
@@ -323,11 +324,14 @@ def _cwd_on_path() -> None:
 
 
 def _module_file(ref: EntryRef) -> str | os.PathLike[str] | None:
-    """The file `_module` imports, found without running it (a module's packages are imported)."""
+    """The file `_module` imports, found without running it (`entry_code.module_origin`)."""
     folder = _folder(ref)
     if folder is not None:
         return folder / f"{ref.module}.py"
     _cwd_on_path()
+    found = entry_code.module_origin(ref.module)
+    if found is not None:
+        return found
     try:
         spec = importlib.util.find_spec(ref.module)
     except (ImportError, ValueError):
@@ -414,7 +418,7 @@ def imports_digest(ref: EntryRef) -> dict[str, str]:
     """The hashes of the project's files the entry imports (`entry_code.local_imports`), by their path
     from the folder the entry is imported from; empty for a function sent by value."""
     path = _module_file(ref) if ref.payload is None else None
-    if path is None or _installed(pathlib.Path(path).resolve()):
+    if path is None or _installed(pathlib.Path(path)):
         return {}  # an installed package: what it imports is installed too, and not the run's to compare
     return entry_code.local_imports(path, entry_code.import_root(path, ref.module), exclude=(_OWN_PACKAGE,))
 
@@ -455,8 +459,9 @@ def resume_command(ref: EntryRef, run_dir: str) -> str:
 # ---- shipping to a cluster -------------------------------------------------------------------------
 
 def _installed(path: pathlib.Path) -> bool:
-    roots = {sysconfig.get_paths()[k] for k in ("purelib", "platlib", "stdlib")}
-    return any(path.is_relative_to(root) for root in roots)
+    roots = {sysconfig.get_paths()[k] for k in ("purelib", "platlib", "stdlib")} | {
+        *getattr(site, "getsitepackages", list)(), site.getusersitepackages()}
+    return any(path.resolve().is_relative_to(pathlib.Path(root).resolve()) for root in roots)
 
 
 SHIPPED_ENTRY_PACKAGE = "jaxlaunch_entry_shipped"

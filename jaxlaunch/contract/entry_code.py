@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import importlib.machinery
 import os
 import pathlib
 from collections.abc import Iterator, Mapping
@@ -32,14 +33,14 @@ def file_digest(path: str | os.PathLike[str]) -> str | None:
 def import_root(module_file: str | os.PathLike[str], module: str) -> pathlib.Path:
     """The folder a module named `module` (dotted) in `module_file` is imported from: the file's own
     folder for a top-level module (a file entry), the folder above its top package otherwise."""
-    path = pathlib.Path(module_file).resolve()
+    path = _absolute(module_file)
     parts = module.split(".")
     package = path.name == "__init__.py"
     depth = len(parts) - (0 if package else 1)
     root = path.parents[depth] if depth < len(path.parents) else path.parent
     expected = root.joinpath(*parts, "__init__.py") if package else root.joinpath(*parts[:-1], f"{parts[-1]}.py")
     # A package whose folders are not named as its modules (an editable install's mapping): its own folder.
-    return root if expected.resolve() == path else path.parent
+    return root if _absolute(expected) == path else path.parent
 
 
 def local_imports(entry_file: str | os.PathLike[str], root: pathlib.Path,
@@ -47,20 +48,45 @@ def local_imports(entry_file: str | os.PathLike[str], root: pathlib.Path,
     """Path relative to `root` -> `file_digest` of every file under `root` that the entry's file
     imports, directly or through such a file (the entry's file itself left out). `exclude`: folders
     under `root` that are not the project's (jaxlaunch's own package in a checkout of it)."""
-    root = root.resolve()
-    start = pathlib.Path(entry_file).resolve()
+    root, start = _absolute(root), _absolute(entry_file)
     found: dict[pathlib.Path, str] = {}
     todo = [start]
     while todo and len(found) < MAX_FILES:
         path = todo.pop()
         for target in _imported_files(path, root):
-            if target == start or target in found or any(target.is_relative_to(x) for x in exclude):
+            if target == start or target in found or any(target.resolve().is_relative_to(x) for x in exclude):
                 continue
             digest = file_digest(target)
             if digest is not None:
                 found[target] = digest
                 todo.append(target)
     return {str(path.relative_to(root)): digest for path, digest in sorted(found.items())}
+
+
+def _absolute(path: str | os.PathLike[str]) -> pathlib.Path:
+    """`path` made absolute and normal, its links kept: Python imports a linked entry's siblings from
+    the link's folder, not its target's."""
+    return pathlib.Path(os.path.abspath(path))
+
+
+def module_origin(module: str) -> str | None:
+    """The file of module `module` (dotted), found on `sys.path` without importing its packages (whose
+    `__init__` would run before an edit of them could be refused); None where the path does not hold
+    it (an import hook's module, as an editable install's: `importlib.util.find_spec` then finds it)."""
+    locations = None
+    spec = None
+    parts = module.split(".")
+    for i in range(len(parts)):
+        try:
+            spec = importlib.machinery.PathFinder.find_spec(".".join(parts[:i + 1]), locations)
+        except (ImportError, ValueError):
+            return None
+        if spec is None:
+            return None
+        locations = list(spec.submodule_search_locations or [])
+        if i < len(parts) - 1 and not locations:
+            return None
+    return spec.origin if spec is not None and spec.has_location else None
 
 
 def edited(root: pathlib.Path, recorded: Mapping[str, str]) -> list[str]:
@@ -101,7 +127,7 @@ def _imported_files(path: pathlib.Path, root: pathlib.Path) -> Iterator[pathlib.
             names = tuple(alias.name for alias in node.names if alias.name != "*")
             if node.level == 0:
                 yield from _module_files(root, parts, names)
-            else:  # relative to the package of `path`
+            elif node.level - 2 < len(path.parent.parents):  # relative to the package of `path`
                 base = path.parent.parents[node.level - 2] if node.level > 1 else path.parent
                 if base.is_relative_to(root):
                     yield from _module_files(base, parts, names, packages_from=root)

@@ -211,7 +211,8 @@ class HostSpec:
     entry's own file is."""
     pending_save_wait_s: float = 30.0
     """After the entry raised: how long a save in flight may take to commit before the host reports the
-    error (half the driver's hang limit: the other hosts, stalled meanwhile, are judged by it)."""
+    error (half the driver's hang limit, or of its save limit if shorter: the other hosts, stalled
+    meanwhile, are judged by it), less the time since the host's last step."""
 
 
 # ---- what comes back --------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 hashed at the launch, checked by every host before it imports the entry, and compared on --resume."""
 
 import pathlib
+import sys
 
 import pytest
 from jaxlaunch.launcher.configuration.job import prepare
@@ -103,3 +104,51 @@ def test_an_installed_module_or_one_of_a_mapped_package_looks_no_further_than_it
     origin = pathlib.Path(entry_lib._module_file(builtin)).resolve()
     named_as_modules = origin.parts[-3:] == ("jaxlaunch", "models", "lm.py")  # installed: site-packages above
     assert entry_code.import_root(origin, builtin.module) == (origin.parents[2] if named_as_modules else origin.parent)
+
+
+def test_a_linked_entry_file_is_checked_with_the_siblings_python_imports_from_the_link_s_folder(tmp_path):
+    real = project(tmp_path / "real", "e")
+    (tmp_path / "link").mkdir()
+    (tmp_path / "link" / "train.py").symlink_to(real)
+    (tmp_path / "link" / "model_e.py").write_text("# the link's sibling: the one Python imports\n")
+    ref = entry_lib.parse_entry(str(tmp_path / "link" / "train.py"))
+    code, imports = entry_lib.code_digest(ref), entry_lib.imports_digest(ref)
+    assert imports == {"model_e.py": entry_code.file_digest(tmp_path / "link" / "model_e.py")}
+    (tmp_path / "link" / "model_e.py").write_text("# edited\n")
+    with pytest.raises(entry_lib.EntryChangedError, match=r"the file it imports .*link/model_e.py changed"):
+        entry_lib.load_entry(ref, code, imports)
+
+
+def test_a_relative_import_above_the_filesystem_s_top_or_a_broken_file_is_no_crash(tmp_path):
+    path = tmp_path / "train.py"
+    path.write_text("def main(ctx):\n    from " + "." * 40 + " import x\n")
+    (tmp_path / "broken.py").write_text("def (\n")
+    (tmp_path / "other.py").write_text("import broken\n")
+    path.write_text(path.read_text() + "import other\n")
+    assert sorted(entry_lib.imports_digest(entry_lib.parse_entry(str(path)))) == ["broken.py", "other.py"]
+
+
+def test_a_module_entry_s_edited_package_is_refused_before_its_init_runs(tmp_path, monkeypatch):
+    package = tmp_path / "proj_f"
+    package.mkdir()
+    (package / "__init__.py").write_text("")
+    (package / "train.py").write_text("def main(ctx):\n    return 'launched'\n")
+    monkeypatch.chdir(tmp_path)
+    ref = entry_lib.parse_entry("proj_f.train:main")
+    code, imports = entry_lib.code_digest(ref), entry_lib.imports_digest(ref)
+    sys.modules.pop("proj_f", None)  # a restart's host is a fresh process
+    marker = tmp_path / "ran"
+    (package / "train.py").write_text(f"open({str(marker)!r}, 'w').close()\ndef main(ctx):\n    return 'edited'\n")
+    (package / "__init__.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    with pytest.raises(entry_lib.EntryChangedError, match=r"its file .*proj_f/train.py changed"):
+        entry_lib.load_entry(ref, code, imports)
+    assert not marker.exists(), "neither the package's __init__ nor the module ran"
+
+
+def test_an_installed_path_is_told_through_a_link_to_it(tmp_path):
+    import sysconfig
+
+    link = tmp_path / "venv-link"
+    link.symlink_to(sysconfig.get_paths()["purelib"], target_is_directory=True)
+    assert entry_lib._installed(link / "optax" / "__init__.py")
+    assert not entry_lib._installed(tmp_path / "train.py")

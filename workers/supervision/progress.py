@@ -24,6 +24,7 @@ class HostProgress:
         self._committed: list[tuple[str, int]] = []
         self.timeline: dict[str, float] = {}
         """Wall time at which each phase was first entered: where start-up time goes."""
+        self._moved = time.monotonic()
 
     @property
     def phase(self) -> Phase:
@@ -35,12 +36,16 @@ class HostProgress:
 
     def enter(self, phase: Phase) -> None:
         with self._lock:
-            self._phase = phase
+            self._phase, self._moved = phase, time.monotonic()
             self.timeline.setdefault(phase.value, time.time())
 
     def step_done(self, step: int) -> None:
         with self._lock:
-            self._step = step
+            self._step, self._moved = step, time.monotonic()
+
+    def still_for(self) -> float:
+        """Seconds since the step or the phase last changed: what the driver's watchdog counts."""
+        return time.monotonic() - self._moved
 
     def record(self, record: dict[str, Any]) -> None:
         with self._lock:
