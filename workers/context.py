@@ -417,11 +417,11 @@ class HostContext:
         error may have left the device waiting in a collective for good. A save in flight is waited
         for up to `save_wait_s` (`Tiers.settle`; 0 after a lost peer's error, whose barrier never ends),
         less the time since this host's last step: the other hosts, stalled as long, are judged by it."""
+        limit = save_wait_s - self._progress.still_for()  # before the read-back below reports a step
         ready = list(itertools.takewhile(lambda r: self._ready(list(r.values())), self._pending))
         if ready:
             self._read_back(upto=ready[-1]["step"])
             self._flush_metrics(before=ready[-1]["step"] + 1)
-        limit = save_wait_s - self._progress.still_for()
         if limit > 0 and self._loop is not None and self._loop.tiers.saving():
             self._progress.enter(Phase.SAVING)  # a save's wait, not a hang
             started = time.perf_counter()
