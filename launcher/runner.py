@@ -105,11 +105,11 @@ def wait_for_capacity(cluster: RayCluster, job: JobConfig, waiting: Callable[[],
 def _make_spec(job: JobConfig, run: RunDir, entry_ref: EntryRef, replicas: ReplicaWatch,
                entry_code: str | None, entry_imports: Mapping[str, str]) -> MakeSpec:
     expect_checkpoint = run.has_history()
-    imports = dict(entry_imports) if entry_code is not None else {}
-    if job.cluster.address is not None and entry_ref.path is None and entry_ref.package is None:
-        # A module of a local package: the package alone travels; what sits beside it is the nodes' own.
-        top = entry_ref.module.split(".")[0]
-        imports = {name: digest for name, digest in imports.items() if name.split("/")[0] == top}
+    imports = dict(entry_imports) if entry_code is not None or entry_ref.payload is not None else {}
+    if job.cluster.address is not None:  # what travels: the entry's folder, or a local package alone
+        top = entry_ref.module.split(".")[0] if entry_ref.path is None and entry_ref.package is None else None
+        imports = {name: digest for name, digest in imports.items()
+                   if not os.path.isabs(name) and (top is None or name.split("/")[0] == top)}
 
     def make(*, attempt: int, rank: int, num_hosts: int, coordinator_address: str,
              injections: tuple[Injection, ...], keepers: dict[str, Any] | None = None,

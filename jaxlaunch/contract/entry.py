@@ -20,9 +20,7 @@ import inspect
 import os
 import pathlib
 import re
-import site
 import sys
-import sysconfig
 import types
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar, overload
@@ -265,9 +263,9 @@ def load_entry(ref: EntryRef, code: str | None = None, imports: Mapping[str, str
     module = function = None
     try:
         with _importing(ref):
+            if code is not None or imports:  # a function sent by value: the files it imports by name
+                _refuse_edited(ref, code, imports or {}, where)
             if ref.payload is None:
-                if code is not None or imports:
-                    _refuse_edited(_module_file(ref), ref, code, imports or {}, where)
                 module = _module(ref)
             else:
                 _add_to_path(_folder(ref))
@@ -290,9 +288,10 @@ def load_entry(ref: EntryRef, code: str | None = None, imports: Mapping[str, str
     return _checked(function, ref, where)
 
 
-def _refuse_edited(path: str | os.PathLike[str] | None, ref: EntryRef, code: str | None,
-                   imports: Mapping[str, str], where: str) -> None:
-    changed = entry_code.changed(path, ref.module, code, imports) if path is not None else None
+def _refuse_edited(ref: EntryRef, code: str | None, imports: Mapping[str, str], where: str) -> None:
+    path = _module_file(ref) if ref.payload is None else None
+    root = (_folder(ref) or (entry_code.import_root(path, ref.module) if path else None)) if imports else None
+    changed = entry_code.changed(path, root, code, imports)
     if changed is not None:
         raise EntryChangedError(f"{where}: {changed} since the run was launched, so the hosts would now run "
                                 "other code than the run trained with")
@@ -302,7 +301,7 @@ def _folder(ref: EntryRef) -> pathlib.Path | None:
     """The folder of the entry's file (the shipped copy on a cluster), whose siblings it may import."""
     if ref.package is not None:
         return pathlib.Path(importlib.import_module(ref.package).__path__[0])
-    return pathlib.Path(ref.path).parent if ref.path is not None else None
+    return _entry_file(ref.path).parent if ref.path is not None else None
 
 
 def _add_to_path(folder: pathlib.Path | None) -> None:
@@ -313,9 +312,13 @@ def _add_to_path(folder: pathlib.Path | None) -> None:
 def _module(ref: EntryRef) -> types.ModuleType:
     folder = _folder(ref)
     if folder is not None:
-        return _import_file(folder / f"{ref.module}.py", ref.module)
+        return _import_file(_entry_file(ref.path) if ref.path else folder / f"{ref.module}.py", ref.module)
     _cwd_on_path()
     return importlib.import_module(ref.module)
+
+
+def _entry_file(path: str) -> pathlib.Path:
+    return pathlib.Path(path).resolve()  # a link followed: Python runs a linked script from its target's folder
 
 
 def _cwd_on_path() -> None:
@@ -327,7 +330,7 @@ def _module_file(ref: EntryRef) -> str | os.PathLike[str] | None:
     """The file `_module` imports, found without running it (`entry_code.module_origin`)."""
     folder = _folder(ref)
     if folder is not None:
-        return folder / f"{ref.module}.py"
+        return _entry_file(ref.path) if ref.path else folder / f"{ref.module}.py"
     _cwd_on_path()
     found = entry_code.module_origin(ref.module)
     if found is not None:
@@ -415,12 +418,14 @@ def code_digest(ref: EntryRef) -> str | None:
 
 
 def imports_digest(ref: EntryRef) -> dict[str, str]:
-    """The hashes of the project's files the entry imports (`entry_code.local_imports`), by their path
-    from the folder the entry is imported from; empty for a function sent by value."""
-    path = _module_file(ref) if ref.payload is None else None
-    if path is None or _installed(pathlib.Path(path)):
+    """The hashes of the project's files the entry imports (`entry_code.local_imports`); for a function
+    sent by value, those its script imports (none from a notebook or a session)."""
+    start = ref.path if ref.payload is not None else _module_file(ref)
+    if start is None or entry_code.installed(start):
         return {}  # an installed package: what it imports is installed too, and not the run's to compare
-    return entry_code.local_imports(path, entry_code.import_root(path, ref.module), exclude=(_OWN_PACKAGE,))
+    root = _folder(ref) or entry_code.import_root(start, ref.module)
+    return entry_code.local_imports(start, root, entry_code.search_dirs(ref.path is None and ref.package is None),
+                                    own=_OWN_PACKAGE)
 
 
 _OWN_PACKAGE = pathlib.Path(__file__).resolve().parents[1]
@@ -458,12 +463,6 @@ def resume_command(ref: EntryRef, run_dir: str) -> str:
 
 # ---- shipping to a cluster -------------------------------------------------------------------------
 
-def _installed(path: pathlib.Path) -> bool:
-    roots = {sysconfig.get_paths()[k] for k in ("purelib", "platlib", "stdlib")} | {
-        *getattr(site, "getsitepackages", list)(), site.getusersitepackages()}
-    return any(path.resolve().is_relative_to(pathlib.Path(root).resolve()) for root in roots)
-
-
 SHIPPED_ENTRY_PACKAGE = "jaxlaunch_entry_shipped"
 """The name a file entry's folder is shipped to a cluster under (`shipped`)."""
 
@@ -476,7 +475,7 @@ def shipped(ref: EntryRef, staging: pathlib.Path) -> tuple[EntryRef, list[str]]:
     have it). A function sent by value from a script ships the script's folder (what it imports from
     there travels by name); from a notebook or stdin, nothing more."""
     if ref.path is not None:
-        folder = pathlib.Path(ref.path).parent
+        folder = _entry_file(ref.path).parent
         # One name for every shipped folder: Ray keeps a shipped folder under a hash of what is inside
         # it, without its name, and unpacks it under the name it was first shipped with. Any name that
         # differs between folders alike in content (two clones of a project; two entries of one folder,
@@ -495,6 +494,6 @@ def shipped(ref: EntryRef, staging: pathlib.Path) -> tuple[EntryRef, list[str]]:
         return ref, []
     location = pathlib.Path(spec.submodule_search_locations[0]) if spec.submodule_search_locations \
         else pathlib.Path(spec.origin)
-    if _installed(location):
+    if entry_code.installed(location):
         return ref, []
     return ref, [str(location)]

@@ -12,15 +12,24 @@ library, jaxlaunch itself) is not the project's; a module the code imports by a 
 from __future__ import annotations
 
 import ast
+import functools
 import hashlib
 import importlib.machinery
+import logging
 import os
 import pathlib
-from collections.abc import Iterator, Mapping
+import site
+import sysconfig
+import time
+from collections.abc import Iterator, Mapping, Sequence
+
+log = logging.getLogger(__name__)
 
 CODE_DIGEST_CHARS = 12
 MAX_FILES = 2000
-"""At most this many of the project's files are hashed (a folder that holds a whole library)."""
+MAX_SECONDS = 2.0
+"""At most this many of the project's files are hashed, for at most this long (a project folder that
+holds a whole library); a limit reached is a warning."""
 
 
 def file_digest(path: str | os.PathLike[str]) -> str | None:
@@ -43,29 +52,64 @@ def import_root(module_file: str | os.PathLike[str], module: str) -> pathlib.Pat
     return root if _absolute(expected) == path else path.parent
 
 
-def local_imports(entry_file: str | os.PathLike[str], root: pathlib.Path,
-                  exclude: tuple[pathlib.Path, ...] = ()) -> dict[str, str]:
-    """Path relative to `root` -> `file_digest` of every file under `root` that the entry's file
-    imports, directly or through such a file (the entry's file itself left out). `exclude`: folders
-    under `root` that are not the project's (jaxlaunch's own package in a checkout of it)."""
+def local_imports(entry_file: str | os.PathLike[str], root: pathlib.Path, also: Sequence[pathlib.Path] = (),
+                  own: pathlib.Path | None = None) -> dict[str, str]:
+    """Path relative to `root` (absolute for a file found from a folder of `also`) -> `file_digest` of
+    every file of the project that the entry's file imports, directly or through such a file (the
+    entry's file itself left out). An absolute import is looked for under `root`, then under each
+    folder of `also` (`search_dirs`), first found first, as Python does along its path; a file that
+    is installed (`installed`) or jaxlaunch's own (`own`) is not the project's."""
     root, start = _absolute(root), _absolute(entry_file)
+    roots = [root, *(_absolute(folder) for folder in also if _absolute(folder) != root)]
     found: dict[pathlib.Path, str] = {}
-    todo = [start]
-    while todo and len(found) < MAX_FILES:
+    todo, deadline = [start], time.monotonic() + MAX_SECONDS
+    while todo:
         path = todo.pop()
-        for target in _imported_files(path, root):
-            if target == start or target in found or any(target.resolve().is_relative_to(x) for x in exclude):
+        for target in _imported_files(path, roots):
+            if target == start or target in found or installed(target) or (
+                    own is not None and target.resolve().is_relative_to(own)):
                 continue
+            if len(found) >= MAX_FILES or time.monotonic() > deadline:
+                log.warning("the entry's imports: only %d files of the project were hashed (limits: %d files, %g s); "
+                            "an edit to the others goes unseen by --resume and the restarts", len(found), MAX_FILES,
+                            MAX_SECONDS)
+                todo = []
+                break
             digest = file_digest(target)
             if digest is not None:
                 found[target] = digest
                 todo.append(target)
-    return {str(path.relative_to(root)): digest for path, digest in sorted(found.items())}
+    return {str(path.relative_to(root)) if path.is_relative_to(root) else str(path): digest
+            for path, digest in sorted(found.items())}
+
+
+def search_dirs(module_entry: bool) -> list[pathlib.Path]:
+    """Where, beyond the entry's own folder, the hosts import the project's packages from: the
+    folders of PYTHONPATH (which the hosts inherit) and, for a module entry, the working directory
+    (put on the path to import it); none that is installed."""
+    folders = [pathlib.Path(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if module_entry:
+        folders.append(pathlib.Path.cwd())
+    return [folder for folder in folders if folder.is_dir() and not installed(folder)]
+
+
+@functools.cache
+def _installed_roots() -> tuple[pathlib.Path, ...]:
+    roots = {sysconfig.get_paths()[k] for k in ("purelib", "platlib", "stdlib")}
+    roots |= {*getattr(site, "getsitepackages", list)(), site.getusersitepackages()}
+    return tuple(pathlib.Path(root).resolve() for root in roots)
+
+
+def installed(path: str | os.PathLike[str]) -> bool:
+    """Whether `path` is in an installed location (site-packages, the user's site, the standard
+    library), also through a link to one."""
+    resolved = pathlib.Path(path).resolve()
+    return any(resolved.is_relative_to(root) for root in _installed_roots())
 
 
 def _absolute(path: str | os.PathLike[str]) -> pathlib.Path:
-    """`path` made absolute and normal, its links kept: Python imports a linked entry's siblings from
-    the link's folder, not its target's."""
+    """`path` made absolute and normal, its links kept: a project's folder reached through a link is
+    named as the hosts' path names it."""
     return pathlib.Path(os.path.abspath(path))
 
 
@@ -95,15 +139,15 @@ def edited(root: pathlib.Path, recorded: Mapping[str, str]) -> list[str]:
     return [name for name, digest in recorded.items() if file_digest(root / name) != digest]
 
 
-def changed(entry_file: str | os.PathLike[str], module: str, code: str | None,
+def changed(entry_file: str | os.PathLike[str] | None, root: pathlib.Path | None, code: str | None,
             imports: Mapping[str, str]) -> str | None:
     """What of the code launched differs now ("its file F changed", "the files it imports F, G
-    changed"), given the entry's file and module name, its file's hash `code` and the hashes of the
-    files it imports; None: nothing."""
-    files = [str(entry_file)] if code is not None and file_digest(entry_file) not in (None, code) else []
+    changed"), given the entry's file and its hash `code`, and the folder the hashes of the files it
+    imports are relative to; None: nothing."""
+    files = [str(entry_file)] if entry_file is not None and code is not None and \
+        file_digest(entry_file) not in (None, code) else []
     own = len(files)
-    if imports:
-        root = import_root(entry_file, module)
+    if imports and root is not None:
         files += [str(root / name) for name in edited(root, imports)]
     if not files:
         return None
@@ -111,8 +155,8 @@ def changed(entry_file: str | os.PathLike[str], module: str, code: str | None,
            f"{', '.join(files)} changed"
 
 
-def _imported_files(path: pathlib.Path, root: pathlib.Path) -> Iterator[pathlib.Path]:
-    """The files under `root` that importing the statements of `path` runs: each package's
+def _imported_files(path: pathlib.Path, roots: list[pathlib.Path]) -> Iterator[pathlib.Path]:
+    """The files under `roots` that importing the statements of `path` runs: each package's
     `__init__.py` on the way, then the module (or the names of a `from` import that are modules)."""
     try:
         tree = ast.parse(path.read_bytes(), filename=str(path))
@@ -121,16 +165,26 @@ def _imported_files(path: pathlib.Path, root: pathlib.Path) -> Iterator[pathlib.
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             for alias in node.names:
-                yield from _module_files(root, alias.name.split("."), ())
+                yield from _first_found(roots, alias.name.split("."), ())
         elif isinstance(node, ast.ImportFrom):
             parts = node.module.split(".") if node.module else []
             names = tuple(alias.name for alias in node.names if alias.name != "*")
             if node.level == 0:
-                yield from _module_files(root, parts, names)
+                yield from _first_found(roots, parts, names)
             elif node.level - 2 < len(path.parent.parents):  # relative to the package of `path`
                 base = path.parent.parents[node.level - 2] if node.level > 1 else path.parent
-                if base.is_relative_to(root):
-                    yield from _module_files(base, parts, names, packages_from=root)
+                top = next((root for root in roots if base.is_relative_to(root)), None)
+                if top is not None:
+                    yield from _module_files(base, parts, names, packages_from=top)
+
+
+def _first_found(roots: list[pathlib.Path], parts: list[str], names: tuple[str, ...]) -> list[pathlib.Path]:
+    """The files of an absolute import from the first of `roots` that holds it."""
+    for root in roots:
+        files = list(_module_files(root, parts, names))
+        if files:
+            return files
+    return []
 
 
 def _module_files(base: pathlib.Path, parts: list[str], names: tuple[str, ...],

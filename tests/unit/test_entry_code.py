@@ -1,6 +1,7 @@
 """The project's files an entry imports are part of the code a run trains with: found in the source,
 hashed at the launch, checked by every host before it imports the entry, and compared on --resume."""
 
+import dataclasses
 import pathlib
 import sys
 
@@ -106,16 +107,19 @@ def test_an_installed_module_or_one_of_a_mapped_package_looks_no_further_than_it
     assert entry_code.import_root(origin, builtin.module) == (origin.parents[2] if named_as_modules else origin.parent)
 
 
-def test_a_linked_entry_file_is_checked_with_the_siblings_python_imports_from_the_link_s_folder(tmp_path):
+def test_a_linked_entry_file_imports_and_is_checked_with_its_target_s_siblings_as_python_runs_it(tmp_path):
+    """`python link/train.py` puts the target's folder on the path, so its siblings are the ones imported
+    (before, --entry put the link's folder there and the import failed)."""
     real = project(tmp_path / "real", "e")
     (tmp_path / "link").mkdir()
-    (tmp_path / "link" / "train.py").symlink_to(real)
-    (tmp_path / "link" / "model_e.py").write_text("# the link's sibling: the one Python imports\n")
-    ref = entry_lib.parse_entry(str(tmp_path / "link" / "train.py"))
+    (tmp_path / "link" / "run.py").symlink_to(real)
+    (tmp_path / "link" / "model_e.py").write_text("# beside the link: not what Python imports\n")
+    ref = entry_lib.parse_entry(str(tmp_path / "link" / "run.py"))
     code, imports = entry_lib.code_digest(ref), entry_lib.imports_digest(ref)
-    assert imports == {"model_e.py": entry_code.file_digest(tmp_path / "link" / "model_e.py")}
-    (tmp_path / "link" / "model_e.py").write_text("# edited\n")
-    with pytest.raises(entry_lib.EntryChangedError, match=r"the file it imports .*link/model_e.py changed"):
+    assert imports["model_e.py"] == entry_code.file_digest(tmp_path / "real" / "model_e.py")
+    assert entry_lib.load_entry(ref, code, imports)(None) == "launched"
+    (tmp_path / "real" / "model_e.py").write_text("# edited\n")
+    with pytest.raises(entry_lib.EntryChangedError, match=r"the file it imports .*real/model_e.py changed"):
         entry_lib.load_entry(ref, code, imports)
 
 
@@ -150,5 +154,49 @@ def test_an_installed_path_is_told_through_a_link_to_it(tmp_path):
 
     link = tmp_path / "venv-link"
     link.symlink_to(sysconfig.get_paths()["purelib"], target_is_directory=True)
-    assert entry_lib._installed(link / "optax" / "__init__.py")
-    assert not entry_lib._installed(tmp_path / "train.py")
+    assert entry_code.installed(link / "optax" / "__init__.py")
+    assert not entry_code.installed(tmp_path / "train.py")
+
+
+def test_a_function_sent_by_value_from_a_script_is_checked_against_the_files_the_script_imports(tmp_path):
+    """`jaxlaunch.launch(main)` from a script: `main` travels pickled, and what it imports by name
+    (`model_g`, the package) is imported on the hosts from the script's folder."""
+    script = project(tmp_path / "p", "g")
+    ref = dataclasses.replace(entry_lib.from_callable(lambda ctx: "launched").ref, path=str(script))
+    imports = entry_lib.imports_digest(ref)
+    assert "model_g.py" in imports and "lib_g/layers.py" in imports
+    assert entry_lib.load_entry(ref, None, imports)(None) == "launched"
+    (tmp_path / "p" / "model_g.py").write_text("SCALE = 2.0\n")
+    with pytest.raises(entry_lib.EntryChangedError, match=r"the file it imports .*p/model_g.py changed"):
+        entry_lib.load_entry(ref, None, imports)
+    notebook = entry_lib.from_callable(lambda ctx: "launched").ref
+    assert notebook.path is None and entry_lib.imports_digest(notebook) == {}
+
+
+def test_a_package_the_hosts_import_through_pythonpath_is_the_project_s_too(tmp_path, monkeypatch):
+    """scripts/train.py beside the project's own package, importable through PYTHONPATH (as the hosts
+    inherit it): the package's files are recorded by their full path; a link to an installed library
+    in the project is not walked."""
+    import sysconfig
+
+    (tmp_path / "scripts").mkdir()
+    entry = tmp_path / "scripts" / "train.py"
+    entry.write_text("import mypkg_h.model\nimport vendored_h\n\n\ndef main(ctx):\n    pass\n")
+    (tmp_path / "mypkg_h").mkdir()
+    (tmp_path / "mypkg_h" / "__init__.py").write_text("")
+    (tmp_path / "mypkg_h" / "model.py").write_text("")
+    (tmp_path / "vendored_h").symlink_to(pathlib.Path(sysconfig.get_paths()["purelib"]) / "optax")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    ref = entry_lib.parse_entry(str(entry))
+    imports = entry_lib.imports_digest(ref)
+    assert sorted(imports) == [str(tmp_path / "mypkg_h" / "__init__.py"), str(tmp_path / "mypkg_h" / "model.py")]
+    (tmp_path / "mypkg_h" / "model.py").write_text("# edited\n")
+    with pytest.raises(entry_lib.EntryChangedError, match=r"mypkg_h/model.py changed"):
+        entry_lib.load_entry(ref, entry_lib.code_digest(ref), imports)
+
+
+def test_a_project_past_the_limits_is_hashed_in_part_and_says_so(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(entry_code, "MAX_FILES", 3)
+    path = project(tmp_path / "p", "i")
+    assert len(entry_lib.imports_digest(entry_lib.parse_entry(str(path)))) == 3
+    assert "only 3 files of the project were hashed" in caplog.text
