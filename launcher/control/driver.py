@@ -426,7 +426,7 @@ class Driver:
         decision = self.policies.restart.decide(self.failures)
         if decision.action == Action.STOP:
             return self._persist_first(Failed(decision.reason, failure), committed)
-        return Relaunching(failure, decision)
+        return Relaunching(failure, decision) if self.stop_signal is None else self._stop_unsaved("after a failure")
 
     def _stop_unsaved(self, why: str) -> State:
         """A stop at which the hosts saved no step together."""

@@ -459,6 +459,19 @@ def test_a_stop_during_a_long_back_off_ends_it_at_once():
     assert "during a restart's back-off" in driver.state.reason and len(driver.attempts) == 2
 
 
+def test_a_failure_while_a_stop_is_asked_ends_the_job_and_never_says_it_restarts():
+    """A Ctrl-C while a host is failing (its exception, or its wait for a save before reporting it):
+    the job stops; before, the driver first entered a restart, and the terminal and events.jsonl said
+    "restarting in 0.0 s" for a restart that never came."""
+    watcher = Transitions()
+    driver, _, _, _ = make_driver([dies_at(3)], listeners=[watcher], fault=FaultConfig(max_restarts=5))
+    run_until(driver, Running)
+    driver.request_stop(signal.SIGINT)
+    assert driver.run() == 128 + signal.SIGINT
+    assert "Relaunching" not in watcher.seen, watcher.seen
+    assert "after a failure" in driver.state.reason and len(driver.attempts) == 1
+
+
 def test_stop_before_training_stops_at_once():
     def starting(group, i):
         return []
