@@ -288,10 +288,16 @@ def load_entry(ref: EntryRef, code: str | None = None, imports: Mapping[str, str
     return _checked(function, ref, where)
 
 
+def edited_imports(ref: EntryRef, imports: Mapping[str, str]) -> list[str]:
+    """The files of `imports` (`imports_digest`) that differ now or are gone: the hosts' check, and --resume's."""
+    path = _module_file(ref) if ref.payload is None else ref.path
+    root = _folder(ref) or (entry_code.import_root(path, ref.module) if path else None)
+    return entry_code.edited(root, imports) if root is not None and imports else []
+
+
 def _refuse_edited(ref: EntryRef, code: str | None, imports: Mapping[str, str], where: str) -> None:
     path = _module_file(ref) if ref.payload is None else None
-    root = (_folder(ref) or (entry_code.import_root(path, ref.module) if path else None)) if imports else None
-    changed = entry_code.changed(path, root, code, imports)
+    changed = entry_code.changed(path, code, edited_imports(ref, imports))
     if changed is not None:
         raise EntryChangedError(f"{where}: {changed} since the run was launched, so the hosts would now run "
                                 "other code than the run trained with")
@@ -301,7 +307,7 @@ def _folder(ref: EntryRef) -> pathlib.Path | None:
     """The folder of the entry's file (the shipped copy on a cluster), whose siblings it may import."""
     if ref.package is not None:
         return pathlib.Path(importlib.import_module(ref.package).__path__[0])
-    return _entry_file(ref.path).parent if ref.path is not None else None
+    return pathlib.Path(ref.path).parent if ref.path is not None else None
 
 
 def _add_to_path(folder: pathlib.Path | None) -> None:
@@ -312,13 +318,9 @@ def _add_to_path(folder: pathlib.Path | None) -> None:
 def _module(ref: EntryRef) -> types.ModuleType:
     folder = _folder(ref)
     if folder is not None:
-        return _import_file(_entry_file(ref.path) if ref.path else folder / f"{ref.module}.py", ref.module)
+        return _import_file(folder / f"{ref.module}.py", ref.module)
     _cwd_on_path()
     return importlib.import_module(ref.module)
-
-
-def _entry_file(path: str) -> pathlib.Path:
-    return pathlib.Path(path).resolve()  # a link followed: Python runs a linked script from its target's folder
 
 
 def _cwd_on_path() -> None:
@@ -330,7 +332,7 @@ def _module_file(ref: EntryRef) -> str | os.PathLike[str] | None:
     """The file `_module` imports, found without running it (`entry_code.module_origin`)."""
     folder = _folder(ref)
     if folder is not None:
-        return _entry_file(ref.path) if ref.path else folder / f"{ref.module}.py"
+        return folder / f"{ref.module}.py"
     _cwd_on_path()
     found = entry_code.module_origin(ref.module)
     if found is not None:
@@ -424,8 +426,7 @@ def imports_digest(ref: EntryRef) -> dict[str, str]:
     if start is None or entry_code.installed(start):
         return {}  # an installed package: what it imports is installed too, and not the run's to compare
     root = _folder(ref) or entry_code.import_root(start, ref.module)
-    return entry_code.local_imports(start, root, entry_code.search_dirs(ref.path is None and ref.package is None),
-                                    own=_OWN_PACKAGE)
+    return entry_code.local_imports(start, root, entry_code.search_dirs(root), own=_OWN_PACKAGE)
 
 
 _OWN_PACKAGE = pathlib.Path(__file__).resolve().parents[1]
@@ -475,7 +476,7 @@ def shipped(ref: EntryRef, staging: pathlib.Path) -> tuple[EntryRef, list[str]]:
     have it). A function sent by value from a script ships the script's folder (what it imports from
     there travels by name); from a notebook or stdin, nothing more."""
     if ref.path is not None:
-        folder = _entry_file(ref.path).parent
+        folder = pathlib.Path(ref.path).parent
         # One name for every shipped folder: Ray keeps a shipped folder under a hash of what is inside
         # it, without its name, and unpacks it under the name it was first shipped with. Any name that
         # differs between folders alike in content (two clones of a project; two entries of one folder,

@@ -19,17 +19,16 @@ import logging
 import os
 import pathlib
 import site
+import sys
 import sysconfig
-import time
 from collections.abc import Iterator, Mapping, Sequence
 
 log = logging.getLogger(__name__)
 
 CODE_DIGEST_CHARS = 12
 MAX_FILES = 2000
-MAX_SECONDS = 2.0
-"""At most this many of the project's files are hashed, for at most this long (a project folder that
-holds a whole library); a limit reached is a warning."""
+"""At most this many of the project's files are hashed (a project folder that holds a whole library);
+the limit reached is a warning. A count, not a time: the files recorded are the same at every launch."""
 
 
 def file_digest(path: str | os.PathLike[str]) -> str | None:
@@ -59,20 +58,20 @@ def local_imports(entry_file: str | os.PathLike[str], root: pathlib.Path, also: 
     entry's file itself left out). An absolute import is looked for under `root`, then under each
     folder of `also` (`search_dirs`), first found first, as Python does along its path; a file that
     is installed (`installed`) or jaxlaunch's own (`own`) is not the project's."""
-    root, start = _absolute(root), _absolute(entry_file)
-    roots = [root, *(_absolute(folder) for folder in also if _absolute(folder) != root)]
+    root, start = _absolute(root), _absolute(entry_file)  # the folders as the hosts' path names them
+    roots = [_absolute(folder) for folder in also]
+    roots = roots if root in roots else [root, *roots]
     found: dict[pathlib.Path, str] = {}
-    todo, deadline = [start], time.monotonic() + MAX_SECONDS
+    todo = [start]
     while todo:
         path = todo.pop()
         for target in _imported_files(path, roots):
             if target == start or target in found or installed(target) or (
                     own is not None and target.resolve().is_relative_to(own)):
                 continue
-            if len(found) >= MAX_FILES or time.monotonic() > deadline:
-                log.warning("the entry's imports: only %d files of the project were hashed (limits: %d files, %g s); "
-                            "an edit to the others goes unseen by --resume and the restarts", len(found), MAX_FILES,
-                            MAX_SECONDS)
+            if len(found) >= MAX_FILES:
+                log.warning("the entry's imports: only the first %d files of the project were hashed; an edit to "
+                            "the others goes unseen by --resume and the restarts", MAX_FILES)
                 todo = []
                 break
             digest = file_digest(target)
@@ -83,14 +82,15 @@ def local_imports(entry_file: str | os.PathLike[str], root: pathlib.Path, also: 
             for path, digest in sorted(found.items())}
 
 
-def search_dirs(module_entry: bool) -> list[pathlib.Path]:
-    """Where, beyond the entry's own folder, the hosts import the project's packages from: the
-    folders of PYTHONPATH (which the hosts inherit) and, for a module entry, the working directory
-    (put on the path to import it); none that is installed."""
-    folders = [pathlib.Path(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    if module_entry:
-        folders.append(pathlib.Path.cwd())
-    return [folder for folder in folders if folder.is_dir() and not installed(folder)]
+def search_dirs(entry_folder: pathlib.Path) -> list[pathlib.Path]:
+    """Where the hosts on this machine import the project's modules from, in their order: the working
+    directory, the entry's folder (first on this process's path once it imported the entry), the other
+    folders on its path, then PYTHONPATH's, as `ray_cluster.runtime_env` hands them over; none that is
+    installed."""
+    pythonpath = os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    folders = [pathlib.Path.cwd(), entry_folder, *(pathlib.Path(p) for p in [*sys.path, *pythonpath] if p)]
+    unique = dict.fromkeys(_absolute(folder) for folder in folders)
+    return [folder for folder in unique if folder.is_dir() and not installed(folder)]
 
 
 @functools.cache
@@ -108,8 +108,8 @@ def installed(path: str | os.PathLike[str]) -> bool:
 
 
 def _absolute(path: str | os.PathLike[str]) -> pathlib.Path:
-    """`path` made absolute and normal, its links kept: a project's folder reached through a link is
-    named as the hosts' path names it."""
+    """`path` made absolute and normal, its links kept: jaxlaunch imports a file entry given as a link
+    with the link's folder on the path (`entry._import_file`)."""
     return pathlib.Path(os.path.abspath(path))
 
 
@@ -121,8 +121,13 @@ def module_origin(module: str) -> str | None:
     spec = None
     parts = module.split(".")
     for i in range(len(parts)):
+        name = ".".join(parts[:i + 1])
+        imported = getattr(sys.modules.get(name), "__path__", None)
+        if i < len(parts) - 1 and imported is not None:
+            locations = list(imported)  # imported already: its children are found where it says
+            continue
         try:
-            spec = importlib.machinery.PathFinder.find_spec(".".join(parts[:i + 1]), locations)
+            spec = importlib.machinery.PathFinder.find_spec(name, locations)
         except (ImportError, ValueError):
             return None
         if spec is None:
@@ -134,21 +139,19 @@ def module_origin(module: str) -> str | None:
 
 
 def edited(root: pathlib.Path, recorded: Mapping[str, str]) -> list[str]:
-    """The files of `recorded` (relative to `root`, with their digests) whose content differs now, or
-    that are gone."""
-    return [name for name, digest in recorded.items() if file_digest(root / name) != digest]
+    """The files of `recorded` (relative to `root`, or absolute, with their digests) whose content
+    differs now, or that are gone, by their full path."""
+    return [str(root / name) for name, digest in recorded.items() if file_digest(root / name) != digest]
 
 
-def changed(entry_file: str | os.PathLike[str] | None, root: pathlib.Path | None, code: str | None,
-            imports: Mapping[str, str]) -> str | None:
+def changed(entry_file: str | os.PathLike[str] | None, code: str | None, imported: Sequence[str]) -> str | None:
     """What of the code launched differs now ("its file F changed", "the files it imports F, G
-    changed"), given the entry's file and its hash `code`, and the folder the hashes of the files it
-    imports are relative to; None: nothing."""
+    changed"), given the entry's file and its hash `code`, and the files it imports that changed
+    (`edited`); None: nothing."""
     files = [str(entry_file)] if entry_file is not None and code is not None and \
         file_digest(entry_file) not in (None, code) else []
     own = len(files)
-    if imports and root is not None:
-        files += [str(root / name) for name in edited(root, imports)]
+    files += list(imported)
     if not files:
         return None
     return f"{'its' if own else 'the'} file{'s' * (len(files) > 1)} {'' if own else 'it imports '}" \

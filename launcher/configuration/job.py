@@ -41,7 +41,7 @@ from jaxlaunch.launcher.records.runs import RunDir
 
 from jaxlaunch.contract import data_order, events
 from jaxlaunch.contract import entry as entry_lib
-from jaxlaunch.contract.protocol import ConfigError, Injection
+from jaxlaunch.contract.protocol import ConfigError, EntryRef, Injection
 from jaxlaunch.contract.values import Given
 
 RUNS_ROOT = pathlib.Path("runs")
@@ -136,7 +136,7 @@ def prepare(given: Mapping[str, Any], entry_args: Sequence[str] = (), typed: Job
         if "train.steps" in changes or "steps" in (file_data.get("train") or {}):
             _refuse_steps_behind(committed, job)
         accepted = _refuse_silent_changes(launches[-1] if launches else None, saved, job, fingerprint, code,
-                                          launch.allow_change, imports)
+                                          launch.allow_change, entry.ref)
         if data_order.ALLOW_KEY not in launch.allow_change and committed:
             _refuse_data_order_change(run.checkpoint_meta(committed[0]), saved, job)
     return PreparedJob(job, entry, fingerprint, launch.inject, launch.chaos, not run.exists(), announce,
@@ -289,7 +289,7 @@ def _saved_job(run: RunDir) -> JobConfig:
 
 def _refuse_silent_changes(last: events.Launch | None, saved: JobConfig, job: JobConfig, fingerprint: Any,
                            code: str | None, allowed: Sequence[str],
-                           imports: Mapping[str, str] | None = None) -> dict[str, tuple[Any, Any]]:
+                           entry_ref: EntryRef | None = None) -> dict[str, tuple[Any, Any]]:
     """Refuses a change to what the run computes unless `allowed` names it; returns the changes
     accepted. The entry is compared as the file or module it resolved to (the run's last launch
     recorded it), by its file's content, and by the content of the project's files it imports."""
@@ -305,9 +305,10 @@ def _refuse_silent_changes(last: events.Launch | None, saved: JobConfig, job: Jo
     elif old_code is not None and code is not None and old_code != code:
         changes = {"entry": (f"{old_entry} (file {old_code})", f"{job.entry} (file {code}, edited)"),
                    **changes}
-    elif last is not None and last.entry_imports is not None and last.entry_imports != dict(imports or {}):
-        before, now = last.entry_imports, dict(imports or {})
-        names = sorted(name for name in {*before, *now} if before.get(name) != now.get(name))
+    elif last is not None and last.entry_imports and entry_ref is not None and (
+            names := entry_lib.edited_imports(entry_ref, last.entry_imports)):
+        # As the hosts check them: a file recorded then that differs now or is gone (one the rules find
+        # now, not then, is no edit).
         changes = {"entry": (old_entry, f"{job.entry} (the file{'s' if len(names) > 1 else ''} it imports "
                                         f"{', '.join(names)} changed)"), **changes}
     old_print = last.fingerprint if last is not None else None
