@@ -427,7 +427,7 @@ class HostContext:
             started = time.perf_counter()
             ended = self._loop.tiers.settle(limit)
             self._progress.event(events.FinalSave(seconds=time.perf_counter() - started, after_error=True,
-                                                  ended=ended is not False))
+                                                  ended=ended))
 
     def _finish(self, returned: Any) -> HostResult:
         """After the user's function returned: the last records, the wait for pending saves."""

@@ -186,13 +186,11 @@ class Tiers:
     def reached_preemption(self, step: int) -> bool:
         return bool(self.checkpointer.reached_preemption(step))
 
-    def settle(self, limit_s: float) -> bool | None:
-        """After the entry raised: the memory tier's hand-off and Orbax's save in flight, waited for up
-        to `limit_s`, so that a save asked for before the error commits rather than dies with the
-        process (None: none was in flight; True: each ended, committed or failed, as its own log says;
+    def settle(self, limit_s: float) -> bool:
+        """After the entry raised, with a save in flight (`saving`): the memory tier's hand-off and
+        Orbax's save, waited for up to `limit_s`, so that a save asked for before the error commits
+        rather than dies with the process (True: each ended, committed or failed, as its own log says;
         False: one outlasted the limit, and the host goes on without it)."""
-        if not self.saving():
-            return None
         ended = threading.Event()
 
         def wait() -> None:
